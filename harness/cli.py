@@ -1,0 +1,78 @@
+"""Command line: `python -m harness run|validate|list` (also installed as `harness`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from harness.config import EXIT_BAD_CONFIG, ConfigError, experiment_files
+
+
+def _overrides(args) -> dict:
+    chosen = {"model": args.model, "device": args.device, "budget_gb": args.budget_gb}
+    return {k: v for k, v in chosen.items() if v is not None}
+
+
+def cmd_run(args) -> int:
+    from harness.runner import prepare, run_config, summary_line
+
+    config = prepare(args.experiment, _overrides(args))
+    path, record = run_config(config, args.out, timeout_s=args.timeout)
+    print(summary_line(record))
+    print(f"record: {path}")
+    return 0 if record["status"] in ("ok", "oom") else 1
+
+
+def cmd_validate(args) -> int:
+    from harness.runner import prepare
+
+    paths = args.files or experiment_files(args.folder)
+    for path in paths:
+        config = prepare(path)
+        print(f"{path}: ok ({config['name']}: technique {config['technique']}, model {config['model']})")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from harness.presets import PRESETS
+    from harness.techniques import OPTIMIZERS, TECHNIQUES
+
+    print("techniques:")
+    for name, technique in TECHNIQUES.items():
+        print(f"  {name:<11} {technique.summary}")
+    print("optimizers: " + ", ".join(OPTIMIZERS))
+    print("model presets: " + ", ".join(PRESETS))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harness", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run one experiment file in a fresh process and write its record")
+    run.add_argument("experiment", type=Path, help="an experiments/*.yaml file")
+    run.add_argument("--model", help="model source: a preset, a config.json, a local folder or a hub id")
+    run.add_argument("--out", type=Path, default=Path("results"), help="folder for the record (default: results)")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    run.add_argument("--budget-gb", type=float, help="emulate a card with this many GB (1e9 bytes)")
+    run.add_argument("--timeout", type=float, help="seconds before the run is killed and recorded as failed")
+    run.set_defaults(func=cmd_run)
+
+    validate = commands.add_parser("validate", help="check experiment files without running them")
+    validate.add_argument("files", nargs="*", type=Path)
+    validate.add_argument("--folder", type=Path, default=Path("experiments"))
+    validate.set_defaults(func=cmd_validate)
+
+    listing = commands.add_parser("list", help="registered techniques, optimizers and model presets")
+    listing.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        sys.exit(args.func(args))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)

@@ -1,0 +1,270 @@
+"""Experiment files: load YAML (with `include:`), validate every field, resolve the technique.
+
+An experiment file is data. It is read with a safe YAML loader, every key is checked
+against the schema below, and the technique and its building blocks are looked up by
+registered name only. Any problem raises `ConfigError`, which names the file and the
+field; the command line turns it into exit status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from harness.techniques import ADAPTERS, OPTIMIZERS, QUANTIZATIONS, TECHNIQUES, Technique
+
+# Files in experiments/ whose name starts with "_" are fragments to include, not experiments.
+FRAGMENT_PREFIX = "_"
+EXIT_BAD_CONFIG = 2
+
+
+class ConfigError(Exception):
+    """A malformed experiment file: names the file and the field at fault."""
+
+    def __init__(self, path: str | Path, field_name: str, message: str):
+        self.path, self.field_name, self.message = str(path), field_name, message
+        super().__init__(f"{path}: field '{field_name}': {message}")
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    # Every linear layer of attention and MLP (per expert in MoE models), as QLoRA does;
+    # peft's "all-linear" is accepted too (it also adapts MoE routers).
+    target_modules: str | list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class OptimSettings:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class DataSettings:
+    # "stdlib" is the offline default corpus; otherwise a local file or folder of text,
+    # or a hub dataset name (needs a network).
+    source: str = "stdlib"
+    text_field: str = "text"
+    split: str = "train"
+    # Only this many bytes of text are read and tokenized (enough for a benchmark).
+    max_bytes: int = 4_000_000
+
+
+@dataclass
+class Experiment:
+    technique: str
+    description: str = ""
+    model: str = "tiny-llama"
+    # Building blocks; None means "the technique's own choice" (see harness.techniques).
+    weights: Literal["fp32", "bf16", "fp16"] | None = None
+    autocast: Literal["none", "bf16", "fp16"] | None = None
+    loss_scaling: bool | None = None
+    quantization: Literal["none", "int8", "nf4"] | None = None
+    double_quant: bool | None = None
+    adapter: Literal["none", "lora"] | None = None
+    optimizer: str | None = None
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    seq_len: int = 256
+    micro_batch: int = 4
+    grad_accum: int = 1
+    gradient_checkpointing: bool = False
+    warmup_steps: int = 2
+    steps: int = 6
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    budget_gb: float | None = None
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    trust_remote_code: bool = False
+
+
+# Bounds checked after types: (field, predicate, message).
+_RANGES = [
+    ("seq_len", lambda v: v >= 2, "must be at least 2"),
+    ("micro_batch", lambda v: v >= 1, "must be at least 1"),
+    ("grad_accum", lambda v: v >= 1, "must be at least 1"),
+    ("warmup_steps", lambda v: v >= 0, "must be >= 0"),
+    ("steps", lambda v: v >= 1, "must be at least 1"),
+    ("budget_gb", lambda v: v is None or v > 0, "must be a positive number of GB"),
+    ("lora.r", lambda v: v >= 1, "must be at least 1"),
+    ("lora.dropout", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("optim.lr", lambda v: v > 0, "must be positive"),
+    ("optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"),
+    ("data.max_bytes", lambda v: v > 0, "must be positive"),
+]
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
+
+
+def _coerce(value: Any, hint: Any, path: Path, name: str) -> Any:
+    """Check `value` against a type hint; returns the value (ints are accepted for floats)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, path, name)
+            except ConfigError as error:
+                errors.append(error.message)
+        raise ConfigError(path, name, " or ".join(errors))
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(path, name, f"{value!r} is not allowed; expected {_type_name(hint)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(path, name, f"expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], path, f"{name}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path, prefix=f"{name}.")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(path, name, f"expected true or false, got {value!r}")
+    if hint in (int, float) and isinstance(value, bool):
+        raise ConfigError(path, name, f"expected {hint.__name__}, got a boolean")
+    if not isinstance(value, hint):
+        raise ConfigError(path, name, f"expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, path: Path, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(path, prefix.rstrip(".") or "<top level>", f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(path, f"{prefix}{key}", f"unknown key; allowed: {', '.join(sorted(known))}")
+    kwargs = {k: _coerce(v, hints[k], path, f"{prefix}{k}") for k, v in data.items()}
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(path, f"{prefix}{missing[0]}", "is required")
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """Read one file and everything it includes; the including file wins on conflicts."""
+    if path in chain:
+        raise ConfigError(chain[-1], "include", f"include cycle through {path}")
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        if chain:
+            raise ConfigError(chain[-1], "include", f"included file {path} does not exist") from None
+        raise ConfigError(path, "<file>", "file does not exist") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(path, "<yaml>", f"YAML syntax error{where}: {getattr(error, 'problem', error)}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(path, "<top level>", f"expected a mapping of fields, got {type(data).__name__}")
+    include = data.pop("include", None)
+    if include is None:
+        return data
+    includes = include if isinstance(include, list) else [include]
+    merged: dict = {}
+    for name in includes:
+        if not isinstance(name, str):
+            raise ConfigError(path, "include", f"expected a file name, got {name!r}")
+        merged = _deep_merge(merged, _read_yaml((path.parent / name).resolve(), chain + (path,)))
+    return _deep_merge(merged, data)
+
+
+def load_experiment(path: str | Path, overrides: dict | None = None) -> tuple[str, Experiment]:
+    """Load and validate one experiment file; returns (name, experiment). Raises ConfigError."""
+    path = Path(path).resolve()
+    data = _deep_merge(_read_yaml(path), overrides or {})
+    experiment = _build(Experiment, data, path)
+    _check_semantics(experiment, path)
+    return path.stem, experiment
+
+
+def _lookup(experiment: Experiment, dotted: str) -> Any:
+    value: Any = experiment
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _check_semantics(experiment: Experiment, path: Path) -> None:
+    if experiment.technique not in TECHNIQUES:
+        raise ConfigError(path, "technique", f"unknown technique {experiment.technique!r}; "
+                          f"registered: {', '.join(sorted(TECHNIQUES))}")
+    if experiment.optimizer is not None and experiment.optimizer not in OPTIMIZERS:
+        raise ConfigError(path, "optimizer", f"unknown optimizer {experiment.optimizer!r}; "
+                          f"registered: {', '.join(sorted(OPTIMIZERS))}")
+    for name, ok, message in _RANGES:
+        if not ok(_lookup(experiment, name)):
+            raise ConfigError(path, name, f"{message} (got {_lookup(experiment, name)!r})")
+    technique = resolve_technique(experiment)
+    if technique.autocast == "fp16" and not technique.loss_scaling:
+        raise ConfigError(path, "loss_scaling", "fp16 autocast needs loss scaling (set loss_scaling: true)")
+    if technique.quantization != "none" and technique.adapter == "none":
+        raise ConfigError(path, "adapter", "a quantized base cannot be fully fine-tuned; use an adapter (lora)")
+    assert technique.quantization in QUANTIZATIONS and technique.adapter in ADAPTERS
+
+
+def resolve_technique(experiment: Experiment) -> Technique:
+    """The technique's building blocks with the experiment's explicit choices applied."""
+    base = TECHNIQUES[experiment.technique]
+    chosen = {f.name: getattr(experiment, f.name) for f in dataclasses.fields(Technique)
+              if hasattr(experiment, f.name) and getattr(experiment, f.name) is not None}
+    return dataclasses.replace(base, **chosen)
+
+
+def resolved_config(name: str, experiment: Experiment) -> dict:
+    """Everything that determines a run, with the technique's blocks spelled out."""
+    config = dataclasses.asdict(experiment)
+    config.update(dataclasses.asdict(resolve_technique(experiment)))
+    config["name"] = name
+    return config
+
+
+def config_hash(config: dict) -> str:
+    """Content hash of what determines the measurement (the description and name do not)."""
+    relevant = {k: v for k, v in config.items() if k not in ("description", "name", "summary")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def experiment_files(folder: str | Path) -> list[Path]:
+    """Experiment files in a folder: every *.yaml except include fragments (leading '_')."""
+    return sorted(p for p in Path(folder).glob("*.yaml") if not p.name.startswith(FRAGMENT_PREFIX))

@@ -1,0 +1,200 @@
+"""Memory measurement: torch's allocator counters on CUDA, live tensor bytes everywhere.
+
+`TensorTracker` is a TorchDispatchMode that sees every tensor an operator creates and
+counts the bytes of live storages (weak references with finalizers tell when one dies).
+It gives the peak, the peak per phase, and what was alive at the peak by category. It
+slows every operator, so it only runs in an untimed step. On CPU it is the memory figure
+of the record (no allocator exists to ask); on CUDA it gives the category breakdown
+beside the allocator's own peaks.
+
+`CudaMeter` reads `torch.cuda.max_memory_allocated/reserved` and NVML device-used per
+phase; these counters cost nothing, so it runs in the timed steps.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+CATEGORIES = ("weights", "quant_constants", "gradients", "optimizer_state", "activations", "other")
+PHASES = ("load", "forward", "backward", "optimizer")
+
+
+@dataclass
+class _Storage:
+    nbytes: int
+    born: int            # allocation counter when it appeared
+    phase: str           # phase it appeared in
+    died: int | None = None
+    category: str | None = None
+
+
+class TensorTracker(TorchDispatchMode):
+    """Counts live tensor storage bytes; optionally raises OutOfMemoryError past a cap."""
+
+    def __init__(self, cap_bytes: int | None = None):
+        super().__init__()
+        self.cap_bytes = cap_bytes
+        self.storages = WeakIdKeyDictionary()
+        self.history: list[_Storage] = []
+        self.counter = 0
+        self.current = 0
+        self.peak = 0
+        self.peak_at = 0
+        self.phase = "load"
+        self.phase_peaks: dict[str, int] = {}
+
+    # -- bookkeeping -------------------------------------------------------------
+    def _register(self, storage, category: str | None = None) -> _Storage:
+        record = self.storages.get(storage)
+        if record is not None:
+            if category and record.category is None:
+                record.category = category
+            return record
+        self.counter += 1
+        record = _Storage(storage.nbytes(), self.counter, self.phase, category=category)
+        self.storages[storage] = record
+        self.history.append(record)
+        weakref.finalize(storage, self._release, record)
+        self.current += record.nbytes
+        self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, 0), self.current)
+        if self.current > self.peak:
+            self.peak, self.peak_at = self.current, self.counter
+        if self.cap_bytes is not None and self.current > self.cap_bytes:
+            raise torch.OutOfMemoryError(
+                f"tracked tensor bytes {self.current} exceed the memory cap of {self.cap_bytes} bytes "
+                f"(phase {self.phase})")
+        return record
+
+    def _release(self, record: _Storage) -> None:
+        self.counter += 1
+        record.died = self.counter
+        self.current -= record.nbytes
+
+    def track(self, tensors, category: str | None = None) -> None:
+        """Count tensors that existed before tracking began (or label known ones)."""
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                self._register(tensor.untyped_storage(), category)
+
+    def reset_peak(self) -> None:
+        """Start a new peak from what is alive now (the load peak stays in phase_peaks)."""
+        self.peak, self.peak_at = self.current, self.counter
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
+        self.phase_peaks[phase] = max(self.phase_peaks.get(phase, 0), self.current)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                self._register(tensor.untyped_storage())
+        return out
+
+    # -- results -----------------------------------------------------------------
+    def breakdown_at_peak(self) -> dict[str, int]:
+        """Bytes alive at the peak, by category; unlabelled tensors by the phase they appeared in."""
+        totals = dict.fromkeys(CATEGORIES, 0)
+        for record in self.history:
+            alive = record.born <= self.peak_at and (record.died is None or record.died > self.peak_at)
+            if alive:
+                totals[record.category or _category_of_phase(record.phase)] += record.nbytes
+        return totals
+
+    def totals_by_category(self) -> dict[str, int]:
+        """Bytes of the labelled (persistent) categories, alive now or when they were labelled."""
+        totals = dict.fromkeys(CATEGORIES[:4], 0)
+        for record in self.history:
+            if record.category in totals:
+                totals[record.category] += record.nbytes
+        return totals
+
+
+def _category_of_phase(phase: str) -> str:
+    # Tensors created while running forward/backward that are not parameter gradients are
+    # activations and their gradients; anything from loading or the optimizer step is other.
+    return "activations" if phase in ("forward", "backward") else "other"
+
+
+def quant_constant_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The quantization constants bitsandbytes keeps beside packed weights."""
+    tensors = []
+    for param in model.parameters():
+        state = getattr(param, "quant_state", None)  # 4-bit: absmax, code, nested absmax/code
+        while state is not None:
+            tensors += [v for v in vars(state).values() if isinstance(v, torch.Tensor)]
+            state = getattr(state, "state2", None)
+        scb = getattr(param, "SCB", None)  # int8: one scale per output row
+        if isinstance(scb, torch.Tensor):
+            tensors.append(scb)
+    return tensors
+
+
+def optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
+    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+
+
+def label_model(tracker: TensorTracker, model: torch.nn.Module, optimizer=None) -> None:
+    """Label the storages of weights, quantization constants and optimizer state."""
+    tracker.track(quant_constant_tensors(model), "quant_constants")
+    tracker.track(model.parameters(), "weights")
+    tracker.track(model.buffers(), "other")
+    if optimizer is not None:
+        tracker.track(optimizer_state_tensors(optimizer), "optimizer_state")
+
+
+def label_gradients(tracker: TensorTracker, model: torch.nn.Module) -> None:
+    tracker.track((p.grad for p in model.parameters() if p.grad is not None), "gradients")
+
+
+class CudaMeter:
+    """Per-phase peaks from the CUDA caching allocator and NVML device-used bytes."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.phases: dict[str, dict[str, int]] = {}
+        self.nvml_handle = _nvml_handle(device)
+
+    def device_used(self) -> int | None:
+        if self.nvml_handle is None:
+            return None
+        import pynvml
+
+        return int(pynvml.nvmlDeviceGetMemoryInfo(self.nvml_handle).used)
+
+    @contextmanager
+    def phase(self, name: str):
+        torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            yield
+        finally:
+            seen = self.phases.setdefault(name, {"peak_allocated": 0, "peak_reserved": 0, "peak_device_used": 0})
+            seen["peak_allocated"] = max(seen["peak_allocated"], torch.cuda.max_memory_allocated(self.device))
+            seen["peak_reserved"] = max(seen["peak_reserved"], torch.cuda.max_memory_reserved(self.device))
+            used = self.device_used()
+            if used is not None:
+                seen["peak_device_used"] = max(seen["peak_device_used"], used)
+
+
+def _nvml_handle(device: torch.device):
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return pynvml.nvmlDeviceGetHandleByIndex(index)
+    except Exception:  # NVML missing (no driver library): device-used stays unknown
+        return None
+
+
+@contextmanager
+def tracker_phase(tracker: TensorTracker, name: str):
+    tracker.set_phase(name)
+    yield

@@ -1,0 +1,219 @@
+"""Model sources and model building for a technique.
+
+A source is one of:
+- a preset name (harness.presets): the exact shape of a known model, random weights;
+- a path to a config.json: that shape, random weights;
+- a local model folder or a hub id: the real weights (a hub id needs a network).
+
+Random-weight models are built on the meta device and materialised module by module on
+the target device, so nothing goes through a checkpoint on disk. For a quantized base
+every linear layer is initialised in the compute dtype and handed to bitsandbytes at once,
+so at most one layer ever exists in 16 bits and a 7B QLoRA model never does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from harness.presets import PRESETS, preset_config
+from harness.techniques import Technique
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ModelSource:
+    name: str        # what the user gave
+    kind: str        # preset | config | pretrained
+    config: object   # a transformers PretrainedConfig
+
+    @property
+    def random_init(self) -> bool:
+        return self.kind != "pretrained"
+
+
+def resolve_source(source: str, trust_remote_code: bool = False) -> ModelSource:
+    from transformers import AutoConfig
+
+    if source in PRESETS:
+        return ModelSource(source, "preset", preset_config(source))
+    path = Path(source)
+    if source.endswith(".json") or source.startswith((".", "/", "~")):
+        if not path.exists():
+            raise FileNotFoundError(f"model source {source}: no such file or folder")
+    if path.is_file() and path.suffix == ".json":
+        settings = json.loads(path.read_text())
+        model_type = settings.pop("model_type", None)
+        if model_type is None:
+            raise ValueError(f"{path}: a config.json needs a 'model_type' field")
+        return ModelSource(source, "config", AutoConfig.for_model(model_type, **settings))
+    if path.is_dir() and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ValueError(f"{path}: a model folder needs weights (*.safetensors); "
+                         "for a shape only, give the path of its config.json")
+    # A local folder with weights, or a hub id (resolved by transformers; needs a network).
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    return ModelSource(source, "pretrained", config)
+
+
+class SequentialExperts(nn.Module):
+    """Mixtral-style experts as one gate/up/down nn.Linear triple per expert.
+
+    transformers stores MoE experts as fused 3-D parameters, which bitsandbytes cannot
+    quantize; Mixtral QLoRA as people run it quantizes every expert's linear layers.
+    Same computation as the fused module's eager forward, one expert at a time.
+    """
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, act_fn):
+        super().__init__()
+        self.num_experts = num_experts
+        self.act_fn = act_fn
+        # Named like a dense MLP's layers so that LoRA's target names match them too.
+        self.mlps = nn.ModuleList(nn.ModuleDict({
+            "gate_proj": nn.Linear(hidden, intermediate, bias=False),
+            "up_proj": nn.Linear(hidden, intermediate, bias=False),
+            "down_proj": nn.Linear(intermediate, hidden, bias=False)}) for _ in range(num_experts))
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        final = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert in hit[:, 0].tolist():
+            top_k_pos, token_idx = torch.where(mask[expert])
+            state, mlp = hidden_states[token_idx], self.mlps[expert]
+            out = self.act_fn(mlp["gate_proj"](state)) * mlp["up_proj"](state)
+            out = mlp["down_proj"](out) * top_k_weights[token_idx, top_k_pos, None]
+            final.index_add_(0, token_idx, out.to(final.dtype))
+        return final
+
+
+def _unfuse_experts(model: nn.Module) -> int:
+    """Replace fused 3-D expert parameters (on meta) by per-expert linear layers."""
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if type(module).__name__.endswith("Experts") and hasattr(module, "gate_up_proj"):
+            num, two_inter, hidden = module.gate_up_proj.shape
+            with torch.device("meta"):
+                new = SequentialExperts(num, hidden, two_inter // 2, module.act_fn).to(module.gate_up_proj.dtype)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, new)
+            replaced += 1
+    return replaced
+
+
+def _bnb_config(technique: Technique):
+    from transformers import BitsAndBytesConfig
+
+    if technique.quantization == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=technique.double_quant,
+                                  bnb_4bit_compute_dtype=DTYPES[technique.weights])
+    if technique.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
+    return None
+
+
+def _quantize_linear(module, device: torch.device, dtype: torch.dtype, std: float) -> None:
+    """Initialise one bitsandbytes linear layer in `dtype` and let bitsandbytes quantize it."""
+    import bitsandbytes as bnb
+
+    weight = torch.empty(module.out_features, module.in_features, dtype=dtype, device=device).normal_(0.0, std)
+    if isinstance(module, bnb.nn.Linear4bit):
+        param = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=module.weight.quant_type,
+                                  compress_statistics=module.weight.compress_statistics,
+                                  quant_storage=torch.uint8, module=module)
+    else:
+        param = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    module.weight = param._quantize(device)
+    if module.bias is not None:
+        module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=dtype, device=device))
+
+
+def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype, seed: int) -> None:
+    """Give every meta tensor real storage on `device`, one module at a time."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(seed)
+    std = getattr(model.config, "initializer_range", 0.02)
+    for module in model.modules():
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            _quantize_linear(module, device, dtype, std)
+            continue
+        own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+        if not any(t.is_meta for t in own):
+            continue
+        module.to_empty(device=device, recurse=False)
+        for param in module.parameters(recurse=False):
+            param._is_hf_initialized = False  # initialise what to_empty left uninitialised
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        else:
+            model._init_weights(module)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"tensors left on the meta device after materialisation: {left[:5]}")
+
+
+def build_base_model(source: ModelSource, technique: Technique, device: torch.device, seed: int,
+                     attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> nn.Module:
+    """The model in the technique's dtype and quantization, before adapters."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES[technique.weights]
+    quant_config = _bnb_config(technique)
+    if source.kind == "pretrained":
+        return AutoModelForCausalLM.from_pretrained(
+            source.name, dtype=dtype, quantization_config=quant_config, device_map={"": device},
+            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(source.config, dtype=dtype,
+                                                 attn_implementation=attn_implementation,
+                                                 trust_remote_code=trust_remote_code)
+    if quant_config is not None:
+        from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+
+        _unfuse_experts(model)
+        model = replace_with_bnb_linear(model, modules_to_not_convert=["lm_head"],
+                                        quantization_config=quant_config)
+    _materialize(model, device, dtype, seed)
+    return model
+
+
+def prepare_for_training(model: nn.Module, technique: Technique, lora, gradient_checkpointing: bool) -> nn.Module:
+    """Freeze and wrap for the technique: adapters (peft), k-bit preparation, checkpointing."""
+    model.config.use_cache = False
+    if technique.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # peft's standard recipe: freeze the base, keep norms and embeddings in fp32.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing works with a frozen base without input-grad hooks.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if technique.adapter == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=lora.target_modules, task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    return model
+
+
+def parameter_counts(model: nn.Module) -> dict:
+    """Total parameters counted as the unquantized model has them (packed 4-bit counts double)."""
+    total = trainable = 0
+    for param in model.parameters():
+        count = param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            count *= 2  # two 4-bit values per stored byte
+        total += count
+        if param.requires_grad:
+            trainable += count
+    return {"total": total, "trainable": trainable, "trainable_pct": 100.0 * trainable / max(total, 1)}

@@ -1,0 +1,49 @@
+"""Named architecture presets: the exact shapes of well-known models, initialised at random.
+
+Memory and speed of a training step depend on the shapes, not on the weight values, so a
+preset measures what the real model would, without a download. Shapes are those of each
+model's published config.json.
+"""
+
+from __future__ import annotations
+
+PRESETS: dict[str, dict] = {
+    # A few million parameters: every technique runs a step in seconds on a laptop CPU.
+    "tiny-llama": dict(model_type="llama", vocab_size=4096, hidden_size=256, intermediate_size=688,
+                       num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                       max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # TinyLlama/TinyLlama-1.1B: 1,100,048,384 parameters.
+    "tinyllama-1.1b": dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                           num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                           max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # meta-llama/Llama-2-7b-hf: 6,738,415,616 parameters (the documents' "7B").
+    "llama-2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                       max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # mistralai/Mistral-7B-v0.1: 7,241,732,096 parameters.
+    "mistral-7b": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0,
+                       sliding_window=4096, tie_word_embeddings=False),
+    # mistralai/Mixtral-8x7B-v0.1: 46,702,792,704 parameters, 2 of 8 experts active per token.
+    "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
+                         rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None, tie_word_embeddings=False),
+}
+
+# Published parameter counts, used by tests to check that a preset has the real shape.
+PUBLISHED_PARAMETERS = {
+    "tinyllama-1.1b": 1_100_048_384,
+    "llama-2-7b": 6_738_415_616,
+    "mistral-7b": 7_241_732_096,
+    "mixtral-8x7b": 46_702_792_704,
+}
+
+
+def preset_config(name: str):
+    """A transformers config object for a preset."""
+    from transformers import AutoConfig
+
+    settings = dict(PRESETS[name])
+    return AutoConfig.for_model(settings.pop("model_type"), **settings)

@@ -1,0 +1,78 @@
+"""The registry of techniques and of the building blocks they are made of.
+
+A technique is a named choice of building blocks: the dtype the model is materialised
+in, autocast, loss scaling, base quantization (bitsandbytes), adapter (peft) and
+optimizer. An experiment file names a technique and may replace any block, so a new
+combination is one YAML file; a new block is one function registered in a dict here.
+
+Importing this module does not import torch: experiment files validate without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Technique:
+    weights: str          # dtype of the materialised model: fp32 | bf16 | fp16
+    autocast: str         # none | bf16 | fp16
+    loss_scaling: bool    # dynamic loss scaling (needed with fp16 autocast)
+    quantization: str     # none | int8 | nf4 (frozen base, bitsandbytes)
+    double_quant: bool    # nf4 only: quantize the quantization constants too
+    adapter: str          # none | lora (peft)
+    optimizer: str        # a key of OPTIMIZERS
+    summary: str = ""
+
+
+TECHNIQUES: dict[str, Technique] = {
+    "fp32": Technique("fp32", "none", False, "none", False, "none", "adamw",
+                      "full fine-tuning, fp32 weights, gradients and AdamW states"),
+    "bf16-pure": Technique("bf16", "none", False, "none", False, "none", "adamw",
+                           "full fine-tuning with weights, gradients and AdamW states all in bf16"),
+    "bf16-mixed": Technique("fp32", "bf16", False, "none", False, "none", "adamw",
+                            "fp32 master weights and states, bf16 autocast for compute"),
+    "fp16-mixed": Technique("fp32", "fp16", True, "none", False, "none", "adamw",
+                            "fp32 master weights, fp16 autocast with dynamic loss scaling"),
+    "adamw8bit": Technique("fp32", "bf16", False, "none", False, "none", "adamw8bit",
+                           "full fine-tuning (fp32 master, bf16 autocast) with bitsandbytes 8-bit AdamW"),
+    "lora": Technique("bf16", "bf16", False, "none", False, "lora", "adamw",
+                      "frozen bf16 base, fp32 LoRA adapters, bf16 autocast, AdamW"),
+    "int8-lora": Technique("bf16", "bf16", False, "int8", False, "lora", "adamw",
+                           "frozen LLM.int8 base (bitsandbytes), LoRA adapters, AdamW"),
+    "qlora": Technique("bf16", "bf16", False, "nf4", True, "lora", "paged_adamw8bit",
+                       "frozen NF4 base with double quantization, bf16 compute, LoRA, paged 8-bit AdamW"),
+}
+
+QUANTIZATIONS = ("none", "int8", "nf4")
+ADAPTERS = ("none", "lora")
+
+
+def _adamw(params, settings, device_type: str):
+    import torch
+
+    # The fused kernel is what a GPU user gets by default; it does not exist on CPU.
+    fused = device_type == "cuda"
+    return torch.optim.AdamW(params, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
+                             weight_decay=settings.weight_decay, fused=fused)
+
+
+def _bnb(name: str):
+    def build(params, settings, device_type: str):
+        import bitsandbytes as bnb
+
+        return getattr(bnb.optim, name)(params, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
+                                        weight_decay=settings.weight_decay)
+    return build
+
+
+OPTIMIZERS: dict[str, Callable] = {
+    "adamw": _adamw,
+    "adamw8bit": _bnb("AdamW8bit"),
+    "paged_adamw8bit": _bnb("PagedAdamW8bit"),
+    "paged_adamw": _bnb("PagedAdamW"),
+}
+
+# Paged optimizers keep their state in CUDA unified memory, outside torch's allocator.
+PAGED_OPTIMIZERS = {"paged_adamw8bit", "paged_adamw"}

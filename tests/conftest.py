@@ -1,0 +1,21 @@
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = ROOT / "experiments"
+
+# A short workload so that every technique runs in seconds on a 2-core CPU.
+QUICK = {"seq_len": 64, "micro_batch": 2, "warmup_steps": 1, "steps": 2, "device": "cpu"}
+
+
+def pytest_configure(config):
+    # Tokenizers and token caches go to a fresh folder: tests never rely on a user's cache.
+    os.environ.setdefault("HARNESS_CACHE", tempfile.mkdtemp(prefix="harness-cache-"))
+
+
+@pytest.fixture(scope="session")
+def experiments_dir() -> Path:
+    return EXPERIMENTS

@@ -1,0 +1,81 @@
+"""Experiment files: every shipped file validates; malformed ones name file and field, exit 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from harness.config import ConfigError, config_hash, experiment_files, load_experiment, resolved_config
+from harness.techniques import TECHNIQUES
+
+from conftest import EXPERIMENTS, ROOT
+
+
+def test_every_experiment_file_loads():
+    files = experiment_files(EXPERIMENTS)
+    names = {p.stem for p in files}
+    # one file per registered technique, plus accumulation and checkpointing variants
+    assert set(TECHNIQUES) <= names
+    for path in files:
+        name, experiment = load_experiment(path)
+        assert name == path.stem and experiment.technique in TECHNIQUES
+    assert any(load_experiment(p)[1].grad_accum > 1 for p in files)
+    assert any(load_experiment(p)[1].gradient_checkpointing for p in files)
+
+
+def test_include_merges_and_the_including_file_wins(tmp_path):
+    (tmp_path / "_base.yaml").write_text("technique: lora\nseq_len: 128\nlora: {r: 8, alpha: 16}\n")
+    (tmp_path / "child.yaml").write_text("include: _base.yaml\nlora: {r: 64}\noptimizer: adamw8bit\n")
+    name, experiment = load_experiment(tmp_path / "child.yaml")
+    assert (name, experiment.seq_len, experiment.lora.r, experiment.lora.alpha) == ("child", 128, 64, 16.0)
+    config = resolved_config(name, experiment)
+    assert config["optimizer"] == "adamw8bit" and config["adapter"] == "lora" and config["weights"] == "bf16"
+
+
+def test_hash_changes_with_the_configuration_not_the_description(tmp_path):
+    (tmp_path / "a.yaml").write_text("technique: qlora\ndescription: one\n")
+    (tmp_path / "b.yaml").write_text("technique: qlora\ndescription: two\n")
+    (tmp_path / "c.yaml").write_text("technique: qlora\nlora: {r: 8}\n")
+    hashes = [config_hash(resolved_config(*load_experiment(tmp_path / f"{n}.yaml"))) for n in "abc"]
+    assert hashes[0] == hashes[1] != hashes[2]
+
+
+MALFORMED = {
+    "unknown key": ("technique: lora\nlearning_rate: 0.1\n", "learning_rate", "unknown key"),
+    "nested unknown key": ("technique: lora\nlora: {rank: 8}\n", "lora.rank", "unknown key"),
+    "wrong type": ("technique: lora\nseq_len: long\n", "seq_len", "expected int"),
+    "bool for int": ("technique: lora\nmicro_batch: true\n", "micro_batch", "boolean"),
+    "unknown technique": ("technique: lora-9000\n", "technique", "unknown technique"),
+    "unknown optimizer": ("technique: lora\noptimizer: lion\n", "optimizer", "unknown optimizer"),
+    "bad choice": ("technique: lora\nquantization: int3\n", "quantization", "not allowed"),
+    "out of range": ("technique: lora\nsteps: 0\n", "steps", "at least 1"),
+    "yaml syntax": ("technique: lora\nseq_len: [256\n", "<yaml>", "YAML syntax error"),
+    "missing include": ("include: _nowhere.yaml\ntechnique: lora\n", "include", "does not exist"),
+    "missing technique": ("seq_len: 128\n", "technique", "required"),
+    "full fine-tuning of a quantized base": ("technique: qlora\nadapter: none\n", "adapter", "cannot be fully"),
+    "fp16 without loss scaling": ("technique: fp16-mixed\nloss_scaling: false\n", "loss_scaling", "loss scaling"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_file_names_file_and_field(tmp_path, case):
+    text, field, message = MALFORMED[case]
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_experiment(path)
+    assert caught.value.field_name == field and message in caught.value.message
+    assert str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize("case", ["unknown key", "wrong type", "unknown technique", "yaml syntax", "missing include"])
+def test_command_line_exits_2_before_running_anything(tmp_path, case):
+    text, field, _ = MALFORMED[case]
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    out = tmp_path / "results"
+    result = subprocess.run([sys.executable, "-m", "harness", "run", str(path), "--out", str(out)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2, result.stderr
+    assert str(path) in result.stderr and f"'{field}'" in result.stderr
+    assert not out.exists()  # nothing ran, nothing was written

@@ -1,0 +1,120 @@
+"""Core guarantees: accumulation equivalence, 4-bit weight bytes, batches, OOM and crash records."""
+
+import json
+
+import pytest
+import torch
+
+from harness import records
+from harness.config import LoraSettings
+from harness.data import Batches, sequence_batch
+from harness.memory import quant_constant_tensors
+from harness.models import build_base_model, prepare_for_training, resolve_source
+from harness.runner import prepare, run_config
+from harness.techniques import TECHNIQUES
+from harness.train import Progress, train_step
+
+from conftest import EXPERIMENTS, QUICK
+
+
+def _gradients(micro_batches):
+    """Gradients of one train_step from the same initial fp32 model (optimizer step does nothing)."""
+    source = resolve_source("tiny-llama")
+    model = prepare_for_training(build_base_model(source, TECHNIQUES["fp32"], torch.device("cpu"), seed=0),
+                                 TECHNIQUES["fp32"], LoraSettings(), gradient_checkpointing=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    captured = {}
+
+    def capture():
+        captured.update({n: p.grad.clone() for n, p in model.named_parameters()})
+
+    loss = train_step(model, optimizer, micro_batches, "none", None, Progress(), after_backward=capture)
+    return loss, captured
+
+
+def test_accumulating_k_micro_batches_equals_one_batch_of_k_times_m():
+    """k=4 micro-batches of m=2 vs one batch of 8 sequences: gradients equal to fp32 round-off."""
+    stream = torch.randint(0, 4096, (20_000,)).numpy()
+    k, m = 4, 2
+    accumulated = Batches(stream, 32, m, k, seed=1).step(0, torch.device("cpu"))
+    whole = Batches(stream, 32, k * m, 1, seed=1).step(0, torch.device("cpu"))
+    assert torch.equal(torch.cat(accumulated), whole[0])  # same sequences, split differently
+    loss_k, grads_k = _gradients(accumulated)
+    loss_1, grads_1 = _gradients(whole)
+    assert loss_k == pytest.approx(loss_1, rel=1e-5)
+    # Stated tolerance: relative 1e-4 of each tensor's norm (fp32 summation order differs).
+    for name, grad in grads_1.items():
+        error = (grads_k[name] - grad).norm() / grad.norm().clamp_min(1e-12)
+        assert error < 1e-4, (name, float(error))
+
+
+def test_batches_depend_only_on_seed_and_index():
+    stream = torch.arange(10_000).numpy()
+    a = sequence_batch(stream, 16, first=5, count=3, seed=7)
+    b = sequence_batch(stream, 16, first=0, count=8, seed=7)[5:]
+    assert torch.equal(a, b) and not torch.equal(a, sequence_batch(stream, 16, 5, 3, seed=8))
+
+
+def _linear_bytes(model):
+    weights = sum(p.untyped_storage().nbytes() for n, p in model.named_parameters()
+                  if n.endswith("proj.weight"))
+    constants = sum(t.untyped_storage().nbytes() for t in quant_constant_tensors(model))
+    return weights, constants
+
+
+def test_nf4_weights_are_a_quarter_of_bf16_plus_the_quantization_constants():
+    source = resolve_source("tiny-llama")
+    bf16 = build_base_model(source, TECHNIQUES["lora"], torch.device("cpu"), seed=0)
+    nf4 = build_base_model(source, TECHNIQUES["qlora"], torch.device("cpu"), seed=0)
+    bf16_bytes, none = _linear_bytes(bf16)
+    packed, constants = _linear_bytes(nf4)
+    assert none == 0
+    n = bf16_bytes // 2  # quantized parameters
+    assert packed == n // 2  # two 4-bit codes per byte
+    # Double quantization (QLoRA §3): one 8-bit absmax per block of 64 weights, one fp32 scale
+    # per 256 of those, plus per tensor a 16-entry NF4 code, a 256-entry 8-bit code and an offset.
+    tensors = sum(1 for name, _ in bf16.named_parameters() if name.endswith("proj.weight"))
+    expected = n // 64 + 4 * -(-n // 64 // 256) + tensors * (16 * 4 + 256 * 4 + 4)
+    assert constants == pytest.approx(expected, rel=0.01)
+    ratio = (packed + constants) / bf16_bytes
+    assert ratio == pytest.approx((0.5 + 1 / 64) / 2, rel=0.05)  # about 0.258 of bf16 at this size
+
+
+def test_an_oom_is_a_record_and_the_caller_goes_on(tmp_path):
+    """On CPU the memory cap is enforced on tracked tensor bytes: 40 MB holds the model, not a step."""
+    config = prepare(EXPERIMENTS / "qlora.yaml", {**QUICK, "seq_len": 256, "budget_gb": 0.04})
+    path, record = run_config(config, tmp_path)
+    assert record["status"] == "oom", record.get("error")
+    error = record["error"]
+    assert error["phase"] in ("forward", "backward") and error["step"] == 0
+    assert error["memory_reached_bytes"] > record["budget"]["cap_bytes"] == 40_000_000
+    assert json.loads(path.read_text())["status"] == "oom"
+    # the next run is unaffected
+    _, after = run_config(prepare(EXPERIMENTS / "lora.yaml", QUICK), tmp_path)
+    assert after["status"] == "ok"
+
+
+def test_a_process_that_dies_leaves_a_failed_record(tmp_path):
+    config = prepare(EXPERIMENTS / "fp32.yaml", QUICK)
+    path, record = run_config(config, tmp_path, timeout_s=0.5)
+    assert record["status"] == "failed" and record["error"]["type"] == "ProcessDied"
+    assert "signal 9" in record["error"]["message"]
+    assert json.loads(path.read_text()) == record
+
+
+def test_records_are_written_atomically_and_never_shared(tmp_path):
+    path = records.write_atomic(tmp_path / "r.json", {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left behind
+    cpu = records.device_name("cpu")
+    paths = {records.record_path(tmp_path, device, "lora", "tiny-llama", digest)
+             for device in (cpu, "NVIDIA H100 80GB HBM3") for digest in ("a" * 64, "b" * 64)}
+    assert len(paths) == 4  # neither two configurations nor two devices share a record file
+    assert records.record_path(tmp_path, cpu, "lora", "tiny-llama", "a" * 64).parent.name == "cpu"
+
+
+def test_failures_inside_the_run_are_recorded(tmp_path):
+    config = prepare(EXPERIMENTS / "lora.yaml", {**QUICK, "model": str(tmp_path / "missing.json")})
+    _, record = run_config(config, tmp_path)
+    assert record["status"] == "failed" and record["error"]["phase"] == "load"
+    assert "missing.json" in record["error"]["message"]

@@ -1,0 +1,94 @@
+"""Every experiment runs a few steps on tiny-llama (CPU) in its own process and writes a complete record."""
+
+import json
+import math
+
+import pytest
+
+from harness.config import experiment_files
+from harness.memory import CATEGORIES
+from harness.runner import prepare, run_config
+
+from conftest import EXPERIMENTS, QUICK
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    found = {}
+    for path in experiment_files(EXPERIMENTS):
+        record_file, record = run_config(prepare(path, QUICK), out)
+        found[path.stem] = (record_file, record)
+    return found
+
+
+def test_every_experiment_writes_a_complete_ok_record(records):
+    for name, (path, record) in records.items():
+        assert record["status"] == "ok", (name, record.get("error"))
+        assert json.loads(path.read_text()) == record  # what was returned is what is on disk
+        assert record["schema_version"] == 1 and len(record["config_hash"]) == 64
+        assert record["config"]["name"] == name and record["config"]["device"] == "cpu"
+        environment = record["environment"]
+        assert environment["device_type"] == "cpu" and environment["versions"]["torch"]
+        assert {"commit", "dirty"} <= set(environment["git"])
+        memory = record["memory"]
+        assert memory["source"] == "cpu-tracked-tensors" and "not a GPU figure" in memory["note"]
+        assert set(memory["phases"]) == {"load", "forward", "backward", "optimizer"}
+        assert memory["peak_allocated"] >= max(p["peak_allocated"] for p in memory["phases"].values()) > 0
+        breakdown = memory["breakdown_at_peak"]
+        assert set(breakdown) == set(CATEGORIES)
+        assert sum(breakdown.values()) == memory["tracked_step_peak"]
+        assert breakdown["weights"] > 0 and breakdown["activations"] > 0
+        persistent = memory["persistent"]
+        assert persistent["gradients"] > 0 and persistent["optimizer_state"] > 0
+        throughput = record["throughput"]
+        assert throughput["timed_steps"] == QUICK["steps"] and throughput["tokens_per_s"] > 0
+        assert throughput["mfu"] is None  # MFU is a GPU figure only
+        losses = record["loss"]["per_step"]
+        # warm-up + timed steps + the tracked step
+        assert len(losses) == QUICK["warmup_steps"] + QUICK["steps"] + 1
+        assert all(math.isfinite(v) for v in losses)
+        # random init starts near the uniform-distribution loss ln(vocab)
+        assert abs(losses[0] - math.log(4096)) < 0.5
+        parameters = record["parameters"]
+        assert 0 < parameters["trainable"] <= parameters["total"]
+
+
+def test_adapters_train_a_small_fraction_and_are_saved(records):
+    for name, (_, record) in records.items():
+        adapter = record["config"]["adapter"] == "lora"
+        assert (record["adapter_bytes_on_disk"] is not None) == adapter, name
+        if adapter:
+            assert record["parameters"]["trainable_pct"] < 10
+            # adapter weights are fp32 (4 bytes each) plus a small config file
+            assert record["adapter_bytes_on_disk"] >= 4 * record["parameters"]["trainable"]
+        else:
+            assert record["parameters"]["trainable_pct"] == 100
+
+
+def test_precision_shows_in_the_persistent_memory(records):
+    """fp32 full fine-tuning: weights, gradients 4 B/param, AdamW 8 B/param; bf16-pure halves all three."""
+    fp32 = records["fp32"][1]
+    n = fp32["parameters"]["total"]
+    assert fp32["memory"]["persistent"]["weights"] == 4 * n
+    assert fp32["memory"]["persistent"]["gradients"] == 4 * n
+    assert fp32["memory"]["persistent"]["optimizer_state"] >= 8 * n  # + a step counter per tensor
+    pure = records["bf16-pure"][1]["memory"]["persistent"]
+    assert pure["weights"] == 2 * n and pure["gradients"] == 2 * n
+    assert pure["optimizer_state"] < 0.51 * fp32["memory"]["persistent"]["optimizer_state"]
+    eight_bit = records["adamw8bit"][1]["memory"]["persistent"]["optimizer_state"]
+    assert eight_bit < 0.3 * fp32["memory"]["persistent"]["optimizer_state"]
+
+
+def test_bf16_mixed_loss_matches_fp32(records):
+    """Same batches, same init: bf16 autocast stays within 1% of fp32's loss at every step."""
+    fp32 = records["fp32"][1]["loss"]["per_step"]
+    mixed = records["bf16-mixed"][1]["loss"]["per_step"]
+    for a, b in zip(fp32, mixed):
+        assert abs(a - b) / a < 0.01
+
+
+def test_gradient_checkpointing_lowers_the_activation_peak(records):
+    plain = records["qlora"][1]["memory"]["breakdown_at_peak"]["activations"]
+    checkpointed = records["qlora-gc"][1]["memory"]["breakdown_at_peak"]["activations"]
+    assert checkpointed < plain
