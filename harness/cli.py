@@ -1,4 +1,4 @@
-"""Command line: `python -m harness run|validate|list` (also installed as `harness`)."""
+"""Command line: `python -m harness run|bench|validate|list` (also installed as `harness`)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from harness.bench import add_arguments as add_bench_arguments
 from harness.config import EXIT_BAD_CONFIG, ConfigError, experiment_files
 
 
@@ -22,6 +23,12 @@ def cmd_run(args) -> int:
     print(summary_line(record))
     print(f"record: {path}")
     return 0 if record["status"] in ("ok", "oom") else 1
+
+
+def cmd_bench(args) -> int:
+    from harness.bench import main as bench_main
+
+    return bench_main(args)
 
 
 def cmd_validate(args) -> int:
@@ -58,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--budget-gb", type=float, help="emulate a card with this many GB (1e9 bytes)")
     run.add_argument("--timeout", type=float, help="seconds before the run is killed and recorded as failed")
     run.set_defaults(func=cmd_run)
+
+    bench = commands.add_parser("bench", help="run the experiment matrix for this device (resumable)")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
 
     validate = commands.add_parser("validate", help="check experiment files without running them")
     validate.add_argument("files", nargs="*", type=Path)

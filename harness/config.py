@@ -23,6 +23,8 @@ from harness.techniques import ADAPTERS, OPTIMIZERS, QUANTIZATIONS, TECHNIQUES, 
 
 # Files in experiments/ whose name starts with "_" are fragments to include, not experiments.
 FRAGMENT_PREFIX = "_"
+# The matrix of runs lives beside the experiments (see harness.bench).
+MATRIX_FILE = "matrix.yaml"
 EXIT_BAD_CONFIG = 2
 
 
@@ -139,7 +141,7 @@ def _coerce(value: Any, hint: Any, path: Path, name: str) -> Any:
             raise ConfigError(path, name, f"expected a list, got {type(value).__name__} {value!r}")
         return [_coerce(v, args[0], path, f"{name}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path, prefix=f"{name}.")
+        return build_dataclass(hint, value, path, prefix=f"{name}.")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is bool and not isinstance(value, bool):
@@ -151,7 +153,8 @@ def _coerce(value: Any, hint: Any, path: Path, name: str) -> Any:
     return value
 
 
-def _build(cls: type, data: Any, path: Path, prefix: str = "") -> Any:
+def build_dataclass(cls: type, data: Any, path: Path, prefix: str = "") -> Any:
+    """A dataclass from a mapping, every key and type checked; ConfigError names the field."""
     if not isinstance(data, dict):
         raise ConfigError(path, prefix.rstrip(".") or "<top level>", f"expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -178,7 +181,7 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+def read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     """Read one file and everything it includes; the including file wins on conflicts."""
     if path in chain:
         raise ConfigError(chain[-1], "include", f"include cycle through {path}")
@@ -205,15 +208,15 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     for name in includes:
         if not isinstance(name, str):
             raise ConfigError(path, "include", f"expected a file name, got {name!r}")
-        merged = _deep_merge(merged, _read_yaml((path.parent / name).resolve(), chain + (path,)))
+        merged = _deep_merge(merged, read_yaml((path.parent / name).resolve(), chain + (path,)))
     return _deep_merge(merged, data)
 
 
 def load_experiment(path: str | Path, overrides: dict | None = None) -> tuple[str, Experiment]:
     """Load and validate one experiment file; returns (name, experiment). Raises ConfigError."""
     path = Path(path).resolve()
-    data = _deep_merge(_read_yaml(path), overrides or {})
-    experiment = _build(Experiment, data, path)
+    data = _deep_merge(read_yaml(path), overrides or {})
+    experiment = build_dataclass(Experiment, data, path)
     _check_semantics(experiment, path)
     return path.stem, experiment
 
@@ -266,5 +269,6 @@ def config_hash(config: dict) -> str:
 
 
 def experiment_files(folder: str | Path) -> list[Path]:
-    """Experiment files in a folder: every *.yaml except include fragments (leading '_')."""
-    return sorted(p for p in Path(folder).glob("*.yaml") if not p.name.startswith(FRAGMENT_PREFIX))
+    """Experiment files in a folder: every *.yaml but include fragments (leading '_') and the matrix."""
+    return sorted(p for p in Path(folder).glob("*.yaml")
+                  if not p.name.startswith(FRAGMENT_PREFIX) and p.name != MATRIX_FILE)

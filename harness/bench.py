@@ -1,0 +1,260 @@
+"""`harness bench`: expand the matrix for this device, run what is missing, summarise.
+
+Each run is a fresh process (harness.runner). A run whose record already exists for the
+same resolved configuration and environment fingerprint is skipped, so an interrupted
+matrix, even one killed with SIGKILL, resumes with exactly the runs it lacks: records are
+written atomically, and a run that was cut off left no record behind.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness import records
+from harness.config import MATRIX_FILE, ConfigError, build_dataclass, experiment_files, read_yaml
+from harness.runner import prepare, run_config, summary_line
+
+# Memory held on the GPU by others beyond this means a polluted peak (a bare context is less).
+SHARED_GPU_THRESHOLD = 1 * 2**30
+
+
+@dataclass
+class MatrixBlock:
+    models: list[str]
+    experiments: list[str] | str = "all"
+    seq_lens: list[int | None] = field(default_factory=lambda: [None])
+    grad_accums: list[int | None] = field(default_factory=lambda: [None])
+    budgets_gb: list[float | None] = field(default_factory=lambda: [None])
+    # Only on a card with at least this much memory (GB, 1e9 bytes).
+    min_device_gb: float | None = None
+    # Experiment fields set for every run of this block (validated like a file's own fields).
+    set: dict = field(default_factory=dict)
+    note: str = ""
+
+
+@dataclass
+class Matrix:
+    cpu: list[MatrixBlock]
+    cuda: list[MatrixBlock]
+
+
+@dataclass
+class PlannedRun:
+    config: dict
+    repeat: int
+    path: Path
+    note: str
+
+
+def load_matrix(path: str | Path) -> Matrix:
+    path = Path(path).resolve()
+    return build_dataclass(Matrix, read_yaml(path), path)
+
+
+def gpu_total_gb() -> float | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total / 1e9
+    except Exception:
+        return None
+
+
+def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Path, *, models=None,
+           experiments=None, budgets_gb=None, seq_lens=None, repeat: int = 1,
+           device_gb: float | None = None) -> tuple[list[PlannedRun], list[str]]:
+    """The runs of the matrix for a device type, with command-line replacements applied.
+
+    Returns the runs (duplicates removed) and the notes of blocks skipped on this device.
+    """
+    available = {p.stem: p for p in experiment_files(experiments_dir)}
+    planned: dict[Path, PlannedRun] = {}
+    skipped = []
+    device_name = records.device_name(device_type)
+    for block in getattr(matrix, device_type):
+        if block.min_device_gb and (device_gb or 0) < block.min_device_gb:
+            skipped.append(f"{block.note or block.experiments}: needs a card of >= {block.min_device_gb:g} GB")
+            continue
+        names = sorted(available) if block.experiments == "all" else block.experiments
+        for name in list(names) + list(experiments or []):
+            if name not in available:
+                raise ConfigError(experiments_dir / MATRIX_FILE, "experiments",
+                                  f"no experiment file {name}.yaml in {experiments_dir}")
+        if experiments:  # keep only the chosen experiments of each block
+            names = [name for name in names if name in experiments]
+        for name, model, seq, accum, budget in itertools.product(
+                names, models or block.models, seq_lens or block.seq_lens, block.grad_accums,
+                budgets_gb or block.budgets_gb):
+            overrides = {**block.set, "model": model, "device": device_type}
+            for key, value in (("seq_len", seq), ("grad_accum", accum), ("budget_gb", budget)):
+                if value is not None:
+                    overrides[key] = value
+            config = prepare(available[name], overrides)
+            for index in range(repeat):
+                path = records.record_path(out_dir, device_name, name, model, config["config_hash"], index)
+                planned.setdefault(path, PlannedRun(config, index, path, block.note))
+    return list(planned.values()), skipped
+
+
+def is_current(path: Path, fingerprint: str) -> bool:
+    """A finished record (ok or oom) for the same configuration on the same environment."""
+    if not path.exists():
+        return False
+    try:
+        record = records.read_record(path)
+    except (OSError, ValueError):
+        return False
+    return record.get("status") in ("ok", "oom") and record.get("fingerprint") == fingerprint
+
+
+def other_gpu_users() -> str | None:
+    """What other processes hold on the GPU, or None if it is free for a clean measurement."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        used = pynvml.nvmlDeviceGetMemoryInfo(handle).used
+        processes = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+    except Exception:
+        return None
+    if processes or used > SHARED_GPU_THRESHOLD:
+        pids = ", ".join(str(p.pid) for p in processes) or "unknown"
+        return f"{used / 2**30:.2f} GiB already in use on the GPU (processes: {pids})"
+    return None
+
+
+def clean_interrupted_writes(out_dir: Path) -> None:
+    for tmp in out_dir.rglob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def run_matrix(planned: list[PlannedRun], fingerprint: str, *, force: bool = False, allow_shared_gpu: bool = False,
+               timeout_s: float | None = None, stream=sys.stdout) -> list[dict]:
+    """Run what is missing; returns every planned run's record (the ones skipped included)."""
+    results = []
+    total = len(planned)
+    for index, run in enumerate(planned, 1):
+        label = (f"[{index}/{total}] {run.config['name']} @ {run.config['model']} seq {run.config['seq_len']}"
+                 f" x{run.config['micro_batch']}x{run.config['grad_accum']}"
+                 + (f" budget {run.config['budget_gb']:g} GB" if run.config["budget_gb"] else "")
+                 + (f" repeat {run.repeat}" if run.repeat else ""))
+        if not force and is_current(run.path, fingerprint):
+            record = records.read_record(run.path)
+            print(f"{label}: done before, skipped ({record['status']})", file=stream, flush=True)
+            results.append(record)
+            continue
+        polluted = other_gpu_users() if run.config["device"] == "cuda" else None
+        if polluted and not allow_shared_gpu:
+            raise SystemExit(f"refusing to measure on a shared GPU: {polluted} "
+                             "(--allow-shared-gpu records it anyway, marked)")
+        print(f"{label} ...", file=stream, flush=True)
+        started = time.perf_counter()
+        path, record = run_config(run.config, run.path.parent.parent, run.repeat, timeout_s)
+        if polluted:
+            record["shared_gpu"] = polluted  # the peak may include another process's memory
+            records.write_atomic(path, record)
+        print(f"    {time.perf_counter() - started:6.1f} s  {summary_line(record)}", file=stream, flush=True)
+        results.append(record)
+    return results
+
+
+def summary_table(results: list[dict]):
+    """One row per run, OOM and failed rows included."""
+    import pandas as pd
+
+    rows = []
+    for record in results:
+        config, memory, throughput = record["config"], record.get("memory") or {}, record.get("throughput") or {}
+        mfu = (throughput.get("mfu") or {}).get("mfu")
+        rows.append({
+            "experiment": record["experiment"], "model": record["model"], "seq": config["seq_len"],
+            "mb x k": f"{config['micro_batch']}x{config['grad_accum']}",
+            "budget GB": config.get("budget_gb") or "",
+            "status": record["status"] if record["status"] != "oom"
+            else f"oom ({record['error']['phase']})",
+            "peak alloc GiB": _gib(memory.get("peak_allocated")),
+            "reserved GiB": _gib(memory.get("peak_reserved")),
+            "device used GiB": _gib(memory.get("peak_device_used")),
+            "tokens/s": round(throughput["tokens_per_s"]) if throughput else "",
+            "MFU %": f"{100 * mfu:.1f}" if mfu else "",
+            "final loss": f"{record['loss']['final']:.4f}" if (record.get("loss") or {}).get("final") else "",
+            "trainable %": f"{record['parameters']['trainable_pct']:.2f}" if record.get("parameters") else "",
+        })
+    return pd.DataFrame(rows)
+
+
+def _gib(value) -> str:
+    return f"{value / 2**30:.3f}" if value else ""
+
+
+def repeat_consistency(results: list[dict]) -> list[str]:
+    """Repeats of one configuration should peak at the same bytes; say where they do not."""
+    by_config: dict[tuple, list[dict]] = {}
+    for record in results:
+        if record["status"] == "ok":
+            by_config.setdefault((record["experiment"], record["config_hash"]), []).append(record)
+    messages = []
+    for (name, _), group in by_config.items():
+        if len(group) < 2:
+            continue
+        peaks = {r["memory"]["peak_allocated"] for r in group}
+        speeds = [r["throughput"]["tokens_per_s"] for r in group]
+        spread = (max(speeds) - min(speeds)) / min(speeds)
+        state = "identical peak memory" if len(peaks) == 1 else f"PEAK MEMORY DIFFERS: {sorted(peaks)}"
+        messages.append(f"{name}: {len(group)} repeats, {state}; tokens/s spread {100 * spread:.1f}%")
+    return messages
+
+
+def main(args) -> int:
+    experiments_dir = Path(args.experiments_dir)
+    matrix_path = Path(args.matrix) if args.matrix else experiments_dir / MATRIX_FILE
+    out_dir = Path(args.out)
+    device_type = records.resolve_device(args.device)
+    matrix = load_matrix(matrix_path)
+    planned, skipped = expand(matrix, device_type, experiments_dir, out_dir, models=args.model and [args.model],
+                              experiments=args.experiments, budgets_gb=args.budget_gb and [args.budget_gb],
+                              seq_lens=args.seq_len and [args.seq_len], repeat=args.repeat,
+                              device_gb=gpu_total_gb() if device_type == "cuda" else None)
+    environment = records.current_environment(device_type)
+    print(f"matrix {matrix_path} on {environment['device_name']}: {len(planned)} runs", flush=True)
+    for note in skipped:
+        print(f"  not on this device: {note}")
+    if args.dry_run:
+        for run in planned:
+            print(f"  {run.path}")
+        return 0
+    clean_interrupted_writes(out_dir)
+    results = run_matrix(planned, records.fingerprint(environment), force=args.force,
+                         allow_shared_gpu=args.allow_shared_gpu, timeout_s=args.timeout)
+    table = summary_table(results)
+    print()
+    print(table.to_string(index=False))
+    for message in repeat_consistency(results):
+        print(message)
+    if device_type == "cpu":
+        print("\nCPU run: memory is tracked tensor bytes, time is CPU time; neither is a GPU figure.")
+    return 0 if all(r["status"] in ("ok", "oom") for r in results) else 1
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--matrix", help=f"matrix file (default: EXPERIMENTS_DIR/{MATRIX_FILE})")
+    parser.add_argument("--experiments-dir", default="experiments")
+    parser.add_argument("--out", default="results", help="results folder (default: results)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--model", help="run every block on this model source instead")
+    parser.add_argument("--experiments", nargs="+", metavar="NAME", help="run only these experiments")
+    parser.add_argument("--budget-gb", type=float, help="emulate a card of this many GB in every run")
+    parser.add_argument("--seq-len", type=int, help="use this sequence length in every run")
+    parser.add_argument("--repeat", type=int, default=1, help="run each configuration N times")
+    parser.add_argument("--force", action="store_true", help="rerun even where a current record exists")
+    parser.add_argument("--allow-shared-gpu", action="store_true",
+                        help="measure even if other processes hold GPU memory (records are marked)")
+    parser.add_argument("--timeout", type=float, help="seconds per run before it is killed and recorded")
+    parser.add_argument("--dry-run", action="store_true", help="list the planned runs and stop")
+

@@ -1,0 +1,123 @@
+"""`harness bench`: matrix expansion, overrides, budgets, resume after SIGKILL, OOM rows."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from harness.bench import expand, load_matrix
+from harness.config import ConfigError, experiment_files
+from harness.worker import CUDA_CONTEXT_ALLOWANCE, budget_cap_bytes
+
+from conftest import EXPERIMENTS, QUICK, ROOT
+
+MATRIX = load_matrix(EXPERIMENTS / "matrix.yaml")
+
+
+def _plan(tmp_path, device="cpu", **options):
+    runs, skipped = expand(MATRIX, device, EXPERIMENTS, tmp_path, **options)
+    return [(r.config["name"], r.config["model"], r.config["grad_accum"], r.config["budget_gb"],
+             r.config["seq_len"]) for r in runs], skipped
+
+
+def test_cpu_matrix_runs_every_experiment_on_tiny_llama_and_an_accumulation_series(tmp_path):
+    plan, skipped = _plan(tmp_path)
+    assert {p.stem for p in experiment_files(EXPERIMENTS)} == {name for name, *_ in plan}
+    assert {model for _, model, *_ in plan} == {"tiny-llama"} and not skipped
+    assert sorted(k for name, _, k, *_ in plan if name == "lora") == [1, 1, 2, 4, 8]
+
+
+def test_cuda_matrix_follows_the_card_size(tmp_path):
+    small, skipped = _plan(tmp_path, "cuda", device_gb=40)
+    large, none_skipped = _plan(tmp_path, "cuda", device_gb=80)
+    assert "mixtral-8x7b" not in {m for _, m, *_ in small} and len(skipped) == 1
+    assert "mixtral-8x7b" in {m for _, m, *_ in large} and not none_skipped
+    assert {m for _, m, *_ in small} == {"tinyllama-1.1b", "llama-2-7b", "mistral-7b"}
+    assert {(n, b) for n, m, _, b, _ in small if m == "mistral-7b"} == {("qlora", 16.0), ("qlora-gc", 16.0)}
+    assert {s for *_, s in small} == {512, 2048}
+
+
+def test_command_line_replacements(tmp_path):
+    plan, _ = _plan(tmp_path, models=["llama-2-7b"], experiments=["qlora", "lora"], budgets_gb=[16.0],
+                    seq_lens=[128])
+    assert {(m, b, s) for _, m, _, b, s in plan} == {("llama-2-7b", 16.0, 128)}
+    assert {n for n, *_ in plan} == {"qlora", "lora"}
+    with pytest.raises(ConfigError, match="no experiment file"):
+        _plan(tmp_path, experiments=["nonesuch"])
+
+
+def test_repeats_get_their_own_records(tmp_path):
+    runs, _ = expand(MATRIX, "cpu", EXPERIMENTS, tmp_path, experiments=["fp32"], repeat=3)
+    assert len(runs) == 3 and len({r.path for r in runs}) == 3 and [r.repeat for r in runs] == [0, 1, 2]
+
+
+def test_budget_arithmetic():
+    assert budget_cap_bytes(16, "cuda") == 16 * 10**9 - CUDA_CONTEXT_ALLOWANCE
+    assert budget_cap_bytes(24, "cuda") - budget_cap_bytes(16, "cuda") == 8 * 10**9
+    assert budget_cap_bytes(16, "cpu") == 16 * 10**9  # no CUDA context on a CPU
+    assert budget_cap_bytes(0.1, "cuda") == 0
+
+
+def _write_matrix(tmp_path, blocks):
+    path = tmp_path / "matrix.yaml"
+    path.write_text(yaml.safe_dump({"cpu": blocks, "cuda": []}))
+    return path
+
+
+def _bench(matrix, out, *extra, **popen):
+    command = [sys.executable, "-m", "harness", "bench", "--matrix", str(matrix), "--out", str(out),
+               "--experiments-dir", str(EXPERIMENTS), "--device", "cpu", *extra]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen)
+
+
+def _records(out):
+    return sorted(p for p in out.rglob("*.json") if "logs" not in p.parts)
+
+
+def test_a_matrix_killed_with_sigkill_resumes_with_exactly_the_missing_runs(tmp_path):
+    matrix = _write_matrix(tmp_path, [{"experiments": ["lora", "qlora", "bf16-pure"], "models": ["tiny-llama"],
+                                       "set": QUICK}])
+    out = tmp_path / "results"
+    process = _bench(matrix, out, start_new_session=True)
+    deadline = time.time() + 300
+    while not _records(out) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)  # the bench and the run it had started
+    process.wait()
+    first = _records(out)
+    assert len(first) == 1, first
+    first_bytes = first[0].read_bytes()
+    assert not [p for p in out.rglob("*.tmp")] or all(p.name.startswith(".") for p in out.rglob("*.tmp"))
+
+    output = _bench(matrix, out).communicate(timeout=600)[0]
+    finished = _records(out)
+    assert len(finished) == 3, output
+    assert first[0].read_bytes() == first_bytes  # the finished record was kept, not redone
+    assert output.count("skipped") == 1
+    assert all(json.loads(p.read_text())["status"] == "ok" for p in finished)
+    assert not list(out.rglob("*.tmp"))
+
+    again = _bench(matrix, out).communicate(timeout=300)[0]
+    assert again.count("skipped") == 3 and _records(out) == finished  # nothing new to do
+
+
+def test_an_oom_inside_a_matrix_is_a_row_and_the_matrix_completes(tmp_path):
+    matrix = _write_matrix(tmp_path, [
+        {"experiments": ["qlora"], "models": ["tiny-llama"], "budgets_gb": [0.04],
+         "set": {**QUICK, "seq_len": 256}},
+        {"experiments": ["lora"], "models": ["tiny-llama"], "set": QUICK}])
+    out = tmp_path / "results"
+    process = _bench(matrix, out)
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output
+    statuses = sorted(json.loads(p.read_text())["status"] for p in _records(out))
+    assert statuses == ["ok", "oom"]
+    table = output[output.index("experiment"):]
+    assert "oom (forward)" in table or "oom (backward)" in table
+    assert "lora" in table and "ok" in table
