@@ -80,8 +80,13 @@ class TensorTracker(TorchDispatchMode):
     def track(self, tensors, category: str | None = None) -> None:
         """Count tensors that existed before tracking began (or label known ones)."""
         for tensor in tensors:
-            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+            if self._counts(tensor):
                 self._register(tensor.untyped_storage(), category)
+
+    @staticmethod
+    def _counts(tensor) -> bool:
+        # Models are built on the meta device first: those tensors hold no memory.
+        return isinstance(tensor, torch.Tensor) and tensor.device.type != "meta"
 
     def reset_peak(self) -> None:
         """Start a new peak from what is alive now (the load peak stays in phase_peaks)."""
@@ -94,7 +99,7 @@ class TensorTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+            if self._counts(tensor):
                 self._register(tensor.untyped_storage())
         return out
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
 from harness.presets import PRESETS, preset_config
 from harness.techniques import Technique
@@ -79,6 +80,8 @@ class SequentialExperts(nn.Module):
             "down_proj": nn.Linear(intermediate, hidden, bias=False)}) for _ in range(num_experts))
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
+        if is_fake(hidden_states):
+            return self._balanced_forward(hidden_states, top_k_weights)
         final = torch.zeros_like(hidden_states)
         with torch.no_grad():
             mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
@@ -88,6 +91,23 @@ class SequentialExperts(nn.Module):
             state, mlp = hidden_states[token_idx], self.mlps[expert]
             out = self.act_fn(mlp["gate_proj"](state)) * mlp["up_proj"](state)
             out = mlp["down_proj"](out) * top_k_weights[token_idx, top_k_pos, None]
+            final.index_add_(0, token_idx, out.to(final.dtype))
+        return final
+
+    def _balanced_forward(self, hidden_states, top_k_weights):
+        """Fake tensors (a simulation) have no values to route by: assume balanced routing.
+
+        Every expert gets tokens * top_k / num_experts tokens, the expected load that
+        load-balanced training aims for; the shapes, and so the memory, follow from that.
+        """
+        tokens, top_k = top_k_weights.shape
+        per_expert = -(-tokens * top_k // self.num_experts)
+        final = torch.zeros_like(hidden_states)
+        token_idx = torch.arange(per_expert, device=hidden_states.device) % tokens
+        for expert in range(self.num_experts):
+            state, mlp = hidden_states[token_idx], self.mlps[expert]
+            out = self.act_fn(mlp["gate_proj"](state)) * mlp["up_proj"](state)
+            out = mlp["down_proj"](out) * top_k_weights[token_idx, 0, None]
             final.index_add_(0, token_idx, out.to(final.dtype))
         return final
 
@@ -123,13 +143,26 @@ def _quantize_linear(module, device: torch.device, dtype: torch.dtype, std: floa
     import bitsandbytes as bnb
 
     weight = torch.empty(module.out_features, module.in_features, dtype=dtype, device=device).normal_(0.0, std)
-    if isinstance(module, bnb.nn.Linear4bit):
-        param = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=module.weight.quant_type,
-                                  compress_statistics=module.weight.compress_statistics,
-                                  quant_storage=torch.uint8, module=module)
+    if is_fake(weight):
+        # A simulation (harness.simulate): bitsandbytes' parameter classes cannot wrap fake
+        # tensors, so its quantize function runs directly and the result is kept the way
+        # the layer's forward reads it (quant_state, or CB/SCB, on the weight).
+        if isinstance(module, bnb.nn.Linear4bit):
+            packed, state = bnb.functional.quantize_4bit(
+                weight, compress_statistics=module.weight.compress_statistics,
+                quant_type=module.weight.quant_type, quant_storage=torch.uint8)
+            module.weight = nn.Parameter(packed, requires_grad=False)
+            module.weight.quant_state = state
+        else:
+            codes, scales, _ = bnb.functional.int8_vectorwise_quant(weight.half())
+            module.weight = nn.Parameter(codes, requires_grad=False)
+            module.weight.CB, module.weight.SCB = codes, scales
+    elif isinstance(module, bnb.nn.Linear4bit):
+        module.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=module.weight.quant_type,
+                                          compress_statistics=module.weight.compress_statistics,
+                                          quant_storage=torch.uint8, module=module)._quantize(device)
     else:
-        param = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
-    module.weight = param._quantize(device)
+        module.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)._quantize(device)
     if module.bias is not None:
         module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=dtype, device=device))
 
@@ -172,16 +205,22 @@ def build_base_model(source: ModelSource, technique: Technique, device: torch.de
         return AutoModelForCausalLM.from_pretrained(
             source.name, dtype=dtype, quantization_config=quant_config, device_map={"": device},
             attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
+    # The skeleton holds plain meta tensors even inside a simulation's fake mode, so that
+    # bitsandbytes' parameter classes can wrap them.
+    with unset_fake_temporarily(), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(source.config, dtype=dtype,
                                                  attn_implementation=attn_implementation,
                                                  trust_remote_code=trust_remote_code)
+    # One expert at a time, for every technique: quantizable, LoRA-targetable, and traceable
+    # with fake tensors; the parameter bytes are those of the fused layout.
+    with unset_fake_temporarily():
+        _unfuse_experts(model)
     if quant_config is not None:
         from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
-        _unfuse_experts(model)
-        model = replace_with_bnb_linear(model, modules_to_not_convert=["lm_head"],
-                                        quantization_config=quant_config)
+        with unset_fake_temporarily():
+            model = replace_with_bnb_linear(model, modules_to_not_convert=["lm_head"],
+                                            quantization_config=quant_config)
     _materialize(model, device, dtype, seed)
     return model
 
@@ -211,7 +250,7 @@ def parameter_counts(model: nn.Module) -> dict:
     total = trainable = 0
     for param in model.parameters():
         count = param.numel()
-        if param.__class__.__name__ == "Params4bit":
+        if getattr(param, "quant_state", None) is not None:
             count *= 2  # two 4-bit values per stored byte
         total += count
         if param.requires_grad:

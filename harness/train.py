@@ -27,9 +27,31 @@ def no_phase(name: str):
     return nullcontext()
 
 
+def build_training(source, technique, cfg, device: torch.device, optimizer_device: str | None = None):
+    """Model, optimizer and loss scaler for a technique: the one code path runs and simulations share.
+
+    optimizer_device picks the optimizer variant of another device type (a simulation of a
+    CUDA step on CPU fake tensors gets the fused AdamW a CUDA run gets).
+    """
+    from harness.models import build_base_model, prepare_for_training
+    from harness.techniques import OPTIMIZERS
+
+    model = build_base_model(source, technique, device, cfg.seed, cfg.attn_implementation, cfg.trust_remote_code)
+    model = prepare_for_training(model, technique, cfg.lora, cfg.gradient_checkpointing)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = OPTIMIZERS[technique.optimizer](trainable, cfg.optim, optimizer_device or device.type)
+    scaler = torch.amp.GradScaler(device.type) if technique.loss_scaling else None
+    return model, optimizer, scaler
+
+
 def train_step(model, optimizer, micro_batches: list[torch.Tensor], autocast: str, scaler,
-               progress: Progress, phase=no_phase, after_backward=None) -> float:
-    """One optimizer step over `micro_batches`; returns the step's mean loss."""
+               progress: Progress, phase=no_phase, after_backward=None) -> torch.Tensor:
+    """One optimizer step over `micro_batches`; returns the step's mean loss (a 0-d tensor).
+
+    The loss stays a tensor so that the step never waits for the device (and so that it
+    can run under fake tensors); callers convert it outside the timed region.
+    """
     device_type = micro_batches[0].device.type
     dtype = AUTOCAST_DTYPES.get(autocast)
     total = torch.zeros((), device=micro_batches[0].device)
@@ -51,5 +73,5 @@ def train_step(model, optimizer, micro_batches: list[torch.Tensor], autocast: st
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return float(total)
+    return total
 

@@ -25,10 +25,10 @@ import torch
 from harness import records
 from harness.data import load_batches
 from harness.memory import (CudaMeter, TensorTracker, label_gradients, label_model, tracker_phase)
-from harness.models import DTYPES, build_base_model, parameter_counts, prepare_for_training, resolve_source
-from harness.techniques import OPTIMIZERS, PAGED_OPTIMIZERS, Technique
+from harness.models import parameter_counts, resolve_source
+from harness.techniques import PAGED_OPTIMIZERS, Technique
 from harness.throughput import mfu, step_time_stats
-from harness.train import Progress, no_phase, train_step
+from harness.train import Progress, build_training, no_phase, train_step
 
 # What an N GB card leaves to the torch allocator: the CUDA context and the kernels of
 # cuBLAS/cuDNN live outside it. Measured context size is recorded beside it.
@@ -88,7 +88,8 @@ def _memory_reached(device: torch.device, tracker: TensorTracker | None) -> int 
 
 
 def run(config: dict, record_path: str | Path) -> dict:
-    cfg = SimpleNamespace(**config)
+    cfg = SimpleNamespace(**{**config, "lora": SimpleNamespace(**config["lora"]),
+                             "optim": SimpleNamespace(**config["optim"]), "data": SimpleNamespace(**config["data"])})
     technique = Technique(**{k: config[k] for k in Technique.__dataclass_fields__})
     record = {"schema_version": records.SCHEMA_VERSION, "status": None, "experiment": cfg.name,
               "model": cfg.model, "config": config, "config_hash": config["config_hash"],
@@ -106,8 +107,7 @@ def run(config: dict, record_path: str | Path) -> dict:
         record["budget"] = _apply_budget(cfg.budget_gb, cap, device, technique)
 
         source = resolve_source(cfg.model, cfg.trust_remote_code)
-        data = SimpleNamespace(**cfg.data)
-        batches, _, record["data"] = load_batches(data, source, cfg.seq_len, cfg.micro_batch, cfg.grad_accum, cfg.seed)
+        batches, _, record["data"] = load_batches(cfg.data, source, cfg.seq_len, cfg.micro_batch, cfg.grad_accum, cfg.seed)
 
         # CPU: the tracker is the memory meter (always on when a budget must bind).
         on_cpu = device.type == "cpu"
@@ -118,14 +118,8 @@ def run(config: dict, record_path: str | Path) -> dict:
             context_bytes = cuda_meter.device_used()
         load_started = time.perf_counter()
         with (tracker or nullcontext()), (cuda_meter.phase("load") if cuda_meter else nullcontext()):
-            model = build_base_model(source, technique, device, cfg.seed, cfg.attn_implementation,
-                                     cfg.trust_remote_code)
-            model = prepare_for_training(model, technique, SimpleNamespace(**cfg.lora), cfg.gradient_checkpointing)
-            model.train()
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            optimizer = OPTIMIZERS[technique.optimizer](trainable, SimpleNamespace(**cfg.optim), device.type)
+            model, optimizer, scaler = build_training(source, technique, cfg, device)
         load_seconds = time.perf_counter() - load_started
-        scaler = torch.amp.GradScaler(device.type) if technique.loss_scaling else None
         record["parameters"] = parameter_counts(model)
         record["random_init"] = source.random_init
 
@@ -144,7 +138,7 @@ def run(config: dict, record_path: str | Path) -> dict:
                 _sync(device)
             if step >= cfg.warmup_steps:
                 times.append(time.perf_counter() - t0)
-            progress.losses.append(loss)
+            progress.losses.append(float(loss))
 
         # The tracked step: count every tensor by category (slow, so never timed).
         progress.step = total_steps
@@ -156,7 +150,7 @@ def run(config: dict, record_path: str | Path) -> dict:
             loss = train_step(model, optimizer, micro_batches, technique.autocast, scaler, progress,
                               lambda name: tracker_phase(tracker, name),
                               after_backward=lambda: label_gradients(tracker, model))
-        progress.losses.append(loss)
+        progress.losses.append(float(loss))
 
         tokens_per_step = cfg.micro_batch * cfg.seq_len * cfg.grad_accum
         stats = step_time_stats(times)

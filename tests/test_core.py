@@ -29,7 +29,7 @@ def _gradients(micro_batches):
         captured.update({n: p.grad.clone() for n, p in model.named_parameters()})
 
     loss = train_step(model, optimizer, micro_batches, "none", None, Progress(), after_backward=capture)
-    return loss, captured
+    return float(loss), captured
 
 
 def test_accumulating_k_micro_batches_equals_one_batch_of_k_times_m():

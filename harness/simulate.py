@@ -1,0 +1,133 @@
+"""Simulated memory: the runner's own training step traced with fake tensors, at full size.
+
+Under `FakeTensorMode` every tensor has a shape, dtype and device but no storage, so a
+7B or Mixtral step runs on a laptop. The same builders, optimizer and `train_step` as a
+real run execute; `TensorTracker` (harness.memory) counts the bytes each live storage
+would hold and labels them by category, exactly as in a real run's tracked step.
+
+What a fake step cannot do, and how it is handled:
+- bitsandbytes' parameter classes cannot wrap a fake tensor: under fake tensors its
+  quantize functions run directly and the packed weights stay plain parameters that
+  carry the same quantization state (see models._quantize_linear); its code books are
+  built with real computation on first use, so they are warmed outside the fake mode.
+- values: MoE routing is data-dependent, so experts get a perfectly balanced share of
+  tokens (see models.SequentialExperts); dynamic loss scaling (which reads a value to
+  skip steps) is left out, its state being a few bytes; transformers' packed-sequence
+  check reads position ids, and is answered as a real run answers it (not packed).
+- the allocator: a traced step knows tensor bytes, not the caching allocator's rounding
+  and fragmentation; `reserved` on a GPU is higher than these peaks by those.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+
+from harness.memory import TensorTracker, label_gradients, label_model, tracker_phase
+from harness.models import ModelSource
+from harness.techniques import Technique
+from harness.train import Progress, build_training, train_step
+
+
+@contextmanager
+def _real_bitsandbytes_code_books(technique: Technique):
+    """bitsandbytes computes its quantization code books with real values (`.tolist()`).
+
+    The 4-bit code book is cached after one real call; the 8-bit optimizers' dynamic map
+    is rebuilt for every optimizer, so it is computed outside the fake mode (256 floats).
+    """
+    import bitsandbytes as bnb
+
+    if technique.quantization == "nf4":
+        bnb.functional.quantize_4bit(torch.randn(64, 64, dtype=torch.bfloat16), quant_type="nf4",
+                                     compress_statistics=technique.double_quant)
+    original = bnb.functional.create_dynamic_map
+
+    def create_dynamic_map(*args, **kwargs):
+        with unset_fake_temporarily():
+            return original(*args, **kwargs)
+
+    bnb.functional.create_dynamic_map = create_dynamic_map
+    try:
+        yield
+    finally:
+        bnb.functional.create_dynamic_map = original
+
+
+@contextmanager
+def _swappable_fake_tensors(mode: FakeTensorMode):
+    """Let Module.to() move fake parameters (peft moves and casts its adapters).
+
+    Module.to() swaps a fake parameter with its converted copy, and swap_tensors refuses
+    tensors with weak references; the fake mode's memo holds one on each fake tensor it
+    made. Dropping those memo entries (a cache) before the swap lets it proceed.
+    """
+    original = torch.utils.swap_tensors
+
+    def swap(first, second):
+        memo = mode.fake_tensor_converter.tensor_memo
+        for key in [key for key, value in list(memo.items()) if value is first or value is second]:
+            del memo[key]
+        return original(first, second)
+
+    torch.utils.swap_tensors = swap
+    try:
+        yield
+    finally:
+        torch.utils.swap_tensors = original
+
+
+@contextmanager
+def _unpacked_sequences():
+    """transformers checks position ids for packed sequences by reading their values; with
+    fake values it assumes packing and builds an explicit mask (which also turns off SDPA's
+    grouped-query path). The harness never packs: every sequence is one window with
+    positions 0..s-1, which a real run finds and answers with None, as this does.
+    """
+    from transformers import masking_utils
+
+    original = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
+
+
+def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, micro_batch: int,
+                  device_type: str = "cuda", steps: int = 2) -> dict:
+    """Peak and per-category bytes of a training step at full size, without memory.
+
+    Runs `steps` steps (the first creates the optimizer state) and measures the last, as the
+    runner's tracked step does. device_type picks what the builders pick for that device.
+    """
+    started = time.perf_counter()
+    tracker = TensorTracker()
+    device = torch.device("cpu")
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with _real_bitsandbytes_code_books(technique), _unpacked_sequences(), mode, _swappable_fake_tensors(mode), tracker:
+        model, optimizer, _ = build_training(source, technique, cfg, device, optimizer_device=device_type)
+        load_peak = tracker.peak
+        progress = Progress()
+        for step in range(steps):
+            micro_batches = [torch.randint(0, source.config.vocab_size, (micro_batch, seq_len), device=device)
+                             for _ in range(cfg.grad_accum)]
+            last = step == steps - 1
+            if last:
+                label_model(tracker, model, optimizer)
+                tracker.reset_peak()
+            train_step(model, optimizer, micro_batches, technique.autocast, None, progress,
+                       lambda name: tracker_phase(tracker, name),
+                       after_backward=(lambda: label_gradients(tracker, model)) if last else None)
+    return {
+        "method": "simulated",
+        "total_bytes": max(tracker.peak, load_peak),
+        "categories": tracker.breakdown_at_peak(),
+        "persistent": tracker.totals_by_category(),
+        "phase_peaks": dict(tracker.phase_peaks),
+        "seconds": time.perf_counter() - started,
+        "device_type": device_type,
+    }
