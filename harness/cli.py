@@ -1,4 +1,4 @@
-"""Command line: `python -m harness run|bench|validate|list` (also installed as `harness`)."""
+"""Command line: `python -m harness run|bench|predict|validate|list` (also installed as `harness`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from harness.bench import add_arguments as add_bench_arguments
 from harness.config import EXIT_BAD_CONFIG, ConfigError, experiment_files
+from harness.predict import add_arguments as add_predict_arguments
 
 
 def _overrides(args) -> dict:
@@ -29,6 +30,12 @@ def cmd_bench(args) -> int:
     from harness.bench import main as bench_main
 
     return bench_main(args)
+
+
+def cmd_predict(args) -> int:
+    from harness.predict import main as predict_main
+
+    return predict_main(args)
 
 
 def cmd_validate(args) -> int:
@@ -69,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="run the experiment matrix for this device (resumable)")
     add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+
+    predict = commands.add_parser("predict", help="memory of a model x technique, analytic and simulated, no GPU")
+    add_predict_arguments(predict)
+    predict.set_defaults(func=cmd_predict)
 
     validate = commands.add_parser("validate", help="check experiment files without running them")
     validate.add_argument("files", nargs="*", type=Path)

@@ -139,6 +139,11 @@ def quant_constant_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
         scb = getattr(param, "SCB", None)  # int8: one scale per output row
         if isinstance(scb, torch.Tensor):
             tensors.append(scb)
+    for module in model.modules():
+        # Linear8bitLt moves the scales from its weight to its matmul state on first use.
+        scb = getattr(getattr(module, "state", None), "SCB", None)
+        if isinstance(scb, torch.Tensor):
+            tensors.append(scb)
     return tensors
 
 

@@ -81,6 +81,32 @@ def _swappable_fake_tensors(mode: FakeTensorMode):
 
 
 @contextmanager
+def _cuda_dropout(device_type: str):
+    """Dropout as CUDA runs it: one fused kernel that saves a bool mask.
+
+    On CPU, torch's dropout draws its noise in the input's dtype and saves that (4 bytes per
+    element for fp32); CUDA's `native_dropout` saves a 1-byte mask. A CUDA step traced on
+    CPU fake tensors calls the CUDA op, which has a fake implementation on every device.
+    """
+    if device_type != "cuda":
+        yield
+        return
+    functional = torch.nn.functional
+    original = functional.dropout
+
+    def dropout(input, p=0.5, training=True, inplace=False):
+        if not training or p == 0:
+            return input
+        return torch.ops.aten.native_dropout(input, p, True)[0]
+
+    functional.dropout = dropout
+    try:
+        yield
+    finally:
+        functional.dropout = original
+
+
+@contextmanager
 def _unpacked_sequences():
     """transformers checks position ids for packed sequences by reading their values; with
     fake values it assumes packing and builds an explicit mask (which also turns off SDPA's
@@ -108,7 +134,7 @@ def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, 
     tracker = TensorTracker()
     device = torch.device("cpu")
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with _real_bitsandbytes_code_books(technique), _unpacked_sequences(), mode, _swappable_fake_tensors(mode), tracker:
+    with _real_bitsandbytes_code_books(technique), _unpacked_sequences(), _cuda_dropout(device_type), mode, _swappable_fake_tensors(mode), tracker:
         model, optimizer, _ = build_training(source, technique, cfg, device, optimizer_device=device_type)
         load_peak = tracker.peak
         progress = Progress()

@@ -23,23 +23,13 @@ from types import SimpleNamespace
 import torch
 
 from harness import records
+from harness.budget import CUDA_CONTEXT_ALLOWANCE, budget_cap_bytes
 from harness.data import load_batches
 from harness.memory import (CudaMeter, TensorTracker, label_gradients, label_model, tracker_phase)
 from harness.models import parameter_counts, resolve_source
 from harness.techniques import PAGED_OPTIMIZERS, Technique
 from harness.throughput import mfu, step_time_stats
 from harness.train import Progress, build_training, no_phase, train_step
-
-# What an N GB card leaves to the torch allocator: the CUDA context and the kernels of
-# cuBLAS/cuDNN live outside it. Measured context size is recorded beside it.
-CUDA_CONTEXT_ALLOWANCE = 512 * 2**20
-
-
-def budget_cap_bytes(budget_gb: float, device_type: str) -> int:
-    """Bytes the torch allocator (CUDA) or the tensor tracker (CPU) may hold on an N GB card."""
-    allowance = CUDA_CONTEXT_ALLOWANCE if device_type == "cuda" else 0
-    return max(int(budget_gb * 1e9) - allowance, 0)
-
 
 def pick_device(choice: str) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):

@@ -19,3 +19,13 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def experiments_dir() -> Path:
     return EXPERIMENTS
+
+
+@pytest.fixture(scope="session")
+def quick_records(tmp_path_factory) -> dict:
+    """Every experiment file run once on tiny-llama with the QUICK workload: {name: (path, record)}."""
+    from harness.config import experiment_files
+    from harness.runner import prepare, run_config
+
+    out = tmp_path_factory.mktemp("results")
+    return {path.stem: run_config(prepare(path, QUICK), out) for path in experiment_files(EXPERIMENTS)}

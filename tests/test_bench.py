@@ -12,7 +12,7 @@ import yaml
 
 from harness.bench import expand, load_matrix
 from harness.config import ConfigError, experiment_files
-from harness.worker import CUDA_CONTEXT_ALLOWANCE, budget_cap_bytes
+from harness.budget import CUDA_CONTEXT_ALLOWANCE, budget_cap_bytes
 
 from conftest import EXPERIMENTS, QUICK, ROOT
 

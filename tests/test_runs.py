@@ -5,25 +5,13 @@ import math
 
 import pytest
 
-from harness.config import experiment_files
 from harness.memory import CATEGORIES
-from harness.runner import prepare, run_config
 
-from conftest import EXPERIMENTS, QUICK
-
-
-@pytest.fixture(scope="module")
-def records(tmp_path_factory):
-    out = tmp_path_factory.mktemp("results")
-    found = {}
-    for path in experiment_files(EXPERIMENTS):
-        record_file, record = run_config(prepare(path, QUICK), out)
-        found[path.stem] = (record_file, record)
-    return found
+from conftest import QUICK
 
 
-def test_every_experiment_writes_a_complete_ok_record(records):
-    for name, (path, record) in records.items():
+def test_every_experiment_writes_a_complete_ok_record(quick_records):
+    for name, (path, record) in quick_records.items():
         assert record["status"] == "ok", (name, record.get("error"))
         assert json.loads(path.read_text()) == record  # what was returned is what is on disk
         assert record["schema_version"] == 1 and len(record["config_hash"]) == 64
@@ -54,8 +42,8 @@ def test_every_experiment_writes_a_complete_ok_record(records):
         assert 0 < parameters["trainable"] <= parameters["total"]
 
 
-def test_adapters_train_a_small_fraction_and_are_saved(records):
-    for name, (_, record) in records.items():
+def test_adapters_train_a_small_fraction_and_are_saved(quick_records):
+    for name, (_, record) in quick_records.items():
         adapter = record["config"]["adapter"] == "lora"
         assert (record["adapter_bytes_on_disk"] is not None) == adapter, name
         if adapter:
@@ -66,29 +54,29 @@ def test_adapters_train_a_small_fraction_and_are_saved(records):
             assert record["parameters"]["trainable_pct"] == 100
 
 
-def test_precision_shows_in_the_persistent_memory(records):
+def test_precision_shows_in_the_persistent_memory(quick_records):
     """fp32 full fine-tuning: weights, gradients 4 B/param, AdamW 8 B/param; bf16-pure halves all three."""
-    fp32 = records["fp32"][1]
+    fp32 = quick_records["fp32"][1]
     n = fp32["parameters"]["total"]
     assert fp32["memory"]["persistent"]["weights"] == 4 * n
     assert fp32["memory"]["persistent"]["gradients"] == 4 * n
     assert fp32["memory"]["persistent"]["optimizer_state"] >= 8 * n  # + a step counter per tensor
-    pure = records["bf16-pure"][1]["memory"]["persistent"]
+    pure = quick_records["bf16-pure"][1]["memory"]["persistent"]
     assert pure["weights"] == 2 * n and pure["gradients"] == 2 * n
     assert pure["optimizer_state"] < 0.51 * fp32["memory"]["persistent"]["optimizer_state"]
-    eight_bit = records["adamw8bit"][1]["memory"]["persistent"]["optimizer_state"]
+    eight_bit = quick_records["adamw8bit"][1]["memory"]["persistent"]["optimizer_state"]
     assert eight_bit < 0.3 * fp32["memory"]["persistent"]["optimizer_state"]
 
 
-def test_bf16_mixed_loss_matches_fp32(records):
+def test_bf16_mixed_loss_matches_fp32(quick_records):
     """Same batches, same init: bf16 autocast stays within 1% of fp32's loss at every step."""
-    fp32 = records["fp32"][1]["loss"]["per_step"]
-    mixed = records["bf16-mixed"][1]["loss"]["per_step"]
+    fp32 = quick_records["fp32"][1]["loss"]["per_step"]
+    mixed = quick_records["bf16-mixed"][1]["loss"]["per_step"]
     for a, b in zip(fp32, mixed):
         assert abs(a - b) / a < 0.01
 
 
-def test_gradient_checkpointing_lowers_the_activation_peak(records):
-    plain = records["qlora"][1]["memory"]["breakdown_at_peak"]["activations"]
-    checkpointed = records["qlora-gc"][1]["memory"]["breakdown_at_peak"]["activations"]
+def test_gradient_checkpointing_lowers_the_activation_peak(quick_records):
+    plain = quick_records["qlora"][1]["memory"]["breakdown_at_peak"]["activations"]
+    checkpointed = quick_records["qlora-gc"][1]["memory"]["breakdown_at_peak"]["activations"]
     assert checkpointed < plain

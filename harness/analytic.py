@@ -1,0 +1,345 @@
+"""Analytic memory: bytes per category of one training step, from the model's shape alone.
+
+No model is built: parameter counts come from the config, bytes per parameter from the
+technique, and activations from a walk through one decoder layer that follows the dtype
+of every tensor the runner's code path saves for backward. Each rule below names the code
+that makes it true (transformers' Llama/Mistral/Mixtral layers, peft's LoRA linear,
+bitsandbytes' 4-bit and 8-bit matmuls, torch autocast), so where the simulation
+(harness.simulate) disagrees, the rule that is off can be found.
+
+Notation: T tokens per micro-batch (batch x sequence), h hidden size, i MLP size, V
+vocabulary, E experts, k experts per token. Bytes: fp32 4, bf16/fp16 2, int8 1, NF4 0.5.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+NF4_BLOCK = 64            # bitsandbytes' 4-bit block size (QLoRA paper §3)
+NESTED_BLOCK = 256        # double quantization: 8-bit absmax constants in blocks of 256
+NF4_CODE_BYTES = 16 * 4   # the 16-entry NF4 code book, fp32, per weight tensor
+NESTED_CODE_BYTES = 256 * 4 + 4  # 8-bit dynamic code book and offset, per weight tensor
+OPTIM8_BLOCK = 256        # bitsandbytes blockwise 8-bit optimizer state: one fp32 scale per 256
+OPTIM8_MIN_SIZE = 4096    # bitsandbytes keeps 32-bit state for tensors smaller than this
+
+
+@dataclass(frozen=True)
+class Shape:
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    experts: int = 0          # 0: a dense MLP
+    experts_per_token: int = 0
+    tied_embeddings: bool = False
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linears(self) -> dict[str, tuple[int, int, int]]:
+        """(in, out, count in the whole model) of every decoder linear layer, by name."""
+        mlp_count = self.layers * max(self.experts, 1)
+        return {"q_proj": (self.hidden, self.q_dim, self.layers), "k_proj": (self.hidden, self.kv_dim, self.layers),
+                "v_proj": (self.hidden, self.kv_dim, self.layers), "o_proj": (self.q_dim, self.hidden, self.layers),
+                "gate_proj": (self.hidden, self.intermediate, mlp_count),
+                "up_proj": (self.hidden, self.intermediate, mlp_count),
+                "down_proj": (self.intermediate, self.hidden, mlp_count)}
+
+    def parameters(self) -> dict[str, int]:
+        """Parameter counts by group: decoder linears (quantizable), embeddings, norms, router."""
+        linear = sum(n_in * n_out * count for n_in, n_out, count in self.linears().values())
+        embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+        norms = (2 * self.layers + 1) * self.hidden
+        router = self.layers * self.hidden * self.experts if self.experts else 0
+        return {"linear": linear, "embeddings": embeddings, "norms": norms, "router": router,
+                "total": linear + embeddings + norms + router}
+
+
+def shape_of(config) -> Shape:
+    """The shape of a transformers config (Llama, Mistral, Mixtral and alike)."""
+    heads = config.num_attention_heads
+    return Shape(vocab=config.vocab_size, hidden=config.hidden_size, intermediate=config.intermediate_size,
+                 layers=config.num_hidden_layers, heads=heads,
+                 kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                 head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+                 experts=getattr(config, "num_local_experts", 0) or 0,
+                 experts_per_token=getattr(config, "num_experts_per_tok", 0) or 0,
+                 tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
+
+
+def lora_parameters(shape: Shape, lora) -> int:
+    """r x (in + out) per adapted linear layer (peft's A and B matrices)."""
+    targets = _lora_targets(lora)
+    return sum(lora.r * (n_in + n_out) * count for name, (n_in, n_out, count) in shape.linears().items()
+               if name in targets)
+
+
+def _lora_targets(lora) -> set[str]:
+    return set(LINEAR_NAMES) if lora.target_modules == "all-linear" else set(lora.target_modules)
+
+
+# -- persistent state -----------------------------------------------------------------
+
+def weight_bytes(shape: Shape, technique, lora) -> tuple[int, int]:
+    """(weights, quantization constants) in bytes."""
+    params = shape.parameters()
+    if technique.adapter == "none":
+        return params["total"] * BYTES[technique.weights], 0
+    adapters = 4 * lora_parameters(shape, lora)  # peft keeps adapters in fp32 on a 16-bit base
+    rest = params["total"] - params["linear"]
+    if technique.quantization == "none":
+        return params["linear"] * BYTES[technique.weights] + rest * BYTES[technique.weights] + adapters, 0
+    # peft's prepare_model_for_kbit_training casts every parameter that is not quantized
+    # (embeddings, norms, lm_head, router) to fp32.
+    rest_bytes = rest * 4
+    if technique.quantization == "int8":
+        # LLM.int8: one int8 per weight, one fp32 scale per output row (SCB).
+        rows = sum(n_out * count for _, n_out, count in shape.linears().values())
+        return params["linear"] + rest_bytes + adapters, 4 * rows
+    packed = params["linear"] // 2
+    constants = 0
+    for n_in, n_out, count in shape.linears().values():
+        blocks = math.ceil(n_in * n_out / NF4_BLOCK)
+        if technique.double_quant:  # 8-bit absmax per block, fp32 scale per 256 of them
+            per_tensor = blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + NF4_CODE_BYTES + NESTED_CODE_BYTES
+        else:
+            per_tensor = 4 * blocks + NF4_CODE_BYTES
+        constants += per_tensor * count
+    return packed + rest_bytes + adapters, constants
+
+
+def trainable_tensors(shape: Shape, technique, lora) -> list[int]:
+    """Element counts of the trainable tensors (what gradients and optimizer state cover)."""
+    if technique.adapter == "lora":
+        targets = _lora_targets(lora)
+        return [lora.r * n for name, (n_in, n_out, count) in shape.linears().items() if name in targets
+                for n in (n_in, n_out) for _ in range(count)]
+    sizes = [n_in * n_out for n_in, n_out, count in shape.linears().values() for _ in range(count)]
+    sizes += [shape.vocab * shape.hidden] * (1 if shape.tied_embeddings else 2)
+    sizes += [shape.hidden] * (2 * shape.layers + 1)
+    sizes += [shape.hidden * shape.experts] * (shape.layers if shape.experts else 0)
+    return sizes
+
+
+def trainable_dtype_bytes(technique) -> int:
+    """Adapters are fp32 (peft upcasts them); full fine-tuning trains the weights' dtype."""
+    return 4 if technique.adapter == "lora" else BYTES[technique.weights]
+
+
+def optimizer_bytes(sizes: list[int], optimizer: str, param_bytes: int) -> int:
+    """AdamW: two states per parameter in the parameter's dtype, plus a step counter per tensor.
+
+    bitsandbytes 8-bit AdamW: two uint8 states plus one fp32 scale per block of 256, for
+    tensors of at least 4096 elements; smaller tensors keep two fp32 states.
+    """
+    if optimizer in ("adamw8bit", "paged_adamw8bit"):
+        return sum(2 * n + 2 * 4 * math.ceil(n / OPTIM8_BLOCK) if n >= OPTIM8_MIN_SIZE else 8 * n for n in sizes)
+    if optimizer == "paged_adamw":
+        return sum(8 * n for n in sizes)
+    return sum(2 * param_bytes * n + 4 for n in sizes)
+
+
+# -- activations ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Flow:
+    """The dtypes of a technique's forward pass, as bytes per element."""
+    residual: int     # the residual stream (fp32 when the embeddings are fp32)
+    autocast: bool    # torch.autocast to a 16-bit dtype
+    weights: int      # dtype of the unquantized linear weights
+    quantization: str
+    lora: bool
+    dropout: bool
+    rank: int
+    mask_bytes: int   # dropout's saved mask: bool on CUDA (native_dropout), the fp32 noise on CPU
+    full: bool        # full fine-tuning: weight gradients are needed
+
+
+def _flow(technique, lora, device_type: str) -> _Flow:
+    weights = BYTES[technique.weights]
+    kbit = technique.quantization != "none"
+    return _Flow(residual=4 if (kbit or weights == 4) else weights, autocast=technique.autocast != "none",
+                 weights=weights, quantization=technique.quantization, lora=technique.adapter == "lora",
+                 dropout=lora.dropout > 0, rank=lora.r, mask_bytes=1 if device_type == "cuda" else 4,
+                 full=technique.adapter == "none")
+
+
+def _linear(flow: _Flow, x_bytes: int, tokens: int, n_in: int, n_out: int, adapted: bool,
+            quantized: bool) -> tuple[int, int, bool]:
+    """(output bytes per element, bytes saved for backward besides the input, input saved?)
+
+    The input is reported separately because several layers often read one tensor (q, k
+    and v read the same normalised input): its storage counts once.
+    """
+    saved, input_saved = 0, False
+    if quantized and flow.quantization == "nf4":
+        # bitsandbytes MatMul4Bit saves only the packed weight; Linear4bit casts the input to
+        # the compute dtype (a temporary) and its output back to the input's dtype.
+        out = x_bytes
+    elif quantized:
+        # MatMul8bitLt keeps the input A for backward; its int8 matmul is an autocast op, so
+        # the output is 16-bit under autocast.
+        out, input_saved = (2 if flow.autocast else x_bytes), True
+    elif flow.autocast:
+        # autocast runs the matmul in 16 bits. Backward needs the (16-bit copy of the) input
+        # only for a weight gradient, and a 16-bit copy of an fp32 weight for the input's.
+        out = 2
+        if flow.full:
+            if x_bytes == 2:
+                input_saved = True
+            else:
+                saved += 2 * tokens * n_in
+        if flow.weights != 2:
+            saved += 2 * n_in * n_out
+    else:
+        # A frozen weight needs no input for backward; a trained one does.
+        out, input_saved = flow.weights, flow.full
+    if adapted and flow.lora:
+        # peft: x.to(fp32) -> dropout -> lora_A -> lora_B. Dropout saves its mask; lora_A saves
+        # its (autocast: 16-bit copy of the) input; lora_B saves lora_A's r-wide output.
+        lora_in = 2 if flow.autocast else 4
+        saved += lora_in * tokens * flow.rank
+        if flow.dropout:
+            saved += flow.mask_bytes * tokens * n_in + lora_in * tokens * n_in
+        elif lora_in != x_bytes:
+            saved += lora_in * tokens * n_in
+        else:
+            input_saved = True
+    return out, saved, input_saved
+
+
+def _rms_norm(flow: _Flow, tokens: int, hidden: int) -> int:
+    """transformers' RMSNorm saves its input in fp32 (a copy unless fp32 already) and the
+    per-token scale (rsqrt); the normalised tensor only where the norm's weight is trained."""
+    return 4 * tokens * hidden + 4 * tokens + (flow.residual * tokens * hidden if flow.full else 0)
+
+
+def _mlp(flow: _Flow, tokens: int, shape: Shape, x_bytes: int, targets: set[str], quantized: bool) -> tuple[int, bool]:
+    """SwiGLU: down(silu(gate(x)) * up(x)); returns (bytes saved, input saved?)."""
+    hidden, inter = shape.hidden, shape.intermediate
+    g_out, g_saved, g_in = _linear(flow, x_bytes, tokens, hidden, inter, "gate_proj" in targets, quantized)
+    _, u_saved, u_in = _linear(flow, x_bytes, tokens, hidden, inter, "up_proj" in targets, quantized)
+    # silu saves gate's output; the product saves silu's output and up's output.
+    saved = g_saved + u_saved + 3 * g_out * tokens * inter
+    _, d_saved, d_in = _linear(flow, g_out, tokens, inter, hidden, "down_proj" in targets, quantized)
+    saved += d_saved + (g_out * tokens * inter if d_in else 0)  # down's input: silu(g) * u
+    return saved, g_in or u_in
+
+
+def layer_saved_bytes(flow: _Flow, shape: Shape, tokens: int, batch: int, targets: set[str]) -> int:
+    """Bytes one decoder layer saves for backward (no checkpointing)."""
+    quantized = flow.quantization != "none"
+    h, r = shape.hidden, flow.residual
+    saved = 2 * _rms_norm(flow, tokens, h)
+    # Attention: q, k, v read the normalised input (dtype r).
+    shared_input = False
+    outs = []
+    for name, width in (("q_proj", shape.q_dim), ("k_proj", shape.kv_dim), ("v_proj", shape.kv_dim)):
+        out, extra, uses_input = _linear(flow, r, tokens, h, width, name in targets, quantized)
+        saved += extra
+        shared_input |= uses_input
+        outs.append(out)
+    saved += r * tokens * h if shared_input else 0
+    # RoPE multiplies q and k by cos/sin in the residual dtype (promotion to fp32 if r is 4).
+    q_bytes, k_bytes, v_bytes = max(outs[0], r), max(outs[1], r), outs[2]
+    if flow.autocast:  # scaled_dot_product_attention runs in 16 bits under autocast
+        q_bytes = k_bytes = v_bytes = 2
+    # SDPA (flash / memory-efficient kernels, no s^2 term) saves q, k, v, its output and the
+    # per-head log-sum-exp; GQA runs natively (no repeated k/v) when there is no mask.
+    attn_out = q_bytes
+    saved += tokens * (shape.q_dim * q_bytes + shape.kv_dim * (k_bytes + v_bytes) + shape.q_dim * attn_out)
+    saved += 4 * tokens * shape.heads
+    # o_proj reads SDPA's output (already saved; flash kernels return it token-major, so the
+    # transpose to [batch, seq, heads x dim] makes no copy).
+    _, o_saved, _ = _linear(flow, attn_out, tokens, shape.q_dim, h, "o_proj" in targets, quantized)
+    saved += o_saved
+    if not shape.experts:
+        mlp_saved, mlp_in = _mlp(flow, tokens, shape, r, targets, quantized)
+        return saved + mlp_saved + (r * tokens * h if mlp_in else 0)
+    # MoE: the router (not quantized, not adapted) reads the normalised input; every expert
+    # gathers its share of tokens (balanced routing: T k / E each) and runs a SwiGLU MLP.
+    router_out, router_saved, router_in = _linear(flow, r, tokens, h, shape.experts, False, False)
+    saved += router_saved + (r * tokens * h if router_in else 0) + 4 * 3 * tokens * shape.experts
+    per_expert = math.ceil(tokens * shape.experts_per_token / shape.experts)
+    for _ in range(shape.experts):
+        mlp_saved, mlp_in = _mlp(flow, per_expert, shape, r, targets, quantized)
+        # gathered tokens (if a base layer keeps them) and the routing-weight product's input
+        saved += mlp_saved + (r * per_expert * h if mlp_in else 0) + 2 * per_expert * h
+    return saved
+
+
+def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gradient_checkpointing: bool,
+                     device_type: str = "cuda") -> dict[str, int]:
+    """Activations saved by one micro-batch's forward, and the largest transient on top of
+    them in its backward."""
+    flow = _flow(technique, lora, device_type)
+    targets = _lora_targets(lora) if flow.lora else set()
+    tokens = batch * seq_len
+    per_layer = layer_saved_bytes(flow, shape, tokens, batch, targets)
+    head = _rms_norm(flow, tokens, shape.hidden)
+    # lm_head is never quantized nor adapted. Under autocast it saves a 16-bit input and, if
+    # its weight is fp32 (full precision, or upcast by k-bit preparation), a 16-bit copy of it.
+    if flow.autocast:
+        head += 2 * tokens * shape.hidden
+        if flow.weights == 4 or flow.quantization != "none":
+            head += 2 * shape.vocab * shape.hidden
+    else:
+        head += flow.residual * tokens * shape.hidden
+    # The loss upcasts the logits to fp32; log_softmax saves its fp32 output. Backward starts
+    # with two more fp32 logit-sized buffers (the nll_loss and log_softmax gradients).
+    head += 4 * tokens * shape.vocab
+    loss_backward = 2 * 4 * tokens * shape.vocab
+    if not gradient_checkpointing:
+        return {"saved": shape.layers * per_layer + head, "transient": loss_backward}
+    # Non-reentrant checkpointing keeps each layer's input; backward recomputes one layer at a
+    # time after the head's backward is done, so the two transients never meet.
+    kept = shape.layers * flow.residual * tokens * shape.hidden
+    return {"saved": kept + head, "transient": max(loss_backward, per_layer - head)}
+
+
+# -- the step -------------------------------------------------------------------------
+
+def predict(config, technique, lora, seq_len: int, batch: int, grad_accum: int = 1,
+            gradient_checkpointing: bool = False, device_type: str = "cuda") -> dict:
+    """Peak bytes of one training step and what is alive at the peak, by category.
+
+    Two candidate peaks: the start of the last micro-batch's backward (weights, optimizer
+    state, earlier micro-batches' gradients, saved activations, the loss's gradient
+    buffers) and the optimizer step (weights, gradients, optimizer state).
+    """
+    shape = shape_of(config)
+    weights, constants = weight_bytes(shape, technique, lora)
+    sizes = trainable_tensors(shape, technique, lora)
+    param_bytes = trainable_dtype_bytes(technique)
+    gradients = sum(sizes) * param_bytes
+    optimizer_state = optimizer_bytes(sizes, technique.optimizer, param_bytes)
+    activations = activation_bytes(shape, technique, lora, seq_len, batch, gradient_checkpointing, device_type)
+    base = {"weights": weights, "quant_constants": constants, "optimizer_state": optimizer_state, "other": 0}
+    backward_start = {**base, "gradients": gradients if grad_accum > 1 else 0,
+                      "activations": activations["saved"] + activations["transient"]}
+    optimizer_step = {**base, "gradients": gradients, "activations": 0}
+    at_peak = max((backward_start, optimizer_step), key=lambda c: sum(c.values()))
+    categories = {k: at_peak[k] for k in ("weights", "quant_constants", "gradients", "optimizer_state",
+                                           "activations", "other")}
+    params = shape.parameters()
+    return {
+        "method": "analytic",
+        "total_bytes": sum(categories.values()),
+        "categories": categories,
+        "persistent": {"weights": weights, "quant_constants": constants, "gradients": gradients,
+                       "optimizer_state": optimizer_state},
+        "parameters": {"total": params["total"], "trainable": sum(sizes)},
+        "peak_at": "backward start" if at_peak is backward_start else "optimizer step",
+        "device_type": device_type,
+    }

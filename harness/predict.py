@@ -1,0 +1,147 @@
+"""`harness predict`: memory of any model x technique, without a GPU.
+
+Two methods on the same experiment file: `analytic` (harness.analytic, from the config
+alone, instant) and `simulated` (harness.simulate, the runner's own step traced under fake
+tensors at full size). `--save` writes each prediction to results/predictions/ for the
+report; `--claims` predicts the configurations the report's claims ledger needs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from harness import records
+from harness.runner import prepare
+
+CATEGORIES = ("weights", "quant_constants", "gradients", "optimizer_state", "activations", "other")
+PREDICTION_SCHEMA_VERSION = 1
+# What the claims ledger compares with the documents: (experiment, model, seq_len, batch).
+CLAIM_CONFIGURATIONS = [
+    *((name, "llama-2-7b", 512, 1) for name in ("fp32", "bf16-pure", "bf16-mixed", "fp16-mixed", "adamw8bit",
+                                                "lora", "int8-lora", "qlora", "qlora-gc", "bf16-mixed-gc")),
+    *((name, "llama-2-7b", 2048, 1) for name in ("lora", "qlora", "qlora-gc", "bf16-mixed", "bf16-mixed-gc")),
+    *((name, "tinyllama-1.1b", 512, 1) for name in ("fp32", "bf16-pure", "bf16-mixed", "lora", "qlora")),
+    ("qlora", "mistral-7b", 512, 1), ("qlora-gc", "mistral-7b", 512, 1),
+    ("qlora", "mixtral-8x7b", 512, 1), ("qlora-gc", "mixtral-8x7b", 512, 1),
+]
+
+
+def _namespace(config: dict) -> SimpleNamespace:
+    return SimpleNamespace(**{**config, "lora": SimpleNamespace(**config["lora"]),
+                              "optim": SimpleNamespace(**config["optim"]), "data": SimpleNamespace(**config["data"])})
+
+
+def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str, device_type: str = "cuda") -> dict:
+    """One prediction for an experiment file at a model, sequence length and micro-batch."""
+    from harness.models import resolve_source
+    from harness.techniques import Technique
+
+    config = prepare(experiment, {"model": model, "seq_len": seq_len, "micro_batch": batch, "device": "cpu"})
+    cfg = _namespace(config)
+    technique = Technique(**{k: config[k] for k in Technique.__dataclass_fields__})
+    source = resolve_source(model, cfg.trust_remote_code)
+    started = time.perf_counter()
+    if method == "analytic":
+        from harness.analytic import predict as analytic_predict
+
+        result = analytic_predict(source.config, technique, cfg.lora, seq_len, batch, cfg.grad_accum,
+                                  cfg.gradient_checkpointing, device_type)
+    else:
+        from harness.simulate import simulate_step
+
+        result = simulate_step(source, technique, cfg, seq_len, batch, device_type)
+    result["seconds"] = time.perf_counter() - started
+    return {"kind": "prediction", "schema_version": PREDICTION_SCHEMA_VERSION, "method": method,
+            "experiment": config["name"], "model": model, "seq_len": seq_len, "micro_batch": batch,
+            "grad_accum": config["grad_accum"], "gradient_checkpointing": config["gradient_checkpointing"],
+            "technique": {k: config[k] for k in Technique.__dataclass_fields__ if k != "summary"},
+            "device_type": device_type, "versions": records.software_versions(), **result}
+
+
+def prediction_path(out_dir: Path, prediction: dict) -> Path:
+    model = "".join(c if c.isalnum() or c in "-." else "_" for c in prediction["model"])[-60:]
+    return (Path(out_dir) / "predictions" /
+            f"{prediction['experiment']}__{model}__s{prediction['seq_len']}_b{prediction['micro_batch']}"
+            f"__{prediction['method']}.json")
+
+
+def fits(total_bytes: int, budget_gb: float, device_type: str = "cuda") -> bool:
+    """Whether a predicted peak fits what an N GB card leaves to the allocator."""
+    from harness.budget import budget_cap_bytes
+
+    return total_bytes <= budget_cap_bytes(budget_gb, device_type)
+
+
+def describe(prediction: dict, budget_gb: float | None) -> str:
+    lines = [f"{prediction['experiment']} @ {prediction['model']}, seq {prediction['seq_len']} x batch "
+             f"{prediction['micro_batch']} ({prediction['method']}, {prediction['seconds']:.1f} s)"]
+    for name in CATEGORIES:
+        value = prediction["categories"][name]
+        lines.append(f"  {name:<16} {value / 2**30:9.3f} GiB {value / 1e9:9.3f} GB")
+    total = prediction["total_bytes"]
+    lines.append(f"  {'peak':<16} {total / 2**30:9.3f} GiB {total / 1e9:9.3f} GB")
+    if budget_gb:
+        verdict = "fits" if fits(total, budget_gb) else "does not fit"
+        lines.append(f"  a {budget_gb:g} GB card: {verdict}")
+    return "\n".join(lines)
+
+
+def _experiment_file(name_or_path: str, experiments_dir: Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".yaml":
+        return path
+    return experiments_dir / f"{name_or_path}.yaml"
+
+
+def main(args) -> int:
+    experiments_dir = Path(args.experiments_dir)
+    methods = ["analytic", "simulated"] if args.method == "both" else [args.method]
+    if args.claims:
+        jobs = [(experiments_dir / f"{name}.yaml", model, seq, batch)
+                for name, model, seq, batch in CLAIM_CONFIGURATIONS]
+    else:
+        if not args.model or not args.experiment:
+            raise SystemExit("predict: --model and --experiment are required (or --claims)")
+        jobs = [(_experiment_file(args.experiment, experiments_dir), args.model, args.seq, args.batch)]
+    results = []
+    for experiment, model, seq, batch in jobs:
+        for method in methods:
+            path = prediction_path(Path(args.out), {"experiment": experiment.stem, "model": model, "seq_len": seq,
+                                                     "micro_batch": batch, "method": method})
+            if args.claims and not args.force and path.exists():
+                results.append(records.read_record(path))
+                continue
+            prediction = predict(experiment, model, seq, batch, method, args.device)
+            if args.save or args.claims:
+                records.write_atomic(path, prediction)
+            results.append(prediction)
+            if not args.json:
+                print(describe(prediction, args.budget_gb), flush=True)
+    if args.json:
+        out = [{**r, "fits": fits(r["total_bytes"], args.budget_gb) if args.budget_gb else None} for r in results]
+        json.dump(out[0] if len(out) == 1 else out, sys.stdout, indent=1)
+        print()
+    return 0
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", help="a preset, a config.json, a local model folder or a hub id")
+    parser.add_argument("--experiment", help="an experiment name (experiments/NAME.yaml) or a YAML path")
+    parser.add_argument("--seq", type=int, default=512, help="sequence length (default 512)")
+    parser.add_argument("--batch", type=int, default=1, help="micro-batch size (default 1)")
+    parser.add_argument("--budget-gb", type=float, help="say whether the step fits a card of this many GB")
+    parser.add_argument("--method", choices=["analytic", "simulated", "both"], default="both")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                        help="the device whose code path is predicted (default cuda)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (a list for several)")
+    parser.add_argument("--save", action="store_true", help="also write results/predictions/*.json")
+    parser.add_argument("--claims", action="store_true",
+                        help="predict every configuration the claims ledger uses (skips saved ones)")
+    parser.add_argument("--force", action="store_true", help="with --claims: predict again even if saved")
+    parser.add_argument("--out", default="results", help="results folder (default: results)")
+    parser.add_argument("--experiments-dir", default="experiments")
+

@@ -1,0 +1,77 @@
+"""`harness predict`: the simulation matches real runs; the formula matches the simulation."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from harness.analytic import lora_parameters, shape_of
+from harness.config import LoraSettings, experiment_files
+from harness.models import resolve_source
+from harness.predict import predict
+from harness.presets import PUBLISHED_PARAMETERS
+
+from conftest import EXPERIMENTS, QUICK, ROOT
+
+EXPERIMENT_NAMES = [p.stem for p in experiment_files(EXPERIMENTS)]
+LLAMA_2_7B = PUBLISHED_PARAMETERS["llama-2-7b"]
+
+
+@pytest.mark.parametrize("name", EXPERIMENT_NAMES)
+def test_simulated_peak_matches_the_real_cpu_run_within_2_percent(quick_records, name):
+    """The same step traced with fake tensors vs the same step run for real (tracked bytes)."""
+    _, record = quick_records[name]
+    simulated = predict(EXPERIMENTS / f"{name}.yaml", "tiny-llama", QUICK["seq_len"], QUICK["micro_batch"],
+                        "simulated", device_type="cpu")
+    real = record["memory"]["tracked_step_peak"]
+    assert simulated["total_bytes"] == pytest.approx(real, rel=0.02), (simulated["categories"],
+                                                                      record["memory"]["breakdown_at_peak"])
+    for category in ("weights", "quant_constants", "optimizer_state"):
+        assert simulated["persistent"][category] == pytest.approx(record["memory"]["persistent"][category],
+                                                                  rel=0.02, abs=4096), category
+
+
+@pytest.mark.parametrize("name", EXPERIMENT_NAMES)
+def test_analytic_matches_simulated_within_10_percent_at_7b(name):
+    analytic = predict(EXPERIMENTS / f"{name}.yaml", "llama-2-7b", 512, 1, "analytic")
+    simulated = predict(EXPERIMENTS / f"{name}.yaml", "llama-2-7b", 512, 1, "simulated")
+    assert simulated["seconds"] < 120
+    assert analytic["total_bytes"] == pytest.approx(simulated["total_bytes"], rel=0.10)
+    for category, value in simulated["persistent"].items():
+        assert analytic["persistent"][category] == pytest.approx(value, rel=0.10, abs=2**20), category
+
+
+def test_predict_command_answers_the_7b_fp32_question_in_json():
+    """fp32 7B: weights 6.74e9 x 4 bytes, gradients as much again, AdamW's two states twice that."""
+    result = subprocess.run([sys.executable, "-m", "harness", "predict", "--model", "llama-2-7b", "--experiment",
+                             "fp32", "--seq", "512", "--batch", "1", "--method", "simulated", "--json",
+                             "--budget-gb", "80"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["method"] == "simulated" and answer["fits"] is False
+    persistent = answer["persistent"]
+    assert persistent["weights"] == LLAMA_2_7B * 4
+    assert persistent["gradients"] == LLAMA_2_7B * 4
+    assert persistent["optimizer_state"] == pytest.approx(2 * LLAMA_2_7B * 4, rel=1e-4)
+    assert answer["total_bytes"] == sum(answer["categories"].values()) >= 16 * LLAMA_2_7B
+
+
+def test_analytic_parameter_counts_are_the_published_ones():
+    for preset, published in PUBLISHED_PARAMETERS.items():
+        assert shape_of(resolve_source(preset).config).parameters()["total"] == published, preset
+    # LoRA r=16 on every linear layer of Llama-2-7B: 16 x (in + out) per layer
+    shape = shape_of(resolve_source("llama-2-7b").config)
+    assert lora_parameters(shape, LoraSettings(r=16)) == 32 * 16 * (4 * (4096 + 4096) + 2 * (4096 + 11008)
+                                                                   + (11008 + 4096))
+
+
+def test_qlora_4bit_weights_of_7b_and_the_moe_simulation():
+    qlora = predict(EXPERIMENTS / "qlora.yaml", "llama-2-7b", 512, 1, "analytic")
+    # NF4: half a byte per quantized weight; double-quantized constants about 0.127 bits each
+    linear = shape_of(resolve_source("llama-2-7b").config).parameters()["linear"]
+    assert qlora["persistent"]["quant_constants"] * 8 / linear == pytest.approx(0.127, rel=0.02)
+    mixtral = predict(EXPERIMENTS / "qlora-gc.yaml", "mixtral-8x7b", 512, 1, "simulated")
+    analytic = predict(EXPERIMENTS / "qlora-gc.yaml", "mixtral-8x7b", 512, 1, "analytic")
+    assert mixtral["total_bytes"] == pytest.approx(analytic["total_bytes"], rel=0.10)
+    assert 20e9 < mixtral["total_bytes"] < 40e9  # a 46.7B MoE in 4 bits: far below 65 GB
