@@ -237,7 +237,7 @@ def _mlp(flow: _Flow, tokens: int, shape: Shape, x_bytes: int, targets: set[str]
     return saved, g_in or u_in
 
 
-def layer_saved_bytes(flow: _Flow, shape: Shape, tokens: int, batch: int, targets: set[str]) -> int:
+def layer_saved_bytes(flow: _Flow, shape: Shape, tokens: int, targets: set[str]) -> int:
     """Bytes one decoder layer saves for backward (no checkpointing)."""
     quantized = flow.quantization != "none"
     h, r = shape.hidden, flow.residual
@@ -286,7 +286,7 @@ def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gr
     flow = _flow(technique, lora, device_type)
     targets = _lora_targets(lora) if flow.lora else set()
     tokens = batch * seq_len
-    per_layer = layer_saved_bytes(flow, shape, tokens, batch, targets)
+    per_layer = layer_saved_bytes(flow, shape, tokens, targets)
     head = _rms_norm(flow, tokens, shape.hidden)
     # lm_head is never quantized nor adapted. Under autocast it saves a 16-bit input and, if
     # its weight is fp32 (full precision, or upcast by k-bit preparation), a 16-bit copy of it.

@@ -9,12 +9,14 @@ written atomically, and a run that was cut off left no record behind.
 from __future__ import annotations
 
 import itertools
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import records
+from harness.base import BASE_SOURCE, base_checkpoint_path
 from harness.config import MATRIX_FILE, ConfigError, build_dataclass, experiment_files, read_yaml
 from harness.runner import prepare, run_config, summary_line
 
@@ -217,10 +219,14 @@ def main(args) -> int:
     out_dir = Path(args.out)
     device_type = records.resolve_device(args.device)
     matrix = load_matrix(matrix_path)
-    planned, skipped = expand(matrix, device_type, experiments_dir, out_dir, models=args.model and [args.model],
-                              experiments=args.experiments, budgets_gb=args.budget_gb and [args.budget_gb],
-                              seq_lens=args.seq_len and [args.seq_len], repeat=args.repeat,
-                              device_gb=gpu_total_gb() if device_type == "cuda" else None)
+
+    def plan():
+        return expand(matrix, device_type, experiments_dir, out_dir, models=args.model and [args.model],
+                      experiments=args.experiments, budgets_gb=args.budget_gb and [args.budget_gb],
+                      seq_lens=args.seq_len and [args.seq_len], repeat=args.repeat,
+                      device_gb=gpu_total_gb() if device_type == "cuda" else None)
+
+    planned, skipped = plan()
     environment = records.current_environment(device_type)
     print(f"matrix {matrix_path} on {environment['device_name']}: {len(planned)} runs", flush=True)
     for note in skipped:
@@ -230,6 +236,14 @@ def main(args) -> int:
             print(f"  {run.path}")
         return 0
     clean_interrupted_writes(out_dir)
+    if any(run.config["model"] == BASE_SOURCE for run in planned) and base_checkpoint_path(device_type) is None:
+        # Runs on the lab's own base need it pretrained first (once; cached).
+        print("pretraining the base model the loss comparison fine-tunes (once) ...", flush=True)
+        pretraining = subprocess.run([sys.executable, "-m", "harness", "base", "--device", device_type,
+                                      "--out", str(out_dir)])
+        if pretraining.returncode:  # its runs then fail with a record saying so; the others go on
+            print(f"pretraining the base failed (exit {pretraining.returncode}): runs on it will fail", flush=True)
+        planned, _ = plan()  # the fine-tunes' configurations name the checkpoint now made
     results = run_matrix(planned, records.fingerprint(environment), force=args.force,
                          allow_shared_gpu=args.allow_shared_gpu, timeout_s=args.timeout)
     table = summary_table(results)

@@ -1,4 +1,4 @@
-"""Command line: `python -m harness run|bench|predict|validate|list` (also installed as `harness`)."""
+"""Command line: `python -m harness run|bench|base|predict|probes|report|validate|list` (also installed as `harness`)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from harness.base import add_arguments as add_base_arguments
 from harness.bench import add_arguments as add_bench_arguments
 from harness.config import EXIT_BAD_CONFIG, ConfigError, experiment_files
 from harness.predict import add_arguments as add_predict_arguments
+from harness.report import add_arguments as add_report_arguments
 
 
 def _overrides(args) -> dict:
@@ -32,10 +34,35 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def cmd_base(args) -> int:
+    from harness.base import main as base_main
+
+    return base_main(args)
+
+
 def cmd_predict(args) -> int:
     from harness.predict import main as predict_main
 
     return predict_main(args)
+
+
+def cmd_probes(args) -> int:
+    from harness.probes import PROBES, headline, run_probes
+
+    unknown = sorted(set(args.only or ()) - set(PROBES))
+    if unknown:
+        print(f"error: unknown probe(s) {', '.join(unknown)}; known: {', '.join(PROBES)}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    for path, result, ran in run_probes(args.out, args.weights, args.only, args.force):
+        print(headline(result))
+        print(f"  -> {path}" if ran else f"  (up to date: {path}; --force recomputes)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from harness.report.render import main as report_main
+
+    return report_main(args)
 
 
 def cmd_validate(args) -> int:
@@ -77,9 +104,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
 
+    base = commands.add_parser("base", help="pretrain (once) the lab's own base model for loss comparisons")
+    add_base_arguments(base)
+    base.set_defaults(func=cmd_base)
+
     predict = commands.add_parser("predict", help="memory of a model x technique, analytic and simulated, no GPU")
     add_predict_arguments(predict)
     predict.set_defaults(func=cmd_predict)
+
+    probes = commands.add_parser("probes", help="number formats, quantization error, accumulation equivalence (JSON)")
+    probes.add_argument("--out", type=Path, default=Path("results/probes"), help="folder (default: results/probes)")
+    probes.add_argument("--weights", help="model source whose linear weights the quantization probe uses "
+                        "(default: the cached base checkpoint if any, else tiny-llama at random init)")
+    probes.add_argument("--only", nargs="+", metavar="PROBE", help="run only these probes")
+    probes.add_argument("--force", action="store_true", help="recompute probes whose file is up to date")
+    probes.set_defaults(func=cmd_probes)
+
+    report = commands.add_parser("report", help="render reports/index.md and index.html from results/ (no torch)")
+    add_report_arguments(report)
+    report.set_defaults(func=cmd_report)
 
     validate = commands.add_parser("validate", help="check experiment files without running them")
     validate.add_argument("files", nargs="*", type=Path)

@@ -57,11 +57,15 @@ class OptimSettings:
 
 @dataclass
 class DataSettings:
-    # "stdlib" is the offline default corpus; otherwise a local file or folder of text,
-    # or a hub dataset name (needs a network).
+    # "stdlib" is the offline default corpus ("stdlib-lib" and "stdlib-tests" are its library
+    # modules and its tests); otherwise a local file or folder of text, or a hub dataset name
+    # (needs a network).
     source: str = "stdlib"
     text_field: str = "text"
     split: str = "train"
+    # Held-out documents for `eval_every`: "eval" for the standard library's parts, the
+    # dataset's own split name (e.g. "validation") for a hub dataset.
+    eval_split: str = "eval"
     # Only this many bytes of text are read and tokenized (enough for a benchmark).
     max_bytes: int = 4_000_000
 
@@ -88,6 +92,10 @@ class Experiment:
     gradient_checkpointing: bool = False
     warmup_steps: int = 2
     steps: int = 6
+    # Held-out loss every N optimizer steps and at the end (0: none), on this many sequences
+    # of the data's eval split.
+    eval_every: int = 0
+    eval_sequences: int = 32
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     budget_gb: float | None = None
@@ -102,6 +110,8 @@ _RANGES = [
     ("grad_accum", lambda v: v >= 1, "must be at least 1"),
     ("warmup_steps", lambda v: v >= 0, "must be >= 0"),
     ("steps", lambda v: v >= 1, "must be at least 1"),
+    ("eval_every", lambda v: v >= 0, "must be >= 0 (0: no evaluation)"),
+    ("eval_sequences", lambda v: v >= 1, "must be at least 1"),
     ("budget_gb", lambda v: v is None or v > 0, "must be a positive number of GB"),
     ("lora.r", lambda v: v >= 1, "must be at least 1"),
     ("lora.dropout", lambda v: 0 <= v < 1, "must be in [0, 1)"),
@@ -244,6 +254,13 @@ def _check_semantics(experiment: Experiment, path: Path) -> None:
     if technique.quantization != "none" and technique.adapter == "none":
         raise ConfigError(path, "adapter", "a quantized base cannot be fully fine-tuned; use an adapter (lora)")
     assert technique.quantization in QUANTIZATIONS and technique.adapter in ADAPTERS
+    if experiment.eval_every:
+        if experiment.data.source == "stdlib":
+            raise ConfigError(path, "data.source", "stdlib has no held-out split for eval_every; "
+                              "use stdlib-lib or stdlib-tests (or set eval_every: 0)")
+        if experiment.data.source.startswith("stdlib-") and experiment.data.eval_split != "eval":
+            raise ConfigError(path, "data.eval_split", f"the standard library's held-out split is 'eval' "
+                              f"(got {experiment.data.eval_split!r})")
 
 
 def resolve_technique(experiment: Experiment) -> Technique:

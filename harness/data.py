@@ -26,12 +26,30 @@ def cache_dir() -> Path:
     return path
 
 
-def _stdlib_texts(max_bytes: int) -> list[str]:
+# Parts of the standard library: "stdlib" is all of it (the benchmark default); the lab's
+# base model is pretrained on the library modules and fine-tuned on the test modules, two
+# different kinds of code. Each part has a held-out "eval" split: every 10th document.
+STDLIB_PARTS = {"stdlib": None, "stdlib-lib": False, "stdlib-tests": True}
+EVAL_EVERY_NTH_DOCUMENT = 10
+
+
+def _is_test_module(path: Path) -> bool:
+    return any(part in ("test", "tests", "idle_test") or part.startswith("test_") for part in path.parts)
+
+
+def _stdlib_texts(max_bytes: int, part: bool | None = None, split: str = "train") -> list[str]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    texts, total = [], 0
+    texts, total, index = [], 0, -1
     for path in sorted(root.rglob("*.py")):
-        if "site-packages" in path.parts or "dist-packages" in path.parts:
+        relative = path.relative_to(root)
+        if "site-packages" in relative.parts or "dist-packages" in relative.parts:
             continue
+        if part is not None:
+            if _is_test_module(relative) != part:
+                continue
+            index += 1
+            if (index % EVAL_EVERY_NTH_DOCUMENT == 0) != (split == "eval"):
+                continue
         try:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
@@ -45,8 +63,13 @@ def _stdlib_texts(max_bytes: int) -> list[str]:
 
 def corpus_texts(source: str, max_bytes: int, text_field: str = "text", split: str = "train") -> list[str]:
     """The first `max_bytes` of text of a corpus, in a fixed order."""
-    if source == "stdlib":
-        return _stdlib_texts(max_bytes)
+    if source in STDLIB_PARTS:
+        if STDLIB_PARTS[source] is None and split == "eval":
+            raise ValueError("data source stdlib has no held-out split (it is all training text): "
+                             "evaluate on stdlib-lib or stdlib-tests")
+        if STDLIB_PARTS[source] is not None and split not in ("train", "eval"):
+            raise ValueError(f"data source {source}: split must be 'train' or 'eval', not {split!r}")
+        return _stdlib_texts(max_bytes, STDLIB_PARTS[source], split)
     import datasets
 
     path = Path(source)
@@ -135,22 +158,33 @@ class Batches:
                 for i in range(self.grad_accum)]
 
 
-def load_batches(data, model_source, seq_len: int, micro_batch: int, grad_accum: int, seed: int):
-    """Batches and a description of the data for the record."""
+def model_tokenizer(data, model_source):
+    """(tokenizer, description): a pretrained model's own, else a BPE of the model's vocabulary
+    size trained on the training split of the data (so every split shares one tokenizer)."""
+    if not model_source.random_init:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model_source.name), model_source.name
     texts = corpus_texts(data.source, data.max_bytes, data.text_field, data.split)
     corpus = corpus_id(data.source, texts)
     vocab = model_source.config.vocab_size
-    if model_source.random_init:
-        tokenizer = trained_tokenizer(texts, vocab, corpus)
-        tokenizer_name = f"byte-level BPE, {vocab} tokens, trained on {corpus}"
-    else:
-        from transformers import AutoTokenizer
+    return trained_tokenizer(texts, vocab, corpus), f"byte-level BPE, {vocab} tokens, trained on {corpus}"
 
-        tokenizer = AutoTokenizer.from_pretrained(model_source.name)
-        tokenizer_name = model_source.name
+
+def load_batches(data, model_source, seq_len: int, micro_batch: int, grad_accum: int, seed: int,
+                 split: str | None = None, tokenizer=None):
+    """Batches of a split (default: the data's own) and a description of the data for the record."""
+    if tokenizer is None:
+        tokenizer, tokenizer_name = model_tokenizer(data, model_source)
+    else:
+        tokenizer_name = getattr(tokenizer, "name_or_path", "") or "given"
+    split = split or data.split
+    texts = corpus_texts(data.source, data.max_bytes, data.text_field, split)
+    corpus = corpus_id(data.source, texts)
     stream = token_stream(texts, tokenizer, corpus)
+    vocab = model_source.config.vocab_size
     if int(stream.max()) >= vocab:
         raise ValueError(f"tokenizer produces id {int(stream.max())} outside the model's vocabulary of {vocab}")
-    info = {"source": data.source, "corpus": corpus, "documents": len(texts), "tokens": int(len(stream)),
-            "tokenizer": tokenizer_name}
+    info = {"source": data.source, "split": split, "corpus": corpus, "documents": len(texts),
+            "tokens": int(len(stream)), "tokenizer": tokenizer_name}
     return Batches(stream, seq_len, micro_batch, grad_accum, seed), tokenizer, info

@@ -38,9 +38,14 @@ class ModelSource:
         return self.kind != "pretrained"
 
 
-def resolve_source(source: str, trust_remote_code: bool = False) -> ModelSource:
+def resolve_source(source: str, trust_remote_code: bool = False, device_type: str = "cpu") -> ModelSource:
     from transformers import AutoConfig
 
+    from harness.base import BASE_SOURCE, resolve_base
+
+    if source == BASE_SOURCE:  # the lab's own pretrained base for this device class
+        folder = resolve_base(device_type)
+        return ModelSource(str(folder), "pretrained", AutoConfig.from_pretrained(folder))
     if source in PRESETS:
         return ModelSource(source, "preset", preset_config(source))
     path = Path(source)

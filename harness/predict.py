@@ -3,7 +3,7 @@
 Two methods on the same experiment file: `analytic` (harness.analytic, from the config
 alone, instant) and `simulated` (harness.simulate, the runner's own step traced under fake
 tensors at full size). `--save` writes each prediction to results/predictions/ for the
-report; `--claims` predicts the configurations the report's claims ledger needs.
+report; `--claims` predicts the configurations the report compares (claims ledger, matrix).
 """
 
 from __future__ import annotations
@@ -15,19 +15,29 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from harness import records
+from harness.config import experiment_files
 from harness.runner import prepare
 
 CATEGORIES = ("weights", "quant_constants", "gradients", "optimizer_state", "activations", "other")
 PREDICTION_SCHEMA_VERSION = 1
-# What the claims ledger compares with the documents: (experiment, model, seq_len, batch).
+# What the report compares: (experiment, model, seq_len, batch, code path). First the claims
+# ledger's configurations, then the default matrix's own (micro-batch 4, every experiment
+# file), for the predicted against measured check: the ~1B preset on CUDA and the tiny
+# preset on the CPU.
 CLAIM_CONFIGURATIONS = [
-    *((name, "llama-2-7b", 512, 1) for name in ("fp32", "bf16-pure", "bf16-mixed", "fp16-mixed", "adamw8bit",
-                                                "lora", "int8-lora", "qlora", "qlora-gc", "bf16-mixed-gc")),
-    *((name, "llama-2-7b", 2048, 1) for name in ("lora", "qlora", "qlora-gc", "bf16-mixed", "bf16-mixed-gc")),
-    *((name, "tinyllama-1.1b", 512, 1) for name in ("fp32", "bf16-pure", "bf16-mixed", "lora", "qlora")),
-    ("qlora", "mistral-7b", 512, 1), ("qlora-gc", "mistral-7b", 512, 1),
-    ("qlora", "mixtral-8x7b", 512, 1), ("qlora-gc", "mixtral-8x7b", 512, 1),
+    *((name, "llama-2-7b", 512, 1, "cuda") for name in ("fp32", "bf16-pure", "bf16-mixed", "fp16-mixed", "adamw8bit",
+                                                        "lora", "int8-lora", "qlora", "qlora-gc", "bf16-mixed-gc")),
+    *((name, "llama-2-7b", 2048, 1, "cuda") for name in ("lora", "qlora", "qlora-gc", "bf16-mixed", "bf16-mixed-gc")),
+    *((name, "tinyllama-1.1b", 512, 1, "cuda") for name in ("fp32", "bf16-pure", "bf16-mixed", "lora", "qlora")),
+    ("qlora", "mistral-7b", 512, 1, "cuda"), ("qlora-gc", "mistral-7b", 512, 1, "cuda"),
+    ("qlora", "mixtral-8x7b", 512, 1, "cuda"), ("qlora-gc", "mixtral-8x7b", 512, 1, "cuda"),
 ]
+MATRIX_SHAPES = [("tinyllama-1.1b", 512, 4, "cuda"), ("tiny-llama", 256, 4, "cpu")]
+
+
+def report_configurations(experiments_dir: Path) -> list[tuple[str, str, int, int, str]]:
+    names = [path.stem for path in experiment_files(experiments_dir)]
+    return CLAIM_CONFIGURATIONS + [(name, *shape) for shape in MATRIX_SHAPES for name in names]
 
 
 def _namespace(config: dict) -> SimpleNamespace:
@@ -43,7 +53,7 @@ def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
     config = prepare(experiment, {"model": model, "seq_len": seq_len, "micro_batch": batch, "device": "cpu"})
     cfg = _namespace(config)
     technique = Technique(**{k: config[k] for k in Technique.__dataclass_fields__})
-    source = resolve_source(model, cfg.trust_remote_code)
+    source = resolve_source(model, cfg.trust_remote_code, device_type)
     started = time.perf_counter()
     if method == "analytic":
         from harness.analytic import predict as analytic_predict
@@ -66,7 +76,7 @@ def prediction_path(out_dir: Path, prediction: dict) -> Path:
     model = "".join(c if c.isalnum() or c in "-." else "_" for c in prediction["model"])[-60:]
     return (Path(out_dir) / "predictions" /
             f"{prediction['experiment']}__{model}__s{prediction['seq_len']}_b{prediction['micro_batch']}"
-            f"__{prediction['method']}.json")
+            f"_{prediction['device_type']}__{prediction['method']}.json")
 
 
 def fits(total_bytes: int, budget_gb: float, device_type: str = "cuda") -> bool:
@@ -101,21 +111,22 @@ def main(args) -> int:
     experiments_dir = Path(args.experiments_dir)
     methods = ["analytic", "simulated"] if args.method == "both" else [args.method]
     if args.claims:
-        jobs = [(experiments_dir / f"{name}.yaml", model, seq, batch)
-                for name, model, seq, batch in CLAIM_CONFIGURATIONS]
+        jobs = [(experiments_dir / f"{name}.yaml", model, seq, batch, device_type)
+                for name, model, seq, batch, device_type in report_configurations(experiments_dir)]
     else:
         if not args.model or not args.experiment:
             raise SystemExit("predict: --model and --experiment are required (or --claims)")
-        jobs = [(_experiment_file(args.experiment, experiments_dir), args.model, args.seq, args.batch)]
+        jobs = [(_experiment_file(args.experiment, experiments_dir), args.model, args.seq, args.batch, args.device)]
     results = []
-    for experiment, model, seq, batch in jobs:
+    for experiment, model, seq, batch, device_type in jobs:
         for method in methods:
             path = prediction_path(Path(args.out), {"experiment": experiment.stem, "model": model, "seq_len": seq,
-                                                     "micro_batch": batch, "method": method})
+                                                     "micro_batch": batch, "method": method,
+                                                     "device_type": device_type})
             if args.claims and not args.force and path.exists():
                 results.append(records.read_record(path))
                 continue
-            prediction = predict(experiment, model, seq, batch, method, args.device)
+            prediction = predict(experiment, model, seq, batch, method, device_type)
             if args.save or args.claims:
                 records.write_atomic(path, prediction)
             results.append(prediction)
@@ -140,7 +151,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object (a list for several)")
     parser.add_argument("--save", action="store_true", help="also write results/predictions/*.json")
     parser.add_argument("--claims", action="store_true",
-                        help="predict every configuration the claims ledger uses (skips saved ones)")
+                        help="predict every configuration the report uses: the claims ledger's and the "
+                             "default matrix's (skips saved ones)")
     parser.add_argument("--force", action="store_true", help="with --claims: predict again even if saved")
     parser.add_argument("--out", default="results", help="results folder (default: results)")
     parser.add_argument("--experiments-dir", default="experiments")

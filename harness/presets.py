@@ -8,9 +8,15 @@ model's published config.json.
 from __future__ import annotations
 
 PRESETS: dict[str, dict] = {
-    # A few million parameters: every technique runs a step in seconds on a laptop CPU.
-    "tiny-llama": dict(model_type="llama", vocab_size=4096, hidden_size=256, intermediate_size=688,
+    # A few million parameters: every technique runs a step in seconds on a laptop CPU. Every
+    # width is a multiple of 64: bitsandbytes' CPU 4-bit kernels restore a weight wrongly when
+    # its rows (in_features) are not a multiple of the 64-element block.
+    "tiny-llama": dict(model_type="llama", vocab_size=4096, hidden_size=256, intermediate_size=704,
                        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                       max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # ~100M parameters: the lab's own pretrained base on a GPU (harness.base).
+    "llama-100m": dict(model_type="llama", vocab_size=16384, hidden_size=768, intermediate_size=2048,
+                       num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
                        max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False),
     # TinyLlama/TinyLlama-1.1B: 1,100,048,384 parameters.
     "tinyllama-1.1b": dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 from harness import records
+from harness.base import BASE_SOURCE, base_identity
 from harness.config import config_hash, load_experiment, resolved_config
 
 LOG_TAIL_CHARS = 4000
@@ -26,6 +27,8 @@ def prepare(path: str | Path, overrides: dict | None = None) -> dict:
     name, experiment = load_experiment(path, overrides)
     config = resolved_config(name, experiment)
     config["device"] = records.resolve_device(config["device"])  # the hash names the real device
+    if config["model"] == BASE_SOURCE:  # which pretrained base: a retrained one is a new configuration
+        config["base_checkpoint"] = base_identity(config["device"]) or "not pretrained yet"
     config["config_hash"] = config_hash(config)
     return config
 

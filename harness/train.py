@@ -21,6 +21,7 @@ class Progress:
     phase: str = "load"
     step: int | None = None
     losses: list[float] = field(default_factory=list)
+    evaluations: list[dict] = field(default_factory=list)  # held-out loss: {"step", "loss"}
 
 
 def no_phase(name: str):
@@ -75,3 +76,25 @@ def train_step(model, optimizer, micro_batches: list[torch.Tensor], autocast: st
         optimizer.zero_grad(set_to_none=True)
     return total
 
+
+def evaluate(model, sequences: torch.Tensor, autocast: str, micro_batch: int) -> float:
+    """Mean next-token loss over held-out sequences (no gradients), in chunks of micro_batch."""
+    import bitsandbytes as bnb
+
+    dtype = AUTOCAST_DTYPES.get(autocast)
+    was_training = model.training
+    model.eval()
+    # On CPU, bitsandbytes repacks a 4-bit weight in place for its inference kernel the first
+    # time a Linear4bit runs in eval mode, and the new layout stays for the rest of training
+    # (it also fails on widths that are not a multiple of 32). The layer has no dropout, so
+    # leaving it in training mode changes nothing else.
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.train()
+    losses = []
+    with torch.no_grad(), torch.autocast(sequences.device.type, dtype=dtype, enabled=dtype is not None):
+        for chunk in sequences.split(micro_batch):
+            # every sequence has the same length, so the mean of chunk means is the mean
+            losses.append(float(model(input_ids=chunk, labels=chunk).loss) * len(chunk))
+    model.train(was_training)
+    return sum(losses) / len(sequences)

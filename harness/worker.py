@@ -29,7 +29,7 @@ from harness.memory import (CudaMeter, TensorTracker, label_gradients, label_mod
 from harness.models import parameter_counts, resolve_source
 from harness.techniques import PAGED_OPTIMIZERS, Technique
 from harness.throughput import mfu, step_time_stats
-from harness.train import Progress, build_training, no_phase, train_step
+from harness.train import Progress, build_training, evaluate, no_phase, train_step
 
 def pick_device(choice: str) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
@@ -96,8 +96,13 @@ def run(config: dict, record_path: str | Path) -> dict:
         cap = budget_cap_bytes(cfg.budget_gb, device.type) if cfg.budget_gb else None
         record["budget"] = _apply_budget(cfg.budget_gb, cap, device, technique)
 
-        source = resolve_source(cfg.model, cfg.trust_remote_code)
-        batches, _, record["data"] = load_batches(cfg.data, source, cfg.seq_len, cfg.micro_batch, cfg.grad_accum, cfg.seed)
+        source = resolve_source(cfg.model, cfg.trust_remote_code, device.type)
+        batches, tokenizer, record["data"] = load_batches(cfg.data, source, cfg.seq_len, cfg.micro_batch,
+                                                          cfg.grad_accum, cfg.seed)
+        held_out = None
+        if cfg.eval_every:
+            held_out = load_batches(cfg.data, source, cfg.seq_len, cfg.eval_sequences, 1, cfg.seed,
+                                    split=cfg.data.eval_split, tokenizer=tokenizer)[0].step(0, device)[0]
 
         # CPU: the tracker is the memory meter (always on when a budget must bind).
         on_cpu = device.type == "cpu"
@@ -117,6 +122,13 @@ def run(config: dict, record_path: str | Path) -> dict:
         step_phase = cuda_meter.phase if cuda_meter else no_phase
         times: list[float] = []
         total_steps = cfg.warmup_steps + cfg.steps
+
+        def evaluate_held_out(steps_done: int) -> None:  # between steps, never inside a timed one
+            loss = evaluate(model, held_out, technique.autocast, cfg.micro_batch)
+            progress.evaluations.append({"step": steps_done, "loss": loss})
+
+        if held_out is not None:
+            evaluate_held_out(0)
         for step in range(total_steps):
             progress.step = step
             micro_batches = batches.step(step, device)
@@ -129,6 +141,8 @@ def run(config: dict, record_path: str | Path) -> dict:
             if step >= cfg.warmup_steps:
                 times.append(time.perf_counter() - t0)
             progress.losses.append(float(loss))
+            if held_out is not None and (step + 1) % cfg.eval_every == 0:
+                evaluate_held_out(step + 1)
 
         # The tracked step: count every tensor by category (slow, so never timed).
         progress.step = total_steps
@@ -147,6 +161,8 @@ def run(config: dict, record_path: str | Path) -> dict:
         tokens_per_s = tokens_per_step / stats["median"]
         compute_dtype = technique.autocast if technique.autocast != "none" else technique.weights
         record["memory"] = _memory_section(device, tracker, cuda_meter, context_bytes if cuda_meter else None)
+        if held_out is not None:  # after the peaks are read: evaluation never counts in them
+            evaluate_held_out(total_steps + 1)
         record["throughput"] = {
             "tokens_per_step": tokens_per_step, "step_time_s": stats, "tokens_per_s": tokens_per_s,
             "load_seconds": load_seconds, "timed_steps": len(times), "warmup_steps": cfg.warmup_steps,
@@ -167,7 +183,8 @@ def run(config: dict, record_path: str | Path) -> dict:
                            "phase": progress.phase, "step": progress.step,
                            "traceback": traceback.format_exc()[-4000:]}
     record["loss"] = {"per_step": progress.losses, "final": progress.losses[-1] if progress.losses else None,
-                      "warmup_steps": cfg.warmup_steps}
+                      "warmup_steps": cfg.warmup_steps, "eval": progress.evaluations,
+                      "eval_final": progress.evaluations[-1]["loss"] if progress.evaluations else None}
     # Host memory matters where tensors leave the device (paged optimizers) and on CPU runs.
     record["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     record["finished_at"] = records.now()

@@ -19,6 +19,10 @@ from conftest import EXPERIMENTS, QUICK, ROOT
 MATRIX = load_matrix(EXPERIMENTS / "matrix.yaml")
 
 
+def _runs(tmp_path, device="cpu", **options):
+    return expand(MATRIX, device, EXPERIMENTS, tmp_path, **options)[0]
+
+
 def _plan(tmp_path, device="cpu", **options):
     runs, skipped = expand(MATRIX, device, EXPERIMENTS, tmp_path, **options)
     return [(r.config["name"], r.config["model"], r.config["grad_accum"], r.config["budget_gb"],
@@ -28,8 +32,15 @@ def _plan(tmp_path, device="cpu", **options):
 def test_cpu_matrix_runs_every_experiment_on_tiny_llama_and_an_accumulation_series(tmp_path):
     plan, skipped = _plan(tmp_path)
     assert {p.stem for p in experiment_files(EXPERIMENTS)} == {name for name, *_ in plan}
-    assert {model for _, model, *_ in plan} == {"tiny-llama"} and not skipped
-    assert sorted(k for name, _, k, *_ in plan if name == "lora") == [1, 1, 2, 4, 8]
+    assert {model for _, model, *_ in plan} == {"tiny-llama", "base"} and not skipped
+    techniques = {p.stem for p in experiment_files(EXPERIMENTS) if not p.stem.endswith(("-gc", "-ga4"))}
+    assert {name for name, model, *_ in plan if model == "base"} == techniques  # loss parity on the base
+    assert sorted(k for name, model, k, *_ in plan if name == "lora" and model == "tiny-llama") == [1, 1, 2, 4, 8]
+    finetunes = [run for run in _runs(tmp_path) if run.config["model"] == "base"]
+    # the loss comparison: same data, steps and effective batch for every technique
+    assert len({(r.config["data"]["source"], r.config["steps"], r.config["micro_batch"] * r.config["grad_accum"],
+                 r.config["eval_every"]) for r in finetunes}) == 1
+    assert finetunes[0].config["data"]["source"] == "stdlib-tests" and finetunes[0].config["eval_every"] > 0
 
 
 def test_cuda_matrix_follows_the_card_size(tmp_path):
@@ -37,9 +48,9 @@ def test_cuda_matrix_follows_the_card_size(tmp_path):
     large, none_skipped = _plan(tmp_path, "cuda", device_gb=80)
     assert "mixtral-8x7b" not in {m for _, m, *_ in small} and len(skipped) == 1
     assert "mixtral-8x7b" in {m for _, m, *_ in large} and not none_skipped
-    assert {m for _, m, *_ in small} == {"tinyllama-1.1b", "llama-2-7b", "mistral-7b"}
+    assert {m for _, m, *_ in small} == {"tinyllama-1.1b", "llama-2-7b", "mistral-7b", "base"}
     assert {(n, b) for n, m, _, b, _ in small if m == "mistral-7b"} == {("qlora", 16.0), ("qlora-gc", 16.0)}
-    assert {s for *_, s in small} == {512, 2048}
+    assert {s for _, m, *_, s in small if m != "base"} == {512, 2048}
 
 
 def test_command_line_replacements(tmp_path):
@@ -53,7 +64,10 @@ def test_command_line_replacements(tmp_path):
 
 def test_repeats_get_their_own_records(tmp_path):
     runs, _ = expand(MATRIX, "cpu", EXPERIMENTS, tmp_path, experiments=["fp32"], repeat=3)
-    assert len(runs) == 3 and len({r.path for r in runs}) == 3 and [r.repeat for r in runs] == [0, 1, 2]
+    configurations = {r.config["config_hash"] for r in runs}  # fp32 on the tiny preset and on the base
+    assert len(configurations) == 2 and len(runs) == 6 and len({r.path for r in runs}) == 6
+    for config in configurations:
+        assert sorted(r.repeat for r in runs if r.config["config_hash"] == config) == [0, 1, 2]
 
 
 def test_budget_arithmetic():

@@ -54,6 +54,9 @@ MALFORMED = {
     "missing technique": ("seq_len: 128\n", "technique", "required"),
     "full fine-tuning of a quantized base": ("technique: qlora\nadapter: none\n", "adapter", "cannot be fully"),
     "fp16 without loss scaling": ("technique: fp16-mixed\nloss_scaling: false\n", "loss_scaling", "loss scaling"),
+    "evaluation without a held-out split": ("technique: lora\neval_every: 10\n", "data.source", "no held-out split"),
+    "evaluation on training text": ("technique: lora\neval_every: 10\ndata: {source: stdlib-tests, eval_split: train}\n",
+                                    "data.eval_split", "held-out split is 'eval'"),
 }
 
 

@@ -1,0 +1,57 @@
+"""One optimizer step over one transformer block's MLP (gate, up, down) in fp32 master weights.
+
+torch AdamW (the fused kernel on CUDA, the foreach one on CPU) is the baseline; the
+bitsandbytes 8-bit optimizers are built by the harness's own optimizer registry, so the
+step timed is the step the techniques run. The states exist before timing starts.
+"""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from harness.config import OptimSettings
+from harness.techniques import OPTIMIZERS
+
+GROUP = "optimizer-step"
+SETTINGS = OptimSettings()
+
+
+def _torch_adamw(params, device_type):
+    fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(params, lr=SETTINGS.lr, betas=tuple(SETTINGS.betas), eps=SETTINGS.eps,
+                             weight_decay=SETTINGS.weight_decay, **fast)
+
+
+BUILDERS = {
+    "torch-adamw": _torch_adamw,
+    "adamw8bit": lambda params, device_type: OPTIMIZERS["adamw8bit"](params, SETTINGS, device_type),
+    "paged-adamw8bit": lambda params, device_type: OPTIMIZERS["paged_adamw8bit"](params, SETTINGS, device_type),
+}
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def bench_optimizer_step(measure, name, sizes, device):
+    torch.manual_seed(0)
+    shapes = [(sizes.mlp, sizes.hidden), (sizes.mlp, sizes.hidden), (sizes.hidden, sizes.mlp)]
+    params = [nn.Parameter(torch.randn(shape, device=device) * 0.02) for shape in shapes]
+    for param in params:
+        param.grad = torch.randn_like(param) * 1e-3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimizer = BUILDERS[name](params, device.type)
+        optimizer.step()  # creates the states: the timed steps are steady-state steps
+    before = params[0].detach().clone()
+    extra = {"optimizer": type(optimizer).__name__,
+             "implementation": ("fused" if device.type == "cuda" else "foreach") if name == "torch-adamw" else "bitsandbytes",
+             "warnings": sorted({str(w.message) for w in caught})}
+    if name.startswith("paged"):
+        extra["paged"] = device.type == "cuda"
+        if device.type != "cuda":
+            extra["note"] = "paged optimizers fall back to non-paged on CPU (bitsandbytes)"
+    measure(optimizer.step, GROUP, name == "torch-adamw",
+            {"parameters": sum(p.numel() for p in params), "tensors": [list(s) for s in shapes], "dtype": "fp32"},
+            **extra)
+    assert not torch.equal(params[0].detach(), before)
+    assert all(torch.isfinite(p).all() for p in params)

@@ -1,0 +1,17 @@
+"""The report: reads results/ (run records, predictions, probes, micro-benchmarks, base
+pretraining records) and renders reports/index.md and reports/index.html with the claims
+ledger, figures and tables.
+
+Imports no torch and none of the code that runs experiments; it only reads JSON.
+Modules: load (files -> records and frames), claims (claims.yaml), evidence (quantities per
+claim), verdicts (numbers -> verdict), ledger (rows), loss (loss parity on a pretrained
+base), figures, tables, render, browser. Importing this package itself is cheap: the
+command line takes its arguments from here.
+"""
+
+from pathlib import Path
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--results", type=Path, default=Path("results"), help="results folder (default: results)")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports)")

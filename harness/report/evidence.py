@@ -1,0 +1,402 @@
+"""Evidence for the claims: one function per quantity, read from predictions, run records or probes.
+
+Every quantity function takes (results, spec, method) and returns an Observation or None, where
+method is one of:
+  "analytic" / "simulated"  a prediction file of that method (results/predictions/)
+  "gpu"                     a run record measured on CUDA (memory.source == "cuda")
+  "cpu"                     a run record on CPU (tracked tensor bytes; only for device-independent claims)
+  "probe"                   a probe file (results/probes/), computed with torch on the probe's device
+The spec is the claim's `evidence` block (or a `context` entry) from claims.yaml.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from harness.budget import budget_cap_bytes
+from harness.report.load import Results, _get, device_label, is_gpu_record
+from harness.report.units import fmt_bytes
+
+PREDICTION_METHODS = ("analytic", "simulated")
+RECORD_METHODS = ("gpu", "cpu")
+
+
+@dataclass(frozen=True)
+class Observation:
+    value: float | None
+    method: str                # analytic | simulated | gpu | cpu | probe
+    source: str                # what configuration or file it comes from
+    device: str | None = None  # the device, for measured runs and probes
+    status: str = "ok"         # ok | oom | failed (records)
+    note: str = ""             # what a reader needs beside the value (OOM phase, formats, ...)
+    holds: bool | None = None  # for statements
+    caveat: str | None = None  # a caveat that comes with this evidence (e.g. random-init weights)
+    capacity: float | None = None  # for fits: the bytes the card leaves to the run
+    extra: dict = field(default_factory=dict)
+
+
+def _experiments(spec: dict) -> list[str]:
+    names = spec.get("experiment")
+    if names is None:
+        return []
+    return [names] if isinstance(names, str) else list(names)
+
+
+def _describe_prediction(prediction: dict) -> str:
+    return (f"{prediction['experiment']} @ {prediction['model']}, seq {prediction['seq_len']} x "
+            f"{prediction['micro_batch']}")
+
+
+def _describe_record(record: dict) -> str:
+    config = record.get("config") or {}
+    text = (f"{record['experiment']} @ {record['model']}, seq {config.get('seq_len')} x "
+            f"{config.get('micro_batch')}x{config.get('grad_accum')}")
+    budget = _get(record, "budget", "budget_gb")
+    return text + (f", {budget:g} GB budget" if budget else "")
+
+
+def select_predictions(results: Results, spec: dict, method: str, experiment: str) -> list[dict]:
+    """Predictions of one method for an experiment at the spec's model, sequence length and batch."""
+    chosen = [p for p in results.predictions
+              if p.get("method") == method and p.get("experiment") == experiment
+              and p.get("model") == spec.get("model")
+              and p.get("seq_len") == spec.get("seq_len", p.get("seq_len"))
+              and p.get("micro_batch") == spec.get("micro_batch", p.get("micro_batch"))]
+    # The documents talk about GPUs: prefer predictions of the CUDA code path.
+    return sorted(chosen, key=lambda p: (p.get("device_type") != "cuda", p.get("_file", "")))
+
+
+def select_records(results: Results, spec: dict, method: str, experiment: str) -> list[dict]:
+    """Run records of one experiment on GPU or CPU; finished ones first, then OOM, then failed."""
+    want_gpu = method == "gpu"
+    chosen = []
+    for record in results.records:
+        if is_gpu_record(record) != want_gpu or record.get("experiment") != experiment:
+            continue
+        config = record.get("config") or {}
+        if not spec.get("any_model"):
+            if record.get("model") != spec.get("model"):
+                continue
+            if spec.get("seq_len") is not None and config.get("seq_len") != spec["seq_len"]:
+                continue
+        budget = _get(record, "budget", "budget_gb")
+        if spec.get("budget_gb") is not None:
+            if budget is None or float(budget) != float(spec["budget_gb"]):
+                continue
+        elif budget is not None:
+            continue
+        chosen.append(record)
+    order = {"ok": 0, "oom": 1, "failed": 2}
+    return sorted(chosen, key=lambda r: (order.get(r.get("status"), 3), r.get("_file", "")))
+
+
+def _oom_observation(record: dict, method: str) -> Observation:
+    error = record.get("error") or {}
+    reached = error.get("memory_reached_bytes")
+    note = f"{record.get('status')} at {error.get('phase') or '?'}"
+    if error.get("step") is not None:
+        note += f" step {error['step']}"
+    if reached:
+        note += f" (reached {fmt_bytes(reached)})"
+    return Observation(None, method, _describe_record(record), device_label(record), record.get("status"), note,
+                       capacity=_get(record, "budget", "cap_bytes"))
+
+
+def _per_experiment(results: Results, spec: dict, method: str, from_prediction, from_record,
+                    pick=min) -> Observation | None:
+    """The quantity for each of the spec's experiments; `pick` chooses among several (min or max)."""
+    found: list[Observation] = []
+    failures: list[Observation] = []
+    for experiment in _experiments(spec):
+        if method in PREDICTION_METHODS:
+            for prediction in select_predictions(results, spec, method, experiment):
+                value = from_prediction(prediction, results)
+                if value is not None:
+                    found.append(Observation(value, method, _describe_prediction(prediction),
+                                             capacity=_prediction_capacity(spec)))
+                    break
+        else:
+            for record in select_records(results, spec, method, experiment):
+                if record.get("status") != "ok":
+                    failures.append(_oom_observation(record, method))
+                    continue
+                value = from_record(record)
+                if value is not None:
+                    found.append(Observation(value, method, _describe_record(record), device_label(record),
+                                             capacity=_get(record, "budget", "cap_bytes")))
+                    break
+    if found:
+        return pick(found, key=lambda o: o.value)
+    ooms = [o for o in failures if o.status == "oom"]
+    return (ooms or failures or [None])[0]
+
+
+def _prediction_capacity(spec: dict) -> float | None:
+    return budget_cap_bytes(spec["budget_gb"], "cuda") if spec.get("budget_gb") else None
+
+
+def _analytic_parameters(results: Results, prediction: dict) -> dict | None:
+    """Parameter counts of a prediction; a simulated one borrows them from its analytic twin."""
+    if prediction.get("parameters"):
+        return prediction["parameters"]
+    for other in results.predictions:
+        if (other.get("parameters") and other.get("experiment") == prediction.get("experiment")
+                and other.get("model") == prediction.get("model")):
+            return other["parameters"]
+    return None
+
+
+# --- memory quantities ------------------------------------------------------------------------
+
+def _category_value(data: dict | None, spec: dict, prediction: bool) -> float | None:
+    names = spec.get("categories") or [spec["category"]]
+    part = spec.get("part", "persistent")
+    key = ("persistent" if part == "persistent" else "categories") if prediction else (
+        "persistent" if part == "persistent" else "breakdown_at_peak")
+    values = [_get(data, key, name) for name in names]
+    if any(v is None for v in values):
+        return None
+    return float(sum(values))
+
+
+def category(results: Results, spec: dict, method: str) -> Observation | None:
+    return _per_experiment(results, spec, method,
+                           lambda p, _: _category_value(p, spec, True),
+                           lambda r: _category_value(r.get("memory"), spec, False))
+
+
+categories_sum = category
+
+
+def excess(results: Results, spec: dict, method: str) -> Observation | None:
+    observation = category(results, spec, method)
+    return _minus(observation, spec["budget_bytes"])
+
+
+def _peak_of_record(record: dict) -> float | None:
+    return _get(record, "memory", "peak_allocated")
+
+
+def peak(results: Results, spec: dict, method: str) -> Observation | None:
+    return _per_experiment(results, spec, method, lambda p, _: p.get("total_bytes"), _peak_of_record)
+
+
+min_peak = peak  # over several experiments `_per_experiment` keeps the smallest
+
+
+def excess_peak(results: Results, spec: dict, method: str) -> Observation | None:
+    return _minus(peak(results, spec, method), spec["budget_bytes"])
+
+
+def _minus(observation: Observation | None, amount: float) -> Observation | None:
+    if observation is None or observation.value is None:
+        return observation
+    return Observation(observation.value - amount, observation.method, observation.source, observation.device,
+                       note=observation.note)
+
+
+def trainable_fraction(results: Results, spec: dict, method: str) -> Observation | None:
+    def from_prediction(prediction, results):
+        counts = prediction.get("parameters")  # simulated files may lack counts: analytic answers then
+        return counts["trainable"] / counts["total"] if counts and counts.get("total") else None
+
+    def from_record(record):
+        pct = _get(record, "parameters", "trainable_pct")
+        return pct / 100 if pct is not None else None
+
+    return _per_experiment(results, spec, method, from_prediction, from_record, pick=max)
+
+
+def bytes_per_trainable(results: Results, spec: dict, method: str) -> Observation | None:
+    """(adapter weights + gradients + optimizer state) / trainable parameters.
+
+    The adapters' own bytes are taken equal to their gradients' (a gradient has its parameter's dtype).
+    """
+    def per_parameter(persistent: dict | None, trainable: int | None) -> float | None:
+        gradients, state = _get(persistent, "gradients"), _get(persistent, "optimizer_state")
+        if gradients is None or state is None or not trainable:
+            return None
+        return (2 * gradients + state) / trainable
+
+    return _per_experiment(
+        results, spec, method,
+        lambda p, res: per_parameter(p.get("persistent"), _get(_analytic_parameters(res, p), "trainable")),
+        lambda r: per_parameter(_get(r, "memory", "persistent"), _get(r, "parameters", "trainable")))
+
+
+def _base_bytes(persistent: dict | None) -> float | None:
+    """Bytes of the frozen base: weights and constants less the adapters (sized as their gradients)."""
+    weights, constants, gradients = (_get(persistent, k) for k in ("weights", "quant_constants", "gradients"))
+    if weights is None or constants is None or gradients is None:
+        return None
+    return weights + constants - gradients
+
+
+def base_bits(results: Results, spec: dict, method: str) -> Observation | None:
+    def bits(persistent, total):
+        base = _base_bytes(persistent)
+        return 8 * base / total if base is not None and total else None
+
+    return _per_experiment(
+        results, spec, method,
+        lambda p, res: bits(p.get("persistent"), _get(_analytic_parameters(res, p), "total")),
+        lambda r: bits(_get(r, "memory", "persistent"), _get(r, "parameters", "total")))
+
+
+def constant_bits(results: Results, spec: dict, method: str) -> Observation | None:
+    def bits(persistent, total):
+        constants = _get(persistent, "quant_constants")
+        return 8 * constants / total if constants is not None and total else None
+
+    return _per_experiment(
+        results, spec, method,
+        lambda p, res: bits(p.get("persistent"), _get(_analytic_parameters(res, p), "total")),
+        lambda r: bits(_get(r, "memory", "persistent"), _get(r, "parameters", "total")))
+
+
+def accumulation_extra(results: Results, spec: dict, method: str) -> Observation | None:
+    """Peak memory across accumulation steps k at a fixed micro-batch: max over k of peak(k)/peak(1) - 1."""
+    if method not in RECORD_METHODS:
+        return None
+    groups: dict[tuple, dict[int, float]] = {}
+    for experiment in _experiments(spec):
+        for record in select_records(results, {**spec, "any_model": True}, method, experiment):
+            config = record.get("config") or {}
+            value = _peak_of_record(record)
+            if record.get("status") != "ok" or value is None:
+                continue
+            key = (record["model"], config.get("seq_len"), config.get("micro_batch"),
+                   config.get("gradient_checkpointing"), device_label(record))
+            groups.setdefault(key, {}).setdefault(int(config.get("grad_accum", 1)), value)
+    usable = {key: peaks for key, peaks in groups.items() if 1 in peaks and len(peaks) >= 2}
+    if not usable:
+        return None
+    key = max(sorted(usable), key=lambda k: len(usable[k]))
+    peaks = usable[key]
+    extra = max(peaks.values()) / peaks[1] - 1
+    model, seq, batch = key[0], key[1], key[2]
+    ks = ", ".join(str(k) for k in sorted(peaks))
+    return Observation(extra, method, f"{_experiments(spec)[0]} @ {model}, seq {seq} x {batch}, k = {ks}",
+                       key[4], note=f"peak {fmt_bytes(min(peaks.values()))} to {fmt_bytes(max(peaks.values()))}",
+                       extra={"peaks": peaks})
+
+
+def paged_state(results: Results, spec: dict, method: str) -> Observation | None:
+    """Paged 8-bit AdamW on CUDA: how much of the optimizer state the torch allocator never saw.
+
+    The tracked step counts every live tensor, paged ones included; the allocator's peak leaves
+    out memory bitsandbytes takes from CUDA unified memory itself.
+    """
+    if method != "gpu":
+        return None
+    for experiment in _experiments(spec):
+        for record in select_records(results, {**spec, "any_model": True}, method, experiment):
+            memory = record.get("memory") or {}
+            state = _get(memory, "persistent", "optimizer_state")
+            tracked, allocated = memory.get("tracked_step_peak"), memory.get("peak_allocated")
+            if record.get("status") != "ok" or not state or tracked is None or allocated is None:
+                continue
+            outside = max(tracked - allocated, 0) / state
+            note = (f"tracked peak {fmt_bytes(tracked)} vs allocator peak {fmt_bytes(allocated)}; "
+                    f"optimizer state {fmt_bytes(state)}")
+            return Observation(outside, method, _describe_record(record), device_label(record), note=note,
+                               holds=outside >= spec.get("threshold", 0.5))
+    return None
+
+
+# --- probes -------------------------------------------------------------------------------------
+
+def _probe(results: Results, name: str, method: str) -> dict | None:
+    return results.probes.get(name) if method == "probe" else None
+
+
+def format_bits(results: Results, spec: dict, method: str) -> Observation | None:
+    probe = _probe(results, "number_formats", method)
+    formats = _get(probe, "formats")
+    if not formats or not all(k in formats for k in ("fp32", "bf16", "fp16")):
+        return None
+    fp32, bf16, fp16 = formats["fp32"], formats["bf16"], formats["fp16"]
+    holds = (bf16["exponent_bits"], bf16["fraction_bits"], fp16["exponent_bits"], fp16["fraction_bits"]) == (8, 7, 5, 10)
+    same_range = (abs(bf16["max"] / fp32["max"] - 1) <= spec.get("range_tolerance", 0.01)
+                  and bf16["smallest_normal"] == fp32["smallest_normal"])
+    holds = holds and same_range
+    note = (f"bf16 {bf16['exponent_bits']}/{bf16['fraction_bits']} bits, max {bf16['max']:.3g} "
+            f"(fp32 {fp32['max']:.3g}); fp16 {fp16['exponent_bits']}/{fp16['fraction_bits']} bits, max {fp16['max']:g}")
+    return Observation(None, method, probe["_file"], probe.get("device"), note=note, holds=holds)
+
+
+def format_counts(results: Results, spec: dict, method: str) -> Observation | None:
+    """The documents' '±65k' (fp16) and '±2 billion' (fp32) under each reading, both formats at once.
+
+    Readings: the count of finite values (both signs), the count per sign, and the largest value.
+    The value is the signed error of the best single reading (the one whose worse error is smallest).
+    """
+    probe = _probe(results, "number_formats", method)
+    formats = _get(probe, "formats")
+    if not formats or "fp16" not in formats or "fp32" not in formats:
+        return None
+    claimed = {"fp16": 65e3, "fp32": 2e9}
+    readings = {
+        "count of finite values": {f: formats[f]["finite_values"] for f in claimed},
+        "count per sign": {f: formats[f]["finite_values"] / 2 for f in claimed},
+        "largest value": {f: formats[f]["max"] for f in claimed},
+    }
+    errors = {name: {f: (claimed[f] - ours[f]) / ours[f] for f in claimed} for name, ours in readings.items()}
+    best = min(errors, key=lambda name: max(abs(e) for e in errors[name].values()))
+    worst = max(errors[best].values(), key=abs)
+    note = (f"fp16: {formats['fp16']['finite_values']:,} finite values, largest {formats['fp16']['max']:g}; "
+            f"fp32: {formats['fp32']['finite_values']:,} finite values, largest {formats['fp32']['max']:.3g}; "
+            f"best single reading: {best}")
+    return Observation(worst, method, probe["_file"], probe.get("device"), note=note, extra={"errors": errors})
+
+
+def quantization_tradeoff(results: Results, spec: dict, method: str) -> Observation | None:
+    """255 levels, and an error minimum strictly inside the swept clipping range."""
+    probe = _probe(results, "quantization_error", method)
+    sweep = sorted(_get(probe, "int8_absmax") or [], key=lambda row: row["clip_ratio"])
+    if not sweep:
+        return None
+    best = min(sweep, key=lambda row: row["relative_rmse"])
+    interior = best["clip_ratio"] < sweep[-1]["clip_ratio"] and best["relative_rmse"] < sweep[-1]["relative_rmse"]
+    clipped_worse = sweep[0]["relative_rmse"] > best["relative_rmse"]
+    levels = probe.get("int8_levels")
+    holds = levels == 255 and interior and clipped_worse
+    weights = probe.get("weights") or {}
+    note = (f"{levels} levels; error {sweep[0]['relative_rmse']:.3g} at clip {sweep[0]['clip_ratio']:g}, "
+            f"minimum {best['relative_rmse']:.3g} at clip {best['clip_ratio']:g}, "
+            f"{sweep[-1]['relative_rmse']:.3g} at clip {sweep[-1]['clip_ratio']:g} (of max|w|)")
+    caveat = None if weights.get("trained") else (
+        f"swept on untrained weights ({weights.get('source', 'random init')}); trained weights have outliers "
+        "that move the best threshold lower")
+    return Observation(float(levels) if levels is not None else None, method, probe["_file"], probe.get("device"),
+                       note=note, holds=holds, caveat=caveat)
+
+
+def accumulation_error(results: Results, spec: dict, method: str) -> Observation | None:
+    probe = _probe(results, "accumulation_equivalence", method)
+    rows = _get(probe, "rows") or []
+    if not rows:
+        return None
+    error = max(row["max_relative_gradient_error"] for row in rows)
+    loss = max(abs(row["loss_difference"]) for row in rows)
+    ks = ", ".join(str(row["k"]) for row in rows)
+    note = (f"k = {ks} at micro-batch {probe.get('micro_batch')} ({probe.get('model')}): largest relative "
+            f"gradient difference {error:.2g}, loss difference {loss:.2g}")
+    return Observation(error, method, probe["_file"], probe.get("device"), note=note)
+
+
+QUANTITIES = {
+    "category": category, "categories_sum": categories_sum, "excess": excess, "peak": peak,
+    "min_peak": min_peak, "excess_peak": excess_peak, "trainable_fraction": trainable_fraction,
+    "bytes_per_trainable": bytes_per_trainable, "base_bits": base_bits, "constant_bits": constant_bits,
+    "accumulation_extra": accumulation_extra, "paged_state": paged_state,
+    "format_bits": format_bits, "format_counts": format_counts,
+    "quantization_tradeoff": quantization_tradeoff, "accumulation_error": accumulation_error,
+}
+PROBE_QUANTITIES = {"format_bits", "format_counts", "quantization_tradeoff", "accumulation_error"}
+
+
+def observe(results: Results, spec: dict, method: str) -> Observation | None:
+    if spec.get("gpu_only") and method != "gpu":
+        return None
+    return QUANTITIES[spec["quantity"]](results, spec, method)

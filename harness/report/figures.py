@@ -1,0 +1,500 @@
+"""The report's figures (seaborn on matplotlib's Agg backend), each with a caption naming its device.
+
+Every function returns a FigureResult; when its inputs are absent the result carries no image
+but a sentence saying what is missing and which command produces it. PNGs are written without
+metadata, so the same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from harness.budget import budget_cap_bytes  # noqa: E402
+from harness.report.claims import Claim  # noqa: E402
+from harness.report.load import CATEGORIES, Results  # noqa: E402
+
+CARDS_GB = (16, 24, 40, 80)
+TECHNIQUE_ORDER = ("fp32", "bf16-mixed", "bf16-mixed-gc", "fp16-mixed", "bf16-pure", "adamw8bit", "lora",
+                   "lora-ga4", "int8-lora", "qlora", "qlora-gc")
+CATEGORY_COLORS = dict(zip(CATEGORIES, sns.color_palette("Set2", len(CATEGORIES))))
+DPI = 96
+STYLE = {"font.family": "DejaVu Sans", "figure.max_open_warning": 0}
+
+
+@dataclass(frozen=True)
+class FigureResult:
+    name: str       # file stem under reports/figures/
+    title: str
+    caption: str
+    png: bytes | None = None
+    missing: str = ""  # why there is no image, and which command produces the inputs
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _technique_key(name: str) -> tuple:
+    return (TECHNIQUE_ORDER.index(name) if name in TECHNIQUE_ORDER else len(TECHNIQUE_ORDER), name)
+
+
+def _gpu_label(row) -> str:
+    return str(row["device_name"]) if row["device_type"] == "cuda" else "CPU (tracked bytes)"
+
+
+def representative_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """One finished run per (model, experiment, device): unbudgeted, the model's usual shape, k = 1 first."""
+    done = runs[(runs["status"] == "ok") & runs["peak_allocated"].notna()].copy()
+    if done.empty:
+        return done
+    done["device"] = done.apply(_gpu_label, axis=1)
+    usual_seq = done.groupby("model")["seq_len"].agg(lambda s: s.mode().iloc[0])
+    done["unusual_seq"] = done["seq_len"] != done["model"].map(usual_seq)
+    done["budgeted"] = done["budget_gb"].notna()
+    done = done.sort_values(["budgeted", "unusual_seq", "grad_accum", "file"], kind="stable")
+    return done.drop_duplicates(["model", "experiment", "device"]).reset_index(drop=True)
+
+
+# --- 1. memory breakdown ------------------------------------------------------------------------
+
+def _claim_markers(claims: list[Claim]) -> list[dict]:
+    """The documents' totals to draw beside the bars: claims about a whole step or a sum of states."""
+    markers = []
+    for claim in claims:
+        spec = claim.evidence
+        if spec.get("quantity") not in ("peak", "min_peak", "categories_sum") or claim.figure_value is None:
+            continue
+        names = [spec["experiment"]] if isinstance(spec.get("experiment"), str) else list(spec.get("experiment") or [])
+        markers.append({"model": spec.get("model"), "experiments": names, "value": claim.figure_value,
+                        "label": f"{claim.id}: {claim.figure_text}", "line": claim.compare in ("fits", "at_least")})
+    return markers
+
+
+def memory_breakdown(results: Results, runs: pd.DataFrame, predictions: pd.DataFrame,
+                     claims: list[Claim]) -> FigureResult:
+    name, title = "memory-breakdown", "Memory at the peak, by category"
+    bars = []
+    cuda = predictions[(predictions["device_type"] == "cuda") & predictions["total_bytes"].notna()]
+    if not cuda.empty:  # one shape per model: the shortest sequence, then the smallest micro-batch
+        shapes = cuda.sort_values(["seq_len", "micro_batch"]).groupby("model")[["seq_len", "micro_batch"]].first()
+        chosen = cuda.merge(shapes.reset_index(), on=["model", "seq_len", "micro_batch"])
+        for _, p in chosen.sort_values(["model", "experiment", "method", "file"]).iterrows():
+            bars.append({"model": p["model"], "experiment": p["experiment"], "source": p["method"],
+                         "shape": f"seq {p['seq_len']} x {p['micro_batch']}",
+                         **{c: 0 if pd.isna(p[f"peak_{c}"]) else p[f"peak_{c}"] for c in CATEGORIES}})
+    for _, r in representative_runs(runs).iterrows():
+        if any(pd.isna(r[f"peak_{c}"]) for c in CATEGORIES):
+            continue
+        source = f"measured: {r['device']}" if r["device_type"] == "cuda" else "CPU tracked bytes"
+        bars.append({"model": r["model"], "experiment": r["experiment"], "source": source,
+                     "shape": f"seq {int(r['seq_len'])} x {int(r['micro_batch'])}",
+                     **{c: r[f"peak_{c}"] for c in CATEGORIES}})
+    if not bars:
+        return FigureResult(name, title, "", missing=(
+            f"No run records or predictions in {results.root}: `make bench` writes run records and "
+            "`python -m harness predict --claims` writes predictions."))
+    frame = pd.DataFrame(bars)
+    models = sorted(frame["model"].unique())
+    sources = sorted(frame["source"].unique(), key=lambda s: ({"analytic": 0, "simulated": 1}.get(s, 2), s))
+    markers = _claim_markers(claims)
+    fig, axes = plt.subplots(len(models), 1, figsize=(12, 3.3 * len(models)), squeeze=False)
+    hatches = ["", "//", "..", "xx", "\\\\"]
+    for ax, model in zip(axes[:, 0], models):
+        part = frame[frame["model"] == model]
+        experiments = sorted(part["experiment"].unique(), key=_technique_key)
+        here = [s for s in sources if s in set(part["source"])]
+        width = min(0.8 / len(here), 0.3)
+        for slot, source in enumerate(here):
+            rows = part[part["source"] == source].drop_duplicates("experiment").set_index("experiment")
+            offset = width * (slot - (len(here) - 1) / 2)
+            x = np.array([experiments.index(e) for e in rows.index]) + offset
+            bottom = np.zeros(len(rows))
+            for category in CATEGORIES:
+                values = rows[category].to_numpy(dtype=float) / 1e9
+                ax.bar(x, values, width * 0.92, bottom=bottom, color=CATEGORY_COLORS[category],
+                       hatch=hatches[sources.index(source) % len(hatches)], edgecolor="white", linewidth=0.4)
+                bottom += values
+        ax.grid(axis="x", visible=False)
+        tops = [part[list(CATEGORIES)].sum(axis=1).max()] + [m["value"] for m in markers if m["model"] == model]
+        ax.set_ylim(0, max(tops) / 1e9 * 1.12)
+        for marker in markers:
+            if marker["model"] != model:
+                continue
+            if marker["line"]:
+                ax.axhline(marker["value"] / 1e9, color="black", linestyle="--", linewidth=1)
+                ax.annotate(marker["label"], (len(experiments) - 0.5, marker["value"] / 1e9), ha="right",
+                            va="bottom", fontsize=8)
+                continue
+            for experiment in marker["experiments"]:
+                if experiment in experiments:
+                    ax.plot(experiments.index(experiment), marker["value"] / 1e9, marker="D", color="black",
+                            markersize=6, zorder=5)
+                    ax.annotate(marker["label"], (experiments.index(experiment), marker["value"] / 1e9),
+                                xytext=(6, 2), textcoords="offset points", fontsize=8)
+        shapes = ", ".join(sorted(part["shape"].unique()))
+        ax.set_title(f"{model} ({shapes})", fontsize=10, loc="left")
+        ax.set_xticks(range(len(experiments)), experiments, fontsize=9)
+        ax.set_ylabel("GB (1e9 bytes)")
+        ax.set_xlim(-0.6, len(experiments) - 0.4)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=CATEGORY_COLORS[c]) for c in CATEGORIES]
+    handles += [plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="grey", hatch=hatches[i % len(hatches)])
+                for i in range(len(sources))]
+    handles += [plt.Line2D([], [], marker="D", color="black", linestyle="")]
+    labels = list(CATEGORIES) + [f"bars: {s}" for s in sources] + ["the documents' figure"]
+    fig.legend(handles, labels, loc="upper center", ncol=5, fontsize=8, bbox_to_anchor=(0.5, 1.0 + 0.18 / len(models)))
+    fig.tight_layout()
+    devices = sorted({s.split(": ", 1)[1] for s in sources if s.startswith("measured: ")})
+    caption = ("What is alive at the peak of one training step, stacked by category, per technique and model. "
+               "Analytic and simulated bars are predictions of the CUDA code path (no GPU used); "
+               + (f"measured bars: {', '.join(devices)}. " if devices else "no measured bars. ")
+               + "CPU bars are tracked tensor bytes on a CPU, not GPU figures. Black diamonds and dashed lines "
+               "are the documents' figures, named by claim ID. GB = 1e9 bytes.")
+    return FigureResult(name, title, caption, _png(fig))
+
+
+# --- 2. throughput vs memory ------------------------------------------------------------------
+
+def _pareto(points: pd.DataFrame) -> pd.DataFrame:
+    """Runs no other run beats on both peak memory (lower) and throughput (higher)."""
+    ordered = points.sort_values(["peak_gb", "tokens_per_s"], ascending=[True, False])
+    front, best = [], -np.inf
+    for _, row in ordered.iterrows():
+        if row["tokens_per_s"] > best:
+            front.append(row)
+            best = row["tokens_per_s"]
+    return pd.DataFrame(front)
+
+
+def throughput_vs_memory(runs: pd.DataFrame) -> FigureResult:
+    name, title = "throughput-vs-memory", "Throughput against peak memory"
+    done = runs[(runs["status"] == "ok") & runs["tokens_per_s"].notna() & runs["peak_allocated"].notna()].copy()
+    if done.empty:
+        return FigureResult(name, title, "", missing="No finished runs with throughput: `make bench` produces them.")
+    done["device"] = done.apply(_gpu_label, axis=1)
+    done["panel"] = done["model"] + " | " + done["device"]
+    done["peak_gb"] = done["peak_allocated"] / 1e9
+    panels = sorted(done["panel"].unique())
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.6 * rows), squeeze=False)
+    experiments = sorted(done["experiment"].unique(), key=_technique_key)
+    palette = dict(zip(experiments, sns.color_palette("tab20", len(experiments))))
+    for ax, panel in zip(axes.flat, panels):
+        part = done[done["panel"] == panel]
+        sns.scatterplot(data=part, x="peak_gb", y="tokens_per_s", hue="experiment", palette=palette,
+                        hue_order=[e for e in experiments if e in set(part["experiment"])], s=60, ax=ax,
+                        legend=False)
+        front = _pareto(part)
+        ax.plot(front["peak_gb"], front["tokens_per_s"], color="grey", linestyle=":", linewidth=1)
+        for _, row in part.iterrows():
+            ax.annotate(row["experiment"], (row["peak_gb"], row["tokens_per_s"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        model, device = panel.split(" | ", 1)
+        ax.set_title(f"{model}\n{device}", fontsize=9)
+        ax.set_xlabel("peak GB (1e9 bytes)" + (", tracked" if "CPU" in device else ", allocated"))
+        ax.set_ylabel("tokens/s")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    devices = sorted(done["device"].unique())
+    caption = ("Each finished run's tokens per second (median step) against its peak memory; the dotted line "
+               "joins the runs no other run beats on both. Devices: " + ", ".join(devices) + ". CPU panels use "
+               "tracked tensor bytes and CPU time: they rank techniques on this CPU only.")
+    return FigureResult(name, title, caption, _png(fig))
+
+
+# --- 3. loss curves -----------------------------------------------------------------------------
+
+def loss_curves(results: Results, runs: pd.DataFrame) -> FigureResult:
+    name, title = "loss-curves", "Loss per step, per technique on the same data"
+    chosen = representative_runs(runs)
+    by_file = {r["_file"]: r for r in results.records}
+    lines = []
+    for _, run in chosen.iterrows():
+        record = by_file.get(run["file"]) or {}
+        losses = (record.get("loss") or {}).get("per_step") or []
+        for step, value in enumerate(losses):
+            lines.append({"panel": f"{run['model']} | {run['device']}", "experiment": run["experiment"],
+                          "step": step, "loss": value, "kind": "train", "random_init": bool(run["random_init"])})
+        for point in (record.get("loss") or {}).get("eval") or []:
+            lines.append({"panel": f"{run['model']} | {run['device']}", "experiment": run["experiment"],
+                          "step": point["step"], "loss": point["loss"], "kind": "held-out",
+                          "random_init": bool(run["random_init"])})
+    if not lines:
+        return FigureResult(name, title, "", missing="No finished runs with losses: `make bench` produces them.")
+    frame = pd.DataFrame(lines)
+    panels = sorted(frame["panel"].unique())
+    columns = min(2, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 3.8 * rows), squeeze=False)
+    experiments = sorted(frame["experiment"].unique(), key=_technique_key)
+    palette = dict(zip(experiments, sns.color_palette("tab20", len(experiments))))
+    for ax, panel in zip(axes.flat, panels):
+        part = frame[frame["panel"] == panel]
+        train = part[part["kind"] == "train"]
+        held = part[part["kind"] == "held-out"]
+        # Where the runs evaluated, held-out loss is the comparison (lines with dots) and the noisy
+        # per-batch training loss stays faint behind it.
+        sns.lineplot(data=train, x="step", y="loss", hue="experiment", palette=palette, ax=ax,
+                     linewidth=0.7 if len(held) else 1.2, alpha=0.15 if len(held) else 1.0, legend=held.empty,
+                     hue_order=[e for e in experiments if e in set(train["experiment"])])
+        if not held.empty:
+            sns.lineplot(data=held, x="step", y="loss", hue="experiment", palette=palette, ax=ax, marker="o",
+                         linewidth=1.8, hue_order=[e for e in experiments if e in set(held["experiment"])])
+            low, high = held["loss"].min(), held["loss"].max()
+            margin = 0.15 * (high - low) + 0.02
+            ax.set_ylim(low - margin, high + margin)
+        model, device = panel.split(" | ", 1)
+        random_init = part["random_init"].any()
+        suffix = "\nrandom init: memory and speed only" if random_init else ""
+        ax.set_title(f"{model} | {device}{suffix}", fontsize=9, color="firebrick" if random_init else "black")
+        ax.legend(fontsize=7, ncol=2)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    caption = ("Training loss at every step and, where the run evaluated, held-out loss (bold lines with dots; the "
+               "training loss is then faint behind it), one run per "
+               "technique, the same sequences for every technique of a panel. Panels marked \"random init\" "
+               "start from random weights: their loss says nothing about quality, only that training runs. "
+               "Devices: " + ", ".join(sorted({p.split(' | ', 1)[1] for p in panels})) + ".")
+    return FigureResult(name, title, caption, _png(fig))
+
+
+# --- 4. predicted vs measured -------------------------------------------------------------------
+
+def parity(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
+    name, title = "predicted-vs-measured", "Predicted against measured peak"
+    missing = ("No prediction matches a measured run's configuration (experiment, model, sequence length, "
+               "micro-batch, accumulation, device type). `python -m harness predict --experiment E --model M "
+               "--seq S --batch B --save` predicts a run's configuration; `make bench` measures it.")
+    done = runs[(runs["status"] == "ok") & runs["peak_allocated"].notna()]
+    if done.empty or predictions.empty:
+        return FigureResult(name, title, "", missing=missing)
+    keys = ["experiment", "model", "seq_len", "micro_batch", "grad_accum", "device_type"]
+    left = done[keys + ["peak_allocated", "device_name"]].copy()
+    right = predictions[keys + ["method", "total_bytes"]].copy()
+    for key in ("seq_len", "micro_batch", "grad_accum"):
+        left[key] = left[key].astype("Int64")
+        right[key] = right[key].astype("Int64")
+    matched = left.merge(right, on=keys).dropna(subset=["total_bytes"])
+    if matched.empty:
+        return FigureResult(name, title, "", missing=missing)
+    matched = matched.drop_duplicates(keys + ["method"]).sort_values(keys + ["method"])
+    matched["measured_gb"] = matched["peak_allocated"] / 1e9
+    matched["predicted_gb"] = matched["total_bytes"] / 1e9
+    matched["evidence"] = np.where(matched["device_type"] == "cuda", "GPU (allocator)", "CPU (tracked bytes)")
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    sns.scatterplot(data=matched, x="predicted_gb", y="measured_gb", hue="method", style="evidence", s=70, ax=ax,
+                    hue_order=sorted(matched["method"].unique()), style_order=sorted(matched["evidence"].unique()))
+    low = min(matched["predicted_gb"].min(), matched["measured_gb"].min()) * 0.8
+    high = max(matched["predicted_gb"].max(), matched["measured_gb"].max()) * 1.2
+    grid = np.geomspace(low, high, 50)
+    ax.plot(grid, grid, color="black", linewidth=0.8)
+    ax.fill_between(grid, grid * 0.97, grid * 1.03, color="grey", alpha=0.25, label="±3%")
+    for _, row in matched.drop_duplicates(keys).iterrows():  # one label per configuration
+        ax.annotate(f"{row['experiment']} @ {row['model']}", (row["predicted_gb"], row["measured_gb"]), fontsize=7,
+                    xytext=(5, -10), textcoords="offset points")
+    plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(plain)
+        axis.set_tick_params(which="minor", labelsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):  # set_*scale resets the formatters
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(plain)
+    ax.set_xlabel("predicted peak, GB (1e9 bytes)")
+    ax.set_ylabel("measured peak, GB (1e9 bytes)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    within = (abs(matched["predicted_gb"] / matched["measured_gb"] - 1) <= 0.03).sum()
+    devices = sorted(matched["device_name"].unique())
+    caption = (f"Each point pairs a measured run with the prediction of the same configuration; {within} of "
+               f"{len(matched)} pairs fall inside the ±3% band. Devices: {', '.join(devices)}. GPU points compare "
+               "with torch's peak allocated; CPU points with tracked tensor bytes, labelled CPU (a prediction of the "
+               "CPU code path, not a GPU check).")
+    return FigureResult(name, title, caption, _png(fig))
+
+
+# --- 5. fits in budget ----------------------------------------------------------------------------
+
+FIT_CODES = {"fits (measured)": 2, "fits (predicted)": 1, "OOM (predicted)": -1, "OOM (measured)": -2}
+
+
+def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
+    name, title = "fits-in-budget", "Which technique fits which card"
+    gpu_budget = runs[(runs["device_type"] == "cuda") & runs["budget_gb"].notna() & runs["status"].isin(["ok", "oom"])]
+    cells = []
+    for _, run in gpu_budget.iterrows():
+        fits = run["status"] == "ok"
+        peak = f"\n{run['peak_allocated'] / 1e9:.1f} meas." if fits and pd.notna(run["peak_allocated"]) else "\nmeasured"
+        cells.append({"model": run["model"], "experiment": run["experiment"], "card": float(run["budget_gb"]),
+                      "state": f"{'fits' if fits else 'OOM'} (measured)", "priority": 0,
+                      "label": ("fits" if fits else "OOM") + peak})
+    if not predictions.empty:
+        chosen = predictions[(predictions["seq_len"] == 512) & (predictions["micro_batch"] == 1)
+                             & (predictions["device_type"] == "cuda") & predictions["total_bytes"].notna()]
+        chosen = chosen.sort_values(["method"], ascending=False, kind="stable")  # simulated before analytic
+        for _, p in chosen.drop_duplicates(["model", "experiment"]).iterrows():
+            for card in CARDS_GB:
+                fits = p["total_bytes"] <= budget_cap_bytes(card, "cuda")
+                cells.append({"model": p["model"], "experiment": p["experiment"], "card": float(card),
+                              "state": f"{'fits' if fits else 'OOM'} (predicted)", "priority": 1,
+                              "label": f"{'fits' if fits else 'OOM'}\n{p['total_bytes'] / 1e9:.1f} {p['method'][:3]}."})
+    if not cells:
+        return FigureResult(name, title, "", missing=(
+            "No budget-emulated GPU runs and no predictions: `make bench BUDGET_GB=16` on a GPU measures, "
+            "`python -m harness predict --claims` predicts."))
+    frame = pd.DataFrame(cells).sort_values("priority", kind="stable").drop_duplicates(["model", "experiment", "card"])
+    models = sorted(frame["model"].unique())
+    fig, axes = plt.subplots(1, len(models), figsize=(3.0 * len(models) + 1, 4.2), squeeze=False)
+    colors = {2: "#1a9850", 1: "#a6d96a", -1: "#fdae61", -2: "#d73027"}
+    cmap = matplotlib.colors.ListedColormap([colors[k] for k in sorted(colors)])
+    norm = matplotlib.colors.BoundaryNorm([-2.5, -1.5, 0, 1.5, 2.5], cmap.N)
+    for ax, model in zip(axes[0], models):
+        part = frame[frame["model"] == model]
+        grid = part.pivot(index="experiment", columns="card", values="state")
+        grid = grid.reindex(sorted(grid.index, key=_technique_key))
+        codes = grid.apply(lambda col: col.map(FIT_CODES)).astype(float)
+        labels = part.pivot(index="experiment", columns="card", values="label").reindex(index=grid.index,
+                                                                                          columns=grid.columns)
+        labels = labels.fillna("")
+        sns.heatmap(codes, ax=ax, cmap=cmap, norm=norm, cbar=False, annot=labels.to_numpy(), fmt="",
+                    annot_kws={"fontsize": 6}, linewidths=0.5, linecolor="white")
+        ax.set_title(model, fontsize=9)
+        ax.set_xlabel("card, GB (1e9 bytes)")
+        ax.set_xticklabels([f"{c:g}" for c in grid.columns])
+        ax.set_ylabel("")
+    fig.tight_layout()
+    measured = frame[frame["state"].str.endswith("(measured)")]
+    caption = ("For each technique and card size: \"measured\" cells are runs under an emulated budget on a GPU "
+               "(torch's allocator capped at the card less a CUDA-context allowance); \"predicted\" cells compare "
+               "the simulated (else analytic) peak at sequence 512, micro-batch 1 with the same cap; cells give the peak "
+               "in GB (sim. = simulated, ana. = analytic, meas. = measured). "
+               + (f"{len(measured)} measured cells." if len(measured) else "No measured cells: no budget-emulated "
+                  "GPU run is recorded yet.") + " CPU budget runs are in the run table, not here.")
+    return FigureResult(name, title, caption, _png(fig))
+
+
+# --- 6. gradient accumulation ----------------------------------------------------------------------
+
+def accumulation(results: Results, runs: pd.DataFrame) -> FigureResult:
+    name, title = "gradient-accumulation", "Gradient accumulation: memory and equivalence"
+    done = runs[(runs["status"] == "ok") & runs["peak_allocated"].notna() & runs["budget_gb"].isna()].copy()
+    series = pd.DataFrame()
+    if not done.empty:
+        done["device"] = done.apply(_gpu_label, axis=1)
+        done["group"] = (done["experiment"] + " @ " + done["model"] + ", seq " + done["seq_len"].astype(str)
+                         + " x " + done["micro_batch"].astype(str) + " | " + done["device"])
+        counts = done.groupby("group")["grad_accum"].nunique()
+        series = done[done["group"].isin(counts[counts >= 2].index)]
+        series = series.sort_values(["group", "grad_accum", "file"]).drop_duplicates(["group", "grad_accum"])
+    probe = results.probes.get("accumulation_equivalence")
+    if series.empty and not probe:
+        return FigureResult(name, title, "", missing=(
+            "No runs at several accumulation steps and no accumulation probe: `make bench` runs the accumulation "
+            "block, `python -m harness probes` writes results/probes/accumulation_equivalence.json."))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    notes = []
+    if not series.empty:
+        series = series.assign(peak_gb=series["peak_allocated"] / 1e9)
+        sns.lineplot(data=series, x="grad_accum", y="peak_gb", hue="group", marker="o", ax=axes[0],
+                     hue_order=sorted(series["group"].unique()))
+        axes[0].set_xscale("log", base=2)
+        ks = sorted(series["grad_accum"].unique())
+        axes[0].set_xticks(ks, [str(int(k)) for k in ks])
+        axes[0].set_ylim(0, series["peak_gb"].max() * 1.15)
+        axes[0].set_xlabel("accumulation steps k (fixed micro-batch)")
+        axes[0].set_ylabel("peak GB (1e9 bytes)")
+        axes[0].legend(fontsize=7)
+        notes.append("left: peak memory of the same micro-batch at k = "
+                     + ", ".join(str(int(k)) for k in sorted(series["grad_accum"].unique()))
+                     + " on " + ", ".join(sorted(series["device"].unique())))
+    else:
+        axes[0].text(0.5, 0.5, "no runs at several k:\n`make bench`", ha="center", va="center")
+        axes[0].set_axis_off()
+    if probe:
+        rows = pd.DataFrame(probe["rows"])
+        rows = rows[rows["k"] > 1]  # k = 1 compares a batch with itself
+        rows = rows.assign(error=rows["max_relative_gradient_error"].clip(lower=1e-16))
+        sns.lineplot(data=rows, x="k", y="error", marker="o", ax=axes[1], label="largest relative difference")
+        axes[1].set_xscale("log", base=2)
+        axes[1].set_xticks(rows["k"].tolist(), [str(int(k)) for k in rows["k"]])
+        axes[1].set_yscale("log")
+        eps = float(np.finfo(np.float32).eps)
+        axes[1].axhline(eps, color="grey", linestyle=":", label="fp32 eps")
+        axes[1].set_ylim(min(eps, rows["error"].min()) / 3, max(eps, rows["error"].max()) * 3)
+        axes[1].legend(fontsize=7)
+        axes[1].set_xlabel("k micro-batches vs one batch of k x m")
+        axes[1].set_ylabel("max relative gradient difference")
+        notes.append(f"right: the accumulation probe on {probe.get('device')} ({probe.get('model')}, fp32), "
+                     "against fp32's machine epsilon")
+    else:
+        axes[1].text(0.5, 0.5, "no accumulation probe:\n`python -m harness probes`", ha="center", va="center")
+        axes[1].set_axis_off()
+    fig.tight_layout()
+    caption = ("Gradient accumulation should cost no memory and change no gradient: " + "; ".join(notes) + ". "
+               "CPU memory is tracked tensor bytes.")
+    return FigureResult(name, title, caption, _png(fig))
+
+
+# --- 7. quantization error ----------------------------------------------------------------------
+
+def quantization_error(results: Results) -> FigureResult:
+    name, title = "quantization-error", "int8 absmax error against the clipping threshold, beside NF4"
+    probe = results.probes.get("quantization_error")
+    if not probe or not probe.get("int8_absmax"):
+        return FigureResult(name, title, "", missing=(
+            "No quantization probe: `python -m harness probes` writes results/probes/quantization_error.json."))
+    sweep = pd.DataFrame(probe["int8_absmax"]).sort_values("clip_ratio")
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    sns.lineplot(data=sweep, x="clip_ratio", y="relative_rmse", marker="o", ax=ax, label="int8 absmax, one scale per tensor")
+    nf4 = (probe.get("nf4") or {}).get("relative_rmse")
+    rowwise = (probe.get("int8_rowwise") or {}).get("relative_rmse")
+    if nf4 is not None:
+        ax.axhline(nf4, color="firebrick", linestyle="--", label=f"NF4, blocks of {probe['nf4'].get('blocksize', 64)}")
+    if rowwise is not None:
+        ax.axhline(rowwise, color="seagreen", linestyle=":", label="LLM.int8 row-wise")
+    best = sweep.loc[sweep["relative_rmse"].idxmin()]
+    ax.axvline(best["clip_ratio"], color="grey", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("clip threshold / max|w|")
+    ax.set_ylabel("relative RMSE")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    weights = probe.get("weights") or {}
+    caption = (f"Relative RMSE of int8 absmax quantization as the clip threshold sweeps from "
+               f"{sweep['clip_ratio'].min():g} to {sweep['clip_ratio'].max():g} of max|w| (tight thresholds clip, "
+               f"loose ones round coarsely; best at {best['clip_ratio']:g}), beside NF4 and row-wise int8 on the same "
+               f"tensors. Weights: {weights.get('source', '?')} ({'trained' if weights.get('trained') else 'untrained'}, "
+               f"{weights.get('tensors', '?')} tensors); computed on {probe.get('device')}, a device-independent fact.")
+    return FigureResult(name, title, caption, _png(fig))
+
+
+def all_figures(results: Results, runs: pd.DataFrame, predictions: pd.DataFrame,
+                claims: list[Claim]) -> list[FigureResult]:
+    # seaborn's contexts set rcParams of their own; STYLE goes on top of them
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9), plt.rc_context(STYLE):
+        return [
+            memory_breakdown(results, runs, predictions, claims),
+            throughput_vs_memory(runs),
+            loss_curves(results, runs),
+            parity(runs, predictions),
+            fits_grid(runs, predictions),
+            accumulation(results, runs),
+            quantization_error(results),
+        ]

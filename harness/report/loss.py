@@ -1,0 +1,107 @@
+"""Loss parity: each technique's final held-out loss against a reference run on the same pretrained base.
+
+Memory and speed do not depend on weight values; loss does. Only runs that fine-tune pretrained
+weights (`random_init` false) and evaluated on held-out text are compared, and only with a
+reference run of the same comparison: same model, device class, data, steps, sequence length,
+effective batch, evaluation and seed. A loss above the reference by more than the technique's
+tolerance is "off"; a loss below it holds (the technique costs nothing here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.report.verdicts import HOLDS, OFF, UNCHECKED, Verdict, relative_error
+
+BASELINE = "fp32"
+
+
+@dataclass(frozen=True)
+class LossRule:
+    reference: str
+    tolerance: float  # largest allowed (loss - reference) / reference
+    why: str
+
+
+# Each technique against the run it should match: precision and optimizer changes against fp32
+# full fine-tuning, quantized bases against LoRA on the unquantized base (the adapter is the same).
+LOSS_RULES = {
+    "bf16-mixed": LossRule(BASELINE, 0.01, "fp32 master weights and optimizer: only the matmuls round to bf16"),
+    "fp16-mixed": LossRule(BASELINE, 0.01, "fp32 master weights; loss scaling keeps small fp16 gradients"),
+    "adamw8bit": LossRule(BASELINE, 0.01, "block-wise 8-bit Adam states are reported to match 32-bit Adam"),
+    "bf16-pure": LossRule(BASELINE, 0.03, "bf16 weights round away updates below 2^-8 of a weight, so some "
+                                          "learning is lost"),
+    "lora": LossRule(BASELINE, 0.05, "a rank-r update can only approximate full fine-tuning"),
+    "int8-lora": LossRule("lora", 0.01, "LLM.int8 keeps outlier features in 16 bits: near-lossless"),
+    "qlora": LossRule("lora", 0.03, "NF4 rounding of the frozen base; the QLoRA paper reports 16-bit parity"),
+}
+COMPARISON_KEYS = ("model", "base_checkpoint", "device", "data", "steps", "warmup_steps", "seq_len", "eval_every",
+                   "eval_sequences", "seed")
+
+
+@dataclass(frozen=True)
+class LossComparison:
+    record: dict
+    reference: dict | None
+    rule: LossRule | None
+    loss: float
+    reference_loss: float | None
+    verdict: Verdict
+
+    @property
+    def difference(self) -> float | None:
+        return None if self.reference_loss is None else self.loss - self.reference_loss
+
+    @property
+    def ratio(self) -> float | None:
+        return None if not self.reference_loss else self.loss / self.reference_loss
+
+
+def comparison_key(record: dict) -> tuple:
+    config = record.get("config") or {}
+    effective_batch = (config.get("micro_batch") or 0) * (config.get("grad_accum") or 0)
+    return tuple(repr(config.get(key)) for key in COMPARISON_KEYS) + (effective_batch,)
+
+
+def eval_final(record: dict) -> float | None:
+    return (record.get("loss") or {}).get("eval_final")
+
+
+def comparable(record: dict) -> bool:
+    """A finished fine-tune of pretrained weights with a final held-out loss."""
+    return record.get("status") == "ok" and record.get("random_init") is False and eval_final(record) is not None
+
+
+def judge_loss(loss: float, reference_loss: float, rule: LossRule) -> Verdict:
+    error = relative_error(loss, reference_loss)
+    if error <= rule.tolerance + 1e-12:
+        where = "below" if error < 0 else "within"
+        return Verdict(HOLDS, error, f"{where} +{rule.tolerance:.0%} of {rule.reference}")
+    return Verdict(OFF, error, f"more than +{rule.tolerance:.0%} above {rule.reference}")
+
+
+def loss_parity(records: list[dict]) -> list[LossComparison]:
+    """One comparison per comparable run except the baselines, in a fixed order."""
+    runs = sorted((r for r in records if comparable(r)), key=lambda r: r.get("_file") or "")
+    references: dict[tuple, dict] = {}
+    for record in runs:  # reference runs: no gradient checkpointing (it changes no arithmetic), first file
+        config = record.get("config") or {}
+        if not config.get("gradient_checkpointing"):
+            references.setdefault((comparison_key(record), config.get("technique")), record)
+    comparisons = []
+    for record in runs:
+        technique = (record.get("config") or {}).get("technique")
+        if technique == BASELINE:
+            continue
+        rule = LOSS_RULES.get(technique)
+        reference = references.get((comparison_key(record), rule.reference)) if rule else None
+        loss = eval_final(record)
+        if reference is None:
+            why = (f"no rule for technique {technique!r}" if rule is None
+                   else f"no {rule.reference} run on the same base, data and steps to compare with")
+            comparisons.append(LossComparison(record, None, rule, loss, None, Verdict(UNCHECKED, None, why)))
+            continue
+        reference_loss = eval_final(reference)
+        comparisons.append(LossComparison(record, reference, rule, loss, reference_loss,
+                                          judge_loss(loss, reference_loss, rule)))
+    return comparisons

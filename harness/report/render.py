@@ -1,0 +1,318 @@
+"""Assemble the report from results/ and write reports/index.md, reports/index.html and reports/figures/.
+
+`python -m harness report [--results results] [--out reports]`. The page is built once as a list of
+blocks (headings, paragraphs, tables, figures) and written twice, as Markdown and as self-contained
+HTML (figures embedded as base64 PNG, CSS inline). Same inputs, same bytes: nothing here reads
+the clock.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.report import add_arguments
+from harness.report.claims import SOURCES, load_claims
+from harness.report.figures import FigureResult, all_figures
+from harness.report.ledger import build_ledger
+from harness.report.load import load_results, predictions_frame, runs_frame
+from harness.report.loss import loss_parity
+from harness.report.units import LLAMA_2_7B_PARAMETERS
+from harness.report.tables import (VERDICT_CLASSES, Cell, Table, base_table, glance_table, ledger_table,
+                                   loss_parity_table, microbench_table, predictions_table, provenance_tables,
+                                   runs_table, verdict_counts)
+
+FIGURE_NAMES = ("memory-breakdown", "throughput-vs-memory", "loss-curves", "predicted-vs-measured",
+                "fits-in-budget", "gradient-accumulation", "quantization-error")
+
+
+@dataclass(frozen=True)
+class Block:
+    kind: str           # h1 | h2 | h3 | p | table | figure | badges
+    text: str = ""
+    table: Table | None = None
+    figure: FigureResult | None = None
+    anchor: str = ""
+
+
+@dataclass(frozen=True)
+class Rendered:
+    markdown: Path
+    html: Path
+    figures: list[Path]
+    expected_images: int   # figures with an image, for checks
+    counts: dict[str, int]
+
+
+# --- the document -------------------------------------------------------------------------------
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], dict[str, int]]:
+    results = load_results(results_dir)
+    claims = load_claims()
+    ledger = build_ledger(results, claims)
+    runs = runs_frame(results)
+    predictions = predictions_frame(results)
+    figures = all_figures(results, runs, predictions, claims)
+    counts = verdict_counts(ledger)
+    gpu_runs = int((runs["device_type"] == "cuda").sum()) if len(runs) else 0
+    cpu_runs = len(runs) - gpu_runs
+
+    blocks = [Block("h1", "Fine-tuning under limited VRAM: what the memory arithmetic gets right")]
+    blocks.append(Block("p", (
+        f"Rendered from `{results_dir}`: {_count(len(runs), 'run record')} ({gpu_runs} on a GPU, {cpu_runs} on a CPU), "
+        f"{_count(len(predictions), 'memory prediction')}, {_count(len(results.probes), 'probe')} "
+        f"({', '.join(sorted(results.probes)) or 'none'}), {_count(len(results.microbench), 'micro-benchmark file')}. "
+        "Sources checked: " + "; ".join(f"{key} = \"{title}\"" for key, title in SOURCES.items()) + ". "
+        f"GB means 1e9 bytes and GiB 2^30 bytes throughout; \"7B\" is Llama-2-7B, {LLAMA_2_7B_PARAMETERS:,} "
+        "parameters.")))
+    if gpu_runs == 0:
+        blocks.append(Block("p", (
+            "No GPU run is recorded in these results: every \"measured\" figure below is either absent (and says "
+            "so) or a CPU figure labelled as one. Verdicts then rest on the simulation or the analytic formula.")))
+
+    blocks.append(Block("h2", "Verdicts at a glance", anchor="verdicts"))
+    blocks.append(Block("badges", ", ".join(f"{kind}: {n}" for kind, n in counts.items() if n)))
+    blocks.append(Block("table", table=glance_table(ledger)))
+
+    blocks.append(Block("h2", "The claims ledger", anchor="ledger"))
+    blocks.append(Block("p", (
+        "One row per claim. Documents' figure: as the source writes it. Analytic: bytes per parameter times "
+        "parameter counts plus activations and constants. Simulated: one real training step traced under fake "
+        "tensors at full size (no memory used). Measured: a run on a GPU (torch allocator; the device is named); "
+        "CPU runs count only for device-independent claims and are labelled CPU. Published: figures others "
+        "report for similar setups, in their units. The verdict rests on the best evidence present "
+        "(GPU, then CPU where valid, then simulated, then analytic), compares the documents' figure with it as "
+        "a relative error (documents minus ours, over ours) against the stated tolerance, and says why.")))
+    blocks.append(Block("table", table=ledger_table(ledger)))
+
+    blocks.append(Block("h2", "Figures", anchor="figures"))
+    for figure in figures:
+        blocks.append(Block("h3", figure.title, anchor=figure.name))
+        blocks.append(Block("figure", figure=figure))
+
+    blocks.append(Block("h2", "Loss on a pretrained base", anchor="loss"))
+    blocks.append(Block("p", (
+        "Memory and speed are the same on random weights; loss is not. Runs on random-init presets keep "
+        "their loss in the records but it is not compared here (random init: memory and speed only). The "
+        "comparison fine-tunes a base model the lab pretrains itself (`make base`) on different text, every "
+        "technique on the same batches for the same steps, and compares final held-out losses.")))
+    if results.bases:
+        blocks.append(Block("table", table=base_table(results)))
+    comparisons = loss_parity(results.records)
+    if comparisons:
+        blocks.append(Block("table", table=loss_parity_table(comparisons)))
+    else:
+        blocks.append(Block("p", "No fine-tune of a pretrained base with held-out evaluation in these results: "
+                                 "`make bench` runs them (the matrix's blocks on `models: [base]`)."))
+
+    blocks.append(Block("h2", "Runs", anchor="runs"))
+    if len(runs):
+        blocks.append(Block("table", table=runs_table(runs)))
+    else:
+        blocks.append(Block("p", f"No run records in `{results_dir}`: `make bench` produces them."))
+    blocks.append(Block("h3", "Memory predictions"))
+    if len(predictions):
+        blocks.append(Block("table", table=predictions_table(predictions)))
+    else:
+        blocks.append(Block("p", "No predictions: `python -m harness predict --claims` writes them."))
+
+    blocks.append(Block("h2", "Micro-benchmarks", anchor="microbench"))
+    table = microbench_table(results)
+    if table.rows:
+        blocks.append(Block("table", table=table))
+    else:
+        blocks.append(Block("p", "No micro-benchmark files: `make microbench` writes results/microbench/<device>.json."))
+
+    blocks.append(Block("h2", "Environment and provenance", anchor="provenance"))
+    provenance = provenance_tables(results)
+    if not provenance:
+        blocks.append(Block("p", "Nothing recorded yet."))
+    for title, table in provenance:
+        blocks.append(Block("h3", title))
+        blocks.append(Block("table", table=table))
+    if results.skipped:
+        blocks.append(Block("h3", "Files not read"))
+        blocks.append(Block("table", table=Table(["File and reason"], [[Cell(s)] for s in results.skipped])))
+    return blocks, figures, counts
+
+
+# --- Markdown -----------------------------------------------------------------------------------
+
+def _md_cell(cell: Cell) -> str:
+    def clean(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+    return clean(cell.text) + (f"<br><sub>{clean(cell.detail)}</sub>" if cell.detail else "")
+
+
+def _md_table(table: Table) -> str:
+    lines = ["| " + " | ".join(table.columns) + " |",
+             "|" + "|".join("---:" if i in table.numeric else "---" for i in range(len(table.columns))) + "|"]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in table.rows]
+    if table.note:
+        lines += ["", f"_{table.note}_"]
+    return "\n".join(lines)
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    parts = []
+    for block in blocks:
+        if block.kind in ("h1", "h2", "h3"):
+            parts.append("#" * int(block.kind[1]) + " " + block.text)
+        elif block.kind in ("p", "badges"):
+            parts.append(block.text)
+        elif block.kind == "table":
+            parts.append(_md_table(block.table))
+        elif block.kind == "figure":
+            figure = block.figure
+            if figure.png is None:
+                parts.append(f"_Not drawn: {figure.missing}_")
+            else:
+                parts.append(f"![{figure.title}](figures/{figure.name}.png)\n\n{figure.caption}")
+    return "\n\n".join(parts) + "\n"
+
+
+# --- HTML ----------------------------------------------------------------------------------------
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", "DejaVu Sans", Helvetica, Arial, sans-serif; color: #1f2328;
+       margin: 0 auto; max-width: 1500px; padding: 24px 32px 64px; line-height: 1.45; font-size: 15px; }
+h1 { font-size: 28px; margin-bottom: 4px; }
+h2 { font-size: 22px; margin-top: 40px; border-bottom: 2px solid #d0d7de; padding-bottom: 4px; }
+h3 { font-size: 17px; margin-top: 28px; }
+nav { margin: 12px 0 20px; font-size: 14px; }
+nav a { margin-right: 14px; color: #0969da; text-decoration: none; }
+table { border-collapse: collapse; margin: 10px 0 6px; font-size: 13px; width: 100%; }
+th, td { border: 1px solid #d0d7de; padding: 5px 8px; vertical-align: top; text-align: left; }
+th { background: #f6f8fa; position: sticky; top: 0; }
+tr:nth-child(even) td { background: #fbfcfd; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.detail { color: #57606a; font-size: 11.5px; margin-top: 2px; }
+.note { color: #57606a; font-size: 13px; font-style: italic; margin-bottom: 18px; }
+td.holds, span.holds { background: #dafbe1 !important; }
+td.caveat, span.caveat { background: #fff8c5 !important; }
+td.off, span.off { background: #ffebe9 !important; }
+td.wrong, span.wrong { background: #ffcecb !important; font-weight: 600; }
+td.unchecked, span.unchecked { background: #eaeef2 !important; }
+td.status-oom { background: #ffebe9 !important; font-weight: 600; }
+td.status-failed { background: #eaeef2 !important; font-weight: 600; }
+.badges span { display: inline-block; padding: 4px 10px; margin: 0 8px 8px 0; border-radius: 12px;
+               border: 1px solid #d0d7de; font-weight: 600; }
+table.ledger { table-layout: fixed; }
+table.ledger th:nth-child(1) { width: 5%; } table.ledger th:nth-child(2) { width: 13%; }
+table.ledger th:nth-child(3) { width: 7%; } table.ledger th:nth-child(4) { width: 8%; }
+table.ledger th:nth-child(5) { width: 8%; } table.ledger th:nth-child(6) { width: 13%; }
+table.ledger th:nth-child(7) { width: 11%; } table.ledger th:nth-child(8) { width: 8%; }
+table.ledger th:nth-child(9) { width: 27%; }
+table.ledger td { overflow-wrap: anywhere; }
+table.glance td:nth-child(2) { width: 34%; }
+table.runs td { white-space: nowrap; }
+figure { margin: 8px 0 24px; }
+figure img { max-width: 100%; border: 1px solid #d0d7de; }
+figcaption { color: #57606a; font-size: 13px; margin-top: 6px; max-width: 1100px; }
+p.missing { background: #f6f8fa; border-left: 4px solid #bf8700; padding: 8px 12px; }
+code { background: #f6f8fa; padding: 1px 4px; border-radius: 4px; font-size: 13px; }
+"""
+
+
+def _inline(text: str) -> str:
+    """Escape, then turn `code` spans into <code>."""
+    pieces = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(pieces))
+
+
+def _html_table(table: Table) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
+    body = []
+    for row in table.rows:
+        cells = []
+        for index, cell in enumerate(row):
+            classes = " ".join(c for c in (cell.css, "num" if index in table.numeric else "") if c)
+            attribute = f' class="{classes}"' if classes else ""
+            detail = f'<div class="detail">{_inline(cell.detail)}</div>' if cell.detail else ""
+            cells.append(f"<td{attribute}>{_inline(cell.text)}{detail}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    css = f' class="{table.css}"' if table.css else ""
+    note = f'<p class="note">{_inline(table.note)}</p>' if table.note else ""
+    return f"<table{css}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{note}"
+
+
+def _badges(counts: dict[str, int]) -> str:
+    spans = [f'<span class="{VERDICT_CLASSES[kind]}">{html.escape(kind)}: {n}</span>'
+             for kind, n in counts.items() if n]
+    return f'<div class="badges">{"".join(spans)}</div>'
+
+
+def to_html(blocks: list[Block], counts: dict[str, int]) -> str:
+    title = next(b.text for b in blocks if b.kind == "h1")
+    nav = "".join(f'<a href="#{b.anchor}">{html.escape(b.text)}</a>' for b in blocks if b.kind == "h2" and b.anchor)
+    body = []
+    for block in blocks:
+        anchor = f' id="{block.anchor}"' if block.anchor else ""
+        if block.kind == "h1":
+            body.append(f"<h1>{html.escape(block.text)}</h1>")
+        elif block.kind in ("h2", "h3"):
+            body.append(f"<{block.kind}{anchor}>{html.escape(block.text)}</{block.kind}>")
+        elif block.kind == "p":
+            body.append(f"<p>{_inline(block.text)}</p>")
+        elif block.kind == "badges":
+            body.append(_badges(counts))
+        elif block.kind == "table":
+            body.append(_html_table(block.table))
+        elif block.kind == "figure":
+            figure = block.figure
+            if figure.png is None:
+                body.append(f'<p class="missing">Not drawn: {_inline(figure.missing)}</p>')
+            else:
+                data = base64.b64encode(figure.png).decode("ascii")
+                body.append(f'<figure id="figure-{figure.name}"><img alt="{html.escape(figure.title)}" '
+                            f'src="data:image/png;base64,{data}"><figcaption>{_inline(figure.caption)}'
+                            "</figcaption></figure>")
+        if block.kind == "h1":
+            body.append(f"<nav>{nav}</nav>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+            f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+            + "\n".join(body) + "\n</body>\n</html>\n")
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+def render(results_dir: str | Path = "results", out_dir: str | Path = "reports") -> Rendered:
+    results_dir, out_dir = Path(results_dir), Path(out_dir)
+    blocks, figures, counts = build_blocks(results_dir)
+    figure_dir = out_dir / "figures"
+    figure_dir.mkdir(parents=True, exist_ok=True)
+    for name in FIGURE_NAMES:  # no stale figure from an earlier render survives
+        (figure_dir / f"{name}.png").unlink(missing_ok=True)
+    written = []
+    for figure in figures:
+        if figure.png is not None:
+            path = figure_dir / f"{figure.name}.png"
+            path.write_bytes(figure.png)
+            written.append(path)
+    markdown, page = out_dir / "index.md", out_dir / "index.html"
+    markdown.write_text(to_markdown(blocks), encoding="utf-8")
+    page.write_text(to_html(blocks, counts), encoding="utf-8")
+    return Rendered(markdown, page, written, sum(f.png is not None for f in figures), counts)
+
+
+def main(args) -> int:
+    rendered = render(args.results, args.out)
+    summary = ", ".join(f"{kind} {n}" for kind, n in rendered.counts.items() if n)
+    print(f"report: {rendered.markdown} and {rendered.html} ({rendered.expected_images} figures; verdicts: {summary})")
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m harness.report.render", description=__doc__)
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))

@@ -1,0 +1,339 @@
+"""Tables of the report as plain data (columns, rows of cells); render.py writes them as Markdown and HTML."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from harness.microbench_summary import format_seconds, ratios
+from harness.report import verdicts
+from harness.report.evidence import Observation
+from harness.report.ledger import LedgerRow, basis_short
+from harness.report.load import Results
+from harness.report.loss import LossComparison
+from harness.report.units import fmt_gb, fmt_value
+
+VERDICT_CLASSES = {verdicts.HOLDS: "holds", verdicts.CAVEAT: "caveat", verdicts.OFF: "off",
+                   verdicts.WRONG: "wrong", verdicts.UNCHECKED: "unchecked"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    text: str
+    detail: str = ""   # a second, smaller line
+    css: str = ""      # a class for HTML (verdict colours, status)
+
+
+@dataclass
+class Table:
+    columns: list[str]
+    rows: list[list[Cell]]
+    note: str = ""
+    css: str = ""
+    numeric: set[int] = field(default_factory=set)  # column indexes aligned right
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _num(value, digits: int) -> str:
+    return "" if _missing(value) else f"{value:,.{digits}f}"
+
+
+# --- the ledger -------------------------------------------------------------------------------
+
+def verdict_counts(ledger: list[LedgerRow]) -> dict[str, int]:
+    counts = {kind: 0 for kind in verdicts.KINDS}
+    for row in ledger:
+        counts[row.verdict.kind] += 1
+    return counts
+
+
+def verdict_cell(row: LedgerRow) -> Cell:
+    return Cell(row.verdict.label, row.claim.tolerance_text, VERDICT_CLASSES[row.verdict.kind])
+
+
+def glance_table(ledger: list[LedgerRow]) -> Table:
+    rows = []
+    for row in ledger:
+        ours = _observation_text(row.claim, row.basis) if row.basis is not None else "-"
+        rows.append([Cell(row.claim.id), Cell(row.claim.claim), Cell(row.claim.figure_text), Cell(ours),
+                     verdict_cell(row), Cell(basis_short(row.basis))])
+    return Table(["ID", "Claim", "Documents", "Ours", "Verdict", "Rests on"], rows, css="glance")
+
+
+def _observation_text(claim, observation: Observation | None) -> str:
+    if observation is None:
+        return "-"
+    if observation.value is None:
+        if observation.holds is not None:
+            return "true" if observation.holds else "false"
+        return f"{observation.status}: {observation.note}" if observation.note else observation.status
+    if claim.compare == "statement" and observation.holds is not None:
+        return "true" if observation.holds else "false"
+    if claim.compare == "error":  # the value is an error; the note says what was found
+        return observation.note
+    return fmt_value(observation.value, claim.unit)
+
+
+def _prediction_cell(claim, observation: Observation | None, method: str, is_probe: bool) -> Cell:
+    if is_probe:
+        return Cell("n/a", "a property of the format or the arithmetic")
+    if observation is None:
+        return Cell("-", f"no {method} prediction for this configuration")
+    return Cell(_observation_text(claim, observation), observation.source)
+
+
+def _measured_cell(row: LedgerRow) -> Cell:
+    claim = row.claim
+    if row.probe is not None:
+        return Cell(row.probe.note, f"probe on {row.probe.device}, device-independent ({row.probe.source})")
+    if claim.evidence["quantity"] in ("format_bits", "format_counts", "quantization_tradeoff",
+                                      "accumulation_error"):
+        return Cell("no probe file yet", f"needs {claim.needs}")
+    gpu, cpu = row.gpu, row.cpu
+    if gpu is not None and gpu.value is not None:
+        text = _observation_text(claim, gpu)
+        return Cell(f"{text} on {gpu.device}", gpu.source + (f"; {gpu.note}" if gpu.note else ""))
+    parts = []
+    if gpu is not None:  # an OOM or failed run on a GPU
+        parts.append(Cell(f"{gpu.status} on {gpu.device}", f"{gpu.source}; {gpu.note}"))
+    else:
+        parts.append(Cell("no GPU run recorded yet", f"needs {claim.needs}"))
+    if cpu is not None and cpu.value is not None:
+        detail = f"CPU (tracked tensor bytes, not a GPU figure): {_observation_text(claim, cpu)}, {cpu.source}"
+        return Cell(parts[0].text, parts[0].detail + "; " + detail)
+    return parts[0]
+
+
+def _published_cell(claim) -> Cell:
+    if not claim.published:
+        return Cell("-")
+    return Cell(claim.published["figure"], claim.published["source"])
+
+
+def ledger_table(ledger: list[LedgerRow]) -> Table:
+    rows = []
+    for row in ledger:
+        claim = row.claim
+        is_probe = row.probe is not None or claim.evidence["quantity"] in (
+            "format_bits", "format_counts", "quantization_tradeoff", "accumulation_error")
+        rows.append([
+            Cell(claim.id, " + ".join(claim.sources)),
+            Cell(claim.claim, claim.model),
+            Cell(claim.figure_text, f"unit: {claim.unit}"),
+            _prediction_cell(claim, row.analytic, "analytic", is_probe),
+            _prediction_cell(claim, row.simulated, "simulated", is_probe),
+            _measured_cell(row),
+            _published_cell(claim),
+            verdict_cell(row),
+            Cell(row.why),
+        ])
+    return Table(["ID", "Claim", "Documents' figure", "Analytic", "Simulated", "Measured (device)",
+                  "Published", "Verdict (tolerance)", "Why"], rows, css="ledger")
+
+
+# --- runs ---------------------------------------------------------------------------------------
+
+def _status_cell(run: pd.Series) -> Cell:
+    status = run["status"]
+    if status == "ok":
+        return Cell("ok", css="status-ok")
+    detail = f"at {run['error_phase']}" if not _missing(run["error_phase"]) else ""
+    if status == "failed" and not _missing(run["error_type"]):
+        detail = f"{run['error_type']} {detail}".strip()
+    return Cell(str(status), detail, css=f"status-{status}")
+
+
+def runs_table(runs: pd.DataFrame) -> Table:
+    order = ["device_type", "device_name", "model", "experiment", "seq_len", "micro_batch", "grad_accum",
+             "budget_gb", "file"]
+    runs = runs.sort_values(order, na_position="first", kind="stable") if len(runs) else runs
+    rows = []
+    for _, run in runs.iterrows():
+        cpu = run["device_type"] != "cuda"
+        peak = fmt_gb(run["peak_allocated"])
+        if _missing(run["peak_allocated"]) and not _missing(run["memory_reached"]):
+            peak = f"≥{fmt_gb(run['memory_reached'])}"
+        loss = _num(run["final_loss"], 3)
+        rows.append([
+            Cell(str(run["model"]), "random init" if run["random_init"] is True else ""),
+            Cell(str(run["experiment"])),
+            Cell("CPU" if cpu else str(run["device_name"]), "tracked bytes" if cpu else ""),
+            Cell(_num(run["seq_len"], 0)),
+            Cell(f"{_num(run['micro_batch'], 0)} x {_num(run['grad_accum'], 0)}"),
+            Cell("" if _missing(run["budget_gb"]) else f"{run['budget_gb']:g}"),
+            _status_cell(run),
+            Cell(peak), Cell(fmt_gb(run["peak_reserved"])), Cell(fmt_gb(run["peak_device_used"])),
+            Cell(_num(run["tokens_per_s"], 0)),
+            Cell("" if _missing(run["mfu"]) else f"{run['mfu'] * 100:.1f}"),
+            Cell(loss, "random init: memory and speed only" if run["random_init"] is True
+                 else "" if _missing(run["eval_final"]) else f"held-out {run['eval_final']:.3f}"),
+            Cell(_num(run["trainable_pct"], 2)),
+        ])
+    note = ("Memory in GB (1e9 bytes). On CUDA: peak allocated and reserved from torch's allocator, "
+            "device-used from NVML (includes the CUDA context). CPU rows: peak tracked tensor bytes, "
+            "not a GPU figure; reserved and device-used do not exist there. OOM rows show the memory "
+            "reached (≥) where known. Tokens/s: median step time after warm-up.")
+    return Table(["Model", "Experiment", "Device", "Seq", "Micro-batch x accum.", "Budget GB", "Status",
+                  "Peak alloc. GB", "Reserved GB", "Device-used GB", "Tokens/s", "MFU %", "Final loss",
+                  "Trainable %"], rows, note, css="runs", numeric={3, 5, 7, 8, 9, 10, 11, 12, 13})
+
+
+# --- loss on a pretrained base -----------------------------------------------------------------
+
+def base_table(results: Results) -> Table:
+    """The lab's pretrained base models: did they learn?"""
+    rows = []
+    for base in results.bases:
+        recipe = base.get("recipe") or {}
+        held_out = base.get("held_out") or []
+        device = (base.get("environment") or {}).get("device_name") or base.get("device_type", "?")
+        rows.append([Cell(str(base.get("recipe_id")), f"preset {recipe.get('preset')}"),
+                     Cell(str(device)),
+                     Cell(_num(base.get("parameters"), 0)), Cell(_num(base.get("tokens_trained"), 0)),
+                     Cell(_num(held_out[0]["loss"] if held_out else None, 3)),
+                     Cell(_num(base.get("final_held_out_loss"), 3)), Cell(_num(base.get("uniform_loss"), 3)),
+                     Cell(_num(base.get("seconds"), 0))])
+    note = ("Pretrained with bf16 mixed precision on the standard library's modules; held-out loss on every "
+            "10th module, never trained on. Uniform: the loss of a model that knows nothing, ln(vocabulary).")
+    return Table(["Base", "Device", "Parameters", "Tokens trained", "Held-out loss at start", "Held-out loss at end",
+                  "Uniform loss", "Seconds"], rows, note, css="bases", numeric={2, 3, 4, 5, 6, 7})
+
+
+def loss_parity_table(comparisons: list[LossComparison]) -> Table:
+    rows = []
+    for comparison in comparisons:
+        record, rule, verdict = comparison.record, comparison.rule, comparison.verdict
+        config = record.get("config") or {}
+        device = (record.get("environment") or {}).get("device_name") or config.get("device", "?")
+        rows.append([
+            Cell(str(record.get("model")), str(config.get("base_checkpoint") or "")),
+            Cell(str(device)),
+            Cell(str(record.get("experiment"))),
+            Cell(_num(comparison.loss, 4)),
+            Cell(rule.reference if rule else "", _num(comparison.reference_loss, 4)),
+            Cell("" if comparison.difference is None else f"{round(comparison.difference, 4) + 0.0:+.4f}"),
+            Cell("" if comparison.ratio is None else f"{comparison.ratio:.4f}"),
+            Cell(f"+{rule.tolerance:.0%}" if rule else ""),
+            Cell(verdict.label, verdict.reason, VERDICT_CLASSES[verdict.kind]),
+            Cell(rule.why if rule else ""),
+        ])
+    note = ("Final held-out loss (mean next-token cross-entropy, nats) after the same optimizer steps on the "
+            "same batches. Difference and ratio against the reference run of the same comparison; the "
+            "tolerance is the largest allowed relative excess over it.")
+    return Table(["Model", "Device", "Experiment", "Held-out loss", "Reference", "Difference", "Ratio",
+                  "Tolerance", "Verdict", "Why this tolerance"], rows, note, css="loss", numeric={3, 5, 6, 7})
+
+
+def predictions_table(predictions: pd.DataFrame) -> Table:
+    if predictions.empty:
+        return Table([], [])
+    keys = ["model", "experiment", "seq_len", "micro_batch", "device_type"]
+    wide = predictions.pivot_table(index=keys, columns="method", values="total_bytes", aggfunc="first")
+    rows = []
+    for index, values in wide.sort_index().iterrows():
+        model, experiment, seq, batch, device_type = index
+        analytic, simulated = values.get("analytic"), values.get("simulated")
+        difference = ("" if _missing(analytic) or _missing(simulated) or not simulated
+                      else f"{round((analytic - simulated) / simulated * 100, 1) + 0.0:+.1f}")
+        rows.append([Cell(model), Cell(experiment), Cell(f"{seq} x {batch}"), Cell(device_type),
+                     Cell(fmt_gb(analytic, 2)), Cell(fmt_gb(simulated, 2)), Cell(difference)])
+    note = ("Predicted peak of one training step, GB (1e9 bytes). Analytic: bytes per parameter and a walk "
+            "through one decoder layer. Simulated: the real step traced under fake tensors (no memory used).")
+    return Table(["Model", "Experiment", "Seq x batch", "Code path", "Analytic GB", "Simulated GB",
+                  "Analytic vs simulated %"], rows, note, css="predictions", numeric={4, 5, 6})
+
+
+# --- micro-benchmarks -------------------------------------------------------------------------
+
+def microbench_table(results: Results) -> Table:
+    """Median time and ratio to the group's baseline, one column pair per file (CPU and GPU side by side)."""
+    if not results.microbench:
+        return Table([], [])
+    per_file = [(entry, {(r["group"], r["name"]): r for r in ratios(entry["data"])}) for entry in results.microbench]
+    keys: list[tuple[str, str]] = []
+    for _, table in per_file:
+        keys.extend(k for k in table if k not in keys)
+    columns = ["Group", "Benchmark"]
+    for entry, _ in per_file:
+        columns += [f"{entry['device']}: median", f"{entry['device']}: x baseline"]
+    rows = []
+    for group, name in keys:
+        row = [Cell(group), Cell(name)]
+        for _, table in per_file:
+            found = table.get((group, name))
+            if found is None:
+                row += [Cell(""), Cell("")]
+                continue
+            baseline = found["name"] == found["baseline"]
+            row += [Cell(format_seconds(found["median_s"])),
+                    Cell("baseline" if baseline else ("" if found["ratio"] is None else f"{found['ratio']:.2f}x"))]
+        rows.append(row)
+    note = ("Each ratio is a benchmark's median time over its group's baseline median on the same device "
+            "(baselines: a bf16 nn.Linear for the matmuls, torch AdamW for optimizer steps, a copy for "
+            "quantization, the bare layer for LoRA). CPU files use scaled-down shapes.")
+    numeric = set(range(2, len(columns)))
+    return Table(columns, rows, note, css="microbench", numeric=numeric)
+
+
+# --- provenance ---------------------------------------------------------------------------------
+
+def provenance_tables(results: Results) -> list[tuple[str, Table]]:
+    devices: dict[tuple, int] = {}
+    software: dict[tuple, int] = {}
+    commits: dict[tuple, int] = {}
+    for record in results.records:
+        environment = record.get("environment") or {}
+        key = (environment.get("device_name") or record.get("_slug"), environment.get("device_type") or "",
+               str(environment.get("driver") or ""), str(environment.get("cuda") or ""),
+               environment.get("platform") or "")
+        devices[key] = devices.get(key, 0) + 1
+        versions = environment.get("versions") or {}
+        vkey = tuple((name, str(versions.get(name))) for name in sorted(versions))
+        software[vkey] = software.get(vkey, 0) + 1
+        git = environment.get("git") or {}
+        ckey = (str(git.get("commit")), str(git.get("dirty")))
+        commits[ckey] = commits.get(ckey, 0) + 1
+    tables = []
+    if devices:
+        tables.append(("Devices", Table(
+            ["Device", "Type", "Driver", "CUDA", "Platform", "Runs"],
+            [[Cell(k[0]), Cell(k[1]), Cell(k[2]), Cell(k[3]), Cell(k[4]), Cell(str(n))]
+             for k, n in sorted(devices.items())], numeric={5})))
+    if software:
+        tables.append(("Software of the runs", Table(
+            ["Versions", "Runs"],
+            [[Cell(", ".join(f"{name} {version}" for name, version in k)), Cell(str(n))]
+             for k, n in sorted(software.items())], numeric={1})))
+    if commits:
+        tables.append(("Code of the runs", Table(
+            ["Commit", "Uncommitted changes", "Runs"],
+            [[Cell(k[0]), Cell(k[1]), Cell(str(n))] for k, n in sorted(commits.items())], numeric={2})))
+    other = []
+    for name, probe in sorted(results.probes.items()):
+        versions = probe.get("versions") or {}
+        other.append([Cell(probe["_file"]), Cell(str(probe.get("device"))), Cell(str(probe.get("created", ""))),
+                      Cell(", ".join(f"{k} {v}" for k, v in sorted(versions.items())))])
+    prediction_versions: dict[str, int] = {}
+    for prediction in results.predictions:
+        versions = prediction.get("versions") or {}
+        text = ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
+        prediction_versions[text] = prediction_versions.get(text, 0) + 1
+    for text, count in sorted(prediction_versions.items()):
+        other.append([Cell(f"{count} prediction files"), Cell("-"), Cell(""), Cell(text)])
+    for entry in results.microbench:
+        data = entry["data"]
+        commit = data.get("commit_info") or {}
+        machine = data.get("machine_info") or {}
+        cpu = (machine.get("cpu") or {}).get("brand_raw", "")
+        other.append([Cell(entry["file"]), Cell(entry["device"]), Cell(str(data.get("datetime", ""))),
+                      Cell(f"pytest-benchmark {data.get('version', '?')}, python {machine.get('python_version', '?')}, "
+                           f"{cpu}, commit {commit.get('id', '?')}{' (dirty)' if commit.get('dirty') else ''}")])
+    if other:
+        tables.append(("Probes, predictions and micro-benchmarks", Table(["File", "Device", "Created", "Software"],
+                                                                          other)))
+    return tables

@@ -1,0 +1,56 @@
+"""The kernel micro-benchmarks run at tiny sizes: every benchmark executes, checks its output, is labelled."""
+
+import json
+import math
+import subprocess
+import sys
+
+from harness.microbench_summary import device_of, format_table, ratios
+
+from conftest import ROOT
+
+EXPECTED = {
+    "bench_copy", "bench_nf4_quantize", "bench_nf4_dequantize", "bench_int8_quantize", "bench_int8_dequantize",
+    *(f"bench_linear_forward[t16-{kind}]" for kind in ("bf16", "nf4", "int8")),
+    *(f"bench_linear_forward_backward[t16-{kind}]" for kind in ("bf16", "nf4", "int8", "bf16-trainable")),
+    *(f"bench_optimizer_step[{name}]" for name in ("torch-adamw", "adamw8bit", "paged-adamw8bit")),
+    *(f"bench_lora_forward_backward[t16-{rank}]" for rank in ("bare", "r8", "r64")),
+}
+BASELINES = {
+    "quantize": "bench_copy",
+    "matmul-forward-t16": "bench_linear_forward[t16-bf16]",
+    "matmul-forward-backward-t16": "bench_linear_forward_backward[t16-bf16]",
+    "optimizer-step": "bench_optimizer_step[torch-adamw]",
+    "lora-forward-backward-t16": "bench_lora_forward_backward[t16-bare]",
+}
+
+
+def test_microbenchmarks_run_at_tiny_sizes_and_give_ratios(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "harness.microbench", "--size", "tiny", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].name.endswith("-tiny.json")  # never a real measurement's name
+    data = json.loads(files[0].read_text())
+    assert "machine_info" in data
+    benchmarks = {b["name"]: b for b in data["benchmarks"]}
+    assert set(benchmarks) == EXPECTED
+    device = device_of(data)
+    for name, bench in benchmarks.items():
+        info = bench["extra_info"]
+        assert info["device"] == device and info["size"] == "tiny" and info["shape"], name
+        assert info["group"] == bench["group"] and info["baseline"] == (BASELINES[info["group"]] == name)
+        assert bench["stats"]["rounds"] >= 1 and bench["stats"]["median"] > 0
+    paged = benchmarks["bench_optimizer_step[paged-adamw8bit]"]["extra_info"]
+    assert paged["paged"] == (device != "cpu")
+
+    rows = ratios(data)
+    assert len(rows) == len(EXPECTED)
+    for row in rows:
+        assert row["baseline"] == BASELINES[row["group"]]
+        assert math.isfinite(row["ratio"]) and row["ratio"] > 0
+        if row["name"] == row["baseline"]:
+            assert row["ratio"] == 1.0
+    table = format_table(rows, device)
+    assert "(baseline)" in table and "optimizer-step:" in table
+    assert "optimizer-step:" in done.stdout  # the run prints the same table

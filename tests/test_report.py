@@ -1,0 +1,298 @@
+"""The report: verdict logic, the claims ledger's choice of evidence, rendering, determinism, no torch, a browser.
+
+Renders from tests/fixtures/report-results/: real CPU records, predictions, probes and micro-benchmarks
+of this lab, plus a few synthetic records under fixture-gpu/ (device "FIXTURE GPU", marked as test
+data) that exercise the measured-GPU code path.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.report import verdicts
+from harness.report.claims import load_claims
+from harness.report.evidence import QUANTITIES
+from harness.report.ledger import build_ledger, build_row
+from harness.report.load import Results, load_results
+from harness.report.units import GB, GIB, LLAMA_2_7B_PARAMETERS, fmt_bytes
+
+FIXTURE = Path(__file__).parent / "fixtures" / "report-results"
+CLAIM_IDS = ["W-fp32", "W-over16", "G-fp32", "O-adam", "T-fp32", "T-half", "W-half", "F-bf16", "F-range",
+             "Q-int8-pg", "Q-int8-all", "Q-levels", "L-frac", "L-4x", "A-5gb", "Q-nf4", "P-paged", "GA-mem",
+             "GA-eq", "M-16gb", "X-65gb"]
+FIGURES_IN_FIXTURE = 7
+
+
+# --- verdicts: pure functions ------------------------------------------------------------------
+
+def test_relative_error_is_documents_minus_ours_over_ours():
+    assert verdicts.relative_error(112, 100) == pytest.approx(0.12)
+    assert verdicts.relative_error(28, 67.6) == pytest.approx(-0.5858, abs=1e-4)
+    assert verdicts.relative_error(0, 0) == 0.0
+
+
+@pytest.mark.parametrize("claimed, kind", [
+    (102.0, verdicts.HOLDS),        # exactly at the 2% tolerance: holds
+    (98.0, verdicts.HOLDS),
+    (102.1, verdicts.CAVEAT),       # just outside: the caveat band
+    (110.0, verdicts.CAVEAT),       # exactly at the 10% band
+    (110.1, verdicts.OFF),
+    (50.0, verdicts.OFF),
+])
+def test_judge_value_tolerance_edges(claimed, kind):
+    assert verdicts.judge_value(claimed, 100.0, 0.02, 0.10).kind == kind
+
+
+def test_off_by_label_is_signed_percent():
+    assert verdicts.judge_value(133.3, 100.0, 0.05, 0.10).label == "off by +33.3%"
+    assert verdicts.judge_value(28e9, 67.59e9, 0.02, 0.10).label == "off by -58.6%"
+    assert verdicts.judge_value(101, 100, 0.02, 0.10).label == "holds"
+
+
+def test_no_caveat_band_means_off_right_after_tolerance():
+    assert verdicts.judge_value(103, 100, 0.02).kind == verdicts.OFF
+
+
+def test_gb_versus_gib():
+    # 28 GB (1e9) against 28 GiB (2^30) is a 6.9% difference, not a rounding error.
+    verdict = verdicts.judge_value(28 * GB, 28 * GIB, 0.02, 0.05)
+    assert verdict.kind == verdicts.OFF and verdict.label == "off by -6.9%"
+    # 7e9 x 4 B against Llama-2-7B's real count: +3.9%, inside a 10% caveat band only.
+    assert verdicts.judge_value(28e9, LLAMA_2_7B_PARAMETERS * 4, 0.02, 0.10).kind == verdicts.CAVEAT
+    assert fmt_bytes(LLAMA_2_7B_PARAMETERS * 4) == "26.95 GB (25.10 GiB)"
+    assert fmt_bytes(0.5e9) == "500.00 MB (476.84 MiB)"
+
+
+def test_exceeds_is_wrong_when_it_fits():
+    assert verdicts.judge_exceeds(12e9, -1e9, 0.02, 0.15).kind == verdicts.WRONG
+    assert verdicts.judge_exceeds(12e9, 10.95e9, 0.02, 0.15).kind == verdicts.CAVEAT
+
+
+def test_at_most_uses_absolute_tolerances():
+    assert verdicts.judge_at_most(0.0059, 0.10).kind == verdicts.HOLDS
+    assert verdicts.judge_at_most(0.10, 0.10).kind == verdicts.HOLDS
+    assert verdicts.judge_at_most(0.12, 0.10).kind == verdicts.WRONG
+    assert verdicts.judge_at_most(0.03, 0.0, 0.01, 0.05).kind == verdicts.CAVEAT
+
+
+def test_at_least_overstatement_is_off():
+    assert verdicts.judge_at_least(65e9, 70e9, 0.05, 0.10).kind == verdicts.HOLDS
+    assert verdicts.judge_at_least(65e9, 62e9, 0.05, 0.10).kind == verdicts.HOLDS   # within 5%
+    assert verdicts.judge_at_least(65e9, 27.87e9, 0.05, 0.10).label == "off by +133.2%"
+
+
+def test_fits():
+    assert verdicts.judge_fits(5.7e9, 15.46e9, headroom=0.05).kind == verdicts.HOLDS
+    assert verdicts.judge_fits(15.0e9, 15.46e9, headroom=0.05).kind == verdicts.CAVEAT
+    assert verdicts.judge_fits(16.0e9, 15.46e9).kind == verdicts.WRONG
+    assert verdicts.judge_fits(None, 15.46e9, out_of_memory=True).kind == verdicts.WRONG
+
+
+def test_statements_and_standing_caveats():
+    assert verdicts.judge_statement(True).kind == verdicts.HOLDS
+    assert verdicts.judge_statement(False).kind == verdicts.WRONG
+    assert verdicts.judge_statement(True, "only on CUDA").kind == verdicts.CAVEAT
+    assert verdicts.with_caveat(verdicts.judge_statement(True), "random init").kind == verdicts.CAVEAT
+    off = verdicts.judge_value(2, 1, 0.1)
+    assert verdicts.with_caveat(off, "x") == off
+
+
+# --- the claims file ------------------------------------------------------------------------------
+
+def test_every_claim_id_once_with_unit_tolerance_and_evidence():
+    claims = load_claims()
+    assert [c.id for c in claims] == CLAIM_IDS
+    for claim in claims:
+        assert claim.unit and claim.tolerance >= 0 and claim.needs, claim.id
+        assert claim.evidence["quantity"] in QUANTITIES, claim.id
+        assert claim.compare == "statement" or claim.figure_value is not None or claim.compare == "error", claim.id
+
+
+# --- choosing evidence: GPU > (CPU where device-independent) > simulated > analytic ----------------
+
+def _prediction(method: str, experiment="fp32", weights=26.95e9, total=107.8e9):
+    categories = {"weights": weights, "quant_constants": 0, "gradients": weights, "optimizer_state": 2 * weights,
+                  "activations": 0, "other": 0}
+    return {"kind": "prediction", "method": method, "experiment": experiment, "model": "llama-2-7b", "seq_len": 512,
+            "micro_batch": 1, "grad_accum": 1, "device_type": "cuda", "total_bytes": total,
+            "categories": categories, "persistent": {k: categories[k] for k in list(categories)[:4]},
+            "parameters": {"total": LLAMA_2_7B_PARAMETERS, "trainable": LLAMA_2_7B_PARAMETERS},
+            "_file": f"predictions/{experiment}__{method}.json"}
+
+
+def _record(device_type: str, status="ok", experiment="fp32", model="llama-2-7b", weights=26.9e9, trainable_pct=100.0):
+    memory = None
+    if status == "ok":
+        memory = {"source": "cuda" if device_type == "cuda" else "cpu-tracked-tensors", "peak_allocated": 4 * weights,
+                  "persistent": {"weights": weights, "quant_constants": 0, "gradients": weights,
+                                 "optimizer_state": 2 * weights}}
+    return {"status": status, "experiment": experiment, "model": model, "_file": f"{device_type}/{experiment}.json",
+            "_slug": device_type, "config": {"seq_len": 512, "micro_batch": 1, "grad_accum": 1},
+            "environment": {"device_type": device_type, "device_name": "TEST GPU" if device_type == "cuda" else "CPU"},
+            "budget": None, "memory": memory, "parameters": {"trainable_pct": trainable_pct},
+            "error": {"phase": "optimizer", "step": 0} if status == "oom" else None}
+
+
+def _claim(claim_id: str):
+    return next(c for c in load_claims() if c.id == claim_id)
+
+
+def test_evidence_prefers_gpu_then_simulated_then_analytic():
+    claim = _claim("W-fp32")
+    results = Results(root=Path("."), predictions=[_prediction("analytic")])
+    assert build_row(claim, results).basis.method == "analytic"
+    results.predictions.append(_prediction("simulated", weights=26.954e9))
+    assert build_row(claim, results).basis.method == "simulated"
+    results.records.append(_record("cpu", weights=0.02e9))  # CPU bytes never stand in for a 7B GPU figure
+    row = build_row(claim, results)
+    assert row.basis.method == "simulated" and row.cpu is None
+    results.records.append(_record("cuda", status="oom"))  # an OOM gives no weight bytes: still simulated
+    row = build_row(claim, results)
+    assert row.basis.method == "simulated" and row.gpu.status == "oom"
+    results.records.append(_record("cuda"))
+    row = build_row(claim, results)
+    assert row.basis.method == "gpu" and row.basis.value == 26.9e9
+    assert "TEST GPU" in row.why
+
+
+def test_cpu_records_count_for_device_independent_claims_and_are_labelled():
+    claim = _claim("L-frac")
+    lora = {**_prediction("analytic", "lora"), "parameters": {"total": 100, "trainable": 1}}
+    results = Results(root=Path("."), predictions=[lora])
+    assert build_row(claim, results).basis.method == "analytic"
+    results.records.append(_record("cpu", experiment="lora", model="tiny-llama", trainable_pct=5.59))
+    row = build_row(claim, results)
+    assert row.basis.method == "cpu" and row.verdict.kind == verdicts.HOLDS
+    assert "CPU" in row.why and "not a GPU figure" in row.why
+
+
+def test_claim_without_any_evidence_is_not_yet_checked():
+    row = build_row(_claim("P-paged"), Results(root=Path(".")))
+    assert row.verdict.kind == verdicts.UNCHECKED and "CUDA" in row.why
+
+
+def test_fixture_ledger_picks_the_right_evidence():
+    rows = {row.claim.id: row for row in build_ledger(load_results(FIXTURE))}
+    assert set(rows) == set(CLAIM_IDS)
+    assert rows["T-half"].basis.method == "gpu"            # fixture GPU record of bf16-pure
+    assert rows["W-fp32"].basis.method == "simulated"      # the GPU fp32 run is an OOM
+    assert rows["W-fp32"].gpu.status == "oom"
+    assert rows["M-16gb"].basis.method == "gpu" and rows["M-16gb"].verdict.kind == verdicts.HOLDS
+    assert rows["L-4x"].basis.method == "cpu" and rows["L-4x"].verdict.label == "off by -75.0%"
+    assert rows["GA-mem"].basis.method == "cpu"
+    assert rows["X-65gb"].basis.method == "simulated" and rows["X-65gb"].verdict.kind == verdicts.OFF
+    for claim_id in ("F-bf16", "F-range", "Q-levels", "GA-eq"):
+        assert rows[claim_id].basis.method == "probe"
+    assert rows["F-bf16"].verdict.kind == verdicts.HOLDS
+    assert rows["Q-levels"].verdict.kind == verdicts.CAVEAT  # the probe swept random-init weights
+
+
+# --- rendering ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    from harness.report.render import render
+
+    first = render(FIXTURE, tmp_path_factory.mktemp("report-a"))
+    second = render(FIXTURE, tmp_path_factory.mktemp("report-b"))
+    return first, second
+
+
+def test_render_carries_every_claim_and_figure(rendered):
+    report, _ = rendered
+    markdown, page = report.markdown.read_text(), report.html.read_text()
+    for claim_id in CLAIM_IDS:
+        assert claim_id in markdown and claim_id in page
+    assert report.expected_images == FIGURES_IN_FIXTURE
+    assert page.count("<img ") == FIGURES_IN_FIXTURE and page.count("data:image/png;base64,") == FIGURES_IN_FIXTURE
+    assert markdown.count("](figures/") == FIGURES_IN_FIXTURE
+    assert sorted(p.name for p in report.figures) == sorted(p.name for p in (report.html.parent / "figures").iterdir())
+    assert "Not drawn" not in markdown
+    headings = [line for line in markdown.splitlines() if line.startswith("## ")]
+    assert headings == ["## Verdicts at a glance", "## The claims ledger", "## Figures", "## Loss on a pretrained base", "## Runs",
+                        "## Micro-benchmarks", "## Environment and provenance"]
+
+
+def test_run_table_has_oom_and_failed_rows(rendered):
+    markdown = rendered[0].markdown.read_text()
+    runs = markdown.split("## Runs")[1].split("### Memory predictions")[0]
+    rows = [line for line in runs.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == len(load_results(FIXTURE).records)
+    assert sum("| oom" in row for row in rows) == 3        # CPU budget OOM + two fixture GPU OOMs
+    assert sum("| failed" in row for row in rows) == 1
+    assert "GB (1e9 bytes)" in runs and "not a GPU figure" in runs
+
+
+def test_loss_section_judges_each_fine_tune_against_its_reference(rendered):
+    section = rendered[0].markdown.read_text().split("## Loss on a pretrained base")[1].split("## Runs")[0]
+    base_table, parity_table = [part for part in section.split("\n\n") if part.startswith("| ")]
+    assert len(base_table.splitlines()) == 3 and "| 8.3" in base_table  # one base, from about ln 4096
+    rows = {line.split(" | ")[2]: line for line in parity_table.splitlines()[2:]}
+    # the fp32 baseline, the failed qlora run and every random-init run have no row
+    assert sorted(rows) == ["bf16-mixed", "int8-lora", "lora"]
+    assert "| fp32<br>" in rows["bf16-mixed"] and "| lora<br>" in rows["int8-lora"] and "| fp32<br>" in rows["lora"]
+    assert all("| holds<br>" in row or "| off by" in row for row in rows.values())
+
+
+def test_microbench_table_shows_cpu_and_gpu_side_by_side(rendered):
+    section = rendered[0].markdown.read_text().split("## Micro-benchmarks")[1].split("## Environment")[0]
+    header = section.strip().splitlines()[0]
+    assert "cpu: x baseline" in header and "FIXTURE GPU" in header
+    assert "baseline" in section
+
+
+def test_render_is_byte_identical(rendered):
+    first, second = rendered
+    assert first.markdown.read_bytes() == second.markdown.read_bytes()
+    assert first.html.read_bytes() == second.html.read_bytes()
+    for a, b in zip(sorted(first.figures), sorted(second.figures)):
+        assert a.name == b.name and a.read_bytes() == b.read_bytes()
+
+
+def test_missing_inputs_give_sentences_not_empty_plots(tmp_path):
+    from harness.report.render import render
+
+    report = render(tmp_path / "no-results", tmp_path / "out")
+    markdown, page = report.markdown.read_text(), report.html.read_text()
+    assert report.expected_images == 0 and "<img " not in page
+    assert markdown.count("_Not drawn:") == FIGURES_IN_FIXTURE
+    assert all("`" in line for line in markdown.splitlines() if line.startswith("_Not drawn:"))  # names a command
+    assert "no GPU run recorded yet" in markdown
+    for claim_id in CLAIM_IDS:
+        assert claim_id in markdown
+
+
+def test_report_imports_no_torch():
+    code = ("import sys, harness.report.render, harness.report.browser; "
+            "bad = [m for m in ('torch', 'harness.worker', 'harness.runner', 'harness.train', 'harness.models', "
+            "'harness.simulate') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_cli_report_subcommand(tmp_path):
+    from harness.cli import build_parser
+
+    args = build_parser().parse_args(["report", "--results", str(FIXTURE), "--out", str(tmp_path)])
+    assert args.results == FIXTURE and args.out == tmp_path and args.func.__name__ == "cmd_report"
+
+
+# --- a real browser -------------------------------------------------------------------------------
+
+def test_page_loads_in_headless_chromium(rendered):
+    from harness.report.browser import check_page, find_chromium
+
+    binary = find_chromium()
+    if binary is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium): the report's browser check did not run")
+    check = check_page(rendered[0].html, binary)
+    assert check.stats["images"] == FIGURES_IN_FIXTURE
+    assert check.stats["decoded"] == FIGURES_IN_FIXTURE
+    assert check.stats["tables"] >= 5
+    assert check.console_errors == [] and check.exceptions == []
+    assert re.search("VRAM", check.stats["title"])
