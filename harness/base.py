@@ -116,8 +116,8 @@ def pretrain(recipe: Recipe, device_type: str, results_dir: str | Path = "result
     import torch
 
     from harness import records
-    from harness.config import LoraSettings, OptimSettings
-    from harness.data import Batches, corpus_id, corpus_texts, token_stream, trained_tokenizer
+    from harness.config import DataSettings, LoraSettings, OptimSettings
+    from harness.data import load_batches
     from harness.models import resolve_source
     from harness.techniques import TECHNIQUES
     from harness.train import Progress, build_training, evaluate, train_step
@@ -127,14 +127,12 @@ def pretrain(recipe: Recipe, device_type: str, results_dir: str | Path = "result
     torch.manual_seed(recipe.seed)
     source = resolve_source(recipe.preset)
     vocab = source.config.vocab_size
-    texts = corpus_texts(PRETRAIN_DATA, recipe.max_bytes, split="train")
-    corpus = corpus_id(PRETRAIN_DATA, texts)
-    tokenizer = trained_tokenizer(texts, vocab, corpus)
-    stream = token_stream(texts, tokenizer, corpus)
-    held_out_texts = corpus_texts(PRETRAIN_DATA, recipe.max_bytes, split="eval")
-    held_out = token_stream(held_out_texts, tokenizer, corpus_id(PRETRAIN_DATA, held_out_texts))
-    batches = Batches(stream, recipe.seq_len, recipe.micro_batch, 1, recipe.seed)
-    eval_batch = Batches(held_out, recipe.seq_len, recipe.eval_sequences, 1, recipe.seed).step(0, device)[0]
+    # a random-init preset gets a BPE of its vocabulary size trained on the training split
+    data = DataSettings(source=PRETRAIN_DATA, max_bytes=recipe.max_bytes)
+    batches, tokenizer, data_info = load_batches(data, source, recipe.seq_len, recipe.micro_batch, 1, recipe.seed)
+    held_out, _, held_out_info = load_batches(data, source, recipe.seq_len, recipe.eval_sequences, 1, recipe.seed,
+                                              split="eval", tokenizer=tokenizer)
+    eval_batch = held_out.step(0, device)[0]
 
     technique = TECHNIQUES[recipe.technique]
     cfg = SimpleNamespace(seed=recipe.seed, attn_implementation="sdpa", trust_remote_code=False,
@@ -165,8 +163,9 @@ def pretrain(recipe: Recipe, device_type: str, results_dir: str | Path = "result
     tokenizer.save_pretrained(staging)
     environment = records.current_environment(device_type)
     record = {"kind": "base", "schema_version": 1, "recipe": asdict(recipe), "recipe_id": recipe_id(recipe),
-              "technique": recipe.technique, "data": {"source": PRETRAIN_DATA, "corpus": corpus, "tokens": int(len(stream)),
-                                                  "held_out_tokens": int(len(held_out))},
+              "technique": recipe.technique, "data": {"source": PRETRAIN_DATA, "corpus": data_info["corpus"],
+                                                  "tokens": data_info["tokens"],
+                                                  "held_out_tokens": held_out_info["tokens"]},
               "parameters": sum(p.numel() for p in model.parameters()), "tokens_trained": recipe.tokens,
               "uniform_loss": uniform, "train_loss": progress.losses, "held_out": evaluations,
               "final_held_out_loss": evaluations[-1]["loss"], "seconds": time.perf_counter() - started,

@@ -232,26 +232,24 @@ def _base_bytes(persistent: dict | None) -> float | None:
     return weights + constants - gradients
 
 
-def base_bits(results: Results, spec: dict, method: str) -> Observation | None:
+def _bits_per_parameter(results: Results, spec: dict, method: str, bytes_of) -> Observation | None:
+    """8 x bytes_of(persistent memory) / total parameters, from a prediction or a record."""
     def bits(persistent, total):
-        base = _base_bytes(persistent)
-        return 8 * base / total if base is not None and total else None
+        numerator = bytes_of(persistent)
+        return 8 * numerator / total if numerator is not None and total else None
 
     return _per_experiment(
         results, spec, method,
         lambda p, res: bits(p.get("persistent"), _get(_analytic_parameters(res, p), "total")),
         lambda r: bits(_get(r, "memory", "persistent"), _get(r, "parameters", "total")))
+
+
+def base_bits(results: Results, spec: dict, method: str) -> Observation | None:
+    return _bits_per_parameter(results, spec, method, _base_bytes)
 
 
 def constant_bits(results: Results, spec: dict, method: str) -> Observation | None:
-    def bits(persistent, total):
-        constants = _get(persistent, "quant_constants")
-        return 8 * constants / total if constants is not None and total else None
-
-    return _per_experiment(
-        results, spec, method,
-        lambda p, res: bits(p.get("persistent"), _get(_analytic_parameters(res, p), "total")),
-        lambda r: bits(_get(r, "memory", "persistent"), _get(r, "parameters", "total")))
+    return _bits_per_parameter(results, spec, method, lambda persistent: _get(persistent, "quant_constants"))
 
 
 def accumulation_extra(results: Results, spec: dict, method: str) -> Observation | None:

@@ -51,6 +51,19 @@ def _technique_key(name: str) -> tuple:
     return (TECHNIQUE_ORDER.index(name) if name in TECHNIQUE_ORDER else len(TECHNIQUE_ORDER), name)
 
 
+def _panel_grid(count: int, max_columns: int, panel_size: tuple[float, float]):
+    """A figure with `count` panels, at most `max_columns` to a row (axes as a 2-D array)."""
+    columns = min(max_columns, count)
+    rows = -(-count // columns)
+    return plt.subplots(rows, columns, figsize=(panel_size[0] * columns, panel_size[1] * rows), squeeze=False)
+
+
+def _experiment_palette(frame: pd.DataFrame) -> tuple[list[str], dict]:
+    """The frame's experiments in technique order, and one colour each (the same in every panel)."""
+    experiments = sorted(frame["experiment"].unique(), key=_technique_key)
+    return experiments, dict(zip(experiments, sns.color_palette("tab20", len(experiments))))
+
+
 def _gpu_label(row) -> str:
     return str(row["device_name"]) if row["device_type"] == "cuda" else "CPU (tracked bytes)"
 
@@ -187,11 +200,8 @@ def throughput_vs_memory(runs: pd.DataFrame) -> FigureResult:
     done["panel"] = done["model"] + " | " + done["device"]
     done["peak_gb"] = done["peak_allocated"] / 1e9
     panels = sorted(done["panel"].unique())
-    columns = min(3, len(panels))
-    rows = -(-len(panels) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.6 * rows), squeeze=False)
-    experiments = sorted(done["experiment"].unique(), key=_technique_key)
-    palette = dict(zip(experiments, sns.color_palette("tab20", len(experiments))))
+    fig, axes = _panel_grid(len(panels), 3, (4.6, 3.6))
+    experiments, palette = _experiment_palette(done)
     for ax, panel in zip(axes.flat, panels):
         part = done[done["panel"] == panel]
         sns.scatterplot(data=part, x="peak_gb", y="tokens_per_s", hue="experiment", palette=palette,
@@ -237,11 +247,8 @@ def loss_curves(results: Results, runs: pd.DataFrame) -> FigureResult:
         return FigureResult(name, title, "", missing="No finished runs with losses: `make bench` produces them.")
     frame = pd.DataFrame(lines)
     panels = sorted(frame["panel"].unique())
-    columns = min(2, len(panels))
-    rows = -(-len(panels) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 3.8 * rows), squeeze=False)
-    experiments = sorted(frame["experiment"].unique(), key=_technique_key)
-    palette = dict(zip(experiments, sns.color_palette("tab20", len(experiments))))
+    fig, axes = _panel_grid(len(panels), 2, (6.5, 3.8))
+    experiments, palette = _experiment_palette(frame)
     for ax, panel in zip(axes.flat, panels):
         part = frame[frame["panel"] == panel]
         train = part[part["kind"] == "train"]

@@ -129,11 +129,7 @@ def run_row(record: dict) -> dict:
         "commit": _get(record, "environment", "git", "commit"), "dirty": _get(record, "environment", "git", "dirty"),
         "started_at": record.get("started_at"),
     }
-    for name in CATEGORIES:
-        row[f"peak_{name}"] = _get(memory, "breakdown_at_peak", name)
-    for name in PERSISTENT:
-        row[f"persistent_{name}"] = _get(memory, "persistent", name)
-    return row
+    return _with_categories(row, memory.get("breakdown_at_peak"), memory.get("persistent"))
 
 
 def runs_frame(results: Results) -> pd.DataFrame:
@@ -149,10 +145,15 @@ def prediction_row(prediction: dict) -> dict:
     row["file"] = prediction.get("_file")
     row["parameters_total"] = _get(prediction, "parameters", "total")
     row["parameters_trainable"] = _get(prediction, "parameters", "trainable")
+    return _with_categories(row, prediction.get("categories"), prediction.get("persistent"))
+
+
+def _with_categories(row: dict, at_peak: dict | None, persistent: dict | None) -> dict:
+    """peak_<category> and persistent_<category> columns (None where absent)."""
     for name in CATEGORIES:
-        row[f"peak_{name}"] = _get(prediction, "categories", name)
+        row[f"peak_{name}"] = _get(at_peak, name)
     for name in PERSISTENT:
-        row[f"persistent_{name}"] = _get(prediction, "persistent", name)
+        row[f"persistent_{name}"] = _get(persistent, name)
     return row
 
 
