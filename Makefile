@@ -1,8 +1,12 @@
 # Two commands do everything on a fresh machine: `make bench` and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
-PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The interpreter every target runs. By default the project's own .venv, created and installed
+# on first use; PY=python3 (any interpreter that already has the packages, such as a GPU
+# machine's own) installs nothing.
+PY ?= $(VENV)/bin/python
+SETUP := $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
 # Where a GPU is present pip's default torch build (CUDA) is used; otherwise the CPU build.
 TORCH_SPEC ?= $(shell if nvidia-smi -L >/dev/null 2>&1; then echo torch; else echo torch==2.13.0; fi)
 
@@ -12,7 +16,7 @@ BUDGET_GB ?=
 EXPERIMENTS ?=
 BENCH_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(BUDGET_GB),--budget-gb $(BUDGET_GB)) $(if $(EXPERIMENTS),--experiments $(EXPERIMENTS))
 
-.PHONY: install bench base report report-check test chromium microbench validate clean
+.PHONY: install bench gpu-evidence base report report-check test chromium microbench validate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,24 +29,48 @@ install: $(STAMP)
 # The matrix (pretraining the lab's base model first if a run needs it), the probes, the claims'
 # memory predictions (skipped where saved), then the report.
 # A failed run is a result too: the report is rendered anyway, and the exit status says it failed.
-bench: $(STAMP)
+bench: $(SETUP)
 	@status=0; $(PY) -m harness bench $(BENCH_ARGS) || status=$$?; \
 	$(PY) -m harness probes && $(PY) -m harness predict --claims && $(PY) -m harness report || status=1; \
 	exit $$status
 
+# The GPU evidence pass: the `evidence` plan of experiments/matrix.yaml, most valuable cell
+# first, each in its own process, none started past TIME_BUDGET; then the CUDA
+# micro-benchmarks (MICROBENCH= leaves them out) and the report, all in one archive to bring
+# back. Running it again resumes with the cells still missing.
+#   make gpu-evidence PY=python3 TIME_BUDGET=8m ARCHIVE=/somewhere/evidence.tar.gz
+#   make gpu-evidence DRY_RUN=1 CARD_GB=141     # the plan with estimated times, on any machine
+TIME_BUDGET ?= 11m
+CARD_GB ?= 80
+MICROBENCH ?= 1
+ARCHIVE ?= gpu-evidence.tar.gz
+EVIDENCE := $(PY) -m harness bench --plan evidence --time-budget $(TIME_BUDGET)
+gpu-evidence: $(SETUP)
+ifdef DRY_RUN
+	$(EVIDENCE) --device cuda --device-gb $(CARD_GB) --dry-run
+else
+	@# --allow-shared-gpu: a lease is too short to lose to a stray process; a record taken
+	@# beside one says so (shared_gpu), and the report shows it.
+	@status=0; $(EVIDENCE) --device cuda --allow-shared-gpu || status=$$?; \
+	if [ -n "$(MICROBENCH)" ]; then $(PY) -m harness.microbench --benchmark-max-time=0.2 || status=1; fi; \
+	$(PY) -m harness report || status=1; \
+	tar czf $(ARCHIVE) results reports && echo "records and report: $(ARCHIVE)"; \
+	exit $$status
+endif
+
 # Pretrain the base model the loss comparison fine-tunes (cached; `--force` through the CLI retrains)
-base: $(STAMP)
+base: $(SETUP)
 	$(PY) -m harness base
 
 # reports/index.md and reports/index.html (figures in reports/figures/), from results/ alone
-report: $(STAMP)
+report: $(SETUP)
 	$(PY) -m harness report
 
 # Open reports/index.html in headless Chromium: every image decodes, no console errors
-report-check: $(STAMP)
+report-check: $(SETUP)
 	$(PY) -m harness.report.browser reports/index.html
 
-test: $(STAMP) chromium
+test: $(SETUP) chromium
 	$(PY) -m pytest -q
 
 # The report's browser test needs Chromium: installed where possible (root with apt-get), else skipped.
@@ -55,10 +83,10 @@ chromium:
 	else echo "chromium not found (installing it needs root and apt-get): the report's browser test will be skipped"; fi
 
 # Kernel micro-benchmarks at the sizes of this device: results/microbench/<device>.json
-microbench: $(STAMP)
+microbench: $(SETUP)
 	$(PY) -m harness.microbench
 
-validate: $(STAMP)
+validate: $(SETUP)
 	$(PY) -m harness validate
 
 clean:

@@ -17,11 +17,15 @@ from pathlib import Path
 
 from harness import records
 from harness.base import BASE_SOURCE, base_checkpoint_path
+from harness.estimate import Estimate, estimate_run, parse_duration
 from harness.config import MATRIX_FILE, ConfigError, build_dataclass, experiment_files, read_yaml
 from harness.runner import prepare, run_config, summary_line
 
 # Memory held on the GPU by others beyond this means a polluted peak (a bare context is less).
 SHARED_GPU_THRESHOLD = 1 * 2**30
+# Under a time budget a run is stopped at this many times its estimate (never sooner than the minimum).
+BUDGET_OVERRUN_FACTOR = 4
+BUDGET_MIN_TIMEOUT_S = 180
 
 
 @dataclass
@@ -38,10 +42,9 @@ class MatrixBlock:
     note: str = ""
 
 
-@dataclass
-class Matrix:
-    cpu: list[MatrixBlock]
-    cuda: list[MatrixBlock]
+# A matrix file maps plan names to ordered lists of blocks. `cpu` and `cuda` are the plans
+# `make bench` runs on each device class; any other (e.g. `evidence`) runs with --plan NAME.
+Matrix = dict[str, list[MatrixBlock]]
 
 
 @dataclass
@@ -50,11 +53,22 @@ class PlannedRun:
     repeat: int
     path: Path
     note: str
+    estimate: Estimate | None = None  # filled for a time budget or a dry run
 
 
 def load_matrix(path: str | Path) -> Matrix:
     path = Path(path).resolve()
-    return build_dataclass(Matrix, read_yaml(path), path)
+    data = read_yaml(path)
+    for device_type in ("cpu", "cuda"):
+        if device_type not in data:
+            raise ConfigError(path, device_type, "is required (the plan `make bench` runs on that device class)")
+    matrix = {}
+    for name, blocks in data.items():
+        if not isinstance(blocks, list):
+            raise ConfigError(path, name, f"expected a list of blocks, got {type(blocks).__name__}")
+        matrix[name] = [build_dataclass(MatrixBlock, block, path, prefix=f"{name}[{index}].")
+                        for index, block in enumerate(blocks)]
+    return matrix
 
 
 def gpu_total_gb() -> float | None:
@@ -67,18 +81,21 @@ def gpu_total_gb() -> float | None:
         return None
 
 
-def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Path, *, models=None,
-           experiments=None, budgets_gb=None, seq_lens=None, repeat: int = 1,
+def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Path, *, plan: str | None = None,
+           models=None, experiments=None, budgets_gb=None, seq_lens=None, repeat: int = 1,
            device_gb: float | None = None) -> tuple[list[PlannedRun], list[str]]:
-    """The runs of the matrix for a device type, with command-line replacements applied.
+    """The runs of a plan (default: the device type's own), in order, with command-line replacements applied.
 
     Returns the runs (duplicates removed) and the notes of blocks skipped on this device.
     """
+    plan = plan or device_type
+    if plan not in matrix:
+        raise ConfigError(experiments_dir / MATRIX_FILE, plan, f"no such plan; plans: {', '.join(matrix)}")
     available = {p.stem: p for p in experiment_files(experiments_dir)}
     planned: dict[Path, PlannedRun] = {}
     skipped = []
     device_name = records.device_name(device_type)
-    for block in getattr(matrix, device_type):
+    for block in matrix[plan]:
         if block.min_device_gb and (device_gb or 0) < block.min_device_gb:
             skipped.append(f"{block.note or block.experiments}: needs a card of >= {block.min_device_gb:g} GB")
             continue
@@ -111,7 +128,7 @@ def is_current(path: Path, fingerprint: str) -> bool:
         record = records.read_record(path)
     except (OSError, ValueError):
         return False
-    return record.get("status") in ("ok", "oom") and record.get("fingerprint") == fingerprint
+    return record.get("status") in records.MEASURED and record.get("fingerprint") == fingerprint
 
 
 def other_gpu_users() -> str | None:
@@ -136,28 +153,93 @@ def clean_interrupted_writes(out_dir: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def run_matrix(planned: list[PlannedRun], fingerprint: str, *, force: bool = False, allow_shared_gpu: bool = False,
-               timeout_s: float | None = None, stream=sys.stdout) -> list[dict]:
-    """Run what is missing; returns every planned run's record (the ones skipped included)."""
-    results = []
+def estimate_runs(planned: list[PlannedRun], device_type: str) -> None:
+    """Fill each run's estimated GPU time (harness.estimate), from its model's shape."""
+    from harness.base import RECIPES
+    from harness.presets import preset_config
+
+    configs: dict[str, object] = {}
+    for run in planned:
+        model = run.config["model"]
+        if model not in configs:
+            if model == BASE_SOURCE:  # the shape of the recipe's preset, pretrained or not
+                configs[model] = preset_config(RECIPES[device_type].preset)
+            else:
+                from harness.models import resolve_source
+
+                configs[model] = resolve_source(model, run.config["trust_remote_code"], device_type).config
+        run.estimate = estimate_run(run.config, configs[model])
+
+
+def _label(index: int, total: int, run: PlannedRun) -> str:
+    config = run.config
+    return (f"[{index}/{total}] {config['name']} @ {config['model']} seq {config['seq_len']}"
+            f" x{config['micro_batch']}x{config['grad_accum']}"
+            + (f" budget {config['budget_gb']:g} GB" if config["budget_gb"] else "")
+            + (f" repeat {run.repeat}" if run.repeat else ""))
+
+
+def print_plan(planned: list[PlannedRun], fingerprint: str, budget_s: float | None, stream=sys.stdout) -> list[PlannedRun]:
+    """The dry run: each run with its estimate, in order; returns the runs a budget would leave out.
+
+    It applies the rule the real pass applies, as if every estimate were exact.
+    """
+    left = budget_s
+    left_out = []
     total = len(planned)
     for index, run in enumerate(planned, 1):
-        label = (f"[{index}/{total}] {run.config['name']} @ {run.config['model']} seq {run.config['seq_len']}"
-                 f" x{run.config['micro_batch']}x{run.config['grad_accum']}"
-                 + (f" budget {run.config['budget_gb']:g} GB" if run.config["budget_gb"] else "")
-                 + (f" repeat {run.repeat}" if run.repeat else ""))
+        label = _label(index, total, run)
+        if is_current(run.path, fingerprint):
+            print(f"  {label}: done before", file=stream)
+            continue
+        estimate = run.estimate.seconds if run.estimate else None
+        if left is not None and estimate is not None and estimate > left:
+            left_out.append(run)
+            print(f"  {label}: {estimate:6.0f} s  NOT STARTED: over the {left:.0f} s left of the budget", file=stream)
+            continue
+        if left is not None and estimate is not None:
+            left -= estimate
+        text = run.estimate.describe() if run.estimate else "no estimate"
+        after = f"  ({left:.0f} s left)" if left is not None else ""
+        print(f"  {label}: {text}{after}", file=stream)
+    return left_out
+
+
+def run_matrix(planned: list[PlannedRun], fingerprint: str, *, force: bool = False, allow_shared_gpu: bool = False,
+               timeout_s: float | None = None, budget_s: float | None = None, stream=sys.stdout) -> list[dict]:
+    """Run what is missing, in order; returns every planned run's record (the ones skipped included).
+
+    With a time budget (seconds, from now), a run whose estimate exceeds what is left is not
+    started (later, smaller runs still may be), and no run may outlast the budget.
+    """
+    results = []
+    total = len(planned)
+    deadline = time.monotonic() + budget_s if budget_s is not None else None
+    for index, run in enumerate(planned, 1):
+        label = _label(index, total, run)
         if not force and is_current(run.path, fingerprint):
             record = records.read_record(run.path)
             print(f"{label}: done before, skipped ({record['status']})", file=stream, flush=True)
             results.append(record)
             continue
+        run_timeout = timeout_s
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if run.estimate.seconds > left:
+                print(f"{label}: not started: estimated {run.estimate.seconds:.0f} s, {max(left, 0):.0f} s left "
+                      "of the time budget", file=stream, flush=True)
+                continue
+            # a run that overruns its estimate badly is stopped (and recorded) rather than eat the budget
+            limit = min(left, max(BUDGET_OVERRUN_FACTOR * run.estimate.seconds, BUDGET_MIN_TIMEOUT_S))
+            run_timeout = min(run_timeout, limit) if run_timeout else limit
         polluted = other_gpu_users() if run.config["device"] == "cuda" else None
         if polluted and not allow_shared_gpu:
             raise SystemExit(f"refusing to measure on a shared GPU: {polluted} "
                              "(--allow-shared-gpu records it anyway, marked)")
-        print(f"{label} ...", file=stream, flush=True)
+        estimate = f" (estimated {run.estimate.seconds:.0f} s)" if run.estimate else ""
+        print(f"{label}{estimate} ...", file=stream, flush=True)
         started = time.perf_counter()
-        path, record = run_config(run.config, run.path.parent.parent, run.repeat, timeout_s)
+        path, record = run_config(run.config, run.path.parent.parent, run.repeat, run_timeout)
         if polluted:
             record["shared_gpu"] = polluted  # the peak may include another process's memory
             records.write_atomic(path, record)
@@ -219,21 +301,31 @@ def main(args) -> int:
     out_dir = Path(args.out)
     device_type = records.resolve_device(args.device)
     matrix = load_matrix(matrix_path)
+    budget_s = args.time_budget
+    device_gb = args.device_gb or (gpu_total_gb() if device_type == "cuda" else None)
 
     def plan():
-        return expand(matrix, device_type, experiments_dir, out_dir, models=args.model and [args.model],
-                      experiments=args.experiments, budgets_gb=args.budget_gb and [args.budget_gb],
-                      seq_lens=args.seq_len and [args.seq_len], repeat=args.repeat,
-                      device_gb=gpu_total_gb() if device_type == "cuda" else None)
+        planned, skipped = expand(
+            matrix, device_type, experiments_dir, out_dir, plan=args.plan, models=args.model and [args.model],
+            experiments=args.experiments, budgets_gb=args.budget_gb and [args.budget_gb],
+            seq_lens=args.seq_len and [args.seq_len], repeat=args.repeat, device_gb=device_gb)
+        if budget_s is not None or args.dry_run:
+            estimate_runs(planned, device_type)
+        return planned, skipped
 
     planned, skipped = plan()
     environment = records.current_environment(device_type)
-    print(f"matrix {matrix_path} on {environment['device_name']}: {len(planned)} runs", flush=True)
+    fingerprint = records.fingerprint(environment)
+    card = f", a {device_gb:g} GB card" if device_gb else ""
+    budget = f", time budget {budget_s:.0f} s" if budget_s is not None else ""
+    print(f"plan '{args.plan or device_type}' of {matrix_path} on {environment['device_name']}{card}: "
+          f"{len(planned)} runs{budget}", flush=True)
     for note in skipped:
         print(f"  not on this device: {note}")
     if args.dry_run:
-        for run in planned:
-            print(f"  {run.path}")
+        left_out = print_plan(planned, fingerprint, budget_s)
+        if left_out:
+            print(f"{len(left_out)} runs would not start within the budget (a later pass resumes them)")
         return 0
     clean_interrupted_writes(out_dir)
     if any(run.config["model"] == BASE_SOURCE for run in planned) and base_checkpoint_path(device_type) is None:
@@ -244,16 +336,19 @@ def main(args) -> int:
         if pretraining.returncode:  # its runs then fail with a record saying so; the others go on
             print(f"pretraining the base failed (exit {pretraining.returncode}): runs on it will fail", flush=True)
         planned, _ = plan()  # the fine-tunes' configurations name the checkpoint now made
-    results = run_matrix(planned, records.fingerprint(environment), force=args.force,
-                         allow_shared_gpu=args.allow_shared_gpu, timeout_s=args.timeout)
+    results = run_matrix(planned, fingerprint, force=args.force, allow_shared_gpu=args.allow_shared_gpu,
+                         timeout_s=args.timeout, budget_s=budget_s)
     table = summary_table(results)
     print()
     print(table.to_string(index=False))
     for message in repeat_consistency(results):
         print(message)
+    not_started = len(planned) - len(results)
+    if not_started:
+        print(f"\n{not_started} runs not started within the time budget: the same command resumes them.")
     if device_type == "cpu":
         print("\nCPU run: memory is tracked tensor bytes, time is CPU time; neither is a GPU figure.")
-    return 0 if all(r["status"] in ("ok", "oom") for r in results) else 1
+    return 0 if all(r["status"] in records.FINISHED for r in results) else 1
 
 
 def add_arguments(parser) -> None:
@@ -270,5 +365,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--allow-shared-gpu", action="store_true",
                         help="measure even if other processes hold GPU memory (records are marked)")
     parser.add_argument("--timeout", type=float, help="seconds per run before it is killed and recorded")
-    parser.add_argument("--dry-run", action="store_true", help="list the planned runs and stop")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the planned runs with their estimated GPU time and stop")
+    parser.add_argument("--plan", help="a plan of the matrix file (default: the device type's, cpu or cuda); "
+                        "e.g. evidence: the claims-first GPU pass")
+    parser.add_argument("--time-budget", metavar="DURATION", type=parse_duration,
+                        help="start no run whose estimated time exceeds what is left (e.g. 11m, 600s)")
+    parser.add_argument("--device-gb", type=float,
+                        help="plan for a card of this many GB (default: the GPU's own; useful with --dry-run)")
 

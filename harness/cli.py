@@ -19,13 +19,14 @@ def _overrides(args) -> dict:
 
 
 def cmd_run(args) -> int:
+    from harness import records
     from harness.runner import prepare, run_config, summary_line
 
     config = prepare(args.experiment, _overrides(args))
     path, record = run_config(config, args.out, timeout_s=args.timeout)
     print(summary_line(record))
     print(f"record: {path}")
-    return 0 if record["status"] in ("ok", "oom") else 1
+    return 0 if record["status"] in records.FINISHED else 1
 
 
 def cmd_bench(args) -> int:

@@ -172,14 +172,22 @@ def _quantize_linear(module, device: torch.device, dtype: torch.dtype, std: floa
         module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=dtype, device=device))
 
 
+def quantized_linear_types() -> tuple[type, ...]:
+    """bitsandbytes' 4-bit and 8-bit linear layers; none where it is not installed (then no model has one)."""
+    try:
+        import bitsandbytes as bnb
+    except ModuleNotFoundError:
+        return ()
+    return bnb.nn.Linear4bit, bnb.nn.Linear8bitLt
+
+
 def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype, seed: int) -> None:
     """Give every meta tensor real storage on `device`, one module at a time."""
-    import bitsandbytes as bnb
-
     torch.manual_seed(seed)
     std = getattr(model.config, "initializer_range", 0.02)
+    quantized = quantized_linear_types()
     for module in model.modules():
-        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+        if isinstance(module, quantized):
             _quantize_linear(module, device, dtype, std)
             continue
         own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
@@ -205,6 +213,8 @@ def build_base_model(source: ModelSource, technique: Technique, device: torch.de
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[technique.weights]
+    if technique.quantization != "none":
+        import bitsandbytes  # noqa: F401  (missing: the run is skipped, saying so)
     quant_config = _bnb_config(technique)
     if source.kind == "pretrained":
         return AutoModelForCausalLM.from_pretrained(

@@ -16,7 +16,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 SCHEMA_VERSION = 1
-STATUSES = ("ok", "oom", "failed")
+STATUSES = ("ok", "oom", "skipped", "failed")
+# Results rather than errors: a measurement, an out-of-memory, or a run its machine cannot do
+# (a missing optional package, said in the record). Only ok and oom records are final.
+FINISHED = ("ok", "oom", "skipped")
+MEASURED = ("ok", "oom")
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "tokenizers", "accelerate")
 
 

@@ -92,4 +92,6 @@ def summary_line(record: dict) -> str:
         reached = error.get("memory_reached_bytes")
         reached_text = f", reached {reached / 2**30:.3f} GiB" if reached else ""
         return f"{name}: OOM in {error.get('phase')} at step {error.get('step')}{reached_text}"
+    if status == "skipped":
+        return f"{name}: skipped: {error.get('message', '')}"
     return f"{name}: failed: {error.get('type')}: {error.get('message', '')[:200]}"

@@ -79,7 +79,7 @@ def train_step(model, optimizer, micro_batches: list[torch.Tensor], autocast: st
 
 def evaluate(model, sequences: torch.Tensor, autocast: str, micro_batch: int) -> float:
     """Mean next-token loss over held-out sequences (no gradients), in chunks of micro_batch."""
-    import bitsandbytes as bnb
+    from harness.models import quantized_linear_types
 
     dtype = AUTOCAST_DTYPES.get(autocast)
     was_training = model.training
@@ -88,8 +88,9 @@ def evaluate(model, sequences: torch.Tensor, autocast: str, micro_batch: int) ->
     # time a Linear4bit runs in eval mode, and the new layout stays for the rest of training
     # (it also fails on widths that are not a multiple of 32). The layer has no dropout, so
     # leaving it in training mode changes nothing else.
+    linear_4bit = quantized_linear_types()[:1]
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
+        if isinstance(module, linear_4bit):
             module.train()
     losses = []
     with torch.no_grad(), torch.autocast(sequences.device.type, dtype=dtype, enabled=dtype is not None):

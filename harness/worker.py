@@ -31,6 +31,12 @@ from harness.techniques import PAGED_OPTIMIZERS, Technique
 from harness.throughput import mfu, step_time_stats
 from harness.train import Progress, build_training, evaluate, no_phase, train_step
 
+# Packages a technique or data source may need that a machine may lack: their absence makes
+# the run `skipped` (with the reason), never a failure.
+OPTIONAL_PACKAGES = {"bitsandbytes": "int8/NF4 quantization and 8-bit optimizers",
+                     "datasets": "local text files and hub datasets as data"}
+
+
 def pick_device(choice: str) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -178,10 +184,17 @@ def run(config: dict, record_path: str | Path) -> dict:
                            "phase": progress.phase, "step": progress.step,
                            "memory_reached_bytes": _memory_reached(device, tracker)}
     except Exception as error:  # any other failure is a result too
-        record["status"] = "failed"
-        record["error"] = {"type": type(error).__name__, "message": str(error)[:2000],
-                           "phase": progress.phase, "step": progress.step,
-                           "traceback": traceback.format_exc()[-4000:]}
+        if isinstance(error, ModuleNotFoundError) and error.name in OPTIONAL_PACKAGES:
+            # This machine cannot run the technique; another can. Not a failure of the run.
+            record["status"] = "skipped"
+            record["error"] = {"type": "MissingPackage", "package": error.name, "phase": progress.phase,
+                               "message": f"{error.name} is not installed here ({OPTIONAL_PACKAGES[error.name]}); "
+                                          "install it to run this experiment"}
+        else:
+            record["status"] = "failed"
+            record["error"] = {"type": type(error).__name__, "message": str(error)[:2000],
+                               "phase": progress.phase, "step": progress.step,
+                               "traceback": traceback.format_exc()[-4000:]}
     record["loss"] = {"per_step": progress.losses, "final": progress.losses[-1] if progress.losses else None,
                       "warmup_steps": cfg.warmup_steps, "eval": progress.evaluations,
                       "eval_final": progress.evaluations[-1]["loss"] if progress.evaluations else None}
@@ -245,7 +258,7 @@ def main() -> None:
     config_path, record_path = sys.argv[1], sys.argv[2]
     config = json.loads(Path(config_path).read_text())
     record = run(config, record_path)
-    sys.exit(0 if record["status"] in ("ok", "oom") else 1)
+    sys.exit(0 if record["status"] in records.FINISHED else 1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,141 @@
+"""The GPU evidence pass, checked without a GPU: its plan, its time budget, its missing packages."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import records
+from harness.bench import PlannedRun, estimate_runs, expand, load_matrix, print_plan, run_matrix
+from harness.estimate import Estimate, parse_duration
+from harness.runner import prepare
+
+from conftest import EXPERIMENTS, QUICK, ROOT
+
+MATRIX = load_matrix(EXPERIMENTS / "matrix.yaml")
+BUDGET_S = 11 * 60
+BASE_TECHNIQUES = ("fp32", "bf16-pure", "bf16-mixed", "fp16-mixed", "adamw8bit", "lora", "int8-lora", "qlora")
+
+
+def _evidence(tmp_path, device_gb=141):
+    planned, skipped = expand(MATRIX, "cuda", EXPERIMENTS, tmp_path, plan="evidence", device_gb=device_gb)
+    estimate_runs(planned, "cuda")
+    return planned, skipped
+
+
+def test_the_evidence_plan_puts_the_documents_7b_claims_first_and_covers_every_base_technique(tmp_path):
+    planned, skipped = _evidence(tmp_path)
+    cells = [(r.config["name"], r.config["model"], r.config["seq_len"], r.config["micro_batch"]) for r in planned]
+    assert cells[0] == ("qlora", "llama-2-7b", 512, 1)
+    first_7b = cells[:len(BASE_TECHNIQUES) + 1]  # the ledger's configuration, every base technique
+    assert {name for name, model, seq, batch in first_7b if (model, seq, batch) == ("llama-2-7b", 512, 1)} \
+        >= set(BASE_TECHNIQUES)
+    assert set(BASE_TECHNIQUES) <= {name for name, model, *_ in cells if model == "tinyllama-1.1b"}
+    assert not skipped and ("qlora-gc", "mixtral-8x7b", 512, 1) in cells
+    small, skipped_small = _evidence(tmp_path, device_gb=40)
+    assert "mixtral-8x7b" not in {r.config["model"] for r in small} and len(skipped_small) == 1
+
+
+def test_every_evidence_cell_is_a_cell_of_the_cuda_matrix(tmp_path):
+    """So a later `make bench` on a GPU resumes after the evidence pass instead of redoing it."""
+    evidence, _ = _evidence(tmp_path)
+    cuda, _ = expand(MATRIX, "cuda", EXPERIMENTS, tmp_path, device_gb=141)
+    assert {r.path for r in evidence} <= {r.path for r in cuda}
+
+
+def test_the_dry_run_keeps_the_order_and_fits_the_budget(tmp_path):
+    planned, _ = _evidence(tmp_path)
+    out = io.StringIO()
+    left_out = print_plan(planned, "no-records-yet", BUDGET_S, stream=out)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == len(planned)
+    assert [line.split("]")[0] for line in lines] == [f"  [{i}/{len(planned)}" for i in range(1, len(planned) + 1)]
+    started = [run for run in planned if run not in left_out]
+    assert started and left_out  # the whole plan takes longer than one lease
+    assert sum(run.estimate.seconds for run in started) <= BUDGET_S
+    assert all("NOT STARTED" in line for line, run in zip(lines, planned) if run in left_out)
+    # a cell is left out only when it does not fit what the cells before it left
+    spent = 0.0
+    for run in planned:
+        if run in left_out:
+            assert run.estimate.seconds > BUDGET_S - spent
+        else:
+            spent += run.estimate.seconds
+
+
+def test_the_dry_run_command_prints_the_plan_with_estimates():
+    output = subprocess.run(["make", "-s", "gpu-evidence", "DRY_RUN=1", f"PY={sys.executable}", "CARD_GB=80",
+                             "TIME_BUDGET=8m"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert output.returncode == 0, output.stderr
+    text = output.stdout
+    assert "plan 'evidence'" in text and "time budget 480 s" in text and "a 80 GB card" in text
+    assert "qlora @ llama-2-7b seq 512 x1x1: ~" in text and "NOT STARTED" in text
+    assert "would not start within the budget" in text
+
+
+def test_estimates_grow_with_the_work():
+    planned = {(r.config["name"], r.config["model"], r.config["seq_len"]): r
+               for r in _evidence(Path("/nonexistent"))[0]}
+    assert planned["lora", "llama-2-7b", 2048].estimate.flops > planned["lora", "llama-2-7b", 512].estimate.flops
+    assert planned["fp32", "llama-2-7b", 512].estimate.seconds > planned["bf16-pure", "llama-2-7b", 512].estimate.seconds
+    assert (planned["qlora-gc", "llama-2-7b", 512].estimate.flops
+            > planned["qlora", "llama-2-7b", 512].estimate.flops)  # the recomputed forward
+    mixtral = planned["qlora-gc", "mixtral-8x7b", 512].estimate
+    assert mixtral.build_s > 5 * planned["qlora-gc", "llama-2-7b", 512].estimate.build_s
+
+
+def test_durations():
+    assert parse_duration("11m") == 660 and parse_duration("90s") == 90 and parse_duration("1m30s") == 90
+    assert parse_duration("600") == 600 and parse_duration("1h") == 3600 and parse_duration("2.5m") == 150
+    for bad in ("", "m", "11x", "-5m", "0"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+def test_the_budget_starts_no_run_it_has_no_time_for(tmp_path, monkeypatch):
+    """Runs in order; one over what is left is not started, a later smaller one still is."""
+    config = prepare(EXPERIMENTS / "lora.yaml", QUICK)
+    planned = [PlannedRun(config, 0, tmp_path / f"{name}.json", "", Estimate(seconds, 0, 0, 0))
+               for name, seconds in (("a", 40), ("b", 100), ("c", 30), ("d", 25))]
+    started = []
+
+    def fake_run(config, out_dir, repeat, timeout_s):
+        started.append(timeout_s)
+        record = {"status": "ok", "experiment": "lora", "model": "tiny-llama"}
+        return tmp_path / "x.json", record
+
+    monkeypatch.setattr("harness.bench.run_config", fake_run)
+    monkeypatch.setattr("harness.bench.summary_line", lambda record: "ok")
+    out = io.StringIO()
+    results = run_matrix(planned, "f", budget_s=80, stream=out)
+    assert len(results) == 3 and len(started) == 3  # a, c, d: b (100 s) never fits in 80 s
+    assert "[2/4] lora @ tiny-llama" in out.getvalue() and "not started: estimated 100 s" in out.getvalue()
+    assert all(timeout <= 80 for timeout in started)  # no run may outlast the budget
+
+
+def test_a_missing_optional_package_makes_a_skipped_record_not_a_failure(tmp_path):
+    """bitsandbytes hidden from the import system, as on a machine that lacks it."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(
+        "import sys\nfrom importlib.machinery import PathFinder\n\n"
+        "class Without(PathFinder):\n    @classmethod\n    def find_spec(cls, name, path=None, target=None):\n"
+        "        return None if name.split('.')[0] == 'bitsandbytes' else PathFinder.find_spec(name, path, target)\n\n"
+        "sys.meta_path = [Without if f is PathFinder else f for f in sys.meta_path]\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hide), str(ROOT)])}
+    out = tmp_path / "results"
+    for name, expected in (("qlora", "skipped"), ("adamw8bit", "skipped"), ("lora", "ok")):
+        command = [sys.executable, "-m", "harness", "run", str(EXPERIMENTS / f"{name}.yaml"), "--out", str(out),
+                   "--device", "cpu"]
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        record = json.loads(Path(done.stdout.split("record: ")[1].strip()).read_text())
+        assert record["status"] == expected, record.get("error")
+        if expected == "skipped":
+            assert record["error"]["package"] == "bitsandbytes" and "not installed" in record["error"]["message"]
+            assert f"{name} @ tiny-llama: skipped: bitsandbytes is not installed" in done.stdout
+    assert "skipped" in records.FINISHED and "skipped" not in records.MEASURED  # rerun once it is installed
