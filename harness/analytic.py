@@ -164,6 +164,7 @@ class _Flow:
     rank: int
     mask_bytes: int   # dropout's saved mask: bool on CUDA (native_dropout), the fp32 noise on CPU
     full: bool        # full fine-tuning: weight gradients are needed
+    cuda: bool        # the CUDA code path (kernels whose saved tensors differ from the CPU's)
 
 
 def _flow(technique, lora, device_type: str) -> _Flow:
@@ -172,7 +173,7 @@ def _flow(technique, lora, device_type: str) -> _Flow:
     return _Flow(residual=4 if (kbit or weights == 4) else weights, autocast=technique.autocast != "none",
                  weights=weights, quantization=technique.quantization, lora=technique.adapter == "lora",
                  dropout=lora.dropout > 0, rank=lora.r, mask_bytes=1 if device_type == "cuda" else 4,
-                 full=technique.adapter == "none")
+                 full=technique.adapter == "none", cuda=device_type == "cuda")
 
 
 def _linear(flow: _Flow, x_bytes: int, tokens: int, n_in: int, n_out: int, adapted: bool,
@@ -188,9 +189,10 @@ def _linear(flow: _Flow, x_bytes: int, tokens: int, n_in: int, n_out: int, adapt
         # the compute dtype (a temporary) and its output back to the input's dtype.
         out = x_bytes
     elif quantized:
-        # MatMul8bitLt keeps the input A for backward; its int8 matmul is an autocast op, so
-        # the output is 16-bit under autocast.
-        out, input_saved = (2 if flow.autocast else x_bytes), True
+        # LLM.int8 keeps the input A for backward. On CUDA (MatMul8bitLt) its int8 kernel returns
+        # the input's dtype and has no autocast rule; on CPU it dequantizes and calls F.linear,
+        # which autocast makes 16-bit.
+        out, input_saved = (2 if flow.autocast and not flow.cuda else x_bytes), True
     elif flow.autocast:
         # autocast runs the matmul in 16 bits. Backward needs the (16-bit copy of the) input
         # only for a weight gradient, and a 16-bit copy of an fp32 weight for the input's.
@@ -237,7 +239,7 @@ def _mlp(flow: _Flow, tokens: int, shape: Shape, x_bytes: int, targets: set[str]
     return saved, g_in or u_in
 
 
-def layer_saved_bytes(flow: _Flow, shape: Shape, tokens: int, targets: set[str]) -> int:
+def layer_saved_bytes(flow: _Flow, shape: Shape, tokens: int, seq_len: int, targets: set[str]) -> int:
     """Bytes one decoder layer saves for backward (no checkpointing)."""
     quantized = flow.quantization != "none"
     h, r = shape.hidden, flow.residual
@@ -255,11 +257,17 @@ def layer_saved_bytes(flow: _Flow, shape: Shape, tokens: int, targets: set[str])
     q_bytes, k_bytes, v_bytes = max(outs[0], r), max(outs[1], r), outs[2]
     if flow.autocast:  # scaled_dot_product_attention runs in 16 bits under autocast
         q_bytes = k_bytes = v_bytes = 2
-    # SDPA (flash / memory-efficient kernels, no s^2 term) saves q, k, v, its output and the
-    # per-head log-sum-exp; GQA runs natively (no repeated k/v) when there is no mask.
     attn_out = q_bytes
-    saved += tokens * (shape.q_dim * q_bytes + shape.kv_dim * (k_bytes + v_bytes) + shape.q_dim * attn_out)
-    saved += 4 * tokens * shape.heads
+    if flow.cuda and not flow.autocast and q_bytes == 4 and shape.kv_heads < shape.heads:
+        # fp32 with grouped-query attention: CUDA's flash kernel takes only 16-bit inputs and
+        # its memory-efficient kernel refuses enable_gqa, so the math backend runs. Its two
+        # matmuls save the scaled q, k and v repeated to every head, and the s x s softmax.
+        saved += tokens * (3 * 4 * shape.q_dim + shape.q_dim * attn_out) + 4 * tokens * shape.heads * seq_len
+    else:
+        # SDPA (flash / memory-efficient kernels, no s^2 term) saves q, k, v, its output and
+        # the per-head log-sum-exp; GQA runs natively (no repeated k/v) when there is no mask.
+        saved += tokens * (shape.q_dim * q_bytes + shape.kv_dim * (k_bytes + v_bytes) + shape.q_dim * attn_out)
+        saved += 4 * tokens * shape.heads
     # o_proj reads SDPA's output (already saved; flash kernels return it token-major, so the
     # transpose to [batch, seq, heads x dim] makes no copy).
     _, o_saved, _ = _linear(flow, attn_out, tokens, shape.q_dim, h, "o_proj" in targets, quantized)
@@ -286,7 +294,7 @@ def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gr
     flow = _flow(technique, lora, device_type)
     targets = _lora_targets(lora) if flow.lora else set()
     tokens = batch * seq_len
-    per_layer = layer_saved_bytes(flow, shape, tokens, targets)
+    per_layer = layer_saved_bytes(flow, shape, tokens, seq_len, targets)
     head = _rms_norm(flow, tokens, shape.hidden)
     # lm_head is never quantized nor adapted. Under autocast it saves a 16-bit input and, if
     # its weight is fp32 (full precision, or upcast by k-bit preparation), a 16-bit copy of it.

@@ -8,6 +8,7 @@ report; `--claims` predicts the configurations the report compares (claims ledge
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -21,9 +22,8 @@ from harness.runner import prepare
 CATEGORIES = ("weights", "quant_constants", "gradients", "optimizer_state", "activations", "other")
 PREDICTION_SCHEMA_VERSION = 1
 # What the report compares: (experiment, model, seq_len, batch, code path). First the claims
-# ledger's configurations, then the default matrix's own (micro-batch 4, every experiment
-# file), for the predicted against measured check: the ~1B preset on CUDA and the tiny
-# preset on the CPU.
+# ledger's configurations, then every cell of the matrix's plans (harness.bench), so each
+# measured run has both predictions beside it.
 CLAIM_CONFIGURATIONS = [
     *((name, "llama-2-7b", 512, 1, "cuda") for name in ("fp32", "bf16-pure", "bf16-mixed", "fp16-mixed", "adamw8bit",
                                                         "lora", "int8-lora", "qlora", "qlora-gc", "bf16-mixed-gc")),
@@ -32,12 +32,41 @@ CLAIM_CONFIGURATIONS = [
     ("qlora", "mistral-7b", 512, 1, "cuda"), ("qlora-gc", "mistral-7b", 512, 1, "cuda"),
     ("qlora", "mixtral-8x7b", 512, 1, "cuda"), ("qlora-gc", "mixtral-8x7b", 512, 1, "cuda"),
 ]
-MATRIX_SHAPES = [("tinyllama-1.1b", 512, 4, "cuda"), ("tiny-llama", 256, 4, "cpu")]
+# The source files whose code decides a prediction: a saved prediction made by other code is
+# made again.
+PREDICTOR_MODULES = ("analytic.py", "simulate.py", "models.py", "train.py", "memory.py", "techniques.py",
+                     "presets.py", "config.py")
+
+
+def matrix_configurations(experiments_dir: Path) -> list[tuple[str, str, int, int, str]]:
+    """Every (experiment, model, seq_len, micro-batch, code path) the matrix's plans measure.
+
+    The lab's pretrained base (its shape is a preset's) and the accumulation series (one
+    micro-batch's memory, predicted once) are left out.
+    """
+    from harness.base import BASE_SOURCE
+    from harness.bench import load_matrix
+    from harness.config import MATRIX_FILE
+
+    available = {path.stem: path for path in experiment_files(experiments_dir)}
+    cells = []
+    for plan, blocks in load_matrix(experiments_dir / MATRIX_FILE).items():
+        device_type = "cpu" if plan == "cpu" else "cuda"
+        for block in blocks:
+            if any(k not in (None, 1) for k in block.grad_accums):
+                continue
+            names = sorted(available) if block.experiments == "all" else block.experiments
+            for name, model, seq in itertools.product(names, block.models, block.seq_lens):
+                if model == BASE_SOURCE:
+                    continue
+                overrides = {**block.set, "model": model, **({"seq_len": seq} if seq else {})}
+                config = prepare(available[name], overrides)
+                cells.append((name, model, config["seq_len"], config["micro_batch"], device_type))
+    return cells
 
 
 def report_configurations(experiments_dir: Path) -> list[tuple[str, str, int, int, str]]:
-    names = [path.stem for path in experiment_files(experiments_dir)]
-    return CLAIM_CONFIGURATIONS + [(name, *shape) for shape in MATRIX_SHAPES for name in names]
+    return list(dict.fromkeys(CLAIM_CONFIGURATIONS + matrix_configurations(experiments_dir)))
 
 
 def _namespace(config: dict) -> SimpleNamespace:
@@ -69,7 +98,8 @@ def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
             "experiment": config["name"], "model": model, "seq_len": seq_len, "micro_batch": batch,
             "grad_accum": config["grad_accum"], "gradient_checkpointing": config["gradient_checkpointing"],
             "technique": {k: config[k] for k in Technique.__dataclass_fields__ if k != "summary"},
-            "device_type": device_type, "versions": records.software_versions(), **result}
+            "device_type": device_type, "versions": records.software_versions(),
+            "predictor": records.code_digest(PREDICTOR_MODULES), **result}
 
 
 def prediction_path(out_dir: Path, prediction: dict) -> Path:
@@ -124,8 +154,10 @@ def main(args) -> int:
                                                      "micro_batch": batch, "method": method,
                                                      "device_type": device_type})
             if args.claims and not args.force and path.exists():
-                results.append(records.read_record(path))
-                continue
+                saved = records.read_record(path)
+                if saved.get("predictor") == records.code_digest(PREDICTOR_MODULES):
+                    results.append(saved)
+                    continue
             prediction = predict(experiment, model, seq, batch, method, device_type)
             if args.save or args.claims:
                 records.write_atomic(path, prediction)

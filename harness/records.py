@@ -35,8 +35,21 @@ def _version(package: str) -> str | None:
         return None
 
 
+def code_digest(modules: tuple[str, ...] | None = None) -> str:
+    """A digest of the harness's own source files (all, or the named ones): which code made a
+    record, also where the copy that ran has no git history of its own."""
+    package = Path(__file__).resolve().parent
+    paths = sorted(package.rglob("*.py")) if modules is None else [package / name for name in modules]
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.relative_to(package).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def git_state(folder: Path | None = None) -> dict:
-    """The commit of the code that ran and whether it had uncommitted changes."""
+    """The commit of the code that ran, whether it had uncommitted changes, and a digest of the
+    harness's source (the commit alone can mislead where a copy of a tree carries an older .git)."""
     folder = folder or Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True,
@@ -45,7 +58,7 @@ def git_state(folder: Path | None = None) -> dict:
                                     capture_output=True, text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.TimeoutExpired):
         commit, dirty = None, None
-    return {"commit": commit, "dirty": dirty if commit else None}
+    return {"commit": commit, "dirty": dirty if commit else None, "code_digest": code_digest()}
 
 
 def gpu_name() -> str | None:

@@ -10,6 +10,9 @@ What a fake step cannot do, and how it is handled:
   quantize functions run directly and the packed weights stay plain parameters that
   carry the same quantization state (see models._quantize_linear); its code books are
   built with real computation on first use, so they are warmed outside the fake mode.
+- kernels that differ by device: dropout's mask, fp32 grouped-query attention (math backend
+  on CUDA) and LLM.int8's output dtype are traced as CUDA runs them (see the _cuda_* hooks);
+  the int8 kernel's outlier columns depend on values and are left out.
 - values: MoE routing is data-dependent, so experts get a perfectly balanced share of
   tokens (see models.SequentialExperts); dynamic loss scaling (which reads a value to
   skip steps) is left out, its state being a few bytes; transformers' packed-sequence
@@ -107,6 +110,64 @@ def _cuda_dropout(device_type: str):
 
 
 @contextmanager
+def _cuda_attention(device_type: str):
+    """scaled_dot_product_attention as CUDA dispatches it in fp32 with grouped-query attention.
+
+    CUDA's flash kernel takes only 16-bit inputs and its memory-efficient kernel refuses
+    `enable_gqa`, so an fp32 GQA model (TinyLlama, Mistral, Mixtral in fp32) runs the math
+    backend, which saves the s x s attention probabilities and k, v repeated to every head.
+    A CPU trace would use the CPU flash kernel, which saves neither; this calls the math
+    backend where CUDA would.
+    """
+    if device_type != "cuda":
+        yield
+        return
+    functional = torch.nn.functional
+    original = functional.scaled_dot_product_attention
+
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        in_fp32 = query.dtype == torch.float32 and not torch.is_autocast_enabled(query.device.type)
+        if in_fp32 and enable_gqa and query.shape[-3] != key.shape[-3]:
+            return torch.ops.aten._scaled_dot_product_attention_math(
+                query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=True)[0]
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, enable_gqa=enable_gqa)
+
+    functional.scaled_dot_product_attention = attention
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = original
+
+
+@contextmanager
+def _cuda_int8_matmul(device_type: str):
+    """LLM.int8's matmul as CUDA runs it: its output in the input's dtype, autocast or not.
+
+    On CUDA bitsandbytes runs MatMul8bitLt, whose int8 kernel returns the input's dtype (fp32
+    after k-bit preparation's fp32 norms) and has no autocast rule; on CPU it dequantizes and
+    calls F.linear, which autocast turns to 16 bits. Both save the input for backward. The
+    CUDA kernel's outlier columns (threshold 6.0) depend on values, which fake tensors lack.
+    """
+    if device_type != "cuda":
+        yield
+        return
+    import bitsandbytes as bnb
+
+    original = bnb.matmul
+
+    def matmul(A, B, out=None, state=None, threshold=0.0, bias=None):
+        with torch.autocast(A.device.type, enabled=False):
+            return original(A, B, out, state, threshold, bias)
+
+    bnb.matmul = matmul
+    try:
+        yield
+    finally:
+        bnb.matmul = original
+
+
+@contextmanager
 def _unpacked_sequences():
     """transformers checks position ids for packed sequences by reading their values; with
     fake values it assumes packing and builds an explicit mask (which also turns off SDPA's
@@ -134,7 +195,9 @@ def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, 
     tracker = TensorTracker()
     device = torch.device("cpu")
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with _real_bitsandbytes_code_books(technique), _unpacked_sequences(), _cuda_dropout(device_type), mode, _swappable_fake_tensors(mode), tracker:
+    with (_real_bitsandbytes_code_books(technique), _unpacked_sequences(), _cuda_dropout(device_type),
+          _cuda_attention(device_type), _cuda_int8_matmul(device_type), mode, _swappable_fake_tensors(mode),
+          tracker):
         model, optimizer, _ = build_training(source, technique, cfg, device, optimizer_device=device_type)
         load_peak = tracker.peak
         progress = Progress()
