@@ -1,6 +1,8 @@
-"""`harness bench`: expand the matrix for this device, run what is missing, summarise.
+"""`harness bench`: expand a plan of the matrix (by default this device's), run what is missing, summarise.
 
-Each run is a fresh process (harness.runner). A run whose record already exists for the
+With `--time-budget`, no run starts whose estimated time (harness.estimate) exceeds what is
+left, so a short GPU lease is spent on the plan's first, most valuable cells; `--dry-run`
+prints the plan with those estimates. Each run is a fresh process (harness.runner). A run whose record already exists for the
 same resolved configuration and environment fingerprint is skipped, so an interrupted
 matrix, even one killed with SIGKILL, resumes with exactly the runs it lacks: records are
 written atomically, and a run that was cut off left no record behind.

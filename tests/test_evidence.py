@@ -139,3 +139,17 @@ def test_a_missing_optional_package_makes_a_skipped_record_not_a_failure(tmp_pat
             assert record["error"]["package"] == "bitsandbytes" and "not installed" in record["error"]["message"]
             assert f"{name} @ tiny-llama: skipped: bitsandbytes is not installed" in done.stdout
     assert "skipped" in records.FINISHED and "skipped" not in records.MEASURED  # rerun once it is installed
+
+
+def test_plans_are_checked_by_name(tmp_path):
+    from harness.config import ConfigError
+
+    path = tmp_path / "matrix.yaml"
+    path.write_text("cpu: []\n")
+    with pytest.raises(ConfigError, match="cuda.*is required"):
+        load_matrix(path)
+    path.write_text("cpu: []\ncuda: []\nevidence: {models: [tiny-llama]}\n")
+    with pytest.raises(ConfigError, match="evidence.*expected a list of blocks"):
+        load_matrix(path)
+    with pytest.raises(ConfigError, match="no such plan; plans: cpu, cuda, evidence"):
+        expand(MATRIX, "cuda", EXPERIMENTS, tmp_path, plan="nonesuch")

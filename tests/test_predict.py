@@ -6,11 +6,12 @@ import sys
 
 import pytest
 
-from harness.analytic import lora_parameters, shape_of
+from harness.analytic import _flow, _linear, lora_parameters, shape_of
 from harness.config import LoraSettings, experiment_files
 from harness.models import resolve_source
 from harness.predict import predict
 from harness.presets import PUBLISHED_PARAMETERS
+from harness.techniques import TECHNIQUES
 
 from conftest import EXPERIMENTS, QUICK, ROOT
 
@@ -75,3 +76,25 @@ def test_qlora_4bit_weights_of_7b_and_the_moe_simulation():
     analytic = predict(EXPERIMENTS / "qlora-gc.yaml", "mixtral-8x7b", 512, 1, "analytic")
     assert mixtral["total_bytes"] == pytest.approx(analytic["total_bytes"], rel=0.10)
     assert 20e9 < mixtral["total_bytes"] < 40e9  # a 46.7B MoE in 4 bits: far below 65 GB
+
+
+def test_cuda_kernels_that_save_other_tensors_than_the_cpu_ones_are_predicted_as_cuda_runs_them():
+    """fp32 with grouped-query attention runs CUDA's math backend (it saves the s x s softmax), and
+    LLM.int8's CUDA kernel returns the input's dtype under autocast; both measured on an H200."""
+    config = resolve_source("tiny-llama").config
+    assert config.num_key_value_heads < config.num_attention_heads  # grouped-query attention
+    seq, batch = 256, 2
+    for name in ("fp32", "int8-lora"):
+        cuda = {m: predict(EXPERIMENTS / f"{name}.yaml", "tiny-llama", seq, batch, m, "cuda")
+                for m in ("analytic", "simulated")}
+        cpu = predict(EXPERIMENTS / f"{name}.yaml", "tiny-llama", seq, batch, "simulated", "cpu")
+        assert cuda["analytic"]["total_bytes"] == pytest.approx(cuda["simulated"]["total_bytes"], rel=0.02), name
+        extra = cuda["simulated"]["categories"]["activations"] - cpu["categories"]["activations"]
+        if name == "fp32":  # at least the softmax output, 4 bytes x batch x heads x seq^2 per layer
+            assert extra >= config.num_hidden_layers * 4 * batch * config.num_attention_heads * seq * seq
+    # LLM.int8 under bf16 autocast: fp32 in (k-bit preparation's fp32 norms), fp32 out on CUDA only;
+    # the simulation agrees with the formula above, so it traces the same dtype.
+    technique = TECHNIQUES["int8-lora"]
+    tokens, hidden, inter = batch * seq, config.hidden_size, config.intermediate_size
+    assert _linear(_flow(technique, LoraSettings(), "cuda"), 4, tokens, hidden, inter, True, True)[0] == 4
+    assert _linear(_flow(technique, LoraSettings(), "cpu"), 4, tokens, hidden, inter, True, True)[0] == 2

@@ -214,7 +214,8 @@ def test_render_carries_every_claim_and_figure(rendered):
     assert sorted(p.name for p in report.figures) == sorted(p.name for p in (report.html.parent / "figures").iterdir())
     assert "Not drawn" not in markdown
     headings = [line for line in markdown.splitlines() if line.startswith("## ")]
-    assert headings == ["## Verdicts at a glance", "## The claims ledger", "## Figures", "## Loss on a pretrained base", "## Runs",
+    assert headings == ["## Verdicts at a glance", "## The claims ledger", "## Predicted against measured on the GPU",
+                        "## Figures", "## Loss on a pretrained base", "## Runs",
                         "## Micro-benchmarks", "## Environment and provenance"]
 
 

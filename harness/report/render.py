@@ -15,13 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.report import add_arguments
+from harness.report.accuracy import TOLERANCES, prediction_errors, summary
 from harness.report.claims import SOURCES, load_claims
 from harness.report.figures import FigureResult, all_figures
 from harness.report.ledger import build_ledger
 from harness.report.load import load_results, predictions_frame, runs_frame
 from harness.report.loss import loss_parity
 from harness.report.units import LLAMA_2_7B_PARAMETERS
-from harness.report.tables import (VERDICT_CLASSES, Cell, Table, base_table, glance_table, ledger_table,
+from harness.report.tables import (VERDICT_CLASSES, Cell, Table, accuracy_category_table, accuracy_table,
+                                   base_table, glance_table, ledger_table,
                                    loss_parity_table, microbench_table, predictions_table, provenance_tables,
                                    runs_table, verdict_counts)
 
@@ -92,6 +94,17 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
         "a relative error (documents minus ours, over ours) against the stated tolerance, and says why.")))
     blocks.append(Block("table", table=ledger_table(ledger)))
 
+    blocks.append(Block("h2", "Predicted against measured on the GPU", anchor="accuracy"))
+    errors = prediction_errors(runs, predictions)
+    if len(errors):
+        blocks.append(Block("p", _accuracy_text(errors)))
+        blocks.append(Block("table", table=accuracy_table(errors)))
+        blocks.append(Block("h3", "By memory category"))
+        blocks.append(Block("table", table=accuracy_category_table(errors)))
+    else:
+        blocks.append(Block("p", "No GPU run with a prediction of its configuration in these results: "
+                                 "`make gpu-evidence` on a CUDA machine, then `python -m harness predict --claims`."))
+
     blocks.append(Block("h2", "Figures", anchor="figures"))
     for figure in figures:
         blocks.append(Block("h3", figure.title, anchor=figure.name))
@@ -141,6 +154,16 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
         blocks.append(Block("h3", "Files not read"))
         blocks.append(Block("table", table=Table(["File and reason"], [[Cell(s)] for s in results.skipped])))
     return blocks, figures, counts
+
+
+def _accuracy_text(errors) -> str:
+    parts = []
+    for method, stats in summary(errors).items():
+        parts.append(f"{method}: {stats['within']} of {stats['runs']} runs within ±{TOLERANCES[method]:.0%} "
+                     f"(median error {stats['median']:.1%}, largest {stats['max']:.1%})")
+    devices = ", ".join(sorted(set(errors["device_name"])))
+    return (f"Every finished GPU run ({devices}) beside the predictions of its configuration, made on a CPU "
+            "before or after it without a GPU: " + "; ".join(parts) + ".")
 
 
 # --- Markdown -----------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from harness.microbench_summary import format_seconds, ratios
 from harness.report import verdicts
 from harness.report.evidence import Observation
 from harness.report.ledger import LedgerRow, basis_short
-from harness.report.load import Results
+from harness.report.load import CATEGORIES, Results
 from harness.report.loss import LossComparison
 from harness.report.units import fmt_gb, fmt_value
 
@@ -141,7 +141,8 @@ def ledger_table(ledger: list[LedgerRow]) -> Table:
 def _status_cell(run: pd.Series) -> Cell:
     status = run["status"]
     if status == "ok":
-        return Cell("ok", css="status-ok")
+        return Cell("ok", "" if _missing(run["shared_gpu"]) else f"beside another process: {run['shared_gpu']}",
+                    css="status-ok")
     detail = f"at {run['error_phase']}" if not _missing(run["error_phase"]) else ""
     if status == "failed" and not _missing(run["error_type"]):
         detail = f"{run['error_type']} {detail}".strip()
@@ -181,6 +182,71 @@ def runs_table(runs: pd.DataFrame) -> Table:
     return Table(["Model", "Experiment", "Device", "Seq", "Micro-batch x accum.", "Budget GB", "Status",
                   "Peak alloc. GB", "Reserved GB", "Device-used GB", "Tokens/s", "MFU %", "Final loss",
                   "Trainable %"], rows, note, css="runs", numeric={3, 5, 7, 8, 9, 10, 11, 12, 13})
+
+
+# --- predicted against measured ----------------------------------------------------------------
+
+def _signed_percent(fraction) -> str:
+    return "" if _missing(fraction) else f"{round(fraction * 100, 1) + 0.0:+.1f}"
+
+
+def accuracy_table(errors: pd.DataFrame) -> Table:
+    """Per GPU run: the allocator's peak and what surrounds it, each prediction and its error."""
+    rows = []
+    for _, run in errors.sort_values(["model", "seq_len", "experiment", "grad_accum"], kind="stable").iterrows():
+        cache = None if _missing(run["peak_reserved"]) else run["peak_reserved"] - run["peak_allocated"]
+        untracked = (None if _missing(run["tracked_step_peak"])
+                     else run["peak_allocated"] - run["tracked_step_peak"])
+        rows.append([
+            Cell(str(run["model"])), Cell(str(run["experiment"])),
+            Cell(f"{run['seq_len']} x {run['micro_batch']} x {run['grad_accum']}"), Cell(str(run["device_name"])),
+            Cell(fmt_gb(run["peak_allocated"])), Cell(fmt_gb(untracked)), Cell(fmt_gb(cache)),
+            Cell(fmt_gb(run["device_used_before_load"])), Cell(fmt_gb(run["peak_device_used"])),
+            Cell(fmt_gb(run["simulated_total"]), _signed_percent(run["simulated_error"]) + " %",
+                 "off" if "simulated" in run["outside"] else ""),
+            Cell(fmt_gb(run["analytic_total"]), _signed_percent(run["analytic_error"]) + " %",
+                 "off" if "analytic" in run["outside"] else ""),
+            Cell("" if _missing(run["mfu"]) else f"{run['mfu'] * 100:.1f}"),
+            Cell(run["reason"]),
+        ])
+    note = ("GB (1e9 bytes). Allocated: torch's peak allocated bytes over the timed steps, what the predictions "
+            "predict. Untracked: allocated minus the tracked step's peak of live tensor bytes (allocator "
+            "rounding, cuBLAS workspaces). Cache: reserved minus allocated (the caching allocator's free "
+            "blocks). Context: NVML device-used before the model was built (CUDA context, kernels). Device "
+            "used: NVML's peak for the whole GPU, what a card must hold. Predictions with their error against "
+            "allocated; tolerance ±3% simulated, ±10% analytic. MFU: model FLOPs utilisation of the timed "
+            "steps at the card's dense peak for the compute dtype.")
+    return Table(["Model", "Experiment", "Seq x micro-batch x accum.", "Device", "Allocated", "Untracked",
+                  "Cache", "Context", "Device used", "Simulated", "Analytic", "MFU %", "Outside tolerance: why"],
+                 rows, note, css="accuracy", numeric={4, 5, 6, 7, 8, 9, 10, 11})
+
+
+def accuracy_category_table(errors: pd.DataFrame) -> Table:
+    """Per GPU run and memory category: bytes alive at the tracked step's peak against each prediction."""
+    rows = []
+    for _, run in errors.sort_values(["model", "seq_len", "experiment", "grad_accum"], kind="stable").iterrows():
+        cells = [Cell(str(run["model"])), Cell(str(run["experiment"])),
+                 Cell(f"{run['seq_len']} x {run['micro_batch']} x {run['grad_accum']}")]
+        for category in CATEGORIES:
+            measured = run[f"peak_{category}"]
+            if _missing(measured) or (not measured and not run[f"simulated_{category}"]):
+                cells.append(Cell("" if _missing(measured) else "0"))
+                continue
+            detail = " · ".join(f"{label} {_signed_gb(run[f'{method}_{category}'], measured)}"
+                                for method, label in (("simulated", "sim"), ("analytic", "ana")))
+            cells.append(Cell(fmt_gb(measured), detail))
+        rows.append(cells)
+    note = ("GB alive at the peak of the tracked step on the GPU, by category, with each prediction's "
+            "difference (predicted minus measured, GB). The tracked step counts live tensor storages as the "
+            "simulation does, so a difference here is a tensor a predictor does not know about.")
+    return Table(["Model", "Experiment", "Seq x micro-batch x accum.", *[c.replace("_", " ") for c in CATEGORIES]],
+                 rows, note, css="accuracy-categories", numeric=set(range(3, 3 + len(CATEGORIES))))
+
+
+def _signed_gb(predicted, measured) -> str:
+    if _missing(predicted) or _missing(measured):
+        return "-"
+    return f"{round((predicted - measured) / 1e9, 3) + 0.0:+.3f}"
 
 
 # --- loss on a pretrained base -----------------------------------------------------------------
@@ -296,7 +362,8 @@ def provenance_tables(results: Results) -> list[tuple[str, Table]]:
         vkey = tuple((name, str(versions.get(name))) for name in sorted(versions))
         software[vkey] = software.get(vkey, 0) + 1
         git = environment.get("git") or {}
-        ckey = (str(git.get("commit")), str(git.get("dirty")))
+        ckey = (str(git.get("commit")), str(git.get("dirty")), git.get("code_digest") or "",
+                git.get("files_commit") or "", git.get("note") or "")
         commits[ckey] = commits.get(ckey, 0) + 1
     tables = []
     if devices:
@@ -311,8 +378,9 @@ def provenance_tables(results: Results) -> list[tuple[str, Table]]:
              for k, n in sorted(software.items())], numeric={1})))
     if commits:
         tables.append(("Code of the runs", Table(
-            ["Commit", "Uncommitted changes", "Runs"],
-            [[Cell(k[0]), Cell(k[1]), Cell(str(n))] for k, n in sorted(commits.items())], numeric={2})))
+            ["Commit", "Uncommitted changes", "Code digest (harness/*.py)", "Runs"],
+            [[Cell(k[0], f"files of {k[3]}: {k[4]}" if k[3] else ""), Cell(k[1]), Cell(k[2]), Cell(str(n))]
+             for k, n in sorted(commits.items())], numeric={3})))
     other = []
     for name, probe in sorted(results.probes.items()):
         versions = probe.get("versions") or {}
