@@ -19,9 +19,10 @@ from pathlib import Path
 
 from harness import records
 from harness.base import BASE_SOURCE, base_checkpoint_path
+from harness.arguments import like_field, positive
 from harness.estimate import Estimate, estimate_run, parse_duration
 from harness.config import MATRIX_FILE, ConfigError, build_dataclass, experiment_files, read_yaml
-from harness.runner import prepare, run_config, summary_line
+from harness.runner import CellBusy, prepare, remove_stale_attempts, run_config, summary_line
 
 # Memory held on the GPU by others beyond this means a polluted peak (a bare context is less).
 SHARED_GPU_THRESHOLD = 1 * 2**30
@@ -153,6 +154,7 @@ def other_gpu_users() -> str | None:
 def clean_interrupted_writes(out_dir: Path) -> None:
     for tmp in out_dir.rglob(".*.tmp"):
         tmp.unlink(missing_ok=True)
+    remove_stale_attempts(out_dir)
 
 
 def estimate_runs(planned: list[PlannedRun], device_type: str) -> None:
@@ -241,7 +243,11 @@ def run_matrix(planned: list[PlannedRun], fingerprint: str, *, force: bool = Fal
         estimate = f" (estimated {run.estimate.seconds:.0f} s)" if run.estimate else ""
         print(f"{label}{estimate} ...", file=stream, flush=True)
         started = time.perf_counter()
-        path, record = run_config(run.config, run.path.parent.parent, run.repeat, run_timeout)
+        try:
+            path, record = run_config(run.config, run.path.parent.parent, run.repeat, run_timeout)
+        except CellBusy as busy:
+            print(f"    not started: {busy}", file=stream, flush=True)
+            continue
         if polluted:
             record["shared_gpu"] = polluted  # the peak may include another process's memory
             records.write_atomic(path, record)
@@ -338,8 +344,14 @@ def main(args) -> int:
         if pretraining.returncode:  # its runs then fail with a record saying so; the others go on
             print(f"pretraining the base failed (exit {pretraining.returncode}): runs on it will fail", flush=True)
         planned, _ = plan()  # the fine-tunes' configurations name the checkpoint now made
-    results = run_matrix(planned, fingerprint, force=args.force, allow_shared_gpu=args.allow_shared_gpu,
-                         timeout_s=args.timeout, budget_s=budget_s)
+    try:
+        results = run_matrix(planned, fingerprint, force=args.force, allow_shared_gpu=args.allow_shared_gpu,
+                             timeout_s=args.timeout, budget_s=budget_s)
+    except KeyboardInterrupt:  # the run in progress was stopped and left no record: it resumes next time
+        done = sum(is_current(run.path, fingerprint) for run in planned)
+        print(f"\ninterrupted: {done} of {len(planned)} runs have a current record; the same command resumes",
+              flush=True)
+        return 130
     table = summary_table(results)
     print()
     print(table.to_string(index=False))
@@ -360,19 +372,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--model", help="run every block on this model source instead")
     parser.add_argument("--experiments", nargs="+", metavar="NAME", help="run only these experiments")
-    parser.add_argument("--budget-gb", type=float, help="emulate a card of this many GB in every run")
-    parser.add_argument("--seq-len", type=int, help="use this sequence length in every run")
-    parser.add_argument("--repeat", type=int, default=1, help="run each configuration N times")
+    parser.add_argument("--budget-gb", type=like_field("budget_gb", float),
+                        help="emulate a card of this many GB in every run")
+    parser.add_argument("--seq-len", type=like_field("seq_len"), help="use this sequence length in every run")
+    parser.add_argument("--repeat", type=positive(int), default=1, help="run each configuration N times")
     parser.add_argument("--force", action="store_true", help="rerun even where a current record exists")
     parser.add_argument("--allow-shared-gpu", action="store_true",
                         help="measure even if other processes hold GPU memory (records are marked)")
-    parser.add_argument("--timeout", type=float, help="seconds per run before it is killed and recorded")
+    parser.add_argument("--timeout", type=positive(float), help="seconds per run before it is killed and recorded")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the planned runs with their estimated GPU time and stop")
     parser.add_argument("--plan", help="a plan of the matrix file (default: the device type's, cpu or cuda); "
                         "e.g. evidence: the claims-first GPU pass")
     parser.add_argument("--time-budget", metavar="DURATION", type=parse_duration,
                         help="start no run whose estimated time exceeds what is left (e.g. 11m, 600s)")
-    parser.add_argument("--device-gb", type=float,
+    parser.add_argument("--device-gb", type=positive(float),
                         help="plan for a card of this many GB (default: the GPU's own; useful with --dry-run)")
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from harness.arguments import like_field, positive
 from harness.base import add_arguments as add_base_arguments
 from harness.bench import add_arguments as add_bench_arguments
 from harness.config import EXIT_BAD_CONFIG, ConfigError, experiment_files
@@ -20,12 +21,19 @@ def _overrides(args) -> dict:
 
 def cmd_run(args) -> int:
     from harness import records
-    from harness.runner import prepare, run_config, summary_line
+    from harness.runner import CellBusy, prepare, run_config, summary_line
 
     config = prepare(args.experiment, _overrides(args))
-    path, record = run_config(config, args.out, timeout_s=args.timeout)
+    try:
+        path, record = run_config(config, args.out, timeout_s=args.timeout)
+    except CellBusy as busy:
+        print(f"error: {busy}", file=sys.stderr)
+        return 1
     print(summary_line(record))
-    print(f"record: {path}")
+    if records.ATTEMPTS_FOLDER in path.parts:
+        print(f"the cell keeps its earlier measurement; this attempt: {path}")
+    else:
+        print(f"record: {path}")
     return 0 if record["status"] in records.FINISHED else 1
 
 
@@ -97,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", help="model source: a preset, a config.json, a local folder or a hub id")
     run.add_argument("--out", type=Path, default=Path("results"), help="folder for the record (default: results)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    run.add_argument("--budget-gb", type=float, help="emulate a card with this many GB (1e9 bytes)")
-    run.add_argument("--timeout", type=float, help="seconds before the run is killed and recorded as failed")
+    run.add_argument("--budget-gb", type=like_field("budget_gb", float), help="emulate a card with this many GB (1e9 bytes)")
+    run.add_argument("--timeout", type=positive(float), help="seconds before the run is killed and recorded as failed")
     run.set_defaults(func=cmd_run)
 
     bench = commands.add_parser("bench", help="run the experiment matrix for this device (resumable)")

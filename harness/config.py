@@ -9,13 +9,14 @@ field; the command line turns it into exit status 2.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 
@@ -112,13 +113,18 @@ _RANGES = [
     ("steps", lambda v: v >= 1, "must be at least 1"),
     ("eval_every", lambda v: v >= 0, "must be >= 0 (0: no evaluation)"),
     ("eval_sequences", lambda v: v >= 1, "must be at least 1"),
-    ("budget_gb", lambda v: v is None or v > 0, "must be a positive number of GB"),
+    ("budget_gb", lambda v: v is None or 0 < v < float("inf"), "must be a positive number of GB"),
     ("lora.r", lambda v: v >= 1, "must be at least 1"),
     ("lora.dropout", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("optim.lr", lambda v: v > 0, "must be positive"),
     ("optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"),
     ("data.max_bytes", lambda v: v > 0, "must be positive"),
 ]
+
+
+def field_check(field_name: str) -> tuple[Callable[[Any], bool], str]:
+    """The bound an experiment field is checked against, for the same value given elsewhere."""
+    return next((ok, message) for name, ok, message in _RANGES if name == field_name)
 
 
 def _type_name(hint: Any) -> str:
@@ -248,6 +254,7 @@ def _check_semantics(experiment: Experiment, path: Path) -> None:
     for name, ok, message in _RANGES:
         if not ok(_lookup(experiment, name)):
             raise ConfigError(path, name, f"{message} (got {_lookup(experiment, name)!r})")
+    _check_model_name(experiment.model, path)
     technique = resolve_technique(experiment)
     if technique.autocast == "fp16" and not technique.loss_scaling:
         raise ConfigError(path, "loss_scaling", "fp16 autocast needs loss scaling (set loss_scaling: true)")
@@ -261,6 +268,21 @@ def _check_semantics(experiment: Experiment, path: Path) -> None:
         if experiment.data.source.startswith("stdlib-") and experiment.data.eval_split != "eval":
             raise ConfigError(path, "data.eval_split", f"the standard library's held-out split is 'eval' "
                               f"(got {experiment.data.eval_split!r})")
+
+
+def _check_model_name(model: str, path: Path) -> None:
+    """A model name that is no preset, file or folder but close to a preset's is a typo, not a
+    hub id to look up (which would wait on the network): say so at once."""
+    from harness.base import BASE_SOURCE
+    from harness.presets import PRESETS
+
+    names = [*PRESETS, BASE_SOURCE]
+    if model in names or "/" in model or Path(model).expanduser().exists():
+        return
+    close = difflib.get_close_matches(model, names, n=3, cutoff=0.6)
+    if close:
+        raise ConfigError(path, "model", f"{model!r} is no preset, file or folder; did you mean "
+                          f"{' or '.join(repr(c) for c in close)}? (a hub id reads owner/name)")
 
 
 def resolve_technique(experiment: Experiment) -> Technique:

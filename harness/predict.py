@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from harness import records
+from harness.arguments import like_field
 from harness.config import experiment_files
 from harness.runner import prepare
 
@@ -174,9 +175,10 @@ def main(args) -> int:
 def add_arguments(parser) -> None:
     parser.add_argument("--model", help="a preset, a config.json, a local model folder or a hub id")
     parser.add_argument("--experiment", help="an experiment name (experiments/NAME.yaml) or a YAML path")
-    parser.add_argument("--seq", type=int, default=512, help="sequence length (default 512)")
-    parser.add_argument("--batch", type=int, default=1, help="micro-batch size (default 1)")
-    parser.add_argument("--budget-gb", type=float, help="say whether the step fits a card of this many GB")
+    parser.add_argument("--seq", type=like_field("seq_len"), default=512, help="sequence length (default 512)")
+    parser.add_argument("--batch", type=like_field("micro_batch"), default=1, help="micro-batch size (default 1)")
+    parser.add_argument("--budget-gb", type=like_field("budget_gb", float),
+                        help="say whether the step fits a card of this many GB")
     parser.add_argument("--method", choices=["analytic", "simulated", "both"], default="both")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                         help="the device whose code path is predicted (default cuda)")

@@ -21,6 +21,8 @@ STATUSES = ("ok", "oom", "skipped", "failed")
 # (a missing optional package, said in the record). Only ok and oom records are final.
 FINISHED = ("ok", "oom", "skipped")
 MEASURED = ("ok", "oom")
+# Attempts of a cell that ended without a measurement while the cell had one: kept, not records.
+ATTEMPTS_FOLDER = "attempts"
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "tokenizers", "accelerate")
 
 
@@ -132,7 +134,8 @@ def record_path(out_dir: str | Path, device: str, name: str, model: str, config_
 
 def find_records(folder: str | Path) -> list[Path]:
     """Every record under a folder (temporary files of interrupted writes start with '.')."""
-    return sorted(p for p in Path(folder).rglob("*.json") if not p.name.startswith(".") and "logs" not in p.parts)
+    return sorted(p for p in Path(folder).rglob("*.json")
+                  if not p.name.startswith(".") and "logs" not in p.parts and ATTEMPTS_FOLDER not in p.parts)
 
 
 def write_atomic(path: str | Path, record: dict) -> Path:

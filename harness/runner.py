@@ -3,16 +3,24 @@
 Each run gets its own interpreter, so peak statistics and the CUDA context start clean
 and a crash cannot poison the next run. If the process dies without writing its record
 (killed, segfault, host out of memory), this side writes a `failed` record for it.
+
+One worker per cell: a lock file per record, held by this process and its worker (the
+operating system releases it when both are gone), and a worker dies with the process that
+started it. A record is never replaced by a worse one: an attempt that ends without a
+measurement, where the cell has an ok or oom record, is kept in `attempts/` beside it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
-import tempfile
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 from harness import records
@@ -20,6 +28,9 @@ from harness.base import BASE_SOURCE, base_identity
 from harness.config import config_hash, load_experiment, resolved_config
 
 LOG_TAIL_CHARS = 4000
+LOCKS_FOLDER = ".locks"
+ATTEMPT_SUFFIX = ".attempt.json"  # a worker's record before it becomes the cell's
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def prepare(path: str | Path, overrides: dict | None = None) -> dict:
@@ -33,34 +44,99 @@ def prepare(path: str | Path, overrides: dict | None = None) -> dict:
     return config
 
 
+class CellBusy(Exception):
+    """Another process is measuring this cell right now."""
+
+
+@contextmanager
+def cell_lock(record_path: Path):
+    """An exclusive lock for one cell; yields the file descriptor, for the worker to inherit."""
+    lock_path = record_path.parent.parent / LOCKS_FOLDER / record_path.parent.name / f"{record_path.stem}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CellBusy(f"{record_path.name}: another process is measuring this cell now") from None
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _die_with_parent(parent: int):
+    """Run in the worker before it starts: the kernel kills it when its parent dies (Linux)."""
+    def set_death_signal():
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the parent died before the signal was set
+            os._exit(1)
+    return set_death_signal
+
+
 def run_config(config: dict, out_dir: str | Path = "results", repeat: int = 0,
                timeout_s: float | None = None) -> tuple[Path, dict]:
-    """Run a resolved config in a child process; returns (record path, record)."""
+    """Run a resolved config in a child process; returns (where its record went, the record).
+
+    That is the cell's record path, or attempts/ where the run measured nothing and the cell
+    keeps an earlier measurement. Raises CellBusy if another process is running the same cell.
+    """
     out_dir = Path(out_dir)
     path = records.record_path(out_dir, records.device_name(config["device"]), config["name"],
                                config["model"], config["config_hash"], repeat)
     log_path = out_dir / "logs" / path.parent.name / (path.stem + ".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        json.dump({**config, "run_id": run_id}, handle)
+    attempt_path = path.with_name(f".{path.stem}.{run_id[:12]}{ATTEMPT_SUFFIX}")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    try:
-        with open(log_path, "w") as log:
-            process = subprocess.Popen([sys.executable, "-m", "harness.worker", handle.name, str(path)],
-                                       stdout=log, stderr=subprocess.STDOUT, env=env)
-            try:
-                returncode = process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                returncode = process.wait()
-    finally:
-        Path(handle.name).unlink(missing_ok=True)
-    record = records.read_record(path) if path.exists() else None
-    if record is None or record.get("config", {}).get("run_id") != run_id:
-        record = _lost_record(config, returncode, log_path, timeout_s)
-        records.write_atomic(path, record)
-    return path, record
+    with cell_lock(path) as lock, open(log_path, "w") as log:
+        # The config goes through a pipe: nothing is left behind in /tmp by a killed run.
+        process = subprocess.Popen([sys.executable, "-m", "harness.worker", "-", str(attempt_path)],
+                                   stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   pass_fds=(lock,), preexec_fn=_die_with_parent(os.getpid()))
+        try:
+            process.stdin.write(json.dumps({**config, "run_id": run_id}).encode())
+            process.stdin.close()
+            returncode = process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            returncode = process.wait()
+        except BaseException:  # Ctrl-C or an error here: no worker outlives this process
+            process.kill()
+            process.wait()
+            attempt_path.unlink(missing_ok=True)
+            raise
+        record = records.read_record(attempt_path) if attempt_path.exists() else None
+        if record is None or record.get("config", {}).get("run_id") != run_id:
+            record = _lost_record({**config, "run_id": run_id}, returncode, log_path, timeout_s)
+            records.write_atomic(attempt_path, record)
+        landed = _keep_the_better(path, attempt_path, record)
+    return landed, record
+
+
+def remove_stale_attempts(out_dir: Path) -> None:
+    """Attempts left by a runner killed mid-run (its cell's lock is free again): the cell resumes."""
+    for attempt in Path(out_dir).rglob(f".*{ATTEMPT_SUFFIX}"):
+        record_path = attempt.with_name(attempt.name[1:].rsplit(".", 3)[0] + ".json")
+        try:
+            with cell_lock(record_path):
+                attempt.unlink(missing_ok=True)
+        except CellBusy:
+            continue
+
+
+def _keep_the_better(path: Path, attempt_path: Path, record: dict) -> Path:
+    """The attempt becomes the cell's record, unless it measured nothing and the cell has a
+    measurement; then the attempt is kept under attempts/ and the measurement stays."""
+    existing = records.read_record(path) if path.exists() else None
+    if existing and existing.get("status") in records.MEASURED and record["status"] not in records.MEASURED:
+        folder = path.parent.parent / records.ATTEMPTS_FOLDER / path.parent.name
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{path.stem}.{record['config']['run_id'][:12]}.json"
+    os.replace(attempt_path, path)
+    return path
 
 
 def _lost_record(config: dict, returncode: int, log_path: Path, timeout_s: float | None) -> dict:

@@ -255,8 +255,8 @@ def _memory_section(device, tracker: TensorTracker, cuda_meter, context_bytes) -
 
 
 def main() -> None:
-    config_path, record_path = sys.argv[1], sys.argv[2]
-    config = json.loads(Path(config_path).read_text())
+    config_path, record_path = sys.argv[1], sys.argv[2]  # "-": the config comes on standard input
+    config = json.loads(sys.stdin.read() if config_path == "-" else Path(config_path).read_text())
     record = run(config, record_path)
     sys.exit(0 if record["status"] in records.FINISHED else 1)
 

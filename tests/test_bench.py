@@ -135,3 +135,46 @@ def test_an_oom_inside_a_matrix_is_a_row_and_the_matrix_completes(tmp_path):
     table = output[output.index("experiment"):]
     assert "oom (forward)" in table or "oom (backward)" in table
     assert "lora" in table and "ok" in table
+
+
+def test_one_worker_per_cell_and_it_dies_with_its_parent(tmp_path):
+    """kill -9 of the bench alone takes its worker with it; a cell being measured is never started twice."""
+    import psutil
+
+    from harness.runner import CellBusy, cell_lock, prepare, run_config
+
+    matrix = _write_matrix(tmp_path, [{"experiments": ["lora"], "models": ["tiny-llama"],
+                                       "set": {**QUICK, "steps": 200}}])
+    out = tmp_path / "results"
+    process = _bench(matrix, out, start_new_session=True)
+    bench = psutil.Process(process.pid)
+    deadline = time.time() + 120
+    while not bench.children() and time.time() < deadline:
+        time.sleep(0.1)
+    worker = bench.children()[0]
+    os.kill(process.pid, signal.SIGKILL)  # the parent alone
+    process.wait()
+    worker.wait(timeout=30)  # the kernel killed it with its parent
+    assert not psutil.pid_exists(worker.pid) or worker.status() == psutil.STATUS_ZOMBIE
+    assert not _records(out)  # nothing half-written counts as a record
+    config = prepare(EXPERIMENTS / "lora.yaml", QUICK)
+    path, _ = run_config(config, out)  # its lock was released with it
+    with cell_lock(path):  # while another process measures this cell, it is not started again
+        with pytest.raises(CellBusy, match="another process is measuring this cell"):
+            run_config(config, out)
+
+
+def test_a_failed_rerun_never_replaces_a_measurement(tmp_path):
+    from harness.report.load import load_results, runs_frame
+    from harness.runner import prepare, run_config
+
+    config = prepare(EXPERIMENTS / "lora.yaml", QUICK)
+    out = tmp_path / "results"
+    path, first = run_config(config, out)
+    measured = path.read_bytes()
+    attempt_path, attempt = run_config(config, out, timeout_s=1)  # killed before it measures anything
+    assert first["status"] == "ok" and attempt["status"] == "failed"
+    assert path.read_bytes() == measured and attempt_path.parent == out / "attempts" / path.parent.name
+    runs = runs_frame(load_results(out))
+    assert list(runs["status"]) == ["ok"] and list(runs["failed_attempts"]) == [1]
+    assert not list(out.rglob(".*.attempt.json")) and not list(out.rglob("*.tmp"))

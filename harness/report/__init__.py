@@ -11,7 +11,10 @@ command line takes its arguments from here.
 
 from pathlib import Path
 
+from harness.arguments import existing_folder
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--results", type=Path, default=Path("results"), help="results folder (default: results)")
+    parser.add_argument("--results", type=existing_folder, default=Path("results"),
+                        help="results folder (default: results)")
     parser.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports)")

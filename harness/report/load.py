@@ -14,7 +14,7 @@ import pandas as pd
 
 CATEGORIES = ("weights", "quant_constants", "gradients", "optimizer_state", "activations", "other")
 PERSISTENT = ("weights", "quant_constants", "gradients", "optimizer_state")
-NOT_RUN_FOLDERS = {"logs", "predictions", "probes", "microbench", "base"}
+NOT_RUN_FOLDERS = {"logs", "predictions", "probes", "microbench", "base", "attempts", ".locks"}
 
 
 @dataclass
@@ -25,6 +25,8 @@ class Results:
     probes: dict[str, dict] = field(default_factory=dict)
     microbench: list[dict] = field(default_factory=list)  # {"file", "device", "data"}
     bases: list[dict] = field(default_factory=list)  # pretraining records of the lab's own base models
+    # Attempts that measured nothing, kept beside a cell's ok/oom record: {record file: count}.
+    attempts: dict[str, int] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
 
 
@@ -46,7 +48,7 @@ def load_results(root: str | Path) -> Results:
     if not root.is_dir():
         return results
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in NOT_RUN_FOLDERS):
-        for path in sorted(folder.glob("*.json")):
+        for path in sorted(p for p in folder.glob("*.json") if not p.name.startswith(".")):
             record = _read_json(path, results.skipped, root)
             if record is None:
                 continue
@@ -56,6 +58,11 @@ def load_results(root: str | Path) -> Results:
             record["_file"] = str(path.relative_to(root))
             record["_slug"] = folder.name
             results.records.append(record)
+    for path in sorted((root / "attempts").glob("*/*.json")):  # <slug>/<record stem>.<attempt id>.json
+        key = f"{path.parent.name}/{path.name.rsplit('.', 2)[0]}.json"
+        results.attempts[key] = results.attempts.get(key, 0) + 1
+    for record in results.records:
+        record["_attempts"] = results.attempts.get(record["_file"], 0)
     for path in sorted((root / "predictions").glob("*.json")):
         prediction = _read_json(path, results.skipped, root)
         if prediction is not None and prediction.get("kind") == "prediction":
@@ -120,6 +127,7 @@ def run_row(record: dict) -> dict:
         "tracked_step_peak": memory.get("tracked_step_peak"),
         "quantization": config.get("quantization"),
         "shared_gpu": record.get("shared_gpu"),
+        "failed_attempts": record.get("_attempts", 0),
         "tokens_per_s": throughput.get("tokens_per_s"),
         "mfu": _get(throughput, "mfu", "mfu"),
         "final_loss": _get(record, "loss", "final"), "eval_final": _get(record, "loss", "eval_final"),

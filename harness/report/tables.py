@@ -140,13 +140,17 @@ def ledger_table(ledger: list[LedgerRow]) -> Table:
 
 def _status_cell(run: pd.Series) -> Cell:
     status = run["status"]
+    if status in ("ok", "oom") and run["failed_attempts"]:
+        attempts = f"{run['failed_attempts']} later attempt{'s' if run['failed_attempts'] > 1 else ''} failed (kept)"
+    else:
+        attempts = ""
     if status == "ok":
-        return Cell("ok", "" if _missing(run["shared_gpu"]) else f"beside another process: {run['shared_gpu']}",
-                    css="status-ok")
+        shared = "" if _missing(run["shared_gpu"]) else f"beside another process: {run['shared_gpu']}"
+        return Cell("ok", "; ".join(text for text in (shared, attempts) if text), css="status-ok")
     detail = f"at {run['error_phase']}" if not _missing(run["error_phase"]) else ""
     if status == "failed" and not _missing(run["error_type"]):
         detail = f"{run['error_type']} {detail}".strip()
-    return Cell(str(status), detail, css=f"status-{status}")
+    return Cell(str(status), "; ".join(text for text in (detail, attempts) if text), css=f"status-{status}")
 
 
 def runs_table(runs: pd.DataFrame) -> Table:
