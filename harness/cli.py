@@ -75,13 +75,24 @@ def cmd_report(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    """Every file is checked and every bad one reported; exit status 2 if any is bad."""
     from harness.runner import prepare
 
+    if not args.files and not args.folder.is_dir():
+        raise ConfigError(args.folder, "--folder", "no such folder")
     paths = args.files or experiment_files(args.folder)
+    bad = 0
     for path in paths:
-        config = prepare(path)
+        try:
+            config = prepare(path)
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            bad += 1
+            continue
         print(f"{path}: ok ({config['name']}: technique {config['technique']}, model {config['model']})")
-    return 0
+    if bad:
+        print(f"{bad} of {len(paths)} experiment files are not valid", file=sys.stderr)
+    return EXIT_BAD_CONFIG if bad else 0
 
 
 def cmd_list(args) -> int:

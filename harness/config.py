@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -116,7 +117,10 @@ _RANGES = [
     ("budget_gb", lambda v: v is None or 0 < v < float("inf"), "must be a positive number of GB"),
     ("lora.r", lambda v: v >= 1, "must be at least 1"),
     ("lora.dropout", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("optim.lr", lambda v: v > 0, "must be positive"),
+    ("lora.alpha", lambda v: 0 < v < float("inf"), "must be positive"),
+    ("optim.lr", lambda v: 0 < v < float("inf"), "must be positive"),
+    ("optim.eps", lambda v: 0 < v < float("inf"), "must be positive"),
+    ("optim.weight_decay", lambda v: 0 <= v < float("inf"), "must be >= 0"),
     ("optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"),
     ("data.max_bytes", lambda v: v > 0, "must be positive"),
 ]
@@ -125,6 +129,9 @@ _RANGES = [
 def field_check(field_name: str) -> tuple[Callable[[Any], bool], str]:
     """The bound an experiment field is checked against, for the same value given elsewhere."""
     return next((ok, message) for name, ok, message in _RANGES if name == field_name)
+
+
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _type_name(hint: Any) -> str:
@@ -160,6 +167,8 @@ def _coerce(value: Any, hint: Any, path: Path, name: str) -> Any:
         return build_dataclass(hint, value, path, prefix=f"{name}.")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string; it is meant as a number
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(path, name, f"expected true or false, got {value!r}")
     if hint in (int, float) and isinstance(value, bool):
@@ -197,18 +206,39 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key given twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden by design
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     """Read one file and everything it includes; the including file wins on conflicts."""
     if path in chain:
         raise ConfigError(chain[-1], "include", f"include cycle through {path}")
+    where = (chain[-1], "include") if chain else (path, "<file>")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         if chain:
             raise ConfigError(chain[-1], "include", f"included file {path} does not exist") from None
         raise ConfigError(path, "<file>", "file does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(*where, f"{path} is a folder, not an experiment file") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(*where, f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -260,6 +290,17 @@ def _check_semantics(experiment: Experiment, path: Path) -> None:
         raise ConfigError(path, "loss_scaling", "fp16 autocast needs loss scaling (set loss_scaling: true)")
     if technique.quantization != "none" and technique.adapter == "none":
         raise ConfigError(path, "adapter", "a quantized base cannot be fully fine-tuned; use an adapter (lora)")
+    if technique.double_quant and technique.quantization != "nf4":
+        raise ConfigError(path, "double_quant", f"double quantization is NF4's (quantization: nf4), "
+                          f"not {technique.quantization}'s")
+    if technique.loss_scaling and technique.weights == "fp16":
+        raise ConfigError(path, "loss_scaling", "loss scaling unscales fp32 gradients: it needs fp32 master "
+                          "weights (weights: fp32), not fp16 ones")
+    if technique.adapter != "none":
+        _check_lora_targets(experiment, path)
+    source = experiment.data.source
+    if source.startswith(("/", ".", "~")) and not Path(source).expanduser().exists():
+        raise ConfigError(path, "data.source", f"no such file or folder: {source}")
     assert technique.quantization in QUANTIZATIONS and technique.adapter in ADAPTERS
     if experiment.eval_every:
         if experiment.data.source == "stdlib":
@@ -268,6 +309,25 @@ def _check_semantics(experiment: Experiment, path: Path) -> None:
         if experiment.data.source.startswith("stdlib-") and experiment.data.eval_split != "eval":
             raise ConfigError(path, "data.eval_split", f"the standard library's held-out split is 'eval' "
                               f"(got {experiment.data.eval_split!r})")
+
+
+def _check_lora_targets(experiment: Experiment, path: Path) -> None:
+    """LoRA's target modules must name linear layers the model has (known for the presets)."""
+    from harness.analytic import LINEAR_NAMES
+    from harness.presets import PRESETS
+
+    targets = experiment.lora.target_modules
+    if targets == "all-linear":
+        return
+    if not targets:
+        raise ConfigError(path, "lora.target_modules", "names no module: give at least one (or all-linear)")
+    if experiment.model not in PRESETS:
+        return  # another model's layers are known once its config is read (at run time)
+    known = set(LINEAR_NAMES) | {"lm_head"} | ({"gate"} if PRESETS[experiment.model].get("num_local_experts") else set())
+    unknown = [name for name in targets if name not in known]
+    if unknown:
+        raise ConfigError(path, "lora.target_modules", f"{experiment.model} has no linear layer named "
+                          f"{', '.join(map(repr, unknown))}; its linear layers: {', '.join(sorted(known))}")
 
 
 def _check_model_name(model: str, path: Path) -> None:

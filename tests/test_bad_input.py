@@ -43,3 +43,64 @@ def test_a_model_name_close_to_a_preset_is_a_typo_said_at_once(typo, suggestion)
 def test_names_that_may_be_hub_ids_or_paths_are_left_to_resolve():
     for model in ("tiny-llama", "meta-llama/Llama-2-7b-hf", "gpt2"):
         assert prepare(EXPERIMENTS / "lora.yaml", {"model": model})["model"] == model
+
+
+DEFAULTS = f"include: {EXPERIMENTS / '_defaults.yaml'}\n"
+BAD_FILES = [
+    ("technique: lora\nlora: {target_modules: [foo]}\n", "lora.target_modules", "no linear layer named 'foo'"),
+    ("technique: lora\nlora: {target_modules: []}\n", "lora.target_modules", "names no module"),
+    ("technique: lora\ndata: {source: /nope}\n", "data.source", "no such file or folder"),
+    ("technique: lora\noptim: {eps: -1}\n", "optim.eps", "must be positive"),
+    ("technique: lora\noptim: {weight_decay: -0.1}\n", "optim.weight_decay", "must be >= 0"),
+    ("technique: lora\nlora: {alpha: -5}\n", "lora.alpha", "must be positive"),
+    ("technique: lora\ndouble_quant: true\n", "double_quant", "NF4's"),
+    ("technique: fp16-mixed\nweights: fp16\n", "loss_scaling", "fp32 master weights"),
+    ("technique: lora\nsteps: 3\nsteps: 4\n", "<yaml>", "key 'steps' is given twice"),
+    ("technique: lora\nbudget_gb: .inf\n", "budget_gb", "positive number of GB"),
+    ("technique: lora\nmodel: tiny_llama\n", "model", "did you mean 'tiny-llama'"),
+    ("technique: qlora\nlora: {target_modules: [gate]}\n", "lora.target_modules", "no linear layer named 'gate'"),
+]
+
+
+@pytest.mark.parametrize("text, field, message", BAD_FILES, ids=[f for _, f, _ in BAD_FILES])
+def test_validate_refuses_what_a_run_would_fail_on(tmp_path, text, field, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(DEFAULTS + text)
+    with pytest.raises(ConfigError) as error:
+        prepare(path)
+    assert error.value.field_name == field and message in error.value.message and str(path) in str(error.value)
+
+
+def test_files_that_are_no_experiment_text(tmp_path):
+    folder_include = tmp_path / "folder.yaml"
+    folder_include.write_text(f"include: {tmp_path}\ntechnique: lora\n")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"technique: lora\n\xff\xfe\n")
+    for path, field, message in ((folder_include, "include", "is a folder"), (binary, "<file>", "is not UTF-8"),
+                                 (tmp_path, "<file>", "is a folder")):
+        with pytest.raises(ConfigError) as error:
+            prepare(path)
+        assert error.value.field_name == field and message in error.value.message
+
+
+def test_what_yaml_reads_as_text_but_a_user_means_as_a_number_is_taken(tmp_path):
+    path = tmp_path / "lr.yaml"
+    path.write_text(DEFAULTS + "technique: lora\noptim: {lr: 1e-4}\nlora: {target_modules: [q_proj, v_proj]}\n")
+    assert prepare(path)["optim"]["lr"] == 1e-4
+    path.write_text(DEFAULTS + "technique: lora\noptim: {lr: fast}\n")
+    with pytest.raises(ConfigError, match="optim.lr"):
+        prepare(path)
+
+
+def test_validate_reports_every_bad_file_and_a_missing_folder(tmp_path, capsys):
+    from harness.cli import cmd_validate
+
+    for index, (text, _, _) in enumerate(BAD_FILES[:3]):
+        (tmp_path / f"bad{index}.yaml").write_text(DEFAULTS + text)
+    (tmp_path / "good.yaml").write_text(DEFAULTS + "technique: lora\n")
+    parser = build_parser()
+    assert cmd_validate(parser.parse_args(["validate", "--folder", str(tmp_path)])) == 2
+    err = capsys.readouterr().err
+    assert all(f"bad{i}.yaml" in err for i in range(3)) and "3 of 4 experiment files are not valid" in err
+    with pytest.raises(ConfigError, match="--folder.*no such folder"):
+        cmd_validate(parser.parse_args(["validate", "--folder", str(tmp_path / "nonexistent")]))
