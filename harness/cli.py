@@ -161,3 +161,6 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)
+    except KeyboardInterrupt:  # records are written atomically: nothing half-written stays behind
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

@@ -14,17 +14,21 @@ so at most one layer ever exists in 16 bits and a 7B QLoRA model never does.
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
+from harness.config import ConfigError
 from harness.presets import PRESETS, preset_config
 from harness.techniques import Technique
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HUB_PROBE_TIMEOUT_S = 3
 
 
 @dataclass
@@ -57,13 +61,50 @@ def resolve_source(source: str, trust_remote_code: bool = False, device_type: st
         model_type = settings.pop("model_type", None)
         if model_type is None:
             raise ValueError(f"{path}: a config.json needs a 'model_type' field")
-        return ModelSource(source, "config", AutoConfig.for_model(model_type, **settings))
+        config = AutoConfig.for_model(model_type, **settings)
+        _check_shape(config, source)
+        return ModelSource(source, "config", config)
     if path.is_dir() and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise ValueError(f"{path}: a model folder needs weights (*.safetensors); "
                          "for a shape only, give the path of its config.json")
-    # A local folder with weights, or a hub id (resolved by transformers; needs a network).
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if path.is_dir():
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    else:
+        config = _hub_config(source, trust_remote_code)
+    _check_shape(config, source)
     return ModelSource(source, "pretrained", config)
+
+
+# The sizes a shape must have, where a config names them: a zero or negative one is a mistake.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads")
+
+
+def _check_shape(config, source: str) -> None:
+    for name in SHAPE_FIELDS:
+        value = getattr(config, name, None)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(source, name, f"must be a positive integer in the model's config (got {value!r})")
+
+
+def _hub_config(source: str, trust_remote_code: bool):
+    """A hub id's config: from the hub where it can be reached, else from the local cache, else
+    one sentence at once (transformers would retry for half a minute first)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from transformers import AutoConfig
+
+    host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            socket.create_connection((host, 443), timeout=HUB_PROBE_TIMEOUT_S).close()
+            return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except OSError:
+            pass
+    if isinstance(try_to_load_from_cache(source, "config.json"), str):
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True)
+    raise ConfigError(source, "model", f"no preset, file or folder is named {source!r}, and as a hub id it "
+                      f"cannot be looked up: {host} cannot be reached from here and the local hub cache "
+                      "does not hold it (give a preset, a config.json or a local model folder)")
 
 
 class SequentialExperts(nn.Module):

@@ -104,3 +104,32 @@ def test_validate_reports_every_bad_file_and_a_missing_folder(tmp_path, capsys):
     assert all(f"bad{i}.yaml" in err for i in range(3)) and "3 of 4 experiment files are not valid" in err
     with pytest.raises(ConfigError, match="--folder.*no such folder"):
         cmd_validate(parser.parse_args(["validate", "--folder", str(tmp_path / "nonexistent")]))
+
+
+def test_a_hub_id_without_a_network_is_one_sentence_at_once(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # as on a machine with no network
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "harness", "predict", "--model", "someone/no-such-model",
+                           "--experiment", "lora"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and time.monotonic() - started < 60
+    assert done.stderr.strip().startswith("error: someone/no-such-model: field 'model': no preset, file or folder")
+    assert "cannot be reached" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_config_with_an_impossible_shape_is_refused(tmp_path):
+    import json
+
+    from harness.models import resolve_source
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "llama", "num_hidden_layers": -3, "hidden_size": 256,
+                                "intermediate_size": 704, "num_attention_heads": 8, "vocab_size": 4096}))
+    with pytest.raises(ConfigError, match="num_hidden_layers.*must be a positive integer"):
+        resolve_source(str(path))
