@@ -180,3 +180,45 @@ def test_a_failed_rerun_never_replaces_a_measurement(tmp_path):
     runs = runs_frame(load_results(out))
     assert list(runs["status"]) == ["ok"] and list(runs["failed_attempts"]) == [1]
     assert not list(out.rglob(".*.attempt.json")) and not list(out.rglob("*.tmp"))
+
+
+def test_a_matrix_killed_at_random_moments_keeps_every_record_whole_and_leaves_nothing(tmp_path):
+    """Killed 20 times, at random moments, the bench alone or with its worker: afterwards no record is
+    lost, rewritten, duplicated or corrupt, no worker survives its bench, nothing is left behind."""
+    import random
+
+    import psutil
+
+    matrix = _write_matrix(tmp_path, [{"experiments": ["lora", "bf16-pure", "qlora"], "models": ["tiny-llama"],
+                                       "set": QUICK}])
+    out = tmp_path / "results"
+    rng = random.Random(0)
+    seen: dict = {}
+
+    def workers():
+        return [p for p in psutil.process_iter(["cmdline"])
+                if "harness.worker" in (p.info["cmdline"] or []) and str(out) in " ".join(p.info["cmdline"])]
+
+    for attempt in range(20):
+        process = _bench(matrix, out, start_new_session=True)
+        time.sleep(rng.uniform(0.5, 8.0))
+        if attempt % 2:
+            os.killpg(process.pid, signal.SIGKILL)  # the whole group
+        else:
+            os.kill(process.pid, signal.SIGKILL)  # the bench alone: its worker must die with it
+        process.wait()
+        deadline = time.time() + 30
+        while workers() and time.time() < deadline:
+            time.sleep(0.1)
+        assert not workers(), f"a worker outlived its bench (kill {attempt})"
+        for path in _records(out):
+            data = path.read_bytes()
+            json.loads(data)  # never half-written
+            assert seen.setdefault(path, data) == data, f"{path.name} was rewritten (kill {attempt})"
+    output = _bench(matrix, out).communicate(timeout=600)[0]
+    finished = _records(out)
+    assert len(finished) == 3 and len({p.name for p in finished}) == 3, output
+    assert all(json.loads(p.read_text())["status"] == "ok" for p in finished)
+    assert all(seen.get(p, p.read_bytes()) == p.read_bytes() for p in finished)
+    leftovers = [p for p in out.rglob("*") if p.is_file() and (p.name.endswith((".tmp", ".attempt.json")))]
+    assert not leftovers and not workers()
