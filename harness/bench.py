@@ -2,10 +2,11 @@
 
 With `--time-budget`, no run starts whose estimated time (harness.estimate) exceeds what is
 left, so a short GPU lease is spent on the plan's first, most valuable cells; `--dry-run`
-prints the plan with those estimates. Each run is a fresh process (harness.runner). A run whose record already exists for the
-same resolved configuration and environment fingerprint is skipped, so an interrupted
-matrix, even one killed with SIGKILL, resumes with exactly the runs it lacks: records are
-written atomically, and a run that was cut off left no record behind.
+prints the plan with those estimates. Each run is a fresh process (harness.runner). A run
+whose record already exists for the same resolved configuration and environment
+fingerprint is skipped, so an interrupted matrix, even one killed with SIGKILL, resumes
+with exactly the runs it lacks: records are written atomically, and a run that was cut
+off left no record behind.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import records
-from harness.base import BASE_SOURCE, base_checkpoint_path
 from harness.arguments import like_field, positive
-from harness.estimate import Estimate, estimate_run, parse_duration
+from harness.base import BASE_SOURCE, base_checkpoint_path
 from harness.config import MATRIX_FILE, ConfigError, build_dataclass, experiment_files, read_yaml
+from harness.estimate import Estimate, estimate_run, parse_duration
 from harness.runner import CellBusy, prepare, remove_stale_attempts, run_config, summary_line
 
 # Memory held on the GPU by others beyond this means a polluted peak (a bare context is less).
