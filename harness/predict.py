@@ -8,8 +8,8 @@ report; `--claims` predicts the configurations the report compares (claims ledge
 
 from __future__ import annotations
 
-import itertools
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -40,29 +40,25 @@ PREDICTOR_MODULES = ("analytic.py", "simulate.py", "models.py", "train.py", "mem
 
 
 def matrix_configurations(experiments_dir: Path) -> list[tuple[str, str, int, int, str]]:
-    """Every (experiment, model, seq_len, micro-batch, code path) the matrix's plans measure.
+    """Every (experiment, model, seq_len, micro-batch, code path) the matrix's plans measure
+    (harness.bench.expand, on a card large enough for every block).
 
     The lab's pretrained base (its shape is a preset's) and the accumulation series (one
-    micro-batch's memory, predicted once) are left out.
+    micro-batch's memory, predicted at the experiment's own accumulation) are left out.
     """
     from harness.base import BASE_SOURCE
-    from harness.bench import load_matrix
+    from harness.bench import expand, load_matrix
     from harness.config import MATRIX_FILE
 
-    available = {path.stem: path for path in experiment_files(experiments_dir)}
+    matrix = load_matrix(experiments_dir / MATRIX_FILE)
+    own_accumulation = {path.stem: prepare(path)["grad_accum"] for path in experiment_files(experiments_dir)}
     cells = []
-    for plan, blocks in load_matrix(experiments_dir / MATRIX_FILE).items():
+    for plan in matrix:
         device_type = "cpu" if plan == "cpu" else "cuda"
-        for block in blocks:
-            if any(k not in (None, 1) for k in block.grad_accums):
-                continue
-            names = sorted(available) if block.experiments == "all" else block.experiments
-            for name, model, seq in itertools.product(names, block.models, block.seq_lens):
-                if model == BASE_SOURCE:
-                    continue
-                overrides = {**block.set, "model": model, **({"seq_len": seq} if seq else {})}
-                config = prepare(available[name], overrides)
-                cells.append((name, model, config["seq_len"], config["micro_batch"], device_type))
+        runs, _ = expand(matrix, device_type, experiments_dir, experiments_dir, plan=plan, device_gb=math.inf)
+        cells += [(c["name"], c["model"], c["seq_len"], c["micro_batch"], device_type)
+                  for c in (run.config for run in runs)
+                  if c["model"] != BASE_SOURCE and c["grad_accum"] == own_accumulation[c["name"]]]
     return cells
 
 
@@ -149,6 +145,7 @@ def main(args) -> int:
             raise SystemExit("predict: --model and --experiment are required (or --claims)")
         jobs = [(_experiment_file(args.experiment, experiments_dir), args.model, args.seq, args.batch, args.device)]
     results = []
+    predictor = records.code_digest(PREDICTOR_MODULES)  # the code that would predict now
     for experiment, model, seq, batch, device_type in jobs:
         for method in methods:
             path = prediction_path(Path(args.out), {"experiment": experiment.stem, "model": model, "seq_len": seq,
@@ -156,7 +153,7 @@ def main(args) -> int:
                                                      "device_type": device_type})
             if args.claims and not args.force and path.exists():
                 saved = records.read_record(path)
-                if saved.get("predictor") == records.code_digest(PREDICTOR_MODULES):
+                if saved.get("predictor") == predictor:
                     results.append(saved)
                     continue
             prediction = predict(experiment, model, seq, batch, method, device_type)
