@@ -16,7 +16,7 @@ BUDGET_GB ?=
 EXPERIMENTS ?=
 BENCH_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(BUDGET_GB),--budget-gb $(BUDGET_GB)) $(if $(EXPERIMENTS),--experiments $(EXPERIMENTS))
 
-.PHONY: install bench gpu-evidence base report report-check test chromium microbench validate clean
+.PHONY: install bench gpu-evidence base report report-check test test-fast chromium microbench validate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,7 +52,7 @@ else
 	@# --allow-shared-gpu: a lease is too short to lose to a stray process; a record taken
 	@# beside one says so (shared_gpu), and the report shows it.
 	@status=0; $(EVIDENCE) --device cuda --allow-shared-gpu || status=$$?; \
-	if [ -n "$(MICROBENCH)" ]; then $(PY) -m harness.microbench --benchmark-max-time=0.2 || status=1; fi; \
+	if [ -n "$(MICROBENCH)" ]; then $(PY) -m harness.lab.microbench --benchmark-max-time=0.2 || status=1; fi; \
 	$(PY) -m harness report || status=1; \
 	tar czf $(ARCHIVE) results reports && echo "records and report: $(ARCHIVE)"; \
 	exit $$status
@@ -73,6 +73,10 @@ report-check: $(SETUP)
 test: $(SETUP) chromium
 	$(PY) -m pytest -q
 
+# The tests not marked slow (no real training step in a subprocess): a minute or two
+test-fast: $(SETUP)
+	$(PY) -m pytest -q -m "not slow"
+
 # The report's browser test needs Chromium: installed where possible (root with apt-get), else skipped.
 chromium:
 	@if command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ]; then :; \
@@ -84,7 +88,7 @@ chromium:
 
 # Kernel micro-benchmarks at the sizes of this device: results/microbench/<device>.json
 microbench: $(SETUP)
-	$(PY) -m harness.microbench
+	$(PY) -m harness.lab.microbench
 
 validate: $(SETUP)
 	$(PY) -m harness validate

@@ -1,0 +1,30 @@
+"""A benchmark lab for fine-tuning language models under limited VRAM.
+
+    import harness
+    runs = harness.load_results("results")                     # every run, one row each
+    predictions = harness.load_results("results", "predictions")
+
+The package's folders are its three kinds of evidence and what serves them: `step/` builds
+and runs a training step, `measure/` measures it, `predict/` predicts it (analytic and
+simulated), `report/` renders what was measured and predicted, and `lab/` holds the lab's
+commands (the matrix, probes, the pretrained base, micro-benchmarks). `schema` is the
+record format, `env` the door to the machine, `config` and `techniques` what an experiment
+file may say.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def load_results(path: str | Path = "results", what: str = "runs"):
+    """Every record under a results folder as one pandas DataFrame: `runs` (one row per
+    configuration, its newest record; memory by category in peak_*/persistent_* columns,
+    throughput, loss, status) or `predictions` (one row per prediction)."""
+    from harness.report.load import load_results as load
+    from harness.report.load import predictions_frame, runs_frame
+
+    frames = {"runs": runs_frame, "predictions": predictions_frame}
+    if what not in frames:
+        raise ValueError(f"load_results: what={what!r}; one of {', '.join(frames)}")
+    return frames[what](load(path))

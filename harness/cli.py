@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 from harness.arguments import like_field, positive
-from harness.base import add_arguments as add_base_arguments
-from harness.bench import add_arguments as add_bench_arguments
 from harness.config import EXIT_BAD_CONFIG, ConfigError, experiment_files
-from harness.predict import add_arguments as add_predict_arguments
+from harness.lab.bench import add_arguments as add_bench_arguments
+from harness.lab.pretrain import add_arguments as add_base_arguments
+from harness.predict.command import add_arguments as add_predict_arguments
 from harness.report import add_arguments as add_report_arguments
 
 
@@ -20,8 +20,9 @@ def _overrides(args) -> dict:
 
 
 def cmd_run(args) -> int:
-    from harness import records
-    from harness.runner import CellBusy, prepare, run_config, summary_line
+    from harness import schema
+    from harness.config import prepare
+    from harness.lab.runner import CellBusy, run_config, summary_line
 
     config = prepare(args.experiment, _overrides(args))
     try:
@@ -30,33 +31,33 @@ def cmd_run(args) -> int:
         print(f"error: {busy}", file=sys.stderr)
         return 1
     print(summary_line(record))
-    if records.ATTEMPTS_FOLDER in path.parts:
+    if schema.ATTEMPTS_FOLDER in path.parts:
         print(f"the cell keeps its earlier measurement; this attempt: {path}")
     else:
         print(f"record: {path}")
-    return 0 if record["status"] in records.FINISHED else 1
+    return 0 if record.status in schema.FINISHED else 1
 
 
 def cmd_bench(args) -> int:
-    from harness.bench import main as bench_main
+    from harness.lab.bench import main as bench_main
 
     return bench_main(args)
 
 
 def cmd_base(args) -> int:
-    from harness.base import main as base_main
+    from harness.lab.pretrain import main as base_main
 
     return base_main(args)
 
 
 def cmd_predict(args) -> int:
-    from harness.predict import main as predict_main
+    from harness.predict.command import main as predict_main
 
     return predict_main(args)
 
 
 def cmd_probes(args) -> int:
-    from harness.probes import PROBES, headline, run_probes
+    from harness.lab.probes import PROBES, headline, run_probes
 
     unknown = sorted(set(args.only or ()) - set(PROBES))
     if unknown:
@@ -76,7 +77,7 @@ def cmd_report(args) -> int:
 
 def cmd_validate(args) -> int:
     """Every file is checked and every bad one reported; exit status 2 if any is bad."""
-    from harness.runner import prepare
+    from harness.config import prepare
 
     if not args.files and not args.folder.is_dir():
         raise ConfigError(args.folder, "--folder", "no such folder")

@@ -21,11 +21,14 @@ from typing import Any, Callable, Literal
 
 import yaml
 
+from harness.architectures import LINEAR_NAMES
+from harness.env import resolve_device
+from harness.step.checkpoint import BASE_SOURCE, base_identity
 from harness.techniques import ADAPTERS, OPTIMIZERS, QUANTIZATIONS, TECHNIQUES, Technique
 
 # Files in experiments/ whose name starts with "_" are fragments to include, not experiments.
 FRAGMENT_PREFIX = "_"
-# The matrix of runs lives beside the experiments (see harness.bench).
+# The matrix of runs lives beside the experiments (see harness.lab.bench).
 MATRIX_FILE = "matrix.yaml"
 EXIT_BAD_CONFIG = 2
 
@@ -45,8 +48,15 @@ class LoraSettings:
     dropout: float = 0.05
     # Every linear layer of attention and MLP (per expert in MoE models), as QLoRA does;
     # peft's "all-linear" is accepted too (it also adapts MoE routers).
-    target_modules: str | list[str] = field(default_factory=lambda: [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    target_modules: str | list[str] = field(default_factory=lambda: list(LINEAR_NAMES))
+    # peft's own LoraConfig fields: DoRA (weight-decomposed), rank-stabilised scaling
+    # (alpha / sqrt(r)), and the initialisation (true, "gaussian", "pissa", "pissa_niter_4",
+    # "olora", ...).
+    use_dora: bool = False
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    # Any other LoraConfig field, passed to peft as given (checked against peft's own fields).
+    peft: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -83,7 +93,7 @@ class Experiment:
     loss_scaling: bool | None = None
     quantization: Literal["none", "int8", "nf4"] | None = None
     double_quant: bool | None = None
-    adapter: Literal["none", "lora"] | None = None
+    adapter: str | None = None  # a key of harness.techniques.ADAPTERS
     optimizer: str | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
@@ -278,6 +288,9 @@ def _check_semantics(experiment: Experiment, path: Path) -> None:
     if experiment.technique not in TECHNIQUES:
         raise ConfigError(path, "technique", f"unknown technique {experiment.technique!r}; "
                           f"registered: {', '.join(sorted(TECHNIQUES))}")
+    if experiment.adapter is not None and experiment.adapter not in ADAPTERS:
+        raise ConfigError(path, "adapter", f"unknown adapter {experiment.adapter!r}; "
+                          f"registered: {', '.join(ADAPTERS)}")
     if experiment.optimizer is not None and experiment.optimizer not in OPTIMIZERS:
         raise ConfigError(path, "optimizer", f"unknown optimizer {experiment.optimizer!r}; "
                           f"registered: {', '.join(sorted(OPTIMIZERS))}")
@@ -298,6 +311,7 @@ def _check_semantics(experiment: Experiment, path: Path) -> None:
                           "weights (weights: fp32), not fp16 ones")
     if technique.adapter != "none":
         _check_lora_targets(experiment, path)
+        _check_peft_fields(experiment.lora.peft, path)
     source = experiment.data.source
     if source.startswith(("/", ".", "~")) and not Path(source).expanduser().exists():
         raise ConfigError(path, "data.source", f"no such file or folder: {source}")
@@ -313,7 +327,6 @@ def _check_semantics(experiment: Experiment, path: Path) -> None:
 
 def _check_lora_targets(experiment: Experiment, path: Path) -> None:
     """LoRA's target modules must name linear layers the model has (known for the presets)."""
-    from harness.analytic import LINEAR_NAMES
     from harness.presets import PRESETS
 
     targets = experiment.lora.target_modules
@@ -330,10 +343,24 @@ def _check_lora_targets(experiment: Experiment, path: Path) -> None:
                           f"{', '.join(map(repr, unknown))}; its linear layers: {', '.join(sorted(known))}")
 
 
+def _check_peft_fields(extra: dict, path: Path) -> None:
+    """`lora.peft` passes fields to peft's LoraConfig: they must be LoraConfig's (read from peft)."""
+    if not extra:
+        return
+    from peft import LoraConfig
+
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    own = {f.name for f in dataclasses.fields(LoraSettings)} | {"lora_alpha", "lora_dropout", "task_type"}
+    for key in extra:
+        if key not in known:
+            raise ConfigError(path, f"lora.peft.{key}", "not a field of peft's LoraConfig")
+        if key in own:
+            raise ConfigError(path, f"lora.peft.{key}", "set it in the lora block itself, not under peft")
+
+
 def _check_model_name(model: str, path: Path) -> None:
     """A model name that is no preset, file or folder but close to a preset's is a typo, not a
     hub id to look up (which would wait on the network): say so at once."""
-    from harness.base import BASE_SOURCE
     from harness.presets import PRESETS
 
     names = [*PRESETS, BASE_SOURCE]
@@ -353,6 +380,13 @@ def resolve_technique(experiment: Experiment) -> Technique:
     return dataclasses.replace(base, **chosen)
 
 
+def experiment_of(config: dict) -> Experiment:
+    """The typed experiment of a resolved config (as a worker receives it and a record keeps it)."""
+    fields = {f.name for f in dataclasses.fields(Experiment)}
+    return build_dataclass(Experiment, {k: v for k, v in config.items() if k in fields},
+                           Path(f"<config of {config.get('name', '?')}>"))
+
+
 def resolved_config(name: str, experiment: Experiment) -> dict:
     """Everything that determines a run, with the technique's blocks spelled out."""
     config = dataclasses.asdict(experiment)
@@ -361,9 +395,36 @@ def resolved_config(name: str, experiment: Experiment) -> dict:
     return config
 
 
+def prepare(path: str | Path, overrides: dict | None = None) -> dict:
+    """Validate an experiment file and return its resolved config with its hash (ConfigError if bad)."""
+    name, experiment = load_experiment(path, overrides)
+    config = resolved_config(name, experiment)
+    config["device"] = resolve_device(config["device"])  # the hash names the real device
+    if config["model"] == BASE_SOURCE:  # which pretrained base: a retrained one is a new configuration
+        config["base_checkpoint"] = base_identity(config["device"]) or "not pretrained yet"
+    config["config_hash"] = config_hash(config)
+    return config
+
+
+# Fields added after records were made, with the value every earlier record ran with: at that
+# value they are left out of the hash, so that adding a field does not make earlier
+# measurements of the same configuration look like other configurations.
+ADDED_LATER = {("lora", "use_dora"): False, ("lora", "use_rslora"): False, ("lora", "init_lora_weights"): True,
+               ("lora", "peft"): {}}
+
+
+def canonical_config(config: dict) -> dict:
+    """A resolved config without the later-added fields that hold their original value."""
+    canonical = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    for (section, key), original in ADDED_LATER.items():
+        if isinstance(canonical.get(section), dict) and canonical[section].get(key, original) == original:
+            canonical[section].pop(key, None)
+    return canonical
+
+
 def config_hash(config: dict) -> str:
     """Content hash of what determines the measurement (the description and name do not)."""
-    relevant = {k: v for k, v in config.items() if k not in ("description", "name", "summary")}
+    relevant = {k: v for k, v in canonical_config(config).items() if k not in ("description", "name", "summary")}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 

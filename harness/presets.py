@@ -14,7 +14,7 @@ PRESETS: dict[str, dict] = {
     "tiny-llama": dict(model_type="llama", vocab_size=4096, hidden_size=256, intermediate_size=704,
                        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
                        max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False),
-    # ~100M parameters: the lab's own pretrained base on a GPU (harness.base).
+    # ~100M parameters: the lab's own pretrained base on a GPU (harness.lab.pretrain).
     "llama-100m": dict(model_type="llama", vocab_size=16384, hidden_size=768, intermediate_size=2048,
                        num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
                        max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False),

@@ -21,7 +21,7 @@ class Technique:
     loss_scaling: bool    # dynamic loss scaling (needed with fp16 autocast)
     quantization: str     # none | int8 | nf4 (frozen base, bitsandbytes)
     double_quant: bool    # nf4 only: quantize the quantization constants too
-    adapter: str          # none | lora (peft)
+    adapter: str          # a key of ADAPTERS (peft)
     optimizer: str        # a key of OPTIMIZERS
     summary: str = ""
 
@@ -46,7 +46,41 @@ TECHNIQUES: dict[str, Technique] = {
 }
 
 QUANTIZATIONS = ("none", "int8", "nf4")
-ADAPTERS = ("none", "lora")
+
+
+# -- adapters (peft) --------------------------------------------------------------------
+# An adapter is a peft method: how it wraps a model, and what it adds to each linear layer it
+# adapts (the trainable tensors' element counts, which the analytic predictor needs). Its
+# settings are the experiment's `lora:` block, whose fields are peft's own (harness.config):
+# DoRA, rsLoRA and PiSSA are LoRA with a peft flag, so they are experiment files only.
+
+@dataclass(frozen=True)
+class Adapter:
+    wrap: Callable                 # (model, settings) -> the peft model
+    trainable_tensors: Callable    # (n_in, n_out, settings) -> element counts per adapted linear
+    summary: str = ""
+
+
+def _lora_wrap(model, settings):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=settings.target_modules, use_dora=settings.use_dora,
+                        use_rslora=settings.use_rslora, init_lora_weights=settings.init_lora_weights,
+                        task_type="CAUSAL_LM", **settings.peft)
+    return get_peft_model(model, config)
+
+
+def _lora_tensors(n_in: int, n_out: int, settings) -> list[int]:
+    # lora_A (r x in) and lora_B (out x r); DoRA adds a magnitude per output feature.
+    return [settings.r * n_in, settings.r * n_out] + ([n_out] if settings.use_dora else [])
+
+
+ADAPTERS: dict[str, Adapter | None] = {
+    "none": None,  # full fine-tuning
+    "lora": Adapter(_lora_wrap, _lora_tensors, "peft LoRA and its variants (use_dora, use_rslora, "
+                    "init_lora_weights: pissa, olora, ...)"),
+}
 
 
 def _adamw(params, settings, device_type: str):

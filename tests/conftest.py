@@ -21,11 +21,19 @@ def experiments_dir() -> Path:
     return EXPERIMENTS
 
 
+def run_dict(config: dict, out, **options) -> tuple[Path, dict]:
+    """Run a config in its own process; the record as the JSON object on disk."""
+    from harness import schema
+    from harness.lab.runner import run_config
+
+    path, record = run_config(config, out, **options)
+    return path, schema.to_dict(record)
+
+
 @pytest.fixture(scope="session")
 def quick_records(tmp_path_factory) -> dict:
     """Every experiment file run once on tiny-llama with the QUICK workload: {name: (path, record)}."""
-    from harness.config import experiment_files
-    from harness.runner import prepare, run_config
+    from harness.config import experiment_files, prepare
 
     out = tmp_path_factory.mktemp("results")
-    return {path.stem: run_config(prepare(path, QUICK), out) for path in experiment_files(EXPERIMENTS)}
+    return {path.stem: run_dict(prepare(path, QUICK), out) for path in experiment_files(EXPERIMENTS)}

@@ -1,12 +1,10 @@
 """Bad command-line values and model names: a clear message naming the flag or field, exit status 2."""
 
 import pytest
+from conftest import EXPERIMENTS
 
 from harness.cli import build_parser
-from harness.config import ConfigError
-from harness.runner import prepare
-
-from conftest import EXPERIMENTS
+from harness.config import ConfigError, prepare
 
 BAD_FLAGS = [
     (["bench", "--budget-gb", "0"], "--budget-gb: must be a positive number of GB"),
@@ -45,7 +43,7 @@ def test_names_that_may_be_hub_ids_or_paths_are_left_to_resolve():
         assert prepare(EXPERIMENTS / "lora.yaml", {"model": model})["model"] == model
 
 
-DEFAULTS = f"include: {EXPERIMENTS / '_defaults.yaml'}\n"
+DEFAULTS = ""  # every field has its default in harness.config
 BAD_FILES = [
     ("technique: lora\nlora: {target_modules: [foo]}\n", "lora.target_modules", "no linear layer named 'foo'"),
     ("technique: lora\nlora: {target_modules: []}\n", "lora.target_modules", "names no module"),
@@ -126,7 +124,7 @@ def test_a_hub_id_without_a_network_is_one_sentence_at_once(tmp_path):
 def test_a_config_with_an_impossible_shape_is_refused(tmp_path):
     import json
 
-    from harness.models import resolve_source
+    from harness.step.models import resolve_source
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"model_type": "llama", "num_hidden_layers": -3, "hidden_size": 256,

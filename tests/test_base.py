@@ -1,14 +1,17 @@
 """The lab's own pretrained base and the loss comparison on it (CPU, small sizes)."""
 
+import json
 import math
 
 import pytest
+from conftest import EXPERIMENTS, run_dict
 
-from harness.base import Recipe, pretrain
+from harness.config import prepare
+from harness.lab.pretrain import pretrain
 from harness.report.loss import LOSS_RULES, loss_parity
-from harness.runner import prepare, run_config
+from harness.step.checkpoint import Recipe
 
-from conftest import EXPERIMENTS
+pytestmark = pytest.mark.slow  # real training steps in subprocesses; `make test-fast` skips them
 
 # The CPU recipe takes minutes; this one (150k tokens) takes about one and still learns: on held-out
 # modules it ends well over a nat below the uniform loss (the full recipe ends about 3 nats below).
@@ -29,14 +32,14 @@ def base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finetunes(base, tmp_path_factory):
     """fp32, bf16-mixed, LoRA and QLoRA fine-tunes of the small base on the standard library's tests."""
-    from harness.base import checkpoint_dir
+    from harness.step.checkpoint import checkpoint_dir
 
     out = tmp_path_factory.mktemp("finetunes")
     records = {}
     for name, lr in LEARNING_RATES.items():
         config = prepare(EXPERIMENTS / f"{name}.yaml",
                          {**FINETUNE, "model": str(checkpoint_dir(SMALL)), "optim": {"lr": lr}})
-        path, record = run_config(config, out)
+        path, record = run_dict(config, out)
         record["_file"] = str(path)
         records[name] = record
     return records
@@ -45,26 +48,45 @@ def finetunes(base, tmp_path_factory):
 def test_the_base_learns(base):
     record, out = base
     uniform = math.log(4096)
-    assert record["uniform_loss"] == pytest.approx(uniform)
-    start, end = record["held_out"][0]["loss"], record["final_held_out_loss"]
+    assert record.uniform_loss == pytest.approx(uniform)
+    start, end = record.held_out[0]["loss"], record.final_held_out_loss
     assert abs(start - uniform) < 0.5  # a random model is close to uniform ...
     assert end < uniform - 1.0          # ... the trained one is far below it, on modules it never saw
-    assert record["data"]["source"] == "stdlib-lib" and record["held_out"][-1]["step"] == SMALL.steps
+    assert record.data["source"] == "stdlib-lib" and record.held_out[-1]["step"] == SMALL.steps
     assert list(out.glob("base/cpu__tiny-llama-*.json"))
 
 
 def test_model_base_names_the_pretrained_checkpoint(base, monkeypatch, tmp_path):
-    from harness import base as base_module
+    from harness.step import checkpoint as base_module
 
     config = prepare(EXPERIMENTS / "fp32.yaml", {"model": "base", "device": "cpu"})
     assert config["base_checkpoint"] == "not pretrained yet"  # the test cache has no CPU-recipe base
-    _, record = run_config(config, tmp_path)
+    _, record = run_dict(config, tmp_path)
     assert record["status"] == "failed" and "make base" in record["error"]["message"]
 
     monkeypatch.setitem(base_module.RECIPES, "cpu", SMALL)  # now the small base is "the" CPU base
     pretrained = prepare(EXPERIMENTS / "fp32.yaml", {"model": "base", "device": "cpu"})
     assert pretrained["base_checkpoint"].startswith(base_module.recipe_id(SMALL) + "@")
     assert pretrained["config_hash"] != config["config_hash"]
+
+    # The same weights pretrained on another machine (another time, another environment in the
+    # pretraining record) are the same base: every fine-tune keeps its configuration hash.
+    record_file = base_module.checkpoint_dir(SMALL) / base_module.PRETRAINING_FILE
+    weights_file = base_module.checkpoint_dir(SMALL) / "model.safetensors"
+    original, original_weights = record_file.read_text(), weights_file.read_bytes()
+    elsewhere = json.loads(original)
+    elsewhere.update(seconds=1.0, finished_at="2030-01-01T00:00:00+00:00", environment={"device_name": "elsewhere"})
+    try:
+        record_file.write_text(json.dumps(elsewhere))
+        assert prepare(EXPERIMENTS / "fp32.yaml", {"model": "base", "device": "cpu"}) == pretrained
+        weights_file.write_bytes(b"other weights")
+        elsewhere.pop("weights_digest")  # a record without the digest: it is computed from the files
+        record_file.write_text(json.dumps(elsewhere))
+        retrained = prepare(EXPERIMENTS / "fp32.yaml", {"model": "base", "device": "cpu"})
+        assert retrained["config_hash"] != pretrained["config_hash"]  # other weights: another configuration
+    finally:
+        record_file.write_text(original)
+        weights_file.write_bytes(original_weights)
 
 
 def test_every_finetune_evaluates_on_held_out_tests(finetunes):

@@ -4,11 +4,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import EXPERIMENTS, ROOT
 
 from harness.config import ConfigError, config_hash, experiment_files, load_experiment, resolved_config
 from harness.techniques import TECHNIQUES
-
-from conftest import EXPERIMENTS, ROOT
 
 
 def test_every_experiment_file_loads():

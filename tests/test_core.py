@@ -1,20 +1,18 @@
-"""Core guarantees: accumulation equivalence, 4-bit weight bytes, batches, OOM and crash records."""
+"""Core guarantees: accumulation equivalence, 4-bit weight bytes, batches, OOM and crash schema."""
 
 import json
 
 import pytest
 import torch
+from conftest import EXPERIMENTS, QUICK, run_dict
 
-from harness import records
-from harness.config import LoraSettings
-from harness.data import Batches, sequence_batch
-from harness.memory import quant_constant_tensors
-from harness.models import build_base_model, prepare_for_training, resolve_source
-from harness.runner import prepare, run_config
+from harness import env, schema
+from harness.config import LoraSettings, prepare
+from harness.measure.memory import quant_constant_tensors
+from harness.step.data import Batches, sequence_batch
+from harness.step.models import build_base_model, prepare_for_training, resolve_source
+from harness.step.train import Progress, train_step
 from harness.techniques import TECHNIQUES
-from harness.train import Progress, train_step
-
-from conftest import EXPERIMENTS, QUICK
 
 
 def _gradients(micro_batches):
@@ -83,38 +81,38 @@ def test_nf4_weights_are_a_quarter_of_bf16_plus_the_quantization_constants():
 def test_an_oom_is_a_record_and_the_caller_goes_on(tmp_path):
     """On CPU the memory cap is enforced on tracked tensor bytes: 40 MB holds the model, not a step."""
     config = prepare(EXPERIMENTS / "qlora.yaml", {**QUICK, "seq_len": 256, "budget_gb": 0.04})
-    path, record = run_config(config, tmp_path)
+    path, record = run_dict(config, tmp_path)
     assert record["status"] == "oom", record.get("error")
     error = record["error"]
     assert error["phase"] in ("forward", "backward") and error["step"] == 0
     assert error["memory_reached_bytes"] > record["budget"]["cap_bytes"] == 40_000_000
     assert json.loads(path.read_text())["status"] == "oom"
     # the next run is unaffected
-    _, after = run_config(prepare(EXPERIMENTS / "lora.yaml", QUICK), tmp_path)
+    _, after = run_dict(prepare(EXPERIMENTS / "lora.yaml", QUICK), tmp_path)
     assert after["status"] == "ok"
 
 
 def test_a_process_that_dies_leaves_a_failed_record(tmp_path):
     config = prepare(EXPERIMENTS / "fp32.yaml", QUICK)
-    path, record = run_config(config, tmp_path, timeout_s=0.5)
+    path, record = run_dict(config, tmp_path, timeout_s=0.5)
     assert record["status"] == "failed" and record["error"]["type"] == "ProcessDied"
     assert "signal 9" in record["error"]["message"]
     assert json.loads(path.read_text()) == record
 
 
 def test_records_are_written_atomically_and_never_shared(tmp_path):
-    path = records.write_atomic(tmp_path / "r.json", {"a": 1})
+    path = schema.write_atomic(tmp_path / "r.json", {"a": 1})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left behind
-    cpu = records.device_name("cpu")
-    paths = {records.record_path(tmp_path, device, "lora", "tiny-llama", digest)
+    cpu = env.device_name("cpu")
+    paths = {schema.record_path(tmp_path, env.device_slug(device), "lora", "tiny-llama", digest)
              for device in (cpu, "NVIDIA H100 80GB HBM3") for digest in ("a" * 64, "b" * 64)}
     assert len(paths) == 4  # neither two configurations nor two devices share a record file
-    assert records.record_path(tmp_path, cpu, "lora", "tiny-llama", "a" * 64).parent.name == "cpu"
+    assert env.device_slug(cpu) == "cpu"
 
 
 def test_failures_inside_the_run_are_recorded(tmp_path):
     config = prepare(EXPERIMENTS / "lora.yaml", {**QUICK, "model": str(tmp_path / "missing.json")})
-    _, record = run_config(config, tmp_path)
+    _, record = run_dict(config, tmp_path)
     assert record["status"] == "failed" and record["error"]["phase"] == "load"
     assert "missing.json" in record["error"]["message"]

@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from harness import records
-from harness.bench import PlannedRun, estimate_runs, expand, load_matrix, print_plan, run_matrix
-from harness.estimate import Estimate, parse_duration
-from harness.runner import prepare
-
 from conftest import EXPERIMENTS, QUICK, ROOT
+
+from harness import schema
+from harness.config import prepare
+from harness.lab.bench import estimate_runs, print_plan, run_matrix
+from harness.lab.estimate import Estimate, parse_duration
+from harness.matrix import PlannedRun, expand, load_matrix
 
 MATRIX = load_matrix(EXPERIMENTS / "matrix.yaml")
 BUDGET_S = 11 * 60
@@ -105,11 +105,10 @@ def test_the_budget_starts_no_run_it_has_no_time_for(tmp_path, monkeypatch):
 
     def fake_run(config, out_dir, repeat, timeout_s):
         started.append(timeout_s)
-        record = {"status": "ok", "experiment": "lora", "model": "tiny-llama"}
-        return tmp_path / "x.json", record
+        return tmp_path / "x.json", schema.RunRecord("ok", "lora", "tiny-llama", config, config["config_hash"])
 
-    monkeypatch.setattr("harness.bench.run_config", fake_run)
-    monkeypatch.setattr("harness.bench.summary_line", lambda record: "ok")
+    monkeypatch.setattr("harness.lab.bench.run_config", fake_run)
+    monkeypatch.setattr("harness.lab.bench.summary_line", lambda record: "ok")
     out = io.StringIO()
     results = run_matrix(planned, "f", budget_s=80, stream=out)
     assert len(results) == 3 and len(started) == 3  # a, c, d: b (100 s) never fits in 80 s
@@ -138,7 +137,7 @@ def test_a_missing_optional_package_makes_a_skipped_record_not_a_failure(tmp_pat
         if expected == "skipped":
             assert record["error"]["package"] == "bitsandbytes" and "not installed" in record["error"]["message"]
             assert f"{name} @ tiny-llama: skipped: bitsandbytes is not installed" in done.stdout
-    assert "skipped" in records.FINISHED and "skipped" not in records.MEASURED  # rerun once it is installed
+    assert "skipped" in schema.FINISHED and "skipped" not in schema.MEASURED  # rerun once it is installed
 
 
 def test_plans_are_checked_by_name(tmp_path):

@@ -1,3 +1,5 @@
+import pytest
+
 """The kernel micro-benchmarks run at tiny sizes: every benchmark executes, checks its output, is labelled."""
 
 import json
@@ -5,9 +7,11 @@ import math
 import subprocess
 import sys
 
-from harness.microbench_summary import device_of, format_table, ratios
-
 from conftest import ROOT
+
+from harness.report.microbench import device_of, format_table, ratios
+
+pytestmark = pytest.mark.slow  # real training steps in subprocesses; `make test-fast` skips them
 
 EXPECTED = {
     "bench_copy", "bench_nf4_quantize", "bench_nf4_dequantize", "bench_int8_quantize", "bench_int8_dequantize",
@@ -26,7 +30,7 @@ BASELINES = {
 
 
 def test_microbenchmarks_run_at_tiny_sizes_and_give_ratios(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "harness.microbench", "--size", "tiny", "--out", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "harness.lab.microbench", "--size", "tiny", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     files = list(tmp_path.iterdir())

@@ -5,17 +5,24 @@ import subprocess
 import sys
 
 import pytest
-
-from harness.analytic import _flow, _linear, lora_parameters, shape_of
-from harness.config import LoraSettings, experiment_files
-from harness.models import resolve_source
-from harness.predict import predict
-from harness.presets import PUBLISHED_PARAMETERS
-from harness.techniques import TECHNIQUES
-
 from conftest import EXPERIMENTS, QUICK, ROOT
 
+from harness import schema
+from harness.config import LoraSettings, experiment_files
+from harness.predict.analytic import _flow, _linear, adapter_tensors, shape_of
+from harness.predict.command import predict as predict_record
+from harness.presets import PUBLISHED_PARAMETERS
+from harness.step.models import resolve_source
+from harness.techniques import TECHNIQUES
+
+pytestmark = pytest.mark.slow  # real training steps in subprocesses; `make test-fast` skips them
+
 EXPERIMENT_NAMES = [p.stem for p in experiment_files(EXPERIMENTS)]
+
+
+def predict(*args, **options) -> dict:
+    """A prediction as the JSON object it is saved as."""
+    return schema.to_dict(predict_record(*args, **options))
 LLAMA_2_7B = PUBLISHED_PARAMETERS["llama-2-7b"]
 
 
@@ -63,7 +70,7 @@ def test_analytic_parameter_counts_are_the_published_ones():
         assert shape_of(resolve_source(preset).config).parameters()["total"] == published, preset
     # LoRA r=16 on every linear layer of Llama-2-7B: 16 x (in + out) per layer
     shape = shape_of(resolve_source("llama-2-7b").config)
-    assert lora_parameters(shape, LoraSettings(r=16)) == 32 * 16 * (4 * (4096 + 4096) + 2 * (4096 + 11008)
+    assert sum(adapter_tensors(shape, TECHNIQUES["lora"], LoraSettings(r=16))) == 32 * 16 * (4 * (4096 + 4096) + 2 * (4096 + 11008)
                                                                    + (11008 + 4096))
 
 
@@ -98,3 +105,23 @@ def test_cuda_kernels_that_save_other_tensors_than_the_cpu_ones_are_predicted_as
     tokens, hidden, inter = batch * seq, config.hidden_size, config.intermediate_size
     assert _linear(_flow(technique, LoraSettings(), "cuda"), 4, tokens, hidden, inter, True, True)[0] == 4
     assert _linear(_flow(technique, LoraSettings(), "cpu"), 4, tokens, hidden, inter, True, True)[0] == 2
+
+
+def test_a_tied_model_counts_its_embeddings_once_in_runs_simulation_and_formula(tmp_path):
+    """tie_word_embeddings: one matrix, one gradient, one optimizer state, by both methods."""
+    from harness.presets import preset_config
+    from harness.step.models import build_base_model
+
+    config = preset_config("tiny-llama").to_dict()
+    untied = tmp_path / "untied.json"
+    untied.write_text(json.dumps(config))
+    tied = tmp_path / "tied.json"
+    tied.write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    model = build_base_model(resolve_source(str(tied)), TECHNIQUES["fp32"], __import__("torch").device("cpu"), 0)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embedding = 4 * config["vocab_size"] * config["hidden_size"]
+    for method in ("analytic", "simulated"):
+        one, two = (predict(EXPERIMENTS / "fp32.yaml", str(path), 64, 2, method, "cpu") for path in (tied, untied))
+        for category in ("weights", "gradients"):
+            assert two["persistent"][category] - one["persistent"][category] == embedding, (method, category)
+        assert two["persistent"]["optimizer_state"] - one["persistent"]["optimizer_state"] == 2 * embedding + 4

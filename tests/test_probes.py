@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from harness import cli, probes
+from harness import cli
+from harness.lab import probes
 
 
 def test_number_formats_bits_range_and_count():

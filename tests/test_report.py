@@ -270,8 +270,8 @@ def test_missing_inputs_give_sentences_not_empty_plots(tmp_path):
 
 def test_report_imports_no_torch():
     code = ("import sys, harness.report.render, harness.report.browser; "
-            "bad = [m for m in ('torch', 'harness.worker', 'harness.runner', 'harness.train', 'harness.models', "
-            "'harness.simulate') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+            "bad = [m for m in ('torch', 'harness.measure.worker', 'harness.lab.runner', 'harness.step.train', 'harness.step.models', "
+            "'harness.predict.simulate') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
 

@@ -1,12 +1,15 @@
+import pytest
+
 """Every experiment runs a few steps on tiny-llama (CPU) in its own process and writes a complete record."""
 
 import json
 import math
 
-
-from harness.memory import CATEGORIES
-
 from conftest import QUICK
+
+from harness.schema import CATEGORIES
+
+pytestmark = pytest.mark.slow  # real training steps in subprocesses; `make test-fast` skips them
 
 
 def test_every_experiment_writes_a_complete_ok_record(quick_records):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from harness.budget import budget_cap_bytes
+from harness.measure.budget import budget_cap_bytes
 from harness.report.load import Results, _get, device_label, is_gpu_record
 from harness.report.units import fmt_bytes
 

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from harness.budget import budget_cap_bytes  # noqa: E402
+from harness.measure.budget import budget_cap_bytes  # noqa: E402
 from harness.report.claims import Claim  # noqa: E402
 from harness.report.load import CATEGORIES, Results  # noqa: E402
 

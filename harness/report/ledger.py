@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.budget import budget_cap_bytes
+from harness.measure.budget import budget_cap_bytes
 from harness.report import verdicts
 from harness.report.claims import Claim, load_claims
 from harness.report.evidence import PROBE_QUANTITIES, Observation, observe

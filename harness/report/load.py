@@ -1,7 +1,10 @@
-"""Read results/ into plain records and pandas frames: runs, predictions, probes, micro-benchmarks.
+"""Read results/ into records and pandas frames: runs, predictions, probes, micro-benchmarks.
 
-Only JSON is read; nothing is imported from the code that produced it. A file that cannot be
-read is listed in `Results.skipped` with the reason, never fatal.
+Records are read through harness.schema (kind and version checked); nothing is imported
+from the code that produced them. A file that cannot be read is listed in `Results.skipped`
+with the reason, never fatal. Where one configuration has several records (a base model
+pretrained again, bit-identical, on another machine; a rerun under a new commit), the
+newest speaks for it and `Results.folded` counts the others.
 """
 
 from __future__ import annotations
@@ -12,9 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-CATEGORIES = ("weights", "quant_constants", "gradients", "optimizer_state", "activations", "other")
-PERSISTENT = ("weights", "quant_constants", "gradients", "optimizer_state")
-NOT_RUN_FOLDERS = {"logs", "predictions", "probes", "microbench", "base", "attempts", ".locks"}
+from harness import schema
+from harness.schema import CATEGORIES, PERSISTENT
 
 
 @dataclass
@@ -28,17 +30,18 @@ class Results:
     # Attempts that measured nothing, kept beside a cell's ok/oom record: {record file: count}.
     attempts: dict[str, int] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    folded: int = 0  # older records of a configuration that a newer record of it replaced
 
 
-def _read_json(path: Path, skipped: list[str], root: Path) -> dict | None:
+def _read(path: Path, kind: str, skipped: list[str], root: Path) -> dict | None:
+    """A record as the report reads it: checked by the schema, every field present."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        skipped.append(f"{path.relative_to(root)}: {type(error).__name__}: {error}")
+        record = schema.read(path, kind)
+    except (OSError, schema.RecordError) as error:
+        skipped.append(f"{path.relative_to(root)}: {error}")
         return None
-    if not isinstance(data, dict):
-        skipped.append(f"{path.relative_to(root)}: not a JSON object")
-        return None
+    data = schema.to_dict(record)
+    data["_file"] = str(path.relative_to(root))
     return data
 
 
@@ -47,40 +50,44 @@ def load_results(root: str | Path) -> Results:
     results = Results(root=root)
     if not root.is_dir():
         return results
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in NOT_RUN_FOLDERS):
-        for path in sorted(p for p in folder.glob("*.json") if not p.name.startswith(".")):
-            record = _read_json(path, results.skipped, root)
-            if record is None:
+    newest: dict[str, dict] = {}
+    for path in schema.find_records(root):
+        record = _read(path, "run", results.skipped, root)
+        if record is None:
+            continue
+        record["_slug"] = path.parent.name
+        key = schema.configuration_key(schema.from_dict(record, path), path.parent.name)
+        kept = newest.get(key)
+        if kept is not None:  # one configuration measured twice: the newest record speaks for it
+            results.folded += 1
+            if (kept.get("finished_at") or "") > (record.get("finished_at") or ""):
                 continue
-            if "status" not in record or "experiment" not in record:
-                results.skipped.append(f"{path.relative_to(root)}: not a run record")
-                continue
-            record["_file"] = str(path.relative_to(root))
-            record["_slug"] = folder.name
-            results.records.append(record)
-    for path in sorted((root / "attempts").glob("*/*.json")):  # <slug>/<record stem>.<attempt id>.json
+        newest[key] = record
+    results.records = list(newest.values())
+    for path in sorted((root / schema.ATTEMPTS_FOLDER).glob("*/*.json")):  # <slug>/<record stem>.<id>.json
         key = f"{path.parent.name}/{path.name.rsplit('.', 2)[0]}.json"
         results.attempts[key] = results.attempts.get(key, 0) + 1
     for record in results.records:
         record["_attempts"] = results.attempts.get(record["_file"], 0)
-    for path in sorted((root / "predictions").glob("*.json")):
-        prediction = _read_json(path, results.skipped, root)
-        if prediction is not None and prediction.get("kind") == "prediction":
-            prediction["_file"] = str(path.relative_to(root))
+    for path in sorted((root / schema.PREDICTIONS_FOLDER).glob("*.json")):
+        prediction = _read(path, "prediction", results.skipped, root)
+        if prediction is not None:
             results.predictions.append(prediction)
-    for path in sorted((root / "probes").glob("*.json")):
-        probe = _read_json(path, results.skipped, root)
-        if probe is not None and probe.get("kind") == "probe" and probe.get("probe"):
-            probe["_file"] = str(path.relative_to(root))
+    for path in sorted((root / schema.PROBES_FOLDER).glob("*.json")):
+        probe = _read(path, "probe", results.skipped, root)
+        if probe is not None:
             results.probes[probe["probe"]] = probe
-    for path in sorted((root / "base").glob("*.json")):
-        base = _read_json(path, results.skipped, root)
-        if base is not None and base.get("kind") == "base":
-            base["_file"] = str(path.relative_to(root))
+    for path in sorted((root / schema.BASE_FOLDER).glob("*.json")):
+        base = _read(path, "base", results.skipped, root)
+        if base is not None:
             results.bases.append(base)
-    for path in sorted((root / "microbench").glob("*.json")):
-        data = _read_json(path, results.skipped, root)
-        if data is None or not isinstance(data.get("benchmarks"), list):
+    for path in sorted((root / schema.MICROBENCH_FOLDER).glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            results.skipped.append(f"{path.relative_to(root)}: {error}")
+            continue
+        if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
             continue
         devices = sorted({str(b.get("extra_info", {}).get("device")) for b in data["benchmarks"]})
         results.microbench.append({"file": str(path.relative_to(root)), "device": ", ".join(devices), "data": data})

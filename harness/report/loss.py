@@ -87,17 +87,19 @@ def loss_parity(records: list[dict]) -> list[LossComparison]:
     for record in runs:  # reference runs: no gradient checkpointing (it changes no arithmetic), first file
         config = record.get("config") or {}
         if not config.get("gradient_checkpointing"):
-            references.setdefault((comparison_key(record), config.get("technique")), record)
+            references.setdefault((comparison_key(record), record.get("experiment")), record)
     comparisons = []
     for record in runs:
-        technique = (record.get("config") or {}).get("technique")
-        if technique == BASELINE:
+        # An experiment's own rule, else its technique's (an adapter variant such as DoRA is
+        # held to LoRA's); references are experiments, so a variant never stands in for one.
+        experiment, technique = record.get("experiment"), (record.get("config") or {}).get("technique")
+        if experiment == BASELINE:
             continue
-        rule = LOSS_RULES.get(technique)
+        rule = LOSS_RULES.get(experiment) or LOSS_RULES.get(technique)
         reference = references.get((comparison_key(record), rule.reference)) if rule else None
         loss = eval_final(record)
         if reference is None:
-            why = (f"no rule for technique {technique!r}" if rule is None
+            why = (f"no rule for {experiment!r}" if rule is None
                    else f"no {rule.reference} run on the same base, data and steps to compare with")
             comparisons.append(LossComparison(record, None, rule, loss, None, Verdict(UNCHECKED, None, why)))
             continue

@@ -21,11 +21,23 @@ from harness.report.figures import FigureResult, all_figures
 from harness.report.ledger import build_ledger
 from harness.report.load import load_results, predictions_frame, runs_frame
 from harness.report.loss import loss_parity
+from harness.report.tables import (
+    VERDICT_CLASSES,
+    Cell,
+    Table,
+    accuracy_category_table,
+    accuracy_table,
+    base_table,
+    glance_table,
+    ledger_table,
+    loss_parity_table,
+    microbench_table,
+    predictions_table,
+    provenance_tables,
+    runs_table,
+    verdict_counts,
+)
 from harness.report.units import LLAMA_2_7B_PARAMETERS
-from harness.report.tables import (VERDICT_CLASSES, Cell, Table, accuracy_category_table, accuracy_table,
-                                   base_table, glance_table, ledger_table,
-                                   loss_parity_table, microbench_table, predictions_table, provenance_tables,
-                                   runs_table, verdict_counts)
 
 FIGURE_NAMES = ("memory-breakdown", "throughput-vs-memory", "loss-curves", "predicted-vs-measured",
                 "fits-in-budget", "gradient-accumulation", "quantization-error")
@@ -150,6 +162,9 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
     for title, table in provenance:
         blocks.append(Block("h3", title))
         blocks.append(Block("table", table=table))
+    if results.folded:
+        blocks.append(Block("p", f"{results.folded} older record(s) of a configuration that a newer record "
+                                 "measures again were folded: every table and figure shows the newest one."))
     if results.skipped:
         blocks.append(Block("h3", "Files not read"))
         blocks.append(Block("table", table=Table(["File and reason"], [[Cell(s)] for s in results.skipped])))

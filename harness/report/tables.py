@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from harness.microbench_summary import format_seconds, ratios
 from harness.report import verdicts
 from harness.report.evidence import Observation
 from harness.report.ledger import LedgerRow, basis_short
 from harness.report.load import CATEGORIES, Results
 from harness.report.loss import LossComparison
+from harness.report.microbench import format_seconds, ratios
 from harness.report.units import fmt_gb, fmt_value
 
 VERDICT_CLASSES = {verdicts.HOLDS: "holds", verdicts.CAVEAT: "caveat", verdicts.OFF: "off",

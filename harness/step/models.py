@@ -25,7 +25,8 @@ from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
 from harness.config import ConfigError
 from harness.presets import PRESETS, preset_config
-from harness.techniques import Technique
+from harness.step.checkpoint import BASE_SOURCE, resolve_base
+from harness.techniques import ADAPTERS, Technique
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HUB_PROBE_TIMEOUT_S = 3
@@ -45,7 +46,6 @@ class ModelSource:
 def resolve_source(source: str, trust_remote_code: bool = False, device_type: str = "cpu") -> ModelSource:
     from transformers import AutoConfig
 
-    from harness.base import BASE_SOURCE, resolve_base
 
     if source == BASE_SOURCE:  # the lab's own pretrained base for this device class
         folder = resolve_base(device_type)
@@ -190,7 +190,7 @@ def _quantize_linear(module, device: torch.device, dtype: torch.dtype, std: floa
 
     weight = torch.empty(module.out_features, module.in_features, dtype=dtype, device=device).normal_(0.0, std)
     if is_fake(weight):
-        # A simulation (harness.simulate): bitsandbytes' parameter classes cannot wrap fake
+        # A simulation (harness.predict.simulate): bitsandbytes' parameter classes cannot wrap fake
         # tensors, so its quantize function runs directly and the result is kept the way
         # the layer's forward reads it (quant_state, or CB/SCB, on the weight).
         if isinstance(module, bnb.nn.Linear4bit):
@@ -278,6 +278,10 @@ def build_base_model(source: ModelSource, technique: Technique, device: torch.de
             model = replace_with_bnb_linear(model, modules_to_not_convert=["lm_head"],
                                             quantization_config=quant_config)
     _materialize(model, device, dtype, seed)
+    if getattr(model.config, "tie_word_embeddings", False):
+        # Materialising module by module gave lm_head its own matrix: share the embeddings'
+        # again, as a checkpoint of this model loads them (one matrix, one gradient, one state).
+        model.tie_weights()
     return model
 
 
@@ -292,12 +296,9 @@ def prepare_for_training(model: nn.Module, technique: Technique, lora, gradient_
     if gradient_checkpointing:
         # Non-reentrant checkpointing works with a frozen base without input-grad hooks.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if technique.adapter == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                            target_modules=lora.target_modules, task_type="CAUSAL_LM")
-        model = get_peft_model(model, config)
+    adapter = ADAPTERS[technique.adapter]
+    if adapter is not None:
+        model = adapter.wrap(model, lora)
     return model
 
 

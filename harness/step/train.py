@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from harness.step.models import DTYPES, build_base_model, prepare_for_training, quantized_linear_types
+from harness.techniques import OPTIMIZERS
 
 
 @dataclass
@@ -34,9 +35,6 @@ def build_training(source, technique, cfg, device: torch.device, optimizer_devic
     optimizer_device picks the optimizer variant of another device type (a simulation of a
     CUDA step on CPU fake tensors gets the fused AdamW a CUDA run gets).
     """
-    from harness.models import build_base_model, prepare_for_training
-    from harness.techniques import OPTIMIZERS
-
     model = build_base_model(source, technique, device, cfg.seed, cfg.attn_implementation, cfg.trust_remote_code)
     model = prepare_for_training(model, technique, cfg.lora, cfg.gradient_checkpointing)
     model.train()
@@ -54,7 +52,7 @@ def train_step(model, optimizer, micro_batches: list[torch.Tensor], autocast: st
     can run under fake tensors); callers convert it outside the timed region.
     """
     device_type = micro_batches[0].device.type
-    dtype = AUTOCAST_DTYPES.get(autocast)
+    dtype = DTYPES.get(autocast)
     total = torch.zeros((), device=micro_batches[0].device)
     for input_ids in micro_batches:
         progress.phase = "forward"
@@ -79,9 +77,7 @@ def train_step(model, optimizer, micro_batches: list[torch.Tensor], autocast: st
 
 def evaluate(model, sequences: torch.Tensor, autocast: str, micro_batch: int) -> float:
     """Mean next-token loss over held-out sequences (no gradients), in chunks of micro_batch."""
-    from harness.models import quantized_linear_types
-
-    dtype = AUTOCAST_DTYPES.get(autocast)
+    dtype = DTYPES.get(autocast)
     was_training = model.training
     model.eval()
     # On CPU, bitsandbytes repacks a 4-bit weight in place for its inference kernel the first

@@ -23,25 +23,11 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from harness import records
-from harness.base import BASE_SOURCE, base_identity
-from harness.config import config_hash, load_experiment, resolved_config
+from harness import env, schema
 
 LOG_TAIL_CHARS = 4000
-LOCKS_FOLDER = ".locks"
 ATTEMPT_SUFFIX = ".attempt.json"  # a worker's record before it becomes the cell's
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def prepare(path: str | Path, overrides: dict | None = None) -> dict:
-    """Validate an experiment file and return its resolved config with its hash (ConfigError if bad)."""
-    name, experiment = load_experiment(path, overrides)
-    config = resolved_config(name, experiment)
-    config["device"] = records.resolve_device(config["device"])  # the hash names the real device
-    if config["model"] == BASE_SOURCE:  # which pretrained base: a retrained one is a new configuration
-        config["base_checkpoint"] = base_identity(config["device"]) or "not pretrained yet"
-    config["config_hash"] = config_hash(config)
-    return config
 
 
 class CellBusy(Exception):
@@ -51,7 +37,7 @@ class CellBusy(Exception):
 @contextmanager
 def cell_lock(record_path: Path):
     """An exclusive lock for one cell; yields the file descriptor, for the worker to inherit."""
-    lock_path = record_path.parent.parent / LOCKS_FOLDER / record_path.parent.name / f"{record_path.stem}.lock"
+    lock_path = record_path.parent.parent / schema.LOCKS_FOLDER / record_path.parent.name / f"{record_path.stem}.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -77,24 +63,24 @@ def _die_with_parent(parent: int):
 
 
 def run_config(config: dict, out_dir: str | Path = "results", repeat: int = 0,
-               timeout_s: float | None = None) -> tuple[Path, dict]:
+               timeout_s: float | None = None) -> tuple[Path, schema.RunRecord]:
     """Run a resolved config in a child process; returns (where its record went, the record).
 
     That is the cell's record path, or attempts/ where the run measured nothing and the cell
     keeps an earlier measurement. Raises CellBusy if another process is running the same cell.
     """
     out_dir = Path(out_dir)
-    path = records.record_path(out_dir, records.device_name(config["device"]), config["name"],
+    path = schema.record_path(out_dir, env.device_slug(env.device_name(config["device"])), config["name"],
                                config["model"], config["config_hash"], repeat)
     log_path = out_dir / "logs" / path.parent.name / (path.stem + ".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex
     attempt_path = path.with_name(f".{path.stem}.{run_id[:12]}{ATTEMPT_SUFFIX}")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     with cell_lock(path) as lock, open(log_path, "w") as log:
         # The config goes through a pipe: nothing is left behind in /tmp by a killed run.
-        process = subprocess.Popen([sys.executable, "-m", "harness.worker", "-", str(attempt_path)],
-                                   stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env,
+        process = subprocess.Popen([sys.executable, "-m", "harness.measure.worker", "-", str(attempt_path)],
+                                   stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=child_env,
                                    pass_fds=(lock,), preexec_fn=_die_with_parent(os.getpid()))
         try:
             process.stdin.write(json.dumps({**config, "run_id": run_id}).encode())
@@ -108,10 +94,10 @@ def run_config(config: dict, out_dir: str | Path = "results", repeat: int = 0,
             process.wait()
             attempt_path.unlink(missing_ok=True)
             raise
-        record = records.read_record(attempt_path) if attempt_path.exists() else None
-        if record is None or record.get("config", {}).get("run_id") != run_id:
+        record = _read_or_none(attempt_path)
+        if record is None or record.config.get("run_id") != run_id:
             record = _lost_record({**config, "run_id": run_id}, returncode, log_path, timeout_s)
-            records.write_atomic(attempt_path, record)
+            schema.write(attempt_path, record)
         landed = _keep_the_better(path, attempt_path, record)
     return landed, record
 
@@ -127,19 +113,25 @@ def remove_stale_attempts(out_dir: Path) -> None:
             continue
 
 
-def _keep_the_better(path: Path, attempt_path: Path, record: dict) -> Path:
+def _read_or_none(path: Path) -> schema.RunRecord | None:
+    try:
+        return schema.read(path, kind="run") if path.exists() else None
+    except schema.RecordError:
+        return None
+
+
+def _keep_the_better(path: Path, attempt_path: Path, record: schema.RunRecord) -> Path:
     """The attempt becomes the cell's record, unless it measured nothing and the cell has a
     measurement; then the attempt is kept under attempts/ and the measurement stays."""
-    existing = records.read_record(path) if path.exists() else None
-    if existing and existing.get("status") in records.MEASURED and record["status"] not in records.MEASURED:
-        folder = path.parent.parent / records.ATTEMPTS_FOLDER / path.parent.name
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{path.stem}.{record['config']['run_id'][:12]}.json"
+    existing = _read_or_none(path)
+    if existing and existing.status in schema.MEASURED and record.status not in schema.MEASURED:
+        path = schema.attempt_path(path, record.config["run_id"])
+        path.parent.mkdir(parents=True, exist_ok=True)
     os.replace(attempt_path, path)
     return path
 
 
-def _lost_record(config: dict, returncode: int, log_path: Path, timeout_s: float | None) -> dict:
+def _lost_record(config: dict, returncode: int, log_path: Path, timeout_s: float | None) -> schema.RunRecord:
     """The record of a process that ended without writing its own."""
     tail = log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:] if log_path.exists() else ""
     if returncode < 0:
@@ -148,26 +140,23 @@ def _lost_record(config: dict, returncode: int, log_path: Path, timeout_s: float
             how += " (a time limit, or the host ran out of memory)"
     else:
         how = f"the run's process exited with status {returncode} without writing a record"
-    return {"schema_version": records.SCHEMA_VERSION, "status": "failed", "experiment": config["name"],
-            "model": config["model"], "config": config, "config_hash": config["config_hash"],
-            "finished_at": records.now(),
-            "error": {"type": "ProcessDied", "message": how, "returncode": returncode,
-                      "timeout_s": timeout_s, "log_tail": tail}}
+    return schema.RunRecord(status="failed", experiment=config["name"], model=config["model"], config=config,
+                            config_hash=config["config_hash"], finished_at=env.now(),
+                            error=schema.RunError("ProcessDied", how, returncode=returncode, timeout_s=timeout_s,
+                                                  log_tail=tail))
 
 
-def summary_line(record: dict) -> str:
+def summary_line(record: schema.RunRecord) -> str:
     """One line with the headline figures of a record."""
-    name = f"{record['experiment']} @ {record['model']}"
-    status = record["status"]
-    if status == "ok":
-        memory = record["memory"]
-        return (f"{name}: ok, peak {memory['peak_allocated'] / 2**30:.3f} GiB ({memory['source']}), "
-                f"{record['throughput']['tokens_per_s']:.0f} tokens/s, final loss {record['loss']['final']:.4f}")
-    error = record.get("error", {})
-    if status == "oom":
-        reached = error.get("memory_reached_bytes")
+    name = f"{record.experiment} @ {record.model}"
+    if record.status == "ok":
+        return (f"{name}: ok, peak {record.memory.peak_allocated / 2**30:.3f} GiB ({record.memory.source}), "
+                f"{record.throughput.tokens_per_s:.0f} tokens/s, final loss {record.loss.final:.4f}")
+    error = record.error or schema.RunError("?", "")
+    if record.status == "oom":
+        reached = error.memory_reached_bytes
         reached_text = f", reached {reached / 2**30:.3f} GiB" if reached else ""
-        return f"{name}: OOM in {error.get('phase')} at step {error.get('step')}{reached_text}"
-    if status == "skipped":
-        return f"{name}: skipped: {error.get('message', '')}"
-    return f"{name}: failed: {error.get('type')}: {error.get('message', '')[:200]}"
+        return f"{name}: OOM in {error.phase} at step {error.step}{reached_text}"
+    if record.status == "skipped":
+        return f"{name}: skipped: {error.message}"
+    return f"{name}: failed: {error.type}: {error.message[:200]}"

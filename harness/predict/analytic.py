@@ -5,7 +5,7 @@ technique, and activations from a walk through one decoder layer that follows th
 of every tensor the runner's code path saves for backward. Each rule below names the code
 that makes it true (transformers' Llama/Mistral/Mixtral layers, peft's LoRA linear,
 bitsandbytes' 4-bit and 8-bit matmuls, torch autocast), so where the simulation
-(harness.simulate) disagrees, the rule that is off can be found.
+(harness.predict.simulate) disagrees, the rule that is off can be found.
 
 Notation: T tokens per micro-batch (batch x sequence), h hidden size, i MLP size, V
 vocabulary, E experts, k experts per token. Bytes: fp32 4, bf16/fp16 2, int8 1, NF4 0.5.
@@ -16,8 +16,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from harness.architectures import LINEAR_NAMES
+from harness.techniques import ADAPTERS
+
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NF4_BLOCK = 64            # bitsandbytes' 4-bit block size (QLoRA paper §3)
 NESTED_BLOCK = 256        # double quantization: 8-bit absmax constants in blocks of 256
 NF4_CODE_BYTES = 16 * 4   # the 16-entry NF4 code book, fp32, per weight tensor
@@ -78,11 +80,13 @@ def shape_of(config) -> Shape:
                  tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
 
 
-def lora_parameters(shape: Shape, lora) -> int:
-    """r x (in + out) per adapted linear layer (peft's A and B matrices)."""
+def adapter_tensors(shape: Shape, technique, lora) -> list[int]:
+    """Element counts of the adapter's trainable tensors in every adapted linear layer, as the
+    adapter registry (harness.techniques.ADAPTERS) defines them."""
+    adapter = ADAPTERS[technique.adapter]
     targets = _lora_targets(lora)
-    return sum(lora.r * (n_in + n_out) * count for name, (n_in, n_out, count) in shape.linears().items()
-               if name in targets)
+    return [n for name, (n_in, n_out, count) in shape.linears().items() if name in targets
+            for _ in range(count) for n in adapter.trainable_tensors(n_in, n_out, lora)]
 
 
 def _lora_targets(lora) -> set[str]:
@@ -96,7 +100,7 @@ def weight_bytes(shape: Shape, technique, lora) -> tuple[int, int]:
     params = shape.parameters()
     if technique.adapter == "none":
         return params["total"] * BYTES[technique.weights], 0
-    adapters = 4 * lora_parameters(shape, lora)  # peft keeps adapters in fp32 on a 16-bit base
+    adapters = 4 * sum(adapter_tensors(shape, technique, lora))  # peft keeps adapters in fp32
     rest = params["total"] - params["linear"]
     if technique.quantization == "none":
         return params["linear"] * BYTES[technique.weights] + rest * BYTES[technique.weights] + adapters, 0
@@ -121,10 +125,8 @@ def weight_bytes(shape: Shape, technique, lora) -> tuple[int, int]:
 
 def trainable_tensors(shape: Shape, technique, lora) -> list[int]:
     """Element counts of the trainable tensors (what gradients and optimizer state cover)."""
-    if technique.adapter == "lora":
-        targets = _lora_targets(lora)
-        return [lora.r * n for name, (n_in, n_out, count) in shape.linears().items() if name in targets
-                for n in (n_in, n_out) for _ in range(count)]
+    if technique.adapter != "none":
+        return adapter_tensors(shape, technique, lora)
     sizes = [n_in * n_out for n_in, n_out, count in shape.linears().values() for _ in range(count)]
     sizes += [shape.vocab * shape.hidden] * (1 if shape.tied_embeddings else 2)
     sizes += [shape.hidden] * (2 * shape.layers + 1)
@@ -134,7 +136,7 @@ def trainable_tensors(shape: Shape, technique, lora) -> list[int]:
 
 def trainable_dtype_bytes(technique) -> int:
     """Adapters are fp32 (peft upcasts them); full fine-tuning trains the weights' dtype."""
-    return 4 if technique.adapter == "lora" else BYTES[technique.weights]
+    return 4 if technique.adapter != "none" else BYTES[technique.weights]
 
 
 def optimizer_bytes(sizes: list[int], optimizer: str, param_bytes: int) -> int:
@@ -160,6 +162,7 @@ class _Flow:
     weights: int      # dtype of the unquantized linear weights
     quantization: str
     lora: bool
+    dora: bool        # LoRA's weight-decomposed variant (peft use_dora)
     dropout: bool
     rank: int
     mask_bytes: int   # dropout's saved mask: bool on CUDA (native_dropout), the fp32 noise on CPU
@@ -171,7 +174,8 @@ def _flow(technique, lora, device_type: str) -> _Flow:
     weights = BYTES[technique.weights]
     kbit = technique.quantization != "none"
     return _Flow(residual=4 if (kbit or weights == 4) else weights, autocast=technique.autocast != "none",
-                 weights=weights, quantization=technique.quantization, lora=technique.adapter == "lora",
+                 weights=weights, quantization=technique.quantization, lora=technique.adapter != "none",
+                 dora=technique.adapter != "none" and getattr(lora, "use_dora", False),
                  dropout=lora.dropout > 0, rank=lora.r, mask_bytes=1 if device_type == "cuda" else 4,
                  full=technique.adapter == "none", cuda=device_type == "cuda")
 
@@ -218,7 +222,27 @@ def _linear(flow: _Flow, x_bytes: int, tokens: int, n_in: int, n_out: int, adapt
             saved += lora_in * tokens * n_in
         else:
             input_saved = True
+        if flow.dora:
+            saved += _dora_saved(flow, out, tokens, n_in, n_out, lora_in)
     return out, saved, input_saved
+
+
+def _dora_saved(flow: _Flow, base_out: int, tokens: int, n_in: int, n_out: int, lora_out: int) -> int:
+    """peft's DoRA (DoraLinearVariant, DoraLinearLayer.forward): the magnitude over the weight's
+    norm scales the base output and the LoRA output, and the products save both (T x out).
+    With dropout the base output is computed again on the dropped fp32 input, against the
+    weight dequantized and cast to fp32; autocast saves 16-bit copies of both for backward."""
+    saved = tokens * n_out * (base_out + lora_out)
+    if flow.dropout:
+        saved += (2 * n_out * n_in + 2 * tokens * n_in) if flow.autocast else 4 * n_out * n_in
+    return saved
+
+
+def _dora_transient(shape: Shape, targets: set[str]) -> int:
+    """DoRA's forward builds each adapted layer's full weight to take its norm: the LoRA
+    product through an identity matrix (in x in), the fp32 weight and the sum (out x in each)."""
+    return max((4 * n_in * (n_in + 3 * n_out) for name, (n_in, n_out, _) in shape.linears().items()
+                if name in targets), default=0)
 
 
 def _rms_norm(flow: _Flow, tokens: int, hidden: int) -> int:
@@ -308,6 +332,8 @@ def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gr
     # with two more fp32 logit-sized buffers (the nll_loss and log_softmax gradients).
     head += 4 * tokens * shape.vocab
     loss_backward = 2 * 4 * tokens * shape.vocab
+    if flow.dora:  # at the last adapted layer, on top of nearly every saved activation
+        loss_backward = max(loss_backward, _dora_transient(shape, targets) - head)
     if not gradient_checkpointing:
         return {"saved": shape.layers * per_layer + head, "transient": loss_backward}
     # Non-reentrant checkpointing keeps each layer's input; backward recomputes one layer at a

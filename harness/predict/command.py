@@ -1,7 +1,7 @@
 """`harness predict`: memory of any model x technique, without a GPU.
 
-Two methods on the same experiment file: `analytic` (harness.analytic, from the config
-alone, instant) and `simulated` (harness.simulate, the runner's own step traced under fake
+Two methods on the same experiment file: `analytic` (harness.predict.analytic, from the config
+alone, instant) and `simulated` (harness.predict.simulate, the runner's own step traced under fake
 tensors at full size). `--save` writes each prediction to results/predictions/ for the
 report; `--claims` predicts the configurations the report compares (claims ledger, matrix).
 """
@@ -13,17 +13,14 @@ import math
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
-from harness import records
+from harness import env, schema
 from harness.arguments import like_field
-from harness.config import experiment_files
-from harness.runner import prepare
+from harness.config import experiment_files, experiment_of, prepare, resolve_technique
+from harness.schema import CATEGORIES
 
-CATEGORIES = ("weights", "quant_constants", "gradients", "optimizer_state", "activations", "other")
-PREDICTION_SCHEMA_VERSION = 1
 # What the report compares: (experiment, model, seq_len, batch, code path). First the claims
-# ledger's configurations, then every cell of the matrix's plans (harness.bench), so each
+# ledger's configurations, then every cell of the matrix's plans (harness.lab.bench), so each
 # measured run has both predictions beside it.
 CLAIM_CONFIGURATIONS = [
     *((name, "llama-2-7b", 512, 1, "cuda") for name in ("fp32", "bf16-pure", "bf16-mixed", "fp16-mixed", "adamw8bit",
@@ -35,20 +32,20 @@ CLAIM_CONFIGURATIONS = [
 ]
 # The source files whose code decides a prediction: a saved prediction made by other code is
 # made again.
-PREDICTOR_MODULES = ("analytic.py", "simulate.py", "models.py", "train.py", "memory.py", "techniques.py",
-                     "presets.py", "config.py")
+PREDICTOR_MODULES = ("predict/analytic.py", "predict/simulate.py", "step/models.py", "step/train.py",
+                     "measure/memory.py", "techniques.py", "presets.py", "architectures.py", "config.py")
 
 
 def matrix_configurations(experiments_dir: Path) -> list[tuple[str, str, int, int, str]]:
     """Every (experiment, model, seq_len, micro-batch, code path) the matrix's plans measure
-    (harness.bench.expand, on a card large enough for every block).
+    (harness.matrix.expand, on a card large enough for every block).
 
     The lab's pretrained base (its shape is a preset's) and the accumulation series (one
     micro-batch's memory, predicted at the experiment's own accumulation) are left out.
     """
-    from harness.base import BASE_SOURCE
-    from harness.bench import expand, load_matrix
     from harness.config import MATRIX_FILE
+    from harness.matrix import expand, load_matrix
+    from harness.step.checkpoint import BASE_SOURCE
 
     matrix = load_matrix(experiments_dir / MATRIX_FILE)
     own_accumulation = {path.stem: prepare(path)["grad_accum"] for path in experiment_files(experiments_dir)}
@@ -66,60 +63,50 @@ def report_configurations(experiments_dir: Path) -> list[tuple[str, str, int, in
     return list(dict.fromkeys(CLAIM_CONFIGURATIONS + matrix_configurations(experiments_dir)))
 
 
-def _namespace(config: dict) -> SimpleNamespace:
-    return SimpleNamespace(**{**config, "lora": SimpleNamespace(**config["lora"]),
-                              "optim": SimpleNamespace(**config["optim"]), "data": SimpleNamespace(**config["data"])})
-
-
-def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str, device_type: str = "cuda") -> dict:
+def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
+            device_type: str = "cuda") -> schema.Prediction:
     """One prediction for an experiment file at a model, sequence length and micro-batch."""
-    from harness.models import resolve_source
+    from harness.step.models import resolve_source
     from harness.techniques import Technique
 
     config = prepare(experiment, {"model": model, "seq_len": seq_len, "micro_batch": batch, "device": "cpu"})
-    cfg = _namespace(config)
-    technique = Technique(**{k: config[k] for k in Technique.__dataclass_fields__})
+    cfg = experiment_of(config)
+    technique = resolve_technique(cfg)
     source = resolve_source(model, cfg.trust_remote_code, device_type)
     started = time.perf_counter()
     if method == "analytic":
-        from harness.analytic import predict as analytic_predict
+        from harness.predict.analytic import predict as analytic_predict
 
         result = analytic_predict(source.config, technique, cfg.lora, seq_len, batch, cfg.grad_accum,
                                   cfg.gradient_checkpointing, device_type)
     else:
-        from harness.simulate import simulate_step
+        from harness.predict.simulate import simulate_step
 
         result = simulate_step(source, technique, cfg, seq_len, batch, device_type)
     result["seconds"] = time.perf_counter() - started
-    return {"kind": "prediction", "schema_version": PREDICTION_SCHEMA_VERSION, "method": method,
-            "experiment": config["name"], "model": model, "seq_len": seq_len, "micro_batch": batch,
-            "grad_accum": config["grad_accum"], "gradient_checkpointing": config["gradient_checkpointing"],
-            "technique": {k: config[k] for k in Technique.__dataclass_fields__ if k != "summary"},
-            "device_type": device_type, "versions": records.software_versions(),
-            "predictor": records.code_digest(PREDICTOR_MODULES), **result}
-
-
-def prediction_path(out_dir: Path, prediction: dict) -> Path:
-    model = "".join(c if c.isalnum() or c in "-." else "_" for c in prediction["model"])[-60:]
-    return (Path(out_dir) / "predictions" /
-            f"{prediction['experiment']}__{model}__s{prediction['seq_len']}_b{prediction['micro_batch']}"
-            f"_{prediction['device_type']}__{prediction['method']}.json")
+    return schema.from_dict({
+        "kind": schema.Prediction.KIND, "method": method, "experiment": config["name"], "model": model,
+        "seq_len": seq_len, "micro_batch": batch, "grad_accum": config["grad_accum"],
+        "gradient_checkpointing": config["gradient_checkpointing"],
+        "technique": {k: config[k] for k in Technique.__dataclass_fields__ if k != "summary"},
+        "versions": env.software_versions(), "predictor": env.code_digest(PREDICTOR_MODULES), **result,
+        "device_type": device_type}, f"<prediction of {config['name']}>")
 
 
 def fits(total_bytes: int, budget_gb: float, device_type: str = "cuda") -> bool:
     """Whether a predicted peak fits what an N GB card leaves to the allocator."""
-    from harness.budget import budget_cap_bytes
+    from harness.measure.budget import budget_cap_bytes
 
     return total_bytes <= budget_cap_bytes(budget_gb, device_type)
 
 
-def describe(prediction: dict, budget_gb: float | None) -> str:
-    lines = [f"{prediction['experiment']} @ {prediction['model']}, seq {prediction['seq_len']} x batch "
-             f"{prediction['micro_batch']} ({prediction['method']}, {prediction['seconds']:.1f} s)"]
+def describe(prediction: schema.Prediction, budget_gb: float | None) -> str:
+    lines = [f"{prediction.experiment} @ {prediction.model}, seq {prediction.seq_len} x batch "
+             f"{prediction.micro_batch} ({prediction.method}, {prediction.seconds:.1f} s)"]
     for name in CATEGORIES:
-        value = prediction["categories"][name]
+        value = prediction.categories[name]
         lines.append(f"  {name:<16} {value / 2**30:9.3f} GiB {value / 1e9:9.3f} GB")
-    total = prediction["total_bytes"]
+    total = prediction.total_bytes
     lines.append(f"  {'peak':<16} {total / 2**30:9.3f} GiB {total / 1e9:9.3f} GB")
     if budget_gb:
         verdict = "fits" if fits(total, budget_gb) else "does not fit"
@@ -145,25 +132,24 @@ def main(args) -> int:
             raise SystemExit("predict: --model and --experiment are required (or --claims)")
         jobs = [(_experiment_file(args.experiment, experiments_dir), args.model, args.seq, args.batch, args.device)]
     results = []
-    predictor = records.code_digest(PREDICTOR_MODULES)  # the code that would predict now
+    predictor = env.code_digest(PREDICTOR_MODULES)  # the code that would predict now
     for experiment, model, seq, batch, device_type in jobs:
         for method in methods:
-            path = prediction_path(Path(args.out), {"experiment": experiment.stem, "model": model, "seq_len": seq,
-                                                     "micro_batch": batch, "method": method,
-                                                     "device_type": device_type})
+            path = schema.prediction_path(args.out, experiment.stem, model, seq, batch, device_type, method)
             if args.claims and not args.force and path.exists():
-                saved = records.read_record(path)
-                if saved.get("predictor") == predictor:
+                saved = schema.read(path, kind="prediction")
+                if saved.predictor == predictor:
                     results.append(saved)
                     continue
             prediction = predict(experiment, model, seq, batch, method, device_type)
             if args.save or args.claims:
-                records.write_atomic(path, prediction)
+                schema.write(path, prediction)
             results.append(prediction)
             if not args.json:
                 print(describe(prediction, args.budget_gb), flush=True)
     if args.json:
-        out = [{**r, "fits": fits(r["total_bytes"], args.budget_gb) if args.budget_gb else None} for r in results]
+        out = [{**schema.to_dict(r), "fits": fits(r.total_bytes, args.budget_gb) if args.budget_gb else None}
+               for r in results]
         json.dump(out[0] if len(out) == 1 else out, sys.stdout, indent=1)
         print()
     return 0

@@ -1,6 +1,6 @@
 """Run the kernel micro-benchmarks in benchmarks/ and save their JSON under results/microbench/.
 
-`python -m harness.microbench` (what `make microbench` runs) uses the sizes of the
+`python -m harness.lab.microbench` (what `make microbench` runs) uses the sizes of the
 device found: LLM shapes on CUDA, scaled-down shapes on CPU. The file is named after
 the device the benchmarks report in their extra_info (`cpu.json`,
 `nvidia-h100-80gb-hbm3.json`); a run at other sizes than the device's own gets the size
@@ -16,10 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness.microbench_summary import device_of, format_table, load, ratios
-from harness.records import device_slug
+from harness.env import device_slug
+from harness.report.microbench import device_of, format_table, load, ratios
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 SIZES = ("auto", "tiny", "cpu", "cuda")
 # A smoke run: every benchmark executes at least once, and the whole suite takes seconds.
 QUICK = ["--benchmark-min-rounds=1", "--benchmark-max-time=0.05", "--benchmark-warmup=off"]
@@ -33,7 +33,7 @@ def output_name(data: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.microbench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m harness.lab.microbench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=SIZES, default="auto",
                         help="shapes: auto (cuda where a GPU is, else cpu), tiny (a smoke run), cpu, cuda")

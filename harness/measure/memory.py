@@ -22,8 +22,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-CATEGORIES = ("weights", "quant_constants", "gradients", "optimizer_state", "activations", "other")
-PHASES = ("load", "forward", "backward", "optimizer")
+from harness import env
+from harness.schema import CATEGORIES, PERSISTENT
 
 
 @dataclass
@@ -115,7 +115,7 @@ class TensorTracker(TorchDispatchMode):
 
     def totals_by_category(self) -> dict[str, int]:
         """Bytes of the labelled (persistent) categories, alive now or when they were labelled."""
-        totals = dict.fromkeys(CATEGORIES[:4], 0)
+        totals = dict.fromkeys(PERSISTENT, 0)
         for record in self.history:
             if record.category in totals:
                 totals[record.category] += record.nbytes
@@ -170,14 +170,11 @@ class CudaMeter:
     def __init__(self, device: torch.device):
         self.device = device
         self.phases: dict[str, dict[str, int]] = {}
-        self.nvml_handle = _nvml_handle(device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        self.nvml_handle = env.nvml_handle(index)
 
     def device_used(self) -> int | None:
-        if self.nvml_handle is None:
-            return None
-        import pynvml
-
-        return int(pynvml.nvmlDeviceGetMemoryInfo(self.nvml_handle).used)
+        return env.device_used_bytes(self.nvml_handle)
 
     @contextmanager
     def phase(self, name: str):
@@ -191,17 +188,6 @@ class CudaMeter:
             used = self.device_used()
             if used is not None:
                 seen["peak_device_used"] = max(seen["peak_device_used"], used)
-
-
-def _nvml_handle(device: torch.device):
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return pynvml.nvmlDeviceGetHandleByIndex(index)
-    except Exception:  # NVML missing (no driver library): device-used stays unknown
-        return None
 
 
 @contextmanager

@@ -21,23 +21,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness import records
+from harness import env, schema
+from harness.architectures import LINEAR_NAMES
+from harness.step.models import DTYPES as FORMATS
 
-FORMATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CLIP_RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05 .. 1.0 of max|w|
 INT8_LEVELS = 255  # symmetric: -127 .. 127
 NF4_BLOCKSIZE = 64  # QLoRA's block size
 DEVICE = "cpu"  # every probe computes on the CPU: the facts do not depend on a GPU
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _versions() -> dict:
-    versions = records.software_versions()
+    versions = env.software_versions()
     return {name: versions.get(name) for name in ("torch", "bitsandbytes", "transformers", "python")}
 
 
 def _header(probe: str) -> dict:
-    return {"kind": "probe", "probe": probe, "device": DEVICE, "created": records.now(), "versions": _versions()}
+    return {"kind": "probe", "probe": probe, "device": DEVICE, "created": env.now(), "versions": _versions()}
 
 
 # --- number formats ----------------------------------------------------------------------
@@ -139,7 +139,7 @@ def int8_rowwise_relative_rmse(weights: list[torch.Tensor]) -> float:
 
 def default_weights_source() -> str:
     """The largest of the lab's pretrained base checkpoints that is cached, else the tiny-llama preset."""
-    from harness.base import base_checkpoint_path
+    from harness.step.checkpoint import base_checkpoint_path
 
     for device_type in ("cuda", "cpu"):
         path = base_checkpoint_path(device_type)
@@ -162,7 +162,7 @@ def evenly_spaced(tensors: list[torch.Tensor], max_parameters: int) -> list[torc
 
 
 def load_linear_weights(source_name: str, max_parameters: int) -> tuple[list[torch.Tensor], dict]:
-    from harness.models import build_base_model, resolve_source
+    from harness.step.models import build_base_model, resolve_source
     from harness.techniques import TECHNIQUES
 
     source = resolve_source(source_name)
@@ -216,7 +216,7 @@ def quantization_error(weights_source: str | None = None, max_parameters: int = 
 
 def _step_gradients(model: nn.Module, micro_batches: list[torch.Tensor]) -> tuple[float, dict]:
     """Loss and gradients of one train_step; the optimizer (SGD, lr 0) leaves the model as it was."""
-    from harness.train import Progress, train_step
+    from harness.step.train import Progress, train_step
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     captured = {}
@@ -233,8 +233,8 @@ def accumulation_equivalence(ks=(1, 2, 4, 8), micro_batch: int = 2, seq_len: int
     import numpy as np
 
     from harness.config import LoraSettings
-    from harness.data import Batches
-    from harness.models import build_base_model, prepare_for_training, resolve_source
+    from harness.step.data import Batches
+    from harness.step.models import build_base_model, prepare_for_training, resolve_source
     from harness.techniques import TECHNIQUES
 
     source = resolve_source(model_name)
@@ -321,5 +321,5 @@ def run_probes(out_dir: str | Path = "results/probes", weights: str | None = Non
             done.append((path, json.loads(path.read_text()), False))
             continue
         result = probe(weights)
-        done.append((records.write_atomic(path, result), result, True))
+        done.append((schema.write(path, schema.from_dict(result, path, kind="probe")), result, True))
     return done

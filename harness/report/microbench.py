@@ -1,7 +1,7 @@
 """Ratios of the kernel micro-benchmarks: each benchmark's median over its group's baseline median.
 
 Reads pytest-benchmark JSON files (results/microbench/*.json) and imports no torch, so
-reports can use it. `python -m harness.microbench_summary FILE...` prints the table.
+reports can use it. `python -m harness.report.microbench FILE...` prints the table.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def format_table(rows: list[dict], device: str = "") -> str:
 def main(argv: list[str] | None = None) -> int:
     paths = argv if argv is not None else sys.argv[1:]
     if not paths:
-        print("usage: python -m harness.microbench_summary results/microbench/FILE.json ...", file=sys.stderr)
+        print("usage: python -m harness.report.microbench results/microbench/FILE.json ...", file=sys.stderr)
         return 2
     for path in paths:
         data = load(path)

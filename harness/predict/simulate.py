@@ -2,7 +2,7 @@
 
 Under `FakeTensorMode` every tensor has a shape, dtype and device but no storage, so a
 7B or Mixtral step runs on a laptop. The same builders, optimizer and `train_step` as a
-real run execute; `TensorTracker` (harness.memory) counts the bytes each live storage
+real run execute; `TensorTracker` (harness.measure.memory) counts the bytes each live storage
 would hold and labels them by category, exactly as in a real run's tracked step.
 
 What a fake step cannot do, and how it is handled:
@@ -29,10 +29,10 @@ from contextlib import contextmanager
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
-from harness.memory import TensorTracker, label_gradients, label_model, tracker_phase
-from harness.models import ModelSource
+from harness.measure.memory import TensorTracker, label_gradients, label_model, tracker_phase
+from harness.step.models import ModelSource
+from harness.step.train import Progress, build_training, train_step
 from harness.techniques import Technique
-from harness.train import Progress, build_training, train_step
 
 
 @contextmanager

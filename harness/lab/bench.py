@@ -1,8 +1,8 @@
 """`harness bench`: expand a plan of the matrix (by default this device's), run what is missing, summarise.
 
-With `--time-budget`, no run starts whose estimated time (harness.estimate) exceeds what is
+With `--time-budget`, no run starts whose estimated time (harness.lab.estimate) exceeds what is
 left, so a short GPU lease is spent on the plan's first, most valuable cells; `--dry-run`
-prints the plan with those estimates. Each run is a fresh process (harness.runner). A run
+prints the plan with those estimates. Each run is a fresh process (harness.lab.runner). A run
 whose record already exists for the same resolved configuration and environment
 fingerprint is skipped, so an interrupted matrix, even one killed with SIGKILL, resumes
 with exactly the runs it lacks: records are written atomically, and a run that was cut
@@ -11,19 +11,18 @@ off left no record behind.
 
 from __future__ import annotations
 
-import itertools
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import records
+from harness import env, schema
 from harness.arguments import like_field, positive
-from harness.base import BASE_SOURCE, base_checkpoint_path
-from harness.config import MATRIX_FILE, ConfigError, build_dataclass, experiment_files, read_yaml
-from harness.estimate import Estimate, estimate_run, parse_duration
-from harness.runner import CellBusy, prepare, remove_stale_attempts, run_config, summary_line
+from harness.config import MATRIX_FILE
+from harness.lab.estimate import estimate_run, parse_duration
+from harness.lab.runner import CellBusy, remove_stale_attempts, run_config, summary_line
+from harness.matrix import PlannedRun, expand, load_matrix
+from harness.step.checkpoint import BASE_SOURCE, base_checkpoint_path
 
 # Memory held on the GPU by others beyond this means a polluted peak (a bare context is less).
 SHARED_GPU_THRESHOLD = 1 * 2**30
@@ -32,123 +31,25 @@ BUDGET_OVERRUN_FACTOR = 4
 BUDGET_MIN_TIMEOUT_S = 180
 
 
-@dataclass
-class MatrixBlock:
-    models: list[str]
-    experiments: list[str] | str = "all"
-    seq_lens: list[int | None] = field(default_factory=lambda: [None])
-    grad_accums: list[int | None] = field(default_factory=lambda: [None])
-    budgets_gb: list[float | None] = field(default_factory=lambda: [None])
-    # Only on a card with at least this much memory (GB, 1e9 bytes).
-    min_device_gb: float | None = None
-    # Experiment fields set for every run of this block (validated like a file's own fields).
-    set: dict = field(default_factory=dict)
-    note: str = ""
-
-
-# A matrix file maps plan names to ordered lists of blocks. `cpu` and `cuda` are the plans
-# `make bench` runs on each device class; any other (e.g. `evidence`) runs with --plan NAME.
-Matrix = dict[str, list[MatrixBlock]]
-
-
-@dataclass
-class PlannedRun:
-    config: dict
-    repeat: int
-    path: Path
-    note: str
-    estimate: Estimate | None = None  # filled for a time budget or a dry run
-
-
-def load_matrix(path: str | Path) -> Matrix:
-    path = Path(path).resolve()
-    data = read_yaml(path)
-    for device_type in ("cpu", "cuda"):
-        if device_type not in data:
-            raise ConfigError(path, device_type, "is required (the plan `make bench` runs on that device class)")
-    matrix = {}
-    for name, blocks in data.items():
-        if not isinstance(blocks, list):
-            raise ConfigError(path, name, f"expected a list of blocks, got {type(blocks).__name__}")
-        matrix[name] = [build_dataclass(MatrixBlock, block, path, prefix=f"{name}[{index}].")
-                        for index, block in enumerate(blocks)]
-    return matrix
-
-
-def gpu_total_gb() -> float | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total / 1e9
-    except Exception:
-        return None
-
-
-def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Path, *, plan: str | None = None,
-           models=None, experiments=None, budgets_gb=None, seq_lens=None, repeat: int = 1,
-           device_gb: float | None = None) -> tuple[list[PlannedRun], list[str]]:
-    """The runs of a plan (default: the device type's own), in order, with command-line replacements applied.
-
-    Returns the runs (duplicates removed) and the notes of blocks skipped on this device.
-    """
-    plan = plan or device_type
-    if plan not in matrix:
-        raise ConfigError(experiments_dir / MATRIX_FILE, plan, f"no such plan; plans: {', '.join(matrix)}")
-    available = {p.stem: p for p in experiment_files(experiments_dir)}
-    planned: dict[Path, PlannedRun] = {}
-    skipped = []
-    device_name = records.device_name(device_type)
-    for block in matrix[plan]:
-        if block.min_device_gb and (device_gb or 0) < block.min_device_gb:
-            skipped.append(f"{block.note or block.experiments}: needs a card of >= {block.min_device_gb:g} GB")
-            continue
-        names = sorted(available) if block.experiments == "all" else block.experiments
-        for name in list(names) + list(experiments or []):
-            if name not in available:
-                raise ConfigError(experiments_dir / MATRIX_FILE, "experiments",
-                                  f"no experiment file {name}.yaml in {experiments_dir}")
-        if experiments:  # keep only the chosen experiments of each block
-            names = [name for name in names if name in experiments]
-        for name, model, seq, accum, budget in itertools.product(
-                names, models or block.models, seq_lens or block.seq_lens, block.grad_accums,
-                budgets_gb or block.budgets_gb):
-            overrides = {**block.set, "model": model, "device": device_type}
-            for key, value in (("seq_len", seq), ("grad_accum", accum), ("budget_gb", budget)):
-                if value is not None:
-                    overrides[key] = value
-            config = prepare(available[name], overrides)
-            for index in range(repeat):
-                path = records.record_path(out_dir, device_name, name, model, config["config_hash"], index)
-                planned.setdefault(path, PlannedRun(config, index, path, block.note))
-    return list(planned.values()), skipped
-
-
 def is_current(path: Path, fingerprint: str) -> bool:
     """A finished record (ok or oom) for the same configuration on the same environment."""
     if not path.exists():
         return False
     try:
-        record = records.read_record(path)
+        record = schema.read(path, kind="run")
     except (OSError, ValueError):
         return False
-    return record.get("status") in records.MEASURED and record.get("fingerprint") == fingerprint
+    return record.status in schema.MEASURED and record.fingerprint == fingerprint
 
 
 def other_gpu_users() -> str | None:
     """What other processes hold on the GPU, or None if it is free for a clean measurement."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        used = pynvml.nvmlDeviceGetMemoryInfo(handle).used
-        processes = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-    except Exception:
+    users = env.gpu_users()
+    if users is None:
         return None
-    if processes or used > SHARED_GPU_THRESHOLD:
-        pids = ", ".join(str(p.pid) for p in processes) or "unknown"
-        return f"{used / 2**30:.2f} GiB already in use on the GPU (processes: {pids})"
+    used, pids = users
+    if pids or used > SHARED_GPU_THRESHOLD:
+        return f"{used / 2**30:.2f} GiB already in use on the GPU (processes: {', '.join(map(str, pids)) or 'unknown'})"
     return None
 
 
@@ -159,9 +60,9 @@ def clean_interrupted_writes(out_dir: Path) -> None:
 
 
 def estimate_runs(planned: list[PlannedRun], device_type: str) -> None:
-    """Fill each run's estimated GPU time (harness.estimate), from its model's shape."""
-    from harness.base import RECIPES
+    """Fill each run's estimated GPU time (harness.lab.estimate), from its model's shape."""
     from harness.presets import preset_config
+    from harness.step.checkpoint import RECIPES
 
     configs: dict[str, object] = {}
     for run in planned:
@@ -170,7 +71,7 @@ def estimate_runs(planned: list[PlannedRun], device_type: str) -> None:
             if model == BASE_SOURCE:  # the shape of the recipe's preset, pretrained or not
                 configs[model] = preset_config(RECIPES[device_type].preset)
             else:
-                from harness.models import resolve_source
+                from harness.step.models import resolve_source
 
                 configs[model] = resolve_source(model, run.config["trust_remote_code"], device_type).config
         run.estimate = estimate_run(run.config, configs[model])
@@ -211,7 +112,8 @@ def print_plan(planned: list[PlannedRun], fingerprint: str, budget_s: float | No
 
 
 def run_matrix(planned: list[PlannedRun], fingerprint: str, *, force: bool = False, allow_shared_gpu: bool = False,
-               timeout_s: float | None = None, budget_s: float | None = None, stream=sys.stdout) -> list[dict]:
+               timeout_s: float | None = None, budget_s: float | None = None,
+               stream=sys.stdout) -> list[schema.RunRecord]:
     """Run what is missing, in order; returns every planned run's record (the ones skipped included).
 
     With a time budget (seconds, from now), a run whose estimate exceeds what is left is not
@@ -223,8 +125,8 @@ def run_matrix(planned: list[PlannedRun], fingerprint: str, *, force: bool = Fal
     for index, run in enumerate(planned, 1):
         label = _label(index, total, run)
         if not force and is_current(run.path, fingerprint):
-            record = records.read_record(run.path)
-            print(f"{label}: done before, skipped ({record['status']})", file=stream, flush=True)
+            record = schema.read(run.path, kind="run")
+            print(f"{label}: done before, skipped ({record.status})", file=stream, flush=True)
             results.append(record)
             continue
         run_timeout = timeout_s
@@ -250,34 +152,33 @@ def run_matrix(planned: list[PlannedRun], fingerprint: str, *, force: bool = Fal
             print(f"    not started: {busy}", file=stream, flush=True)
             continue
         if polluted:
-            record["shared_gpu"] = polluted  # the peak may include another process's memory
-            records.write_atomic(path, record)
+            record.shared_gpu = polluted  # the peak may include another process's memory
+            schema.write(path, record)
         print(f"    {time.perf_counter() - started:6.1f} s  {summary_line(record)}", file=stream, flush=True)
         results.append(record)
     return results
 
 
-def summary_table(results: list[dict]):
+def summary_table(results: list[schema.RunRecord]):
     """One row per run, OOM and failed rows included."""
     import pandas as pd
 
     rows = []
     for record in results:
-        config, memory, throughput = record["config"], record.get("memory") or {}, record.get("throughput") or {}
-        mfu = (throughput.get("mfu") or {}).get("mfu")
+        config, memory, throughput = record.config, record.memory, record.throughput
+        mfu = (throughput.mfu or {}).get("mfu") if throughput else None
         rows.append({
-            "experiment": record["experiment"], "model": record["model"], "seq": config["seq_len"],
+            "experiment": record.experiment, "model": record.model, "seq": config["seq_len"],
             "mb x k": f"{config['micro_batch']}x{config['grad_accum']}",
             "budget GB": config.get("budget_gb") or "",
-            "status": record["status"] if record["status"] != "oom"
-            else f"oom ({record['error']['phase']})",
-            "peak alloc GiB": _gib(memory.get("peak_allocated")),
-            "reserved GiB": _gib(memory.get("peak_reserved")),
-            "device used GiB": _gib(memory.get("peak_device_used")),
-            "tokens/s": round(throughput["tokens_per_s"]) if throughput else "",
+            "status": record.status if record.status != "oom" else f"oom ({record.error.phase})",
+            "peak alloc GiB": _gib(memory and memory.peak_allocated),
+            "reserved GiB": _gib(memory and memory.peak_reserved),
+            "device used GiB": _gib(memory and memory.peak_device_used),
+            "tokens/s": round(throughput.tokens_per_s) if throughput else "",
             "MFU %": f"{100 * mfu:.1f}" if mfu else "",
-            "final loss": f"{record['loss']['final']:.4f}" if (record.get("loss") or {}).get("final") else "",
-            "trainable %": f"{record['parameters']['trainable_pct']:.2f}" if record.get("parameters") else "",
+            "final loss": f"{record.loss.final:.4f}" if record.loss and record.loss.final else "",
+            "trainable %": f"{record.parameters.trainable_pct:.2f}" if record.parameters else "",
         })
     return pd.DataFrame(rows)
 
@@ -286,18 +187,18 @@ def _gib(value) -> str:
     return f"{value / 2**30:.3f}" if value else ""
 
 
-def repeat_consistency(results: list[dict]) -> list[str]:
+def repeat_consistency(results: list[schema.RunRecord]) -> list[str]:
     """Repeats of one configuration should peak at the same bytes; say where they do not."""
-    by_config: dict[tuple, list[dict]] = {}
+    by_config: dict[tuple, list[schema.RunRecord]] = {}
     for record in results:
-        if record["status"] == "ok":
-            by_config.setdefault((record["experiment"], record["config_hash"]), []).append(record)
+        if record.status == "ok":
+            by_config.setdefault((record.experiment, record.config_hash), []).append(record)
     messages = []
     for (name, _), group in by_config.items():
         if len(group) < 2:
             continue
-        peaks = {r["memory"]["peak_allocated"] for r in group}
-        speeds = [r["throughput"]["tokens_per_s"] for r in group]
+        peaks = {r.memory.peak_allocated for r in group}
+        speeds = [r.throughput.tokens_per_s for r in group]
         spread = (max(speeds) - min(speeds)) / min(speeds)
         state = "identical peak memory" if len(peaks) == 1 else f"PEAK MEMORY DIFFERS: {sorted(peaks)}"
         messages.append(f"{name}: {len(group)} repeats, {state}; tokens/s spread {100 * spread:.1f}%")
@@ -308,10 +209,10 @@ def main(args) -> int:
     experiments_dir = Path(args.experiments_dir)
     matrix_path = Path(args.matrix) if args.matrix else experiments_dir / MATRIX_FILE
     out_dir = Path(args.out)
-    device_type = records.resolve_device(args.device)
+    device_type = env.resolve_device(args.device)
     matrix = load_matrix(matrix_path)
     budget_s = args.time_budget
-    device_gb = args.device_gb or (gpu_total_gb() if device_type == "cuda" else None)
+    device_gb = args.device_gb or (env.gpu_total_gb() if device_type == "cuda" else None)
 
     def plan():
         planned, skipped = expand(
@@ -323,8 +224,8 @@ def main(args) -> int:
         return planned, skipped
 
     planned, skipped = plan()
-    environment = records.current_environment(device_type)
-    fingerprint = records.fingerprint(environment)
+    environment = env.current_environment(device_type)
+    fingerprint = env.fingerprint(environment)
     card = f", a {device_gb:g} GB card" if device_gb else ""
     budget = f", time budget {budget_s:.0f} s" if budget_s is not None else ""
     print(f"plan '{args.plan or device_type}' of {matrix_path} on {environment['device_name']}{card}: "
@@ -363,7 +264,7 @@ def main(args) -> int:
         print(f"\n{not_started} runs not started within the time budget: the same command resumes them.")
     if device_type == "cpu":
         print("\nCPU run: memory is tracked tensor bytes, time is CPU time; neither is a GPU figure.")
-    return 0 if all(r["status"] in records.FINISHED for r in results) else 1
+    return 0 if all(r.status in schema.FINISHED for r in results) else 1
 
 
 def add_arguments(parser) -> None:

@@ -4,7 +4,7 @@ GPU time is often lent in short windows, so `harness bench --time-budget` starts
 whose estimate exceeds what is left. An estimate is the sum of
 - a fixed start-up: a fresh interpreter, imports, the CUDA context, batches from the cache;
 - the model's build: every parameter materialised (and quantized) on the device;
-- every step's matmul FLOPs (harness.throughput's count, with checkpointing's recomputed
+- every step's matmul FLOPs (harness.measure.throughput's count, with checkpointing's recomputed
   forward) at an assumed sustained throughput for the compute dtype, lower where
   bitsandbytes dequantizes the base in every matmul; the tracked step counts several times,
   as counting every tensor slows every operator.
@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.analytic import shape_of
-from harness.throughput import model_flops_per_token
+from harness.measure.throughput import model_flops_per_token
+from harness.predict.analytic import shape_of
 
 START_SECONDS = 20.0
 BUILD_SECONDS_PER_BILLION = {"none": 1.0, "int8": 1.5, "nf4": 1.5}

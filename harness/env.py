@@ -1,0 +1,192 @@
+"""The lab's one door to its environment: device, NVML, software versions, git, caches.
+
+Everything a record says about where it was made, and everything the lab asks the machine
+(is there a GPU, how large, who else uses it), is asked here. Importing this module does
+not import torch: the report and the planner use it without one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "tokenizers", "accelerate")
+PACKAGE_ROOT = Path(__file__).resolve().parent
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def cache_dir() -> Path:
+    """Where the lab keeps what it makes once (tokenized corpora, the pretrained base)."""
+    path = Path(os.environ.get("HARNESS_CACHE", Path.home() / ".cache" / "harness"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# -- software ---------------------------------------------------------------------------
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def software_versions() -> dict:
+    return {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}}
+
+
+def code_digest(modules: tuple[str, ...] | None = None) -> str:
+    """A digest of the harness's own source files (all, or the named ones, relative to the
+    package): which code made a record, also where the copy that ran has no git history."""
+    paths = sorted(PACKAGE_ROOT.rglob("*.py")) if modules is None else [PACKAGE_ROOT / name for name in modules]
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.relative_to(PACKAGE_ROOT).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def git_state(folder: Path | None = None) -> dict:
+    """The commit of the code that ran, whether it had uncommitted changes, and a digest of the
+    harness's source (the commit alone can mislead where a copy of a tree carries an older .git)."""
+    folder = folder or PACKAGE_ROOT.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.TimeoutExpired):
+        commit, dirty = None, None
+    return {"commit": commit, "dirty": dirty if commit else None, "code_digest": code_digest()}
+
+
+# -- the GPU, through NVML (no CUDA context is created) ------------------------------------
+
+def nvml_handle(index: int = 0):
+    """NVML's handle of GPU `index`, or None where there is no NVIDIA driver (or no such GPU)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        if pynvml.nvmlDeviceGetCount() > index:
+            return pynvml.nvmlDeviceGetHandleByIndex(index)
+    except Exception:  # no NVIDIA driver library here
+        pass
+    return None
+
+
+def gpu_name(index: int = 0) -> str | None:
+    handle = nvml_handle(index)
+    if handle is None:
+        return None
+    import pynvml
+
+    name = pynvml.nvmlDeviceGetName(handle)
+    return name.decode() if isinstance(name, bytes) else name
+
+
+def gpu_total_gb(index: int = 0) -> float | None:
+    handle = nvml_handle(index)
+    if handle is None:
+        return None
+    import pynvml
+
+    return pynvml.nvmlDeviceGetMemoryInfo(handle).total / 1e9
+
+
+def device_used_bytes(handle) -> int | None:
+    """What the whole device has in use (every process, the CUDA contexts included)."""
+    if handle is None:
+        return None
+    import pynvml
+
+    return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+
+
+def gpu_users(index: int = 0) -> tuple[int, list[int]] | None:
+    """(bytes in use, pids of compute processes) on a GPU, or None where NVML cannot tell."""
+    handle = nvml_handle(index)
+    if handle is None:
+        return None
+    import pynvml
+
+    try:
+        processes = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+    except Exception:
+        return None
+    return device_used_bytes(handle), [p.pid for p in processes]
+
+
+def driver_version() -> str | None:
+    if nvml_handle() is None:
+        return None
+    import pynvml
+
+    return pynvml.nvmlSystemGetDriverVersion()
+
+
+# -- the device a run measures --------------------------------------------------------------
+
+def resolve_device(choice: str) -> str:
+    """'auto' becomes 'cuda' where a GPU is present, else 'cpu'."""
+    return ("cuda" if gpu_name() else "cpu") if choice == "auto" else choice
+
+
+def device_name(device_type: str) -> str:
+    if device_type == "cuda":
+        return gpu_name() or "CUDA device"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU ({cpu}, {os.cpu_count()} cores)"
+
+
+def device_slug(name: str) -> str:
+    """A folder name for a device: records of different devices never share a folder."""
+    if name.startswith("CPU"):
+        return "cpu"
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def current_environment(device_type: str) -> dict:
+    """The torch-free part of the environment: enough to decide whether a record is current."""
+    return {"device_name": device_name(device_type), "versions": software_versions()}
+
+
+def run_environment(device) -> dict:
+    """Everything a run record says about its machine (`device` is the torch.device it ran on)."""
+    import torch
+
+    environment = {"device_type": device.type, "platform": platform.platform(), "cpu_count": os.cpu_count(),
+                   "torch_threads": torch.get_num_threads(), "versions": software_versions(),
+                   "git": git_state()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        environment.update(device_total_bytes=props.total_memory, cuda=torch.version.cuda,
+                           capability=f"{props.major}.{props.minor}", driver=driver_version())
+    environment["device_name"] = device_name(device.type)
+    return environment
+
+
+def fingerprint(environment: dict) -> str:
+    """What makes two measurements comparable: the device and the software versions.
+
+    The code commit is recorded in every record but left out here, so that a commit that
+    does not touch the measurement does not invalidate every finished run.
+    """
+    keys = {"device": environment.get("device_name"), "versions": environment.get("versions")}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]

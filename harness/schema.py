@@ -1,0 +1,352 @@
+"""The record format: every kind of record the lab writes, as typed dataclasses, in one place.
+
+A run's measurement, a memory prediction, a probe's facts and the pretraining of the lab's
+base model are each one JSON file under results/, written atomically through `write` and
+read back through `read`, which checks the kind and the version and names the file when
+either is unknown. The memory categories and the file naming live here too. Importing this
+module does not import torch: the report reads records without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# -- facts every record kind shares --------------------------------------------------------
+
+# What is alive at a step's peak, by category; the first four persist across steps.
+CATEGORIES = ("weights", "quant_constants", "gradients", "optimizer_state", "activations", "other")
+PERSISTENT = CATEGORIES[:4]
+PHASES = ("load", "forward", "backward", "optimizer")
+
+STATUSES = ("ok", "oom", "skipped", "failed")
+# Results rather than errors: a measurement, an out-of-memory, or a run its machine cannot do
+# (a missing optional package, said in the record). Only ok and oom records are final.
+FINISHED = ("ok", "oom", "skipped")
+MEASURED = ("ok", "oom")
+
+# Folders of results/ that hold something other than run records.
+ATTEMPTS_FOLDER = "attempts"  # attempts that measured nothing, kept beside a cell's measurement
+PREDICTIONS_FOLDER, PROBES_FOLDER, BASE_FOLDER = "predictions", "probes", "base"
+MICROBENCH_FOLDER, LOGS_FOLDER, LOCKS_FOLDER = "microbench", "logs", ".locks"
+NOT_RUN_FOLDERS = {ATTEMPTS_FOLDER, PREDICTIONS_FOLDER, PROBES_FOLDER, BASE_FOLDER, MICROBENCH_FOLDER,
+                   LOGS_FOLDER, LOCKS_FOLDER}
+
+
+class RecordError(ValueError):
+    """A file under results/ that is not a record this code can read: names the file."""
+
+    def __init__(self, path: str | Path, message: str):
+        self.path = str(path)
+        super().__init__(f"{path}: {message}")
+
+
+# -- record kinds ---------------------------------------------------------------------------
+# Every kind has KIND and VERSION. A field added later gets a default, so that older files of
+# the same version still read; keys this code does not know are kept in `extra` (and written
+# back), so a newer writer of the same version loses nothing.
+
+@dataclass
+class RunError:
+    type: str
+    message: str
+    phase: str | None = None
+    step: int | None = None
+    memory_reached_bytes: int | None = None   # oom: how far the run got
+    package: str | None = None                # skipped: the missing optional package
+    returncode: int | None = None             # a worker that died without a record
+    timeout_s: float | None = None
+    log_tail: str | None = None
+    traceback: str | None = None
+
+
+@dataclass
+class Memory:
+    unit: str
+    source: str                 # cuda | cpu-tracked-tensors
+    note: str
+    peak_allocated: int
+    breakdown_at_peak: dict[str, int]
+    persistent: dict[str, int]
+    tracked_step_peak: int
+    tracked_phase_peaks: dict[str, int]
+    phases: dict[str, dict[str, int]]
+    peak_reserved: int | None = None
+    peak_device_used: int | None = None
+    device_used_before_load: int | None = None
+
+
+@dataclass
+class Throughput:
+    tokens_per_step: int
+    step_time_s: dict[str, float]
+    tokens_per_s: float
+    load_seconds: float
+    timed_steps: int
+    warmup_steps: int
+    timing_includes_tracking: bool
+    mfu: dict | None = None
+
+
+@dataclass
+class Loss:
+    per_step: list[float]
+    final: float | None
+    warmup_steps: int
+    eval: list[dict]
+    eval_final: float | None
+
+
+@dataclass
+class Parameters:
+    total: int
+    trainable: int
+    trainable_pct: float | None = None
+
+
+@dataclass
+class RunRecord:
+    """One cell of the matrix: an experiment on a model and a device, measured (or why not)."""
+    KIND: typing.ClassVar[str] = "run"
+    VERSION: typing.ClassVar[int] = 1
+    status: str
+    experiment: str
+    model: str
+    config: dict
+    config_hash: str
+    kind: str = KIND
+    schema_version: int = VERSION
+    started_at: str | None = None
+    finished_at: str | None = None
+    duration_s: float | None = None
+    environment: dict | None = None
+    fingerprint: str | None = None
+    budget: dict | None = None
+    data: dict | None = None
+    parameters: Parameters | None = None
+    random_init: bool | None = None
+    memory: Memory | None = None
+    throughput: Throughput | None = None
+    adapter_bytes_on_disk: int | None = None
+    loss: Loss | None = None
+    host_peak_rss_bytes: int | None = None
+    error: RunError | None = None
+    shared_gpu: str | None = None  # another process held the GPU during the run (who)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Prediction:
+    """The memory of one training step predicted without running it (analytic or simulated)."""
+    KIND: typing.ClassVar[str] = "prediction"
+    VERSION: typing.ClassVar[int] = 1
+    method: str                 # analytic | simulated
+    experiment: str
+    model: str
+    seq_len: int
+    micro_batch: int
+    grad_accum: int
+    gradient_checkpointing: bool
+    technique: dict
+    device_type: str            # the code path predicted
+    total_bytes: int
+    categories: dict[str, int]
+    persistent: dict[str, int]
+    kind: str = KIND
+    schema_version: int = VERSION
+    versions: dict | None = None
+    predictor: str | None = None  # digest of the code that predicted
+    parameters: dict | None = None
+    phase_peaks: dict | None = None
+    peak_at: str | None = None
+    seconds: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class ProbeRecord:
+    """Facts a claim rests on, computed by one probe; the facts themselves are the probe's own."""
+    KIND: typing.ClassVar[str] = "probe"
+    VERSION: typing.ClassVar[int] = 1
+    probe: str
+    device: str
+    created: str
+    versions: dict
+    kind: str = KIND
+    schema_version: int = VERSION
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class BaseRecord:
+    """The pretraining of the lab's own base model."""
+    KIND: typing.ClassVar[str] = "base"
+    VERSION: typing.ClassVar[int] = 1
+    recipe: dict
+    recipe_id: str
+    technique: str
+    data: dict
+    parameters: int
+    tokens_trained: int
+    uniform_loss: float
+    train_loss: list[float]
+    held_out: list[dict]
+    final_held_out_loss: float
+    seconds: float
+    device_type: str
+    environment: dict
+    git: dict
+    finished_at: str
+    kind: str = KIND
+    schema_version: int = VERSION
+    weights_digest: str | None = None  # sha256 of the saved weights: the base's portable identity
+    extra: dict = field(default_factory=dict)
+
+
+KINDS: dict[str, type] = {cls.KIND: cls for cls in (RunRecord, Prediction, ProbeRecord, BaseRecord)}
+Record = RunRecord | Prediction | ProbeRecord | BaseRecord
+
+
+# -- conversion -----------------------------------------------------------------------------
+
+def _build(cls: type, data: dict, path: Path) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    kwargs = {}
+    for name in names & data.keys():
+        kwargs[name] = _value(hints[name], data[name], path, name)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and f.name != "extra"
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise RecordError(path, f"a {getattr(cls, 'KIND', cls.__name__)} record needs {', '.join(missing)}")
+    if "extra" in {f.name for f in dataclasses.fields(cls)}:
+        kwargs["extra"] = {k: v for k, v in data.items() if k not in names}
+    return cls(**kwargs)
+
+
+def _value(hint: Any, value: Any, path: Path, name: str) -> Any:
+    """Nested sections become their dataclasses; everything else stays as JSON gave it."""
+    if value is None:
+        return None
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    options = typing.get_args(hint) if union else (hint,)
+    for option in options:
+        if dataclasses.is_dataclass(option):
+            if not isinstance(value, dict):
+                raise RecordError(path, f"field '{name}': expected an object, got {type(value).__name__}")
+            return _build(option, value, path)
+    return value
+
+
+def from_dict(data: Any, path: str | Path = "<record>", kind: str | None = None) -> Record:
+    """A typed record from its JSON object; RecordError (naming `path`) if it is not one."""
+    path = Path(path)
+    if not isinstance(data, dict):
+        raise RecordError(path, f"not a JSON object ({type(data).__name__})")
+    # Run records of version 1 were written before records named their kind.
+    found = data.get("kind") or ("run" if "status" in data and "experiment" in data else None)
+    if found not in KINDS:
+        raise RecordError(path, f"unknown record kind {found!r}; known: {', '.join(KINDS)}")
+    if kind is not None and found != kind:
+        raise RecordError(path, f"a {found} record where a {kind} record was expected")
+    cls = KINDS[found]
+    version = data.get("schema_version", 1)
+    if not isinstance(version, int) or version > cls.VERSION:
+        raise RecordError(path, f"{found} record of schema version {version!r}; this code reads up to "
+                          f"version {cls.VERSION} (a newer harness wrote it)")
+    return _build(cls, data, path)
+
+
+def to_dict(record: Record) -> dict:
+    """The JSON object of a record: its fields in order, `extra` folded back in."""
+    data = dataclasses.asdict(record)
+    data.update(data.pop("extra", {}))
+    return data
+
+
+def read(path: str | Path, kind: str | None = None) -> Record:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as error:
+        raise RecordError(path, f"not JSON: {error}") from None
+    return from_dict(data, path, kind)
+
+
+def write(path: str | Path, record: Record) -> Path:
+    return write_atomic(path, to_dict(record))
+
+
+def write_atomic(path: str | Path, data: dict) -> Path:
+    """Write to a temporary file in the same folder, fsync, rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=1, sort_keys=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# -- file naming ----------------------------------------------------------------------------
+
+def model_slug(model: str) -> str:
+    """A file-name part for a model name, a hub id or a path."""
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in model)[-60:]
+
+
+def record_path(out_dir: str | Path, device_slug: str, name: str, model: str, config_hash: str,
+                repeat: int = 0) -> Path:
+    """One file per (device, experiment, model, resolved configuration, repeat): two
+    configurations never share a file, nor do two devices."""
+    suffix = f"-r{repeat}" if repeat else ""
+    return Path(out_dir) / device_slug / f"{name}__{model_slug(model)}__{config_hash[:12]}{suffix}.json"
+
+
+def prediction_path(out_dir: str | Path, experiment: str, model: str, seq_len: int, micro_batch: int,
+                    device_type: str, method: str) -> Path:
+    return (Path(out_dir) / PREDICTIONS_FOLDER /
+            f"{experiment}__{model_slug(model)}__s{seq_len}_b{micro_batch}_{device_type}__{method}.json")
+
+
+def base_record_path(out_dir: str | Path, device_slug: str, recipe_id: str) -> Path:
+    return Path(out_dir) / BASE_FOLDER / f"{device_slug}__{recipe_id}.json"
+
+
+def attempt_path(record: Path, attempt_id: str) -> Path:
+    """Where an attempt that measured nothing goes when its cell keeps a measurement."""
+    return record.parent.parent / ATTEMPTS_FOLDER / record.parent.name / f"{record.stem}.{attempt_id[:12]}.json"
+
+
+def find_records(folder: str | Path) -> list[Path]:
+    """Every run record under a folder (temporary files of interrupted writes start with '.')."""
+    folder = Path(folder)
+    return sorted(p for p in folder.glob("*/*.json")
+                  if not p.name.startswith(".") and p.parent.name not in NOT_RUN_FOLDERS)
+
+
+# -- one configuration, whatever the record's file ------------------------------------------
+
+# Config keys that differ between two records of the same configuration: which attempt, which
+# hash (computed from the rest), which copy of the same pretrained base.
+_VOLATILE_CONFIG_KEYS = ("run_id", "config_hash", "base_checkpoint", "description", "summary")
+
+
+def configuration_key(record: RunRecord, device_slug: str) -> str:
+    """Two records of one configuration on one device share this key (the report keeps the newest)."""
+    config = {k: v for k, v in record.config.items() if k not in _VOLATILE_CONFIG_KEYS}
+    return json.dumps([device_slug, record.experiment, record.model, config], sort_keys=True, default=str)

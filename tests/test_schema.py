@@ -1,0 +1,188 @@
+"""The record format, the public loader, the registries and the import layering."""
+
+import ast
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import EXPERIMENTS, ROOT
+
+import harness
+from harness import schema
+from harness.config import ConfigError, experiment_of, load_experiment, prepare, resolve_technique
+from harness.predict.analytic import predict as analytic_predict
+from harness.presets import preset_config
+from harness.report.load import load_results
+
+FIXTURE = ROOT / "tests" / "fixtures" / "report-results"
+
+
+def _a_run_record() -> Path:
+    return next(p for p in schema.find_records(FIXTURE) if p.parent.name == "cpu")
+
+
+def test_every_committed_record_reads_through_the_schema():
+    results = ROOT / "results"
+    for path in schema.find_records(results):
+        assert isinstance(schema.read(path, "run"), schema.RunRecord)
+    for folder, kind in (("predictions", "prediction"), ("probes", "probe"), ("base", "base")):
+        for path in (results / folder).glob("*.json"):
+            record = schema.read(path, kind)
+            assert record.KIND == kind and record.schema_version <= record.VERSION
+            # written back, a record is the same JSON object (nothing lost, extra keys included)
+            assert schema.to_dict(record) | json.loads(path.read_text()) == schema.to_dict(record)
+
+
+def test_a_newer_or_unknown_record_is_refused_naming_the_file(tmp_path):
+    data = json.loads(_a_run_record().read_text())
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps({**data, "schema_version": schema.RunRecord.VERSION + 1}))
+    with pytest.raises(schema.RecordError, match=r"newer\.json: run record of schema version 2; this code reads "
+                                                 r"up to version 1"):
+        schema.read(newer)
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"kind": "measurement", "status": "ok"}))
+    with pytest.raises(schema.RecordError, match=r"unknown\.json: unknown record kind 'measurement'"):
+        schema.read(unknown)
+    truncated = tmp_path / "cut.json"
+    truncated.write_text(json.dumps({k: v for k, v in data.items() if k != "config_hash"}))
+    with pytest.raises(schema.RecordError, match=r"cut\.json: a run record needs config_hash"):
+        schema.read(truncated)
+    with pytest.raises(schema.RecordError, match="a run record where a prediction record was expected"):
+        schema.read(_a_run_record(), "prediction")
+
+
+def test_the_report_lists_a_newer_record_as_not_read_and_renders_the_rest(tmp_path):
+    root = tmp_path / "results"
+    shutil.copytree(FIXTURE, root)
+    victim = _a_run_record().relative_to(FIXTURE)
+    data = json.loads((root / victim).read_text())
+    (root / victim).write_text(json.dumps({**data, "schema_version": 99}))
+    results = load_results(root)
+    assert any(str(victim) in line and "schema version 99" in line for line in results.skipped)
+    assert str(victim) not in {r["_file"] for r in results.records} and results.records
+
+
+def test_load_results_gives_every_run_as_one_frame():
+    runs = harness.load_results(FIXTURE)
+    on_disk = schema.find_records(FIXTURE)
+    assert len(runs) == len(on_disk) and {"experiment", "peak_allocated", "tokens_per_s", "status"} <= set(runs)
+    assert set(runs["file"]) == {str(p.relative_to(FIXTURE)) for p in on_disk}
+    predictions = harness.load_results(FIXTURE, "predictions")
+    assert len(predictions) == len(list((FIXTURE / "predictions").glob("*.json")))
+    with pytest.raises(ValueError, match="one of runs, predictions"):
+        harness.load_results(FIXTURE, "probes")
+
+
+def test_two_records_of_one_configuration_fold_into_the_newest(tmp_path):
+    """A base pretrained again elsewhere (same recipe) or a rerun: one row, and the count folded."""
+    root = tmp_path / "results"
+    shutil.copytree(FIXTURE, root)
+    original = _a_run_record().relative_to(FIXTURE)
+    data = json.loads((root / original).read_text())
+    twin = {**data, "config": {**data["config"], "base_checkpoint": "tiny-llama-0@elsewhere", "run_id": "x"},
+            "finished_at": "2099-01-01T00:00:00+00:00", "config_hash": "f" * 64}
+    (root / original.parent / "twin.json").write_text(json.dumps(twin))
+    results = load_results(root)
+    assert results.folded == 1
+    kept = [r for r in results.records if r["experiment"] == data["experiment"] and r["model"] == data["model"]
+            and r["config"].get("run_id") in ("x", data["config"].get("run_id"))]
+    assert [r["_file"] for r in kept] == [str(original.parent / "twin.json")]  # the newest speaks
+
+
+def test_a_record_written_and_read_is_the_same_typed_record(tmp_path):
+    record = schema.read(_a_run_record(), "run")
+    assert isinstance(record.memory, schema.Memory) and isinstance(record.loss, schema.Loss)
+    copy = schema.read(schema.write(tmp_path / "copy.json", record), "run")
+    assert copy == record
+
+
+def test_adding_a_field_later_keeps_the_hash_of_earlier_configurations():
+    """The LoRA variants' fields were added after records existed: at their original values
+    they leave the configuration hash of every earlier record as it was."""
+    committed = json.loads(next((ROOT / "results" / "nvidia-h200").glob("qlora__llama-2-7b__*.json")).read_text())
+    config = prepare(EXPERIMENTS / "qlora.yaml", {"model": "llama-2-7b", "seq_len": 512, "micro_batch": 1,
+                                                  "device": "cuda"})
+    assert config["lora"]["use_dora"] is False and "use_dora" not in committed["config"]["lora"]
+    assert config["config_hash"] == committed["config_hash"]
+    dora = prepare(EXPERIMENTS / "dora.yaml", {"model": "llama-2-7b", "seq_len": 512, "micro_batch": 1,
+                                               "device": "cuda"})
+    assert dora["config_hash"] != config["config_hash"]
+
+
+def test_a_new_adapter_and_optimizer_are_one_registry_entry_each(monkeypatch, tmp_path):
+    """Registered the way the README's "Extending the lab" says: validated, and predicted by
+    the analytic method through the registry (no string compared to 'lora')."""
+    from harness import techniques
+
+    half_rank = techniques.Adapter(wrap=lambda model, settings: model,
+                                   trainable_tensors=lambda n_in, n_out, settings: [settings.r * n_in])
+    monkeypatch.setitem(techniques.ADAPTERS, "a-only", half_rank)
+    monkeypatch.setitem(techniques.OPTIMIZERS, "my-sgd", lambda params, settings, device_type: None)
+    path = tmp_path / "mine.yaml"
+    path.write_text("technique: lora\nadapter: a-only\noptimizer: my-sgd\n")
+    name, experiment = load_experiment(path)
+    technique = resolve_technique(experiment)
+    assert (technique.adapter, technique.optimizer) == ("a-only", "my-sgd")
+    config = preset_config("tiny-llama")
+    mine = analytic_predict(config, technique, experiment.lora, 64, 2)
+    lora = analytic_predict(config, resolve_technique(experiment_of({**dataclasses.asdict(experiment),
+                                                                     "adapter": "lora", "optimizer": None})),
+                            experiment.lora, 64, 2)
+    assert 0 < mine["parameters"]["trainable"] < lora["parameters"]["trainable"]
+    path.write_text("technique: lora\nadapter: b-only\n")
+    with pytest.raises(ConfigError, match="unknown adapter 'b-only'; registered: none, lora, a-only"):
+        load_experiment(path)
+
+
+def test_peft_fields_are_checked_against_peft():
+    with pytest.raises(ConfigError, match=r"lora\.peft\.use_dorra.*not a field of peft's LoraConfig"):
+        load_experiment(EXPERIMENTS / "lora.yaml", {"lora": {"peft": {"use_dorra": True}}})
+    with pytest.raises(ConfigError, match=r"lora\.peft\.use_dora.*in the lora block itself"):
+        load_experiment(EXPERIMENTS / "lora.yaml", {"lora": {"peft": {"use_dora": True}}})
+    _, experiment = load_experiment(EXPERIMENTS / "lora.yaml", {"lora": {"peft": {"bias": "lora_only"}}})
+    assert experiment.lora.peft == {"bias": "lora_only"}
+
+
+# Lower layers never import higher ones (a module-level import, or one inside a function).
+LAYERS = {"schema": 0, "env": 0, "presets": 0, "architectures": 0, "techniques": 0,
+          "step.checkpoint": 1, "config": 2, "matrix": 3, "arguments": 3, "step": 3, "measure": 4, "predict": 4, "lab": 5, "report": 5,
+          "cli": 6, "__init__": 6, "__main__": 7}
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    for length in (2, 1):
+        key = ".".join(parts[:length])
+        if key in LAYERS:
+            return LAYERS[key]
+    raise KeyError(module)
+
+
+def test_imports_only_go_downwards():
+    package = ROOT / "harness"
+    wrong = []
+    for path in package.rglob("*.py"):
+        module = ".".join(path.relative_to(package).with_suffix("").parts)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("harness"):
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names if a.name.startswith("harness")]
+            else:
+                continue
+            for target in targets:
+                inner = target.removeprefix("harness").lstrip(".")
+                try:
+                    layer = _layer(inner) if inner else None
+                except KeyError:
+                    continue  # a name imported from a module, not a module
+                if layer is None or module.split(".")[0] == inner.split(".")[0]:
+                    continue  # within one package
+                if module.startswith("report") and inner.split(".")[0] in ("lab", "step", "predict"):
+                    wrong.append(f"{module} -> {inner} (the report reads records, never the code)")
+                elif layer > _layer(module):
+                    wrong.append(f"{module} -> {inner}")
+    assert not wrong, wrong
