@@ -21,6 +21,7 @@ from typing import Any, Callable, Literal
 
 import yaml
 
+from harness import schema
 from harness.architectures import LINEAR_NAMES
 from harness.env import resolve_device
 from harness.step.checkpoint import BASE_SOURCE, base_identity
@@ -406,25 +407,10 @@ def prepare(path: str | Path, overrides: dict | None = None) -> dict:
     return config
 
 
-# Fields added after records were made, with the value every earlier record ran with: at that
-# value they are left out of the hash, so that adding a field does not make earlier
-# measurements of the same configuration look like other configurations.
-ADDED_LATER = {("lora", "use_dora"): False, ("lora", "use_rslora"): False, ("lora", "init_lora_weights"): True,
-               ("lora", "peft"): {}}
-
-
-def canonical_config(config: dict) -> dict:
-    """A resolved config without the later-added fields that hold their original value."""
-    canonical = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
-    for (section, key), original in ADDED_LATER.items():
-        if isinstance(canonical.get(section), dict) and canonical[section].get(key, original) == original:
-            canonical[section].pop(key, None)
-    return canonical
-
-
 def config_hash(config: dict) -> str:
     """Content hash of what determines the measurement (the description and name do not)."""
-    relevant = {k: v for k, v in canonical_config(config).items() if k not in ("description", "name", "summary")}
+    relevant = {k: v for k, v in schema.canonical_config(config).items()
+                if k not in ("description", "name", "summary")}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 

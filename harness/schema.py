@@ -341,12 +341,29 @@ def find_records(folder: str | Path) -> list[Path]:
 
 # -- one configuration, whatever the record's file ------------------------------------------
 
+# Config fields added after records were made, with the value every earlier record ran with:
+# at that value they are left out of a configuration's identity (its hash, harness.config),
+# so that adding a field does not make earlier measurements look like other configurations.
+ADDED_LATER = {("lora", "use_dora"): False, ("lora", "use_rslora"): False, ("lora", "init_lora_weights"): True,
+               ("lora", "peft"): {}}
 # Config keys that differ between two records of the same configuration: which attempt, which
 # hash (computed from the rest), which copy of the same pretrained base.
 _VOLATILE_CONFIG_KEYS = ("run_id", "config_hash", "base_checkpoint", "description", "summary")
 
 
-def configuration_key(record: RunRecord, device_slug: str) -> str:
-    """Two records of one configuration on one device share this key (the report keeps the newest)."""
-    config = {k: v for k, v in record.config.items() if k not in _VOLATILE_CONFIG_KEYS}
-    return json.dumps([device_slug, record.experiment, record.model, config], sort_keys=True, default=str)
+def canonical_config(config: dict) -> dict:
+    """A resolved config without the later-added fields that hold their original value."""
+    canonical = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    for (section, key), original in ADDED_LATER.items():
+        if isinstance(canonical.get(section), dict) and canonical[section].get(key, original) == original:
+            canonical[section].pop(key, None)
+    return canonical
+
+
+def configuration_key(record: dict, device_slug: str) -> str:
+    """Two run records (as JSON objects) of one configuration on one device share this key;
+    the report keeps the newest."""
+    config = {k: v for k, v in canonical_config(record.get("config") or {}).items()
+              if k not in _VOLATILE_CONFIG_KEYS}
+    return json.dumps([device_slug, record.get("experiment"), record.get("model"), config], sort_keys=True,
+                      default=str)

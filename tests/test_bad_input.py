@@ -43,7 +43,6 @@ def test_names_that_may_be_hub_ids_or_paths_are_left_to_resolve():
         assert prepare(EXPERIMENTS / "lora.yaml", {"model": model})["model"] == model
 
 
-DEFAULTS = ""  # every field has its default in harness.config
 BAD_FILES = [
     ("technique: lora\nlora: {target_modules: [foo]}\n", "lora.target_modules", "no linear layer named 'foo'"),
     ("technique: lora\nlora: {target_modules: []}\n", "lora.target_modules", "names no module"),
@@ -63,7 +62,7 @@ BAD_FILES = [
 @pytest.mark.parametrize("text, field, message", BAD_FILES, ids=[f for _, f, _ in BAD_FILES])
 def test_validate_refuses_what_a_run_would_fail_on(tmp_path, text, field, message):
     path = tmp_path / "bad.yaml"
-    path.write_text(DEFAULTS + text)
+    path.write_text(text)
     with pytest.raises(ConfigError) as error:
         prepare(path)
     assert error.value.field_name == field and message in error.value.message and str(path) in str(error.value)
@@ -83,9 +82,9 @@ def test_files_that_are_no_experiment_text(tmp_path):
 
 def test_what_yaml_reads_as_text_but_a_user_means_as_a_number_is_taken(tmp_path):
     path = tmp_path / "lr.yaml"
-    path.write_text(DEFAULTS + "technique: lora\noptim: {lr: 1e-4}\nlora: {target_modules: [q_proj, v_proj]}\n")
+    path.write_text("technique: lora\noptim: {lr: 1e-4}\nlora: {target_modules: [q_proj, v_proj]}\n")
     assert prepare(path)["optim"]["lr"] == 1e-4
-    path.write_text(DEFAULTS + "technique: lora\noptim: {lr: fast}\n")
+    path.write_text("technique: lora\noptim: {lr: fast}\n")
     with pytest.raises(ConfigError, match="optim.lr"):
         prepare(path)
 
@@ -94,8 +93,8 @@ def test_validate_reports_every_bad_file_and_a_missing_folder(tmp_path, capsys):
     from harness.cli import cmd_validate
 
     for index, (text, _, _) in enumerate(BAD_FILES[:3]):
-        (tmp_path / f"bad{index}.yaml").write_text(DEFAULTS + text)
-    (tmp_path / "good.yaml").write_text(DEFAULTS + "technique: lora\n")
+        (tmp_path / f"bad{index}.yaml").write_text(text)
+    (tmp_path / "good.yaml").write_text("technique: lora\n")
     parser = build_parser()
     assert cmd_validate(parser.parse_args(["validate", "--folder", str(tmp_path)])) == 2
     err = capsys.readouterr().err

@@ -37,7 +37,8 @@ class CellBusy(Exception):
 @contextmanager
 def cell_lock(record_path: Path):
     """An exclusive lock for one cell; yields the file descriptor, for the worker to inherit."""
-    lock_path = record_path.parent.parent / schema.LOCKS_FOLDER / record_path.parent.name / f"{record_path.stem}.lock"
+    device_folder = record_path.parent
+    lock_path = device_folder.parent / schema.LOCKS_FOLDER / device_folder.name / f"{record_path.stem}.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -72,7 +73,7 @@ def run_config(config: dict, out_dir: str | Path = "results", repeat: int = 0,
     out_dir = Path(out_dir)
     path = schema.record_path(out_dir, env.device_slug(env.device_name(config["device"])), config["name"],
                                config["model"], config["config_hash"], repeat)
-    log_path = out_dir / "logs" / path.parent.name / (path.stem + ".log")
+    log_path = out_dir / schema.LOGS_FOLDER / path.parent.name / (path.stem + ".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex
     attempt_path = path.with_name(f".{path.stem}.{run_id[:12]}{ATTEMPT_SUFFIX}")

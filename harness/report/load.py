@@ -56,7 +56,7 @@ def load_results(root: str | Path) -> Results:
         if record is None:
             continue
         record["_slug"] = path.parent.name
-        key = schema.configuration_key(schema.from_dict(record, path), path.parent.name)
+        key = schema.configuration_key(record, path.parent.name)
         kept = newest.get(key)
         if kept is not None:  # one configuration measured twice: the newest record speaks for it
             results.folded += 1
