@@ -11,6 +11,7 @@ every split of a batch into micro-batches, sees the same token sequences.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sysconfig
@@ -37,6 +38,7 @@ def _is_test_module(path: Path) -> bool:
     return any(part in ("test", "tests", "idle_test") or part.startswith("test_") for part in path.parts)
 
 
+@functools.lru_cache(maxsize=4)  # a run reads its split twice (tokenizer, then tokens)
 def _stdlib_texts(max_bytes: int, part: bool | None = None, split: str = "train") -> list[str]:
     root = Path(sysconfig.get_paths()["stdlib"])
     texts, total, index = [], 0, -1
