@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from harness.architectures import UnsupportedArchitecture
 from harness.arguments import like_field, positive
 from harness.config import EXIT_BAD_CONFIG, ConfigError, experiment_files
 from harness.lab.bench import add_arguments as add_bench_arguments
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         sys.exit(args.func(args))
-    except ConfigError as error:
+    except (ConfigError, UnsupportedArchitecture) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)
     except KeyboardInterrupt:  # records are written atomically: nothing half-written stays behind

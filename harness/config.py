@@ -15,6 +15,7 @@ import json
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -22,7 +23,7 @@ from typing import Any, Callable, Literal
 import yaml
 
 from harness import schema
-from harness.architectures import LINEAR_NAMES
+from harness.architectures import ARCHITECTURES, DEFAULT_TARGETS, lora_targets
 from harness.env import resolve_device
 from harness.step.checkpoint import BASE_SOURCE, base_identity
 from harness.techniques import ADAPTERS, OPTIMIZERS, QUANTIZATIONS, TECHNIQUES, Technique
@@ -47,9 +48,10 @@ class LoraSettings:
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
-    # Every linear layer of attention and MLP (per expert in MoE models), as QLoRA does;
-    # peft's "all-linear" is accepted too (it also adapts MoE routers).
-    target_modules: str | list[str] = field(default_factory=lambda: list(LINEAR_NAMES))
+    # Every linear layer of attention and MLP (per expert in MoE models), as QLoRA does: these
+    # Llama names stand for the model family's own (harness.architectures.lora_targets); peft's
+    # "all-linear" is accepted too (it also adapts MoE routers).
+    target_modules: str | list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     # peft's own LoraConfig fields: DoRA (weight-decomposed), rank-stabilised scaling
     # (alpha / sqrt(r)), and the initialisation (true, "gaussian", "pissa", "pissa_niter_4",
     # "olora", ...).
@@ -310,8 +312,13 @@ def _check_semantics(experiment: Experiment, path: Path) -> None:
     if technique.loss_scaling and technique.weights == "fp16":
         raise ConfigError(path, "loss_scaling", "loss scaling unscales fp32 gradients: it needs fp32 master "
                           "weights (weights: fp32), not fp16 ones")
+    settings = _model_settings(experiment.model)
+    context = settings.get("max_position_embeddings") or settings.get("n_positions")
+    if context and experiment.seq_len > context and not settings.get("rope_scaling"):
+        raise ConfigError(path, "seq_len", f"{experiment.seq_len} is longer than {experiment.model}'s context of "
+                          f"{context} tokens (max_position_embeddings; a model with rope_scaling may go further)")
     if technique.adapter != "none":
-        _check_lora_targets(experiment, path)
+        _check_lora_targets(experiment, path, settings.get("model_type"))
         _check_peft_fields(experiment.lora.peft, path)
     source = experiment.data.source
     if source.startswith(("/", ".", "~")) and not Path(source).expanduser().exists():
@@ -326,22 +333,50 @@ def _check_semantics(experiment: Experiment, path: Path) -> None:
                               f"(got {experiment.data.eval_split!r})")
 
 
-def _check_lora_targets(experiment: Experiment, path: Path) -> None:
-    """LoRA's target modules must name linear layers the model has (known for the presets)."""
+def _model_settings(model: str) -> dict:
+    """A model's config fields without loading anything heavy: a preset's, or those of a local
+    config.json or model folder; empty where they cannot be read here (a hub id, the base)."""
+    from harness.presets import PRESETS
+
+    if model in PRESETS:
+        return PRESETS[model]
+    path = Path(model).expanduser()
+    path = path / "config.json" if path.is_dir() else path
+    if path.suffix != ".json" or not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+class TargetsWarning(UserWarning):
+    """LoRA targets that leave some linear layers of each decoder layer out."""
+
+
+def _check_lora_targets(experiment: Experiment, path: Path, model_type: str | None) -> None:
+    """LoRA's target modules must name linear layers the model has (known where its family is);
+    targets that leave some of a layer's linear layers out get a warning."""
     from harness.presets import PRESETS
 
     targets = experiment.lora.target_modules
-    if targets == "all-linear":
-        return
+    if targets == "all-linear" or list(targets) == list(DEFAULT_TARGETS):
+        return  # every linear layer of the model's family
     if not targets:
         raise ConfigError(path, "lora.target_modules", "names no module: give at least one (or all-linear)")
-    if experiment.model not in PRESETS:
-        return  # another model's layers are known once its config is read (at run time)
-    known = set(LINEAR_NAMES) | {"lm_head"} | ({"gate"} if PRESETS[experiment.model].get("num_local_experts") else set())
+    if model_type not in ARCHITECTURES:
+        return  # another family's layers are known once its model is built (peft checks them)
+    names = ARCHITECTURES[model_type].linear_names()
+    moe = PRESETS.get(experiment.model, {}).get("num_local_experts")
+    known = set(names) | {"lm_head"} | ({"gate"} if moe else set())
     unknown = [name for name in targets if name not in known]
     if unknown:
-        raise ConfigError(path, "lora.target_modules", f"{experiment.model} has no linear layer named "
+        raise ConfigError(path, "lora.target_modules", f"{experiment.model} ({model_type}) has no linear layer named "
                           f"{', '.join(map(repr, unknown))}; its linear layers: {', '.join(sorted(known))}")
+    warning = lora_targets(types.SimpleNamespace(model_type=model_type), targets)[1]
+    if warning:
+        warnings.warn(f"{path}: lora.target_modules: {warning}", TargetsWarning, stacklevel=2)
 
 
 def _check_peft_fields(extra: dict, path: Path) -> None:

@@ -21,6 +21,7 @@ from harness.config import MATRIX_FILE, ConfigError, build_dataclass, experiment
 class MatrixBlock:
     models: list[str]
     experiments: list[str] | str = "all"
+    exclude: list[str] = field(default_factory=list)  # experiments left out (of `all`, usually)
     seq_lens: list[int | None] = field(default_factory=lambda: [None])
     grad_accums: list[int | None] = field(default_factory=lambda: [None])
     budgets_gb: list[float | None] = field(default_factory=lambda: [None])
@@ -79,10 +80,11 @@ def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Pat
             skipped.append(f"{block.note or block.experiments}: needs a card of >= {block.min_device_gb:g} GB")
             continue
         names = sorted(available) if block.experiments == "all" else block.experiments
-        for name in list(names) + list(experiments or []):
+        for name in list(names) + list(experiments or []) + block.exclude:
             if name not in available:
                 raise ConfigError(experiments_dir / MATRIX_FILE, "experiments",
                                   f"no experiment file {name}.yaml in {experiments_dir}")
+        names = [name for name in names if name not in block.exclude]
         if experiments:  # keep only the chosen experiments of each block
             names = [name for name in names if name in experiments]
         for name, model, seq, accum, budget in itertools.product(

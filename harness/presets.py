@@ -26,6 +26,22 @@ PRESETS: dict[str, dict] = {
     "llama-2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                        max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # meta-llama/Llama-3.1-8B: 8,030,261,248 parameters; a 128k vocabulary and a 128k context
+    # (RoPE scaled from 8k: the scaling changes no tensor's size, so it is left out here).
+    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         tie_word_embeddings=False),
+    # Qwen/Qwen2.5-7B: 7,615,616,512 parameters; biases on q, k and v, a 152k vocabulary.
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                       tie_word_embeddings=False),
+    # microsoft/Phi-3-mini-4k-instruct: 3,821,079,552 parameters; fused qkv_proj and gate_up_proj.
+    "phi-3-mini": dict(model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                       max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+                       pad_token_id=32000, tie_word_embeddings=False),
     # mistralai/Mistral-7B-v0.1: 7,241,732,096 parameters.
     "mistral-7b": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -42,6 +58,9 @@ PRESETS: dict[str, dict] = {
 PUBLISHED_PARAMETERS = {
     "tinyllama-1.1b": 1_100_048_384,
     "llama-2-7b": 6_738_415_616,
+    "llama-3.1-8b": 8_030_261_248,
+    "qwen2.5-7b": 7_615_616_512,
+    "phi-3-mini": 3_821_079_552,
     "mistral-7b": 7_241_732_096,
     "mixtral-8x7b": 46_702_792_704,
 }

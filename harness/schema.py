@@ -21,9 +21,9 @@ from typing import Any
 
 # -- facts every record kind shares --------------------------------------------------------
 
-# What is alive at a step's peak, by category; the first four persist across steps.
-CATEGORIES = ("weights", "quant_constants", "gradients", "optimizer_state", "activations", "other")
-PERSISTENT = CATEGORIES[:4]
+# What is alive at a step's peak, by category: what persists across steps, then what a step makes.
+PERSISTENT = ("weights", "quant_constants", "gradients", "optimizer_state")
+CATEGORIES = (*PERSISTENT, "activations", "other")
 PHASES = ("load", "forward", "backward", "optimizer")
 
 STATUSES = ("ok", "oom", "skipped", "failed")
@@ -36,8 +36,9 @@ MEASURED = ("ok", "oom")
 ATTEMPTS_FOLDER = "attempts"  # attempts that measured nothing, kept beside a cell's measurement
 PREDICTIONS_FOLDER, PROBES_FOLDER, BASE_FOLDER = "predictions", "probes", "base"
 MICROBENCH_FOLDER, LOGS_FOLDER, LOCKS_FOLDER = "microbench", "logs", ".locks"
+FITS_FOLDER = "fits"  # what fits each card, predicted (harness.predict.solve)
 NOT_RUN_FOLDERS = {ATTEMPTS_FOLDER, PREDICTIONS_FOLDER, PROBES_FOLDER, BASE_FOLDER, MICROBENCH_FOLDER,
-                   LOGS_FOLDER, LOCKS_FOLDER}
+                   LOGS_FOLDER, LOCKS_FOLDER, FITS_FOLDER}
 
 
 class RecordError(ValueError):
@@ -210,8 +211,30 @@ class BaseRecord:
     extra: dict = field(default_factory=dict)
 
 
-KINDS: dict[str, type] = {cls.KIND: cls for cls in (RunRecord, Prediction, ProbeRecord, BaseRecord)}
-Record = RunRecord | Prediction | ProbeRecord | BaseRecord
+@dataclass
+class FitTable:
+    """What fits each card, predicted: per model, technique and card, the longest sequence (at
+    micro-batch 1) and the largest micro-batch (at a fixed sequence length), with and without
+    gradient checkpointing, and peak-against-sequence curves."""
+    KIND: typing.ClassVar[str] = "fit_table"
+    VERSION: typing.ClassVar[int] = 1
+    method: str                 # how the answers were found (the analytic search)
+    device_type: str            # the code path predicted
+    cards: dict[str, dict]      # nominal GB -> {"card_bytes", "cap_bytes"}
+    micro_batch_seq_len: int    # the sequence length the micro-batch answers are for
+    rows: list[dict]            # experiment, model, gradient_checkpointing, card_gb, max_seq_len, ...
+    curves: list[dict]          # experiment, model, gradient_checkpointing, seq_len, total_bytes
+    cases: list[dict]           # case (a named configuration), card_gb, max_seq_len
+    kind: str = KIND
+    schema_version: int = VERSION
+    versions: dict | None = None
+    predictor: str | None = None  # digest of the code that predicted
+    seconds: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+KINDS: dict[str, type] = {cls.KIND: cls for cls in (RunRecord, Prediction, ProbeRecord, BaseRecord, FitTable)}
+Record = RunRecord | Prediction | ProbeRecord | BaseRecord | FitTable
 
 
 # -- conversion -----------------------------------------------------------------------------
@@ -321,6 +344,10 @@ def prediction_path(out_dir: str | Path, experiment: str, model: str, seq_len: i
                     device_type: str, method: str) -> Path:
     return (Path(out_dir) / PREDICTIONS_FOLDER /
             f"{experiment}__{model_slug(model)}__s{seq_len}_b{micro_batch}_{device_type}__{method}.json")
+
+
+def fit_table_path(out_dir: str | Path, device_type: str = "cuda") -> Path:
+    return Path(out_dir) / FITS_FOLDER / f"what-fits__{device_type}.json"
 
 
 def base_record_path(out_dir: str | Path, device_slug: str, recipe_id: str) -> Path:

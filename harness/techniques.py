@@ -62,10 +62,17 @@ class Adapter:
 
 
 def _lora_wrap(model, settings):
+    import warnings
+
     from peft import LoraConfig, get_peft_model
 
+    from harness.architectures import lora_targets
+
+    targets, warning = lora_targets(model.config, settings.target_modules)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=settings.target_modules, use_dora=settings.use_dora,
+                        target_modules=targets, use_dora=settings.use_dora,
                         use_rslora=settings.use_rslora, init_lora_weights=settings.init_lora_weights,
                         task_type="CAUSAL_LM", **settings.peft)
     return get_peft_model(model, config)

@@ -56,6 +56,9 @@ BAD_FILES = [
     ("technique: lora\nbudget_gb: .inf\n", "budget_gb", "positive number of GB"),
     ("technique: lora\nmodel: tiny_llama\n", "model", "did you mean 'tiny-llama'"),
     ("technique: qlora\nlora: {target_modules: [gate]}\n", "lora.target_modules", "no linear layer named 'gate'"),
+    ("technique: lora\nseq_len: 4096\n", "seq_len", "longer than tiny-llama's context of 2048 tokens"),
+    ("technique: lora\nmodel: phi-3-mini\nlora: {target_modules: [q_proj]}\n", "lora.target_modules",
+     "phi-3-mini (phi3) has no linear layer named 'q_proj'"),
 ]
 
 

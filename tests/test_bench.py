@@ -98,6 +98,26 @@ def _bench(matrix, out, *extra, **popen):
                             **popen)
 
 
+def _workers(out):
+    """The processes measuring a cell under `out`: forked ones carry the worker's name, new
+    interpreters the worker's module; both hold the cell's lock and log open."""
+    import psutil
+
+    from harness.lab.runner import WORKER_NAME
+
+    found = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        if process.info["name"] != WORKER_NAME and "harness.measure.worker" not in (process.info["cmdline"] or []):
+            continue
+        try:
+            files = [f.path for f in process.open_files()]
+        except psutil.Error:
+            continue
+        if any(path.startswith(str(out)) for path in files):
+            found.append(process)
+    return found
+
+
 def _records(out):
     from harness.schema import find_records
 
@@ -152,17 +172,18 @@ def test_one_worker_per_cell_and_it_dies_with_its_parent(tmp_path):
     import psutil
 
     from harness.config import prepare
-    from harness.lab.runner import CellBusy, cell_lock
+    from harness.lab.runner import WORKER_NAME, CellBusy, cell_lock
 
     matrix = _write_matrix(tmp_path, [{"experiments": ["lora"], "models": ["tiny-llama"],
                                        "set": {**QUICK, "steps": 200}}])
     out = tmp_path / "results"
     process = _bench(matrix, out, start_new_session=True)
-    bench = psutil.Process(process.pid)
     deadline = time.time() + 120
-    while not bench.children() and time.time() < deadline:
+    while not _workers(out) and time.time() < deadline:
         time.sleep(0.1)
-    worker = bench.children()[0]
+    [worker] = _workers(out)  # on a CPU, forked from the fork server the bench started
+    assert worker.name() == WORKER_NAME
+    assert any(f.path.endswith(".lock") for f in worker.open_files())  # it holds the cell's lock too
     os.kill(process.pid, signal.SIGKILL)  # the parent alone
     process.wait()
     worker.wait(timeout=30)  # the kernel killed it with its parent
@@ -183,7 +204,7 @@ def test_a_failed_rerun_never_replaces_a_measurement(tmp_path):
     out = tmp_path / "results"
     path, first = run_dict(config, out)
     measured = path.read_bytes()
-    attempt_path, attempt = run_dict(config, out, timeout_s=1)  # killed before it measures anything
+    attempt_path, attempt = run_dict(config, out, timeout_s=0.1)  # killed before it measures anything
     assert first["status"] == "ok" and attempt["status"] == "failed"
     assert path.read_bytes() == measured and attempt_path.parent == out / "attempts" / path.parent.name
     runs = runs_frame(load_results(out))
@@ -196,7 +217,6 @@ def test_a_matrix_killed_at_random_moments_keeps_every_record_whole_and_leaves_n
     lost, rewritten, duplicated or corrupt, no worker survives its bench, nothing is left behind."""
     import random
 
-    import psutil
 
     matrix = _write_matrix(tmp_path, [{"experiments": ["lora", "bf16-pure", "qlora"], "models": ["tiny-llama"],
                                        "set": QUICK}])
@@ -205,8 +225,7 @@ def test_a_matrix_killed_at_random_moments_keeps_every_record_whole_and_leaves_n
     seen: dict = {}
 
     def workers():
-        return [p for p in psutil.process_iter(["cmdline"])
-                if "harness.measure.worker" in (p.info["cmdline"] or []) and str(out) in " ".join(p.info["cmdline"])]
+        return _workers(out)
 
     for attempt in range(20):
         process = _bench(matrix, out, start_new_session=True)

@@ -117,3 +117,35 @@ def test_probes_command_writes_its_files(tmp_path, capsys):
             cli.main(["probes", "--out", str(tmp_path), "--only", "number_formats", *extra])
         assert ((tmp_path / "number_formats.json").stat().st_mtime_ns != modified) == recomputed
         assert ("up to date" in capsys.readouterr().out) != recomputed
+
+
+def _fake_base(folder, seed):
+    """A checkpoint folder laid out as `harness base` leaves one (weights and pretraining record)."""
+    from transformers import AutoModelForCausalLM
+
+    from harness.presets import preset_config
+    from harness.step.checkpoint import PRETRAINING_FILE, weights_digest
+
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(preset_config("tiny-llama")).save_pretrained(folder)
+    (folder / PRETRAINING_FILE).write_text(json.dumps({"weights_digest": weights_digest(folder)}))
+    return str(folder)
+
+
+def test_the_quantization_probe_knows_a_checkpoint_by_its_weights_not_where_it_is_cached(tmp_path):
+    import shutil
+
+    out = tmp_path / "probes"
+    here = _fake_base(tmp_path / "one-machine" / "tiny-llama-0123456789", seed=0)
+    [(path, result, ran)] = probes.run_probes(out, weights=here, only=["quantization_error"])
+    assert ran and result["weights"]["trained"] and str(tmp_path) not in json.dumps(result)
+    assert result["weights"]["source"].startswith("tiny-llama-0123456789@")
+    # The same bytes cached elsewhere (another machine, another user) are the same weights: not rerun.
+    elsewhere = tmp_path / "other-machine" / "tiny-llama-0123456789"
+    shutil.copytree(here, elsewhere)
+    assert not probes.run_probes(out, weights=str(elsewhere), only=["quantization_error"])[0][2]
+    # A base pretrained anew with other weights is new weights: run again.
+    shutil.rmtree(elsewhere)
+    _fake_base(elsewhere, seed=1)
+    [(_, rerun, ran)] = probes.run_probes(out, weights=str(elsewhere), only=["quantization_error"])
+    assert ran and rerun["weights"]["identity"] != result["weights"]["identity"]

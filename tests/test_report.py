@@ -7,6 +7,7 @@ data) that exercise the measured-GPU code path.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -25,7 +26,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "report-results"
 CLAIM_IDS = ["W-fp32", "W-over16", "G-fp32", "O-adam", "T-fp32", "T-half", "W-half", "F-bf16", "F-range",
              "Q-int8-pg", "Q-int8-all", "Q-levels", "L-frac", "L-4x", "A-5gb", "Q-nf4", "P-paged", "GA-mem",
              "GA-eq", "M-16gb", "X-65gb"]
-FIGURES_IN_FIXTURE = 7
+FIGURES_IN_FIXTURE = 8
 
 
 # --- verdicts: pure functions ------------------------------------------------------------------
@@ -214,23 +215,45 @@ def test_render_carries_every_claim_and_figure(rendered):
     assert sorted(p.name for p in report.figures) == sorted(p.name for p in (report.html.parent / "figures").iterdir())
     assert "Not drawn" not in markdown
     headings = [line for line in markdown.splitlines() if line.startswith("## ")]
-    assert headings == ["## Verdicts at a glance", "## The claims ledger", "## Predicted against measured on the GPU",
-                        "## Figures", "## Loss on a pretrained base", "## Runs",
-                        "## Micro-benchmarks", "## Environment and provenance"]
+    assert headings == ["## What fits my card", "## Verdicts at a glance", "## The claims ledger", "## Predicted against measured on the GPU",
+                        "## Figures", "## Loss on a pretrained base", "## Runs on a GPU",
+                        "## Micro-benchmarks on a GPU", "## Appendix: the lab checking itself on a CPU",
+                        "## Environment and provenance"]
+
+
+def test_the_report_opens_with_what_fits_each_card(rendered):
+    markdown = rendered[0].markdown.read_text()
+    fits = markdown.split("## What fits my card")[1].split("## Verdicts at a glance")[0]
+    table = json.loads((FIXTURE / "fits" / "what-fits__cuda.json").read_text())
+    models = list(dict.fromkeys(row["model"] for row in table["rows"]))
+    assert [line[4:] for line in fits.splitlines() if line.startswith("### ")] == models + ["Against published figures"]
+    # every answer of the table is in a cell: the 7B QLoRA row on a 24 GB card, without / with checkpointing
+    answers = {(r["experiment"], r["gradient_checkpointing"], r["card_gb"]): r for r in table["rows"]
+               if r["model"] == "llama-2-7b"}
+    row = next(line for line in fits.split("### llama-2-7b")[1].splitlines() if line.startswith("| qlora |"))
+    without, with_gc = answers["qlora", False, 24], answers["qlora", True, 24]
+    assert f"{without['max_seq_len']:,} / {with_gc['max_seq_len']:,} (context)" in row
+    assert "24 GB card (24.0 GiB)" in fits and "141 GB card (139.8 GiB)" in fits
+    assert "5,789" in fits.split("### Against published figures")[1]  # the published figure beside ours
+    assert "](figures/memory-vs-sequence.png)" in fits
 
 
 def test_run_table_has_oom_and_failed_rows(rendered):
     markdown = rendered[0].markdown.read_text()
-    runs = markdown.split("## Runs")[1].split("### Memory predictions")[0]
-    rows = [line for line in runs.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == len(load_results(FIXTURE).records)
-    assert sum("| oom" in row for row in rows) == 3        # CPU budget OOM + two fixture GPU OOMs
-    assert sum("| failed" in row for row in rows) == 1
-    assert "GB (1e9 bytes)" in runs and "not a GPU figure" in runs
+    on_gpu = markdown.split("## Runs on a GPU")[1].split("### Memory predictions")[0]
+    on_cpu = markdown.split("### Runs on a CPU")[1].split("### Micro-benchmarks on a CPU")[0]
+
+    def rows(section):
+        return [line for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows(on_gpu)) + len(rows(on_cpu)) == len(load_results(FIXTURE).records)
+    assert all("| CPU<br>" not in row for row in rows(on_gpu)) and all("| CPU<br>" in row for row in rows(on_cpu))
+    assert sum("| oom" in row for row in rows(on_gpu)) == 2 and sum("| oom" in row for row in rows(on_cpu)) == 1
+    assert sum("| failed" in row for row in rows(on_gpu) + rows(on_cpu)) == 1
+    assert "GB (1e9 bytes)" in on_cpu and "not a GPU figure" in on_cpu
 
 
 def test_loss_section_judges_each_fine_tune_against_its_reference(rendered):
-    section = rendered[0].markdown.read_text().split("## Loss on a pretrained base")[1].split("## Runs")[0]
+    section = rendered[0].markdown.read_text().split("## Loss on a pretrained base")[1].split("## Runs on a GPU")[0]
     base_table, parity_table = [part for part in section.split("\n\n") if part.startswith("| ")]
     assert len(base_table.splitlines()) == 3 and "| 8.3" in base_table  # one base, from about ln 4096
     rows = {line.split(" | ")[2]: line for line in parity_table.splitlines()[2:]}
@@ -240,11 +263,12 @@ def test_loss_section_judges_each_fine_tune_against_its_reference(rendered):
     assert all("| holds<br>" in row or "| off by" in row for row in rows.values())
 
 
-def test_microbench_table_shows_cpu_and_gpu_side_by_side(rendered):
-    section = rendered[0].markdown.read_text().split("## Micro-benchmarks")[1].split("## Environment")[0]
-    header = section.strip().splitlines()[0]
-    assert "cpu: x baseline" in header and "FIXTURE GPU" in header
-    assert "baseline" in section
+def test_microbench_tables_keep_the_gpu_in_front_and_the_cpu_in_the_appendix(rendered):
+    markdown = rendered[0].markdown.read_text()
+    on_gpu = markdown.split("## Micro-benchmarks on a GPU")[1].split("## Appendix")[0]
+    on_cpu = markdown.split("### Micro-benchmarks on a CPU")[1].split("## Environment")[0]
+    assert "FIXTURE GPU" in on_gpu.strip().splitlines()[0] and "cpu:" not in on_gpu
+    assert "cpu: x baseline" in on_cpu.strip().splitlines()[0] and "baseline" in on_cpu
 
 
 def test_render_is_byte_identical(rendered):

@@ -137,6 +137,15 @@ def int8_rowwise_relative_rmse(weights: list[torch.Tensor]) -> float:
     return math.sqrt(error / norm2)
 
 
+def weights_identity(source_name: str) -> str:
+    """The probe's weights by a name that is the same on every machine: a pretrained checkpoint's
+    recipe and weights digest (not where it is cached), else the source as given."""
+    from harness.step.checkpoint import PRETRAINING_FILE, checkpoint_identity
+
+    folder = Path(source_name)
+    return checkpoint_identity(folder) if (folder / PRETRAINING_FILE).exists() else source_name
+
+
 def default_weights_source() -> str:
     """The largest of the lab's pretrained base checkpoints that is cached, else the tiny-llama preset."""
     from harness.step.checkpoint import base_checkpoint_path
@@ -174,8 +183,9 @@ def load_linear_weights(source_name: str, max_parameters: int) -> tuple[list[tor
         std = getattr(source.config, "initializer_range", 0.02)
         description = f"{source_name} ({source.kind}), random init: normal(0, {std})"
     else:
-        description = f"{source_name} (pretrained checkpoint)"
-    info = {"source": description, "trained": not source.random_init, "tensors": len(weights),
+        description = f"{weights_identity(source_name)} (pretrained checkpoint)"
+    info = {"source": description, "identity": weights_identity(source_name), "trained": not source.random_init,
+            "tensors": len(weights),
             "parameters": sum(w.numel() for w in weights)}
     return weights, info
 
@@ -298,12 +308,8 @@ def _up_to_date(path: Path, weights: str) -> bool:
         return False
     if old.get("versions") != _versions():
         return False
-    if "weights" not in old:
-        return True
-    folder = Path(weights)  # a checkpoint written again (say, a base pretrained anew) is new weights
-    if folder.is_dir() and (folder / "config.json").stat().st_mtime > path.stat().st_mtime:
-        return False
-    return old["weights"].get("source", "").startswith(f"{weights} (")
+    # the quantization probe: the same weights (a base pretrained anew with other weights is new weights)
+    return "weights" not in old or old["weights"].get("identity") == weights_identity(weights)
 
 
 def run_probes(out_dir: str | Path = "results/probes", weights: str | None = None,

@@ -1,8 +1,12 @@
 """Run one experiment in a fresh process and make sure a record comes out of it.
 
-Each run gets its own interpreter, so peak statistics and the CUDA context start clean
-and a crash cannot poison the next run. If the process dies without writing its record
-(killed, segfault, host out of memory), this side writes a `failed` record for it.
+Each run gets its own process, so peak statistics and the CUDA context start clean and a
+crash cannot poison the next run. On a GPU that process is a new interpreter (a CUDA context
+cannot cross a fork, and start-up is small beside a GPU run). On a CPU it is forked from
+multiprocessing's fork server, which imports the worker's libraries once: importing torch,
+transformers, peft and bitsandbytes takes longer than a CPU-sized run itself. If the process
+dies without writing its record (killed, segfault, host out of memory), this side writes a
+`failed` record for it.
 
 One worker per cell: a lock file per record, held by this process and its worker (the
 operating system releases it when both are gone), and a worker dies with the process that
@@ -15,19 +19,27 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
+import threading
 import uuid
 from contextlib import contextmanager
+from multiprocessing import reduction
 from pathlib import Path
 
 from harness import env, schema
 
 LOG_TAIL_CHARS = 4000
 ATTEMPT_SUFFIX = ".attempt.json"  # a worker's record before it becomes the cell's
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15  # linux/prctl.h
+WORKER_NAME = "harness-worker"  # a forked worker's process name (ps, psutil), as the module is a new one's
+WORKER_ENVIRONMENT = {"TOKENIZERS_PARALLELISM": "false"}
+# Imported by the fork server: each forked worker starts with them (an absent one is skipped;
+# the worker then records the run `skipped` with the reason).
+PRELOADED_MODULES = ("harness.measure.worker", "peft", "bitsandbytes")
 
 
 class CellBusy(Exception):
@@ -63,6 +75,89 @@ def _die_with_parent(parent: int):
     return set_death_signal
 
 
+class _Descriptor:
+    """A file descriptor handed to a forkserver's child (multiprocessing duplicates it there)."""
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        return _Descriptor._detach, (reduction.DupFd(self.fd),)
+
+    @staticmethod
+    def _detach(duplicate) -> int:
+        return duplicate.detach()
+
+
+def _die_with_runner(lifeline: int) -> None:
+    """The read end of a pipe whose write end only the runner holds: end of file means the
+    runner is gone, however it ended (the fork server that is this process's parent may outlive it)."""
+    def watch():
+        os.read(lifeline, 1)
+        os.kill(os.getpid(), signal.SIGKILL)
+    threading.Thread(target=watch, daemon=True, name="lifeline").start()
+
+
+def _forked_worker(config: dict, attempt_path: str, log_path: str, lock: int, lifeline: int) -> None:
+    """The body of a forked worker: the same `worker.run` a new interpreter runs. `lock` is the
+    cell's lock, held here too, so that the cell stays locked while this process lives."""
+    _die_with_runner(lifeline)
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_NAME, WORKER_NAME.encode())
+    except (OSError, AttributeError):
+        pass
+    os.environ.update(WORKER_ENVIRONMENT)
+    log = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(log, 1), os.dup2(log, 2)
+    sys.stdout.reconfigure(line_buffering=True), sys.stderr.reconfigure(line_buffering=True)
+    from harness.measure import worker
+
+    record = worker.run(config, attempt_path)
+    sys.exit(0 if record.status in schema.FINISHED else 1)
+
+
+def _forkserver():
+    """multiprocessing's fork server: a fresh interpreter that imports the worker's libraries once
+    and computes nothing, so that every fork of it starts clean (a fork of a process whose
+    thread pools have run, such as a test runner's, can deadlock)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(PRELOADED_MODULES))  # a missing one is skipped
+    return context
+
+
+def _start_worker(config: dict, attempt_path: Path, log, lock: int):
+    """Start the worker process; returns a function that waits for it (None: timed out) and one
+    that kills it."""
+    if env.resolve_device(config["device"]) == "cpu":
+        lifeline, held = os.pipe()  # `held` stays here: its end of file tells the worker this process is gone
+        process = _forkserver().Process(target=_forked_worker, args=(
+            config, str(attempt_path), log.name, _Descriptor(lock), _Descriptor(lifeline)))
+        process.start()
+        os.close(lifeline)
+
+        def wait(timeout):
+            nonlocal held
+            process.join(timeout)
+            if process.exitcode is not None and held is not None:
+                os.close(held)
+                held = None
+            return process.exitcode
+        return wait, process.kill
+    # The config goes through a pipe: nothing is left behind in /tmp by a killed run.
+    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **WORKER_ENVIRONMENT}
+    process = subprocess.Popen([sys.executable, "-m", "harness.measure.worker", "-", str(attempt_path)],
+                               stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=child_env,
+                               pass_fds=(lock,), preexec_fn=_die_with_parent(os.getpid()))
+    process.stdin.write(json.dumps(config).encode())
+    process.stdin.close()
+
+    def wait(timeout):
+        try:
+            return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+    return wait, process.kill
+
+
 def run_config(config: dict, out_dir: str | Path = "results", repeat: int = 0,
                timeout_s: float | None = None) -> tuple[Path, schema.RunRecord]:
     """Run a resolved config in a child process; returns (where its record went, the record).
@@ -77,27 +172,24 @@ def run_config(config: dict, out_dir: str | Path = "results", repeat: int = 0,
     log_path.parent.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex
     attempt_path = path.with_name(f".{path.stem}.{run_id[:12]}{ATTEMPT_SUFFIX}")
-    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    config = {**config, "run_id": run_id}
     with cell_lock(path) as lock, open(log_path, "w") as log:
-        # The config goes through a pipe: nothing is left behind in /tmp by a killed run.
-        process = subprocess.Popen([sys.executable, "-m", "harness.measure.worker", "-", str(attempt_path)],
-                                   stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=child_env,
-                                   pass_fds=(lock,), preexec_fn=_die_with_parent(os.getpid()))
+        wait = kill = None
         try:
-            process.stdin.write(json.dumps({**config, "run_id": run_id}).encode())
-            process.stdin.close()
-            returncode = process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            returncode = process.wait()
+            wait, kill = _start_worker(config, attempt_path, log, lock)
+            returncode = wait(timeout_s)
+            if returncode is None:  # out of time
+                kill()
+                returncode = wait(None)
         except BaseException:  # Ctrl-C or an error here: no worker outlives this process
-            process.kill()
-            process.wait()
+            if kill is not None:
+                kill()
+                wait(None)
             attempt_path.unlink(missing_ok=True)
             raise
         record = _read_or_none(attempt_path)
         if record is None or record.config.get("run_id") != run_id:
-            record = _lost_record({**config, "run_id": run_id}, returncode, log_path, timeout_s)
+            record = _lost_record(config, returncode, log_path, timeout_s)
             schema.write(attempt_path, record)
         landed = _keep_the_better(path, attempt_path, record)
     return landed, record

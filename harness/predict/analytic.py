@@ -3,7 +3,8 @@
 No model is built: parameter counts come from the config, bytes per parameter from the
 technique, and activations from a walk through one decoder layer that follows the dtype
 of every tensor the runner's code path saves for backward. Each rule below names the code
-that makes it true (transformers' Llama/Mistral/Mixtral layers, peft's LoRA linear,
+that makes it true (transformers' decoder layers of the families harness.architectures
+describes: Llama, Mistral, Mixtral, Qwen2/3, Gemma/Gemma 3, Phi-3; peft's LoRA linear,
 bitsandbytes' 4-bit and 8-bit matmuls, torch autocast), so where the simulation
 (harness.predict.simulate) disagrees, the rule that is off can be found.
 
@@ -16,7 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from harness.architectures import LINEAR_NAMES
+from harness.architectures import ARCHITECTURES, Architecture, architecture_of, lora_targets
+from harness.schema import CATEGORIES, PERSISTENT
 from harness.techniques import ADAPTERS
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -40,6 +42,11 @@ class Shape:
     experts: int = 0          # 0: a dense MLP
     experts_per_token: int = 0
     tied_embeddings: bool = False
+    model_type: str = "llama"  # its family (harness.architectures)
+
+    @property
+    def family(self) -> Architecture:
+        return ARCHITECTURES[self.model_type]
 
     @property
     def q_dim(self) -> int:
@@ -51,25 +58,38 @@ class Shape:
 
     def linears(self) -> dict[str, tuple[int, int, int]]:
         """(in, out, count in the whole model) of every decoder linear layer, by name."""
-        mlp_count = self.layers * max(self.experts, 1)
-        return {"q_proj": (self.hidden, self.q_dim, self.layers), "k_proj": (self.hidden, self.kv_dim, self.layers),
-                "v_proj": (self.hidden, self.kv_dim, self.layers), "o_proj": (self.q_dim, self.hidden, self.layers),
-                "gate_proj": (self.hidden, self.intermediate, mlp_count),
-                "up_proj": (self.hidden, self.intermediate, mlp_count),
-                "down_proj": (self.intermediate, self.hidden, mlp_count)}
+        family, h, n = self.family, self.hidden, self.layers
+        mlp_count = n * max(self.experts, 1)
+        attention = ({"qkv_proj": (h, self.q_dim + 2 * self.kv_dim, n)} if family.fused_qkv else
+                     {"q_proj": (h, self.q_dim, n), "k_proj": (h, self.kv_dim, n), "v_proj": (h, self.kv_dim, n)})
+        mlp = ({"gate_up_proj": (h, 2 * self.intermediate, mlp_count)} if family.fused_gate_up else
+               {"gate_proj": (h, self.intermediate, mlp_count), "up_proj": (h, self.intermediate, mlp_count)})
+        return {**attention, "o_proj": (self.q_dim, h, n), **mlp, "down_proj": (self.intermediate, h, mlp_count)}
+
+    def small_tensors(self) -> list[int]:
+        """Element counts of the norms' weights, q/k/v biases and per-head q/k norms."""
+        family = self.family
+        sizes = [self.hidden] * ((4 if family.sandwich_norms else 2) * self.layers + 1)
+        if family.qk_norm:
+            sizes += [self.head_dim] * (2 * self.layers)
+        if family.qkv_bias:
+            sizes += [self.q_dim, self.kv_dim, self.kv_dim] * self.layers
+        return sizes
 
     def parameters(self) -> dict[str, int]:
-        """Parameter counts by group: decoder linears (quantizable), embeddings, norms, router."""
+        """Parameter counts by group: decoder linears (quantizable), embeddings, norms and
+        biases, router."""
         linear = sum(n_in * n_out * count for n_in, n_out, count in self.linears().values())
         embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
-        norms = (2 * self.layers + 1) * self.hidden
+        norms = sum(self.small_tensors())
         router = self.layers * self.hidden * self.experts if self.experts else 0
         return {"linear": linear, "embeddings": embeddings, "norms": norms, "router": router,
                 "total": linear + embeddings + norms + router}
 
 
 def shape_of(config) -> Shape:
-    """The shape of a transformers config (Llama, Mistral, Mixtral and alike)."""
+    """The shape of a transformers config of a family harness.architectures describes."""
+    architecture_of(config)  # an unknown family is one sentence, here
     heads = config.num_attention_heads
     return Shape(vocab=config.vocab_size, hidden=config.hidden_size, intermediate=config.intermediate_size,
                  layers=config.num_hidden_layers, heads=heads,
@@ -77,20 +97,21 @@ def shape_of(config) -> Shape:
                  head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
                  experts=getattr(config, "num_local_experts", 0) or 0,
                  experts_per_token=getattr(config, "num_experts_per_tok", 0) or 0,
-                 tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
+                 tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)), model_type=config.model_type)
 
 
 def adapter_tensors(shape: Shape, technique, lora) -> list[int]:
     """Element counts of the adapter's trainable tensors in every adapted linear layer, as the
     adapter registry (harness.techniques.ADAPTERS) defines them."""
     adapter = ADAPTERS[technique.adapter]
-    targets = _lora_targets(lora)
+    targets = _lora_targets(shape, lora)
     return [n for name, (n_in, n_out, count) in shape.linears().items() if name in targets
             for _ in range(count) for n in adapter.trainable_tensors(n_in, n_out, lora)]
 
 
-def _lora_targets(lora) -> set[str]:
-    return set(LINEAR_NAMES) if lora.target_modules == "all-linear" else set(lora.target_modules)
+def _lora_targets(shape: Shape, lora) -> set[str]:
+    """The layer names LoRA adapts: every linear layer of the family unless the experiment names some."""
+    return set(lora_targets(shape, lora.target_modules)[0])
 
 
 # -- persistent state -----------------------------------------------------------------
@@ -129,7 +150,7 @@ def trainable_tensors(shape: Shape, technique, lora) -> list[int]:
         return adapter_tensors(shape, technique, lora)
     sizes = [n_in * n_out for n_in, n_out, count in shape.linears().values() for _ in range(count)]
     sizes += [shape.vocab * shape.hidden] * (1 if shape.tied_embeddings else 2)
-    sizes += [shape.hidden] * (2 * shape.layers + 1)
+    sizes += shape.small_tensors()
     sizes += [shape.hidden * shape.experts] * (shape.layers if shape.experts else 0)
     return sizes
 
@@ -245,38 +266,55 @@ def _dora_transient(shape: Shape, targets: set[str]) -> int:
                 if name in targets), default=0)
 
 
-def _rms_norm(flow: _Flow, tokens: int, hidden: int) -> int:
-    """transformers' RMSNorm saves its input in fp32 (a copy unless fp32 already) and the
-    per-token scale (rsqrt); the normalised tensor only where the norm's weight is trained."""
-    return 4 * tokens * hidden + 4 * tokens + (flow.residual * tokens * hidden if flow.full else 0)
+def _rms_norm(flow: _Flow, tokens: int, hidden: int, family: Architecture, groups: int = 1) -> int:
+    """transformers' RMSNorm saves its input in fp32 (a copy unless fp32 already) and the scale
+    (rsqrt) per token and group (a head, for q/k norms); the normalised tensor only where the
+    norm's weight is trained (fp32 where the family scales in fp32)."""
+    normalised = 4 if family.fp32_norm_scale else flow.residual
+    return 4 * tokens * hidden + 4 * tokens * groups + (normalised * tokens * hidden if flow.full else 0)
 
 
 def _mlp(flow: _Flow, tokens: int, shape: Shape, x_bytes: int, targets: set[str], quantized: bool) -> tuple[int, bool]:
-    """SwiGLU: down(silu(gate(x)) * up(x)); returns (bytes saved, input saved?)."""
+    """A gated MLP: down(act(gate(x)) * up(x)), gate and up as two layers or one fused (its
+    output split in halves); returns (bytes saved, input saved?)."""
     hidden, inter = shape.hidden, shape.intermediate
-    g_out, g_saved, g_in = _linear(flow, x_bytes, tokens, hidden, inter, "gate_proj" in targets, quantized)
-    _, u_saved, u_in = _linear(flow, x_bytes, tokens, hidden, inter, "up_proj" in targets, quantized)
-    # silu saves gate's output; the product saves silu's output and up's output.
-    saved = g_saved + u_saved + 3 * g_out * tokens * inter
+    projections = ((("gate_up_proj", 2 * inter),) if shape.family.fused_gate_up else
+                   (("gate_proj", inter), ("up_proj", inter)))
+    saved, input_saved = 0, False
+    for name, width in projections:
+        g_out, extra, uses_input = _linear(flow, x_bytes, tokens, hidden, width, name in targets, quantized)
+        saved += extra
+        input_saved |= uses_input
+    # The activation (SiLU, GELU) saves the gate's output and the product saves the activation's
+    # output and up's output (halves of one tensor where fused: the same bytes).
+    saved += 3 * g_out * tokens * inter
     _, d_saved, d_in = _linear(flow, g_out, tokens, inter, hidden, "down_proj" in targets, quantized)
-    saved += d_saved + (g_out * tokens * inter if d_in else 0)  # down's input: silu(g) * u
-    return saved, g_in or u_in
+    saved += d_saved + (g_out * tokens * inter if d_in else 0)  # down's input: act(g) * u
+    return saved, input_saved
 
 
 def layer_saved_bytes(flow: _Flow, shape: Shape, tokens: int, seq_len: int, targets: set[str]) -> int:
     """Bytes one decoder layer saves for backward (no checkpointing)."""
     quantized = flow.quantization != "none"
     h, r = shape.hidden, flow.residual
-    saved = 2 * _rms_norm(flow, tokens, h)
-    # Attention: q, k, v read the normalised input (dtype r).
+    family = shape.family
+    saved = (4 if family.sandwich_norms else 2) * _rms_norm(flow, tokens, h, family)
+    # Attention: q, k, v (or one fused projection, split) read the normalised input (dtype r).
+    projections = ((("qkv_proj", shape.q_dim + 2 * shape.kv_dim),) if family.fused_qkv else
+                   (("q_proj", shape.q_dim), ("k_proj", shape.kv_dim), ("v_proj", shape.kv_dim)))
     shared_input = False
     outs = []
-    for name, width in (("q_proj", shape.q_dim), ("k_proj", shape.kv_dim), ("v_proj", shape.kv_dim)):
+    for name, width in projections:
         out, extra, uses_input = _linear(flow, r, tokens, h, width, name in targets, quantized)
         saved += extra
         shared_input |= uses_input
         outs.append(out)
     saved += r * tokens * h if shared_input else 0
+    outs = outs * 3 if family.fused_qkv else outs
+    if family.qk_norm:
+        # An RMSNorm over each head of q and of k: its fp32 input and per-head scale.
+        saved += _rms_norm(flow, tokens, shape.q_dim, family, shape.heads)
+        saved += _rms_norm(flow, tokens, shape.kv_dim, family, shape.kv_heads)
     # RoPE multiplies q and k by cos/sin in the residual dtype (promotion to fp32 if r is 4).
     q_bytes, k_bytes, v_bytes = max(outs[0], r), max(outs[1], r), outs[2]
     if flow.autocast:  # scaled_dot_product_attention runs in 16 bits under autocast
@@ -316,10 +354,10 @@ def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gr
     """Activations saved by one micro-batch's forward, and the largest transient on top of
     them in its backward."""
     flow = _flow(technique, lora, device_type)
-    targets = _lora_targets(lora) if flow.lora else set()
+    targets = _lora_targets(shape, lora) if flow.lora else set()
     tokens = batch * seq_len
     per_layer = layer_saved_bytes(flow, shape, tokens, seq_len, targets)
-    head = _rms_norm(flow, tokens, shape.hidden)
+    head = _rms_norm(flow, tokens, shape.hidden, shape.family)
     # lm_head is never quantized nor adapted. Under autocast it saves a 16-bit input and, if
     # its weight is fp32 (full precision, or upcast by k-bit preparation), a 16-bit copy of it.
     if flow.autocast:
@@ -359,21 +397,28 @@ def predict(config, technique, lora, seq_len: int, batch: int, grad_accum: int =
     gradients = sum(sizes) * param_bytes
     optimizer_state = optimizer_bytes(sizes, technique.optimizer, param_bytes)
     activations = activation_bytes(shape, technique, lora, seq_len, batch, gradient_checkpointing, device_type)
-    base = {"weights": weights, "quant_constants": constants, "optimizer_state": optimizer_state, "other": 0}
-    backward_start = {**base, "gradients": gradients if grad_accum > 1 else 0,
+    # Every category of the record is reported; one without a term here is 0.
+    persistent = {**dict.fromkeys(PERSISTENT, 0), "weights": weights, "quant_constants": constants,
+                  "gradients": gradients, "optimizer_state": optimizer_state}
+    # At the last micro-batch's backward start, gradients are alive only if earlier micro-batches left theirs.
+    backward_start = {**persistent, "gradients": gradients if grad_accum > 1 else 0,
                       "activations": activations["saved"] + activations["transient"]}
-    optimizer_step = {**base, "gradients": gradients, "activations": 0}
-    at_peak = max((backward_start, optimizer_step), key=lambda c: sum(c.values()))
-    categories = {k: at_peak[k] for k in ("weights", "quant_constants", "gradients", "optimizer_state",
-                                           "activations", "other")}
+    optimizer_step = {**persistent, "activations": 0}
+    candidates = [backward_start, optimizer_step]
+    if shape.tied_embeddings and technique.adapter == "none":
+        # Tied input and output embeddings, trained: the output layer's gradient is in .grad when
+        # the embedding's own backward, last, makes a second vocabulary x hidden gradient to add to
+        # it (traced: a zero-filled buffer and the scattered sum, two of them), all others done.
+        candidates.append({**persistent, "activations": 2 * shape.vocab * shape.hidden * param_bytes})
+    at_peak = max(candidates, key=lambda c: sum(c.values()))
+    categories = {k: at_peak.get(k, 0) for k in CATEGORIES}  # in the record's order
     params = shape.parameters()
     return {
         "method": "analytic",
         "total_bytes": sum(categories.values()),
         "categories": categories,
-        "persistent": {"weights": weights, "quant_constants": constants, "gradients": gradients,
-                       "optimizer_state": optimizer_state},
+        "persistent": persistent,
         "parameters": {"total": params["total"], "trainable": sum(sizes)},
-        "peak_at": "backward start" if at_peak is backward_start else "optimizer step",
+        "peak_at": ("backward start", "optimizer step", "embedding backward")[candidates.index(at_peak)],
         "device_type": device_type,
     }

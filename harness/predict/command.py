@@ -3,7 +3,9 @@
 Two methods on the same experiment file: `analytic` (harness.predict.analytic, from the config
 alone, instant) and `simulated` (harness.predict.simulate, the runner's own step traced under fake
 tensors at full size). `--save` writes each prediction to results/predictions/ for the
-report; `--claims` predicts the configurations the report compares (claims ledger, matrix).
+report; `--claims` predicts the configurations the report compares (claims ledger, matrix) and
+what fits each card (results/fits/); `--solve` finds the longest sequence or largest
+micro-batch that fits a card (harness.predict.solve).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 
 from harness import env, schema
+from harness.architectures import UnsupportedArchitecture
 from harness.arguments import like_field
 from harness.config import experiment_files, experiment_of, prepare, resolve_technique
 from harness.schema import CATEGORIES
@@ -64,12 +67,14 @@ def report_configurations(experiments_dir: Path) -> list[tuple[str, str, int, in
 
 
 def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
-            device_type: str = "cuda") -> schema.Prediction:
-    """One prediction for an experiment file at a model, sequence length and micro-batch."""
+            device_type: str = "cuda", overrides: dict | None = None) -> schema.Prediction:
+    """One prediction for an experiment file at a model, sequence length and micro-batch (and
+    any other experiment fields in `overrides`)."""
     from harness.step.models import resolve_source
     from harness.techniques import Technique
 
-    config = prepare(experiment, {"model": model, "seq_len": seq_len, "micro_batch": batch, "device": "cpu"})
+    config = prepare(experiment, {**(overrides or {}), "model": model, "seq_len": seq_len, "micro_batch": batch,
+                                  "device": "cpu"})
     cfg = experiment_of(config)
     technique = resolve_technique(cfg)
     source = resolve_source(model, cfg.trust_remote_code, device_type)
@@ -124,6 +129,9 @@ def _experiment_file(name_or_path: str, experiments_dir: Path) -> Path:
 def main(args) -> int:
     experiments_dir = Path(args.experiments_dir)
     methods = ["analytic", "simulated"] if args.method == "both" else [args.method]
+    overrides = {"gradient_checkpointing": True} if args.checkpointing else {}
+    if args.solve:
+        return _solve(args, experiments_dir, overrides)
     if args.claims:
         jobs = [(experiments_dir / f"{name}.yaml", model, seq, batch, device_type)
                 for name, model, seq, batch, device_type in report_configurations(experiments_dir)]
@@ -141,17 +149,56 @@ def main(args) -> int:
                 if saved.predictor == predictor:
                     results.append(saved)
                     continue
-            prediction = predict(experiment, model, seq, batch, method, device_type)
+            try:
+                prediction = predict(experiment, model, seq, batch, method, device_type, overrides)
+            except UnsupportedArchitecture as error:
+                if len(methods) == 1:
+                    raise
+                print(f"{method}: {error}", file=sys.stderr)  # the other method still answers
+                continue
             if args.save or args.claims:
                 schema.write(path, prediction)
             results.append(prediction)
             if not args.json:
                 print(describe(prediction, args.budget_gb), flush=True)
+    if args.claims:
+        _write_fit_table(Path(args.out), experiments_dir, args.force)
     if args.json:
         out = [{**schema.to_dict(r), "fits": fits(r.total_bytes, args.budget_gb) if args.budget_gb else None}
                for r in results]
         json.dump(out[0] if len(out) == 1 else out, sys.stdout, indent=1)
         print()
+    return 0
+
+
+def _write_fit_table(out: Path, experiments_dir: Path, force: bool) -> None:
+    """The report's "what fits my card" table (harness.predict.solve), made again when the code
+    that predicts it has changed."""
+    from harness.predict.solve import fit_table, fit_table_predictor
+
+    path = schema.fit_table_path(out)
+    if not force and path.exists() and schema.read(path, kind="fit_table").predictor == fit_table_predictor():
+        return
+    table = fit_table(experiments_dir)
+    schema.write(path, table)
+    print(f"what fits each card: {len(table.rows)} answers ({table.method}, {table.seconds:.0f} s) -> {path}",
+          flush=True)
+
+
+def _solve(args, experiments_dir: Path, overrides: dict) -> int:
+    from harness.predict.solve import describe as describe_answer
+    from harness.predict.solve import solve
+
+    if not args.model or not args.experiment or not args.card:
+        raise SystemExit("predict --solve: --model, --experiment and --card are required")
+    result = solve(_experiment_file(args.experiment, experiments_dir), args.model, args.card, args.solve,
+                   seq_len=args.seq, micro_batch=args.batch, overrides=overrides, device_type=args.device,
+                   simulate=args.method != "analytic")
+    if args.json:
+        json.dump(result, sys.stdout, indent=1)
+        print()
+    else:
+        print(describe_answer(result))
     return 0
 
 
@@ -162,6 +209,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch", type=like_field("micro_batch"), default=1, help="micro-batch size (default 1)")
     parser.add_argument("--budget-gb", type=like_field("budget_gb", float),
                         help="say whether the step fits a card of this many GB")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="with gradient checkpointing (whatever the experiment says)")
+    parser.add_argument("--solve", choices=["seq_len", "micro_batch"],
+                        help="the longest sequence (at --batch) or the largest micro-batch (at --seq) that fits "
+                             "--card: analytic search, confirmed by simulation unless --method analytic")
+    parser.add_argument("--card", type=like_field("budget_gb", float),
+                        help="with --solve: the card's size as sold, in GB (24: a 24 GB card, 24 GiB; 141: H200)")
     parser.add_argument("--method", choices=["analytic", "simulated", "both"], default="both")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                         help="the device whose code path is predicted (default cuda)")

@@ -104,8 +104,10 @@ def _oom_observation(record: dict, method: str) -> Observation:
 
 def _per_experiment(results: Results, spec: dict, method: str, from_prediction, from_record,
                     pick=min) -> Observation | None:
-    """The quantity for each of the spec's experiments; `pick` chooses among several (min or max)."""
+    """The quantity for each of the spec's experiments; `pick` chooses among several (min or max).
+    Where a spec allows any model, runs of its own model (the documents' 7B) speak first."""
     found: list[Observation] = []
+    own_model: list[Observation] = []
     failures: list[Observation] = []
     for experiment in _experiments(spec):
         if method in PREDICTION_METHODS:
@@ -124,9 +126,11 @@ def _per_experiment(results: Results, spec: dict, method: str, from_prediction, 
                 if value is not None:
                     found.append(Observation(value, method, _describe_record(record), device_label(record),
                                              capacity=_get(record, "budget", "cap_bytes")))
+                    if record.get("model") == spec.get("model"):
+                        own_model.append(found[-1])
                     break
     if found:
-        return pick(found, key=lambda o: o.value)
+        return pick(own_model or found, key=lambda o: o.value)
     ooms = [o for o in failures if o.status == "oom"]
     return (ooms or failures or [None])[0]
 

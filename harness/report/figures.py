@@ -397,6 +397,42 @@ def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
     return FigureResult(name, title, caption, _png(fig))
 
 
+# --- 5b. peak against sequence length, with the cards ----------------------------------------------
+
+def memory_vs_sequence(results: Results) -> FigureResult:
+    name, title = "memory-vs-sequence", "Peak memory against sequence length at 7B, with the cards"
+    table = results.fits
+    if not table or not table.get("curves"):
+        return FigureResult(name, title, "", missing=(
+            "No fit table: `python -m harness predict --claims` writes results/fits/."))
+    curves = pd.DataFrame(table["curves"])
+    curves["GiB"] = curves["total_bytes"] / 2**30
+    curves["checkpointing"] = curves["gradient_checkpointing"].map({False: "no", True: "yes"})
+    order = sorted(curves["experiment"].unique(), key=_technique_key)
+    fig, ax = plt.subplots(figsize=(10, 5.2))
+    sns.lineplot(curves, x="seq_len", y="GiB", hue="experiment", hue_order=order, style="checkpointing",
+                 style_order=["no", "yes"], markers=True, dashes={"no": "", "yes": (4, 2)}, ax=ax)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    seqs = sorted(curves["seq_len"].unique())
+    ax.set_xticks(seqs, [f"{s:,}" for s in seqs])
+    for card, sizes in table["cards"].items():
+        ax.axhline(sizes["cap_bytes"] / 2**30, color="#57606a", linewidth=0.8, linestyle=":")
+        ax.annotate(f"{card} GB card", (seqs[0], sizes["cap_bytes"] / 2**30), fontsize=7, color="#57606a",
+                    xytext=(2, 2), textcoords="offset points")
+    ax.set_xlabel("sequence length (tokens, micro-batch 1)")
+    ax.set_ylabel("predicted peak, GiB (log scale)")
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    model = curves["model"].iloc[0]
+    caption = (f"{model}: the analytic peak of one training step at micro-batch 1 per technique, without (solid) "
+               "and with (dashed) gradient checkpointing, against the memory each card leaves to tensors (dotted: "
+               "the card as sold, in GiB, less the CUDA-context allowance). A technique fits a card up to where its "
+               "line crosses the card's. Predicted, not measured; `python -m harness predict --solve seq_len` "
+               "checks any one crossing by simulation.")
+    return FigureResult(name, title, caption, _png(fig))
+
+
 # --- 6. gradient accumulation ----------------------------------------------------------------------
 
 def accumulation(results: Results, runs: pd.DataFrame) -> FigureResult:
@@ -502,6 +538,7 @@ def all_figures(results: Results, runs: pd.DataFrame, predictions: pd.DataFrame,
             loss_curves(results, runs),
             parity(runs, predictions),
             fits_grid(runs, predictions),
+            memory_vs_sequence(results),
             accumulation(results, runs),
             quantization_error(results),
         ]

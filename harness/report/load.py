@@ -27,6 +27,7 @@ class Results:
     probes: dict[str, dict] = field(default_factory=dict)
     microbench: list[dict] = field(default_factory=list)  # {"file", "device", "data"}
     bases: list[dict] = field(default_factory=list)  # pretraining records of the lab's own base models
+    fits: dict | None = None  # what fits each card, predicted (harness predict --claims)
     # Attempts that measured nothing, kept beside a cell's ok/oom record: {record file: count}.
     attempts: dict[str, int] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
@@ -81,6 +82,8 @@ def load_results(root: str | Path) -> Results:
         base = _read(path, "base", results.skipped, root)
         if base is not None:
             results.bases.append(base)
+    if schema.fit_table_path(root).exists():
+        results.fits = _read(schema.fit_table_path(root), "fit_table", results.skipped, root)
     for path in sorted((root / schema.MICROBENCH_FOLDER).glob("*.json")):
         try:
             data = json.loads(path.read_text())

@@ -18,6 +18,7 @@ from harness.report import add_arguments
 from harness.report.accuracy import TOLERANCES, prediction_errors, summary
 from harness.report.claims import SOURCES, load_claims
 from harness.report.figures import FigureResult, all_figures
+from harness.report.fits import fit_tables, published_comparison
 from harness.report.ledger import build_ledger
 from harness.report.load import load_results, predictions_frame, runs_frame
 from harness.report.loss import loss_parity
@@ -39,9 +40,6 @@ from harness.report.tables import (
 )
 from harness.report.units import LLAMA_2_7B_PARAMETERS
 
-FIGURE_NAMES = ("memory-breakdown", "throughput-vs-memory", "loss-curves", "predicted-vs-measured",
-                "fits-in-budget", "gradient-accumulation", "quantization-error")
-
 
 @dataclass(frozen=True)
 class Block:
@@ -62,6 +60,38 @@ class Rendered:
 
 
 # --- the document -------------------------------------------------------------------------------
+
+# Figures shown in the report's first section, beside the answer they illustrate.
+DECISION_FIGURES = ("memory-vs-sequence",)
+
+
+def _fits_blocks(results, runs, figures: list[FigureResult]) -> list[Block]:
+    blocks = [Block("h2", "What fits my card", anchor="fits")]
+    table = results.fits
+    drawn = [Block("figure", figure=f) for f in figures if f.name in DECISION_FIGURES]
+    if not table:
+        return blocks + [Block("p", "No fit table in these results: `python -m harness predict --claims` "
+                                    "writes it.")] + drawn
+    blocks.append(Block("p", (
+        "For each model, technique and card: the longest sequence that fits at micro-batch 1, without / with "
+        "gradient checkpointing, and below it the largest micro-batch at sequence "
+        f"{table['micro_batch_seq_len']:,} (without / with). \"-\": does not fit even at 1 (shaded). "
+        "Cards are named as sold, and a card sold as \"24 GB\" holds 24 GiB (2^30 bytes); the H200's \"141 GB\" "
+        "holds 139.8 GiB as measured by the lab. The tensors may use the card less a CUDA-context allowance of "
+        "0.5 GiB. \"(context)\": the model's context length is reached before the card is full. "
+        f"Predicted ({table['method']} search, {table['device_type']} code path; peaks exclude the caching "
+        "allocator's rounding and fragmentation, so leave a margin); `python -m harness predict --model M "
+        "--experiment E --card GB --solve seq_len` confirms one answer by simulation. The peak column is at "
+        "sequence 512, micro-batch 1 (predicted; with a GPU measurement where one exists).")))
+    for model, fit_table in fit_tables(table, runs):
+        blocks.append(Block("h3", model))
+        blocks.append(Block("table", table=fit_table))
+    compared = published_comparison(table)
+    if compared is not None:
+        blocks.append(Block("h3", "Against published figures"))
+        blocks.append(Block("table", table=compared))
+    return blocks + drawn
+
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
@@ -91,6 +121,8 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
             "No GPU run is recorded in these results: every \"measured\" figure below is either absent (and says "
             "so) or a CPU figure labelled as one. Verdicts then rest on the simulation or the analytic formula.")))
 
+    blocks += _fits_blocks(results, runs, figures)
+
     blocks.append(Block("h2", "Verdicts at a glance", anchor="verdicts"))
     blocks.append(Block("badges", ", ".join(f"{kind}: {n}" for kind, n in counts.items() if n)))
     blocks.append(Block("table", table=glance_table(ledger)))
@@ -119,6 +151,8 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
 
     blocks.append(Block("h2", "Figures", anchor="figures"))
     for figure in figures:
+        if figure.name in DECISION_FIGURES:  # shown with the decision, first
+            continue
         blocks.append(Block("h3", figure.title, anchor=figure.name))
         blocks.append(Block("figure", figure=figure))
 
@@ -137,23 +171,46 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
         blocks.append(Block("p", "No fine-tune of a pretrained base with held-out evaluation in these results: "
                                  "`make bench` runs them (the matrix's blocks on `models: [base]`)."))
 
-    blocks.append(Block("h2", "Runs", anchor="runs"))
-    if len(runs):
-        blocks.append(Block("table", table=runs_table(runs)))
+    on_gpu = runs[runs["device_type"] == "cuda"] if len(runs) else runs
+    on_cpu = runs[runs["device_type"] != "cuda"] if len(runs) else runs
+    gpu_benchmarks = [entry for entry in results.microbench if entry["device"] != "cpu"]
+    cpu_benchmarks = [entry for entry in results.microbench if entry["device"] == "cpu"]
+    blocks.append(Block("h2", "Runs on a GPU", anchor="runs"))
+    if len(on_gpu):
+        blocks.append(Block("table", table=runs_table(on_gpu)))
     else:
-        blocks.append(Block("p", f"No run records in `{results_dir}`: `make bench` produces them."))
+        blocks.append(Block("p", "No GPU run records in these results: `make bench` (or `make gpu-evidence`) on a "
+                                 "CUDA machine produces them."))
     blocks.append(Block("h3", "Memory predictions"))
     if len(predictions):
         blocks.append(Block("table", table=predictions_table(predictions)))
     else:
         blocks.append(Block("p", "No predictions: `python -m harness predict --claims` writes them."))
 
-    blocks.append(Block("h2", "Micro-benchmarks", anchor="microbench"))
-    table = microbench_table(results)
-    if table.rows:
-        blocks.append(Block("table", table=table))
+    blocks.append(Block("h2", "Micro-benchmarks on a GPU", anchor="microbench"))
+    if gpu_benchmarks:
+        blocks.append(Block("table", table=microbench_table(gpu_benchmarks)))
     else:
-        blocks.append(Block("p", "No micro-benchmark files: `make microbench` writes results/microbench/<device>.json."))
+        blocks.append(Block("p", "No GPU micro-benchmark file: `make microbench` on a CUDA machine writes "
+                                 "results/microbench/<device>.json."))
+
+    blocks.append(Block("h2", "Appendix: the lab checking itself on a CPU", anchor="cpu"))
+    blocks.append(Block("p", (
+        "Runs and micro-benchmarks on a CPU say nothing about a GPU's memory or speed. They are how the lab "
+        "checks itself where no GPU is: every technique runs its real step on tiny models (random weights: memory "
+        "and speed only), the CPU's tracked tensor bytes check the simulation's accounting, and ratios show "
+        "what a kernel costs relative to its baseline on the same processor.")))
+    blocks.append(Block("h3", "Runs on a CPU"))
+    if len(on_cpu):
+        blocks.append(Block("table", table=runs_table(on_cpu)))
+    else:
+        blocks.append(Block("p", f"No CPU run records in `{results_dir}`: `make bench` on a machine without a GPU "
+                                 "produces them."))
+    blocks.append(Block("h3", "Micro-benchmarks on a CPU"))
+    if cpu_benchmarks:
+        blocks.append(Block("table", table=microbench_table(cpu_benchmarks)))
+    else:
+        blocks.append(Block("p", "No CPU micro-benchmark file: `make microbench` writes results/microbench/cpu.json."))
 
     blocks.append(Block("h2", "Environment and provenance", anchor="provenance"))
     provenance = provenance_tables(results)
@@ -327,14 +384,14 @@ def render(results_dir: str | Path = "results", out_dir: str | Path = "reports")
     blocks, figures, counts = build_blocks(results_dir)
     figure_dir = out_dir / "figures"
     figure_dir.mkdir(parents=True, exist_ok=True)
-    for name in FIGURE_NAMES:  # no stale figure from an earlier render survives
-        (figure_dir / f"{name}.png").unlink(missing_ok=True)
     written = []
     for figure in figures:
         if figure.png is not None:
             path = figure_dir / f"{figure.name}.png"
             path.write_bytes(figure.png)
             written.append(path)
+    for stale in set(figure_dir.glob("*.png")) - set(written):  # no figure from an earlier render survives
+        stale.unlink()
     markdown, page = out_dir / "index.md", out_dir / "index.html"
     markdown.write_text(to_markdown(blocks), encoding="utf-8")
     page.write_text(to_html(blocks, counts), encoding="utf-8")

@@ -13,7 +13,7 @@ from harness.report.ledger import LedgerRow, basis_short
 from harness.report.load import CATEGORIES, Results
 from harness.report.loss import LossComparison
 from harness.report.microbench import format_seconds, ratios
-from harness.report.units import fmt_gb, fmt_value
+from harness.report.units import UNIT_WORDS, fmt_gb, fmt_value
 
 VERDICT_CLASSES = {verdicts.HOLDS: "holds", verdicts.CAVEAT: "caveat", verdicts.OFF: "off",
                    verdicts.WRONG: "wrong", verdicts.UNCHECKED: "unchecked"}
@@ -124,7 +124,7 @@ def ledger_table(ledger: list[LedgerRow]) -> Table:
         rows.append([
             Cell(claim.id, " + ".join(claim.sources)),
             Cell(claim.claim, claim.model),
-            Cell(claim.figure_text, f"unit: {claim.unit}"),
+            Cell(claim.figure_text, UNIT_WORDS.get(claim.unit, claim.unit)),
             _prediction_cell(claim, row.analytic, "analytic", is_probe),
             _prediction_cell(claim, row.simulated, "simulated", is_probe),
             _measured_cell(row),
@@ -320,11 +320,11 @@ def predictions_table(predictions: pd.DataFrame) -> Table:
 
 # --- micro-benchmarks -------------------------------------------------------------------------
 
-def microbench_table(results: Results) -> Table:
-    """Median time and ratio to the group's baseline, one column pair per file (CPU and GPU side by side)."""
-    if not results.microbench:
+def microbench_table(entries: list[dict]) -> Table:
+    """Median time and ratio to the group's baseline, one column pair per file (devices side by side)."""
+    if not entries:
         return Table([], [])
-    per_file = [(entry, {(r["group"], r["name"]): r for r in ratios(entry["data"])}) for entry in results.microbench]
+    per_file = [(entry, {(r["group"], r["name"]): r for r in ratios(entry["data"])}) for entry in entries]
     keys: list[tuple[str, str]] = []
     for _, table in per_file:
         keys.extend(k for k in table if k not in keys)

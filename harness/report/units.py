@@ -64,5 +64,13 @@ FORMATTERS = {
 }
 
 
+# What a claim's figure measures, in words (the ledger's sub-line under the documents' figure).
+UNIT_WORDS = {
+    "bytes": "memory", "fraction": "a share", "bits_per_parameter": "bits per parameter",
+    "bytes_per_parameter": "bytes per parameter", "relative_error": "a relative error", "count": "a count",
+    "bits": "bits",
+}
+
+
 def fmt_value(value: float | None, unit: str) -> str:
     return FORMATTERS.get(unit, lambda v: "-" if v is None else f"{v:g}")(value)

@@ -1,0 +1,264 @@
+"""`harness predict --solve seq_len|micro_batch`: the longest sequence, or the largest
+micro-batch, whose training step fits a card.
+
+The analytic peak is searched first (instant, and non-decreasing in both axes): doubling
+until the step no longer fits, then bisection. The simulation (the runner's own step under
+fake tensors) then checks the answer and its neighbour one up; where it disagrees, the
+analytic curve shifted by the simulation's offset gives the next guess, and a gallop and a
+bisection on simulations settle the boundary. The answer names the method that decided it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from harness.measure.budget import card_bytes, card_cap_bytes
+
+AXES = ("seq_len", "micro_batch")
+# Past a model's context a longer sequence means position scaling, not this step: the search
+# stops there and says so. A micro-batch has no such limit; this one only bounds the search.
+MICRO_BATCH_LIMIT = 1 << 16
+
+
+@dataclass
+class Answer:
+    """The largest value of the axis that fits (0: not even 1 fits) and the peaks around it."""
+    value: int
+    peak_bytes: int | None        # at value (None when value is 0)
+    next_peak_bytes: int | None   # at value + 1 (None when the search stopped at its limit)
+    limited_by: str               # "card", "context" (the model's max_position_embeddings) or "search limit"
+    evaluations: int = 0
+
+
+def largest_fitting(peak: Callable[[int], int], cap: int, limit: int, start: int = 1) -> Answer:
+    """The largest n in [1, limit] with peak(n) <= cap, for a non-decreasing peak: from `start`,
+    gallop (steps 1, 2, 4, ...) towards the boundary, then bisect."""
+    seen: dict[int, int] = {}
+
+    def value(n: int) -> int:
+        if n not in seen:
+            seen[n] = peak(n)
+        return seen[n]
+
+    start = min(max(start, 1), limit)
+    if value(start) <= cap:
+        lo, hi, step = start, None, 1
+        while hi is None:
+            n = min(lo + step, limit)
+            if n == lo:
+                break
+            if value(n) <= cap:
+                lo, step = n, step * 2
+            else:
+                hi = n
+    else:
+        hi, lo, step = start, None, 1
+        while lo is None:
+            n = max(hi - step, 1)
+            if value(n) <= cap:
+                lo = n
+            elif n == 1:
+                return Answer(0, None, value(1), "card", len(seen))
+            else:
+                hi, step = n, step * 2
+    while hi is not None and hi - lo > 1:
+        middle = (lo + hi) // 2
+        if value(middle) <= cap:
+            lo = middle
+        else:
+            hi = middle
+    at_limit = hi is None
+    return Answer(lo, value(lo), None if at_limit else value(lo + 1), "search limit" if at_limit else "card",
+                  len(seen))
+
+
+@dataclass
+class Setup:
+    """An experiment at a model, resolved once: its analytic peak at any (sequence, micro-batch)."""
+    config: dict
+    context: int | None   # the model's max_position_embeddings
+    peak: Callable[[int, int], int]
+
+
+def setup(experiment: Path, model: str, overrides: dict | None = None, device_type: str = "cuda") -> Setup:
+    from harness.config import experiment_of, prepare, resolve_technique
+    from harness.predict.analytic import predict as analytic_predict
+    from harness.step.models import resolve_source
+
+    config = prepare(experiment, {**(overrides or {}), "model": model, "device": "cpu"})
+    cfg = experiment_of(config)
+    technique = resolve_technique(cfg)
+    source = resolve_source(model, cfg.trust_remote_code, device_type)
+    memo: dict[tuple[int, int], int] = {}
+
+    def peak(seq_len: int, micro_batch: int) -> int:
+        if (seq_len, micro_batch) not in memo:
+            memo[seq_len, micro_batch] = analytic_predict(
+                source.config, technique, cfg.lora, seq_len, micro_batch, cfg.grad_accum,
+                cfg.gradient_checkpointing, device_type)["total_bytes"]
+        return memo[seq_len, micro_batch]
+    return Setup(config, getattr(source.config, "max_position_embeddings", None), peak)
+
+
+def _limit(axis: str, context: int | None) -> int:
+    return (context or MICRO_BATCH_LIMIT) if axis == "seq_len" else MICRO_BATCH_LIMIT
+
+
+def solve(experiment: Path, model: str, card_gb: float, axis: str, *, seq_len: int = 512, micro_batch: int = 1,
+          overrides: dict | None = None, device_type: str = "cuda", simulate: bool = True) -> dict:
+    """Solve one axis for an experiment file and a model on a card; the other axis stays fixed."""
+    if axis not in AXES:
+        raise ValueError(f"--solve: expected one of {', '.join(AXES)}, got {axis!r}")
+    started = time.perf_counter()
+    found_setup = setup(experiment, model, overrides, device_type)
+    config, context = found_setup.config, found_setup.context
+    limit = _limit(axis, context)
+    cap = card_cap_bytes(card_gb)
+
+    def shape(n: int) -> tuple[int, int]:
+        return (n, micro_batch) if axis == "seq_len" else (seq_len, n)
+
+    def analytic(n: int) -> int:
+        return found_setup.peak(*shape(n))
+
+    found = largest_fitting(analytic, cap, limit)
+    result = {
+        "axis": axis, "experiment": config["name"], "model": model, "card_gb": card_gb,
+        "card_bytes": card_bytes(card_gb), "cap_bytes": cap, "device_type": device_type,
+        "gradient_checkpointing": config["gradient_checkpointing"],
+        "fixed": {"micro_batch": micro_batch} if axis == "seq_len" else {"seq_len": seq_len},
+        "analytic": _answer_dict(found, axis, context, limit),
+    }
+    decided = found
+    if simulate:
+        decided = _confirm_by_simulation(experiment, model, shape, overrides or {}, device_type, cap, limit,
+                                         found, analytic)
+        result["simulated"] = _answer_dict(decided, axis, context, limit)
+    result.update({"method": "simulated" if simulate else "analytic", f"max_{axis}": decided.value,
+                   **{k: v for k, v in result["simulated" if simulate else "analytic"].items() if k != "value"},
+                   "seconds": time.perf_counter() - started})
+    return result
+
+
+def _confirm_by_simulation(experiment, model, shape, overrides, device_type, cap, limit, analytic_answer,
+                           analytic) -> Answer:
+    from harness.predict.command import predict
+
+    def simulated(n: int) -> int:
+        seq, batch = shape(n)
+        return predict(experiment, model, seq, batch, "simulated", device_type, overrides).total_bytes
+
+    first_guess = max(analytic_answer.value, 1)
+    memo = {first_guess: simulated(first_guess)}
+    # Where the two methods differ by an offset, the analytic curve moved by it lands at the
+    # simulated boundary: fewer simulations than a gallop from the analytic answer.
+    offset = memo[first_guess] - analytic(first_guess)
+    guess = largest_fitting(analytic, cap - offset, limit, start=first_guess).value or 1
+    answer = largest_fitting(lambda n: memo[n] if n in memo else memo.setdefault(n, simulated(n)), cap, limit,
+                             start=guess)
+    answer.evaluations = len(memo)
+    return answer
+
+
+def _answer_dict(answer: Answer, axis: str, context: int | None, limit: int) -> dict:
+    limited_by = answer.limited_by
+    if limited_by == "search limit" and axis == "seq_len" and context == limit:
+        limited_by = "context"
+    return {"value": answer.value, "peak_bytes": answer.peak_bytes, "next_peak_bytes": answer.next_peak_bytes,
+            "limited_by": limited_by, "evaluations": answer.evaluations}
+
+
+def describe(result: dict) -> str:
+    axis, value = result["axis"], result[f"max_{result['axis']}"]
+    unit = "tokens" if axis == "seq_len" else "sequences"
+    fixed = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in result["fixed"].items())
+    what = "longest sequence" if axis == "seq_len" else "largest micro-batch"
+    head = (f"{result['experiment']} @ {result['model']}{' (gradient checkpointing)' if result['gradient_checkpointing'] else ''}"
+            f" on a {result['card_gb']:g} GB card ({result['card_bytes'] / 2**30:.1f} GiB, "
+            f"{result['cap_bytes'] / 2**30:.1f} GiB left to tensors after the CUDA context):")
+    if value == 0:
+        return (f"{head}\n  does not fit even at 1 {unit[:-1]} ({fixed}): peak "
+                f"{result['next_peak_bytes'] / 2**30:.2f} GiB ({result['method']})")
+    lines = [head, f"  {what} that fits, at {fixed}: {value:,} {unit} (peak {result['peak_bytes'] / 2**30:.2f} GiB, "
+                   f"{result['method']})"]
+    if result["next_peak_bytes"] is not None:
+        lines.append(f"  {value + 1:,} {unit}: {result['next_peak_bytes'] / 2**30:.2f} GiB, does not fit")
+    elif result["limited_by"] == "context":
+        lines.append(f"  (the model's context, {value:,} tokens, is reached before the card is full)")
+    else:
+        lines.append(f"  (the search stopped at {value:,}: the card is still not full)")
+    if result["method"] == "simulated":
+        analytic = result["analytic"]
+        lines.append(f"  analytic formula: {analytic['value']:,} {unit}; "
+                     f"{result['simulated']['evaluations']} simulated steps, {result['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+# The report's decision table: cards as sold, the models people fine-tune on them, every
+# registered technique, with and without gradient checkpointing (a column, not a technique).
+FIT_CARDS = (16, 24, 40, 80, 141)
+FIT_MODELS = ("tinyllama-1.1b", "phi-3-mini", "llama-2-7b", "mistral-7b", "qwen2.5-7b", "llama-3.1-8b",
+              "mixtral-8x7b")
+FIT_MICRO_BATCH_SEQ_LEN = 2048
+REFERENCE_SHAPE = (512, 1)  # the documents' configuration: the peak the table shows beside the answers
+# Configurations other projects publish "longest sequence per card" figures for (the report
+# holds their figures under the same names): answered for every card of the table.
+COMPARED_CASES = {
+    "llama-3.1-8b qlora r32 + checkpointing": ("llama-3.1-8b", "qlora",
+                                                {"lora": {"r": 32}, "gradient_checkpointing": True}),
+}
+CURVE_MODEL = "mistral-7b"  # a 7B model with a 32k context: peak against sequence length
+CURVE_SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+def fit_table_predictor() -> str:
+    """The digest of the code a fit table comes from: the predictor's and this module's choices."""
+    from harness import env
+    from harness.predict.command import PREDICTOR_MODULES
+
+    return env.code_digest((*PREDICTOR_MODULES, "predict/solve.py"))
+
+
+def fit_table(experiments_dir: Path, device_type: str = "cuda"):
+    """Every (model, technique, checkpointing, card) answer, by the analytic search (instant;
+    `predict --solve` confirms any one of them by simulation)."""
+    from harness import env, schema
+    from harness.techniques import TECHNIQUES
+
+    started = time.perf_counter()
+    experiments = [name for name in TECHNIQUES if (experiments_dir / f"{name}.yaml").exists()]
+    rows, curves = [], []
+    for model in FIT_MODELS:
+        for name in experiments:
+            for checkpointing in (False, True):
+                found = setup(experiments_dir / f"{name}.yaml", model, {"gradient_checkpointing": checkpointing},
+                              device_type)
+                common = {"experiment": name, "model": model, "gradient_checkpointing": checkpointing}
+                for card_gb in FIT_CARDS:
+                    cap = card_cap_bytes(card_gb)
+                    longest = largest_fitting(lambda n: found.peak(n, 1), cap, _limit("seq_len", found.context))
+                    largest = largest_fitting(lambda n: found.peak(FIT_MICRO_BATCH_SEQ_LEN, n), cap, MICRO_BATCH_LIMIT)
+                    rows.append({**common, "card_gb": card_gb, "reference_peak_bytes": found.peak(*REFERENCE_SHAPE),
+                                 "max_seq_len": longest.value,
+                                 "seq_len_limited_by": _answer_dict(longest, "seq_len", found.context,
+                                                                    _limit("seq_len", found.context))["limited_by"],
+                                 "max_micro_batch": largest.value})
+                if model == CURVE_MODEL:
+                    curves += [{**common, "seq_len": seq, "total_bytes": found.peak(seq, 1)}
+                               for seq in CURVE_SEQ_LENS if seq <= (found.context or seq)]
+    cases = []
+    for case, (model, name, overrides) in COMPARED_CASES.items():
+        found = setup(experiments_dir / f"{name}.yaml", model, overrides, device_type)
+        cases += [{"case": case, "card_gb": card_gb,
+                   "max_seq_len": largest_fitting(lambda n: found.peak(n, 1), card_cap_bytes(card_gb),
+                                                  _limit("seq_len", found.context)).value}
+                  for card_gb in FIT_CARDS]
+    return schema.FitTable(
+        method="analytic", device_type=device_type, cases=cases,
+        cards={str(gb): {"card_bytes": card_bytes(gb), "cap_bytes": card_cap_bytes(gb)} for gb in FIT_CARDS},
+        micro_batch_seq_len=FIT_MICRO_BATCH_SEQ_LEN, rows=rows, curves=curves,
+        versions=env.software_versions(), predictor=fit_table_predictor(),
+        seconds=time.perf_counter() - started)

@@ -1,0 +1,86 @@
+"""The report's first answer: what fits my card, at which sequence length and micro-batch.
+
+Read from the fit table `harness predict --claims` writes (results/fits/, a prediction: the
+analytic search, which `harness predict --solve` confirms by simulation for any one cell).
+Where a GPU run of the same model and technique at the reference shape exists, its measured
+peak stands beside the predicted one, marked measured.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from harness.report.tables import Cell, Table
+from harness.report.units import fmt_bytes, gib
+
+# The documents' configuration: the shape whose peak the table shows beside the answers.
+REFERENCE_SEQ_LEN, REFERENCE_MICRO_BATCH = 512, 1
+# Published "longest sequence that fits" figures of other projects, by the name of the case
+# `harness predict --claims` answers (harness.predict.solve.COMPARED_CASES): (source, {card GB: tokens}).
+PUBLISHED_MAX_SEQ_LEN = {
+    "llama-3.1-8b qlora r32 + checkpointing": (
+        "Unsloth's context-length table, its Hugging Face + Flash Attention 2 column", {24: 5_789, 40: 12_264,
+                                                                                         80: 28_454}),
+}
+
+
+def _seq_text(row: pd.Series) -> str:
+    if row["max_seq_len"] == 0:
+        return "-"
+    text = f"{row['max_seq_len']:,}"
+    return text + " (context)" if row["seq_len_limited_by"] == "context" else text
+
+
+def fit_tables(table: dict, runs: pd.DataFrame) -> list[tuple[str, Table]]:
+    """One table per model: techniques as rows, cards as columns."""
+    rows = pd.DataFrame(table["rows"])
+    cards = [int(gb) for gb in table["cards"]]
+    out = []
+    for model, of_model in rows.groupby("model", sort=False):
+        lines = []
+        for experiment, of_experiment in of_model.groupby("experiment", sort=False):
+            plain = of_experiment[~of_experiment["gradient_checkpointing"]].set_index("card_gb")
+            checkpointed = of_experiment[of_experiment["gradient_checkpointing"]].set_index("card_gb")
+            line = [Cell(experiment), _peak_cell(plain, checkpointed, runs, model, experiment)]
+            for card in cards:
+                without, with_gc = plain.loc[card], checkpointed.loc[card]
+                fits = without["max_seq_len"] > 0 or with_gc["max_seq_len"] > 0
+                line.append(Cell(f"{_seq_text(without)} / {_seq_text(with_gc)}",
+                                 f"micro-batch at {table['micro_batch_seq_len']:,}: {without['max_micro_batch']} / "
+                                 f"{with_gc['max_micro_batch']}",
+                                 css="" if fits else "status-oom"))
+            lines.append(line)
+        columns = ["Technique", f"Peak at {REFERENCE_SEQ_LEN} x {REFERENCE_MICRO_BATCH}"] + [
+            f"{card} GB card ({gib(table['cards'][str(card)]['card_bytes']):.1f} GiB)" for card in cards]
+        out.append((model, Table(columns, lines, css="fits", numeric=set(range(2, 2 + len(cards))))))
+    return out
+
+
+def _peak_cell(plain: pd.DataFrame, checkpointed: pd.DataFrame, runs: pd.DataFrame, model: str,
+               experiment: str) -> Cell:
+    predicted = plain["reference_peak_bytes"].iloc[0]
+    detail = f"checkpointing: {fmt_bytes(checkpointed['reference_peak_bytes'].iloc[0])}"
+    measured = runs[(runs["device_type"] == "cuda") & (runs["model"] == model) & (runs["experiment"] == experiment)
+                    & (runs["seq_len"] == REFERENCE_SEQ_LEN) & (runs["micro_batch"] == REFERENCE_MICRO_BATCH)
+                    & (runs["status"] == "ok") & (runs["grad_accum"] == 1) & runs["budget_gb"].isna()]
+    if len(measured):
+        run = measured.iloc[0]
+        detail += f"; measured {fmt_bytes(run['peak_allocated'])} on {run['device_name']}"
+    return Cell(f"{fmt_bytes(predicted)}", detail)
+
+
+def published_comparison(table: dict) -> Table | None:
+    """Our longest sequence beside other projects' published ones for the same case."""
+    ours = {(row["case"], row["card_gb"]): row["max_seq_len"] for row in table["cases"]}
+    lines = []
+    for case, (source, figures) in PUBLISHED_MAX_SEQ_LEN.items():
+        for card, tokens in figures.items():
+            predicted = ours.get((case, card))
+            if predicted is None:
+                continue
+            lines.append([Cell(case), Cell(f"{card} GB"), Cell(f"{tokens:,}", source), Cell(f"{predicted:,}"),
+                          Cell(f"{predicted / tokens:.2f}")])
+    if not lines:
+        return None
+    return Table(["Case", "Card", "Published longest sequence", "Ours (predicted)", "Ours / published"],
+                 lines, numeric={2, 3, 4})

@@ -1,0 +1,98 @@
+"""Model families beyond Llama: their linear layers, LoRA's targets, both predictions, a real run."""
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+from conftest import EXPERIMENTS, QUICK, ROOT, run_dict
+
+from harness.architectures import ARCHITECTURES, lora_targets
+from harness.config import ConfigError, TargetsWarning, prepare
+from harness.predict.command import predict
+
+# A small shape of each family (widths whole 64-element blocks for bitsandbytes' CPU kernels).
+SMALL = dict(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=8,
+             num_key_value_heads=4, max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+FAMILIES = {
+    "qwen2": dict(SMALL, model_type="qwen2", tie_word_embeddings=True),
+    "qwen3": dict(SMALL, model_type="qwen3", head_dim=32, tie_word_embeddings=True),
+    "gemma": dict(SMALL, model_type="gemma", head_dim=32),
+    "gemma3_text": dict(SMALL, model_type="gemma3_text", head_dim=32),
+    "phi3": dict(SMALL, model_type="phi3"),
+}
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("configs")
+    paths = {}
+    for name, settings in {**FAMILIES, "gpt2": dict(model_type="gpt2", vocab_size=4096, n_embd=256, n_layer=2,
+                                                     n_head=8, n_positions=1024, bos_token_id=1,
+                                                     eos_token_id=2)}.items():
+        paths[name] = folder / f"{name}.json"
+        paths[name].write_text(json.dumps(settings))
+    return paths
+
+
+def test_every_family_described_here_is_tested():
+    assert set(FAMILIES) | {"llama", "mistral", "mixtral"} == set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("experiment", ["fp32", "bf16-pure", "lora", "qlora"])
+def test_the_formula_follows_the_traced_step_of_each_family(configs, family, experiment):
+    path = EXPERIMENTS / f"{experiment}.yaml"
+    analytic = predict(path, str(configs[family]), 512, 1, "analytic")
+    simulated = predict(path, str(configs[family]), 512, 1, "simulated")
+    for category in ("weights", "gradients", "optimizer_state"):  # the same layers, norms, biases, adapters
+        assert analytic.persistent[category] == pytest.approx(simulated.persistent[category], rel=0.01), category
+    assert analytic.total_bytes == pytest.approx(simulated.total_bytes, rel=0.10)
+
+
+def test_lora_adapts_every_linear_layer_of_each_family_unless_told_otherwise():
+    from harness.config import LoraSettings
+
+    default = LoraSettings().target_modules
+    for model_type, family in ARCHITECTURES.items():
+        config = type("Config", (), {"model_type": model_type})
+        assert lora_targets(config, default) == (list(family.linear_names()), None)
+        assert lora_targets(config, "all-linear") == (list(family.linear_names()), None)
+    phi3 = type("Config", (), {"model_type": "phi3"})
+    targets, warning = lora_targets(phi3, ["qkv_proj"])
+    assert targets == ["qkv_proj"] and "1 of the 4 linear layers" in warning and "gate_up_proj" in warning
+    # a family not described here: peft's own "all-linear" finds its layers (GPT-2's Conv1D too)
+    assert lora_targets(type("Config", (), {"model_type": "gpt2"}), default) == ("all-linear", None)
+
+
+def test_validation_reads_the_family_of_a_config_file(configs):
+    with pytest.raises(ConfigError, match="phi3.*no linear layer named 'q_proj'.*qkv_proj"):
+        prepare(EXPERIMENTS / "lora.yaml", {"model": str(configs["phi3"]), "lora": {"target_modules": ["q_proj"]}})
+    with pytest.warns(TargetsWarning, match="adapts 1 of the 4 linear layers"):
+        prepare(EXPERIMENTS / "lora.yaml", {"model": str(configs["phi3"]), "lora": {"target_modules": ["qkv_proj"]}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare(EXPERIMENTS / "lora.yaml", {"model": str(configs["phi3"])})  # the default: every layer, no warning
+
+
+def test_a_family_the_formula_does_not_describe_is_one_sentence_and_still_simulated(configs):
+    command = [sys.executable, "-m", "harness", "predict", "--model", str(configs["gpt2"]), "--experiment", "lora",
+               "--seq", "128"]
+    refused = subprocess.run([*command, "--method", "analytic"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "model type 'gpt2' is not one the analytic predictor describes" in refused.stderr
+    both = subprocess.run([*command, "--method", "both", "--json"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert both.returncode == 0, both.stderr
+    simulated = json.loads(both.stdout)
+    assert simulated["method"] == "simulated" and simulated["persistent"]["gradients"] > 0  # adapters found
+
+
+@pytest.mark.slow
+def test_a_run_of_phi3_adapts_its_fused_projections(configs, tmp_path):
+    config = prepare(EXPERIMENTS / "qlora.yaml", {**QUICK, "model": str(configs["phi3"])})
+    _, record = run_dict(config, tmp_path)
+    assert record["status"] == "ok", record.get("error")
+    analytic = predict(EXPERIMENTS / "qlora.yaml", str(configs["phi3"]), 64, 2, "analytic")
+    assert record["parameters"]["trainable"] == analytic.parameters["trainable"]  # qkv, o, gate_up, down

@@ -1,0 +1,95 @@
+"""`harness predict --solve`: the longest sequence or the largest micro-batch that fits a card."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+from conftest import EXPERIMENTS, ROOT
+
+from harness.measure.budget import card_cap_bytes
+from harness.predict.command import predict
+from harness.predict.solve import FIT_CARDS, FIT_MODELS, fit_table, largest_fitting, solve
+
+
+def _brute_force(peak, cap, limit):
+    return max((n for n in range(1, limit + 1) if peak(n) <= cap), default=0)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_search_finds_the_boundary_of_any_non_decreasing_peak_from_any_start(seed):
+    rng = random.Random(seed)
+    steps = [rng.choice([0, 0, 1, 3, 50]) for _ in range(300)]
+    base = rng.randint(0, 400)
+
+    def peak(n):
+        return base + sum(steps[:n])
+    limit, cap = rng.randint(1, 300), rng.randint(0, 2000)
+    answer = largest_fitting(peak, cap, limit, start=rng.randint(1, 400))
+    assert answer.value == _brute_force(peak, cap, limit)
+    if answer.value:
+        assert answer.peak_bytes == peak(answer.value) <= cap
+    if answer.value < limit:
+        assert answer.next_peak_bytes == peak(answer.value + 1) > cap
+        assert answer.limited_by == "card"
+    else:
+        assert answer.limited_by == "search limit" and answer.next_peak_bytes is None
+
+
+def test_analytic_answer_is_the_last_length_that_fits_on_the_card():
+    result = solve(EXPERIMENTS / "qlora.yaml", "llama-2-7b", 24, "seq_len", simulate=False)
+    n, cap = result["max_seq_len"], card_cap_bytes(24)
+    assert 512 < n < 4096 and result["method"] == "analytic" and result["limited_by"] == "card"
+    at = predict(EXPERIMENTS / "qlora.yaml", "llama-2-7b", n, 1, "analytic").total_bytes
+    above = predict(EXPERIMENTS / "qlora.yaml", "llama-2-7b", n + 1, 1, "analytic").total_bytes
+    assert at == result["peak_bytes"] <= cap < above == result["next_peak_bytes"]
+    # with gradient checkpointing the same card holds the model's whole context
+    held = solve(EXPERIMENTS / "qlora.yaml", "llama-2-7b", 24, "seq_len", simulate=False,
+                 overrides={"gradient_checkpointing": True})
+    assert held["max_seq_len"] == 4096 and held["limited_by"] == "context" and held["next_peak_bytes"] is None
+
+
+def test_simulation_decides_the_answer_and_checks_its_neighbour():
+    result = solve(EXPERIMENTS / "lora.yaml", "tiny-llama", 1, "micro_batch", seq_len=256)
+    n, cap = result["max_micro_batch"], card_cap_bytes(1)
+    assert n > 1 and result["method"] == "simulated" and result["simulated"]["evaluations"] >= 2
+    at = predict(EXPERIMENTS / "lora.yaml", "tiny-llama", 256, n, "simulated").total_bytes
+    above = predict(EXPERIMENTS / "lora.yaml", "tiny-llama", 256, n + 1, "simulated").total_bytes
+    assert at <= cap < above
+    # a step traced again in the same process may differ by a few bytes (a scalar cached by a library)
+    assert abs(at - result["peak_bytes"]) <= 1024 and abs(above - result["next_peak_bytes"]) <= 1024
+    # the analytic answer is reported beside it, within a few sequences of the simulated one
+    assert abs(result["analytic"]["value"] - n) <= max(2, n // 5)
+
+
+def test_solve_on_the_command_line_answers_in_json():
+    command = [sys.executable, "-m", "harness", "predict", "--model", "tiny-llama", "--experiment", "lora",
+               "--card", "1", "--solve", "micro_batch", "--seq", "256", "--method", "analytic", "--json"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["max_micro_batch"] > 1 and answer["fixed"] == {"seq_len": 256}
+    assert answer["peak_bytes"] <= answer["cap_bytes"] < answer["next_peak_bytes"]
+    refused = subprocess.run([*command[:-6], "--card", "0", "--solve", "micro_batch"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--card" in refused.stderr
+
+
+def test_the_fit_table_grows_with_the_card_and_with_checkpointing():
+    table = fit_table(EXPERIMENTS)
+    rows = {(r["model"], r["experiment"], r["gradient_checkpointing"], r["card_gb"]): r for r in table.rows}
+    experiments = {r["experiment"] for r in table.rows}
+    assert len(rows) == len(table.rows) == len(FIT_MODELS) * len(experiments) * 2 * len(FIT_CARDS)
+    for (model, experiment, checkpointing, card), row in rows.items():
+        for axis in ("max_seq_len", "max_micro_batch"):
+            if checkpointing:
+                assert row[axis] >= rows[model, experiment, False, card][axis]
+            bigger = [c for c in FIT_CARDS if c > card]
+            if bigger:
+                assert rows[model, experiment, checkpointing, bigger[0]][axis] >= row[axis]
+    # 16 bytes per parameter (weights, gradients, AdamW's two states): a full fp32 fine-tune of a 7B
+    # model (108 GB) fits the H200 alone
+    assert [c for c in FIT_CARDS if rows["llama-2-7b", "fp32", True, c]["max_seq_len"]] == [141]
+    assert rows["llama-2-7b", "qlora", True, 16]["max_seq_len"] > 0
+    assert {c["case"] for c in table.cases} and all(c["max_seq_len"] > 0 for c in table.cases if c["card_gb"] >= 24)
