@@ -11,11 +11,11 @@ The spec is the claim's `evidence` block (or a `context` entry) from claims.yaml
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from harness.measure.budget import budget_cap_bytes
 from harness.report.load import Results, _get, device_label, is_gpu_record
-from harness.report.units import fmt_bytes
+from harness.report.units import LLAMA_2_7B_PARAMETERS, fmt_bytes
 
 PREDICTION_METHODS = ("analytic", "simulated")
 RECORD_METHODS = ("gpu", "cpu")
@@ -163,10 +163,23 @@ def _category_value(data: dict | None, spec: dict, prediction: bool) -> float | 
     return float(sum(values))
 
 
+def as_counted(observation: Observation | None, spec: dict) -> Observation | None:
+    """Where a claim counts "7B" as 7e9 parameters (`parameters_counted`), our Llama-2-7B figure
+    (6,738,415,616 parameters) is scaled to that count, so that the verdict judges the
+    arithmetic rather than the rounding; the note keeps our own figure."""
+    counted = spec.get("parameters_counted")
+    if counted is None or observation is None or observation.value is None:
+        return observation
+    factor = counted / LLAMA_2_7B_PARAMETERS
+    note = f"x{factor:.3f} to {counted:.0e} parameters from ours, {fmt_bytes(observation.value)}"
+    return replace(observation, value=observation.value * factor,
+                   note=f"{observation.note}; {note}" if observation.note else note)
+
+
 def category(results: Results, spec: dict, method: str) -> Observation | None:
-    return _per_experiment(results, spec, method,
-                           lambda p, _: _category_value(p, spec, True),
-                           lambda r: _category_value(r.get("memory"), spec, False))
+    return as_counted(_per_experiment(results, spec, method,
+                                      lambda p, _: _category_value(p, spec, True),
+                                      lambda r: _category_value(r.get("memory"), spec, False)), spec)
 
 
 categories_sum = category
@@ -182,7 +195,8 @@ def _peak_of_record(record: dict) -> float | None:
 
 
 def peak(results: Results, spec: dict, method: str) -> Observation | None:
-    return _per_experiment(results, spec, method, lambda p, _: p.get("total_bytes"), _peak_of_record)
+    return as_counted(_per_experiment(results, spec, method, lambda p, _: p.get("total_bytes"), _peak_of_record),
+                      spec)
 
 
 min_peak = peak  # over several experiments `_per_experiment` keeps the smallest

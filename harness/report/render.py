@@ -125,6 +125,15 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
 
     blocks.append(Block("h2", "Verdicts at a glance", anchor="verdicts"))
     blocks.append(Block("badges", ", ".join(f"{kind}: {n}" for kind, n in counts.items() if n)))
+    rounded = [claim.id for claim in claims if claim.evidence.get("parameters_counted")]
+    if rounded:
+        counted = claims[[c.id for c in claims].index(rounded[0])].evidence["parameters_counted"]
+        blocks.append(Block("p", (
+            f"{_count(len(rounded), 'row')} ({', '.join(rounded)}) count \"7B\" as {counted / 1e9:g}e9 parameters; "
+            f"Llama-2-7B has {LLAMA_2_7B_PARAMETERS:,} ({1 - LLAMA_2_7B_PARAMETERS / counted:.1%} fewer). Those rows "
+            f"judge the documents' arithmetic against ours scaled to {counted / 1e9:g}e9 parameters "
+            f"(x{counted / LLAMA_2_7B_PARAMETERS:.3f}) in every column; the measured column's sub-line gives our "
+            "own figure. That rounding is the whole difference between their figures and ours.")))
     blocks.append(Block("table", table=glance_table(ledger)))
 
     blocks.append(Block("h2", "The claims ledger", anchor="ledger"))
