@@ -207,8 +207,7 @@ REFERENCE_SHAPE = (512, 1)  # the documents' configuration: the peak the table s
 # Configurations other projects publish "longest sequence per card" figures for (the report
 # holds their figures under the same names): answered for every card of the table.
 COMPARED_CASES = {
-    "llama-3.1-8b qlora r32 + checkpointing": ("llama-3.1-8b", "qlora",
-                                                {"lora": {"r": 32}, "gradient_checkpointing": True}),
+    "llama-3.1-8b qlora r32 + checkpointing": ("llama-3.1-8b", "qlora-r32-gc", {}),
 }
 CURVE_MODEL = "mistral-7b"  # a 7B model with a 32k context: peak against sequence length
 CURVE_SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
