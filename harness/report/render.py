@@ -93,6 +93,11 @@ def _fits_blocks(results, runs, figures: list[FigureResult]) -> list[Block]:
     return blocks + drawn
 
 
+def _table_or(table: Table | None, missing: str) -> Block:
+    """A table, or the sentence that says what produces it."""
+    return Block("table", table=table) if table is not None else Block("p", missing)
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -185,23 +190,16 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
     gpu_benchmarks = [entry for entry in results.microbench if entry["device"] != "cpu"]
     cpu_benchmarks = [entry for entry in results.microbench if entry["device"] == "cpu"]
     blocks.append(Block("h2", "Runs on a GPU", anchor="runs"))
-    if len(on_gpu):
-        blocks.append(Block("table", table=runs_table(on_gpu)))
-    else:
-        blocks.append(Block("p", "No GPU run records in these results: `make bench` (or `make gpu-evidence`) on a "
-                                 "CUDA machine produces them."))
+    blocks.append(_table_or(runs_table(on_gpu) if len(on_gpu) else None,
+                            "No GPU run records in these results: `make bench` (or `make gpu-evidence`) on a CUDA "
+                            "machine produces them."))
     blocks.append(Block("h3", "Memory predictions"))
-    if len(predictions):
-        blocks.append(Block("table", table=predictions_table(predictions)))
-    else:
-        blocks.append(Block("p", "No predictions: `python -m harness predict --claims` writes them."))
-
+    blocks.append(_table_or(predictions_table(predictions) if len(predictions) else None,
+                            "No predictions: `python -m harness predict --claims` writes them."))
     blocks.append(Block("h2", "Micro-benchmarks on a GPU", anchor="microbench"))
-    if gpu_benchmarks:
-        blocks.append(Block("table", table=microbench_table(gpu_benchmarks)))
-    else:
-        blocks.append(Block("p", "No GPU micro-benchmark file: `make microbench` on a CUDA machine writes "
-                                 "results/microbench/<device>.json."))
+    blocks.append(_table_or(microbench_table(gpu_benchmarks) if gpu_benchmarks else None,
+                            "No GPU micro-benchmark file: `make microbench` on a CUDA machine writes "
+                            "results/microbench/<device>.json."))
 
     blocks.append(Block("h2", "Appendix: the lab checking itself on a CPU", anchor="cpu"))
     blocks.append(Block("p", (
@@ -210,16 +208,12 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
         "and speed only), the CPU's tracked tensor bytes check the simulation's accounting, and ratios show "
         "what a kernel costs relative to its baseline on the same processor.")))
     blocks.append(Block("h3", "Runs on a CPU"))
-    if len(on_cpu):
-        blocks.append(Block("table", table=runs_table(on_cpu)))
-    else:
-        blocks.append(Block("p", f"No CPU run records in `{results_dir}`: `make bench` on a machine without a GPU "
-                                 "produces them."))
+    blocks.append(_table_or(runs_table(on_cpu) if len(on_cpu) else None,
+                            f"No CPU run records in `{results_dir}`: `make bench` on a machine without a GPU "
+                            "produces them."))
     blocks.append(Block("h3", "Micro-benchmarks on a CPU"))
-    if cpu_benchmarks:
-        blocks.append(Block("table", table=microbench_table(cpu_benchmarks)))
-    else:
-        blocks.append(Block("p", "No CPU micro-benchmark file: `make microbench` writes results/microbench/cpu.json."))
+    blocks.append(_table_or(microbench_table(cpu_benchmarks) if cpu_benchmarks else None,
+                            "No CPU micro-benchmark file: `make microbench` writes results/microbench/cpu.json."))
 
     blocks.append(Block("h2", "Environment and provenance", anchor="provenance"))
     provenance = provenance_tables(results)
