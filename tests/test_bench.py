@@ -56,9 +56,11 @@ def test_cuda_matrix_follows_the_card_size(tmp_path):
     large, none_skipped = _plan(tmp_path, "cuda", device_gb=80)
     assert "mixtral-8x7b" not in {m for _, m, *_ in small} and len(skipped) == 1
     assert "mixtral-8x7b" in {m for _, m, *_ in large} and not none_skipped
-    assert {m for _, m, *_ in small} == {"tinyllama-1.1b", "llama-2-7b", "mistral-7b", "base"}
+    assert {m for _, m, *_ in small} == {"tinyllama-1.1b", "llama-2-7b", "mistral-7b", "llama-3.1-8b", "base"}
     assert {(n, b) for n, m, _, b, _ in small if m == "mistral-7b"} == {("qlora", 16.0), ("qlora-gc", 16.0)}
-    assert {s for _, m, *_, s in small if m != "base"} == {512, 2048}
+    # Llama-3.1-8B at the longest sequence `predict --solve` finds for a 24 GB (24 GiB) card
+    assert {(n, b, s) for n, m, _, b, s in small if m == "llama-3.1-8b"} == {("qlora-r32-gc", 24 * 2**30 / 1e9, 7627)}
+    assert {s for _, m, *_, s in small if m not in ("base", "llama-3.1-8b")} == {512, 2048}
 
 
 def test_command_line_replacements(tmp_path):
