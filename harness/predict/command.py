@@ -177,8 +177,13 @@ def _write_fit_table(out: Path, experiments_dir: Path, force: bool) -> None:
     from harness.predict.solve import fit_table, fit_table_predictor
 
     path = schema.fit_table_path(out)
-    if not force and path.exists() and schema.read(path, kind="fit_table").predictor == fit_table_predictor():
-        return
+    if not force and path.exists():
+        try:
+            if schema.read(path, kind="fit_table").predictor == fit_table_predictor():
+                return
+        except schema.RecordError:
+            pass  # an unreadable or older table is made again
+
     table = fit_table(experiments_dir)
     schema.write(path, table)
     print(f"what fits each card: {len(table.rows)} answers ({table.method}, {table.seconds:.0f} s) -> {path}",

@@ -258,6 +258,6 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda"):
     return schema.FitTable(
         method="analytic", device_type=device_type, cases=cases,
         cards={str(gb): {"card_bytes": card_bytes(gb), "cap_bytes": card_cap_bytes(gb)} for gb in FIT_CARDS},
-        micro_batch_seq_len=FIT_MICRO_BATCH_SEQ_LEN, rows=rows, curves=curves,
+        micro_batch_seq_len=FIT_MICRO_BATCH_SEQ_LEN, reference_shape=list(REFERENCE_SHAPE), rows=rows, curves=curves,
         versions=env.software_versions(), predictor=fit_table_predictor(),
         seconds=time.perf_counter() - started)

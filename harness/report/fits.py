@@ -13,8 +13,6 @@ import pandas as pd
 from harness.report.tables import Cell, Table
 from harness.report.units import fmt_bytes, gib
 
-# The documents' configuration: the shape whose peak the table shows beside the answers.
-REFERENCE_SEQ_LEN, REFERENCE_MICRO_BATCH = 512, 1
 # Published "longest sequence that fits" figures of other projects, by the name of the case
 # `harness predict --claims` answers (harness.predict.solve.COMPARED_CASES): (source, {card GB: tokens}).
 PUBLISHED_MAX_SEQ_LEN = {
@@ -41,7 +39,8 @@ def fit_tables(table: dict, runs: pd.DataFrame) -> list[tuple[str, Table]]:
         for experiment, of_experiment in of_model.groupby("experiment", sort=False):
             plain = of_experiment[~of_experiment["gradient_checkpointing"]].set_index("card_gb")
             checkpointed = of_experiment[of_experiment["gradient_checkpointing"]].set_index("card_gb")
-            line = [Cell(experiment), _peak_cell(plain, checkpointed, runs, model, experiment)]
+            line = [Cell(experiment), _peak_cell(plain, checkpointed, runs, model, experiment,
+                                                 table["reference_shape"])]
             for card in cards:
                 without, with_gc = plain.loc[card], checkpointed.loc[card]
                 fits = without["max_seq_len"] > 0 or with_gc["max_seq_len"] > 0
@@ -50,18 +49,19 @@ def fit_tables(table: dict, runs: pd.DataFrame) -> list[tuple[str, Table]]:
                                  f"{with_gc['max_micro_batch']}",
                                  css="" if fits else "status-oom"))
             lines.append(line)
-        columns = ["Technique", f"Peak at {REFERENCE_SEQ_LEN} x {REFERENCE_MICRO_BATCH}"] + [
+        seq_len, micro_batch = table["reference_shape"]
+        columns = ["Technique", f"Peak at {seq_len} x {micro_batch}"] + [
             f"{card} GB card ({gib(table['cards'][str(card)]['card_bytes']):.1f} GiB)" for card in cards]
         out.append((model, Table(columns, lines, css="fits", numeric=set(range(2, 2 + len(cards))))))
     return out
 
 
 def _peak_cell(plain: pd.DataFrame, checkpointed: pd.DataFrame, runs: pd.DataFrame, model: str,
-               experiment: str) -> Cell:
+               experiment: str, reference_shape: list[int]) -> Cell:
     predicted = plain["reference_peak_bytes"].iloc[0]
     detail = f"checkpointing: {fmt_bytes(checkpointed['reference_peak_bytes'].iloc[0])}"
     measured = runs[(runs["device_type"] == "cuda") & (runs["model"] == model) & (runs["experiment"] == experiment)
-                    & (runs["seq_len"] == REFERENCE_SEQ_LEN) & (runs["micro_batch"] == REFERENCE_MICRO_BATCH)
+                    & (runs["seq_len"] == reference_shape[0]) & (runs["micro_batch"] == reference_shape[1])
                     & (runs["status"] == "ok") & (runs["grad_accum"] == 1) & runs["budget_gb"].isna()]
     if len(measured):
         run = measured.iloc[0]
