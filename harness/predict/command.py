@@ -129,6 +129,10 @@ def _experiment_file(name_or_path: str, experiments_dir: Path) -> Path:
 def main(args) -> int:
     experiments_dir = Path(args.experiments_dir)
     methods = ["analytic", "simulated"] if args.method == "both" else [args.method]
+    if args.checkpointing and (args.save or args.claims):
+        # a saved prediction is named after its experiment file alone: its file would say otherwise
+        raise SystemExit("predict: --checkpointing is not saved (--save, --claims); use an experiment with "
+                         "gradient_checkpointing: true, such as qlora-gc")
     overrides = {"gradient_checkpointing": True} if args.checkpointing else {}
     if args.solve:
         return _solve(args, experiments_dir, overrides)
