@@ -12,7 +12,7 @@ from conftest import EXPERIMENTS, QUICK, ROOT
 
 from harness import schema
 from harness.config import prepare
-from harness.lab.bench import estimate_runs, print_plan, run_matrix
+from harness.lab.bench import estimate_runs, new_evidence_first, print_plan, run_matrix
 from harness.lab.estimate import Estimate, parse_duration
 from harness.matrix import PlannedRun, expand, load_matrix
 
@@ -45,6 +45,22 @@ def test_every_evidence_cell_is_a_cell_of_the_cuda_matrix(tmp_path):
     evidence, _ = _evidence(tmp_path)
     cuda, _ = expand(MATRIX, "cuda", EXPERIMENTS, tmp_path, device_gb=141)
     assert {r.path for r in evidence} <= {r.path for r in cuda}
+
+
+def test_a_new_card_measures_first_what_no_card_has_measured(tmp_path):
+    planned, _ = _evidence(tmp_path)
+    measured = ROOT / "results" / "nvidia-h200"
+    record = json.loads((measured / planned[0].path.name).read_text())
+    other_card = tmp_path / "nvidia-h200"
+    other_card.mkdir()
+    (tmp_path / "cpu").mkdir()
+    for run, status in zip(planned[:3], ["ok", "oom", "failed"]):  # a failed record is no measurement
+        (other_card / run.path.name).write_text(json.dumps({**record, "status": status}))
+    for run in planned[3:5]:  # a record on the CPU is no repeat on a card
+        (tmp_path / "cpu" / run.path.name).write_text(json.dumps(record))
+    ordered = new_evidence_first(planned)
+    assert ordered[-2:] == planned[:2]  # repeats last, in the plan's order
+    assert ordered[:-2] == planned[2:]
 
 
 def test_the_dry_run_keeps_the_order_and_fits_the_budget(tmp_path):

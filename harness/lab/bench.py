@@ -1,8 +1,8 @@
 """`harness bench`: expand a plan of the matrix (by default this device's), run what is missing, summarise.
 
 With `--time-budget`, no run starts whose estimated time (harness.lab.estimate) exceeds what is
-left, so a short GPU lease is spent on the plan's first, most valuable cells; `--dry-run`
-prints the plan with those estimates. Each run is a fresh process (harness.lab.runner). A run
+left, so a short GPU lease is spent on the plan's first, most valuable cells (on a GPU, those no
+card has measured before repeats of another card's); `--dry-run` prints the plan with those estimates. Each run is a fresh process (harness.lab.runner). A run
 whose record already exists for the same resolved configuration and environment
 fingerprint is skipped, so an interrupted matrix, even one killed with SIGKILL, resumes
 with exactly the runs it lacks: records are written atomically, and a run that was cut
@@ -40,6 +40,30 @@ def is_current(path: Path, fingerprint: str) -> bool:
     except (OSError, ValueError):
         return False
     return record.status in schema.MEASURED and record.fingerprint == fingerprint
+
+
+def measured_on_another_gpu(run: PlannedRun) -> bool:
+    """A finished record of this very configuration in another GPU's folder of the same results tree."""
+    results = run.path.parent.parent
+    for folder in results.iterdir() if results.is_dir() else ():
+        other = folder / run.path.name
+        if folder in (run.path.parent, results / "cpu") or not other.exists():
+            continue
+        try:
+            if schema.read(other, kind="run").status in schema.MEASURED:
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def new_evidence_first(planned: list[PlannedRun]) -> list[PlannedRun]:
+    """Under a time budget on a GPU, cells no card has measured go before repeats on a new card.
+
+    The plan's order stands within each group: a lease is short, and a cell measured nowhere
+    decides more than the same cell measured a second time.
+    """
+    return sorted(planned, key=measured_on_another_gpu)
 
 
 def other_gpu_users() -> str | None:
@@ -221,6 +245,8 @@ def main(args) -> int:
             seq_lens=args.seq_len and [args.seq_len], repeat=args.repeat, device_gb=device_gb)
         if budget_s is not None or args.dry_run:
             estimate_runs(planned, device_type)
+        if budget_s is not None and device_type == "cuda":
+            planned = new_evidence_first(planned)
         return planned, skipped
 
     planned, skipped = plan()
