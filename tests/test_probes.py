@@ -100,6 +100,12 @@ def test_accumulating_micro_batches_matches_one_batch_for_every_k():
     for row in result["rows"]:
         assert row["max_relative_gradient_error"] < 1e-4, row
         assert row["loss_difference"] < 1e-5, row
+    # micro-batches with unequal token counts: a mean of means is not the batch's mean; the
+    # summed token losses over the batch's count (transformers' num_items_in_batch) are
+    uneven = result["uneven"]
+    assert uneven["k"] == 8 and len(set(uneven["tokens_counted"])) == 8
+    assert uneven["mean_of_means_error"] > 1e-2
+    assert uneven["token_count_error"] < 1e-4
 
 
 def test_probes_command_writes_its_files(tmp_path, capsys):

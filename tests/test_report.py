@@ -23,9 +23,9 @@ from harness.report.load import Results, load_results
 from harness.report.units import GB, GIB, LLAMA_2_7B_PARAMETERS, fmt_bytes
 
 FIXTURE = Path(__file__).parent / "fixtures" / "report-results"
-CLAIM_IDS = ["W-fp32", "W-over16", "G-fp32", "O-adam", "T-fp32", "T-half", "W-half", "F-bf16", "F-range",
-             "Q-int8-pg", "Q-int8-all", "Q-levels", "L-frac", "L-4x", "A-5gb", "Q-nf4", "P-paged", "GA-mem",
-             "GA-eq", "M-16gb", "X-65gb"]
+CLAIM_IDS = ["W-fp32", "W-over16", "G-fp32", "O-adam", "T-fp32", "T-half", "W-half", "F-bf16", "F-range", "F-fp16",
+             "Q-int8-pg", "Q-int8-all", "Q-int8-t4", "Q-levels", "L-frac", "L-4x", "L-speed", "L-16gb", "A-5gb",
+             "Q-nf4", "Q-more", "P-paged", "GA-mem", "GA-eq", "M-16gb", "X-65gb", "GA-one"]
 FIGURES_IN_FIXTURE = 8
 
 
@@ -92,6 +92,14 @@ def test_fits():
     assert verdicts.judge_fits(15.0e9, 15.46e9, headroom=0.05).kind == verdicts.CAVEAT
     assert verdicts.judge_fits(16.0e9, 15.46e9).kind == verdicts.WRONG
     assert verdicts.judge_fits(None, 15.46e9, out_of_memory=True).kind == verdicts.WRONG
+
+
+def test_a_premise_that_holds_as_arithmetic_is_a_wrong_premise_not_a_figure_that_is_off():
+    assert verdicts.on_premise(verdicts.judge_value(14e9, 14.0e9, 0.02)).kind == verdicts.PREMISE
+    assert verdicts.on_premise(verdicts.judge_value(14e9, 20e9, 0.02, 0.1)).kind == verdicts.OFF
+    assert verdicts.judge_does_not_fit(18.2e9, 15.46e9).kind == verdicts.HOLDS
+    assert verdicts.judge_does_not_fit(None, 15.46e9, out_of_memory=True).kind == verdicts.HOLDS
+    assert verdicts.judge_does_not_fit(10e9, 15.46e9).kind == verdicts.WRONG
 
 
 def test_statements_and_standing_caveats():
@@ -173,6 +181,28 @@ def test_cpu_records_count_for_device_independent_claims_and_are_labelled():
     assert "CPU" in row.why and "not a GPU figure" in row.why
 
 
+def test_int8_claims_are_judged_on_their_own_premise_with_the_real_counterparts_beside():
+    results = Results(root=Path("."), records=[{**_record("cuda"), "parameters": {"total": LLAMA_2_7B_PARAMETERS}},
+                                               {**_record("cuda", experiment="int8-lora", weights=7.5e9)}])
+    row = build_row(_claim("Q-int8-pg"), results)
+    assert row.basis.value == pytest.approx(14e9)  # 2 B per parameter, the documents' 7e9 parameters
+    assert row.verdict.kind == verdicts.PREMISE and "int8 gradients" in row.why
+    assert "LLM.int8" in row.also and "whole training step" in row.also
+    t4 = build_row(_claim("Q-int8-t4"), results)  # 28 GB is not "close to" 16 GB
+    assert t4.verdict.kind == verdicts.OFF and t4.verdict.error == pytest.approx(16 / 28 - 1)
+
+
+def test_another_reading_is_judged_beside_the_claims_own():
+    lora = {**_record("cuda", experiment="lora", weights=0.16e9), "parameters": {"trainable": 40e6}}
+    lora["memory"]["persistent"].update(gradients=0.16e9, optimizer_state=0.32e9)
+    row = build_row(_claim("L-4x"), Results(root=Path("."), records=[lora]))
+    assert row.verdict.label == "off by -75.0%"  # 4 B against 16 B per trained parameter
+    (label, reading), = row.readings
+    assert "four times a 16-bit adapter" in label and reading.verdict.kind == verdicts.HOLDS  # 8 B = 4 x 2 B
+    assert reading.basis.value == pytest.approx(4.0)
+    assert "640.00 MB" in row.also  # what the adapters with gradients and AdamW state take
+
+
 def test_claim_without_any_evidence_is_not_yet_checked():
     row = build_row(_claim("P-paged"), Results(root=Path(".")))
     assert row.verdict.kind == verdicts.UNCHECKED and "CUDA" in row.why
@@ -188,9 +218,12 @@ def test_fixture_ledger_picks_the_right_evidence():
     assert rows["L-4x"].basis.method == "cpu" and rows["L-4x"].verdict.label == "off by -75.0%"
     assert rows["GA-mem"].basis.method == "cpu"
     assert rows["X-65gb"].basis.method == "simulated" and rows["X-65gb"].verdict.kind == verdicts.OFF
-    for claim_id in ("F-bf16", "F-range", "Q-levels", "GA-eq"):
+    for claim_id in ("F-bf16", "F-range", "F-fp16", "Q-levels", "GA-eq"):
         assert rows[claim_id].basis.method == "probe"
     assert rows["F-bf16"].verdict.kind == verdicts.HOLDS
+    # the counts are right and do not separate the 16-bit formats: range does
+    assert rows["F-range"].verdict.kind == verdicts.CAVEAT and "65,536 bit patterns" in rows["F-range"].why
+    assert rows["F-fp16"].verdict.kind == verdicts.CAVEAT and "65504" in rows["F-fp16"].why
     assert rows["Q-levels"].verdict.kind == verdicts.CAVEAT  # the probe swept random-init weights
 
 
@@ -288,7 +321,8 @@ def test_missing_inputs_give_sentences_not_empty_plots(tmp_path):
     assert report.expected_images == 0 and "<img " not in page
     assert markdown.count("_Not drawn:") == FIGURES_IN_FIXTURE
     assert all("`" in line for line in markdown.splitlines() if line.startswith("_Not drawn:"))  # names a command
-    assert "no GPU run recorded yet" in markdown
+    assert "No GPU run is recorded in these results" in markdown
+    assert "needs `make bench` on a CUDA machine" in markdown  # each claim names the run that decides it
     for claim_id in CLAIM_IDS:
         assert claim_id in markdown
 

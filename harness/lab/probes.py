@@ -36,8 +36,13 @@ def _versions() -> dict:
     return {name: versions.get(name) for name in ("torch", "bitsandbytes", "transformers", "python")}
 
 
+# The code a probe's facts come from: a file made by other code is made again.
+PROBE_MODULES = ("lab/probes.py", "step/train.py", "step/models.py", "step/data.py")
+
+
 def _header(probe: str) -> dict:
-    return {"kind": "probe", "probe": probe, "device": DEVICE, "created": env.now(), "versions": _versions()}
+    return {"kind": "probe", "probe": probe, "device": DEVICE, "created": env.now(), "versions": _versions(),
+            "code": env.code_digest(PROBE_MODULES)}
 
 
 # --- number formats ----------------------------------------------------------------------
@@ -264,8 +269,47 @@ def accumulation_equivalence(ks=(1, 2, 4, 8), micro_batch: int = 2, seq_len: int
         rows.append({"k": k, "max_relative_gradient_error": error, "loss_difference": abs(loss_k - loss_1)})
     return {**_header("accumulation_equivalence"), "model": model_name, "micro_batch": micro_batch,
             "seq_len": seq_len, "dtype": "fp32", "data": "random token ids (seeded)", "rows": rows,
+            "uneven": uneven_accumulation(model, stream, max(ks), micro_batch, seq_len),
             "note": "k micro-batches of m sequences, each loss divided by k, against one batch of k*m "
                     "sequences (the same sequences); max over parameter tensors of ||g_k - g_1|| / ||g_1||."}
+
+
+def uneven_accumulation(model: nn.Module, stream, k: int, micro_batch: int, seq_len: int) -> dict:
+    """Accumulation when micro-batches count different numbers of tokens (padding, packing ends).
+
+    Micro-batch i keeps the loss of its first (i + 1) / k of each sequence (the rest labelled
+    -100). Each micro-batch's mean loss divided by k weights a token of a short micro-batch more
+    than one of a long one; the summed token losses over the whole batch's token count (what
+    transformers' `num_items_in_batch` does) equal the large batch's loss.
+    """
+    from harness.step.data import Batches
+
+    inputs = Batches(stream, seq_len, micro_batch, k, seed=2).step(0, torch.device(DEVICE))
+    labels = []
+    for i, x in enumerate(inputs):
+        y = x.clone()
+        y[:, seq_len * (i + 1) // k:] = -100
+        labels.append(y)
+    counted = int(sum((y[:, 1:] != -100).sum() for y in labels))  # the model shifts labels by one
+
+    def gradients(pairs, **loss_options) -> dict:
+        model.zero_grad(set_to_none=True)
+        for x, y in pairs:
+            loss = model(input_ids=x, labels=y, **loss_options).loss
+            (loss if loss_options else loss / len(pairs)).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    whole = gradients([(torch.cat(inputs), torch.cat(labels))])
+    pairs = list(zip(inputs, labels))
+    by_mean = gradients(pairs)
+    by_count = gradients(pairs, num_items_in_batch=counted)
+    model.zero_grad(set_to_none=True)
+
+    def error(grads):
+        return max(float((grads[n] - g).norm() / g.norm().clamp_min(1e-12)) for n, g in whole.items())
+
+    return {"k": k, "tokens_counted": [int((y[:, 1:] != -100).sum()) for y in labels],
+            "mean_of_means_error": error(by_mean), "token_count_error": error(by_count)}
 
 
 # --- running -----------------------------------------------------------------------------
@@ -285,9 +329,12 @@ def headline(result: dict) -> str:
                 f"{best['clip_ratio']}; NF4 {result['nf4']['relative_rmse']:.4f}; "
                 f"int8 row-wise {result['int8_rowwise']['relative_rmse']:.4f}")
     if probe == "accumulation_equivalence":
+        uneven = result["uneven"]
         return "accumulation_equivalence: " + "; ".join(
             f"k={r['k']} grad err {r['max_relative_gradient_error']:.2e} loss diff {r['loss_difference']:.2e}"
-            for r in result["rows"])
+            for r in result["rows"]) + (
+            f"; uneven token counts, k={uneven['k']}: mean of means {uneven['mean_of_means_error']:.2e}, "
+            f"by token count {uneven['token_count_error']:.2e}")
     return probe
 
 
@@ -306,7 +353,7 @@ def _up_to_date(path: Path, weights: str) -> bool:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
-    if old.get("versions") != _versions():
+    if old.get("versions") != _versions() or old.get("code") != env.code_digest(PROBE_MODULES):
         return False
     # the quantization probe: the same weights (a base pretrained anew with other weights is new weights)
     return "weights" not in old or old["weights"].get("identity") == weights_identity(weights)

@@ -418,7 +418,8 @@ def predict(config, technique, lora, seq_len: int, batch: int, grad_accum: int =
         "total_bytes": sum(categories.values()),
         "categories": categories,
         "persistent": persistent,
-        "parameters": {"total": params["total"], "trainable": sum(sizes)},
+        "parameters": {"total": params["total"], "trainable": sum(sizes),
+                       "quantized": params["linear"] if technique.quantization != "none" else 0},
         "peak_at": ("backward start", "optimizer step", "embedding backward")[candidates.index(at_peak)],
         "device_type": device_type,
     }

@@ -27,11 +27,13 @@ from harness.schema import CATEGORIES
 # measured run has both predictions beside it.
 CLAIM_CONFIGURATIONS = [
     *((name, "llama-2-7b", 512, 1, "cuda") for name in ("fp32", "bf16-pure", "bf16-mixed", "fp16-mixed", "adamw8bit",
-                                                        "lora", "int8-lora", "qlora", "qlora-gc", "bf16-mixed-gc")),
+                                                        "bf16-adamw8bit", "lora", "int8-lora", "qlora", "qlora-gc",
+                                                        "bf16-mixed-gc")),
     *((name, "llama-2-7b", 2048, 1, "cuda") for name in ("lora", "qlora", "qlora-gc", "bf16-mixed", "bf16-mixed-gc")),
     *((name, "tinyllama-1.1b", 512, 1, "cuda") for name in ("fp32", "bf16-pure", "bf16-mixed", "lora", "qlora")),
     ("qlora", "mistral-7b", 512, 1, "cuda"), ("qlora-gc", "mistral-7b", 512, 1, "cuda"),
     ("qlora", "mixtral-8x7b", 512, 1, "cuda"), ("qlora-gc", "mixtral-8x7b", 512, 1, "cuda"),
+    ("lora", "mixtral-8x7b", 512, 1, "cuda"),
 ]
 # The source files whose code decides a prediction: a saved prediction made by other code is
 # made again.

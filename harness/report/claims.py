@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 CLAIMS_FILE = Path(__file__).with_name("claims.yaml")
-COMPARISONS = ("equals", "exceeds", "at_most", "at_least", "fits", "statement", "error")
+COMPARISONS = ("equals", "exceeds", "at_most", "at_least", "fits", "does_not_fit", "premise", "statement", "error")
 SOURCES = {
     "TW": "The Way of Fine-Tuning",
     "DM": "Demystifying LLMs: Fine-Tuning Your Own LLM, Part 1",
@@ -34,6 +34,11 @@ class Claim:
     cpu_ok: bool = False
     context: tuple[dict, ...] = ()
     published: dict | None = field(default=None)
+    quote: str | None = None  # the documents' own words the verdict is decided from
+    premise: str | None = None  # for "premise": the scenario the documents' arithmetic assumes
+    # Another fair reading of the same words, judged and shown beside the verdict (which is the
+    # claim's own reading): (label, the claim as that reading has it).
+    readings: tuple[tuple[str, "Claim"], ...] = ()
 
     @property
     def tolerance_text(self) -> str:
@@ -46,6 +51,8 @@ class Claim:
             return f"≤ +{self._amount(self.tolerance)}{band}"
         if self.compare == "fits":
             return f"fits; ≥{self.tolerance:.0%} headroom"
+        if self.compare == "does_not_fit":
+            return "over the card"
         band = f", caveat ±{self.caveat_tolerance:.0%}" if self.caveat_tolerance is not None else ""
         return f"±{self.tolerance:.0%}{band}"
 
@@ -55,6 +62,7 @@ class Claim:
 
 
 def parse_claim(entry: dict) -> Claim:
+    """One claims.yaml entry; a reading overrides the claim's figure, comparison and evidence."""
     figure = entry["figure"]
     if entry["compare"] not in COMPARISONS:
         raise ValueError(f"claim {entry['id']}: compare must be one of {COMPARISONS}, not {entry['compare']!r}")
@@ -69,7 +77,15 @@ def parse_claim(entry: dict) -> Claim:
         caveat_tolerance=None if entry.get("caveat_tolerance") is None else float(entry["caveat_tolerance"]),
         caveat=entry.get("caveat"), explain=entry.get("explain"), cpu_ok=bool(entry.get("cpu_ok", False)),
         context=tuple(entry.get("context") or ()), published=entry.get("published"),
+        quote=entry.get("quote"), premise=entry.get("premise"),
+        readings=tuple((reading["label"], parse_claim({**_own_fields(entry), **reading}))
+                       for reading in entry.get("readings") or ()),
     )
+
+
+def _own_fields(entry: dict) -> dict:
+    """What a reading inherits from its claim: identity and wording, not the claim's evidence extras."""
+    return {key: entry[key] for key in ("id", "sources", "claim", "model", "needs") if key in entry}
 
 
 def load_claims(path: Path = CLAIMS_FILE) -> list[Claim]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from harness.measure.budget import budget_cap_bytes
 from harness.report.load import Results, _get, device_label, is_gpu_record
-from harness.report.units import LLAMA_2_7B_PARAMETERS, fmt_bytes
+from harness.report.units import LLAMA_2_7B_PARAMETERS, fmt_bytes, fmt_value
 
 PREDICTION_METHODS = ("analytic", "simulated")
 RECORD_METHODS = ("gpu", "cpu")
@@ -225,21 +225,34 @@ def trainable_fraction(results: Results, spec: dict, method: str) -> Observation
     return _per_experiment(results, spec, method, from_prediction, from_record, pick=max)
 
 
-def bytes_per_trainable(results: Results, spec: dict, method: str) -> Observation | None:
-    """(adapter weights + gradients + optimizer state) / trainable parameters.
-
-    The adapters' own bytes are taken equal to their gradients' (a gradient has its parameter's dtype).
-    """
-    def per_parameter(persistent: dict | None, trainable: int | None) -> float | None:
+def _per_trainable(results: Results, spec: dict, method: str, of) -> Observation | None:
+    """of(gradients, optimizer state, trainable parameters) from a prediction or a record."""
+    def value(persistent: dict | None, trainable: int | None) -> float | None:
         gradients, state = _get(persistent, "gradients"), _get(persistent, "optimizer_state")
         if gradients is None or state is None or not trainable:
             return None
-        return (2 * gradients + state) / trainable
+        return of(gradients, state, trainable)
 
     return _per_experiment(
         results, spec, method,
-        lambda p, res: per_parameter(p.get("persistent"), _get(_analytic_parameters(res, p), "trainable")),
-        lambda r: per_parameter(_get(r, "memory", "persistent"), _get(r, "parameters", "trainable")))
+        lambda p, res: value(p.get("persistent"), _get(_analytic_parameters(res, p), "trainable")),
+        lambda r: value(_get(r, "memory", "persistent"), _get(r, "parameters", "trainable")))
+
+
+# The adapters' own bytes are taken equal to their gradients' (a gradient has its parameter's dtype).
+def bytes_per_trainable(results: Results, spec: dict, method: str) -> Observation | None:
+    """(adapter weights + gradients + optimizer state) / trainable parameters."""
+    return _per_trainable(results, spec, method, lambda gradients, state, n: (2 * gradients + state) / n)
+
+
+def trainable_bytes(results: Results, spec: dict, method: str) -> Observation | None:
+    """Adapter weights + gradients + optimizer state, in bytes."""
+    return _per_trainable(results, spec, method, lambda gradients, state, n: 2 * gradients + state)
+
+
+def state_over_half_adapter(results: Results, spec: dict, method: str) -> Observation | None:
+    """Optimizer state over the trainable parameters held in 16 bits (2 B each)."""
+    return _per_trainable(results, spec, method, lambda gradients, state, n: state / (2 * n))
 
 
 def _base_bytes(persistent: dict | None) -> float | None:
@@ -268,6 +281,79 @@ def base_bits(results: Results, spec: dict, method: str) -> Observation | None:
 
 def constant_bits(results: Results, spec: dict, method: str) -> Observation | None:
     return _bits_per_parameter(results, spec, method, lambda persistent: _get(persistent, "quant_constants"))
+
+
+def premise_bytes(results: Results, spec: dict, method: str) -> Observation | None:
+    """The documents' own arithmetic on their premise: our parameter count x the bytes per
+    parameter the premise assumes (`bytes_per_parameter`), e.g. int8 weights and int8 gradients."""
+    per_parameter = spec["bytes_per_parameter"]
+    observation = _per_experiment(
+        results, spec, method,
+        lambda p, res: _get(_analytic_parameters(res, p), "total"),
+        lambda r: _get(r, "parameters", "total"))
+    if observation is None or observation.value is None:
+        return observation
+    note = f"{observation.value:,.0f} parameters x {per_parameter:g} B"
+    return as_counted(replace(observation, value=observation.value * per_parameter, note=note), spec)
+
+
+def quantized_bits(results: Results, spec: dict, method: str) -> Observation | None:
+    """Bits per quantized weight: the 4-bit code plus its quantization constants, over the
+    weights that are quantized (the projections), not the unquantized embeddings and head."""
+    def bits(persistent, counts):
+        constants, quantized = _get(persistent, "quant_constants"), _get(counts, "quantized")
+        return 4 + 8 * constants / quantized if constants is not None and quantized else None
+
+    observation = _per_experiment(
+        results, spec, method,
+        lambda p, res: bits(p.get("persistent"), _analytic_parameters(res, p)),
+        lambda r: bits(_get(r, "memory", "persistent"), _analytic_parameters(results, r)))
+    if observation is not None and observation.value is not None:
+        observation = replace(observation, note=f"4 bits of code + {observation.value - 4:.3f} bits of constants")
+    return observation
+
+
+def _ratio(results: Results, spec: dict, method: str, quantity) -> Observation | None:
+    """quantity(spec's experiment) / quantity(spec's `over` experiment), same model and shape."""
+    numerator = quantity(results, spec, method)
+    denominator = quantity(results, {**spec, "experiment": spec["over"]}, method)
+    if numerator is None or denominator is None or numerator.value is None or not denominator.value:
+        return None
+    source = f"{numerator.source} over {spec['over']}"
+    unit = spec.get("of", "")
+    note = f"{fmt_value(numerator.value, unit)} against {fmt_value(denominator.value, unit)}" if unit else ""
+    return Observation(numerator.value / denominator.value, method, source, numerator.device, note=note)
+
+
+def peak_ratio(results: Results, spec: dict, method: str) -> Observation | None:
+    return _ratio(results, {**spec, "of": "bytes"}, method, peak)
+
+
+def tokens_per_second(results: Results, spec: dict, method: str) -> Observation | None:
+    if method != "gpu":  # a speed means something only on a GPU
+        return None
+    return _per_experiment(results, spec, method, lambda p, res: None,
+                           lambda r: _get(r, "throughput", "tokens_per_s"))
+
+
+def throughput_ratio(results: Results, spec: dict, method: str) -> Observation | None:
+    return _ratio(results, {**spec, "of": "tokens_per_s"}, method, tokens_per_second)
+
+
+def max_micro_batch(results: Results, spec: dict, method: str) -> Observation | None:
+    """The largest micro-batch that fits a card (the fit table's analytic search, at its sequence length)."""
+    if method != "analytic" or not results.fits:
+        return None
+    table = results.fits
+    for row in table["rows"]:
+        if (row["model"], row["experiment"], int(row["card_gb"]), bool(row["gradient_checkpointing"])) == (
+                spec["model"], spec["experiment"], int(spec["card_gb"]), bool(spec.get("checkpointing"))):
+            checkpointing = "with" if row["gradient_checkpointing"] else "without"
+            return Observation(float(row["max_micro_batch"]), method,
+                               f"{row['experiment']} @ {row['model']}, seq {table['micro_batch_seq_len']:,}, "
+                               f"{checkpointing} checkpointing, {row['card_gb']} GB card",
+                               note=f"longest sequence at micro-batch 1: {row['max_seq_len']:,}")
+    return None
 
 
 def accumulation_extra(results: Results, spec: dict, method: str) -> Observation | None:
@@ -342,28 +428,34 @@ def format_bits(results: Results, spec: dict, method: str) -> Observation | None
 
 
 def format_counts(results: Results, spec: dict, method: str) -> Observation | None:
-    """The documents' '±65k' (fp16) and '±2 billion' (fp32) under each reading, both formats at once.
-
-    Readings: the count of finite values (both signs), the count per sign, and the largest value.
-    The value is the signed error of the best single reading (the one whose worse error is smallest).
-    """
+    """The documents' '±65k' (16 bits) and '±2 billion' (fp32) read as counts of values: true when
+    2^16 bit patterns and fp32's finite values per sign are within the tolerance of them. Whether
+    a count is what separates the formats is the claim's caveat (bf16 has fp16's count)."""
     probe = _probe(results, "number_formats", method)
     formats = _get(probe, "formats")
-    if not formats or "fp16" not in formats or "fp32" not in formats:
+    if not formats or not all(name in formats for name in ("fp16", "bf16", "fp32")):
         return None
-    claimed = {"fp16": 65e3, "fp32": 2e9}
-    readings = {
-        "count of finite values": {f: formats[f]["finite_values"] for f in claimed},
-        "count per sign": {f: formats[f]["finite_values"] / 2 for f in claimed},
-        "largest value": {f: formats[f]["max"] for f in claimed},
-    }
-    errors = {name: {f: (claimed[f] - ours[f]) / ours[f] for f in claimed} for name, ours in readings.items()}
-    best = min(errors, key=lambda name: max(abs(e) for e in errors[name].values()))
-    worst = max(errors[best].values(), key=abs)
-    note = (f"fp16: {formats['fp16']['finite_values']:,} finite values, largest {formats['fp16']['max']:g}; "
-            f"fp32: {formats['fp32']['finite_values']:,} finite values, largest {formats['fp32']['max']:.3g}; "
-            f"best single reading: {best}")
-    return Observation(worst, method, probe["_file"], probe.get("device"), note=note, extra={"errors": errors})
+    patterns_16 = 2 ** formats["fp16"]["bits"]
+    per_sign_32 = formats["fp32"]["finite_values"] / 2
+    tolerance = spec.get("tolerance", 0.10)
+    holds = abs(65e3 / patterns_16 - 1) <= tolerance and abs(2e9 / per_sign_32 - 1) <= tolerance
+    note = (f"16 bits: {patterns_16:,} bit patterns (fp16 {formats['fp16']['finite_values']:,} finite values, "
+            f"largest {formats['fp16']['max']:g}; bf16 {formats['bf16']['finite_values']:,}, largest "
+            f"{formats['bf16']['max']:.3g}); fp32: {per_sign_32:,.0f} finite values per sign")
+    return Observation(None, method, probe["_file"], probe.get("device"), note=note, holds=holds)
+
+
+def format_range(results: Results, spec: dict, method: str) -> Observation | None:
+    """fp16's range is narrower than bf16's at both ends (largest value, smallest normal)."""
+    probe = _probe(results, "number_formats", method)
+    formats = _get(probe, "formats")
+    if not formats or "fp16" not in formats or "bf16" not in formats:
+        return None
+    fp16, bf16 = formats["fp16"], formats["bf16"]
+    holds = fp16["max"] < bf16["max"] and fp16["smallest_normal"] > bf16["smallest_normal"]
+    note = (f"fp16 from {fp16['smallest_normal']:.3g} to {fp16['max']:g}; bf16 from {bf16['smallest_normal']:.3g} "
+            f"to {bf16['max']:.3g}")
+    return Observation(None, method, probe["_file"], probe.get("device"), note=note, holds=holds)
 
 
 def quantization_tradeoff(results: Results, spec: dict, method: str) -> Observation | None:
@@ -398,18 +490,28 @@ def accumulation_error(results: Results, spec: dict, method: str) -> Observation
     ks = ", ".join(str(row["k"]) for row in rows)
     note = (f"k = {ks} at micro-batch {probe.get('micro_batch')} ({probe.get('model')}): largest relative "
             f"gradient difference {error:.2g}, loss difference {loss:.2g}")
-    return Observation(error, method, probe["_file"], probe.get("device"), note=note)
+    uneven = probe.get("uneven")
+    caveat = None if not uneven else (
+        f"only where every micro-batch counts the same number of tokens: with unequal counts "
+        f"({', '.join(map(str, uneven['tokens_counted']))} tokens in k = {uneven['k']} micro-batches), averaging "
+        f"each micro-batch's mean loss gives gradients {uneven['mean_of_means_error']:.2g} off, while dividing "
+        f"the summed token losses by the whole batch's count (transformers' num_items_in_batch) is "
+        f"{uneven['token_count_error']:.2g} off")
+    return Observation(error, method, probe["_file"], probe.get("device"), note=note, caveat=caveat)
 
 
 QUANTITIES = {
     "category": category, "categories_sum": categories_sum, "excess": excess, "peak": peak,
     "min_peak": min_peak, "excess_peak": excess_peak, "trainable_fraction": trainable_fraction,
-    "bytes_per_trainable": bytes_per_trainable, "base_bits": base_bits, "constant_bits": constant_bits,
-    "accumulation_extra": accumulation_extra, "paged_state": paged_state,
-    "format_bits": format_bits, "format_counts": format_counts,
+    "bytes_per_trainable": bytes_per_trainable, "trainable_bytes": trainable_bytes,
+    "state_over_half_adapter": state_over_half_adapter, "base_bits": base_bits, "constant_bits": constant_bits,
+    "accumulation_extra": accumulation_extra, "paged_state": paged_state, "premise_bytes": premise_bytes,
+    "quantized_bits": quantized_bits, "peak_ratio": peak_ratio, "throughput_ratio": throughput_ratio,
+    "max_micro_batch": max_micro_batch,
+    "format_bits": format_bits, "format_counts": format_counts, "format_range": format_range,
     "quantization_tradeoff": quantization_tradeoff, "accumulation_error": accumulation_error,
 }
-PROBE_QUANTITIES = {"format_bits", "format_counts", "quantization_tradeoff", "accumulation_error"}
+PROBE_QUANTITIES = {"format_bits", "format_counts", "format_range", "quantization_tradeoff", "accumulation_error"}
 
 
 def observe(results: Results, spec: dict, method: str) -> Observation | None:

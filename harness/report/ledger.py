@@ -7,7 +7,7 @@ quantization error, accumulation equivalence) are their own evidence.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from harness.measure.budget import budget_cap_bytes
 from harness.report import verdicts
@@ -29,6 +29,8 @@ class LedgerRow:
     verdict: verdicts.Verdict
     why: str
     context: tuple[tuple[str, Observation], ...] = ()
+    also: str = ""  # the context figures, as text
+    readings: tuple[tuple[str, "LedgerRow"], ...] = ()  # the claim's other readings, judged alike
 
 
 def evidence_order(claim: Claim) -> list[str]:
@@ -43,13 +45,15 @@ def usable_for(claim: Claim, observation: Observation | None) -> bool:
         return False
     if observation.value is not None or observation.holds is not None:
         return True
-    return claim.compare == "fits" and observation.status == "oom"
+    return claim.compare in ("fits", "does_not_fit") and observation.status == "oom"
 
 
 def judge(claim: Claim, observation: Observation) -> verdicts.Verdict:
     tolerance, band, figure = claim.tolerance, claim.caveat_tolerance, claim.figure_value
     if claim.compare == "equals":
         verdict = verdicts.judge_value(figure, observation.value, tolerance, band)
+    elif claim.compare == "premise":
+        verdict = verdicts.on_premise(verdicts.judge_value(figure, observation.value, tolerance, band))
     elif claim.compare == "exceeds":
         verdict = verdicts.judge_exceeds(figure, observation.value, tolerance, band)
     elif claim.compare == "at_most":
@@ -59,6 +63,9 @@ def judge(claim: Claim, observation: Observation) -> verdicts.Verdict:
     elif claim.compare == "fits":
         capacity = observation.capacity or budget_cap_bytes(figure / 1e9, "cuda")
         verdict = verdicts.judge_fits(observation.value, capacity, observation.status == "oom", tolerance)
+    elif claim.compare == "does_not_fit":
+        capacity = observation.capacity or budget_cap_bytes(figure / 1e9, "cuda")
+        verdict = verdicts.judge_does_not_fit(observation.value, capacity, observation.status == "oom")
     elif claim.compare == "statement":
         verdict = verdicts.judge_statement(bool(observation.holds), claim.caveat)
     elif claim.compare == "error":
@@ -92,12 +99,11 @@ def basis_short(observation: Observation | None) -> str:
 def _ours(claim: Claim, observation: Observation) -> str:
     if observation.value is None:
         return observation.note or observation.status
-    return fmt_value(observation.value, claim.unit)
+    return fmt_value(observation.value, observation.extra.get("unit", claim.unit))
 
 
-def explain(claim: Claim, observation: Observation | None, verdict: verdicts.Verdict,
-            context: tuple[tuple[str, Observation], ...] = ()) -> str:
-    """One sentence (two at most, with context) saying why the verdict is what it is."""
+def explain(claim: Claim, observation: Observation | None, verdict: verdicts.Verdict) -> str:
+    """One sentence saying why the verdict is what it is."""
     if observation is None:
         return f"No evidence recorded yet; it comes from {claim.needs}."
     basis = basis_label(observation)
@@ -105,10 +111,15 @@ def explain(claim: Claim, observation: Observation | None, verdict: verdicts.Ver
     if claim.compare == "error" and verdict.error is not None:
         text = (f"{basis}: {observation.note}; under it the documents' {claim.figure_text} are "
                 f"{verdict.error * 100:+.1f}% off, {verdict.reason}")
+    elif claim.compare == "premise" and verdict.error is not None:
+        text = (f"On the documents' premise ({claim.premise}), {basis[0].lower() + basis[1:]} gives "
+                f"{_ours(claim, observation)} ({observation.source}); their {claim.figure_text} is "
+                f"{verdict.error * 100:+.1f}% from it, {verdict.reason}")
+        text += f"; the premise {'is what fails' if verdict.kind == verdicts.PREMISE else 'fails too'}: {claim.explain}"
     elif claim.compare in ("equals", "exceeds", "at_least") and verdict.error is not None:
         text = (f"{basis} gives {_ours(claim, observation)} ({observation.source}); the documents' "
                 f"{claim.figure_text} is {verdict.error * 100:+.1f}% from it, {verdict.reason}")
-    elif claim.compare == "fits":
+    elif claim.compare in ("fits", "does_not_fit"):
         capacity = observation.capacity or budget_cap_bytes(claim.figure_value / 1e9, "cuda")
         peak = (f"peak {fmt_bytes(observation.value)}" if observation.value is not None
                 else observation.note or observation.status)
@@ -122,13 +133,15 @@ def explain(claim: Claim, observation: Observation | None, verdict: verdicts.Ver
                 f"{claim.figure_text}: {verdict.reason}")
     if verdict.kind == verdicts.CAVEAT:
         text += f"; caveat: {observation.caveat or claim.caveat}"
-    elif verdict.kind in (verdicts.OFF, verdicts.WRONG) and (claim.explain or claim.caveat):
+    elif verdict.kind in (verdicts.OFF, verdicts.WRONG) and (claim.explain or claim.caveat) \
+            and claim.compare != "premise":
         text += f": {claim.explain or claim.caveat}"
-    text += "."
-    if context:
-        parts = [f"{label}: {_ours(claim, obs)} ({obs.method})" for label, obs in context]
-        text += " Also " + "; ".join(parts) + "."
-    return text
+    return text + "."
+
+
+def also(claim: Claim, context: tuple[tuple[str, Observation], ...]) -> str:
+    """The context figures, beside the reason: "label: figure (method); ..."."""
+    return "; ".join(f"{label}: {_ours(claim, obs)} ({obs.method})" for label, obs in context)
 
 
 def _context(claim: Claim, results: Results, order: list[str]) -> tuple[tuple[str, Observation], ...]:
@@ -137,6 +150,8 @@ def _context(claim: Claim, results: Results, order: list[str]) -> tuple[tuple[st
         for method in order:
             observation = observe(results, spec, method)
             if observation is not None and observation.value is not None:
+                if spec.get("unit"):  # a context figure in another unit than the claim's
+                    observation = replace(observation, extra={**observation.extra, "unit": spec["unit"]})
                 found.append((spec["label"], observation))
                 break
     return tuple(found)
@@ -148,8 +163,10 @@ def build_row(claim: Claim, results: Results) -> LedgerRow:
     basis = next((seen[m] for m in order if usable_for(claim, seen[m])), None)
     verdict = judge(claim, basis) if basis is not None else verdicts.unchecked(claim.needs)
     context = _context(claim, results, order)
+    readings = tuple((label, build_row(reading, results)) for label, reading in claim.readings)
     return LedgerRow(claim, seen.get("analytic"), seen.get("simulated"), seen.get("gpu"), seen.get("cpu"),
-                     seen.get("probe"), basis, verdict, explain(claim, basis, verdict, context), context)
+                     seen.get("probe"), basis, verdict, explain(claim, basis, verdict), context, also(claim, context),
+                     readings)
 
 
 def build_ledger(results: Results, claims: list[Claim] | None = None) -> list[LedgerRow]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from harness.report import verdicts
-from harness.report.evidence import Observation
+from harness.report.evidence import PROBE_QUANTITIES, Observation
 from harness.report.ledger import LedgerRow, basis_short
 from harness.report.load import CATEGORIES, Results
 from harness.report.loss import LossComparison
@@ -16,7 +16,9 @@ from harness.report.microbench import format_seconds, ratios
 from harness.report.units import UNIT_WORDS, fmt_gb, fmt_value
 
 VERDICT_CLASSES = {verdicts.HOLDS: "holds", verdicts.CAVEAT: "caveat", verdicts.OFF: "off",
-                   verdicts.WRONG: "wrong", verdicts.UNCHECKED: "unchecked"}
+                   verdicts.WRONG: "wrong", verdicts.PREMISE: "wrong", verdicts.UNCHECKED: "unchecked"}
+# Analytic and simulated predictions this close are shown as one figure.
+PREDICTIONS_AGREE = 0.01
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,10 @@ def verdict_counts(ledger: list[LedgerRow]) -> dict[str, int]:
 
 
 def verdict_cell(row: LedgerRow) -> Cell:
-    return Cell(row.verdict.label, row.claim.tolerance_text, VERDICT_CLASSES[row.verdict.kind])
+    """The verdict, its tolerance, and the verdicts of the claim's other readings."""
+    others = "; ".join(f"other reading ({label}): {reading.verdict.label}" for label, reading in row.readings)
+    detail = row.claim.tolerance_text + (f"; {others}" if others else "")
+    return Cell(row.verdict.label, detail, VERDICT_CLASSES[row.verdict.kind])
 
 
 def glance_table(ledger: list[LedgerRow]) -> Table:
@@ -79,20 +84,26 @@ def _observation_text(claim, observation: Observation | None) -> str:
     return fmt_value(observation.value, claim.unit)
 
 
-def _prediction_cell(claim, observation: Observation | None, method: str, is_probe: bool) -> Cell:
+def _predicted_cell(claim, analytic: Observation | None, simulated: Observation | None, is_probe: bool) -> Cell:
+    """One figure where the two methods agree within PREDICTIONS_AGREE (both in the sub-line), else both."""
     if is_probe:
         return Cell("n/a", "a property of the format or the arithmetic")
-    if observation is None:
-        return Cell("-", f"no {method} prediction for this configuration")
-    return Cell(_observation_text(claim, observation), observation.source)
+    found = [(name, obs) for name, obs in (("analytic", analytic), ("simulated", simulated)) if obs is not None]
+    if not found:
+        return Cell("-", "no prediction for this configuration")
+    texts = {name: _observation_text(claim, obs) for name, obs in found}
+    source = found[0][1].source
+    values = [obs.value for _, obs in found]
+    if len(found) == 2 and None not in values and abs(values[0] - values[1]) <= PREDICTIONS_AGREE * abs(values[1]):
+        return Cell(texts["simulated"], f"analytic {texts['analytic']}, simulated {texts['simulated']}; {source}")
+    return Cell(" / ".join(f"{text} ({name})" for name, text in texts.items()), source)
 
 
 def _measured_cell(row: LedgerRow) -> Cell:
     claim = row.claim
     if row.probe is not None:
         return Cell(row.probe.note, f"probe on {row.probe.device}, device-independent ({row.probe.source})")
-    if claim.evidence["quantity"] in ("format_bits", "format_counts", "quantization_tradeoff",
-                                      "accumulation_error"):
+    if claim.evidence["quantity"] in PROBE_QUANTITIES:
         return Cell("no probe file yet", f"needs {claim.needs}")
     gpu, cpu = row.gpu, row.cpu
     if gpu is not None and gpu.value is not None:
@@ -102,7 +113,7 @@ def _measured_cell(row: LedgerRow) -> Cell:
     if gpu is not None:  # an OOM or failed run on a GPU
         parts.append(Cell(f"{gpu.status} on {gpu.device}", f"{gpu.source}; {gpu.note}"))
     else:
-        parts.append(Cell("no GPU run recorded yet", f"needs {claim.needs}"))
+        parts.append(Cell("-", f"needs {claim.needs}"))
     if cpu is not None and cpu.value is not None:
         detail = f"CPU (tracked tensor bytes, not a GPU figure): {_observation_text(claim, cpu)}, {cpu.source}"
         return Cell(parts[0].text, parts[0].detail + "; " + detail)
@@ -115,25 +126,36 @@ def _published_cell(claim) -> Cell:
     return Cell(claim.published["figure"], claim.published["source"])
 
 
+def _claim_cell(claim) -> Cell:
+    detail = f"they write: \"{claim.quote}\"; {claim.model}" if claim.quote else claim.model
+    return Cell(claim.claim, detail)
+
+
+def _why_cell(row: LedgerRow) -> Cell:
+    readings = [f"Other reading ({label}): {reading.why}" for label, reading in row.readings]
+    return Cell(row.why, " ".join(filter(None, [row.also and f"Also {row.also}.", *readings])))
+
+
 def ledger_table(ledger: list[LedgerRow]) -> Table:
     rows = []
     for row in ledger:
         claim = row.claim
-        is_probe = row.probe is not None or claim.evidence["quantity"] in (
-            "format_bits", "format_counts", "quantization_tradeoff", "accumulation_error")
+        is_probe = row.probe is not None or claim.evidence["quantity"] in PROBE_QUANTITIES
         rows.append([
             Cell(claim.id, " + ".join(claim.sources)),
-            Cell(claim.claim, claim.model),
+            _claim_cell(claim),
             Cell(claim.figure_text, UNIT_WORDS.get(claim.unit, claim.unit)),
-            _prediction_cell(claim, row.analytic, "analytic", is_probe),
-            _prediction_cell(claim, row.simulated, "simulated", is_probe),
+            _predicted_cell(claim, row.analytic, row.simulated, is_probe),
             _measured_cell(row),
             _published_cell(claim),
             verdict_cell(row),
-            Cell(row.why),
+            _why_cell(row),
         ])
-    return Table(["ID", "Claim", "Documents' figure", "Analytic", "Simulated", "Measured (device)",
-                  "Published", "Verdict (tolerance)", "Why"], rows, css="ledger")
+    note = ("Predicted: one figure where the analytic formula and the simulation agree within "
+            f"{PREDICTIONS_AGREE:.0%} (both in the sub-line), else both. Measured \"-\": no GPU run of that "
+            "configuration yet; the sub-line names the run that decides it.")
+    return Table(["ID", "Claim", "Documents' figure", "Predicted", "Measured (device)", "Published",
+                  "Verdict (tolerance)", "Why"], rows, note=note, css="ledger")
 
 
 # --- runs ---------------------------------------------------------------------------------------

@@ -61,6 +61,10 @@ FORMATTERS = {
     "relative_error": fmt_sci,
     "count": fmt_count,
     "bits": lambda v: "-" if v is None else f"{v:g} bits",
+    "bits_per_weight": lambda v: "-" if v is None else f"{v:.2f} bits/quantized weight",
+    "ratio": lambda v: "-" if v is None else f"{v:.2f}x",
+    "tokens_per_s": lambda v: "-" if v is None else f"{v:,.0f} tokens/s",
+    "sequences": lambda v: "-" if v is None else f"{v:.0f} sequence{'' if v == 1 else 's'}",
 }
 
 
@@ -68,7 +72,8 @@ FORMATTERS = {
 UNIT_WORDS = {
     "bytes": "memory", "fraction": "a share", "bits_per_parameter": "bits per parameter",
     "bytes_per_parameter": "bytes per parameter", "relative_error": "a relative error", "count": "a count",
-    "bits": "bits",
+    "bits": "bits", "bits_per_weight": "bits per quantized weight", "ratio": "a ratio",
+    "tokens_per_s": "a speed", "sequences": "sequences per micro-batch",
 }
 
 

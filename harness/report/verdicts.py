@@ -13,8 +13,10 @@ HOLDS = "holds"
 CAVEAT = "holds with caveat"
 OFF = "off"
 WRONG = "wrong"
+# The arithmetic holds on the documents' own premise, and the premise is not how anyone trains.
+PREMISE = "arithmetic holds, premise wrong"
 UNCHECKED = "not yet checked"
-KINDS = (HOLDS, CAVEAT, OFF, WRONG, UNCHECKED)
+KINDS = (HOLDS, CAVEAT, OFF, WRONG, PREMISE, UNCHECKED)
 # Float noise must not turn an error of exactly the tolerance into a miss.
 _EPSILON = 1e-12
 
@@ -89,6 +91,20 @@ def judge_fits(peak: float | None, capacity: float, out_of_memory: bool = False,
     if (capacity - peak) / capacity < headroom:
         return Verdict(CAVEAT, None, f"it fits with less than {headroom:.0%} headroom")
     return Verdict(HOLDS, None, "it fits")
+
+
+def judge_does_not_fit(peak: float | None, capacity: float, out_of_memory: bool = False) -> Verdict:
+    """'X does not fit a card of C bytes': holds on OOM or a peak over C; wrong if it fits."""
+    if out_of_memory or (peak is not None and peak > capacity):
+        return Verdict(HOLDS, None, "it does not fit")
+    return Verdict(WRONG, None, "it fits")
+
+
+def on_premise(verdict: Verdict) -> Verdict:
+    """The arithmetic judged on the documents' premise; where it holds, the premise is what is wrong."""
+    if verdict.kind in (HOLDS, CAVEAT):
+        return replace(verdict, kind=PREMISE)
+    return verdict
 
 
 def judge_statement(true: bool, caveat: str | None = None) -> Verdict:
