@@ -22,6 +22,7 @@ import seaborn as sns  # noqa: E402
 from harness.measure.budget import budget_cap_bytes  # noqa: E402
 from harness.report.claims import Claim  # noqa: E402
 from harness.report.load import CATEGORIES, Results  # noqa: E402
+from harness.report.units import CATEGORY_WORDS, DOCUMENTS_MODEL  # noqa: E402
 
 CARDS_GB = (16, 24, 40, 80)
 TECHNIQUE_ORDER = ("fp32", "bf16-mixed", "bf16-mixed-gc", "fp16-mixed", "bf16-pure", "adamw8bit", "lora",
@@ -92,7 +93,7 @@ def _claim_markers(claims: list[Claim]) -> list[dict]:
             continue
         names = [spec["experiment"]] if isinstance(spec.get("experiment"), str) else list(spec.get("experiment") or [])
         markers.append({"model": spec.get("model"), "experiments": names, "value": claim.figure_value,
-                        "label": f"{claim.id}: {claim.figure_text}", "line": claim.compare in ("fits", "at_least")})
+                        "label": f"{claim.id}: {claim.figure_text}", "line": claim.compare in ("fits", "at_least", "does_not_fit")})
     return markers
 
 
@@ -100,27 +101,32 @@ def memory_breakdown(results: Results, runs: pd.DataFrame, predictions: pd.DataF
                      claims: list[Claim]) -> FigureResult:
     name, title = "memory-breakdown", "Memory at the peak, by category"
     bars = []
+    measured = representative_runs(runs)
+    measured = measured[measured["device_type"] == "cuda"] if len(measured) else measured
+    shapes = {}  # one shape per model: the measured one, else the shortest predicted sequence, smallest batch
+    for _, r in measured.iterrows():
+        if any(pd.isna(r[f"peak_{c}"]) for c in CATEGORIES):
+            continue
+        shapes.setdefault(r["model"], (int(r["seq_len"]), int(r["micro_batch"])))
+        if shapes[r["model"]] != (int(r["seq_len"]), int(r["micro_batch"])):
+            continue
+        bars.append({"model": r["model"], "experiment": r["experiment"], "source": f"measured: {r['device']}",
+                     "shape": f"seq {int(r['seq_len'])} x {int(r['micro_batch'])}",
+                     **{c: r[f"peak_{c}"] for c in CATEGORIES}})
     cuda = predictions[(predictions["device_type"] == "cuda") & predictions["total_bytes"].notna()]
-    if not cuda.empty:  # one shape per model: the shortest sequence, then the smallest micro-batch
-        shapes = cuda.sort_values(["seq_len", "micro_batch"]).groupby("model")[["seq_len", "micro_batch"]].first()
-        chosen = cuda.merge(shapes.reset_index(), on=["model", "seq_len", "micro_batch"])
-        for _, p in chosen.sort_values(["model", "experiment", "method", "file"]).iterrows():
+    for model, of_model in cuda.sort_values(["seq_len", "micro_batch"]).groupby("model", sort=False):
+        shape = shapes.get(model, (of_model["seq_len"].iloc[0], of_model["micro_batch"].iloc[0]))
+        chosen = of_model[(of_model["seq_len"] == shape[0]) & (of_model["micro_batch"] == shape[1])]
+        for _, p in chosen.sort_values(["experiment", "method", "file"]).iterrows():
             bars.append({"model": p["model"], "experiment": p["experiment"], "source": p["method"],
                          "shape": f"seq {p['seq_len']} x {p['micro_batch']}",
                          **{c: 0 if pd.isna(p[f"peak_{c}"]) else p[f"peak_{c}"] for c in CATEGORIES}})
-    for _, r in representative_runs(runs).iterrows():
-        if any(pd.isna(r[f"peak_{c}"]) for c in CATEGORIES):
-            continue
-        source = f"measured: {r['device']}" if r["device_type"] == "cuda" else "CPU tracked bytes"
-        bars.append({"model": r["model"], "experiment": r["experiment"], "source": source,
-                     "shape": f"seq {int(r['seq_len'])} x {int(r['micro_batch'])}",
-                     **{c: r[f"peak_{c}"] for c in CATEGORIES}})
     if not bars:
         return FigureResult(name, title, "", missing=(
-            f"No run records or predictions in {results.root}: `make bench` writes run records and "
-            "`python -m harness predict --claims` writes predictions."))
+            f"No GPU run records or CUDA predictions in {results.root}: `make bench` on a GPU writes run records "
+            "and `python -m harness predict --claims` writes predictions."))
     frame = pd.DataFrame(bars)
-    models = sorted(frame["model"].unique())
+    models = sorted(frame["model"].unique(), key=lambda m: (m != DOCUMENTS_MODEL, m))  # the documents' 7B first
     sources = sorted(frame["source"].unique(), key=lambda s: ({"analytic": 0, "simulated": 1}.get(s, 2), s))
     markers = _claim_markers(claims)
     fig, axes = plt.subplots(len(models), 1, figsize=(12, 3.3 * len(models)), squeeze=False)
@@ -159,22 +165,22 @@ def memory_breakdown(results: Results, runs: pd.DataFrame, predictions: pd.DataF
                                 xytext=(6, 2), textcoords="offset points", fontsize=8)
         shapes = ", ".join(sorted(part["shape"].unique()))
         ax.set_title(f"{model} ({shapes})", fontsize=10, loc="left")
-        ax.set_xticks(range(len(experiments)), experiments, fontsize=9)
+        ax.set_xticks(range(len(experiments)), experiments, fontsize=9, rotation=25, ha="right")
         ax.set_ylabel("GB (1e9 bytes)")
         ax.set_xlim(-0.6, len(experiments) - 0.4)
     handles = [plt.Rectangle((0, 0), 1, 1, color=CATEGORY_COLORS[c]) for c in CATEGORIES]
     handles += [plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="grey", hatch=hatches[i % len(hatches)])
                 for i in range(len(sources))]
     handles += [plt.Line2D([], [], marker="D", color="black", linestyle="")]
-    labels = list(CATEGORIES) + [f"bars: {s}" for s in sources] + ["the documents' figure"]
+    labels = [CATEGORY_WORDS[c] for c in CATEGORIES] + [f"bars: {s}" for s in sources] + ["the documents' figure"]
     fig.legend(handles, labels, loc="upper center", ncol=5, fontsize=8, bbox_to_anchor=(0.5, 1.0 + 0.18 / len(models)))
     fig.tight_layout()
     devices = sorted({s.split(": ", 1)[1] for s in sources if s.startswith("measured: ")})
     caption = ("What is alive at the peak of one training step, stacked by category, per technique and model. "
                "Analytic and simulated bars are predictions of the CUDA code path (no GPU used); "
                + (f"measured bars: {', '.join(devices)}. " if devices else "no measured bars. ")
-               + "CPU bars are tracked tensor bytes on a CPU, not GPU figures. Black diamonds and dashed lines "
-               "are the documents' figures, named by claim ID. GB = 1e9 bytes.")
+               + "Each panel is at one shape, the measured one where a GPU run exists. Black diamonds and dashed "
+               "lines are the documents' figures, named by claim ID. GB = 1e9 bytes.")
     return FigureResult(name, title, caption, _png(fig))
 
 
@@ -193,13 +199,16 @@ def _pareto(points: pd.DataFrame) -> pd.DataFrame:
 
 def throughput_vs_memory(runs: pd.DataFrame) -> FigureResult:
     name, title = "throughput-vs-memory", "Throughput against peak memory"
-    done = runs[(runs["status"] == "ok") & runs["tokens_per_s"].notna() & runs["peak_allocated"].notna()].copy()
+    done = representative_runs(runs)  # one run per technique at each model's usual shape
+    if len(done):  # a time means something only on a GPU; CPU runs are in the appendix's table
+        done = done[(done["device_type"] == "cuda") & done["tokens_per_s"].notna()].copy()
     if done.empty:
-        return FigureResult(name, title, "", missing="No finished runs with throughput: `make bench` produces them.")
-    done["device"] = done.apply(_gpu_label, axis=1)
-    done["panel"] = done["model"] + " | " + done["device"]
+        return FigureResult(name, title, "", missing=(
+            "No finished GPU runs with throughput: `make bench` on a GPU produces them."))
+    done["panel"] = (done["model"] + " | " + done["device"] + ", seq " + done["seq_len"].astype(int).astype(str)
+                     + " x " + done["micro_batch"].astype(int).astype(str))
     done["peak_gb"] = done["peak_allocated"] / 1e9
-    panels = sorted(done["panel"].unique())
+    panels = sorted(done["panel"].unique(), key=lambda p: (not p.startswith(DOCUMENTS_MODEL + " "), p))
     fig, axes = _panel_grid(len(panels), 3, (4.6, 3.6))
     experiments, palette = _experiment_palette(done)
     for ax, panel in zip(axes.flat, panels):
@@ -214,26 +223,27 @@ def throughput_vs_memory(runs: pd.DataFrame) -> FigureResult:
                         xytext=(3, 3), textcoords="offset points")
         model, device = panel.split(" | ", 1)
         ax.set_title(f"{model}\n{device}", fontsize=9)
-        ax.set_xlabel("peak GB (1e9 bytes)" + (", tracked" if "CPU" in device else ", allocated"))
+        ax.set_xlabel("peak GB (1e9 bytes), allocated")
         ax.set_ylabel("tokens/s")
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.tight_layout()
     devices = sorted(done["device"].unique())
-    caption = ("Each finished run's tokens per second (median step) against its peak memory; the dotted line "
-               "joins the runs no other run beats on both. Devices: " + ", ".join(devices) + ". CPU panels use "
-               "tracked tensor bytes and CPU time: they rank techniques on this CPU only.")
+    caption = ("Each technique's tokens per second (median step) against its peak memory on a GPU, one run per "
+               "technique at each model's usual shape; the dotted line joins the runs no other run beats on both. "
+               "Devices: " + ", ".join(devices) + ".")
     return FigureResult(name, title, caption, _png(fig))
 
 
 # --- 3. loss curves -----------------------------------------------------------------------------
 
 def loss_curves(results: Results, runs: pd.DataFrame) -> FigureResult:
-    name, title = "loss-curves", "Loss per step, per technique on the same data"
+    name, title = "loss-curves", "Loss per step from pretrained weights, per technique on the same data"
     chosen = representative_runs(runs)
     by_file = {r["_file"]: r for r in results.records}
     lines = []
-    for _, run in chosen.iterrows():
+    # A run from random weights says only that training runs: its loss is no comparison.
+    for _, run in chosen[~chosen["random_init"].astype(bool)].iterrows():
         record = by_file.get(run["file"]) or {}
         losses = (record.get("loss") or {}).get("per_step") or []
         for step, value in enumerate(losses):
@@ -244,7 +254,8 @@ def loss_curves(results: Results, runs: pd.DataFrame) -> FigureResult:
                           "step": point["step"], "loss": point["loss"], "kind": "held-out",
                           "random_init": bool(run["random_init"])})
     if not lines:
-        return FigureResult(name, title, "", missing="No finished runs with losses: `make bench` produces them.")
+        return FigureResult(name, title, "", missing=(
+            "No finished run from pretrained weights: `make bench` fine-tunes the lab's pretrained base."))
     frame = pd.DataFrame(lines)
     panels = sorted(frame["panel"].unique())
     fig, axes = _panel_grid(len(panels), 2, (6.5, 3.8))
@@ -264,19 +275,16 @@ def loss_curves(results: Results, runs: pd.DataFrame) -> FigureResult:
             low, high = held["loss"].min(), held["loss"].max()
             margin = 0.15 * (high - low) + 0.02
             ax.set_ylim(low - margin, high + margin)
-        model, device = panel.split(" | ", 1)
-        random_init = part["random_init"].any()
-        suffix = "\nrandom init: memory and speed only" if random_init else ""
-        ax.set_title(f"{model} | {device}{suffix}", fontsize=9, color="firebrick" if random_init else "black")
+        ax.set_title(panel, fontsize=9)
         ax.legend(fontsize=7, ncol=2)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.tight_layout()
     caption = ("Training loss at every step and, where the run evaluated, held-out loss (bold lines with dots; the "
-               "training loss is then faint behind it), one run per "
-               "technique, the same sequences for every technique of a panel. Panels marked \"random init\" "
-               "start from random weights: their loss says nothing about quality, only that training runs. "
-               "Devices: " + ", ".join(sorted({p.split(' | ', 1)[1] for p in panels})) + ".")
+               "training loss is then faint behind it), one run per technique, the same sequences for every "
+               "technique of a panel, from pretrained weights only (runs from random weights measure memory and "
+               "speed, and their loss says nothing). Devices: "
+               + ", ".join(sorted({p.split(' | ', 1)[1] for p in panels})) + ".")
     return FigureResult(name, title, caption, _png(fig))
 
 

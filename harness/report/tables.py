@@ -13,7 +13,7 @@ from harness.report.ledger import LedgerRow, basis_short
 from harness.report.load import CATEGORIES, Results
 from harness.report.loss import LossComparison
 from harness.report.microbench import format_seconds, ratios
-from harness.report.units import UNIT_WORDS, fmt_gb, fmt_value
+from harness.report.units import CATEGORY_WORDS, UNIT_WORDS, fmt_gb, fmt_value
 
 VERDICT_CLASSES = {verdicts.HOLDS: "holds", verdicts.CAVEAT: "caveat", verdicts.OFF: "off",
                    verdicts.WRONG: "wrong", verdicts.PREMISE: "wrong", verdicts.UNCHECKED: "unchecked"}
@@ -265,7 +265,7 @@ def accuracy_category_table(errors: pd.DataFrame) -> Table:
     note = ("GB alive at the peak of the tracked step on the GPU, by category, with each prediction's "
             "difference (predicted minus measured, GB). The tracked step counts live tensor storages as the "
             "simulation does, so a difference here is a tensor a predictor does not know about.")
-    return Table(["Model", "Experiment", "Seq x micro-batch x accum.", *[c.replace("_", " ") for c in CATEGORIES]],
+    return Table(["Model", "Experiment", "Seq x micro-batch x accum.", *[CATEGORY_WORDS[c] for c in CATEGORIES]],
                  rows, note, css="accuracy-categories", numeric=set(range(3, 3 + len(CATEGORIES))))
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 
+from harness.schema import CATEGORIES
+
 GB = 1e9
 GIB = 2**30
 # "7B" in the documents is Llama-2-7B; where 7e9 vs this count matters, the ledger says so.
 LLAMA_2_7B_PARAMETERS = 6_738_415_616
+DOCUMENTS_MODEL = "llama-2-7b"  # its preset's name
 
 
 def gb(value: float) -> float:
@@ -75,6 +78,10 @@ UNIT_WORDS = {
     "bits": "bits", "bits_per_weight": "bits per quantized weight", "ratio": "a ratio",
     "tokens_per_s": "a speed", "sequences": "sequences per micro-batch",
 }
+
+
+# The memory categories of a record, in words (tables, legends).
+CATEGORY_WORDS = {**{name: name.replace("_", " ") for name in CATEGORIES}, "quant_constants": "quantization constants"}
 
 
 def fmt_value(value: float | None, unit: str) -> str:
