@@ -45,14 +45,15 @@ def _error(predicted, measured) -> float | None:
     return predicted / measured - 1
 
 
-def prediction_errors(runs: pd.DataFrame, predictions: pd.DataFrame) -> pd.DataFrame:
-    """One row per finished GPU run that has a prediction of its configuration (CUDA code path)."""
-    gpu = runs[(runs["device_type"] == "cuda") & (runs["status"] == "ok")]
-    cuda = predictions[predictions["device_type"] == "cuda"]
+def prediction_errors(runs: pd.DataFrame, predictions: pd.DataFrame, device_type: str = "cuda") -> pd.DataFrame:
+    """One row per finished run on the device type that has a prediction of its configuration on the
+    same code path (on a CPU, what is measured is the tracked tensor bytes)."""
+    measured = runs[(runs["device_type"] == device_type) & (runs["status"] == "ok")]
+    same_path = predictions[predictions["device_type"] == device_type]
     rows = []
-    for _, run in gpu.iterrows():
+    for _, run in measured.iterrows():
         row = run.to_dict()
-        matching = cuda
+        matching = same_path
         for key in PREDICTION_KEYS:
             matching = matching[matching[key] == run[key]]
         if matching.empty:

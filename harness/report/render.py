@@ -197,8 +197,9 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
     blocks.append(_table_or(runs_table(on_gpu) if len(on_gpu) else None,
                             "No GPU run records in these results: `make bench` (or `make gpu-evidence`) on a CUDA "
                             "machine produces them."))
+    on_cuda_path = predictions[predictions["device_type"] == "cuda"] if len(predictions) else predictions
     blocks.append(Block("h3", "Memory predictions"))
-    blocks.append(_table_or(predictions_table(predictions) if len(predictions) else None,
+    blocks.append(_table_or(predictions_table(on_cuda_path) if len(on_cuda_path) else None,
                             "No predictions: `python -m harness predict --claims` writes them."))
     blocks.append(Block("h2", "Micro-benchmarks on a GPU", anchor="microbench"))
     blocks.append(_table_or(microbench_table(gpu_benchmarks) if gpu_benchmarks else None,
@@ -215,6 +216,13 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
     blocks.append(_table_or(runs_table(on_cpu) if len(on_cpu) else None,
                             f"No CPU run records in `{results_dir}`: `make bench` on a machine without a GPU "
                             "produces them."))
+    on_cpu_path = predictions[predictions["device_type"] == "cpu"] if len(predictions) else predictions
+    blocks.append(Block("h3", "Predicted against tracked bytes on a CPU"))
+    cpu_errors = prediction_errors(runs, predictions, "cpu") if len(runs) and len(predictions) else []
+    if len(cpu_errors):
+        blocks.append(Block("p", _accuracy_text(cpu_errors, "CPU run", ", measured as its peak of tracked tensor bytes,")))
+    blocks.append(_table_or(predictions_table(on_cpu_path) if len(on_cpu_path) else None,
+                            "No predictions of the CPU code path: `python -m harness predict --claims` writes them."))
     blocks.append(Block("h3", "Micro-benchmarks on a CPU"))
     blocks.append(_table_or(microbench_table(cpu_benchmarks) if cpu_benchmarks else None,
                             "No CPU micro-benchmark file: `make microbench` writes results/microbench/cpu.json."))
@@ -235,14 +243,14 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
     return blocks, figures, counts
 
 
-def _accuracy_text(errors) -> str:
+def _accuracy_text(errors, measured: str = "GPU run", how: str = "") -> str:
     parts = []
     for method, stats in summary(errors).items():
         parts.append(f"{method}: {stats['within']} of {stats['runs']} runs within ±{TOLERANCES[method]:.0%} "
                      f"(median error {stats['median']:.1%}, largest {stats['max']:.1%})")
     devices = ", ".join(sorted(set(errors["device_name"])))
-    return (f"Every finished GPU run ({devices}) beside the predictions of its configuration, made on a CPU "
-            "before or after it without a GPU: " + "; ".join(parts) + ".")
+    return (f"Every finished {measured} ({devices}){how} beside the predictions of its configuration, made "
+            "without a GPU: " + "; ".join(parts) + ".")
 
 
 # --- Markdown -----------------------------------------------------------------------------------
