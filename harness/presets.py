@@ -32,6 +32,11 @@ PRESETS: dict[str, dict] = {
                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                          max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
                          tie_word_embeddings=False),
+    # meta-llama/Llama-3.2-3B: 3,212,749,824 parameters; input and output embeddings tied.
+    "llama-3.2-3b": dict(model_type="llama", vocab_size=128256, hidden_size=3072, intermediate_size=8192,
+                         num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8, head_dim=128,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         tie_word_embeddings=True),
     # Qwen/Qwen2.5-7B: 7,615,616,512 parameters; biases on q, k and v, a 152k vocabulary.
     "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
@@ -59,6 +64,7 @@ PUBLISHED_PARAMETERS = {
     "tinyllama-1.1b": 1_100_048_384,
     "llama-2-7b": 6_738_415_616,
     "llama-3.1-8b": 8_030_261_248,
+    "llama-3.2-3b": 3_212_749_824,
     "qwen2.5-7b": 7_615_616_512,
     "phi-3-mini": 3_821_079_552,
     "mistral-7b": 7_241_732_096,

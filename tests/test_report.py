@@ -122,6 +122,22 @@ def test_every_claim_id_once_with_unit_tolerance_and_evidence():
         assert claim.compare == "statement" or claim.figure_value is not None or claim.compare == "error", claim.id
 
 
+def test_other_projects_figures_are_a_second_ledger_the_predictions_cover():
+    from harness.predict.command import claim_configurations
+    from harness.report.claims import PUBLISHED_FILE, evidence_configurations, load_sources
+
+    published = load_claims(PUBLISHED_FILE)
+    sources = load_sources(PUBLISHED_FILE)
+    assert len(published) >= 10 and len({c.sources[0] for c in published}) >= 5
+    for claim in published:
+        assert claim.metric and claim.figure_value and set(claim.sources) <= set(sources), claim.id
+        assert claim.evidence["quantity"] in QUANTITIES and claim.whose == "their", claim.id
+    # `predict --claims` predicts what both ledgers read
+    wanted = {(*c, "cuda") for c in evidence_configurations(published + load_claims())}
+    assert wanted <= set(claim_configurations())
+    assert ("bf16-pure", "llama-3.2-3b", 4096, 2, "cuda") in wanted
+
+
 # --- choosing evidence: GPU > (CPU where device-independent) > simulated > analytic ----------------
 
 def _prediction(method: str, experiment="fp32", weights=26.95e9, total=107.8e9):
@@ -179,6 +195,18 @@ def test_cpu_records_count_for_device_independent_claims_and_are_labelled():
     row = build_row(claim, results)
     assert row.basis.method == "cpu" and row.verdict.kind == verdicts.HOLDS
     assert "CPU" in row.why and "not a GPU figure" in row.why
+
+
+def test_a_record_of_another_micro_batch_is_not_evidence():
+    from harness.report.claims import PUBLISHED_FILE
+
+    claim = next(c for c in load_claims(PUBLISHED_FILE) if c.id == "TT-7b-qlora")  # 512 x 2
+    one = _record("cuda", experiment="qlora-gc", weights=1e9)  # a run at 512 x 1
+    row = build_row(claim, Results(root=Path("."), records=[one]))
+    assert row.gpu is None and row.verdict.kind == verdicts.UNCHECKED
+    two = {**one, "config": {**one["config"], "micro_batch": 2}}
+    row = build_row(claim, Results(root=Path("."), records=[one, two]))
+    assert row.gpu is not None and row.basis.method == "gpu" and "their 9.29 GB" in row.why
 
 
 def test_int8_claims_are_judged_on_their_own_premise_with_the_real_counterparts_beside():
@@ -249,7 +277,8 @@ def test_render_carries_every_claim_and_figure(rendered):
     assert sorted(p.name for p in report.figures) == sorted(p.name for p in (report.html.parent / "figures").iterdir())
     assert "Not drawn" not in markdown
     headings = [line for line in markdown.splitlines() if line.startswith("## ")]
-    assert headings == ["## What fits my card", "## Verdicts at a glance", "## The claims ledger", "## Predicted against measured on the GPU",
+    assert headings == ["## What fits my card", "## Verdicts at a glance", "## The claims ledger",
+                        "## Other projects' published figures", "## Predicted against measured on the GPU",
                         "## Figures", "## Loss on a pretrained base", "## Runs on a GPU",
                         "## Micro-benchmarks on a GPU", "## Appendix: the lab checking itself on a CPU",
                         "## Environment and provenance"]

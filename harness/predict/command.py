@@ -22,19 +22,6 @@ from harness.arguments import like_field
 from harness.config import experiment_files, experiment_of, prepare, resolve_technique
 from harness.schema import CATEGORIES
 
-# What the report compares: (experiment, model, seq_len, batch, code path). First the claims
-# ledger's configurations, then every cell of the matrix's plans (harness.lab.bench), so each
-# measured run has both predictions beside it.
-CLAIM_CONFIGURATIONS = [
-    *((name, "llama-2-7b", 512, 1, "cuda") for name in ("fp32", "bf16-pure", "bf16-mixed", "fp16-mixed", "adamw8bit",
-                                                        "bf16-adamw8bit", "lora", "int8-lora", "qlora", "qlora-gc",
-                                                        "bf16-mixed-gc")),
-    *((name, "llama-2-7b", 2048, 1, "cuda") for name in ("lora", "qlora", "qlora-gc", "bf16-mixed", "bf16-mixed-gc")),
-    *((name, "tinyllama-1.1b", 512, 1, "cuda") for name in ("fp32", "bf16-pure", "bf16-mixed", "lora", "qlora")),
-    ("qlora", "mistral-7b", 512, 1, "cuda"), ("qlora-gc", "mistral-7b", 512, 1, "cuda"),
-    ("qlora", "mixtral-8x7b", 512, 1, "cuda"), ("qlora-gc", "mixtral-8x7b", 512, 1, "cuda"),
-    ("lora", "mixtral-8x7b", 512, 1, "cuda"),
-]
 # The source files whose code decides a prediction: a saved prediction made by other code is
 # made again.
 PREDICTOR_MODULES = ("predict/analytic.py", "predict/simulate.py", "step/models.py", "step/train.py",
@@ -64,8 +51,19 @@ def matrix_configurations(experiments_dir: Path) -> list[tuple[str, str, int, in
     return cells
 
 
+def claim_configurations() -> list[tuple[str, str, int, int, str]]:
+    """What the two ledgers read (the documents' claims, other projects' figures), on the CUDA path."""
+    from harness.report.claims import PUBLISHED_FILE, evidence_configurations, load_claims
+
+    claims = load_claims() + load_claims(PUBLISHED_FILE)
+    return [(name, model, seq, batch, "cuda") for name, model, seq, batch in evidence_configurations(claims)]
+
+
 def report_configurations(experiments_dir: Path) -> list[tuple[str, str, int, int, str]]:
-    return list(dict.fromkeys(CLAIM_CONFIGURATIONS + matrix_configurations(experiments_dir)))
+    """What the report compares: (experiment, model, seq_len, batch, code path). First the ledgers'
+    configurations, then every cell of the matrix's plans (harness.lab.bench), so each measured
+    run has both predictions beside it."""
+    return list(dict.fromkeys(claim_configurations() + matrix_configurations(experiments_dir)))
 
 
 def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,

@@ -8,6 +8,8 @@ from pathlib import Path
 import yaml
 
 CLAIMS_FILE = Path(__file__).with_name("claims.yaml")
+# Other projects' published figures, checked the same way (a second ledger).
+PUBLISHED_FILE = Path(__file__).with_name("published.yaml")
 COMPARISONS = ("equals", "exceeds", "at_most", "at_least", "fits", "does_not_fit", "premise", "statement", "error")
 SOURCES = {
     "TW": "The Way of Fine-Tuning",
@@ -36,6 +38,8 @@ class Claim:
     published: dict | None = field(default=None)
     quote: str | None = None  # the documents' own words the verdict is decided from
     premise: str | None = None  # for "premise": the scenario the documents' arithmetic assumes
+    metric: str | None = None   # what a published figure is (an estimate, peak allocated, reserved, ...)
+    whose: str = "the documents'"  # how the reasons name the figure's owner
     # Another fair reading of the same words, judged and shown beside the verdict (which is the
     # claim's own reading): (label, the claim as that reading has it).
     readings: tuple[tuple[str, "Claim"], ...] = ()
@@ -61,12 +65,12 @@ class Claim:
         return f"{value:.0%}" if self.unit == "fraction" else f"{value:g}"
 
 
-def parse_claim(entry: dict) -> Claim:
+def parse_claim(entry: dict, sources: dict = SOURCES, whose: str = "the documents'") -> Claim:
     """One claims.yaml entry; a reading overrides the claim's figure, comparison and evidence."""
     figure = entry["figure"]
     if entry["compare"] not in COMPARISONS:
         raise ValueError(f"claim {entry['id']}: compare must be one of {COMPARISONS}, not {entry['compare']!r}")
-    unknown = set(entry["sources"]) - set(SOURCES)
+    unknown = set(entry["sources"]) - set(sources)
     if unknown:
         raise ValueError(f"claim {entry['id']}: unknown source(s) {sorted(unknown)}")
     return Claim(
@@ -77,8 +81,8 @@ def parse_claim(entry: dict) -> Claim:
         caveat_tolerance=None if entry.get("caveat_tolerance") is None else float(entry["caveat_tolerance"]),
         caveat=entry.get("caveat"), explain=entry.get("explain"), cpu_ok=bool(entry.get("cpu_ok", False)),
         context=tuple(entry.get("context") or ()), published=entry.get("published"),
-        quote=entry.get("quote"), premise=entry.get("premise"),
-        readings=tuple((reading["label"], parse_claim({**_own_fields(entry), **reading}))
+        quote=entry.get("quote"), premise=entry.get("premise"), metric=entry.get("metric"), whose=whose,
+        readings=tuple((reading["label"], parse_claim({**_own_fields(entry), **reading}, sources, whose))
                        for reading in entry.get("readings") or ()),
     )
 
@@ -89,9 +93,30 @@ def _own_fields(entry: dict) -> dict:
 
 
 def load_claims(path: Path = CLAIMS_FILE) -> list[Claim]:
+    """The claims of a file; a file of other projects' figures names its own `sources`."""
     data = yaml.safe_load(Path(path).read_text())
-    claims = [parse_claim(entry) for entry in data["claims"]]
+    sources = data.get("sources") or SOURCES
+    whose = data.get("whose", "the documents'")
+    claims = [parse_claim(entry, sources, whose) for entry in data["claims"]]
     ids = [c.id for c in claims]
     if len(ids) != len(set(ids)):
-        raise ValueError("claims.yaml: duplicate claim IDs")
+        raise ValueError(f"{Path(path).name}: duplicate claim IDs")
     return claims
+
+
+def load_sources(path: Path) -> dict[str, str]:
+    return yaml.safe_load(Path(path).read_text()).get("sources") or SOURCES
+
+
+def evidence_configurations(claims: list[Claim]) -> list[tuple[str, str, int, int]]:
+    """(experiment, model, seq_len, micro-batch) of every evidence and context the claims and their
+    readings read at one shape: what `harness predict --claims` must have predicted."""
+    found = []
+    for claim in claims:
+        specs = [claim.evidence, *claim.context, *(reading.evidence for _, reading in claim.readings)]
+        for spec in specs:
+            if not all(spec.get(key) is not None for key in ("experiment", "model", "seq_len", "micro_batch")):
+                continue
+            names = [spec["experiment"]] if isinstance(spec["experiment"], str) else spec["experiment"]
+            found += [(name, spec["model"], int(spec["seq_len"]), int(spec["micro_batch"])) for name in names]
+    return list(dict.fromkeys(found))

@@ -77,7 +77,7 @@ def select_records(results: Results, spec: dict, method: str, experiment: str) -
         if not spec.get("any_model"):
             if record.get("model") != spec.get("model"):
                 continue
-            if spec.get("seq_len") is not None and config.get("seq_len") != spec["seq_len"]:
+            if any(spec.get(key) is not None and config.get(key) != spec[key] for key in ("seq_len", "micro_batch")):
                 continue
         budget = _get(record, "budget", "budget_gb")
         if spec.get("budget_gb") is not None:

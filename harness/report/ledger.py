@@ -109,15 +109,15 @@ def explain(claim: Claim, observation: Observation | None, verdict: verdicts.Ver
     basis = basis_label(observation)
     basis = basis[0].upper() + basis[1:]
     if claim.compare == "error" and verdict.error is not None:
-        text = (f"{basis}: {observation.note}; under it the documents' {claim.figure_text} are "
+        text = (f"{basis}: {observation.note}; under it {claim.whose} {claim.figure_text} are "
                 f"{verdict.error * 100:+.1f}% off, {verdict.reason}")
     elif claim.compare == "premise" and verdict.error is not None:
-        text = (f"On the documents' premise ({claim.premise}), {basis[0].lower() + basis[1:]} gives "
+        text = (f"On {claim.whose} premise ({claim.premise}), {basis[0].lower() + basis[1:]} gives "
                 f"{_ours(claim, observation)} ({observation.source}); their {claim.figure_text} is "
                 f"{verdict.error * 100:+.1f}% from it, {verdict.reason}")
         text += f"; the premise {'is what fails' if verdict.kind == verdicts.PREMISE else 'fails too'}: {claim.explain}"
     elif claim.compare in ("equals", "exceeds", "at_least") and verdict.error is not None:
-        text = (f"{basis} gives {_ours(claim, observation)} ({observation.source}); the documents' "
+        text = (f"{basis} gives {_ours(claim, observation)} ({observation.source}); {claim.whose} "
                 f"{claim.figure_text} is {verdict.error * 100:+.1f}% from it, {verdict.reason}")
     elif claim.compare in ("fits", "does_not_fit"):
         capacity = observation.capacity or budget_cap_bytes(claim.figure_value / 1e9, "cuda")
@@ -129,7 +129,7 @@ def explain(claim: Claim, observation: Observation | None, verdict: verdicts.Ver
         text = f"{basis}: {observation.note or observation.source}"
     else:  # at_most, and a value-free exceeds
         text = (f"{basis} gives {_ours(claim, observation)} ({observation.source}"
-                f"{'; ' + observation.note if observation.note else ''}) against the documents' "
+                f"{'; ' + observation.note if observation.note else ''}) against {claim.whose} "
                 f"{claim.figure_text}: {verdict.reason}")
     if verdict.kind == verdicts.CAVEAT:
         text += f"; caveat: {observation.caveat or claim.caveat}"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from harness.report import add_arguments
 from harness.report.accuracy import TOLERANCES, prediction_errors, summary
-from harness.report.claims import SOURCES, load_claims
+from harness.report.claims import PUBLISHED_FILE, SOURCES, load_claims, load_sources
 from harness.report.figures import FigureResult, all_figures
 from harness.report.fits import fit_tables, published_comparison
 from harness.report.ledger import build_ledger
@@ -35,6 +35,7 @@ from harness.report.tables import (
     microbench_table,
     predictions_table,
     provenance_tables,
+    published_table,
     runs_table,
     verdict_counts,
 )
@@ -155,6 +156,15 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
         "holds, premise wrong\": the documents' sum is right for the scenario they assume, and no library "
         "trains that way.")))
     blocks.append(Block("table", table=ledger_table(ledger)))
+
+    published = build_ledger(results, load_claims(PUBLISHED_FILE))
+    blocks.append(Block("h2", "Other projects' published figures", anchor="published"))
+    blocks.append(Block("p", (
+        "Memory figures that training frameworks and their documentation publish, checked the same way: the "
+        "lab's prediction (and measurement, where a GPU run of the configuration exists) for the configuration "
+        "they describe. Verdicts: " + ", ".join(f"{kind}: {n}" for kind, n in verdict_counts(published).items()
+                                                if n) + ".")))
+    blocks.append(Block("table", table=published_table(published, load_sources(PUBLISHED_FILE))))
 
     blocks.append(Block("h2", "Predicted against measured on the GPU", anchor="accuracy"))
     errors = prediction_errors(runs, predictions)

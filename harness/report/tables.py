@@ -158,6 +158,28 @@ def ledger_table(ledger: list[LedgerRow]) -> Table:
                   "Verdict (tolerance)", "Why"], rows, note=note, css="ledger")
 
 
+def published_table(ledger: list[LedgerRow], sources: dict[str, str]) -> Table:
+    """Other projects' published figures against the lab's, one row each."""
+    rows = []
+    for row in ledger:
+        claim = row.claim
+        rows.append([
+            Cell(claim.id, "; ".join(sources[key] for key in claim.sources)),
+            Cell(claim.claim, f"checked as: {claim.model}"),
+            Cell(claim.figure_text, claim.metric or ""),
+            _predicted_cell(claim, row.analytic, row.simulated, False),
+            _measured_cell(row),
+            verdict_cell(row),
+            _why_cell(row),
+        ])
+    note = ("Their figure as they publish it, and what it is: an estimate or rule, or a measurement and which "
+            "(peak allocated: what the lab predicts; peak active: nearly the same; peak reserved adds the "
+            "allocator's cache). Ours is the lab's figure for the configuration in the sub-line, the source's "
+            "where it gives one. The relative error is theirs minus ours, over ours.")
+    return Table(["ID", "What they publish", "Their figure", "Predicted", "Measured (device)", "Verdict (tolerance)",
+                  "Why"], rows, note=note, css="ledger published")
+
+
 # --- runs ---------------------------------------------------------------------------------------
 
 def _status_cell(run: pd.Series) -> Cell:
