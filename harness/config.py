@@ -68,6 +68,8 @@ class OptimSettings:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    # LoRA+ only (optimizer: loraplus): lora_B's learning rate over lora_A's; 16 is the paper's advice.
+    loraplus_lr_ratio: float = 16.0
 
 
 @dataclass
@@ -105,6 +107,9 @@ class Experiment:
     micro_batch: int = 4
     grad_accum: int = 1
     gradient_checkpointing: bool = False
+    # Each parameter steps in a hook as soon as its gradient is complete, so gradients are freed
+    # during backward instead of all being alive at the optimizer step (harness.step.train).
+    optimizer_in_backward: bool = False
     warmup_steps: int = 2
     steps: int = 6
     # Held-out loss every N optimizer steps and at the end (0: none), on this many sequences
@@ -133,6 +138,7 @@ _RANGES = [
     ("lora.alpha", lambda v: 0 < v < float("inf"), "must be positive"),
     ("optim.lr", lambda v: 0 < v < float("inf"), "must be positive"),
     ("optim.eps", lambda v: 0 < v < float("inf"), "must be positive"),
+    ("optim.loraplus_lr_ratio", lambda v: 0 < v < float("inf"), "must be positive"),
     ("optim.weight_decay", lambda v: 0 <= v < float("inf"), "must be >= 0"),
     ("optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"),
     ("data.max_bytes", lambda v: v > 0, "must be positive"),
@@ -312,6 +318,18 @@ def _check_semantics(experiment: Experiment, path: Path) -> None:
     if technique.loss_scaling and technique.weights == "fp16":
         raise ConfigError(path, "loss_scaling", "loss scaling unscales fp32 gradients: it needs fp32 master "
                           "weights (weights: fp32), not fp16 ones")
+    if experiment.optimizer_in_backward and experiment.grad_accum > 1:
+        raise ConfigError(path, "optimizer_in_backward", "a parameter steps as soon as its gradient is complete: "
+                          "there is nothing to accumulate into (set grad_accum: 1)")
+    if technique.optimizer == "loraplus" and technique.adapter == "none":
+        raise ConfigError(path, "optimizer", "LoRA+ sets the learning rates of LoRA's A and B matrices: it needs "
+                          "an adapter (adapter: lora)")
+    if experiment.optimizer_in_backward and technique.optimizer == "loraplus":
+        raise ConfigError(path, "optimizer_in_backward", "LoRA+ groups the adapters of the whole model into one "
+                          "optimizer; stepping each parameter on its own is not LoRA+")
+    if experiment.optimizer_in_backward and technique.loss_scaling:
+        raise ConfigError(path, "optimizer_in_backward", "loss scaling checks every gradient for inf/NaN before "
+                          "any parameter steps; stepping in backward cannot wait for that")
     settings = _model_settings(experiment.model)
     context = settings.get("max_position_embeddings") or settings.get("n_positions")
     if context and experiment.seq_len > context and not settings.get("rope_scaling"):

@@ -90,7 +90,10 @@ ADAPTERS: dict[str, Adapter | None] = {
 }
 
 
-def _adamw(params, settings, device_type: str):
+# An optimizer is built from the trainable parameters, the experiment's `optim:` block and the
+# device type; `model` is there for the optimizers that group parameters by name (LoRA+).
+
+def _adamw(params, settings, device_type: str, model=None):
     import torch
 
     # The fused kernel is what a GPU user gets by default; it does not exist on CPU.
@@ -100,7 +103,7 @@ def _adamw(params, settings, device_type: str):
 
 
 def _bnb(name: str):
-    def build(params, settings, device_type: str):
+    def build(params, settings, device_type: str, model=None):
         import bitsandbytes as bnb
 
         return getattr(bnb.optim, name)(params, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
@@ -108,8 +111,21 @@ def _bnb(name: str):
     return build
 
 
+def _loraplus(params, settings, device_type: str, model=None):
+    """LoRA+: AdamW with lora_B learning loraplus_lr_ratio times faster than lora_A (peft's own
+    create_loraplus_optimizer; the memory is AdamW's)."""
+    import torch
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(model=model, optimizer_cls=torch.optim.AdamW, lr=settings.lr,
+                                     loraplus_lr_ratio=settings.loraplus_lr_ratio, betas=tuple(settings.betas),
+                                     eps=settings.eps, weight_decay=settings.weight_decay,
+                                     fused=device_type == "cuda")
+
+
 OPTIMIZERS: dict[str, Callable] = {
     "adamw": _adamw,
+    "loraplus": _loraplus,
     "adamw8bit": _bnb("AdamW8bit"),
     "paged_adamw8bit": _bnb("PagedAdamW8bit"),
     "paged_adamw": _bnb("PagedAdamW"),

@@ -304,10 +304,13 @@ def quantized_bits(results: Results, spec: dict, method: str) -> Observation | N
         constants, quantized = _get(persistent, "quant_constants"), _get(counts, "quantized")
         return 4 + 8 * constants / quantized if constants is not None and quantized else None
 
+    def counts_of(run: dict) -> dict | None:  # a record's quantized count is its analytic twin's
+        return _analytic_parameters(results, {"experiment": run.get("experiment"), "model": run.get("model")})
+
     observation = _per_experiment(
         results, spec, method,
         lambda p, res: bits(p.get("persistent"), _analytic_parameters(res, p)),
-        lambda r: bits(_get(r, "memory", "persistent"), _analytic_parameters(results, r)))
+        lambda r: bits(_get(r, "memory", "persistent"), counts_of(r)))
     if observation is not None and observation.value is not None:
         observation = replace(observation, note=f"4 bits of code + {observation.value - 4:.3f} bits of constants")
     return observation

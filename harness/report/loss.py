@@ -34,6 +34,8 @@ LOSS_RULES = {
     "lora": LossRule(BASELINE, 0.05, "a rank-r update can only approximate full fine-tuning"),
     "int8-lora": LossRule("lora", 0.01, "LLM.int8 keeps outlier features in 16 bits: near-lossless"),
     "qlora": LossRule("lora", 0.03, "NF4 rounding of the frozen base; the QLoRA paper reports 16-bit parity"),
+    "loraplus": LossRule("lora", 0.01, "the same adapters with lora_B learning faster, which the LoRA+ paper "
+                                       "reports to reach a lower loss, not a higher one"),
 }
 COMPARISON_KEYS = ("model", "base_checkpoint", "device", "data", "steps", "warmup_steps", "seq_len", "eval_every",
                    "eval_sequences", "seed")
