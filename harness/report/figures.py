@@ -536,6 +536,41 @@ def quantization_error(results: Results) -> FigureResult:
     return FigureResult(name, title, caption, _png(fig))
 
 
+def optimisation_ladder(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
+    from harness.report import ladder
+
+    name, title = "optimisation-ladder", "The optimisation ladder, one technique at a time"
+    rows = ladder.ladder_rows(predictions, runs)
+    drawn = rows[rows["predicted"].notna()].reset_index(drop=True)
+    if drawn.empty:
+        return FigureResult(name, title, "", missing=(
+            f"No prediction of the ladder's rungs at {ladder.MODEL}: `python -m harness predict --claims` "
+            "predicts them."))
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    bottom = np.zeros(len(drawn))
+    for category in CATEGORIES:
+        values = drawn[category].fillna(0).to_numpy(dtype=float) / 2**30
+        ax.bar(range(len(drawn)), values, 0.6, bottom=bottom, color=CATEGORY_COLORS[category],
+               label=CATEGORY_WORDS[category], edgecolor="white", linewidth=0.4)
+        bottom += values
+    theirs = drawn["theirs_gib"]
+    ax.plot(range(len(drawn)), theirs, marker="D", color="black", linestyle="", label=ladder.TORCHTUNE, zorder=5)
+    measured = drawn["measured"].dropna()
+    if len(measured):
+        ax.plot(measured.index, measured / 2**30, marker="o", color="firebrick", linestyle="",
+                label="ours, measured", zorder=6)
+    ax.set_xticks(range(len(drawn)), drawn["label"], rotation=20, ha="right", fontsize=9)
+    ax.set_ylabel("peak GiB (2^30 bytes)")
+    ax.grid(axis="x", visible=False)
+    ax.legend(fontsize=8, ncol=2, loc="upper right")
+    fig.tight_layout()
+    caption = (f"Predicted peak of one step by category for each rung, {ladder.MODEL} at micro-batch "
+               f"{ladder.MICRO_BATCH} x {ladder.SEQ_LEN:,} tokens (CUDA code path; simulated where it ran, else "
+               "analytic), with torchtune's published figure for the same rung (black diamonds) and our "
+               "measurement where a GPU run exists. The table below says where the rungs differ.")
+    return FigureResult(name, title, caption, _png(fig))
+
+
 def all_figures(results: Results, runs: pd.DataFrame, predictions: pd.DataFrame,
                 claims: list[Claim]) -> list[FigureResult]:
     # seaborn's contexts set rcParams of their own; STYLE goes on top of them
@@ -547,6 +582,7 @@ def all_figures(results: Results, runs: pd.DataFrame, predictions: pd.DataFrame,
             parity(runs, predictions),
             fits_grid(runs, predictions),
             memory_vs_sequence(results),
+            optimisation_ladder(runs, predictions),
             accumulation(results, runs),
             quantization_error(results),
         ]

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.report import add_arguments
+from harness.report import add_arguments, ladder
 from harness.report.accuracy import TOLERANCES, prediction_errors, summary
 from harness.report.claims import PUBLISHED_FILE, SOURCES, load_claims, load_sources
 from harness.report.figures import FigureResult, all_figures
@@ -64,6 +64,7 @@ class Rendered:
 
 # Figures shown in the report's first section, beside the answer they illustrate.
 DECISION_FIGURES = ("memory-vs-sequence",)
+SECTION_FIGURES = DECISION_FIGURES + ("optimisation-ladder",)  # shown in their own section, not under Figures
 
 
 def _fits_blocks(results, runs, figures: list[FigureResult]) -> list[Block]:
@@ -166,6 +167,8 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
                                                 if n) + ".")))
     blocks.append(Block("table", table=published_table(published, load_sources(PUBLISHED_FILE))))
 
+    blocks += _ladder_blocks(runs, predictions, figures)
+
     blocks.append(Block("h2", "Predicted against measured on the GPU", anchor="accuracy"))
     errors = prediction_errors(runs, predictions)
     if len(errors):
@@ -179,7 +182,7 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
 
     blocks.append(Block("h2", "Figures", anchor="figures"))
     for figure in figures:
-        if figure.name in DECISION_FIGURES:  # shown with the decision, first
+        if figure.name in SECTION_FIGURES:
             continue
         blocks.append(Block("h3", figure.title, anchor=figure.name))
         blocks.append(Block("figure", figure=figure))
@@ -251,6 +254,20 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
         blocks.append(Block("h3", "Files not read"))
         blocks.append(Block("table", table=Table(["File and reason"], [[Cell(s)] for s in results.skipped])))
     return blocks, figures, counts
+
+
+def _ladder_blocks(runs, predictions, figures: list[FigureResult]) -> list[Block]:
+    rows = ladder.ladder_rows(predictions, runs)
+    blocks = [Block("h2", "The optimisation ladder", anchor="ladder"), Block("p", (
+        f"From pure bf16 full fine-tuning to QLoRA, one technique at a time, at the configuration torchtune "
+        f"publishes its ladder for ({ladder.MODEL}, micro-batch {ladder.MICRO_BATCH} x {ladder.SEQ_LEN:,} "
+        "tokens). Each rung keeps the ones above it unless it changes the method (LoRA, QLoRA)."))]
+    blocks += [Block("figure", figure=f) for f in figures if f.name == "optimisation-ladder"]
+    blocks.append(Block("table", table=ladder.ladder_table(rows)))
+    rising = ladder.not_monotone(rows)
+    if rising:
+        blocks.append(Block("p", "Rungs that do not lower the predicted peak: " + "; ".join(rising) + "."))
+    return blocks
 
 
 def _accuracy_text(errors, measured: str = "GPU run", how: str = "") -> str:

@@ -1,0 +1,108 @@
+"""The optimisation ladder: one technique at a time, from pure bf16 full fine-tuning to QLoRA, at
+the configuration torchtune publishes its own ladder for (Llama-3.2-3B, micro-batch 2 of
+4,096-token sequences), with torchtune's figures beside the lab's.
+
+Each rung is a row of the second ledger (published.yaml): torchtune's figure, and the lab's
+experiment for the same step (a cell of the cuda plan's ladder block), predicted by `harness
+predict --claims` and measured on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from harness.report.claims import PUBLISHED_FILE, load_claims
+from harness.report.tables import Cell, Table, _missing
+from harness.report.units import CATEGORY_WORDS, GIB, fmt_bytes
+
+MODEL, SEQ_LEN, MICRO_BATCH = "llama-3.2-3b", 4096, 2
+TORCHTUNE = "torchtune's ladder (README, peak active, A100)"
+
+
+@dataclass(frozen=True)
+class Rung:
+    label: str
+    claim: str | None   # torchtune's figure for the same step: an ID of the second ledger (published.yaml)
+    experiment: str | None = None  # where the lab has no counterpart of torchtune's step: why not
+    missing: str = ""
+
+
+# Each rung is the second ledger's row for torchtune's step, whose evidence names our experiment.
+RUNGS = [
+    Rung("bf16 full fine-tuning, packed", "TT-3b-packed"),
+    Rung("+ activation checkpointing", "TT-3b-gc"),
+    Rung("+ optimizer step in backward", "TT-3b-optim-in-bwd"),
+    Rung("+ activation offloading", None, missing="not a building block of the lab yet (torchtune: 21.8 GiB)"),
+    Rung("+ 8-bit AdamW", "TT-3b-8bit"),
+    Rung("LoRA", "TT-3b-lora"),
+    Rung("QLoRA", "TT-3b-qlora"),
+]
+
+
+def ladder_rows(predictions: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per rung: the predicted peak and its categories (simulated, else analytic), the
+    measured peak where a GPU run exists, and torchtune's figure with how the two steps differ."""
+    published = {claim.id: claim for claim in load_claims(PUBLISHED_FILE)}
+    rows = []
+    for rung in RUNGS:
+        claim = published.get(rung.claim)
+        experiment = claim.evidence["experiment"] if claim else None
+        row = {"label": rung.label, "experiment": experiment,
+               "theirs_gib": claim.figure_value / GIB if claim else None,
+               "comparison": (claim.explain or claim.caveat or "") if claim else rung.missing,
+               "method": None, "predicted": None, "measured": None, "device": None}
+        if experiment is not None and len(predictions):
+            chosen = predictions[(predictions["experiment"] == experiment) & (predictions["model"] == MODEL)
+                                 & (predictions["seq_len"] == SEQ_LEN) & (predictions["micro_batch"] == MICRO_BATCH)
+                                 & (predictions["device_type"] == "cuda")]
+            for method in ("simulated", "analytic"):
+                found = chosen[chosen["method"] == method]
+                if len(found):
+                    best = found.iloc[0]
+                    row.update(method=method, predicted=best["total_bytes"],
+                               **{name: best[f"peak_{name}"] for name in CATEGORY_WORDS})
+                    break
+        if experiment is not None and len(runs):
+            measured = runs[(runs["experiment"] == experiment) & (runs["model"] == MODEL)
+                            & (runs["seq_len"] == SEQ_LEN) & (runs["micro_batch"] == MICRO_BATCH)
+                            & (runs["device_type"] == "cuda") & (runs["status"] == "ok")]
+            if len(measured):
+                row.update(measured=measured.iloc[0]["peak_allocated"], device=measured.iloc[0]["device_name"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def not_monotone(rows: pd.DataFrame) -> list[str]:
+    """Rungs whose predicted peak is above the rung before them (each should lower it)."""
+    present = rows[rows["predicted"].notna()]
+    return [f"{row['label']} ({fmt_bytes(row['predicted'])}, above {fmt_bytes(before)})"
+            for before, (_, row) in zip(present["predicted"], present.iloc[1:].iterrows())
+            if row["predicted"] > before]
+
+
+def ladder_table(rows: pd.DataFrame) -> Table:
+    lines = []
+    for _, row in rows.iterrows():
+        experiment = row["experiment"] if isinstance(row["experiment"], str) else None
+        if experiment is None:
+            ours, measured = Cell("-", "no counterpart in the lab"), Cell("-")
+        elif _missing(row["predicted"]):
+            ours, measured = Cell("-", "`python -m harness predict --claims` predicts it"), Cell("-")
+        else:
+            biggest = max(CATEGORY_WORDS, key=lambda name: 0 if _missing(row[name]) else row[name])
+            ours = Cell(f"{row['predicted'] / GIB:.1f}", f"{row['method']}; largest: {CATEGORY_WORDS[biggest]} "
+                                                           f"{row[biggest] / GIB:.1f}")
+            measured = (Cell(f"{row['measured'] / GIB:.1f}", row["device"]) if not _missing(row["measured"])
+                        else Cell("-"))
+        theirs = Cell("-") if _missing(row["theirs_gib"]) else Cell(f"{row['theirs_gib']:.1f}")
+        ratio = ("" if _missing(row["predicted"]) or _missing(row["theirs_gib"])
+                 else f"{row['theirs_gib'] * GIB / row['predicted']:.2f}")
+        lines.append([Cell(row["label"], experiment or ""), ours, measured, theirs, Cell(ratio),
+                      Cell(row["comparison"])])
+    note = (f"{MODEL}, micro-batch {MICRO_BATCH} x {SEQ_LEN:,} tokens, on the CUDA code path; peaks in GiB "
+            f"(2^30 bytes). Ours: predicted (simulated where it ran, else analytic), measured where a GPU run "
+            f"exists. Theirs: {TORCHTUNE}. Ratio: theirs over our prediction.")
+    return Table(["Rung", "Ours, predicted GiB", "Ours, measured GiB", "torchtune GiB", "Ratio", "How they differ"],
+                 lines, note=note, css="ladder", numeric={1, 2, 3, 4})
