@@ -385,3 +385,21 @@ def test_page_loads_in_headless_chromium(rendered):
     assert check.stats["tables"] >= 5
     assert check.console_errors == [] and check.exceptions == []
     assert re.search("VRAM", check.stats["title"])
+
+
+def test_the_ladder_stands_each_rung_beside_torchtunes_and_every_rung_is_a_cuda_cell(experiments_dir, tmp_path):
+    import pandas as pd
+
+    from harness.matrix import expand, load_matrix
+    from harness.report import ladder
+
+    rows = ladder.ladder_rows(pd.DataFrame(columns=["experiment"]), pd.DataFrame())
+    assert list(rows["label"]) == [rung.label for rung in ladder.RUNGS]
+    assert rows["theirs_gib"].dropna().round(1).tolist() == [60.0, 24.9, 23.1, 17.6, 8.5, 4.6]
+    cells, _ = expand(load_matrix(experiments_dir / "matrix.yaml"), "cuda", experiments_dir, tmp_path, device_gb=141)
+    cells = {(c.config["name"], c.config["model"], c.config["seq_len"], c.config["micro_batch"]) for c in cells}
+    for experiment in rows["experiment"].dropna():
+        assert (experiment, ladder.MODEL, ladder.SEQ_LEN, ladder.MICRO_BATCH) in cells
+    # a rung that raises the peak is named
+    frame = pd.DataFrame({"label": ["a", "b", "c"], "predicted": [3e9, 4e9, 1e9]})
+    assert [text.split(" (")[0] for text in ladder.not_monotone(frame)] == ["b"]
