@@ -372,8 +372,9 @@ def find_records(folder: str | Path) -> list[Path]:
 # Config fields added after records were made, with the value every earlier record ran with:
 # at that value they are left out of a configuration's identity (its hash, harness.config),
 # so that adding a field does not make earlier measurements look like other configurations.
+# A section of None is a top-level field.
 ADDED_LATER = {("lora", "use_dora"): False, ("lora", "use_rslora"): False, ("lora", "init_lora_weights"): True,
-               ("lora", "peft"): {}}
+               ("lora", "peft"): {}, (None, "optimizer_in_backward"): False, ("optim", "loraplus_lr_ratio"): 16.0}
 # Config keys that differ between two records of the same configuration: which attempt, which
 # hash (computed from the rest), which copy of the same pretrained base.
 _VOLATILE_CONFIG_KEYS = ("run_id", "config_hash", "base_checkpoint", "description", "summary")
@@ -383,8 +384,9 @@ def canonical_config(config: dict) -> dict:
     """A resolved config without the later-added fields that hold their original value."""
     canonical = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
     for (section, key), original in ADDED_LATER.items():
-        if isinstance(canonical.get(section), dict) and canonical[section].get(key, original) == original:
-            canonical[section].pop(key, None)
+        fields = canonical if section is None else canonical.get(section)
+        if isinstance(fields, dict) and fields.get(key, original) == original:
+            fields.pop(key, None)
     return canonical
 
 

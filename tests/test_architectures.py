@@ -1,4 +1,4 @@
-"""Model families beyond Llama: their linear layers, LoRA's targets, both predictions, a real run."""
+"""Model families beyond Llama: their linear layers, LoRA's targets, both predictions, real runs."""
 
 import json
 import subprocess
@@ -11,6 +11,7 @@ from conftest import EXPERIMENTS, QUICK, ROOT, run_dict
 from harness.architectures import ARCHITECTURES, lora_targets
 from harness.config import ConfigError, TargetsWarning, prepare
 from harness.predict.command import predict
+from harness.step.models import resolve_source
 
 # A small shape of each family (widths whole 64-element blocks for bitsandbytes' CPU kernels).
 SMALL = dict(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=8,
@@ -21,16 +22,26 @@ FAMILIES = {
     "gemma": dict(SMALL, model_type="gemma", head_dim=32),
     "gemma3_text": dict(SMALL, model_type="gemma3_text", head_dim=32),
     "phi3": dict(SMALL, model_type="phi3"),
+    # soft-capped eager attention (s x s scores) and logits, sliding-window layers alternating
+    "gemma2": dict(SMALL, model_type="gemma2", head_dim=32),
+    # GPT-2's own config names (n_embd, ...), n_inner unset (4h), tied embeddings, dropout 0.1 by default
+    "gpt2": dict(model_type="gpt2", vocab_size=4096, n_embd=256, n_layer=2, n_head=8, n_positions=1024,
+                 bos_token_id=1, eos_token_id=2),
+    # rotary over a quarter of each head, parallel residual, untied embeddings
+    "gpt_neox": dict(model_type="gpt_neox", vocab_size=4096, hidden_size=256, intermediate_size=1024,
+                     num_hidden_layers=2, num_attention_heads=8, max_position_embeddings=2048, rotary_pct=0.25,
+                     bos_token_id=1, eos_token_id=2),
 }
+# A family harness.architectures does not describe (GPT-J).
+UNDESCRIBED = dict(model_type="gptj", vocab_size=4096, n_embd=256, n_layer=2, n_head=8, rotary_dim=16,
+                   n_positions=1024, bos_token_id=1, eos_token_id=2)
 
 
 @pytest.fixture(scope="module")
 def configs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("configs")
     paths = {}
-    for name, settings in {**FAMILIES, "gpt2": dict(model_type="gpt2", vocab_size=4096, n_embd=256, n_layer=2,
-                                                     n_head=8, n_positions=1024, bos_token_id=1,
-                                                     eos_token_id=2)}.items():
+    for name, settings in {**FAMILIES, "undescribed": UNDESCRIBED}.items():
         paths[name] = folder / f"{name}.json"
         paths[name].write_text(json.dumps(settings))
     return paths
@@ -51,6 +62,17 @@ def test_the_formula_follows_the_traced_step_of_each_family(configs, family, exp
     assert analytic.total_bytes == pytest.approx(simulated.total_bytes, rel=0.10)
 
 
+def test_the_formula_counts_what_gemma2_soft_capping_adds_to_the_traced_step(configs, tmp_path):
+    """The tanh over the s x s scores of each layer and over the logits: the formula's bytes for
+    them are the trace's (without soft-capping, both terms go)."""
+    uncapped = tmp_path / "gemma2-uncapped.json"
+    uncapped.write_text(json.dumps(dict(FAMILIES["gemma2"], attn_logit_softcapping=None, final_logit_softcapping=None)))
+    added = {method: predict(EXPERIMENTS / "bf16-pure.yaml", str(configs["gemma2"]), 512, 1, method).total_bytes
+             - predict(EXPERIMENTS / "bf16-pure.yaml", str(uncapped), 512, 1, method).total_bytes
+             for method in ("analytic", "simulated")}
+    assert added["analytic"] == pytest.approx(added["simulated"], rel=0.02) and added["analytic"] > 0
+
+
 def test_lora_adapts_every_linear_layer_of_each_family_unless_told_otherwise():
     from harness.config import LoraSettings
 
@@ -62,8 +84,15 @@ def test_lora_adapts_every_linear_layer_of_each_family_unless_told_otherwise():
     phi3 = type("Config", (), {"model_type": "phi3"})
     targets, warning = lora_targets(phi3, ["qkv_proj"])
     assert targets == ["qkv_proj"] and "1 of the 4 linear layers" in warning and "gate_up_proj" in warning
-    # a family not described here: peft's own "all-linear" finds its layers (GPT-2's Conv1D too)
-    assert lora_targets(type("Config", (), {"model_type": "gpt2"}), default) == ("all-linear", None)
+    # GPT-2 names attention's output and the MLP's down projection alike: peft matches c_proj to both
+    gpt2 = type("Config", (), {"model_type": "gpt2"})
+    assert lora_targets(gpt2, default) == (["c_attn", "c_proj", "c_fc"], None)
+    targets, warning = lora_targets(gpt2, ["c_attn", "c_fc"])
+    assert "2 of the 4 linear layers" in warning and warning.endswith("left out: c_proj")
+    neox = type("Config", (), {"model_type": "gpt_neox"})
+    assert lora_targets(neox, "all-linear") == (["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"], None)
+    # a family not described here: peft's own "all-linear" finds its layers
+    assert lora_targets(type("Config", (), {"model_type": "gptj"}), default) == ("all-linear", None)
 
 
 def test_validation_reads_the_family_of_a_config_file(configs):
@@ -74,14 +103,27 @@ def test_validation_reads_the_family_of_a_config_file(configs):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prepare(EXPERIMENTS / "lora.yaml", {"model": str(configs["phi3"])})  # the default: every layer, no warning
+    with pytest.raises(ConfigError, match="gpt2.*no linear layer named 'q_proj'.*c_attn"):
+        prepare(EXPERIMENTS / "lora.yaml", {"model": str(configs["gpt2"]), "lora": {"target_modules": ["q_proj"]}})
+    with pytest.warns(TargetsWarning, match="adapts 2 of the 4 linear layers.*left out: c_proj"):
+        prepare(EXPERIMENTS / "lora.yaml", {"model": str(configs["gpt2"]), "lora": {"target_modules": ["c_attn", "c_fc"]}})
+
+
+def test_random_init_models_train_without_the_models_own_dropout(configs):
+    """GPT-2's config says 0.1 for three dropouts; the lab's random-init models have none (no masks
+    in the traced step), as the Llama-style families have none by default."""
+    settings = json.loads(configs["gpt2"].read_text())
+    assert "resid_pdrop" not in settings  # GPT-2's own default (0.1) applies, then the lab's 0
+    config = resolve_source(str(configs["gpt2"])).config
+    assert (config.resid_pdrop, config.embd_pdrop, config.attn_pdrop) == (0.0, 0.0, 0.0)
 
 
 def test_a_family_the_formula_does_not_describe_is_one_sentence_and_still_simulated(configs):
-    command = [sys.executable, "-m", "harness", "predict", "--model", str(configs["gpt2"]), "--experiment", "lora",
-               "--seq", "128"]
+    command = [sys.executable, "-m", "harness", "predict", "--model", str(configs["undescribed"]), "--experiment",
+               "lora", "--seq", "128"]
     refused = subprocess.run([*command, "--method", "analytic"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert "model type 'gpt2' is not one the analytic predictor describes" in refused.stderr
+    assert "model type 'gptj' is not one the analytic predictor describes" in refused.stderr
     both = subprocess.run([*command, "--method", "both", "--json"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert both.returncode == 0, both.stderr
@@ -96,3 +138,18 @@ def test_a_run_of_phi3_adapts_its_fused_projections(configs, tmp_path):
     assert record["status"] == "ok", record.get("error")
     analytic = predict(EXPERIMENTS / "qlora.yaml", str(configs["phi3"]), 64, 2, "analytic")
     assert record["parameters"]["trainable"] == analytic.parameters["trainable"]  # qkv, o, gate_up, down
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, experiment", [("gpt2", "qlora"), ("gpt_neox", "lora")])
+def test_a_run_of_a_gpt_style_family_adapts_every_linear_layer(configs, tmp_path, family, experiment):
+    """GPT-2's Conv1D layers quantized and adapted, both of its c_proj layers included; NeoX's
+    linear layers with biases. The traced step is the real one."""
+    config = prepare(EXPERIMENTS / f"{experiment}.yaml", {**QUICK, "model": str(configs[family])})
+    _, record = run_dict(config, tmp_path)
+    assert record["status"] == "ok", record.get("error")
+    path, model, seq, batch = EXPERIMENTS / f"{experiment}.yaml", str(configs[family]), QUICK["seq_len"], 2
+    analytic = predict(path, model, seq, batch, "analytic", "cpu")
+    assert record["parameters"]["trainable"] == analytic.parameters["trainable"]  # every linear layer, 4 a layer
+    simulated = predict(path, model, seq, batch, "simulated", "cpu")
+    assert simulated.total_bytes == pytest.approx(record["memory"]["tracked_step_peak"], rel=0.02)

@@ -58,9 +58,12 @@ def test_a_new_card_measures_first_what_no_card_has_measured(tmp_path):
         (other_card / run.path.name).write_text(json.dumps({**record, "status": status}))
     for run in planned[3:5]:  # a record on the CPU is no repeat on a card
         (tmp_path / "cpu" / run.path.name).write_text(json.dumps(record))
+    this_card = planned[5].path.parent  # this card's own record, by older code, is a repeat too
+    this_card.mkdir()
+    (this_card / planned[5].path.name).write_text(json.dumps(record))
     ordered = new_evidence_first(planned)
-    assert ordered[-2:] == planned[:2]  # repeats last, in the plan's order
-    assert ordered[:-2] == planned[2:]
+    assert ordered[-3:] == [planned[0], planned[1], planned[5]]  # repeats last, in the plan's order
+    assert ordered[:-3] == planned[2:5] + planned[6:]
 
 
 def test_the_dry_run_keeps_the_order_and_fits_the_budget(tmp_path):

@@ -2,7 +2,7 @@
 
 With `--time-budget`, no run starts whose estimated time (harness.lab.estimate) exceeds what is
 left, so a short GPU lease is spent on the plan's first, most valuable cells (on a GPU, those no
-card has measured before repeats of another card's); `--dry-run` prints the plan with those estimates. Each run is a fresh process (harness.lab.runner). A run
+card has measured before any measured again); `--dry-run` prints the plan with those estimates. Each run is a fresh process (harness.lab.runner). A run
 whose record already exists for the same resolved configuration and environment
 fingerprint is skipped, so an interrupted matrix, even one killed with SIGKILL, resumes
 with exactly the runs it lacks: records are written atomically, and a run that was cut
@@ -42,12 +42,13 @@ def is_current(path: Path, fingerprint: str) -> bool:
     return record.status in schema.MEASURED and record.fingerprint == fingerprint
 
 
-def measured_on_another_gpu(run: PlannedRun) -> bool:
-    """A finished record of this very configuration in another GPU's folder of the same results tree."""
+def measured_on_a_gpu(run: PlannedRun) -> bool:
+    """A finished record of this very configuration in a GPU's folder of the same results tree
+    (another card's, or this card's by older code or software)."""
     results = run.path.parent.parent
     for folder in results.iterdir() if results.is_dir() else ():
         other = folder / run.path.name
-        if folder in (run.path.parent, results / "cpu") or not other.exists():
+        if folder == results / "cpu" or not other.exists():
             continue
         try:
             if schema.read(other, kind="run").status in schema.MEASURED:
@@ -58,12 +59,12 @@ def measured_on_another_gpu(run: PlannedRun) -> bool:
 
 
 def new_evidence_first(planned: list[PlannedRun]) -> list[PlannedRun]:
-    """Under a time budget on a GPU, cells no card has measured go before repeats on a new card.
+    """Under a time budget on a GPU, cells no card has measured go before measuring one again.
 
     The plan's order stands within each group: a lease is short, and a cell measured nowhere
     decides more than the same cell measured a second time.
     """
-    return sorted(planned, key=measured_on_another_gpu)
+    return sorted(planned, key=measured_on_a_gpu)
 
 
 def other_gpu_users() -> str | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import statistics
 
+from harness.architectures import ARCHITECTURES
+
 # Dense peak tensor throughput in FLOP/s from the vendors' data sheets, by compute dtype.
 # fp32 matmuls run as TF32 only where allowed; we count them at the fp32 (non-tensor) peak.
 PEAK_FLOPS = {
@@ -44,7 +46,11 @@ def model_flops_per_token(config, seq_len: int, full_backward: bool) -> float:
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     attention_weights = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
     active_experts = getattr(config, "num_experts_per_tok", 1) if getattr(config, "num_local_experts", 0) else 1
-    mlp_weights = 3 * hidden * config.intermediate_size * active_experts
+    # A gated MLP has three matrices, GPT-2's and NeoX's two (harness.architectures); GPT-2 names
+    # its width n_inner (None: 4h).
+    family = ARCHITECTURES.get(getattr(config, "model_type", None))
+    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    mlp_weights = (3 if family is None or family.gated_mlp else 2) * hidden * intermediate * active_experts
     per_token_weights = layers * (attention_weights + mlp_weights) + hidden * config.vocab_size
     forward = 2 * per_token_weights + 4 * layers * seq_len * heads * head_dim
     return forward * (3 if full_backward else 2)

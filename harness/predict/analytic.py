@@ -4,12 +4,19 @@ No model is built: parameter counts come from the config, bytes per parameter fr
 technique, and activations from a walk through one decoder layer that follows the dtype
 of every tensor the runner's code path saves for backward. Each rule below names the code
 that makes it true (transformers' decoder layers of the families harness.architectures
-describes: Llama, Mistral, Mixtral, Qwen2/3, Gemma/Gemma 3, Phi-3; peft's LoRA linear,
-bitsandbytes' 4-bit and 8-bit matmuls, torch autocast), so where the simulation
-(harness.predict.simulate) disagrees, the rule that is off can be found.
+describes: Llama, Mistral, Mixtral, Qwen2/3, Gemma/Gemma 2/Gemma 3, Phi-3, GPT-2, GPT-NeoX;
+peft's LoRA linear, bitsandbytes' 4-bit and 8-bit matmuls, torch autocast), so where the
+simulation (harness.predict.simulate) disagrees, the rule that is off can be found.
 
-Notation: T tokens per micro-batch (batch x sequence), h hidden size, i MLP size, V
-vocabulary, E experts, k experts per token. Bytes: fp32 4, bf16/fp16 2, int8 1, NF4 0.5.
+Notation: T tokens per micro-batch (batch x sequence), s sequence length, h hidden size, i MLP
+size, V vocabulary, E experts, k experts per token. Bytes: fp32 4, bf16/fp16 2, int8 1, NF4 0.5.
+
+The model's own dropout is taken to be off (the lab sets it to 0 in the random-init models it
+builds, harness.step.models; a pretrained GPT-2 keeps its config's 0.1, whose masks are not
+counted here). Autocast follows the simulation, which traces torch's CPU autocast: on CUDA,
+autocast also runs layer_norm and pow (GPT-2's GELU) in fp32, which the rules below leave out
+(on an H200 both predictions of a small GPT-2 were 7% under its tracked peak with bf16-mixed,
+12-13% with LoRA; GPT-NeoX's and Gemma 2's within 2.3%).
 """
 
 from __future__ import annotations
@@ -28,6 +35,11 @@ NF4_CODE_BYTES = 16 * 4   # the 16-entry NF4 code book, fp32, per weight tensor
 NESTED_CODE_BYTES = 256 * 4 + 4  # 8-bit dynamic code book and offset, per weight tensor
 OPTIM8_BLOCK = 256        # bitsandbytes blockwise 8-bit optimizer state: one fp32 scale per 256
 OPTIM8_MIN_SIZE = 4096    # bitsandbytes keeps 32-bit state for tensors smaller than this
+# transformers' activations (ACT2FN) written in Python: the intermediate-sized tensors their ops
+# save (traced). Any other, one torch op, saves one: its input (GELU, SiLU) or its output (ReLU).
+ACTIVATION_SAVED = {"gelu_new": 4, "gelu_fast": 7, "gelu_python": 3, "gelu_python_tanh": 4, "gelu_accurate": 4,
+                    "quick_gelu": 2}
+ATTENTION_ROLES = ("q", "k", "v", "qkv", "o")
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,12 @@ class Shape:
     experts_per_token: int = 0
     tied_embeddings: bool = False
     model_type: str = "llama"  # its family (harness.architectures)
+    positions: int = 0        # rows of a learned position embedding (GPT-2's wpe); 0: rotary
+    biased: frozenset = frozenset()  # roles of the linear layers with a bias (family.linear_bias)
+    activation_saved: int = 1  # intermediate-sized tensors the MLP's activation saves (ACTIVATION_SAVED)
+    parallel_residual: bool = False  # attention and MLP read the same input (NeoX's use_parallel_residual)
+    attn_softcap: bool = False   # tanh soft-capping of the attention scores (Gemma 2)
+    final_softcap: bool = False  # tanh soft-capping of the logits (Gemma 2)
 
     @property
     def family(self) -> Architecture:
@@ -57,30 +75,38 @@ class Shape:
         return self.kv_heads * self.head_dim
 
     def linears(self) -> dict[str, tuple[int, int, int]]:
-        """(in, out, count in the whole model) of every decoder linear layer, by name."""
-        family, h, n = self.family, self.hidden, self.layers
+        """(in, out, count in the whole model) of every decoder linear layer, by role (q, k, v or
+        qkv, o, gate and up or gate_up or up alone, down; its name is family.name(role))."""
+        h, i, n = self.hidden, self.intermediate, self.layers
         mlp_count = n * max(self.experts, 1)
-        attention = ({"qkv_proj": (h, self.q_dim + 2 * self.kv_dim, n)} if family.fused_qkv else
-                     {"q_proj": (h, self.q_dim, n), "k_proj": (h, self.kv_dim, n), "v_proj": (h, self.kv_dim, n)})
-        mlp = ({"gate_up_proj": (h, 2 * self.intermediate, mlp_count)} if family.fused_gate_up else
-               {"gate_proj": (h, self.intermediate, mlp_count), "up_proj": (h, self.intermediate, mlp_count)})
-        return {**attention, "o_proj": (self.q_dim, h, n), **mlp, "down_proj": (self.intermediate, h, mlp_count)}
+        widths = {"q": (h, self.q_dim), "k": (h, self.kv_dim), "v": (h, self.kv_dim),
+                  "qkv": (h, self.q_dim + 2 * self.kv_dim), "o": (self.q_dim, h),
+                  "gate": (h, i), "up": (h, i), "gate_up": (h, 2 * i), "down": (i, h)}
+        return {role: (*widths[role], n if role in ATTENTION_ROLES else mlp_count) for role in self.family.roles()}
+
+    def named_linears(self) -> list[tuple[str, int, int, int]]:
+        """(name, in, out, count) of every decoder linear layer: what LoRA's targets name."""
+        return [(self.family.name(role), *sizes) for role, sizes in self.linears().items()]
 
     def small_tensors(self) -> list[int]:
-        """Element counts of the norms' weights, q/k/v biases and per-head q/k norms."""
+        """Element counts of the norms' weights (and LayerNorm's biases), the linear layers'
+        biases and per-head q/k norms."""
         family = self.family
-        sizes = [self.hidden] * ((4 if family.sandwich_norms else 2) * self.layers + 1)
+        norms = (4 if family.sandwich_norms else 2) * self.layers + 1
+        sizes = [self.hidden] * (norms * (2 if family.layer_norm else 1))
         if family.qk_norm:
             sizes += [self.head_dim] * (2 * self.layers)
         if family.qkv_bias:
             sizes += [self.q_dim, self.kv_dim, self.kv_dim] * self.layers
+        sizes += [n_out for role, (_, n_out, count) in self.linears().items() if role in self.biased
+                  for _ in range(count)]
         return sizes
 
     def parameters(self) -> dict[str, int]:
-        """Parameter counts by group: decoder linears (quantizable), embeddings, norms and
-        biases, router."""
+        """Parameter counts by group: decoder linears (quantizable), embeddings (with learned
+        positions), norms and biases, router."""
         linear = sum(n_in * n_out * count for n_in, n_out, count in self.linears().values())
-        embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+        embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2) + self.positions * self.hidden
         norms = sum(self.small_tensors())
         router = self.layers * self.hidden * self.experts if self.experts else 0
         return {"linear": linear, "embeddings": embeddings, "norms": norms, "router": router,
@@ -88,16 +114,29 @@ class Shape:
 
 
 def shape_of(config) -> Shape:
-    """The shape of a transformers config of a family harness.architectures describes."""
-    architecture_of(config)  # an unknown family is one sentence, here
-    heads = config.num_attention_heads
-    return Shape(vocab=config.vocab_size, hidden=config.hidden_size, intermediate=config.intermediate_size,
+    """The shape of a transformers config of a family harness.architectures describes (GPT-2's
+    n_embd, n_layer, n_head and n_positions are read through its config's own aliases)."""
+    family = architecture_of(config)  # an unknown family is one sentence, here
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    # GPT-2: n_inner, None for 4h; the others: intermediate_size
+    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    activation = next((a for a in (getattr(config, name, None) for name in
+                                   ("hidden_activation", "hidden_act", "activation_function")) if a), None)
+    biased = frozenset(family.roles()) if family.linear_bias else frozenset()
+    if not getattr(config, "attention_bias", True):  # NeoX: attention_bias false leaves the MLP's biases
+        biased -= frozenset(ATTENTION_ROLES)
+    return Shape(vocab=config.vocab_size, hidden=hidden, intermediate=intermediate,
                  layers=config.num_hidden_layers, heads=heads,
                  kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-                 head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+                 head_dim=getattr(config, "head_dim", None) or hidden // heads,
                  experts=getattr(config, "num_local_experts", 0) or 0,
                  experts_per_token=getattr(config, "num_experts_per_tok", 0) or 0,
-                 tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)), model_type=config.model_type)
+                 tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)), model_type=config.model_type,
+                 positions=config.max_position_embeddings if family.learned_positions else 0, biased=biased,
+                 activation_saved=ACTIVATION_SAVED.get(activation, 1),
+                 parallel_residual=family.parallel_residual and bool(getattr(config, "use_parallel_residual", True)),
+                 attn_softcap=family.logit_softcapping and getattr(config, "attn_logit_softcapping", None) is not None,
+                 final_softcap=family.logit_softcapping and getattr(config, "final_logit_softcapping", None) is not None)
 
 
 def adapter_tensors(shape: Shape, technique, lora) -> list[int]:
@@ -105,7 +144,7 @@ def adapter_tensors(shape: Shape, technique, lora) -> list[int]:
     adapter registry (harness.techniques.ADAPTERS) defines them."""
     adapter = ADAPTERS[technique.adapter]
     targets = _lora_targets(shape, lora)
-    return [n for name, (n_in, n_out, count) in shape.linears().items() if name in targets
+    return [n for name, n_in, n_out, count in shape.named_linears() if name in targets
             for _ in range(count) for n in adapter.trainable_tensors(n_in, n_out, lora)]
 
 
@@ -126,8 +165,13 @@ def weight_bytes(shape: Shape, technique, lora) -> tuple[int, int]:
     if technique.quantization == "none":
         return params["linear"] * BYTES[technique.weights] + rest * BYTES[technique.weights] + adapters, 0
     # peft's prepare_model_for_kbit_training casts every parameter that is not quantized
-    # (embeddings, norms, lm_head, router) to fp32.
+    # (embeddings, norms, lm_head, router, biases) to fp32. bitsandbytes' Linear4bit then casts
+    # its own bias to the compute dtype in its first forward, for good (GPT-2's and NeoX's biases;
+    # Linear8bitLt casts its bias to its input's dtype, fp32 but for o's 16-bit input: left out).
     rest_bytes = rest * 4
+    if technique.quantization == "nf4":
+        biases = sum(n_out * count for role, (_, n_out, count) in shape.linears().items() if role in shape.biased)
+        rest_bytes -= (4 - BYTES[technique.weights]) * biases
     if technique.quantization == "int8":
         # LLM.int8: one int8 per weight, one fp32 scale per output row (SCB).
         rows = sum(n_out * count for _, n_out, count in shape.linears().values())
@@ -150,6 +194,7 @@ def trainable_tensors(shape: Shape, technique, lora) -> list[int]:
         return adapter_tensors(shape, technique, lora)
     sizes = [n_in * n_out for n_in, n_out, count in shape.linears().values() for _ in range(count)]
     sizes += [shape.vocab * shape.hidden] * (1 if shape.tied_embeddings else 2)
+    sizes += [shape.positions * shape.hidden] if shape.positions else []
     sizes += shape.small_tensors()
     sizes += [shape.hidden * shape.experts] * (shape.layers if shape.experts else 0)
     return sizes
@@ -262,7 +307,7 @@ def _dora_saved(flow: _Flow, base_out: int, tokens: int, n_in: int, n_out: int, 
 def _dora_transient(shape: Shape, targets: set[str]) -> int:
     """DoRA's forward builds each adapted layer's full weight to take its norm: the LoRA
     product through an identity matrix (in x in), the fp32 weight and the sum (out x in each)."""
-    return max((4 * n_in * (n_in + 3 * n_out) for name, (n_in, n_out, _) in shape.linears().items()
+    return max((4 * n_in * (n_in + 3 * n_out) for name, n_in, n_out, _ in shape.named_linears()
                 if name in targets), default=0)
 
 
@@ -274,22 +319,41 @@ def _rms_norm(flow: _Flow, tokens: int, hidden: int, family: Architecture, group
     return 4 * tokens * hidden + 4 * tokens * groups + (normalised * tokens * hidden if flow.full else 0)
 
 
+def _layer_norm_stats(flow: _Flow, tokens: int) -> int:
+    """torch's layer_norm saves its input (counted by the caller: several norms may read one),
+    and a mean and a reciprocal deviation per token: fp32 on CUDA, the input's dtype in the CPU
+    kernel. Weight and bias gradients need nothing more (no normalised copy is kept)."""
+    return 2 * (4 if flow.cuda else flow.residual) * tokens
+
+
+def _norms(flow: _Flow, tokens: int, hidden: int, family: Architecture, count: int, inputs: int) -> int:
+    """`count` norms over the hidden size that read `inputs` distinct tensors (NeoX's parallel
+    residual: two norms, one input): LayerNorm saves that input itself, RMSNorm an fp32 copy
+    of its own (harness.architectures has no RMSNorm family with a parallel residual)."""
+    if family.layer_norm:
+        return count * _layer_norm_stats(flow, tokens) + inputs * flow.residual * tokens * hidden
+    return count * _rms_norm(flow, tokens, hidden, family)
+
+
 def _mlp(flow: _Flow, tokens: int, shape: Shape, x_bytes: int, targets: set[str], quantized: bool) -> tuple[int, bool]:
-    """A gated MLP: down(act(gate(x)) * up(x)), gate and up as two layers or one fused (its
-    output split in halves); returns (bytes saved, input saved?)."""
-    hidden, inter = shape.hidden, shape.intermediate
-    projections = ((("gate_up_proj", 2 * inter),) if shape.family.fused_gate_up else
-                   (("gate_proj", inter), ("up_proj", inter)))
+    """The MLP: gated, down(act(gate(x)) * up(x)) with gate and up as two layers or one fused
+    (its output split in halves), or ungated, down(act(up(x))) (GPT-2's c_fc and c_proj, NeoX's
+    dense_h_to_4h and dense_4h_to_h); returns (bytes saved, input saved?)."""
+    family, hidden, inter = shape.family, shape.hidden, shape.intermediate
+    roles = ((("gate_up", 2 * inter),) if family.fused_gate_up else (("gate", inter), ("up", inter))
+             if family.gated_mlp else (("up", inter),))
     saved, input_saved = 0, False
-    for name, width in projections:
-        g_out, extra, uses_input = _linear(flow, x_bytes, tokens, hidden, width, name in targets, quantized)
+    for role, width in roles:
+        g_out, extra, uses_input = _linear(flow, x_bytes, tokens, hidden, width, family.name(role) in targets,
+                                           quantized)
         saved += extra
         input_saved |= uses_input
-    # The activation (SiLU, GELU) saves the gate's output and the product saves the activation's
-    # output and up's output (halves of one tensor where fused: the same bytes).
-    saved += 3 * g_out * tokens * inter
-    _, d_saved, d_in = _linear(flow, g_out, tokens, inter, hidden, "down_proj" in targets, quantized)
-    saved += d_saved + (g_out * tokens * inter if d_in else 0)  # down's input: act(g) * u
+    # The activation saves its input (SiLU, GELU: one torch op) or more (a Python GELU: GPT-2's
+    # gelu_new keeps its input, the tanh, x/2 and 1 + tanh; ACTIVATION_SAVED). A gate's product
+    # saves the activation's output and up's output (halves of one tensor where fused: the same bytes).
+    saved += (shape.activation_saved + (2 if family.gated_mlp else 0)) * g_out * tokens * inter
+    _, d_saved, d_in = _linear(flow, g_out, tokens, inter, hidden, family.name("down") in targets, quantized)
+    saved += d_saved + (g_out * tokens * inter if d_in else 0)  # down's input: act(g) * u, or act(u)
     return saved, input_saved
 
 
@@ -298,14 +362,15 @@ def layer_saved_bytes(flow: _Flow, shape: Shape, tokens: int, seq_len: int, targ
     quantized = flow.quantization != "none"
     h, r = shape.hidden, flow.residual
     family = shape.family
-    saved = (4 if family.sandwich_norms else 2) * _rms_norm(flow, tokens, h, family)
+    norms = 4 if family.sandwich_norms else 2
+    # NeoX's parallel residual: both pre-norms read the layer's input, saved once.
+    saved = _norms(flow, tokens, h, family, norms, 1 if shape.parallel_residual else norms)
     # Attention: q, k, v (or one fused projection, split) read the normalised input (dtype r).
-    projections = ((("qkv_proj", shape.q_dim + 2 * shape.kv_dim),) if family.fused_qkv else
-                   (("q_proj", shape.q_dim), ("k_proj", shape.kv_dim), ("v_proj", shape.kv_dim)))
+    widths = {"q": shape.q_dim, "k": shape.kv_dim, "v": shape.kv_dim, "qkv": shape.q_dim + 2 * shape.kv_dim}
     shared_input = False
     outs = []
-    for name, width in projections:
-        out, extra, uses_input = _linear(flow, r, tokens, h, width, name in targets, quantized)
+    for role in ("qkv",) if family.fused_qkv else ("q", "k", "v"):
+        out, extra, uses_input = _linear(flow, r, tokens, h, widths[role], family.name(role) in targets, quantized)
         saved += extra
         shared_input |= uses_input
         outs.append(out)
@@ -315,12 +380,28 @@ def layer_saved_bytes(flow: _Flow, shape: Shape, tokens: int, seq_len: int, targ
         # An RMSNorm over each head of q and of k: its fp32 input and per-head scale.
         saved += _rms_norm(flow, tokens, shape.q_dim, family, shape.heads)
         saved += _rms_norm(flow, tokens, shape.kv_dim, family, shape.kv_heads)
-    # RoPE multiplies q and k by cos/sin in the residual dtype (promotion to fp32 if r is 4).
-    q_bytes, k_bytes, v_bytes = max(outs[0], r), max(outs[1], r), outs[2]
+    # RoPE multiplies q and k by cos/sin in the residual dtype (promotion to fp32 if r is 4); GPT-2
+    # has no rotary embedding (its positions were added to the input), and its q, k and v are views
+    # of c_attn's output, which attention saves as they are.
+    rotary = not family.learned_positions
+    q_bytes, k_bytes = (max(outs[0], r), max(outs[1], r)) if rotary else (outs[0], outs[1])
+    v_bytes = outs[2]
     if flow.autocast:  # scaled_dot_product_attention runs in 16 bits under autocast
         q_bytes = k_bytes = v_bytes = 2
     attn_out = q_bytes
-    if flow.cuda and not flow.autocast and q_bytes == 4 and shape.kv_heads < shape.heads:
+    o_input_copied = False  # o_proj's input a tensor of its own, not attention's saved output
+    if family.eager_attention:
+        # transformers' eager attention (Gemma 2), T x s scores per head: the two matmuls save q
+        # and k and v repeated to every head (a copy where grouped); the scores come out in q's
+        # dtype (16 bits under autocast); soft-capping, cap * tanh(scores / cap), saves the tanh's
+        # output; softmax runs in fp32 and saves its output; the probabilities cast back to q's
+        # dtype for the matmul with v are saved too (the softmax's own output where all is fp32).
+        # The output, transposed back to tokens, is a copy of its own.
+        scores = tokens * shape.heads * seq_len
+        saved += tokens * shape.q_dim * (q_bytes + k_bytes + v_bytes)
+        saved += scores * ((q_bytes if shape.attn_softcap else 0) + 4 + (0 if q_bytes == 4 else q_bytes))
+        o_input_copied = True
+    elif flow.cuda and not flow.autocast and q_bytes == 4 and shape.kv_heads < shape.heads:
         # fp32 with grouped-query attention: CUDA's flash kernel takes only 16-bit inputs and
         # its memory-efficient kernel refuses enable_gqa, so the math backend runs. Its two
         # matmuls save the scaled q, k and v repeated to every head, and the s x s softmax.
@@ -330,10 +411,15 @@ def layer_saved_bytes(flow: _Flow, shape: Shape, tokens: int, seq_len: int, targ
         # the per-head log-sum-exp; GQA runs natively (no repeated k/v) when there is no mask.
         saved += tokens * (shape.q_dim * q_bytes + shape.kv_dim * (k_bytes + v_bytes) + shape.q_dim * attn_out)
         saved += 4 * tokens * shape.heads
-    # o_proj reads SDPA's output (already saved; flash kernels return it token-major, so the
-    # transpose to [batch, seq, heads x dim] makes no copy).
-    _, o_saved, _ = _linear(flow, attn_out, tokens, shape.q_dim, h, "o_proj" in targets, quantized)
-    saved += o_saved
+        if family.whole_qkv_saved and v_bytes == outs[2]:
+            # v, not cast, is a view of the fused projection's output: attention keeps all of it.
+            saved += tokens * (shape.q_dim + shape.kv_dim) * v_bytes
+        # NeoX's q and k come out of the rotary's cat head-major, and so does SDPA's output.
+        o_input_copied = family.head_major_qk
+    # o_proj reads SDPA's output (already saved; flash kernels return it token-major when q is,
+    # so the transpose to [batch, seq, heads x dim] makes no copy) or a copy of its own.
+    _, o_saved, o_in = _linear(flow, attn_out, tokens, shape.q_dim, h, family.name("o") in targets, quantized)
+    saved += o_saved + (attn_out * tokens * shape.q_dim if o_in and o_input_copied else 0)
     if not shape.experts:
         mlp_saved, mlp_in = _mlp(flow, tokens, shape, r, targets, quantized)
         return saved + mlp_saved + (r * tokens * h if mlp_in else 0)
@@ -357,7 +443,7 @@ def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gr
     targets = _lora_targets(shape, lora) if flow.lora else set()
     tokens = batch * seq_len
     per_layer = layer_saved_bytes(flow, shape, tokens, seq_len, targets)
-    head = _rms_norm(flow, tokens, shape.hidden, shape.family)
+    head = _norms(flow, tokens, shape.hidden, shape.family, 1, 1)
     # lm_head is never quantized nor adapted. Under autocast it saves a 16-bit input and, if
     # its weight is fp32 (full precision, or upcast by k-bit preparation), a 16-bit copy of it.
     if flow.autocast:
@@ -369,6 +455,9 @@ def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gr
     # The loss upcasts the logits to fp32; log_softmax saves its fp32 output. Backward starts
     # with two more fp32 logit-sized buffers (the nll_loss and log_softmax gradients).
     head += 4 * tokens * shape.vocab
+    if shape.final_softcap:
+        # Gemma 2's cap * tanh(logits / cap): the tanh saves its output, in the logits' dtype.
+        head += (2 if flow.autocast else flow.residual) * tokens * shape.vocab
     loss_backward = 2 * 4 * tokens * shape.vocab
     if flow.dora:  # at the last adapted layer, on top of nearly every saved activation
         loss_backward = max(loss_backward, _dora_transient(shape, targets) - head)
@@ -383,12 +472,16 @@ def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gr
 # -- the step -------------------------------------------------------------------------
 
 def predict(config, technique, lora, seq_len: int, batch: int, grad_accum: int = 1,
-            gradient_checkpointing: bool = False, device_type: str = "cuda") -> dict:
+            gradient_checkpointing: bool = False, device_type: str = "cuda",
+            optimizer_in_backward: bool = False) -> dict:
     """Peak bytes of one training step and what is alive at the peak, by category.
 
     Two candidate peaks: the start of the last micro-batch's backward (weights, optimizer
     state, earlier micro-batches' gradients, saved activations, the loss's gradient
-    buffers) and the optimizer step (weights, gradients, optimizer state).
+    buffers) and the optimizer step (weights, gradients, optimizer state). With the step
+    in backward there is no optimizer step: each gradient is freed once its parameter has
+    stepped, so at most one is in flight beside the activations (tied embeddings: that one's
+    gradient waits for the embedding's own use, last in backward).
     """
     shape = shape_of(config)
     weights, constants = weight_bytes(shape, technique, lora)
@@ -403,14 +496,22 @@ def predict(config, technique, lora, seq_len: int, batch: int, grad_accum: int =
     # At the last micro-batch's backward start, gradients are alive only if earlier micro-batches left theirs.
     backward_start = {**persistent, "gradients": gradients if grad_accum > 1 else 0,
                       "activations": activations["saved"] + activations["transient"]}
-    optimizer_step = {**persistent, "activations": 0}
-    candidates = [backward_start, optimizer_step]
+    candidates = {"backward start": backward_start, "optimizer step": {**persistent, "activations": 0}}
+    tied_buffers = 2
+    if optimizer_in_backward:
+        # No optimizer step and no gradient kept: at backward start none is in flight yet, and
+        # later each lives only until its parameter's hook has stepped.
+        persistent["gradients"] = 0
+        candidates = {"backward start": {**backward_start, "gradients": 0}}
+        tied_buffers = 3  # the output layer's gradient waits, outside .grad, for the embedding's own
     if shape.tied_embeddings and technique.adapter == "none":
         # Tied input and output embeddings, trained: the output layer's gradient is in .grad when
         # the embedding's own backward, last, makes a second vocabulary x hidden gradient to add to
         # it (traced: a zero-filled buffer and the scattered sum, two of them), all others done.
-        candidates.append({**persistent, "activations": 2 * shape.vocab * shape.hidden * param_bytes})
-    at_peak = max(candidates, key=lambda c: sum(c.values()))
+        candidates["embedding backward"] = {
+            **persistent, "activations": tied_buffers * shape.vocab * shape.hidden * param_bytes}
+    peak_at = max(candidates, key=lambda name: sum(candidates[name].values()))
+    at_peak = candidates[peak_at]
     categories = {k: at_peak.get(k, 0) for k in CATEGORIES}  # in the record's order
     params = shape.parameters()
     return {
@@ -420,6 +521,6 @@ def predict(config, technique, lora, seq_len: int, batch: int, grad_accum: int =
         "persistent": persistent,
         "parameters": {"total": params["total"], "trainable": sum(sizes),
                        "quantized": params["linear"] if technique.quantization != "none" else 0},
-        "peak_at": ("backward start", "optimizer step", "embedding backward")[candidates.index(at_peak)],
+        "peak_at": peak_at,
         "device_type": device_type,
     }

@@ -83,7 +83,7 @@ def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
         from harness.predict.analytic import predict as analytic_predict
 
         result = analytic_predict(source.config, technique, cfg.lora, seq_len, batch, cfg.grad_accum,
-                                  cfg.gradient_checkpointing, device_type)
+                                  cfg.gradient_checkpointing, device_type, cfg.optimizer_in_backward)
     else:
         from harness.predict.simulate import simulate_step
 

@@ -98,7 +98,7 @@ def setup(experiment: Path, model: str, overrides: dict | None = None, device_ty
         if (seq_len, micro_batch) not in memo:
             memo[seq_len, micro_batch] = analytic_predict(
                 source.config, technique, cfg.lora, seq_len, micro_batch, cfg.grad_accum,
-                cfg.gradient_checkpointing, device_type)["total_bytes"]
+                cfg.gradient_checkpointing, device_type, cfg.optimizer_in_backward)["total_bytes"]
         return memo[seq_len, micro_batch]
     return Setup(config, getattr(source.config, "max_position_embeddings", None), peak)
 

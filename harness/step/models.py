@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
+from harness.architectures import attention_implementation
 from harness.config import ConfigError
 from harness.presets import PRESETS, preset_config
 from harness.step.checkpoint import BASE_SOURCE, resolve_base
@@ -52,7 +53,7 @@ def resolve_source(source: str, trust_remote_code: bool = False, device_type: st
         folder = resolve_base(device_type)
         return ModelSource(str(folder), "pretrained", AutoConfig.from_pretrained(folder))
     if source in PRESETS:
-        return ModelSource(source, "preset", preset_config(source))
+        return ModelSource(source, "preset", _without_dropout(preset_config(source)))
     path = Path(source)
     if source.endswith(".json") or source.startswith((".", "/", "~")):
         if not path.exists():
@@ -64,7 +65,7 @@ def resolve_source(source: str, trust_remote_code: bool = False, device_type: st
             raise ValueError(f"{path}: a config.json needs a 'model_type' field")
         config = AutoConfig.for_model(model_type, **settings)
         _check_shape(config, source)
-        return ModelSource(source, "config", config)
+        return ModelSource(source, "config", _without_dropout(config))
     if path.is_dir() and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise ValueError(f"{path}: a model folder needs weights (*.safetensors); "
                          "for a shape only, give the path of its config.json")
@@ -74,6 +75,18 @@ def resolve_source(source: str, trust_remote_code: bool = False, device_type: st
         config = _hub_config(source, trust_remote_code)
     _check_shape(config, source)
     return ModelSource(source, "pretrained", config)
+
+
+def _without_dropout(config):
+    """A random-init model trains without the model's own dropout, as the Llama-style families
+    do by default (GPT-2's config says 0.1 for resid_pdrop, embd_pdrop and attn_pdrop): its masks
+    would be saved tensors that neither the shape nor the technique decides, and random weights
+    learn nothing that dropout would regularise. Pretrained models keep their config's dropout.
+    LoRA's own dropout (lora.dropout) is the experiment's and unaffected."""
+    for name, value in config.to_dict().items():
+        if name.endswith(("dropout", "pdrop")) and type(value) in (int, float) and value > 0:
+            setattr(config, name, 0.0)
+    return config
 
 
 # The sizes a shape must have, where a config names them: a zero or negative one is a mistake.
@@ -253,6 +266,7 @@ def build_base_model(source: ModelSource, technique: Technique, device: torch.de
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[technique.weights]
+    attn_implementation = attention_implementation(source.config, attn_implementation)
     if technique.quantization != "none":
         import bitsandbytes  # noqa: F401  (missing: the run is skipped, saying so)
     quant_config = _bnb_config(technique)
