@@ -225,7 +225,7 @@ class FitTable:
     reference_shape: list[int]  # (sequence length, micro-batch) of each row's reference_peak_bytes
     rows: list[dict]            # experiment, model, gradient_checkpointing, card_gb, max_seq_len, ...
     curves: list[dict]          # experiment, model, gradient_checkpointing, seq_len, total_bytes
-    cases: list[dict]           # case (a named configuration), card_gb, max_seq_len
+    cases: list[dict]           # case (a named configuration), experiment, model, card_gb, max_seq_len
     kind: str = KIND
     schema_version: int = VERSION
     versions: dict | None = None

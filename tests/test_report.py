@@ -26,7 +26,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "report-results"
 CLAIM_IDS = ["W-fp32", "W-over16", "G-fp32", "O-adam", "T-fp32", "T-half", "W-half", "F-bf16", "F-range", "F-fp16",
              "Q-int8-pg", "Q-int8-all", "Q-int8-t4", "Q-levels", "L-frac", "L-4x", "L-speed", "L-16gb", "A-5gb",
              "Q-nf4", "Q-more", "P-paged", "GA-mem", "GA-eq", "M-16gb", "X-65gb", "GA-one"]
-FIGURES_IN_FIXTURE = 8
+FIGURES_IN_FIXTURE = 9
 
 
 # --- verdicts: pure functions ------------------------------------------------------------------
@@ -278,7 +278,8 @@ def test_render_carries_every_claim_and_figure(rendered):
     assert "Not drawn" not in markdown
     headings = [line for line in markdown.splitlines() if line.startswith("## ")]
     assert headings == ["## What fits my card", "## Verdicts at a glance", "## The claims ledger",
-                        "## Other projects' published figures", "## Predicted against measured on the GPU",
+                        "## Other projects' published figures", "## The optimisation ladder",
+                        "## Predicted against measured on the GPU",
                         "## Figures", "## Loss on a pretrained base", "## Runs on a GPU",
                         "## Micro-benchmarks on a GPU", "## Appendix: the lab checking itself on a CPU",
                         "## Environment and provenance"]

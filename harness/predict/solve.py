@@ -251,7 +251,7 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda"):
     cases = []
     for case, (model, name, overrides) in COMPARED_CASES.items():
         found = setup(experiments_dir / f"{name}.yaml", model, overrides, device_type)
-        cases += [{"case": case, "card_gb": card_gb,
+        cases += [{"case": case, "experiment": name, "model": model, "card_gb": card_gb,
                    "max_seq_len": largest_fitting(lambda n: found.peak(n, 1), card_cap_bytes(card_gb),
                                                   _limit("seq_len", found.context)).value}
                   for card_gb in FIT_CARDS]

@@ -88,7 +88,7 @@ def _fits_blocks(results, runs, figures: list[FigureResult]) -> list[Block]:
     for model, fit_table in fit_tables(table, runs):
         blocks.append(Block("h3", model))
         blocks.append(Block("table", table=fit_table))
-    compared = published_comparison(table)
+    compared = published_comparison(table, runs)
     if compared is not None:
         blocks.append(Block("h3", "Against published figures"))
         blocks.append(Block("table", table=compared))
