@@ -297,8 +297,8 @@ def premise_bytes(results: Results, spec: dict, method: str) -> Observation | No
     return as_counted(replace(observation, value=observation.value * per_parameter, note=note), spec)
 
 
-def quantized_bits(results: Results, spec: dict, method: str) -> Observation | None:
-    """Bits per quantized weight: the 4-bit code plus its quantization constants, over the
+def nf4_weight_bits(results: Results, spec: dict, method: str) -> Observation | None:
+    """Bits per NF4-quantized weight: the 4-bit code plus its quantization constants, over the
     weights that are quantized (the projections), not the unquantized embeddings and head."""
     def bits(persistent, counts):
         constants, quantized = _get(persistent, "quant_constants"), _get(counts, "quantized")
@@ -509,7 +509,7 @@ QUANTITIES = {
     "bytes_per_trainable": bytes_per_trainable, "trainable_bytes": trainable_bytes,
     "state_over_half_adapter": state_over_half_adapter, "base_bits": base_bits, "constant_bits": constant_bits,
     "accumulation_extra": accumulation_extra, "paged_state": paged_state, "premise_bytes": premise_bytes,
-    "quantized_bits": quantized_bits, "peak_ratio": peak_ratio, "throughput_ratio": throughput_ratio,
+    "nf4_weight_bits": nf4_weight_bits, "peak_ratio": peak_ratio, "throughput_ratio": throughput_ratio,
     "max_micro_batch": max_micro_batch,
     "format_bits": format_bits, "format_counts": format_counts, "format_range": format_range,
     "quantization_tradeoff": quantization_tradeoff, "accumulation_error": accumulation_error,
