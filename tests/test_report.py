@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.claims import load_claims
 from harness.report import verdicts
-from harness.report.claims import load_claims
 from harness.report.evidence import QUANTITIES
 from harness.report.ledger import build_ledger, build_row
 from harness.report.load import Results, load_results
@@ -123,8 +123,8 @@ def test_every_claim_id_once_with_unit_tolerance_and_evidence():
 
 
 def test_other_projects_figures_are_a_second_ledger_the_predictions_cover():
+    from harness.claims import PUBLISHED_FILE, evidence_configurations, load_sources
     from harness.predict.command import claim_configurations
-    from harness.report.claims import PUBLISHED_FILE, evidence_configurations, load_sources
 
     published = load_claims(PUBLISHED_FILE)
     sources = load_sources(PUBLISHED_FILE)
@@ -198,7 +198,7 @@ def test_cpu_records_count_for_device_independent_claims_and_are_labelled():
 
 
 def test_a_record_of_another_micro_batch_is_not_evidence():
-    from harness.report.claims import PUBLISHED_FILE
+    from harness.claims import PUBLISHED_FILE
 
     claim = next(c for c in load_claims(PUBLISHED_FILE) if c.id == "TT-7b-qlora")  # 512 x 2
     one = _record("cuda", experiment="qlora-gc", weights=1e9)  # a run at 512 x 1

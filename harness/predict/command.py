@@ -53,7 +53,7 @@ def matrix_configurations(experiments_dir: Path) -> list[tuple[str, str, int, in
 
 def claim_configurations() -> list[tuple[str, str, int, int, str]]:
     """What the two ledgers read (the documents' claims, other projects' figures), on the CUDA path."""
-    from harness.report.claims import PUBLISHED_FILE, evidence_configurations, load_claims
+    from harness.claims import PUBLISHED_FILE, evidence_configurations, load_claims
 
     claims = load_claims() + load_claims(PUBLISHED_FILE)
     return [(name, model, seq, batch, "cuda") for name, model, seq, batch in evidence_configurations(claims)]

@@ -3,9 +3,9 @@ pretraining records) and renders reports/index.md and reports/index.html with th
 ledger, figures and tables.
 
 Imports no torch and none of the code that runs experiments; it only reads JSON.
-Modules: load (files -> records and frames), claims (claims.yaml), evidence (quantities per
-claim), verdicts (numbers -> verdict), ledger (rows), loss (loss parity on a pretrained
-base), figures, tables, render, browser. Importing this package itself is cheap: the
+Modules: load (files -> records and frames), evidence (quantities per claim of
+harness/claims.py's two ledgers), verdicts (numbers -> verdict), ledger (rows), loss (loss
+parity on a pretrained base), fits, ladder, figures, tables, render, browser. Importing this package itself is cheap: the
 command line takes its arguments from here.
 """
 

@@ -19,8 +19,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from harness.claims import Claim  # noqa: E402
 from harness.measure.budget import budget_cap_bytes  # noqa: E402
-from harness.report.claims import Claim  # noqa: E402
 from harness.report.load import CATEGORIES, Results  # noqa: E402
 from harness.report.units import CATEGORY_WORDS, DOCUMENTS_MODEL  # noqa: E402
 

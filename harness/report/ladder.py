@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from harness.report.claims import PUBLISHED_FILE, load_claims
+from harness.claims import PUBLISHED_FILE, load_claims
 from harness.report.tables import Cell, Table, _missing
 from harness.report.units import CATEGORY_WORDS, GIB, fmt_bytes
 

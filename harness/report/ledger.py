@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from harness.claims import Claim, load_claims
 from harness.measure.budget import budget_cap_bytes
 from harness.report import verdicts
-from harness.report.claims import Claim, load_claims
 from harness.report.evidence import PROBE_QUANTITIES, Observation, observe
 from harness.report.load import Results
 from harness.report.units import fmt_bytes, fmt_value

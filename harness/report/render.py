@@ -14,9 +14,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.claims import PUBLISHED_FILE, SOURCES, load_claims, load_sources
 from harness.report import add_arguments, ladder
 from harness.report.accuracy import TOLERANCES, prediction_errors, summary
-from harness.report.claims import PUBLISHED_FILE, SOURCES, load_claims, load_sources
 from harness.report.figures import FigureResult, all_figures
 from harness.report.fits import fit_tables, published_comparison
 from harness.report.ledger import build_ledger

@@ -1,4 +1,6 @@
-"""The claims the ledger checks, read from claims.yaml (the documents' figures, in the project's words)."""
+"""The ledgers' claims, as data (no torch): claims.yaml holds the documents' figures, published.yaml
+other projects', both in the project's words. The report judges them; `harness predict
+--claims` predicts every configuration they read."""
 
 from __future__ import annotations
 
