@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from harness.claims import PUBLISHED_FILE, load_claims
-from harness.report.tables import Cell, Table, _missing
+from harness.report.tables import Cell, Table
 from harness.report.units import CATEGORY_WORDS, GIB, fmt_bytes
 
 MODEL, SEQ_LEN, MICRO_BATCH = "llama-3.2-3b", 4096, 2
@@ -88,16 +88,16 @@ def ladder_table(rows: pd.DataFrame) -> Table:
         experiment = row["experiment"] if isinstance(row["experiment"], str) else None
         if experiment is None:
             ours, measured = Cell("-", "no counterpart in the lab"), Cell("-")
-        elif _missing(row["predicted"]):
+        elif pd.isna(row["predicted"]):
             ours, measured = Cell("-", "`python -m harness predict --claims` predicts it"), Cell("-")
         else:
-            biggest = max(CATEGORY_WORDS, key=lambda name: 0 if _missing(row[name]) else row[name])
+            biggest = max(CATEGORY_WORDS, key=lambda name: 0 if pd.isna(row[name]) else row[name])
             ours = Cell(f"{row['predicted'] / GIB:.1f}", f"{row['method']}; largest: {CATEGORY_WORDS[biggest]} "
                                                            f"{row[biggest] / GIB:.1f}")
-            measured = (Cell(f"{row['measured'] / GIB:.1f}", row["device"]) if not _missing(row["measured"])
+            measured = (Cell(f"{row['measured'] / GIB:.1f}", row["device"]) if not pd.isna(row["measured"])
                         else Cell("-"))
-        theirs = Cell("-") if _missing(row["theirs_gib"]) else Cell(f"{row['theirs_gib']:.1f}")
-        ratio = ("" if _missing(row["predicted"]) or _missing(row["theirs_gib"])
+        theirs = Cell("-") if pd.isna(row["theirs_gib"]) else Cell(f"{row['theirs_gib']:.1f}")
+        ratio = ("" if pd.isna(row["predicted"]) or pd.isna(row["theirs_gib"])
                  else f"{row['theirs_gib'] * GIB / row['predicted']:.2f}")
         lines.append([Cell(row["label"], experiment or ""), ours, measured, theirs, Cell(ratio),
                       Cell(row["comparison"])])
