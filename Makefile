@@ -9,6 +9,8 @@ PY ?= $(VENV)/bin/python
 SETUP := $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
 # Where a GPU is present pip's default torch build (CUDA) is used; otherwise the CPU build.
 TORCH_SPEC ?= $(shell if nvidia-smi -L >/dev/null 2>&1; then echo torch; else echo torch==2.13.0; fi)
+# The optional extras: the techniques beyond the documents everywhere, GPU-only kernels where a GPU is.
+EXTRAS ?= $(shell if nvidia-smi -L >/dev/null 2>&1; then echo dev,techniques,gpu; else echo dev,techniques; fi)
 
 # make bench MODEL=mistralai/Mistral-7B-v0.1 BUDGET_GB=16 EXPERIMENTS="qlora lora"
 MODEL ?=
@@ -16,12 +18,12 @@ BUDGET_GB ?=
 EXPERIMENTS ?=
 BENCH_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(BUDGET_GB),--budget-gb $(BUDGET_GB)) $(if $(EXPERIMENTS),--experiments $(EXPERIMENTS))
 
-.PHONY: install bench gpu-evidence base report report-check test test-fast chromium microbench validate clean
+.PHONY: install bench bench-full gpu-evidence base report report-check test test-fast chromium microbench validate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -32,6 +34,13 @@ install: $(STAMP)
 bench: $(SETUP)
 	@status=0; $(PY) -m harness bench $(BENCH_ARGS) || status=$$?; \
 	$(PY) -m harness probes && $(PY) -m harness predict --claims && $(PY) -m harness report || status=1; \
+	exit $$status
+
+# What needs many steps on a CPU (the loss comparisons of the techniques beyond the documents:
+# minutes each), as the `cpu-full` plan of experiments/matrix.yaml, then the report.
+bench-full: $(SETUP)
+	@status=0; $(PY) -m harness bench --plan cpu-full || status=$$?; \
+	$(PY) -m harness report || status=1; \
 	exit $$status
 
 # The GPU evidence pass: the `evidence` plan of experiments/matrix.yaml, most valuable cell

@@ -70,6 +70,11 @@ class OptimSettings:
     eps: float = 1e-8
     # LoRA+ only (optimizer: loraplus): lora_B's learning rate over lora_A's; 16 is the paper's advice.
     loraplus_lr_ratio: float = 16.0
+    # GaLore only (optimizer: galore_adamw): the projection's rank, how many steps
+    # between two SVDs of the gradient, and the update's scale (galore-torch's README values).
+    galore_rank: int = 128
+    galore_update_proj_gap: int = 200
+    galore_scale: float = 0.25
 
 
 @dataclass
@@ -107,6 +112,17 @@ class Experiment:
     micro_batch: int = 4
     grad_accum: int = 1
     gradient_checkpointing: bool = False
+    # With checkpointing: keep attention's outputs instead of recomputing them in backward (TRL's
+    # selective checkpointing policy: the SDPA op's outputs are saved, everything else recomputed).
+    selective_checkpointing: bool = False
+    # Tensors saved for backward go to host memory in forward and come back in backward (TRL's
+    # OffloadActivations, what SFTTrainer's activation_offloading runs); a GPU's technique.
+    activation_offloading: bool = False
+    # Liger's Triton kernels patched into the model: RMSNorm, SwiGLU, RoPE and the fused linear
+    # cross-entropy, which never materialises the logits (a GPU's technique).
+    liger_kernels: bool = False
+    # torch.compile on the model (inductor); memory predictions are eager's.
+    compile: bool = False
     # Each parameter steps in a hook as soon as its gradient is complete, so gradients are freed
     # during backward instead of all being alive at the optimizer step (harness.step.train).
     optimizer_in_backward: bool = False
@@ -139,6 +155,9 @@ _RANGES = [
     ("optim.lr", lambda v: 0 < v < float("inf"), "must be positive"),
     ("optim.eps", lambda v: 0 < v < float("inf"), "must be positive"),
     ("optim.loraplus_lr_ratio", lambda v: 0 < v < float("inf"), "must be positive"),
+    ("optim.galore_rank", lambda v: v >= 1, "must be at least 1"),
+    ("optim.galore_update_proj_gap", lambda v: v >= 1, "must be at least 1"),
+    ("optim.galore_scale", lambda v: 0 < v < float("inf"), "must be positive"),
     ("optim.weight_decay", lambda v: 0 <= v < float("inf"), "must be >= 0"),
     ("optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"),
     ("data.max_bytes", lambda v: v > 0, "must be positive"),
@@ -324,9 +343,15 @@ def _check_semantics(experiment: Experiment, path: Path) -> None:
     if technique.optimizer == "loraplus" and technique.adapter == "none":
         raise ConfigError(path, "optimizer", "LoRA+ sets the learning rates of LoRA's A and B matrices: it needs "
                           "an adapter (adapter: lora)")
+    if technique.optimizer == "galore_adamw" and technique.adapter != "none":
+        raise ConfigError(path, "optimizer", "GaLore projects the gradients of full weight matrices: it is a "
+                          "full fine-tuning optimizer (adapter: none)")
     if experiment.optimizer_in_backward and technique.optimizer == "loraplus":
         raise ConfigError(path, "optimizer_in_backward", "LoRA+ groups the adapters of the whole model into one "
                           "optimizer; stepping each parameter on its own is not LoRA+")
+    if experiment.selective_checkpointing and not experiment.gradient_checkpointing:
+        raise ConfigError(path, "selective_checkpointing", "selective checkpointing chooses what checkpointing "
+                          "keeps: it needs gradient_checkpointing: true")
     if experiment.optimizer_in_backward and technique.loss_scaling:
         raise ConfigError(path, "optimizer_in_backward", "loss scaling checks every gradient for inf/NaN before "
                           "any parameter steps; stepping in backward cannot wait for that")

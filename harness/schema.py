@@ -82,6 +82,8 @@ class Memory:
     peak_reserved: int | None = None
     peak_device_used: int | None = None
     device_used_before_load: int | None = None
+    # Host bytes alive at most in the tracked step on a GPU (activations offloaded to the CPU)
+    host_peak: int | None = None
 
 
 @dataclass
@@ -168,6 +170,7 @@ class Prediction:
     phase_peaks: dict | None = None
     peak_at: str | None = None
     seconds: float | None = None
+    host_bytes: int | None = None  # host memory the step uses beside the device's (offloaded activations)
     extra: dict = field(default_factory=dict)
 
 
@@ -374,7 +377,10 @@ def find_records(folder: str | Path) -> list[Path]:
 # so that adding a field does not make earlier measurements look like other configurations.
 # A section of None is a top-level field.
 ADDED_LATER = {("lora", "use_dora"): False, ("lora", "use_rslora"): False, ("lora", "init_lora_weights"): True,
-               ("lora", "peft"): {}, (None, "optimizer_in_backward"): False, ("optim", "loraplus_lr_ratio"): 16.0}
+               ("lora", "peft"): {}, (None, "optimizer_in_backward"): False, ("optim", "loraplus_lr_ratio"): 16.0,
+               (None, "selective_checkpointing"): False, (None, "activation_offloading"): False,
+               (None, "liger_kernels"): False, (None, "compile"): False, ("optim", "galore_rank"): 128,
+               ("optim", "galore_update_proj_gap"): 200, ("optim", "galore_scale"): 0.25}
 # Config keys that differ between two records of the same configuration: which attempt, which
 # hash (computed from the rest), which copy of the same pretrained base.
 _VOLATILE_CONFIG_KEYS = ("run_id", "config_hash", "base_checkpoint", "description", "summary")

@@ -123,12 +123,77 @@ def _loraplus(params, settings, device_type: str, model=None):
                                      fused=device_type == "cuda")
 
 
+def _galore(params, settings, device_type: str, model=None):
+    """GaLore (galore-torch, the library transformers' `optim="galore_adamw"` uses): the gradients of
+    the decoder's linear weights are projected to `galore_rank` dimensions, where the optimizer keeps
+    its moments; every other parameter gets plain AdamW in the same optimizer (galore-torch's README
+    recipe, with its rank, projection gap and scale as defaults). Its 8-bit variant synchronises
+    CUDA in every step, so it cannot run on a CPU: it is left out."""
+    from galore_torch import GaLoreAdamW
+
+    projected = {id(p) for p in _decoder_linear_weights(model)}
+    groups = [{"params": [p for p in params if id(p) not in projected]},
+              {"params": [p for p in params if id(p) in projected], "rank": settings.galore_rank,
+               "update_proj_gap": settings.galore_update_proj_gap, "scale": settings.galore_scale,
+               "proj_type": "std"}]
+    return GaLoreAdamW([g for g in groups if g["params"]], lr=settings.lr, betas=tuple(settings.betas),
+                       eps=settings.eps, weight_decay=settings.weight_decay)
+
+
+def _decoder_linear_weights(model) -> list:
+    """The weights of the decoder layers' linear layers (attention and MLP, as LoRA's default targets
+    name them for the model's family): what GaLore projects."""
+    import torch
+
+    from harness.architectures import DEFAULT_TARGETS, lora_targets
+
+    names = set(lora_targets(model.config, list(DEFAULT_TARGETS))[0])
+    return [module.weight for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in names]
+
+
+def _torchao(name: str):
+    """torchao's low-bit AdamW: both moments quantized blockwise (8-bit or 4-bit codes, or fp8), one
+    fp32 scale per block; tensors under 4,096 elements keep plain states."""
+    def build(params, settings, device_type: str, model=None):
+        import torchao.optim
+
+        return getattr(torchao.optim, name)(params, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
+                                            weight_decay=settings.weight_decay)
+    return build
+
+
 OPTIMIZERS: dict[str, Callable] = {
     "adamw": _adamw,
     "loraplus": _loraplus,
     "adamw8bit": _bnb("AdamW8bit"),
     "paged_adamw8bit": _bnb("PagedAdamW8bit"),
     "paged_adamw": _bnb("PagedAdamW"),
+    "galore_adamw": _galore,
+    "ao_adamw8bit": _torchao("AdamW8bit"),
+    "ao_adamw4bit": _torchao("AdamW4bit"),
+    "ao_adamw_fp8": _torchao("AdamWFp8"),
+}
+
+# Building blocks (experiment fields) the simulation cannot trace, with the reason: only the analytic
+# method predicts them.
+NOT_SIMULATED: dict[str, str] = {
+    "liger_kernels": "Liger's Triton kernels do not run on fake tensors",
+}
+
+
+class NotSimulated(Exception):
+    """An experiment with a building block of NOT_SIMULATED: the simulation says so, the analytic answers."""
+
+
+# Building blocks (experiment fields) that run on a CUDA device only, with the reason: elsewhere the
+# run is recorded `skipped` with it, and the predictions still cover what they can.
+CUDA_ONLY: dict[str, str] = {
+    "activation_offloading": "offloading moves saved activations from GPU memory to host memory; on a CPU they "
+                             "are in host memory already (TRL's OffloadActivations needs an accelerator)",
+    "liger_kernels": "Liger's kernels are Triton kernels, which run on GPUs",
+    "compile": "inductor's CPU kernels say nothing of a GPU's memory or speed, and compiling the step alone takes "
+               "over a minute on 2 CPU cores",
 }
 
 # Paged optimizers keep their state in CUDA unified memory, outside torch's allocator.

@@ -396,7 +396,8 @@ def test_the_ladder_stands_each_rung_beside_torchtunes_and_every_rung_is_a_cuda_
 
     rows = ladder.ladder_rows(pd.DataFrame(columns=["experiment"]), pd.DataFrame())
     assert list(rows["label"]) == [rung.label for rung in ladder.RUNGS]
-    assert rows["theirs_gib"].dropna().round(1).tolist() == [60.0, 24.9, 23.1, 17.6, 8.5, 4.6]
+    assert rows["theirs_gib"].dropna().round(1).tolist() == [60.0, 24.9, 23.1, 21.8, 17.6, 8.5, 4.6]
+    assert rows["experiment"].notna().all()  # every rung is a step of the lab's, torchtune's figure or not
     cells, _ = expand(load_matrix(experiments_dir / "matrix.yaml"), "cuda", experiments_dir, tmp_path, device_gb=141)
     cells = {(c.config["name"], c.config["model"], c.config["seq_len"], c.config["micro_batch"]) for c in cells}
     for experiment in rows["experiment"].dropna():
@@ -404,3 +405,7 @@ def test_the_ladder_stands_each_rung_beside_torchtunes_and_every_rung_is_a_cuda_
     # a rung that raises the peak is named
     frame = pd.DataFrame({"label": ["a", "b", "c"], "predicted": [3e9, 4e9, 1e9]})
     assert [text.split(" (")[0] for text in ladder.not_monotone(frame)] == ["b"]
+    # and says why where the rung knows
+    rising = ladder.RUNGS[3]
+    frame = pd.DataFrame({"label": [ladder.RUNGS[2].label, rising.label], "predicted": [3e9, 4e9]})
+    assert ladder.not_monotone(frame)[0].endswith(rising.rises + ")") and rising.rises

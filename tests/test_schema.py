@@ -132,10 +132,10 @@ def test_a_new_adapter_and_optimizer_are_one_registry_entry_each(monkeypatch, tm
     technique = resolve_technique(experiment)
     assert (technique.adapter, technique.optimizer) == ("a-only", "my-sgd")
     config = preset_config("tiny-llama")
-    mine = analytic_predict(config, technique, experiment.lora, 64, 2)
+    mine = analytic_predict(config, technique, experiment, 64, 2)
     lora = analytic_predict(config, resolve_technique(experiment_of({**dataclasses.asdict(experiment),
                                                                      "adapter": "lora", "optimizer": None})),
-                            experiment.lora, 64, 2)
+                            experiment, 64, 2)
     assert 0 < mine["parameters"]["trainable"] < lora["parameters"]["trainable"]
     path.write_text("technique: lora\nadapter: b-only\n")
     with pytest.raises(ConfigError, match="unknown adapter 'b-only'; registered: none, lora, a-only"):

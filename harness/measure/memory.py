@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -33,14 +33,29 @@ class _Storage:
     phase: str           # phase it appeared in
     died: int | None = None
     category: str | None = None
+    host: bool = False   # host memory a GPU step uses (offloaded activations): not device memory
+
+
+# What a host copy is made with inside `copying_to_host` (TRL's offloading: torch.empty_like on the
+# CPU, then copy_); anything else made there (a contiguous clone first) is device memory.
+_HOST_COPY_OPS = {torch.ops.aten.empty_like.default, torch.ops.aten.empty.memory_format,
+                  torch.ops.aten.empty_strided.default}
 
 
 class TensorTracker(TorchDispatchMode):
-    """Counts live tensor storage bytes; optionally raises OutOfMemoryError past a cap."""
+    """Counts live tensor storage bytes; optionally raises OutOfMemoryError past a cap.
 
-    def __init__(self, cap_bytes: int | None = None):
+    On a GPU step (device_type "cuda") storages on the CPU are host memory: counted apart, in
+    host_peak. A simulation's fake tensors are all CPU tensors, so it says where host copies are
+    made instead (copying_to_host).
+    """
+
+    def __init__(self, cap_bytes: int | None = None, device_type: str | None = None):
         super().__init__()
         self.cap_bytes = cap_bytes
+        self.device_type = device_type
+        self.host_current = self.host_peak = 0
+        self._copying_to_host = 0
         self.storages = WeakIdKeyDictionary()
         self.history: list[_Storage] = []
         self.counter = 0
@@ -50,18 +65,37 @@ class TensorTracker(TorchDispatchMode):
         self.phase = "load"
         self.phase_peaks: dict[str, int] = {}
 
+    def __enter__(self):
+        # torch.compile cannot trace under a dispatch mode (fullgraph callers, such as torchao's
+        # optimizers, fail): while counting, compiled code runs eager, and a tracked step's
+        # breakdown is eager's.
+        self._eager = torch.compiler.set_stance("force_eager")
+        self._eager.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._eager.__exit__(*exc)
+
     # -- bookkeeping -------------------------------------------------------------
-    def _register(self, storage, category: str | None = None) -> _Storage:
+    def _register(self, storage, category: str | None = None, host: bool = False) -> _Storage:
         record = self.storages.get(storage)
         if record is not None:
             if category and record.category is None:
                 record.category = category
             return record
         self.counter += 1
-        record = _Storage(storage.nbytes(), self.counter, self.phase, category=category)
+        host = host or (self.device_type == "cuda" and storage.device.type == "cpu")
+        record = _Storage(storage.nbytes(), self.counter, self.phase, category=category, host=host)
         self.storages[storage] = record
         self.history.append(record)
         weakref.finalize(storage, self._release, record)
+        if host:
+            self.host_current += record.nbytes
+            self.host_peak = max(self.host_peak, self.host_current)
+            return record
         self.current += record.nbytes
         self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, 0), self.current)
         if self.current > self.peak:
@@ -75,11 +109,27 @@ class TensorTracker(TorchDispatchMode):
     def _release(self, record: _Storage) -> None:
         self.counter += 1
         record.died = self.counter
-        self.current -= record.nbytes
+        if record.host:
+            self.host_current -= record.nbytes
+        else:
+            self.current -= record.nbytes
+
+    @contextmanager
+    def copying_to_host(self):
+        """Tensors allocated here by _HOST_COPY_OPS are host memory (a simulated offload)."""
+        self._copying_to_host += 1
+        try:
+            yield
+        finally:
+            self._copying_to_host -= 1
+
+    def on_host(self, tensor) -> bool:
+        record = self.storages.get(tensor.untyped_storage()) if self._counts(tensor) else None
+        return record is not None and record.host
 
     def track(self, tensors, category: str | None = None) -> None:
         """Count tensors that existed before tracking began (or label known ones)."""
-        for tensor in tensors:
+        for tensor in _plain_tensors(tensors):
             if self._counts(tensor):
                 self._register(tensor.untyped_storage(), category)
 
@@ -91,6 +141,7 @@ class TensorTracker(TorchDispatchMode):
     def reset_peak(self) -> None:
         """Start a new peak from what is alive now (the load peak stays in phase_peaks)."""
         self.peak, self.peak_at = self.current, self.counter
+        self.host_peak = self.host_current
 
     def set_phase(self, phase: str) -> None:
         self.phase = phase
@@ -98,9 +149,10 @@ class TensorTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
+        host = self._copying_to_host > 0 and func in _HOST_COPY_OPS
+        for tensor in _plain_tensors(tree_flatten(out)[0]):
             if self._counts(tensor):
-                self._register(tensor.untyped_storage())
+                self._register(tensor.untyped_storage(), host=host)
         return out
 
     # -- results -----------------------------------------------------------------
@@ -109,7 +161,7 @@ class TensorTracker(TorchDispatchMode):
         totals = dict.fromkeys(CATEGORIES, 0)
         for record in self.history:
             alive = record.born <= self.peak_at and (record.died is None or record.died > self.peak_at)
-            if alive:
+            if alive and not record.host:
                 totals[record.category or _category_of_phase(record.phase)] += record.nbytes
         return totals
 
@@ -117,9 +169,19 @@ class TensorTracker(TorchDispatchMode):
         """Bytes of the labelled (persistent) categories, alive now or when they were labelled."""
         totals = dict.fromkeys(PERSISTENT, 0)
         for record in self.history:
-            if record.category in totals:
+            if record.category in totals and not record.host:
                 totals[record.category] += record.nbytes
         return totals
+
+
+def _plain_tensors(tensors):
+    """The tensors that hold memory: a wrapper subclass (torchao's quantized optimizer states) holds
+    none itself, only the tensors it wraps."""
+    for tensor in tensors:
+        if is_traceable_wrapper_subclass(tensor):
+            yield from _plain_tensors(getattr(tensor, name) for name in tensor.__tensor_flatten__()[0])
+        else:
+            yield tensor
 
 
 def _category_of_phase(phase: str) -> str:
@@ -148,7 +210,14 @@ def quant_constant_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
-    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    """The tensors of every parameter's state, and those its state objects hold (GaLore's projector
+    keeps its projection matrix on an object of its own)."""
+    tensors = []
+    for state in optimizer.state.values():
+        for value in state.values():
+            held = vars(value).values() if hasattr(value, "__dict__") and not isinstance(value, torch.Tensor) else ()
+            tensors += [v for v in (value, *held) if isinstance(v, torch.Tensor)]
+    return tensors
 
 
 def label_model(tracker: TensorTracker, model: torch.nn.Module, optimizer=None) -> None:

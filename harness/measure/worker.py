@@ -26,13 +26,20 @@ from harness.measure.memory import CudaMeter, TensorTracker, label_gradients, la
 from harness.measure.throughput import mfu, step_time_stats
 from harness.step.data import load_batches
 from harness.step.models import parameter_counts, resolve_source
-from harness.step.train import Progress, build_training, evaluate, no_phase, train_step
-from harness.techniques import PAGED_OPTIMIZERS, Technique
+from harness.step.train import Progress, build_training, evaluate, no_phase, saved_tensors_context, train_step
+from harness.techniques import CUDA_ONLY, PAGED_OPTIMIZERS, Technique
 
 # Packages a technique or data source may need that a machine may lack: their absence makes
 # the run `skipped` (with the reason), never a failure.
 OPTIONAL_PACKAGES = {"bitsandbytes": "int8/NF4 quantization and 8-bit optimizers",
-                     "datasets": "local text files and hub datasets as data"}
+                     "datasets": "local text files and hub datasets as data",
+                     "galore_torch": "the GaLore optimizers", "torchao": "torchao's low-bit optimizers",
+                     "trl": "activation offloading and selective checkpointing",
+                     "liger_kernel": "Liger's kernels"}
+
+
+class NotOnThisDevice(Exception):
+    """A building block this device cannot run (techniques.CUDA_ONLY): the run is skipped, saying why."""
 
 
 def pick_device(choice: str) -> torch.device:
@@ -73,6 +80,13 @@ def run(config: dict, record_path: str | Path) -> schema.RunRecord:
     started = time.perf_counter()
     try:
         device = pick_device(cfg.device)
+        cuda_only = [f"{name}: {why}" for name, why in CUDA_ONLY.items() if getattr(cfg, name) and device.type != "cuda"]
+        if cuda_only:
+            raise NotOnThisDevice("; ".join(cuda_only))
+        if device.type == "cpu":
+            # Code compiled with torch.compile (torchao's optimizer step) runs eager on a CPU: compiling
+            # takes longer than the run here, and a CPU's speed is no GPU's anyway.
+            torch.compiler.set_stance("force_eager")
         record.environment = environment = env.run_environment(device)
         record.fingerprint = env.fingerprint(environment)
         torch.manual_seed(cfg.seed)
@@ -99,6 +113,7 @@ def run(config: dict, record_path: str | Path) -> schema.RunRecord:
             model, optimizer, scaler = build_training(source, technique, cfg, device)
         load_seconds = time.perf_counter() - load_started
         record.parameters = schema.Parameters(**parameter_counts(model))
+        saved_tensors = saved_tensors_context(model, cfg)
         record.random_init = source.random_init
 
         budget_binds_on_cpu = on_cpu and cap is not None
@@ -119,7 +134,8 @@ def run(config: dict, record_path: str | Path) -> schema.RunRecord:
                 phase = (lambda name: tracker_phase(tracker, name)) if budget_binds_on_cpu else step_phase
                 _sync(device)
                 t0 = time.perf_counter()
-                loss = train_step(model, optimizer, micro_batches, technique.autocast, scaler, progress, phase)
+                loss = train_step(model, optimizer, micro_batches, technique.autocast, scaler, progress, phase,
+                                  saved_tensors=saved_tensors)
                 _sync(device)
             if step >= cfg.warmup_steps:
                 times.append(time.perf_counter() - t0)
@@ -129,14 +145,14 @@ def run(config: dict, record_path: str | Path) -> schema.RunRecord:
 
         # The tracked step: count every tensor by category (slow, so never timed).
         progress.step = total_steps
-        tracker = tracker or TensorTracker()
+        tracker = tracker or TensorTracker(device_type=device.type)
         micro_batches = batches.step(total_steps, device)
         with tracker:
             label_model(tracker, model, optimizer)
             tracker.reset_peak()
             loss = train_step(model, optimizer, micro_batches, technique.autocast, scaler, progress,
                               lambda name: tracker_phase(tracker, name),
-                              after_backward=lambda: label_gradients(tracker, model))
+                              after_backward=lambda: label_gradients(tracker, model), saved_tensors=saved_tensors)
         progress.losses.append(float(loss))
 
         tokens_per_step = cfg.micro_batch * cfg.seq_len * cfg.grad_accum
@@ -158,6 +174,9 @@ def run(config: dict, record_path: str | Path) -> schema.RunRecord:
         record.status = "oom"
         record.error = schema.RunError("OutOfMemoryError", str(error).splitlines()[0][:500], progress.phase,
                                        progress.step, memory_reached_bytes=_memory_reached(device, tracker))
+    except NotOnThisDevice as error:
+        record.status = "skipped"
+        record.error = schema.RunError("NotOnThisDevice", f"needs a CUDA device: {error}", progress.phase)
     except Exception as error:  # any other failure is a result too
         if isinstance(error, ModuleNotFoundError) and error.name in OPTIONAL_PACKAGES:
             # This machine cannot run the technique; another can. Not a failure of the run.
@@ -210,7 +229,7 @@ def _memory_section(device, tracker: TensorTracker, cuda_meter, context_bytes) -
             peak_allocated=max(p["peak_allocated"] for p in phases.values()),
             peak_reserved=max(p["peak_reserved"] for p in phases.values()),
             peak_device_used=max(p["peak_device_used"] for p in phases.values()) or None,
-            device_used_before_load=context_bytes,
+            device_used_before_load=context_bytes, host_peak=tracker.host_peak or None,
             phases=phases)
     return schema.Memory(
         **tracked, source="cpu-tracked-tensors",

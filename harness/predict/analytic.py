@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from harness.architectures import ARCHITECTURES, Architecture, architecture_of, lora_targets
 from harness.schema import CATEGORIES, PERSISTENT
-from harness.techniques import ADAPTERS
+from harness.techniques import ADAPTERS, TECHNIQUES
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 NF4_BLOCK = 64            # bitsandbytes' 4-bit block size (QLoRA paper §3)
@@ -35,6 +35,10 @@ NF4_CODE_BYTES = 16 * 4   # the 16-entry NF4 code book, fp32, per weight tensor
 NESTED_CODE_BYTES = 256 * 4 + 4  # 8-bit dynamic code book and offset, per weight tensor
 OPTIM8_BLOCK = 256        # bitsandbytes blockwise 8-bit optimizer state: one fp32 scale per 256
 OPTIM8_MIN_SIZE = 4096    # bitsandbytes keeps 32-bit state for tensors smaller than this
+# torchao's low-bit AdamW: bytes per element of one quantized moment, its block size, and its code
+# book (fp32 entries per state tensor); tensors under 4,096 elements or not a whole number of
+# blocks keep plain states in the parameter's dtype.
+TORCHAO_STATES = {"ao_adamw8bit": (1.0, 256, 256), "ao_adamw4bit": (0.5, 128, 16), "ao_adamw_fp8": (1.0, 256, 0)}
 # transformers' activations (ACT2FN) written in Python: the intermediate-sized tensors their ops
 # save (traced). Any other, one torch op, saves one: its input (GELU, SiLU) or its output (ReLU).
 ACTIVATION_SAVED = {"gelu_new": 4, "gelu_fast": 7, "gelu_python": 3, "gelu_python_tanh": 4, "gelu_accurate": 4,
@@ -209,13 +213,42 @@ def optimizer_bytes(sizes: list[int], optimizer: str, param_bytes: int) -> int:
     """AdamW: two states per parameter in the parameter's dtype, plus a step counter per tensor.
 
     bitsandbytes 8-bit AdamW: two uint8 states plus one fp32 scale per block of 256, for
-    tensors of at least 4096 elements; smaller tensors keep two fp32 states.
+    tensors of at least 4096 elements; smaller tensors keep two fp32 states. torchao's low-bit
+    AdamW (TORCHAO_STATES): codes, a scale per block and a code book per moment, an fp32 step.
+    (GaLore: galore_bytes.)
     """
     if optimizer in ("adamw8bit", "paged_adamw8bit"):
         return sum(2 * n + 2 * 4 * math.ceil(n / OPTIM8_BLOCK) if n >= OPTIM8_MIN_SIZE else 8 * n for n in sizes)
     if optimizer == "paged_adamw":
         return sum(8 * n for n in sizes)
+    if optimizer in TORCHAO_STATES:
+        code, block, book = TORCHAO_STATES[optimizer]
+        return sum(4 + 2 * (int(code * n) + 4 * (n // block) + 4 * book if n >= 4096 and n % block == 0
+                            else param_bytes * n) for n in sizes)
     return sum(2 * param_bytes * n + 4 for n in sizes)
+
+
+_FULL_FINE_TUNING = TECHNIQUES["bf16-pure"]
+
+
+def galore_bytes(shape: Shape, rank: int, param_bytes: int) -> tuple[int, int]:
+    """GaLore (galore-torch's GaLoreAdamW, proj_type std) over full fine-tuning: (optimizer state,
+    the largest transient of its step).
+
+    A decoder linear weight of m x n keeps its moments in the projected space, r x max(m, n) each,
+    and the projection, r x min(m, n) (the SVD's singular vectors, cast back to the weight's
+    dtype), with r at most min(m, n); every other parameter has AdamW's two moments (its step
+    counter is a Python number). Stepping a tensor makes two of its size in its dtype: a projected
+    weight's update brought back to m x n and scaled, another's denominator and update.
+    """
+    state = projected = 0
+    for n_in, n_out, count in shape.linears().values():
+        r = min(rank, n_in, n_out)
+        state += count * param_bytes * r * (2 * max(n_in, n_out) + min(n_in, n_out))
+        projected += count * n_in * n_out
+    rest = shape.parameters()["total"] - projected
+    largest = max(trainable_tensors(shape, _FULL_FINE_TUNING, None))
+    return state + 2 * param_bytes * rest, 2 * param_bytes * largest
 
 
 # -- activations ----------------------------------------------------------------------
@@ -234,16 +267,17 @@ class _Flow:
     mask_bytes: int   # dropout's saved mask: bool on CUDA (native_dropout), the fp32 noise on CPU
     full: bool        # full fine-tuning: weight gradients are needed
     cuda: bool        # the CUDA code path (kernels whose saved tensors differ from the CPU's)
+    liger: bool = False  # Liger's kernels (RMSNorm, SwiGLU, fused linear cross-entropy)
 
 
-def _flow(technique, lora, device_type: str) -> _Flow:
+def _flow(technique, lora, device_type: str, liger: bool = False) -> _Flow:
     weights = BYTES[technique.weights]
     kbit = technique.quantization != "none"
     return _Flow(residual=4 if (kbit or weights == 4) else weights, autocast=technique.autocast != "none",
                  weights=weights, quantization=technique.quantization, lora=technique.adapter != "none",
                  dora=technique.adapter != "none" and getattr(lora, "use_dora", False),
                  dropout=lora.dropout > 0, rank=lora.r, mask_bytes=1 if device_type == "cuda" else 4,
-                 full=technique.adapter == "none", cuda=device_type == "cuda")
+                 full=technique.adapter == "none", cuda=device_type == "cuda", liger=liger)
 
 
 def _linear(flow: _Flow, x_bytes: int, tokens: int, n_in: int, n_out: int, adapted: bool,
@@ -315,6 +349,8 @@ def _rms_norm(flow: _Flow, tokens: int, hidden: int, family: Architecture, group
     """transformers' RMSNorm saves its input in fp32 (a copy unless fp32 already) and the scale
     (rsqrt) per token and group (a head, for q/k norms); the normalised tensor only where the
     norm's weight is trained (fp32 where the family scales in fp32)."""
+    if flow.liger:  # LigerRMSNorm saves its input as it is and the scale per row, no more
+        return flow.residual * tokens * hidden + 4 * tokens * groups
     normalised = 4 if family.fp32_norm_scale else flow.residual
     return 4 * tokens * hidden + 4 * tokens * groups + (normalised * tokens * hidden if flow.full else 0)
 
@@ -351,7 +387,9 @@ def _mlp(flow: _Flow, tokens: int, shape: Shape, x_bytes: int, targets: set[str]
     # The activation saves its input (SiLU, GELU: one torch op) or more (a Python GELU: GPT-2's
     # gelu_new keeps its input, the tanh, x/2 and 1 + tanh; ACTIVATION_SAVED). A gate's product
     # saves the activation's output and up's output (halves of one tensor where fused: the same bytes).
-    saved += (shape.activation_saved + (2 if family.gated_mlp else 0)) * g_out * tokens * inter
+    # Liger's SwiGLU saves the gate's and up's outputs only and recomputes the activation in backward.
+    saved += (2 if flow.liger and family.gated_mlp else shape.activation_saved + (2 if family.gated_mlp else 0)
+              ) * g_out * tokens * inter
     _, d_saved, d_in = _linear(flow, g_out, tokens, inter, hidden, family.name("down") in targets, quantized)
     saved += d_saved + (g_out * tokens * inter if d_in else 0)  # down's input: act(g) * u, or act(u)
     return saved, input_saved
@@ -435,46 +473,79 @@ def layer_saved_bytes(flow: _Flow, shape: Shape, tokens: int, seq_len: int, targ
     return saved
 
 
+def attention_kept_bytes(flow: _Flow, shape: Shape, tokens: int) -> int:
+    """What selective checkpointing (TRL's policy: the SDPA op's outputs are saved) keeps of a layer
+    besides its input: attention's output and per-head log-sum-exp. Eager attention and the math
+    backend CUDA runs for fp32 grouped-query attention are not that op: nothing."""
+    q_bytes = 2 if flow.autocast else max(flow.weights, flow.residual)
+    math_backend = flow.cuda and not flow.autocast and q_bytes == 4 and shape.kv_heads < shape.heads
+    if shape.family.eager_attention or math_backend:
+        return 0
+    return tokens * shape.q_dim * q_bytes + 4 * tokens * shape.heads
+
+
 def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gradient_checkpointing: bool,
-                     device_type: str = "cuda") -> dict[str, int]:
-    """Activations saved by one micro-batch's forward, and the largest transient on top of
-    them in its backward."""
-    flow = _flow(technique, lora, device_type)
+                     device_type: str = "cuda", selective: bool = False, offloading: bool = False,
+                     liger: bool = False) -> dict[str, int]:
+    """Activations saved by one micro-batch's forward ("saved", on the device; "host" where they are
+    offloaded), and the largest transient on top of them in its backward."""
+    flow = _flow(technique, lora, device_type, liger)
     targets = _lora_targets(shape, lora) if flow.lora else set()
     tokens = batch * seq_len
     per_layer = layer_saved_bytes(flow, shape, tokens, seq_len, targets)
-    head = _norms(flow, tokens, shape.hidden, shape.family, 1, 1)
+    final_norm = _norms(flow, tokens, shape.hidden, shape.family, 1, 1)
     # lm_head is never quantized nor adapted. Under autocast it saves a 16-bit input and, if
     # its weight is fp32 (full precision, or upcast by k-bit preparation), a 16-bit copy of it.
     if flow.autocast:
-        head += 2 * tokens * shape.hidden
+        lm_head = 2 * tokens * shape.hidden
         if flow.weights == 4 or flow.quantization != "none":
-            head += 2 * shape.vocab * shape.hidden
+            lm_head += 2 * shape.vocab * shape.hidden
     else:
-        head += flow.residual * tokens * shape.hidden
+        lm_head = flow.residual * tokens * shape.hidden
     # The loss upcasts the logits to fp32; log_softmax saves its fp32 output. Backward starts
     # with two more fp32 logit-sized buffers (the nll_loss and log_softmax gradients).
-    head += 4 * tokens * shape.vocab
+    loss = 4 * tokens * shape.vocab
     if shape.final_softcap:
         # Gemma 2's cap * tanh(logits / cap): the tanh saves its output, in the logits' dtype.
-        head += (2 if flow.autocast else flow.residual) * tokens * shape.vocab
+        loss += (2 if flow.autocast else flow.residual) * tokens * shape.vocab
     loss_backward = 2 * 4 * tokens * shape.vocab
+    if flow.liger:
+        # Liger's fused linear cross-entropy never holds the logits: chunk by chunk it computes the
+        # loss and its gradients in forward, keeping the gradient of lm_head's input and, where
+        # lm_head trains, of its weight, until backward hands them on.
+        lm_head = (2 if flow.autocast else flow.residual) * tokens * shape.hidden
+        lm_head += shape.vocab * shape.hidden * flow.weights if flow.full else 0
+        loss = loss_backward = 0
+    head = final_norm + lm_head + loss
     if flow.dora:  # at the last adapted layer, on top of nearly every saved activation
         loss_backward = max(loss_backward, _dora_transient(shape, targets) - head)
-    if not gradient_checkpointing:
-        return {"saved": shape.layers * per_layer + head, "transient": loss_backward}
-    # Non-reentrant checkpointing keeps each layer's input; backward recomputes one layer at a
-    # time after the head's backward is done, so the two transients never meet.
-    kept = shape.layers * flow.residual * tokens * shape.hidden
-    return {"saved": kept + head, "transient": max(loss_backward, per_layer - head)}
+    layer_input = flow.residual * tokens * shape.hidden
+    # Non-reentrant checkpointing keeps each layer's input (and, selective, attention's outputs);
+    # backward recomputes one layer at a time after the head's backward is done, so the two
+    # transients never meet.
+    kept = shape.layers * (layer_input + (attention_kept_bytes(flow, shape, tokens) if selective else 0))
+    layers, recompute = (kept, per_layer) if gradient_checkpointing else (shape.layers * per_layer, 0)
+    if not offloading:
+        return {"saved": layers + head, "transient": max(loss_backward, recompute - head), "host": 0}
+    # TRL's offloading: every saved tensor of 1 KB or more goes to host memory, but parameters and
+    # what lm_head saves (it is run outside the offloading); checkpointing's kept inputs are
+    # saved tensors too. A storage saved again while among the last five offloaded stays on the
+    # device as well: log_softmax's fp32 output, which nll_loss saves next. Backward brings each
+    # back as its node runs: the loss's at the start, a layer's input before it is recomputed.
+    # Without checkpointing TRL also copies a tensor again each time it is saved more than five
+    # saves after its copy; the simulation does (at 7B, seq 2048: twice the host bytes and 3.5 GB
+    # more on the GPU than this), this counts each tensor once: checkpointed is what is predicted.
+    log_softmax = 0 if flow.liger else 4 * tokens * shape.vocab
+    return {"saved": lm_head + log_softmax, "host": layers + final_norm + loss,
+            "transient": max(loss_backward + loss, recompute + (layer_input if gradient_checkpointing else 0))}
 
 
 # -- the step -------------------------------------------------------------------------
 
-def predict(config, technique, lora, seq_len: int, batch: int, grad_accum: int = 1,
-            gradient_checkpointing: bool = False, device_type: str = "cuda",
-            optimizer_in_backward: bool = False) -> dict:
-    """Peak bytes of one training step and what is alive at the peak, by category.
+def predict(config, technique, cfg, seq_len: int, batch: int, device_type: str = "cuda") -> dict:
+    """Peak bytes of one training step and what is alive at the peak, by category; `cfg` is the
+    experiment (harness.config.Experiment): its adapter, optimizer, accumulation, checkpointing,
+    offloading and kernel settings.
 
     Two candidate peaks: the start of the last micro-batch's backward (weights, optimizer
     state, earlier micro-batches' gradients, saved activations, the loss's gradient
@@ -483,20 +554,26 @@ def predict(config, technique, lora, seq_len: int, batch: int, grad_accum: int =
     stepped, so at most one is in flight beside the activations (tied embeddings: that one's
     gradient waits for the embedding's own use, last in backward).
     """
+    lora, grad_accum, optimizer_in_backward = cfg.lora, cfg.grad_accum, cfg.optimizer_in_backward
     shape = shape_of(config)
     weights, constants = weight_bytes(shape, technique, lora)
     sizes = trainable_tensors(shape, technique, lora)
     param_bytes = trainable_dtype_bytes(technique)
     gradients = sum(sizes) * param_bytes
-    optimizer_state = optimizer_bytes(sizes, technique.optimizer, param_bytes)
-    activations = activation_bytes(shape, technique, lora, seq_len, batch, gradient_checkpointing, device_type)
+    step_transient = 0
+    if technique.optimizer == "galore_adamw":
+        optimizer_state, step_transient = galore_bytes(shape, cfg.optim.galore_rank, param_bytes)
+    else:
+        optimizer_state = optimizer_bytes(sizes, technique.optimizer, param_bytes)
+    activations = activation_bytes(shape, technique, lora, seq_len, batch, cfg.gradient_checkpointing, device_type,
+                                   cfg.selective_checkpointing, cfg.activation_offloading, cfg.liger_kernels)
     # Every category of the record is reported; one without a term here is 0.
     persistent = {**dict.fromkeys(PERSISTENT, 0), "weights": weights, "quant_constants": constants,
                   "gradients": gradients, "optimizer_state": optimizer_state}
     # At the last micro-batch's backward start, gradients are alive only if earlier micro-batches left theirs.
     backward_start = {**persistent, "gradients": gradients if grad_accum > 1 else 0,
                       "activations": activations["saved"] + activations["transient"]}
-    candidates = {"backward start": backward_start, "optimizer step": {**persistent, "activations": 0}}
+    candidates = {"backward start": backward_start, "optimizer step": {**persistent, "activations": step_transient}}
     tied_buffers = 2
     if optimizer_in_backward:
         # No optimizer step and no gradient kept: at backward start none is in flight yet, and
@@ -522,5 +599,6 @@ def predict(config, technique, lora, seq_len: int, batch: int, grad_accum: int =
         "parameters": {"total": params["total"], "trainable": sum(sizes),
                        "quantized": params["linear"] if technique.quantization != "none" else 0},
         "peak_at": peak_at,
+        "host_bytes": activations["host"],
         "device_type": device_type,
     }

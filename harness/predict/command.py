@@ -21,6 +21,7 @@ from harness.architectures import UnsupportedArchitecture
 from harness.arguments import like_field
 from harness.config import experiment_files, experiment_of, prepare, resolve_technique
 from harness.schema import CATEGORIES
+from harness.techniques import NotSimulated
 
 # The source files whose code decides a prediction: a saved prediction made by other code is
 # made again.
@@ -82,8 +83,7 @@ def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
     if method == "analytic":
         from harness.predict.analytic import predict as analytic_predict
 
-        result = analytic_predict(source.config, technique, cfg.lora, seq_len, batch, cfg.grad_accum,
-                                  cfg.gradient_checkpointing, device_type, cfg.optimizer_in_backward)
+        result = analytic_predict(source.config, technique, cfg, seq_len, batch, device_type)
     else:
         from harness.predict.simulate import simulate_step
 
@@ -155,7 +155,7 @@ def main(args) -> int:
                     continue
             try:
                 prediction = predict(experiment, model, seq, batch, method, device_type, overrides)
-            except UnsupportedArchitecture as error:
+            except (UnsupportedArchitecture, NotSimulated) as error:
                 if len(methods) == 1:
                     raise
                 print(f"{method}: {error}", file=sys.stderr)  # the other method still answers

@@ -26,6 +26,7 @@ What a fake step cannot do, and how it is handled:
 
 from __future__ import annotations
 
+import collections
 import time
 from contextlib import contextmanager
 
@@ -35,16 +36,22 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from harness.measure.memory import TensorTracker, label_gradients, label_model, tracker_phase
 from harness.step.models import ModelSource
 from harness.step.train import Progress, build_training, train_step
-from harness.techniques import Technique
+from harness.techniques import NOT_SIMULATED, NotSimulated, Technique
 
 
 @contextmanager
-def _real_bitsandbytes_code_books(technique: Technique):
-    """bitsandbytes computes its quantization code books with real values (`.tolist()`).
+def _real_code_books(technique: Technique):
+    """bitsandbytes and torchao compute their quantization code books with real values (`.tolist()`).
 
-    The 4-bit code book is cached after one real call; the 8-bit optimizers' dynamic map
-    is rebuilt for every optimizer, so it is computed outside the fake mode (256 floats).
+    The 4-bit code book and torchao's optimizer code books are cached after one real call; the
+    8-bit optimizers' dynamic map is rebuilt for every optimizer, so it is computed outside the
+    fake mode (256 floats).
     """
+    if technique.optimizer.startswith("ao_"):
+        from torchao.optim import subclass_4bit, subclass_8bit
+
+        for books in (subclass_8bit, subclass_4bit):
+            books.get_qmap_signed(), books.get_qmap_unsigned()
     import bitsandbytes as bnb
 
     if technique.quantization == "nf4":
@@ -187,6 +194,61 @@ def _unpacked_sequences():
         masking_utils.find_packed_sequence_indices = original
 
 
+def _offloading(model, cfg, tracker: TensorTracker):
+    """TRL's OffloadActivations itself on the fake CPU tensors, its host copies counted as host memory.
+
+    It needs an accelerator to offload from: it is built as if the CPU were one, on one stream
+    (CUDA streams do not exist here) and without pinned memory. Its host copies (empty_like on the
+    CPU) are counted as host memory, and each tensor it brings back in backward is a device copy,
+    as on a GPU. What its streams change is done here as it does it: a storage saved again while
+    it is among the last five offloaded (max_fwd_stash_size) is not copied again but kept on the
+    device (log_softmax's output, which nll_loss saves too). The five most recent device tensors
+    the streams keep alive during forward are left out.
+    """
+    if not cfg.activation_offloading:
+        return None
+    from trl.models.activation_offloading import get_act_offloading_ctx_manager
+
+    accelerator = torch.accelerator.current_accelerator
+    torch.accelerator.current_accelerator = lambda *args, **kwargs: torch.device("cpu")
+    try:
+        context = get_act_offloading_ctx_manager(model, use_pin_memory=False, use_streams=False)
+    finally:
+        torch.accelerator.current_accelerator = accelerator
+    pack, unpack = context.pack_hook, context.unpack_hook
+    recent = collections.deque(maxlen=5)
+
+    def pack_to_host(tensor):
+        if any(tensor.untyped_storage() is storage for storage in recent):
+            return (tensor,)  # kept on the device
+        with tracker.copying_to_host():
+            key = pack(tensor)
+        if context.tracker[key][1]:  # offloaded
+            recent.append(tensor.untyped_storage())
+        return key
+
+    def unpack_to_device(key):
+        if isinstance(key, tuple):
+            return key[0]
+        tensor = unpack(key)
+        return tensor.clone() if tracker.on_host(tensor) else tensor
+
+    context.pack_hook, context.unpack_hook = pack_to_host, unpack_to_device
+    context.device_module = _CpuAsAccelerator()
+    return context
+
+
+class _CpuAsAccelerator:
+    """torch.cpu where TRL's offloading calls its accelerator's module (the CPU has no cache to empty)."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cpu, name)
+
+    @staticmethod
+    def empty_cache():
+        pass
+
+
 def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, micro_batch: int,
                   device_type: str = "cuda", steps: int = 2) -> dict:
     """Peak and per-category bytes of a training step at full size, without memory.
@@ -194,15 +256,19 @@ def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, 
     Runs `steps` steps (the first creates the optimizer state) and measures the last, as the
     runner's tracked step does. device_type picks what the builders pick for that device.
     """
+    blocked = [f"{name}: {why}" for name, why in NOT_SIMULATED.items() if getattr(cfg, name)]
+    if blocked:
+        raise NotSimulated("not simulated (" + "; ".join(blocked) + "); the analytic method predicts it")
     started = time.perf_counter()
     tracker = TensorTracker()
     device = torch.device("cpu")
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with (_real_bitsandbytes_code_books(technique), _unpacked_sequences(), _cuda_dropout(device_type),
+    with (_real_code_books(technique), _unpacked_sequences(), _cuda_dropout(device_type),
           _cuda_attention(device_type), _cuda_int8_matmul(device_type), mode, _swappable_fake_tensors(mode),
           tracker):
         model, optimizer, _ = build_training(source, technique, cfg, device, optimizer_device=device_type)
         load_peak = tracker.peak
+        saved_tensors = _offloading(model, cfg, tracker)
         progress = Progress()
         for step in range(steps):
             micro_batches = [torch.randint(0, source.config.vocab_size, (micro_batch, seq_len), device=device)
@@ -213,12 +279,14 @@ def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, 
                 tracker.reset_peak()
             train_step(model, optimizer, micro_batches, technique.autocast, None, progress,
                        lambda name: tracker_phase(tracker, name),
-                       after_backward=(lambda: label_gradients(tracker, model)) if last else None)
+                       after_backward=(lambda: label_gradients(tracker, model)) if last else None,
+                       saved_tensors=saved_tensors)
     return {
         "method": "simulated",
         "total_bytes": max(tracker.peak, load_peak),
         "categories": tracker.breakdown_at_peak(),
         "persistent": tracker.totals_by_category(),
+        "host_bytes": tracker.host_peak,
         "phase_peaks": dict(tracker.phase_peaks),
         "seconds": time.perf_counter() - started,
         "device_type": device_type,

@@ -96,9 +96,8 @@ def setup(experiment: Path, model: str, overrides: dict | None = None, device_ty
 
     def peak(seq_len: int, micro_batch: int) -> int:
         if (seq_len, micro_batch) not in memo:
-            memo[seq_len, micro_batch] = analytic_predict(
-                source.config, technique, cfg.lora, seq_len, micro_batch, cfg.grad_accum,
-                cfg.gradient_checkpointing, device_type, cfg.optimizer_in_backward)["total_bytes"]
+            memo[seq_len, micro_batch] = analytic_predict(source.config, technique, cfg, seq_len, micro_batch,
+                                                          device_type)["total_bytes"]
         return memo[seq_len, micro_batch]
     return Setup(config, getattr(source.config, "max_position_embeddings", None), peak)
 

@@ -36,6 +36,17 @@ LOSS_RULES = {
     "qlora": LossRule("lora", 0.03, "NF4 rounding of the frozen base; the QLoRA paper reports 16-bit parity"),
     "loraplus": LossRule("lora", 0.01, "the same adapters with lora_B learning faster, which the LoRA+ paper "
                                        "reports to reach a lower loss, not a higher one"),
+    "dora": LossRule("lora", 0.01, "LoRA's update split into a direction and a learned magnitude, which the DoRA "
+                                   "paper reports to match or beat LoRA at the same rank"),
+    "pissa": LossRule("lora", 0.01, "LoRA started from the weights' principal singular vectors, which the PiSSA "
+                                    "paper reports to converge faster than LoRA"),
+    "galore": LossRule("bf16-pure", 0.03, "full fine-tuning whose AdamW moments live in a rank-128 projection of "
+                                          "each gradient, renewed every 200 steps: updates outside it are lost"),
+    "ao-adamw8bit": LossRule("bf16-pure", 0.01, "block-wise 8-bit moments, as bitsandbytes' 8-bit AdamW (same "
+                                                "bf16 weights)"),
+    "ao-adamw-fp8": LossRule("bf16-pure", 0.01, "fp8 (e4m3) moments with a scale per block of 256"),
+    "ao-adamw4bit": LossRule("bf16-pure", 0.02, "4-bit moments in blocks of 128: coarser than 8-bit, and without "
+                                                "the rank-1 normalisation of the 4-bit optimizers paper"),
 }
 COMPARISON_KEYS = ("model", "base_checkpoint", "device", "data", "steps", "warmup_steps", "seq_len", "eval_every",
                    "eval_sequences", "seed")

@@ -298,20 +298,32 @@ def build_base_model(source: ModelSource, technique: Technique, device: torch.de
     return model
 
 
-def prepare_for_training(model: nn.Module, technique: Technique, lora, gradient_checkpointing: bool) -> nn.Module:
-    """Freeze and wrap for the technique: adapters (peft), k-bit preparation, checkpointing."""
+def prepare_for_training(model: nn.Module, technique: Technique, lora, gradient_checkpointing: bool,
+                         selective_checkpointing: bool = False, liger_kernels: bool = False) -> nn.Module:
+    """Freeze and wrap for the technique: k-bit preparation, checkpointing (all of a layer recomputed,
+    or all but attention: TRL's selective policy), adapters (peft), kernels (Liger, as Trainer does)."""
     model.config.use_cache = False
     if technique.quantization != "none":
         from peft import prepare_model_for_kbit_training
 
         # peft's standard recipe: freeze the base, keep norms and embeddings in fp32.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if selective_checkpointing:
+        from trl.models.selective_activation_checkpointing import enable_selective_activation_checkpointing
+
+        enable_selective_activation_checkpointing(model)
     if gradient_checkpointing:
         # Non-reentrant checkpointing works with a frozen base without input-grad hooks.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     adapter = ADAPTERS[technique.adapter]
     if adapter is not None:
         model = adapter.wrap(model, lora)
+    if liger_kernels:
+        import liger_kernel  # noqa: F401  (missing: the run is skipped, saying so)
+        from transformers.integrations.liger import apply_liger_kernel
+
+        # What Trainer's use_liger_kernel runs, on the same (peft-wrapped) model.
+        apply_liger_kernel(model, {})
     return model
 
 

@@ -36,7 +36,8 @@ def build_training(source, technique, cfg, device: torch.device, optimizer_devic
     CUDA step on CPU fake tensors gets the fused AdamW a CUDA run gets).
     """
     model = build_base_model(source, technique, device, cfg.seed, cfg.attn_implementation, cfg.trust_remote_code)
-    model = prepare_for_training(model, technique, cfg.lora, cfg.gradient_checkpointing)
+    model = prepare_for_training(model, technique, cfg.lora, cfg.gradient_checkpointing, cfg.selective_checkpointing,
+                                 cfg.liger_kernels)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
 
@@ -45,7 +46,20 @@ def build_training(source, technique, cfg, device: torch.device, optimizer_devic
 
     optimizer = optimizer_in_backward(trainable, build) if cfg.optimizer_in_backward else build(trainable)
     scaler = torch.amp.GradScaler(device.type) if technique.loss_scaling else None
+    if cfg.compile:
+        model = torch.compile(model)
     return model, optimizer, scaler
+
+
+def saved_tensors_context(model, cfg):
+    """What the forward pass runs under: TRL's activation offloading (the tensors autograd saves
+    go to pinned host memory, on a side stream, and come back in backward; the output head's stay),
+    as SFTTrainer sets it up; otherwise nothing. One context serves every step."""
+    if not cfg.activation_offloading:
+        return nullcontext()
+    from trl.models.activation_offloading import get_act_offloading_ctx_manager
+
+    return get_act_offloading_ctx_manager(model)
 
 
 @dataclass
@@ -80,8 +94,10 @@ def optimizer_in_backward(params: list, build) -> StepsInBackward:
 
 
 def train_step(model, optimizer, micro_batches: list[torch.Tensor], autocast: str, scaler,
-               progress: Progress, phase=no_phase, after_backward=None) -> torch.Tensor:
+               progress: Progress, phase=no_phase, after_backward=None, saved_tensors=None) -> torch.Tensor:
     """One optimizer step over `micro_batches`; returns the step's mean loss (a 0-d tensor).
+
+    saved_tensors: the context the forward passes run under (saved_tensors_context).
 
     The loss stays a tensor so that the step never waits for the device (and so that it
     can run under fake tensors); callers convert it outside the timed region.
@@ -91,7 +107,8 @@ def train_step(model, optimizer, micro_batches: list[torch.Tensor], autocast: st
     total = torch.zeros((), device=micro_batches[0].device)
     for input_ids in micro_batches:
         progress.phase = "forward"
-        with phase("forward"), torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+        with (phase("forward"), saved_tensors or nullcontext(),
+              torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)):
             loss = model(input_ids=input_ids, labels=input_ids).loss / len(micro_batches)
         progress.phase = "backward"
         with phase("backward"):
