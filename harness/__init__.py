@@ -14,7 +14,14 @@ file may say.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+# torchao (an optional optimizer library, which peft imports whenever it is installed) warns on
+# every import that its GPU-only extensions do not load on a machine without that GPU, and its
+# registration of two enums makes torch warn of a deprecation: noise in every run's log.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def load_results(path: str | Path = "results", what: str = "runs"):

@@ -19,7 +19,7 @@ from harness.claims import load_claims
 from harness.report import verdicts
 from harness.report.evidence import QUANTITIES
 from harness.report.ledger import build_ledger, build_row
-from harness.report.load import Results, load_results
+from harness.report.load import CATEGORIES, Results, load_results
 from harness.report.units import GB, GIB, LLAMA_2_7B_PARAMETERS, fmt_bytes
 
 FIXTURE = Path(__file__).parent / "fixtures" / "report-results"
@@ -279,7 +279,7 @@ def test_render_carries_every_claim_and_figure(rendered):
     headings = [line for line in markdown.splitlines() if line.startswith("## ")]
     assert headings == ["## What fits my card", "## Verdicts at a glance", "## The claims ledger",
                         "## Other projects' published figures", "## The optimisation ladder",
-                        "## Predicted against measured on the GPU",
+                        "## Every technique at 7B, sequence 2,048", "## Predicted against measured on the GPU",
                         "## Figures", "## Loss on a pretrained base", "## Runs on a GPU",
                         "## Micro-benchmarks on a GPU", "## Appendix: the lab checking itself on a CPU",
                         "## Environment and provenance"]
@@ -409,3 +409,24 @@ def test_the_ladder_stands_each_rung_beside_torchtunes_and_every_rung_is_a_cuda_
     rising = ladder.RUNGS[3]
     frame = pd.DataFrame({"label": [ladder.RUNGS[2].label, rising.label], "predicted": [3e9, 4e9]})
     assert ladder.not_monotone(frame)[0].endswith(rising.rises + ")") and rising.rises
+
+
+def test_every_technique_at_7b_is_one_row_smallest_peak_first_with_its_host_bytes():
+    import pandas as pd
+
+    from harness.report import beyond
+
+    def prediction(experiment, method, total, host=None, seq_len=2048):
+        return {"experiment": experiment, "method": method, "model": "llama-2-7b", "seq_len": seq_len,
+                "micro_batch": 1, "device_type": "cuda", "total_bytes": total, "host_bytes": host,
+                **{f"peak_{name}": total / 2 for name in CATEGORIES[:2]},
+                **{f"peak_{name}": 0 for name in CATEGORIES[2:]}}
+    predictions = pd.DataFrame([prediction("big", "analytic", 60e9), prediction("big", "simulated", 50e9),
+                                prediction("offloaded", "simulated", 30e9, host=8e9),
+                                prediction("offloaded", "analytic", 30.1e9, host=8e9),
+                                prediction("liger", "analytic", 40e9), prediction("big", "simulated", 1e9, seq_len=512)])
+    rows = beyond.technique_rows(predictions, pd.DataFrame())
+    assert list(rows["experiment"]) == ["offloaded", "liger", "big"]
+    table = beyond.technique_table(rows)
+    assert [row[1].detail for row in table.rows] == ["both methods", "analytic", "simulated; analytic 55.9"]
+    assert [row[3].text for row in table.rows] == ["7.5", "", ""]

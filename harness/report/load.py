@@ -163,7 +163,7 @@ def runs_frame(results: Results) -> pd.DataFrame:
 def prediction_row(prediction: dict) -> dict:
     row = {key: prediction.get(key) for key in ("method", "experiment", "model", "seq_len", "micro_batch",
                                                    "grad_accum", "gradient_checkpointing", "device_type",
-                                                   "total_bytes", "seconds")}
+                                                   "total_bytes", "seconds", "host_bytes")}
     row["file"] = prediction.get("_file")
     row["parameters_total"] = _get(prediction, "parameters", "total")
     row["parameters_trainable"] = _get(prediction, "parameters", "trainable")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.claims import PUBLISHED_FILE, SOURCES, load_claims, load_sources
-from harness.report import add_arguments, ladder
+from harness.report import add_arguments, beyond, ladder
 from harness.report.accuracy import TOLERANCES, prediction_errors, summary
 from harness.report.figures import FigureResult, all_figures
 from harness.report.fits import fit_tables, published_comparison
@@ -168,6 +168,7 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
     blocks.append(Block("table", table=published_table(published, load_sources(PUBLISHED_FILE))))
 
     blocks += _ladder_blocks(runs, predictions, figures)
+    blocks += _beyond_blocks(runs, predictions)
 
     blocks.append(Block("h2", "Predicted against measured on the GPU", anchor="accuracy"))
     errors = prediction_errors(runs, predictions)
@@ -268,6 +269,17 @@ def _ladder_blocks(runs, predictions, figures: list[FigureResult]) -> list[Block
     if rising:
         blocks.append(Block("p", "Rungs that do not lower the predicted peak: " + "; ".join(rising) + "."))
     return blocks
+
+
+def _beyond_blocks(runs, predictions) -> list[Block]:
+    rows = beyond.technique_rows(predictions, runs)
+    if not len(rows):
+        return []
+    return [Block("h2", "Every technique at 7B, sequence 2,048", anchor="techniques"), Block("p", (
+        "The documents' techniques and those practitioners reach for next (GaLore, torchao's low-bit AdamW, "
+        "activation offloading, selective checkpointing, Liger's kernels, torch.compile, adapter variants), at "
+        "one shape: where each puts the peak, and what is left of it.")),
+        Block("table", table=beyond.technique_table(rows))]
 
 
 def _accuracy_text(errors, measured: str = "GPU run", how: str = "") -> str:
