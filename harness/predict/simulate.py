@@ -22,6 +22,11 @@ What a fake step cannot do, and how it is handled:
   check reads position ids, and is answered as a real run answers it (not packed).
 - the allocator: a traced step knows tensor bytes, not the caching allocator's rounding
   and fragmentation; `reserved` on a GPU is higher than these peaks by those.
+- compiled code (torch.compile, torchao's optimizer step) runs eager under the tracker, so a
+  compiled step is predicted as the eager one (torchao's eager step makes fp32 copies of each
+  tensor's moments that its compiled kernel does not: the simulation's optimizer-step
+  transient is an upper bound there). Liger's Triton kernels do not run at all (NOT_SIMULATED).
+- offloading: TRL's own OffloadActivations runs, as if the CPU were an accelerator (_offloading).
 """
 
 from __future__ import annotations
