@@ -21,7 +21,7 @@ BENCH_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(BUDGET_GB),--budget-gb $(BU
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,cluster]'
 	touch $(STAMP)
 
 install: $(STAMP)
