@@ -64,8 +64,8 @@ SUBMITIT_FOLDER = "submitit"  # under results/.jobs/: one folder per job (%j: it
 NODE_LOCAL_FILESYSTEMS = ("tmpfs", "ramfs", "devtmpfs")
 NODE_LOCAL_FOLDERS = (Path("/tmp"), Path("/var/tmp"), Path("/dev/shm"))
 # A job's runner stops its worker this long before the job's time limit, so that the record says
-# why rather than the scheduler killing the job without one.
-TIME_LIMIT_MARGIN_S = 60
+# why: submitit signals a SLURM job 90 s before its limit (signal_delay_s) and ends it without a result.
+TIME_LIMIT_MARGIN_S = 150
 # SLURM's job states (sacct), by what they mean for a cell; any other state ended the job.
 SLURM_PENDING = {"PENDING", "REQUEUED", "CONFIGURING", "SUSPENDED", "REQUEUE_HOLD", "UNKNOWN"}
 SLURM_RUNNING = {"RUNNING", "COMPLETING", "RESIZING", "SIGNALING", "STAGE_OUT"}
@@ -104,8 +104,8 @@ def load_settings(matrix_path: Path, overrides: dict) -> LauncherSettings:
     data = {**data, **{key: value for key, value in overrides.items() if value is not None}}
     settings = build_dataclass(LauncherSettings, data, matrix_path, prefix=f"{LAUNCHER_BLOCK}.")
     for name in ("gpus_per_node", "nodes"):
-        if getattr(settings, name) < (0 if name == "gpus_per_node" else 1):
-            raise ConfigError(matrix_path, f"{LAUNCHER_BLOCK}.{name}", f"must be positive, got {getattr(settings, name)}")
+        if (value := getattr(settings, name)) < 1:
+            raise ConfigError(matrix_path, f"{LAUNCHER_BLOCK}.{name}", f"must be positive, got {value}")
     try:
         settings.time_limit_s
     except ValueError as error:
@@ -118,7 +118,7 @@ def allocation(config: dict, settings: LauncherSettings) -> dict:
     size = world_size(config)
     if config["device"] != "cuda":
         return {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 1}
-    per_node = max(settings.gpus_per_node, 1)
+    per_node = settings.gpus_per_node
     nodes = math.ceil(size / per_node)
     if nodes > settings.nodes:
         raise ConfigError("harness bench", "--nodes", f"{config['name']} has world size {size}: {nodes} nodes of "
@@ -278,7 +278,8 @@ def _failed_record(entry: JobEntry, detail: str) -> schema.RunRecord:
     paths = JobPaths(entry.folder, entry.job_id, 0)
     log = "".join(p.read_text(errors="replace") for p in (paths.stdout, paths.stderr) if p.exists())
     config = {**entry.config, "run_id": entry.run_id}
-    how = f"{entry.launcher} job {entry.job_id} ended without a record ({detail.strip().splitlines()[-1] if detail.strip() else 'no reason given'})"
+    reason = detail.strip().splitlines()[-1] if detail.strip() else "no reason given"
+    how = f"{entry.launcher} job {entry.job_id} ended without a record ({reason})"
     return schema.RunRecord(status="failed", experiment=config["name"], model=config["model"], config=config,
                             config_hash=config["config_hash"], finished_at=env.now(),
                             error=schema.RunError("JobFailed", how, log_tail=log[-LOG_TAIL_CHARS:],
@@ -311,6 +312,7 @@ def launch(planned: list[PlannedRun], launcher: str, settings: LauncherSettings,
     """Submit a job for each cell without a current record or a live job; with `wait`, wait for them all."""
     if launcher == "slurm":
         check_shared_filesystem(out_dir)
+    allocations = {run.path: allocation(run.config, settings) for run in planned}  # refused before any job
     versions = env.software_versions()
     entries = _entries(planned, out_dir)
     states = job_states(list(entries.values()))
@@ -334,7 +336,7 @@ def launch(planned: list[PlannedRun], launcher: str, settings: LauncherSettings,
                   f"(`harness base --device {run.config['device']}` on a node of the cluster)", file=stream)
             continue
         executor = executor or make_executor(launcher, out_dir, settings)
-        executor.update_parameters(name=f"harness-{run.path.stem}"[:100], **allocation(run.config, settings))
+        executor.update_parameters(name=f"harness-{run.path.stem}"[:100], **allocations[run.path])
         run_id = uuid.uuid4().hex
         job = executor.submit(measure_cell, run.config, str(out_dir.resolve()), run.repeat, limit, run_id)
         entry = JobEntry(launcher=launcher, job_id=str(job.job_id), run_id=run_id,
@@ -380,19 +382,24 @@ def cell_status(planned: list[PlannedRun], out_dir: Path) -> list[dict]:
     for run in planned:
         entry = entries.get(run.path)
         state = states[entry.job_id][0] if entry else None
-        record = None
-        for path in out_dir.glob(f"*/{run.path.name}"):
-            if path.parent.name not in schema.NOT_RUN_FOLDERS:
-                record = schema.read(path, kind="run")
+        record = next(filter(None, (_read(path) for path in out_dir.glob(f"*/{run.path.name}")
+                                    if path.parent.name not in schema.NOT_RUN_FOLDERS)), None)
         own = job_record(out_dir, entry) if entry else None
         if state not in LIVE:
-            latest = schema.read(own, kind="run") if own else record
+            latest = _read(own) if own else record
             state = ("not submitted" if latest is None else
                      "finished" if latest.status in schema.FINISHED else "failed")
         rows.append({"cell": run.path.stem, "state": state, "job": entry.job_id if entry else "",
                      "launcher": entry.launcher if entry else "", "record": record.status if record else "",
                      "submitted": entry.submitted_at if entry else ""})
     return rows
+
+
+def _read(path: Path) -> schema.RunRecord | None:
+    try:
+        return schema.read(path, kind="run")
+    except (OSError, ValueError):
+        return None
 
 
 def print_status(planned: list[PlannedRun], out_dir: Path, stream=sys.stdout) -> int:

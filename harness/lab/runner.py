@@ -142,7 +142,8 @@ class Rendezvous:
     port: int = RENDEZVOUS_PORT
 
 
-def worker_command(config: dict, config_arg: str, attempt_path: Path, rendezvous: Rendezvous | None = None) -> list[str]:
+def worker_command(config: dict, config_arg: str, attempt_path: Path,
+                   rendezvous: Rendezvous | None = None) -> list[str]:
     """The command of a worker in a new interpreter: `python -m harness.measure.worker CONFIG RECORD`.
 
     A cell of world size N > 1 is the same module under torchrun, N processes spread over the
