@@ -35,6 +35,8 @@ class MatrixBlock:
 # A matrix file maps plan names to ordered lists of blocks. `cpu` and `cuda` are the plans
 # `make bench` runs on each device class; any other (e.g. `evidence`) runs with --plan NAME.
 Matrix = dict[str, list[MatrixBlock]]
+# The one key of a matrix file that is not a plan: where cluster jobs go (harness.lab.launcher).
+LAUNCHER_BLOCK = "launcher"
 
 
 @dataclass
@@ -54,6 +56,8 @@ def load_matrix(path: str | Path) -> Matrix:
             raise ConfigError(path, device_type, "is required (the plan `make bench` runs on that device class)")
     matrix = {}
     for name, blocks in data.items():
+        if name == LAUNCHER_BLOCK:
+            continue
         if not isinstance(blocks, list):
             raise ConfigError(path, name, f"expected a list of blocks, got {type(blocks).__name__}")
         matrix[name] = [build_dataclass(MatrixBlock, block, path, prefix=f"{name}[{index}].")

@@ -37,8 +37,9 @@ ATTEMPTS_FOLDER = "attempts"  # attempts that measured nothing, kept beside a ce
 PREDICTIONS_FOLDER, PROBES_FOLDER, BASE_FOLDER = "predictions", "probes", "base"
 MICROBENCH_FOLDER, LOGS_FOLDER, LOCKS_FOLDER = "microbench", "logs", ".locks"
 FITS_FOLDER = "fits"  # what fits each card, predicted (harness.predict.solve)
+JOBS_FOLDER = ".jobs"  # cluster jobs submitted per cell, and submitit's own files (harness.lab.launcher)
 NOT_RUN_FOLDERS = {ATTEMPTS_FOLDER, PREDICTIONS_FOLDER, PROBES_FOLDER, BASE_FOLDER, MICROBENCH_FOLDER,
-                   LOGS_FOLDER, LOCKS_FOLDER, FITS_FOLDER}
+                   LOGS_FOLDER, LOCKS_FOLDER, FITS_FOLDER, JOBS_FOLDER}
 
 
 class RecordError(ValueError):

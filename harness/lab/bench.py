@@ -18,9 +18,10 @@ from pathlib import Path
 
 from harness import env, schema
 from harness.arguments import like_field, positive
-from harness.config import MATRIX_FILE
+from harness.config import MATRIX_FILE, ConfigError
+from harness.lab import launcher
 from harness.lab.estimate import estimate_run, parse_duration
-from harness.lab.runner import CellBusy, remove_stale_attempts, run_config, summary_line
+from harness.lab.runner import CellBusy, cell_leftovers, remove_stale_attempts, run_config, summary_line
 from harness.matrix import PlannedRun, expand, load_matrix
 from harness.step.checkpoint import BASE_SOURCE, base_checkpoint_path
 
@@ -79,8 +80,11 @@ def other_gpu_users() -> str | None:
 
 
 def clean_interrupted_writes(out_dir: Path) -> None:
+    """Interrupted writes and attempts; a cell's only where no process is measuring it now."""
+    cells = set(cell_leftovers(out_dir))
     for tmp in out_dir.rglob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+        if tmp not in cells:
+            tmp.unlink(missing_ok=True)
     remove_stale_attempts(out_dir)
 
 
@@ -237,6 +241,10 @@ def main(args) -> int:
     device_type = env.resolve_device(args.device)
     matrix = load_matrix(matrix_path)
     budget_s = args.time_budget
+    if args.launcher != "local" and budget_s is not None:
+        raise ConfigError("harness bench", "--time-budget", "applies to the local launcher; a cluster job's limit "
+                          "is --time-limit (or launcher.time_limit in the matrix file)")
+    settings = launcher.load_settings(matrix_path, launcher.settings_overrides(args))
     device_gb = args.device_gb or (env.gpu_total_gb() if device_type == "cuda" else None)
 
     def plan():
@@ -259,12 +267,17 @@ def main(args) -> int:
           f"{len(planned)} runs{budget}", flush=True)
     for note in skipped:
         print(f"  not on this device: {note}")
+    if args.status:
+        return launcher.print_status(planned, out_dir)
     if args.dry_run:
         left_out = print_plan(planned, fingerprint, budget_s)
         if left_out:
             print(f"{len(left_out)} runs would not start within the budget (a later pass resumes them)")
         return 0
     clean_interrupted_writes(out_dir)
+    if args.launcher != "local":  # one job per cell; the base model is pretrained on the cluster, by hand
+        return launcher.launch(planned, args.launcher, settings, out_dir, force=args.force, timeout_s=args.timeout,
+                               wait=args.wait)
     if any(run.config["model"] == BASE_SOURCE for run in planned) and base_checkpoint_path(device_type) is None:
         # Runs on the lab's own base need it pretrained first (once; cached).
         print("pretraining the base model the loss comparison fine-tunes (once) ...", flush=True)
@@ -317,4 +330,5 @@ def add_arguments(parser) -> None:
                         help="start no run whose estimated time exceeds what is left (e.g. 11m, 600s)")
     parser.add_argument("--device-gb", type=positive(float),
                         help="plan for a card of this many GB (default: the GPU's own; useful with --dry-run)")
+    launcher.add_arguments(parser)
 

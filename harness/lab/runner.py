@@ -27,6 +27,7 @@ import sys
 import threading
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from multiprocessing import reduction
 from pathlib import Path
 
@@ -40,6 +41,9 @@ WORKER_ENVIRONMENT = {"TOKENIZERS_PARALLELISM": "false"}
 # Imported by the fork server: each forked worker starts with them (an absent one is skipped;
 # the worker then records the run `skipped` with the reason).
 PRELOADED_MODULES = ("harness.measure.worker", "peft", "bitsandbytes")
+WORKER_MODULE = "harness.measure.worker"
+# torchrun's rendezvous port on a cell's first node (a multi-node cell's nodes meet there).
+RENDEZVOUS_PORT = 29500
 
 
 class CellBusy(Exception):
@@ -124,10 +128,50 @@ def _forkserver():
     return context
 
 
-def _start_worker(config: dict, attempt_path: Path, log, lock: int):
+def world_size(config: dict) -> int:
+    """How many processes measure a cell together (1 unless its configuration says more)."""
+    return int(config.get("world_size") or 1)
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the processes of one cell meet: its allocation's first host, and the job that holds it."""
+    host: str
+    nodes: int
+    job_id: str
+    port: int = RENDEZVOUS_PORT
+
+
+def worker_command(config: dict, config_arg: str, attempt_path: Path,
+                   rendezvous: Rendezvous | None = None) -> list[str]:
+    """The command of a worker in a new interpreter: `python -m harness.measure.worker CONFIG RECORD`.
+
+    A cell of world size N > 1 is the same module under torchrun, N processes spread over the
+    rendezvous' nodes (N / nodes on each), meeting through torchrun's c10d rendezvous on the first
+    host; each node runs this same command (harness.lab.launcher starts it on every node of a job).
+    """
+    module = ["-m", WORKER_MODULE, config_arg, str(attempt_path)]
+    size = world_size(config)
+    if size == 1:
+        return [sys.executable, *module]
+    rendezvous = rendezvous or Rendezvous(host="localhost", nodes=1, job_id=uuid.uuid4().hex[:12])
+    if size % rendezvous.nodes:
+        raise ValueError(f"world_size {size} does not split evenly over {rendezvous.nodes} nodes")
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={rendezvous.nodes}",
+            f"--nproc-per-node={size // rendezvous.nodes}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={rendezvous.host}:{rendezvous.port}", f"--rdzv-id={rendezvous.job_id}", *module]
+
+
+def _config_file(attempt_path: Path) -> Path:
+    """A torchrun worker's config: named after its cell, like a record's interrupted write."""
+    stem, attempt_id = attempt_path.name[1:].removesuffix(ATTEMPT_SUFFIX).rsplit(".", 1)
+    return attempt_path.with_name(f".{stem}.json.{attempt_id}.config.tmp")
+
+
+def _start_worker(config: dict, attempt_path: Path, log, lock: int, rendezvous: Rendezvous | None = None):
     """Start the worker process; returns a function that waits for it (None: timed out) and one
     that kills it."""
-    if env.resolve_device(config["device"]) == "cpu":
+    if env.resolve_device(config["device"]) == "cpu" and world_size(config) == 1:
         lifeline, held = os.pipe()  # `held` stays here: its end of file tells the worker this process is gone
         process = _forkserver().Process(target=_forked_worker, args=(
             config, str(attempt_path), log.name, _Descriptor(lock), _Descriptor(lifeline)))
@@ -142,12 +186,18 @@ def _start_worker(config: dict, attempt_path: Path, log, lock: int):
                 held = None
             return process.exitcode
         return wait, process.kill
-    # The config goes through a pipe: nothing is left behind in /tmp by a killed run.
+    # The config goes through a pipe: nothing is left behind in /tmp by a killed run. torchrun's
+    # processes do not share one standard input: theirs is a file beside the attempt (a '.tmp', so a
+    # killed run's is cleaned like an interrupted write).
     child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **WORKER_ENVIRONMENT}
-    process = subprocess.Popen([sys.executable, "-m", "harness.measure.worker", "-", str(attempt_path)],
-                               stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=child_env,
+    config_file = None
+    if world_size(config) > 1:
+        config_file = schema.write_atomic(_config_file(attempt_path), config)
+    command = worker_command(config, str(config_file or "-"), attempt_path, rendezvous)
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=child_env,
                                pass_fds=(lock,), preexec_fn=_die_with_parent(os.getpid()))
-    process.stdin.write(json.dumps(config).encode())
+    if config_file is None:
+        process.stdin.write(json.dumps(config).encode())
     process.stdin.close()
 
     def wait(timeout):
@@ -158,25 +208,32 @@ def _start_worker(config: dict, attempt_path: Path, log, lock: int):
     return wait, process.kill
 
 
+def cell_path(config: dict, out_dir: str | Path, repeat: int = 0) -> Path:
+    """Where this machine's record of a cell goes."""
+    return schema.record_path(out_dir, env.device_slug(env.device_name(config["device"])), config["name"],
+                              config["model"], config["config_hash"], repeat)
+
+
 def run_config(config: dict, out_dir: str | Path = "results", repeat: int = 0,
-               timeout_s: float | None = None) -> tuple[Path, schema.RunRecord]:
+               timeout_s: float | None = None, run_id: str | None = None,
+               rendezvous: Rendezvous | None = None) -> tuple[Path, schema.RunRecord]:
     """Run a resolved config in a child process; returns (where its record went, the record).
 
     That is the cell's record path, or attempts/ where the run measured nothing and the cell
     keeps an earlier measurement. Raises CellBusy if another process is running the same cell.
+    `run_id` names the attempt (a cluster job's, so that the job's record can be told apart).
     """
     out_dir = Path(out_dir)
-    path = schema.record_path(out_dir, env.device_slug(env.device_name(config["device"])), config["name"],
-                               config["model"], config["config_hash"], repeat)
+    path = cell_path(config, out_dir, repeat)
     log_path = out_dir / schema.LOGS_FOLDER / path.parent.name / (path.stem + ".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    run_id = uuid.uuid4().hex
+    run_id = run_id or uuid.uuid4().hex
     attempt_path = path.with_name(f".{path.stem}.{run_id[:12]}{ATTEMPT_SUFFIX}")
     config = {**config, "run_id": run_id}
     with cell_lock(path) as lock, open(log_path, "w") as log:
         wait = kill = None
         try:
-            wait, kill = _start_worker(config, attempt_path, log, lock)
+            wait, kill = _start_worker(config, attempt_path, log, lock, rendezvous)
             returncode = wait(timeout_s)
             if returncode is None:  # out of time
                 kill()
@@ -187,6 +244,8 @@ def run_config(config: dict, out_dir: str | Path = "results", repeat: int = 0,
                 wait(None)
             attempt_path.unlink(missing_ok=True)
             raise
+        finally:
+            _config_file(attempt_path).unlink(missing_ok=True)
         record = _read_or_none(attempt_path)
         if record is None or record.config.get("run_id") != run_id:
             record = _lost_record(config, returncode, log_path, timeout_s)
@@ -196,14 +255,35 @@ def run_config(config: dict, out_dir: str | Path = "results", repeat: int = 0,
 
 
 def remove_stale_attempts(out_dir: Path) -> None:
-    """Attempts left by a runner killed mid-run (its cell's lock is free again): the cell resumes."""
+    """Attempts and interrupted writes left by a runner killed mid-run (its cell's lock is free
+    again): the cell resumes. Those of a cell being measured (by a cluster job, or another bench)
+    are its runner's own and stay."""
+    for leftover in cell_leftovers(out_dir):  # ".<cell>.json.<random>.tmp"
+        _remove_unless_busy(leftover, leftover.with_name(leftover.name[1:].split(".json.", 1)[0] + ".json"))
     for attempt in Path(out_dir).rglob(f".*{ATTEMPT_SUFFIX}"):
-        record_path = attempt.with_name(attempt.name[1:].rsplit(".", 3)[0] + ".json")
-        try:
-            with cell_lock(record_path):
-                attempt.unlink(missing_ok=True)
-        except CellBusy:
-            continue
+        _remove_unless_busy(attempt, attempt.with_name(attempt.name[1:].rsplit(".", 3)[0] + ".json"))
+
+
+def cell_leftovers(out_dir: Path) -> list[Path]:
+    """Temporary files in the folders of run records: a record's interrupted write, a worker's config."""
+    return [p for p in Path(out_dir).glob("*/.*.tmp") if p.parent.name not in schema.NOT_RUN_FOLDERS]
+
+
+def _remove_unless_busy(leftover: Path, record_path: Path) -> None:
+    try:
+        with cell_lock(record_path):
+            leftover.unlink(missing_ok=True)
+    except CellBusy:
+        pass
+
+
+def keep_record(path: Path, record: schema.RunRecord) -> Path:
+    """Write a record made outside a worker (a cluster job that died without one) by the rule
+    every attempt follows: it never replaces a measurement. Raises CellBusy while the cell is measured."""
+    with cell_lock(path):
+        attempt = path.with_name(f".{path.stem}.{record.config['run_id'][:12]}{ATTEMPT_SUFFIX}")
+        schema.write(attempt, record)
+        return _keep_the_better(path, attempt, record)
 
 
 def _read_or_none(path: Path) -> schema.RunRecord | None:
