@@ -140,6 +140,9 @@ class RunRecord:
     host_peak_rss_bytes: int | None = None
     error: RunError | None = None
     shared_gpu: str | None = None  # another process held the GPU during the run (who)
+    # The training loop that ran the steps (harness.engines): its name, library and version, the
+    # arguments it was given, and how it differs from the lab's own loop.
+    engine: dict | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -374,7 +377,8 @@ def find_records(folder: str | Path) -> list[Path]:
 # so that adding a field does not make earlier measurements look like other configurations.
 # A section of None is a top-level field.
 ADDED_LATER = {("lora", "use_dora"): False, ("lora", "use_rslora"): False, ("lora", "init_lora_weights"): True,
-               ("lora", "peft"): {}, (None, "optimizer_in_backward"): False, ("optim", "loraplus_lr_ratio"): 16.0}
+               ("lora", "peft"): {}, (None, "optimizer_in_backward"): False, ("optim", "loraplus_lr_ratio"): 16.0,
+               (None, "engine"): "harness", (None, "training_args"): {}}
 # Config keys that differ between two records of the same configuration: which attempt, which
 # hash (computed from the rest), which copy of the same pretrained base.
 _VOLATILE_CONFIG_KEYS = ("run_id", "config_hash", "base_checkpoint", "description", "summary")
