@@ -3,6 +3,7 @@
     import harness
     runs = harness.load_results("results")                     # every run, one row each
     predictions = harness.load_results("results", "predictions")
+    engine_runs = harness.load_results("results", "engine_runs")  # the same cells in Trainer, SFTTrainer
 
 The package's folders are its three kinds of evidence and what serves them: `step/` builds
 and runs a training step, `measure/` measures it, `predict/` predicts it (analytic and
@@ -20,11 +21,13 @@ from pathlib import Path
 def load_results(path: str | Path = "results", what: str = "runs"):
     """Every record under a results folder as one pandas DataFrame: `runs` (one row per
     configuration, its newest record; memory by category in peak_*/persistent_* columns,
-    throughput, loss, status) or `predictions` (one row per prediction)."""
+    throughput, loss, status), `engine_runs` (the runs measured in transformers' Trainer or TRL's
+    SFTTrainer instead of the lab's own loop, one row each) or `predictions` (one row per prediction)."""
     from harness.report.load import load_results as load
     from harness.report.load import predictions_frame, runs_frame
 
-    frames = {"runs": runs_frame, "predictions": predictions_frame}
+    frames = {"runs": runs_frame, "predictions": predictions_frame,
+              "engine_runs": lambda results: runs_frame(results, engines=True)}
     if what not in frames:
         raise ValueError(f"load_results: what={what!r}; one of {', '.join(frames)}")
     return frames[what](load(path))
