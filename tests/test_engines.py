@@ -67,7 +67,7 @@ def test_every_base_technique_maps_to_real_training_arguments(tmp_path, name):
 
     cfg = load_experiment(EXPERIMENTS / f"{name}.yaml")[1]
     technique = resolve_technique(cfg)
-    for device in ("cpu", "cuda"):
+    for device in ("cpu", "cuda") if technique.autocast != "fp16" else ("cuda",):  # fp16 on CPU: below
         arguments, _ = mapped_arguments(cfg, technique, device, str(tmp_path))
         assert set(arguments) <= {f.name for f in dataclasses.fields(TrainingArguments)}
         assert arguments["bf16"] == (technique.autocast == "bf16")
@@ -79,12 +79,16 @@ def test_every_base_technique_maps_to_real_training_arguments(tmp_path, name):
         expected = {"adamw": "adamw_torch_fused" if device == "cuda" else "adamw_torch",
                     "adamw8bit": "adamw_bnb_8bit", "paged_adamw8bit": "paged_adamw_8bit"}
         assert arguments.get("optim") == expected.get(technique.optimizer)  # LoRA+: Trainer's optimizers=
-    TrainingArguments(**mapped_arguments(cfg, technique, "cpu", str(tmp_path))[0])  # no fp16 check on CPU
+    TrainingArguments(**mapped_arguments(cfg, technique, "cuda", str(tmp_path))[0])
 
 
 def test_what_trainer_cannot_express_is_said_not_approximated(tmp_path):
     cfg = load_experiment(EXPERIMENTS / "bf16-pure-gc-optim-in-bwd.yaml")[1]
     with pytest.raises(NotMapped, match="optimizer_in_backward"):
+        mapped_arguments(cfg, resolve_technique(cfg), "cpu", str(tmp_path))
+    # accelerate ignores fp16 on a CPU (the run would be fp32 under fp16's name)
+    cfg = load_experiment(EXPERIMENTS / "fp16-mixed.yaml")[1]
+    with pytest.raises(NotMapped, match="trains in fp32"):
         mapped_arguments(cfg, resolve_technique(cfg), "cpu", str(tmp_path))
     assert {"per_device_train_batch_size", "optim", "train_sampling_strategy", "logging_steps"} <= set(OWNED)
 
@@ -154,12 +158,16 @@ def trainer_records(tmp_path_factory) -> dict:
 # How far Trainer's final loss may be from ours after the same steps on the same sequences. Full
 # fine-tuning computes the same step (equal to the last bit in fp32); LoRA's dropout draws other
 # random masks in Trainer, which seeds the generator again when it starts.
-LOSS_TOLERANCE = {"fp32": 1e-6, "bf16-pure": 2e-3, "bf16-mixed": 2e-3, "fp16-mixed": 2e-3, "adamw8bit": 2e-3}
+LOSS_TOLERANCE = {"fp32": 1e-6, "bf16-pure": 2e-3, "bf16-mixed": 2e-3, "adamw8bit": 2e-3}
 
 
 @pytest.mark.slow
 def test_every_base_technique_runs_in_trainer_measured_like_ours(trainer_records, quick_records):
+    fp16 = trainer_records["fp16-mixed"]  # accelerate has no fp16 on a CPU: said, not run as fp32
+    assert fp16["status"] == "skipped" and "trains in fp32" in fp16["error"]["message"]
     for name, record in trainer_records.items():
+        if name == "fp16-mixed":
+            continue
         assert record["status"] == "ok", (name, record.get("error"))
         assert record["engine"]["name"] == "trainer" and record["engine"]["library"].startswith("transformers")
         memory = record["memory"]

@@ -85,6 +85,9 @@ def mapped_arguments(cfg, technique, device_type: str, output_dir: str) -> tuple
     if technique.loss_scaling != (technique.autocast == "fp16"):
         raise NotMapped(f"Trainer scales the loss exactly when fp16 autocast is on (fp16: true); this experiment "
                         f"has autocast {technique.autocast} with loss_scaling {technique.loss_scaling}")
+    if technique.autocast == "fp16" and device_type == "cpu":
+        raise NotMapped("accelerate runs fp16 mixed precision on an accelerator only: on a CPU, Trainer with "
+                        "fp16: true trains in fp32, without autocast or loss scaling")
     optim = OPTIM_NAMES.get(technique.optimizer)
     if technique.optimizer != "loraplus" and optim is None:
         raise NotMapped(f"optimizer {technique.optimizer!r} has no TrainingArguments `optim` counterpart")

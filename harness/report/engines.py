@@ -31,12 +31,13 @@ REASONS = {
         "autocast wrapper (which also casts the logits to fp32), counting tokens and FLOPs, a NaN check of every "
         "micro-batch's loss; its per-step logging reads the loss after the timed step, as the lab's loop does"),
     ("trl-sft", "memory"): (
-        "SFTTrainer replaces the LM head's output with its own chunked log-probabilities (a fused LM head: the "
-        "vocabulary-sized logits are never all alive at once) and computes entropy and token accuracy of every "
-        "micro-batch for its metrics"),
+        "SFTTrainer computes the loss in TRL's ChunkedLogProbFunction, which keeps no logits for backward and "
+        "computes them again there, in chunks of 4,096 tokens x 32,768 vocabulary entries (one chunk for a "
+        "vocabulary of 32,768 or less), beside fp32 buffers for per-token sums, entropy and the hidden states' "
+        "gradient"),
     ("trl-sft", "throughput"): (
-        "SFTTrainer computes entropy and token accuracy of every micro-batch for its metrics, reads them with a "
-        "device synchronisation inside the step, and runs its LM head in chunks"),
+        "SFTTrainer computes the LM head twice (forward, and again in backward), and the entropy and token accuracy "
+        "of every micro-batch for its metrics, read with .item() inside the step"),
 }
 
 
