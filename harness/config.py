@@ -437,7 +437,11 @@ def _check_training_args(experiment: Experiment, path: Path) -> None:
                           "set engine: trainer (or trl-sft)")
     from harness.engines.arguments import arguments_class, owned_field
 
-    known = {f.name for f in dataclasses.fields(arguments_class(experiment.engine))}
+    try:
+        known = {f.name for f in dataclasses.fields(arguments_class(experiment.engine))}
+    except ModuleNotFoundError as missing:
+        raise ConfigError(path, "training_args", f"{missing.name} is not installed here, so its arguments' fields "
+                          "cannot be checked (the engines extra: pip install -e '.[engines]')") from None
     for key in experiment.training_args:
         if key not in known:
             raise ConfigError(path, f"training_args.{key}", f"not a field of {experiment.engine}'s arguments "

@@ -211,3 +211,25 @@ def test_a_cell_trainer_cannot_run_is_a_skipped_record_with_the_reason(tmp_path)
     record = run_dict(config, tmp_path)[1]
     assert record["status"] == "skipped" and record["error"]["type"] == "NotMapped"
     assert "optimizer_in_backward" in record["error"]["message"]
+
+
+def test_engine_flags_on_run_and_bench_replace_every_blocks_engine(tmp_path, capsys):
+    from harness.cli import build_parser
+
+    assert build_parser().parse_args(["run", "x.yaml", "--engine", "trl-sft"]).engine == "trl-sft"
+    assert build_parser().parse_args(["bench", "--engine", "trainer"]).engine == "trainer"
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["run", "x.yaml", "--engine", "keras"])
+    assert exit_.value.code == 2
+    planned, _ = expand(load_matrix(EXPERIMENTS / "matrix.yaml"), "cpu", EXPERIMENTS, tmp_path, engines=["trainer"])
+    assert {r.config["engine"] for r in planned} == {"trainer"}
+
+
+def test_training_args_of_a_missing_library_are_refused_saying_which(tmp_path, monkeypatch):
+    import harness.engines.arguments as arguments
+
+    def missing(engine):
+        raise ModuleNotFoundError("No module named 'trl'", name="trl")
+    monkeypatch.setattr(arguments, "arguments_class", missing)
+    with pytest.raises(ConfigError, match="trl is not installed"):
+        _experiment(tmp_path, "technique: lora\nengine: trl-sft\ntraining_args: {max_grad_norm: 1.0}\n")
