@@ -24,21 +24,30 @@ THROUGHPUT_TOLERANCE = 0.10
 ENGINE_FIELDS = ("engine", "training_args")
 
 # What is known of each loop's difference from the lab's, found by reading the runs and the
-# libraries' code: (engine, "memory" | "throughput") -> why.
+# libraries' code: (engine, "memory" | "throughput", the technique's optimizer or None for any) -> why.
 REASONS = {
-    ("trainer", "throughput"): (
-        "Trainer's step adds its bookkeeping to the same forward, backward and optimizer step: accelerate's "
-        "autocast wrapper (which also casts the logits to fp32), counting tokens and FLOPs, a NaN check of every "
-        "micro-batch's loss; its per-step logging reads the loss after the timed step, as the lab's loop does"),
-    ("trl-sft", "memory"): (
+    ("trainer", "memory", "adamw8bit"): (
+        "with a bitsandbytes 8-bit optimizer Trainer keeps the optimizer state of every nn.Embedding in 32 bits "
+        "(Trainer.create_optimizer: register_module_override(..., optim_bits=32)); the lab's AdamW8bit keeps all "
+        "of it in 8 bits"),
+    ("trainer", "throughput", None): (
+        "Trainer's step adds its bookkeeping to the same forward, backward and optimizer step (accelerate's "
+        "autocast wrapper, which also casts the model's outputs to fp32, counting FLOPs and tokens, a NaN check of "
+        "every micro-batch's loss); its per-step logging reads the loss after the timed step, as the lab's loop "
+        "does"),
+    ("trl-sft", "memory", None): (
         "SFTTrainer computes the loss in TRL's ChunkedLogProbFunction, which keeps no logits for backward and "
         "computes them again there, in chunks of 4,096 tokens x 32,768 vocabulary entries (one chunk for a "
         "vocabulary of 32,768 or less), beside fp32 buffers for per-token sums, entropy and the hidden states' "
         "gradient"),
-    ("trl-sft", "throughput"): (
+    ("trl-sft", "throughput", None): (
         "SFTTrainer computes the LM head twice (forward, and again in backward), and the entropy and token accuracy "
         "of every micro-batch for its metrics, read with .item() inside the step"),
 }
+
+
+def known_reason(engine: str, kind: str, optimizer: str | None) -> str | None:
+    return REASONS.get((engine, kind, optimizer)) or REASONS.get((engine, kind, None))
 
 
 @dataclass(frozen=True)
@@ -121,16 +130,17 @@ def _spread(record: dict) -> float | None:
 def why(comparison: EngineComparison) -> str:
     """Why the loops differ by more than the tolerances (empty where they do not)."""
     parts = []
+    optimizer = (comparison.record.get("config") or {}).get("optimizer")
     if comparison.memory_differs:
         name = max(comparison.category_differences, key=lambda n: abs(comparison.category_differences[n]))
         change = comparison.category_differences[name]
+        known = known_reason(comparison.engine, "memory", optimizer)
         parts.append(f"memory: {CATEGORY_WORDS[name]} at the peak {change / 2**20:+,.1f} MiB"
-                     + (f"; {REASONS[(comparison.engine, 'memory')]}" if (comparison.engine, "memory") in REASONS
-                        else ""))
+                     + (f"; {known}" if known else ""))
     if comparison.throughput_differs:
         spreads = [s for s in (_spread(comparison.reference), _spread(comparison.record)) if s is not None]
         within = spreads and abs(math.log(comparison.tokens_ratio)) <= max(spreads)
-        known = REASONS.get((comparison.engine, "throughput"))
+        known = known_reason(comparison.engine, "throughput", optimizer)
         parts.append("throughput: " + (f"within the runs' own step-time spread (up to {max(spreads):.0%}): timing "
                                        "noise, not a difference of the loops" if within else
                                        known or "not explained yet"))
