@@ -234,3 +234,14 @@ def test_training_args_of_a_missing_library_are_refused_saying_which(tmp_path, m
     monkeypatch.setattr(arguments, "arguments_class", missing)
     with pytest.raises(ConfigError, match="trl is not installed"):
         _experiment(tmp_path, "technique: lora\nengine: trl-sft\ntraining_args: {max_grad_norm: 1.0}\n")
+
+
+@pytest.mark.slow
+def test_held_out_loss_is_evaluated_alike_in_both_loops(tmp_path):
+    """bf16 autocast, held-out loss before training, every 2 steps and at the end: the same numbers."""
+    workload = {**QUICK, "data": {"source": "stdlib-tests"}, "eval_every": 2, "eval_sequences": 4}
+    lab, trainer = (run_dict(prepare(EXPERIMENTS / "bf16-mixed.yaml", {**workload, "engine": engine}), tmp_path)[1]
+                    for engine in ("harness", "trainer"))
+    assert lab["status"] == trainer["status"] == "ok"
+    assert [e["step"] for e in trainer["loss"]["eval"]] == [0, 2, QUICK["warmup_steps"] + QUICK["steps"] + 1]
+    assert trainer["loss"]["eval"] == lab["loss"]["eval"] and trainer["loss"]["per_step"] == lab["loss"]["per_step"]
