@@ -133,6 +133,15 @@ class Session:
         if self.held_out is not None and (step + 1) % self.cfg.eval_every == 0:
             self.evaluate_held_out(step + 1)
 
+    def close(self) -> None:
+        """Leave the open phase and the tracker, as a `with` block would: a step that raised (an
+        out-of-memory past a budget) never reached end_step."""
+        self.switch(None)
+        self._in_step = False
+        if self._tracking:
+            self.tracker.__exit__(None, None, None)
+            self._tracking = False
+
     def record_loss(self, loss: float) -> None:
         self.progress.losses.append(loss)
 

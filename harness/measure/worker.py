@@ -3,7 +3,9 @@
 Started by harness.lab.runner as `python -m harness.measure.worker CONFIG.json RECORD.json`. Whatever
 happens, the record says it: `ok`, `oom` (with the phase, step and memory reached) or
 `failed` (with the error). Steps: warm-up (untimed), timed steps, then one tracked step
-whose tensors are counted by category (untimed, because counting slows every operator).
+whose tensors are counted by category (untimed, because counting slows every operator). The
+loop that runs them is the experiment's engine (harness.engines); what is measured, in whichever
+loop, is harness.measure.session's.
 """
 
 from __future__ import annotations
@@ -44,11 +46,6 @@ def pick_device(choice: str) -> torch.device:
             raise RuntimeError("device: cuda was asked for, but torch sees no CUDA device")
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _adapter_bytes(model) -> int | None:
@@ -101,6 +98,7 @@ def run(config: dict, record_path: str | Path) -> schema.RunRecord:
         try:
             record.engine = ENGINES[cfg.engine](engine)
         finally:
+            session.close()
             tracker = session.tracker  # what an oom reached
             if session.model is not None:
                 record.parameters = schema.Parameters(**parameter_counts(session.model))
