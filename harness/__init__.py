@@ -1,12 +1,13 @@
 """A benchmark lab for fine-tuning language models under limited VRAM.
 
     import harness
-    runs = harness.load_results("results")                     # every run, one row each
+    runs = harness.load_results("results")                     # every run of the lab's loop, one row each
     predictions = harness.load_results("results", "predictions")
     engine_runs = harness.load_results("results", "engine_runs")  # the same cells in Trainer, SFTTrainer
 
 The package's folders are its three kinds of evidence and what serves them: `step/` builds
-and runs a training step, `measure/` measures it, `predict/` predicts it (analytic and
+and runs a training step, `engines/` the training loops it runs in (the lab's own,
+transformers' Trainer, TRL's SFTTrainer), `measure/` measures it, `predict/` predicts it (analytic and
 simulated), `report/` renders what was measured and predicted, and `lab/` holds the lab's
 commands (the matrix, probes, the pretrained base, micro-benchmarks). `schema` is the
 record format, `env` the door to the machine, `config` and `techniques` what an experiment
