@@ -26,9 +26,10 @@ def _runs(tmp_path, device="cpu", **options):
 
 
 def _plan(tmp_path, device="cpu", **options):
+    """The cells of the lab's own loop (the same cells in other loops: tests/test_engines.py)."""
     runs, skipped = expand(MATRIX, device, EXPERIMENTS, tmp_path, **options)
     return [(r.config["name"], r.config["model"], r.config["grad_accum"], r.config["budget_gb"],
-             r.config["seq_len"]) for r in runs], skipped
+             r.config["seq_len"]) for r in runs if r.config["engine"] == "harness"], skipped
 
 
 def test_cpu_matrix_runs_every_experiment_on_tiny_llama_and_an_accumulation_series(tmp_path):
