@@ -9,9 +9,9 @@ PY ?= $(VENV)/bin/python
 SETUP := $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
 # Where a GPU is present pip's default torch build (CUDA) is used; otherwise the CPU build.
 TORCH_SPEC ?= $(shell if nvidia-smi -L >/dev/null 2>&1; then echo torch; else echo torch==2.13.0; fi)
-# The optional extras: the techniques beyond the documents and the cluster launcher everywhere,
-# GPU-only kernels where a GPU is.
-EXTRAS ?= $(shell if nvidia-smi -L >/dev/null 2>&1; then echo dev,techniques,cluster,gpu; else echo dev,techniques,cluster; fi)
+# The optional extras: the techniques beyond the documents, the other training loops and the cluster
+# launcher everywhere, GPU-only kernels where a GPU is.
+EXTRAS ?= $(shell if nvidia-smi -L >/dev/null 2>&1; then echo dev,techniques,engines,cluster,gpu; else echo dev,techniques,engines,cluster; fi)
 
 # make bench MODEL=mistralai/Mistral-7B-v0.1 BUDGET_GB=16 EXPERIMENTS="qlora lora"
 MODEL ?=

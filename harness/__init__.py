@@ -1,11 +1,13 @@
 """A benchmark lab for fine-tuning language models under limited VRAM.
 
     import harness
-    runs = harness.load_results("results")                     # every run, one row each
+    runs = harness.load_results("results")                     # every run of the lab's loop, one row each
     predictions = harness.load_results("results", "predictions")
+    engine_runs = harness.load_results("results", "engine_runs")  # the same cells in Trainer, SFTTrainer
 
 The package's folders are its three kinds of evidence and what serves them: `step/` builds
-and runs a training step, `measure/` measures it, `predict/` predicts it (analytic and
+and runs a training step, `engines/` the training loops it runs in (the lab's own,
+transformers' Trainer, TRL's SFTTrainer), `measure/` measures it, `predict/` predicts it (analytic and
 simulated), `report/` renders what was measured and predicted, and `lab/` holds the lab's
 commands (the matrix, probes, the pretrained base, micro-benchmarks). `schema` is the
 record format, `env` the door to the machine, `config` and `techniques` what an experiment
@@ -27,11 +29,13 @@ logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 def load_results(path: str | Path = "results", what: str = "runs"):
     """Every record under a results folder as one pandas DataFrame: `runs` (one row per
     configuration, its newest record; memory by category in peak_*/persistent_* columns,
-    throughput, loss, status) or `predictions` (one row per prediction)."""
+    throughput, loss, status), `engine_runs` (the runs measured in transformers' Trainer or TRL's
+    SFTTrainer instead of the lab's own loop, one row each) or `predictions` (one row per prediction)."""
     from harness.report.load import load_results as load
     from harness.report.load import predictions_frame, runs_frame
 
-    frames = {"runs": runs_frame, "predictions": predictions_frame}
+    frames = {"runs": runs_frame, "predictions": predictions_frame,
+              "engine_runs": lambda results: runs_frame(results, engines=True)}
     if what not in frames:
         raise ValueError(f"load_results: what={what!r}; one of {', '.join(frames)}")
     return frames[what](load(path))

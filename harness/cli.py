@@ -8,7 +8,7 @@ from pathlib import Path
 
 from harness.architectures import UnsupportedArchitecture
 from harness.arguments import like_field, positive
-from harness.config import EXIT_BAD_CONFIG, ConfigError, experiment_files
+from harness.config import ENGINE_NAMES, EXIT_BAD_CONFIG, ConfigError, experiment_files
 from harness.lab.bench import add_arguments as add_bench_arguments
 from harness.lab.pretrain import add_arguments as add_base_arguments
 from harness.predict.command import add_arguments as add_predict_arguments
@@ -16,7 +16,7 @@ from harness.report import add_arguments as add_report_arguments
 
 
 def _overrides(args) -> dict:
-    chosen = {"model": args.model, "device": args.device, "budget_gb": args.budget_gb}
+    chosen = {"model": args.model, "device": args.device, "budget_gb": args.budget_gb, "engine": args.engine}
     return {k: v for k, v in chosen.items() if v is not None}
 
 
@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=Path("results"), help="folder for the record (default: results)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"])
     run.add_argument("--budget-gb", type=like_field("budget_gb", float), help="emulate a card with this many GB (1e9 bytes)")
+    run.add_argument("--engine", choices=ENGINE_NAMES, help="the training loop: harness (the lab's own, default), "
+                     "trainer (transformers' Trainer) or trl-sft (TRL's SFTTrainer)")
     run.add_argument("--timeout", type=positive(float), help="seconds before the run is killed and recorded as failed")
     run.set_defaults(func=cmd_run)
 

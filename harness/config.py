@@ -26,8 +26,17 @@ from harness import schema
 from harness.architectures import ARCHITECTURES, DEFAULT_TARGETS, lora_targets
 from harness.env import resolve_device
 from harness.step.checkpoint import BASE_SOURCE, base_identity
-from harness.techniques import ADAPTERS, OPTIMIZERS, QUANTIZATIONS, TECHNIQUES, Technique
+from harness.techniques import (
+    ADAPTERS,
+    OPTIMIZERS,
+    QUANTIZATIONS,
+    TECHNIQUES,
+    Technique,
+)
 
+# The training loops a run can be measured in (harness.engines registers each).
+EngineName = Literal["harness", "trainer", "trl-sft"]
+ENGINE_NAMES = typing.get_args(EngineName)
 # Files in experiments/ whose name starts with "_" are fragments to include, not experiments.
 FRAGMENT_PREFIX = "_"
 # The matrix of runs lives beside the experiments (see harness.lab.bench).
@@ -137,6 +146,12 @@ class Experiment:
     budget_gb: float | None = None
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     trust_remote_code: bool = False
+    # Which training loop runs the step (harness.engines): the lab's own, transformers' Trainer or
+    # TRL's SFTTrainer, measured by the same meters on the same batches.
+    engine: EngineName = "harness"
+    # The Trainer engines only: further TrainingArguments (SFTConfig for trl-sft) fields, passed
+    # as given; fields the experiment already sets are refused (harness.engines.arguments).
+    training_args: dict = field(default_factory=dict)
 
 
 # Bounds checked after types: (field, predicate, message).
@@ -363,6 +378,7 @@ def _check_semantics(experiment: Experiment, path: Path) -> None:
     if technique.adapter != "none":
         _check_lora_targets(experiment, path, settings.get("model_type"))
         _check_peft_fields(experiment.lora.peft, path)
+    _check_training_args(experiment, path)
     source = experiment.data.source
     if source.startswith(("/", ".", "~")) and not Path(source).expanduser().exists():
         raise ConfigError(path, "data.source", f"no such file or folder: {source}")
@@ -435,6 +451,29 @@ def _check_peft_fields(extra: dict, path: Path) -> None:
             raise ConfigError(path, f"lora.peft.{key}", "not a field of peft's LoraConfig")
         if key in own:
             raise ConfigError(path, f"lora.peft.{key}", "set it in the lora block itself, not under peft")
+
+
+def _check_training_args(experiment: Experiment, path: Path) -> None:
+    """`training_args` are fields of the engine's own arguments class, none the experiment sets itself."""
+    if not experiment.training_args:
+        return
+    if experiment.engine == "harness":
+        raise ConfigError(path, "training_args", "the lab's own loop takes no TrainingArguments; "
+                          "set engine: trainer (or trl-sft)")
+    from harness.engines.arguments import arguments_class, owned_field
+
+    try:
+        known = {f.name for f in dataclasses.fields(arguments_class(experiment.engine))}
+    except ModuleNotFoundError as missing:
+        raise ConfigError(path, "training_args", f"{missing.name} is not installed here, so its arguments' fields "
+                          "cannot be checked (the engines extra: pip install -e '.[engines]')") from None
+    for key in experiment.training_args:
+        if key not in known:
+            raise ConfigError(path, f"training_args.{key}", f"not a field of {experiment.engine}'s arguments "
+                              "(TrainingArguments, or SFTConfig for trl-sft)")
+        owner = owned_field(key)
+        if owner:
+            raise ConfigError(path, f"training_args.{key}", f"the experiment sets it: {owner}")
 
 
 def _check_model_name(model: str, path: Path) -> None:

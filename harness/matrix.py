@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from harness import env, schema
-from harness.config import MATRIX_FILE, ConfigError, build_dataclass, experiment_files, prepare, read_yaml
+from harness.config import (
+    MATRIX_FILE,
+    ConfigError,
+    build_dataclass,
+    experiment_files,
+    prepare,
+    read_yaml,
+)
 
 
 @dataclass
@@ -25,6 +32,8 @@ class MatrixBlock:
     seq_lens: list[int | None] = field(default_factory=lambda: [None])
     grad_accums: list[int | None] = field(default_factory=lambda: [None])
     budgets_gb: list[float | None] = field(default_factory=lambda: [None])
+    # Training loops (harness.engines) each cell runs in: the same configuration in each, measured alike.
+    engines: list[str | None] = field(default_factory=lambda: [None])
     # Only on a card with at least this much memory (GB, 1e9 bytes).
     min_device_gb: float | None = None
     # Experiment fields set for every run of this block (validated like a file's own fields).
@@ -66,7 +75,7 @@ def load_matrix(path: str | Path) -> Matrix:
 
 
 def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Path, *, plan: str | None = None,
-           models=None, experiments=None, budgets_gb=None, seq_lens=None, repeat: int = 1,
+           models=None, experiments=None, budgets_gb=None, seq_lens=None, engines=None, repeat: int = 1,
            device_gb: float | None = None) -> tuple[list[PlannedRun], list[str]]:
     """The runs of a plan (default: the device type's own), in order, with command-line replacements applied.
 
@@ -91,11 +100,11 @@ def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Pat
         names = [name for name in names if name not in block.exclude]
         if experiments:  # keep only the chosen experiments of each block
             names = [name for name in names if name in experiments]
-        for name, model, seq, accum, budget in itertools.product(
+        for name, model, seq, accum, budget, engine in itertools.product(
                 names, models or block.models, seq_lens or block.seq_lens, block.grad_accums,
-                budgets_gb or block.budgets_gb):
+                budgets_gb or block.budgets_gb, engines or block.engines):
             overrides = {**block.set, "model": model, "device": device_type}
-            for key, value in (("seq_len", seq), ("grad_accum", accum), ("budget_gb", budget)):
+            for key, value in (("seq_len", seq), ("grad_accum", accum), ("budget_gb", budget), ("engine", engine)):
                 if value is not None:
                     overrides[key] = value
             config = prepare(available[name], overrides)

@@ -143,6 +143,9 @@ class RunRecord:
     host_peak_rss_bytes: int | None = None
     error: RunError | None = None
     shared_gpu: str | None = None  # another process held the GPU during the run (who)
+    # The training loop that ran the steps (harness.engines): its name, library and version, the
+    # arguments it was given, and how it differs from the lab's own loop.
+    engine: dict | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -381,7 +384,8 @@ ADDED_LATER = {("lora", "use_dora"): False, ("lora", "use_rslora"): False, ("lor
                ("lora", "peft"): {}, (None, "optimizer_in_backward"): False, ("optim", "loraplus_lr_ratio"): 16.0,
                (None, "selective_checkpointing"): False, (None, "activation_offloading"): False,
                (None, "liger_kernels"): False, (None, "compile"): False, ("optim", "galore_rank"): 128,
-               ("optim", "galore_update_proj_gap"): 200, ("optim", "galore_scale"): 0.25}
+               ("optim", "galore_update_proj_gap"): 200, ("optim", "galore_scale"): 0.25,
+               (None, "engine"): "harness", (None, "training_args"): {}}
 # Config keys that differ between two records of the same configuration: which attempt, which
 # hash (computed from the rest), which copy of the same pretrained base.
 _VOLATILE_CONFIG_KEYS = ("run_id", "config_hash", "base_checkpoint", "description", "summary")

@@ -153,7 +153,7 @@ def test_peft_fields_are_checked_against_peft():
 
 # Lower layers never import higher ones (a module-level import, or one inside a function).
 LAYERS = {"schema": 0, "env": 0, "presets": 0, "architectures": 0, "techniques": 0, "claims": 0,
-          "step.checkpoint": 1, "config": 2, "matrix": 3, "arguments": 3, "step": 3, "measure": 4, "predict": 4, "lab": 5, "report": 5,
+          "step.checkpoint": 1, "engines.arguments": 1, "config": 2, "engines": 3, "matrix": 3, "arguments": 3, "step": 3, "measure": 4, "predict": 4, "lab": 5, "report": 5,
           "cli": 6, "__init__": 6, "__main__": 7}
 
 

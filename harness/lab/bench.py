@@ -18,7 +18,7 @@ from pathlib import Path
 
 from harness import env, schema
 from harness.arguments import like_field, positive
-from harness.config import MATRIX_FILE, ConfigError
+from harness.config import ENGINE_NAMES, MATRIX_FILE, ConfigError
 from harness.lab import launcher
 from harness.lab.estimate import estimate_run, parse_duration
 from harness.lab.runner import CellBusy, cell_leftovers, remove_stale_attempts, run_config, summary_line
@@ -111,6 +111,7 @@ def _label(index: int, total: int, run: PlannedRun) -> str:
     return (f"[{index}/{total}] {config['name']} @ {config['model']} seq {config['seq_len']}"
             f" x{config['micro_batch']}x{config['grad_accum']}"
             + (f" budget {config['budget_gb']:g} GB" if config["budget_gb"] else "")
+            + (f" in {config['engine']}" if config.get("engine", "harness") != "harness" else "")
             + (f" repeat {run.repeat}" if run.repeat else ""))
 
 
@@ -251,7 +252,8 @@ def main(args) -> int:
         planned, skipped = expand(
             matrix, device_type, experiments_dir, out_dir, plan=args.plan, models=args.model and [args.model],
             experiments=args.experiments, budgets_gb=args.budget_gb and [args.budget_gb],
-            seq_lens=args.seq_len and [args.seq_len], repeat=args.repeat, device_gb=device_gb)
+            seq_lens=args.seq_len and [args.seq_len], engines=args.engine and [args.engine], repeat=args.repeat,
+            device_gb=device_gb)
         if budget_s is not None or args.dry_run:
             estimate_runs(planned, device_type)
         if budget_s is not None and device_type == "cuda":
@@ -317,6 +319,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--budget-gb", type=like_field("budget_gb", float),
                         help="emulate a card of this many GB in every run")
     parser.add_argument("--seq-len", type=like_field("seq_len"), help="use this sequence length in every run")
+    parser.add_argument("--engine", choices=ENGINE_NAMES, help="run every block in this training loop "
+                        "(harness: the lab's own, trainer: transformers' Trainer, trl-sft: TRL's SFTTrainer)")
     parser.add_argument("--repeat", type=positive(int), default=1, help="run each configuration N times")
     parser.add_argument("--force", action="store_true", help="rerun even where a current record exists")
     parser.add_argument("--allow-shared-gpu", action="store_true",

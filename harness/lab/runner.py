@@ -322,6 +322,8 @@ def _lost_record(config: dict, returncode: int, log_path: Path, timeout_s: float
 def summary_line(record: schema.RunRecord) -> str:
     """One line with the headline figures of a record."""
     name = f"{record.experiment} @ {record.model}"
+    engine = record.config.get("engine", "harness")
+    name += f" in {engine}" if engine != "harness" else ""
     if record.status == "ok":
         return (f"{name}: ok, peak {record.memory.peak_allocated / 2**30:.3f} GiB ({record.memory.source}), "
                 f"{record.throughput.tokens_per_s:.0f} tokens/s, final loss {record.loss.final:.4f}")

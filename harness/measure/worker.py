@@ -3,7 +3,9 @@
 Started by harness.lab.runner as `python -m harness.measure.worker CONFIG.json RECORD.json`. Whatever
 happens, the record says it: `ok`, `oom` (with the phase, step and memory reached) or
 `failed` (with the error). Steps: warm-up (untimed), timed steps, then one tracked step
-whose tensors are counted by category (untimed, because counting slows every operator).
+whose tensors are counted by category (untimed, because counting slows every operator). The
+loop that runs them is the experiment's engine (harness.engines); what is measured, in whichever
+loop, is harness.measure.session's.
 """
 
 from __future__ import annotations
@@ -14,19 +16,21 @@ import sys
 import tempfile
 import time
 import traceback
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from harness import env, schema
 from harness.config import experiment_of, resolve_technique
+from harness.engines import ENGINES, EngineRun
+from harness.engines.arguments import NotMapped
 from harness.measure.budget import CUDA_CONTEXT_ALLOWANCE, budget_cap_bytes
-from harness.measure.memory import CudaMeter, TensorTracker, label_gradients, label_model, tracker_phase
+from harness.measure.memory import CudaMeter, TensorTracker
+from harness.measure.session import Session
 from harness.measure.throughput import mfu, step_time_stats
 from harness.step.data import load_batches
 from harness.step.models import parameter_counts, resolve_source
-from harness.step.train import Progress, build_training, evaluate, no_phase, saved_tensors_context, train_step
+from harness.step.train import Progress
 from harness.techniques import CUDA_ONLY, PAGED_OPTIMIZERS, Technique
 
 # Packages a technique or data source may need that a machine may lack: their absence makes
@@ -34,7 +38,7 @@ from harness.techniques import CUDA_ONLY, PAGED_OPTIMIZERS, Technique
 OPTIONAL_PACKAGES = {"bitsandbytes": "int8/NF4 quantization and 8-bit optimizers",
                      "datasets": "local text files and hub datasets as data",
                      "galore_torch": "the GaLore optimizers", "torchao": "torchao's low-bit optimizers",
-                     "trl": "activation offloading and selective checkpointing",
+                     "trl": "the trl-sft engine (TRL's SFTTrainer), activation offloading and selective checkpointing",
                      "liger_kernel": "Liger's kernels"}
 
 
@@ -48,11 +52,6 @@ def pick_device(choice: str) -> torch.device:
             raise RuntimeError("device: cuda was asked for, but torch sees no CUDA device")
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _adapter_bytes(model) -> int | None:
@@ -103,57 +102,21 @@ def run(config: dict, record_path: str | Path) -> schema.RunRecord:
 
         # CPU: the tracker is the memory meter (always on when a budget must bind).
         on_cpu = device.type == "cpu"
-        tracker = TensorTracker(cap if on_cpu else None) if on_cpu else None
-        cuda_meter = CudaMeter(device) if device.type == "cuda" else None
-        if cuda_meter is not None:
+        session = Session(cfg, technique.autocast, device, TensorTracker(cap) if on_cpu else None,
+                          CudaMeter(device) if device.type == "cuda" else None, held_out, progress)
+        if session.cuda_meter is not None:
             torch.cuda.reset_peak_memory_stats(device)
-            context_bytes = cuda_meter.device_used()
-        load_started = time.perf_counter()
-        with (tracker or nullcontext()), (cuda_meter.phase("load") if cuda_meter else nullcontext()):
-            model, optimizer, scaler = build_training(source, technique, cfg, device)
-        load_seconds = time.perf_counter() - load_started
-        record.parameters = schema.Parameters(**parameter_counts(model))
-        saved_tensors = saved_tensors_context(model, cfg)
-        record.random_init = source.random_init
-
-        budget_binds_on_cpu = on_cpu and cap is not None
-        step_phase = cuda_meter.phase if cuda_meter else no_phase
-        times: list[float] = []
-        total_steps = cfg.warmup_steps + cfg.steps
-
-        def evaluate_held_out(steps_done: int) -> None:  # between steps, never inside a timed one
-            loss = evaluate(model, held_out, technique.autocast, cfg.micro_batch)
-            progress.evaluations.append({"step": steps_done, "loss": loss})
-
-        if held_out is not None:
-            evaluate_held_out(0)
-        for step in range(total_steps):
-            progress.step = step
-            micro_batches = batches.step(step, device)
-            with (tracker if budget_binds_on_cpu else nullcontext()):
-                phase = (lambda name: tracker_phase(tracker, name)) if budget_binds_on_cpu else step_phase
-                _sync(device)
-                t0 = time.perf_counter()
-                loss = train_step(model, optimizer, micro_batches, technique.autocast, scaler, progress, phase,
-                                  saved_tensors=saved_tensors)
-                _sync(device)
-            if step >= cfg.warmup_steps:
-                times.append(time.perf_counter() - t0)
-            progress.losses.append(float(loss))
-            if held_out is not None and (step + 1) % cfg.eval_every == 0:
-                evaluate_held_out(step + 1)
-
-        # The tracked step: count every tensor by category (slow, so never timed).
-        progress.step = total_steps
-        tracker = tracker or TensorTracker(device_type=device.type)
-        micro_batches = batches.step(total_steps, device)
-        with tracker:
-            label_model(tracker, model, optimizer)
-            tracker.reset_peak()
-            loss = train_step(model, optimizer, micro_batches, technique.autocast, scaler, progress,
-                              lambda name: tracker_phase(tracker, name),
-                              after_backward=lambda: label_gradients(tracker, model), saved_tensors=saved_tensors)
-        progress.losses.append(float(loss))
+            context_bytes = session.cuda_meter.device_used()
+        engine = EngineRun(cfg, technique, source, batches, tokenizer, device, session)
+        try:
+            record.engine = ENGINES[cfg.engine](engine)
+        finally:
+            session.close()
+            tracker = session.tracker  # what an oom reached
+            if session.model is not None:
+                record.parameters = schema.Parameters(**parameter_counts(session.model))
+                record.random_init = source.random_init
+        model, cuda_meter, times = session.model, session.cuda_meter, session.times
 
         tokens_per_step = cfg.micro_batch * cfg.seq_len * cfg.grad_accum
         stats = step_time_stats(times)
@@ -161,11 +124,11 @@ def run(config: dict, record_path: str | Path) -> schema.RunRecord:
         compute_dtype = technique.autocast if technique.autocast != "none" else technique.weights
         record.memory = _memory_section(device, tracker, cuda_meter, context_bytes if cuda_meter else None)
         if held_out is not None:  # after the peaks are read: evaluation never counts in them
-            evaluate_held_out(total_steps + 1)
+            session.evaluate_held_out(session.steps_in_all)
         record.throughput = schema.Throughput(
             tokens_per_step=tokens_per_step, step_time_s=stats, tokens_per_s=tokens_per_s,
-            load_seconds=load_seconds, timed_steps=len(times), warmup_steps=cfg.warmup_steps,
-            timing_includes_tracking=budget_binds_on_cpu,
+            load_seconds=session.load_seconds, timed_steps=len(times), warmup_steps=cfg.warmup_steps,
+            timing_includes_tracking=on_cpu and cap is not None,
             mfu=mfu(source.config, cfg.seq_len, tokens_per_s, technique.adapter == "none",
                     environment["device_name"], compute_dtype) if device.type == "cuda" else None)
         record.adapter_bytes_on_disk = _adapter_bytes(model)
@@ -177,6 +140,9 @@ def run(config: dict, record_path: str | Path) -> schema.RunRecord:
     except NotOnThisDevice as error:
         record.status = "skipped"
         record.error = schema.RunError("NotOnThisDevice", f"needs a CUDA device: {error}", progress.phase)
+    except NotMapped as error:  # this engine cannot express the experiment: say why, approximate nothing
+        record.status = "skipped"
+        record.error = schema.RunError("NotMapped", f"engine {cfg.engine}: {error}", progress.phase)
     except Exception as error:  # any other failure is a result too
         if isinstance(error, ModuleNotFoundError) and error.name in OPTIONAL_PACKAGES:
             # This machine cannot run the technique; another can. Not a failure of the run.

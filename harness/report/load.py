@@ -16,13 +16,18 @@ from pathlib import Path
 import pandas as pd
 
 from harness import schema
-from harness.schema import CATEGORIES, PERSISTENT
+from harness.schema import ADDED_LATER, CATEGORIES, PERSISTENT
+
+LAB_ENGINE = ADDED_LATER[(None, "engine")]  # the lab's own loop, the engine of every earlier record
 
 
 @dataclass
 class Results:
     root: Path
-    records: list[dict] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)  # runs in the lab's own training loop
+    # Runs of the same configurations in another training loop (Trainer, SFTTrainer: harness.engines),
+    # compared with the lab's (harness.report.engines) and kept out of every other table and figure.
+    engine_records: list[dict] = field(default_factory=list)
     predictions: list[dict] = field(default_factory=list)
     probes: dict[str, dict] = field(default_factory=dict)
     microbench: list[dict] = field(default_factory=list)  # {"file", "device", "data"}
@@ -64,11 +69,12 @@ def load_results(root: str | Path) -> Results:
             if (kept.get("finished_at") or "") > (record.get("finished_at") or ""):
                 continue
         newest[key] = record
-    results.records = list(newest.values())
+    results.records = [r for r in newest.values() if engine_of(r) == LAB_ENGINE]
+    results.engine_records = [r for r in newest.values() if engine_of(r) != LAB_ENGINE]
     for path in sorted((root / schema.ATTEMPTS_FOLDER).glob("*/*.json")):  # <slug>/<record stem>.<id>.json
         key = f"{path.parent.name}/{path.name.rsplit('.', 2)[0]}.json"
         results.attempts[key] = results.attempts.get(key, 0) + 1
-    for record in results.records:
+    for record in results.records + results.engine_records:
         record["_attempts"] = results.attempts.get(record["_file"], 0)
     for path in sorted((root / schema.PREDICTIONS_FOLDER).glob("*.json")):
         prediction = _read(path, "prediction", results.skipped, root)
@@ -95,6 +101,11 @@ def load_results(root: str | Path) -> Results:
         devices = sorted({str(b.get("extra_info", {}).get("device")) for b in data["benchmarks"]})
         results.microbench.append({"file": str(path.relative_to(root)), "device": ", ".join(devices), "data": data})
     return results
+
+
+def engine_of(record: dict) -> str:
+    """The training loop a run was measured in (records from before engines existed: the lab's)."""
+    return (record.get("config") or {}).get("engine") or LAB_ENGINE
 
 
 def _get(data: dict | None, *keys, default=None):
@@ -125,7 +136,7 @@ def run_row(record: dict) -> dict:
         "device_name": _get(record, "environment", "device_name") or record.get("_slug"),
         "memory_source": memory.get("source"),
         "experiment": record.get("experiment"), "model": record.get("model"),
-        "technique": config.get("technique"),
+        "technique": config.get("technique"), "engine": engine_of(record),
         "seq_len": config.get("seq_len"), "micro_batch": config.get("micro_batch"),
         "grad_accum": config.get("grad_accum"), "gradient_checkpointing": config.get("gradient_checkpointing"),
         "steps": config.get("steps"),
@@ -154,8 +165,9 @@ def run_row(record: dict) -> dict:
     return _with_categories(row, memory.get("breakdown_at_peak"), memory.get("persistent"))
 
 
-def runs_frame(results: Results) -> pd.DataFrame:
-    rows = [run_row(r) for r in results.records]
+def runs_frame(results: Results, engines: bool = False) -> pd.DataFrame:
+    """The lab's own runs, one row each (engines: the runs in other training loops instead)."""
+    rows = [run_row(r) for r in (results.engine_records if engines else results.records)]
     columns = list(run_row({}).keys())
     return pd.DataFrame(rows, columns=columns)
 

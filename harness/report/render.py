@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.claims import PUBLISHED_FILE, SOURCES, load_claims, load_sources
-from harness.report import add_arguments, beyond, ladder
+from harness.report import add_arguments, beyond, engines, ladder
 from harness.report.accuracy import TOLERANCES, prediction_errors, summary
 from harness.report.figures import FigureResult, all_figures
 from harness.report.fits import fit_tables, published_comparison
@@ -203,6 +203,8 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
         blocks.append(Block("p", "No fine-tune of a pretrained base with held-out evaluation in these results: "
                                  "`make bench` runs them (the matrix's blocks on `models: [base]`)."))
 
+    blocks += _engine_blocks(results)
+
     on_gpu = runs[runs["device_type"] == "cuda"] if len(runs) else runs
     on_cpu = runs[runs["device_type"] != "cuda"] if len(runs) else runs
     gpu_benchmarks = [entry for entry in results.microbench if entry["device"] != "cpu"]
@@ -280,6 +282,32 @@ def _beyond_blocks(runs, predictions) -> list[Block]:
         "activation offloading, selective checkpointing, Liger's kernels, torch.compile, adapter variants), at "
         "one shape: where each puts the peak, and what is left of it.")),
         Block("table", table=beyond.technique_table(rows))]
+
+
+def _engine_blocks(results) -> list[Block]:
+    """The report's section: a table per device class, GPU first, and the runs another loop could not run."""
+    blocks = [Block("h2", "Our loop against Trainer", anchor="engines"), Block("p", (
+        "Do the lab's peaks and tokens/s hold for the loops people fine-tune with? The same cells run in "
+        "transformers' `Trainer` (TrainingArguments mapped from the experiment) and TRL's `SFTTrainer` (packing "
+        "on), measured by the same meters on the same sequences in the same order (`engine:` in an experiment, "
+        "`--engine` on `run` and `bench`)."))]
+    comparisons = engines.engine_comparisons(results)
+    gpu = [c for c in comparisons if engines.on_gpu(c)]
+    cpu = [c for c in comparisons if not engines.on_gpu(c)]
+    if gpu:
+        blocks.append(Block("table", table=engines.engine_table(gpu)))
+    else:
+        blocks.append(Block("p", "No GPU run in another loop in these results: `make bench` on a CUDA machine runs "
+                                 "the cross-check block."))
+    if cpu:
+        blocks.append(Block("h3", "On a CPU"))
+        blocks.append(Block("table", table=engines.engine_table(cpu)))
+    elif not gpu:
+        blocks.append(Block("p", "No CPU run in another loop either: `make bench` runs the cross-check block."))
+    skipped = engines.not_run(results)
+    if skipped:
+        blocks.append(Block("p", "Not run in another loop (the record says why): " + "; ".join(skipped) + "."))
+    return blocks
 
 
 def _accuracy_text(errors, measured: str = "GPU run", how: str = "") -> str:

@@ -1,0 +1,186 @@
+"""Our loop against Trainer: each run in another training loop beside the lab's run of the same cell.
+
+A run in transformers' Trainer or TRL's SFTTrainer (harness.engines) is paired with the lab's own
+run of the same configuration on the same device (every field equal but the engine and its
+training_args): the ratio of their peaks and of their tokens/s, and the difference of their final
+losses (the same sequences in the same order, so a loop that computes the same step gives the same
+loss). A peak more than 3% apart, or a throughput more than 10% apart, says why: the memory category
+that differs at the peak, the runs' own step-time spread, and what is known of the loop (REASONS).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from harness import schema
+from harness.report.load import LAB_ENGINE, engine_of
+from harness.report.tables import Cell, Table
+from harness.report.units import CATEGORY_WORDS
+
+MEMORY_TOLERANCE = 0.03
+THROUGHPUT_TOLERANCE = 0.10
+# Fields that may differ between the two runs of a pair: which loop, and that loop's own settings.
+ENGINE_FIELDS = ("engine", "training_args")
+
+# What is known of each loop's difference from the lab's, found by reading the runs and the
+# libraries' code: (engine, "memory" | "throughput", the technique's optimizer or None for any) -> why.
+REASONS = {
+    ("trainer", "memory", "adamw8bit"): (
+        "with a bitsandbytes 8-bit optimizer Trainer keeps the optimizer state of every nn.Embedding in 32 bits "
+        "(Trainer.create_optimizer: register_module_override(..., optim_bits=32)); the lab's AdamW8bit keeps all "
+        "of it in 8 bits"),
+    ("trl-sft", "memory", None): (
+        "SFTTrainer computes the loss in TRL's ChunkedLogProbFunction (a fused LM head that keeps no logits for "
+        "backward); without Triton (on a CPU) it allocates its fp32 matmul buffer at up to 4,096 tokens x its chunk "
+        "of 32,768 vocabulary entries, whatever the vocabulary, once in forward and once in backward: at the tiny "
+        "preset's 4,096 words, eight times the logits (133.7 MB for 1,020 tokens, measured by the lab's tracker)"),
+    # Where their loop is the slower one:
+    ("trl-sft", "throughput", None): (
+        "SFTTrainer computes the LM head twice (forward, and again in backward), and the entropy and token accuracy "
+        "of every micro-batch for its metrics, read with .item() inside the step"),
+}
+
+
+def known_reason(engine: str, kind: str, optimizer: str | None) -> str | None:
+    return REASONS.get((engine, kind, optimizer)) or REASONS.get((engine, kind, None))
+
+
+@dataclass(frozen=True)
+class EngineComparison:
+    record: dict      # the run in another loop
+    reference: dict   # the lab's run of the same cell
+    peak_ratio: float | None
+    tokens_ratio: float | None
+    loss_difference: float | None
+    eval_difference: float | None
+    category_differences: dict[str, int]  # bytes alive at the peak, this loop's minus the lab's
+
+    @property
+    def engine(self) -> str:
+        return engine_of(self.record)
+
+    @property
+    def memory_differs(self) -> bool:
+        return self.peak_ratio is not None and abs(self.peak_ratio - 1) > MEMORY_TOLERANCE
+
+    @property
+    def throughput_differs(self) -> bool:
+        return self.tokens_ratio is not None and abs(self.tokens_ratio - 1) > THROUGHPUT_TOLERANCE
+
+
+def pair_key(record: dict) -> str:
+    config = {k: v for k, v in (record.get("config") or {}).items() if k not in ENGINE_FIELDS}
+    return schema.configuration_key({**record, "config": config}, record.get("_slug") or "")
+
+
+def _get(record: dict, *keys):
+    for key in keys:
+        if not isinstance(record, dict) or record.get(key) is None:
+            return None
+        record = record[key]
+    return record
+
+
+def _ratio(ours, theirs) -> float | None:
+    return theirs / ours if ours and theirs is not None else None
+
+
+def _difference(ours, theirs) -> float | None:
+    return theirs - ours if ours is not None and theirs is not None else None
+
+
+def engine_comparisons(results) -> list[EngineComparison]:
+    """One comparison per finished run in another loop that has the lab's run of its cell, in file order."""
+    lab = {pair_key(r): r for r in results.records if r.get("status") == "ok" and engine_of(r) == LAB_ENGINE}
+    comparisons = []
+    for record in sorted(results.engine_records, key=lambda r: r.get("_file") or ""):
+        reference = lab.get(pair_key(record))
+        if record.get("status") != "ok" or reference is None:
+            continue
+        ours, theirs = (_get(reference, "memory", "breakdown_at_peak") or {}), (_get(record, "memory",
+                                                                                      "breakdown_at_peak") or {})
+        comparisons.append(EngineComparison(
+            record, reference,
+            peak_ratio=_ratio(_get(reference, "memory", "peak_allocated"), _get(record, "memory", "peak_allocated")),
+            tokens_ratio=_ratio(_get(reference, "throughput", "tokens_per_s"), _get(record, "throughput",
+                                                                                    "tokens_per_s")),
+            loss_difference=_difference(_get(reference, "loss", "final"), _get(record, "loss", "final")),
+            eval_difference=_difference(_get(reference, "loss", "eval_final"), _get(record, "loss", "eval_final")),
+            category_differences={name: (theirs.get(name) or 0) - (ours.get(name) or 0) for name in CATEGORY_WORDS}))
+    return comparisons
+
+
+def not_run(results) -> list[str]:
+    """Runs in another loop that measured nothing (skipped: the loop cannot express the cell), with why."""
+    return [f"{r.get('experiment')} in {engine_of(r)}: {_get(r, 'error', 'message') or r.get('status')}"
+            for r in sorted(results.engine_records, key=lambda r: r.get("_file") or "") if r.get("status") != "ok"]
+
+
+def _spread(record: dict) -> float | None:
+    """The step times' standard deviation over their median."""
+    times = _get(record, "throughput", "step_time_s") or {}
+    return times["stdev"] / times["median"] if times.get("stdev") is not None and times.get("median") else None
+
+
+def why(comparison: EngineComparison) -> str:
+    """Why the loops differ by more than the tolerances (empty where they do not)."""
+    parts = []
+    optimizer = (comparison.record.get("config") or {}).get("optimizer")
+    if comparison.memory_differs:
+        name = max(comparison.category_differences, key=lambda n: abs(comparison.category_differences[n]))
+        change = comparison.category_differences[name]
+        known = known_reason(comparison.engine, "memory", optimizer)
+        parts.append(f"memory: {CATEGORY_WORDS[name]} at the peak {change / 2**20:+,.1f} MiB"
+                     + (f"; {known}" if known else ""))
+    if comparison.throughput_differs:
+        spreads = [s for s in (_spread(comparison.reference), _spread(comparison.record)) if s is not None]
+        within = spreads and abs(math.log(comparison.tokens_ratio)) <= max(spreads)
+        if within:
+            parts.append(f"throughput: within the runs' own step-time spread (up to {max(spreads):.0%}): timing "
+                         "noise, not a difference of the loops")
+        elif comparison.tokens_ratio > 1:
+            parts.append("throughput: our loop is the slower one, beyond the runs' spread: a defect of ours to find "
+                         "(not explained yet)")
+        else:
+            parts.append("throughput: " + (known_reason(comparison.engine, "throughput", optimizer)
+                                           or "not explained yet"))
+    return "; ".join(parts)
+
+
+def on_gpu(comparison: EngineComparison) -> bool:
+    return _get(comparison.record, "memory", "source") == "cuda"
+
+
+def _device(record: dict) -> str:
+    name = _get(record, "environment", "device_name") or record.get("_slug") or "?"
+    if _get(record, "memory", "source") == "cuda":
+        return name
+    return f"{name if name.startswith('CPU') else f'CPU ({name})'}, tracked tensor bytes"
+
+
+def engine_table(comparisons: list[EngineComparison]) -> Table:
+    rows = []
+    for c in comparisons:
+        config = c.record.get("config") or {}
+        settings = config.get("training_args") or {}
+        shape = f"{config.get('model')}, {config.get('seq_len')} x {config.get('micro_batch')} x {config.get('grad_accum')}"
+        rows.append([
+            Cell(str(c.record.get("experiment")), shape),
+            Cell(_device(c.record)),
+            Cell(c.engine, ", ".join(f"{k}={v}" for k, v in sorted(settings.items()))),
+            Cell("" if c.peak_ratio is None else f"{c.peak_ratio:.3f}", css="off" if c.memory_differs else ""),
+            Cell("" if c.tokens_ratio is None else f"{c.tokens_ratio:.2f}", css="off" if c.throughput_differs else ""),
+            Cell("" if c.loss_difference is None else f"{c.loss_difference + 0.0:+.4f}",
+                 "" if c.eval_difference is None else f"held-out {c.eval_difference + 0.0:+.4f}"),
+            Cell(why(c)),
+        ])
+    note = (f"Each row: a run in another training loop over the lab's own run of the same cell (same model, "
+            f"technique, shape, steps, batches, device). Peak: peak tracked or allocated bytes, theirs over ours; "
+            f"tokens/s: median over the timed steps after warm-up, theirs over ours; loss: final training loss, "
+            f"theirs minus ours (nats). Shaded: more than {MEMORY_TOLERANCE:.0%} apart in memory or "
+            f"{THROUGHPUT_TOLERANCE:.0%} in throughput. CPU rows are CPU figures (tracked tensor bytes, a "
+            f"shared processor's speed), not a GPU's.")
+    return Table(["Experiment", "Device", "Engine", "Peak ratio", "Tokens/s ratio", "Loss difference", "Why"],
+                 rows, note, css="engines", numeric={3, 4, 5})
+
