@@ -170,5 +170,5 @@ def test_plans_are_checked_by_name(tmp_path):
     path.write_text("cpu: []\ncuda: []\nevidence: {models: [tiny-llama]}\n")
     with pytest.raises(ConfigError, match="evidence.*expected a list of blocks"):
         load_matrix(path)
-    with pytest.raises(ConfigError, match="no such plan; plans: cpu, cuda, evidence"):
+    with pytest.raises(ConfigError, match="no such plan; plans: cpu, cpu-full, cuda, evidence"):
         expand(MATRIX, "cuda", EXPERIMENTS, tmp_path, plan="nonesuch")
