@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from harness.report.load import gpu_measurement
 from harness.report.tables import PREDICTIONS_AGREE, Cell, Table
 from harness.report.units import CATEGORY_WORDS, GIB
 
@@ -28,12 +29,7 @@ def technique_rows(predictions: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFram
                "analytic": by_method["analytic"]["total_bytes"] if "analytic" in by_method else None,
                "host": best.get("host_bytes"), "measured": None, "device": None,
                **{name: best[f"peak_{name}"] for name in CATEGORY_WORDS}}
-        if len(runs):
-            measured = runs[(runs["experiment"] == experiment) & (runs["model"] == MODEL)
-                            & (runs["seq_len"] == SEQ_LEN) & (runs["micro_batch"] == MICRO_BATCH)
-                            & (runs["device_type"] == "cuda") & (runs["status"] == "ok")]
-            if len(measured):
-                row.update(measured=measured.iloc[0]["peak_allocated"], device=measured.iloc[0]["device_name"])
+        row.update(gpu_measurement(runs, experiment, MODEL, SEQ_LEN, MICRO_BATCH))
         rows.append(row)
     if not rows:
         return pd.DataFrame()

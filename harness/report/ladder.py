@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from harness.claims import PUBLISHED_FILE, load_claims
+from harness.report.load import gpu_measurement
 from harness.report.tables import Cell, Table
 from harness.report.units import CATEGORY_WORDS, GIB, fmt_bytes
 
@@ -71,12 +72,8 @@ def ladder_rows(predictions: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
                     row.update(method=method, predicted=best["total_bytes"],
                                **{name: best[f"peak_{name}"] for name in CATEGORY_WORDS})
                     break
-        if experiment is not None and len(runs):
-            measured = runs[(runs["experiment"] == experiment) & (runs["model"] == MODEL)
-                            & (runs["seq_len"] == SEQ_LEN) & (runs["micro_batch"] == MICRO_BATCH)
-                            & (runs["device_type"] == "cuda") & (runs["status"] == "ok")]
-            if len(measured):
-                row.update(measured=measured.iloc[0]["peak_allocated"], device=measured.iloc[0]["device_name"])
+        if experiment is not None:
+            row.update(gpu_measurement(runs, experiment, MODEL, SEQ_LEN, MICRO_BATCH))
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -194,3 +194,15 @@ def _with_categories(row: dict, at_peak: dict | None, persistent: dict | None) -
 def predictions_frame(results: Results) -> pd.DataFrame:
     columns = list(prediction_row({}).keys())
     return pd.DataFrame([prediction_row(p) for p in results.predictions], columns=columns)
+
+
+def gpu_measurement(runs: pd.DataFrame, experiment: str, model: str, seq_len: int, micro_batch: int) -> dict:
+    """The peak a finished GPU run of the cell measured, and its device: {measured, device} (empty if none)."""
+    if not len(runs):
+        return {}
+    measured = runs[(runs["experiment"] == experiment) & (runs["model"] == model) & (runs["seq_len"] == seq_len)
+                    & (runs["micro_batch"] == micro_batch) & (runs["device_type"] == "cuda")
+                    & (runs["status"] == "ok")]
+    if not len(measured):
+        return {}
+    return {"measured": measured.iloc[0]["peak_allocated"], "device": measured.iloc[0]["device_name"]}
