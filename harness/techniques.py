@@ -182,6 +182,11 @@ NOT_SIMULATED: dict[str, str] = {
 }
 
 
+def blocks_in(cfg, table: dict[str, str]) -> list[str]:
+    """The building blocks of `table` (CUDA_ONLY, NOT_SIMULATED) an experiment turns on, each with its reason."""
+    return [f"{name}: {why}" for name, why in table.items() if getattr(cfg, name)]
+
+
 class NotSimulated(Exception):
     """An experiment with a building block of NOT_SIMULATED: the simulation says so, the analytic answers."""
 

@@ -31,7 +31,7 @@ from harness.measure.throughput import mfu, step_time_stats
 from harness.step.data import load_batches
 from harness.step.models import parameter_counts, resolve_source
 from harness.step.train import Progress
-from harness.techniques import CUDA_ONLY, PAGED_OPTIMIZERS, Technique
+from harness.techniques import CUDA_ONLY, PAGED_OPTIMIZERS, Technique, blocks_in
 
 # Packages a technique or data source may need that a machine may lack: their absence makes
 # the run `skipped` (with the reason), never a failure.
@@ -79,8 +79,8 @@ def run(config: dict, record_path: str | Path) -> schema.RunRecord:
     started = time.perf_counter()
     try:
         device = pick_device(cfg.device)
-        cuda_only = [f"{name}: {why}" for name, why in CUDA_ONLY.items() if getattr(cfg, name) and device.type != "cuda"]
-        if cuda_only:
+        cuda_only = blocks_in(cfg, CUDA_ONLY)
+        if cuda_only and device.type != "cuda":
             raise NotOnThisDevice("; ".join(cuda_only))
         if device.type == "cpu":
             # Code compiled with torch.compile (torchao's optimizer step) runs eager on a CPU: compiling

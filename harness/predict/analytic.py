@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from harness.architectures import ARCHITECTURES, Architecture, architecture_of, lora_targets
 from harness.schema import CATEGORIES, PERSISTENT
-from harness.techniques import ADAPTERS, TECHNIQUES
+from harness.techniques import ADAPTERS
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 NF4_BLOCK = 64            # bitsandbytes' 4-bit block size (QLoRA paper §3)
@@ -228,12 +228,9 @@ def optimizer_bytes(sizes: list[int], optimizer: str, param_bytes: int) -> int:
     return sum(2 * param_bytes * n + 4 for n in sizes)
 
 
-_FULL_FINE_TUNING = TECHNIQUES["bf16-pure"]
-
-
-def galore_bytes(shape: Shape, rank: int, param_bytes: int) -> tuple[int, int]:
-    """GaLore (galore-torch's GaLoreAdamW, proj_type std) over full fine-tuning: (optimizer state,
-    the largest transient of its step).
+def galore_bytes(shape: Shape, sizes: list[int], rank: int, param_bytes: int) -> tuple[int, int]:
+    """GaLore (galore-torch's GaLoreAdamW, proj_type std) over full fine-tuning, whose trainable
+    tensors have `sizes` elements: (optimizer state, the largest transient of its step).
 
     A decoder linear weight of m x n keeps its moments in the projected space, r x max(m, n) each,
     and the projection, r x min(m, n) (the SVD's singular vectors, cast back to the weight's
@@ -246,9 +243,7 @@ def galore_bytes(shape: Shape, rank: int, param_bytes: int) -> tuple[int, int]:
         r = min(rank, n_in, n_out)
         state += count * param_bytes * r * (2 * max(n_in, n_out) + min(n_in, n_out))
         projected += count * n_in * n_out
-    rest = shape.parameters()["total"] - projected
-    largest = max(trainable_tensors(shape, _FULL_FINE_TUNING, None))
-    return state + 2 * param_bytes * rest, 2 * param_bytes * largest
+    return state + 2 * param_bytes * (sum(sizes) - projected), 2 * param_bytes * max(sizes)
 
 
 # -- activations ----------------------------------------------------------------------
@@ -439,7 +434,7 @@ def layer_saved_bytes(flow: _Flow, shape: Shape, tokens: int, seq_len: int, targ
         saved += tokens * shape.q_dim * (q_bytes + k_bytes + v_bytes)
         saved += scores * ((q_bytes if shape.attn_softcap else 0) + 4 + (0 if q_bytes == 4 else q_bytes))
         o_input_copied = True
-    elif flow.cuda and not flow.autocast and q_bytes == 4 and shape.kv_heads < shape.heads:
+    elif _math_backend(flow, shape, q_bytes):
         # fp32 with grouped-query attention: CUDA's flash kernel takes only 16-bit inputs and
         # its memory-efficient kernel refuses enable_gqa, so the math backend runs. Its two
         # matmuls save the scaled q, k and v repeated to every head, and the s x s softmax.
@@ -473,13 +468,18 @@ def layer_saved_bytes(flow: _Flow, shape: Shape, tokens: int, seq_len: int, targ
     return saved
 
 
+def _math_backend(flow: _Flow, shape: Shape, q_bytes: int) -> bool:
+    """fp32 grouped-query attention on CUDA: the flash kernel takes only 16-bit inputs and the
+    memory-efficient one refuses enable_gqa, so SDPA runs its math backend."""
+    return flow.cuda and not flow.autocast and q_bytes == 4 and shape.kv_heads < shape.heads
+
+
 def attention_kept_bytes(flow: _Flow, shape: Shape, tokens: int) -> int:
     """What selective checkpointing (TRL's policy: the SDPA op's outputs are saved) keeps of a layer
     besides its input: attention's output and per-head log-sum-exp. Eager attention and the math
     backend CUDA runs for fp32 grouped-query attention are not that op: nothing."""
     q_bytes = 2 if flow.autocast else max(flow.weights, flow.residual)
-    math_backend = flow.cuda and not flow.autocast and q_bytes == 4 and shape.kv_heads < shape.heads
-    if shape.family.eager_attention or math_backend:
+    if shape.family.eager_attention or _math_backend(flow, shape, q_bytes):
         return 0
     return tokens * shape.q_dim * q_bytes + 4 * tokens * shape.heads
 
@@ -562,7 +562,7 @@ def predict(config, technique, cfg, seq_len: int, batch: int, device_type: str =
     gradients = sum(sizes) * param_bytes
     step_transient = 0
     if technique.optimizer == "galore_adamw":
-        optimizer_state, step_transient = galore_bytes(shape, cfg.optim.galore_rank, param_bytes)
+        optimizer_state, step_transient = galore_bytes(shape, sizes, cfg.optim.galore_rank, param_bytes)
     else:
         optimizer_state = optimizer_bytes(sizes, technique.optimizer, param_bytes)
     activations = activation_bytes(shape, technique, lora, seq_len, batch, cfg.gradient_checkpointing, device_type,

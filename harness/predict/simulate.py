@@ -41,7 +41,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from harness.measure.memory import TensorTracker, label_gradients, label_model, tracker_phase
 from harness.step.models import ModelSource
 from harness.step.train import Progress, build_training, train_step
-from harness.techniques import NOT_SIMULATED, NotSimulated, Technique
+from harness.techniques import NOT_SIMULATED, NotSimulated, Technique, blocks_in
 
 
 @contextmanager
@@ -261,7 +261,7 @@ def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, 
     Runs `steps` steps (the first creates the optimizer state) and measures the last, as the
     runner's tracked step does. device_type picks what the builders pick for that device.
     """
-    blocked = [f"{name}: {why}" for name, why in NOT_SIMULATED.items() if getattr(cfg, name)]
+    blocked = blocks_in(cfg, NOT_SIMULATED)
     if blocked:
         raise NotSimulated("not simulated (" + "; ".join(blocked) + "); the analytic method predicts it")
     started = time.perf_counter()
