@@ -135,6 +135,16 @@ class Experiment:
     # Each parameter steps in a hook as soon as its gradient is complete, so gradients are freed
     # during backward instead of all being alive at the optimizer step (harness.step.train).
     optimizer_in_backward: bool = False
+    # Parameters, gradients and optimizer state sharded over the ranks (harness.step.sharding):
+    # torch's FSDP2 (fully_shard per decoder layer) or DeepSpeed's ZeRO stage 2 or 3 (CUDA only).
+    sharding: Literal["none", "fsdp2", "zero2", "zero3"] = "none"
+    # With sharding: the shards of parameters, gradients and optimizer state live in host memory
+    # and the optimizer steps there (FSDP2's CPUOffloadPolicy; ZeRO's offload_optimizer and, for
+    # stage 3, offload_param).
+    cpu_offload: bool = False
+    # How many processes (one GPU each) train together, each on its own micro_batch; above 1 the
+    # worker runs under torchrun (a matrix's world_sizes, `run --nproc`, `predict --world-size`).
+    world_size: int = 1
     warmup_steps: int = 2
     steps: int = 6
     # Held-out loss every N optimizer steps and at the end (0: none), on this many sequences
@@ -159,6 +169,7 @@ _RANGES = [
     ("seq_len", lambda v: v >= 2, "must be at least 2"),
     ("micro_batch", lambda v: v >= 1, "must be at least 1"),
     ("grad_accum", lambda v: v >= 1, "must be at least 1"),
+    ("world_size", lambda v: v >= 1, "must be at least 1"),
     ("warmup_steps", lambda v: v >= 0, "must be >= 0"),
     ("steps", lambda v: v >= 1, "must be at least 1"),
     ("eval_every", lambda v: v >= 0, "must be >= 0 (0: no evaluation)"),
@@ -370,6 +381,7 @@ def _check_semantics(experiment: Experiment, path: Path) -> None:
     if experiment.optimizer_in_backward and technique.loss_scaling:
         raise ConfigError(path, "optimizer_in_backward", "loss scaling checks every gradient for inf/NaN before "
                           "any parameter steps; stepping in backward cannot wait for that")
+    _check_sharding(experiment, technique, path)
     settings = _model_settings(experiment.model)
     context = settings.get("max_position_embeddings") or settings.get("n_positions")
     if context and experiment.seq_len > context and not settings.get("rope_scaling"):
@@ -390,6 +402,23 @@ def _check_semantics(experiment: Experiment, path: Path) -> None:
         if experiment.data.source.startswith("stdlib-") and experiment.data.eval_split != "eval":
             raise ConfigError(path, "data.eval_split", f"the standard library's held-out split is 'eval' "
                               f"(got {experiment.data.eval_split!r})")
+
+
+def _check_sharding(experiment: Experiment, technique: Technique, path: Path) -> None:
+    """What sharding combines with: harness.step.sharding says why for each refusal."""
+    from harness.techniques import SHARDING_EXCLUDES
+
+    if experiment.world_size > 1 and experiment.sharding == "none":
+        raise ConfigError(path, "world_size", "several ranks need a sharding (sharding: fsdp2, zero2 or zero3); "
+                          "plain data parallelism keeps a whole copy on every rank, which one rank already shows")
+    if experiment.cpu_offload and experiment.sharding == "none":
+        raise ConfigError(path, "cpu_offload", "offloading moves the shards of a sharded model: it needs a sharding "
+                          "(sharding: fsdp2, zero2 or zero3)")
+    if experiment.sharding == "none":
+        return
+    for name, (excluded, why) in SHARDING_EXCLUDES.items():
+        if excluded(experiment, technique):
+            raise ConfigError(path, name, f"not with sharding: {why}")
 
 
 def _model_settings(model: str) -> dict:

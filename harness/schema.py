@@ -385,7 +385,8 @@ ADDED_LATER = {("lora", "use_dora"): False, ("lora", "use_rslora"): False, ("lor
                (None, "selective_checkpointing"): False, (None, "activation_offloading"): False,
                (None, "liger_kernels"): False, (None, "compile"): False, ("optim", "galore_rank"): 128,
                ("optim", "galore_update_proj_gap"): 200, ("optim", "galore_scale"): 0.25,
-               (None, "engine"): "harness", (None, "training_args"): {}}
+               (None, "engine"): "harness", (None, "training_args"): {}, (None, "sharding"): "none",
+               (None, "cpu_offload"): False, (None, "world_size"): 1}
 # Config keys that differ between two records of the same configuration: which attempt, which
 # hash (computed from the rest), which copy of the same pretrained base.
 _VOLATILE_CONFIG_KEYS = ("run_id", "config_hash", "base_checkpoint", "description", "summary")

@@ -175,16 +175,49 @@ OPTIMIZERS: dict[str, Callable] = {
     "ao_adamw_fp8": _torchao("AdamWFp8"),
 }
 
+# -- sharding (harness.step.sharding) ----------------------------------------------------
+_DEEPSPEED = ("DeepSpeed's ZeRO engine needs CUDA (its fused optimizers and its communication run there); its "
+              "memory per rank is predicted by the analytic method, with DeepSpeed's own estimators beside it")
+
+# What a sharded experiment cannot be combined with, and why (checked when the file is read):
+# field -> (whether an experiment and its technique trip it, the reason).
+SHARDING_EXCLUDES: dict[str, tuple[Callable, str]] = {
+    "quantization": (lambda e, t: t.quantization != "none",
+                     "bitsandbytes' packed weights keep their quantization state on the parameter object, which "
+                     "FSDP2's DTensor shards do not carry (FSDP-QLoRA stored NF4 in a 16-bit quant_storage under "
+                     "FSDP1, which torch has deprecated); LoRA on a sharded 16-bit base is the sharded adapter run"),
+    "optimizer": (lambda e, t: t.optimizer not in ("adamw", "loraplus"),
+                  "sharded parameters are DTensors; AdamW steps them shard by shard, while bitsandbytes' and "
+                  "torchao's quantized states and GaLore's projections expect whole tensors"),
+    "optimizer_in_backward": (lambda e, t: e.optimizer_in_backward,
+                              "a sharded gradient is complete only after its reduce-scatter, which FSDP2 runs "
+                              "outside the parameter's gradient hooks"),
+    "lora": (lambda e, t: t.adapter != "none" and (e.lora.init_lora_weights is not True or e.lora.use_dora),
+             "DoRA's magnitudes and the data-driven inits (PiSSA, OLoRA, ...) are computed from the base weights, "
+             "which a sharded model materialises only after its adapters exist"),
+    "engine": (lambda e, t: e.engine != "harness",
+               "Trainer and SFTTrainer shard through accelerate's own FSDP and DeepSpeed plugins, which the "
+               "Trainer engines do not map yet"),
+}
+
+
 # Building blocks (experiment fields) the simulation cannot trace, with the reason: only the analytic
 # method predicts them.
 NOT_SIMULATED: dict[str, str] = {
     "liger_kernels": "Liger's Triton kernels do not run on fake tensors",
+    "sharding=zero2": _DEEPSPEED,
+    "sharding=zero3": _DEEPSPEED,
 }
 
 
 def blocks_in(cfg, table: dict[str, str]) -> list[str]:
-    """The building blocks of `table` (CUDA_ONLY, NOT_SIMULATED) an experiment turns on, each with its reason."""
-    return [f"{name}: {why}" for name, why in table.items() if getattr(cfg, name)]
+    """The building blocks of `table` (CUDA_ONLY, NOT_SIMULATED) an experiment turns on, each with its reason.
+
+    A key is a field (on when true) or `field=value` (on when the field has that value)."""
+    def on(key: str) -> bool:
+        name, _, value = key.partition("=")
+        return getattr(cfg, name) == value if value else bool(getattr(cfg, name))
+    return [f"{key}: {why}" for key, why in table.items() if on(key)]
 
 
 class NotSimulated(Exception):
@@ -199,6 +232,8 @@ CUDA_ONLY: dict[str, str] = {
     "liger_kernels": "Liger's kernels are Triton kernels, which run on GPUs",
     "compile": "inductor's CPU kernels say nothing of a GPU's memory or speed, and compiling the step alone takes "
                "over a minute on 2 CPU cores",
+    "sharding=zero2": _DEEPSPEED,
+    "sharding=zero3": _DEEPSPEED,
 }
 
 # Paged optimizers keep their state in CUDA unified memory, outside torch's allocator.

@@ -261,8 +261,12 @@ def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype, see
 
 
 def build_base_model(source: ModelSource, technique: Technique, device: torch.device, seed: int,
-                     attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> nn.Module:
-    """The model in the technique's dtype and quantization, before adapters."""
+                     attn_implementation: str = "sdpa", trust_remote_code: bool = False,
+                     materialize: bool = True) -> nn.Module:
+    """The model in the technique's dtype and quantization, before adapters.
+
+    materialize=False leaves a random-init model on the meta device (a sharded model is materialised
+    after sharding: `materialize_model`)."""
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[technique.weights]
@@ -290,12 +294,18 @@ def build_base_model(source: ModelSource, technique: Technique, device: torch.de
         with unset_fake_temporarily():
             model = replace_with_bnb_linear(model, modules_to_not_convert=["lm_head"],
                                             quantization_config=quant_config)
+    if materialize:
+        materialize_model(model, device, dtype, seed)
+    return model
+
+
+def materialize_model(model: nn.Module, device: torch.device, dtype: torch.dtype, seed: int) -> None:
+    """Random weights for a model on the meta device, one module at a time, ties restored."""
     _materialize(model, device, dtype, seed)
     if getattr(model.config, "tie_word_embeddings", False):
         # Materialising module by module gave lm_head its own matrix: share the embeddings'
         # again, as a checkpoint of this model loads them (one matrix, one gradient, one state).
         model.tie_weights()
-    return model
 
 
 def prepare_for_training(model: nn.Module, technique: Technique, lora, gradient_checkpointing: bool,

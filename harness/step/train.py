@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.step.models import DTYPES, build_base_model, prepare_for_training, quantized_linear_types
+from harness.step import sharding
+from harness.step.models import DTYPES, build_base_model, materialize_model, prepare_for_training, quantized_linear_types
 from harness.techniques import OPTIMIZERS
 
 
@@ -29,15 +30,23 @@ def no_phase(name: str):
     return nullcontext()
 
 
-def build_training(source, technique, cfg, device: torch.device, optimizer_device: str | None = None):
+def build_training(source, technique, cfg, device: torch.device, optimizer_device: str | None = None, mesh=None):
     """Model, optimizer and loss scaler for a technique: the one code path runs and simulations share.
 
     optimizer_device picks the optimizer variant of another device type (a simulation of a
-    CUDA step on CPU fake tensors gets the fused AdamW a CUDA run gets).
+    CUDA step on CPU fake tensors gets the fused AdamW a CUDA run gets); mesh: the ranks a sharded
+    model is sharded over (a simulation's fake ones; by default every rank of the process group).
     """
-    model = build_base_model(source, technique, device, cfg.seed, cfg.attn_implementation, cfg.trust_remote_code)
+    sharded = cfg.sharding == "fsdp2"
+    model = build_base_model(source, technique, device, cfg.seed, cfg.attn_implementation, cfg.trust_remote_code,
+                             materialize=not sharded)
     model = prepare_for_training(model, technique, cfg.lora, cfg.gradient_checkpointing, cfg.selective_checkpointing,
                                  cfg.liger_kernels)
+    if sharded:
+        model = sharding.fully_shard_model(model, technique, cfg.cpu_offload, device, mesh)
+        if source.random_init:
+            materialize_model(model, device, DTYPES[technique.weights], cfg.seed)
+            sharding.reset_adapters(model)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
 
