@@ -37,6 +37,19 @@ PRESETS: dict[str, dict] = {
                          num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8, head_dim=128,
                          max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
                          tie_word_embeddings=True),
+    # meta-llama/Llama-2-13b-hf: 13,015,864,320 parameters.
+    "llama-2-13b": dict(model_type="llama", vocab_size=32000, hidden_size=5120, intermediate_size=13824,
+                        num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+                        max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # meta-llama/Llama-2-70b-hf: 68,976,648,192 parameters; grouped-query attention (8 KV heads).
+    "llama-2-70b": dict(model_type="llama", vocab_size=32000, hidden_size=8192, intermediate_size=28672,
+                        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                        max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # meta-llama/Meta-Llama-3-70B: 70,553,706,496 parameters; a 128k vocabulary.
+    "llama-3-70b": dict(model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                        max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
+                        tie_word_embeddings=False),
     # Qwen/Qwen2.5-7B: 7,615,616,512 parameters; biases on q, k and v, a 152k vocabulary.
     "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
@@ -64,6 +77,9 @@ PUBLISHED_PARAMETERS = {
     "tinyllama-1.1b": 1_100_048_384,
     "llama-2-7b": 6_738_415_616,
     "llama-3.1-8b": 8_030_261_248,
+    "llama-2-13b": 13_015_864_320,
+    "llama-2-70b": 68_976_648_192,
+    "llama-3-70b": 70_553_706_496,
     "llama-3.2-3b": 3_212_749_824,
     "qwen2.5-7b": 7_615_616_512,
     "phi-3-mini": 3_821_079_552,

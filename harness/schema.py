@@ -23,7 +23,10 @@ from typing import Any
 
 # What is alive at a step's peak, by category: what persists across steps, then what a step makes.
 PERSISTENT = ("weights", "quant_constants", "gradients", "optimizer_state")
-CATEGORIES = (*PERSISTENT, "activations", "other")
+# What sharding adds (FSDP2): the unsharded parameters of the layers in flight (all-gather buffers)
+# and the unsharded gradients being reduced (reduce-scatter buffers). Unsharded runs have none.
+SHARDING_BUFFERS = ("all_gather", "reduce_scatter")
+CATEGORIES = (*PERSISTENT, "activations", *SHARDING_BUFFERS, "other")
 PHASES = ("load", "forward", "backward", "optimizer")
 
 STATUSES = ("ok", "oom", "skipped", "failed")

@@ -14,7 +14,7 @@ phase; these counters cost nothing, so it runs in the timed steps.
 from __future__ import annotations
 
 import weakref
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +34,7 @@ class _Storage:
     died: int | None = None
     category: str | None = None
     host: bool = False   # host memory a GPU step uses (offloaded activations): not device memory
+    labelled_by_context: bool = False  # a buffer's label (labelling): an explicit track() replaces it
 
 
 # What a host copy is made with inside `copying_to_host` (TRL's offloading: torch.empty_like on the
@@ -56,6 +57,8 @@ class TensorTracker(TorchDispatchMode):
         self.device_type = device_type
         self.host_current = self.host_peak = 0
         self._copying_to_host = 0
+        self._context_category: str | None = None
+        self._in_collective = False
         self.storages = WeakIdKeyDictionary()
         self.history: list[_Storage] = []
         self.counter = 0
@@ -83,12 +86,17 @@ class TensorTracker(TorchDispatchMode):
     def _register(self, storage, category: str | None = None, host: bool = False) -> _Storage:
         record = self.storages.get(storage)
         if record is not None:
-            if category and record.category is None:
-                record.category = category
+            if category and (record.category is None or record.labelled_by_context):
+                record.category, record.labelled_by_context = category, False
             return record
+        return self._born(storage, category, host)
+
+    def _born(self, storage, category: str | None, host: bool) -> _Storage:
         self.counter += 1
         host = host or (self.device_type == "cuda" and storage.device.type == "cpu")
-        record = _Storage(storage.nbytes(), self.counter, self.phase, category=category, host=host)
+        by_context = category is None and self._context_category is not None
+        record = _Storage(storage.nbytes(), self.counter, self.phase, category=category or self._context_category,
+                          host=host, labelled_by_context=by_context)
         self.storages[storage] = record
         self.history.append(record)
         weakref.finalize(storage, self._release, record)
@@ -107,12 +115,59 @@ class TensorTracker(TorchDispatchMode):
         return record
 
     def _release(self, record: _Storage) -> None:
+        if record.died is not None:  # resized to nothing before the storage itself died
+            return
         self.counter += 1
         record.died = self.counter
         if record.host:
             self.host_current -= record.nbytes
         else:
             self.current -= record.nbytes
+
+    def resized(self, storage) -> None:
+        """A storage whose bytes changed in place (FSDP2 frees an unsharded parameter by resizing its
+        storage to 0 bytes and allocates it again by resizing it back, outside the dispatcher): its
+        old size dies and its new size is born, so that the history stays one interval per size."""
+        record = self.storages.get(storage)
+        if record is not None and record.nbytes == storage.nbytes():
+            return
+        if record is not None:
+            self._release(record)
+            del self.storages[storage]
+        if storage.nbytes():
+            self._born(storage, record.category if record is not None else None, record is not None and record.host)
+
+    @contextmanager
+    def inside_collective(self):
+        """Storages first seen here are a collective's staging, its backend's business, not the step's: gloo
+        reduce-scatters a copy of its input (seen only when its result is split), NCCL's buffers are outside
+        torch's allocator."""
+        self._in_collective = True
+        try:
+            yield
+        finally:
+            self._in_collective = False
+
+    @contextmanager
+    def labelling(self, category: str):
+        """Storages born here belong to `category` unless a later track() says otherwise."""
+        outer, self._context_category = self._context_category, category
+        try:
+            yield
+        finally:
+            self._context_category = outer
+
+    def move_to_host(self, categories: tuple[str, ...], since: int) -> None:
+        """Count `categories` as host memory, and the device and host peaks since counter `since` again
+        (a simulated offload: the shards, their gradients and the optimizer state live on the host)."""
+        for record in self.history:
+            if record.category in categories and not record.host:
+                record.host = True
+                if record.died is None:
+                    self.current -= record.nbytes
+                    self.host_current += record.nbytes
+        self.peak, self.peak_at = _replay([r for r in self.history if not r.host], since)
+        self.host_peak = _replay([r for r in self.history if r.host], since)[0]
 
     @contextmanager
     def copying_to_host(self):
@@ -149,6 +204,8 @@ class TensorTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if self._in_collective:
+            return out
         host = self._copying_to_host > 0 and func in _HOST_COPY_OPS
         for tensor in _plain_tensors(tree_flatten(out)[0]):
             if self._counts(tensor):
@@ -172,6 +229,19 @@ class TensorTracker(TorchDispatchMode):
             if record.category in totals and not record.host:
                 totals[record.category] += record.nbytes
         return totals
+
+
+def _replay(records: list[_Storage], since: int) -> tuple[int, int]:
+    """The most bytes `records` held at once from counter `since` on, and when."""
+    events = sorted([(r.born, r.nbytes) for r in records] + [(r.died, -r.nbytes) for r in records if r.died is not None])
+    current = sum(nbytes for when, nbytes in events if when <= since)
+    peak, peak_at = current, since
+    for when, nbytes in events:
+        if when > since:
+            current += nbytes
+            if current > peak:
+                peak, peak_at = current, when
+    return peak, peak_at
 
 
 def _plain_tensors(tensors):
@@ -257,6 +327,54 @@ class CudaMeter:
             used = self.device_used()
             if used is not None:
                 seen["peak_device_used"] = max(seen["peak_device_used"], used)
+
+
+@contextmanager
+def fsdp2_tracking(tracker: TensorTracker):
+    """What a tracker needs to count an FSDP2 step (torch's fully_shard), on and around its collectives:
+
+    - FSDP2 frees the unsharded parameters of a layer after its forward and backward by resizing
+      their storages to 0 bytes, and allocates them again by resizing them back; these resizes do not
+      pass through the dispatcher, so they are reported to the tracker (`resized`).
+    - what a collective's backend makes is not the step's (inside_collective);
+    - what its all-gathers make (the unsharded parameters of the layers in flight) is labelled
+      all_gather, and what its reduce-scatters make, reduce_scatter, unless a later label says
+      otherwise (the sharded gradients are views of the reduce-scatter's output: gradients).
+    """
+    from unittest import mock
+
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives, _fsdp_param, _fsdp_param_group
+
+    def reporting(resize):
+        def resize_and_report(tensor):
+            resize(tensor)
+            tracker.resized(tensor.untyped_storage())
+        return resize_and_report
+
+    def labelled(function, category):
+        def call(*args, **kwargs):
+            with tracker.labelling(category):
+                return function(*args, **kwargs)
+        return call
+
+    def collective(function):
+        def call(*args, **kwargs):
+            with tracker.inside_collective():
+                return function(*args, **kwargs)
+        return call
+
+    alloc, free = reporting(_fsdp_param.alloc_storage), reporting(_fsdp_param.free_storage)
+    group, comms = _fsdp_param_group, _fsdp_collectives
+    patches = [(_fsdp_param, "alloc_storage", alloc), (_fsdp_param, "free_storage", free), (group, "alloc_storage", alloc),
+               (group, "foreach_all_gather", labelled(group.foreach_all_gather, "all_gather")),
+               (group, "foreach_all_gather_copy_out", labelled(group.foreach_all_gather_copy_out, "all_gather")),
+               (group, "foreach_reduce", labelled(group.foreach_reduce, "reduce_scatter")),
+               (comms.DefaultAllGather, "__call__", collective(comms.DefaultAllGather.__call__)),
+               (comms.DefaultReduceScatter, "__call__", collective(comms.DefaultReduceScatter.__call__))]
+    with ExitStack() as stack:
+        for owner, name, value in patches:
+            stack.enter_context(mock.patch.object(owner, name, value))
+        yield
 
 
 @contextmanager

@@ -38,7 +38,8 @@ from contextlib import contextmanager
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
-from harness.measure.memory import TensorTracker, label_gradients, label_model, tracker_phase
+from harness.measure.memory import TensorTracker, fsdp2_tracking, label_gradients, label_model, tracker_phase
+from harness.step import sharding
 from harness.step.models import ModelSource
 from harness.step.train import Progress, build_training, train_step
 from harness.techniques import NOT_SIMULATED, NotSimulated, Technique, blocks_in
@@ -254,6 +255,28 @@ class _CpuAsAccelerator:
         pass
 
 
+# What FSDP2's CPUOffloadPolicy keeps in host memory: the shards, their gradients, the optimizer state.
+OFFLOADED = ("weights", "gradients", "optimizer_state")
+
+
+@contextmanager
+def _sharded_over(cfg, tracker: TensorTracker):
+    """For a sharded experiment, torch's fake process group of cfg.world_size ranks, its mesh, and the
+    tracker's view of FSDP2's collectives (fsdp2_tracking); otherwise nothing (mesh None).
+
+    One process stands for rank 0 of all of them: collectives return at once, every tensor has rank
+    0's shape. A CPU mesh cannot offload to a CPU, so a simulated offload runs on the device and its
+    shards, gradients and optimizer state are then counted as host memory (OFFLOADED); what a GPU
+    also holds for a moment (a layer's shards copied in before their all-gather, a layer's reduced
+    gradients before their copy to the host) is left out.
+    """
+    if cfg.sharding == "none":
+        yield None
+        return
+    with sharding.fake_ranks(cfg.world_size) as mesh, fsdp2_tracking(tracker):
+        yield mesh
+
+
 def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, micro_batch: int,
                   device_type: str = "cuda", steps: int = 2) -> dict:
     """Peak and per-category bytes of a training step at full size, without memory.
@@ -268,10 +291,10 @@ def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, 
     tracker = TensorTracker()
     device = torch.device("cpu")
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with (_real_code_books(technique), _unpacked_sequences(), _cuda_dropout(device_type),
-          _cuda_attention(device_type), _cuda_int8_matmul(device_type), mode, _swappable_fake_tensors(mode),
-          tracker):
-        model, optimizer, _ = build_training(source, technique, cfg, device, optimizer_device=device_type)
+    with (_sharded_over(cfg, tracker) as mesh, _real_code_books(technique), _unpacked_sequences(),
+          _cuda_dropout(device_type), _cuda_attention(device_type), _cuda_int8_matmul(device_type), mode,
+          _swappable_fake_tensors(mode), tracker):
+        model, optimizer, _ = build_training(source, technique, cfg, device, optimizer_device=device_type, mesh=mesh)
         load_peak = tracker.peak
         saved_tensors = _offloading(model, cfg, tracker)
         progress = Progress()
@@ -282,10 +305,13 @@ def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, 
             if last:
                 label_model(tracker, model, optimizer)
                 tracker.reset_peak()
+                measured_from = tracker.counter
             train_step(model, optimizer, micro_batches, technique.autocast, None, progress,
                        lambda name: tracker_phase(tracker, name),
                        after_backward=(lambda: label_gradients(tracker, model)) if last else None,
                        saved_tensors=saved_tensors)
+        if cfg.cpu_offload and device_type == "cuda":  # a CPU's step has one memory: nothing to offload to
+            tracker.move_to_host(OFFLOADED, measured_from)
     return {
         "method": "simulated",
         "total_bytes": max(tracker.peak, load_peak),
