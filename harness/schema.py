@@ -178,6 +178,7 @@ class Prediction:
     peak_at: str | None = None
     seconds: float | None = None
     host_bytes: int | None = None  # host memory the step uses beside the device's (offloaded activations)
+    world_size: int = 1  # ranks the step is sharded over: the bytes are one rank's
     extra: dict = field(default_factory=dict)
 
 
@@ -244,8 +245,28 @@ class FitTable:
     extra: dict = field(default_factory=dict)
 
 
-KINDS: dict[str, type] = {cls.KIND: cls for cls in (RunRecord, Prediction, ProbeRecord, BaseRecord, FitTable)}
-Record = RunRecord | Prediction | ProbeRecord | BaseRecord | FitTable
+@dataclass
+class GpuCountTable:
+    """How many GPUs, predicted: per model, way of training, sequence length and card, the smallest world
+    size whose per-rank step fits, with that rank's breakdown (harness.predict.ranks)."""
+    KIND: typing.ClassVar[str] = "gpu_count_table"
+    VERSION: typing.ClassVar[int] = 1
+    method: str                 # how the answers were found (the analytic search; simulated_* checks some)
+    device_type: str            # the code path predicted
+    world_sizes: list[int]      # the world sizes searched
+    cards: dict[str, dict]      # nominal GB -> {"card_bytes", "cap_bytes"}
+    rows: list[dict]            # row, experiment, model, seq_len, card_gb, world_size, analytic_bytes, ...
+    kind: str = KIND
+    schema_version: int = VERSION
+    versions: dict | None = None
+    predictor: str | None = None  # digest of the code that predicted
+    seconds: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+KINDS: dict[str, type] = {cls.KIND: cls for cls in (RunRecord, Prediction, ProbeRecord, BaseRecord, FitTable,
+                                                     GpuCountTable)}
+Record = RunRecord | Prediction | ProbeRecord | BaseRecord | FitTable | GpuCountTable
 
 
 # -- conversion -----------------------------------------------------------------------------
@@ -352,13 +373,18 @@ def record_path(out_dir: str | Path, device_slug: str, name: str, model: str, co
 
 
 def prediction_path(out_dir: str | Path, experiment: str, model: str, seq_len: int, micro_batch: int,
-                    device_type: str, method: str) -> Path:
+                    device_type: str, method: str, world_size: int = 1) -> Path:
+    ranks = f"_w{world_size}" if world_size > 1 else ""
     return (Path(out_dir) / PREDICTIONS_FOLDER /
-            f"{experiment}__{model_slug(model)}__s{seq_len}_b{micro_batch}_{device_type}__{method}.json")
+            f"{experiment}__{model_slug(model)}__s{seq_len}_b{micro_batch}{ranks}_{device_type}__{method}.json")
 
 
 def fit_table_path(out_dir: str | Path, device_type: str = "cuda") -> Path:
     return Path(out_dir) / FITS_FOLDER / f"what-fits__{device_type}.json"
+
+
+def gpu_table_path(out_dir: str | Path, device_type: str = "cuda") -> Path:
+    return Path(out_dir) / FITS_FOLDER / f"how-many-gpus__{device_type}.json"
 
 
 def base_record_path(out_dir: str | Path, device_slug: str, recipe_id: str) -> Path:

@@ -21,6 +21,7 @@ autocast also runs layer_norm and pow (GPT-2's GELU) in fp32, which the rules be
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -488,7 +489,9 @@ def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gr
                      device_type: str = "cuda", selective: bool = False, offloading: bool = False,
                      liger: bool = False) -> dict[str, int]:
     """Activations saved by one micro-batch's forward ("saved", on the device; "host" where they are
-    offloaded), and the largest transient on top of them in its backward."""
+    offloaded), the largest transient on top of them in its backward, and what one decoder layer's
+    forward saves ("layer": recomputed in backward under checkpointing) and what the output head and
+    the loss save on the device ("head", freed once backward has passed them)."""
     flow = _flow(technique, lora, device_type, liger)
     targets = _lora_targets(shape, lora) if flow.lora else set()
     tokens = batch * seq_len
@@ -526,7 +529,8 @@ def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gr
     kept = shape.layers * (layer_input + (attention_kept_bytes(flow, shape, tokens) if selective else 0))
     layers, recompute = (kept, per_layer) if gradient_checkpointing else (shape.layers * per_layer, 0)
     if not offloading:
-        return {"saved": layers + head, "transient": max(loss_backward, recompute - head), "host": 0}
+        return {"saved": layers + head, "transient": max(loss_backward, recompute - head), "host": 0,
+                "layer": recompute or per_layer, "head": head}
     # TRL's offloading: every saved tensor of 1 KB or more goes to host memory, but parameters and
     # what lm_head saves (it is run outside the offloading); checkpointing's kept inputs are
     # saved tensors too. A storage saved again while among the last five offloaded stays on the
@@ -537,7 +541,107 @@ def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gr
     # more on the GPU than this), this counts each tensor once: checkpointed is what is predicted.
     log_softmax = 0 if flow.liger else 4 * tokens * shape.vocab
     return {"saved": lm_head + log_softmax, "host": layers + final_norm + loss,
-            "transient": max(loss_backward + loss, recompute + (layer_input if gradient_checkpointing else 0))}
+            "transient": max(loss_backward + loss, recompute + (layer_input if gradient_checkpointing else 0)),
+            "layer": recompute or per_layer, "head": lm_head + log_softmax}
+
+
+# -- sharded over ranks ---------------------------------------------------------------
+# DeepSpeed's defaults the lab's ZeRO runs keep (harness.step.sharding): gradients are reduced in buckets
+# of this many elements (reduce_bucket_size), and ZeRO-3 gathers parameters ahead in buckets of
+# stage3_prefetch_bucket_size elements.
+DEEPSPEED_REDUCE_BUCKET = 500_000_000
+DEEPSPEED_PREFETCH_BUCKET = 50_000_000
+
+
+@dataclass(frozen=True)
+class _Units:
+    """What sharding moves per unit: the root (embeddings, final norm, output head) and one decoder layer,
+    in parameters (all, trainable)."""
+    root: int
+    layer: int
+    root_trainable: int
+    layer_trainable: int
+
+
+def _units(shape: Shape, sizes: list[int], technique) -> _Units:
+    params = shape.parameters()
+    root = params["embeddings"] + shape.hidden * (2 if shape.family.layer_norm else 1)
+    layer = (params["total"] - root) / shape.layers
+    if technique.adapter == "none":
+        return _Units(root, layer, root, layer)
+    return _Units(root, layer + sum(sizes) / shape.layers, 0, sum(sizes) / shape.layers)
+
+
+def sharded_candidates(shape: Shape, technique, cfg, persistent: dict, activations: dict, sizes: list[int],
+                       step_transient: int) -> tuple[dict[str, dict], dict, int]:
+    """Per rank of cfg.world_size: the candidate peaks of a sharded step, the persistent bytes on the
+    device, and the host bytes (offload).
+
+    FSDP2 (harness.step.sharding: one unit per decoder layer, then the root):
+    - weights, gradients and optimizer state: 1/N each (the shards; fp32 masters for bf16-mixed);
+    - all_gather: the root stays unsharded from its forward to the end of backward; a decoder layer is
+      unsharded while it runs and the next one is gathered ahead: root + 2 layers, in the all-gather
+      dtype (the autocast dtype: MixedPrecisionPolicy's param_dtype);
+    - reduce_scatter: one layer's trainable gradients copied into the flat reduce-scatter input, in fp32
+      (reduce_dtype) under mixed precision; their unsharded 16-bit gradients are activations;
+    - with cpu_offload, the shards, gradients and optimizer state are host memory.
+    Peaks: backward start (the loss's buffers, the root and the last layer gathered), a layer's backward
+    (every saved activation but the head's, two layers gathered, one reduced), backward's end (every
+    gradient shard made, the first layer's activations and gathers still alive) and the optimizer step.
+
+    ZeRO (DeepSpeed, bf16): 16-bit parameters (ZeRO-2: whole on every rank; ZeRO-3: 1/N, gathered
+    ahead in prefetch buckets), fp32 masters and AdamW states 1/N, 16-bit gradients 1/N reduced in
+    buckets of DEEPSPEED_REDUCE_BUCKET elements; the optimizer step casts each rank's gradient
+    partition to fp32. cpu_offload moves masters, states and fp32 gradients to the host (ZeRO-3 its
+    16-bit parameters too).
+    """
+    n = cfg.world_size
+    units = _units(shape, sizes, technique)
+    compute = BYTES.get(technique.autocast, BYTES[technique.weights])
+    reduce = 4 if technique.autocast != "none" else trainable_dtype_bytes(technique)
+    accumulated = cfg.grad_accum > 1
+    head = activations["head"]
+    if cfg.sharding == "fsdp2":
+        shards = {k: math.ceil(v / n) for k, v in persistent.items()}
+        gathered_root, gathered_layer = units.root * compute, units.layer * compute
+        reduced_layer = units.layer_trainable * reduce
+        unsharded_grads = units.layer_trainable * compute
+        offloaded = ("weights", "gradients", "optimizer_state") if cfg.cpu_offload else ()
+    else:
+        total, trainable = units.root + shape.layers * units.layer, sum(sizes)
+        sixteen = 2 * total
+        masters = 4 * trainable
+        shards = {"weights": (sixteen if cfg.sharding == "zero2" else math.ceil(sixteen / n)) + math.ceil(masters / n),
+                  "quant_constants": 0, "gradients": math.ceil(2 * trainable / n),
+                  "optimizer_state": math.ceil(persistent["optimizer_state"] / n)}
+        gathered_root = 0 if cfg.sharding == "zero2" else 2 * min(max(units.root, units.layer),
+                                                                  DEEPSPEED_PREFETCH_BUCKET + units.layer)
+        gathered_layer = 0 if cfg.sharding == "zero2" else 2 * units.layer
+        reduced_layer = 2 * min(DEEPSPEED_REDUCE_BUCKET, trainable)
+        unsharded_grads = 2 * units.layer_trainable
+        step_transient += math.ceil(4 * trainable / n)  # the fp32 copy of this rank's gradients
+        offloaded = ("optimizer_state",) if cfg.cpu_offload else ()
+    host = sum(shards[k] for k in offloaded)
+    if cfg.cpu_offload and cfg.sharding != "fsdp2":
+        masters = math.ceil(4 * sum(sizes) / n)
+        host += masters + (shards["weights"] - masters if cfg.sharding == "zero3" else 0)
+        shards = {**shards, "weights": shards["weights"] - (shards["weights"] if cfg.sharding == "zero3" else masters)}
+    device = {k: (0 if k in offloaded else v) for k, v in shards.items()}
+    gradients_then = device["gradients"] if accumulated else 0
+    candidates = {
+        "backward start": {**device, "gradients": gradients_then,
+                           "activations": activations["saved"] + activations["transient"],
+                           "all_gather": gathered_root + gathered_layer},
+        "layer backward": {**device, "gradients": gradients_then,
+                           "activations": activations["saved"] - head + activations["layer"] * cfg.gradient_checkpointing
+                           + unsharded_grads,
+                           "all_gather": gathered_root + 2 * gathered_layer, "reduce_scatter": reduced_layer},
+        "backward end": {**device, "activations": activations["layer"] + unsharded_grads,
+                         "all_gather": gathered_root + 2 * gathered_layer, "reduce_scatter": reduced_layer},
+        "optimizer step": {**device, "activations": 0 if cfg.cpu_offload else math.ceil(step_transient / n)
+                           if cfg.sharding == "fsdp2" else step_transient},
+    }
+    return candidates, device, host + activations["host"]
 
 
 # -- the step -------------------------------------------------------------------------
@@ -565,7 +669,11 @@ def predict(config, technique, cfg, seq_len: int, batch: int, device_type: str =
         optimizer_state, step_transient = galore_bytes(shape, sizes, cfg.optim.galore_rank, param_bytes)
     else:
         optimizer_state = optimizer_bytes(sizes, technique.optimizer, param_bytes)
-    activations = activation_bytes(shape, technique, lora, seq_len, batch, cfg.gradient_checkpointing, device_type,
+    # Sharded under mixed precision, the layers compute with 16-bit parameters (FSDP2's param_dtype,
+    # DeepSpeed's bf16 module): autocast has no fp32 weight to copy, as with a 16-bit model.
+    computed = dataclasses.replace(technique, weights=technique.autocast) if (
+        cfg.sharding != "none" and technique.autocast != "none") else technique
+    activations = activation_bytes(shape, computed, lora, seq_len, batch, cfg.gradient_checkpointing, device_type,
                                    cfg.selective_checkpointing, cfg.activation_offloading, cfg.liger_kernels)
     # Every category of the record is reported; one without a term here is 0.
     persistent = {**dict.fromkeys(PERSISTENT, 0), "weights": weights, "quant_constants": constants,
@@ -587,6 +695,10 @@ def predict(config, technique, cfg, seq_len: int, batch: int, device_type: str =
         # it (traced: a zero-filled buffer and the scattered sum, two of them), all others done.
         candidates["embedding backward"] = {
             **persistent, "activations": tied_buffers * shape.vocab * shape.hidden * param_bytes}
+    host_bytes = activations["host"]
+    if cfg.sharding != "none":
+        candidates, persistent, host_bytes = sharded_candidates(shape, technique, cfg, persistent, activations, sizes,
+                                                    step_transient)
     peak_at = max(candidates, key=lambda name: sum(candidates[name].values()))
     at_peak = candidates[peak_at]
     categories = {k: at_peak.get(k, 0) for k in CATEGORIES}  # in the record's order
@@ -599,6 +711,6 @@ def predict(config, technique, cfg, seq_len: int, batch: int, device_type: str =
         "parameters": {"total": params["total"], "trainable": sum(sizes),
                        "quantized": params["linear"] if technique.quantization != "none" else 0},
         "peak_at": peak_at,
-        "host_bytes": activations["host"],
+        "host_bytes": host_bytes,
         "device_type": device_type,
     }

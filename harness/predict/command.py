@@ -92,7 +92,7 @@ def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
     return schema.from_dict({
         "kind": schema.Prediction.KIND, "method": method, "experiment": config["name"], "model": model,
         "seq_len": seq_len, "micro_batch": batch, "grad_accum": config["grad_accum"],
-        "gradient_checkpointing": config["gradient_checkpointing"],
+        "gradient_checkpointing": config["gradient_checkpointing"], "world_size": config["world_size"],
         "technique": {k: config[k] for k in Technique.__dataclass_fields__ if k != "summary"},
         "versions": env.software_versions(), "predictor": env.code_digest(PREDICTOR_MODULES), **result,
         "device_type": device_type}, f"<prediction of {config['name']}>")
@@ -134,6 +134,8 @@ def main(args) -> int:
         raise SystemExit("predict: --checkpointing is not saved (--save, --claims); use an experiment with "
                          "gradient_checkpointing: true, such as qlora-gc")
     overrides = {"gradient_checkpointing": True} if args.checkpointing else {}
+    if args.world_size:
+        overrides["world_size"] = args.world_size
     if args.solve:
         return _solve(args, experiments_dir, overrides)
     if args.claims:
@@ -147,7 +149,8 @@ def main(args) -> int:
     predictor = env.code_digest(PREDICTOR_MODULES)  # the code that would predict now
     for experiment, model, seq, batch, device_type in jobs:
         for method in methods:
-            path = schema.prediction_path(args.out, experiment.stem, model, seq, batch, device_type, method)
+            path = schema.prediction_path(args.out, experiment.stem, model, seq, batch, device_type, method,
+                                          overrides.get("world_size", 1))
             if args.claims and not args.force and path.exists():
                 saved = schema.read(path, kind="prediction")
                 if saved.predictor == predictor:
@@ -167,6 +170,7 @@ def main(args) -> int:
                 print(describe(prediction, args.budget_gb), flush=True)
     if args.claims:
         _write_fit_table(Path(args.out), experiments_dir, args.force)
+        _write_gpu_table(Path(args.out), experiments_dir, args.force)
     if args.json:
         out = [{**schema.to_dict(r), "fits": fits(r.total_bytes, args.budget_gb) if args.budget_gb else None}
                for r in results]
@@ -176,22 +180,32 @@ def main(args) -> int:
 
 
 def _write_fit_table(out: Path, experiments_dir: Path, force: bool) -> None:
-    """The report's "what fits my card" table (harness.predict.solve), made again when the code
-    that predicts it has changed."""
+    """The report's "what fits my card" table (harness.predict.solve)."""
     from harness.predict.solve import fit_table, fit_table_predictor
 
-    path = schema.fit_table_path(out)
+    _write_table(schema.fit_table_path(out), "fit_table", fit_table_predictor, lambda: fit_table(experiments_dir),
+                 "what fits each card", force)
+
+
+def _write_gpu_table(out: Path, experiments_dir: Path, force: bool) -> None:
+    """The report's "how many GPUs" table (harness.predict.ranks)."""
+    from harness.predict.ranks import gpu_count_table, gpu_table_predictor
+
+    _write_table(schema.gpu_table_path(out), "gpu_count_table", gpu_table_predictor,
+                 lambda: gpu_count_table(experiments_dir), "how many GPUs", force)
+
+
+def _write_table(path: Path, kind: str, predictor, make, what: str, force: bool) -> None:
+    """A table made again when the code that predicts it has changed (or when forced)."""
     if not force and path.exists():
         try:
-            if schema.read(path, kind="fit_table").predictor == fit_table_predictor():
+            if schema.read(path, kind=kind).predictor == predictor():
                 return
         except schema.RecordError:
             pass  # an unreadable or older table is made again
-
-    table = fit_table(experiments_dir)
+    table = make()
     schema.write(path, table)
-    print(f"what fits each card: {len(table.rows)} answers ({table.method}, {table.seconds:.0f} s) -> {path}",
-          flush=True)
+    print(f"{what}: {len(table.rows)} answers ({table.method}, {table.seconds:.0f} s) -> {path}", flush=True)
 
 
 def _solve(args, experiments_dir: Path, overrides: dict) -> int:
@@ -218,6 +232,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch", type=like_field("micro_batch"), default=1, help="micro-batch size (default 1)")
     parser.add_argument("--budget-gb", type=like_field("budget_gb", float),
                         help="say whether the step fits a card of this many GB")
+    parser.add_argument("--world-size", type=like_field("world_size"),
+                        help="ranks the step is sharded over (an experiment with sharding): one rank's bytes")
     parser.add_argument("--checkpointing", action="store_true",
                         help="with gradient checkpointing (whatever the experiment says)")
     parser.add_argument("--solve", choices=["seq_len", "micro_batch"],

@@ -1,0 +1,116 @@
+"""How many GPUs: the smallest world size whose per-rank step fits a card, for the models people shard.
+
+For each model, way of training (GPU_ROWS) and sequence length, the analytic per-rank peak
+(harness.predict.analytic.sharded_candidates) is searched over world sizes 1, 2, 4, ... 64 for every
+card; the simulation (the sharded step under torch's fake process group) checks the answers for the
+80 GB card at the shorter sequence. Beside each full fine-tuning answer stands DeepSpeed's own ZeRO-3
+estimate of the same world size (model states only, as DeepSpeed computes it), where DeepSpeed is
+installed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from harness.measure.budget import card_bytes, card_cap_bytes
+
+GPU_MODELS = ("mistral-7b", "llama-2-13b", "llama-3-70b", "mixtral-8x7b")
+GPU_CARDS = (24, 40, 80, 141)
+GPU_SEQ_LENS = (2048, 8192)
+WORLD_SIZES = (1, 2, 4, 8, 16, 32, 64)
+GPUS_PER_NODE = 8
+SIMULATED_CARD = 80  # the card whose answers the simulation checks, at the shorter sequence
+# Ways of training: (experiment file, overrides, whether it shards). Every row checkpoints activations,
+# as anyone sharding a 70B model does; QLoRA is not sharded here (harness.techniques.SHARDING_EXCLUDES):
+# one GPU or none. DeepSpeed's ZeRO-3 estimate stands beside the full fine-tuning rows.
+GPU_ROWS = {
+    "full fine-tuning (bf16-mixed)": ("fsdp2", {"gradient_checkpointing": True}, True),
+    "full, offloaded to host memory": ("fsdp2", {"gradient_checkpointing": True, "cpu_offload": True}, True),
+    "LoRA": ("fsdp2", {"technique": "lora", "gradient_checkpointing": True}, True),
+    "QLoRA (one GPU)": ("qlora-gc", {}, False),
+}
+
+
+def _peak(experiment: Path, model: str, seq_len: int, world_size: int, overrides: dict, method: str = "analytic"):
+    from harness.predict.command import predict
+
+    return predict(experiment, model, seq_len, 1, method, "cuda", {**overrides, "world_size": world_size})
+
+
+def smallest_world_size(experiment: Path, model: str, seq_len: int, overrides: dict, cap: int,
+                        sizes: tuple[int, ...]) -> tuple[int | None, dict]:
+    """The smallest of `sizes` whose analytic peak fits `cap` (None: none does), and the predictions seen."""
+    seen = {}
+    for size in sizes:
+        seen[size] = _peak(experiment, model, seq_len, size, overrides)
+        if seen[size].total_bytes <= cap:
+            return size, seen
+    return None, seen
+
+
+def deepspeed_zero3_estimate(total_params: int, largest_layer_params: int, world_size: int,
+                             offload: bool) -> int | None:
+    """DeepSpeed's estimate_zero3_model_states_mem_needs, GPU bytes per rank (None without DeepSpeed)."""
+    try:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    except ImportError:
+        return None
+    per_node = min(world_size, GPUS_PER_NODE)
+    _, gpu_bytes, _ = estimate_zero3_model_states_mem_needs(
+        total_params, largest_layer_params, num_gpus_per_node=per_node, num_nodes=math.ceil(world_size / per_node),
+        cpu_offload=offload, cpu_offload_params=offload, zero_init=True)
+    return int(gpu_bytes)
+
+
+def gpu_count_table(experiments_dir: Path, simulate: bool = True):
+    from harness import env, schema
+    from harness.predict.analytic import shape_of
+    from harness.step.models import resolve_source
+
+    started = time.perf_counter()
+    rows = []
+    for model in GPU_MODELS:
+        config = resolve_source(model).config
+        context = getattr(config, "max_position_embeddings", None)
+        params = shape_of(config).parameters()
+        largest_layer = max(params["embeddings"] // (1 if shape_of(config).tied_embeddings else 2),
+                            (params["total"] - params["embeddings"]) // config.num_hidden_layers)
+        for label, (name, overrides, sharded) in GPU_ROWS.items():
+            experiment = experiments_dir / f"{name}.yaml"
+            sizes = WORLD_SIZES if sharded else (1,)
+            for seq_len in GPU_SEQ_LENS:
+                common = {"row": label, "experiment": name, "overrides": overrides, "model": model, "seq_len": seq_len}
+                if context and seq_len > context:
+                    rows += [{**common, "card_gb": gb, "world_size": None, "limited_by": "context",
+                              "context": context} for gb in GPU_CARDS]
+                    continue
+                for card_gb in GPU_CARDS:
+                    size, seen = smallest_world_size(experiment, model, seq_len, overrides, card_cap_bytes(card_gb),
+                                                     sizes)
+                    answer = seen[size] if size else seen[max(seen)]
+                    row = {**common, "card_gb": card_gb, "world_size": size,
+                           "limited_by": None if size else ("not sharded" if not sharded else "world sizes"),
+                           "analytic_bytes": answer.total_bytes, "categories": answer.categories,
+                           "host_bytes": answer.host_bytes, "at_world_size": answer.world_size}
+                    if size and sharded and "technique" not in overrides:
+                        row["deepspeed_zero3_bytes"] = deepspeed_zero3_estimate(
+                            params["total"], largest_layer, size, overrides.get("cpu_offload", False))
+                    if simulate and size and card_gb == SIMULATED_CARD and seq_len == GPU_SEQ_LENS[0]:
+                        simulated = _peak(experiment, model, seq_len, size, overrides, "simulated")
+                        row.update(simulated_bytes=simulated.total_bytes, simulated_categories=simulated.categories,
+                                   simulated_host_bytes=simulated.host_bytes)
+                    rows.append(row)
+    return schema.GpuCountTable(
+        method="analytic", device_type="cuda", world_sizes=list(WORLD_SIZES),
+        cards={str(gb): {"card_bytes": card_bytes(gb), "cap_bytes": card_cap_bytes(gb)} for gb in GPU_CARDS},
+        rows=rows, versions=env.software_versions(), predictor=gpu_table_predictor(),
+        seconds=time.perf_counter() - started)
+
+
+def gpu_table_predictor() -> str:
+    from harness import env
+    from harness.predict.command import PREDICTOR_MODULES
+
+    return env.code_digest((*PREDICTOR_MODULES, "predict/ranks.py"))
