@@ -3,9 +3,9 @@
 For each model, way of training (GPU_ROWS) and sequence length, the analytic per-rank peak
 (harness.predict.analytic.sharded_candidates) is searched over world sizes 1, 2, 4, ... 64 for every
 card; the simulation (the sharded step under torch's fake process group) checks the answers for the
-80 GB card at the shorter sequence. Beside each full fine-tuning answer stands DeepSpeed's own ZeRO-3
-estimate of the same world size (model states only, as DeepSpeed computes it), where DeepSpeed is
-installed.
+80 GB card at the shorter sequence. Beside each full fine-tuning answer stand ZeRO-3 at the same world
+size, as the lab predicts it, and DeepSpeed's own estimate (`estimate_zero3_model_states_mem_needs`:
+model states and the largest layer, no activations), where DeepSpeed is installed.
 """
 
 from __future__ import annotations
@@ -95,8 +95,12 @@ def gpu_count_table(experiments_dir: Path, simulate: bool = True):
                            "analytic_bytes": answer.total_bytes, "categories": answer.categories,
                            "host_bytes": answer.host_bytes, "at_world_size": answer.world_size}
                     if size and sharded and "technique" not in overrides:
-                        row["deepspeed_zero3_bytes"] = deepspeed_zero3_estimate(
-                            params["total"], largest_layer, size, overrides.get("cpu_offload", False))
+                        # ZeRO-3 at the same world size: the lab's terms, and DeepSpeed's own estimate
+                        zero3 = _peak(experiment, model, seq_len, size, {**overrides, "sharding": "zero3"})
+                        row.update(zero3_bytes=zero3.total_bytes, zero3_categories=zero3.categories,
+                                   zero3_host_bytes=zero3.host_bytes,
+                                   deepspeed_zero3_bytes=deepspeed_zero3_estimate(
+                                       params["total"], largest_layer, size, overrides.get("cpu_offload", False)))
                     if simulate and size and card_gb == SIMULATED_CARD and seq_len == GPU_SEQ_LENS[0]:
                         simulated = _peak(experiment, model, seq_len, size, overrides, "simulated")
                         row.update(simulated_bytes=simulated.total_bytes, simulated_categories=simulated.categories,
