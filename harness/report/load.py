@@ -33,6 +33,7 @@ class Results:
     microbench: list[dict] = field(default_factory=list)  # {"file", "device", "data"}
     bases: list[dict] = field(default_factory=list)  # pretraining records of the lab's own base models
     fits: dict | None = None  # what fits each card, predicted (harness predict --claims)
+    gpus: dict | None = None  # how many GPUs, predicted per rank (harness predict --claims)
     # Attempts that measured nothing, kept beside a cell's ok/oom record: {record file: count}.
     attempts: dict[str, int] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
@@ -90,6 +91,8 @@ def load_results(root: str | Path) -> Results:
             results.bases.append(base)
     if schema.fit_table_path(root).exists():
         results.fits = _read(schema.fit_table_path(root), "fit_table", results.skipped, root)
+    if schema.gpu_table_path(root).exists():
+        results.gpus = _read(schema.gpu_table_path(root), "gpu_count_table", results.skipped, root)
     for path in sorted((root / schema.MICROBENCH_FOLDER).glob("*.json")):
         try:
             data = json.loads(path.read_text())

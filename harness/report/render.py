@@ -19,6 +19,7 @@ from harness.report import add_arguments, beyond, engines, ladder
 from harness.report.accuracy import TOLERANCES, prediction_errors, summary
 from harness.report.figures import FigureResult, all_figures
 from harness.report.fits import fit_tables, published_comparison
+from harness.report.gpus import gpu_count_tables, peer_table
 from harness.report.ledger import build_ledger
 from harness.report.load import load_results, predictions_frame, runs_frame
 from harness.report.loss import loss_parity
@@ -95,6 +96,30 @@ def _fits_blocks(results, runs, figures: list[FigureResult]) -> list[Block]:
     return blocks + drawn
 
 
+def _gpus_blocks(results) -> list[Block]:
+    blocks = [Block("h2", "How many GPUs", anchor="gpus")]
+    table = results.gpus
+    if not table:
+        return blocks + [Block("p", "No how-many-GPUs table in these results: `python -m harness predict --claims` "
+                                    "writes it.")]
+    blocks.append(Block("p", (
+        "Past one card: for each model and way of training, the smallest number of GPUs of one size whose ranks "
+        f"each fit, sharded with FSDP2 (searched over {', '.join(map(str, table['world_sizes']))}), at micro-batch 1 "
+        "per rank with activation checkpointing. Under each answer: one rank's predicted peak and what it holds; "
+        "host memory is what offloading keeps in each rank's share of the host's RAM. Predicted (analytic "
+        "per-rank terms; the 80 GB answers at the shorter sequence also by simulation: the sharded step traced "
+        "under torch's fake process group, one rank standing for all). `python -m harness predict --model M "
+        "--experiment fsdp2 --world-size N` predicts any other cell.")))
+    for seq_len, gpu_table in gpu_count_tables(table):
+        blocks.append(Block("h3", f"Sequence {seq_len:,}"))
+        blocks.append(Block("table", table=gpu_table))
+    peers = peer_table(table)
+    if peers is not None:
+        blocks.append(Block("h3", "Against ZeRO-3 and DeepSpeed's own estimate"))
+        blocks.append(Block("table", table=peers))
+    return blocks
+
+
 def _table_or(table: Table | None, missing: str) -> Block:
     """A table, or the sentence that says what produces it."""
     return Block("table", table=table) if table is not None else Block("p", missing)
@@ -129,6 +154,7 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
             "so) or a CPU figure labelled as one. Verdicts then rest on the simulation or the analytic formula.")))
 
     blocks += _fits_blocks(results, runs, figures)
+    blocks += _gpus_blocks(results)
 
     blocks.append(Block("h2", "Verdicts at a glance", anchor="verdicts"))
     blocks.append(Block("badges", ", ".join(f"{kind}: {n}" for kind, n in counts.items() if n)))

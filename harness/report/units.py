@@ -81,7 +81,8 @@ UNIT_WORDS = {
 
 
 # The memory categories of a record, in words (tables, legends).
-CATEGORY_WORDS = {**{name: name.replace("_", " ") for name in CATEGORIES}, "quant_constants": "quantization constants"}
+CATEGORY_WORDS = {**{name: name.replace("_", " ") for name in CATEGORIES}, "quant_constants": "quantization constants",
+                  "all_gather": "all-gather buffers", "reduce_scatter": "reduce-scatter buffers"}
 
 
 def fmt_value(value: float | None, unit: str) -> str:
