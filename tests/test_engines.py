@@ -200,21 +200,24 @@ def test_make_bench_runs_the_base_techniques_in_both_loops_on_the_same_cells(tmp
             key = schema.configuration_key({"experiment": run.config["name"], "model": run.config["model"],
                                             "config": {**run.config, "engine": "harness"}}, "x")
             assert key in lab, run.config["name"]
+            assert run.config["steps"] >= report_engines.MIN_TIMED_STEPS  # enough for a throughput verdict
     cpu = {r.config["name"] for r in expand(matrix, "cpu", EXPERIMENTS, tmp_path)[0] if r.config["engine"] == "trainer"}
     assert {"fp32", "bf16-mixed", "lora", "qlora"} <= cpu
 
 
 # -- the report ----------------------------------------------------------------------------------
 
-def _record(engine: str, peak: int, tokens_per_s: float, loss: float, activations: int) -> dict:
-    config = {**prepare(EXPERIMENTS / "lora.yaml", QUICK), "engine": engine}
+def _record(engine: str, peak: int, tokens_per_s: float, loss: float, activations: int, timed_steps: int = 2,
+            spread: float = 0.01) -> dict:
+    config = {**prepare(EXPERIMENTS / "lora.yaml", {**QUICK, "steps": timed_steps}), "engine": engine}
     return {"kind": "run", "status": "ok", "experiment": "lora", "model": "tiny-llama", "config": config,
             "config_hash": config["config_hash"] + engine, "finished_at": "2026-01-01T00:00:00",
             "memory": {"unit": "bytes", "source": "cpu-tracked-tensors", "note": "", "peak_allocated": peak,
                        "breakdown_at_peak": {"weights": 100, "activations": activations}, "persistent": {},
                        "tracked_step_peak": peak, "tracked_phase_peaks": {}, "phases": {}},
-            "throughput": {"tokens_per_step": 128, "step_time_s": {"median": 1.0, "stdev": 0.01},
-                           "tokens_per_s": tokens_per_s, "load_seconds": 1.0, "timed_steps": 2, "warmup_steps": 1,
+            "throughput": {"tokens_per_step": 128, "step_time_s": {"median": 1.0, "stdev": spread},
+                           "tokens_per_s": tokens_per_s, "load_seconds": 1.0, "timed_steps": timed_steps,
+                           "warmup_steps": 1,
                            "timing_includes_tracking": False},
             "loss": {"per_step": [loss], "final": loss, "warmup_steps": 1, "eval": [], "eval_final": None}}
 
@@ -235,6 +238,29 @@ def test_the_report_pairs_each_loop_with_ours_and_says_why_they_differ(tmp_path)
     assert "activations at the peak +0.0 MiB" in why and "throughput:" in why
     table = report_engines.engine_table([comparison])
     assert table.rows[0][3].text == "1.200" and table.rows[0][4].text == "0.80" and "CPU" in table.rows[0][1].text
+
+
+@pytest.mark.parametrize("engine, ratio, timed_steps, spread, words, shaded", [
+    # 3 timed steps of a narrow spread: Trainer "1.27x faster" is no verdict
+    ("trainer", 1.27, 3, 0.01, "3 timed steps, too few for a verdict", False),
+    ("trainer", 1.20, 16, 0.15, "within noise: the step times' spread is 21%", False),
+    ("trainer", 1.30, 16, 0.02, "our loop is the slower one", True),
+    ("trl-sft", 0.50, 16, 0.02, "LM head twice", True),
+    ("trainer", 1.05, 16, 0.0, "", False),  # within the tolerance: nothing to say
+])
+def test_a_throughput_verdict_needs_enough_steps_and_a_ratio_beyond_their_spread(tmp_path, engine, ratio,
+                                                                                   timed_steps, spread, words,
+                                                                                   shaded):
+    folder = tmp_path / "cpu"
+    folder.mkdir()
+    for name, speed in (("harness", 100.0), (engine, 100.0 * ratio)):
+        record = _record(name, 1000, speed, 5.0, 900, timed_steps=timed_steps, spread=spread)
+        (folder / f"lora-{name}.json").write_text(json.dumps(record))
+    [comparison] = report_engines.engine_comparisons(load_results(tmp_path))
+    why = report_engines.why(comparison)
+    assert (words in why) if words else why == ""
+    assert comparison.throughput_beyond_noise == shaded
+    assert (report_engines.engine_table([comparison]).rows[0][4].css == "off") == shaded
 
 
 # -- real runs -----------------------------------------------------------------------------------
