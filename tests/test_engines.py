@@ -379,3 +379,13 @@ def test_trainer_builds_the_optimizer_beyond_the_documents_with_the_labs_state(t
     # depends on the tensors' shapes and the optimizer's settings only.
     ours, theirs = (r["memory"]["breakdown_at_peak"]["optimizer_state"] for r in (lab, trainer))
     assert ours > 0 and theirs == ours
+
+
+@pytest.mark.slow
+def test_selective_checkpointing_runs_in_sft_trainer_and_trainer_says_it_has_none(tmp_path):
+    pytest.importorskip("trl")
+    sft, trainer = (run_dict(prepare(EXPERIMENTS / "bf16-pure-gc-selective.yaml", {**QUICK, "engine": engine}),
+                             tmp_path)[1] for engine in ("trl-sft", "trainer"))
+    assert sft["status"] == "ok", sft.get("error")
+    assert sft["engine"]["arguments"][checkpointing_fields()[1]] == {"use_reentrant": False, "selective": True}
+    assert trainer["status"] == "skipped" and "no selective checkpointing" in trainer["error"]["message"]
