@@ -48,6 +48,8 @@ def _experiment(tmp_path, text: str):
      "training_args.activation_offloading", "activation_offloading"),
     ("technique: lora\nengine: trainer\ntraining_args: {optim_args: rank=4}\n", "training_args.optim_args",
      "galore_rank"),
+    ("technique: lora\nengine: trainer\ntraining_args: {torch_compile_mode: max-autotune}\n",
+     "training_args.torch_compile_mode", "compile"),
 ])
 def test_engine_and_training_args_are_checked(tmp_path, text, field, words):
     with pytest.raises(ConfigError) as error:

@@ -85,6 +85,10 @@ OWNED = {
     "activation_checkpointing_kwargs": "gradient_checkpointing (non-reentrant) and selective_checkpointing",
     **{field: block for block, engines in BLOCKS.items() for mapping in engines.values()
        if isinstance(mapping, dict) for field in mapping if field != CHECKPOINTING_KWARGS},
+    # Either would turn a block on, or make it other than the lab's, behind the experiment's back.
+    "torch_compile_backend": "compile (torch.compile's defaults, as the lab compiles)",
+    "torch_compile_mode": "compile (torch.compile's defaults, as the lab compiles)",
+    "liger_kernel_config": "liger_kernels (Liger's defaults, as the lab applies them)",
     "seed": "seed",
     "data_seed": "seed",
     "use_cpu": "device",
