@@ -167,7 +167,11 @@ def galore_arguments(cfg, model_config) -> tuple[dict, list[str]]:
 
     from harness.techniques import galore_targets
 
-    arguments = {"optim_target_modules": galore_targets(model_config),
+    targets = galore_targets(model_config)
+    if isinstance(targets, str):  # peft's "all-linear" would take the LM head too
+        raise NotMapped(f"GaLore's layers are named only for the model families harness.architectures describes, "
+                        f"not {getattr(model_config, 'model_type', None)!r}")
+    arguments = {"optim_target_modules": targets,
                  "optim_args": f"rank={cfg.optim.galore_rank},update_proj_gap={cfg.optim.galore_update_proj_gap},"
                                f"scale={cfg.optim.galore_scale}"}
     defaults = {k: v.default for k, v in inspect.signature(GaLoreAdamW).parameters.items()}

@@ -172,7 +172,8 @@ def _throughput_why(comparison: EngineComparison, optimizer: str | None) -> str:
         return (f"within noise: the step times' spread is {comparison.throughput_noise:.0%} (both runs' combined), "
                 "not a difference of the loops")
     if comparison.tokens_ratio > 1:
-        verdict = "our loop is the slower one, beyond the step times' spread: a defect of ours to find (not explained yet)"
+        verdict = ("our loop is the slower one, beyond the step times' spread: a defect of ours to find "
+                   "(not explained yet)")
     else:
         verdict = known_reason(comparison.engine, "throughput", optimizer) or "not explained yet"
     if on_gpu(comparison):
