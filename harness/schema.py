@@ -147,7 +147,7 @@ class RunRecord:
     error: RunError | None = None
     shared_gpu: str | None = None  # another process held the GPU during the run (who)
     # The training loop that ran the steps (harness.engines): its name, library and version, the
-    # arguments it was given, and how it differs from the lab's own loop.
+    # arguments it was given, the optimizer class it built, and how it differs from the lab's own loop.
     engine: dict | None = None
     extra: dict = field(default_factory=dict)
 

@@ -140,14 +140,20 @@ def _galore(params, settings, device_type: str, model=None):
                        eps=settings.eps, weight_decay=settings.weight_decay)
 
 
-def _decoder_linear_weights(model) -> list:
-    """The weights of the decoder layers' linear layers (attention and MLP, as LoRA's default targets
-    name them for the model's family): what GaLore projects."""
-    import torch
-
+def galore_targets(model_config) -> list[str] | str:
+    """The decoder layers' linear layers by name (attention and MLP, as LoRA's default targets name
+    them for the model's family): what GaLore projects, in the lab's loop and as Trainer's
+    optim_target_modules."""
     from harness.architectures import DEFAULT_TARGETS, lora_targets
 
-    names = set(lora_targets(model.config, list(DEFAULT_TARGETS))[0])
+    return lora_targets(model_config, list(DEFAULT_TARGETS))[0]
+
+
+def _decoder_linear_weights(model) -> list:
+    """The weights of the linear layers GaLore projects (galore_targets)."""
+    import torch
+
+    names = set(galore_targets(model.config))
     return [module.weight for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in names]
 

@@ -81,9 +81,10 @@ def test_command_line_replacements(tmp_path):
 
 def test_repeats_get_their_own_records(tmp_path):
     runs, _ = expand(MATRIX, "cpu", EXPERIMENTS, tmp_path, experiments=["fp32"], repeat=3)
-    # fp32 on the tiny preset (in the lab's loop and in Trainer), twice on the base
+    # fp32 on the tiny preset (and again, with more timed steps, in the lab's loop and in Trainer), twice
+    # on the base
     configurations = {r.config["config_hash"] for r in runs}
-    assert len(configurations) == 4 and len(runs) == 12 and len({r.path for r in runs}) == 12
+    assert len(configurations) == 5 and len(runs) == 15 and len({r.path for r in runs}) == 15
     for config in configurations:
         assert sorted(r.repeat for r in runs if r.config["config_hash"] == config) == [0, 1, 2]
 

@@ -9,11 +9,19 @@ from conftest import EXPERIMENTS, QUICK, run_dict
 
 from harness import schema
 from harness.config import ConfigError, load_experiment, prepare, resolve_technique
-from harness.engines.arguments import OWNED, NotMapped, checkpointing_fields, mapped_arguments
+from harness.engines.arguments import (
+    BLOCKS,
+    OPTIM_NAMES,
+    OWNED,
+    NotMapped,
+    arguments_class,
+    checkpointing_fields,
+    mapped_arguments,
+)
 from harness.matrix import expand, load_matrix
 from harness.report import engines as report_engines
 from harness.report.load import load_results
-from harness.techniques import TECHNIQUES
+from harness.techniques import CUDA_ONLY, OPTIMIZERS, TECHNIQUES, galore_targets
 
 BASE_TECHNIQUES = sorted(TECHNIQUES)
 
@@ -34,6 +42,14 @@ def _experiment(tmp_path, text: str):
     ("technique: lora\nengine: trainer\ntraining_args: {per_device_train_batch_size: 8}\n",
      "training_args.per_device_train_batch_size", "micro_batch"),
     ("technique: lora\nengine: trainer\ntraining_args: {optim: adamw_torch}\n", "training_args.optim", "optimizer"),
+    ("technique: lora\nengine: trainer\ntraining_args: {use_liger_kernel: true}\n", "training_args.use_liger_kernel",
+     "liger_kernels"),
+    ("technique: lora\nengine: trl-sft\ntraining_args: {activation_offloading: true}\n",
+     "training_args.activation_offloading", "activation_offloading"),
+    ("technique: lora\nengine: trainer\ntraining_args: {optim_args: rank=4}\n", "training_args.optim_args",
+     "galore_rank"),
+    ("technique: lora\nengine: trainer\ntraining_args: {torch_compile_mode: max-autotune}\n",
+     "training_args.torch_compile_mode", "compile"),
 ])
 def test_engine_and_training_args_are_checked(tmp_path, text, field, words):
     with pytest.raises(ConfigError) as error:
@@ -44,7 +60,7 @@ def test_engine_and_training_args_are_checked(tmp_path, text, field, words):
 def test_a_users_own_training_arguments_pass_through(tmp_path):
     cfg = _experiment(tmp_path, "technique: lora\nengine: trainer\n"
                                 "training_args: {max_grad_norm: 1.0, lr_scheduler_type: cosine}\n")
-    arguments, notes = mapped_arguments(cfg, resolve_technique(cfg), "cpu", str(tmp_path))
+    arguments, notes = _mapped(cfg, "trainer", "cpu", tmp_path)
     assert arguments["max_grad_norm"] == 1.0 and arguments["lr_scheduler_type"] == "cosine"
     assert any("training_args" in note for note in notes)
 
@@ -61,6 +77,16 @@ def test_the_engine_is_part_of_the_configuration_and_harness_keeps_every_earlier
 
 # -- the mapping to TrainingArguments ----------------------------------------------------------
 
+def _model_config(cfg):
+    from harness.step.models import resolve_source
+
+    return resolve_source(cfg.model).config
+
+
+def _mapped(cfg, engine: str, device: str, tmp_path) -> tuple[dict, list[str]]:
+    return mapped_arguments(cfg, resolve_technique(cfg), engine, device, str(tmp_path), _model_config(cfg))
+
+
 @pytest.mark.parametrize("name", BASE_TECHNIQUES + ["loraplus", "lora-gc", "lora-ga4"])
 def test_every_base_technique_maps_to_real_training_arguments(tmp_path, name):
     from transformers import TrainingArguments
@@ -68,7 +94,7 @@ def test_every_base_technique_maps_to_real_training_arguments(tmp_path, name):
     cfg = load_experiment(EXPERIMENTS / f"{name}.yaml")[1]
     technique = resolve_technique(cfg)
     for device in ("cpu", "cuda") if technique.autocast != "fp16" else ("cuda",):  # fp16 on CPU: below
-        arguments, _ = mapped_arguments(cfg, technique, device, str(tmp_path))
+        arguments, _ = _mapped(cfg, "trainer", device, tmp_path)
         assert set(arguments) <= {f.name for f in dataclasses.fields(TrainingArguments)}
         assert arguments["bf16"] == (technique.autocast == "bf16")
         assert arguments["fp16"] == (technique.autocast == "fp16")
@@ -80,18 +106,85 @@ def test_every_base_technique_maps_to_real_training_arguments(tmp_path, name):
                     "adamw8bit": "adamw_bnb_8bit", "paged_adamw8bit": "paged_adamw_8bit"}
         assert arguments.get("optim") == expected.get(technique.optimizer)  # LoRA+: Trainer's optimizers=
     if technique.autocast != "fp16":  # TrainingArguments refuses fp16 without a GPU
-        TrainingArguments(**mapped_arguments(cfg, technique, "cpu", str(tmp_path))[0])
+        TrainingArguments(**_mapped(cfg, "trainer", "cpu", tmp_path)[0])
 
 
 def test_what_trainer_cannot_express_is_said_not_approximated(tmp_path):
     cfg = load_experiment(EXPERIMENTS / "bf16-pure-gc-optim-in-bwd.yaml")[1]
     with pytest.raises(NotMapped, match="optimizer_in_backward"):
-        mapped_arguments(cfg, resolve_technique(cfg), "cpu", str(tmp_path))
+        _mapped(cfg, "trainer", "cpu", tmp_path)
     # accelerate ignores fp16 on a CPU (the run would be fp32 under fp16's name)
     cfg = load_experiment(EXPERIMENTS / "fp16-mixed.yaml")[1]
     with pytest.raises(NotMapped, match="trains in fp32"):
-        mapped_arguments(cfg, resolve_technique(cfg), "cpu", str(tmp_path))
+        _mapped(cfg, "trainer", "cpu", tmp_path)
     assert {"per_device_train_batch_size", "optim", "train_sampling_strategy", "logging_steps"} <= set(OWNED)
+
+
+# Each building block in each engine: the TrainingArguments / SFTConfig fields it sets, or words of
+# why that engine has none. "kwargs" stands for this version's checkpointing kwargs field.
+BLOCK_CASES = [
+    ("liger_kernels", "trainer", {"use_liger_kernel": True}),
+    ("liger_kernels", "trl-sft", {"use_liger_kernel": True}),
+    ("compile", "trainer", {"torch_compile": True}),
+    ("compile", "trl-sft", {"torch_compile": True}),
+    ("activation_offloading", "trainer", "no activation offloading"),
+    ("activation_offloading", "trl-sft", {"activation_offloading": True}),
+    ("selective_checkpointing", "trainer", "no selective checkpointing"),
+    ("selective_checkpointing", "trl-sft", {"kwargs": {"use_reentrant": False, "selective": True}}),
+    ("optimizer_in_backward", "trl-sft", "no per-parameter optimizer step in backward"),
+]
+
+
+@pytest.mark.parametrize("block, engine, expected", BLOCK_CASES)
+def test_each_building_block_maps_to_its_field_or_says_why_not(tmp_path, block, engine, expected):
+    if engine == "trl-sft":
+        pytest.importorskip("trl")
+    # bf16-pure with checkpointing, which every block here may be combined with
+    cfg = dataclasses.replace(load_experiment(EXPERIMENTS / "bf16-pure-gc.yaml")[1], **{block: True})
+    if isinstance(expected, str):
+        with pytest.raises(NotMapped, match=expected):
+            _mapped(cfg, engine, "cuda", tmp_path)
+        return
+    arguments, _ = _mapped(cfg, engine, "cpu", tmp_path)
+    kwargs = checkpointing_fields()[1]
+    for field, value in expected.items():
+        assert arguments[kwargs if field == "kwargs" else field] == value
+    built = arguments_class(engine)(**arguments)  # real fields, accepted as they are
+    for field, value in expected.items():
+        assert getattr(built, kwargs if field == "kwargs" else field) == value
+
+
+def test_every_block_and_optimizer_has_a_mapping_or_a_reason():
+    assert set(CUDA_ONLY) | {"selective_checkpointing", "optimizer_in_backward"} <= set(BLOCKS)
+    assert all(set(engines) == {"trainer", "trl-sft"} for engines in BLOCKS.values())
+    assert set(OPTIMIZERS) == set(OPTIM_NAMES) | {"loraplus"}  # LoRA+: peft's optimizer handed to Trainer
+
+
+@pytest.mark.parametrize("name, optim", [("galore", "galore_adamw"), ("ao-adamw8bit", "adamw_torch_8bit"),
+                                         ("ao-adamw4bit", "block_size 256"), ("ao-adamw-fp8", "AdamWFp8")])
+def test_the_optimizers_beyond_the_documents_map_to_trainers_own(tmp_path, name, optim):
+    from transformers import TrainingArguments
+
+    cfg = load_experiment(EXPERIMENTS / f"{name}.yaml")[1]
+    if " " in optim or optim[0].isupper():  # words of why Trainer has no such optimizer
+        with pytest.raises(NotMapped, match=optim):
+            _mapped(cfg, "trainer", "cpu", tmp_path)
+        return
+    arguments, notes = _mapped(cfg, "trainer", "cpu", tmp_path)
+    assert arguments["optim"] == optim
+    TrainingArguments(**arguments)
+    if name != "galore":
+        return
+    # Trainer projects the layers the lab's GaLore projects, with the experiment's settings
+    assert arguments["optim_target_modules"] == galore_targets(_model_config(cfg))
+    assert set(arguments["optim_target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                      "down_proj"}
+    from transformers.trainer_optimizer import _parse_optim_args
+
+    assert _parse_optim_args(arguments["optim_args"]) == {"rank": str(cfg.optim.galore_rank),
+                                                          "update_proj_gap": str(cfg.optim.galore_update_proj_gap),
+                                                          "scale": str(cfg.optim.galore_scale)}
+    assert any("eps 1e-06" in note for note in notes)  # Trainer's GaLore: galore-torch's eps, not the experiment's
 
 
 # -- the matrix ----------------------------------------------------------------------------------
@@ -109,21 +202,24 @@ def test_make_bench_runs_the_base_techniques_in_both_loops_on_the_same_cells(tmp
             key = schema.configuration_key({"experiment": run.config["name"], "model": run.config["model"],
                                             "config": {**run.config, "engine": "harness"}}, "x")
             assert key in lab, run.config["name"]
+            assert run.config["steps"] >= report_engines.MIN_TIMED_STEPS  # enough for a throughput verdict
     cpu = {r.config["name"] for r in expand(matrix, "cpu", EXPERIMENTS, tmp_path)[0] if r.config["engine"] == "trainer"}
     assert {"fp32", "bf16-mixed", "lora", "qlora"} <= cpu
 
 
 # -- the report ----------------------------------------------------------------------------------
 
-def _record(engine: str, peak: int, tokens_per_s: float, loss: float, activations: int) -> dict:
-    config = {**prepare(EXPERIMENTS / "lora.yaml", QUICK), "engine": engine}
+def _record(engine: str, peak: int, tokens_per_s: float, loss: float, activations: int, timed_steps: int = 2,
+            spread: float = 0.01) -> dict:
+    config = {**prepare(EXPERIMENTS / "lora.yaml", {**QUICK, "steps": timed_steps}), "engine": engine}
     return {"kind": "run", "status": "ok", "experiment": "lora", "model": "tiny-llama", "config": config,
             "config_hash": config["config_hash"] + engine, "finished_at": "2026-01-01T00:00:00",
             "memory": {"unit": "bytes", "source": "cpu-tracked-tensors", "note": "", "peak_allocated": peak,
                        "breakdown_at_peak": {"weights": 100, "activations": activations}, "persistent": {},
                        "tracked_step_peak": peak, "tracked_phase_peaks": {}, "phases": {}},
-            "throughput": {"tokens_per_step": 128, "step_time_s": {"median": 1.0, "stdev": 0.01},
-                           "tokens_per_s": tokens_per_s, "load_seconds": 1.0, "timed_steps": 2, "warmup_steps": 1,
+            "throughput": {"tokens_per_step": 128, "step_time_s": {"median": 1.0, "stdev": spread},
+                           "tokens_per_s": tokens_per_s, "load_seconds": 1.0, "timed_steps": timed_steps,
+                           "warmup_steps": 1,
                            "timing_includes_tracking": False},
             "loss": {"per_step": [loss], "final": loss, "warmup_steps": 1, "eval": [], "eval_final": None}}
 
@@ -144,6 +240,29 @@ def test_the_report_pairs_each_loop_with_ours_and_says_why_they_differ(tmp_path)
     assert "activations at the peak +0.0 MiB" in why and "throughput:" in why
     table = report_engines.engine_table([comparison])
     assert table.rows[0][3].text == "1.200" and table.rows[0][4].text == "0.80" and "CPU" in table.rows[0][1].text
+
+
+@pytest.mark.parametrize("engine, ratio, timed_steps, spread, words, shaded", [
+    # 3 timed steps of a narrow spread: Trainer "1.27x faster" is no verdict
+    ("trainer", 1.27, 3, 0.01, "3 timed steps, too few for a verdict", False),
+    ("trainer", 1.20, 16, 0.15, "within noise: the step times' spread is 21%", False),
+    ("trainer", 1.30, 16, 0.02, "our loop is the slower one", True),
+    ("trl-sft", 0.50, 16, 0.02, "LM head twice", True),
+    ("trainer", 1.05, 16, 0.0, "", False),  # within the tolerance: nothing to say
+])
+def test_a_throughput_verdict_needs_enough_steps_and_a_ratio_beyond_their_spread(tmp_path, engine, ratio,
+                                                                                   timed_steps, spread, words,
+                                                                                   shaded):
+    folder = tmp_path / "cpu"
+    folder.mkdir()
+    for name, speed in (("harness", 100.0), (engine, 100.0 * ratio)):
+        record = _record(name, 1000, speed, 5.0, 900, timed_steps=timed_steps, spread=spread)
+        (folder / f"lora-{name}.json").write_text(json.dumps(record))
+    [comparison] = report_engines.engine_comparisons(load_results(tmp_path))
+    why = report_engines.why(comparison)
+    assert (words in why) if words else why == ""
+    assert comparison.throughput_beyond_noise == shaded
+    assert (report_engines.engine_table([comparison]).rows[0][4].css == "off") == shaded
 
 
 # -- real runs -----------------------------------------------------------------------------------
@@ -245,3 +364,30 @@ def test_held_out_loss_is_evaluated_alike_in_both_loops(tmp_path):
     assert lab["status"] == trainer["status"] == "ok"
     assert [e["step"] for e in trainer["loss"]["eval"]] == [0, 2, QUICK["warmup_steps"] + QUICK["steps"] + 1]
     assert trainer["loss"]["eval"] == lab["loss"]["eval"] and trainer["loss"]["per_step"] == lab["loss"]["per_step"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, module, optimizer", [("galore", "galore_torch", "GaLoreAdamW"),
+                                                     ("ao-adamw8bit", "torchao.optim", "AdamW8bit")])
+def test_trainer_builds_the_optimizer_beyond_the_documents_with_the_labs_state(tmp_path, name, module, optimizer):
+    import importlib
+
+    expected = getattr(importlib.import_module(module), optimizer)
+    lab, trainer = (run_dict(prepare(EXPERIMENTS / f"{name}.yaml", {**QUICK, "engine": engine}), tmp_path)[1]
+                    for engine in ("harness", "trainer"))
+    assert lab["status"] == trainer["status"] == "ok", (lab.get("error"), trainer.get("error"))
+    assert trainer["engine"]["optimizer"] == f"{expected.__module__}.{expected.__qualname__}"
+    # The same class over the same trainable tensors keeps the same state, to the byte: its size
+    # depends on the tensors' shapes and the optimizer's settings only.
+    ours, theirs = (r["memory"]["breakdown_at_peak"]["optimizer_state"] for r in (lab, trainer))
+    assert ours > 0 and theirs == ours
+
+
+@pytest.mark.slow
+def test_selective_checkpointing_runs_in_sft_trainer_and_trainer_says_it_has_none(tmp_path):
+    pytest.importorskip("trl")
+    sft, trainer = (run_dict(prepare(EXPERIMENTS / "bf16-pure-gc-selective.yaml", {**QUICK, "engine": engine}),
+                             tmp_path)[1] for engine in ("trl-sft", "trainer"))
+    assert sft["status"] == "ok", sft.get("error")
+    assert sft["engine"]["arguments"][checkpointing_fields()[1]] == {"use_reentrant": False, "selective": True}
+    assert trainer["status"] == "skipped" and "no selective checkpointing" in trainer["error"]["message"]

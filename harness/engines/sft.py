@@ -25,7 +25,8 @@ def train(run) -> dict:
     dataset = datasets.Dataset.from_dict({"input_ids": [sequences[i]["input_ids"].tolist()
                                                         for i in range(len(sequences))]})
     with tempfile.TemporaryDirectory() as output_dir:
-        arguments, notes = mapped_arguments(run.cfg, run.technique, run.device.type, output_dir)
+        arguments, notes = mapped_arguments(run.cfg, run.technique, "trl-sft", run.device.type, output_dir,
+                                            run.source.config)
         arguments = {"packing": True, "packing_strategy": "wrapped", "max_length": run.cfg.seq_len,
                      "dataset_num_proc": None, **arguments}
         trainer.check_arguments("trl-sft", arguments)
@@ -36,4 +37,4 @@ def train(run) -> dict:
                              callbacks=[trainer.measured_callback(session)])
         session.loaded(model)
         sft.train()
-    return trainer.engine_record("trl-sft", "trl", arguments, notes)
+    return trainer.engine_record("trl-sft", "trl", arguments, notes, sft)

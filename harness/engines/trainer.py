@@ -82,12 +82,15 @@ def optimizers(run, model) -> tuple:
     return OPTIMIZERS["loraplus"](trainable, run.cfg.optim, run.device.type, model=model), None
 
 
-def engine_record(name: str, library: str, arguments: dict, notes: list[str]) -> dict:
+def engine_record(name: str, library: str, arguments: dict, notes: list[str], trainer) -> dict:
+    """What the record says of the engine: the library, the arguments, the optimizer class the trainer
+    built from them (accelerate wraps it), and where its step differs from the lab's."""
     import importlib.metadata
 
     shown = {k: v for k, v in arguments.items() if k != "output_dir"}
+    optimizer = type(getattr(trainer.optimizer, "optimizer", trainer.optimizer))
     return {"name": name, "library": f"{library} {importlib.metadata.version(library)}", "arguments": shown,
-            "notes": notes}
+            "optimizer": f"{optimizer.__module__}.{optimizer.__qualname__}", "notes": notes}
 
 
 def check_arguments(engine: str, arguments: dict) -> None:
@@ -102,7 +105,8 @@ def train(run) -> dict:
 
     session = run.session
     with tempfile.TemporaryDirectory() as output_dir:
-        arguments, notes = mapped_arguments(run.cfg, run.technique, run.device.type, output_dir)
+        arguments, notes = mapped_arguments(run.cfg, run.technique, "trainer", run.device.type, output_dir,
+                                            run.source.config)
         check_arguments("trainer", arguments)
         with session.loading():
             model = build_model(run)
@@ -111,4 +115,4 @@ def train(run) -> dict:
                               optimizers=optimizers(run, model), callbacks=[measured_callback(session)])
         session.loaded(model)
         trainer.train()
-    return engine_record("trainer", "transformers", arguments, notes)
+    return engine_record("trainer", "transformers", arguments, notes, trainer)

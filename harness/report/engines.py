@@ -6,6 +6,8 @@ training_args): the ratio of their peaks and of their tokens/s, and the differen
 losses (the same sequences in the same order, so a loop that computes the same step gives the same
 loss). A peak more than 3% apart, or a throughput more than 10% apart, says why: the memory category
 that differs at the peak, the runs' own step-time spread, and what is known of the loop (REASONS).
+A throughput ratio is a verdict only where both runs timed enough steps and the ratio lies beyond
+the spread of their step times; otherwise the report says it is noise, or that the steps are too few.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from harness.report.units import CATEGORY_WORDS
 
 MEMORY_TOLERANCE = 0.03
 THROUGHPUT_TOLERANCE = 0.10
+# Fewer timed steps say too little of their own spread for a verdict: the sample standard deviation
+# of 3 steps falls between 0.23 and 1.73 times the true one 9 times in 10 (chi-squared, 2 degrees of
+# freedom); of 6 steps, between 0.48 and 1.49. Three timed steps on a CPU once made Trainer look
+# up to 1.27x faster than our loop, which more steps did not confirm.
+MIN_TIMED_STEPS = 6
 # Fields that may differ between the two runs of a pair: which loop, and that loop's own settings.
 ENGINE_FIELDS = ("engine", "training_args")
 
@@ -67,6 +74,25 @@ class EngineComparison:
     @property
     def throughput_differs(self) -> bool:
         return self.tokens_ratio is not None and abs(self.tokens_ratio - 1) > THROUGHPUT_TOLERANCE
+
+    @property
+    def timed_steps(self) -> int:
+        """The fewer timed steps of the two runs."""
+        return min(_get(r, "throughput", "timed_steps") or 0 for r in (self.record, self.reference))
+
+    @property
+    def throughput_noise(self) -> float:
+        """How far the ratio of one step of each run strays from the ratio of their medians, as a log
+        ratio: the two runs' relative step-time spreads combined (each a standard deviation over the
+        median)."""
+        return math.hypot(*(_spread(r) or 0.0 for r in (self.record, self.reference)))
+
+    @property
+    def throughput_beyond_noise(self) -> bool:
+        """More than THROUGHPUT_TOLERANCE apart, from enough timed steps, beyond their spread: a difference
+        of the loops, not of the moment each ran at."""
+        return (self.throughput_differs and self.timed_steps >= MIN_TIMED_STEPS
+                and abs(math.log(self.tokens_ratio)) > self.throughput_noise)
 
 
 def pair_key(record: dict) -> str:
@@ -134,18 +160,27 @@ def why(comparison: EngineComparison) -> str:
         parts.append(f"memory: {CATEGORY_WORDS[name]} at the peak {change / 2**20:+,.1f} MiB"
                      + (f"; {known}" if known else ""))
     if comparison.throughput_differs:
-        spreads = [s for s in (_spread(comparison.reference), _spread(comparison.record)) if s is not None]
-        within = spreads and abs(math.log(comparison.tokens_ratio)) <= max(spreads)
-        if within:
-            parts.append(f"throughput: within the runs' own step-time spread (up to {max(spreads):.0%}): timing "
-                         "noise, not a difference of the loops")
-        elif comparison.tokens_ratio > 1:
-            parts.append("throughput: our loop is the slower one, beyond the runs' spread: a defect of ours to find "
-                         "(not explained yet)")
-        else:
-            parts.append("throughput: " + (known_reason(comparison.engine, "throughput", optimizer)
-                                           or "not explained yet"))
+        parts.append("throughput: " + _throughput_why(comparison, optimizer))
     return "; ".join(parts)
+
+
+def _throughput_why(comparison: EngineComparison, optimizer: str | None) -> str:
+    if comparison.timed_steps < MIN_TIMED_STEPS:
+        return (f"{comparison.timed_steps} timed steps, too few for a verdict (at least {MIN_TIMED_STEPS}: "
+                "the spread of fewer is itself unknown)")
+    if not comparison.throughput_beyond_noise:
+        return (f"within noise: the step times' spread is {comparison.throughput_noise:.0%} (both runs' combined), "
+                "not a difference of the loops")
+    if comparison.tokens_ratio > 1:
+        verdict = ("our loop is the slower one, beyond the step times' spread: a defect of ours to find "
+                   "(not explained yet)")
+    else:
+        verdict = known_reason(comparison.engine, "throughput", optimizer) or "not explained yet"
+    if on_gpu(comparison):
+        return verdict
+    # Seen on 2 shared cores: another job slowed every step of one run 7-fold, the pair's combined spread 33%.
+    return verdict + ("; on a CPU shared with other jobs, one run can be slowed evenly throughout, which no spread "
+                      "shows: run the pair again before trusting it")
 
 
 def on_gpu(comparison: EngineComparison) -> bool:
@@ -170,7 +205,8 @@ def engine_table(comparisons: list[EngineComparison]) -> Table:
             Cell(_device(c.record)),
             Cell(c.engine, ", ".join(f"{k}={v}" for k, v in sorted(settings.items()))),
             Cell("" if c.peak_ratio is None else f"{c.peak_ratio:.3f}", css="off" if c.memory_differs else ""),
-            Cell("" if c.tokens_ratio is None else f"{c.tokens_ratio:.2f}", css="off" if c.throughput_differs else ""),
+            Cell("" if c.tokens_ratio is None else f"{c.tokens_ratio:.2f}",
+                 css="off" if c.throughput_beyond_noise else ""),
             Cell("" if c.loss_difference is None else f"{c.loss_difference + 0.0:+.4f}",
                  "" if c.eval_difference is None else f"held-out {c.eval_difference + 0.0:+.4f}"),
             Cell(why(c)),
@@ -178,8 +214,9 @@ def engine_table(comparisons: list[EngineComparison]) -> Table:
     note = (f"Each row: a run in another training loop over the lab's own run of the same cell (same model, "
             f"technique, shape, steps, batches, device). Peak: peak tracked or allocated bytes, theirs over ours; "
             f"tokens/s: median over the timed steps after warm-up, theirs over ours; loss: final training loss, "
-            f"theirs minus ours (nats). Shaded: more than {MEMORY_TOLERANCE:.0%} apart in memory or "
-            f"{THROUGHPUT_TOLERANCE:.0%} in throughput. CPU rows are CPU figures (tracked tensor bytes, a "
+            f"theirs minus ours (nats). Shaded: more than {MEMORY_TOLERANCE:.0%} apart in memory, or more than "
+            f"{THROUGHPUT_TOLERANCE:.0%} in throughput beyond the spread of the step times (of at least "
+            f"{MIN_TIMED_STEPS} timed steps each). CPU rows are CPU figures (tracked tensor bytes, a "
             f"shared processor's speed), not a GPU's.")
     return Table(["Experiment", "Device", "Engine", "Peak ratio", "Tokens/s ratio", "Loss difference", "Why"],
                  rows, note, css="engines", numeric={3, 4, 5})

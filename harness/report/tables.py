@@ -210,7 +210,8 @@ def runs_table(runs: pd.DataFrame) -> Table:
         loss = _num(run["final_loss"], 3)
         rows.append([
             Cell(str(run["model"]), "random init" if run["random_init"] is True else ""),
-            Cell(str(run["experiment"])),
+            # A cell may be run with several step counts (the cross-check of loops times more steps).
+            Cell(str(run["experiment"]), "" if _missing(run["steps"]) else f"{run['steps']:.0f} timed steps"),
             Cell("CPU" if cpu else str(run["device_name"]), "tracked bytes" if cpu else ""),
             Cell(_num(run["seq_len"], 0)),
             Cell(f"{_num(run['micro_batch'], 0)} x {_num(run['grad_accum'], 0)}"),
