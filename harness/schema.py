@@ -67,6 +67,7 @@ class RunError:
     timeout_s: float | None = None
     log_tail: str | None = None
     traceback: str | None = None
+    rank: int | None = None                   # a cell of several ranks: the rank whose failure this is
 
 
 @dataclass
@@ -89,6 +90,8 @@ class Memory:
 
 @dataclass
 class Throughput:
+    # Tokens and tokens/s count every rank's tokens (global) in a cell of several ranks, whose step time is
+    # its slowest rank's; each rank's own are in RunRecord.ranks. MFU is per device.
     tokens_per_step: int
     step_time_s: dict[str, float]
     tokens_per_s: float
@@ -146,6 +149,12 @@ class RunRecord:
     # The training loop that ran the steps (harness.engines): its name, library and version, the
     # arguments it was given, and how it differs from the lab's own loop.
     engine: dict | None = None
+    # A sharded run: the library that sharded it, its version and method (DeepSpeed: the config it was given).
+    sharded_by: dict | None = None
+    # A cell of several ranks (world_size > 1): each rank's own figures (rank, memory peaks and breakdown,
+    # host_peak_rss_bytes, tokens_per_s, step_time_s, final_loss). Then `memory`'s peaks and
+    # host_peak_rss_bytes are the highest over ranks (harness.measure.ranks), and `loss` the ranks' mean.
+    ranks: list[dict] | None = None
     extra: dict = field(default_factory=dict)
 
 

@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.step import sharding, zero
-from harness.step.models import DTYPES, build_base_model, materialize_model, prepare_for_training, quantized_linear_types
+from harness.step.models import (
+    DTYPES,
+    build_base_model,
+    materialize_model,
+    prepare_for_training,
+    quantized_linear_types,
+)
 from harness.techniques import OPTIMIZERS
 
 

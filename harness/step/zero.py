@@ -23,10 +23,16 @@ def is_zero(cfg) -> bool:
     return cfg.sharding in STAGES
 
 
-def ds_config(technique, cfg) -> dict:
-    """DeepSpeed's configuration for an experiment: what the record keeps as the engine's settings."""
+def ds_config(technique, cfg, hidden_size: int) -> dict:
+    """DeepSpeed's configuration for an experiment: what the record keeps as the engine's settings.
+
+    Bucket sizes follow the model's width as transformers' Trainer fills DeepSpeed's `auto` values
+    (DeepSpeed's own defaults, 5e8 elements, are buffers of a gigabyte whatever the model)."""
     stage = STAGES[cfg.sharding]
-    zero = {"stage": stage}
+    zero = {"stage": stage, "reduce_bucket_size": hidden_size * hidden_size}
+    if stage == 3:
+        zero |= {"stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+                 "stage3_param_persistence_threshold": 10 * hidden_size}
     if cfg.cpu_offload:
         zero["offload_optimizer"] = {"device": "cpu"}
         if stage == 3:
@@ -60,18 +66,28 @@ class ZeroStep:
         """The client optimizer's state (its moments of the fp32 partitions): what the tracker labels."""
         return self.engine.optimizer.optimizer.state
 
+    def partitions(self) -> dict[str, list]:
+        """This rank's flat partitions by memory category: the 16-bit weights the engine computes with,
+        and the optimizer's fp32 master copy (optimizer state, as bitsandbytes' and torch's own are)."""
+        zero = self.engine.optimizer
+        weights = getattr(zero, "bit16_groups_flat", None) or getattr(zero, "fp16_partitioned_groups_flat", [])
+        masters = (getattr(zero, "single_partition_of_fp32_groups", None)
+                   or getattr(zero, "fp32_partitioned_groups_flat", []))
+        return {"weights": list(weights), "optimizer_state": list(masters)}
+
 
 def initialize(model, optimizer, technique, cfg):
     """The DeepSpeed engine around a built model and its torch optimizer; returns (engine, ZeroStep)."""
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(technique, cfg))
+    config = ds_config(technique, cfg, model.config.hidden_size)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine, ZeroStep(engine)
 
 
-def description(technique, cfg) -> dict:
+def description(technique, cfg, hidden_size: int) -> dict:
     """Which library sharded, and how (for the run's record)."""
     import deepspeed
 
     return {"library": "deepspeed", "version": deepspeed.__version__, "method": f"ZeRO stage {STAGES[cfg.sharding]}",
-            "config": ds_config(technique, cfg)}
+            "config": ds_config(technique, cfg, hidden_size)}
