@@ -60,8 +60,20 @@ def _adapter_bytes(model) -> int | None:
     if not hasattr(model, "peft_config"):
         return None
     with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, state_dict=_full_trainable_state(model))
         return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def _full_trainable_state(model) -> dict | None:
+    """A sharded model's trainable tensors, gathered whole (every rank takes part), for peft to save as
+    an unsharded model's; None (peft's own state dict) for a model that is not sharded."""
+    from torch.distributed.tensor import DTensor
+
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    state = {name: value for name, value in model.state_dict().items() if name in trainable}
+    if not any(isinstance(value, DTensor) for value in state.values()):
+        return None
+    return {name: value.full_tensor() if isinstance(value, DTensor) else value for name, value in state.items()}
 
 
 def _memory_reached(device: torch.device, tracker: TensorTracker | None) -> int | None:

@@ -67,13 +67,17 @@ class ZeroStep:
         return self.engine.optimizer.optimizer.state
 
     def partitions(self) -> dict[str, list]:
-        """This rank's flat partitions by memory category: the 16-bit weights the engine computes with,
-        and the optimizer's fp32 master copy (optimizer state, as bitsandbytes' and torch's own are)."""
+        """This rank's flat partitions by memory category: the 16-bit weights the engine computes with, the
+        optimizer's fp32 master copy (optimizer state, as in bitsandbytes' and torch's mixed-precision states)
+        and, in stage 3, the gradient partitions' buffer (stage 2 builds its gradient partitions in the step,
+        where they count as the step's own)."""
         zero = self.engine.optimizer
         weights = getattr(zero, "bit16_groups_flat", None) or getattr(zero, "fp16_partitioned_groups_flat", [])
         masters = (getattr(zero, "single_partition_of_fp32_groups", None)
                    or getattr(zero, "fp32_partitioned_groups_flat", []))
-        return {"weights": list(weights), "optimizer_state": list(masters)}
+        gradients = getattr(zero, "grad_partitions_flat_buffer", None)
+        return {"weights": list(weights), "optimizer_state": list(masters),
+                "gradients": [gradients] if gradients is not None else []}
 
 
 def initialize(model, optimizer, technique, cfg):
