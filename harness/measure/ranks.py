@@ -62,6 +62,8 @@ def join(cfg, device: torch.device) -> None:
     import torch.distributed as dist
 
     if not under_torchrun() and not dist.is_initialized():
+        # what torchrun would say to one rank (DeepSpeed reads it, whoever made the process group)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         dist.init_process_group(sharding.BACKENDS[device.type], store=dist.HashStore(), rank=0, world_size=1)
     sharding.join_ranks(device)
     if os.environ.get(FAIL_RANK_VARIABLE) == str(rank):
