@@ -38,6 +38,7 @@ PREDICTIONS_FOLDER, PROBES_FOLDER, BASE_FOLDER = "predictions", "probes", "base"
 MICROBENCH_FOLDER, LOGS_FOLDER, LOCKS_FOLDER = "microbench", "logs", ".locks"
 FITS_FOLDER = "fits"  # what fits each card, predicted (harness.predict.solve)
 JOBS_FOLDER = ".jobs"  # cluster jobs submitted per cell, and submitit's own files (harness.lab.launcher)
+ATTEMPT_SUFFIX = ".attempt.json"  # a worker's record before it becomes the cell's (harness.lab.runner)
 NOT_RUN_FOLDERS = {ATTEMPTS_FOLDER, PREDICTIONS_FOLDER, PROBES_FOLDER, BASE_FOLDER, MICROBENCH_FOLDER,
                    LOGS_FOLDER, LOCKS_FOLDER, FITS_FOLDER, JOBS_FOLDER}
 
@@ -369,6 +370,18 @@ def fit_table_path(out_dir: str | Path, device_type: str = "cuda") -> Path:
 
 def base_record_path(out_dir: str | Path, device_slug: str, recipe_id: str) -> Path:
     return Path(out_dir) / BASE_FOLDER / f"{device_slug}__{recipe_id}.json"
+
+
+def beside_attempt(attempt: Path, what: str) -> Path:
+    """A file of a torchrun worker's, named after its cell like a record's interrupted write
+    ('.<cell>.json.<attempt>.<what>.tmp'): a killed run's is cleaned like one."""
+    stem, attempt_id = attempt.name[1:].removesuffix(ATTEMPT_SUFFIX).rsplit(".", 1)
+    return attempt.with_name(f".{stem}.json.{attempt_id}.{what}.tmp")
+
+
+def rank_record_path(attempt: Path, rank: int) -> Path:
+    """Where a rank of a cell of several ranks writes its record when it did not end ok (harness.measure.ranks)."""
+    return beside_attempt(attempt, f"rank{rank}")
 
 
 def attempt_path(record: Path, attempt_id: str) -> Path:

@@ -34,7 +34,7 @@ from pathlib import Path
 from harness import env, schema
 
 LOG_TAIL_CHARS = 4000
-ATTEMPT_SUFFIX = ".attempt.json"  # a worker's record before it becomes the cell's
+ATTEMPT_SUFFIX = schema.ATTEMPT_SUFFIX
 PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15  # linux/prctl.h
 WORKER_NAME = "harness-worker"  # a forked worker's process name (ps, psutil), as the module is a new one's
 WORKER_ENVIRONMENT = {"TOKENIZERS_PARALLELISM": "false"}
@@ -162,25 +162,13 @@ def worker_command(config: dict, config_arg: str, attempt_path: Path,
             f"--rdzv-endpoint={rendezvous.host}:{rendezvous.port}", f"--rdzv-id={rendezvous.job_id}", *module]
 
 
-def _beside_attempt(attempt_path: Path, what: str) -> Path:
-    """A file of a torchrun worker's, named after its cell like a record's interrupted write (a killed
-    run's is cleaned like one)."""
-    stem, attempt_id = attempt_path.name[1:].removesuffix(ATTEMPT_SUFFIX).rsplit(".", 1)
-    return attempt_path.with_name(f".{stem}.json.{attempt_id}.{what}.tmp")
-
-
 def _config_file(attempt_path: Path) -> Path:
     """A torchrun worker's config."""
-    return _beside_attempt(attempt_path, "config")
-
-
-def rank_record_file(attempt_path: Path, rank: int) -> Path:
-    """Where a rank of a cell under torchrun writes its record when it did not end ok (harness.measure.ranks)."""
-    return _beside_attempt(attempt_path, f"rank{rank}")
+    return schema.beside_attempt(attempt_path, "config")
 
 
 def _rank_files(attempt_path: Path, config: dict) -> list[Path]:
-    return [rank_record_file(attempt_path, rank) for rank in range(world_size(config))]
+    return [schema.rank_record_path(attempt_path, rank) for rank in range(world_size(config))]
 
 
 def _settle_ranks(attempt_path: Path, config: dict) -> None:

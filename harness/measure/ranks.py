@@ -5,7 +5,7 @@ Every rank joins the process group, runs the same steps on its own slice of each
 need every rank). Then:
 
 - a rank whose run did not end `ok` writes its record to a file of its own beside the attempt
-  (`harness.lab.runner.rank_record_file`) and exits; a failed one exits non-zero, so torchrun stops the
+  (`schema.rank_record_path`) and exits; a failed one exits non-zero, so torchrun stops the
   other ranks, and the runner makes the first such record the cell's, naming the rank;
 - otherwise rank 0 gathers every rank's record and writes the cell's: its memory figures are the
   highest over ranks, and `ranks` keeps each rank's own.
@@ -84,14 +84,12 @@ def write(record: schema.RunRecord, record_path, rank: int, world: int) -> None:
     """Write what this rank's record becomes (see the module's docstring), and leave the process group."""
     import torch.distributed as dist
 
-    from harness.lab.runner import rank_record_file
-
     if world == 1:
         schema.write(record_path, record)
     elif record.status != "ok":
         if record.error is not None:
             record.error.rank = rank
-        schema.write(rank_record_file(Path(record_path), rank), record)
+        schema.write(schema.rank_record_path(Path(record_path), rank), record)
         return  # no goodbye: the peers may be waiting in a collective, and torchrun stops them
     else:
         records = [None] * world if rank == 0 else None
