@@ -16,7 +16,8 @@ from harness.report import add_arguments as add_report_arguments
 
 
 def _overrides(args) -> dict:
-    chosen = {"model": args.model, "device": args.device, "budget_gb": args.budget_gb, "engine": args.engine}
+    chosen = {"model": args.model, "device": args.device, "budget_gb": args.budget_gb, "engine": args.engine,
+              "world_size": getattr(args, "nproc", None)}
     return {k: v for k, v in chosen.items() if v is not None}
 
 
@@ -121,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--budget-gb", type=like_field("budget_gb", float), help="emulate a card with this many GB (1e9 bytes)")
     run.add_argument("--engine", choices=ENGINE_NAMES, help="the training loop: harness (the lab's own, default), "
                      "trainer (transformers' Trainer) or trl-sft (TRL's SFTTrainer)")
+    run.add_argument("--nproc", type=like_field("world_size"), help="ranks that train together (the experiment's "
+                     "world_size; above 1 under torchrun, each rank measured, rank 0 writes the record)")
     run.add_argument("--timeout", type=positive(float), help="seconds before the run is killed and recorded as failed")
     run.set_defaults(func=cmd_run)
 

@@ -135,8 +135,9 @@ class Experiment:
     # Each parameter steps in a hook as soon as its gradient is complete, so gradients are freed
     # during backward instead of all being alive at the optimizer step (harness.step.train).
     optimizer_in_backward: bool = False
-    # Parameters, gradients and optimizer state sharded over the ranks (harness.step.sharding):
-    # torch's FSDP2 (fully_shard per decoder layer) or DeepSpeed's ZeRO stage 2 or 3 (CUDA only).
+    # Parameters, gradients and optimizer state sharded over the ranks:
+    # torch's FSDP2 (fully_shard per decoder layer, harness.step.sharding) or DeepSpeed's ZeRO stage 2 or 3
+    # (harness.step.zero).
     sharding: Literal["none", "fsdp2", "zero2", "zero3"] = "none"
     # With sharding: the shards of parameters, gradients and optimizer state live in host memory
     # and the optimizer steps there (FSDP2's CPUOffloadPolicy; ZeRO's offload_optimizer and, for

@@ -94,6 +94,15 @@ def gpu_name(index: int = 0) -> str | None:
     return name.decode() if isinstance(name, bytes) else name
 
 
+def gpu_count() -> int:
+    """The NVIDIA GPUs NVML sees (0 without a driver)."""
+    if nvml_handle(0) is None:
+        return 0
+    import pynvml
+
+    return pynvml.nvmlDeviceGetCount()
+
+
 def gpu_total_gb(index: int = 0) -> float | None:
     handle = nvml_handle(index)
     if handle is None:

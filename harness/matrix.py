@@ -1,7 +1,7 @@
 """The matrix of runs (experiments/matrix.yaml): named plans of blocks, expanded to cells.
 
 Each block is a product of experiments x models x sequence lengths x accumulation steps x
-memory budgets, with fields set for all of its runs; `expand` turns a plan into resolved,
+memory budgets x world sizes, with fields set for all of its runs; `expand` turns a plan into resolved,
 validated configurations and the record path each lands in. `harness bench` runs them;
 `harness predict --claims` predicts them.
 """
@@ -34,8 +34,13 @@ class MatrixBlock:
     budgets_gb: list[float | None] = field(default_factory=lambda: [None])
     # Training loops (harness.engines) each cell runs in: the same configuration in each, measured alike.
     engines: list[str | None] = field(default_factory=lambda: [None])
+    # Ranks that train each cell together (the experiments' world_size): one GPU each on CUDA, gloo
+    # processes on a CPU.
+    world_sizes: list[int | None] = field(default_factory=lambda: [None])
     # Only on a card with at least this much memory (GB, 1e9 bytes).
     min_device_gb: float | None = None
+    # On CUDA, only where this many GPUs are: a cell of world size N needs N of them.
+    min_devices: int | None = None
     # Experiment fields set for every run of this block (validated like a file's own fields).
     set: dict = field(default_factory=dict)
     note: str = ""
@@ -76,9 +81,10 @@ def load_matrix(path: str | Path) -> Matrix:
 
 def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Path, *, plan: str | None = None,
            models=None, experiments=None, budgets_gb=None, seq_lens=None, engines=None, repeat: int = 1,
-           device_gb: float | None = None) -> tuple[list[PlannedRun], list[str]]:
+           device_gb: float | None = None, devices: int | None = None) -> tuple[list[PlannedRun], list[str]]:
     """The runs of a plan (default: the device type's own), in order, with command-line replacements applied.
 
+    devices: the GPUs a cell can have (None: as many as it asks for, as on a cluster).
     Returns the runs (duplicates removed) and the notes of blocks skipped on this device.
     """
     plan = plan or device_type
@@ -92,6 +98,10 @@ def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Pat
         if block.min_device_gb and (device_gb or 0) < block.min_device_gb:
             skipped.append(f"{block.note or block.experiments}: needs a card of >= {block.min_device_gb:g} GB")
             continue
+        if device_type == "cuda" and block.min_devices and devices is not None and devices < block.min_devices:
+            skipped.append(f"{block.note or block.experiments}: needs {block.min_devices} GPUs, this machine has "
+                           f"{devices}")
+            continue
         names = sorted(available) if block.experiments == "all" else block.experiments
         for name in list(names) + list(experiments or []) + block.exclude:
             if name not in available:
@@ -100,14 +110,18 @@ def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Pat
         names = [name for name in names if name not in block.exclude]
         if experiments:  # keep only the chosen experiments of each block
             names = [name for name in names if name in experiments]
-        for name, model, seq, accum, budget, engine in itertools.product(
+        for name, model, seq, accum, budget, engine, ranks in itertools.product(
                 names, models or block.models, seq_lens or block.seq_lens, block.grad_accums,
-                budgets_gb or block.budgets_gb, engines or block.engines):
+                budgets_gb or block.budgets_gb, engines or block.engines, block.world_sizes):
             overrides = {**block.set, "model": model, "device": device_type}
-            for key, value in (("seq_len", seq), ("grad_accum", accum), ("budget_gb", budget), ("engine", engine)):
+            for key, value in (("seq_len", seq), ("grad_accum", accum), ("budget_gb", budget), ("engine", engine),
+                               ("world_size", ranks)):
                 if value is not None:
                     overrides[key] = value
             config = prepare(available[name], overrides)
+            if device_type == "cuda" and devices is not None and config["world_size"] > devices:
+                skipped.append(f"{name} @ {model} at world size {config['world_size']}: this machine has {devices} GPUs")
+                continue
             for index in range(repeat):
                 path = schema.record_path(out_dir, device_slug, name, model, config["config_hash"], index)
                 planned.setdefault(path, PlannedRun(config, index, path, block.note))

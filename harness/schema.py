@@ -41,6 +41,7 @@ PREDICTIONS_FOLDER, PROBES_FOLDER, BASE_FOLDER = "predictions", "probes", "base"
 MICROBENCH_FOLDER, LOGS_FOLDER, LOCKS_FOLDER = "microbench", "logs", ".locks"
 FITS_FOLDER = "fits"  # what fits each card, predicted (harness.predict.solve)
 JOBS_FOLDER = ".jobs"  # cluster jobs submitted per cell, and submitit's own files (harness.lab.launcher)
+ATTEMPT_SUFFIX = ".attempt.json"  # a worker's record before it becomes the cell's (harness.lab.runner)
 NOT_RUN_FOLDERS = {ATTEMPTS_FOLDER, PREDICTIONS_FOLDER, PROBES_FOLDER, BASE_FOLDER, MICROBENCH_FOLDER,
                    LOGS_FOLDER, LOCKS_FOLDER, FITS_FOLDER, JOBS_FOLDER}
 
@@ -70,6 +71,7 @@ class RunError:
     timeout_s: float | None = None
     log_tail: str | None = None
     traceback: str | None = None
+    rank: int | None = None                   # a cell of several ranks: the rank whose failure this is
 
 
 @dataclass
@@ -92,6 +94,8 @@ class Memory:
 
 @dataclass
 class Throughput:
+    # Tokens and tokens/s count every rank's tokens (global) in a cell of several ranks, whose step time is
+    # its slowest rank's; each rank's own are in RunRecord.ranks. MFU is per device.
     tokens_per_step: int
     step_time_s: dict[str, float]
     tokens_per_s: float
@@ -149,6 +153,12 @@ class RunRecord:
     # The training loop that ran the steps (harness.engines): its name, library and version, the
     # arguments it was given, the optimizer class it built, and how it differs from the lab's own loop.
     engine: dict | None = None
+    # A sharded run: the library that sharded it, its version and method (DeepSpeed: the config it was given).
+    sharded_by: dict | None = None
+    # A cell of several ranks (world_size > 1): each rank's own figures (rank, memory peaks and breakdown,
+    # host_peak_rss_bytes, tokens_per_s, step_time_s, final_loss). Then `memory`'s peaks and
+    # host_peak_rss_bytes are the highest over ranks (harness.measure.ranks), and `loss` the ranks' mean.
+    ranks: list[dict] | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -389,6 +399,18 @@ def gpu_table_path(out_dir: str | Path, device_type: str = "cuda") -> Path:
 
 def base_record_path(out_dir: str | Path, device_slug: str, recipe_id: str) -> Path:
     return Path(out_dir) / BASE_FOLDER / f"{device_slug}__{recipe_id}.json"
+
+
+def beside_attempt(attempt: Path, what: str) -> Path:
+    """A file of a torchrun worker's, named after its cell like a record's interrupted write
+    ('.<cell>.json.<attempt>.<what>.tmp'): a killed run's is cleaned like one."""
+    stem, attempt_id = attempt.name[1:].removesuffix(ATTEMPT_SUFFIX).rsplit(".", 1)
+    return attempt.with_name(f".{stem}.json.{attempt_id}.{what}.tmp")
+
+
+def rank_record_path(attempt: Path, rank: int) -> Path:
+    """Where a rank of a cell of several ranks writes its record when it did not end ok (harness.measure.ranks)."""
+    return beside_attempt(attempt, f"rank{rank}")
 
 
 def attempt_path(record: Path, attempt_id: str) -> Path:

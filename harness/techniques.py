@@ -182,8 +182,9 @@ OPTIMIZERS: dict[str, Callable] = {
 }
 
 # -- sharding (harness.step.sharding) ----------------------------------------------------
-_DEEPSPEED = ("DeepSpeed's ZeRO engine needs CUDA (its fused optimizers and its communication run there); its "
-              "memory per rank is predicted by the analytic method, with DeepSpeed's own estimators beside it")
+_DEEPSPEED = ("fake tensors cannot trace DeepSpeed's ZeRO engine (its partitioned parameters and its gradient "
+              "hooks hold real storage); its memory per rank is predicted by the analytic method, with DeepSpeed's "
+              "own estimators beside it")
 
 # What a sharded experiment cannot be combined with, and why (checked when the file is read):
 # field -> (whether an experiment and its technique trip it, the reason).
@@ -238,8 +239,6 @@ CUDA_ONLY: dict[str, str] = {
     "liger_kernels": "Liger's kernels are Triton kernels, which run on GPUs",
     "compile": "inductor's CPU kernels say nothing of a GPU's memory or speed, and compiling the step alone takes "
                "over a minute on 2 CPU cores",
-    "sharding=zero2": _DEEPSPEED,
-    "sharding=zero3": _DEEPSPEED,
 }
 
 # Paged optimizers keep their state in CUDA unified memory, outside torch's allocator.

@@ -37,8 +37,10 @@ def test_every_experiment_writes_a_complete_ok_record(quick_records):
         assert sum(breakdown.values()) == memory["tracked_step_peak"]
         assert breakdown["weights"] > 0 and breakdown["activations"] > 0
         persistent = memory["persistent"]
-        # a step fused into backward frees each gradient as soon as its parameter has stepped
-        assert (persistent["gradients"] > 0) != record["config"]["optimizer_in_backward"]
+        # a step fused into backward frees each gradient as soon as its parameter has stepped; ZeRO-2 builds
+        # its gradient partitions in its step (harness.step.zero), where they count as the step's own
+        if record["config"]["sharding"] != "zero2":
+            assert (persistent["gradients"] > 0) != record["config"]["optimizer_in_backward"]
         assert persistent["optimizer_state"] > 0
         throughput = record["throughput"]
         assert throughput["timed_steps"] == QUICK["steps"] and throughput["tokens_per_s"] > 0

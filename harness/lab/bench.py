@@ -247,13 +247,15 @@ def main(args) -> int:
                           "is --time-limit (or launcher.time_limit in the matrix file)")
     settings = launcher.load_settings(matrix_path, launcher.settings_overrides(args))
     device_gb = args.device_gb or (env.gpu_total_gb() if device_type == "cuda" else None)
+    # A cluster job gets the GPUs its cell asks for; this machine has its own.
+    devices = args.devices or (env.gpu_count() if args.launcher == "local" else None)
 
     def plan():
         planned, skipped = expand(
             matrix, device_type, experiments_dir, out_dir, plan=args.plan, models=args.model and [args.model],
             experiments=args.experiments, budgets_gb=args.budget_gb and [args.budget_gb],
             seq_lens=args.seq_len and [args.seq_len], engines=args.engine and [args.engine], repeat=args.repeat,
-            device_gb=device_gb)
+            device_gb=device_gb, devices=devices)
         if budget_s is not None or args.dry_run:
             estimate_runs(planned, device_type)
         if budget_s is not None and device_type == "cuda":
@@ -334,5 +336,7 @@ def add_arguments(parser) -> None:
                         help="start no run whose estimated time exceeds what is left (e.g. 11m, 600s)")
     parser.add_argument("--device-gb", type=positive(float),
                         help="plan for a card of this many GB (default: the GPU's own; useful with --dry-run)")
+    parser.add_argument("--devices", type=positive(int), help="plan for this many GPUs (default: this machine's; "
+                        "a cluster's jobs get what their cells ask for): blocks of min_devices above it are left out")
     launcher.add_arguments(parser)
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from harness import env, schema
 
 LOG_TAIL_CHARS = 4000
-ATTEMPT_SUFFIX = ".attempt.json"  # a worker's record before it becomes the cell's
+ATTEMPT_SUFFIX = schema.ATTEMPT_SUFFIX
 PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15  # linux/prctl.h
 WORKER_NAME = "harness-worker"  # a forked worker's process name (ps, psutil), as the module is a new one's
 WORKER_ENVIRONMENT = {"TOKENIZERS_PARALLELISM": "false"}
@@ -163,9 +163,23 @@ def worker_command(config: dict, config_arg: str, attempt_path: Path,
 
 
 def _config_file(attempt_path: Path) -> Path:
-    """A torchrun worker's config: named after its cell, like a record's interrupted write."""
-    stem, attempt_id = attempt_path.name[1:].removesuffix(ATTEMPT_SUFFIX).rsplit(".", 1)
-    return attempt_path.with_name(f".{stem}.json.{attempt_id}.config.tmp")
+    """A torchrun worker's config."""
+    return schema.beside_attempt(attempt_path, "config")
+
+
+def _rank_files(attempt_path: Path, config: dict) -> list[Path]:
+    return [schema.rank_record_path(attempt_path, rank) for rank in range(world_size(config))]
+
+
+def _settle_ranks(attempt_path: Path, config: dict) -> None:
+    """Where no rank wrote the cell's record, the record of the rank that ended first without `ok` becomes
+    the attempt (the others may have failed only because it did: a peer gone mid-collective); the other
+    ranks' go."""
+    written = sorted((path.stat().st_mtime_ns, path) for path in _rank_files(attempt_path, config) if path.exists())
+    if written and not attempt_path.exists():
+        os.replace(written[0][1], attempt_path)
+    for leftover in _rank_files(attempt_path, config):
+        leftover.unlink(missing_ok=True)
 
 
 def _start_worker(config: dict, attempt_path: Path, log, lock: int, rendezvous: Rendezvous | None = None):
@@ -205,7 +219,24 @@ def _start_worker(config: dict, attempt_path: Path, log, lock: int, rendezvous: 
             return process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             return None
-    return wait, process.kill
+    return wait, lambda: _kill_tree(process.pid)
+
+
+def _kill_tree(pid: int) -> None:
+    """Kill a worker and every process under it: torchrun starts each rank in a session of its own, so its
+    process group would not reach them (a rank also dies with torchrun: harness.measure.ranks)."""
+    import psutil
+
+    try:
+        processes = [psutil.Process(pid)]
+        processes += processes[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def cell_path(config: dict, out_dir: str | Path, repeat: int = 0) -> Path:
@@ -246,6 +277,7 @@ def run_config(config: dict, out_dir: str | Path = "results", repeat: int = 0,
             raise
         finally:
             _config_file(attempt_path).unlink(missing_ok=True)
+        _settle_ranks(attempt_path, config)
         record = _read_or_none(attempt_path)
         if record is None or record.config.get("run_id") != run_id:
             record = _lost_record(config, returncode, log_path, timeout_s)
@@ -328,6 +360,7 @@ def summary_line(record: schema.RunRecord) -> str:
         return (f"{name}: ok, peak {record.memory.peak_allocated / 2**30:.3f} GiB ({record.memory.source}), "
                 f"{record.throughput.tokens_per_s:.0f} tokens/s, final loss {record.loss.final:.4f}")
     error = record.error or schema.RunError("?", "")
+    name += f" (rank {error.rank} of {world_size(record.config)})" if error.rank is not None else ""
     if record.status == "oom":
         reached = error.memory_reached_bytes
         reached_text = f", reached {reached / 2**30:.3f} GiB" if reached else ""

@@ -13,7 +13,7 @@ tensors are counted by category (untimed, because counting slows every operator)
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +26,7 @@ from harness.measure.memory import (
     tracker_phase,
 )
 from harness.step.train import Progress, evaluate
+from harness.step.zero import ZeroStep
 
 
 @dataclass
@@ -41,7 +42,7 @@ class Session:
     load_seconds: float = 0.0
     model: object = None                 # the trained model, once built
     _phase: object = None                # the open phase context
-    _tracking: bool = False              # the tracker is entered for this step
+    _tracking: ExitStack | None = None   # the tracker's contexts, entered for this step
     _in_step: bool = False               # phases exist only inside a step (not in held-out evaluation)
     _started: float = 0.0
 
@@ -79,13 +80,13 @@ class Session:
         self.progress.step = step
         if step == self.tracked_step:
             self.tracker = self.tracker or TensorTracker(device_type=self.device.type)
-            self.tracker.__enter__()
+            self._start_tracking()
             label_model(self.tracker, model, optimizer)
+            for category, tensors in (optimizer.partitions() if isinstance(optimizer, ZeroStep) else {}).items():
+                self.tracker.track(tensors, category)  # a ZeRO engine's flat partitions, which no parameter shows
             self.tracker.reset_peak()
-            self._tracking = True
         elif self._budget_binds:
-            self.tracker.__enter__()
-            self._tracking = True
+            self._start_tracking()
         self._in_step = True
         self._sync()
         self._started = time.perf_counter()
@@ -98,7 +99,7 @@ class Session:
         if phase is None or not self._in_step:
             return
         self.progress.phase = phase
-        if self._tracking:
+        if self._tracking is not None:
             self._phase = tracker_phase(self.tracker, phase)
         elif self.cuda_meter is not None:
             self._phase = self.cuda_meter.phase(phase)
@@ -123,9 +124,7 @@ class Session:
         self._in_step = False
         self._sync()
         elapsed = time.perf_counter() - self._started
-        if self._tracking:
-            self.tracker.__exit__(None, None, None)
-            self._tracking = False
+        self._stop_tracking()
         if step == self.tracked_step:
             return  # its held-out loss comes after the peaks are read (the worker's)
         if step >= self.cfg.warmup_steps:
@@ -138,9 +137,17 @@ class Session:
         out-of-memory past a budget) never reached end_step."""
         self.switch(None)
         self._in_step = False
-        if self._tracking:
-            self.tracker.__exit__(None, None, None)
-            self._tracking = False
+        self._stop_tracking()
+
+    def _start_tracking(self) -> None:
+        """The one place a step starts being counted: what must be entered with the tracker goes here."""
+        self._tracking = ExitStack()
+        self._tracking.enter_context(self.tracker)
+
+    def _stop_tracking(self) -> None:
+        if self._tracking is not None:
+            self._tracking.close()
+            self._tracking = None
 
     def record_loss(self, loss: float) -> None:
         self.progress.losses.append(loss)

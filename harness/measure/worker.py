@@ -24,12 +24,14 @@ from harness import env, schema
 from harness.config import experiment_of, resolve_technique
 from harness.engines import ENGINES, EngineRun
 from harness.engines.arguments import NotMapped
+from harness.measure import ranks
 from harness.measure.budget import CUDA_CONTEXT_ALLOWANCE, budget_cap_bytes
 from harness.measure.memory import CudaMeter, TensorTracker
 from harness.measure.session import Session
 from harness.measure.throughput import mfu, step_time_stats
 from harness.step.data import load_batches
 from harness.step.models import parameter_counts, resolve_source
+from harness.step.sharding import rank_and_world
 from harness.step.train import Progress
 from harness.techniques import CUDA_ONLY, PAGED_OPTIMIZERS, Technique, blocks_in
 
@@ -39,7 +41,7 @@ OPTIONAL_PACKAGES = {"bitsandbytes": "int8/NF4 quantization and 8-bit optimizers
                      "datasets": "local text files and hub datasets as data",
                      "galore_torch": "the GaLore optimizers", "torchao": "torchao's low-bit optimizers",
                      "trl": "the trl-sft engine (TRL's SFTTrainer), activation offloading and selective checkpointing",
-                     "liger_kernel": "Liger's kernels"}
+                     "liger_kernel": "Liger's kernels", "deepspeed": "DeepSpeed's ZeRO sharding"}
 
 
 class NotOnThisDevice(Exception):
@@ -58,8 +60,20 @@ def _adapter_bytes(model) -> int | None:
     if not hasattr(model, "peft_config"):
         return None
     with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, state_dict=_full_trainable_state(model))
         return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def _full_trainable_state(model) -> dict | None:
+    """A sharded model's trainable tensors, gathered whole (every rank takes part), for peft to save as
+    an unsharded model's; None (peft's own state dict) for a model that is not sharded."""
+    from torch.distributed.tensor import DTensor
+
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    state = {name: value for name, value in model.state_dict().items() if name in trainable}
+    if not any(isinstance(value, DTensor) for value in state.values()):
+        return None
+    return {name: value.full_tensor() if isinstance(value, DTensor) else value for name, value in state.items()}
 
 
 def _memory_reached(device: torch.device, tracker: TensorTracker | None) -> int | None:
@@ -76,6 +90,7 @@ def run(config: dict, record_path: str | Path) -> schema.RunRecord:
     progress = Progress()
     tracker = None
     device = torch.device("cpu")
+    rank, world = rank_and_world()  # torchrun's, whatever happens next: the record's file depends on it
     started = time.perf_counter()
     try:
         device = pick_device(cfg.device)
@@ -86,6 +101,7 @@ def run(config: dict, record_path: str | Path) -> schema.RunRecord:
             # Code compiled with torch.compile (torchao's optimizer step) runs eager on a CPU: compiling
             # takes longer than the run here, and a CPU's speed is no GPU's anyway.
             torch.compiler.set_stance("force_eager")
+        ranks.join(cfg, device)
         record.environment = environment = env.run_environment(device)
         record.fingerprint = env.fingerprint(environment)
         torch.manual_seed(cfg.seed)
@@ -95,6 +111,7 @@ def run(config: dict, record_path: str | Path) -> schema.RunRecord:
         source = resolve_source(cfg.model, cfg.trust_remote_code, device.type)
         batches, tokenizer, record.data = load_batches(cfg.data, source, cfg.seq_len, cfg.micro_batch,
                                                           cfg.grad_accum, cfg.seed)
+        batches = batches.for_rank(rank, world)
         held_out = None
         if cfg.eval_every:
             held_out = load_batches(cfg.data, source, cfg.seq_len, cfg.eval_sequences, 1, cfg.seed,
@@ -110,6 +127,7 @@ def run(config: dict, record_path: str | Path) -> schema.RunRecord:
         engine = EngineRun(cfg, technique, source, batches, tokenizer, device, session)
         try:
             record.engine = ENGINES[cfg.engine](engine)
+            record.sharded_by = ranks.sharded_by(cfg, technique, source.config)
         finally:
             session.close()
             tracker = session.tracker  # what an oom reached
@@ -161,7 +179,7 @@ def run(config: dict, record_path: str | Path) -> schema.RunRecord:
     record.host_peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     record.finished_at = env.now()
     record.duration_s = time.perf_counter() - started
-    schema.write(record_path, record)
+    ranks.write(record, record_path, rank, world)
     return record
 
 
@@ -207,6 +225,8 @@ def _memory_section(device, tracker: TensorTracker, cuda_meter, context_bytes) -
 
 def main() -> None:
     config_path, record_path = sys.argv[1], sys.argv[2]  # "-": the config comes on standard input
+    if ranks.under_torchrun():
+        ranks.die_with_launcher()
     config = json.loads(sys.stdin.read() if config_path == "-" else Path(config_path).read_text())
     record = run(config, record_path)
     sys.exit(0 if record.status in schema.FINISHED else 1)

@@ -149,13 +149,21 @@ def sequence_batch(stream: np.ndarray, seq_len: int, first: int, count: int, see
 class Batches:
     """Micro-batches for optimizer step `step`: grad_accum tensors of [micro_batch, seq_len]."""
 
-    def __init__(self, stream: np.ndarray, seq_len: int, micro_batch: int, grad_accum: int, seed: int):
+    def __init__(self, stream: np.ndarray, seq_len: int, micro_batch: int, grad_accum: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
         self.stream, self.seq_len, self.micro_batch, self.grad_accum, self.seed = (
             stream, seq_len, micro_batch, grad_accum, seed)
+        self.rank, self.world_size = rank, world_size
+
+    def for_rank(self, rank: int, world_size: int) -> Batches:
+        """This rank's slice of each global batch: its micro-batch of every world_size in turn (rank 0 of
+        1 gets every sequence, in the same order)."""
+        return Batches(self.stream, self.seq_len, self.micro_batch, self.grad_accum, self.seed, rank, world_size)
 
     def step(self, step: int, device: torch.device) -> list[torch.Tensor]:
-        per_step = self.micro_batch * self.grad_accum
-        return [sequence_batch(self.stream, self.seq_len, step * per_step + i * self.micro_batch,
+        per_step = self.micro_batch * self.grad_accum * self.world_size
+        return [sequence_batch(self.stream, self.seq_len,
+                               step * per_step + (i * self.world_size + self.rank) * self.micro_batch,
                                self.micro_batch, self.seed).to(device)
                 for i in range(self.grad_accum)]
 

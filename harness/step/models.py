@@ -341,7 +341,7 @@ def parameter_counts(model: nn.Module) -> dict:
     """Total parameters counted as the unquantized model has them (packed 4-bit counts double)."""
     total = trainable = 0
     for param in model.parameters():
-        count = param.numel()
+        count = getattr(param, "ds_numel", None) or param.numel()  # ZeRO-3 keeps a partitioned one empty
         if getattr(param, "quant_state", None) is not None:
             count *= 2  # two 4-bit values per stored byte
         total += count

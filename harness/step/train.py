@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.step import sharding
+from harness.step import sharding, zero
 from harness.step.models import (
     DTYPES,
     build_base_model,
@@ -42,6 +42,8 @@ def build_training(source, technique, cfg, device: torch.device, optimizer_devic
     optimizer_device picks the optimizer variant of another device type (a simulation of a
     CUDA step on CPU fake tensors gets the fused AdamW a CUDA run gets); mesh: the ranks a sharded
     model is sharded over (a simulation's fake ones; by default every rank of the process group).
+    With DeepSpeed's ZeRO the model is its engine and the optimizer a `zero.ZeroStep`, which runs
+    backward itself (`backward`).
     """
     sharded = cfg.sharding == "fsdp2"
     model = build_base_model(source, technique, device, cfg.seed, cfg.attn_implementation, cfg.trust_remote_code,
@@ -60,7 +62,9 @@ def build_training(source, technique, cfg, device: torch.device, optimizer_devic
         return OPTIMIZERS[technique.optimizer](params, cfg.optim, optimizer_device or device.type, model=model)
 
     optimizer = optimizer_in_backward(trainable, build) if cfg.optimizer_in_backward else build(trainable)
-    scaler = torch.amp.GradScaler(device.type) if technique.loss_scaling else None
+    if zero.is_zero(cfg):  # DeepSpeed partitions the built model and optimizer, and scales fp16 losses itself
+        model, optimizer = zero.initialize(model, optimizer, technique, cfg)
+    scaler = torch.amp.GradScaler(device.type) if technique.loss_scaling and not zero.is_zero(cfg) else None
     if cfg.compile:
         model = torch.compile(model)
     return model, optimizer, scaler
@@ -108,6 +112,15 @@ def optimizer_in_backward(params: list, build) -> StepsInBackward:
     return StepsInBackward(per_parameter)
 
 
+def backward(loss: torch.Tensor, optimizer, scaler) -> None:
+    """A micro-batch's backward pass: through the loss scaler, or the optimizer's own where it runs
+    backward itself (a DeepSpeed engine's, whose hooks partition the gradients)."""
+    if isinstance(optimizer, zero.ZeroStep):
+        optimizer.backward(loss)
+    else:
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
 def train_step(model, optimizer, micro_batches: list[torch.Tensor], autocast: str, scaler,
                progress: Progress, phase=no_phase, after_backward=None, saved_tensors=None) -> torch.Tensor:
     """One optimizer step over `micro_batches`; returns the step's mean loss (a 0-d tensor).
@@ -127,7 +140,7 @@ def train_step(model, optimizer, micro_batches: list[torch.Tensor], autocast: st
             loss = model(input_ids=input_ids, labels=input_ids).loss / len(micro_batches)
         progress.phase = "backward"
         with phase("backward"):
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            backward(loss, optimizer, scaler)
         total += loss.detach().float()
     if after_backward is not None:
         after_backward()
