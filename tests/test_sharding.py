@@ -57,13 +57,15 @@ def test_labelled_buffers_keep_their_label_until_an_explicit_one():
 def test_moving_categories_to_the_host_recomputes_the_device_peak():
     tracker = TensorTracker()
     with tracker:
+        loading = torch.empty(300, dtype=torch.uint8)
         shard = torch.empty(1000, dtype=torch.uint8)
+        del loading
         tracker.track([shard], "weights")
-        since = tracker.counter
+        since = loaded = tracker.counter
         transient = torch.empty(500, dtype=torch.uint8)
         del transient
-        tracker.move_to_host(("weights",), since)
-    assert (tracker.peak, tracker.host_peak) == (500, 1000)
+        load_peak = tracker.move_to_host(("weights",), since, loaded)
+    assert (tracker.peak, tracker.host_peak, load_peak) == (500, 1000, 300)
     del shard
 
 
@@ -161,3 +163,23 @@ def test_the_gpu_count_table_answers_the_smallest_world_size_that_fits(monkeypat
         states = sum(answer["zero3_categories"][k] for k in ("weights", "optimizer_state"))
         assert states == pytest.approx(14 * parameters / answer["world_size"], rel=1e-3)
         assert answer["deepspeed_zero3_bytes"] >= 18 * parameters / answer["world_size"]
+
+
+# -- predicted against measured on two CPU ranks -------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", ["fsdp2", "fsdp2-gc", "fsdp2-lora"])
+def test_simulated_rank_matches_two_real_cpu_ranks_within_3_percent(tmp_path, experiment):
+    """The sharded step under the fake process group against the same step on two gloo ranks (tracked bytes)."""
+    from conftest import QUICK, run_dict
+
+    from harness.config import prepare
+
+    _, record = run_dict(prepare(EXPERIMENTS / f"{experiment}.yaml", {**QUICK, "world_size": 2}), tmp_path)
+    assert record["status"] == "ok", record["error"]
+    simulated = schema.to_dict(predict_record(EXPERIMENTS / f"{experiment}.yaml", "tiny-llama", QUICK["seq_len"],
+                                              QUICK["micro_batch"], "simulated", "cpu", {"world_size": 2}))
+    for rank in record["ranks"]:
+        assert simulated["total_bytes"] == pytest.approx(rank["memory"]["tracked_step_peak"], rel=0.03), (
+            simulated["categories"], rank["memory"]["breakdown_at_peak"])
+    assert simulated["categories"]["all_gather"] + simulated["categories"]["reduce_scatter"] > 0

@@ -157,17 +157,20 @@ class TensorTracker(TorchDispatchMode):
         finally:
             self._context_category = outer
 
-    def move_to_host(self, categories: tuple[str, ...], since: int) -> None:
+    def move_to_host(self, categories: tuple[str, ...], since: int, loaded: int) -> int:
         """Count `categories` as host memory, and the device and host peaks since counter `since` again
-        (a simulated offload: the shards, their gradients and the optimizer state live on the host)."""
+        (a simulated offload: the shards, their gradients and the optimizer state live on the host).
+        Returns the device peak up to counter `loaded` (the model built) without them."""
         for record in self.history:
             if record.category in categories and not record.host:
                 record.host = True
                 if record.died is None:
                     self.current -= record.nbytes
                     self.host_current += record.nbytes
-        self.peak, self.peak_at = _replay([r for r in self.history if not r.host], since)
+        on_device = [r for r in self.history if not r.host]
+        self.peak, self.peak_at = _replay(on_device, since)
         self.host_peak = _replay([r for r in self.history if r.host], since)[0]
+        return _replay(on_device, 0, until=loaded)[0]
 
     @contextmanager
     def copying_to_host(self):
@@ -231,13 +234,13 @@ class TensorTracker(TorchDispatchMode):
         return totals
 
 
-def _replay(records: list[_Storage], since: int) -> tuple[int, int]:
-    """The most bytes `records` held at once from counter `since` on, and when."""
+def _replay(records: list[_Storage], since: int, until: float = float("inf")) -> tuple[int, int]:
+    """The most bytes `records` held at once between counters `since` and `until`, and when."""
     events = sorted([(r.born, r.nbytes) for r in records] + [(r.died, -r.nbytes) for r in records if r.died is not None])
     current = sum(nbytes for when, nbytes in events if when <= since)
     peak, peak_at = current, since
     for when, nbytes in events:
-        if when > since:
+        if since < when <= until:
             current += nbytes
             if current > peak:
                 peak, peak_at = current, when
@@ -366,8 +369,10 @@ def fsdp2_tracking(tracker: TensorTracker):
     alloc, free = reporting(_fsdp_param.alloc_storage), reporting(_fsdp_param.free_storage)
     group, comms = _fsdp_param_group, _fsdp_collectives
     patches = [(_fsdp_param, "alloc_storage", alloc), (_fsdp_param, "free_storage", free), (group, "alloc_storage", alloc),
-               (group, "foreach_all_gather", labelled(group.foreach_all_gather, "all_gather")),
-               (group, "foreach_all_gather_copy_out", labelled(group.foreach_all_gather_copy_out, "all_gather")),
+               # a group's unsharding: its all-gather, or at world size 1 its shards cast to the gather dtype
+               (group.FSDPParamGroup, "unshard", labelled(group.FSDPParamGroup.unshard, "all_gather")),
+               (group.FSDPParamGroup, "wait_for_unshard",
+                labelled(group.FSDPParamGroup.wait_for_unshard, "all_gather")),
                (group, "foreach_reduce", labelled(group.foreach_reduce, "reduce_scatter")),
                (comms.DefaultAllGather, "__call__", collective(comms.DefaultAllGather.__call__)),
                (comms.DefaultReduceScatter, "__call__", collective(comms.DefaultReduceScatter.__call__))]

@@ -21,6 +21,7 @@ import torch
 from harness.measure.memory import (
     CudaMeter,
     TensorTracker,
+    fsdp2_tracking,
     label_gradients,
     label_model,
     tracker_phase,
@@ -142,6 +143,8 @@ class Session:
     def _start_tracking(self) -> None:
         """The one place a step starts being counted: what must be entered with the tracker goes here."""
         self._tracking = ExitStack()
+        if self.cfg.sharding == "fsdp2":  # what FSDP2 frees and gathers outside the dispatcher
+            self._tracking.enter_context(fsdp2_tracking(self.tracker))
         self._tracking.enter_context(self.tracker)
 
     def _stop_tracking(self) -> None:

@@ -546,11 +546,6 @@ def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gr
 
 
 # -- sharded over ranks ---------------------------------------------------------------
-# DeepSpeed's defaults the lab's ZeRO runs keep (harness.step.sharding): gradients are reduced in buckets
-# of this many elements (reduce_bucket_size), and ZeRO-3 gathers parameters ahead in buckets of
-# stage3_prefetch_bucket_size elements.
-DEEPSPEED_REDUCE_BUCKET = 500_000_000
-DEEPSPEED_PREFETCH_BUCKET = 50_000_000
 
 
 @dataclass(frozen=True)
@@ -581,7 +576,8 @@ def sharded_candidates(shape: Shape, technique, cfg, persistent: dict, activatio
     - weights, gradients and optimizer state: 1/N each (the shards; fp32 masters for bf16-mixed);
     - all_gather: the root stays unsharded from its forward to the end of backward; a decoder layer is
       unsharded while it runs and the next one is gathered ahead: root + 2 layers, in the all-gather
-      dtype (the autocast dtype: MixedPrecisionPolicy's param_dtype);
+      dtype (the autocast dtype: MixedPrecisionPolicy's param_dtype); one rank alone casts each layer
+      as it runs (root + 1 layer);
     - reduce_scatter: one layer's trainable gradients copied into the flat reduce-scatter input, in fp32
       (reduce_dtype) under mixed precision; their unsharded 16-bit gradients are activations;
     - with cpu_offload, the shards, gradients and optimizer state are host memory.
@@ -589,11 +585,11 @@ def sharded_candidates(shape: Shape, technique, cfg, persistent: dict, activatio
     (every saved activation but the head's, two layers gathered, one reduced), backward's end (every
     gradient shard made, the first layer's activations and gathers still alive) and the optimizer step.
 
-    ZeRO (DeepSpeed, bf16): 16-bit parameters (ZeRO-2: whole on every rank; ZeRO-3: 1/N, gathered
-    ahead in prefetch buckets), fp32 masters and AdamW states 1/N, 16-bit gradients 1/N reduced in
-    buckets of DEEPSPEED_REDUCE_BUCKET elements; the optimizer step casts each rank's gradient
-    partition to fp32. cpu_offload moves masters, states and fp32 gradients to the host (ZeRO-3 its
-    16-bit parameters too).
+    ZeRO (DeepSpeed, bf16; harness.step.zero): 16-bit parameters as weights (ZeRO-2: whole on every
+    rank; ZeRO-3: 1/N, a layer gathered at a time and one prefetch bucket ahead), fp32 masters and
+    AdamW's moments 1/N as optimizer state, 16-bit gradients 1/N reduced in buckets of hidden^2
+    elements; the step casts each rank's gradient partition to fp32. cpu_offload moves the optimizer
+    state (and ZeRO-3's 16-bit parameters) to the host.
     """
     n = cfg.world_size
     units = _units(shape, sizes, technique)
@@ -601,6 +597,7 @@ def sharded_candidates(shape: Shape, technique, cfg, persistent: dict, activatio
     reduce = 4 if technique.autocast != "none" else trainable_dtype_bytes(technique)
     accumulated = cfg.grad_accum > 1
     head = activations["head"]
+    in_flight = 2 if n > 1 else 1  # one layer gathered ahead of the running one (one rank gathers nothing)
     if cfg.sharding == "fsdp2":
         shards = {k: math.ceil(v / n) for k, v in persistent.items()}
         gathered_root, gathered_layer = units.root * compute, units.layer * compute
@@ -608,24 +605,19 @@ def sharded_candidates(shape: Shape, technique, cfg, persistent: dict, activatio
         unsharded_grads = units.layer_trainable * compute
         offloaded = ("weights", "gradients", "optimizer_state") if cfg.cpu_offload else ()
     else:
-        total, trainable = units.root + shape.layers * units.layer, sum(sizes)
-        sixteen = 2 * total
-        masters = 4 * trainable
-        shards = {"weights": (sixteen if cfg.sharding == "zero2" else math.ceil(sixteen / n)) + math.ceil(masters / n),
-                  "quant_constants": 0, "gradients": math.ceil(2 * trainable / n),
-                  "optimizer_state": math.ceil(persistent["optimizer_state"] / n)}
-        gathered_root = 0 if cfg.sharding == "zero2" else 2 * min(max(units.root, units.layer),
-                                                                  DEEPSPEED_PREFETCH_BUCKET + units.layer)
-        gathered_layer = 0 if cfg.sharding == "zero2" else 2 * units.layer
-        reduced_layer = 2 * min(DEEPSPEED_REDUCE_BUCKET, trainable)
+        stage3 = cfg.sharding == "zero3"
+        sixteen, trainable = 2 * (units.root + shape.layers * units.layer), sum(sizes)
+        shards = {"weights": math.ceil(sixteen / n) if stage3 else sixteen, "quant_constants": 0,
+                  "gradients": math.ceil(2 * trainable / n),
+                  "optimizer_state": math.ceil((4 * trainable + persistent["optimizer_state"]) / n)}
+        bucket = shape.hidden * shape.hidden  # harness.step.zero: Trainer's "auto" bucket sizes
+        gathered_root = 2 * min(units.root, bucket) if stage3 else 0  # gathered ahead: one prefetch bucket
+        gathered_layer = 2 * units.layer if stage3 else 0
+        reduced_layer = 2 * min(bucket, trainable)
         unsharded_grads = 2 * units.layer_trainable
-        step_transient += math.ceil(4 * trainable / n)  # the fp32 copy of this rank's gradients
-        offloaded = ("optimizer_state",) if cfg.cpu_offload else ()
+        step_transient += math.ceil(4 * trainable / n)  # the fp32 copy of this rank's gradient partition
+        offloaded = ((("weights",) if stage3 else ()) + ("optimizer_state",)) if cfg.cpu_offload else ()
     host = sum(shards[k] for k in offloaded)
-    if cfg.cpu_offload and cfg.sharding != "fsdp2":
-        masters = math.ceil(4 * sum(sizes) / n)
-        host += masters + (shards["weights"] - masters if cfg.sharding == "zero3" else 0)
-        shards = {**shards, "weights": shards["weights"] - (shards["weights"] if cfg.sharding == "zero3" else masters)}
     device = {k: (0 if k in offloaded else v) for k, v in shards.items()}
     gradients_then = device["gradients"] if accumulated else 0
     candidates = {
@@ -635,9 +627,9 @@ def sharded_candidates(shape: Shape, technique, cfg, persistent: dict, activatio
         "layer backward": {**device, "gradients": gradients_then,
                            "activations": activations["saved"] - head + activations["layer"] * cfg.gradient_checkpointing
                            + unsharded_grads,
-                           "all_gather": gathered_root + 2 * gathered_layer, "reduce_scatter": reduced_layer},
+                           "all_gather": gathered_root + in_flight * gathered_layer, "reduce_scatter": reduced_layer},
         "backward end": {**device, "activations": activations["layer"] + unsharded_grads,
-                         "all_gather": gathered_root + 2 * gathered_layer, "reduce_scatter": reduced_layer},
+                         "all_gather": gathered_root + in_flight * gathered_layer, "reduce_scatter": reduced_layer},
         "optimizer step": {**device, "activations": 0 if cfg.cpu_offload else math.ceil(step_transient / n)
                            if cfg.sharding == "fsdp2" else step_transient},
     }

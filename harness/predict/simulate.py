@@ -295,7 +295,7 @@ def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, 
           _cuda_dropout(device_type), _cuda_attention(device_type), _cuda_int8_matmul(device_type), mode,
           _swappable_fake_tensors(mode), tracker):
         model, optimizer, _ = build_training(source, technique, cfg, device, optimizer_device=device_type, mesh=mesh)
-        load_peak = tracker.peak
+        load_peak, loaded = tracker.peak, tracker.counter
         saved_tensors = _offloading(model, cfg, tracker)
         progress = Progress()
         for step in range(steps):
@@ -311,7 +311,7 @@ def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, 
                        after_backward=(lambda: label_gradients(tracker, model)) if last else None,
                        saved_tensors=saved_tensors)
         if cfg.cpu_offload and device_type == "cuda":  # a CPU's step has one memory: nothing to offload to
-            tracker.move_to_host(OFFLOADED, measured_from)
+            load_peak = tracker.move_to_host(OFFLOADED, measured_from, loaded)
     return {
         "method": "simulated",
         "total_bytes": max(tracker.peak, load_peak),
