@@ -202,9 +202,6 @@ SHARDING_EXCLUDES: dict[str, tuple[Callable, str]] = {
     "lora": (lambda e, t: t.adapter != "none" and (e.lora.init_lora_weights is not True or e.lora.use_dora),
              "DoRA's magnitudes and the data-driven inits (PiSSA, OLoRA, ...) are computed from the base weights, "
              "which a sharded model materialises only after its adapters exist"),
-    "engine": (lambda e, t: e.engine != "harness",
-               "Trainer and SFTTrainer shard through accelerate's own FSDP and DeepSpeed plugins, which the "
-               "Trainer engines do not map yet"),
 }
 
 

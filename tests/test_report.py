@@ -133,9 +133,9 @@ def test_other_projects_figures_are_a_second_ledger_the_predictions_cover():
         assert claim.metric and claim.figure_value and set(claim.sources) <= set(sources), claim.id
         assert claim.evidence["quantity"] in QUANTITIES and claim.whose == "their", claim.id
     # `predict --claims` predicts what both ledgers read
-    wanted = {(*c, "cuda") for c in evidence_configurations(published + load_claims())}
+    wanted = {(*c, "cuda", 1) for c in evidence_configurations(published + load_claims())}
     assert wanted <= set(claim_configurations())
-    assert ("bf16-pure", "llama-3.2-3b", 4096, 2, "cuda") in wanted
+    assert ("bf16-pure", "llama-3.2-3b", 4096, 2, "cuda", 1) in wanted
 
 
 # --- choosing evidence: GPU > (CPU where device-independent) > simulated > analytic ----------------

@@ -42,6 +42,8 @@ BLOCKS = {
         "trl-sft": {"activation_offloading": True}},
     "liger_kernels": _both({"use_liger_kernel": True}),
     "compile": _both({"torch_compile": True}),
+    "sharding": _both(Unmapped("Trainer shards through accelerate's FSDP and DeepSpeed plugins (an accelerate "
+                               "config and a launcher), which the Trainer engines do not map yet (sharding)")),
 }
 
 # The experiment's optimizers by TrainingArguments' `optim` names (by device type where they differ),
@@ -138,7 +140,7 @@ def checkpointing_fields() -> tuple[str, str]:
 def block_arguments(cfg, engine: str) -> dict:
     """The arguments of the experiment's building blocks (BLOCKS) in this engine; NotMapped naming
     every block it has no counterpart for."""
-    mappings = [engines[engine] for block, engines in BLOCKS.items() if getattr(cfg, block)]
+    mappings = [engines[engine] for block, engines in BLOCKS.items() if getattr(cfg, block) not in (False, "none")]
     refused = [m.reason for m in mappings if isinstance(m, Unmapped)]
     if refused:
         raise NotMapped("; ".join(refused))

@@ -247,8 +247,9 @@ def main(args) -> int:
                           "is --time-limit (or launcher.time_limit in the matrix file)")
     settings = launcher.load_settings(matrix_path, launcher.settings_overrides(args))
     device_gb = args.device_gb or (env.gpu_total_gb() if device_type == "cuda" else None)
-    # A cluster job gets the GPUs its cell asks for; this machine has its own.
-    devices = args.devices or (env.gpu_count() if args.launcher == "local" else None)
+    # A cluster job gets the GPUs its cell asks for; this machine has its own (none: a CUDA plan read on a
+    # machine without a GPU, as a dry run does, plans every cell).
+    devices = args.devices or ((env.gpu_count() or None) if args.launcher == "local" else None)
 
     def plan():
         planned, skipped = expand(

@@ -29,9 +29,9 @@ PREDICTOR_MODULES = ("predict/analytic.py", "predict/simulate.py", "step/models.
                      "measure/memory.py", "techniques.py", "presets.py", "architectures.py", "config.py")
 
 
-def matrix_configurations(experiments_dir: Path) -> list[tuple[str, str, int, int, str]]:
-    """Every (experiment, model, seq_len, micro-batch, code path) the matrix's plans measure
-    (harness.matrix.expand, on a card large enough for every block).
+def matrix_configurations(experiments_dir: Path) -> list[tuple[str, str, int, int, str, int]]:
+    """Every (experiment, model, seq_len, micro-batch, code path, world size) the matrix's plans measure
+    (harness.matrix.expand, on a card large enough for every block and as many GPUs as each asks for).
 
     The lab's pretrained base (its shape is a preset's) and the accumulation series (one
     micro-batch's memory, predicted at the experiment's own accumulation) are left out.
@@ -46,22 +46,22 @@ def matrix_configurations(experiments_dir: Path) -> list[tuple[str, str, int, in
     for plan in matrix:
         device_type = "cpu" if plan == "cpu" else "cuda"
         runs, _ = expand(matrix, device_type, experiments_dir, experiments_dir, plan=plan, device_gb=math.inf)
-        cells += [(c["name"], c["model"], c["seq_len"], c["micro_batch"], device_type)
+        cells += [(c["name"], c["model"], c["seq_len"], c["micro_batch"], device_type, c["world_size"])
                   for c in (run.config for run in runs)
                   if c["model"] != BASE_SOURCE and c["grad_accum"] == own_accumulation[c["name"]]]
     return cells
 
 
-def claim_configurations() -> list[tuple[str, str, int, int, str]]:
-    """What the two ledgers read (the documents' claims, other projects' figures), on the CUDA path."""
+def claim_configurations() -> list[tuple[str, str, int, int, str, int]]:
+    """What the two ledgers read (the documents' claims, other projects' figures), on the CUDA path, one rank."""
     from harness.claims import PUBLISHED_FILE, evidence_configurations, load_claims
 
     claims = load_claims() + load_claims(PUBLISHED_FILE)
-    return [(name, model, seq, batch, "cuda") for name, model, seq, batch in evidence_configurations(claims)]
+    return [(name, model, seq, batch, "cuda", 1) for name, model, seq, batch in evidence_configurations(claims)]
 
 
-def report_configurations(experiments_dir: Path) -> list[tuple[str, str, int, int, str]]:
-    """What the report compares: (experiment, model, seq_len, batch, code path). First the ledgers'
+def report_configurations(experiments_dir: Path) -> list[tuple[str, str, int, int, str, int]]:
+    """What the report compares: (experiment, model, seq_len, batch, code path, world size). First the ledgers'
     configurations, then every cell of the matrix's plans (harness.lab.bench), so each measured
     run has both predictions beside it."""
     return list(dict.fromkeys(claim_configurations() + matrix_configurations(experiments_dir)))
@@ -134,30 +134,30 @@ def main(args) -> int:
         raise SystemExit("predict: --checkpointing is not saved (--save, --claims); use an experiment with "
                          "gradient_checkpointing: true, such as qlora-gc")
     overrides = {"gradient_checkpointing": True} if args.checkpointing else {}
-    if args.world_size:
-        overrides["world_size"] = args.world_size
     if args.solve:
-        return _solve(args, experiments_dir, overrides)
+        return _solve(args, experiments_dir, {**overrides, **({"world_size": args.world_size} if args.world_size else {})})
     if args.claims:
-        jobs = [(experiments_dir / f"{name}.yaml", model, seq, batch, device_type)
-                for name, model, seq, batch, device_type in report_configurations(experiments_dir)]
+        jobs = [(experiments_dir / f"{name}.yaml", model, seq, batch, device_type, world_size)
+                for name, model, seq, batch, device_type, world_size in report_configurations(experiments_dir)]
     else:
         if not args.model or not args.experiment:
             raise SystemExit("predict: --model and --experiment are required (or --claims)")
-        jobs = [(_experiment_file(args.experiment, experiments_dir), args.model, args.seq, args.batch, args.device)]
+        jobs = [(_experiment_file(args.experiment, experiments_dir), args.model, args.seq, args.batch, args.device,
+                 args.world_size or None)]
     results = []
     predictor = env.code_digest(PREDICTOR_MODULES)  # the code that would predict now
-    for experiment, model, seq, batch, device_type in jobs:
+    for experiment, model, seq, batch, device_type, world_size in jobs:
+        ranks = {"world_size": world_size} if world_size else {}  # None: the experiment's own
         for method in methods:
             path = schema.prediction_path(args.out, experiment.stem, model, seq, batch, device_type, method,
-                                          overrides.get("world_size", 1))
+                                          world_size or 1)
             if args.claims and not args.force and path.exists():
                 saved = schema.read(path, kind="prediction")
                 if saved.predictor == predictor:
                     results.append(saved)
                     continue
             try:
-                prediction = predict(experiment, model, seq, batch, method, device_type, overrides)
+                prediction = predict(experiment, model, seq, batch, method, device_type, {**overrides, **ranks})
             except (UnsupportedArchitecture, NotSimulated) as error:
                 if len(methods) == 1:
                     raise

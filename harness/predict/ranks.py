@@ -26,11 +26,12 @@ SIMULATED_CARD = 80  # the card whose answers the simulation checks, at the shor
 # as anyone sharding a 70B model does; QLoRA is not sharded here (harness.techniques.SHARDING_EXCLUDES):
 # one GPU or none. DeepSpeed's ZeRO-3 estimate stands beside the full fine-tuning rows.
 GPU_ROWS = {
-    "full fine-tuning (bf16-mixed)": ("fsdp2", {"gradient_checkpointing": True}, True),
-    "full, offloaded to host memory": ("fsdp2", {"gradient_checkpointing": True, "cpu_offload": True}, True),
-    "LoRA": ("fsdp2", {"technique": "lora", "gradient_checkpointing": True}, True),
+    "full fine-tuning (bf16-mixed)": ("fsdp2-gc", {}, True),
+    "full, offloaded to host memory": ("fsdp2-offload-gc", {}, True),
+    "LoRA": ("fsdp2-lora", {"gradient_checkpointing": True}, True),
     "QLoRA (one GPU)": ("qlora-gc", {}, False),
 }
+FULL_ROWS = ("fsdp2-gc", "fsdp2-offload-gc")  # ZeRO-3 and DeepSpeed's estimate stand beside these
 
 
 def _peak(experiment: Path, model: str, seq_len: int, world_size: int, overrides: dict, method: str = "analytic"):
@@ -94,13 +95,13 @@ def gpu_count_table(experiments_dir: Path, simulate: bool = True):
                            "limited_by": None if size else ("not sharded" if not sharded else "world sizes"),
                            "analytic_bytes": answer.total_bytes, "categories": answer.categories,
                            "host_bytes": answer.host_bytes, "at_world_size": answer.world_size}
-                    if size and sharded and "technique" not in overrides:
+                    if size and name in FULL_ROWS:
                         # ZeRO-3 at the same world size: the lab's terms, and DeepSpeed's own estimate
                         zero3 = _peak(experiment, model, seq_len, size, {**overrides, "sharding": "zero3"})
                         row.update(zero3_bytes=zero3.total_bytes, zero3_categories=zero3.categories,
                                    zero3_host_bytes=zero3.host_bytes,
                                    deepspeed_zero3_bytes=deepspeed_zero3_estimate(
-                                       params["total"], largest_layer, size, overrides.get("cpu_offload", False)))
+                                       params["total"], largest_layer, size, "offload" in name))
                     if simulate and size and card_gb == SIMULATED_CARD and seq_len == GPU_SEQ_LENS[0]:
                         simulated = _peak(experiment, model, seq_len, size, overrides, "simulated")
                         row.update(simulated_bytes=simulated.total_bytes, simulated_categories=simulated.categories,

@@ -18,7 +18,7 @@ import pandas as pd
 from harness.report.load import CATEGORIES
 
 TOLERANCES = {"simulated": 0.03, "analytic": 0.10}
-PREDICTION_KEYS = ["experiment", "model", "seq_len", "micro_batch", "grad_accum"]
+PREDICTION_KEYS = ["experiment", "model", "seq_len", "micro_batch", "grad_accum", "world_size"]
 
 
 @dataclass(frozen=True)

@@ -298,10 +298,10 @@ def parity(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
     done = runs[(runs["status"] == "ok") & runs["peak_allocated"].notna()]
     if done.empty or predictions.empty:
         return FigureResult(name, title, "", missing=missing)
-    keys = ["experiment", "model", "seq_len", "micro_batch", "grad_accum", "device_type"]
+    keys = ["experiment", "model", "seq_len", "micro_batch", "grad_accum", "world_size", "device_type"]
     left = done[keys + ["peak_allocated", "device_name"]].copy()
     right = predictions[keys + ["method", "total_bytes"]].copy()
-    for key in ("seq_len", "micro_batch", "grad_accum"):
+    for key in ("seq_len", "micro_batch", "grad_accum", "world_size"):
         left[key] = left[key].astype("Int64")
         right[key] = right[key].astype("Int64")
     matched = left.merge(right, on=keys).dropna(subset=["total_bytes"])

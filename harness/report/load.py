@@ -142,7 +142,7 @@ def run_row(record: dict) -> dict:
         "technique": config.get("technique"), "engine": engine_of(record),
         "seq_len": config.get("seq_len"), "micro_batch": config.get("micro_batch"),
         "grad_accum": config.get("grad_accum"), "gradient_checkpointing": config.get("gradient_checkpointing"),
-        "steps": config.get("steps"),
+        "world_size": config.get("world_size", 1), "steps": config.get("steps"),
         "budget_gb": _get(record, "budget", "budget_gb", default=config.get("budget_gb")),
         "status": record.get("status"),
         "peak_allocated": memory.get("peak_allocated"), "peak_reserved": memory.get("peak_reserved"),
@@ -177,8 +177,8 @@ def runs_frame(results: Results, engines: bool = False) -> pd.DataFrame:
 
 def prediction_row(prediction: dict) -> dict:
     row = {key: prediction.get(key) for key in ("method", "experiment", "model", "seq_len", "micro_batch",
-                                                   "grad_accum", "gradient_checkpointing", "device_type",
-                                                   "total_bytes", "seconds", "host_bytes")}
+                                                   "grad_accum", "gradient_checkpointing", "world_size",
+                                                   "device_type", "total_bytes", "seconds", "host_bytes")}
     row["file"] = prediction.get("_file")
     row["parameters_total"] = _get(prediction, "parameters", "total")
     row["parameters_trainable"] = _get(prediction, "parameters", "trainable")
