@@ -258,7 +258,7 @@ class FitTable:
 @dataclass
 class GpuCountTable:
     """How many GPUs, predicted: per model, way of training, sequence length and card, the smallest world
-    size whose per-rank step fits, with that rank's breakdown (harness.predict.ranks)."""
+    size whose per-rank step fits, with that rank's breakdown (harness.predict.gpus)."""
     KIND: typing.ClassVar[str] = "gpu_count_table"
     VERSION: typing.ClassVar[int] = 1
     method: str                 # how the answers were found (the analytic search; simulated_* checks some)

@@ -277,13 +277,31 @@ def test_render_carries_every_claim_and_figure(rendered):
     assert sorted(p.name for p in report.figures) == sorted(p.name for p in (report.html.parent / "figures").iterdir())
     assert "Not drawn" not in markdown
     headings = [line for line in markdown.splitlines() if line.startswith("## ")]
-    assert headings == ["## What fits my card", "## Verdicts at a glance", "## The claims ledger",
+    assert headings == ["## What fits my card", "## How many GPUs", "## Verdicts at a glance", "## The claims ledger",
                         "## Other projects' published figures", "## The optimisation ladder",
                         "## Every technique at 7B, sequence 2,048", "## Predicted against measured on the GPU",
                         "## Figures", "## Loss on a pretrained base", "## Our loop against Trainer",
                         "## Runs on a GPU",
                         "## Micro-benchmarks on a GPU", "## Appendix: the lab checking itself on a CPU",
                         "## Environment and provenance"]
+
+
+def test_how_many_gpus_answers_every_model_and_card_with_one_ranks_breakdown(rendered):
+    markdown = rendered[0].markdown.read_text()
+    section = markdown.split("## How many GPUs")[1].split("## Verdicts at a glance")[0]
+    table = json.loads((FIXTURE / "fits" / "how-many-gpus__cuda.json").read_text())
+    assert [line[4:] for line in section.splitlines() if line.startswith("### ")] == [
+        "Sequence 2,048", "Sequence 8,192", "Against ZeRO-3 and DeepSpeed's own estimate"]
+    # the 70B full fine-tuning answer on an 80 GB card at 2,048: its world size and the rank's peak
+    answer = next(r for r in table["rows"] if r["model"] == "llama-3-70b" and r["experiment"] == "fsdp2-gc"
+                  and r["card_gb"] == 80 and r["seq_len"] == 2048)
+    line = next(line for line in section.split("### Sequence 2,048")[1].splitlines()
+                if line.startswith("| llama-3-70b | full fine-tuning"))
+    assert f"{answer['world_size']} GPUs" in line and f"{answer['analytic_bytes'] / 2**30:.2f} GiB" in line
+    assert "all-gather buffers" in line and "simulated" in line
+    assert "past the model's context (4,096)" in section  # Llama-2-13B at 8,192
+    peers = section.split("### Against ZeRO-3 and DeepSpeed's own estimate")[1]
+    assert "18 bytes per parameter" in peers
 
 
 def test_the_report_opens_with_what_fits_each_card(rendered):

@@ -13,7 +13,7 @@ from harness import schema
 from harness.config import ConfigError, load_experiment
 from harness.measure.budget import card_cap_bytes
 from harness.measure.memory import TensorTracker
-from harness.predict import ranks
+from harness.predict import gpus
 from harness.predict.command import predict as predict_record
 
 GiB = 2**30
@@ -137,9 +137,9 @@ def test_predict_command_gives_one_ranks_bytes_at_a_world_size_in_json():
 # -- how many GPUs -----------------------------------------------------------------------
 
 def test_the_gpu_count_table_answers_the_smallest_world_size_that_fits(monkeypatch):
-    monkeypatch.setattr(ranks, "GPU_MODELS", ("mistral-7b",))
-    monkeypatch.setattr(ranks, "GPU_SEQ_LENS", (2048,))
-    table = ranks.gpu_count_table(EXPERIMENTS, simulate=False)
+    monkeypatch.setattr(gpus, "GPU_MODELS", ("mistral-7b",))
+    monkeypatch.setattr(gpus, "GPU_SEQ_LENS", (2048,))
+    table = gpus.gpu_count_table(EXPERIMENTS, simulate=False)
     answers = {(r["row"], r["card_gb"]): r for r in table.rows}
     for (row, card_gb), answer in answers.items():
         size = answer["world_size"]
@@ -151,15 +151,15 @@ def test_the_gpu_count_table_answers_the_smallest_world_size_that_fits(monkeypat
                               **answer["overrides"], world_size=size // 2)
             assert smaller["total_bytes"] > card_cap_bytes(card_gb)
     full, offloaded = "full fine-tuning (bf16-mixed)", "full, offloaded to host memory"
-    for card_gb in ranks.GPU_CARDS:
+    for card_gb in gpus.GPU_CARDS:
         assert (answers[offloaded, card_gb]["world_size"] or 99) <= (answers[full, card_gb]["world_size"] or 99)
-        if card_gb != ranks.GPU_CARDS[-1]:
-            bigger = answers[full, ranks.GPU_CARDS[ranks.GPU_CARDS.index(card_gb) + 1]]["world_size"] or 99
+        if card_gb != gpus.GPU_CARDS[-1]:
+            bigger = answers[full, gpus.GPU_CARDS[gpus.GPU_CARDS.index(card_gb) + 1]]["world_size"] or 99
             assert bigger <= (answers[full, card_gb]["world_size"] or 99)
     # ZeRO-3 beside each full answer: 16 bytes per parameter over N ranks (16-bit parameters and gradients,
     # fp32 masters, AdamW's two fp32 states), where DeepSpeed's estimator counts 18 and no activations
     parameters = 7_241_732_096
-    for answer in (answers[full, card_gb] for card_gb in ranks.GPU_CARDS):
+    for answer in (answers[full, card_gb] for card_gb in gpus.GPU_CARDS):
         states = sum(answer["zero3_categories"][k] for k in ("weights", "optimizer_state"))
         assert states == pytest.approx(14 * parameters / answer["world_size"], rel=1e-3)
         assert answer["deepspeed_zero3_bytes"] >= 18 * parameters / answer["world_size"]

@@ -188,8 +188,8 @@ def _write_fit_table(out: Path, experiments_dir: Path, force: bool) -> None:
 
 
 def _write_gpu_table(out: Path, experiments_dir: Path, force: bool) -> None:
-    """The report's "how many GPUs" table (harness.predict.ranks)."""
-    from harness.predict.ranks import gpu_count_table, gpu_table_predictor
+    """The report's "how many GPUs" table (harness.predict.gpus)."""
+    from harness.predict.gpus import gpu_count_table, gpu_table_predictor
 
     _write_table(schema.gpu_table_path(out), "gpu_count_table", gpu_table_predictor,
                  lambda: gpu_count_table(experiments_dir), "how many GPUs", force)

@@ -118,4 +118,4 @@ def gpu_table_predictor() -> str:
     from harness import env
     from harness.predict.command import PREDICTOR_MODULES
 
-    return env.code_digest((*PREDICTOR_MODULES, "predict/ranks.py"))
+    return env.code_digest((*PREDICTOR_MODULES, "predict/gpus.py"))
