@@ -3,9 +3,10 @@
 For each model, way of training (GPU_ROWS) and sequence length, the analytic per-rank peak
 (harness.predict.analytic.sharded_candidates) is searched over world sizes 1, 2, 4, ... 64 for every
 card; the simulation (the sharded step under torch's fake process group) checks the answers for the
-80 GB card at the shorter sequence. Beside each full fine-tuning answer stand ZeRO-3 at the same world
-size, as the lab predicts it, and DeepSpeed's own estimate (`estimate_zero3_model_states_mem_needs`:
-model states and the largest layer, no activations), where DeepSpeed is installed.
+80 GB card at the shorter sequence, where torch's own FSDPMemTracker, run on the same fake step, stands
+beside it. Beside each full fine-tuning answer stand ZeRO-3 at the same world size, as the lab predicts
+it, and DeepSpeed's own estimate (`estimate_zero3_model_states_mem_needs`: model states and the largest
+layer, no activations), where DeepSpeed is installed.
 """
 
 from __future__ import annotations
@@ -65,6 +66,35 @@ def deepspeed_zero3_estimate(total_params: int, largest_layer_params: int, world
     return int(gpu_bytes)
 
 
+def fsdp_mem_tracker(experiment: Path, model: str, seq_len: int, world_size: int, overrides: dict) -> dict:
+    """torch's own FSDPMemTracker on the lab's sharded step, under the same fake tensors and fake process
+    group as the simulation (its documented use is a GPU's): its peak snapshot, bytes by its categories
+    (sharded and unsharded parameters and gradients, all-gather and reduce-scatter buffers, activations,
+    temporaries, optimizer state) and "Total"."""
+    import torch
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    from harness.config import experiment_of, prepare, resolve_technique
+    from harness.predict.simulate import fake_step
+    from harness.step.models import resolve_source
+    from harness.step.train import Progress, build_training, train_step
+
+    cfg = experiment_of(prepare(experiment, {**overrides, "model": model, "seq_len": seq_len, "micro_batch": 1,
+                                             "world_size": world_size, "device": "cpu"}))
+    technique, source = resolve_technique(cfg), resolve_source(model)
+    with fake_step(technique, cfg, "cuda") as mesh:
+        built, optimizer, _ = build_training(source, technique, cfg, torch.device("cpu"), optimizer_device="cuda",
+                                             mesh=mesh)
+        batch = [torch.randint(0, source.config.vocab_size, (1, seq_len))]
+        train_step(built, optimizer, batch, technique.autocast, None, Progress())  # the optimizer's state
+        tracker = FSDPMemTracker(built, optimizer)
+        tracker.track_inputs(tuple(batch))
+        with tracker:
+            train_step(built, optimizer, batch, technique.autocast, None, Progress())
+        (snapshot,) = tracker.get_tracker_snapshot("peak").values()
+    return {str(getattr(key, "value", key)): value for key, value in snapshot.items()}
+
+
 def gpu_count_table(experiments_dir: Path, simulate: bool = True):
     from harness import env, schema
     from harness.predict.analytic import shape_of
@@ -106,6 +136,8 @@ def gpu_count_table(experiments_dir: Path, simulate: bool = True):
                         simulated = _peak(experiment, model, seq_len, size, overrides, "simulated")
                         row.update(simulated_bytes=simulated.total_bytes, simulated_categories=simulated.categories,
                                    simulated_host_bytes=simulated.host_bytes)
+                        if name in FULL_ROWS and "offload" not in name:  # torch's tracker counts one memory
+                            row["fsdp_mem_tracker"] = fsdp_mem_tracker(experiment, model, seq_len, size, overrides)
                     rows.append(row)
     return schema.GpuCountTable(
         method="analytic", device_type="cuda", world_sizes=list(WORLD_SIZES),

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import collections
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
@@ -260,7 +260,7 @@ OFFLOADED = ("weights", "gradients", "optimizer_state")
 
 
 @contextmanager
-def _sharded_over(cfg, tracker: TensorTracker):
+def _sharded_over(cfg, tracker: TensorTracker | None):
     """For a sharded experiment, torch's fake process group of cfg.world_size ranks, its mesh, and the
     tracker's view of FSDP2's collectives (fsdp2_tracking); otherwise nothing (mesh None).
 
@@ -273,7 +273,22 @@ def _sharded_over(cfg, tracker: TensorTracker):
     if cfg.sharding == "none":
         yield None
         return
-    with sharding.fake_ranks(cfg.world_size) as mesh, fsdp2_tracking(tracker):
+    with sharding.fake_ranks(cfg.world_size) as mesh, (fsdp2_tracking(tracker) if tracker else nullcontext()):
+        yield mesh
+
+
+@contextmanager
+def fake_step(technique: Technique, cfg, device_type: str, tracker: TensorTracker | None = None):
+    """Fake tensors, with everything above that a step of `device_type` needs to run on them (a sharded
+    experiment's fake process group too, whose mesh it yields; None otherwise). `tracker`: the one that
+    will count the step, which a sharded step's collectives report to."""
+    blocked = blocks_in(cfg, NOT_SIMULATED)
+    if blocked:
+        raise NotSimulated("not simulated (" + "; ".join(blocked) + "); the analytic method predicts it")
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with (_sharded_over(cfg, tracker) as mesh, _real_code_books(technique), _unpacked_sequences(),
+          _cuda_dropout(device_type), _cuda_attention(device_type), _cuda_int8_matmul(device_type), mode,
+          _swappable_fake_tensors(mode)):
         yield mesh
 
 
@@ -284,16 +299,10 @@ def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, 
     Runs `steps` steps (the first creates the optimizer state) and measures the last, as the
     runner's tracked step does. device_type picks what the builders pick for that device.
     """
-    blocked = blocks_in(cfg, NOT_SIMULATED)
-    if blocked:
-        raise NotSimulated("not simulated (" + "; ".join(blocked) + "); the analytic method predicts it")
     started = time.perf_counter()
     tracker = TensorTracker()
     device = torch.device("cpu")
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with (_sharded_over(cfg, tracker) as mesh, _real_code_books(technique), _unpacked_sequences(),
-          _cuda_dropout(device_type), _cuda_attention(device_type), _cuda_int8_matmul(device_type), mode,
-          _swappable_fake_tensors(mode), tracker):
+    with fake_step(technique, cfg, device_type, tracker) as mesh, tracker:
         model, optimizer, _ = build_training(source, technique, cfg, device, optimizer_device=device_type, mesh=mesh)
         load_peak, loaded = tracker.peak, tracker.counter
         saved_tensors = _offloading(model, cfg, tracker)
