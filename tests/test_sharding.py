@@ -103,6 +103,11 @@ def test_offload_moves_the_states_to_the_host():
     states = sum(on_device["persistent"][k] for k in ("weights", "gradients", "optimizer_state"))
     assert offloaded["host_bytes"] == states
     assert offloaded["persistent"]["weights"] == offloaded["persistent"]["optimizer_state"] == 0
+    # ZeRO-3 offloaded: the 16-bit parameters, the gradient partitions, fp32 masters and moments on the host
+    zero3 = predict("zero3-offload", "llama-2-7b", 2048, 1, "analytic", world_size=2)
+    parameters = 6_738_415_616
+    assert zero3["host_bytes"] == pytest.approx((2 + 2 + 4 + 8) * parameters / 2, rel=1e-3)
+    assert sum(zero3["persistent"].values()) == 0
 
 
 @pytest.mark.slow
@@ -120,6 +125,17 @@ def test_analytic_matches_the_sharded_simulation_within_3_percent(model, seq, ov
         analytic["categories"], simulated["categories"])
     assert analytic["host_bytes"] == pytest.approx(simulated["host_bytes"], rel=0.01, abs=2**20)
     assert simulated["categories"]["all_gather"] > 0
+
+
+@pytest.mark.slow
+def test_torchs_own_fsdp_memory_tracker_agrees_with_the_simulation():
+    """FSDPMemTracker on the same fake sharded step: its peak within 1% of the simulation's, its all-gather
+    plus unsharded parameters equal to the simulation's all-gather buffers."""
+    simulated = predict("fsdp2-gc", "llama-2-7b", 2048, 1, "simulated", world_size=8)
+    tracked = gpus.fsdp_mem_tracker(EXPERIMENTS / "fsdp2-gc.yaml", "llama-2-7b", 2048, 8, {})
+    assert tracked["Total"] == pytest.approx(simulated["total_bytes"], rel=0.01)
+    assert tracked["Sharded Param"] == simulated["categories"]["weights"]
+    assert tracked["OptState"] == simulated["categories"]["optimizer_state"]
 
 
 @pytest.mark.slow

@@ -588,8 +588,8 @@ def sharded_candidates(shape: Shape, technique, cfg, persistent: dict, activatio
     ZeRO (DeepSpeed, bf16; harness.step.zero): 16-bit parameters as weights (ZeRO-2: whole on every
     rank; ZeRO-3: 1/N, a layer gathered at a time and one prefetch bucket ahead), fp32 masters and
     AdamW's moments 1/N as optimizer state, 16-bit gradients 1/N reduced in buckets of hidden^2
-    elements; the step casts each rank's gradient partition to fp32. cpu_offload moves the optimizer
-    state (and ZeRO-3's 16-bit parameters) to the host.
+    elements; the step casts each rank's gradient partition to fp32. cpu_offload moves the gradient
+    partitions and the optimizer state (and ZeRO-3's 16-bit parameters) to the host.
     """
     n = cfg.world_size
     units = _units(shape, sizes, technique)
@@ -616,7 +616,8 @@ def sharded_candidates(shape: Shape, technique, cfg, persistent: dict, activatio
         reduced_layer = 2 * min(bucket, trainable)
         unsharded_grads = 2 * units.layer_trainable
         step_transient += math.ceil(4 * trainable / n)  # the fp32 copy of this rank's gradient partition
-        offloaded = ((("weights",) if stage3 else ()) + ("optimizer_state",)) if cfg.cpu_offload else ()
+        # ZeRO-Offload: each reduced gradient partition goes to the host, where the optimizer steps
+        offloaded = ((("weights",) if stage3 else ()) + ("gradients", "optimizer_state")) if cfg.cpu_offload else ()
     host = sum(shards[k] for k in offloaded)
     device = {k: (0 if k in offloaded else v) for k, v in shards.items()}
     gradients_then = device["gradients"] if accumulated else 0
