@@ -306,7 +306,7 @@ def test_how_many_gpus_answers_every_model_and_card_with_one_ranks_breakdown(ren
 
 def test_the_report_opens_with_what_fits_each_card(rendered):
     markdown = rendered[0].markdown.read_text()
-    fits = markdown.split("## What fits my card")[1].split("## Verdicts at a glance")[0]
+    fits = markdown.split("## What fits my card")[1].split("## How many GPUs")[0]
     table = json.loads((FIXTURE / "fits" / "what-fits__cuda.json").read_text())
     models = list(dict.fromkeys(row["model"] for row in table["rows"]))
     assert [line[4:] for line in fits.splitlines() if line.startswith("### ")] == models + ["Against published figures"]

@@ -177,8 +177,9 @@ def runs_frame(results: Results, engines: bool = False) -> pd.DataFrame:
 
 def prediction_row(prediction: dict) -> dict:
     row = {key: prediction.get(key) for key in ("method", "experiment", "model", "seq_len", "micro_batch",
-                                                   "grad_accum", "gradient_checkpointing", "world_size",
-                                                   "device_type", "total_bytes", "seconds", "host_bytes")}
+                                                   "grad_accum", "gradient_checkpointing", "device_type",
+                                                   "total_bytes", "seconds", "host_bytes")}
+    row["world_size"] = prediction.get("world_size", 1)  # one rank unless sharded
     row["file"] = prediction.get("_file")
     row["parameters_total"] = _get(prediction, "parameters", "total")
     row["parameters_trainable"] = _get(prediction, "parameters", "trainable")

@@ -106,7 +106,7 @@ def _gpus_blocks(results) -> list[Block]:
         "Past one card: for each model and way of training, the smallest number of GPUs of one size whose ranks "
         f"each fit, sharded with FSDP2 (searched over {', '.join(map(str, table['world_sizes']))}), at micro-batch 1 "
         "per rank with activation checkpointing. Under each answer: one rank's predicted peak and what it holds; "
-        "host memory is what offloading keeps in each rank's share of the host's RAM. Predicted (analytic "
+        "\"host\" is what offloading keeps in host memory for that rank, which no answer checks against a machine's RAM (a 70B model offloaded to one GPU needs about 1 TB of it). Predicted (analytic "
         "per-rank terms; the 80 GB answers at the shorter sequence also by simulation: the sharded step traced "
         "under torch's fake process group, one rank standing for all). `python -m harness predict --model M "
         "--experiment fsdp2 --world-size N` predicts any other cell.")))

@@ -347,15 +347,16 @@ def loss_parity_table(comparisons: list[LossComparison]) -> Table:
 def predictions_table(predictions: pd.DataFrame) -> Table:
     if predictions.empty:
         return Table([], [])
-    keys = ["model", "experiment", "seq_len", "micro_batch", "device_type"]
+    keys = ["model", "experiment", "seq_len", "micro_batch", "world_size", "device_type"]
     wide = predictions.pivot_table(index=keys, columns="method", values="total_bytes", aggfunc="first")
     rows = []
     for index, values in wide.sort_index().iterrows():
-        model, experiment, seq, batch, device_type = index
+        model, experiment, seq, batch, world_size, device_type = index
         analytic, simulated = values.get("analytic"), values.get("simulated")
         difference = ("" if _missing(analytic) or _missing(simulated) or not simulated
                       else f"{round((analytic - simulated) / simulated * 100, 1) + 0.0:+.1f}")
-        rows.append([Cell(model), Cell(experiment), Cell(f"{seq} x {batch}"), Cell(device_type),
+        ranks = f", one of {world_size} ranks" if world_size > 1 else ""
+        rows.append([Cell(model), Cell(experiment), Cell(f"{seq} x {batch}{ranks}"), Cell(device_type),
                      Cell(fmt_gb(analytic, 2)), Cell(fmt_gb(simulated, 2)), Cell(difference)])
     note = ("Predicted peak of one training step, GB (1e9 bytes). Analytic: bytes per parameter and a walk "
             "through one decoder layer. Simulated: the real step traced under fake tensors (no memory used).")
