@@ -26,7 +26,8 @@ from harness.techniques import NotSimulated
 # The source files whose code decides a prediction: a saved prediction made by other code is
 # made again.
 PREDICTOR_MODULES = ("predict/analytic.py", "predict/simulate.py", "step/models.py", "step/train.py",
-                     "measure/memory.py", "techniques.py", "presets.py", "architectures.py", "config.py")
+                     "step/sharding.py", "measure/memory.py", "techniques.py", "presets.py", "architectures.py",
+                     "config.py")
 
 
 def matrix_configurations(experiments_dir: Path) -> list[tuple[str, str, int, int, str, int]]:

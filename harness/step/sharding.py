@@ -66,17 +66,12 @@ def fake_ranks(world_size: int):
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The model's decoder layers: the modules of the classes transformers never splits across devices."""
-    names = set(getattr(_transformers_model(model), "_no_split_modules", None) or ())
+    # the transformers model's own list, wherever a wrapper (peft) holds it
+    names = next((set(m._no_split_modules) for m in model.modules() if getattr(m, "_no_split_modules", None)), set())
     layers = [module for module in model.modules() if type(module).__name__ in names]
     if not layers:
         raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules) to shard by")
     return layers
-
-
-def _transformers_model(model: nn.Module) -> nn.Module:
-    # a peft model wraps the transformers model: base_model.model
-    base = getattr(model, "base_model", model)
-    return getattr(base, "model", base) if base is not model else model
 
 
 def device_mesh(device_type: str):
