@@ -25,6 +25,19 @@ from harness.config import (
 
 
 @dataclass
+class WhereEmulated:
+    """What a block does with a cell whose compute dtype this CPU only emulates (harness.env.emulated_dtypes):
+    such a step measures the emulation (bf16 about 15 to 180 times slower than fp32 on an AVX2 CPU), so it
+    runs shorter (`set`: fields replacing the block's) or not at all here (`skip`), and its record says why."""
+    why: str
+    set: dict = field(default_factory=dict)
+    skip: bool = False
+    # Every cell of the block, fp32 included, once one of them computes in an emulated dtype: for a block
+    # that is a comparison (its fp32 reference is no use without the others).
+    whole_block: bool = False
+
+
+@dataclass
 class MatrixBlock:
     models: list[str]
     experiments: list[str] | str = "all"
@@ -44,6 +57,8 @@ class MatrixBlock:
     # Experiment fields set for every run of this block (validated like a file's own fields).
     set: dict = field(default_factory=dict)
     note: str = ""
+    # On a CPU that only emulates a cell's compute dtype: run it shorter, or leave it to another machine.
+    if_emulated: WhereEmulated | None = None
 
 
 # A matrix file maps plan names to ordered lists of blocks. `cpu` and `cuda` are the plans
@@ -60,6 +75,14 @@ class PlannedRun:
     path: Path
     note: str
     estimate: Any = None  # harness.lab.estimate.Estimate, filled for a time budget or a dry run
+    # Why this cell runs shorter than its block says (`if_emulated.set`), or is not run here (`left_to`).
+    shortened: str | None = None
+    left_to: str | None = None
+
+
+def compute_dtype(config: dict) -> str:
+    """The dtype a resolved configuration's matrix products run in: its autocast's, else its weights'."""
+    return config["autocast"] if config["autocast"] != "none" else config["weights"]
 
 
 def load_matrix(path: str | Path) -> Matrix:
@@ -81,10 +104,13 @@ def load_matrix(path: str | Path) -> Matrix:
 
 def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Path, *, plan: str | None = None,
            models=None, experiments=None, budgets_gb=None, seq_lens=None, engines=None, repeat: int = 1,
-           device_gb: float | None = None, devices: int | None = None) -> tuple[list[PlannedRun], list[str]]:
+           device_gb: float | None = None, devices: int | None = None,
+           emulated: frozenset[str] = frozenset()) -> tuple[list[PlannedRun], list[str]]:
     """The runs of a plan (default: the device type's own), in order, with command-line replacements applied.
 
     devices: the GPUs a cell can have (None: as many as it asks for, as on a cluster).
+    emulated: the dtypes this device only emulates (harness.env.emulated_dtypes): a block's `if_emulated`
+    decides what becomes of its cells computing in one of them.
     Returns the runs (duplicates removed) and the notes of blocks skipped on this device.
     """
     plan = plan or device_type
@@ -110,6 +136,7 @@ def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Pat
         names = [name for name in names if name not in block.exclude]
         if experiments:  # keep only the chosen experiments of each block
             names = [name for name in names if name in experiments]
+        cells = []
         for name, model, seq, accum, budget, engine, ranks in itertools.product(
                 names, models or block.models, seq_lens or block.seq_lens, block.grad_accums,
                 budgets_gb or block.budgets_gb, engines or block.engines, block.world_sizes):
@@ -122,9 +149,24 @@ def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Pat
             if device_type == "cuda" and devices is not None and config["world_size"] > devices:
                 skipped.append(f"{name} @ {model} at world size {config['world_size']}: this machine has {devices} GPUs")
                 continue
+            cells.append((name, model, overrides, config))
+        rule = block.if_emulated
+        # a rule for the whole block (a comparison, like with like) holds for every cell once one is emulated
+        whole_block = rule is not None and rule.whole_block and any(compute_dtype(c) in emulated for *_, c in cells)
+        for name, model, overrides, config in cells:
+            shortened = left_to = None
+            if rule is not None and (whole_block or compute_dtype(config) in emulated):
+                if rule.skip:
+                    left_to = rule.why
+                else:  # the rule's fields replace the block's; the command line's still stand over both
+                    shortened = rule.why
+                    chosen = {key: overrides[key] for key, given in (("seq_len", seq_lens), ("budget_gb", budgets_gb),
+                                                                     ("engine", engines)) if given}
+                    config = prepare(available[name], {**overrides, **rule.set, **chosen})
             for index in range(repeat):
                 path = schema.record_path(out_dir, device_slug, name, model, config["config_hash"], index)
-                planned.setdefault(path, PlannedRun(config, index, path, block.note))
+                planned.setdefault(path, PlannedRun(config, index, path, block.note, shortened=shortened,
+                                                    left_to=left_to))
     return list(planned.values()), skipped
 
 

@@ -150,6 +150,9 @@ class RunRecord:
     host_peak_rss_bytes: int | None = None
     error: RunError | None = None
     shared_gpu: str | None = None  # another process held the GPU during the run (who)
+    # On a CPU that only emulates the cell's compute dtype (bf16, fp16): how the plan shortened the run, or
+    # why it left the cell to a machine that computes in that dtype (then the record is `skipped`).
+    emulated: str | None = None
     # The training loop that ran the steps (harness.engines): its name, library and version, the
     # arguments it was given, the optimizer class it built, and how it differs from the lab's own loop.
     engine: dict | None = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from harness import env, schema
@@ -21,7 +22,14 @@ from harness.arguments import like_field, positive
 from harness.config import ENGINE_NAMES, MATRIX_FILE, ConfigError
 from harness.lab import launcher
 from harness.lab.estimate import estimate_run, parse_duration
-from harness.lab.runner import CellBusy, cell_leftovers, remove_stale_attempts, run_config, summary_line
+from harness.lab.runner import (
+    CellBusy,
+    cell_leftovers,
+    keep_record,
+    remove_stale_attempts,
+    run_config,
+    summary_line,
+)
 from harness.matrix import PlannedRun, expand, load_matrix
 from harness.step.checkpoint import BASE_SOURCE, base_checkpoint_path
 
@@ -91,14 +99,14 @@ def clean_interrupted_writes(out_dir: Path) -> None:
 def estimate_runs(planned: list[PlannedRun], device_type: str) -> None:
     """Fill each run's estimated GPU time (harness.lab.estimate), from its model's shape."""
     from harness.presets import preset_config
-    from harness.step.checkpoint import RECIPES
+    from harness.step.checkpoint import recipe_for
 
     configs: dict[str, object] = {}
     for run in planned:
         model = run.config["model"]
         if model not in configs:
             if model == BASE_SOURCE:  # the shape of the recipe's preset, pretrained or not
-                configs[model] = preset_config(RECIPES[device_type].preset)
+                configs[model] = preset_config(recipe_for(device_type).preset)
             else:
                 from harness.step.models import resolve_source
 
@@ -125,6 +133,9 @@ def print_plan(planned: list[PlannedRun], fingerprint: str, budget_s: float | No
     total = len(planned)
     for index, run in enumerate(planned, 1):
         label = _label(index, total, run)
+        if run.left_to:
+            print(f"  {label}: not run on this CPU: {run.left_to}", file=stream)
+            continue
         if is_current(run.path, fingerprint):
             print(f"  {label}: done before", file=stream)
             continue
@@ -141,19 +152,51 @@ def print_plan(planned: list[PlannedRun], fingerprint: str, budget_s: float | No
     return left_out
 
 
+def leave_to_another_machine(run: PlannedRun, environment: dict) -> schema.RunRecord:
+    """A cell the plan does not run on this CPU, whose compute dtype is only emulated here: a `skipped`
+    record saying why, unless the cell has a measurement already (from a machine that computes in that
+    dtype), which stays."""
+    try:
+        existing = schema.read(run.path, kind="run") if run.path.exists() else None
+    except (OSError, ValueError):
+        existing = None
+    if existing is not None and existing.status in schema.MEASURED:
+        return existing
+    config = {**run.config, "run_id": uuid.uuid4().hex}
+    record = schema.RunRecord(
+        status="skipped", experiment=config["name"], model=config["model"], config=config,
+        config_hash=config["config_hash"], finished_at=env.now(), environment=environment,
+        fingerprint=env.fingerprint(environment), emulated=run.left_to,
+        error=schema.RunError("EmulatedHere", run.left_to))
+    keep_record(run.path, record)
+    return record
+
+
 def run_matrix(planned: list[PlannedRun], fingerprint: str, *, force: bool = False, allow_shared_gpu: bool = False,
-               timeout_s: float | None = None, budget_s: float | None = None,
+               timeout_s: float | None = None, budget_s: float | None = None, environment: dict | None = None,
                stream=sys.stdout) -> list[schema.RunRecord]:
     """Run what is missing, in order; returns every planned run's record (the ones skipped included).
 
     With a time budget (seconds, from now), a run whose estimate exceeds what is left is not
-    started (later, smaller runs still may be), and no run may outlast the budget.
+    started (later, smaller runs still may be), and no run may outlast the budget. A cell the plan
+    leaves to another machine (`left_to`) gets a skipped record saying why (`environment`: this one's).
     """
     results = []
     total = len(planned)
     deadline = time.monotonic() + budget_s if budget_s is not None else None
     for index, run in enumerate(planned, 1):
         label = _label(index, total, run)
+        if run.left_to:
+            try:
+                record = leave_to_another_machine(run, environment or {})
+            except CellBusy as busy:
+                print(f"{label}: not started: {busy}", file=stream, flush=True)
+                continue
+            print(f"{label}: {summary_line(record)}" if record.status == "skipped" else
+                  f"{label}: not run on this CPU ({run.left_to}); the measurement made elsewhere stays",
+                  file=stream, flush=True)
+            results.append(record)
+            continue
         if not force and is_current(run.path, fingerprint):
             record = schema.read(run.path, kind="run")
             print(f"{label}: done before, skipped ({record.status})", file=stream, flush=True)
@@ -181,8 +224,9 @@ def run_matrix(planned: list[PlannedRun], fingerprint: str, *, force: bool = Fal
         except CellBusy as busy:
             print(f"    not started: {busy}", file=stream, flush=True)
             continue
-        if polluted:
+        if polluted or run.shortened:
             record.shared_gpu = polluted  # the peak may include another process's memory
+            record.emulated = run.shortened  # a CPU that emulates the cell's dtype ran it shorter
             schema.write(path, record)
         print(f"    {time.perf_counter() - started:6.1f} s  {summary_line(record)}", file=stream, flush=True)
         results.append(record)
@@ -256,7 +300,7 @@ def main(args) -> int:
             matrix, device_type, experiments_dir, out_dir, plan=args.plan, models=args.model and [args.model],
             experiments=args.experiments, budgets_gb=args.budget_gb and [args.budget_gb],
             seq_lens=args.seq_len and [args.seq_len], engines=args.engine and [args.engine], repeat=args.repeat,
-            device_gb=device_gb, devices=devices)
+            device_gb=device_gb, devices=devices, emulated=env.emulated_dtypes(device_type))
         if budget_s is not None or args.dry_run:
             estimate_runs(planned, device_type)
         if budget_s is not None and device_type == "cuda":
@@ -272,6 +316,12 @@ def main(args) -> int:
           f"{len(planned)} runs{budget}", flush=True)
     for note in skipped:
         print(f"  not on this device: {note}")
+    emulated = env.emulated_dtypes(device_type)
+    if emulated:
+        shorter, elsewhere = sum(bool(r.shortened) for r in planned), sum(bool(r.left_to) for r in planned)
+        print(f"  this CPU ({env.cpu_features()['capability']}) only emulates {' and '.join(sorted(emulated))} "
+              f"matrix products: {shorter} runs in them are shortened and {elsewhere} left to a machine that "
+              "computes in them (experiments/matrix.yaml: if_emulated)")
     if args.status:
         return launcher.print_status(planned, out_dir)
     if args.dry_run:
@@ -281,9 +331,10 @@ def main(args) -> int:
         return 0
     clean_interrupted_writes(out_dir)
     if args.launcher != "local":  # one job per cell; the base model is pretrained on the cluster, by hand
-        return launcher.launch(planned, args.launcher, settings, out_dir, force=args.force, timeout_s=args.timeout,
+        return launcher.launch([run for run in planned if not run.left_to], args.launcher, settings, out_dir, force=args.force, timeout_s=args.timeout,
                                wait=args.wait)
-    if any(run.config["model"] == BASE_SOURCE for run in planned) and base_checkpoint_path(device_type) is None:
+    if (any(run.config["model"] == BASE_SOURCE and not run.left_to for run in planned)
+            and base_checkpoint_path(device_type) is None):
         # Runs on the lab's own base need it pretrained first (once; cached).
         print("pretraining the base model the loss comparison fine-tunes (once) ...", flush=True)
         pretraining = subprocess.run([sys.executable, "-m", "harness", "base", "--device", device_type,
@@ -293,7 +344,7 @@ def main(args) -> int:
         planned, _ = plan()  # the fine-tunes' configurations name the checkpoint now made
     try:
         results = run_matrix(planned, fingerprint, force=args.force, allow_shared_gpu=args.allow_shared_gpu,
-                             timeout_s=args.timeout, budget_s=budget_s)
+                             timeout_s=args.timeout, budget_s=budget_s, environment=environment)
     except KeyboardInterrupt:  # the run in progress was stopped and left no record: it resumes next time
         done = sum(is_current(run.path, fingerprint) for run in planned)
         print(f"\ninterrupted: {done} of {len(planned)} runs have a current record; the same command resumes",

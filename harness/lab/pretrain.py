@@ -1,6 +1,6 @@
 """`harness base`: pretrain the lab's base model (recipe and identity: harness.step.checkpoint).
 
-bf16 mixed precision on the standard library's modules, a fixed token budget, held-out loss
+bf16 mixed precision (fp32 on a CPU that only emulates bf16) on the standard library's modules, a fixed token budget, held-out loss
 along the way; the checkpoint and tokenizer are cached and the pretraining record is written
 to results/base/.
 """
@@ -18,10 +18,10 @@ from harness import env, schema
 from harness.step.checkpoint import (
     PRETRAIN_DATA,
     PRETRAINING_FILE,
-    RECIPES,
     Recipe,
     base_checkpoint_path,
     checkpoint_dir,
+    recipe_for,
     recipe_id,
     weights_digest,
 )
@@ -106,7 +106,7 @@ def pretrain(recipe: Recipe, device_type: str, results_dir: str | Path = "result
 
 def main(args) -> int:
     device_type = env.resolve_device(args.device)
-    recipe = RECIPES[device_type]
+    recipe = recipe_for(device_type)
     existing = base_checkpoint_path(device_type)
     if existing is not None and not args.force:
         record = schema.read(existing / PRETRAINING_FILE, kind="base")

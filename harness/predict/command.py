@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from harness import env, schema
+from harness.env import HALF_DTYPES
 from harness.architectures import UnsupportedArchitecture
 from harness.arguments import like_field
 from harness.config import experiment_files, experiment_of, prepare, resolve_technique
@@ -46,11 +47,14 @@ def matrix_configurations(experiments_dir: Path) -> list[tuple[str, str, int, in
     cells = []
     for plan in matrix:
         device_type = "cpu" if plan == "cpu" else "cuda"
-        runs, _ = expand(matrix, device_type, experiments_dir, experiments_dir, plan=plan, device_gb=math.inf)
-        cells += [(c["name"], c["model"], c["seq_len"], c["micro_batch"], device_type, c["world_size"])
-                  for c in (run.config for run in runs)
-                  if c["model"] != BASE_SOURCE and c["grad_accum"] == own_accumulation[c["name"]]]
-    return cells
+        # a CPU plan runs some cells otherwise where bf16 and fp16 are emulated: both CPUs' cells are predicted
+        for emulated in ((frozenset(), frozenset(HALF_DTYPES)) if device_type == "cpu" else (frozenset(),)):
+            runs, _ = expand(matrix, device_type, experiments_dir, experiments_dir, plan=plan, device_gb=math.inf,
+                             emulated=emulated)
+            cells += [(c["name"], c["model"], c["seq_len"], c["micro_batch"], device_type, c["world_size"])
+                      for c in (run.config for run in runs if not run.left_to)
+                      if c["model"] != BASE_SOURCE and c["grad_accum"] == own_accumulation[c["name"]]]
+    return list(dict.fromkeys(cells))
 
 
 def claim_configurations() -> list[tuple[str, str, int, int, str, int]]:

@@ -120,6 +120,24 @@ def _gpus_blocks(results) -> list[Block]:
     return blocks
 
 
+def _cpu_text(on_cpu) -> str:
+    """What the CPUs that measured computed natively, and what their plan did about the rest."""
+    known = on_cpu[on_cpu["cpu_capability"].notna()]
+    kinds = [f"{_count(len(group), 'record')} on {capability} (bf16 {'native' if native else 'emulated'})"
+             for (capability, native), group in known.groupby(["cpu_capability", "bf16_native"], sort=True)]
+    text = ("The CPU runs' kernels, as torch reported them: " + "; ".join(kinds) + "."
+            if kinds else "These CPU records predate the lab's recording of the CPU's kernels.")
+    if len(known) < len(on_cpu):
+        text += f" {_count(len(on_cpu) - len(known), 'older record')} did not record them."
+    reasons = on_cpu["emulated"].dropna()
+    if len(reasons):
+        text += (" Where a CPU only emulates bf16 or fp16 matrix products (torch's scalar fallback, 15 to 180 "
+                 "times slower than fp32), the plan runs such cells shorter or leaves them to another machine, "
+                 "each record saying why: " + "; ".join(f"{reason} ({count})" for reason, count
+                                                          in reasons.value_counts(sort=False).items()) + ".")
+    return text
+
+
 def _table_or(table: Table | None, missing: str) -> Block:
     """A table, or the sentence that says what produces it."""
     return Block("table", table=table) if table is not None else Block("p", missing)
@@ -255,6 +273,8 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
         "and speed only), the CPU's tracked tensor bytes check the simulation's accounting, and ratios show "
         "what a kernel costs relative to its baseline on the same processor.")))
     blocks.append(Block("h3", "Runs on a CPU"))
+    if len(on_cpu):
+        blocks.append(Block("p", _cpu_text(on_cpu)))
     blocks.append(_table_or(runs_table(on_cpu) if len(on_cpu) else None,
                             f"No CPU run records in `{results_dir}`: `make bench` on a machine without a GPU "
                             "produces them."))

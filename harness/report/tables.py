@@ -188,13 +188,23 @@ def _status_cell(run: pd.Series) -> Cell:
         attempts = f"{run['failed_attempts']} later attempt{'s' if run['failed_attempts'] > 1 else ''} failed (kept)"
     else:
         attempts = ""
+    # the plan's answer to a CPU that only emulates the cell's dtype (the whole reason is in the record)
+    emulated = "" if _missing(run["emulated"]) else (
+        "its dtype is emulated here: shortened" if status == "ok" else "its dtype is emulated here: left to another machine")
     if status == "ok":
         shared = "" if _missing(run["shared_gpu"]) else f"beside another process: {run['shared_gpu']}"
-        return Cell("ok", "; ".join(text for text in (shared, attempts) if text), css="status-ok")
+        return Cell("ok", "; ".join(text for text in (shared, emulated, attempts) if text), css="status-ok")
     detail = f"at {run['error_phase']}" if not _missing(run["error_phase"]) else ""
     if status == "failed" and not _missing(run["error_type"]):
         detail = f"{run['error_type']} {detail}".strip()
-    return Cell(str(status), "; ".join(text for text in (detail, attempts) if text), css=f"status-{status}")
+    return Cell(str(status), "; ".join(text for text in (detail, emulated, attempts) if text), css=f"status-{status}")
+
+
+def cpu_capability(run: pd.Series) -> str:
+    """What the CPU of a run computes natively, as torch reported it (records made before it was recorded: '')."""
+    if _missing(run["cpu_capability"]):
+        return ""
+    return f"{run['cpu_capability']}, bf16 {'native' if run['bf16_native'] else 'emulated'}"
 
 
 def runs_table(runs: pd.DataFrame) -> Table:
@@ -212,7 +222,8 @@ def runs_table(runs: pd.DataFrame) -> Table:
             Cell(str(run["model"]), "random init" if run["random_init"] is True else ""),
             # A cell may be run with several step counts (the cross-check of loops times more steps).
             Cell(str(run["experiment"]), "" if _missing(run["steps"]) else f"{run['steps']:.0f} timed steps"),
-            Cell("CPU" if cpu else str(run["device_name"]), "tracked bytes" if cpu else ""),
+            Cell("CPU" if cpu else str(run["device_name"]),
+                 "; ".join(t for t in ("tracked bytes", cpu_capability(run)) if t) if cpu else ""),
             Cell(_num(run["seq_len"], 0)),
             Cell(f"{_num(run['micro_batch'], 0)} x {_num(run['grad_accum'], 0)}"),
             Cell("" if _missing(run["budget_gb"]) else f"{run['budget_gb']:g}"),

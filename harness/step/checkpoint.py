@@ -7,7 +7,8 @@ it as `model: base` and fine-tune it on the standard library's tests, a differen
 text, with a held-out split to evaluate on.
 
 The recipe (and so the checkpoint) depends on the device class: a few million parameters
-on a CPU (minutes), a ~100M-parameter model on a GPU. The base's identity is its recipe and
+on a CPU (minutes), a ~100M-parameter model on a GPU; a CPU that only emulates bf16 pretrains
+the CPU recipe in fp32 (`recipe_for`), and the base's name says so. The base's identity is its recipe and
 a digest of its weights' bytes: a bit-identical base pretrained on another machine is the
 same base, and fine-tunes of it are the same configurations.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from harness.env import cache_dir
@@ -25,6 +26,7 @@ from harness.presets import PRESETS
 BASE_SOURCE = "base"
 PRETRAINING_FILE = "pretraining.json"  # the pretraining record, kept beside the weights
 PRETRAIN_DATA = "stdlib-lib"  # the fine-tunes (experiments/matrix.yaml) use stdlib-tests
+PRETRAINING_TECHNIQUE = "bf16-mixed"  # what a base is pretrained in unless its recipe says otherwise
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class Recipe:
     eval_sequences: int = 64
     max_bytes: int = 4_000_000
     seed: int = 0
-    technique: str = "bf16-mixed"
+    technique: str = PRETRAINING_TECHNIQUE
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     final_lr_ratio: float = 0.1  # cosine decay ends at this fraction of the peak
@@ -59,11 +61,32 @@ RECIPES = {
 }
 
 
+# What a CPU that only emulates bf16 pretrains in: the same recipe in fp32, minutes instead of hours.
+EMULATED_BF16_TECHNIQUE = "fp32"
+
+
+def pretrained_here(recipe: Recipe, device_type: str) -> Recipe:
+    """The recipe as this machine pretrains it: in fp32 on a CPU whose bf16 matrix products are emulated
+    (harness.env.emulated_dtypes), else as it is."""
+    from harness.env import emulated_dtypes
+
+    if recipe.technique != EMULATED_BF16_TECHNIQUE and "bf16" in emulated_dtypes(device_type):
+        return replace(recipe, technique=EMULATED_BF16_TECHNIQUE)
+    return recipe
+
+
+def recipe_for(device_type: str) -> Recipe:
+    """The recipe this machine pretrains for a device class, and so the base `model: base` means here."""
+    return pretrained_here(RECIPES[device_type], device_type)
+
+
 def recipe_id(recipe: Recipe) -> str:
     # the preset's shape too: a changed preset is a different model under the same name
     identity = {**asdict(recipe), "shape": PRESETS[recipe.preset]}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{recipe.preset}-{digest}"
+    # a base pretrained in another precision than the recipe's own says so in its name
+    label = recipe.preset if recipe.technique == PRETRAINING_TECHNIQUE else f"{recipe.preset}-{recipe.technique}"
+    return f"{label}-{digest}"
 
 
 def checkpoint_dir(recipe: Recipe) -> Path:
@@ -72,7 +95,7 @@ def checkpoint_dir(recipe: Recipe) -> Path:
 
 def base_checkpoint_path(device_type: str = "cpu") -> Path | None:
     """The cached base checkpoint for a device class, or None if it has not been pretrained."""
-    folder = checkpoint_dir(RECIPES[device_type])
+    folder = checkpoint_dir(recipe_for(device_type))
     return folder if (folder / PRETRAINING_FILE).exists() else None
 
 
