@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import types
@@ -97,7 +98,7 @@ class Throughput:
     # Tokens and tokens/s count every rank's tokens (global) in a cell of several ranks, whose step time is
     # its slowest rank's; each rank's own are in RunRecord.ranks. MFU is per device.
     tokens_per_step: int
-    step_time_s: dict[str, float]
+    step_time_s: dict[str, float | list[float]]  # median, spread, ... and `all`: every timed step's
     tokens_per_s: float
     load_seconds: float
     timed_steps: int
@@ -159,6 +160,8 @@ class RunRecord:
     # host_peak_rss_bytes, tokens_per_s, step_time_s, final_loss). Then `memory`'s peaks and
     # host_peak_rss_bytes are the highest over ranks (harness.measure.ranks), and `loss` the ranks' mean.
     ranks: list[dict] | None = None
+    # The model's own code ran (trust_remote_code, in this run only): its source and the classes of its auto_map.
+    remote_code: dict | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -329,6 +332,59 @@ def from_dict(data: Any, path: str | Path = "<record>", kind: str | None = None)
     return _build(cls, data, path)
 
 
+def value_problems(record: RunRecord) -> list[str]:
+    """What in a run record read by `from_dict` is not what this code writes: an unknown status, a
+    number of the wrong type, NaN or infinity (a hand-edited or damaged file). `from_dict` keeps JSON's
+    values as they are; the report and the runner's rule for replacing a record ask this first."""
+    problems = [] if record.status in STATUSES else [f"field 'status': unknown status {record.status!r}; "
+                                                     f"known: {', '.join(STATUSES)}"]
+    hints = typing.get_type_hints(RunRecord)
+    for name in ("duration_s", "host_peak_rss_bytes", "adapter_bytes_on_disk", "parameters", "memory",
+                 "throughput", "loss", "error"):
+        _check_value(hints[name], getattr(record, name), name, problems)
+    return problems
+
+
+def _check_value(hint: Any, value: Any, name: str, problems: list[str]) -> None:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        found: list[list[str]] = []
+        for option in (a for a in args if a is not type(None)):
+            found.append([])
+            _check_value(option, value, name, found[-1])
+            if not found[-1]:
+                return
+        problems.extend(found[0])
+        return
+    if dataclasses.is_dataclass(hint):
+        for section_field in dataclasses.fields(hint):
+            _check_value(typing.get_type_hints(hint)[section_field.name], getattr(value, section_field.name),
+                         f"{name}.{section_field.name}", problems)
+        return
+    if hint in (int, float):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or (hint is int and not isinstance(value, int)):
+            problems.append(f"field '{name}': expected {hint.__name__}, got {type(value).__name__} {value!r:.40}")
+        elif not math.isfinite(value):
+            problems.append(f"field '{name}': {value} is not a measurement")
+    elif hint in (str, bool) and not isinstance(value, hint):
+        problems.append(f"field '{name}': expected {hint.__name__}, got {type(value).__name__} {value!r:.40}")
+    elif origin is dict and args:
+        if not isinstance(value, dict):
+            problems.append(f"field '{name}': expected an object, got {type(value).__name__}")
+            return
+        for key, item in value.items():
+            _check_value(args[1], item, f"{name}.{key}", problems)
+    elif origin is list and args and args[0] is not dict:
+        if not isinstance(value, list):
+            problems.append(f"field '{name}': expected a list, got {type(value).__name__}")
+            return
+        for index, item in enumerate(value):
+            _check_value(args[0], item, f"{name}[{index}]", problems)
+
+
 def to_dict(record: Record) -> dict:
     """The JSON object of a record: its fields in order, `extra` folded back in."""
     data = dataclasses.asdict(record)
@@ -340,8 +396,8 @@ def read(path: str | Path, kind: str | None = None) -> Record:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-    except ValueError as error:
-        raise RecordError(path, f"not JSON: {error}") from None
+    except (ValueError, RecursionError) as error:  # RecursionError: nested deeper than the parser goes
+        raise RecordError(path, f"not JSON: {error or type(error).__name__}") from None
     return from_dict(data, path, kind)
 
 
@@ -355,6 +411,7 @@ def write_atomic(path: str | Path, data: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's file is the owner's alone; a record is read like any file
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=1, sort_keys=False)
             handle.write("\n")
@@ -365,6 +422,12 @@ def write_atomic(path: str | Path, data: dict) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # -- file naming ----------------------------------------------------------------------------

@@ -21,7 +21,15 @@ from harness.arguments import like_field, positive
 from harness.config import ENGINE_NAMES, MATRIX_FILE, ConfigError
 from harness.lab import launcher
 from harness.lab.estimate import estimate_run, parse_duration
-from harness.lab.runner import CellBusy, cell_leftovers, remove_stale_attempts, run_config, summary_line
+from harness.lab.runner import (
+    CellBusy,
+    cell_leftovers,
+    remove_stale_attempts,
+    check_ranks,
+    run_config,
+    summary_line,
+    why_kept,
+)
 from harness.matrix import PlannedRun, expand, load_matrix
 from harness.step.checkpoint import BASE_SOURCE, base_checkpoint_path
 
@@ -30,16 +38,17 @@ SHARED_GPU_THRESHOLD = 1 * 2**30
 # Under a time budget a run is stopped at this many times its estimate (never sooner than the minimum).
 BUDGET_OVERRUN_FACTOR = 4
 BUDGET_MIN_TIMEOUT_S = 180
+# Without --timeout a run is still stopped (and recorded) at the same multiple of its estimate, never sooner
+# than this: the estimate is a GPU's, and on 2 CPU cores the slowest run of the cpu-full plan takes minutes.
+DEFAULT_MIN_TIMEOUT_S = {"cuda": BUDGET_MIN_TIMEOUT_S, "cpu": 3600.0}
+NO_ESTIMATE_TIMEOUT_S = 6 * 3600.0  # a model whose shape cannot be read before the run
 
 
 def is_current(path: Path, fingerprint: str) -> bool:
     """A finished record (ok or oom) for the same configuration on the same environment."""
-    if not path.exists():
+    if not path.exists() or why_kept(path) is not None:
         return False
-    try:
-        record = schema.read(path, kind="run")
-    except (OSError, ValueError):
-        return False
+    record = schema.read(path, kind="run")
     return record.status in schema.MEASURED and record.fingerprint == fingerprint
 
 
@@ -89,7 +98,8 @@ def clean_interrupted_writes(out_dir: Path) -> None:
 
 
 def estimate_runs(planned: list[PlannedRun], device_type: str) -> None:
-    """Fill each run's estimated GPU time (harness.lab.estimate), from its model's shape."""
+    """Fill each run's estimated GPU time (harness.lab.estimate), from its model's shape, read without
+    running a model's own code or asking the network; None where the shape cannot be read so."""
     from harness.presets import preset_config
     from harness.step.checkpoint import RECIPES
 
@@ -102,8 +112,24 @@ def estimate_runs(planned: list[PlannedRun], device_type: str) -> None:
             else:
                 from harness.step.models import resolve_source
 
-                configs[model] = resolve_source(model, run.config["trust_remote_code"], device_type).config
-        run.estimate = estimate_run(run.config, configs[model])
+                try:
+                    configs[model] = resolve_source(model, device_type=device_type).config
+                except ConfigError as error:
+                    print(f"  no estimate for {model}: {error}", flush=True)
+                    configs[model] = None
+        run.estimate = estimate_run(run.config, configs[model]) if configs[model] is not None else None
+
+
+def default_timeout(config: dict, estimate=None) -> float:
+    """A run's time limit where none is given: a multiple of its estimate, at least the device's minimum."""
+    device_type = env.resolve_device(config["device"])
+    if estimate is None:
+        planned = [PlannedRun(config, 0, Path(), "")]
+        estimate_runs(planned, device_type)
+        estimate = planned[0].estimate
+    if estimate is None:
+        return NO_ESTIMATE_TIMEOUT_S
+    return max(BUDGET_OVERRUN_FACTOR * estimate.seconds, DEFAULT_MIN_TIMEOUT_S[device_type])
 
 
 def _label(index: int, total: int, run: PlannedRun) -> str:
@@ -150,6 +176,7 @@ def run_matrix(planned: list[PlannedRun], fingerprint: str, *, force: bool = Fal
     started (later, smaller runs still may be), and no run may outlast the budget.
     """
     results = []
+    not_started = {}  # why -> how many
     total = len(planned)
     deadline = time.monotonic() + budget_s if budget_s is not None else None
     for index, run in enumerate(planned, 1):
@@ -159,16 +186,28 @@ def run_matrix(planned: list[PlannedRun], fingerprint: str, *, force: bool = Fal
             print(f"{label}: done before, skipped ({record.status})", file=stream, flush=True)
             results.append(record)
             continue
-        run_timeout = timeout_s
+        kept = None if force else why_kept(run.path)
+        if kept is not None:  # a record a rerun may not replace: measuring it again would be filed beside it
+            print(f"{label}: not started: {kept}; it is kept as it is (--force measures it again beside it)",
+                  file=stream, flush=True)
+            not_started["its record is kept as it is"] = not_started.get("its record is kept as it is", 0) + 1
+            continue
+        run_timeout = timeout_s or default_timeout(run.config, run.estimate)
         if deadline is not None:
             left = deadline - time.monotonic()
+            if run.estimate is None:
+                print(f"{label}: not started: no estimate to fit in the time budget", file=stream, flush=True)
+                not_started["no estimate for the time budget"] = not_started.get("no estimate for the time budget",
+                                                                                  0) + 1
+                continue
             if run.estimate.seconds > left:
                 print(f"{label}: not started: estimated {run.estimate.seconds:.0f} s, {max(left, 0):.0f} s left "
                       "of the time budget", file=stream, flush=True)
+                not_started["not within the time budget"] = not_started.get("not within the time budget", 0) + 1
                 continue
             # a run that overruns its estimate badly is stopped (and recorded) rather than eat the budget
             limit = min(left, max(BUDGET_OVERRUN_FACTOR * run.estimate.seconds, BUDGET_MIN_TIMEOUT_S))
-            run_timeout = min(run_timeout, limit) if run_timeout else limit
+            run_timeout = min(run_timeout, limit)
         polluted = other_gpu_users() if run.config["device"] == "cuda" else None
         if polluted and not allow_shared_gpu:
             raise SystemExit(f"refusing to measure on a shared GPU: {polluted} "
@@ -180,12 +219,16 @@ def run_matrix(planned: list[PlannedRun], fingerprint: str, *, force: bool = Fal
             path, record = run_config(run.config, run.path.parent.parent, run.repeat, run_timeout)
         except CellBusy as busy:
             print(f"    not started: {busy}", file=stream, flush=True)
+            not_started["measured by another process now"] = not_started.get("measured by another process now", 0) + 1
             continue
         if polluted:
             record.shared_gpu = polluted  # the peak may include another process's memory
             schema.write(path, record)
         print(f"    {time.perf_counter() - started:6.1f} s  {summary_line(record)}", file=stream, flush=True)
         results.append(record)
+    for why, count in not_started.items():
+        print(f"{count} of {total} runs not started: {why}" + ("" if why.startswith("its record") else
+              "; the same command resumes them"), file=stream, flush=True)
     return results
 
 
@@ -257,13 +300,15 @@ def main(args) -> int:
             experiments=args.experiments, budgets_gb=args.budget_gb and [args.budget_gb],
             seq_lens=args.seq_len and [args.seq_len], engines=args.engine and [args.engine], repeat=args.repeat,
             device_gb=device_gb, devices=devices)
-        if budget_s is not None or args.dry_run:
+        if budget_s is not None or args.dry_run:  # a run's default time limit estimates it as it starts
             estimate_runs(planned, device_type)
         if budget_s is not None and device_type == "cuda":
             planned = new_evidence_first(planned)
         return planned, skipped
 
     planned, skipped = plan()
+    for run in planned if args.launcher == "local" and not args.dry_run else ():
+        check_ranks(run.config, matrix_path, "world_sizes", args.force_ranks)
     environment = env.current_environment(device_type)
     fingerprint = env.fingerprint(environment)
     card = f", a {device_gb:g} GB card" if device_gb else ""
@@ -299,14 +344,10 @@ def main(args) -> int:
         print(f"\ninterrupted: {done} of {len(planned)} runs have a current record; the same command resumes",
               flush=True)
         return 130
-    table = summary_table(results)
     print()
-    print(table.to_string(index=False))
+    print(summary_table(results).to_string(index=False) if results else "no run has a record from this pass")
     for message in repeat_consistency(results):
         print(message)
-    not_started = len(planned) - len(results)
-    if not_started:
-        print(f"\n{not_started} runs not started within the time budget: the same command resumes them.")
     if device_type == "cpu":
         print("\nCPU run: memory is tracked tensor bytes, time is CPU time; neither is a GPU figure.")
     return 0 if all(r.status in schema.FINISHED for r in results) else 1
@@ -328,7 +369,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--force", action="store_true", help="rerun even where a current record exists")
     parser.add_argument("--allow-shared-gpu", action="store_true",
                         help="measure even if other processes hold GPU memory (records are marked)")
-    parser.add_argument("--timeout", type=positive(float), help="seconds per run before it is killed and recorded")
+    parser.add_argument("--timeout", type=positive(float), help="seconds per run before it is killed and recorded "
+                        "(default: from each run's estimated time)")
+    parser.add_argument("--force-ranks", action="store_true", help="start cells of more ranks than this machine has "
+                        "devices (CPU cores on a CPU)")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the planned runs with their estimated GPU time and stop")
     parser.add_argument("--plan", help="a plan of the matrix file (default: the device type's, cpu or cuda); "

@@ -133,6 +133,21 @@ def world_size(config: dict) -> int:
     return int(config.get("world_size") or 1)
 
 
+def check_ranks(config: dict, path, field_name: str, force: bool = False) -> None:
+    """A cell of N ranks starts N processes: at most one per device here (a GPU each; on a CPU, a core
+    each), unless forced. ConfigError names the field that asked for them."""
+    from harness.config import ConfigError
+
+    size = world_size(config)
+    if size == 1 or force:
+        return
+    cuda = env.resolve_device(config["device"]) == "cuda"
+    have = env.gpu_count() if cuda else len(os.sched_getaffinity(0))
+    if size > have:
+        raise ConfigError(path, field_name, f"{size} ranks, and this machine has {have} "
+                          f"{'GPUs' if cuda else 'CPU cores'} for them (--force-ranks starts them anyway)")
+
+
 @dataclass(frozen=True)
 class Rendezvous:
     """Where the processes of one cell meet: its allocation's first host, and the job that holds it."""
@@ -319,17 +334,43 @@ def keep_record(path: Path, record: schema.RunRecord) -> Path:
 
 
 def _read_or_none(path: Path) -> schema.RunRecord | None:
+    """A worker's attempt (None where it left none, or half a file)."""
     try:
         return schema.read(path, kind="run") if path.exists() else None
-    except schema.RecordError:
+    except (OSError, schema.RecordError):
         return None
 
 
+def why_kept(path: Path) -> str | None:
+    """Why the record at `path` may not be replaced by anything but itself: a file this code cannot read
+    completely (a newer harness's, damaged, hand-edited) is kept as it is; None where it may be replaced."""
+    if not path.exists():
+        return None
+    try:
+        existing = schema.read(path, kind="run")
+    except (OSError, schema.RecordError) as error:
+        return f"the cell's file is no record this code can read ({str(error).removeprefix(f'{path}: ')})"
+    problems = schema.value_problems(existing)
+    if existing.config.get("config_hash") != existing.config_hash or not path.stem.split("__")[-1].startswith(
+            existing.config_hash[:12]):
+        problems.append("its configuration hash is not its file's")
+    if problems:
+        return f"the cell's record is not as this code writes it ({'; '.join(problems)[:300]})"
+    return None
+
+
 def _keep_the_better(path: Path, attempt_path: Path, record: schema.RunRecord) -> Path:
-    """The attempt becomes the cell's record, unless it measured nothing and the cell has a
-    measurement; then the attempt is kept under attempts/ and the measurement stays."""
-    existing = _read_or_none(path)
-    if existing and existing.status in schema.MEASURED and record.status not in schema.MEASURED:
+    """The attempt becomes the cell's record only where it replaces nothing of value: no record, or a
+    readable one that measured nothing, or a measurement replaced by a newer one. Otherwise the attempt
+    goes to attempts/ beside it, and its `kept_because` says why in one line."""
+    why = why_kept(path)
+    if why is None and path.exists() and record.status not in schema.MEASURED:
+        existing = schema.read(path, kind="run")
+        if existing.status in schema.MEASURED:
+            why = f"this attempt measured nothing ({record.status}) and the cell keeps its {existing.status} record"
+    if why is not None:
+        record.extra["kept_because"] = why
+        schema.write(attempt_path, record)
         path = schema.attempt_path(path, record.config["run_id"])
         path.parent.mkdir(parents=True, exist_ok=True)
     os.replace(attempt_path, path)
