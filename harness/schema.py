@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import tempfile
 import types
 import typing
@@ -42,9 +43,11 @@ PREDICTIONS_FOLDER, PROBES_FOLDER, BASE_FOLDER = "predictions", "probes", "base"
 MICROBENCH_FOLDER, LOGS_FOLDER, LOCKS_FOLDER = "microbench", "logs", ".locks"
 FITS_FOLDER = "fits"  # what fits each card, predicted (harness.predict.solve)
 JOBS_FOLDER = ".jobs"  # cluster jobs submitted per cell, and submitit's own files (harness.lab.launcher)
+# Records whose own folder could not be written, kept in the lab's cache instead (write_or_set_aside).
+UNSAVED_FOLDER = "unsaved"
 ATTEMPT_SUFFIX = ".attempt.json"  # a worker's record before it becomes the cell's (harness.lab.runner)
 NOT_RUN_FOLDERS = {ATTEMPTS_FOLDER, PREDICTIONS_FOLDER, PROBES_FOLDER, BASE_FOLDER, MICROBENCH_FOLDER,
-                   LOGS_FOLDER, LOCKS_FOLDER, FITS_FOLDER, JOBS_FOLDER}
+                   LOGS_FOLDER, LOCKS_FOLDER, FITS_FOLDER, JOBS_FOLDER, UNSAVED_FOLDER}
 
 
 class RecordError(ValueError):
@@ -332,16 +335,17 @@ def from_dict(data: Any, path: str | Path = "<record>", kind: str | None = None)
     return _build(cls, data, path)
 
 
-def value_problems(record: RunRecord) -> list[str]:
-    """What in a run record read by `from_dict` is not what this code writes: an unknown status, a
-    number of the wrong type, NaN or infinity (a hand-edited or damaged file). `from_dict` keeps JSON's
-    values as they are; the report and the runner's rule for replacing a record ask this first."""
-    problems = [] if record.status in STATUSES else [f"field 'status': unknown status {record.status!r}; "
-                                                     f"known: {', '.join(STATUSES)}"]
-    hints = typing.get_type_hints(RunRecord)
-    for name in ("duration_s", "host_peak_rss_bytes", "adapter_bytes_on_disk", "parameters", "memory",
-                 "throughput", "loss", "error"):
-        _check_value(hints[name], getattr(record, name), name, problems)
+def value_problems(record: Record) -> list[str]:
+    """What in a record read by `from_dict` is not what this code writes: an unknown status, a value of
+    the wrong type, NaN or infinity (a hand-edited or damaged file). `from_dict` keeps JSON's values as
+    they are; the report and the runner's rule for replacing a record ask this first."""
+    status = getattr(record, "status", STATUSES[0])
+    problems = [] if status in STATUSES else [f"field 'status': unknown status {status!r}; "
+                                              f"known: {', '.join(STATUSES)}"]
+    hints = typing.get_type_hints(type(record))
+    for section in dataclasses.fields(record):
+        if section.name != "extra":
+            _check_value(hints[section.name], getattr(record, section.name), section.name, problems)
     return problems
 
 
@@ -365,7 +369,8 @@ def _check_value(hint: Any, value: Any, name: str, problems: list[str]) -> None:
         return
     if hint in (int, float):
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number or (hint is int and not isinstance(value, int)):
+        # an int may come as an integral float (the analytic predictor's sums of products)
+        if not number or (hint is int and isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
             problems.append(f"field '{name}': expected {hint.__name__}, got {type(value).__name__} {value!r:.40}")
         elif not math.isfinite(value):
             problems.append(f"field '{name}': {value} is not a measurement")
@@ -403,6 +408,18 @@ def read(path: str | Path, kind: str | None = None) -> Record:
 
 def write(path: str | Path, record: Record) -> Path:
     return write_atomic(path, to_dict(record))
+
+
+def write_or_set_aside(path: str | Path, record: Record, aside: Path) -> Path:
+    """Write a record; where its folder cannot be written (a full disk, a permission taken away during the
+    run), write it to `aside` instead and say so in one line, so that a measurement is never lost."""
+    try:
+        return write(path, record)
+    except OSError as error:
+        kept = write(Path(aside) / Path(path).name.lstrip("."), record)
+        print(f"could not write {path} ({error.strerror or error}): the record is kept at {kept}", file=sys.stderr,
+              flush=True)
+        return kept
 
 
 def write_atomic(path: str | Path, data: dict) -> Path:
