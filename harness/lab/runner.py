@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import uuid
 from contextlib import contextmanager
@@ -119,10 +120,37 @@ def _forked_worker(config: dict, attempt_path: str, log_path: str, lock: int, li
     sys.exit(0 if record.status in schema.FINISHED else 1)
 
 
+MULTIPROCESSING_TEMP = "harness-mp"  # under the temporary folder: one folder per process that starts workers
+
+
+def _own_multiprocessing_temp() -> None:
+    """multiprocessing keeps its fork server's socket in a 'pymp-*' folder that a killed process leaves
+    behind. Ours is named after this process instead, and the folders of processes no longer alive are
+    removed, so that killed benches leave nothing in the temporary folder for long."""
+    import atexit
+    import shutil
+
+    import psutil
+
+    config = multiprocessing.current_process()._config  # where multiprocessing.util.get_temp_dir keeps it
+    if config.get("tempdir"):
+        return
+    base = Path(tempfile.gettempdir()) / MULTIPROCESSING_TEMP
+    base.mkdir(exist_ok=True)
+    for folder in base.iterdir():
+        if not folder.name.isdigit() or not psutil.pid_exists(int(folder.name)):
+            shutil.rmtree(folder, ignore_errors=True)
+    mine = base / str(os.getpid())
+    mine.mkdir(exist_ok=True)
+    config["tempdir"] = str(mine)
+    atexit.register(shutil.rmtree, mine, True)
+
+
 def _forkserver():
     """multiprocessing's fork server: a fresh interpreter that imports the worker's libraries once
     and computes nothing, so that every fork of it starts clean (a fork of a process whose
     thread pools have run, such as a test runner's, can deadlock)."""
+    _own_multiprocessing_temp()
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(list(PRELOADED_MODULES))  # a missing one is skipped
     return context
@@ -271,6 +299,7 @@ def run_config(config: dict, out_dir: str | Path = "results", repeat: int = 0,
     """
     out_dir = Path(out_dir)
     path = cell_path(config, out_dir, repeat)
+    check_writable(out_dir, path)
     log_path = out_dir / schema.LOGS_FOLDER / path.parent.name / (path.stem + ".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     run_id = run_id or uuid.uuid4().hex
@@ -294,11 +323,31 @@ def run_config(config: dict, out_dir: str | Path = "results", repeat: int = 0,
             _config_file(attempt_path).unlink(missing_ok=True)
         _settle_ranks(attempt_path, config)
         record = _read_or_none(attempt_path)
-        if record is None or record.config.get("run_id") != run_id:
-            record = _lost_record(config, returncode, log_path, timeout_s)
-            schema.write(attempt_path, record)
-        landed = _keep_the_better(path, attempt_path, record)
+        try:
+            if record is None or record.config.get("run_id") != run_id:
+                record = _lost_record(config, returncode, log_path, timeout_s)
+                schema.write(attempt_path, record)
+            landed = _keep_the_better(path, attempt_path, record)
+        except OSError:  # the folder was writable when the run started: keep what it measured elsewhere
+            landed = schema.write_or_set_aside(out_dir / schema.UNSAVED_FOLDER / path.name, record,
+                                               env.cache_dir() / schema.UNSAVED_FOLDER)
     return landed, record
+
+
+def check_writable(out_dir: Path, record_path: Path) -> None:
+    """The folders a run writes (its record's, its log's, its lock's, attempts/) exist and take a file,
+    before anything is measured: ConfigError names the one that does not."""
+    from harness.config import ConfigError
+
+    device = record_path.parent.name
+    for folder in (record_path.parent, out_dir / schema.LOGS_FOLDER / device, out_dir / schema.LOCKS_FOLDER / device,
+                   out_dir / schema.ATTEMPTS_FOLDER / device):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as error:
+            raise ConfigError(folder, "--out", f"cannot be written ({error.strerror or error}); nothing was "
+                              "measured") from None
 
 
 def remove_stale_attempts(out_dir: Path) -> None:
