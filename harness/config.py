@@ -655,7 +655,8 @@ def _check_library_values(experiment: Experiment, path: Path) -> None:
                 warnings.simplefilter("ignore")
                 cls(**required, **values)
         except Exception as error:  # the library's own check, whatever it raises: one line naming the field
-            named = [key for key in values if key in str(error)]
+            named = ([key for key in values if key in str(error)]  # the message names the field, or its value
+                     or [key for key, value in values.items() if str(value) in str(error)])
             raise ConfigError(path, f"{prefix}.{named[0]}" if named else prefix,
                               f"{cls.__name__} refuses it: {str(error).splitlines()[0][:300]}") from None
 

@@ -370,7 +370,8 @@ def _check_value(hint: Any, value: Any, name: str, problems: list[str]) -> None:
     if hint in (int, float):
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         # an int may come as an integral float (the analytic predictor's sums of products)
-        if not number or (hint is int and isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
+        integral = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value) and value.is_integer())
+        if not number or (hint is int and not integral):
             problems.append(f"field '{name}': expected {hint.__name__}, got {type(value).__name__} {value!r:.40}")
         elif not math.isfinite(value):
             problems.append(f"field '{name}': {value} is not a measurement")

@@ -132,14 +132,14 @@ def _own_multiprocessing_temp() -> None:
 
     import psutil
 
-    config = multiprocessing.current_process()._config  # where multiprocessing.util.get_temp_dir keeps it
-    if config.get("tempdir"):
-        return
     base = Path(tempfile.gettempdir()) / MULTIPROCESSING_TEMP
     base.mkdir(exist_ok=True)
     for folder in base.iterdir():
         if not folder.name.isdigit() or not psutil.pid_exists(int(folder.name)):
             shutil.rmtree(folder, ignore_errors=True)
+    config = multiprocessing.current_process()._config  # where multiprocessing.util.get_temp_dir keeps it
+    if config.get("tempdir"):
+        return
     mine = base / str(os.getpid())
     mine.mkdir(exist_ok=True)
     config["tempdir"] = str(mine)
