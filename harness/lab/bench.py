@@ -100,7 +100,7 @@ def clean_interrupted_writes(out_dir: Path) -> None:
 def estimate_runs(planned: list[PlannedRun], device_type: str) -> None:
     """Fill each run's estimated GPU time (harness.lab.estimate), from its model's shape, read without
     running a model's own code or asking the network; None where the shape cannot be read so."""
-    from harness.presets import preset_config
+    from harness.presets import PRESETS, preset_config
     from harness.step.checkpoint import RECIPES
 
     configs: dict[str, object] = {}
@@ -109,6 +109,8 @@ def estimate_runs(planned: list[PlannedRun], device_type: str) -> None:
         if model not in configs:
             if model == BASE_SOURCE:  # the shape of the recipe's preset, pretrained or not
                 configs[model] = preset_config(RECIPES[device_type].preset)
+            elif model in PRESETS:  # no torch for a preset's shape: `harness run` estimates before it forks
+                configs[model] = preset_config(model)
             else:
                 from harness.step.models import resolve_source
 
