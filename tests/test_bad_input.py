@@ -573,3 +573,38 @@ def test_bench_does_not_rerun_a_record_it_cannot_read(tmp_path, monkeypatch):
     assert run_matrix([PlannedRun(data["config"], 0, path, "")], "f", stream=out) == []
     assert "not started: the cell's file is no record this code can read" in out.getvalue()
     assert "1 of 1 runs not started: its record is kept as it is" in out.getvalue()
+
+
+@pytest.mark.slow
+def test_a_run_that_asked_for_a_models_own_code_runs_it_and_its_record_says_so(tmp_path):
+    """A real model folder (tiny Llama weights, a tokenizer) whose configuration and model classes are its
+    own code: validate reads it as data, a run with trust_remote_code: true runs the code and records it."""
+    import json
+
+    from conftest import QUICK, run_dict
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from harness.step.data import corpus_id, corpus_texts, trained_tokenizer
+
+    folder, mark = tmp_path / "model", tmp_path / "code-ran"
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=128)).save_pretrained(folder)
+    texts = corpus_texts("stdlib", 200_000)
+    trained_tokenizer(texts, 512, corpus_id("stdlib", texts)).save_pretrained(folder)
+    (folder / "configuration_evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(mark)!r}).write_text('ran')\n"
+        "from transformers import LlamaConfig\n\nclass EvilConfig(LlamaConfig):\n    model_type = 'evilnet'\n")
+    (folder / "modeling_evil.py").write_text(
+        "from transformers import LlamaForCausalLM\nfrom .configuration_evil import EvilConfig\n\n"
+        "class EvilForCausalLM(LlamaForCausalLM):\n    config_class = EvilConfig\n")
+    auto_map = {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    settings = json.loads((folder / "config.json").read_text())
+    settings.update(model_type="evilnet", architectures=["EvilForCausalLM"], auto_map=auto_map)
+    (folder / "config.json").write_text(json.dumps(settings))
+    experiment = tmp_path / "evil.yaml"
+    experiment.write_text(f"technique: lora\nmodel: {folder}\ntrust_remote_code: true\n")
+    config = prepare(experiment, {**QUICK, "seq_len": 64})
+    assert not mark.exists()  # validate read it as data
+    _, record = run_dict(config, tmp_path / "results")
+    assert record["status"] == "ok" and mark.exists()
+    assert record["remote_code"] == {"source": str(folder), "auto_map": auto_map}
