@@ -347,15 +347,19 @@ def test_a_run_without_a_timeout_gets_one_from_its_estimate():
     assert default_timeout(config, long) == BUDGET_OVERRUN_FACTOR * 10_000.0
 
 
-def test_an_output_folder_that_cannot_be_written_is_one_line_before_anything_runs(tmp_path):
+@pytest.mark.parametrize("blocked", ["", "cpu", ".locks", "logs/cpu", "attempts/cpu"])
+def test_an_output_folder_that_cannot_be_written_is_one_line_before_anything_runs(tmp_path, blocked):
+    """A file where a folder of the results tree should be (as root, permissions would not stop a write)."""
     from harness.lab.runner import run_config
 
     out = tmp_path / "results"
-    out.write_text("a file where the results folder should be")
+    (out / blocked).parent.mkdir(parents=True, exist_ok=True)
+    (out / blocked).write_text("a file where a folder should be")
     config = prepare(EXPERIMENTS / "lora.yaml", {"device": "cpu"})
     with pytest.raises(ConfigError, match="cannot be written.*nothing was measured") as error:
         run_config(config, out)
-    assert error.value.field_name == "--out" and out.read_text().startswith("a file")
+    assert error.value.field_name == "--out" and (out / blocked).read_text().startswith("a file")
+    assert not list(out.rglob("*.json"))  # no record of a run that never started
 
 
 def test_a_record_that_cannot_be_written_is_kept_elsewhere_and_says_where(tmp_path, capsys):

@@ -340,8 +340,9 @@ def check_writable(out_dir: Path, record_path: Path) -> None:
     from harness.config import ConfigError
 
     device = record_path.parent.name
+    attempts = out_dir / schema.ATTEMPTS_FOLDER / device  # made when an attempt first goes there
     for folder in (record_path.parent, out_dir / schema.LOGS_FOLDER / device, out_dir / schema.LOCKS_FOLDER / device,
-                   out_dir / schema.ATTEMPTS_FOLDER / device):
+                   *([attempts] if attempts.exists() else [])):
         try:
             folder.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=folder).close()
