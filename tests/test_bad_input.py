@@ -373,6 +373,30 @@ def test_a_record_that_cannot_be_written_is_kept_elsewhere_and_says_where(tmp_pa
     assert f"the record is kept at {kept}" in capsys.readouterr().err
 
 
+def test_a_measurement_whose_record_cannot_be_filed_is_kept_and_says_where(tmp_path, monkeypatch, capsys):
+    """The results folder was writable when the run started and is not when its record is filed: the
+    measurement goes to unsaved/ with one line saying where (a worker stands in, writing an ok record)."""
+    from harness import schema
+    from harness.lab import runner
+
+    _, data = _ok_record()
+
+    def worker(config, attempt_path, log, lock, rendezvous=None):
+        schema.write(attempt_path, schema.from_dict({**data, "config": config, "config_hash": config["config_hash"]}))
+        return (lambda timeout: 0), (lambda: None)
+
+    def refused(*args):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(runner, "_start_worker", worker)
+    monkeypatch.setattr(runner, "_keep_the_better", refused)
+    out = tmp_path / "results"
+    landed, record = runner.run_config(prepare(EXPERIMENTS / "lora.yaml", {"device": "cpu"}), out)
+    assert landed.parent == out / schema.UNSAVED_FOLDER and schema.read(landed, "run").status == "ok"
+    assert not schema.find_records(out)  # unsaved/ is no folder of run records
+    assert f"the record is kept at {landed}" in capsys.readouterr().err
+
+
 def test_records_are_readable_like_any_file_the_user_writes(tmp_path):
     import os
 

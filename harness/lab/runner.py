@@ -328,9 +328,11 @@ def run_config(config: dict, out_dir: str | Path = "results", repeat: int = 0,
                 record = _lost_record(config, returncode, log_path, timeout_s)
                 schema.write(attempt_path, record)
             landed = _keep_the_better(path, attempt_path, record)
-        except OSError:  # the folder was writable when the run started: keep what it measured elsewhere
+        except OSError as error:  # the folder was writable when the run started: keep what it measured elsewhere
             landed = schema.write_or_set_aside(out_dir / schema.UNSAVED_FOLDER / path.name, record,
                                                env.cache_dir() / schema.UNSAVED_FOLDER)
+            print(f"could not file {path} ({error.strerror or error}): the record is kept at {landed}",
+                  file=sys.stderr, flush=True)
     return landed, record
 
 
