@@ -644,7 +644,7 @@ def _check_library_values(experiment: Experiment, path: Path) -> None:
         from harness.engines.arguments import arguments_class
 
         checks.append(("training_args", experiment.training_args, arguments_class(experiment.engine),
-                       {"output_dir": str(Path(tempfile.gettempdir()) / "harness-validate"), "use_cpu": True}))
+                       {"output_dir": str(Path(tempfile.gettempdir()) / "harness-validate")}))
     for prefix, values, cls, required in checks:
         hints = typing.get_type_hints(cls)
         for key, value in values.items():
