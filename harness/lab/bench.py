@@ -14,6 +14,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from harness import env, schema
@@ -24,8 +25,8 @@ from harness.lab.estimate import estimate_run, parse_duration
 from harness.lab.runner import (
     CellBusy,
     cell_leftovers,
-    remove_stale_attempts,
     check_ranks,
+    remove_stale_attempts,
     run_config,
     summary_line,
     why_kept,
@@ -109,7 +110,7 @@ def estimate_runs(planned: list[PlannedRun], device_type: str) -> None:
         if model not in configs:
             if model == BASE_SOURCE:  # the shape of the recipe's preset, pretrained or not
                 configs[model] = preset_config(RECIPES[device_type].preset)
-            elif model in PRESETS:  # no torch for a preset's shape: `harness run` estimates before it forks
+            elif model in PRESETS:  # its shape is its config: nothing to resolve
                 configs[model] = preset_config(model)
             else:
                 from harness.step.models import resolve_source
@@ -178,7 +179,7 @@ def run_matrix(planned: list[PlannedRun], fingerprint: str, *, force: bool = Fal
     started (later, smaller runs still may be), and no run may outlast the budget.
     """
     results = []
-    not_started = {}  # why -> how many
+    not_started: Counter[str] = Counter()  # why -> how many
     total = len(planned)
     deadline = time.monotonic() + budget_s if budget_s is not None else None
     for index, run in enumerate(planned, 1):
@@ -192,20 +193,19 @@ def run_matrix(planned: list[PlannedRun], fingerprint: str, *, force: bool = Fal
         if kept is not None:  # a record a rerun may not replace: measuring it again would be filed beside it
             print(f"{label}: not started: {kept}; it is kept as it is (--force measures it again beside it)",
                   file=stream, flush=True)
-            not_started["its record is kept as it is"] = not_started.get("its record is kept as it is", 0) + 1
+            not_started["its record is kept as it is"] += 1
             continue
         run_timeout = timeout_s or default_timeout(run.config, run.estimate)
         if deadline is not None:
             left = deadline - time.monotonic()
             if run.estimate is None:
                 print(f"{label}: not started: no estimate to fit in the time budget", file=stream, flush=True)
-                not_started["no estimate for the time budget"] = not_started.get("no estimate for the time budget",
-                                                                                  0) + 1
+                not_started["no estimate for the time budget"] += 1
                 continue
             if run.estimate.seconds > left:
                 print(f"{label}: not started: estimated {run.estimate.seconds:.0f} s, {max(left, 0):.0f} s left "
                       "of the time budget", file=stream, flush=True)
-                not_started["not within the time budget"] = not_started.get("not within the time budget", 0) + 1
+                not_started["not within the time budget"] += 1
                 continue
             # a run that overruns its estimate badly is stopped (and recorded) rather than eat the budget
             limit = min(left, max(BUDGET_OVERRUN_FACTOR * run.estimate.seconds, BUDGET_MIN_TIMEOUT_S))
@@ -221,7 +221,7 @@ def run_matrix(planned: list[PlannedRun], fingerprint: str, *, force: bool = Fal
             path, record = run_config(run.config, run.path.parent.parent, run.repeat, run_timeout)
         except CellBusy as busy:
             print(f"    not started: {busy}", file=stream, flush=True)
-            not_started["measured by another process now"] = not_started.get("measured by another process now", 0) + 1
+            not_started["measured by another process now"] += 1
             continue
         if polluted:
             record.shared_gpu = polluted  # the peak may include another process's memory
