@@ -403,8 +403,8 @@ def why_kept(path: Path) -> str | None:
     except (OSError, schema.RecordError) as error:
         return f"the cell's file is no record this code can read ({str(error).removeprefix(f'{path}: ')})"
     problems = schema.value_problems(existing)
-    if existing.config.get("config_hash", existing.config_hash) != existing.config_hash or not path.stem.split("__")[-1].startswith(
-            existing.config_hash[:12]):
+    own_hash = existing.config.get("config_hash", existing.config_hash)  # records before configs carried it
+    if own_hash != existing.config_hash or not path.stem.split("__")[-1].startswith(existing.config_hash[:12]):
         problems.append("its configuration hash is not its file's")
     if problems:
         return f"the cell's record is not as this code writes it ({'; '.join(problems)[:300]})"
