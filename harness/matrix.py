@@ -94,7 +94,7 @@ def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Pat
     planned: dict[Path, PlannedRun] = {}
     skipped = []
     device_slug = env.device_slug(env.device_name(device_type))
-    for index, block in enumerate(matrix[plan]):
+    for number, block in enumerate(matrix[plan]):
         if block.min_device_gb and (device_gb or 0) < block.min_device_gb:
             skipped.append(f"{block.note or block.experiments}: needs a card of >= {block.min_device_gb:g} GB")
             continue
@@ -119,7 +119,7 @@ def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Pat
                 if value is not None:
                     overrides[key] = value
             config = _prepare_cell(available[name], overrides, block, experiments_dir / MATRIX_FILE,
-                                   f"{plan}[{index}]")
+                                   f"{plan}[{number}]")
             if device_type == "cuda" and devices is not None and config["world_size"] > devices:
                 skipped.append(f"{name} @ {model} at world size {config['world_size']}: this machine has {devices} GPUs")
                 continue

@@ -427,10 +427,11 @@ def test_a_bad_value_in_a_matrix_blocks_set_names_the_matrix_file(tmp_path):
 
     (tmp_path / "lora.yaml").write_text((EXPERIMENTS / "lora.yaml").read_text())
     matrix = tmp_path / "matrix.yaml"
-    matrix.write_text(yaml.safe_dump({"cpu": [{"models": ["tiny-llama"], "set": {"steps": 0}}], "cuda": []}))
+    blocks = [{"models": ["tiny-llama"]}, {"models": ["tiny-llama"], "set": {"steps": 0}}]
+    matrix.write_text(yaml.safe_dump({"cpu": blocks, "cuda": []}))
     with pytest.raises(ConfigError) as error:
         expand(load_matrix(matrix), "cpu", tmp_path, tmp_path / "results")
-    assert error.value.path == str(matrix) and error.value.field_name == "cpu[0].set.steps"
+    assert error.value.path == str(matrix) and error.value.field_name == "cpu[1].set.steps"
     assert "must be at least 1" in error.value.message and "(set for lora)" in error.value.message
 
 
