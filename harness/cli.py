@@ -24,17 +24,20 @@ def _overrides(args) -> dict:
 def cmd_run(args) -> int:
     from harness import schema
     from harness.config import prepare
-    from harness.lab.runner import CellBusy, run_config, summary_line
+    from harness.lab.bench import default_timeout
+    from harness.lab.runner import CellBusy, check_ranks, run_config, summary_line
 
     config = prepare(args.experiment, _overrides(args))
+    check_ranks(config, args.experiment, "--nproc" if args.nproc else "world_size", args.force_ranks)
     try:
-        path, record = run_config(config, args.out, timeout_s=args.timeout)
+        path, record = run_config(config, args.out, timeout_s=args.timeout or default_timeout(config))
     except CellBusy as busy:
         print(f"error: {busy}", file=sys.stderr)
         return 1
     print(summary_line(record))
     if schema.ATTEMPTS_FOLDER in path.parts:
-        print(f"the cell keeps its earlier measurement; this attempt: {path}")
+        print(f"the cell keeps its record: {record.extra.get('kept_because', 'it measured nothing')}; "
+              f"this attempt: {path}")
     else:
         print(f"record: {path}")
     return 0 if record.status in schema.FINISHED else 1
@@ -124,7 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "trainer (transformers' Trainer) or trl-sft (TRL's SFTTrainer)")
     run.add_argument("--nproc", type=like_field("world_size"), help="ranks that train together (the experiment's "
                      "world_size; above 1 under torchrun, each rank measured, rank 0 writes the record)")
-    run.add_argument("--timeout", type=positive(float), help="seconds before the run is killed and recorded as failed")
+    run.add_argument("--timeout", type=positive(float), help="seconds before the run is killed and recorded as failed "
+                     "(default: from its estimated time, harness.lab.bench.default_timeout)")
+    run.add_argument("--force-ranks", action="store_true", help="start more ranks than this machine has devices "
+                     "(CPU cores on a CPU)")
     run.set_defaults(func=cmd_run)
 
     bench = commands.add_parser("bench", help="run the experiment matrix for this device (resumable)")

@@ -165,16 +165,23 @@ class Experiment:
     training_args: dict = field(default_factory=dict)
 
 
+# Upper bounds: a benchmark measures a few steps on a few sequences; a value past these is a slip of
+# the keyboard that would hold the machine for days (a real run's time is limited too: harness.lab.bench).
+MAX_STEPS, MAX_SEQUENCES, MAX_BATCH, MAX_RANKS = 100_000, 100_000, 65_536, 65_536
+SEED_LIMIT = 2**32  # numpy's and Python's seeds are below it; torch's manual_seed wraps larger ones
+
 # Bounds checked after types: (field, predicate, message).
 _RANGES = [
     ("seq_len", lambda v: v >= 2, "must be at least 2"),
-    ("micro_batch", lambda v: v >= 1, "must be at least 1"),
-    ("grad_accum", lambda v: v >= 1, "must be at least 1"),
-    ("world_size", lambda v: v >= 1, "must be at least 1"),
-    ("warmup_steps", lambda v: v >= 0, "must be >= 0"),
-    ("steps", lambda v: v >= 1, "must be at least 1"),
-    ("eval_every", lambda v: v >= 0, "must be >= 0 (0: no evaluation)"),
-    ("eval_sequences", lambda v: v >= 1, "must be at least 1"),
+    ("micro_batch", lambda v: 1 <= v <= MAX_BATCH, f"must be at least 1 and at most {MAX_BATCH:,}"),
+    ("grad_accum", lambda v: 1 <= v <= MAX_BATCH, f"must be at least 1 and at most {MAX_BATCH:,}"),
+    ("world_size", lambda v: 1 <= v <= MAX_RANKS, f"must be at least 1 and at most {MAX_RANKS:,}"),
+    ("warmup_steps", lambda v: 0 <= v <= MAX_STEPS, f"must be >= 0 and at most {MAX_STEPS:,}"),
+    ("steps", lambda v: 1 <= v <= MAX_STEPS, f"must be at least 1 and at most {MAX_STEPS:,} (a measurement, "
+     "not a training run)"),
+    ("eval_every", lambda v: 0 <= v <= MAX_STEPS, "must be >= 0 (0: no evaluation) and at most the steps' bound"),
+    ("eval_sequences", lambda v: 1 <= v <= MAX_SEQUENCES, f"must be at least 1 and at most {MAX_SEQUENCES:,}"),
+    ("seed", lambda v: 0 <= v < SEED_LIMIT, "must be from 0 to 2**32 - 1"),
     ("budget_gb", lambda v: v is None or 0 < v < float("inf"), "must be a positive number of GB"),
     ("lora.r", lambda v: v >= 1, "must be at least 1"),
     ("lora.dropout", lambda v: 0 <= v < 1, "must be in [0, 1)"),
@@ -287,6 +294,60 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# What one experiment or matrix file may hold: YAML's aliases let a few lines stand for billions of
+# values (each alias of an alias doubles them), and nesting recurses in the parser; both are refused
+# before anything is built from them.
+MAX_YAML_CHARS, MAX_YAML_VALUES, MAX_YAML_DEPTH = 1_000_000, 100_000, 64
+
+
+def _load_yaml(text: str, path: Path) -> Any:
+    """The safe loader's document, after its size (aliases expanded) and depth are checked."""
+    if len(text) > MAX_YAML_CHARS:
+        raise ConfigError(path, "<yaml>", f"{len(text):,} characters: an experiment file is at most "
+                          f"{MAX_YAML_CHARS:,}")
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_yaml_size(node, path)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(path, "<yaml>", f"nested more than {MAX_YAML_DEPTH} levels deep") from None
+    finally:
+        loader.dispose()
+
+
+def _check_yaml_size(root: yaml.Node, path: Path) -> None:
+    """Count the values the document stands for, each alias expanded (a shared node is counted once per
+    use, from a memo: the count itself never expands anything), and how deep it nests."""
+    sizes: dict[int, int] = {}
+    ancestors: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else (
+            node.value if isinstance(node, yaml.SequenceNode) else [])
+        if finished:
+            ancestors.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children)
+            if sizes[id(node)] > MAX_YAML_VALUES:
+                raise ConfigError(path, "<yaml>", f"the value at line {node.start_mark.line + 1} stands for more "
+                                  f"than {MAX_YAML_VALUES:,} values through its aliases (an alias of an alias "
+                                  "doubles them); write the values out")
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in ancestors:
+            raise ConfigError(path, "<yaml>", f"an alias at line {node.start_mark.line + 1} refers to a value "
+                              "that holds it")
+        ancestors.add(id(node))
+        if len(ancestors) > MAX_YAML_DEPTH:
+            raise ConfigError(path, "<yaml>", f"nested more than {MAX_YAML_DEPTH} levels deep")
+        stack.append((node, True))
+        stack.extend((child, False) for child in children if id(child) not in sizes)
+
+
 def read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     """Read one file and everything it includes; the including file wins on conflicts."""
     if path in chain:
@@ -303,7 +364,7 @@ def read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     except UnicodeDecodeError as error:
         raise ConfigError(*where, f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        data = _load_yaml(text, path)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -326,9 +387,16 @@ def read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
 def load_experiment(path: str | Path, overrides: dict | None = None) -> tuple[str, Experiment]:
     """Load and validate one experiment file; returns (name, experiment). Raises ConfigError."""
     path = Path(path).resolve()
+    if path.name.startswith("."):
+        raise ConfigError(path, "<file>", "a hidden file's name: the experiment's records would be hidden files, "
+                          "which results/ readers skip as unfinished writes; give it a name without a leading '.'")
     data = _deep_merge(read_yaml(path), overrides or {})
     experiment = build_dataclass(Experiment, data, path)
+    if isinstance(experiment.lora.target_modules, str) and experiment.lora.target_modules != "all-linear":
+        experiment.lora.target_modules = [experiment.lora.target_modules]  # one module, not its letters
     _check_semantics(experiment, path)
+    _check_model_source(experiment, path)
+    _check_library_values(experiment, path)
     return path.stem, experiment
 
 
@@ -497,13 +565,100 @@ def _check_training_args(experiment: Experiment, path: Path) -> None:
     except ModuleNotFoundError as missing:
         raise ConfigError(path, "training_args", f"{missing.name} is not installed here, so its arguments' fields "
                           "cannot be checked (the engines extra: pip install -e '.[engines]')") from None
+    from harness.engines.arguments import sends_data
+
     for key in experiment.training_args:
+        if sends_data(key):
+            raise ConfigError(path, f"training_args.{key}", sends_data(key))
         if key not in known:
             raise ConfigError(path, f"training_args.{key}", f"not a field of {experiment.engine}'s arguments "
                               "(TrainingArguments, or SFTConfig for trl-sft)")
         owner = owned_field(key)
         if owner:
             raise ConfigError(path, f"training_args.{key}", f"the experiment sets it: {owner}")
+
+
+def _check_model_source(experiment: Experiment, path: Path) -> None:
+    """A model file or folder must hold a config.json that parses and names its model type, read as data
+    (a model's own code never runs here); a hub id must be one. Nothing is looked up on the network."""
+    from harness.presets import PRESETS
+
+    model = experiment.model
+    if model in PRESETS or model == BASE_SOURCE:
+        return
+    where = Path(model).expanduser()
+    if not (model.startswith((".", "/", "~")) or model.endswith(".json") or where.exists()):
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(model)
+        except HFValidationError as error:
+            raise ConfigError(path, "model", f"no preset, file or folder, and not a hub id: {error}") from None
+        return
+    if not where.exists():
+        raise ConfigError(path, "model", f"no such file or folder: {model}")
+    if where.is_dir():
+        where = where / "config.json"
+    elif where.suffix != ".json":
+        raise ConfigError(path, "model", f"{model} is neither a config.json nor a model folder")
+    try:
+        settings = json.loads(where.read_text())
+    except FileNotFoundError:
+        raise ConfigError(path, "model", f"{model} is a folder without a config.json") from None
+    except (OSError, ValueError, RecursionError) as error:
+        raise ConfigError(path, "model", f"{where} is not a readable JSON config ({error})") from None
+    if not isinstance(settings, dict) or not isinstance(settings.get("model_type"), str):
+        raise ConfigError(path, "model", f"{where} names no model_type (a config.json is a JSON object with one)")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if settings["model_type"] not in CONFIG_MAPPING_NAMES:
+        if "auto_map" not in settings:
+            raise ConfigError(path, "model", f"{where}: transformers knows no model_type {settings['model_type']!r}")
+        if not experiment.trust_remote_code:
+            raise ConfigError(path, "trust_remote_code", f"{model}'s configuration is its own code (auto_map): a run "
+                              "needs trust_remote_code: true to run it")
+
+
+def _simple_hint(hint: Any) -> bool:
+    """A type hint `_coerce` checks completely (plain values, literals, lists and unions of them)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal or hint in (bool, int, float, str, type(None)):
+        return True
+    if origin in (typing.Union, types.UnionType, list):
+        return all(_simple_hint(a) for a in args)
+    return False
+
+
+def _check_library_values(experiment: Experiment, path: Path) -> None:
+    """`lora.peft` and `training_args` are handed to peft's LoraConfig and the engine's TrainingArguments
+    as given: each value is checked against the class's own type hint (a number given as text becomes
+    the number), then the class itself is built, so that its own checks run here and not in a run."""
+    import tempfile
+
+    checks = []
+    if experiment.lora.peft and resolve_technique(experiment).adapter != "none":
+        from peft import LoraConfig
+
+        checks.append(("lora.peft", experiment.lora.peft, LoraConfig, {}))
+    if experiment.training_args and experiment.engine != "harness":
+        from harness.engines.arguments import arguments_class
+
+        checks.append(("training_args", experiment.training_args, arguments_class(experiment.engine),
+                       {"output_dir": str(Path(tempfile.gettempdir()) / "harness-validate")}))
+    for prefix, values, cls, required in checks:
+        hints = typing.get_type_hints(cls)
+        for key, value in values.items():
+            if _simple_hint(hints.get(key)):
+                values[key] = _coerce(value, hints[key], path, f"{prefix}.{key}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cls(**required, **values)
+        except Exception as error:  # the library's own check, whatever it raises: one line naming the field
+            named = ([key for key in values if key in str(error)]  # the message names the field, or its value
+                     or [key for key, value in values.items() if str(value) in str(error)])
+            raise ConfigError(path, f"{prefix}.{named[0]}" if named else prefix,
+                              f"{cls.__name__} refuses it: {str(error).splitlines()[0][:300]}") from None
 
 
 def _check_model_name(model: str, path: Path) -> None:

@@ -120,7 +120,7 @@ def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Pat
     planned: dict[Path, PlannedRun] = {}
     skipped = []
     device_slug = env.device_slug(env.device_name(device_type))
-    for block in matrix[plan]:
+    for number, block in enumerate(matrix[plan]):
         if block.min_device_gb and (device_gb or 0) < block.min_device_gb:
             skipped.append(f"{block.note or block.experiments}: needs a card of >= {block.min_device_gb:g} GB")
             continue
@@ -145,7 +145,8 @@ def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Pat
                                ("world_size", ranks)):
                 if value is not None:
                     overrides[key] = value
-            config = prepare(available[name], overrides)
+            config = _prepare_cell(available[name], overrides, block, experiments_dir / MATRIX_FILE,
+                                   f"{plan}[{number}]")
             if device_type == "cuda" and devices is not None and config["world_size"] > devices:
                 skipped.append(f"{name} @ {model} at world size {config['world_size']}: this machine has {devices} GPUs")
                 continue
@@ -170,3 +171,13 @@ def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Pat
     return list(planned.values()), skipped
 
 
+def _prepare_cell(path: Path, overrides: dict, block: MatrixBlock, matrix_path: Path, where: str) -> dict:
+    """The cell's configuration; a bad value the block's `set:` gave is the matrix file's fault, not the
+    experiment file's, and is said so."""
+    try:
+        return prepare(path, overrides)
+    except ConfigError as error:
+        if error.field_name.split(".")[0].split("[")[0] not in block.set:
+            raise
+        raise ConfigError(matrix_path, f"{where}.set.{error.field_name}",
+                          f"{error.message} (set for {path.stem})") from None

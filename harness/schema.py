@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import sys
 import tempfile
 import types
 import typing
@@ -41,9 +43,11 @@ PREDICTIONS_FOLDER, PROBES_FOLDER, BASE_FOLDER = "predictions", "probes", "base"
 MICROBENCH_FOLDER, LOGS_FOLDER, LOCKS_FOLDER = "microbench", "logs", ".locks"
 FITS_FOLDER = "fits"  # what fits each card, predicted (harness.predict.solve)
 JOBS_FOLDER = ".jobs"  # cluster jobs submitted per cell, and submitit's own files (harness.lab.launcher)
+# Records whose own folder could not be written, kept in the lab's cache instead (write_or_set_aside).
+UNSAVED_FOLDER = "unsaved"
 ATTEMPT_SUFFIX = ".attempt.json"  # a worker's record before it becomes the cell's (harness.lab.runner)
 NOT_RUN_FOLDERS = {ATTEMPTS_FOLDER, PREDICTIONS_FOLDER, PROBES_FOLDER, BASE_FOLDER, MICROBENCH_FOLDER,
-                   LOGS_FOLDER, LOCKS_FOLDER, FITS_FOLDER, JOBS_FOLDER}
+                   LOGS_FOLDER, LOCKS_FOLDER, FITS_FOLDER, JOBS_FOLDER, UNSAVED_FOLDER}
 
 
 class RecordError(ValueError):
@@ -97,7 +101,7 @@ class Throughput:
     # Tokens and tokens/s count every rank's tokens (global) in a cell of several ranks, whose step time is
     # its slowest rank's; each rank's own are in RunRecord.ranks. MFU is per device.
     tokens_per_step: int
-    step_time_s: dict[str, float]
+    step_time_s: dict[str, float | list[float]]  # median, spread, ... and `all`: every timed step's
     tokens_per_s: float
     load_seconds: float
     timed_steps: int
@@ -162,6 +166,8 @@ class RunRecord:
     # host_peak_rss_bytes, tokens_per_s, step_time_s, final_loss). Then `memory`'s peaks and
     # host_peak_rss_bytes are the highest over ranks (harness.measure.ranks), and `loss` the ranks' mean.
     ranks: list[dict] | None = None
+    # The model's own code ran (trust_remote_code, in this run only): its source and the classes of its auto_map.
+    remote_code: dict | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -332,6 +338,62 @@ def from_dict(data: Any, path: str | Path = "<record>", kind: str | None = None)
     return _build(cls, data, path)
 
 
+def value_problems(record: Record) -> list[str]:
+    """What in a record read by `from_dict` is not what this code writes: an unknown status, a value of
+    the wrong type, NaN or infinity (a hand-edited or damaged file). `from_dict` keeps JSON's values as
+    they are; the report and the runner's rule for replacing a record ask this first."""
+    status = getattr(record, "status", STATUSES[0])
+    problems = [] if status in STATUSES else [f"field 'status': unknown status {status!r}; "
+                                              f"known: {', '.join(STATUSES)}"]
+    hints = typing.get_type_hints(type(record))
+    for section in dataclasses.fields(record):
+        if section.name != "extra":
+            _check_value(hints[section.name], getattr(record, section.name), section.name, problems)
+    return problems
+
+
+def _check_value(hint: Any, value: Any, name: str, problems: list[str]) -> None:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        found: list[list[str]] = []
+        for option in (a for a in args if a is not type(None)):
+            found.append([])
+            _check_value(option, value, name, found[-1])
+            if not found[-1]:
+                return
+        problems.extend(found[0])
+        return
+    if dataclasses.is_dataclass(hint):
+        for section_field in dataclasses.fields(hint):
+            _check_value(typing.get_type_hints(hint)[section_field.name], getattr(value, section_field.name),
+                         f"{name}.{section_field.name}", problems)
+        return
+    if hint in (int, float):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        # an int may come as an integral float (the analytic predictor's sums of products)
+        integral = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value) and value.is_integer())
+        if not number or (hint is int and not integral):
+            problems.append(f"field '{name}': expected {hint.__name__}, got {type(value).__name__} {value!r:.40}")
+        elif not math.isfinite(value):
+            problems.append(f"field '{name}': {value} is not a measurement")
+    elif hint in (str, bool) and not isinstance(value, hint):
+        problems.append(f"field '{name}': expected {hint.__name__}, got {type(value).__name__} {value!r:.40}")
+    elif origin is dict and args:
+        if not isinstance(value, dict):
+            problems.append(f"field '{name}': expected an object, got {type(value).__name__}")
+            return
+        for key, item in value.items():
+            _check_value(args[1], item, f"{name}.{key}", problems)
+    elif origin is list and args and args[0] is not dict:
+        if not isinstance(value, list):
+            problems.append(f"field '{name}': expected a list, got {type(value).__name__}")
+            return
+        for index, item in enumerate(value):
+            _check_value(args[0], item, f"{name}[{index}]", problems)
+
+
 def to_dict(record: Record) -> dict:
     """The JSON object of a record: its fields in order, `extra` folded back in."""
     data = dataclasses.asdict(record)
@@ -343,13 +405,25 @@ def read(path: str | Path, kind: str | None = None) -> Record:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-    except ValueError as error:
-        raise RecordError(path, f"not JSON: {error}") from None
+    except (ValueError, RecursionError) as error:  # RecursionError: nested deeper than the parser goes
+        raise RecordError(path, f"not JSON: {error or type(error).__name__}") from None
     return from_dict(data, path, kind)
 
 
 def write(path: str | Path, record: Record) -> Path:
     return write_atomic(path, to_dict(record))
+
+
+def write_or_set_aside(path: str | Path, record: Record, aside: Path) -> Path:
+    """Write a record; where its folder cannot be written (a full disk, a permission taken away during the
+    run), write it to `aside` instead and say so in one line, so that a measurement is never lost."""
+    try:
+        return write(path, record)
+    except OSError as error:
+        kept = write(Path(aside) / Path(path).name.lstrip("."), record)
+        print(f"could not write {path} ({error.strerror or error}): the record is kept at {kept}", file=sys.stderr,
+              flush=True)
+        return kept
 
 
 def write_atomic(path: str | Path, data: dict) -> Path:
@@ -358,6 +432,7 @@ def write_atomic(path: str | Path, data: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's file is the owner's alone; a record is read like any file
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=1, sort_keys=False)
             handle.write("\n")
@@ -368,6 +443,12 @@ def write_atomic(path: str | Path, data: dict) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # -- file naming ----------------------------------------------------------------------------

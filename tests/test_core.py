@@ -112,7 +112,8 @@ def test_records_are_written_atomically_and_never_shared(tmp_path):
 
 
 def test_failures_inside_the_run_are_recorded(tmp_path):
-    config = prepare(EXPERIMENTS / "lora.yaml", {**QUICK, "model": str(tmp_path / "missing.json")})
+    # validate refuses a missing model file: it goes missing between validation and the run
+    config = {**prepare(EXPERIMENTS / "lora.yaml", QUICK), "model": str(tmp_path / "missing.json")}
     _, record = run_dict(config, tmp_path)
     assert record["status"] == "failed" and record["error"]["phase"] == "load"
     assert "missing.json" in record["error"]["message"]

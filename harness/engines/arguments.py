@@ -108,6 +108,20 @@ OWNED = {
 }
 
 
+# Arguments by which Trainer or TRL send something off this machine (the hub; trackers and their
+# spaces): a measurement sends nothing, so they are refused by name, whatever their value.
+SENDING_PREFIXES = ("push_to_hub", "hub_", "trackio_")
+SENDING_FIELDS = ("report_to",)
+
+
+def sends_data(key: str) -> str | None:
+    """Why a training argument is refused for sending data (None if it sends nothing)."""
+    if key.startswith(SENDING_PREFIXES) or key in SENDING_FIELDS:
+        return ("sends data off this machine (the hub, or a tracker's integration); a measurement sends "
+                "nothing, so no experiment may set it")
+    return None
+
+
 class NotMapped(Exception):
     """An experiment this engine cannot run as it is: the record is `skipped` with the reason."""
 

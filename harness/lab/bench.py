@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 from harness import env, schema
@@ -25,10 +26,12 @@ from harness.lab.estimate import estimate_run, parse_duration
 from harness.lab.runner import (
     CellBusy,
     cell_leftovers,
+    check_ranks,
     keep_record,
     remove_stale_attempts,
     run_config,
     summary_line,
+    why_kept,
 )
 from harness.matrix import PlannedRun, expand, load_matrix
 from harness.step.checkpoint import BASE_SOURCE, base_checkpoint_path
@@ -38,16 +41,17 @@ SHARED_GPU_THRESHOLD = 1 * 2**30
 # Under a time budget a run is stopped at this many times its estimate (never sooner than the minimum).
 BUDGET_OVERRUN_FACTOR = 4
 BUDGET_MIN_TIMEOUT_S = 180
+# Without --timeout a run is still stopped (and recorded) at the same multiple of its estimate, never sooner
+# than this: the estimate is a GPU's, and on 2 CPU cores the slowest run of the cpu-full plan takes minutes.
+DEFAULT_MIN_TIMEOUT_S = {"cuda": BUDGET_MIN_TIMEOUT_S, "cpu": 3600.0}
+NO_ESTIMATE_TIMEOUT_S = 6 * 3600.0  # a model whose shape cannot be read before the run
 
 
 def is_current(path: Path, fingerprint: str) -> bool:
     """A finished record (ok or oom) for the same configuration on the same environment."""
-    if not path.exists():
+    if not path.exists() or why_kept(path) is not None:
         return False
-    try:
-        record = schema.read(path, kind="run")
-    except (OSError, ValueError):
-        return False
+    record = schema.read(path, kind="run")
     return record.status in schema.MEASURED and record.fingerprint == fingerprint
 
 
@@ -97,8 +101,9 @@ def clean_interrupted_writes(out_dir: Path) -> None:
 
 
 def estimate_runs(planned: list[PlannedRun], device_type: str) -> None:
-    """Fill each run's estimated GPU time (harness.lab.estimate), from its model's shape."""
-    from harness.presets import preset_config
+    """Fill each run's estimated GPU time (harness.lab.estimate), from its model's shape, read without
+    running a model's own code or asking the network; None where the shape cannot be read so."""
+    from harness.presets import PRESETS, preset_config
     from harness.step.checkpoint import recipe_for
 
     configs: dict[str, object] = {}
@@ -107,11 +112,29 @@ def estimate_runs(planned: list[PlannedRun], device_type: str) -> None:
         if model not in configs:
             if model == BASE_SOURCE:  # the shape of the recipe's preset, pretrained or not
                 configs[model] = preset_config(recipe_for(device_type).preset)
+            elif model in PRESETS:  # its shape is its config: nothing to resolve
+                configs[model] = preset_config(model)
             else:
                 from harness.step.models import resolve_source
 
-                configs[model] = resolve_source(model, run.config["trust_remote_code"], device_type).config
-        run.estimate = estimate_run(run.config, configs[model])
+                try:
+                    configs[model] = resolve_source(model, device_type=device_type).config
+                except ConfigError as error:
+                    print(f"  no estimate for {model}: {error}", flush=True)
+                    configs[model] = None
+        run.estimate = estimate_run(run.config, configs[model]) if configs[model] is not None else None
+
+
+def default_timeout(config: dict, estimate=None) -> float:
+    """A run's time limit where none is given: a multiple of its estimate, at least the device's minimum."""
+    device_type = env.resolve_device(config["device"])
+    if estimate is None:
+        planned = [PlannedRun(config, 0, Path(), "")]
+        estimate_runs(planned, device_type)
+        estimate = planned[0].estimate
+    if estimate is None:
+        return NO_ESTIMATE_TIMEOUT_S
+    return max(BUDGET_OVERRUN_FACTOR * estimate.seconds, DEFAULT_MIN_TIMEOUT_S[device_type])
 
 
 def _label(index: int, total: int, run: PlannedRun) -> str:
@@ -152,16 +175,15 @@ def print_plan(planned: list[PlannedRun], fingerprint: str, budget_s: float | No
     return left_out
 
 
-def leave_to_another_machine(run: PlannedRun, environment: dict) -> schema.RunRecord:
+def leave_to_another_machine(run: PlannedRun, environment: dict) -> schema.RunRecord | str:
     """A cell the plan does not run on this CPU, whose compute dtype is only emulated here: a `skipped`
-    record saying why, unless the cell has a measurement already (from a machine that computes in that
-    dtype), which stays."""
-    try:
-        existing = schema.read(run.path, kind="run") if run.path.exists() else None
-    except (OSError, ValueError):
-        existing = None
-    if existing is not None and existing.status in schema.MEASURED:
-        return existing
+    record saying why; or, where the cell has a measurement already (from a machine that computes in that
+    dtype) or a file this code may not replace, why that stays as it is."""
+    kept = why_kept(run.path)
+    if kept is not None:
+        return kept
+    if run.path.exists() and schema.read(run.path, kind="run").status in schema.MEASURED:
+        return "the measurement made elsewhere stays"
     config = {**run.config, "run_id": uuid.uuid4().hex}
     record = schema.RunRecord(
         status="skipped", experiment=config["name"], model=config["model"], config=config,
@@ -182,36 +204,50 @@ def run_matrix(planned: list[PlannedRun], fingerprint: str, *, force: bool = Fal
     leaves to another machine (`left_to`) gets a skipped record saying why (`environment`: this one's).
     """
     results = []
+    not_started: Counter[str] = Counter()  # why -> how many
     total = len(planned)
     deadline = time.monotonic() + budget_s if budget_s is not None else None
     for index, run in enumerate(planned, 1):
         label = _label(index, total, run)
         if run.left_to:
             try:
-                record = leave_to_another_machine(run, environment or {})
+                left = leave_to_another_machine(run, environment or {})
             except CellBusy as busy:
                 print(f"{label}: not started: {busy}", file=stream, flush=True)
+                not_started["measured by another process now"] += 1
                 continue
-            print(f"{label}: {summary_line(record)}" if record.status == "skipped" else
-                  f"{label}: not run on this CPU ({run.left_to}); the measurement made elsewhere stays",
-                  file=stream, flush=True)
-            results.append(record)
+            if isinstance(left, str):
+                print(f"{label}: not run on this CPU ({run.left_to}); {left}", file=stream, flush=True)
+                continue
+            print(f"{label}: {summary_line(left)}", file=stream, flush=True)
+            results.append(left)
             continue
         if not force and is_current(run.path, fingerprint):
             record = schema.read(run.path, kind="run")
             print(f"{label}: done before, skipped ({record.status})", file=stream, flush=True)
             results.append(record)
             continue
-        run_timeout = timeout_s
+        kept = None if force else why_kept(run.path)
+        if kept is not None:  # a record a rerun may not replace: measuring it again would be filed beside it
+            print(f"{label}: not started: {kept}; it is kept as it is (--force measures it again beside it)",
+                  file=stream, flush=True)
+            not_started["its record is kept as it is"] += 1
+            continue
+        run_timeout = timeout_s or default_timeout(run.config, run.estimate)
         if deadline is not None:
             left = deadline - time.monotonic()
+            if run.estimate is None:
+                print(f"{label}: not started: no estimate to fit in the time budget", file=stream, flush=True)
+                not_started["no estimate for the time budget"] += 1
+                continue
             if run.estimate.seconds > left:
                 print(f"{label}: not started: estimated {run.estimate.seconds:.0f} s, {max(left, 0):.0f} s left "
                       "of the time budget", file=stream, flush=True)
+                not_started["not within the time budget"] += 1
                 continue
             # a run that overruns its estimate badly is stopped (and recorded) rather than eat the budget
             limit = min(left, max(BUDGET_OVERRUN_FACTOR * run.estimate.seconds, BUDGET_MIN_TIMEOUT_S))
-            run_timeout = min(run_timeout, limit) if run_timeout else limit
+            run_timeout = min(run_timeout, limit)
         polluted = other_gpu_users() if run.config["device"] == "cuda" else None
         if polluted and not allow_shared_gpu:
             raise SystemExit(f"refusing to measure on a shared GPU: {polluted} "
@@ -223,6 +259,7 @@ def run_matrix(planned: list[PlannedRun], fingerprint: str, *, force: bool = Fal
             path, record = run_config(run.config, run.path.parent.parent, run.repeat, run_timeout)
         except CellBusy as busy:
             print(f"    not started: {busy}", file=stream, flush=True)
+            not_started["measured by another process now"] += 1
             continue
         if polluted or run.shortened:
             record.shared_gpu = polluted  # the peak may include another process's memory
@@ -230,6 +267,9 @@ def run_matrix(planned: list[PlannedRun], fingerprint: str, *, force: bool = Fal
             schema.write(path, record)
         print(f"    {time.perf_counter() - started:6.1f} s  {summary_line(record)}", file=stream, flush=True)
         results.append(record)
+    for why, count in not_started.items():
+        print(f"{count} of {total} runs not started: {why}" + ("" if why.startswith("its record") else
+              "; the same command resumes them"), file=stream, flush=True)
     return results
 
 
@@ -301,13 +341,15 @@ def main(args) -> int:
             experiments=args.experiments, budgets_gb=args.budget_gb and [args.budget_gb],
             seq_lens=args.seq_len and [args.seq_len], engines=args.engine and [args.engine], repeat=args.repeat,
             device_gb=device_gb, devices=devices, emulated=env.emulated_dtypes(device_type))
-        if budget_s is not None or args.dry_run:
+        if budget_s is not None or args.dry_run:  # a run's default time limit estimates it as it starts
             estimate_runs(planned, device_type)
         if budget_s is not None and device_type == "cuda":
             planned = new_evidence_first(planned)
         return planned, skipped
 
     planned, skipped = plan()
+    for run in planned if args.launcher == "local" and not args.dry_run else ():
+        check_ranks(run.config, matrix_path, "world_sizes", args.force_ranks)
     environment = env.current_environment(device_type)
     fingerprint = env.fingerprint(environment)
     card = f", a {device_gb:g} GB card" if device_gb else ""
@@ -350,14 +392,10 @@ def main(args) -> int:
         print(f"\ninterrupted: {done} of {len(planned)} runs have a current record; the same command resumes",
               flush=True)
         return 130
-    table = summary_table(results)
     print()
-    print(table.to_string(index=False))
+    print(summary_table(results).to_string(index=False) if results else "no run has a record from this pass")
     for message in repeat_consistency(results):
         print(message)
-    not_started = len(planned) - len(results)
-    if not_started:
-        print(f"\n{not_started} runs not started within the time budget: the same command resumes them.")
     if device_type == "cpu":
         print("\nCPU run: memory is tracked tensor bytes, time is CPU time; neither is a GPU figure.")
     return 0 if all(r.status in schema.FINISHED for r in results) else 1
@@ -379,7 +417,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--force", action="store_true", help="rerun even where a current record exists")
     parser.add_argument("--allow-shared-gpu", action="store_true",
                         help="measure even if other processes hold GPU memory (records are marked)")
-    parser.add_argument("--timeout", type=positive(float), help="seconds per run before it is killed and recorded")
+    parser.add_argument("--timeout", type=positive(float), help="seconds per run before it is killed and recorded "
+                        "(default: from each run's estimated time)")
+    parser.add_argument("--force-ranks", action="store_true", help="start cells of more ranks than this machine has "
+                        "devices (CPU cores on a CPU)")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the planned runs with their estimated GPU time and stop")
     parser.add_argument("--plan", help="a plan of the matrix file (default: the device type's, cpu or cuda); "

@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import uuid
 from contextlib import contextmanager
@@ -119,10 +120,37 @@ def _forked_worker(config: dict, attempt_path: str, log_path: str, lock: int, li
     sys.exit(0 if record.status in schema.FINISHED else 1)
 
 
+MULTIPROCESSING_TEMP = "harness-mp"  # under the temporary folder: one folder per process that starts workers
+
+
+def _own_multiprocessing_temp() -> None:
+    """multiprocessing keeps its fork server's socket in a 'pymp-*' folder that a killed process leaves
+    behind. Ours is named after this process instead, and the folders of processes no longer alive are
+    removed, so that killed benches leave nothing in the temporary folder for long."""
+    import atexit
+    import shutil
+
+    import psutil
+
+    base = Path(tempfile.gettempdir()) / MULTIPROCESSING_TEMP
+    base.mkdir(exist_ok=True)
+    for folder in base.iterdir():
+        if not folder.name.isdigit() or not psutil.pid_exists(int(folder.name)):
+            shutil.rmtree(folder, ignore_errors=True)
+    config = multiprocessing.current_process()._config  # where multiprocessing.util.get_temp_dir keeps it
+    if config.get("tempdir"):
+        return
+    mine = base / str(os.getpid())
+    mine.mkdir(exist_ok=True)
+    config["tempdir"] = str(mine)
+    atexit.register(shutil.rmtree, mine, True)
+
+
 def _forkserver():
     """multiprocessing's fork server: a fresh interpreter that imports the worker's libraries once
     and computes nothing, so that every fork of it starts clean (a fork of a process whose
     thread pools have run, such as a test runner's, can deadlock)."""
+    _own_multiprocessing_temp()
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(list(PRELOADED_MODULES))  # a missing one is skipped
     return context
@@ -131,6 +159,21 @@ def _forkserver():
 def world_size(config: dict) -> int:
     """How many processes measure a cell together (1 unless its configuration says more)."""
     return int(config.get("world_size") or 1)
+
+
+def check_ranks(config: dict, path, field_name: str, force: bool = False) -> None:
+    """A cell of N ranks starts N processes: at most one per device here (a GPU each; on a CPU, a core
+    each), unless forced. ConfigError names the field that asked for them."""
+    from harness.config import ConfigError
+
+    size = world_size(config)
+    if size == 1 or force:
+        return
+    cuda = env.resolve_device(config["device"]) == "cuda"
+    have = env.gpu_count() if cuda else len(os.sched_getaffinity(0))
+    if size > have:
+        raise ConfigError(path, field_name, f"{size} ranks, and this machine has {have} "
+                          f"{'GPUs' if cuda else 'CPU cores'} for them (--force-ranks starts them anyway)")
 
 
 @dataclass(frozen=True)
@@ -256,6 +299,7 @@ def run_config(config: dict, out_dir: str | Path = "results", repeat: int = 0,
     """
     out_dir = Path(out_dir)
     path = cell_path(config, out_dir, repeat)
+    check_writable(out_dir, path)
     log_path = out_dir / schema.LOGS_FOLDER / path.parent.name / (path.stem + ".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     run_id = run_id or uuid.uuid4().hex
@@ -279,11 +323,34 @@ def run_config(config: dict, out_dir: str | Path = "results", repeat: int = 0,
             _config_file(attempt_path).unlink(missing_ok=True)
         _settle_ranks(attempt_path, config)
         record = _read_or_none(attempt_path)
-        if record is None or record.config.get("run_id") != run_id:
-            record = _lost_record(config, returncode, log_path, timeout_s)
-            schema.write(attempt_path, record)
-        landed = _keep_the_better(path, attempt_path, record)
+        try:
+            if record is None or record.config.get("run_id") != run_id:
+                record = _lost_record(config, returncode, log_path, timeout_s)
+                schema.write(attempt_path, record)
+            landed = _keep_the_better(path, attempt_path, record)
+        except OSError as error:  # the folder was writable when the run started: keep what it measured elsewhere
+            landed = schema.write_or_set_aside(out_dir / schema.UNSAVED_FOLDER / path.name, record,
+                                               env.cache_dir() / schema.UNSAVED_FOLDER)
+            print(f"could not file {path} ({error.strerror or error}): the record is kept at {landed}",
+                  file=sys.stderr, flush=True)
     return landed, record
+
+
+def check_writable(out_dir: Path, record_path: Path) -> None:
+    """The folders a run writes (its record's, its log's, its lock's, attempts/) exist and take a file,
+    before anything is measured: ConfigError names the one that does not."""
+    from harness.config import ConfigError
+
+    device = record_path.parent.name
+    attempts = out_dir / schema.ATTEMPTS_FOLDER / device  # made when an attempt first goes there
+    for folder in (record_path.parent, out_dir / schema.LOGS_FOLDER / device, out_dir / schema.LOCKS_FOLDER / device,
+                   *([attempts] if attempts.exists() else [])):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as error:
+            raise ConfigError(folder, "--out", f"cannot be written ({error.strerror or error}); nothing was "
+                              "measured") from None
 
 
 def remove_stale_attempts(out_dir: Path) -> None:
@@ -319,17 +386,43 @@ def keep_record(path: Path, record: schema.RunRecord) -> Path:
 
 
 def _read_or_none(path: Path) -> schema.RunRecord | None:
+    """A worker's attempt (None where it left none, or half a file)."""
     try:
         return schema.read(path, kind="run") if path.exists() else None
-    except schema.RecordError:
+    except (OSError, schema.RecordError):
         return None
 
 
+def why_kept(path: Path) -> str | None:
+    """Why the record at `path` may not be replaced by anything but itself: a file this code cannot read
+    completely (a newer harness's, damaged, hand-edited) is kept as it is; None where it may be replaced."""
+    if not path.exists():
+        return None
+    try:
+        existing = schema.read(path, kind="run")
+    except (OSError, schema.RecordError) as error:
+        return f"the cell's file is no record this code can read ({str(error).removeprefix(f'{path}: ')})"
+    problems = schema.value_problems(existing)
+    own_hash = existing.config.get("config_hash", existing.config_hash)  # records before configs carried it
+    if own_hash != existing.config_hash or not path.stem.split("__")[-1].startswith(existing.config_hash[:12]):
+        problems.append("its configuration hash is not its file's")
+    if problems:
+        return f"the cell's record is not as this code writes it ({'; '.join(problems)[:300]})"
+    return None
+
+
 def _keep_the_better(path: Path, attempt_path: Path, record: schema.RunRecord) -> Path:
-    """The attempt becomes the cell's record, unless it measured nothing and the cell has a
-    measurement; then the attempt is kept under attempts/ and the measurement stays."""
-    existing = _read_or_none(path)
-    if existing and existing.status in schema.MEASURED and record.status not in schema.MEASURED:
+    """The attempt becomes the cell's record only where it replaces nothing of value: no record, or a
+    readable one that measured nothing, or a measurement replaced by a newer one. Otherwise the attempt
+    goes to attempts/ beside it, and its `kept_because` says why in one line."""
+    why = why_kept(path)
+    if why is None and path.exists() and record.status not in schema.MEASURED:
+        existing = schema.read(path, kind="run")
+        if existing.status in schema.MEASURED:
+            why = f"this attempt measured nothing ({record.status}) and the cell keeps its {existing.status} record"
+    if why is not None:
+        record.extra["kept_because"] = why
+        schema.write(attempt_path, record)
         path = schema.attempt_path(path, record.config["run_id"])
         path.parent.mkdir(parents=True, exist_ok=True)
     os.replace(attempt_path, path)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from harness import schema
+from harness import env, schema
 from harness.step import sharding, zero
 
 # A test's fault: the rank this variable names raises as soon as it has joined, as a rank failing
@@ -85,7 +85,7 @@ def write(record: schema.RunRecord, record_path, rank: int, world: int) -> None:
     import torch.distributed as dist
 
     if world == 1:
-        schema.write(record_path, record)
+        schema.write_or_set_aside(record_path, record, env.cache_dir() / schema.UNSAVED_FOLDER)
     elif record.status != "ok":
         if record.error is not None:
             record.error.rank = rank
@@ -95,7 +95,7 @@ def write(record: schema.RunRecord, record_path, rank: int, world: int) -> None:
         records = [None] * world if rank == 0 else None
         dist.gather_object(record, records, dst=0)
         if rank == 0:
-            schema.write(record_path, combine(records))
+            schema.write_or_set_aside(record_path, combine(records), env.cache_dir() / schema.UNSAVED_FOLDER)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -108,7 +108,9 @@ def run(config: dict, record_path: str | Path) -> schema.RunRecord:
         cap = budget_cap_bytes(cfg.budget_gb, device.type) if cfg.budget_gb else None
         record.budget = _apply_budget(cfg.budget_gb, cap, device, technique)
 
-        source = resolve_source(cfg.model, cfg.trust_remote_code, device.type)
+        source = resolve_source(cfg.model, cfg.trust_remote_code, device.type, run_code=True)
+        if cfg.trust_remote_code and getattr(source.config, "auto_map", None):
+            record.remote_code = {"source": cfg.model, "auto_map": dict(source.config.auto_map)}
         batches, tokenizer, record.data = load_batches(cfg.data, source, cfg.seq_len, cfg.micro_batch,
                                                           cfg.grad_accum, cfg.seed)
         batches = batches.for_rank(rank, world)

@@ -47,6 +47,10 @@ def _read(path: Path, kind: str, skipped: list[str], root: Path) -> dict | None:
     except (OSError, schema.RecordError) as error:
         skipped.append(f"{path.relative_to(root)}: {error}")
         return None
+    problems = schema.value_problems(record)
+    if problems:  # wrong types, NaN, an unknown status: listed, never rendered as if measured
+        skipped.append(f"{path.relative_to(root)}: {'; '.join(problems)[:500]}")
+        return None
     data = schema.to_dict(record)
     data["_file"] = str(path.relative_to(root))
     return data
@@ -96,7 +100,7 @@ def load_results(root: str | Path) -> Results:
     for path in sorted((root / schema.MICROBENCH_FOLDER).glob("*.json")):
         try:
             data = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, RecursionError) as error:
             results.skipped.append(f"{path.relative_to(root)}: {error}")
             continue
         if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):

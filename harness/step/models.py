@@ -39,42 +39,83 @@ class ModelSource:
     name: str        # what the user gave
     kind: str        # preset | config | pretrained
     config: object   # a transformers PretrainedConfig
+    # The model's own code may run (a real run of an experiment with trust_remote_code): resolve_source's run_code.
+    runs_code: bool = False
 
     @property
     def random_init(self) -> bool:
         return self.kind != "pretrained"
 
 
-def resolve_source(source: str, trust_remote_code: bool = False, device_type: str = "cpu") -> ModelSource:
+def resolve_source(source: str, trust_remote_code: bool = False, device_type: str = "cpu", *,
+                   run_code: bool = False) -> ModelSource:
+    """A model source's config. Only a real run passes `run_code` (with the experiment's
+    trust_remote_code): everywhere else (validate, predict, a dry run's estimates) a model folder's
+    own code never runs and the hub is read from the local cache alone, never the network."""
     from transformers import AutoConfig
-
 
     if source == BASE_SOURCE:  # the lab's own pretrained base for this device class
         folder = resolve_base(device_type)
         return ModelSource(str(folder), "pretrained", AutoConfig.from_pretrained(folder))
     if source in PRESETS:
         return ModelSource(source, "preset", _without_dropout(preset_config(source)))
-    path = Path(source)
+    path = Path(source).expanduser()
     if source.endswith(".json") or source.startswith((".", "/", "~")):
         if not path.exists():
             raise FileNotFoundError(f"model source {source}: no such file or folder")
     if path.is_file() and path.suffix == ".json":
-        settings = json.loads(path.read_text())
-        model_type = settings.pop("model_type", None)
-        if model_type is None:
-            raise ValueError(f"{path}: a config.json needs a 'model_type' field")
-        config = AutoConfig.for_model(model_type, **settings)
+        settings = read_model_config(path, source)
+        model_type = settings.pop("model_type")
+        try:
+            config = AutoConfig.for_model(model_type, **settings)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(source, "model", f"transformers cannot build its config: {error}") from None
         _check_shape(config, source)
         return ModelSource(source, "config", _without_dropout(config))
+    if path.exists() and not path.is_dir():
+        raise ConfigError(source, "model", "is neither a config.json nor a model folder")
     if path.is_dir() and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise ValueError(f"{path}: a model folder needs weights (*.safetensors); "
                          "for a shape only, give the path of its config.json")
+    trust = trust_remote_code and run_code
     if path.is_dir():
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        read_model_config(path / "config.json", source)
+        config = _code_refused(lambda: AutoConfig.from_pretrained(source, trust_remote_code=trust), source, run_code)
     else:
-        config = _hub_config(source, trust_remote_code)
+        config = _code_refused(lambda: _hub_config(source, trust, offline=not run_code), source, run_code)
     _check_shape(config, source)
-    return ModelSource(source, "pretrained", config)
+    return ModelSource(source, "pretrained", config, runs_code=trust)
+
+
+def read_model_config(path: Path, source: str) -> dict:
+    """A config.json's fields as data (nothing of the model's code runs): a JSON object with a model_type."""
+    try:
+        settings = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(source, "model", f"{path} does not exist: a model folder holds a config.json") from None
+    except (OSError, ValueError, RecursionError) as error:
+        raise ConfigError(source, "model", f"{path} is not a readable JSON config ({error})") from None
+    if not isinstance(settings, dict) or not isinstance(settings.get("model_type"), str):
+        raise ConfigError(source, "model", f"{path}: a config.json is a JSON object with a 'model_type' field")
+    return settings
+
+
+def _code_refused(load, source: str, run_code: bool):
+    """transformers' config, where the model's own configuration code (auto_map) is refused outside a run,
+    or where the experiment did not set trust_remote_code: one sentence, not transformers' traceback."""
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return load()
+    except HFValidationError as error:
+        raise ConfigError(source, "model", f"no preset, file or folder, and not a hub id: {error}") from None
+    except ValueError as error:
+        if "trust_remote_code" not in str(error):
+            raise
+        where = ("set trust_remote_code: true to run it" if run_code else
+                 "it runs only in a real run of an experiment with trust_remote_code: true, never in "
+                 "validate, predict or a dry run")
+        raise ConfigError(source, "model", f"its configuration is the model's own code (auto_map); {where}") from None
 
 
 def _without_dropout(config):
@@ -101,14 +142,17 @@ def _check_shape(config, source: str) -> None:
             raise ConfigError(source, name, f"must be a positive integer in the model's config (got {value!r})")
 
 
-def _hub_config(source: str, trust_remote_code: bool):
-    """A hub id's config: from the hub where it can be reached, else from the local cache, else
-    one sentence at once (transformers would retry for half a minute first)."""
+def _hub_config(source: str, trust_remote_code: bool, offline: bool = False):
+    """A hub id's config: from the hub where it can be reached (never when `offline`), else from the
+    local cache, else one sentence at once (transformers would retry for half a minute first)."""
     from huggingface_hub import constants, try_to_load_from_cache
     from transformers import AutoConfig
 
     host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
-    if not constants.HF_HUB_OFFLINE:
+    where = "from here"
+    if offline:
+        where = "outside a run (validate, predict and a dry run stay offline)"
+    elif not constants.HF_HUB_OFFLINE:
         try:
             socket.create_connection((host, 443), timeout=HUB_PROBE_TIMEOUT_S).close()
             return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -117,7 +161,7 @@ def _hub_config(source: str, trust_remote_code: bool):
     if isinstance(try_to_load_from_cache(source, "config.json"), str):
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True)
     raise ConfigError(source, "model", f"no preset, file or folder is named {source!r}, and as a hub id it "
-                      f"cannot be looked up: {host} cannot be reached from here and the local hub cache "
+                      f"cannot be looked up: {host} cannot be reached {where} and the local hub cache "
                       "does not hold it (give a preset, a config.json or a local model folder)")
 
 
@@ -270,6 +314,7 @@ def build_base_model(source: ModelSource, technique: Technique, device: torch.de
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[technique.weights]
+    trust_remote_code = trust_remote_code and source.runs_code  # never in predict or a simulation
     attn_implementation = attention_implementation(source.config, attn_implementation)
     if technique.quantization != "none":
         import bitsandbytes  # noqa: F401  (missing: the run is skipped, saying so)
