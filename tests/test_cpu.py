@@ -74,7 +74,8 @@ def test_an_emulating_cpu_pretrains_the_base_in_fp32_and_its_name_says_so(cpu_li
 
 
 def _cells(runs):
-    return {(r.config["name"], r.config["model"], r.config["engine"], r.config["grad_accum"]): r for r in runs}
+    """Each planned cell by its block and place in the block."""
+    return {(r.config["name"], r.config["model"], r.config["engine"], r.config["grad_accum"], r.note): r for r in runs}
 
 
 def test_an_emulating_cpu_runs_its_half_precision_cells_shorter_or_leaves_them_to_another_machine(tmp_path):
@@ -88,18 +89,19 @@ def test_an_emulating_cpu_runs_its_half_precision_cells_shorter_or_leaves_them_t
         if run.left_to:  # left to another machine: the cell as the block has it, and why
             assert config == plain and "this CPU emulates" in run.left_to and not run.shortened, key
             kinds.setdefault("left", set()).add((key[1], key[2], compute_dtype(config)))
-        elif compute_dtype(config) == "fp32":  # fp32 cells are what they always were
-            assert config == plain and not run.shortened, key
-            kinds.setdefault("fp32", set()).add(key[1])
-        else:  # shortened: the memory step and one timed step at a smaller shape, the rest as the block has it
+        elif run.shortened:  # the memory step and one timed step at a smaller shape, the rest as the block has it
             assert (config["seq_len"], config["micro_batch"], config["warmup_steps"], config["steps"]) == (64, 2, 0, 1)
-            assert "emulated on this CPU" in run.shortened and config["grad_accum"] == plain["grad_accum"], key
+            assert "emulate" in run.shortened and config["grad_accum"] == plain["grad_accum"], key
             assert config["config_hash"] != plain["config_hash"]
-            kinds.setdefault("shortened", set()).add(key[1])
-    # the tiny preset's half-precision cells run shorter, its fp32 ones as they are; the loops' speed
-    # comparison leaves its half-precision cells (in both loops) to another machine, and the loss comparisons
-    # on the base, comparisons like with like, leave every cell, fp32 references included
-    assert kinds["fp32"] == {"tiny-llama"} and kinds["shortened"] == {"tiny-llama"}
+            kinds.setdefault("shortened", set()).add((key[1], compute_dtype(config)))
+        else:  # what it always was: fp32 outside a block that is shortened as a whole
+            assert config == plain and compute_dtype(config) == "fp32", key
+            kinds.setdefault("as it is", set()).add((key[1], key[2]))
+    # the tiny preset's cells run shorter (the technique table as a whole, fp32 too); the loops' speed
+    # comparison runs fp32 in both loops and leaves its half-precision cells to another machine; the loss
+    # comparisons on the base, comparisons like with like, leave every cell, fp32 references included
+    assert kinds["shortened"] == {("tiny-llama", "bf16"), ("tiny-llama", "fp16"), ("tiny-llama", "fp32")}
+    assert kinds["as it is"] == {("tiny-llama", "harness"), ("tiny-llama", "trainer")}
     assert {(model, engine) for model, engine, dtype in kinds["left"] if dtype != "fp32"} == {
         ("base", "harness"), ("tiny-llama", "harness"), ("tiny-llama", "trainer")}
     assert {(model, engine) for model, engine, dtype in kinds["left"] if dtype == "fp32"} == {("base", "harness")}
