@@ -19,7 +19,7 @@ from harness.claims import load_claims
 from harness.report import verdicts
 from harness.report.evidence import QUANTITIES
 from harness.report.ledger import build_ledger, build_row
-from harness.report.load import CATEGORIES, Results, load_results
+from harness.report.load import CATEGORIES, Results, is_gpu_record, load_results
 from harness.report.units import GB, GIB, LLAMA_2_7B_PARAMETERS, fmt_bytes
 
 FIXTURE = Path(__file__).parent / "fixtures" / "report-results"
@@ -333,6 +333,14 @@ def test_run_table_has_oom_and_failed_rows(rendered):
     assert sum("| oom" in row for row in rows(on_gpu)) == 2 and sum("| oom" in row for row in rows(on_cpu)) == 1
     assert sum("| failed" in row for row in rows(on_gpu) + rows(on_cpu)) == 1
     assert "GB (1e9 bytes)" in on_cpu and "not a GPU figure" in on_cpu
+
+
+def test_a_run_whose_process_died_is_placed_by_the_device_its_configuration_asked_for():
+    """The runner writes such a record without an environment or a memory section."""
+    died = {"status": "failed", "environment": None, "memory": None, "error": {"type": "ProcessDied"}}
+    assert is_gpu_record({**died, "config": {"device": "cuda"}})
+    assert not is_gpu_record({**died, "config": {"device": "cpu"}})
+    assert not is_gpu_record({**died, "config": {"device": "cuda"}, "environment": {"device_type": "cpu"}})
 
 
 def test_loss_section_judges_each_fine_tune_against_its_reference(rendered):
