@@ -432,10 +432,18 @@ def test_the_ladder_stands_each_rung_beside_torchtunes_and_every_rung_is_a_cuda_
     # a rung that raises the peak is named
     frame = pd.DataFrame({"label": ["a", "b", "c"], "predicted": [3e9, 4e9, 1e9]})
     assert [text.split(" (")[0] for text in ladder.not_monotone(frame)] == ["b"]
-    # and says why where the rung knows
-    rising = ladder.RUNGS[3]
-    frame = pd.DataFrame({"label": [ladder.RUNGS[2].label, rising.label], "predicted": [3e9, 4e9]})
-    assert ladder.not_monotone(frame)[0].endswith(rising.rises + ")") and rising.rises
+    # beside its measurement, which is compared with the nearest rung above it that was measured too
+    nan = float("nan")
+    frame = pd.DataFrame({"label": ["a", "b", "c"], "predicted": [3e9, 3e9, 4e9], "measured": [3.5e9, nan, 3e9]})
+    [line] = ladder.not_monotone(frame)
+    assert line.startswith("c (predicted 4.00 GB") and "above 3.00 GB (2.79 GiB) at 'b'" in line
+    assert "measured 3.00 GB (2.79 GiB), below 3.50 GB (3.26 GiB) at 'a'" in line
+    assert line.endswith("the GPU does not show the predicted rise)")
+    frame["measured"] = [2e9, nan, 3e9]  # the GPU shows it too: named by both, no disclaimer
+    [line] = ladder.not_monotone(frame)
+    assert "measured 3.00 GB (2.79 GiB), above 2.00 GB" in line and "does not show" not in line
+    frame["predicted"] = [3e9, 3e9, 2e9]  # measured alone rises: still named
+    assert [text.split(" (")[0] for text in ladder.not_monotone(frame)] == ["c"]
 
 
 def test_every_technique_at_7b_is_one_row_smallest_peak_first_with_its_host_bytes():
