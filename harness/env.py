@@ -58,17 +58,36 @@ def code_digest(modules: tuple[str, ...] | None = None) -> str:
 
 
 def git_state(folder: Path | None = None) -> dict:
-    """The commit of the code that ran, whether it had uncommitted changes, and a digest of the
-    harness's source (the commit alone can mislead where a copy of a tree carries an older .git)."""
+    """The project's commit of the code that ran, whether it had uncommitted changes, and a digest of the
+    harness's source (the commit alone can mislead where a copy of a tree carries an older .git).
+
+    Only the project's own repository names the commit: a copy of the project inside another git
+    repository would otherwise record that repository's commit and state, which say nothing of this code,
+    so there commit and dirty are None and code_digest alone identifies the code."""
     folder = folder or PACKAGE_ROOT.parent
+    commit = _git(folder, "rev-parse", "HEAD") if _is_project_repository(folder) else None
+    dirty = None
+    if commit is not None:
+        status = _git(folder, "status", "--porcelain", "--untracked-files=no")
+        dirty = None if status is None else bool(status)
+    return {"commit": commit, "dirty": dirty, "code_digest": code_digest()}
+
+
+def _is_project_repository(folder: Path) -> bool:
+    """Whether git's top level for `folder` is the project's root itself (the folder that holds the
+    package and pyproject.toml), not an enclosing repository the project was copied into."""
+    top = _git(folder, "rev-parse", "--show-toplevel")
+    return (top is not None and Path(top).resolve() == Path(folder).resolve()
+            and (Path(folder) / "pyproject.toml").is_file())
+
+
+def _git(folder: Path, *arguments: str) -> str | None:
+    """git's output in `folder`, stripped; None where git is missing, fails or hangs."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
+        done = subprocess.run(["git", *arguments], cwd=folder, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
-        commit, dirty = None, None
-    return {"commit": commit, "dirty": dirty if commit else None, "code_digest": code_digest()}
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 # -- the GPU, through NVML (no CUDA context is created) ------------------------------------

@@ -1,6 +1,10 @@
 """Core guarantees: accumulation equivalence, 4-bit weight bytes, batches, OOM and crash schema."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -109,6 +113,41 @@ def test_records_are_written_atomically_and_never_shared(tmp_path):
              for device in (cpu, "NVIDIA H100 80GB HBM3") for digest in ("a" * 64, "b" * 64)}
     assert len(paths) == 4  # neither two configurations nor two devices share a record file
     assert env.device_slug(cpu) == "cpu"
+
+
+def _git(folder, *arguments):
+    return subprocess.run(["git", "-c", "user.name=lab", "-c", "user.email=lab@example.org", *arguments],
+                          cwd=folder, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def _git_state_of_copy(project):
+    """git_state as the copy's own package reports it, in a process that imports the copy."""
+    code = "import json; from harness import env; print(json.dumps([str(env.PACKAGE_ROOT), env.git_state()]))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(project)})
+    package, state = json.loads(done.stdout)
+    assert package == str((project / "harness").resolve())
+    return state
+
+
+def test_a_copy_of_the_project_inside_another_repository_names_no_commit(tmp_path):
+    outer = tmp_path / "outer"
+    project = outer / "vendor" / "lab"
+    shutil.copytree(env.PACKAGE_ROOT, project / "harness", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(env.PACKAGE_ROOT.parent / "pyproject.toml", project)
+    _git(outer, "init", "-q")
+    _git(outer, "add", ".")
+    _git(outer, "commit", "-qm", "a repository that holds a copy of the lab")
+    # the outer repository's commit and clean state say nothing of this code; its digest still does
+    assert _git_state_of_copy(project) == {"commit": None, "dirty": None, "code_digest": env.code_digest()}
+    _git(project, "init", "-q")  # the same copy as a repository of its own names its commit and its changes
+    _git(project, "add", ".")
+    _git(project, "commit", "-qm", "the lab")
+    assert _git_state_of_copy(project) == {"commit": _git(project, "rev-parse", "HEAD"), "dirty": False,
+                                           "code_digest": env.code_digest()}
+    with open(project / "pyproject.toml", "a") as handle:
+        handle.write("\n")
+    assert _git_state_of_copy(project)["dirty"] is True
 
 
 def test_failures_inside_the_run_are_recorded(tmp_path):

@@ -13,7 +13,9 @@ from conftest import EXPERIMENTS, QUICK, ROOT
 from harness import schema
 from harness.config import prepare
 from harness.lab.bench import estimate_runs, new_evidence_first, print_plan, run_matrix
-from harness.lab.estimate import Estimate, parse_duration
+from harness.lab.bench import default_timeout
+from harness.lab.estimate import Estimate, estimate_run, parse_duration, svd_flops
+from harness.step.models import resolve_source
 from harness.matrix import PlannedRun, expand, load_matrix
 
 MATRIX = load_matrix(EXPERIMENTS / "matrix.yaml")
@@ -106,6 +108,38 @@ def test_estimates_grow_with_the_work():
             > planned["qlora", "llama-2-7b", 512].estimate.flops)  # the recomputed forward
     mixtral = planned["qlora-gc", "mixtral-8x7b", 512].estimate
     assert mixtral.build_s > 5 * planned["qlora-gc", "llama-2-7b", 512].estimate.build_s
+
+
+def test_galore_and_compile_estimates_count_what_makes_their_first_steps_slow():
+    model = resolve_source("llama-2-7b").config
+    cell = {"model": "llama-2-7b", "seq_len": 2048, "micro_batch": 1, "device": "cuda"}
+    plain, galore, compiled = (estimate_run(prepare(EXPERIMENTS / f"{name}.yaml", cell), model)
+                               for name in ("bf16-pure", "galore", "bf16-pure-compile"))
+    assert plain.first_steps_s == 0 and plain.first_steps == ""
+    assert galore.first_steps == "GaLore's SVDs" and compiled.first_steps == "compilation"
+    for slow in (galore, compiled):  # the same steps, and their first steps' term on top
+        assert slow.flops == plain.flops and slow.first_steps_s > 0
+        assert slow.seconds == pytest.approx(plain.seconds + slow.first_steps_s)
+        assert slow.first_steps in slow.describe()
+    # the SVDs come again every update_proj_gap optimizer steps: 9 steps (the tracked one included) at a gap of 4
+    config = prepare(EXPERIMENTS / "galore.yaml", cell)
+    config["optim"]["galore_update_proj_gap"] = 4
+    assert estimate_run(config, model).first_steps_s == pytest.approx(3 * galore.first_steps_s)
+
+
+def test_an_svd_costs_of_the_order_of_m_n_min_m_n():
+    assert svd_flops(4096, 11008) == svd_flops(11008, 4096)
+    assert svd_flops(8192, 22016) == 8 * svd_flops(4096, 11008)
+    for m, n in ((4096, 4096), (4096, 11008), (128, 32000)):  # between 6 and 26 times m n min(m, n)
+        assert 6 * m * n * min(m, n) <= svd_flops(m, n) <= 26 * m * n * min(m, n)
+
+
+def test_the_galore_cell_the_h200_stopped_before_a_step_now_has_a_longer_limit():
+    """Its record: stopped at its limit before a step finished; the SVDs alone take longer than that limit."""
+    record = schema.read(ROOT / "results" / "nvidia-h200" / "galore__llama-2-7b__ad14a6ca2d37.json", "run")
+    estimate = estimate_run(record.config, resolve_source(record.model).config)
+    assert estimate.first_steps_s > record.error.timeout_s
+    assert default_timeout(record.config) > record.error.timeout_s
 
 
 def test_durations():

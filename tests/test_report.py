@@ -19,7 +19,7 @@ from harness.claims import load_claims
 from harness.report import verdicts
 from harness.report.evidence import QUANTITIES
 from harness.report.ledger import build_ledger, build_row
-from harness.report.load import CATEGORIES, Results, load_results
+from harness.report.load import CATEGORIES, Results, is_gpu_record, load_results
 from harness.report.units import GB, GIB, LLAMA_2_7B_PARAMETERS, fmt_bytes
 
 FIXTURE = Path(__file__).parent / "fixtures" / "report-results"
@@ -335,6 +335,14 @@ def test_run_table_has_oom_and_failed_rows(rendered):
     assert "GB (1e9 bytes)" in on_cpu and "not a GPU figure" in on_cpu
 
 
+def test_a_run_whose_process_died_is_placed_by_the_device_its_configuration_asked_for():
+    """The runner writes such a record without an environment or a memory section."""
+    died = {"status": "failed", "environment": None, "memory": None, "error": {"type": "ProcessDied"}}
+    assert is_gpu_record({**died, "config": {"device": "cuda"}})
+    assert not is_gpu_record({**died, "config": {"device": "cpu"}})
+    assert not is_gpu_record({**died, "config": {"device": "cuda"}, "environment": {"device_type": "cpu"}})
+
+
 def test_loss_section_judges_each_fine_tune_against_its_reference(rendered):
     section = rendered[0].markdown.read_text().split("## Loss on a pretrained base")[1].split("## Runs on a GPU")[0]
     base_table, parity_table = [part for part in section.split("\n\n") if part.startswith("| ")]
@@ -424,10 +432,18 @@ def test_the_ladder_stands_each_rung_beside_torchtunes_and_every_rung_is_a_cuda_
     # a rung that raises the peak is named
     frame = pd.DataFrame({"label": ["a", "b", "c"], "predicted": [3e9, 4e9, 1e9]})
     assert [text.split(" (")[0] for text in ladder.not_monotone(frame)] == ["b"]
-    # and says why where the rung knows
-    rising = ladder.RUNGS[3]
-    frame = pd.DataFrame({"label": [ladder.RUNGS[2].label, rising.label], "predicted": [3e9, 4e9]})
-    assert ladder.not_monotone(frame)[0].endswith(rising.rises + ")") and rising.rises
+    # beside its measurement, which is compared with the nearest rung above it that was measured too
+    nan = float("nan")
+    frame = pd.DataFrame({"label": ["a", "b", "c"], "predicted": [3e9, 3e9, 4e9], "measured": [3.5e9, nan, 3e9]})
+    [line] = ladder.not_monotone(frame)
+    assert line.startswith("c (predicted 4.00 GB") and "above 3.00 GB (2.79 GiB) at 'b'" in line
+    assert "measured 3.00 GB (2.79 GiB), below 3.50 GB (3.26 GiB) at 'a'" in line
+    assert line.endswith("the GPU does not show the predicted rise)")
+    frame["measured"] = [2e9, nan, 3e9]  # the GPU shows it too: named by both, no disclaimer
+    [line] = ladder.not_monotone(frame)
+    assert "measured 3.00 GB (2.79 GiB), above 2.00 GB" in line and "does not show" not in line
+    frame["predicted"] = [3e9, 3e9, 2e9]  # measured alone rises: still named
+    assert [text.split(" (")[0] for text in ladder.not_monotone(frame)] == ["c"]
 
 
 def test_every_technique_at_7b_is_one_row_smallest_peak_first_with_its_host_bytes():

@@ -26,13 +26,36 @@ def _a_run_record() -> Path:
 def test_every_committed_record_reads_through_the_schema():
     results = ROOT / "results"
     for path in schema.find_records(results):
-        assert isinstance(schema.read(path, "run"), schema.RunRecord)
+        record = schema.read(path, "run")
+        assert isinstance(record, schema.RunRecord) and schema.value_problems(record) == [], path
     for folder, kind in (("predictions", "prediction"), ("probes", "probe"), ("base", "base")):
         for path in (results / folder).glob("*.json"):
             record = schema.read(path, kind)
             assert record.KIND == kind and record.schema_version <= record.VERSION
             # written back, a record is the same JSON object (nothing lost, extra keys included)
             assert schema.to_dict(record) | json.loads(path.read_text()) == schema.to_dict(record)
+
+
+def test_every_model_config_a_committed_record_names_is_in_the_repository(monkeypatch):
+    """A record's `model` that is a config.json path resolves from the repository's root, and the model it
+    builds has the base parameters the record counted (its total, less its adapter's trainable ones)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from harness.step.models import resolve_source
+
+    monkeypatch.chdir(ROOT)  # where the bench ran, and what the path is relative to
+    records = [schema.read(path, "run") for path in schema.find_records(ROOT / "results")]
+    named = [record for record in records if record.model.endswith(".json")]
+    assert named  # the held-out Gemma-2-2B shape measured on the H200
+    for record in named:
+        if record.parameters is None:
+            continue
+        config = resolve_source(record.model).config
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        adapter = record.parameters.trainable if record.config["adapter"] != "none" else 0
+        assert sum(p.numel() for p in model.parameters()) == record.parameters.total - adapter, record.model
 
 
 def test_a_newer_or_unknown_record_is_refused_naming_the_file(tmp_path):

@@ -7,7 +7,9 @@ whose estimate exceeds what is left. An estimate is the sum of
 - every step's matmul FLOPs (harness.measure.throughput's count, with checkpointing's recomputed
   forward) at an assumed sustained throughput for the compute dtype, lower where
   bitsandbytes dequantizes the base in every matmul; the tracked step counts several times,
-  as counting every tensor slows every operator.
+  as counting every tensor slows every operator;
+- what makes the first steps slow: GaLore's SVD of every projected matrix (the first step and
+  every `galore_update_proj_gap` steps), and torch.compile's compilation before the first step.
 The figures are assumptions for an H100/H200-class card, on the safe side; a run records
 its real duration (`duration_s`), so they can be checked against the records. On one H200
 the cells of the evidence plan took 15 to 33 s each (7B builds in seconds; the start-up
@@ -31,6 +33,17 @@ SUSTAINED_FLOPS = {"bf16": 300e12, "fp16": 300e12, "fp32": 40e12}
 QUANTIZED_SPEED = {"none": 1.0, "int8": 0.25, "nf4": 0.5}
 TRACKED_STEP_COST = 4  # the tracked step, in ordinary steps
 CHECKPOINTING_FLOPS = 4 / 3  # one more forward in a forward + backward of three forwards
+# Sustained FP32 FLOP/s of a GPU's SVD (cuSOLVER), an assumption for an H100/H200-class card: about 1.5% of
+# their FP32 peak (67 TFLOP/s on both data sheets), since half of an SVD's bidiagonalisation is
+# matrix-vector products bound by memory bandwidth (3.35 to 4.8 TB/s: 4 bytes read per 2 FLOPs give at
+# most 1.7 to 2.4 TFLOP/s for that half) and its iterations are partly sequential. An order of magnitude.
+SVD_FLOPS = 1e12
+# torch.compile before the first step: Dynamo traces and Inductor generates and compiles kernels for
+# the forward and the backward of every decoder layer (a whole-model compile reuses no layer's code), so
+# a fixed start (Inductor's compile workers, Triton's JIT) and a share per layer. An assumption on the
+# safe side, to be checked against the records' duration_s like the constants above.
+COMPILE_START_SECONDS = 30.0
+COMPILE_SECONDS_PER_LAYER = 3.0
 
 
 @dataclass(frozen=True)
@@ -39,9 +52,13 @@ class Estimate:
     build_s: float
     steps_s: float
     flops: float
+    first_steps_s: float = 0.0  # what the first steps do once more (GaLore's SVDs, compilation), in `seconds`
+    first_steps: str = ""       # what that is, in words
 
     def describe(self) -> str:
-        return f"~{self.seconds:.0f} s (build {self.build_s:.0f} s, steps {self.steps_s:.0f} s, {self.flops:.2g} FLOPs)"
+        first = f", {self.first_steps} {self.first_steps_s:.0f} s" if self.first_steps_s else ""
+        return (f"~{self.seconds:.0f} s (build {self.build_s:.0f} s, steps {self.steps_s:.0f} s{first}, "
+                f"{self.flops:.2g} FLOPs)")
 
 
 def estimate_run(config: dict, model_config) -> Estimate:
@@ -59,7 +76,38 @@ def estimate_run(config: dict, model_config) -> Estimate:
         evaluations = config["steps"] // config["eval_every"] + 2
         flops += per_token / 3 * config["seq_len"] * config["eval_sequences"] * evaluations
     steps_s = flops / (SUSTAINED_FLOPS[compute_dtype] * QUANTIZED_SPEED[config["quantization"]])
-    return Estimate(START_SECONDS + build_s + steps_s, build_s, steps_s, flops)
+    first = first_steps(config, model_config)
+    first_s = sum(first.values())
+    return Estimate(START_SECONDS + build_s + steps_s + first_s, build_s, steps_s, flops, first_s,
+                    " and ".join(first))
+
+
+def first_steps(config: dict, model_config) -> dict[str, float]:
+    """Seconds the first steps take beyond their FLOPs, by cause: {words: seconds} (empty for most runs)."""
+    first = {}
+    if config["optimizer"] == "galore_adamw":
+        first["GaLore's SVDs"] = galore_svd_seconds(config, model_config)
+    if config["compile"]:
+        first["compilation"] = COMPILE_START_SECONDS + COMPILE_SECONDS_PER_LAYER * shape_of(model_config).layers
+    return first
+
+
+def galore_svd_seconds(config: dict, model_config) -> float:
+    """galore-torch's projector takes a full SVD (torch.linalg.svd, in fp32) of each projected weight's
+    gradient at its first step and every `galore_update_proj_gap` steps; the lab projects every decoder
+    linear layer. The tracked step steps the optimizer too."""
+    optimizer_steps = config["warmup_steps"] + config["steps"] + 1
+    rounds = -(-optimizer_steps // config["optim"]["galore_update_proj_gap"])
+    flops = sum(count * svd_flops(n_in, n_out) for n_in, n_out, count in shape_of(model_config).linears().values())
+    return rounds * flops / SVD_FLOPS
+
+
+def svd_flops(m: int, n: int) -> float:
+    """FLOPs of a thin SVD (singular values and both sets of vectors) of an m x n matrix: Golub and Van
+    Loan's work count for the R-SVD, 6 m n^2 + 20 n^3 with m >= n (Matrix Computations, their table of
+    SVD algorithms' work), of the order m n min(m, n): between 6 and 26 times it."""
+    m, n = max(m, n), min(m, n)
+    return 6 * m * n ** 2 + 20 * n ** 3
 
 
 def parse_duration(text: str) -> float:

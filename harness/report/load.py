@@ -124,8 +124,11 @@ def _get(data: dict | None, *keys, default=None):
 
 
 def is_gpu_record(record: dict) -> bool:
-    """Measured GPU evidence: a CUDA run (an OOM record may have no memory section)."""
-    return _get(record, "environment", "device_type") == "cuda" or _get(record, "memory", "source") == "cuda"
+    """Measured GPU evidence: a CUDA run (an OOM record may have no memory section, and the record of a
+    process that died, written by the runner, no environment: then its configuration's device says)."""
+    device_type = (_get(record, "environment", "device_type") or _get(record, "memory", "source")
+                   or _get(record, "config", "device"))
+    return device_type == "cuda"
 
 
 def device_label(record: dict) -> str:

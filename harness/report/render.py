@@ -315,7 +315,8 @@ def _ladder_blocks(runs, predictions, figures: list[FigureResult]) -> list[Block
     blocks.append(Block("table", table=ladder.ladder_table(rows)))
     rising = ladder.not_monotone(rows)
     if rising:
-        blocks.append(Block("p", "Rungs that do not lower the predicted peak: " + "; ".join(rising) + "."))
+        blocks.append(Block("p", "Rungs whose peak, predicted or measured, is above the rung before them "
+                                 "(each should lower it): " + "; ".join(rising) + "."))
     return blocks
 
 
