@@ -643,8 +643,12 @@ def _check_library_values(experiment: Experiment, path: Path) -> None:
     if experiment.training_args and experiment.engine != "harness":
         from harness.engines.arguments import arguments_class
 
+        # The lab's own fields as no device decides them: TrainingArguments refuses bf16 where the machine
+        # lacks it unless told the run is on a CPU, and SFTConfig turns bf16 on by default (the engine sets
+        # the precision and the device itself, harness.engines.arguments).
         checks.append(("training_args", experiment.training_args, arguments_class(experiment.engine),
-                       {"output_dir": str(Path(tempfile.gettempdir()) / "harness-validate")}))
+                       {"output_dir": str(Path(tempfile.gettempdir()) / "harness-validate"), "use_cpu": True,
+                        "bf16": False, "fp16": False}))
     for prefix, values, cls, required in checks:
         hints = typing.get_type_hints(cls)
         for key, value in values.items():
@@ -653,7 +657,7 @@ def _check_library_values(experiment: Experiment, path: Path) -> None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cls(**required, **values)
+                cls(**{**required, **values})
         except Exception as error:  # the library's own check, whatever it raises: one line naming the field
             named = ([key for key in values if key in str(error)]  # the message names the field, or its value
                      or [key for key, value in values.items() if str(value) in str(error)])

@@ -153,3 +153,19 @@ def test_a_measurement_made_elsewhere_stays_where_this_cpu_leaves_the_cell(tmp_p
     assert not list((tmp_path / "results").rglob("*.attempt.json"))
     assert not (tmp_path / "results" / schema.ATTEMPTS_FOLDER).exists()
     assert json.loads(before)["environment"]["cpu"]["bf16_native"] is True
+
+
+def test_trainer_arguments_are_validated_alike_on_every_machine(monkeypatch):
+    """TrainingArguments refuses bf16 where it finds none unless the run is on a CPU (a CPU without native
+    bf16 answers so): validation builds the user's arguments with the lab's own fields as no device decides
+    them, since the engine sets the precision and device itself."""
+    import transformers.training_args
+
+    from harness.config import prepare
+
+    pytest.importorskip("trl")
+    monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda *_, **__: False)
+    for engine in ("trainer", "trl-sft"):
+        config = prepare(EXPERIMENTS / "lora.yaml", {"engine": engine, "device": "cpu",
+                                                     "training_args": {"max_grad_norm": 1.0}})
+        assert config["training_args"] == {"max_grad_norm": 1.0}
