@@ -25,6 +25,7 @@ import yaml
 from harness import schema
 from harness.architectures import ARCHITECTURES, DEFAULT_TARGETS, lora_targets
 from harness.env import resolve_device
+from harness.errors import ConfigError
 from harness.step.checkpoint import BASE_SOURCE, base_identity
 from harness.techniques import (
     ADAPTERS,
@@ -42,14 +43,6 @@ FRAGMENT_PREFIX = "_"
 # The matrix of runs lives beside the experiments (see harness.lab.bench).
 MATRIX_FILE = "matrix.yaml"
 EXIT_BAD_CONFIG = 2
-
-
-class ConfigError(Exception):
-    """A malformed experiment file: names the file and the field at fault."""
-
-    def __init__(self, path: str | Path, field_name: str, message: str):
-        self.path, self.field_name, self.message = str(path), field_name, message
-        super().__init__(f"{path}: field '{field_name}': {message}")
 
 
 @dataclass

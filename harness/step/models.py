@@ -25,7 +25,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
 from harness.architectures import attention_implementation
-from harness.config import ConfigError
+from harness.errors import ConfigError
 from harness.presets import PRESETS, preset_config
 from harness.step.checkpoint import BASE_SOURCE, resolve_base
 from harness.techniques import ADAPTERS, Technique
