@@ -11,7 +11,7 @@ from conftest import EXPERIMENTS, QUICK, ROOT
 from harness import schema
 from harness.config import LoraSettings, experiment_files, load_experiment
 from harness.predict.analytic import _flow, _linear, adapter_tensors, shape_of
-from harness.predict.command import predict as predict_record
+from harness.predict.prediction import predict as predict_record
 from harness.presets import PUBLISHED_PARAMETERS
 from harness.step.models import resolve_source
 from harness.techniques import CUDA_ONLY, NOT_SIMULATED, TECHNIQUES, NotSimulated, blocks_in

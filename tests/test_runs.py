@@ -6,7 +6,7 @@ import math
 import pytest
 from conftest import EXPERIMENTS, QUICK
 
-from harness.predict.command import predict
+from harness.predict.prediction import predict
 from harness.schema import CATEGORIES
 from harness.techniques import CUDA_ONLY
 

@@ -36,7 +36,7 @@ FULL_ROWS = ("fsdp2-gc", "fsdp2-offload-gc")  # ZeRO-3 and DeepSpeed's estimate 
 
 
 def _peak(experiment: Path, model: str, seq_len: int, world_size: int, overrides: dict, method: str = "analytic"):
-    from harness.predict.command import predict
+    from harness.predict.prediction import predict
 
     return predict(experiment, model, seq_len, 1, method, "cuda", {**overrides, "world_size": world_size})
 
@@ -148,6 +148,6 @@ def gpu_count_table(experiments_dir: Path, simulate: bool = True):
 
 def gpu_table_predictor() -> str:
     from harness import env
-    from harness.predict.command import PREDICTOR_MODULES
+    from harness.predict.prediction import PREDICTOR_MODULES
 
     return env.code_digest((*PREDICTOR_MODULES, "predict/gpus.py"))

@@ -144,7 +144,7 @@ def solve(experiment: Path, model: str, card_gb: float, axis: str, *, seq_len: i
 
 def _confirm_by_simulation(experiment, model, shape, overrides, device_type, cap, limit, analytic_answer,
                            analytic) -> Answer:
-    from harness.predict.command import predict
+    from harness.predict.prediction import predict
 
     def simulated(n: int) -> int:
         seq, batch = shape(n)
@@ -215,7 +215,7 @@ CURVE_SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 def fit_table_predictor() -> str:
     """The digest of the code a fit table comes from: the predictor's and this module's choices."""
     from harness import env
-    from harness.predict.command import PREDICTOR_MODULES
+    from harness.predict.prediction import PREDICTOR_MODULES
 
     return env.code_digest((*PREDICTOR_MODULES, "predict/solve.py"))
 
