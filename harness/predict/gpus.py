@@ -148,6 +148,6 @@ def gpu_count_table(experiments_dir: Path, simulate: bool = True):
 
 def gpu_table_predictor() -> str:
     from harness import env
-    from harness.predict.prediction import PREDICTOR_MODULES
+    from harness.imports import source_files
 
-    return env.code_digest((*PREDICTOR_MODULES, "predict/gpus.py"))
+    return env.code_digest(source_files(__name__))

@@ -9,12 +9,11 @@ from pathlib import Path
 
 from harness import env, schema
 from harness.config import experiment_of, prepare, resolve_technique
+from harness.imports import source_files
 
-# The source files whose code decides a prediction: a saved prediction made by other code is
-# made again.
-PREDICTOR_MODULES = ("predict/analytic.py", "predict/simulate.py", "step/models.py", "step/train.py",
-                     "step/sharding.py", "measure/memory.py", "techniques.py", "presets.py", "architectures.py",
-                     "config.py")
+# The source files whose code decides a prediction (this module's and every harness module it imports):
+# a saved prediction made by other code is made again.
+PREDICTOR_MODULES = source_files(__name__)
 
 
 def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,

@@ -215,9 +215,9 @@ CURVE_SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 def fit_table_predictor() -> str:
     """The digest of the code a fit table comes from: the predictor's and this module's choices."""
     from harness import env
-    from harness.predict.prediction import PREDICTOR_MODULES
+    from harness.imports import source_files
 
-    return env.code_digest((*PREDICTOR_MODULES, "predict/solve.py"))
+    return env.code_digest(source_files(__name__))
 
 
 def fit_table(experiments_dir: Path, device_type: str = "cuda"):
