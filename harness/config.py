@@ -24,16 +24,12 @@ import yaml
 
 from harness import schema
 from harness.architectures import ARCHITECTURES, DEFAULT_TARGETS, lora_targets
+from harness.blocks.adapters import ADAPTERS
+from harness.blocks.optimizers import OPTIMIZERS, optimizer_settings
 from harness.env import resolve_device
 from harness.errors import ConfigError
 from harness.step.checkpoint import BASE_SOURCE, base_identity
-from harness.techniques import (
-    ADAPTERS,
-    OPTIMIZERS,
-    QUANTIZATIONS,
-    TECHNIQUES,
-    Technique,
-)
+from harness.techniques import QUANTIZATIONS, TECHNIQUES, Technique
 
 # The training loops a run can be measured in (harness.engines registers each).
 EngineName = Literal["harness", "trainer", "trl-sft"]
@@ -65,18 +61,18 @@ class LoraSettings:
 
 
 @dataclass
-class OptimSettings:
+class _CommonOptimSettings:
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    # LoRA+ only (optimizer: loraplus): lora_B's learning rate over lora_A's; 16 is the paper's advice.
-    loraplus_lr_ratio: float = 16.0
-    # GaLore only (optimizer: galore_adamw): the projection's rank, how many steps
-    # between two SVDs of the gradient, and the update's scale (galore-torch's README values).
-    galore_rank: int = 128
-    galore_update_proj_gap: int = 200
-    galore_scale: float = 0.25
+
+
+# The `optim:` block: the settings every optimizer reads, then each optimizer's own (LoRA+'s ratio, GaLore's
+# rank, ...), as its descriptor declares them (harness.blocks.optimizers).
+OptimSettings = dataclasses.make_dataclass(
+    "OptimSettings", [(s.name, s.type, field(default=s.default)) for s in optimizer_settings()],
+    bases=(_CommonOptimSettings,), namespace={"__module__": __name__})
 
 
 @dataclass
@@ -105,7 +101,7 @@ class Experiment:
     loss_scaling: bool | None = None
     quantization: Literal["none", "int8", "nf4"] | None = None
     double_quant: bool | None = None
-    adapter: str | None = None  # a key of harness.techniques.ADAPTERS
+    adapter: str | None = None  # a key of harness.blocks.adapters.ADAPTERS
     optimizer: str | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
@@ -174,10 +170,7 @@ _RANGES = [
     ("lora.alpha", lambda v: 0 < v < float("inf"), "must be positive"),
     ("optim.lr", lambda v: 0 < v < float("inf"), "must be positive"),
     ("optim.eps", lambda v: 0 < v < float("inf"), "must be positive"),
-    ("optim.loraplus_lr_ratio", lambda v: 0 < v < float("inf"), "must be positive"),
-    ("optim.galore_rank", lambda v: v >= 1, "must be at least 1"),
-    ("optim.galore_update_proj_gap", lambda v: v >= 1, "must be at least 1"),
-    ("optim.galore_scale", lambda v: 0 < v < float("inf"), "must be positive"),
+    *((f"optim.{s.name}", s.within, s.bound) for s in optimizer_settings()),
     ("optim.weight_decay", lambda v: 0 <= v < float("inf"), "must be >= 0"),
     ("optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"),
     ("data.max_bytes", lambda v: v > 0, "must be positive"),
@@ -360,15 +353,9 @@ def _check_semantics(experiment: Experiment, path: Path) -> None:
     if experiment.optimizer_in_backward and experiment.grad_accum > 1:
         raise ConfigError(path, "optimizer_in_backward", "a parameter steps as soon as its gradient is complete: "
                           "there is nothing to accumulate into (set grad_accum: 1)")
-    if technique.optimizer == "loraplus" and technique.adapter == "none":
-        raise ConfigError(path, "optimizer", "LoRA+ sets the learning rates of LoRA's A and B matrices: it needs "
-                          "an adapter (adapter: lora)")
-    if technique.optimizer == "galore_adamw" and technique.adapter != "none":
-        raise ConfigError(path, "optimizer", "GaLore projects the gradients of full weight matrices: it is a "
-                          "full fine-tuning optimizer (adapter: none)")
-    if experiment.optimizer_in_backward and technique.optimizer == "loraplus":
-        raise ConfigError(path, "optimizer_in_backward", "LoRA+ groups the adapters of the whole model into one "
-                          "optimizer; stepping each parameter on its own is not LoRA+")
+    for refusal in OPTIMIZERS[technique.optimizer].refusals:
+        if refusal.applies(experiment, technique):
+            raise ConfigError(path, refusal.field, refusal.why)
     if experiment.selective_checkpointing and not experiment.gradient_checkpointing:
         raise ConfigError(path, "selective_checkpointing", "selective checkpointing chooses what checkpointing "
                           "keeps: it needs gradient_checkpointing: true")
@@ -410,8 +397,9 @@ def _check_sharding(experiment: Experiment, technique: Technique, path: Path) ->
                           "(sharding: fsdp2, zero2 or zero3)")
     if experiment.sharding == "none":
         return
-    for name, (excluded, why) in SHARDING_EXCLUDES.items():
-        if excluded(experiment, technique):
+    for name, excluded in SHARDING_EXCLUDES.items():
+        why = excluded(experiment, technique)
+        if why:
             raise ConfigError(path, name, f"not with sharding: {why}")
 
 

@@ -16,13 +16,14 @@ PACKAGE_ROOT = Path(__file__).resolve().parent
 # The layers, lowest first: a module imports only modules of lower layers, or of its own layer where
 # they do not import it back (tests/test_imports.py). A name ending in "." is a folder and everything
 # in it; a more specific name (engines.arguments) takes its module out of its folder's layer.
-LAYERS = ("facts", "building blocks", "step", "experiment files", "engines", "measure", "predict", "report", "lab",
+LAYERS = ("facts", "blocks and records", "step", "experiment files", "engines", "measure", "predict", "report", "lab",
           "command line")
 _MEMBERS = {
-    "facts": ("harness.errors", "harness.imports", "harness.schema", "harness.env", "harness.presets",
-              "harness.architectures", "harness.claims"),
-    # What the lab knows of each building block, and their names in Trainer's arguments.
-    "building blocks": ("harness.blocks.", "harness.techniques", "harness.engines.arguments"),
+    "facts": ("harness.errors", "harness.imports", "harness.env", "harness.presets", "harness.architectures",
+              "harness.claims"),
+    # What the lab knows of each building block, their names in Trainer's arguments, and the record format
+    # (a configuration's identity leaves out each optimizer setting at its default).
+    "blocks and records": ("harness.blocks.", "harness.techniques", "harness.engines.arguments", "harness.schema"),
     # What builds and runs a step knows no experiment file: it is handed the resolved experiment.
     "step": ("harness.step.",),
     "experiment files": ("harness.config", "harness.arguments", "harness.matrix"),

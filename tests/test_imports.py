@@ -61,3 +61,11 @@ def test_a_digest_covers_every_module_the_code_imports():
             "techniques.py", "config.py"} <= set(PREDICTOR_MODULES)
     assert {"lab/probes.py", "step/data.py", "step/models.py"} <= set(PROBE_MODULES)
     assert not any(name.startswith(("report/", "lab/")) for name in PREDICTOR_MODULES)
+
+
+def test_the_report_reads_records_never_the_code_that_made_them():
+    graph = harness_imports()
+    reads_code = [f"{name} -> {imported}" for name, imported_names in graph.items() if name.startswith("harness.report")
+                  for imported in imported_names if imported.startswith(("harness.lab", "harness.step", "harness.predict",
+                                                                         "harness.measure.worker", "harness.engines."))]
+    assert reads_code == []

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from harness import env, schema
+from harness.blocks.optimizers import OPTIMIZERS
 from harness.config import experiment_of, resolve_technique
 from harness.engines import ENGINES, EngineRun
 from harness.engines.arguments import NotMapped
@@ -33,15 +34,18 @@ from harness.step.data import load_batches
 from harness.step.models import parameter_counts, resolve_source
 from harness.step.sharding import rank_and_world
 from harness.step.train import Progress
-from harness.techniques import CUDA_ONLY, PAGED_OPTIMIZERS, Technique, blocks_in
+from harness.techniques import CUDA_ONLY, Technique, blocks_in
 
 # Packages a technique or data source may need that a machine may lack: their absence makes
 # the run `skipped` (with the reason), never a failure.
-OPTIONAL_PACKAGES = {"bitsandbytes": "int8/NF4 quantization and 8-bit optimizers",
-                     "datasets": "local text files and hub datasets as data",
-                     "galore_torch": "the GaLore optimizers", "torchao": "torchao's low-bit optimizers",
-                     "trl": "the trl-sft engine (TRL's SFTTrainer), activation offloading and selective checkpointing",
-                     "liger_kernel": "Liger's kernels", "deepspeed": "DeepSpeed's ZeRO sharding"}
+# An optimizer's package is named by its descriptor (harness.blocks.optimizers).
+OPTIONAL_PACKAGES = {
+    **{package: "the optimizers " + ", ".join(name for name, o in OPTIMIZERS.items() if o.package == package)
+       for package in dict.fromkeys(o.package for o in OPTIMIZERS.values() if o.package)},
+    "bitsandbytes": "int8/NF4 quantization and 8-bit optimizers",
+    "datasets": "local text files and hub datasets as data",
+    "trl": "the trl-sft engine (TRL's SFTTrainer), activation offloading and selective checkpointing",
+    "liger_kernel": "Liger's kernels", "deepspeed": "DeepSpeed's ZeRO sharding"}
 
 
 class NotOnThisDevice(Exception):
@@ -192,7 +196,7 @@ def _apply_budget(budget_gb, cap, device: torch.device, technique: Technique) ->
         torch.cuda.set_per_process_memory_fraction(min(cap / total, 1.0), device)
         budget["context_allowance_bytes"] = CUDA_CONTEXT_ALLOWANCE
         budget["enforced_by"] = "torch.cuda.set_per_process_memory_fraction"
-        if technique.optimizer in PAGED_OPTIMIZERS:
+        if OPTIMIZERS[technique.optimizer].paged:
             budget["note"] = ("paged optimizer state lives in CUDA unified memory outside the torch "
                               "allocator: the cap does not bind it; see NVML device-used")
     else:

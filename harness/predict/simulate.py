@@ -38,6 +38,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
+from harness.blocks.optimizers import OPTIMIZERS
 from harness.measure.memory import TensorTracker, fsdp2_tracking, label_gradients, label_model, tracker_phase
 from harness.step import sharding
 from harness.step.models import ModelSource
@@ -53,11 +54,9 @@ def _real_code_books(technique: Technique):
     8-bit optimizers' dynamic map is rebuilt for every optimizer, so it is computed outside the
     fake mode (256 floats).
     """
-    if technique.optimizer.startswith("ao_"):
-        from torchao.optim import subclass_4bit, subclass_8bit
-
-        for books in (subclass_8bit, subclass_4bit):
-            books.get_qmap_signed(), books.get_qmap_unsigned()
+    before_fake = OPTIMIZERS[technique.optimizer].before_fake
+    if before_fake:
+        before_fake()
     import bitsandbytes as bnb
 
     if technique.quantization == "nf4":
