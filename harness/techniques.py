@@ -93,6 +93,12 @@ def blocks_in(cfg, table: dict[str, str]) -> list[str]:
     return [f"{key}: {why}" for key, why in table.items() if on(key)]
 
 
+def not_simulated(cfg, technique: Technique) -> list[str]:
+    """Why the simulation cannot trace an experiment: its blocks of NOT_SIMULATED and its optimizer's reason."""
+    optimizer = OPTIMIZERS[technique.optimizer].not_simulated
+    return blocks_in(cfg, NOT_SIMULATED) + ([f"optimizer {technique.optimizer}: {optimizer}"] if optimizer else [])
+
+
 class NotSimulated(Exception):
     """An experiment with a building block of NOT_SIMULATED: the simulation says so, the analytic answers."""
 

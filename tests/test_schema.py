@@ -126,7 +126,7 @@ def test_a_new_adapter_and_optimizer_are_one_registry_entry_each(monkeypatch, tm
                                  trainable_tensors=lambda n_in, n_out, settings: [settings.r * n_in])
     monkeypatch.setitem(adapters.ADAPTERS, "a-only", half_rank)
     my_sgd = optimizers.Optimizer(build=lambda params, settings, device_type, model=None: None,
-                                  state_bytes=lambda sizes, param_bytes, shape, settings: (0, 0),
+                                  state_bytes=lambda sizes, param_bytes, shape, settings, device_type: (0, 0),
                                   trainer=Unmapped("not in transformers"), summary="SGD without momentum",
                                   not_sharded=None, loss="not compared", shown_by=None)
     monkeypatch.setitem(optimizers.OPTIMIZERS, "my-sgd", my_sgd)

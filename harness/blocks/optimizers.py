@@ -22,9 +22,10 @@ BASELINE = "fp32"
 @dataclass(frozen=True)
 class Optimizer:
     build: Callable          # (params, settings, device_type, model=None) -> a torch optimizer
-    # (sizes, param_bytes, shape, settings) -> (state bytes, the largest transient of its step): `sizes` are
-    # the trainable tensors' element counts, `param_bytes` their dtype's bytes, `shape` the model's
-    # (harness.predict.analytic.Shape), `settings` the experiment's `optim:` block.
+    # (sizes, param_bytes, shape, settings, device_type) -> (state bytes, the largest transient of its step):
+    # `sizes` are the trainable tensors' element counts, `param_bytes` their dtype's bytes, `shape` the
+    # model's (harness.predict.analytic.Shape), `settings` the experiment's `optim:` block, `device_type` the
+    # code path predicted (torch's optimizers step tensor by tensor on a CPU, all at once on CUDA).
     state_bytes: Callable
     # TrainingArguments' `optim` (a name, or names by device type), the lab's own optimizer handed to
     # Trainer (BuiltForTrainer), or why Trainer has none (Unmapped).
@@ -40,8 +41,13 @@ class Optimizer:
     refusals: tuple[Refusal, ...] = ()    # experiments it cannot be part of (checked when the file is read)
     paged: bool = False      # its state lives in CUDA unified memory, outside torch's allocator
     # Trainer's further arguments for it: (experiment, model config) -> (arguments, notes of where Trainer's
-    # step still differs); they say what Trainer does with its weight decay.
+    # step still differs).
     trainer_arguments: Callable | None = None
+    # Whether Trainer gives it weight decay in its own parameter groups (no bias or norm decayed), as it does
+    # every optimizer it builds with the TrainingArguments' weight_decay.
+    trainer_decay_groups: bool = True
+    # Why the simulation cannot trace it (fake tensors have no values); None: it can.
+    not_simulated: str | None = None
     # What its quantization computes with real values (code books), called before a simulation's fake mode.
     before_fake: Callable | None = None
 
@@ -57,7 +63,7 @@ def _adamw(params, settings, device_type: str, model=None):
                              weight_decay=settings.weight_decay, fused=fused)
 
 
-def adamw_bytes(sizes, param_bytes, shape=None, settings=None) -> tuple[int, int]:
+def adamw_bytes(sizes, param_bytes, shape=None, settings=None, device_type="cuda") -> tuple[int, int]:
     """AdamW: two states per parameter in the parameter's dtype, plus a step counter per tensor."""
     return sum(2 * param_bytes * n + 4 for n in sizes), 0
 
@@ -77,13 +83,13 @@ def _bnb(name: str):
     return build
 
 
-def _adamw8bit_bytes(sizes, param_bytes, shape=None, settings=None) -> tuple[int, int]:
+def _adamw8bit_bytes(sizes, param_bytes, shape=None, settings=None, device_type="cuda") -> tuple[int, int]:
     """bitsandbytes 8-bit AdamW: two uint8 states plus one fp32 scale per block of 256, for tensors of at
     least 4096 elements; smaller tensors keep two fp32 states."""
     return sum(2 * n + 2 * 4 * math.ceil(n / OPTIM8_BLOCK) if n >= OPTIM8_MIN_SIZE else 8 * n for n in sizes), 0
 
 
-def _fp32_adamw_bytes(sizes, param_bytes, shape=None, settings=None) -> tuple[int, int]:
+def _fp32_adamw_bytes(sizes, param_bytes, shape=None, settings=None, device_type="cuda") -> tuple[int, int]:
     """bitsandbytes' 32-bit AdamW: two fp32 states per parameter."""
     return sum(8 * n for n in sizes), 0
 
@@ -143,7 +149,7 @@ def _decoder_linear_weights(model) -> list:
             if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in names]
 
 
-def galore_bytes(sizes, param_bytes, shape, settings) -> tuple[int, int]:
+def galore_bytes(sizes, param_bytes, shape, settings, device_type="cuda") -> tuple[int, int]:
     """GaLore (galore-torch's GaLoreAdamW, proj_type std) over full fine-tuning, whose trainable
     tensors have `sizes` elements: (optimizer state, the largest transient of its step).
 
@@ -201,7 +207,7 @@ def _torchao_bytes(code: float, block: int, book: int):
     """torchao's low-bit AdamW: per moment, `code` bytes per element, an fp32 scale per block of `block` and
     a code book of `book` fp32 entries, and an fp32 step per tensor; tensors under 4,096 elements or not a
     whole number of blocks keep plain states in the parameter's dtype."""
-    def state_bytes(sizes, param_bytes, shape=None, settings=None) -> tuple[int, int]:
+    def state_bytes(sizes, param_bytes, shape=None, settings=None, device_type="cuda") -> tuple[int, int]:
         return sum(4 + 2 * (int(code * n) + 4 * (n // block) + 4 * book if n >= 4096 and n % block == 0
                             else param_bytes * n) for n in sizes), 0
     return state_bytes
@@ -272,7 +278,7 @@ OPTIMIZERS: dict[str, Optimizer] = {
         refusals=(Refusal("optimizer", lambda e, t: t.adapter != "none",
                           "GaLore projects the gradients of full weight matrices: it is a full fine-tuning "
                           "optimizer (adapter: none)"),),
-        trainer_arguments=_galore_arguments),
+        trainer_arguments=_galore_arguments, trainer_decay_groups=False),
     "ao_adamw8bit": Optimizer(
         _torchao("AdamW8bit"), _torchao_bytes(1.0, 256, 256),
         # Trainer builds torchao's AdamW8bit with block_size 256, torchao's own default (the lab's).

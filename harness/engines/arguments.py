@@ -150,7 +150,7 @@ def mapped_arguments(cfg, technique, engine: str, device_type: str, output_dir: 
         raise NotMapped("accelerate runs fp16 mixed precision on an accelerator only: on a CPU, Trainer with "
                         "fp16: true trains in fp32, without autocast or loss scaling")
     optim = optim_name(technique.optimizer, device_type)
-    own_arguments = OPTIMIZERS[technique.optimizer].trainer_arguments
+    optimizer = OPTIMIZERS[technique.optimizer]
     arguments = dict(
         output_dir=output_dir, per_device_train_batch_size=cfg.micro_batch,
         gradient_accumulation_steps=cfg.grad_accum, max_steps=cfg.warmup_steps + cfg.steps + 1,
@@ -172,11 +172,11 @@ def mapped_arguments(cfg, technique, engine: str, device_type: str, output_dir: 
     notes = []
     if optim is not None:
         arguments["optim"] = optim
-    if own_arguments:
-        more, more_notes = own_arguments(cfg, model_config)
+    if optimizer.trainer_arguments:
+        more, more_notes = optimizer.trainer_arguments(cfg, model_config)
         arguments.update(more)
         notes += more_notes
-    if cfg.optim.weight_decay and not own_arguments:  # an optimizer's own arguments say what Trainer decays
+    if cfg.optim.weight_decay and optimizer.trainer_decay_groups:
         notes.append("Trainer decays no bias or norm weight (get_decay_parameter_names); the lab's AdamW decays "
                      "every trainable tensor")
     user = dict(cfg.training_args)

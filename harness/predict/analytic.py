@@ -617,7 +617,7 @@ def predict(config, technique, cfg, seq_len: int, batch: int, device_type: str =
     gradients = sum(sizes) * param_bytes
     # The optimizer's state and the largest transient of its step (harness.blocks.optimizers says each one's).
     optimizer_state, step_transient = OPTIMIZERS[technique.optimizer].state_bytes(sizes, param_bytes, shape,
-                                                                                  cfg.optim)
+                                                                                  cfg.optim, device_type)
     # Sharded under mixed precision, the layers compute with 16-bit parameters (FSDP2's param_dtype,
     # DeepSpeed's bf16 module): autocast has no fp32 weight to copy, as with a 16-bit model.
     computed = dataclasses.replace(technique, weights=technique.autocast) if (

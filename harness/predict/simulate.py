@@ -43,7 +43,7 @@ from harness.measure.memory import TensorTracker, fsdp2_tracking, label_gradient
 from harness.step import sharding
 from harness.step.models import ModelSource
 from harness.step.train import Progress, build_training, train_step
-from harness.techniques import NOT_SIMULATED, NotSimulated, Technique, blocks_in
+from harness.techniques import NotSimulated, Technique, not_simulated
 
 
 @contextmanager
@@ -281,7 +281,7 @@ def fake_step(technique: Technique, cfg, device_type: str, tracker: TensorTracke
     """Fake tensors, with everything above that a step of `device_type` needs to run on them (a sharded
     experiment's fake process group too, whose mesh it yields; None otherwise). `tracker`: the one that
     will count the step, which a sharded step's collectives report to."""
-    blocked = blocks_in(cfg, NOT_SIMULATED)
+    blocked = not_simulated(cfg, technique)
     if blocked:
         raise NotSimulated("not simulated (" + "; ".join(blocked) + "); the analytic method predicts it")
     mode = FakeTensorMode(allow_non_fake_inputs=True)
