@@ -225,6 +225,56 @@ _TORCHAO_NOT_SHARDED = ("sharded parameters are DTensors, which AdamW steps shar
                         "blockwise quantized states expect whole tensors")
 
 
+# -- SGD with momentum and Adafactor, torch's ------------------------------------------------------
+
+def _sgd(params, settings, device_type: str, model=None):
+    import torch
+
+    return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+
+
+def _sgd_bytes(sizes, param_bytes, shape=None, settings=None, device_type="cuda") -> tuple[int, int]:
+    """torch's SGD: one momentum buffer per parameter in its dtype (none without momentum), no step counter.
+    Weight decay adds each parameter to a copy of its gradient: every gradient at once on CUDA (foreach,
+    torch's default there), one at a time on a CPU."""
+    state = param_bytes * sum(sizes) if settings.momentum else 0
+    decayed = (sum(sizes) if device_type == "cuda" else max(sizes)) if settings.weight_decay else 0
+    return state, param_bytes * decayed
+
+
+def _adafactor(params, settings, device_type: str, model=None):
+    """torch's Adafactor (the paper's factored second moment, no first moment), at the experiment's learning
+    rate and weight decay; its decay rate (beta2_decay -0.8) and epsilons are torch's defaults, and the
+    `optim:` block's betas and eps are not used."""
+    import torch
+
+    return torch.optim.Adafactor(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def _adafactor_bytes(sizes, param_bytes, shape, settings=None, device_type="cuda") -> tuple[int, int]:
+    """torch's Adafactor over full fine-tuning: a matrix of m x n keeps a row factor (m) and a column factor (n)
+    of its second moment, a vector its whole second moment, each in the parameter's dtype, and every tensor an
+    fp32 step. Its step makes a variance estimate of each matrix's size (m x n): on CUDA (foreach, torch's
+    default there) every matrix's at once; on a CPU one at a time, with the previous tensor's update still
+    held, counted here as twice the largest (an upper bound)."""
+    matrices = [n_in * n_out for n_in, n_out, count in shape.linears().values() for _ in range(count)]
+    factors = [n_in + n_out for n_in, n_out, count in shape.linears().values() for _ in range(count)]
+    for rows, cols, count in ((shape.vocab, shape.hidden, 1 if shape.tied_embeddings else 2),
+                              (shape.positions, shape.hidden, 1 if shape.positions else 0),
+                              (shape.experts, shape.hidden, shape.layers if shape.experts else 0)):
+        matrices += [rows * cols] * count
+        factors += [rows + cols] * count
+    vectors = shape.small_tensors()
+    assert sum(matrices) + sum(vectors) == sum(sizes), "Adafactor's formula covers full fine-tuning's tensors"
+    state = sum(4 + param_bytes * n for n in factors + vectors)
+    transient = max(sum(matrices), sum(vectors)) if device_type == "cuda" else 2 * max(matrices)
+    return state, param_bytes * transient
+
+
+_ITEM = ("its step reads each parameter's norm as a Python number (.item()), which a fake tensor does not "
+         "have")
+
+
 # -- the registry -------------------------------------------------------------------------------
 
 OPTIMIZERS: dict[str, Optimizer] = {
@@ -303,6 +353,27 @@ OPTIMIZERS: dict[str, Optimizer] = {
         "torchao's AdamW with both moments in fp8 (e4m3), a scale per block of 256", not_sharded=_TORCHAO_NOT_SHARDED,
         loss=LossRule("bf16-pure", 0.01, "fp8 (e4m3) moments with a scale per block of 256"),
         shown_by="ao-adamw-fp8", package="torchao", before_fake=_torchao_code_books),
+    "sgd_momentum": Optimizer(
+        _sgd, _sgd_bytes, "sgd", "torch's SGD with momentum: one buffer per parameter, no second moment",
+        not_sharded=None,
+        loss="no tolerance yet: without a step size per parameter its loss depends on the learning rate far more "
+             "than AdamW's; no run on the lab's base has set one",
+        shown_by="sgd-momentum",
+        settings=(Setting("momentum", float, 0.9, lambda v: 0 <= v < 1, "must be in [0, 1)",
+                          "SGD's momentum (torch's: buffer = momentum x buffer + gradient)"),),
+        trainer_arguments=lambda cfg, model_config: ({"optim_args": f"momentum={cfg.optim.momentum}"}, [])),
+    "adafactor": Optimizer(
+        _adafactor, _adafactor_bytes,
+        Unmapped("TrainingArguments' adafactor is transformers' own Adafactor (its update clipping and relative "
+                 "step sizes), not torch's torch.optim.Adafactor, which the lab runs"),
+        "torch's Adafactor: the second moment of each matrix as a row and a column factor, no first moment",
+        not_sharded="not yet checked on sharded parameters: its row and column factors are reductions over a "
+                    "whole matrix, of which a rank's shard holds some rows",
+        loss="no tolerance yet: no run on the lab's base has set one", shown_by="adafactor",
+        refusals=(Refusal("optimizer", lambda e, t: t.adapter != "none",
+                          "the lab's formula counts Adafactor's factored state over the model's own matrices: it is "
+                          "run as a full fine-tuning optimizer (adapter: none)"),),
+        not_simulated=_ITEM),
 }
 
 
