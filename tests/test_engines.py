@@ -163,7 +163,8 @@ def test_every_block_and_optimizer_has_a_mapping_or_a_reason():
 
 
 @pytest.mark.parametrize("name, optim", [("galore", "galore_adamw"), ("ao-adamw8bit", "adamw_torch_8bit"),
-                                         ("ao-adamw4bit", "block_size 256"), ("ao-adamw-fp8", "AdamWFp8")])
+                                         ("ao-adamw4bit", "block_size 256"), ("ao-adamw-fp8", "AdamWFp8"),
+                                         ("sgd-momentum", "sgd"), ("adafactor", "transformers' own Adafactor")])
 def test_the_optimizers_beyond_the_documents_map_to_trainers_own(tmp_path, name, optim):
     from transformers import TrainingArguments
 
@@ -175,6 +176,8 @@ def test_the_optimizers_beyond_the_documents_map_to_trainers_own(tmp_path, name,
     arguments, notes = _mapped(cfg, "trainer", "cpu", tmp_path)
     assert arguments["optim"] == optim
     TrainingArguments(**arguments)
+    if name == "sgd-momentum":  # Trainer reads SGD's momentum from optim_args
+        assert arguments["optim_args"] == "momentum=0.9"
     if name != "galore":
         return
     # Trainer projects the layers the lab's GaLore projects, with the experiment's settings
@@ -370,7 +373,8 @@ def test_held_out_loss_is_evaluated_alike_in_both_loops(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, module, optimizer", [("galore", "galore_torch", "GaLoreAdamW"),
-                                                     ("ao-adamw8bit", "torchao.optim", "AdamW8bit")])
+                                                     ("ao-adamw8bit", "torchao.optim", "AdamW8bit"),
+                                                     ("sgd-momentum", "torch.optim", "SGD")])
 def test_trainer_builds_the_optimizer_beyond_the_documents_with_the_labs_state(tmp_path, name, module, optimizer):
     import importlib
 
