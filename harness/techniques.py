@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from harness.blocks.optimizers import OPTIMIZERS
+from harness.blocks.training import BLOCKS, blocks_on
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,7 @@ TECHNIQUES: dict[str, Technique] = {
 QUANTIZATIONS = ("none", "int8", "nf4")
 
 
-# -- sharding (harness.step.sharding) ----------------------------------------------------
-_DEEPSPEED = ("fake tensors cannot trace DeepSpeed's ZeRO engine (its partitioned parameters and its gradient "
-              "hooks hold real storage); its memory per rank is predicted by the analytic method, with DeepSpeed's "
-              "own estimators beside it")
+# -- what blocks combine with, and where they run -------------------------------------------
 
 # What a sharded experiment cannot be combined with (checked when the file is read): field -> why an
 # experiment and its technique trip it, or None where they do not.
@@ -64,9 +62,9 @@ SHARDING_EXCLUDES: dict[str, Callable] = {
         "has deprecated); LoRA on a sharded 16-bit base is the sharded adapter run") if t.quantization != "none"
     else None,
     "optimizer": lambda e, t: OPTIMIZERS[t.optimizer].not_sharded,  # each optimizer says why it cannot
-    "optimizer_in_backward": lambda e, t: (
-        "a sharded gradient is complete only after its reduce-scatter, which FSDP2 runs outside the parameter's "
-        "gradient hooks") if e.optimizer_in_backward else None,
+    # each training block says why it cannot
+    **{name: (lambda e, t, name=name: BLOCKS[name].not_sharded if getattr(e, name) else None)
+       for name, block in BLOCKS.items() if block.not_sharded},
     "lora": lambda e, t: (
         "DoRA's magnitudes and the data-driven inits (PiSSA, OLoRA, ...) are computed from the base weights, which "
         "a sharded model materialises only after its adapters exist")
@@ -74,41 +72,19 @@ SHARDING_EXCLUDES: dict[str, Callable] = {
 }
 
 
-# Building blocks (experiment fields) the simulation cannot trace, with the reason: only the analytic
-# method predicts them.
-NOT_SIMULATED: dict[str, str] = {
-    "liger_kernels": "Liger's Triton kernels do not run on fake tensors",
-    "sharding=zero2": _DEEPSPEED,
-    "sharding=zero3": _DEEPSPEED,
-}
-
-
-def blocks_in(cfg, table: dict[str, str]) -> list[str]:
-    """The building blocks of `table` (CUDA_ONLY, NOT_SIMULATED) an experiment turns on, each with its reason.
-
-    A key is a field (on when true) or `field=value` (on when the field has that value)."""
-    def on(key: str) -> bool:
-        name, _, value = key.partition("=")
-        return getattr(cfg, name) == value if value else bool(getattr(cfg, name))
-    return [f"{key}: {why}" for key, why in table.items() if on(key)]
+def cuda_only(cfg) -> list[str]:
+    """The blocks an experiment turns on that run on a CUDA device only, each with why: elsewhere the run is
+    recorded `skipped` with them, and the predictions still cover what they can."""
+    return [f"{key}: {block.cuda_only}" for key, block in blocks_on(cfg) if block.cuda_only]
 
 
 def not_simulated(cfg, technique: Technique) -> list[str]:
-    """Why the simulation cannot trace an experiment: its blocks of NOT_SIMULATED and its optimizer's reason."""
+    """Why the simulation cannot trace an experiment: its blocks' reasons and its optimizer's (only the
+    analytic method predicts it)."""
     optimizer = OPTIMIZERS[technique.optimizer].not_simulated
-    return blocks_in(cfg, NOT_SIMULATED) + ([f"optimizer {technique.optimizer}: {optimizer}"] if optimizer else [])
+    return ([f"{key}: {block.not_simulated}" for key, block in blocks_on(cfg) if block.not_simulated]
+            + ([f"optimizer {technique.optimizer}: {optimizer}"] if optimizer else []))
 
 
 class NotSimulated(Exception):
-    """An experiment with a building block of NOT_SIMULATED: the simulation says so, the analytic answers."""
-
-
-# Building blocks (experiment fields) that run on a CUDA device only, with the reason: elsewhere the
-# run is recorded `skipped` with it, and the predictions still cover what they can.
-CUDA_ONLY: dict[str, str] = {
-    "activation_offloading": "offloading moves saved activations from GPU memory to host memory; on a CPU they "
-                             "are in host memory already (TRL's OffloadActivations needs an accelerator)",
-    "liger_kernels": "Liger's kernels are Triton kernels, which run on GPUs",
-    "compile": "inductor's CPU kernels say nothing of a GPU's memory or speed, and compiling the step alone takes "
-               "over a minute on 2 CPU cores",
-}
+    """An experiment the simulation cannot trace (not_simulated): the simulation says so, the analytic answers."""

@@ -1,11 +1,13 @@
-"""Every descriptor of a building block is complete: each registry is walked, and an entry that leaves
-a fact out, or states one the rest of the lab cannot use, fails here."""
+"""Every descriptor of a building block is complete: each registry (optimizers, adapters, training blocks,
+ways to shard) is walked, and an entry that leaves a fact out, or states one the rest of the lab cannot use,
+fails here."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import re
+import typing
 
 import pytest
 from conftest import EXPERIMENTS, QUICK, ROOT, run_dict
@@ -13,6 +15,7 @@ from conftest import EXPERIMENTS, QUICK, ROOT, run_dict
 from harness.blocks.adapters import ADAPTERS
 from harness.blocks.optimizers import OPTIMIZERS
 from harness.blocks.parts import BuiltForTrainer, LossRule, Setting, Unmapped
+from harness.blocks.training import BLOCKS, SHARDINGS, TRAINER_ENGINES
 from harness.config import Experiment, OptimSettings, load_experiment, prepare, resolve_technique
 from harness.predict.analytic import shape_of, trainable_tensors
 from harness.predict.prediction import predict
@@ -120,3 +123,22 @@ def test_the_optimizers_added_as_one_descriptor_and_one_file_run_as_their_formul
     analytic = predict(EXPERIMENTS / f"{name}.yaml", "tiny-llama", QUICK["seq_len"], QUICK["micro_batch"], "analytic",
                        "cpu")
     assert analytic.persistent["optimizer_state"] == record["memory"]["persistent"]["optimizer_state"] > 0
+
+
+@pytest.mark.parametrize("name", [*BLOCKS, *(f"sharding={way}" for way in SHARDINGS)])
+def test_every_training_block_descriptor_is_complete(name):
+    field, _, way = name.partition("=")
+    block = SHARDINGS[way] if way else BLOCKS[field]
+    assert _sentence(block.summary)
+    assert set(block.engines) == set(TRAINER_ENGINES)
+    for mapping in block.engines.values():
+        assert _sentence(mapping.reason) if isinstance(mapping, Unmapped) else (isinstance(mapping, dict) and mapping)
+    for reason in (block.cuda_only, block.not_simulated, block.not_sharded):
+        assert reason is None or _sentence(reason)
+    if block.package:  # one of this project's extras (Liger's is the GPU one)
+        assert block.package.replace("_", "-") in (ROOT / "pyproject.toml").read_text().replace("_", "-")
+    default = {f.name: f.default for f in dataclasses.fields(Experiment)}[field]
+    if way:  # a value the experiment's field takes
+        assert way in typing.get_args(typing.get_type_hints(Experiment)["sharding"])
+    else:  # a field that is off by default, as every record made before it ran
+        assert default is False and ADDED_LATER[(None, field)] is False

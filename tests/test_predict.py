@@ -14,7 +14,7 @@ from harness.predict.analytic import _flow, _linear, adapter_tensors, shape_of
 from harness.predict.prediction import predict as predict_record
 from harness.presets import PUBLISHED_PARAMETERS
 from harness.step.models import resolve_source
-from harness.techniques import CUDA_ONLY, TECHNIQUES, NotSimulated, blocks_in, not_simulated
+from harness.techniques import TECHNIQUES, NotSimulated, cuda_only, not_simulated
 
 pytestmark = pytest.mark.slow  # real training steps in subprocesses; `make test-fast` skips them
 
@@ -26,9 +26,9 @@ def _not_simulated(name: str) -> list[str]:
     return not_simulated(experiment, resolve_technique(experiment))
 
 
-# Experiments a CPU runs and the simulation traces (no block of CUDA_ONLY or NOT_SIMULATED).
-SIMULATED_ON_CPU = [name for name in EXPERIMENT_NAMES if not blocks_in(load_experiment(EXPERIMENTS / f"{name}.yaml")[1],
-                                                                        CUDA_ONLY) and not _not_simulated(name)]
+# Experiments a CPU runs and the simulation traces (no block that needs CUDA or that fake tensors cannot run).
+SIMULATED_ON_CPU = [name for name in EXPERIMENT_NAMES
+                    if not cuda_only(load_experiment(EXPERIMENTS / f"{name}.yaml")[1]) and not _not_simulated(name)]
 
 
 def predict(*args, **options) -> dict:

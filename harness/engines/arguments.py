@@ -9,37 +9,13 @@ from __future__ import annotations
 
 from harness.blocks.optimizers import OPTIMIZERS
 from harness.blocks.parts import BuiltForTrainer, NotMapped, Unmapped
-
-
-def _both(mapping) -> dict:
-    """The same mapping for Trainer and SFTTrainer (SFTConfig is a TrainingArguments)."""
-    return {"trainer": mapping, "trl-sft": mapping}
-
-
-# Where a block sets the checkpointing kwargs: this version's field for them (checkpointing_fields).
-CHECKPOINTING_KWARGS = "checkpointing_kwargs"
+from harness.blocks.training import BLOCKS as TRAINING_BLOCKS
+from harness.blocks.training import CHECKPOINTING_KWARGS, blocks_on
 
 # The building blocks that are experiment fields (harness.config.Experiment), by engine: the
-# arguments that turn each on, or why the engine has none. CUDA-only blocks (techniques.CUDA_ONLY)
-# never reach an engine on a CPU: the worker skips them first.
-BLOCKS = {
-    "optimizer_in_backward": _both(Unmapped(
-        "Trainer steps the optimizer after backward and clips, logs and schedules between; it has no "
-        "per-parameter optimizer step in backward (optimizer_in_backward)")),
-    "selective_checkpointing": {
-        "trainer": Unmapped("TrainingArguments has no selective checkpointing (selective_checkpointing); TRL's "
-                            "SFTTrainer has it, as gradient_checkpointing_kwargs selective: true (engine trl-sft)"),
-        # TRL wraps the model with the policy the lab's selective checkpointing uses (keep attention's outputs).
-        "trl-sft": {CHECKPOINTING_KWARGS: {"selective": True}}},
-    "activation_offloading": {
-        "trainer": Unmapped("TrainingArguments has no activation offloading (activation_offloading); TRL's "
-                            "SFTConfig has it (engine trl-sft)"),
-        "trl-sft": {"activation_offloading": True}},
-    "liger_kernels": _both({"use_liger_kernel": True}),
-    "compile": _both({"torch_compile": True}),
-    "sharding": _both(Unmapped("Trainer shards through accelerate's FSDP and DeepSpeed plugins (an accelerate "
-                               "config and a launcher), which the Trainer engines do not map yet (sharding)")),
-}
+# arguments that turn each on, or why the engine has none, as each block's descriptor says. CUDA-only
+# blocks never reach an engine on a CPU: the worker skips them first.
+BLOCKS = {name: block.engines for name, block in TRAINING_BLOCKS.items()}
 
 # The experiment's optimizers by TrainingArguments' `optim` names (by device type where they differ),
 # or why Trainer has none, as each optimizer's descriptor says; those the lab builds for Trainer's
@@ -117,9 +93,9 @@ def checkpointing_fields() -> tuple[str, str]:
 
 
 def block_arguments(cfg, engine: str) -> dict:
-    """The arguments of the experiment's building blocks (BLOCKS) in this engine; NotMapped naming
+    """The arguments of the experiment's building blocks (blocks_on) in this engine; NotMapped naming
     every block it has no counterpart for."""
-    mappings = [engines[engine] for block, engines in BLOCKS.items() if getattr(cfg, block) not in (False, "none")]
+    mappings = [block.engines[engine] for _, block in blocks_on(cfg)]
     refused = [m.reason for m in mappings if isinstance(m, Unmapped)]
     if refused:
         raise NotMapped("; ".join(refused))

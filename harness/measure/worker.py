@@ -22,6 +22,7 @@ import torch
 
 from harness import env, schema
 from harness.blocks.optimizers import OPTIMIZERS
+from harness.blocks.training import BLOCKS, SHARDINGS
 from harness.config import experiment_of, resolve_technique
 from harness.engines import ENGINES, EngineRun
 from harness.engines.arguments import NotMapped
@@ -34,22 +35,23 @@ from harness.step.data import load_batches
 from harness.step.models import parameter_counts, resolve_source
 from harness.step.sharding import rank_and_world
 from harness.step.train import Progress
-from harness.techniques import CUDA_ONLY, Technique, blocks_in
+from harness.techniques import Technique, cuda_only
 
 # Packages a technique or data source may need that a machine may lack: their absence makes
 # the run `skipped` (with the reason), never a failure.
-# An optimizer's package is named by its descriptor (harness.blocks.optimizers).
+# The package of an optimizer or a training block is named by its descriptor (harness.blocks).
+_NEEDED_BY = [(o.package, f"optimizer {name}") for name, o in OPTIMIZERS.items() if o.package] + [
+    (b.package, name) for name, b in {**BLOCKS, **{f"sharding {w}": b for w, b in SHARDINGS.items()}}.items()
+    if b.package]
 OPTIONAL_PACKAGES = {
-    **{package: "the optimizers " + ", ".join(name for name, o in OPTIMIZERS.items() if o.package == package)
-       for package in dict.fromkeys(o.package for o in OPTIMIZERS.values() if o.package)},
+    **{package: ", ".join(user for needed, user in _NEEDED_BY if needed == package) for package, _ in _NEEDED_BY},
     "bitsandbytes": "int8/NF4 quantization and 8-bit optimizers",
     "datasets": "local text files and hub datasets as data",
-    "trl": "the trl-sft engine (TRL's SFTTrainer), activation offloading and selective checkpointing",
-    "liger_kernel": "Liger's kernels", "deepspeed": "DeepSpeed's ZeRO sharding"}
+    "trl": "the trl-sft engine (TRL's SFTTrainer), activation offloading and selective checkpointing"}
 
 
 class NotOnThisDevice(Exception):
-    """A building block this device cannot run (techniques.CUDA_ONLY): the run is skipped, saying why."""
+    """A building block this device cannot run (techniques.cuda_only): the run is skipped, saying why."""
 
 
 def pick_device(choice: str) -> torch.device:
@@ -98,9 +100,9 @@ def run(config: dict, record_path: str | Path) -> schema.RunRecord:
     started = time.perf_counter()
     try:
         device = pick_device(cfg.device)
-        cuda_only = blocks_in(cfg, CUDA_ONLY)
-        if cuda_only and device.type != "cuda":
-            raise NotOnThisDevice("; ".join(cuda_only))
+        needs_cuda = cuda_only(cfg)
+        if needs_cuda and device.type != "cuda":
+            raise NotOnThisDevice("; ".join(needs_cuda))
         if device.type == "cpu":
             # Code compiled with torch.compile (torchao's optimizer step) runs eager on a CPU: compiling
             # takes longer than the run here, and a CPU's speed is no GPU's anyway.
