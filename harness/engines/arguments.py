@@ -39,7 +39,7 @@ OWNED = {
     "fp16": "the technique's autocast (autocast: fp16, with loss_scaling)",
     "optim": f"optimizer ({', '.join(name for name, o in OPTIMIZERS.items() if not isinstance(o.trainer, Unmapped))})",
     "optim_target_modules": "optimizer (galore_adamw: the decoder's linear layers)",
-    "optim_args": "optim.galore_rank, optim.galore_update_proj_gap, optim.galore_scale",
+    "optim_args": ", ".join(f"optim.{s.name}" for o in OPTIMIZERS.values() if o.trainer_arguments for s in o.settings),
     "gradient_checkpointing": "gradient_checkpointing",
     "activation_checkpointing": "gradient_checkpointing",
     "gradient_checkpointing_kwargs": "gradient_checkpointing (non-reentrant) and selective_checkpointing",
