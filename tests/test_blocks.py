@@ -40,8 +40,8 @@ def test_every_optimizer_descriptor_is_complete(name):
         assert set(trainer) == {"cuda", "cpu"} and all(isinstance(v, str) for v in trainer.values())
     else:
         assert isinstance(trainer, str) and trainer
-    assert optimizer.not_sharded is None or _sentence(optimizer.not_sharded)
-    assert optimizer.not_simulated is None or _sentence(optimizer.not_simulated)
+    for reason in (optimizer.not_sharded, optimizer.not_simulated, optimizer.trainer_memory):
+        assert reason is None or _sentence(reason)
     # its loss: a rule against an experiment that exists, or why it has none
     if isinstance(optimizer.loss, LossRule):
         assert (EXPERIMENTS / f"{optimizer.loss.reference}.yaml").exists()

@@ -48,6 +48,8 @@ class Optimizer:
     trainer_decay_groups: bool = True
     # Why the simulation cannot trace it (fake tensors have no values); None: it can.
     not_simulated: str | None = None
+    # Why Trainer's run of it holds other bytes than the lab's, where that is known (the report says it).
+    trainer_memory: str | None = None
     # What its quantization computes with real values (code books), called before a simulation's fake mode.
     before_fake: Callable | None = None
 
@@ -94,6 +96,9 @@ def _fp32_adamw_bytes(sizes, param_bytes, shape=None, settings=None, device_type
     return sum(8 * n for n in sizes), 0
 
 
+_BNB_IN_TRAINER = ("with a bitsandbytes 8-bit optimizer Trainer keeps the optimizer state of every nn.Embedding in 32 "
+                   "bits (Trainer.create_optimizer: register_module_override(..., optim_bits=32)); the lab's AdamW8bit "
+                   "keeps all of it in 8 bits")
 _BNB_NOT_SHARDED = ("sharded parameters are DTensors, which AdamW steps shard by shard, while bitsandbytes' "
                     "blockwise quantized states expect whole tensors")
 
@@ -302,12 +307,12 @@ OPTIMIZERS: dict[str, Optimizer] = {
         _bnb("AdamW8bit"), _adamw8bit_bytes, "adamw_bnb_8bit", "bitsandbytes' blockwise 8-bit AdamW",
         not_sharded=_BNB_NOT_SHARDED,
         loss=LossRule(BASELINE, 0.01, "block-wise 8-bit Adam states are reported to match 32-bit Adam"),
-        shown_by="adamw8bit", package="bitsandbytes"),
+        shown_by="adamw8bit", package="bitsandbytes", trainer_memory=_BNB_IN_TRAINER),
     "paged_adamw8bit": Optimizer(
         _bnb("PagedAdamW8bit"), _adamw8bit_bytes, "paged_adamw_8bit",
         "bitsandbytes' 8-bit AdamW with its state in CUDA unified memory (QLoRA's)", not_sharded=_BNB_NOT_SHARDED,
         loss="its arithmetic is adamw8bit's; qlora, which runs it, is held to its NF4 base's rule",
-        shown_by="qlora", package="bitsandbytes", paged=True),
+        shown_by="qlora", package="bitsandbytes", paged=True, trainer_memory=_BNB_IN_TRAINER),
     "paged_adamw": Optimizer(
         _bnb("PagedAdamW"), _fp32_adamw_bytes, "paged_adamw_32bit",
         "bitsandbytes' 32-bit AdamW with its state in CUDA unified memory", not_sharded=_BNB_NOT_SHARDED,
