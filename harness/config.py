@@ -524,15 +524,48 @@ def resolved_config(name: str, experiment: Experiment) -> dict:
     return config
 
 
-def prepare(path: str | Path, overrides: dict | None = None) -> dict:
-    """Validate an experiment file and return its resolved config with its hash (ConfigError if bad)."""
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """An experiment as it runs, typed: its file's fields on the real device with the technique's blocks
+    spelled out, the technique, its name, which pretrained base it fine-tunes and its hash. Between
+    processes and in every record it is its dict form (`as_dict`), which `from_dict` reads back."""
+    name: str
+    experiment: Experiment
+    technique: Technique
+    config_hash: str
+    base_checkpoint: str | None = None
+
+    def as_dict(self) -> dict:
+        return {**_hashed_fields(self.name, self.experiment, self.base_checkpoint), "config_hash": self.config_hash}
+
+    @classmethod
+    def from_dict(cls, config: dict) -> ResolvedConfig:
+        experiment = experiment_of(config)
+        return cls(config["name"], experiment, resolve_technique(experiment), config["config_hash"],
+                   config.get("base_checkpoint"))
+
+
+def resolve(path: str | Path, overrides: dict | None = None) -> ResolvedConfig:
+    """Validate an experiment file and resolve it: its technique's blocks, the real device (the hash names
+    it) and, fine-tuning the lab's base, which pretrained base (a retrained one is a new configuration)."""
     name, experiment = load_experiment(path, overrides)
+    technique = resolve_technique(experiment)
+    blocks = {k: v for k, v in dataclasses.asdict(technique).items() if k != "summary"}
+    experiment = dataclasses.replace(experiment, device=resolve_device(experiment.device), **blocks)
+    base = (base_identity(experiment.device) or "not pretrained yet") if experiment.model == BASE_SOURCE else None
+    return ResolvedConfig(name, experiment, technique, config_hash(_hashed_fields(name, experiment, base)), base)
+
+
+def _hashed_fields(name: str, experiment: Experiment, base_checkpoint: str | None) -> dict:
+    """A resolved config's dict form before its hash, which is computed from it."""
     config = resolved_config(name, experiment)
-    config["device"] = resolve_device(config["device"])  # the hash names the real device
-    if config["model"] == BASE_SOURCE:  # which pretrained base: a retrained one is a new configuration
-        config["base_checkpoint"] = base_identity(config["device"]) or "not pretrained yet"
-    config["config_hash"] = config_hash(config)
-    return config
+    return config if base_checkpoint is None else {**config, "base_checkpoint": base_checkpoint}
+
+
+def prepare(path: str | Path, overrides: dict | None = None) -> dict:
+    """Validate an experiment file and return its resolved config's dict form, with its hash (ConfigError if
+    bad)."""
+    return resolve(path, overrides).as_dict()
 
 
 def config_hash(config: dict) -> str:

@@ -23,7 +23,7 @@ import torch
 from harness import env, schema
 from harness.blocks.optimizers import OPTIMIZERS
 from harness.blocks.training import BLOCKS, SHARDINGS
-from harness.config import experiment_of, resolve_technique
+from harness.config import ResolvedConfig
 from harness.engines import ENGINES, EngineRun
 from harness.engines.arguments import NotMapped
 from harness.measure import ranks
@@ -89,10 +89,11 @@ def _memory_reached(device: torch.device, tracker: TensorTracker | None) -> int 
 
 
 def run(config: dict, record_path: str | Path) -> schema.RunRecord:
-    cfg = experiment_of(config)
-    technique = resolve_technique(cfg)
-    record = schema.RunRecord(status="failed", experiment=config["name"], model=cfg.model, config=config,
-                              config_hash=config["config_hash"], started_at=env.now())
+    """Run a resolved config (the dict form it crossed processes in, which the record keeps as it came)."""
+    resolved = ResolvedConfig.from_dict(config)
+    cfg, technique = resolved.experiment, resolved.technique
+    record = schema.RunRecord(status="failed", experiment=resolved.name, model=cfg.model, config=config,
+                              config_hash=resolved.config_hash, started_at=env.now())
     progress = Progress()
     tracker = None
     device = torch.device("cpu")

@@ -4,11 +4,12 @@ searches of harness.predict.solve and harness.predict.gpus compare."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 from harness import env, schema
-from harness.config import experiment_of, prepare, resolve_technique
+from harness.config import resolve
 from harness.imports import source_files
 
 # The source files whose code decides a prediction (this module's and every harness module it imports):
@@ -21,12 +22,10 @@ def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
     """One prediction for an experiment file at a model, sequence length and micro-batch (and
     any other experiment fields in `overrides`)."""
     from harness.step.models import resolve_source
-    from harness.techniques import Technique
 
-    config = prepare(experiment, {**(overrides or {}), "model": model, "seq_len": seq_len, "micro_batch": batch,
+    config = resolve(experiment, {**(overrides or {}), "model": model, "seq_len": seq_len, "micro_batch": batch,
                                   "device": "cpu"})
-    cfg = experiment_of(config)
-    technique = resolve_technique(cfg)
+    cfg, technique = config.experiment, config.technique
     source = resolve_source(model, cfg.trust_remote_code, device_type)
     started = time.perf_counter()
     if method == "analytic":
@@ -39,12 +38,12 @@ def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
         result = simulate_step(source, technique, cfg, seq_len, batch, device_type)
     result["seconds"] = time.perf_counter() - started
     return schema.from_dict({
-        "kind": schema.Prediction.KIND, "method": method, "experiment": config["name"], "model": model,
-        "seq_len": seq_len, "micro_batch": batch, "grad_accum": config["grad_accum"],
-        "gradient_checkpointing": config["gradient_checkpointing"], "world_size": config["world_size"],
-        "technique": {k: config[k] for k in Technique.__dataclass_fields__ if k != "summary"},
+        "kind": schema.Prediction.KIND, "method": method, "experiment": config.name, "model": model,
+        "seq_len": seq_len, "micro_batch": batch, "grad_accum": cfg.grad_accum,
+        "gradient_checkpointing": cfg.gradient_checkpointing, "world_size": cfg.world_size,
+        "technique": {k: v for k, v in dataclasses.asdict(technique).items() if k != "summary"},
         "versions": env.software_versions(), "predictor": env.code_digest(PREDICTOR_MODULES), **result,
-        "device_type": device_type}, f"<prediction of {config['name']}>")
+        "device_type": device_type}, f"<prediction of {config.name}>")
 
 
 def fits(total_bytes: int, budget_gb: float, device_type: str = "cuda") -> bool:
