@@ -26,6 +26,7 @@ from harness import schema
 from harness.architectures import ARCHITECTURES, DEFAULT_TARGETS, lora_targets
 from harness.blocks.adapters import ADAPTERS
 from harness.blocks.optimizers import OPTIMIZERS, optimizer_settings
+from harness.blocks.training import blocks_on
 from harness.env import resolve_device
 from harness.errors import ConfigError
 from harness.step.checkpoint import BASE_SOURCE, base_identity
@@ -350,18 +351,11 @@ def _check_semantics(experiment: Experiment, path: Path) -> None:
     if technique.loss_scaling and technique.weights == "fp16":
         raise ConfigError(path, "loss_scaling", "loss scaling unscales fp32 gradients: it needs fp32 master "
                           "weights (weights: fp32), not fp16 ones")
-    if experiment.optimizer_in_backward and experiment.grad_accum > 1:
-        raise ConfigError(path, "optimizer_in_backward", "a parameter steps as soon as its gradient is complete: "
-                          "there is nothing to accumulate into (set grad_accum: 1)")
-    for refusal in OPTIMIZERS[technique.optimizer].refusals:
+    # What the training blocks it turns on and its optimizer refuse, as their descriptors say (harness.blocks).
+    refusals = [r for _, block in blocks_on(experiment) for r in block.refusals]
+    for refusal in refusals + list(OPTIMIZERS[technique.optimizer].refusals):
         if refusal.applies(experiment, technique):
             raise ConfigError(path, refusal.field, refusal.why)
-    if experiment.selective_checkpointing and not experiment.gradient_checkpointing:
-        raise ConfigError(path, "selective_checkpointing", "selective checkpointing chooses what checkpointing "
-                          "keeps: it needs gradient_checkpointing: true")
-    if experiment.optimizer_in_backward and technique.loss_scaling:
-        raise ConfigError(path, "optimizer_in_backward", "loss scaling checks every gradient for inf/NaN before "
-                          "any parameter steps; stepping in backward cannot wait for that")
     _check_sharding(experiment, technique, path)
     settings = _model_settings(experiment.model)
     context = settings.get("max_position_embeddings") or settings.get("n_positions")

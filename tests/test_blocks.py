@@ -137,8 +137,29 @@ def test_every_training_block_descriptor_is_complete(name):
         assert reason is None or _sentence(reason)
     if block.package:  # one of this project's extras (Liger's is the GPU one)
         assert block.package.replace("_", "-") in (ROOT / "pyproject.toml").read_text().replace("_", "-")
-    default = {f.name: f.default for f in dataclasses.fields(Experiment)}[field]
+    fields = {f.name: f.default for f in dataclasses.fields(Experiment)}
+    for refusal in block.refusals:
+        assert refusal.field in fields and callable(refusal.applies) and _sentence(refusal.why)
+    default = fields[field]
     if way:  # a value the experiment's field takes
         assert way in typing.get_args(typing.get_type_hints(Experiment)["sharding"])
     else:  # a field that is off by default, as every record made before it ran
         assert default is False and ADDED_LATER[(None, field)] is False
+
+
+@pytest.mark.parametrize("text, field, words", [
+    ("include: bf16-pure-gc-optim-in-bwd.yaml\ngrad_accum: 2\n", "optimizer_in_backward", "nothing to accumulate"),
+    ("include: fp16-mixed.yaml\noptimizer_in_backward: true\n", "optimizer_in_backward", "cannot wait"),
+    ("include: bf16-pure.yaml\nselective_checkpointing: true\n", "selective_checkpointing", "gradient_checkpointing"),
+    ("include: loraplus.yaml\nadapter: none\n", "optimizer", "LoRA\\+ sets the learning rates"),
+    ("include: loraplus.yaml\noptimizer_in_backward: true\n", "optimizer_in_backward", "not LoRA\\+"),
+    ("include: galore.yaml\ntechnique: lora\n", "optimizer", "full fine-tuning optimizer"),
+    ("include: adafactor.yaml\ntechnique: lora\n", "optimizer", "full fine-tuning optimizer"),
+])
+def test_what_a_block_refuses_is_refused_naming_its_field(tmp_path, text, field, words):
+    from harness.errors import ConfigError
+
+    path = tmp_path / "refused.yaml"
+    path.write_text(text.replace("include: ", f"include: {EXPERIMENTS}/"))
+    with pytest.raises(ConfigError, match=f"field '{field}': .*{words}"):
+        load_experiment(path)

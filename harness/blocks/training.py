@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.blocks.parts import Unmapped
+from harness.blocks.parts import Refusal, Unmapped
 
 # Where a block sets the checkpointing kwargs: this version's field for them (engines.arguments.checkpointing_fields).
 CHECKPOINTING_KWARGS = "checkpointing_kwargs"
@@ -28,6 +28,7 @@ class Block:
     not_simulated: str | None = None   # why fake tensors cannot trace it; None: the simulation does
     not_sharded: str | None = None     # why a sharded experiment cannot have it; None: it can
     package: str | None = None         # the module it imports that a machine may lack: without it a run is skipped
+    refusals: tuple[Refusal, ...] = ()  # experiments it cannot be part of (checked when the file is read)
 
 
 def _both(mapping) -> dict:
@@ -42,14 +43,23 @@ BLOCKS: dict[str, Block] = {
         _both(Unmapped("Trainer steps the optimizer after backward and clips, logs and schedules between; it has "
                        "no per-parameter optimizer step in backward (optimizer_in_backward)")),
         not_sharded="a sharded gradient is complete only after its reduce-scatter, which FSDP2 runs outside the "
-                    "parameter's gradient hooks"),
+                    "parameter's gradient hooks",
+        refusals=(Refusal("optimizer_in_backward", lambda e, t: e.grad_accum > 1,
+                          "a parameter steps as soon as its gradient is complete: there is nothing to accumulate into "
+                          "(set grad_accum: 1)"),
+                  Refusal("optimizer_in_backward", lambda e, t: t.loss_scaling,
+                          "loss scaling checks every gradient for inf/NaN before any parameter steps; stepping in "
+                          "backward cannot wait for that"))),
     "selective_checkpointing": Block(
         "checkpointing that keeps attention's outputs (TRL's selective policy)",
         {"trainer": Unmapped("TrainingArguments has no selective checkpointing (selective_checkpointing); TRL's "
                              "SFTTrainer has it, as gradient_checkpointing_kwargs selective: true (engine trl-sft)"),
          # TRL wraps the model with the policy the lab's selective checkpointing uses (keep attention's outputs).
          "trl-sft": {CHECKPOINTING_KWARGS: {"selective": True}}},
-        package="trl"),
+        package="trl",
+        refusals=(Refusal("selective_checkpointing", lambda e, t: not e.gradient_checkpointing,
+                          "selective checkpointing chooses what checkpointing keeps: it needs gradient_checkpointing: "
+                          "true"),)),
     "activation_offloading": Block(
         "saved tensors to pinned host memory in forward and back in backward (TRL's OffloadActivations)",
         {"trainer": Unmapped("TrainingArguments has no activation offloading (activation_offloading); TRL's "
