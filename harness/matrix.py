@@ -19,8 +19,8 @@ from harness.config import (
     ConfigError,
     build_dataclass,
     experiment_files,
-    prepare,
     read_yaml,
+    resolve,
 )
 
 
@@ -55,7 +55,7 @@ LAUNCHER_BLOCK = "launcher"
 
 @dataclass
 class PlannedRun:
-    config: dict
+    config: dict  # the resolved configuration's dict form (harness.config.ResolvedConfig), as the worker gets it
     repeat: int
     path: Path
     note: str
@@ -118,13 +118,14 @@ def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Pat
                                ("world_size", ranks)):
                 if value is not None:
                     overrides[key] = value
-            config = prepare(available[name], overrides)
-            if device_type == "cuda" and devices is not None and config["world_size"] > devices:
-                skipped.append(f"{name} @ {model} at world size {config['world_size']}: this machine has {devices} GPUs")
+            resolved = resolve(available[name], overrides)
+            world_size = resolved.experiment.world_size
+            if device_type == "cuda" and devices is not None and world_size > devices:
+                skipped.append(f"{name} @ {model} at world size {world_size}: this machine has {devices} GPUs")
                 continue
             for index in range(repeat):
-                path = schema.record_path(out_dir, device_slug, name, model, config["config_hash"], index)
-                planned.setdefault(path, PlannedRun(config, index, path, block.note))
+                path = schema.record_path(out_dir, device_slug, name, model, resolved.config_hash, index)
+                planned.setdefault(path, PlannedRun(resolved.as_dict(), index, path, block.note))
     return list(planned.values()), skipped
 
 
