@@ -163,3 +163,12 @@ def test_what_a_block_refuses_is_refused_naming_its_field(tmp_path, text, field,
     path.write_text(text.replace("include: ", f"include: {EXPERIMENTS}/"))
     with pytest.raises(ConfigError, match=f"field '{field}': .*{words}"):
         load_experiment(path)
+
+
+def test_without_the_package_a_descriptor_names_a_run_is_skipped_saying_what_needs_it():
+    from harness.measure.worker import OPTIONAL_PACKAGES
+
+    assert OPTIONAL_PACKAGES["torchao"] == "optimizer ao_adamw8bit, optimizer ao_adamw4bit, optimizer ao_adamw_fp8"
+    assert OPTIONAL_PACKAGES["deepspeed"] == "sharding zero2, sharding zero3"
+    packages = {o.package for o in OPTIMIZERS.values()} | {b.package for b in [*BLOCKS.values(), *SHARDINGS.values()]}
+    assert packages - {None} <= set(OPTIONAL_PACKAGES)

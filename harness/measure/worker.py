@@ -37,14 +37,23 @@ from harness.step.sharding import rank_and_world
 from harness.step.train import Progress
 from harness.techniques import Technique, cuda_only
 
+
+def _packages_of_blocks() -> dict[str, str]:
+    """Each package an optimizer or a training block imports, as its descriptor names it, with what needs it."""
+    needed: dict[str, list[str]] = {}
+    for name, optimizer in OPTIMIZERS.items():
+        if optimizer.package:
+            needed.setdefault(optimizer.package, []).append(f"optimizer {name}")
+    for name, block in [*BLOCKS.items(), *((f"sharding {way}", block) for way, block in SHARDINGS.items())]:
+        if block.package:
+            needed.setdefault(block.package, []).append(name)
+    return {package: ", ".join(users) for package, users in needed.items()}
+
+
 # Packages a technique or data source may need that a machine may lack: their absence makes
 # the run `skipped` (with the reason), never a failure.
-# The package of an optimizer or a training block is named by its descriptor (harness.blocks).
-_NEEDED_BY = [(o.package, f"optimizer {name}") for name, o in OPTIMIZERS.items() if o.package] + [
-    (b.package, name) for name, b in {**BLOCKS, **{f"sharding {w}": b for w, b in SHARDINGS.items()}}.items()
-    if b.package]
 OPTIONAL_PACKAGES = {
-    **{package: ", ".join(user for needed, user in _NEEDED_BY if needed == package) for package, _ in _NEEDED_BY},
+    **_packages_of_blocks(),
     "bitsandbytes": "int8/NF4 quantization and 8-bit optimizers",
     "datasets": "local text files and hub datasets as data",
     "trl": "the trl-sft engine (TRL's SFTTrainer), activation offloading and selective checkpointing"}
