@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from harness.blocks.optimizers import OPTIMIZERS
 from harness.config import OptimSettings
-from harness.techniques import OPTIMIZERS
 
 GROUP = "optimizer-step"
 SETTINGS = OptimSettings()
@@ -26,8 +26,8 @@ def _torch_adamw(params, device_type):
 
 BUILDERS = {
     "torch-adamw": _torch_adamw,
-    "adamw8bit": lambda params, device_type: OPTIMIZERS["adamw8bit"](params, SETTINGS, device_type),
-    "paged-adamw8bit": lambda params, device_type: OPTIMIZERS["paged_adamw8bit"](params, SETTINGS, device_type),
+    "adamw8bit": lambda params, device_type: OPTIMIZERS["adamw8bit"].build(params, SETTINGS, device_type),
+    "paged-adamw8bit": lambda params, device_type: OPTIMIZERS["paged_adamw8bit"].build(params, SETTINGS, device_type),
 }
 
 

@@ -9,9 +9,10 @@ The package's folders are its three kinds of evidence and what serves them: `ste
 and runs a training step, `engines/` the training loops it runs in (the lab's own,
 transformers' Trainer, TRL's SFTTrainer), `measure/` measures it, `predict/` predicts it (analytic and
 simulated), `report/` renders what was measured and predicted, and `lab/` holds the lab's
-commands (the matrix, probes, the pretrained base, micro-benchmarks). `schema` is the
-record format, `env` the door to the machine, `config` and `techniques` what an experiment
-file may say.
+commands (the matrix, probes, the pretrained base, micro-benchmarks). `blocks/` holds what the
+lab knows of each building block (optimizers, adapters, training blocks), one descriptor each;
+`schema` is the record format, `env` the door to the machine, `config` and `techniques` what an
+experiment file may say.
 """
 
 from __future__ import annotations

@@ -102,8 +102,9 @@ def cmd_validate(args) -> int:
 
 
 def cmd_list(args) -> int:
+    from harness.blocks.optimizers import OPTIMIZERS
     from harness.presets import PRESETS
-    from harness.techniques import OPTIMIZERS, TECHNIQUES
+    from harness.techniques import TECHNIQUES
 
     print("techniques:")
     for name, technique in TECHNIQUES.items():

@@ -24,15 +24,13 @@ import yaml
 
 from harness import schema
 from harness.architectures import ARCHITECTURES, DEFAULT_TARGETS, lora_targets
+from harness.blocks.adapters import ADAPTERS
+from harness.blocks.optimizers import OPTIMIZERS, optimizer_settings
+from harness.blocks.training import blocks_on
 from harness.env import resolve_device
+from harness.errors import ConfigError
 from harness.step.checkpoint import BASE_SOURCE, base_identity
-from harness.techniques import (
-    ADAPTERS,
-    OPTIMIZERS,
-    QUANTIZATIONS,
-    TECHNIQUES,
-    Technique,
-)
+from harness.techniques import QUANTIZATIONS, TECHNIQUES, Technique
 
 # The training loops a run can be measured in (harness.engines registers each).
 EngineName = Literal["harness", "trainer", "trl-sft"]
@@ -42,14 +40,6 @@ FRAGMENT_PREFIX = "_"
 # The matrix of runs lives beside the experiments (see harness.lab.bench).
 MATRIX_FILE = "matrix.yaml"
 EXIT_BAD_CONFIG = 2
-
-
-class ConfigError(Exception):
-    """A malformed experiment file: names the file and the field at fault."""
-
-    def __init__(self, path: str | Path, field_name: str, message: str):
-        self.path, self.field_name, self.message = str(path), field_name, message
-        super().__init__(f"{path}: field '{field_name}': {message}")
 
 
 @dataclass
@@ -72,18 +62,18 @@ class LoraSettings:
 
 
 @dataclass
-class OptimSettings:
+class _CommonOptimSettings:
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    # LoRA+ only (optimizer: loraplus): lora_B's learning rate over lora_A's; 16 is the paper's advice.
-    loraplus_lr_ratio: float = 16.0
-    # GaLore only (optimizer: galore_adamw): the projection's rank, how many steps
-    # between two SVDs of the gradient, and the update's scale (galore-torch's README values).
-    galore_rank: int = 128
-    galore_update_proj_gap: int = 200
-    galore_scale: float = 0.25
+
+
+# The `optim:` block: the settings every optimizer reads, then each optimizer's own (LoRA+'s ratio, GaLore's
+# rank, ...), as its descriptor declares them (harness.blocks.optimizers).
+OptimSettings = dataclasses.make_dataclass(
+    "OptimSettings", [(s.name, s.type, field(default=s.default)) for s in optimizer_settings()],
+    bases=(_CommonOptimSettings,), namespace={"__module__": __name__})
 
 
 @dataclass
@@ -112,7 +102,7 @@ class Experiment:
     loss_scaling: bool | None = None
     quantization: Literal["none", "int8", "nf4"] | None = None
     double_quant: bool | None = None
-    adapter: str | None = None  # a key of harness.techniques.ADAPTERS
+    adapter: str | None = None  # a key of harness.blocks.adapters.ADAPTERS
     optimizer: str | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
@@ -188,10 +178,7 @@ _RANGES = [
     ("lora.alpha", lambda v: 0 < v < float("inf"), "must be positive"),
     ("optim.lr", lambda v: 0 < v < float("inf"), "must be positive"),
     ("optim.eps", lambda v: 0 < v < float("inf"), "must be positive"),
-    ("optim.loraplus_lr_ratio", lambda v: 0 < v < float("inf"), "must be positive"),
-    ("optim.galore_rank", lambda v: v >= 1, "must be at least 1"),
-    ("optim.galore_update_proj_gap", lambda v: v >= 1, "must be at least 1"),
-    ("optim.galore_scale", lambda v: 0 < v < float("inf"), "must be positive"),
+    *((f"optim.{s.name}", s.within, s.bound) for s in optimizer_settings()),
     ("optim.weight_decay", lambda v: 0 <= v < float("inf"), "must be >= 0"),
     ("optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"),
     ("data.max_bytes", lambda v: v > 0, "must be positive"),
@@ -432,24 +419,11 @@ def _check_semantics(experiment: Experiment, path: Path) -> None:
     if technique.loss_scaling and technique.weights == "fp16":
         raise ConfigError(path, "loss_scaling", "loss scaling unscales fp32 gradients: it needs fp32 master "
                           "weights (weights: fp32), not fp16 ones")
-    if experiment.optimizer_in_backward and experiment.grad_accum > 1:
-        raise ConfigError(path, "optimizer_in_backward", "a parameter steps as soon as its gradient is complete: "
-                          "there is nothing to accumulate into (set grad_accum: 1)")
-    if technique.optimizer == "loraplus" and technique.adapter == "none":
-        raise ConfigError(path, "optimizer", "LoRA+ sets the learning rates of LoRA's A and B matrices: it needs "
-                          "an adapter (adapter: lora)")
-    if technique.optimizer == "galore_adamw" and technique.adapter != "none":
-        raise ConfigError(path, "optimizer", "GaLore projects the gradients of full weight matrices: it is a "
-                          "full fine-tuning optimizer (adapter: none)")
-    if experiment.optimizer_in_backward and technique.optimizer == "loraplus":
-        raise ConfigError(path, "optimizer_in_backward", "LoRA+ groups the adapters of the whole model into one "
-                          "optimizer; stepping each parameter on its own is not LoRA+")
-    if experiment.selective_checkpointing and not experiment.gradient_checkpointing:
-        raise ConfigError(path, "selective_checkpointing", "selective checkpointing chooses what checkpointing "
-                          "keeps: it needs gradient_checkpointing: true")
-    if experiment.optimizer_in_backward and technique.loss_scaling:
-        raise ConfigError(path, "optimizer_in_backward", "loss scaling checks every gradient for inf/NaN before "
-                          "any parameter steps; stepping in backward cannot wait for that")
+    # What the training blocks it turns on and its optimizer refuse, as their descriptors say (harness.blocks).
+    refusals = [r for _, block in blocks_on(experiment) for r in block.refusals]
+    for refusal in refusals + list(OPTIMIZERS[technique.optimizer].refusals):
+        if refusal.applies(experiment, technique):
+            raise ConfigError(path, refusal.field, refusal.why)
     _check_sharding(experiment, technique, path)
     settings = _model_settings(experiment.model)
     context = settings.get("max_position_embeddings") or settings.get("n_positions")
@@ -485,8 +459,9 @@ def _check_sharding(experiment: Experiment, technique: Technique, path: Path) ->
                           "(sharding: fsdp2, zero2 or zero3)")
     if experiment.sharding == "none":
         return
-    for name, (excluded, why) in SHARDING_EXCLUDES.items():
-        if excluded(experiment, technique):
+    for name, excluded in SHARDING_EXCLUDES.items():
+        why = excluded(experiment, technique)
+        if why:
             raise ConfigError(path, name, f"not with sharding: {why}")
 
 
@@ -702,15 +677,48 @@ def resolved_config(name: str, experiment: Experiment) -> dict:
     return config
 
 
-def prepare(path: str | Path, overrides: dict | None = None) -> dict:
-    """Validate an experiment file and return its resolved config with its hash (ConfigError if bad)."""
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """An experiment as it runs, typed: its file's fields on the real device with the technique's blocks
+    spelled out, the technique, its name, which pretrained base it fine-tunes and its hash. Between
+    processes and in every record it is its dict form (`as_dict`), which `from_dict` reads back."""
+    name: str
+    experiment: Experiment
+    technique: Technique
+    config_hash: str
+    base_checkpoint: str | None = None
+
+    def as_dict(self) -> dict:
+        return {**_hashed_fields(self.name, self.experiment, self.base_checkpoint), "config_hash": self.config_hash}
+
+    @classmethod
+    def from_dict(cls, config: dict) -> ResolvedConfig:
+        experiment = experiment_of(config)
+        return cls(config["name"], experiment, resolve_technique(experiment), config["config_hash"],
+                   config.get("base_checkpoint"))
+
+
+def resolve(path: str | Path, overrides: dict | None = None) -> ResolvedConfig:
+    """Validate an experiment file and resolve it: its technique's blocks, the real device (the hash names
+    it) and, fine-tuning the lab's base, which pretrained base (a retrained one is a new configuration)."""
     name, experiment = load_experiment(path, overrides)
+    technique = resolve_technique(experiment)
+    blocks = {k: v for k, v in dataclasses.asdict(technique).items() if k != "summary"}
+    experiment = dataclasses.replace(experiment, device=resolve_device(experiment.device), **blocks)
+    base = (base_identity(experiment.device) or "not pretrained yet") if experiment.model == BASE_SOURCE else None
+    return ResolvedConfig(name, experiment, technique, config_hash(_hashed_fields(name, experiment, base)), base)
+
+
+def _hashed_fields(name: str, experiment: Experiment, base_checkpoint: str | None) -> dict:
+    """A resolved config's dict form before its hash, which is computed from it."""
     config = resolved_config(name, experiment)
-    config["device"] = resolve_device(config["device"])  # the hash names the real device
-    if config["model"] == BASE_SOURCE:  # which pretrained base: a retrained one is a new configuration
-        config["base_checkpoint"] = base_identity(config["device"]) or "not pretrained yet"
-    config["config_hash"] = config_hash(config)
-    return config
+    return config if base_checkpoint is None else {**config, "base_checkpoint": base_checkpoint}
+
+
+def prepare(path: str | Path, overrides: dict | None = None) -> dict:
+    """Validate an experiment file and return its resolved config's dict form, with its hash (ConfigError if
+    bad)."""
+    return resolve(path, overrides).as_dict()
 
 
 def config_hash(config: dict) -> str:

@@ -19,8 +19,8 @@ from harness.config import (
     ConfigError,
     build_dataclass,
     experiment_files,
-    prepare,
     read_yaml,
+    resolve,
 )
 
 
@@ -70,7 +70,7 @@ LAUNCHER_BLOCK = "launcher"
 
 @dataclass
 class PlannedRun:
-    config: dict
+    config: dict  # the resolved configuration's dict form (harness.config.ResolvedConfig), as the worker gets it
     repeat: int
     path: Path
     note: str
@@ -145,12 +145,13 @@ def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Pat
                                ("world_size", ranks)):
                 if value is not None:
                     overrides[key] = value
-            config = _prepare_cell(available[name], overrides, block, experiments_dir / MATRIX_FILE,
-                                   f"{plan}[{number}]")
-            if device_type == "cuda" and devices is not None and config["world_size"] > devices:
-                skipped.append(f"{name} @ {model} at world size {config['world_size']}: this machine has {devices} GPUs")
+            resolved = _resolve_cell(available[name], overrides, block, experiments_dir / MATRIX_FILE,
+                                     f"{plan}[{number}]")
+            world_size = resolved.experiment.world_size
+            if device_type == "cuda" and devices is not None and world_size > devices:
+                skipped.append(f"{name} @ {model} at world size {world_size}: this machine has {devices} GPUs")
                 continue
-            cells.append((name, model, overrides, config))
+            cells.append((name, model, overrides, resolved.as_dict()))
         rule = block.if_emulated
         # a rule for the whole block (a comparison, like with like) holds for every cell once one is emulated
         whole_block = rule is not None and rule.whole_block and any(compute_dtype(c) in emulated for *_, c in cells)
@@ -163,7 +164,7 @@ def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Pat
                     shortened = rule.why
                     chosen = {key: overrides[key] for key, given in (("seq_len", seq_lens), ("budget_gb", budgets_gb),
                                                                      ("engine", engines)) if given}
-                    config = prepare(available[name], {**overrides, **rule.set, **chosen})
+                    config = resolve(available[name], {**overrides, **rule.set, **chosen}).as_dict()
             for index in range(repeat):
                 path = schema.record_path(out_dir, device_slug, name, model, config["config_hash"], index)
                 planned.setdefault(path, PlannedRun(config, index, path, block.note, shortened=shortened,
@@ -171,11 +172,11 @@ def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Pat
     return list(planned.values()), skipped
 
 
-def _prepare_cell(path: Path, overrides: dict, block: MatrixBlock, matrix_path: Path, where: str) -> dict:
-    """The cell's configuration; a bad value the block's `set:` gave is the matrix file's fault, not the
-    experiment file's, and is said so."""
+def _resolve_cell(path: Path, overrides: dict, block: MatrixBlock, matrix_path: Path, where: str):
+    """The cell's resolved configuration; a bad value the block's `set:` gave is the matrix file's fault, not
+    the experiment file's, and is said so."""
     try:
-        return prepare(path, overrides)
+        return resolve(path, overrides)
     except ConfigError as error:
         if error.field_name.split(".")[0].split("[")[0] not in block.set:
             raise

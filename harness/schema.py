@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.blocks.optimizers import optimizer_settings
+from harness.blocks.training import BLOCKS as TRAINING_BLOCKS
+
 # -- facts every record kind shares --------------------------------------------------------
 
 # What is alive at a step's peak, by category: what persists across steps, then what a step makes.
@@ -514,14 +517,14 @@ def find_records(folder: str | Path) -> list[Path]:
 # Config fields added after records were made, with the value every earlier record ran with:
 # at that value they are left out of a configuration's identity (its hash, harness.config),
 # so that adding a field does not make earlier measurements look like other configurations.
-# A section of None is a top-level field.
+# A section of None is a top-level field. Every optimizer's own setting came after the first records,
+# at the default its descriptor gives it (harness.blocks.optimizers).
+# So did every training block (harness.blocks.training), off.
 ADDED_LATER = {("lora", "use_dora"): False, ("lora", "use_rslora"): False, ("lora", "init_lora_weights"): True,
-               ("lora", "peft"): {}, (None, "optimizer_in_backward"): False, ("optim", "loraplus_lr_ratio"): 16.0,
-               (None, "selective_checkpointing"): False, (None, "activation_offloading"): False,
-               (None, "liger_kernels"): False, (None, "compile"): False, ("optim", "galore_rank"): 128,
-               ("optim", "galore_update_proj_gap"): 200, ("optim", "galore_scale"): 0.25,
-               (None, "engine"): "harness", (None, "training_args"): {}, (None, "sharding"): "none",
-               (None, "cpu_offload"): False, (None, "world_size"): 1}
+               ("lora", "peft"): {}, (None, "engine"): "harness", (None, "training_args"): {},
+               (None, "sharding"): "none", (None, "cpu_offload"): False, (None, "world_size"): 1,
+               **{("optim", setting.name): setting.default for setting in optimizer_settings()},
+               **{(None, name): False for name in TRAINING_BLOCKS}}
 # Config keys that differ between two records of the same configuration: which attempt, which
 # hash (computed from the rest), which copy of the same pretrained base.
 _VOLATILE_CONFIG_KEYS = ("run_id", "config_hash", "base_checkpoint", "description", "summary")

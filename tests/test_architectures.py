@@ -10,7 +10,7 @@ from conftest import EXPERIMENTS, QUICK, ROOT, run_dict
 
 from harness.architectures import ARCHITECTURES, lora_targets
 from harness.config import ConfigError, TargetsWarning, prepare
-from harness.predict.command import predict
+from harness.predict.prediction import predict
 from harness.step.models import resolve_source
 
 # A small shape of each family (widths whole 64-element blocks for bitsandbytes' CPU kernels).

@@ -1,12 +1,22 @@
 """Experiment files: every shipped file validates; malformed ones name file and field, exit 2."""
 
+import json
 import subprocess
 import sys
 
 import pytest
 from conftest import EXPERIMENTS, ROOT
 
-from harness.config import ConfigError, config_hash, experiment_files, load_experiment, resolved_config
+from harness.config import (
+    ConfigError,
+    ResolvedConfig,
+    config_hash,
+    experiment_files,
+    load_experiment,
+    prepare,
+    resolve,
+    resolved_config,
+)
 from harness.techniques import TECHNIQUES
 
 
@@ -86,3 +96,15 @@ def test_command_line_exits_2_before_running_anything(tmp_path, case):
     assert result.returncode == 2, result.stderr
     assert str(path) in result.stderr and f"'{field}'" in result.stderr
     assert not out.exists()  # nothing ran, nothing was written
+
+
+@pytest.mark.parametrize("name", ["qlora", "galore", "fsdp2-lora", "sgd-momentum"])
+def test_the_resolved_config_is_one_typed_object_whose_dict_form_the_record_keeps(name):
+    resolved = resolve(EXPERIMENTS / f"{name}.yaml", {"model": "tiny-llama", "device": "cpu"})
+    assert resolved.technique.optimizer == resolved.experiment.optimizer  # the technique's blocks spelled out
+    config = resolved.as_dict()
+    assert config == prepare(EXPERIMENTS / f"{name}.yaml", {"model": "tiny-llama", "device": "cpu"})
+    assert config["config_hash"] == resolved.config_hash == config_hash({k: v for k, v in config.items()
+                                                                          if k != "config_hash"})
+    # what crosses to the worker and lands in the record reads back as the same typed object
+    assert ResolvedConfig.from_dict(json.loads(json.dumps(config))) == resolved

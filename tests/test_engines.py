@@ -8,6 +8,7 @@ import pytest
 from conftest import EXPERIMENTS, QUICK, run_dict
 
 from harness import schema
+from harness.blocks.optimizers import OPTIMIZERS, galore_targets
 from harness.config import ConfigError, load_experiment, prepare, resolve_technique
 from harness.engines.arguments import (
     BLOCKS,
@@ -21,7 +22,7 @@ from harness.engines.arguments import (
 from harness.matrix import expand, load_matrix
 from harness.report import engines as report_engines
 from harness.report.load import load_results
-from harness.techniques import CUDA_ONLY, OPTIMIZERS, TECHNIQUES, galore_targets
+from harness.techniques import TECHNIQUES
 
 BASE_TECHNIQUES = sorted(TECHNIQUES)
 
@@ -155,13 +156,16 @@ def test_each_building_block_maps_to_its_field_or_says_why_not(tmp_path, block, 
 
 
 def test_every_block_and_optimizer_has_a_mapping_or_a_reason():
-    assert set(CUDA_ONLY) | {"selective_checkpointing", "optimizer_in_backward"} <= set(BLOCKS)
+    assert {"selective_checkpointing", "optimizer_in_backward", "activation_offloading", "liger_kernels",
+            "compile"} <= set(BLOCKS)
     assert all(set(engines) == {"trainer", "trl-sft"} for engines in BLOCKS.values())
-    assert set(OPTIMIZERS) == set(OPTIM_NAMES) | {"loraplus"}  # LoRA+: peft's optimizer handed to Trainer
+    # every optimizer but LoRA+ (peft's optimizer handed to Trainer) has an `optim` name or why it has none
+    assert set(OPTIMIZERS) == set(OPTIM_NAMES) | {"loraplus"} and "loraplus" not in OPTIM_NAMES
 
 
 @pytest.mark.parametrize("name, optim", [("galore", "galore_adamw"), ("ao-adamw8bit", "adamw_torch_8bit"),
-                                         ("ao-adamw4bit", "block_size 256"), ("ao-adamw-fp8", "AdamWFp8")])
+                                         ("ao-adamw4bit", "block_size 256"), ("ao-adamw-fp8", "AdamWFp8"),
+                                         ("sgd-momentum", "sgd"), ("adafactor", "transformers' own Adafactor")])
 def test_the_optimizers_beyond_the_documents_map_to_trainers_own(tmp_path, name, optim):
     from transformers import TrainingArguments
 
@@ -173,6 +177,8 @@ def test_the_optimizers_beyond_the_documents_map_to_trainers_own(tmp_path, name,
     arguments, notes = _mapped(cfg, "trainer", "cpu", tmp_path)
     assert arguments["optim"] == optim
     TrainingArguments(**arguments)
+    if name == "sgd-momentum":  # Trainer reads SGD's momentum from optim_args
+        assert arguments["optim_args"] == "momentum=0.9"
     if name != "galore":
         return
     # Trainer projects the layers the lab's GaLore projects, with the experiment's settings
@@ -368,7 +374,8 @@ def test_held_out_loss_is_evaluated_alike_in_both_loops(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, module, optimizer", [("galore", "galore_torch", "GaLoreAdamW"),
-                                                     ("ao-adamw8bit", "torchao.optim", "AdamW8bit")])
+                                                     ("ao-adamw8bit", "torchao.optim", "AdamW8bit"),
+                                                     ("sgd-momentum", "torch.optim", "SGD")])
 def test_trainer_builds_the_optimizer_beyond_the_documents_with_the_labs_state(tmp_path, name, module, optimizer):
     import importlib
 

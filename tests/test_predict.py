@@ -9,19 +9,26 @@ import pytest
 from conftest import EXPERIMENTS, QUICK, ROOT
 
 from harness import schema
-from harness.config import LoraSettings, experiment_files, load_experiment
+from harness.config import LoraSettings, experiment_files, load_experiment, resolve_technique
 from harness.predict.analytic import _flow, _linear, adapter_tensors, shape_of
-from harness.predict.command import predict as predict_record
+from harness.predict.prediction import predict as predict_record
 from harness.presets import PUBLISHED_PARAMETERS
 from harness.step.models import resolve_source
-from harness.techniques import CUDA_ONLY, NOT_SIMULATED, TECHNIQUES, NotSimulated, blocks_in
+from harness.techniques import TECHNIQUES, NotSimulated, cuda_only, not_simulated
 
 pytestmark = pytest.mark.slow  # real training steps in subprocesses; `make test-fast` skips them
 
 EXPERIMENT_NAMES = [p.stem for p in experiment_files(EXPERIMENTS)]
-# Experiments a CPU runs and the simulation traces (no block of CUDA_ONLY or NOT_SIMULATED).
+
+
+def _not_simulated(name: str) -> list[str]:
+    experiment = load_experiment(EXPERIMENTS / f"{name}.yaml")[1]
+    return not_simulated(experiment, resolve_technique(experiment))
+
+
+# Experiments a CPU runs and the simulation traces (no block that needs CUDA or that fake tensors cannot run).
 SIMULATED_ON_CPU = [name for name in EXPERIMENT_NAMES
-                    if not blocks_in(load_experiment(EXPERIMENTS / f"{name}.yaml")[1], {**CUDA_ONLY, **NOT_SIMULATED})]
+                    if not cuda_only(load_experiment(EXPERIMENTS / f"{name}.yaml")[1]) and not _not_simulated(name)]
 
 
 def predict(*args, **options) -> dict:
@@ -54,8 +61,7 @@ KNOWN_GAPS = {"int8-lora-gc": "LLM.int8 under checkpointing keeps tensors the fo
                                   if name in KNOWN_GAPS else name for name in EXPERIMENT_NAMES])
 def test_analytic_matches_simulated_within_10_percent_at_7b(name):
     analytic = predict(EXPERIMENTS / f"{name}.yaml", "llama-2-7b", 512, 1, "analytic")
-    experiment = load_experiment(EXPERIMENTS / f"{name}.yaml")[1]
-    blocked = blocks_in(experiment, NOT_SIMULATED)
+    blocked = _not_simulated(name)
     if blocked:  # the analytic method alone predicts it, and the simulation says why not
         with pytest.raises(NotSimulated, match=re.escape(blocked[0])):
             predict(EXPERIMENTS / f"{name}.yaml", "llama-2-7b", 512, 1, "simulated")

@@ -6,19 +6,19 @@ import math
 import pytest
 from conftest import EXPERIMENTS, QUICK
 
-from harness.predict.command import predict
+from harness.blocks.training import BLOCKS
+from harness.predict.prediction import predict
 from harness.schema import CATEGORIES
-from harness.techniques import CUDA_ONLY
 
 pytestmark = pytest.mark.slow  # real training steps in subprocesses; `make test-fast` skips them
 
 
 def test_every_experiment_writes_a_complete_ok_record(quick_records):
     for name, (path, record) in quick_records.items():
-        cuda_only = [field for field in CUDA_ONLY if record["config"][field]]
+        cuda_only = [field for field, block in BLOCKS.items() if block.cuda_only and record["config"][field]]
         if cuda_only:  # a GPU's technique: skipped here, saying which block needs a GPU and why
             assert record["status"] == "skipped" and record["error"]["type"] == "NotOnThisDevice", name
-            assert all(f"{field}: {CUDA_ONLY[field]}" in record["error"]["message"] for field in cuda_only)
+            assert all(f"{field}: {BLOCKS[field].cuda_only}" in record["error"]["message"] for field in cuda_only)
             assert json.loads(path.read_text()) == record
             continue
         assert record["status"] == "ok", (name, record.get("error"))

@@ -14,7 +14,7 @@ from harness.config import ConfigError, load_experiment
 from harness.measure.budget import card_cap_bytes
 from harness.measure.memory import TensorTracker
 from harness.predict import gpus
-from harness.predict.command import predict as predict_record
+from harness.predict.prediction import predict as predict_record
 
 GiB = 2**30
 

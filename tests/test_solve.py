@@ -9,7 +9,7 @@ import pytest
 from conftest import EXPERIMENTS, ROOT
 
 from harness.measure.budget import card_cap_bytes
-from harness.predict.command import predict
+from harness.predict.prediction import predict
 from harness.predict.solve import FIT_CARDS, FIT_MODELS, fit_table, largest_fitting, solve
 
 

@@ -7,61 +7,21 @@ Importing this module does not import torch or transformers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class Unmapped:
-    """A building block an engine has no counterpart for, and why: its runs are `skipped`, saying it."""
-    reason: str
-
-
-def _both(mapping) -> dict:
-    """The same mapping for Trainer and SFTTrainer (SFTConfig is a TrainingArguments)."""
-    return {"trainer": mapping, "trl-sft": mapping}
-
-
-# Where a block sets the checkpointing kwargs: this version's field for them (checkpointing_fields).
-CHECKPOINTING_KWARGS = "checkpointing_kwargs"
+from harness.blocks.optimizers import OPTIMIZERS
+from harness.blocks.parts import BuiltForTrainer, NotMapped, Unmapped
+from harness.blocks.training import BLOCKS as TRAINING_BLOCKS
+from harness.blocks.training import CHECKPOINTING_KWARGS, blocks_on
 
 # The building blocks that are experiment fields (harness.config.Experiment), by engine: the
-# arguments that turn each on, or why the engine has none. CUDA-only blocks (techniques.CUDA_ONLY)
-# never reach an engine on a CPU: the worker skips them first.
-BLOCKS = {
-    "optimizer_in_backward": _both(Unmapped(
-        "Trainer steps the optimizer after backward and clips, logs and schedules between; it has no "
-        "per-parameter optimizer step in backward (optimizer_in_backward)")),
-    "selective_checkpointing": {
-        "trainer": Unmapped("TrainingArguments has no selective checkpointing (selective_checkpointing); TRL's "
-                            "SFTTrainer has it, as gradient_checkpointing_kwargs selective: true (engine trl-sft)"),
-        # TRL wraps the model with the policy the lab's selective checkpointing uses (keep attention's outputs).
-        "trl-sft": {CHECKPOINTING_KWARGS: {"selective": True}}},
-    "activation_offloading": {
-        "trainer": Unmapped("TrainingArguments has no activation offloading (activation_offloading); TRL's "
-                            "SFTConfig has it (engine trl-sft)"),
-        "trl-sft": {"activation_offloading": True}},
-    "liger_kernels": _both({"use_liger_kernel": True}),
-    "compile": _both({"torch_compile": True}),
-    "sharding": _both(Unmapped("Trainer shards through accelerate's FSDP and DeepSpeed plugins (an accelerate "
-                               "config and a launcher), which the Trainer engines do not map yet (sharding)")),
-}
+# arguments that turn each on, or why the engine has none, as each block's descriptor says. CUDA-only
+# blocks never reach an engine on a CPU: the worker skips them first.
+BLOCKS = {name: block.engines for name, block in TRAINING_BLOCKS.items()}
 
 # The experiment's optimizers by TrainingArguments' `optim` names (by device type where they differ),
-# or why Trainer has none. LoRA+ has no name there: peft's create_loraplus_optimizer goes to
-# Trainer's `optimizers` argument, as peft documents it. GaLore also needs galore_arguments.
-OPTIM_NAMES = {
-    "adamw": {"cuda": "adamw_torch_fused", "cpu": "adamw_torch"},
-    "adamw8bit": "adamw_bnb_8bit", "paged_adamw8bit": "paged_adamw_8bit", "paged_adamw": "paged_adamw_32bit",
-    "galore_adamw": "galore_adamw",
-    # Trainer builds torchao's AdamW8bit with block_size 256, torchao's own default (the lab's).
-    "ao_adamw8bit": "adamw_torch_8bit",
-    "ao_adamw4bit": Unmapped(
-        "Trainer's adamw_torch_4bit builds torchao's AdamW4bit with block_size 256, where torchao's own default "
-        "(the lab's) is 128, and optim_args passes block_size on as a string, which torchao cannot take: its "
-        "quantized state would not be the experiment's"),
-    "ao_adamw_fp8": Unmapped("transformers has no `optim` for torchao's AdamWFp8 (OptimizerNames: adamw_torch_4bit "
-                             "and adamw_torch_8bit only)"),
-}
+# or why Trainer has none, as each optimizer's descriptor says; those the lab builds for Trainer's
+# `optimizers` argument (LoRA+) have no name there.
+OPTIM_NAMES = {name: optimizer.trainer for name, optimizer in OPTIMIZERS.items()
+               if not isinstance(optimizer.trainer, BuiltForTrainer)}
 
 # TrainingArguments fields an experiment sets itself, with what sets them: a user's training_args
 # may not set them again (one fact in one place).
@@ -77,10 +37,9 @@ OWNED = {
     "adam_epsilon": "optim.eps",
     "bf16": "the technique's autocast (autocast: bf16)",
     "fp16": "the technique's autocast (autocast: fp16, with loss_scaling)",
-    "optim": f"optimizer ({', '.join(name for name, optim in OPTIM_NAMES.items() if not isinstance(optim, Unmapped))}"
-             ", loraplus)",
+    "optim": f"optimizer ({', '.join(name for name, o in OPTIMIZERS.items() if not isinstance(o.trainer, Unmapped))})",
     "optim_target_modules": "optimizer (galore_adamw: the decoder's linear layers)",
-    "optim_args": "optim.galore_rank, optim.galore_update_proj_gap, optim.galore_scale",
+    "optim_args": ", ".join(f"optim.{s.name}" for o in OPTIMIZERS.values() if o.trainer_arguments for s in o.settings),
     "gradient_checkpointing": "gradient_checkpointing",
     "activation_checkpointing": "gradient_checkpointing",
     "gradient_checkpointing_kwargs": "gradient_checkpointing (non-reentrant) and selective_checkpointing",
@@ -122,10 +81,6 @@ def sends_data(key: str) -> str | None:
     return None
 
 
-class NotMapped(Exception):
-    """An experiment this engine cannot run as it is: the record is `skipped` with the reason."""
-
-
 def owned_field(key: str) -> str | None:
     return OWNED.get(key)
 
@@ -152,9 +107,9 @@ def checkpointing_fields() -> tuple[str, str]:
 
 
 def block_arguments(cfg, engine: str) -> dict:
-    """The arguments of the experiment's building blocks (BLOCKS) in this engine; NotMapped naming
+    """The arguments of the experiment's building blocks (blocks_on) in this engine; NotMapped naming
     every block it has no counterpart for."""
-    mappings = [engines[engine] for block, engines in BLOCKS.items() if getattr(cfg, block) not in (False, "none")]
+    mappings = [block.engines[engine] for _, block in blocks_on(cfg)]
     refused = [m.reason for m in mappings if isinstance(m, Unmapped)]
     if refused:
         raise NotMapped("; ".join(refused))
@@ -162,39 +117,14 @@ def block_arguments(cfg, engine: str) -> dict:
 
 
 def optim_name(optimizer: str, device_type: str) -> str | None:
-    """TrainingArguments' `optim` for the experiment's optimizer (None for LoRA+, which peft builds for
-    Trainer's `optimizers`)."""
-    if optimizer == "loraplus":
+    """TrainingArguments' `optim` for the experiment's optimizer (None for one the lab builds for Trainer's
+    `optimizers`, such as LoRA+)."""
+    optim = OPTIMIZERS[optimizer].trainer
+    if isinstance(optim, BuiltForTrainer):
         return None
-    optim = OPTIM_NAMES.get(optimizer, Unmapped(f"optimizer {optimizer!r} has no TrainingArguments `optim`"))
     if isinstance(optim, Unmapped):
         raise NotMapped(optim.reason)
     return optim["cuda" if device_type == "cuda" else "cpu"] if isinstance(optim, dict) else optim
-
-
-def galore_arguments(cfg, model_config) -> tuple[dict, list[str]]:
-    """GaLore in Trainer: the layers the lab's GaLore projects (optim_target_modules) and its settings
-    (optim_args, which Trainer parses for rank, update_proj_gap and scale), and what Trainer's GaLore
-    still does otherwise: it builds GaLoreAdamW with the learning rate alone, so betas, eps and weight
-    decay are galore-torch's defaults."""
-    import inspect
-
-    from galore_torch import GaLoreAdamW
-
-    from harness.techniques import galore_targets
-
-    targets = galore_targets(model_config)
-    if isinstance(targets, str):  # peft's "all-linear" would take the LM head too
-        raise NotMapped(f"GaLore's layers are named only for the model families harness.architectures describes, "
-                        f"not {getattr(model_config, 'model_type', None)!r}")
-    arguments = {"optim_target_modules": targets,
-                 "optim_args": f"rank={cfg.optim.galore_rank},update_proj_gap={cfg.optim.galore_update_proj_gap},"
-                               f"scale={cfg.optim.galore_scale}"}
-    defaults = {k: v.default for k, v in inspect.signature(GaLoreAdamW).parameters.items()}
-    ours = {"betas": tuple(cfg.optim.betas), "eps": cfg.optim.eps, "weight_decay": cfg.optim.weight_decay}
-    differ = [f"{k} {defaults[k]} (the experiment's {v})" for k, v in ours.items() if v != defaults[k]]
-    notes = [f"Trainer builds GaLoreAdamW with the learning rate alone: {', '.join(differ)}"] if differ else []
-    return arguments, notes
 
 
 def mapped_arguments(cfg, technique, engine: str, device_type: str, output_dir: str,
@@ -210,6 +140,7 @@ def mapped_arguments(cfg, technique, engine: str, device_type: str, output_dir: 
         raise NotMapped("accelerate runs fp16 mixed precision on an accelerator only: on a CPU, Trainer with "
                         "fp16: true trains in fp32, without autocast or loss scaling")
     optim = optim_name(technique.optimizer, device_type)
+    optimizer = OPTIMIZERS[technique.optimizer]
     arguments = dict(
         output_dir=output_dir, per_device_train_batch_size=cfg.micro_batch,
         gradient_accumulation_steps=cfg.grad_accum, max_steps=cfg.warmup_steps + cfg.steps + 1,
@@ -231,11 +162,11 @@ def mapped_arguments(cfg, technique, engine: str, device_type: str, output_dir: 
     notes = []
     if optim is not None:
         arguments["optim"] = optim
-    if optim == "galore_adamw":
-        galore, galore_notes = galore_arguments(cfg, model_config)
-        arguments.update(galore)
-        notes += galore_notes
-    if cfg.optim.weight_decay and optim != "galore_adamw":
+    if optimizer.trainer_arguments:
+        more, more_notes = optimizer.trainer_arguments(cfg, model_config)
+        arguments.update(more)
+        notes += more_notes
+    if cfg.optim.weight_decay and optimizer.trainer_decay_groups:
         notes.append("Trainer decays no bias or norm weight (get_decay_parameter_names); the lab's AdamW decays "
                      "every trainable tensor")
     user = dict(cfg.training_args)

@@ -13,10 +13,11 @@ import tempfile
 
 import torch
 
+from harness.blocks.optimizers import OPTIMIZERS
+from harness.blocks.parts import BuiltForTrainer
 from harness.engines.arguments import NotMapped, arguments_class, mapped_arguments
 from harness.step.data import sequence_batch
 from harness.step.models import build_base_model, prepare_for_training
-from harness.techniques import OPTIMIZERS
 
 
 class Sequences(torch.utils.data.Dataset):
@@ -74,12 +75,13 @@ def build_model(run):
 
 
 def optimizers(run, model) -> tuple:
-    """Trainer's `optimizers` argument: LoRA+ is peft's optimizer handed to Trainer, the others are
-    Trainer's own (TrainingArguments.optim)."""
-    if run.technique.optimizer != "loraplus":
+    """Trainer's `optimizers` argument: an optimizer TrainingArguments cannot name (LoRA+, peft's) is the
+    lab's own, handed to Trainer; the others are Trainer's own (TrainingArguments.optim)."""
+    optimizer = OPTIMIZERS[run.technique.optimizer]
+    if not isinstance(optimizer.trainer, BuiltForTrainer):
         return None, None
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return OPTIMIZERS["loraplus"](trainable, run.cfg.optim, run.device.type, model=model), None
+    return optimizer.build(trainable, run.cfg.optim, run.device.type, model=model), None
 
 
 def engine_record(name: str, library: str, arguments: dict, notes: list[str], trainer) -> dict:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from harness.config import ResolvedConfig
 from harness.measure.throughput import model_flops_per_token
 from harness.predict.analytic import shape_of
 
@@ -62,20 +63,23 @@ class Estimate:
 
 
 def estimate_run(config: dict, model_config) -> Estimate:
-    """Estimated wall time of one resolved experiment config on a GPU (model_config: its transformers config)."""
+    """Estimated wall time of one resolved experiment config (its dict form, as a planned run carries it) on a
+    GPU (model_config: its transformers config)."""
+    resolved = ResolvedConfig.from_dict(config)
+    run, technique = resolved.experiment, resolved.technique
     parameters = shape_of(model_config).parameters()["total"]
-    build_s = BUILD_SECONDS_PER_BILLION[config["quantization"]] * parameters / 1e9
-    compute_dtype = config["autocast"] if config["autocast"] != "none" else config["weights"]
-    tokens = config["seq_len"] * config["micro_batch"] * config["grad_accum"]
-    per_token = model_flops_per_token(model_config, config["seq_len"], config["adapter"] == "none")
-    if config["gradient_checkpointing"]:
+    build_s = BUILD_SECONDS_PER_BILLION[technique.quantization] * parameters / 1e9
+    compute_dtype = technique.autocast if technique.autocast != "none" else technique.weights
+    tokens = run.seq_len * run.micro_batch * run.grad_accum
+    per_token = model_flops_per_token(model_config, run.seq_len, technique.adapter == "none")
+    if run.gradient_checkpointing:
         per_token *= CHECKPOINTING_FLOPS
-    steps = config["warmup_steps"] + config["steps"] + TRACKED_STEP_COST
+    steps = run.warmup_steps + run.steps + TRACKED_STEP_COST
     flops = per_token * tokens * steps
-    if config["eval_every"]:  # held-out forwards: a third of a step's FLOPs per sequence
-        evaluations = config["steps"] // config["eval_every"] + 2
-        flops += per_token / 3 * config["seq_len"] * config["eval_sequences"] * evaluations
-    steps_s = flops / (SUSTAINED_FLOPS[compute_dtype] * QUANTIZED_SPEED[config["quantization"]])
+    if run.eval_every:  # held-out forwards: a third of a step's FLOPs per sequence
+        evaluations = run.steps // run.eval_every + 2
+        flops += per_token / 3 * run.seq_len * run.eval_sequences * evaluations
+    steps_s = flops / (SUSTAINED_FLOPS[compute_dtype] * QUANTIZED_SPEED[technique.quantization])
     first = first_steps(config, model_config)
     first_s = sum(first.values())
     return Estimate(START_SECONDS + build_s + steps_s + first_s, build_s, steps_s, flops, first_s,

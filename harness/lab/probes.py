@@ -23,6 +23,7 @@ from torch import nn
 
 from harness import env, schema
 from harness.architectures import LINEAR_NAMES
+from harness.imports import source_files
 from harness.step.models import DTYPES as FORMATS
 
 CLIP_RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05 .. 1.0 of max|w|
@@ -36,8 +37,9 @@ def _versions() -> dict:
     return {name: versions.get(name) for name in ("torch", "bitsandbytes", "transformers", "python")}
 
 
-# The code a probe's facts come from: a file made by other code is made again.
-PROBE_MODULES = ("lab/probes.py", "step/train.py", "step/models.py", "step/data.py")
+# The code a probe's facts come from (this module and every harness module it imports): a file made by
+# other code is made again.
+PROBE_MODULES = source_files(__name__)
 
 
 def _header(probe: str) -> dict:

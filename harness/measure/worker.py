@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 from harness import env, schema
-from harness.config import experiment_of, resolve_technique
+from harness.blocks.optimizers import OPTIMIZERS
+from harness.blocks.training import BLOCKS, SHARDINGS
+from harness.config import ResolvedConfig
 from harness.engines import ENGINES, EngineRun
 from harness.engines.arguments import NotMapped
 from harness.measure import ranks
@@ -33,19 +35,32 @@ from harness.step.data import load_batches
 from harness.step.models import parameter_counts, resolve_source
 from harness.step.sharding import rank_and_world
 from harness.step.train import Progress
-from harness.techniques import CUDA_ONLY, PAGED_OPTIMIZERS, Technique, blocks_in
+from harness.techniques import Technique, cuda_only
+
+
+def _packages_of_blocks() -> dict[str, str]:
+    """Each package an optimizer or a training block imports, as its descriptor names it, with what needs it."""
+    needed: dict[str, list[str]] = {}
+    for name, optimizer in OPTIMIZERS.items():
+        if optimizer.package:
+            needed.setdefault(optimizer.package, []).append(f"optimizer {name}")
+    for name, block in [*BLOCKS.items(), *((f"sharding {way}", block) for way, block in SHARDINGS.items())]:
+        if block.package:
+            needed.setdefault(block.package, []).append(name)
+    return {package: ", ".join(users) for package, users in needed.items()}
+
 
 # Packages a technique or data source may need that a machine may lack: their absence makes
 # the run `skipped` (with the reason), never a failure.
-OPTIONAL_PACKAGES = {"bitsandbytes": "int8/NF4 quantization and 8-bit optimizers",
-                     "datasets": "local text files and hub datasets as data",
-                     "galore_torch": "the GaLore optimizers", "torchao": "torchao's low-bit optimizers",
-                     "trl": "the trl-sft engine (TRL's SFTTrainer), activation offloading and selective checkpointing",
-                     "liger_kernel": "Liger's kernels", "deepspeed": "DeepSpeed's ZeRO sharding"}
+OPTIONAL_PACKAGES = {
+    **_packages_of_blocks(),
+    "bitsandbytes": "int8/NF4 quantization and 8-bit optimizers",
+    "datasets": "local text files and hub datasets as data",
+    "trl": "the trl-sft engine (TRL's SFTTrainer), activation offloading and selective checkpointing"}
 
 
 class NotOnThisDevice(Exception):
-    """A building block this device cannot run (techniques.CUDA_ONLY): the run is skipped, saying why."""
+    """A building block this device cannot run (techniques.cuda_only): the run is skipped, saying why."""
 
 
 def pick_device(choice: str) -> torch.device:
@@ -83,10 +98,11 @@ def _memory_reached(device: torch.device, tracker: TensorTracker | None) -> int 
 
 
 def run(config: dict, record_path: str | Path) -> schema.RunRecord:
-    cfg = experiment_of(config)
-    technique = resolve_technique(cfg)
-    record = schema.RunRecord(status="failed", experiment=config["name"], model=cfg.model, config=config,
-                              config_hash=config["config_hash"], started_at=env.now())
+    """Run a resolved config (the dict form it crossed processes in, which the record keeps as it came)."""
+    resolved = ResolvedConfig.from_dict(config)
+    cfg, technique = resolved.experiment, resolved.technique
+    record = schema.RunRecord(status="failed", experiment=resolved.name, model=cfg.model, config=config,
+                              config_hash=resolved.config_hash, started_at=env.now())
     progress = Progress()
     tracker = None
     device = torch.device("cpu")
@@ -94,9 +110,9 @@ def run(config: dict, record_path: str | Path) -> schema.RunRecord:
     started = time.perf_counter()
     try:
         device = pick_device(cfg.device)
-        cuda_only = blocks_in(cfg, CUDA_ONLY)
-        if cuda_only and device.type != "cuda":
-            raise NotOnThisDevice("; ".join(cuda_only))
+        needs_cuda = cuda_only(cfg)
+        if needs_cuda and device.type != "cuda":
+            raise NotOnThisDevice("; ".join(needs_cuda))
         if device.type == "cpu":
             # Code compiled with torch.compile (torchao's optimizer step) runs eager on a CPU: compiling
             # takes longer than the run here, and a CPU's speed is no GPU's anyway.
@@ -194,7 +210,7 @@ def _apply_budget(budget_gb, cap, device: torch.device, technique: Technique) ->
         torch.cuda.set_per_process_memory_fraction(min(cap / total, 1.0), device)
         budget["context_allowance_bytes"] = CUDA_CONTEXT_ALLOWANCE
         budget["enforced_by"] = "torch.cuda.set_per_process_memory_fraction"
-        if technique.optimizer in PAGED_OPTIMIZERS:
+        if OPTIMIZERS[technique.optimizer].paged:
             budget["note"] = ("paged optimizer state lives in CUDA unified memory outside the torch "
                               "allocator: the cap does not bind it; see NVML device-used")
     else:

@@ -26,20 +26,15 @@ import math
 from dataclasses import dataclass
 
 from harness.architectures import ARCHITECTURES, Architecture, architecture_of, lora_targets
+from harness.blocks.adapters import ADAPTERS
+from harness.blocks.optimizers import OPTIMIZERS
 from harness.schema import CATEGORIES, PERSISTENT
-from harness.techniques import ADAPTERS
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 NF4_BLOCK = 64            # bitsandbytes' 4-bit block size (QLoRA paper §3)
 NESTED_BLOCK = 256        # double quantization: 8-bit absmax constants in blocks of 256
 NF4_CODE_BYTES = 16 * 4   # the 16-entry NF4 code book, fp32, per weight tensor
 NESTED_CODE_BYTES = 256 * 4 + 4  # 8-bit dynamic code book and offset, per weight tensor
-OPTIM8_BLOCK = 256        # bitsandbytes blockwise 8-bit optimizer state: one fp32 scale per 256
-OPTIM8_MIN_SIZE = 4096    # bitsandbytes keeps 32-bit state for tensors smaller than this
-# torchao's low-bit AdamW: bytes per element of one quantized moment, its block size, and its code
-# book (fp32 entries per state tensor); tensors under 4,096 elements or not a whole number of
-# blocks keep plain states in the parameter's dtype.
-TORCHAO_STATES = {"ao_adamw8bit": (1.0, 256, 256), "ao_adamw4bit": (0.5, 128, 16), "ao_adamw_fp8": (1.0, 256, 0)}
 # transformers' activations (ACT2FN) written in Python: the intermediate-sized tensors their ops
 # save (traced). Any other, one torch op, saves one: its input (GELU, SiLU) or its output (ReLU).
 ACTIVATION_SAVED = {"gelu_new": 4, "gelu_fast": 7, "gelu_python": 3, "gelu_python_tanh": 4, "gelu_accurate": 4,
@@ -146,7 +141,7 @@ def shape_of(config) -> Shape:
 
 def adapter_tensors(shape: Shape, technique, lora) -> list[int]:
     """Element counts of the adapter's trainable tensors in every adapted linear layer, as the
-    adapter registry (harness.techniques.ADAPTERS) defines them."""
+    adapter registry (harness.blocks.adapters.ADAPTERS) defines them."""
     adapter = ADAPTERS[technique.adapter]
     targets = _lora_targets(shape, lora)
     return [n for name, n_in, n_out, count in shape.named_linears() if name in targets
@@ -208,43 +203,6 @@ def trainable_tensors(shape: Shape, technique, lora) -> list[int]:
 def trainable_dtype_bytes(technique) -> int:
     """Adapters are fp32 (peft upcasts them); full fine-tuning trains the weights' dtype."""
     return 4 if technique.adapter != "none" else BYTES[technique.weights]
-
-
-def optimizer_bytes(sizes: list[int], optimizer: str, param_bytes: int) -> int:
-    """AdamW: two states per parameter in the parameter's dtype, plus a step counter per tensor.
-
-    bitsandbytes 8-bit AdamW: two uint8 states plus one fp32 scale per block of 256, for
-    tensors of at least 4096 elements; smaller tensors keep two fp32 states. torchao's low-bit
-    AdamW (TORCHAO_STATES): codes, a scale per block and a code book per moment, an fp32 step.
-    (GaLore: galore_bytes.)
-    """
-    if optimizer in ("adamw8bit", "paged_adamw8bit"):
-        return sum(2 * n + 2 * 4 * math.ceil(n / OPTIM8_BLOCK) if n >= OPTIM8_MIN_SIZE else 8 * n for n in sizes)
-    if optimizer == "paged_adamw":
-        return sum(8 * n for n in sizes)
-    if optimizer in TORCHAO_STATES:
-        code, block, book = TORCHAO_STATES[optimizer]
-        return sum(4 + 2 * (int(code * n) + 4 * (n // block) + 4 * book if n >= 4096 and n % block == 0
-                            else param_bytes * n) for n in sizes)
-    return sum(2 * param_bytes * n + 4 for n in sizes)
-
-
-def galore_bytes(shape: Shape, sizes: list[int], rank: int, param_bytes: int) -> tuple[int, int]:
-    """GaLore (galore-torch's GaLoreAdamW, proj_type std) over full fine-tuning, whose trainable
-    tensors have `sizes` elements: (optimizer state, the largest transient of its step).
-
-    A decoder linear weight of m x n keeps its moments in the projected space, r x max(m, n) each,
-    and the projection, r x min(m, n) (the SVD's singular vectors, cast back to the weight's
-    dtype), with r at most min(m, n); every other parameter has AdamW's two moments (its step
-    counter is a Python number). Stepping a tensor makes two of its size in its dtype: a projected
-    weight's update brought back to m x n and scaled, another's denominator and update.
-    """
-    state = projected = 0
-    for n_in, n_out, count in shape.linears().values():
-        r = min(rank, n_in, n_out)
-        state += count * param_bytes * r * (2 * max(n_in, n_out) + min(n_in, n_out))
-        projected += count * n_in * n_out
-    return state + 2 * param_bytes * (sum(sizes) - projected), 2 * param_bytes * max(sizes)
 
 
 # -- activations ----------------------------------------------------------------------
@@ -657,11 +615,9 @@ def predict(config, technique, cfg, seq_len: int, batch: int, device_type: str =
     sizes = trainable_tensors(shape, technique, lora)
     param_bytes = trainable_dtype_bytes(technique)
     gradients = sum(sizes) * param_bytes
-    step_transient = 0
-    if technique.optimizer == "galore_adamw":
-        optimizer_state, step_transient = galore_bytes(shape, sizes, cfg.optim.galore_rank, param_bytes)
-    else:
-        optimizer_state = optimizer_bytes(sizes, technique.optimizer, param_bytes)
+    # The optimizer's state and the largest transient of its step (harness.blocks.optimizers says each one's).
+    optimizer_state, step_transient = OPTIMIZERS[technique.optimizer].state_bytes(sizes, param_bytes, shape,
+                                                                                  cfg.optim, device_type)
     # Sharded under mixed precision, the layers compute with 16-bit parameters (FSDP2's param_dtype,
     # DeepSpeed's bf16 module): autocast has no fp32 weight to copy, as with a 16-bit model.
     computed = dataclasses.replace(technique, weights=technique.autocast) if (

@@ -1,8 +1,9 @@
 """`harness predict`: memory of any model x technique, without a GPU.
 
-Two methods on the same experiment file: `analytic` (harness.predict.analytic, from the config
-alone, instant) and `simulated` (harness.predict.simulate, the runner's own step traced under fake
-tensors at full size). `--save` writes each prediction to results/predictions/ for the
+The command line of harness.predict.prediction's `predict`, which has two methods on the same
+experiment file: `analytic` (harness.predict.analytic, from the config alone, instant) and
+`simulated` (harness.predict.simulate, the runner's own step traced under fake tensors at full
+size). `--save` writes each prediction to results/predictions/ for the
 report; `--claims` predicts the configurations the report compares (claims ledger, matrix) and
 what fits each card (results/fits/); `--solve` finds the longest sequence or largest
 micro-batch that fits a card (harness.predict.solve).
@@ -13,22 +14,16 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 from harness import env, schema
 from harness.env import HALF_DTYPES
 from harness.architectures import UnsupportedArchitecture
 from harness.arguments import like_field
-from harness.config import experiment_files, experiment_of, prepare, resolve_technique
+from harness.config import experiment_files, prepare
+from harness.predict.prediction import PREDICTOR_MODULES, fits, predict
 from harness.schema import CATEGORIES
 from harness.techniques import NotSimulated
-
-# The source files whose code decides a prediction: a saved prediction made by other code is
-# made again.
-PREDICTOR_MODULES = ("predict/analytic.py", "predict/simulate.py", "step/models.py", "step/train.py",
-                     "step/sharding.py", "measure/memory.py", "techniques.py", "presets.py", "architectures.py",
-                     "config.py")
 
 
 def matrix_configurations(experiments_dir: Path) -> list[tuple[str, str, int, int, str, int]]:
@@ -70,44 +65,6 @@ def report_configurations(experiments_dir: Path) -> list[tuple[str, str, int, in
     configurations, then every cell of the matrix's plans (harness.lab.bench), so each measured
     run has both predictions beside it."""
     return list(dict.fromkeys(claim_configurations() + matrix_configurations(experiments_dir)))
-
-
-def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
-            device_type: str = "cuda", overrides: dict | None = None) -> schema.Prediction:
-    """One prediction for an experiment file at a model, sequence length and micro-batch (and
-    any other experiment fields in `overrides`)."""
-    from harness.step.models import resolve_source
-    from harness.techniques import Technique
-
-    config = prepare(experiment, {**(overrides or {}), "model": model, "seq_len": seq_len, "micro_batch": batch,
-                                  "device": "cpu"})
-    cfg = experiment_of(config)
-    technique = resolve_technique(cfg)
-    source = resolve_source(model, cfg.trust_remote_code, device_type)
-    started = time.perf_counter()
-    if method == "analytic":
-        from harness.predict.analytic import predict as analytic_predict
-
-        result = analytic_predict(source.config, technique, cfg, seq_len, batch, device_type)
-    else:
-        from harness.predict.simulate import simulate_step
-
-        result = simulate_step(source, technique, cfg, seq_len, batch, device_type)
-    result["seconds"] = time.perf_counter() - started
-    return schema.from_dict({
-        "kind": schema.Prediction.KIND, "method": method, "experiment": config["name"], "model": model,
-        "seq_len": seq_len, "micro_batch": batch, "grad_accum": config["grad_accum"],
-        "gradient_checkpointing": config["gradient_checkpointing"], "world_size": config["world_size"],
-        "technique": {k: config[k] for k in Technique.__dataclass_fields__ if k != "summary"},
-        "versions": env.software_versions(), "predictor": env.code_digest(PREDICTOR_MODULES), **result,
-        "device_type": device_type}, f"<prediction of {config['name']}>")
-
-
-def fits(total_bytes: int, budget_gb: float, device_type: str = "cuda") -> bool:
-    """Whether a predicted peak fits what an N GB card leaves to the allocator."""
-    from harness.measure.budget import budget_cap_bytes
-
-    return total_bytes <= budget_cap_bytes(budget_gb, device_type)
 
 
 def describe(prediction: schema.Prediction, budget_gb: float | None) -> str:

@@ -36,7 +36,7 @@ FULL_ROWS = ("fsdp2-gc", "fsdp2-offload-gc")  # ZeRO-3 and DeepSpeed's estimate 
 
 
 def _peak(experiment: Path, model: str, seq_len: int, world_size: int, overrides: dict, method: str = "analytic"):
-    from harness.predict.command import predict
+    from harness.predict.prediction import predict
 
     return predict(experiment, model, seq_len, 1, method, "cuda", {**overrides, "world_size": world_size})
 
@@ -74,14 +74,14 @@ def fsdp_mem_tracker(experiment: Path, model: str, seq_len: int, world_size: int
     import torch
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
-    from harness.config import experiment_of, prepare, resolve_technique
+    from harness.config import resolve
     from harness.predict.simulate import fake_step
     from harness.step.models import resolve_source
     from harness.step.train import Progress, build_training, train_step
 
-    cfg = experiment_of(prepare(experiment, {**overrides, "model": model, "seq_len": seq_len, "micro_batch": 1,
-                                             "world_size": world_size, "device": "cpu"}))
-    technique, source = resolve_technique(cfg), resolve_source(model)
+    resolved = resolve(experiment, {**overrides, "model": model, "seq_len": seq_len, "micro_batch": 1,
+                                    "world_size": world_size, "device": "cpu"})
+    cfg, technique, source = resolved.experiment, resolved.technique, resolve_source(model)
     with fake_step(technique, cfg, "cuda") as mesh:
         built, optimizer, _ = build_training(source, technique, cfg, torch.device("cpu"), optimizer_device="cuda",
                                              mesh=mesh)
@@ -148,6 +148,6 @@ def gpu_count_table(experiments_dir: Path, simulate: bool = True):
 
 def gpu_table_predictor() -> str:
     from harness import env
-    from harness.predict.command import PREDICTOR_MODULES
+    from harness.imports import source_files
 
-    return env.code_digest((*PREDICTOR_MODULES, "predict/gpus.py"))
+    return env.code_digest(source_files(__name__))

@@ -38,11 +38,12 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
+from harness.blocks.optimizers import OPTIMIZERS
 from harness.measure.memory import TensorTracker, fsdp2_tracking, label_gradients, label_model, tracker_phase
 from harness.step import sharding
 from harness.step.models import ModelSource
 from harness.step.train import Progress, build_training, train_step
-from harness.techniques import NOT_SIMULATED, NotSimulated, Technique, blocks_in
+from harness.techniques import NotSimulated, Technique, not_simulated
 
 
 @contextmanager
@@ -53,11 +54,9 @@ def _real_code_books(technique: Technique):
     8-bit optimizers' dynamic map is rebuilt for every optimizer, so it is computed outside the
     fake mode (256 floats).
     """
-    if technique.optimizer.startswith("ao_"):
-        from torchao.optim import subclass_4bit, subclass_8bit
-
-        for books in (subclass_8bit, subclass_4bit):
-            books.get_qmap_signed(), books.get_qmap_unsigned()
+    before_fake = OPTIMIZERS[technique.optimizer].before_fake
+    if before_fake:
+        before_fake()
     import bitsandbytes as bnb
 
     if technique.quantization == "nf4":
@@ -282,7 +281,7 @@ def fake_step(technique: Technique, cfg, device_type: str, tracker: TensorTracke
     """Fake tensors, with everything above that a step of `device_type` needs to run on them (a sharded
     experiment's fake process group too, whose mesh it yields; None otherwise). `tracker`: the one that
     will count the step, which a sharded step's collectives report to."""
-    blocked = blocks_in(cfg, NOT_SIMULATED)
+    blocked = not_simulated(cfg, technique)
     if blocked:
         raise NotSimulated("not simulated (" + "; ".join(blocked) + "); the analytic method predicts it")
     mode = FakeTensorMode(allow_non_fake_inputs=True)

@@ -13,9 +13,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from harness.measure.budget import card_bytes, card_cap_bytes
+
+if TYPE_CHECKING:
+    from harness.config import ResolvedConfig
 
 AXES = ("seq_len", "micro_batch")
 # Past a model's context a longer sequence means position scaling, not this step: the search
@@ -78,19 +81,18 @@ def largest_fitting(peak: Callable[[int], int], cap: int, limit: int, start: int
 @dataclass
 class Setup:
     """An experiment at a model, resolved once: its analytic peak at any (sequence, micro-batch)."""
-    config: dict
+    config: ResolvedConfig
     context: int | None   # the model's max_position_embeddings
     peak: Callable[[int, int], int]
 
 
 def setup(experiment: Path, model: str, overrides: dict | None = None, device_type: str = "cuda") -> Setup:
-    from harness.config import experiment_of, prepare, resolve_technique
+    from harness.config import resolve
     from harness.predict.analytic import predict as analytic_predict
     from harness.step.models import resolve_source
 
-    config = prepare(experiment, {**(overrides or {}), "model": model, "device": "cpu"})
-    cfg = experiment_of(config)
-    technique = resolve_technique(cfg)
+    config = resolve(experiment, {**(overrides or {}), "model": model, "device": "cpu"})
+    cfg, technique = config.experiment, config.technique
     source = resolve_source(model, cfg.trust_remote_code, device_type)
     memo: dict[tuple[int, int], int] = {}
 
@@ -125,9 +127,9 @@ def solve(experiment: Path, model: str, card_gb: float, axis: str, *, seq_len: i
 
     found = largest_fitting(analytic, cap, limit)
     result = {
-        "axis": axis, "experiment": config["name"], "model": model, "card_gb": card_gb,
+        "axis": axis, "experiment": config.name, "model": model, "card_gb": card_gb,
         "card_bytes": card_bytes(card_gb), "cap_bytes": cap, "device_type": device_type,
-        "gradient_checkpointing": config["gradient_checkpointing"],
+        "gradient_checkpointing": config.experiment.gradient_checkpointing,
         "fixed": {"micro_batch": micro_batch} if axis == "seq_len" else {"seq_len": seq_len},
         "analytic": _answer_dict(found, axis, context, limit),
     }
@@ -144,7 +146,7 @@ def solve(experiment: Path, model: str, card_gb: float, axis: str, *, seq_len: i
 
 def _confirm_by_simulation(experiment, model, shape, overrides, device_type, cap, limit, analytic_answer,
                            analytic) -> Answer:
-    from harness.predict.command import predict
+    from harness.predict.prediction import predict
 
     def simulated(n: int) -> int:
         seq, batch = shape(n)
@@ -215,9 +217,9 @@ CURVE_SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 def fit_table_predictor() -> str:
     """The digest of the code a fit table comes from: the predictor's and this module's choices."""
     from harness import env
-    from harness.predict.command import PREDICTOR_MODULES
+    from harness.imports import source_files
 
-    return env.code_digest((*PREDICTOR_MODULES, "predict/solve.py"))
+    return env.code_digest(source_files(__name__))
 
 
 def fit_table(experiments_dir: Path, device_type: str = "cuda"):

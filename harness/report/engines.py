@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 from harness import schema
+from harness.blocks.optimizers import OPTIMIZERS
 from harness.report.load import LAB_ENGINE, engine_of
 from harness.report.tables import Cell, Table
 from harness.report.units import CATEGORY_WORDS
@@ -32,11 +33,10 @@ ENGINE_FIELDS = ("engine", "training_args")
 
 # What is known of each loop's difference from the lab's, found by reading the runs and the
 # libraries' code: (engine, "memory" | "throughput", the technique's optimizer or None for any) -> why.
+# An optimizer's own difference in Trainer is its descriptor's (harness.blocks.optimizers).
 REASONS = {
-    ("trainer", "memory", "adamw8bit"): (
-        "with a bitsandbytes 8-bit optimizer Trainer keeps the optimizer state of every nn.Embedding in 32 bits "
-        "(Trainer.create_optimizer: register_module_override(..., optim_bits=32)); the lab's AdamW8bit keeps all "
-        "of it in 8 bits"),
+    **{("trainer", "memory", name): optimizer.trainer_memory for name, optimizer in OPTIMIZERS.items()
+       if optimizer.trainer_memory},
     ("trl-sft", "memory", None): (
         "SFTTrainer computes the loss in TRL's ChunkedLogProbFunction (a fused LM head that keeps no logits for "
         "backward); without Triton (on a CPU) it allocates its fp32 matmul buffer at up to 4,096 tokens x its chunk "

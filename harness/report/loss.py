@@ -11,42 +11,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from harness.blocks.optimizers import BASELINE, OPTIMIZERS
+from harness.blocks.parts import LossRule
 from harness.report.verdicts import HOLDS, OFF, UNCHECKED, Verdict, relative_error
 
-BASELINE = "fp32"
-
-
-@dataclass(frozen=True)
-class LossRule:
-    reference: str
-    tolerance: float  # largest allowed (loss - reference) / reference
-    why: str
-
-
-# Each technique against the run it should match: precision and optimizer changes against fp32
-# full fine-tuning, quantized bases against LoRA on the unquantized base (the adapter is the same).
+# Each technique against the run it should match: precision changes against fp32 full fine-tuning,
+# quantized bases against LoRA on the unquantized base (the adapter is the same); each optimizer
+# against its reference, in the experiment that shows it, as its descriptor says.
 LOSS_RULES = {
     "bf16-mixed": LossRule(BASELINE, 0.01, "fp32 master weights and optimizer: only the matmuls round to bf16"),
     "fp16-mixed": LossRule(BASELINE, 0.01, "fp32 master weights; loss scaling keeps small fp16 gradients"),
-    "adamw8bit": LossRule(BASELINE, 0.01, "block-wise 8-bit Adam states are reported to match 32-bit Adam"),
     "bf16-pure": LossRule(BASELINE, 0.03, "bf16 weights round away updates below 2^-8 of a weight, so some "
                                           "learning is lost"),
     "lora": LossRule(BASELINE, 0.05, "a rank-r update can only approximate full fine-tuning"),
     "int8-lora": LossRule("lora", 0.01, "LLM.int8 keeps outlier features in 16 bits: near-lossless"),
     "qlora": LossRule("lora", 0.03, "NF4 rounding of the frozen base; the QLoRA paper reports 16-bit parity"),
-    "loraplus": LossRule("lora", 0.01, "the same adapters with lora_B learning faster, which the LoRA+ paper "
-                                       "reports to reach a lower loss, not a higher one"),
     "dora": LossRule("lora", 0.01, "LoRA's update split into a direction and a learned magnitude, which the DoRA "
                                    "paper reports to match or beat LoRA at the same rank"),
     "pissa": LossRule("lora", 0.01, "LoRA started from the weights' principal singular vectors, which the PiSSA "
                                     "paper reports to converge faster than LoRA"),
-    "galore": LossRule("bf16-pure", 0.03, "full fine-tuning whose AdamW moments live in a rank-128 projection of "
-                                          "each gradient, renewed every 200 steps: updates outside it are lost"),
-    "ao-adamw8bit": LossRule("bf16-pure", 0.01, "block-wise 8-bit moments, as bitsandbytes' 8-bit AdamW (same "
-                                                "bf16 weights)"),
-    "ao-adamw-fp8": LossRule("bf16-pure", 0.01, "fp8 (e4m3) moments with a scale per block of 256"),
-    "ao-adamw4bit": LossRule("bf16-pure", 0.02, "4-bit moments in blocks of 128: coarser than 8-bit, and without "
-                                                "the rank-1 normalisation of the 4-bit optimizers paper"),
+    **{o.shown_by: o.loss for o in OPTIMIZERS.values() if isinstance(o.loss, LossRule)},
 }
 COMPARISON_KEYS = ("model", "base_checkpoint", "device", "data", "steps", "warmup_steps", "seq_len", "eval_every",
                    "eval_sequences", "seed")

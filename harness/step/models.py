@@ -25,10 +25,11 @@ from torch import nn
 from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
 from harness.architectures import attention_implementation
-from harness.config import ConfigError
+from harness.blocks.adapters import ADAPTERS
+from harness.errors import ConfigError
 from harness.presets import PRESETS, preset_config
 from harness.step.checkpoint import BASE_SOURCE, resolve_base
-from harness.techniques import ADAPTERS, Technique
+from harness.techniques import Technique
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HUB_PROBE_TIMEOUT_S = 3

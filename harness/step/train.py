@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from harness.blocks.optimizers import OPTIMIZERS
 from harness.step import sharding, zero
 from harness.step.models import (
     DTYPES,
@@ -20,7 +21,6 @@ from harness.step.models import (
     prepare_for_training,
     quantized_linear_types,
 )
-from harness.techniques import OPTIMIZERS
 
 
 @dataclass
@@ -59,7 +59,7 @@ def build_training(source, technique, cfg, device: torch.device, optimizer_devic
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def build(params):
-        return OPTIMIZERS[technique.optimizer](params, cfg.optim, optimizer_device or device.type, model=model)
+        return OPTIMIZERS[technique.optimizer].build(params, cfg.optim, optimizer_device or device.type, model=model)
 
     optimizer = optimizer_in_backward(trainable, build) if cfg.optimizer_in_backward else build(trainable)
     if zero.is_zero(cfg):  # DeepSpeed partitions the built model and optimizer, and scales fp16 losses itself

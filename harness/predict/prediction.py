@@ -1,0 +1,55 @@
+"""One prediction of a step's memory: an experiment file at a model, sequence length and micro-batch,
+by either method (analytic or simulated), as the record the command line prints or saves and the
+searches of harness.predict.solve and harness.predict.gpus compare."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from harness import env, schema
+from harness.config import resolve
+from harness.imports import source_files
+
+# The source files whose code decides a prediction (this module's and every harness module it imports):
+# a saved prediction made by other code is made again.
+PREDICTOR_MODULES = source_files(__name__)
+
+
+def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
+            device_type: str = "cuda", overrides: dict | None = None) -> schema.Prediction:
+    """One prediction for an experiment file at a model, sequence length and micro-batch (and
+    any other experiment fields in `overrides`)."""
+    from harness.step.models import resolve_source
+
+    config = resolve(experiment, {**(overrides or {}), "model": model, "seq_len": seq_len, "micro_batch": batch,
+                                  "device": "cpu"})
+    cfg, technique = config.experiment, config.technique
+    source = resolve_source(model, cfg.trust_remote_code, device_type)
+    started = time.perf_counter()
+    if method == "analytic":
+        from harness.predict.analytic import predict as analytic_predict
+
+        result = analytic_predict(source.config, technique, cfg, seq_len, batch, device_type)
+    else:
+        from harness.predict.simulate import simulate_step
+
+        result = simulate_step(source, technique, cfg, seq_len, batch, device_type)
+    result["seconds"] = time.perf_counter() - started
+    return schema.from_dict({
+        "kind": schema.Prediction.KIND, "method": method, "experiment": config.name, "model": model,
+        "seq_len": seq_len, "micro_batch": batch, "grad_accum": cfg.grad_accum,
+        "gradient_checkpointing": cfg.gradient_checkpointing, "world_size": cfg.world_size,
+        "technique": {k: v for k, v in dataclasses.asdict(technique).items() if k != "summary"},
+        "versions": env.software_versions(), "predictor": env.code_digest(PREDICTOR_MODULES), **result,
+        "device_type": device_type}, f"<prediction of {config.name}>")
+
+
+def fits(total_bytes: int, budget_gb: float, device_type: str = "cuda") -> bool:
+    """Whether a predicted peak fits what an N GB card leaves to the allocator."""
+    from harness.measure.budget import budget_cap_bytes
+
+    return total_bytes <= budget_cap_bytes(budget_gb, device_type)
+
+

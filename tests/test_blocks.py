@@ -1,0 +1,174 @@
+"""Every descriptor of a building block is complete: each registry (optimizers, adapters, training blocks,
+ways to shard) is walked, and an entry that leaves a fact out, or states one the rest of the lab cannot use,
+fails here."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+import typing
+
+import pytest
+from conftest import EXPERIMENTS, QUICK, ROOT, run_dict
+
+from harness.blocks.adapters import ADAPTERS
+from harness.blocks.optimizers import OPTIMIZERS
+from harness.blocks.parts import BuiltForTrainer, LossRule, Setting, Unmapped
+from harness.blocks.training import BLOCKS, SHARDINGS, TRAINER_ENGINES
+from harness.config import Experiment, OptimSettings, load_experiment, prepare, resolve_technique
+from harness.predict.analytic import shape_of, trainable_tensors
+from harness.predict.prediction import predict
+from harness.presets import preset_config
+from harness.schema import ADDED_LATER
+from harness.techniques import TECHNIQUES
+
+
+def _sentence(text) -> bool:
+    return isinstance(text, str) and len(text.split()) >= 3
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_optimizer_descriptor_is_complete(name):
+    optimizer = OPTIMIZERS[name]
+    assert callable(optimizer.build) and callable(optimizer.state_bytes) and _sentence(optimizer.summary)
+    # Trainer: a name (by device type where they differ), the lab's own handed to it, or why none
+    trainer = optimizer.trainer
+    if isinstance(trainer, (Unmapped, BuiltForTrainer)):
+        assert _sentence(trainer.reason)
+    elif isinstance(trainer, dict):
+        assert set(trainer) == {"cuda", "cpu"} and all(isinstance(v, str) for v in trainer.values())
+    else:
+        assert isinstance(trainer, str) and trainer
+    for reason in (optimizer.not_sharded, optimizer.not_simulated, optimizer.trainer_memory):
+        assert reason is None or _sentence(reason)
+    # its loss: a rule against an experiment that exists, or why it has none
+    if isinstance(optimizer.loss, LossRule):
+        assert (EXPERIMENTS / f"{optimizer.loss.reference}.yaml").exists()
+        assert 0 < optimizer.loss.tolerance < 1 and _sentence(optimizer.loss.why)
+        assert optimizer.shown_by, "a loss rule applies to the experiment that shows the optimizer"
+    else:
+        assert _sentence(optimizer.loss)
+    # the experiment file that runs it does run it
+    if optimizer.shown_by:
+        _, experiment = load_experiment(EXPERIMENTS / f"{optimizer.shown_by}.yaml")
+        assert resolve_technique(experiment).optimizer == name
+    # its package is a module this project installs (pyproject's extras) and imports by that name
+    if optimizer.package:
+        assert optimizer.package.replace("_", "-") in (ROOT / "pyproject.toml").read_text().replace("_", "-")
+        assert importlib.util.find_spec(optimizer.package) is not None
+    for setting in optimizer.settings:
+        assert isinstance(setting, Setting) and isinstance(setting.default, setting.type)
+        assert setting.within(setting.default) and _sentence(setting.meaning) and setting.bound
+        assert getattr(OptimSettings(), setting.name) == setting.default
+        assert ADDED_LATER[("optim", setting.name)] == setting.default  # earlier records keep their identity
+    fields = {f.name for f in dataclasses.fields(Experiment)}
+    for refusal in optimizer.refusals:
+        assert refusal.field in fields and callable(refusal.applies) and _sentence(refusal.why)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_optimizer_predicts_its_state_at_both_code_paths(name):
+    optimizer = OPTIMIZERS[name]
+    shape = shape_of(preset_config("tiny-llama"))
+    sizes = trainable_tensors(shape, TECHNIQUES["bf16-pure"], Experiment(technique="bf16-pure").lora)
+    for device_type in ("cuda", "cpu"):
+        state, transient = optimizer.state_bytes(sizes, 2, shape, OptimSettings(), device_type)
+        assert isinstance(state, int) and isinstance(transient, int) and state > 0 and transient >= 0
+
+
+def test_trainer_knows_every_optim_name_the_descriptors_give():
+    from transformers.training_args import OptimizerNames
+
+    names = {optimizer.trainer for optimizer in OPTIMIZERS.values() if isinstance(optimizer.trainer, str)}
+    names |= {n for optimizer in OPTIMIZERS.values() if isinstance(optimizer.trainer, dict)
+              for n in optimizer.trainer.values()}
+    assert names <= {member.value for member in OptimizerNames}
+
+
+def test_an_optimizer_setting_is_one_field_of_the_optim_block_with_its_bound(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("include: " + str(EXPERIMENTS / "sgd-momentum.yaml") + "\noptim: {momentum: 1.5}\n")
+    with pytest.raises(Exception, match=re.escape("optim.momentum") + ".*must be in \\[0, 1\\)"):
+        load_experiment(path)
+
+
+@pytest.mark.parametrize("name", [name for name, adapter in ADAPTERS.items() if adapter is not None])
+def test_every_adapter_descriptor_is_complete(name):
+    adapter = ADAPTERS[name]
+    assert callable(adapter.wrap) and _sentence(adapter.summary)
+    counts = adapter.trainable_tensors(64, 128, Experiment(technique="lora").lora)
+    assert counts and all(isinstance(n, int) and n > 0 for n in counts)
+
+
+def test_a_sharded_experiment_is_refused_with_its_optimizers_own_reason(tmp_path):
+    from harness.errors import ConfigError
+
+    path = tmp_path / "sharded.yaml"
+    for optimizer, words in (("adamw8bit", "bitsandbytes"), ("galore_adamw", "SVD"), ("adafactor", "row and column")):
+        path.write_text(f"include: {EXPERIMENTS / 'fsdp2.yaml'}\noptimizer: {optimizer}\n")
+        with pytest.raises(ConfigError, match=f"optimizer.*not with sharding: .*{words}"):
+            load_experiment(path)
+    path.write_text(f"include: {EXPERIMENTS / 'fsdp2.yaml'}\noptimizer: sgd_momentum\n")
+    assert resolve_technique(load_experiment(path)[1]).optimizer == "sgd_momentum"  # SGD steps shards as AdamW
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sgd-momentum", "adafactor"])
+def test_the_optimizers_added_as_one_descriptor_and_one_file_run_as_their_formula_says(tmp_path, name):
+    """torch's SGD with momentum and Adafactor: a real CPU run keeps the optimizer state the formula counts,
+    to the byte (Adafactor, which fake tensors cannot step, is predicted by the formula alone)."""
+    _, record = run_dict(prepare(EXPERIMENTS / f"{name}.yaml", QUICK), tmp_path)
+    assert record["status"] == "ok", record.get("error")
+    analytic = predict(EXPERIMENTS / f"{name}.yaml", "tiny-llama", QUICK["seq_len"], QUICK["micro_batch"], "analytic",
+                       "cpu")
+    assert analytic.persistent["optimizer_state"] == record["memory"]["persistent"]["optimizer_state"] > 0
+
+
+@pytest.mark.parametrize("name", [*BLOCKS, *(f"sharding={way}" for way in SHARDINGS)])
+def test_every_training_block_descriptor_is_complete(name):
+    field, _, way = name.partition("=")
+    block = SHARDINGS[way] if way else BLOCKS[field]
+    assert _sentence(block.summary)
+    assert set(block.engines) == set(TRAINER_ENGINES)
+    for mapping in block.engines.values():
+        assert _sentence(mapping.reason) if isinstance(mapping, Unmapped) else (isinstance(mapping, dict) and mapping)
+    for reason in (block.cuda_only, block.not_simulated, block.not_sharded):
+        assert reason is None or _sentence(reason)
+    if block.package:  # one of this project's extras (Liger's is the GPU one)
+        assert block.package.replace("_", "-") in (ROOT / "pyproject.toml").read_text().replace("_", "-")
+    fields = {f.name: f.default for f in dataclasses.fields(Experiment)}
+    for refusal in block.refusals:
+        assert refusal.field in fields and callable(refusal.applies) and _sentence(refusal.why)
+    default = fields[field]
+    if way:  # a value the experiment's field takes
+        assert way in typing.get_args(typing.get_type_hints(Experiment)["sharding"])
+    else:  # a field that is off by default, as every record made before it ran
+        assert default is False and ADDED_LATER[(None, field)] is False
+
+
+@pytest.mark.parametrize("text, field, words", [
+    ("include: bf16-pure-gc-optim-in-bwd.yaml\ngrad_accum: 2\n", "optimizer_in_backward", "nothing to accumulate"),
+    ("include: fp16-mixed.yaml\noptimizer_in_backward: true\n", "optimizer_in_backward", "cannot wait"),
+    ("include: bf16-pure.yaml\nselective_checkpointing: true\n", "selective_checkpointing", "gradient_checkpointing"),
+    ("include: loraplus.yaml\nadapter: none\n", "optimizer", "LoRA\\+ sets the learning rates"),
+    ("include: loraplus.yaml\noptimizer_in_backward: true\n", "optimizer_in_backward", "not LoRA\\+"),
+    ("include: galore.yaml\ntechnique: lora\n", "optimizer", "full fine-tuning optimizer"),
+    ("include: adafactor.yaml\ntechnique: lora\n", "optimizer", "full fine-tuning optimizer"),
+])
+def test_what_a_block_refuses_is_refused_naming_its_field(tmp_path, text, field, words):
+    from harness.errors import ConfigError
+
+    path = tmp_path / "refused.yaml"
+    path.write_text(text.replace("include: ", f"include: {EXPERIMENTS}/"))
+    with pytest.raises(ConfigError, match=f"field '{field}': .*{words}"):
+        load_experiment(path)
+
+
+def test_without_the_package_a_descriptor_names_a_run_is_skipped_saying_what_needs_it():
+    from harness.measure.worker import OPTIONAL_PACKAGES
+
+    assert OPTIONAL_PACKAGES["torchao"] == "optimizer ao_adamw8bit, optimizer ao_adamw4bit, optimizer ao_adamw_fp8"
+    assert OPTIONAL_PACKAGES["deepspeed"] == "sharding zero2, sharding zero3"
+    packages = {o.package for o in OPTIMIZERS.values()} | {b.package for b in [*BLOCKS.values(), *SHARDINGS.values()]}
+    assert packages - {None} <= set(OPTIONAL_PACKAGES)
