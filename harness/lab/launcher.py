@@ -296,9 +296,9 @@ def current_record(run: PlannedRun, out_dir: Path, versions: dict) -> schema.Run
             record = schema.read(path, kind="run")
         except (OSError, ValueError):
             continue
-        device = (record.environment or {}).get("device_name")
-        if record.status in schema.MEASURED and record.fingerprint == env.fingerprint(
-                {"device_name": device, "versions": versions}):
+        # the job's own device (and, on a CPU, what it runs natively) with this software
+        machine = {key: (record.environment or {}).get(key) for key in ("device_name", "cpu")}
+        if record.status in schema.MEASURED and record.fingerprint == env.fingerprint({**machine, "versions": versions}):
             return record
     return None
 
