@@ -362,8 +362,8 @@ def main(args) -> int:
     if emulated:
         shorter, elsewhere = sum(bool(r.shortened) for r in planned), sum(bool(r.left_to) for r in planned)
         print(f"  this CPU ({env.cpu_features()['capability']}) only emulates {' and '.join(sorted(emulated))} "
-              f"matrix products: {shorter} runs in them are shortened and {elsewhere} left to a machine that "
-              "computes in them (experiments/matrix.yaml: if_emulated)")
+              f"matrix products: {shorter} runs are shortened and {elsewhere} left to a machine that computes "
+              "in them (experiments/matrix.yaml: if_emulated)")
     if args.status:
         return launcher.print_status(planned, out_dir)
     if args.dry_run:
