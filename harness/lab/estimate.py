@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.config import ResolvedConfig
+from harness.matrix import compute_dtype
 from harness.measure.throughput import model_flops_per_token
 from harness.predict.analytic import shape_of
 
@@ -69,7 +70,6 @@ def estimate_run(config: dict, model_config) -> Estimate:
     run, technique = resolved.experiment, resolved.technique
     parameters = shape_of(model_config).parameters()["total"]
     build_s = BUILD_SECONDS_PER_BILLION[technique.quantization] * parameters / 1e9
-    compute_dtype = technique.autocast if technique.autocast != "none" else technique.weights
     tokens = run.seq_len * run.micro_batch * run.grad_accum
     per_token = model_flops_per_token(model_config, run.seq_len, technique.adapter == "none")
     if run.gradient_checkpointing:
@@ -79,7 +79,7 @@ def estimate_run(config: dict, model_config) -> Estimate:
     if run.eval_every:  # held-out forwards: a third of a step's FLOPs per sequence
         evaluations = run.steps // run.eval_every + 2
         flops += per_token / 3 * run.seq_len * run.eval_sequences * evaluations
-    steps_s = flops / (SUSTAINED_FLOPS[compute_dtype] * QUANTIZED_SPEED[technique.quantization])
+    steps_s = flops / (SUSTAINED_FLOPS[compute_dtype(config)] * QUANTIZED_SPEED[technique.quantization])
     first = first_steps(config, model_config)
     first_s = sum(first.values())
     return Estimate(START_SECONDS + build_s + steps_s + first_s, build_s, steps_s, flops, first_s,
