@@ -491,16 +491,17 @@ def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gr
                 "layer": recompute or per_layer, "head": head}
     # TRL's offloading: every saved tensor of 1 KB or more goes to host memory, but parameters and
     # what lm_head saves (it is run outside the offloading); checkpointing's kept inputs are
-    # saved tensors too. A storage saved again while among the last five offloaded stays on the
-    # device as well: log_softmax's fp32 output, which nll_loss saves next. Backward brings each
-    # back as its node runs: the loss's at the start, a layer's input before it is recomputed.
+    # saved tensors too. Its streams keep the device tensors of the last five saves alive until
+    # their copies are done (its forward stash), and hand a tensor still stashed back from the
+    # device: the loss's saves (log_softmax's fp32 output, which nll_loss saves again, and Gemma
+    # 2's tanh) end the forward, so they stay on the device beside their host copies and backward
+    # brings nothing back before the layers, each layer's input before it is recomputed.
     # Without checkpointing TRL also copies a tensor again each time it is saved more than five
     # saves after its copy; the simulation does (at 7B, seq 2048: twice the host bytes and 3.5 GB
     # more on the GPU than this), this counts each tensor once: checkpointed is what is predicted.
-    log_softmax = 0 if flow.liger else 4 * tokens * shape.vocab
-    return {"saved": lm_head + log_softmax, "host": layers + final_norm + loss,
-            "transient": max(loss_backward + loss, recompute + (layer_input if gradient_checkpointing else 0)),
-            "layer": recompute or per_layer, "head": lm_head + log_softmax}
+    return {"saved": lm_head + loss, "host": layers + final_norm + loss,
+            "transient": max(loss_backward, recompute + (layer_input if gradient_checkpointing else 0)),
+            "layer": recompute or per_layer, "head": lm_head + loss}
 
 
 # -- sharded over ranks ---------------------------------------------------------------

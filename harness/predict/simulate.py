@@ -31,7 +31,7 @@ What a fake step cannot do, and how it is handled:
 
 from __future__ import annotations
 
-import collections
+import inspect
 import time
 from contextlib import contextmanager, nullcontext
 
@@ -205,10 +205,13 @@ def _offloading(model, cfg, tracker: TensorTracker):
     It needs an accelerator to offload from: it is built as if the CPU were one, on one stream
     (CUDA streams do not exist here) and without pinned memory. Its host copies (empty_like on the
     CPU) are counted as host memory, and each tensor it brings back in backward is a device copy,
-    as on a GPU. What its streams change is done here as it does it: a storage saved again while
-    it is among the last five offloaded (max_fwd_stash_size) is not copied again but kept on the
-    device (log_softmax's output, which nll_loss saves too). The five most recent device tensors
-    the streams keep alive during forward are left out.
+    as on a GPU. What its streams change (trl/models/activation_offloading.py, `pack_tensor` and
+    `unpack_tensor_with_streams`, which a GPU run uses) is done here as they do it: the device
+    tensors of the last `max_fwd_stash_size` saves (tensor ids) that were offloaded stay alive in
+    its forward stash until their copies are done; a storage saved again while stashed is not
+    copied again but kept on the device (log_softmax's output, which nll_loss saves too); and a
+    tensor still stashed when backward asks for it is handed back from the device, nothing coming
+    back from the host, the stash being emptied after the first backward node that unpacks one.
     """
     if not cfg.activation_offloading:
         return None
@@ -221,21 +224,30 @@ def _offloading(model, cfg, tracker: TensorTracker):
     finally:
         torch.accelerator.current_accelerator = accelerator
     pack, unpack = context.pack_hook, context.unpack_hook
-    recent = collections.deque(maxlen=5)
+    stash = {}  # the streams' forward stash: tensor id -> the device tensor kept alive
+    stash_size = inspect.signature(type(context).__init__).parameters["max_fwd_stash_size"].default
 
     def pack_to_host(tensor):
-        if any(tensor.untyped_storage() is storage for storage in recent):
+        storage = tensor.untyped_storage()
+        if any(kept.untyped_storage() is storage for kept in stash.values()):
             return (tensor,)  # kept on the device
         with tracker.copying_to_host():
             key = pack(tensor)
         if context.tracker[key][1]:  # offloaded
-            recent.append(tensor.untyped_storage())
+            for old in [old for old in stash if old <= key - stash_size]:
+                del stash[old]
+            stash[key] = tensor
         return key
 
     def unpack_to_device(key):
         if isinstance(key, tuple):
             return key[0]
+        offloaded = context.tracker[key][1]
         tensor = unpack(key)
+        if offloaded:
+            torch._C._current_autograd_node().register_hook(lambda outputs, inputs: stash.clear())
+        if key in stash:
+            return stash[key]
         return tensor.clone() if tracker.on_host(tensor) else tensor
 
     context.pack_hook, context.unpack_hook = pack_to_host, unpack_to_device
