@@ -29,6 +29,7 @@ from harness.blocks.optimizers import OPTIMIZERS, optimizer_settings
 from harness.blocks.training import blocks_on
 from harness.env import resolve_device
 from harness.errors import ConfigError
+from harness.model_files import read_model_config
 from harness.step.checkpoint import BASE_SOURCE, base_identity
 from harness.techniques import QUANTIZATIONS, TECHNIQUES, Technique
 
@@ -576,14 +577,7 @@ def _check_model_source(experiment: Experiment, path: Path) -> None:
         where = where / "config.json"
     elif where.suffix != ".json":
         raise ConfigError(path, "model", f"{model} is neither a config.json nor a model folder")
-    try:
-        settings = json.loads(where.read_text())
-    except FileNotFoundError:
-        raise ConfigError(path, "model", f"{model} is a folder without a config.json") from None
-    except (OSError, ValueError, RecursionError) as error:
-        raise ConfigError(path, "model", f"{where} is not a readable JSON config ({error})") from None
-    if not isinstance(settings, dict) or not isinstance(settings.get("model_type"), str):
-        raise ConfigError(path, "model", f"{where} names no model_type (a config.json is a JSON object with one)")
+    settings = read_model_config(where, path)
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     if settings["model_type"] not in CONFIG_MAPPING_NAMES:

@@ -226,8 +226,13 @@ def _torchao_code_books():
         books.get_qmap_signed(), books.get_qmap_unsigned()
 
 
-_TORCHAO_NOT_SHARDED = ("sharded parameters are DTensors, which AdamW steps shard by shard, while torchao's "
-                        "blockwise quantized states expect whole tensors")
+def _torchao_optimizer(name: str, code: float, block: int, book: int, trainer, summary: str, loss,
+                       shown_by: str) -> Optimizer:
+    """One of torchao's low-bit AdamWs (`name` in torchao.optim), its states as _torchao_bytes counts them."""
+    return Optimizer(_torchao(name), _torchao_bytes(code, block, book), trainer, summary,
+                     not_sharded="sharded parameters are DTensors, which AdamW steps shard by shard, while torchao's "
+                                 "blockwise quantized states expect whole tensors",
+                     loss=loss, shown_by=shown_by, package="torchao", before_fake=_torchao_code_books)
 
 
 # -- SGD with momentum and Adafactor, torch's ------------------------------------------------------
@@ -334,30 +339,28 @@ OPTIMIZERS: dict[str, Optimizer] = {
                           "GaLore projects the gradients of full weight matrices: it is a full fine-tuning "
                           "optimizer (adapter: none)"),),
         trainer_arguments=_galore_arguments, trainer_decay_groups=False),
-    "ao_adamw8bit": Optimizer(
-        _torchao("AdamW8bit"), _torchao_bytes(1.0, 256, 256),
+    "ao_adamw8bit": _torchao_optimizer(
+        "AdamW8bit", 1.0, 256, 256,
         # Trainer builds torchao's AdamW8bit with block_size 256, torchao's own default (the lab's).
         "adamw_torch_8bit", "torchao's AdamW with both moments in 8-bit codes, blocks of 256",
-        not_sharded=_TORCHAO_NOT_SHARDED,
-        loss=LossRule("bf16-pure", 0.01, "block-wise 8-bit moments, as bitsandbytes' 8-bit AdamW (same bf16 "
-                                         "weights)"),
-        shown_by="ao-adamw8bit", package="torchao", before_fake=_torchao_code_books),
-    "ao_adamw4bit": Optimizer(
-        _torchao("AdamW4bit"), _torchao_bytes(0.5, 128, 16),
+        LossRule("bf16-pure", 0.01, "block-wise 8-bit moments, as bitsandbytes' 8-bit AdamW (same bf16 weights)"),
+        "ao-adamw8bit"),
+    "ao_adamw4bit": _torchao_optimizer(
+        "AdamW4bit", 0.5, 128, 16,
         Unmapped("Trainer's adamw_torch_4bit builds torchao's AdamW4bit with block_size 256, where torchao's own "
                  "default (the lab's) is 128, and optim_args passes block_size on as a string, which torchao cannot "
                  "take: its quantized state would not be the experiment's"),
-        "torchao's AdamW with both moments in 4-bit codes, blocks of 128", not_sharded=_TORCHAO_NOT_SHARDED,
-        loss=LossRule("bf16-pure", 0.02, "4-bit moments in blocks of 128: coarser than 8-bit, and without the "
-                                         "rank-1 normalisation of the 4-bit optimizers paper"),
-        shown_by="ao-adamw4bit", package="torchao", before_fake=_torchao_code_books),
-    "ao_adamw_fp8": Optimizer(
-        _torchao("AdamWFp8"), _torchao_bytes(1.0, 256, 0),
+        "torchao's AdamW with both moments in 4-bit codes, blocks of 128",
+        LossRule("bf16-pure", 0.02, "4-bit moments in blocks of 128: coarser than 8-bit, and without the "
+                                    "rank-1 normalisation of the 4-bit optimizers paper"),
+        "ao-adamw4bit"),
+    "ao_adamw_fp8": _torchao_optimizer(
+        "AdamWFp8", 1.0, 256, 0,
         Unmapped("transformers has no `optim` for torchao's AdamWFp8 (OptimizerNames: adamw_torch_4bit and "
                  "adamw_torch_8bit only)"),
-        "torchao's AdamW with both moments in fp8 (e4m3), a scale per block of 256", not_sharded=_TORCHAO_NOT_SHARDED,
-        loss=LossRule("bf16-pure", 0.01, "fp8 (e4m3) moments with a scale per block of 256"),
-        shown_by="ao-adamw-fp8", package="torchao", before_fake=_torchao_code_books),
+        "torchao's AdamW with both moments in fp8 (e4m3), a scale per block of 256",
+        LossRule("bf16-pure", 0.01, "fp8 (e4m3) moments with a scale per block of 256"),
+        "ao-adamw-fp8"),
     "sgd_momentum": Optimizer(
         _sgd, _sgd_bytes, "sgd", "torch's SGD with momentum: one buffer per parameter, no second moment",
         not_sharded=None,

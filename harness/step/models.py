@@ -13,7 +13,6 @@ so at most one layer ever exists in 16 bits and a 7B QLoRA model never does.
 
 from __future__ import annotations
 
-import json
 import socket
 import sys
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 from harness.architectures import attention_implementation
 from harness.blocks.adapters import ADAPTERS
 from harness.errors import ConfigError
+from harness.model_files import read_model_config
 from harness.presets import PRESETS, preset_config
 from harness.step.checkpoint import BASE_SOURCE, resolve_base
 from harness.techniques import Technique
@@ -86,19 +86,6 @@ def resolve_source(source: str, trust_remote_code: bool = False, device_type: st
         config = _code_refused(lambda: _hub_config(source, trust, offline=not run_code), source, run_code)
     _check_shape(config, source)
     return ModelSource(source, "pretrained", config, runs_code=trust)
-
-
-def read_model_config(path: Path, source: str) -> dict:
-    """A config.json's fields as data (nothing of the model's code runs): a JSON object with a model_type."""
-    try:
-        settings = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(source, "model", f"{path} does not exist: a model folder holds a config.json") from None
-    except (OSError, ValueError, RecursionError) as error:
-        raise ConfigError(source, "model", f"{path} is not a readable JSON config ({error})") from None
-    if not isinstance(settings, dict) or not isinstance(settings.get("model_type"), str):
-        raise ConfigError(source, "model", f"{path}: a config.json is a JSON object with a 'model_type' field")
-    return settings
 
 
 def _code_refused(load, source: str, run_code: bool):
