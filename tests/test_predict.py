@@ -9,10 +9,11 @@ import pytest
 from conftest import EXPERIMENTS, QUICK, ROOT
 
 from harness import schema
+from harness.blocks.optimizers import OPTIMIZERS
 from harness.config import LoraSettings, experiment_files, load_experiment, resolve_technique
 from harness.predict.analytic import _flow, _linear, adapter_tensors, shape_of
 from harness.predict.prediction import predict as predict_record
-from harness.presets import PUBLISHED_PARAMETERS
+from harness.presets import PRESETS, PUBLISHED_PARAMETERS
 from harness.step.models import resolve_source
 from harness.techniques import TECHNIQUES, NotSimulated, cuda_only, not_simulated
 
@@ -56,18 +57,40 @@ def test_simulated_peak_matches_the_real_cpu_run_within_2_percent(quick_records,
 # (7B: simulated 10.2 GB, analytic 8.75 GB). Strict: the day the formula counts it, this fails.
 KNOWN_GAPS = {"int8-lora-gc": "LLM.int8 under checkpointing keeps tensors the formula does not count yet"}
 
+# Llama-2-7B's widths (hidden, MLP, heads, vocabulary) with 4 of its 32 decoder layers: the formula and
+# the simulation count each layer alike, so a few layers check every term of the step at 7B's sizes,
+# with each layer still most of the weights, in an eighth of the simulation's time. Where the two
+# differ by a term that does not grow with the layers, the step is judged at 7B's own depth, where the
+# tolerance was set: torchao's optimizer steps eagerly in the simulation, making fp32 copies of the
+# largest tensor's moments that its compiled step (the formula's) does not; the known gap above is a
+# per-layer one, seen whole over 32.
+SEVEN_B_LAYERS = 4
+
+
+def _at_full_depth(name: str) -> bool:
+    optimizer = load_experiment(EXPERIMENTS / f"{name}.yaml")[1].optimizer
+    return name in KNOWN_GAPS or OPTIMIZERS[optimizer].package == "torchao"
+
+
+@pytest.fixture(scope="module")
+def seven_b_widths(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("llama-2-7b-widths") / "config.json"
+    path.write_text(json.dumps({**PRESETS["llama-2-7b"], "num_hidden_layers": SEVEN_B_LAYERS}))
+    return str(path)
+
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[name]))
                                   if name in KNOWN_GAPS else name for name in EXPERIMENT_NAMES])
-def test_analytic_matches_simulated_within_10_percent_at_7b(name):
-    analytic = predict(EXPERIMENTS / f"{name}.yaml", "llama-2-7b", 512, 1, "analytic")
+def test_analytic_matches_simulated_within_10_percent_at_7b_widths(seven_b_widths, name):
+    model = "llama-2-7b" if _at_full_depth(name) else seven_b_widths
+    analytic = predict(EXPERIMENTS / f"{name}.yaml", model, 512, 1, "analytic")
     blocked = _not_simulated(name)
     if blocked:  # the analytic method alone predicts it, and the simulation says why not
         with pytest.raises(NotSimulated, match=re.escape(blocked[0])):
-            predict(EXPERIMENTS / f"{name}.yaml", "llama-2-7b", 512, 1, "simulated")
+            predict(EXPERIMENTS / f"{name}.yaml", model, 512, 1, "simulated")
         assert analytic["total_bytes"] > 0
         return
-    simulated = predict(EXPERIMENTS / f"{name}.yaml", "llama-2-7b", 512, 1, "simulated")
+    simulated = predict(EXPERIMENTS / f"{name}.yaml", model, 512, 1, "simulated")
     assert simulated["seconds"] < 120
     assert analytic["total_bytes"] == pytest.approx(simulated["total_bytes"], rel=0.10)
     for category, value in simulated["persistent"].items():

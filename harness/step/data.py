@@ -20,11 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def cache_dir() -> Path:
-    path = Path(os.environ.get("HARNESS_CACHE", Path.home() / ".cache" / "harness"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+from harness.env import cache_dir
 
 
 # Parts of the standard library: "stdlib" is all of it (the benchmark default); the lab's
