@@ -465,3 +465,27 @@ def test_every_technique_at_7b_is_one_row_smallest_peak_first_with_its_host_byte
     table = beyond.technique_table(rows)
     assert [row[1].detail for row in table.rows] == ["both methods", "analytic", "simulated; analytic 55.9"]
     assert [row[3].text for row in table.rows] == ["7.5", "", ""]
+
+
+def _speed_record(experiment: str, grad_accum: int, tokens_per_s: float, name: str) -> dict:
+    record = _record("cuda", experiment=experiment, model="tinyllama-1.1b")
+    return {**record, "_file": f"cuda/{name}.json", "throughput": {"tokens_per_s": tokens_per_s},
+            "config": {"seq_len": 512, "micro_batch": 4, "grad_accum": grad_accum}}
+
+
+def test_a_ratio_divides_like_by_like_never_an_accumulated_run_by_a_single_step():
+    from harness.report.evidence import observe
+
+    spec = {"quantity": "throughput_ratio", "experiment": "lora", "over": "bf16-mixed", "model": "tinyllama-1.1b",
+            "seq_len": 512, "micro_batch": 4}
+    # the accumulated run's file sorts first: taking the first file by name divides it by the k = 1 run
+    records = [_speed_record("lora", 8, 12_500.0, "lora__a-k8"), _speed_record("lora", 1, 13_800.0, "lora__b-k1"),
+               _speed_record("bf16-mixed", 1, 24_600.0, "bf16-mixed__k1")]
+    ratio = observe(Results(root=Path("."), records=records), spec, "gpu")
+    assert ratio.value == pytest.approx(13_800 / 24_600)
+    only_accumulated = Results(root=Path("."), records=[records[0], records[2]])
+    assert observe(only_accumulated, spec, "gpu") is None  # no k = 1 LoRA run: no ratio at all
+    # a spec that names the accumulation compares runs at it, on both sides
+    records.append(_speed_record("bf16-mixed", 8, 20_000.0, "bf16-mixed__k8"))
+    ratio = observe(Results(root=Path("."), records=records), {**spec, "grad_accum": 8}, "gpu")
+    assert ratio.value == pytest.approx(12_500 / 20_000)

@@ -49,8 +49,9 @@ def _describe_prediction(prediction: dict) -> str:
 
 def _describe_record(record: dict) -> str:
     config = record.get("config") or {}
-    text = (f"{record['experiment']} @ {record['model']}, seq {config.get('seq_len')} x "
-            f"{config.get('micro_batch')}x{config.get('grad_accum')}")
+    text = f"{record['experiment']} @ {record['model']}, seq {config.get('seq_len')} x {config.get('micro_batch')}"
+    if (config.get("grad_accum") or 1) > 1:
+        text += f", {config['grad_accum']} micro-batches accumulated"
     budget = _get(record, "budget", "budget_gb")
     return text + (f", {budget:g} GB budget" if budget else "")
 
@@ -66,28 +67,50 @@ def select_predictions(results: Results, spec: dict, method: str, experiment: st
     return sorted(chosen, key=lambda p: (p.get("device_type") != "cuda", p.get("_file", "")))
 
 
+# Config fields that change what a run measures, with the value a spec that does not name one means:
+# a claim about "a step" compares single-step runs on one GPU unless it says otherwise (a record of
+# 8 accumulated micro-batches divided by one of 1 compares unlike with unlike).
+COMPARED_FIELDS = {"grad_accum": 1, "world_size": 1}
+SHAPE_FIELDS = ("seq_len", "micro_batch")  # matched where the spec names them (any_model: never)
+
+
+def record_matches(record: dict, spec: dict) -> bool:
+    """Whether a record's configuration is the one the spec compares (model, shape, accumulation,
+    ranks, budget); `any_model` frees the model and shape, `any_grad_accum` the accumulation."""
+    config = record.get("config") or {}
+    if not spec.get("any_model"):
+        if record.get("model") != spec.get("model"):
+            return False
+        if any(spec.get(key) is not None and config.get(key) != spec[key] for key in SHAPE_FIELDS):
+            return False
+    for key, default in COMPARED_FIELDS.items():
+        if key == "grad_accum" and spec.get("any_grad_accum"):
+            continue
+        if (config.get(key) if config.get(key) is not None else default) != spec.get(key, default):
+            return False
+    budget = _get(record, "budget", "budget_gb")
+    if spec.get("budget_gb") is not None:
+        return budget is not None and float(budget) == float(spec["budget_gb"])
+    return budget is None
+
+
 def select_records(results: Results, spec: dict, method: str, experiment: str) -> list[dict]:
-    """Run records of one experiment on GPU or CPU; finished ones first, then OOM, then failed."""
+    """Run records of one experiment on GPU or CPU in the spec's configuration (`record_matches`);
+    finished ones first, then OOM, then failed."""
     want_gpu = method == "gpu"
-    chosen = []
-    for record in results.records:
-        if is_gpu_record(record) != want_gpu or record.get("experiment") != experiment:
-            continue
-        config = record.get("config") or {}
-        if not spec.get("any_model"):
-            if record.get("model") != spec.get("model"):
-                continue
-            if any(spec.get(key) is not None and config.get(key) != spec[key] for key in ("seq_len", "micro_batch")):
-                continue
-        budget = _get(record, "budget", "budget_gb")
-        if spec.get("budget_gb") is not None:
-            if budget is None or float(budget) != float(spec["budget_gb"]):
-                continue
-        elif budget is not None:
-            continue
-        chosen.append(record)
+    chosen = [record for record in results.records
+              if is_gpu_record(record) == want_gpu and record.get("experiment") == experiment
+              and record_matches(record, spec)]
     order = {"ok": 0, "oom": 1, "failed": 2}
     return sorted(chosen, key=lambda r: (order.get(r.get("status"), 3), r.get("_file", "")))
+
+
+def _configuration(record: dict) -> tuple:
+    """What two records must share for one to be divided by the other: model, shape, accumulation,
+    ranks, budget and device (checkpointing belongs to the experiments compared)."""
+    config = record.get("config") or {}
+    return (record.get("model"), config.get("seq_len"), config.get("micro_batch"), config.get("grad_accum") or 1,
+            config.get("world_size") or 1, _get(record, "budget", "budget_gb"), device_label(record))
 
 
 def _oom_observation(record: dict, method: str) -> Observation:
@@ -125,7 +148,8 @@ def _per_experiment(results: Results, spec: dict, method: str, from_prediction, 
                 value = from_record(record)
                 if value is not None:
                     found.append(Observation(value, method, _describe_record(record), device_label(record),
-                                             capacity=_get(record, "budget", "cap_bytes")))
+                                             capacity=_get(record, "budget", "cap_bytes"),
+                                             extra={"configuration": _configuration(record)}))
                     if record.get("model") == spec.get("model"):
                         own_model.append(found[-1])
                     break
@@ -322,6 +346,9 @@ def _ratio(results: Results, spec: dict, method: str, quantity) -> Observation |
     denominator = quantity(results, {**spec, "experiment": spec["over"]}, method)
     if numerator is None or denominator is None or numerator.value is None or not denominator.value:
         return None
+    shapes = [o.extra.get("configuration") for o in (numerator, denominator)]
+    if shapes[0] is not None and shapes[1] is not None and shapes[0] != shapes[1]:
+        return None  # never a ratio of unlike runs
     source = f"{numerator.source} over {spec['over']}"
     unit = spec.get("of", "")
     note = f"{fmt_value(numerator.value, unit)} against {fmt_value(denominator.value, unit)}" if unit else ""
@@ -365,7 +392,8 @@ def accumulation_extra(results: Results, spec: dict, method: str) -> Observation
         return None
     groups: dict[tuple, dict[int, float]] = {}
     for experiment in _experiments(spec):
-        for record in select_records(results, {**spec, "any_model": True}, method, experiment):
+        for record in select_records(results, {**spec, "any_model": True, "any_grad_accum": True}, method,
+                                     experiment):
             config = record.get("config") or {}
             value = _peak_of_record(record)
             if record.get("status") != "ok" or value is None:

@@ -124,7 +124,7 @@ def explain(claim: Claim, observation: Observation | None, verdict: verdicts.Ver
         peak = (f"peak {fmt_bytes(observation.value)}" if observation.value is not None
                 else observation.note or observation.status)
         text = (f"{basis} ({observation.source}): {peak} against the "
-                f"{fmt_bytes(capacity)} a {claim.figure_text} card leaves to the allocator; {verdict.reason}")
+                f"{fmt_bytes(capacity)} a {claim.figure_value / 1e9:g} GB card leaves to the allocator; {verdict.reason}")
     elif claim.compare == "statement":
         text = f"{basis}: {observation.note or observation.source}"
     else:  # at_most, and a value-free exceeds
@@ -132,7 +132,9 @@ def explain(claim: Claim, observation: Observation | None, verdict: verdicts.Ver
                 f"{'; ' + observation.note if observation.note else ''}) against {claim.whose} "
                 f"{claim.figure_text}: {verdict.reason}")
     if verdict.kind == verdicts.CAVEAT:
-        text += f"; caveat: {observation.caveat or claim.caveat}"
+        caveat = observation.caveat or claim.caveat
+        if caveat:  # a verdict in the caveat band alone already says so in its reason
+            text += f"; caveat: {caveat}"
     elif verdict.kind in (verdicts.OFF, verdicts.WRONG) and (claim.explain or claim.caveat) \
             and claim.compare != "premise":
         text += f": {claim.explain or claim.caveat}"
