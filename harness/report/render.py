@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.claims import PUBLISHED_FILE, SOURCES, load_claims, load_sources
-from harness.report import add_arguments, beyond, engines, ladder
+from harness.report import add_arguments, answer, beyond, engines, environment, ladder
 from harness.report.accuracy import TOLERANCES, prediction_errors, summary
 from harness.report.figures import FigureResult, all_figures
 from harness.report.fits import fit_tables, published_comparison
@@ -45,7 +45,7 @@ from harness.report.units import LLAMA_2_7B_PARAMETERS
 
 @dataclass(frozen=True)
 class Block:
-    kind: str           # h1 | h2 | h3 | p | table | figure | badges
+    kind: str           # h1 | h2 | h3 | p | table | figure | badges | html (the HTML page only)
     text: str = ""
     table: Table | None = None
     figure: FigureResult | None = None
@@ -94,6 +94,40 @@ def _fits_blocks(results, runs, figures: list[FigureResult]) -> list[Block]:
         blocks.append(Block("h3", "Against published figures"))
         blocks.append(Block("table", table=compared))
     return blocks + drawn
+
+
+ANSWER_MODEL, ANSWER_CARD = "llama-2-7b", 24  # what the picker shows first: the documents' 7B on a 24 GB card
+
+
+def _answer_blocks(results) -> list[Block]:
+    data = answer.answer_data(results)
+    blocks = [Block("h2", "What fits your card", anchor="answer")]
+    if data is None:
+        return blocks + [Block("p", "No fit table in these results: `python -m harness predict --claims` writes it.")]
+    reference = data["reference"]
+    blocks.append(Block("p", (
+        "Pick a model, a card and the sequence length you train at: the recipes that fit, fastest first. Each "
+        "figure says whether it was measured (a run on a GPU, its record named) or predicted (the lab's "
+        f"{data['method']} search, no GPU); hover a mark for where it comes from and the command that "
+        f"reproduces it. Memory: at sequence {reference[0]:,} x micro-batch {reference[1]}; the longest "
+        "sequence is at micro-batch 1. A recipe named \"+ checkpointing\" recomputes activations in the "
+        "backward pass.")))
+    blocks.append(Block("html", answer.picker_html(data, ANSWER_MODEL, ANSWER_CARD)))
+    blocks.append(Block("h3", "Every model on every card"))
+    blocks.append(Block("table", table=answer.summary_table(data)))
+    model = ANSWER_MODEL if ANSWER_MODEL in data["models"] else data["models"][0]
+    blocks.append(Block("h3", f"{model}, recipe by recipe"))
+    blocks.append(Block("table", table=answer.model_table(data, model)))
+    return blocks
+
+
+def _environment_blocks(results) -> list[Block]:
+    table = environment.environment_table(results)
+    if table is None:
+        return []
+    blocks = [Block("h3", "Measured and predicted with"), Block("table", table=table)]
+    text = environment.environment_text(results)
+    return blocks + ([Block("p", text)] if text else [])
 
 
 def _gpus_blocks(results) -> list[Block]:
@@ -159,6 +193,8 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
     cpu_runs = len(runs) - gpu_runs
 
     blocks = [Block("h1", "Fine-tuning under limited VRAM: what the memory arithmetic gets right")]
+    blocks += _answer_blocks(results)
+    blocks += _environment_blocks(results)
     blocks.append(Block("p", (
         f"Rendered from `{results_dir}`: {_count(len(runs), 'run record')} ({gpu_runs} on a GPU, {cpu_runs} on a CPU), "
         f"{_count(len(predictions), 'memory prediction')}, {_count(len(results.probes), 'probe')} "
@@ -441,6 +477,11 @@ figure img { max-width: 100%; border: 1px solid #d0d7de; }
 figcaption { color: #57606a; font-size: 13px; margin-top: 6px; max-width: 1100px; }
 p.missing { background: #f6f8fa; border-left: 4px solid #bf8700; padding: 8px 12px; }
 code { background: #f6f8fa; padding: 1px 4px; border-radius: 4px; font-size: 13px; }
+.picker { border: 2px solid #0969da; border-radius: 8px; padding: 12px 16px; margin: 8px 0 16px; }
+.picker label { margin-right: 18px; font-weight: 600; }
+.picker select { font-size: 15px; padding: 2px 4px; }
+.mark { font-size: 11px; padding: 0 5px; border-radius: 8px; margin-left: 4px; cursor: help; }
+.mark.measured { background: #dafbe1; } .mark.predicted { background: #ddf4ff; }
 """
 
 
@@ -486,6 +527,8 @@ def to_html(blocks: list[Block], counts: dict[str, int]) -> str:
             body.append(f"<p>{_inline(block.text)}</p>")
         elif block.kind == "badges":
             body.append(_badges(counts))
+        elif block.kind == "html":
+            body.append(block.text)
         elif block.kind == "table":
             body.append(_html_table(block.table))
         elif block.kind == "figure":
