@@ -277,13 +277,13 @@ def test_render_carries_every_claim_and_figure(rendered):
     assert sorted(p.name for p in report.figures) == sorted(p.name for p in (report.html.parent / "figures").iterdir())
     assert "Not drawn" not in markdown
     headings = [line for line in markdown.splitlines() if line.startswith("## ")]
-    assert headings == ["## What fits my card", "## How many GPUs", "## Verdicts at a glance", "## The claims ledger",
+    assert headings == ["## What fits your card", "## What fits my card", "## How many GPUs", "## Verdicts at a glance", "## The claims ledger",
                         "## Other projects' published figures", "## The optimisation ladder",
                         "## Every technique at 7B, sequence 2,048", "## Predicted against measured on the GPU",
                         "## Figures", "## Loss on a pretrained base", "## Our loop against Trainer",
                         "## Runs on a GPU",
-                        "## Micro-benchmarks on a GPU", "## Appendix: the lab checking itself on a CPU",
-                        "## Environment and provenance"]
+                        "## Micro-benchmarks on a GPU", "## Glossary", "## Environment and provenance",
+                        "## Appendix: the lab checking itself on a CPU"]
 
 
 def test_how_many_gpus_answers_every_model_and_card_with_one_ranks_breakdown(rendered):
@@ -489,3 +489,98 @@ def test_a_ratio_divides_like_by_like_never_an_accumulated_run_by_a_single_step(
     records.append(_speed_record("bf16-mixed", 8, 20_000.0, "bf16-mixed__k8"))
     ratio = observe(Results(root=Path("."), records=records), {**spec, "grad_accum": 8}, "gpu")
     assert ratio.value == pytest.approx(12_500 / 20_000)
+
+
+# --- the first screen: what fits a card, measured or predicted ---------------------------------------
+
+def test_the_first_screen_answers_each_model_and_card_from_the_fit_table_and_the_gpu_records():
+    from harness.report.answer import answer_data
+
+    results = load_results(FIXTURE)
+    data = answer_data(results)
+    table = json.loads((FIXTURE / "fits" / "what-fits__cuda.json").read_text())
+    assert len(data["rows"]) == len(table["rows"]) and data["cards"] == [16, 24, 40, 80, 141]
+    for row, entry in zip(table["rows"], data["rows"]):
+        assert entry["fits"] == (row["max_seq_len"] > 0) and entry["max_seq_len"] == row["max_seq_len"]
+    entries = {(e["model"], e["card_gb"], e["recipe"]): e for e in data["rows"]}
+    qlora = entries["llama-2-7b", 24, "qlora"]
+    record = next(r for r in results.records if r["_file"] == qlora["memory"]["what"].split("(")[-1].rstrip(")"))
+    assert qlora["memory"]["kind"] == "measured" and qlora["memory"]["bytes"] == record["memory"]["peak_reserved"]
+    assert qlora["speed"]["kind"] == "measured" and qlora["speed"]["tokens_per_s"] == record["throughput"]["tokens_per_s"]
+    # no GPU run of checkpointed LoRA at 7B: the analytic tensor peak, said to be one
+    lora_gc = entries["llama-2-7b", 24, "lora + checkpointing"]
+    assert lora_gc["memory"]["kind"] == "predicted" and "tensor peak" in lora_gc["memory"]["what"]
+    assert lora_gc["speed"] is None and "--checkpointing" in lora_gc["memory"]["how"]
+
+
+def test_the_first_screen_shows_a_fit_rows_predicted_device_bytes_and_speed_once_it_has_them():
+    from harness.report.answer import answer_data
+
+    results = load_results(FIXTURE)
+    fits = json.loads(json.dumps(results.fits))
+    row = next(r for r in fits["rows"] if (r["model"], r["experiment"], r["gradient_checkpointing"], r["card_gb"])
+               == ("llama-2-7b", "lora", True, 24))
+    row.update(device_bytes=16.5e9, margin_bytes=8.0e9, tokens_per_s=2_100.0, step_time_s=0.24, cost_usd=0.002)
+    entry = next(e for e in answer_data(Results(root=FIXTURE, records=results.records, fits=fits))["rows"]
+                 if (e["model"], e["card_gb"], e["recipe"]) == ("llama-2-7b", 24, "lora + checkpointing"))
+    assert entry["memory"]["bytes"] == 16.5e9 and "allocator included" in entry["memory"]["what"]
+    assert entry["speed"]["tokens_per_s"] == 2_100.0 and entry["speed"]["kind"] == "predicted"
+
+
+def test_the_environment_on_top_flags_predictions_made_with_other_library_versions():
+    from harness.report.environment import environment_text, version_mismatches
+
+    gpu = {**_record("cuda"), "environment": {"device_type": "cuda", "device_name": "TEST GPU", "driver": "1.0",
+                                              "versions": {"torch": "2.11.0", "transformers": "5.17.0",
+                                                           "peft": "0.21.0", "bitsandbytes": "0.50.2"}}}
+    prediction = {**_prediction("analytic"), "predictor": "abc", "versions": {
+        "torch": "2.11.0", "transformers": "5.25.0", "peft": "0.21.0", "bitsandbytes": "0.50.2"}}
+    results = Results(root=Path("."), records=[gpu], predictions=[prediction])
+    assert version_mismatches(results) == ["transformers 5.25.0 for the predictions against 5.17.0 on the GPU"]
+    prediction["versions"]["transformers"] = "5.17.0"
+    assert version_mismatches(results) == [] and "same versions" in environment_text(results)
+
+
+def test_the_answer_comes_first_and_the_cpu_appendix_last(rendered):
+    markdown = rendered[0].markdown.read_text()
+    headings = [line for line in markdown.splitlines() if line.startswith("## ")]
+    assert headings[0] == "## What fits your card" and headings[-1].startswith("## Appendix")
+    assert markdown.index("### Measured and predicted with") < markdown.index("## What fits my card")
+    environment = markdown.split("### Measured and predicted with")[1].split("\n\n")[1]
+    assert "| measured | FIXTURE GPU" in environment and "| predicted" in environment
+
+
+def test_the_picker_answers_a_model_and_a_card_in_headless_chromium(rendered):
+    from harness.report.answer import answer_data
+    from harness.report.browser import evaluate_in_page, find_chromium
+
+    binary = find_chromium()
+    if binary is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium): the picker was not tried")
+    choose = """(() => {
+      const set = (id, value) => { const s = document.getElementById(id); s.value = value;
+                                   s.dispatchEvent(new Event('change')); };
+      set('pick-model', 'llama-2-7b'); set('pick-card', '24'); set('pick-seq', '1024');
+      return {recipes: [...document.querySelectorAll('#pick-answer table.picked td.recipe')].map(t => t.textContent),
+              text: document.getElementById('pick-answer').innerText};
+    })()"""
+    shown = evaluate_in_page(rendered[0].html, choose, binary)
+    expected = {e["recipe"] for e in answer_data(load_results(FIXTURE))["rows"]
+                if e["model"] == "llama-2-7b" and e["card_gb"] == 24 and e["fits"] and e["max_seq_len"] >= 1024}
+    assert expected and set(shown["recipes"]) == expected
+    assert "on a 24 GB card at 1,024 tokens" in shown["text"] and "measured" in shown["text"]
+
+
+def test_the_glossary_defines_every_technique_and_experiment_run_and_the_page_links_to_it(rendered):
+    from harness.report.glossary import anchor, glossary, linker
+    from harness.techniques import TECHNIQUES
+
+    results = load_results(FIXTURE)
+    terms = glossary(results)
+    assert set(TECHNIQUES) <= set(terms) and {r["experiment"] for r in results.records} <= set(terms)
+    assert "Trainer" in terms["bf16-mixed"] and "reserved" in terms and "(context)" in terms
+    link = linker(terms)
+    linked = link("qlora-gc beats lora, not qlora")
+    assert linked.count('class="term"') == 3 and f'href="#{anchor("qlora-gc")}">qlora-gc<' in linked
+    page = rendered[0].html.read_text()
+    assert f'id="{anchor("bf16-mixed")}"' in page and f'href="#{anchor("bf16-mixed")}"' in page

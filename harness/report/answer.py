@@ -224,7 +224,9 @@ PICKER_SCRIPT = r"""
       const speed = r.speed ? Math.round(r.speed.tokens_per_s).toLocaleString('en-US') +
         mark(r.speed.kind, r.speed.what, r.speed.how) : '\u2013';
       const longest = r.max_seq_len.toLocaleString('en-US') + (r.limited_by === 'context' ? ' (model context)' : '');
-      body += '<tr><td class="recipe">' + esc(r.recipe) + '</td><td class="num">' + gb(r.memory.bytes) +
+      const term = document.getElementById('g-' + r.experiment) ? '#g-' + r.experiment : null;
+      const name = term ? '<a class="term" href="' + term + '">' + esc(r.recipe) + '</a>' : esc(r.recipe);
+      body += '<tr><td class="recipe">' + name + '</td><td class="num">' + gb(r.memory.bytes) +
         mark(r.memory.kind, r.memory.what, r.memory.how) + '</td><td class="num">' + longest +
         mark('predicted', 'longest sequence at micro-batch 1, ' + data.method + ' search', r.memory.how) +
         '</td><td class="num">' + speed + '</td></tr>';

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.claims import PUBLISHED_FILE, SOURCES, load_claims, load_sources
-from harness.report import add_arguments, answer, beyond, engines, environment, ladder
+from harness.report import add_arguments, answer, beyond, engines, environment, glossary, ladder
 from harness.report.accuracy import TOLERANCES, prediction_errors, summary
 from harness.report.figures import FigureResult, all_figures
 from harness.report.fits import fit_tables, published_comparison
@@ -45,7 +45,7 @@ from harness.report.units import LLAMA_2_7B_PARAMETERS
 
 @dataclass(frozen=True)
 class Block:
-    kind: str           # h1 | h2 | h3 | p | table | figure | badges | html (the HTML page only)
+    kind: str           # h1 | h2 | h3 | p | table | figure | badges | html (the HTML page only) | md (Markdown only)
     text: str = ""
     table: Table | None = None
     figure: FigureResult | None = None
@@ -119,6 +119,16 @@ def _answer_blocks(results) -> list[Block]:
     blocks.append(Block("h3", f"{model}, recipe by recipe"))
     blocks.append(Block("table", table=answer.model_table(data, model)))
     return blocks
+
+
+def _glossary_blocks(terms: dict[str, str]) -> list[Block]:
+    entries = "".join(f'<dt id="{glossary.anchor(term)}">{html.escape(term)}</dt><dd>{_inline(meaning)}</dd>'
+                      for term, meaning in terms.items())
+    table = Table(["Term", "Meaning"], [[Cell(term), Cell(meaning)] for term, meaning in terms.items()])
+    return [Block("h2", "Glossary", anchor="glossary"),
+            Block("p", "Every technique name and term the report uses; in the HTML page each is linked where it "
+                       "first appears in a paragraph or a cell."),
+            Block("html", f'<dl class="glossary">{entries}</dl>'), Block("md", table=table, anchor="glossary")]
 
 
 def _environment_blocks(results) -> list[Block]:
@@ -302,6 +312,20 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
                             "No GPU micro-benchmark file: `make microbench` on a CUDA machine writes "
                             "results/microbench/<device>.json."))
 
+    blocks += _glossary_blocks(glossary.glossary(results))
+    blocks.append(Block("h2", "Environment and provenance", anchor="provenance"))
+    provenance = provenance_tables(results)
+    if not provenance:
+        blocks.append(Block("p", "Nothing recorded yet."))
+    for title, table in provenance:
+        blocks.append(Block("h3", title))
+        blocks.append(Block("table", table=table))
+    if results.folded:
+        blocks.append(Block("p", f"{results.folded} older record(s) of a configuration that a newer record "
+                                 "measures again were folded: every table and figure shows the newest one."))
+    if results.skipped:
+        blocks.append(Block("h3", "Files not read"))
+        blocks.append(Block("table", table=Table(["File and reason"], [[Cell(s)] for s in results.skipped])))
     blocks.append(Block("h2", "Appendix: the lab checking itself on a CPU", anchor="cpu"))
     blocks.append(Block("p", (
         "Runs and micro-benchmarks on a CPU say nothing about a GPU's memory or speed. They are how the lab "
@@ -325,19 +349,6 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
     blocks.append(_table_or(microbench_table(cpu_benchmarks) if cpu_benchmarks else None,
                             "No CPU micro-benchmark file: `make microbench` writes results/microbench/cpu.json."))
 
-    blocks.append(Block("h2", "Environment and provenance", anchor="provenance"))
-    provenance = provenance_tables(results)
-    if not provenance:
-        blocks.append(Block("p", "Nothing recorded yet."))
-    for title, table in provenance:
-        blocks.append(Block("h3", title))
-        blocks.append(Block("table", table=table))
-    if results.folded:
-        blocks.append(Block("p", f"{results.folded} older record(s) of a configuration that a newer record "
-                                 "measures again were folded: every table and figure shows the newest one."))
-    if results.skipped:
-        blocks.append(Block("h3", "Files not read"))
-        blocks.append(Block("table", table=Table(["File and reason"], [[Cell(s)] for s in results.skipped])))
     return blocks, figures, counts
 
 
@@ -427,7 +438,7 @@ def to_markdown(blocks: list[Block]) -> str:
             parts.append("#" * int(block.kind[1]) + " " + block.text)
         elif block.kind in ("p", "badges"):
             parts.append(block.text)
-        elif block.kind == "table":
+        elif block.kind in ("table", "md"):
             parts.append(_md_table(block.table))
         elif block.kind == "figure":
             figure = block.figure
@@ -480,18 +491,21 @@ code { background: #f6f8fa; padding: 1px 4px; border-radius: 4px; font-size: 13p
 .picker { border: 2px solid #0969da; border-radius: 8px; padding: 12px 16px; margin: 8px 0 16px; }
 .picker label { margin-right: 18px; font-weight: 600; }
 .picker select { font-size: 15px; padding: 2px 4px; }
+dl.glossary dt { font-weight: 600; margin-top: 6px; } dl.glossary dd { margin-left: 24px; }
+dl.glossary dt:target { background: #fff8c5; }
+a.term { color: inherit; text-decoration: underline dotted #57606a; }
 .mark { font-size: 11px; padding: 0 5px; border-radius: 8px; margin-left: 4px; cursor: help; }
 .mark.measured { background: #dafbe1; } .mark.predicted { background: #ddf4ff; }
 """
 
 
-def _inline(text: str) -> str:
-    """Escape, then turn `code` spans into <code>."""
+def _inline(text: str, link=None) -> str:
+    """Escape, then turn `code` spans into <code>; `link` (glossary.linker) links terms outside them."""
     pieces = html.escape(text).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(pieces))
+    return "".join(f"<code>{p}</code>" if i % 2 else (link(p) if link else p) for i, p in enumerate(pieces))
 
 
-def _html_table(table: Table) -> str:
+def _html_table(table: Table, link=None) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
     body = []
     for row in table.rows:
@@ -499,11 +513,11 @@ def _html_table(table: Table) -> str:
         for index, cell in enumerate(row):
             classes = " ".join(c for c in (cell.css, "num" if index in table.numeric else "") if c)
             attribute = f' class="{classes}"' if classes else ""
-            detail = f'<div class="detail">{_inline(cell.detail)}</div>' if cell.detail else ""
-            cells.append(f"<td{attribute}>{_inline(cell.text)}{detail}</td>")
+            detail = f'<div class="detail">{_inline(cell.detail, link)}</div>' if cell.detail else ""
+            cells.append(f"<td{attribute}>{_inline(cell.text, link)}{detail}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     css = f' class="{table.css}"' if table.css else ""
-    note = f'<p class="note">{_inline(table.note)}</p>' if table.note else ""
+    note = f'<p class="note">{_inline(table.note, link)}</p>' if table.note else ""
     return f"<table{css}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{note}"
 
 
@@ -513,7 +527,8 @@ def _badges(counts: dict[str, int]) -> str:
     return f'<div class="badges">{"".join(spans)}</div>'
 
 
-def to_html(blocks: list[Block], counts: dict[str, int]) -> str:
+def to_html(blocks: list[Block], counts: dict[str, int], terms: dict[str, str] | None = None) -> str:
+    link = glossary.linker(terms) if terms else None
     title = next(b.text for b in blocks if b.kind == "h1")
     nav = "".join(f'<a href="#{b.anchor}">{html.escape(b.text)}</a>' for b in blocks if b.kind == "h2" and b.anchor)
     body = []
@@ -524,13 +539,13 @@ def to_html(blocks: list[Block], counts: dict[str, int]) -> str:
         elif block.kind in ("h2", "h3"):
             body.append(f"<{block.kind}{anchor}>{html.escape(block.text)}</{block.kind}>")
         elif block.kind == "p":
-            body.append(f"<p>{_inline(block.text)}</p>")
+            body.append(f"<p>{_inline(block.text, link)}</p>")
         elif block.kind == "badges":
             body.append(_badges(counts))
         elif block.kind == "html":
             body.append(block.text)
         elif block.kind == "table":
-            body.append(_html_table(block.table))
+            body.append(_html_table(block.table, link))
         elif block.kind == "figure":
             figure = block.figure
             if figure.png is None:
@@ -565,7 +580,9 @@ def render(results_dir: str | Path = "results", out_dir: str | Path = "reports")
         stale.unlink()
     markdown, page = out_dir / "index.md", out_dir / "index.html"
     markdown.write_text(to_markdown(blocks), encoding="utf-8")
-    page.write_text(to_html(blocks, counts), encoding="utf-8")
+    terms = {row[0].text: row[1].text for block in blocks if block.kind == "md" and block.anchor == "glossary"
+             for row in block.table.rows}
+    page.write_text(to_html(blocks, counts, terms), encoding="utf-8")
     return Rendered(markdown, page, written, sum(f.png is not None for f in figures), counts)
 
 
