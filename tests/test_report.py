@@ -584,3 +584,17 @@ def test_the_glossary_defines_every_technique_and_experiment_run_and_the_page_li
     assert linked.count('class="term"') == 3 and f'href="#{anchor("qlora-gc")}">qlora-gc<' in linked
     page = rendered[0].html.read_text()
     assert f'id="{anchor("bf16-mixed")}"' in page and f'href="#{anchor("bf16-mixed")}"' in page
+
+
+def test_a_figure_scaled_or_multiplied_from_a_measurement_is_called_derived_never_measured():
+    from harness.report.tables import ledger_table
+
+    results = Results(root=Path("."), records=[{**_record("cuda"), "parameters": {"total": LLAMA_2_7B_PARAMETERS}}])
+    rows = [build_row(_claim(claim_id), results) for claim_id in ("W-fp32", "Q-int8-pg")]
+    for row in rows:
+        assert "derived from the run measured on TEST GPU" in row.why and row.basis.extra["derived"]
+    scaled, counted = (row.basis.extra["derived"] for row in rows)
+    assert "26.90 GB" in scaled and "x 1.039" in scaled
+    assert f"{LLAMA_2_7B_PARAMETERS:,}, x 2 B" in counted
+    cells = [line[4] for line in ledger_table(rows).rows]  # the measured column
+    assert all(cell.text.endswith("derived from a run on TEST GPU") for cell in cells)

@@ -32,7 +32,7 @@ class Observation:
     holds: bool | None = None  # for statements
     caveat: str | None = None  # a caveat that comes with this evidence (e.g. random-init weights)
     capacity: float | None = None  # for fits: the bytes the card leaves to the run
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # "derived": the arithmetic that made value from the evidence
 
 
 def _experiments(spec: dict) -> list[str]:
@@ -196,8 +196,11 @@ def as_counted(observation: Observation | None, spec: dict) -> Observation | Non
         return observation
     factor = counted / LLAMA_2_7B_PARAMETERS
     note = f"x{factor:.3f} to {counted:.0e} parameters from ours, {fmt_bytes(observation.value)}"
+    arithmetic = f"{fmt_bytes(observation.value)} x {factor:.3f} ({counted:.0e} over {LLAMA_2_7B_PARAMETERS:,} parameters)"
+    derived = observation.extra.get("derived")
     return replace(observation, value=observation.value * factor,
-                   note=f"{observation.note}; {note}" if observation.note else note)
+                   note=f"{observation.note}; {note}" if observation.note else note,
+                   extra={**observation.extra, "derived": f"{derived}, then {arithmetic}" if derived else arithmetic})
 
 
 def category(results: Results, spec: dict, method: str) -> Observation | None:
@@ -318,7 +321,9 @@ def premise_bytes(results: Results, spec: dict, method: str) -> Observation | No
     if observation is None or observation.value is None:
         return observation
     note = f"{observation.value:,.0f} parameters x {per_parameter:g} B"
-    return as_counted(replace(observation, value=observation.value * per_parameter, note=note), spec)
+    derived = f"the parameter count of the run, {observation.value:,.0f}, x {per_parameter:g} B"
+    return as_counted(replace(observation, value=observation.value * per_parameter, note=note,
+                              extra={**observation.extra, "derived": derived}), spec)
 
 
 def nf4_weight_bits(results: Results, spec: dict, method: str) -> Observation | None:

@@ -79,6 +79,8 @@ def basis_label(observation: Observation | None) -> str:
     """The evidence a verdict rests on, as a sentence's subject."""
     if observation is None:
         return "no evidence"
+    if observation.method == "gpu" and observation.extra.get("derived"):
+        return f"a figure derived from the run measured on {observation.device} ({observation.extra['derived']})"
     return {
         "gpu": f"the run measured on {observation.device}",
         "cpu": "a CPU run (tracked tensor bytes, not a GPU figure)",
@@ -92,6 +94,8 @@ def basis_short(observation: Observation | None) -> str:
     """The same, for a table cell."""
     if observation is None:
         return "none yet"
+    if observation.method == "gpu" and observation.extra.get("derived"):
+        return f"derived from measured ({observation.device})"
     return {"gpu": f"measured ({observation.device})", "cpu": "CPU tracked bytes", "simulated": "simulated",
             "analytic": "analytic", "probe": f"probe ({observation.device})"}[observation.method]
 

@@ -108,6 +108,8 @@ def _measured_cell(row: LedgerRow) -> Cell:
     gpu, cpu = row.gpu, row.cpu
     if gpu is not None and gpu.value is not None:
         text = _observation_text(claim, gpu)
+        if gpu.extra.get("derived"):  # arithmetic on a measurement is not itself measured
+            return Cell(f"{text} derived from a run on {gpu.device}", f"derived: {gpu.extra['derived']}; {gpu.source}")
         return Cell(f"{text} on {gpu.device}", gpu.source + (f"; {gpu.note}" if gpu.note else ""))
     parts = []
     if gpu is not None:  # an OOM or failed run on a GPU
