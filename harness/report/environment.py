@@ -77,3 +77,25 @@ def environment_text(results: Results) -> str:
             + "; ".join(mismatches) + "): where a library changed how it allocates, a prediction and a "
             "measurement differ for that reason too. Predictions are made on a CPU and model the CUDA code path.")
 
+
+
+def summary_line(results: Results) -> str:
+    """One sentence for the top of the page: what measured, what predicted, whether their versions agree."""
+    measured, predicted = measurement_environments(results), prediction_environments(results)
+    parts = []
+    if measured:
+        devices = []
+        for key, count in sorted(measured.items(), key=lambda item: -item[1]):
+            device, driver, cuda, *versions = key
+            devices.append(f"{device} (driver {driver}, CUDA {cuda}; "
+                           + ", ".join(f"{name} {v}" for name, v in zip(LIBRARIES, versions)) + f"; {count} runs)")
+        parts.append("Measured on " + "; ".join(devices))
+    else:
+        parts.append("Nothing measured on a GPU")
+    if predicted:
+        versions = [", ".join(f"{name} {v}" for name, v in zip(LIBRARIES, key)) for key in sorted(predicted)]
+        parts.append("predicted without a GPU with " + " or ".join(versions))
+    text = "; ".join(parts) + "."
+    if version_mismatches(results):
+        text += " The predictions used other library versions than the GPU runs (the table "Measured and predicted with" below says which)."
+    return text

@@ -112,6 +112,7 @@ def _answer_blocks(results) -> list[Block]:
         f"reproduces it. Memory: at sequence {reference[0]:,} x micro-batch {reference[1]}; the longest "
         "sequence is at micro-batch 1. A recipe named \"+ checkpointing\" recomputes activations in the "
         "backward pass.")))
+    blocks.append(Block("p", environment.summary_line(results)))
     blocks.append(Block("html", answer.picker_html(data, ANSWER_MODEL, ANSWER_CARD)))
     blocks.append(Block("h3", "Every model on every card"))
     blocks.append(Block("table", table=answer.summary_table(data)))
