@@ -97,5 +97,6 @@ def summary_line(results: Results) -> str:
         parts.append("predicted without a GPU with " + " or ".join(versions))
     text = "; ".join(parts) + "."
     if version_mismatches(results):
-        text += " The predictions used other library versions than the GPU runs (the table "Measured and predicted with" below says which)."
+        text += (' The predictions used other library versions than the GPU runs (the table "Measured and predicted '
+                 'with" below says which).')
     return text

@@ -291,7 +291,7 @@ def loss_curves(results: Results, runs: pd.DataFrame) -> FigureResult:
 # --- 4. predicted vs measured -------------------------------------------------------------------
 
 def parity(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
-    name, title = "predicted-vs-measured", "Predicted against measured peak"
+    name, title = "predicted-vs-measured", "Predicted against measured peak: the error of each run"
     missing = ("No prediction matches a measured run's configuration (experiment, model, sequence length, "
                "micro-batch, accumulation, device type). `python -m harness predict --experiment E --model M "
                "--seq S --batch B --save` predicts a run's configuration; `make bench` measures it.")
@@ -308,40 +308,34 @@ def parity(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
     if matched.empty:
         return FigureResult(name, title, "", missing=missing)
     matched = matched.drop_duplicates(keys + ["method"]).sort_values(keys + ["method"])
-    matched["measured_gb"] = matched["peak_allocated"] / 1e9
-    matched["predicted_gb"] = matched["total_bytes"] / 1e9
+    matched["error_pct"] = (matched["total_bytes"] / matched["peak_allocated"] - 1) * 100
     matched["evidence"] = np.where(matched["device_type"] == "cuda", "GPU (allocator)", "CPU (tracked bytes)")
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    sns.scatterplot(data=matched, x="predicted_gb", y="measured_gb", hue="method", style="evidence", s=70, ax=ax,
-                    hue_order=sorted(matched["method"].unique()), style_order=sorted(matched["evidence"].unique()))
-    low = min(matched["predicted_gb"].min(), matched["measured_gb"].min()) * 0.8
-    high = max(matched["predicted_gb"].max(), matched["measured_gb"].max()) * 1.2
-    grid = np.geomspace(low, high, 50)
-    ax.plot(grid, grid, color="black", linewidth=0.8)
-    ax.fill_between(grid, grid * 0.97, grid * 1.03, color="grey", alpha=0.25, label="±3%")
-    for _, row in matched.drop_duplicates(keys).iterrows():  # one label per configuration
-        ax.annotate(f"{row['experiment']} @ {row['model']}", (row["predicted_gb"], row["measured_gb"]), fontsize=7,
-                    xytext=(5, -10), textcoords="offset points")
-    plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
-    for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_formatter(plain)
-        axis.set_minor_formatter(plain)
-        axis.set_tick_params(which="minor", labelsize=7)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    for axis in (ax.xaxis, ax.yaxis):  # set_*scale resets the formatters
-        axis.set_major_formatter(plain)
-        axis.set_minor_formatter(plain)
-    ax.set_xlabel("predicted peak, GB (1e9 bytes)")
-    ax.set_ylabel("measured peak, GB (1e9 bytes)")
-    ax.legend(fontsize=8)
+    matched["run"] = [f"{r.experiment} @ {r.model}, {r.seq_len} x {r.micro_batch}"
+                      + (f" x {r.grad_accum}" if r.grad_accum and r.grad_accum > 1 else "")
+                      + (f", {r.world_size} ranks" if r.world_size and r.world_size > 1 else "")
+                      + ("" if r.device_type == "cuda" else " (CPU)") for r in matched.itertuples()]
+    order = list(dict.fromkeys(matched.sort_values(["device_type", "model", "experiment"], ascending=[False, True, True])
+                               ["run"]))
+    # one row per run, its error read off a shared axis: no label sits on another
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.24 * len(order)))
+    ax.axvspan(-3, 3, color="grey", alpha=0.25, label="±3%")
+    ax.axvline(0, color="black", linewidth=0.8)
+    sns.stripplot(data=matched, x="error_pct", y="run", hue="method", order=order,
+                  hue_order=sorted(matched["method"].unique()), size=7, jitter=False, dodge=False, ax=ax)
+    ax.set_xlabel("prediction error, % of the measured peak ((predicted - measured) / measured)")
+    ax.set_ylabel("")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.grid(axis="x", color="#d0d7de", linewidth=0.5)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    within = (abs(matched["predicted_gb"] / matched["measured_gb"] - 1) <= 0.03).sum()
+    within = (matched["error_pct"].abs() <= 3).sum()
     devices = sorted(matched["device_name"].unique())
-    caption = (f"Each point pairs a measured run with the prediction of the same configuration; {within} of "
-               f"{len(matched)} pairs fall inside the ±3% band. Devices: {', '.join(devices)}. GPU points compare "
-               "with torch's peak allocated; CPU points with tracked tensor bytes, labelled CPU (a prediction of the "
-               "CPU code path, not a GPU check).")
+    caption = (f"Each row is one measured run (experiment @ model, sequence x micro-batch), each point the error of "
+               f"a prediction of the same configuration against it; {within} of {len(matched)} predictions fall "
+               f"inside the ±3% band. Devices: {', '.join(devices)}. GPU rows compare with torch's peak allocated "
+               "from the run's record (results/<device>/); rows marked (CPU) with tracked tensor bytes (a prediction "
+               "of the CPU code path, not a GPU check). Predictions: `python -m harness predict --claims`; "
+               "measurements: `make bench`.")
     return FigureResult(name, title, caption, _png(fig))
 
 
@@ -408,7 +402,7 @@ def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
 # --- 5b. peak against sequence length, with the cards ----------------------------------------------
 
 def memory_vs_sequence(results: Results) -> FigureResult:
-    name, title = "memory-vs-sequence", "Peak memory against sequence length at 7B, with the cards"
+    name, title = "memory-vs-sequence", "Peak memory against sequence length, with the cards"
     table = results.fits
     if not table or not table.get("curves"):
         return FigureResult(name, title, "", missing=(
@@ -424,6 +418,7 @@ def memory_vs_sequence(results: Results) -> FigureResult:
     ax.set_yscale("log", base=2)
     seqs = sorted(curves["seq_len"].unique())
     ax.set_xticks(seqs, [f"{s:,}" for s in seqs])
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:,.0f}"))
     for card, sizes in table["cards"].items():
         ax.axhline(sizes["cap_bytes"] / 2**30, color="#57606a", linewidth=0.8, linestyle=":")
         ax.annotate(f"{card} GB card", (seqs[0], sizes["cap_bytes"] / 2**30), fontsize=7, color="#57606a",
@@ -431,8 +426,10 @@ def memory_vs_sequence(results: Results) -> FigureResult:
     ax.set_xlabel("sequence length (tokens, micro-batch 1)")
     ax.set_ylabel("predicted peak, GiB (log scale)")
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.tight_layout()
     model = curves["model"].iloc[0]
+    ax.set_title(f"{model}: predicted peak of one step (analytic)", fontsize=10)
+    title = f"Peak memory against sequence length ({model}), with the cards"
+    fig.tight_layout()
     caption = (f"{model}: the analytic peak of one training step at micro-batch 1 per technique, without (solid) "
                "and with (dashed) gradient checkpointing, against the memory each card leaves to tensors (dotted: "
                "the card as sold, in GiB, less the CUDA-context allowance). A technique fits a card up to where its "
