@@ -103,11 +103,15 @@ def memory_breakdown(results: Results, runs: pd.DataFrame, predictions: pd.DataF
     bars = []
     measured = representative_runs(runs)
     measured = measured[measured["device_type"] == "cuda"] if len(measured) else measured
-    shapes = {}  # one shape per model: the measured one, else the shortest predicted sequence, smallest batch
-    for _, r in measured.iterrows():
-        if any(pd.isna(r[f"peak_{c}"]) for c in CATEGORIES):
-            continue
-        shapes.setdefault(r["model"], (int(r["seq_len"]), int(r["micro_batch"])))
+    # One shape per model: the one most of its GPU runs measured (ties: the shortest), else the shortest
+    # predicted sequence and smallest batch; one panel compares like with like.
+    complete = [r for _, r in measured.iterrows() if not any(pd.isna(r[f"peak_{c}"]) for c in CATEGORIES)]
+    counted: dict[str, dict[tuple, int]] = {}
+    for r in complete:
+        shape = (int(r["seq_len"]), int(r["micro_batch"]))
+        counted.setdefault(r["model"], {})[shape] = counted.get(r["model"], {}).get(shape, 0) + 1
+    shapes = {model: min(found, key=lambda shape: (-found[shape], shape)) for model, found in counted.items()}
+    for r in complete:
         if shapes[r["model"]] != (int(r["seq_len"]), int(r["micro_batch"])):
             continue
         bars.append({"model": r["model"], "experiment": r["experiment"], "source": f"measured: {r['device']}",
@@ -165,7 +169,9 @@ def memory_breakdown(results: Results, runs: pd.DataFrame, predictions: pd.DataF
                                 xytext=(6, 2), textcoords="offset points", fontsize=8)
         shapes = ", ".join(sorted(part["shape"].unique()))
         ax.set_title(f"{model} ({shapes})", fontsize=10, loc="left")
-        ax.set_xticks(range(len(experiments)), experiments, fontsize=9, rotation=25, ha="right")
+        crowded = len(experiments) > 12  # long names side by side overlap unless turned further
+        ax.set_xticks(range(len(experiments)), experiments, fontsize=8 if crowded else 9,
+                      rotation=50 if crowded else 25, ha="right", rotation_mode="anchor")
         ax.set_ylabel("GB (1e9 bytes)")
         ax.set_xlim(-0.6, len(experiments) - 0.4)
     handles = [plt.Rectangle((0, 0), 1, 1, color=CATEGORY_COLORS[c]) for c in CATEGORIES]
