@@ -598,3 +598,15 @@ def test_a_figure_scaled_or_multiplied_from_a_measurement_is_called_derived_neve
     assert f"{LLAMA_2_7B_PARAMETERS:,}, x 2 B" in counted
     cells = [line[4] for line in ledger_table(rows).rows]  # the measured column
     assert all(cell.text.endswith("derived from a run on TEST GPU") for cell in cells)
+
+
+def test_every_figure_says_what_it_is_and_how_to_make_it_again(rendered):
+    from harness.report.figures import PROVENANCE
+
+    markdown = rendered[0].markdown.read_text()
+    blocks = markdown.split("\n\n")
+    images = [i for i, block in enumerate(blocks) if block.startswith("![")]  # each image, its caption next
+    assert len(images) == FIGURES_IN_FIXTURE
+    names = [re.search(r"figures/([\w-]+)\.png", blocks[i]).group(1) for i in images]
+    assert set(names) == set(PROVENANCE)
+    assert all("What it is: " in blocks[i + 1] and "Reproduce: `" in blocks[i + 1] for i in images)

@@ -8,7 +8,7 @@ metadata, so the same inputs give the same bytes.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import matplotlib
 
@@ -574,11 +574,39 @@ def optimisation_ladder(runs: pd.DataFrame, predictions: pd.DataFrame) -> Figure
     return FigureResult(name, title, caption, _png(fig))
 
 
+# What each figure is (measured, predicted or both) and the commands that make its inputs again; the
+# report itself is `python -m harness report`.
+PROVENANCE = {
+    "memory-breakdown": ("measured (GPU records) and predicted (analytic, simulated)",
+                         "`make bench` on a CUDA machine; `python -m harness predict --claims`"),
+    "throughput-vs-memory": ("measured (GPU records)", "`make bench` on a CUDA machine"),
+    "loss-curves": ("measured (records of fine-tunes on the lab's pretrained base)", "`make base`, then `make bench`"),
+    "predicted-vs-measured": ("predicted against measured (GPU and CPU records)",
+                              "`python -m harness predict --claims`; `make bench`"),
+    "fits-in-budget": ("measured under an emulated budget, and predicted",
+                       "`python -m harness run experiments/E.yaml --model M --budget-gb GB`; "
+                       "`python -m harness predict --claims`"),
+    "memory-vs-sequence": ("predicted (analytic)", "`python -m harness predict --claims`"),
+    "optimisation-ladder": ("predicted, with GPU measurements where they exist",
+                            "`python -m harness predict --claims`; `make bench` on a CUDA machine"),
+    "gradient-accumulation": ("measured (records at k = 1, 2, 4, 8) and computed (the accumulation probe)",
+                              "`make bench`; `python -m harness probes`"),
+    "quantization-error": ("computed (the quantization probe)", "`python -m harness probes`"),
+}
+
+
+def _with_provenance(figure: FigureResult) -> FigureResult:
+    what, how = PROVENANCE.get(figure.name, ("", ""))
+    if figure.png is None or not what:
+        return figure
+    return replace(figure, caption=f"{figure.caption} What it is: {what}. Reproduce: {how}.")
+
+
 def all_figures(results: Results, runs: pd.DataFrame, predictions: pd.DataFrame,
                 claims: list[Claim]) -> list[FigureResult]:
     # seaborn's contexts set rcParams of their own; STYLE goes on top of them
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9), plt.rc_context(STYLE):
-        return [
+        return [_with_provenance(figure) for figure in [
             memory_breakdown(results, runs, predictions, claims),
             throughput_vs_memory(runs),
             loss_curves(results, runs),
@@ -588,4 +616,4 @@ def all_figures(results: Results, runs: pd.DataFrame, predictions: pd.DataFrame,
             optimisation_ladder(runs, predictions),
             accumulation(results, runs),
             quantization_error(results),
-        ]
+        ]]
