@@ -23,6 +23,7 @@ from harness.claims import Claim  # noqa: E402
 from harness.measure.budget import budget_cap_bytes  # noqa: E402
 from harness.report.load import CATEGORIES, Results  # noqa: E402
 from harness.report.units import CATEGORY_WORDS, DOCUMENTS_MODEL  # noqa: E402
+from harness.techniques import TECHNIQUES  # noqa: E402
 
 CARDS_GB = (16, 24, 40, 80)
 TECHNIQUE_ORDER = ("fp32", "bf16-mixed", "bf16-mixed-gc", "fp16-mixed", "bf16-pure", "adamw8bit", "lora",
@@ -354,9 +355,11 @@ def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
     name, title = "fits-in-budget", "Which technique fits which card"
     gpu_budget = runs[(runs["device_type"] == "cuda") & runs["budget_gb"].notna() & runs["status"].isin(["ok", "oom"])]
     cells = []
-    for _, run in gpu_budget.iterrows():
+    for _, run in gpu_budget.sort_values("status", key=lambda status: status != "ok", kind="stable").iterrows():
         fits = run["status"] == "ok"
         peak = f"\n{run['peak_allocated'] / 1e9:.1f} meas." if fits and pd.notna(run["peak_allocated"]) else "\nmeasured"
+        if run["seq_len"] != 512 or run["micro_batch"] != 1:  # the predicted cells are at 512 x 1: say when not
+            peak += f"\n{int(run['seq_len']):,} x {int(run['micro_batch'])}"
         cells.append({"model": run["model"], "experiment": run["experiment"], "card": float(run["budget_gb"]),
                       "state": f"{'fits' if fits else 'OOM'} (measured)", "priority": 0,
                       "label": ("fits" if fits else "OOM") + peak})
@@ -364,6 +367,10 @@ def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
         chosen = predictions[(predictions["seq_len"] == 512) & (predictions["micro_batch"] == 1)
                              & (predictions["device_type"] == "cuda") & predictions["total_bytes"].notna()]
         chosen = chosen.sort_values(["method"], ascending=False, kind="stable")  # simulated before analytic
+        # the registry's techniques, plain and checkpointed: every other experiment has its own table
+        # ("Every technique at 7B"), and forty rows in one panel cannot be read
+        core = set(TECHNIQUES) | {f"{name}-gc" for name in TECHNIQUES}
+        chosen = chosen[chosen["experiment"].isin(core)]
         for _, p in chosen.drop_duplicates(["model", "experiment"]).iterrows():
             for card in CARDS_GB:
                 fits = p["total_bytes"] <= budget_cap_bytes(card, "cuda")
@@ -376,7 +383,9 @@ def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
             "`python -m harness predict --claims` predicts."))
     frame = pd.DataFrame(cells).sort_values("priority", kind="stable").drop_duplicates(["model", "experiment", "card"])
     models = sorted(frame["model"].unique())
-    fig, axes = plt.subplots(1, len(models), figsize=(3.0 * len(models) + 1, 4.2), squeeze=False)
+    most_rows = frame.groupby("model")["experiment"].nunique().max()
+    fig, axes = plt.subplots(1, len(models), figsize=(3.0 * len(models) + 1, max(4.2, 0.32 * most_rows + 1.6)),
+                             squeeze=False)
     colors = {2: "#1a9850", 1: "#a6d96a", -1: "#fdae61", -2: "#d73027"}
     cmap = matplotlib.colors.ListedColormap([colors[k] for k in sorted(colors)])
     norm = matplotlib.colors.BoundaryNorm([-2.5, -1.5, 0, 1.5, 2.5], cmap.N)
@@ -392,7 +401,7 @@ def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
                     annot_kws={"fontsize": 6}, linewidths=0.5, linecolor="white")
         ax.set_title(model, fontsize=9)
         ax.set_xlabel("card, GB (1e9 bytes)")
-        ax.set_xticklabels([f"{c:g}" for c in grid.columns])
+        ax.set_xticklabels([f"{c:g}" if c == int(c) else f"{c:.1f}" for c in grid.columns])
         ax.set_ylabel("")
     fig.tight_layout()
     measured = frame[frame["state"].str.endswith("(measured)")]
