@@ -245,7 +245,7 @@ def throughput_vs_memory(runs: pd.DataFrame) -> FigureResult:
 # --- 3. loss curves -----------------------------------------------------------------------------
 
 def loss_curves(results: Results, runs: pd.DataFrame) -> FigureResult:
-    name, title = "loss-curves", "Loss per step from pretrained weights, per technique on the same data"
+    name, title = "loss-curves", "Final loss from pretrained weights, per technique on the same data"
     chosen = representative_runs(runs)
     by_file = {r["_file"]: r for r in results.records}
     lines = []
@@ -265,33 +265,45 @@ def loss_curves(results: Results, runs: pd.DataFrame) -> FigureResult:
             "No finished run from pretrained weights: `make bench` fine-tunes the lab's pretrained base."))
     frame = pd.DataFrame(lines)
     panels = sorted(frame["panel"].unique())
-    fig, axes = _panel_grid(len(panels), 2, (6.5, 3.8))
-    experiments, palette = _experiment_palette(frame)
-    for ax, panel in zip(axes.flat, panels):
-        part = frame[frame["panel"] == panel]
-        train = part[part["kind"] == "train"]
+    # One row per technique, its last held-out loss (else its last training loss), named on the axis: a
+    # legend of a dozen colours over a dozen crossing lines cannot be read.
+    finals = []
+    for (panel, experiment), part in frame.groupby(["panel", "experiment"], sort=False):
         held = part[part["kind"] == "held-out"]
-        # Where the runs evaluated, held-out loss is the comparison (lines with dots) and the noisy
-        # per-batch training loss stays faint behind it.
-        sns.lineplot(data=train, x="step", y="loss", hue="experiment", palette=palette, ax=ax,
-                     linewidth=0.7 if len(held) else 1.2, alpha=0.15 if len(held) else 1.0, legend=held.empty,
-                     hue_order=[e for e in experiments if e in set(train["experiment"])])
-        if not held.empty:
-            sns.lineplot(data=held, x="step", y="loss", hue="experiment", palette=palette, ax=ax, marker="o",
-                         linewidth=1.8, hue_order=[e for e in experiments if e in set(held["experiment"])])
-            low, high = held["loss"].min(), held["loss"].max()
-            margin = 0.15 * (high - low) + 0.02
-            ax.set_ylim(low - margin, high + margin)
+        chosen_kind = "held-out" if len(held) else "train"
+        last = (held if len(held) else part).sort_values("step").iloc[-1]
+        finals.append({"panel": panel, "experiment": experiment, "loss": last["loss"], "kind": chosen_kind,
+                       "step": int(last["step"])})
+    finals = pd.DataFrame(finals)
+    most = finals.groupby("panel")["experiment"].nunique().max()
+    fig, axes = _panel_grid(len(panels), 2, (6.5, 1.0 + 0.3 * most))
+    for ax, panel in zip(axes.flat, panels):
+        part = finals[finals["panel"] == panel].sort_values("loss")
+        colors = ["#0969da" if kind == "held-out" else "#bf8700" for kind in part["kind"]]
+        ax.scatter(part["loss"], range(len(part)), c=colors, s=40, zorder=3)
+        longest = part["step"].max()  # a run cut short is no like-for-like comparison: its label says so
+        ax.set_yticks(range(len(part)), [e if step == longest else f"{e} (step {step}, not {longest})"
+                                         for e, step in zip(part["experiment"], part["step"])], fontsize=8)
+        ax.invert_yaxis()
+        reference = part[(part["experiment"] == "fp32") & (part["step"] == longest)]
+        if len(reference):
+            ax.axvline(reference["loss"].iloc[0], color="black", linewidth=0.8, linestyle="--")
+            ax.annotate("fp32", (reference["loss"].iloc[0], len(part) - 0.6), fontsize=7, xytext=(3, 0),
+                        textcoords="offset points")
+        kinds = sorted(set(part["kind"]))
+        ax.set_xlabel("final loss (" + " / ".join("held-out, blue" if k == "held-out" else "training, amber"
+                                                  for k in kinds) + ")")
         ax.set_title(panel, fontsize=9)
-        ax.legend(fontsize=7, ncol=2)
+        ax.grid(axis="x", color="#d0d7de", linewidth=0.5)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.tight_layout()
-    caption = ("Training loss at every step and, where the run evaluated, held-out loss (bold lines with dots; the "
-               "training loss is then faint behind it), one run per technique, the same sequences for every "
-               "technique of a panel, from pretrained weights only (runs from random weights measure memory and "
-               "speed, and their loss says nothing). Devices: "
-               + ", ".join(sorted({p.split(' | ', 1)[1] for p in panels})) + ".")
+    caption = ("Each technique's loss at the end of its fine-tune from pretrained weights, one row per technique, the "
+               "same sequences for every technique of a panel: held-out loss (blue) where the run evaluated, else "
+               "the last training loss (amber); the dashed line is fp32's where it ran as long as the rest. A run that stopped earlier than the "
+               "others names its last step: its loss is not comparable with theirs. Runs from random weights are left out "
+               "(they measure memory and speed, and their loss says nothing); the loss section's table gives each "
+               "run's figures. Devices: " + ", ".join(sorted({p.split(' | ', 1)[1] for p in panels})) + ".")
     return FigureResult(name, title, caption, _png(fig))
 
 
