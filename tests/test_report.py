@@ -249,8 +249,9 @@ def test_fixture_ledger_picks_the_right_evidence():
     for claim_id in ("F-bf16", "F-range", "F-fp16", "Q-levels", "GA-eq"):
         assert rows[claim_id].basis.method == "probe"
     assert rows["F-bf16"].verdict.kind == verdicts.HOLDS
-    # the counts are right and do not separate the 16-bit formats: range does
-    assert rows["F-range"].verdict.kind == verdicts.CAVEAT and "65,536 bit patterns" in rows["F-range"].why
+    # read one way for both formats (values of each sign), fp32's "±2 billion" matches and fp16's "±65k" does not
+    assert rows["F-range"].verdict.kind == verdicts.WRONG and "65,536 bit patterns over both signs" in rows["F-range"].why
+    assert 'fp16 has 31,744 finite values (not "±65k"' in rows["F-range"].why
     assert rows["F-fp16"].verdict.kind == verdicts.CAVEAT and "65504" in rows["F-fp16"].why
     assert rows["Q-levels"].verdict.kind == verdicts.CAVEAT  # the probe swept random-init weights
 
@@ -610,3 +611,43 @@ def test_every_figure_says_what_it_is_and_how_to_make_it_again(rendered):
     names = [re.search(r"figures/([\w-]+)\.png", blocks[i]).group(1) for i in images]
     assert set(names) == set(PROVENANCE)
     assert all("What it is: " in blocks[i + 1] and "Reproduce: `" in blocks[i + 1] for i in images)
+
+
+def test_a_claim_of_direction_is_answered_in_words_never_as_a_percentage():
+    records = [_speed_record("lora", 1, 2_500.0, "lora"), _speed_record("bf16-mixed", 1, 3_200.0, "mixed")]
+    for record in records:
+        record["model"], record["config"]["micro_batch"] = "llama-2-7b", 1
+    row = build_row(_claim("L-speed"), Results(root=Path("."), records=records))
+    assert row.verdict.kind == verdicts.WRONG and row.verdict.label == "wrong" and "%" not in row.verdict.label
+    assert "the other way round" in row.why and row.claim.tolerance_text == "direction only"
+
+
+def test_only_one_sequence_fits_is_wrong_where_not_even_one_does():
+    fits = {"micro_batch_seq_len": 2048, "rows": [
+        {"model": "llama-2-7b", "experiment": "qlora", "card_gb": 16, "gradient_checkpointing": False,
+         "max_micro_batch": 0, "max_seq_len": 1156},
+        {"model": "llama-2-7b", "experiment": "qlora", "card_gb": 16, "gradient_checkpointing": True,
+         "max_micro_batch": 1, "max_seq_len": 4096}]}
+    row = build_row(_claim("GA-one"), Results(root=Path("."), fits=fits))
+    assert row.verdict.kind == verdicts.WRONG and "not even one sequence fits" in row.why and "1,156" in row.why
+    (_, with_checkpointing), = row.readings
+    assert with_checkpointing.verdict.kind == verdicts.HOLDS  # exactly one fits there
+
+
+def test_halving_holds_only_with_its_standing_caveat_beside_the_mixed_precision_figure():
+    pure = _record("cuda", experiment="bf16-pure", weights=13.5e9)  # peak 4 x weights = 54 GB
+    mixed = _record("cuda", experiment="bf16-mixed", weights=27e9)
+    row = build_row(_claim("T-half"), Results(root=Path("."), records=[pure, mixed]))
+    assert row.verdict.kind == verdicts.CAVEAT and "Trainer" in row.why
+    assert "bf16 mixed precision" in row.also
+
+
+def test_paging_is_not_tested_by_a_run_with_room_to_spare():
+    qlora = _record("cuda", experiment="qlora", weights=4e9)
+    qlora["memory"].update(tracked_step_peak=20e9, peak_allocated=10e9, peak_device_used=12e9)
+    qlora["environment"]["device_total_bytes"] = 150e9
+    row = build_row(_claim("P-paged"), Results(root=Path("."), records=[qlora]))
+    assert row.verdict.kind == verdicts.UNCHECKED and "not tested" in row.why
+    qlora["memory"]["peak_device_used"] = 149e9  # the card was full: now the run answers
+    row = build_row(_claim("P-paged"), Results(root=Path("."), records=[qlora]))
+    assert row.verdict.kind != verdicts.UNCHECKED and row.basis.method == "gpu"

@@ -49,7 +49,21 @@ def usable_for(claim: Claim, observation: Observation | None) -> bool:
 
 
 def judge(claim: Claim, observation: Observation) -> verdicts.Verdict:
+    verdict = _judge(claim, observation)
+    if claim.standing_caveat and verdict.kind == verdicts.HOLDS:
+        verdict = verdicts.Verdict(verdicts.CAVEAT, verdict.error, verdict.reason)
+    return verdict
+
+
+def _judge(claim: Claim, observation: Observation) -> verdicts.Verdict:
     tolerance, band, figure = claim.tolerance, claim.caveat_tolerance, claim.figure_value
+    if claim.qualitative and claim.compare in ("at_least", "at_most"):
+        below = observation.value < figure
+        holds = (not below) if claim.compare == "at_least" else below
+        return verdicts.Verdict(verdicts.HOLDS if holds else verdicts.WRONG, None,
+                                "the direction holds" if holds else "the other way round")
+    if claim.unit == "sequences" and observation.value == 0:  # "only one fits" says one does
+        return verdicts.Verdict(verdicts.WRONG, None, "not even one sequence fits")
     if claim.compare == "equals":
         verdict = verdicts.judge_value(figure, observation.value, tolerance, band)
     elif claim.compare == "premise":
