@@ -96,13 +96,15 @@ def record_matches(record: dict, spec: dict) -> bool:
 
 def select_records(results: Results, spec: dict, method: str, experiment: str) -> list[dict]:
     """Run records of one experiment on GPU or CPU in the spec's configuration (`record_matches`);
-    finished ones first, then OOM, then failed."""
+    finished ones first, then OOM, then failed; the spec's own model first within each."""
     want_gpu = method == "gpu"
     chosen = [record for record in results.records
               if is_gpu_record(record) == want_gpu and record.get("experiment") == experiment
               and record_matches(record, spec)]
     order = {"ok": 0, "oom": 1, "failed": 2}
-    return sorted(chosen, key=lambda r: (order.get(r.get("status"), 3), r.get("_file", "")))
+    # where any model will do, the spec's own model (the documents' 7B) speaks first
+    return sorted(chosen, key=lambda r: (order.get(r.get("status"), 3), r.get("model") != spec.get("model"),
+                                         r.get("_file", "")))
 
 
 def _configuration(record: dict) -> tuple:
@@ -270,6 +272,17 @@ def _per_trainable(results: Results, spec: dict, method: str, of) -> Observation
 def bytes_per_trainable(results: Results, spec: dict, method: str) -> Observation | None:
     """(adapter weights + gradients + optimizer state) / trainable parameters."""
     return _per_trainable(results, spec, method, lambda gradients, state, n: (2 * gradients + state) / n)
+
+
+def bytes_per_trainable_at_half(results: Results, spec: dict, method: str) -> Observation | None:
+    """(adapter + gradient at 2 B each + the optimizer state the evidence holds) / trainable parameters:
+    the documents' 16-bit adapters, whatever dtype the run kept its adapters in."""
+    observation = _per_trainable(results, spec, method, lambda gradients, state, n: (2 * 2 * n + state) / n)
+    if observation is None or observation.value is None:
+        return observation
+    return replace(observation, extra={**observation.extra, "derived": (
+        f"2 B of 16-bit adapter + 2 B of gradient per parameter + the optimizer state's "
+        f"{observation.value - 4:.1f} B per parameter")})
 
 
 def trainable_bytes(results: Results, spec: dict, method: str) -> Observation | None:
@@ -555,7 +568,8 @@ def accumulation_error(results: Results, spec: dict, method: str) -> Observation
 QUANTITIES = {
     "category": category, "categories_sum": categories_sum, "excess": excess, "peak": peak,
     "min_peak": min_peak, "excess_peak": excess_peak, "trainable_fraction": trainable_fraction,
-    "bytes_per_trainable": bytes_per_trainable, "trainable_bytes": trainable_bytes,
+    "bytes_per_trainable": bytes_per_trainable, "bytes_per_trainable_at_half": bytes_per_trainable_at_half,
+    "trainable_bytes": trainable_bytes,
     "state_over_half_adapter": state_over_half_adapter, "base_bits": base_bits, "constant_bits": constant_bits,
     "accumulation_extra": accumulation_extra, "paged_state": paged_state, "premise_bytes": premise_bytes,
     "nf4_weight_bits": nf4_weight_bits, "peak_ratio": peak_ratio, "throughput_ratio": throughput_ratio,

@@ -93,15 +93,16 @@ def basis_label(observation: Observation | None) -> str:
     """The evidence a verdict rests on, as a sentence's subject."""
     if observation is None:
         return "no evidence"
-    if observation.method == "gpu" and observation.extra.get("derived"):
-        return f"a figure derived from the run measured on {observation.device} ({observation.extra['derived']})"
-    return {
+    label = {
         "gpu": f"the run measured on {observation.device}",
         "cpu": "a CPU run (tracked tensor bytes, not a GPU figure)",
         "simulated": "the simulation (fake-tensor trace of the real step)",
         "analytic": "the analytic formula",
         "probe": f"the probe on {observation.device} (device-independent)",
     }[observation.method]
+    if observation.extra.get("derived"):  # arithmetic on the evidence is named, never passed off as it
+        return f"a figure derived from {label} ({observation.extra['derived']})"
+    return label
 
 
 def basis_short(observation: Observation | None) -> str:
