@@ -24,7 +24,8 @@ from harness.report.units import GB, GIB, LLAMA_2_7B_PARAMETERS, fmt_bytes
 
 FIXTURE = Path(__file__).parent / "fixtures" / "report-results"
 CLAIM_IDS = ["W-fp32", "W-over16", "G-fp32", "O-adam", "T-fp32", "T-half", "W-half", "F-bf16", "F-range", "F-fp16",
-             "Q-int8-pg", "Q-int8-all", "Q-int8-t4", "Q-levels", "L-frac", "L-4x", "L-speed", "L-16gb", "A-5gb",
+             "Q-int8-pg", "Q-int8-all", "Q-int8-t4", "Q-levels", "L-frac", "L-4x", "L-speed", "L-footprint", "F-speed",
+             "L-16gb", "A-5gb",
              "Q-nf4", "Q-more", "P-paged", "GA-mem", "GA-eq", "M-16gb", "X-65gb", "GA-one"]
 FIGURES_IN_FIXTURE = 9
 
@@ -657,3 +658,16 @@ def test_paging_is_not_tested_by_a_run_with_room_to_spare():
     qlora["memory"]["peak_device_used"] = 149e9  # the card was full: now the run answers
     row = build_row(_claim("P-paged"), Results(root=Path("."), records=[qlora]))
     assert row.verdict.kind != verdicts.UNCHECKED and row.basis.method == "gpu"
+
+
+def test_loras_footprint_is_smaller_on_disk_and_not_on_the_card():
+    lora = {**_record("cuda", experiment="lora", weights=13.64e9), "adapter_bytes_on_disk": 160e6}
+    pure = _record("cuda", experiment="bf16-pure", weights=13.48e9)
+    row = build_row(_claim("L-footprint"), Results(root=Path("."), records=[lora, pure]))
+    assert row.verdict.kind == verdicts.WRONG and row.basis.value == pytest.approx(13.64 / 13.48)
+    (_, on_disk), = row.readings
+    assert on_disk.verdict.kind == verdicts.HOLDS and on_disk.basis.value == pytest.approx(160e6 / 13.48e9)
+    # a file from a run of another shape is no comparison
+    lora["config"] = {**lora["config"], "micro_batch": 2}
+    row = build_row(_claim("L-footprint"), Results(root=Path("."), records=[lora, pure]))
+    assert dict(row.readings)["the fine-tune's own weights on disk, the adapter file against the full model's weights"].verdict.kind == verdicts.UNCHECKED

@@ -377,6 +377,25 @@ def peak_ratio(results: Results, spec: dict, method: str) -> Observation | None:
     return _ratio(results, {**spec, "of": "bytes"}, method, peak)
 
 
+def category_ratio(results: Results, spec: dict, method: str) -> Observation | None:
+    return _ratio(results, {**spec, "of": "bytes"}, method, category)
+
+
+def adapter_file_ratio(results: Results, spec: dict, method: str) -> Observation | None:
+    """The adapter file a run saved over the `over` run's weights in memory (what a full fine-tune's
+    checkpoint holds): the fine-tune's own footprint on disk."""
+    if method not in RECORD_METHODS:
+        return None
+    saved = _per_experiment(results, spec, method, lambda p, res: None, lambda r: r.get("adapter_bytes_on_disk"))
+    weights = category(results, {**spec, "experiment": spec["over"], "category": "weights"}, method)
+    if saved is None or weights is None or saved.value is None or not weights.value:
+        return None
+    if saved.extra.get("configuration") != weights.extra.get("configuration"):
+        return None  # never a ratio of unlike runs
+    return Observation(saved.value / weights.value, method, f"{saved.source} over {spec['over']}", saved.device,
+                       note=f"adapter file {fmt_bytes(saved.value)} against {fmt_bytes(weights.value)} of weights")
+
+
 def tokens_per_second(results: Results, spec: dict, method: str) -> Observation | None:
     if method != "gpu":  # a speed means something only on a GPU
         return None
@@ -573,7 +592,7 @@ QUANTITIES = {
     "state_over_half_adapter": state_over_half_adapter, "base_bits": base_bits, "constant_bits": constant_bits,
     "accumulation_extra": accumulation_extra, "paged_state": paged_state, "premise_bytes": premise_bytes,
     "nf4_weight_bits": nf4_weight_bits, "peak_ratio": peak_ratio, "throughput_ratio": throughput_ratio,
-    "max_micro_batch": max_micro_batch,
+    "max_micro_batch": max_micro_batch, "category_ratio": category_ratio, "adapter_file_ratio": adapter_file_ratio,
     "format_bits": format_bits, "format_counts": format_counts, "format_range": format_range,
     "quantization_tradeoff": quantization_tradeoff, "accumulation_error": accumulation_error,
 }
