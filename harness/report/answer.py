@@ -132,9 +132,9 @@ def answer_data(results: Results) -> dict | None:
             "method": table.get("method"), "rows": rows}
 
 
-def _seq_words(entry: dict, unit: str = "") -> str:
+def _seq_words(entry: dict, unit: str = "", context: str = " (the model's context length)") -> str:
     text = f"{entry['max_seq_len']:,}{unit}"
-    return text + " (the model's context length)" if entry["limited_by"] == "context" else text
+    return text + context if entry["limited_by"] == "context" else text
 
 
 def _fastest(entries: list[dict]) -> dict | None:
@@ -180,7 +180,8 @@ def model_table(data: dict, model: str) -> Table:
                 if speed else Cell("-", "no GPU run of this recipe and model")]
         for card in data["cards"]:
             entry = entries[card]
-            line.append(Cell(_seq_words(entry)) if entry["fits"] else Cell("does not fit", css="status-oom"))
+            line.append(Cell(_seq_words(entry, context=" (context)")) if entry["fits"]
+                        else Cell("does not fit", css="status-oom"))
         lines.append(line)
     reference = data["reference"]
     columns = ["Recipe", f"Memory at {reference[0]:,} x {reference[1]}", "Tokens/s"] + [
@@ -189,7 +190,8 @@ def model_table(data: dict, model: str) -> Table:
             "`make bench` on a CUDA machine runs the cell again. Predicted memory: the analytic tensor peak "
             "(the allocator's caching and the CUDA context add to it); `python -m harness predict --model "
             f"{model} --experiment E [--checkpointing] --card GB --solve seq_len` confirms one cell by simulation. Longest "
-            f"sequence: at micro-batch 1, predicted by the {data['method']} search for each card. Tokens/s: "
+            f"sequence: at micro-batch 1, predicted by the {data['method']} search for each card; (context): the "
+            "model's context length is reached before the card is full. Tokens/s: "
             "measured on the device named (another card runs at another speed) unless marked predicted.")
     return Table(columns, lines, css="fits", numeric=set(range(3, 3 + len(data["cards"]))), note=note)
 
