@@ -606,6 +606,7 @@ def test_a_figure_scaled_or_multiplied_from_a_measurement_is_called_derived_neve
     assert f"{LLAMA_2_7B_PARAMETERS:,}, x 2 B" in counted
     cells = [line[4] for line in ledger_table(rows).rows]  # the measured column
     assert all(cell.text.endswith("derived from a run on TEST GPU") for cell in cells)
+    assert all("record cuda/fp32.json; `make bench`" in cell.detail for cell in cells)  # the number leads to its file
 
 
 def test_every_figure_says_what_it_is_and_how_to_make_it_again(rendered):

@@ -140,7 +140,8 @@ def _per_experiment(results: Results, spec: dict, method: str, from_prediction, 
                 value = from_prediction(prediction, results)
                 if value is not None:
                     found.append(Observation(value, method, _describe_prediction(prediction),
-                                             capacity=_prediction_capacity(spec)))
+                                             capacity=_prediction_capacity(spec),
+                                             extra={"files": (prediction.get("_file"),)}))
                     break
         else:
             for record in select_records(results, spec, method, experiment):
@@ -151,7 +152,8 @@ def _per_experiment(results: Results, spec: dict, method: str, from_prediction, 
                 if value is not None:
                     found.append(Observation(value, method, _describe_record(record), device_label(record),
                                              capacity=_get(record, "budget", "cap_bytes"),
-                                             extra={"configuration": _configuration(record)}))
+                                             extra={"configuration": _configuration(record),
+                                                    "files": (record.get("_file"),)}))
                     if record.get("model") == spec.get("model"):
                         own_model.append(found[-1])
                     break
@@ -370,7 +372,9 @@ def _ratio(results: Results, spec: dict, method: str, quantity) -> Observation |
     source = f"{numerator.source} over {spec['over']}"
     unit = spec.get("of", "")
     note = f"{fmt_value(numerator.value, unit)} against {fmt_value(denominator.value, unit)}" if unit else ""
-    return Observation(numerator.value / denominator.value, method, source, numerator.device, note=note)
+    files = numerator.extra.get("files", ()) + denominator.extra.get("files", ())
+    return Observation(numerator.value / denominator.value, method, source, numerator.device, note=note,
+                       extra={"files": files})
 
 
 def peak_ratio(results: Results, spec: dict, method: str) -> Observation | None:
