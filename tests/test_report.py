@@ -23,7 +23,7 @@ from harness.report.load import CATEGORIES, Results, is_gpu_record, load_results
 from harness.report.units import GB, GIB, LLAMA_2_7B_PARAMETERS, fmt_bytes
 
 FIXTURE = Path(__file__).parent / "fixtures" / "report-results"
-CLAIM_IDS = ["W-fp32", "W-over16", "G-fp32", "O-adam", "T-fp32", "T-half", "W-half", "F-bf16", "F-range", "F-fp16",
+CLAIM_IDS = ["W-fp32", "W-over16", "G-fp32", "G-dtype", "O-adam", "T-fp32", "T-half", "W-half", "F-bf16", "F-range", "F-fp16",
              "Q-int8-pg", "Q-int8-all", "Q-int8-t4", "Q-levels", "L-frac", "L-4x", "L-speed", "L-footprint", "F-speed",
              "L-16gb", "A-5gb",
              "Q-nf4", "Q-more", "P-paged", "GA-mem", "GA-eq", "M-16gb", "X-65gb", "GA-one"]
@@ -672,3 +672,16 @@ def test_loras_footprint_is_smaller_on_disk_and_not_on_the_card():
     lora["config"] = {**lora["config"], "micro_batch": 2}
     row = build_row(_claim("L-footprint"), Results(root=Path("."), records=[lora, pure]))
     assert dict(row.readings)["the fine-tune's own weights on disk, the adapter file against the full model's weights"].verdict.kind == verdicts.UNCHECKED
+
+
+def test_gradients_take_their_parameters_type_in_every_full_fine_tune():
+    records = [_record("cuda", experiment=name, weights=w) for name, w in
+               (("fp32", 26.95e9), ("bf16-pure", 13.48e9), ("bf16-mixed", 26.95e9))]
+    for record in records:
+        record["_file"] = f"cuda/{record['experiment']}.json"
+    row = build_row(_claim("G-dtype"), Results(root=Path("."), records=records))
+    assert row.basis.method == "gpu" and row.basis.holds and "bf16-mixed 1.000" in row.why
+    records[2]["memory"]["persistent"]["gradients"] = 13.48e9  # 16-bit gradients on fp32 weights: not so
+    row = build_row(_claim("G-dtype"), Results(root=Path("."), records=records))
+    assert row.verdict.kind == verdicts.WRONG and "bf16-mixed 0.500" in row.why
+    assert build_row(_claim("G-dtype"), Results(root=Path("."), records=records[:2])).gpu is None  # all three needed

@@ -276,6 +276,30 @@ def bytes_per_trainable(results: Results, spec: dict, method: str) -> Observatio
     return _per_trainable(results, spec, method, lambda gradients, state, n: (2 * gradients + state) / n)
 
 
+def gradient_dtype(results: Results, spec: dict, method: str) -> Observation | None:
+    """Whether every experiment's gradients take as many bytes as its weights (full fine-tuning: one
+    gradient per parameter, of the parameter's dtype); all of the spec's experiments must be there."""
+    def ratio(persistent: dict | None) -> float | None:
+        gradients, weights = _get(persistent, "gradients"), _get(persistent, "weights")
+        return gradients / weights if gradients is not None and weights else None
+
+    found = []
+    for experiment in _experiments(spec):
+        observation = _per_experiment(results, {**spec, "experiment": experiment}, method,
+                                      lambda p, _: ratio(p.get("persistent")),
+                                      lambda r: ratio(_get(r, "memory", "persistent")))
+        if observation is None or observation.value is None:
+            return None
+        found.append((experiment, observation))
+    tolerance = spec.get("tolerance", 0.01)
+    holds = all(abs(observation.value - 1) <= tolerance for _, observation in found)
+    note = "gradient bytes over weight bytes: " + ", ".join(f"{experiment} {observation.value:.3f}"
+                                                             for experiment, observation in found)
+    first = found[0][1]
+    return Observation(None, method, ", ".join(o.source for _, o in found), first.device, note=note, holds=holds,
+                       extra={"files": tuple(f for _, o in found for f in o.extra.get("files", ()))})
+
+
 def bytes_per_trainable_at_half(results: Results, spec: dict, method: str) -> Observation | None:
     """(adapter + gradient at 2 B each + the optimizer state the evidence holds) / trainable parameters:
     the documents' 16-bit adapters, whatever dtype the run kept its adapters in."""
@@ -592,6 +616,7 @@ QUANTITIES = {
     "category": category, "categories_sum": categories_sum, "excess": excess, "peak": peak,
     "min_peak": min_peak, "excess_peak": excess_peak, "trainable_fraction": trainable_fraction,
     "bytes_per_trainable": bytes_per_trainable, "bytes_per_trainable_at_half": bytes_per_trainable_at_half,
+    "gradient_dtype": gradient_dtype,
     "trainable_bytes": trainable_bytes,
     "state_over_half_adapter": state_over_half_adapter, "base_bits": base_bits, "constant_bits": constant_bits,
     "accumulation_extra": accumulation_extra, "paged_state": paged_state, "premise_bytes": premise_bytes,

@@ -108,7 +108,7 @@ def _measured_cell(row: LedgerRow) -> Cell:
     if claim.evidence["quantity"] in PROBE_QUANTITIES:
         return Cell("no probe file yet", f"needs {claim.needs}")
     gpu, cpu = row.gpu, row.cpu
-    if gpu is not None and gpu.value is not None:
+    if gpu is not None and (gpu.value is not None or gpu.holds is not None):
         text = _observation_text(claim, gpu)
         files = gpu.extra.get("files")
         where = (f"; record {', '.join(f for f in files if f)}; `make bench` on a CUDA machine "
