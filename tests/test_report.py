@@ -587,6 +587,8 @@ def test_the_glossary_defines_every_technique_and_experiment_run_and_the_page_li
     terms = glossary(results)
     assert set(TECHNIQUES) <= set(terms) and {r["experiment"] for r in results.records} <= set(terms)
     assert "Trainer" in terms["bf16-mixed"] and "reserved" in terms and "(context)" in terms
+    lora = next(r for r in results.records if r["experiment"] == "lora" and (r["config"].get("lora") or {}))
+    assert ", ".join(lora["config"]["lora"]["target_modules"]) in terms["lora"]  # the layers the adapters sit on
     link = linker(terms)
     linked = link("qlora-gc beats lora, not qlora")
     assert linked.count('class="term"') == 3 and f'href="#{anchor("qlora-gc")}">qlora-gc<' in linked

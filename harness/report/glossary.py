@@ -70,8 +70,25 @@ def experiment_terms(results: Results) -> dict[str, str]:
     return dict(sorted(terms.items()))
 
 
+def adapter_targets(results: Results) -> dict[str, str]:
+    """For each adapter experiment the runs used: the rank and the layers its adapters sit on, as
+    its records say (the documents leave this open; the lab's choice moves every LoRA figure)."""
+    found: dict[str, str] = {}
+    for record in sorted(results.records, key=lambda r: r.get("_file", "")):
+        lora = (record.get("config") or {}).get("lora") or {}
+        name = record.get("experiment")
+        if name and lora.get("target_modules") and name not in found:
+            found[name] = (f"adapters of rank {lora.get('r')} on {', '.join(lora['target_modules'])} "
+                           f"({len(lora['target_modules'])} projections of every layer)")
+    return found
+
+
 def glossary(results: Results) -> dict[str, str]:
-    return {**technique_terms(), **experiment_terms(results), **TERMS}
+    terms = {**technique_terms(), **experiment_terms(results)}
+    for name, targets in adapter_targets(results).items():
+        if name in terms:
+            terms[name] += f"; {targets}"
+    return {**terms, **TERMS}
 
 
 def anchor(term: str) -> str:
