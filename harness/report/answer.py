@@ -151,7 +151,7 @@ def summary_table(data: dict) -> Table:
             entries = [e for e in data["rows"] if e["model"] == model and e["card_gb"] == card]
             fitting = [e for e in entries if e["fits"]]
             if not fitting:
-                line.append(Cell("nothing fits", "not even QLoRA with checkpointing at micro-batch 1 (predicted)",
+                line.append(Cell("nothing fits", f"none of the {len(entries)} recipes at micro-batch 1 (predicted)",
                                  css="status-oom"))
                 continue
             longest = max(fitting, key=lambda e: e["max_seq_len"])
