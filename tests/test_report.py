@@ -519,6 +519,14 @@ def test_the_first_screen_answers_each_model_and_card_from_the_fit_table_and_the
     lora_gc = entries["llama-2-7b", 24, "lora + checkpointing"]
     assert lora_gc["memory"]["kind"] == "predicted" and "tensor peak" in lora_gc["memory"]["what"]
     assert lora_gc["speed"] is None and "--checkpointing" in lora_gc["memory"]["how"]
+    # the summary counts what fits each card class and names the longest
+    from harness.report.answer import summary_table
+
+    line = next(row for row in summary_table(data).rows if row[0].text == "llama-2-7b")
+    on_24 = [e for e in data["rows"] if e["model"] == "llama-2-7b" and e["card_gb"] == 24]
+    fitting = [e for e in on_24 if e["fits"]]
+    assert line[2].text == f"{len(fitting)} of {len(on_24)} recipes"
+    assert max(fitting, key=lambda e: e["max_seq_len"])["recipe"] in line[2].detail
 
 
 def test_the_first_screen_shows_a_fit_rows_predicted_device_bytes_and_speed_once_it_has_them():
