@@ -129,7 +129,7 @@ def _glossary_blocks(terms: dict[str, str]) -> list[Block]:
     return [Block("h2", "Glossary", anchor="glossary"),
             Block("p", "Every technique name and term the report uses; in the HTML page each is linked where it "
                        "first appears in a paragraph or a cell."),
-            Block("html", f'<dl class="glossary">{entries}</dl>'), Block("md", table=table, anchor="glossary")]
+            Block("html", f'<dl class="glossary">{entries}</dl>'), Block("md", table=table)]
 
 
 def _environment_blocks(results) -> list[Block]:
@@ -192,7 +192,8 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], dict[str, int]]:
+def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], dict[str, int], dict[str, str]]:
+    """The page's blocks, its figures, the verdict counts and the glossary its HTML links to."""
     results = load_results(results_dir)
     claims = load_claims()
     ledger = build_ledger(results, claims)
@@ -313,7 +314,8 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
                             "No GPU micro-benchmark file: `make microbench` on a CUDA machine writes "
                             "results/microbench/<device>.json."))
 
-    blocks += _glossary_blocks(glossary.glossary(results))
+    terms = glossary.glossary(results)
+    blocks += _glossary_blocks(terms)
     blocks.append(Block("h2", "Environment and provenance", anchor="provenance"))
     provenance = provenance_tables(results)
     if not provenance:
@@ -350,7 +352,7 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
     blocks.append(_table_or(microbench_table(cpu_benchmarks) if cpu_benchmarks else None,
                             "No CPU micro-benchmark file: `make microbench` writes results/microbench/cpu.json."))
 
-    return blocks, figures, counts
+    return blocks, figures, counts, terms
 
 
 def _ladder_blocks(runs, predictions, figures: list[FigureResult]) -> list[Block]:
@@ -568,7 +570,7 @@ def to_html(blocks: list[Block], counts: dict[str, int], terms: dict[str, str] |
 
 def render(results_dir: str | Path = "results", out_dir: str | Path = "reports") -> Rendered:
     results_dir, out_dir = Path(results_dir), Path(out_dir)
-    blocks, figures, counts = build_blocks(results_dir)
+    blocks, figures, counts, terms = build_blocks(results_dir)
     figure_dir = out_dir / "figures"
     figure_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -581,8 +583,6 @@ def render(results_dir: str | Path = "results", out_dir: str | Path = "reports")
         stale.unlink()
     markdown, page = out_dir / "index.md", out_dir / "index.html"
     markdown.write_text(to_markdown(blocks), encoding="utf-8")
-    terms = {row[0].text: row[1].text for block in blocks if block.kind == "md" and block.anchor == "glossary"
-             for row in block.table.rows}
     page.write_text(to_html(blocks, counts, terms), encoding="utf-8")
     return Rendered(markdown, page, written, sum(f.png is not None for f in figures), counts)
 
