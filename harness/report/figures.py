@@ -215,6 +215,13 @@ def throughput_vs_memory(runs: pd.DataFrame) -> FigureResult:
     done["panel"] = (done["model"] + " | " + done["device"] + ", seq " + done["seq_len"].astype(int).astype(str)
                      + " x " + done["micro_batch"].astype(int).astype(str))
     done["peak_gb"] = done["peak_allocated"] / 1e9
+    # a panel of one run compares nothing: those runs are named in the caption instead
+    counts = done.groupby("panel")["experiment"].nunique()
+    alone = done[done["panel"].isin(counts[counts < 2].index)]
+    if len(alone) < len(done):
+        done = done[~done["panel"].isin(alone["panel"])]
+    else:
+        alone = alone.iloc[0:0]
     panels = sorted(done["panel"].unique(), key=lambda p: (not p.startswith(DOCUMENTS_MODEL + " "), p))
     fig, axes = _panel_grid(len(panels), 3, (4.6, 3.6))
     experiments, palette = _experiment_palette(done)
@@ -238,7 +245,10 @@ def throughput_vs_memory(runs: pd.DataFrame) -> FigureResult:
     devices = sorted(done["device"].unique())
     caption = ("Each technique's tokens per second (median step) against its peak memory on a GPU, one run per "
                "technique at each model's usual shape; the dotted line joins the runs no other run beats on both. "
-               "Devices: " + ", ".join(devices) + ".")
+               "Devices: " + ", ".join(devices) + "."
+               + ("" if alone.empty else " Alone at their shape, so not drawn: " + "; ".join(
+                   f"{r['experiment']} @ {r['model']}, {r['tokens_per_s']:,.0f} tokens/s at {r['peak_gb']:.1f} GB"
+                   for _, r in alone.iterrows()) + "."))
     return FigureResult(name, title, caption, _png(fig))
 
 
