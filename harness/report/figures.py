@@ -496,19 +496,24 @@ def accumulation(results: Results, runs: pd.DataFrame) -> FigureResult:
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     notes = []
     if not series.empty:
-        series = series.assign(peak_gb=series["peak_allocated"] / 1e9)
-        sns.lineplot(data=series, x="grad_accum", y="peak_gb", hue="group", marker="o", ax=axes[0],
+        # each line against its own k = 1 run: a GPU's GB and a CPU's tracked MB read on one axis
+        series = series[series["group"].isin(series.loc[series["grad_accum"] == 1, "group"])]
+        first = series[series["grad_accum"] == 1].set_index("group")["peak_allocated"]
+        series = series.assign(extra_pct=(series["peak_allocated"] / series["group"].map(first) - 1) * 100)
+        sns.lineplot(data=series, x="grad_accum", y="extra_pct", hue="group", marker="o", ax=axes[0],
                      hue_order=sorted(series["group"].unique()))
         axes[0].set_xscale("log", base=2)
         ks = sorted(series["grad_accum"].unique())
         axes[0].set_xticks(ks, [str(int(k)) for k in ks])
-        axes[0].set_ylim(0, series["peak_gb"].max() * 1.15)
+        top = max(2.0, series["extra_pct"].abs().max() * 1.5)
+        axes[0].set_ylim(-top, top)
         axes[0].set_xlabel("accumulation steps k (fixed micro-batch)")
-        axes[0].set_ylabel("peak GB (1e9 bytes)")
+        axes[0].set_ylabel("peak over the k = 1 run's, %")
+        axes[0].set_title("extra memory of accumulating (each line: its model, shape and device)", fontsize=9)
         axes[0].legend(fontsize=7)
         notes.append("left: peak memory of the same micro-batch at k = "
                      + ", ".join(str(int(k)) for k in sorted(series["grad_accum"].unique()))
-                     + " on " + ", ".join(sorted(series["device"].unique())))
+                     + " on " + ", ".join(sorted(series["device"].unique())) + ", as a percentage of the k = 1 run's")
     else:
         axes[0].text(0.5, 0.5, "no runs at several k:\n`make bench`", ha="center", va="center")
         axes[0].set_axis_off()
@@ -526,6 +531,7 @@ def accumulation(results: Results, runs: pd.DataFrame) -> FigureResult:
         axes[1].legend(fontsize=7)
         axes[1].set_xlabel("k micro-batches vs one batch of k x m")
         axes[1].set_ylabel("max relative gradient difference")
+        axes[1].set_title(f"{probe.get('model')}: accumulated against one large batch", fontsize=9)
         notes.append(f"right: the accumulation probe on {probe.get('device')} ({probe.get('model')}, fp32), "
                      "against fp32's machine epsilon")
     else:
