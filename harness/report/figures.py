@@ -601,6 +601,8 @@ def optimisation_ladder(runs: pd.DataFrame, predictions: pd.DataFrame) -> Figure
                 label="ours, measured", zorder=6)
     ax.set_xticks(range(len(drawn)), drawn["label"], rotation=20, ha="right", fontsize=9)
     ax.set_ylabel("peak GiB (2^30 bytes)")
+    ax.set_title(f"{ladder.MODEL}, micro-batch {ladder.MICRO_BATCH} x {ladder.SEQ_LEN:,} tokens: bars predicted, "
+                 "dots as marked", fontsize=9)
     ax.grid(axis="x", visible=False)
     ax.legend(fontsize=8, ncol=2, loc="upper right")
     fig.tight_layout()
