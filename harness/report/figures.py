@@ -564,7 +564,9 @@ def quantization_error(results: Results) -> FigureResult:
     ax.axvline(best["clip_ratio"], color="grey", linewidth=0.8)
     ax.set_yscale("log")
     ax.set_xlabel("clip threshold / max|w|")
-    ax.set_ylabel("relative RMSE")
+    ax.set_ylabel("relative RMSE (error / RMS of the weights)")
+    weights_of = (probe.get("weights") or {}).get("source", "?")
+    ax.set_title(f"weights of {weights_of}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     weights = probe.get("weights") or {}
