@@ -79,7 +79,7 @@ def _memory(row: dict, runs: list[dict], reference: tuple[int, int], card_gb: in
                         + (f"; margin left {fmt_bytes(row['margin_bytes'])}" if row.get("margin_bytes") is not None
                            else ""),
                 "how": solve}
-    return {"bytes": row["reference_peak_bytes"], "kind": "predicted", "short": "tensor peak, analytic",
+    return {"bytes": row.get("reference_peak_bytes"), "kind": "predicted", "short": "tensor peak, analytic",
             "what": f"tensor peak at sequence {reference[0]:,} x micro-batch {reference[1]} (analytic prediction); "
                     "the caching allocator and the CUDA context add to it",
             "how": solve}
@@ -175,7 +175,8 @@ def model_table(data: dict, model: str) -> Table:
         first = next(iter(entries.values()))
         memory, speed = first["memory"], first["speed"]
         line = [Cell(recipe),
-                Cell(f"{fmt_bytes(memory['bytes'])} {memory['kind']}", memory["short"]),
+                Cell(f"{fmt_bytes(memory['bytes'])} {memory['kind']}", memory["short"])
+                if memory["bytes"] is not None else Cell("-", "no peak in the fit table's row"),
                 Cell(f"{speed['tokens_per_s']:,.0f} {speed['kind']}", speed["short"])
                 if speed else Cell("-", "no GPU run of this recipe and model")]
         for card in data["cards"]:
@@ -202,7 +203,7 @@ PICKER_SCRIPT = r"""
 (function () {
   const data = JSON.parse(document.getElementById('answer-data').textContent);
   const pick = id => document.getElementById(id);
-  const gb = b => (b / 1e9).toFixed(2) + ' GB';
+  const gb = b => (b === null || b === undefined) ? '\u2013' : (b / 1e9).toFixed(2) + ' GB';
   const esc = t => String(t).replace(/[&<>"]/g, c => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'}[c]));
   const article = card => (String(card)[0] === '8' || card === 18 || card === 11 ? 'an ' : 'a ');
   const mark = (kind, what, how) =>
