@@ -45,9 +45,15 @@ class Claim:
     # Another fair reading of the same words, judged and shown beside the verdict (which is the
     # claim's own reading): (label, the claim as that reading has it).
     readings: tuple[tuple[str, "Claim"], ...] = ()
+    # A claim of direction only ("faster", "less than LoRA"): answered in a sentence, never as a percentage.
+    qualitative: bool = False
+    # The claim's caveat stands whatever the figure (it holds only in a case most runs are not in).
+    standing_caveat: bool = False
 
     @property
     def tolerance_text(self) -> str:
+        if self.qualitative:
+            return "direction only"
         if self.compare == "statement":
             return "exact (true or false)"
         if self.compare == "at_most":
@@ -84,6 +90,7 @@ def parse_claim(entry: dict, sources: dict = SOURCES, whose: str = "the document
         caveat=entry.get("caveat"), explain=entry.get("explain"), cpu_ok=bool(entry.get("cpu_ok", False)),
         context=tuple(entry.get("context") or ()), published=entry.get("published"),
         quote=entry.get("quote"), premise=entry.get("premise"), metric=entry.get("metric"), whose=whose,
+        qualitative=bool(entry.get("qualitative", False)), standing_caveat=bool(entry.get("standing_caveat", False)),
         readings=tuple((reading["label"], parse_claim({**_own_fields(entry), **reading}, sources, whose))
                        for reading in entry.get("readings") or ()),
     )

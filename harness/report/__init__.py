@@ -5,7 +5,8 @@ ledger, figures and tables.
 Imports no torch and none of the code that runs experiments; it only reads JSON.
 Modules: load (files -> records and frames), evidence (quantities per claim of
 harness/claims.py's two ledgers), verdicts (numbers -> verdict), ledger (rows), loss (loss
-parity on a pretrained base), fits, ladder, figures, tables, render, browser. Importing this package itself is cheap: the
+parity on a pretrained base), answer (the first screen: what fits a card, and its picker), environment
+(what measured and what predicted), glossary, fits, ladder, figures, tables, render, browser. Importing this package itself is cheap: the
 command line takes its arguments from here.
 """
 

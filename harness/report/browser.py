@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chromium-headless-shell")
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-extensions", "--mute-audio", "--hide-scrollbars")
@@ -177,6 +177,30 @@ def check_page(page: str | Path, binary: str | None = None, screenshot: str | Pa
             elif method == "Log.entryAdded" and (params.get("entry") or {}).get("level") == "error":
                 check.console_errors.append((params.get("entry") or {}).get("text", ""))
         return check
+    finally:
+        browser.close()
+
+
+def evaluate_in_page(page: str | Path, expression: str, binary: str | None = None, width: int = 1440,
+                     height: int = 900):
+    """Load a local HTML file as a reader would and return the value of a JavaScript expression
+    evaluated in it (awaited if it is a promise): how a test chooses in the page's pickers and reads
+    what the page then shows."""
+    binary = binary or find_chromium()
+    if binary is None:
+        raise FileNotFoundError("no Chromium found (set HARNESS_CHROMIUM or install `chromium`)")
+    browser = _Browser(binary)
+    try:
+        browser.page("Page.enable")
+        browser.page("Emulation.setDeviceMetricsOverride",
+                     {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+        browser.page("Page.navigate", {"url": Path(page).resolve().as_uri()})
+        browser.wait_for(lambda m: m.get("method") == "Page.loadEventFired")
+        result = browser.page("Runtime.evaluate", {"expression": expression, "returnByValue": True,
+                                                   "awaitPromise": True})
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"the page's script failed: {result['exceptionDetails']}")
+        return result["result"].get("value")
     finally:
         browser.close()
 

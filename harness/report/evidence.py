@@ -32,7 +32,7 @@ class Observation:
     holds: bool | None = None  # for statements
     caveat: str | None = None  # a caveat that comes with this evidence (e.g. random-init weights)
     capacity: float | None = None  # for fits: the bytes the card leaves to the run
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # "derived": the arithmetic that made value from the evidence
 
 
 def _experiments(spec: dict) -> list[str]:
@@ -49,8 +49,9 @@ def _describe_prediction(prediction: dict) -> str:
 
 def _describe_record(record: dict) -> str:
     config = record.get("config") or {}
-    text = (f"{record['experiment']} @ {record['model']}, seq {config.get('seq_len')} x "
-            f"{config.get('micro_batch')}x{config.get('grad_accum')}")
+    text = f"{record['experiment']} @ {record['model']}, seq {config.get('seq_len')} x {config.get('micro_batch')}"
+    if (config.get("grad_accum") or 1) > 1:
+        text += f", {config['grad_accum']} micro-batches accumulated"
     budget = _get(record, "budget", "budget_gb")
     return text + (f", {budget:g} GB budget" if budget else "")
 
@@ -66,28 +67,52 @@ def select_predictions(results: Results, spec: dict, method: str, experiment: st
     return sorted(chosen, key=lambda p: (p.get("device_type") != "cuda", p.get("_file", "")))
 
 
+# Config fields that change what a run measures, with the value a spec that does not name one means:
+# a claim about "a step" compares single-step runs on one GPU unless it says otherwise (a record of
+# 8 accumulated micro-batches divided by one of 1 compares unlike with unlike).
+COMPARED_FIELDS = {"grad_accum": 1, "world_size": 1}
+SHAPE_FIELDS = ("seq_len", "micro_batch")  # matched where the spec names them (any_model: never)
+
+
+def record_matches(record: dict, spec: dict) -> bool:
+    """Whether a record's configuration is the one the spec compares (model, shape, accumulation,
+    ranks, budget); `any_model` frees the model and shape, `any_grad_accum` the accumulation."""
+    config = record.get("config") or {}
+    if not spec.get("any_model"):
+        if record.get("model") != spec.get("model"):
+            return False
+        if any(spec.get(key) is not None and config.get(key) != spec[key] for key in SHAPE_FIELDS):
+            return False
+    for key, default in COMPARED_FIELDS.items():
+        if key == "grad_accum" and spec.get("any_grad_accum"):
+            continue
+        if (config.get(key) if config.get(key) is not None else default) != spec.get(key, default):
+            return False
+    budget = _get(record, "budget", "budget_gb")
+    if spec.get("budget_gb") is not None:
+        return budget is not None and float(budget) == float(spec["budget_gb"])
+    return budget is None
+
+
 def select_records(results: Results, spec: dict, method: str, experiment: str) -> list[dict]:
-    """Run records of one experiment on GPU or CPU; finished ones first, then OOM, then failed."""
+    """Run records of one experiment on GPU or CPU in the spec's configuration (`record_matches`);
+    finished ones first, then OOM, then failed; the spec's own model first within each."""
     want_gpu = method == "gpu"
-    chosen = []
-    for record in results.records:
-        if is_gpu_record(record) != want_gpu or record.get("experiment") != experiment:
-            continue
-        config = record.get("config") or {}
-        if not spec.get("any_model"):
-            if record.get("model") != spec.get("model"):
-                continue
-            if any(spec.get(key) is not None and config.get(key) != spec[key] for key in ("seq_len", "micro_batch")):
-                continue
-        budget = _get(record, "budget", "budget_gb")
-        if spec.get("budget_gb") is not None:
-            if budget is None or float(budget) != float(spec["budget_gb"]):
-                continue
-        elif budget is not None:
-            continue
-        chosen.append(record)
+    chosen = [record for record in results.records
+              if is_gpu_record(record) == want_gpu and record.get("experiment") == experiment
+              and record_matches(record, spec)]
     order = {"ok": 0, "oom": 1, "failed": 2}
-    return sorted(chosen, key=lambda r: (order.get(r.get("status"), 3), r.get("_file", "")))
+    # where any model will do, the spec's own model (the documents' 7B) speaks first
+    return sorted(chosen, key=lambda r: (order.get(r.get("status"), 3), r.get("model") != spec.get("model"),
+                                         r.get("_file", "")))
+
+
+def _configuration(record: dict) -> tuple:
+    """What two records must share for one to be divided by the other: model, shape, accumulation,
+    ranks, budget and device (checkpointing belongs to the experiments compared)."""
+    config = record.get("config") or {}
+    return (record.get("model"), config.get("seq_len"), config.get("micro_batch"), config.get("grad_accum") or 1,
+            config.get("world_size") or 1, _get(record, "budget", "budget_gb"), device_label(record))
 
 
 def _oom_observation(record: dict, method: str) -> Observation:
@@ -115,7 +140,8 @@ def _per_experiment(results: Results, spec: dict, method: str, from_prediction, 
                 value = from_prediction(prediction, results)
                 if value is not None:
                     found.append(Observation(value, method, _describe_prediction(prediction),
-                                             capacity=_prediction_capacity(spec)))
+                                             capacity=_prediction_capacity(spec),
+                                             extra={"files": (prediction.get("_file"),)}))
                     break
         else:
             for record in select_records(results, spec, method, experiment):
@@ -125,7 +151,9 @@ def _per_experiment(results: Results, spec: dict, method: str, from_prediction, 
                 value = from_record(record)
                 if value is not None:
                     found.append(Observation(value, method, _describe_record(record), device_label(record),
-                                             capacity=_get(record, "budget", "cap_bytes")))
+                                             capacity=_get(record, "budget", "cap_bytes"),
+                                             extra={"configuration": _configuration(record),
+                                                    "files": (record.get("_file"),)}))
                     if record.get("model") == spec.get("model"):
                         own_model.append(found[-1])
                     break
@@ -172,8 +200,11 @@ def as_counted(observation: Observation | None, spec: dict) -> Observation | Non
         return observation
     factor = counted / LLAMA_2_7B_PARAMETERS
     note = f"x{factor:.3f} to {counted:.0e} parameters from ours, {fmt_bytes(observation.value)}"
+    arithmetic = f"{fmt_bytes(observation.value)} x {factor:.3f} ({counted:.0e} over {LLAMA_2_7B_PARAMETERS:,} parameters)"
+    derived = observation.extra.get("derived")
     return replace(observation, value=observation.value * factor,
-                   note=f"{observation.note}; {note}" if observation.note else note)
+                   note=f"{observation.note}; {note}" if observation.note else note,
+                   extra={**observation.extra, "derived": f"{derived}, then {arithmetic}" if derived else arithmetic})
 
 
 def category(results: Results, spec: dict, method: str) -> Observation | None:
@@ -245,6 +276,41 @@ def bytes_per_trainable(results: Results, spec: dict, method: str) -> Observatio
     return _per_trainable(results, spec, method, lambda gradients, state, n: (2 * gradients + state) / n)
 
 
+def gradient_dtype(results: Results, spec: dict, method: str) -> Observation | None:
+    """Whether every experiment's gradients take as many bytes as its weights (full fine-tuning: one
+    gradient per parameter, of the parameter's dtype); all of the spec's experiments must be there."""
+    def ratio(persistent: dict | None) -> float | None:
+        gradients, weights = _get(persistent, "gradients"), _get(persistent, "weights")
+        return gradients / weights if gradients is not None and weights else None
+
+    found = []
+    for experiment in _experiments(spec):
+        observation = _per_experiment(results, {**spec, "experiment": experiment}, method,
+                                      lambda p, _: ratio(p.get("persistent")),
+                                      lambda r: ratio(_get(r, "memory", "persistent")))
+        if observation is None or observation.value is None:
+            return None
+        found.append((experiment, observation))
+    tolerance = spec.get("tolerance", 0.01)
+    holds = all(abs(observation.value - 1) <= tolerance for _, observation in found)
+    note = "gradient bytes over weight bytes: " + ", ".join(f"{experiment} {observation.value:.3f}"
+                                                             for experiment, observation in found)
+    first = found[0][1]
+    return Observation(None, method, ", ".join(o.source for _, o in found), first.device, note=note, holds=holds,
+                       extra={"files": tuple(f for _, o in found for f in o.extra.get("files", ()))})
+
+
+def bytes_per_trainable_at_half(results: Results, spec: dict, method: str) -> Observation | None:
+    """(adapter + gradient at 2 B each + the optimizer state the evidence holds) / trainable parameters:
+    the documents' 16-bit adapters, whatever dtype the run kept its adapters in."""
+    observation = _per_trainable(results, spec, method, lambda gradients, state, n: (2 * 2 * n + state) / n)
+    if observation is None or observation.value is None:
+        return observation
+    return replace(observation, extra={**observation.extra, "derived": (
+        f"2 B of 16-bit adapter + 2 B of gradient per parameter + the optimizer state's "
+        f"{observation.value - 4:.1f} B per parameter")})
+
+
 def trainable_bytes(results: Results, spec: dict, method: str) -> Observation | None:
     """Adapter weights + gradients + optimizer state, in bytes."""
     return _per_trainable(results, spec, method, lambda gradients, state, n: 2 * gradients + state)
@@ -294,7 +360,9 @@ def premise_bytes(results: Results, spec: dict, method: str) -> Observation | No
     if observation is None or observation.value is None:
         return observation
     note = f"{observation.value:,.0f} parameters x {per_parameter:g} B"
-    return as_counted(replace(observation, value=observation.value * per_parameter, note=note), spec)
+    derived = f"the parameter count of the run, {observation.value:,.0f}, x {per_parameter:g} B"
+    return as_counted(replace(observation, value=observation.value * per_parameter, note=note,
+                              extra={**observation.extra, "derived": derived}), spec)
 
 
 def nf4_weight_bits(results: Results, spec: dict, method: str) -> Observation | None:
@@ -322,14 +390,38 @@ def _ratio(results: Results, spec: dict, method: str, quantity) -> Observation |
     denominator = quantity(results, {**spec, "experiment": spec["over"]}, method)
     if numerator is None or denominator is None or numerator.value is None or not denominator.value:
         return None
+    shapes = [o.extra.get("configuration") for o in (numerator, denominator)]
+    if shapes[0] is not None and shapes[1] is not None and shapes[0] != shapes[1]:
+        return None  # never a ratio of unlike runs
     source = f"{numerator.source} over {spec['over']}"
     unit = spec.get("of", "")
     note = f"{fmt_value(numerator.value, unit)} against {fmt_value(denominator.value, unit)}" if unit else ""
-    return Observation(numerator.value / denominator.value, method, source, numerator.device, note=note)
+    files = numerator.extra.get("files", ()) + denominator.extra.get("files", ())
+    return Observation(numerator.value / denominator.value, method, source, numerator.device, note=note,
+                       extra={"files": files})
 
 
 def peak_ratio(results: Results, spec: dict, method: str) -> Observation | None:
     return _ratio(results, {**spec, "of": "bytes"}, method, peak)
+
+
+def category_ratio(results: Results, spec: dict, method: str) -> Observation | None:
+    return _ratio(results, {**spec, "of": "bytes"}, method, category)
+
+
+def adapter_file_ratio(results: Results, spec: dict, method: str) -> Observation | None:
+    """The adapter file a run saved over the `over` run's weights in memory (what a full fine-tune's
+    checkpoint holds): the fine-tune's own footprint on disk."""
+    if method not in RECORD_METHODS:
+        return None
+    saved = _per_experiment(results, spec, method, lambda p, res: None, lambda r: r.get("adapter_bytes_on_disk"))
+    weights = category(results, {**spec, "experiment": spec["over"], "category": "weights"}, method)
+    if saved is None or weights is None or saved.value is None or not weights.value:
+        return None
+    if saved.extra.get("configuration") != weights.extra.get("configuration"):
+        return None  # never a ratio of unlike runs
+    return Observation(saved.value / weights.value, method, f"{saved.source} over {spec['over']}", saved.device,
+                       note=f"adapter file {fmt_bytes(saved.value)} against {fmt_bytes(weights.value)} of weights")
 
 
 def tokens_per_second(results: Results, spec: dict, method: str) -> Observation | None:
@@ -365,7 +457,8 @@ def accumulation_extra(results: Results, spec: dict, method: str) -> Observation
         return None
     groups: dict[tuple, dict[int, float]] = {}
     for experiment in _experiments(spec):
-        for record in select_records(results, {**spec, "any_model": True}, method, experiment):
+        for record in select_records(results, {**spec, "any_model": True, "any_grad_accum": True}, method,
+                                     experiment):
             config = record.get("config") or {}
             value = _peak_of_record(record)
             if record.get("status") != "ok" or value is None:
@@ -386,6 +479,16 @@ def accumulation_extra(results: Results, spec: dict, method: str) -> Observation
                        extra={"peaks": peaks})
 
 
+# A card counts as full when NVML saw this share of it in use at the run's peak: the lab's choice of
+# "under real pressure", where the CUDA driver starts to evict unified (paged) memory to the host.
+FULL_CARD_SHARE = 0.95
+
+
+def _card_was_full(record: dict) -> bool:
+    used, total = _get(record, "memory", "peak_device_used"), _get(record, "environment", "device_total_bytes")
+    return bool(used and total and used >= FULL_CARD_SHARE * total)
+
+
 def paged_state(results: Results, spec: dict, method: str) -> Observation | None:
     """Paged 8-bit AdamW on CUDA: how much of the optimizer state the torch allocator never saw.
 
@@ -401,6 +504,8 @@ def paged_state(results: Results, spec: dict, method: str) -> Observation | None
             tracked, allocated = memory.get("tracked_step_peak"), memory.get("peak_allocated")
             if record.get("status") != "ok" or not state or tracked is None or allocated is None:
                 continue
+            if spec.get("under_pressure") and not _card_was_full(record):
+                continue  # paging answers a full card: a run with room to spare cannot show it
             outside = max(tracked - allocated, 0) / state
             note = (f"tracked peak {fmt_bytes(tracked)} vs allocator peak {fmt_bytes(allocated)}; "
                     f"optimizer state {fmt_bytes(state)}")
@@ -438,13 +543,17 @@ def format_counts(results: Results, spec: dict, method: str) -> Observation | No
     formats = _get(probe, "formats")
     if not formats or not all(name in formats for name in ("fp16", "bf16", "fp32")):
         return None
+    # "±N distinct values" read the same way for both formats: N values of each sign.
     patterns_16 = 2 ** formats["fp16"]["bits"]
+    per_sign_16 = formats["fp16"]["finite_values"] / 2
     per_sign_32 = formats["fp32"]["finite_values"] / 2
     tolerance = spec.get("tolerance", 0.10)
-    holds = abs(65e3 / patterns_16 - 1) <= tolerance and abs(2e9 / per_sign_32 - 1) <= tolerance
-    note = (f"16 bits: {patterns_16:,} bit patterns (fp16 {formats['fp16']['finite_values']:,} finite values, "
-            f"largest {formats['fp16']['max']:g}; bf16 {formats['bf16']['finite_values']:,}, largest "
-            f"{formats['bf16']['max']:.3g}); fp32: {per_sign_32:,.0f} finite values per sign")
+    holds_16, holds_32 = abs(65e3 / per_sign_16 - 1) <= tolerance, abs(2e9 / per_sign_32 - 1) <= tolerance
+    holds = holds_16 and holds_32
+    note = (f"per sign, fp16 has {per_sign_16:,.0f} finite values ({'matches' if holds_16 else 'not'} \"±65k\"; "
+            f"{patterns_16:,} bit patterns over both signs, and {formats['fp16']['max']:,.0f} is its largest value) and fp32 "
+            f"{per_sign_32:,.0f} ({'matches' if holds_32 else 'not'} \"±2 billion\"); bf16 has "
+            f"{formats['bf16']['finite_values']:,} finite values, largest {formats['bf16']['max']:.3g}")
     return Observation(None, method, probe["_file"], probe.get("device"), note=note, holds=holds)
 
 
@@ -506,11 +615,13 @@ def accumulation_error(results: Results, spec: dict, method: str) -> Observation
 QUANTITIES = {
     "category": category, "categories_sum": categories_sum, "excess": excess, "peak": peak,
     "min_peak": min_peak, "excess_peak": excess_peak, "trainable_fraction": trainable_fraction,
-    "bytes_per_trainable": bytes_per_trainable, "trainable_bytes": trainable_bytes,
+    "bytes_per_trainable": bytes_per_trainable, "bytes_per_trainable_at_half": bytes_per_trainable_at_half,
+    "gradient_dtype": gradient_dtype,
+    "trainable_bytes": trainable_bytes,
     "state_over_half_adapter": state_over_half_adapter, "base_bits": base_bits, "constant_bits": constant_bits,
     "accumulation_extra": accumulation_extra, "paged_state": paged_state, "premise_bytes": premise_bytes,
     "nf4_weight_bits": nf4_weight_bits, "peak_ratio": peak_ratio, "throughput_ratio": throughput_ratio,
-    "max_micro_batch": max_micro_batch,
+    "max_micro_batch": max_micro_batch, "category_ratio": category_ratio, "adapter_file_ratio": adapter_file_ratio,
     "format_bits": format_bits, "format_counts": format_counts, "format_range": format_range,
     "quantization_tradeoff": quantization_tradeoff, "accumulation_error": accumulation_error,
 }

@@ -8,7 +8,7 @@ metadata, so the same inputs give the same bytes.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import matplotlib
 
@@ -23,6 +23,7 @@ from harness.claims import Claim  # noqa: E402
 from harness.measure.budget import budget_cap_bytes  # noqa: E402
 from harness.report.load import CATEGORIES, Results  # noqa: E402
 from harness.report.units import CATEGORY_WORDS, DOCUMENTS_MODEL  # noqa: E402
+from harness.techniques import TECHNIQUES  # noqa: E402
 
 CARDS_GB = (16, 24, 40, 80)
 TECHNIQUE_ORDER = ("fp32", "bf16-mixed", "bf16-mixed-gc", "fp16-mixed", "bf16-pure", "adamw8bit", "lora",
@@ -103,11 +104,15 @@ def memory_breakdown(results: Results, runs: pd.DataFrame, predictions: pd.DataF
     bars = []
     measured = representative_runs(runs)
     measured = measured[measured["device_type"] == "cuda"] if len(measured) else measured
-    shapes = {}  # one shape per model: the measured one, else the shortest predicted sequence, smallest batch
-    for _, r in measured.iterrows():
-        if any(pd.isna(r[f"peak_{c}"]) for c in CATEGORIES):
-            continue
-        shapes.setdefault(r["model"], (int(r["seq_len"]), int(r["micro_batch"])))
+    # One shape per model: the one most of its GPU runs measured (ties: the shortest), else the shortest
+    # predicted sequence and smallest batch; one panel compares like with like.
+    complete = [r for _, r in measured.iterrows() if not any(pd.isna(r[f"peak_{c}"]) for c in CATEGORIES)]
+    counted: dict[str, dict[tuple, int]] = {}
+    for r in complete:
+        shape = (int(r["seq_len"]), int(r["micro_batch"]))
+        counted.setdefault(r["model"], {})[shape] = counted.get(r["model"], {}).get(shape, 0) + 1
+    shapes = {model: min(found, key=lambda shape: (-found[shape], shape)) for model, found in counted.items()}
+    for r in complete:
         if shapes[r["model"]] != (int(r["seq_len"]), int(r["micro_batch"])):
             continue
         bars.append({"model": r["model"], "experiment": r["experiment"], "source": f"measured: {r['device']}",
@@ -165,7 +170,9 @@ def memory_breakdown(results: Results, runs: pd.DataFrame, predictions: pd.DataF
                                 xytext=(6, 2), textcoords="offset points", fontsize=8)
         shapes = ", ".join(sorted(part["shape"].unique()))
         ax.set_title(f"{model} ({shapes})", fontsize=10, loc="left")
-        ax.set_xticks(range(len(experiments)), experiments, fontsize=9, rotation=25, ha="right")
+        crowded = len(experiments) > 12  # long names side by side overlap unless turned further
+        ax.set_xticks(range(len(experiments)), experiments, fontsize=8 if crowded else 9,
+                      rotation=50 if crowded else 25, ha="right", rotation_mode="anchor")
         ax.set_ylabel("GB (1e9 bytes)")
         ax.set_xlim(-0.6, len(experiments) - 0.4)
     handles = [plt.Rectangle((0, 0), 1, 1, color=CATEGORY_COLORS[c]) for c in CATEGORIES]
@@ -208,6 +215,13 @@ def throughput_vs_memory(runs: pd.DataFrame) -> FigureResult:
     done["panel"] = (done["model"] + " | " + done["device"] + ", seq " + done["seq_len"].astype(int).astype(str)
                      + " x " + done["micro_batch"].astype(int).astype(str))
     done["peak_gb"] = done["peak_allocated"] / 1e9
+    # a panel of one run compares nothing: those runs are named in the caption instead
+    counts = done.groupby("panel")["experiment"].nunique()
+    alone = done[done["panel"].isin(counts[counts < 2].index)]
+    if len(alone) < len(done):
+        done = done[~done["panel"].isin(alone["panel"])]
+    else:
+        alone = alone.iloc[0:0]
     panels = sorted(done["panel"].unique(), key=lambda p: (not p.startswith(DOCUMENTS_MODEL + " "), p))
     fig, axes = _panel_grid(len(panels), 3, (4.6, 3.6))
     experiments, palette = _experiment_palette(done)
@@ -231,14 +245,17 @@ def throughput_vs_memory(runs: pd.DataFrame) -> FigureResult:
     devices = sorted(done["device"].unique())
     caption = ("Each technique's tokens per second (median step) against its peak memory on a GPU, one run per "
                "technique at each model's usual shape; the dotted line joins the runs no other run beats on both. "
-               "Devices: " + ", ".join(devices) + ".")
+               "Devices: " + ", ".join(devices) + "."
+               + ("" if alone.empty else " Alone at their shape, so not drawn: " + "; ".join(
+                   f"{r['experiment']} @ {r['model']}, {r['tokens_per_s']:,.0f} tokens/s at {r['peak_gb']:.1f} GB"
+                   for _, r in alone.iterrows()) + "."))
     return FigureResult(name, title, caption, _png(fig))
 
 
 # --- 3. loss curves -----------------------------------------------------------------------------
 
 def loss_curves(results: Results, runs: pd.DataFrame) -> FigureResult:
-    name, title = "loss-curves", "Loss per step from pretrained weights, per technique on the same data"
+    name, title = "loss-curves", "Final loss from pretrained weights, per technique on the same data"
     chosen = representative_runs(runs)
     by_file = {r["_file"]: r for r in results.records}
     lines = []
@@ -258,40 +275,52 @@ def loss_curves(results: Results, runs: pd.DataFrame) -> FigureResult:
             "No finished run from pretrained weights: `make bench` fine-tunes the lab's pretrained base."))
     frame = pd.DataFrame(lines)
     panels = sorted(frame["panel"].unique())
-    fig, axes = _panel_grid(len(panels), 2, (6.5, 3.8))
-    experiments, palette = _experiment_palette(frame)
-    for ax, panel in zip(axes.flat, panels):
-        part = frame[frame["panel"] == panel]
-        train = part[part["kind"] == "train"]
+    # One row per technique, its last held-out loss (else its last training loss), named on the axis: a
+    # legend of a dozen colours over a dozen crossing lines cannot be read.
+    finals = []
+    for (panel, experiment), part in frame.groupby(["panel", "experiment"], sort=False):
         held = part[part["kind"] == "held-out"]
-        # Where the runs evaluated, held-out loss is the comparison (lines with dots) and the noisy
-        # per-batch training loss stays faint behind it.
-        sns.lineplot(data=train, x="step", y="loss", hue="experiment", palette=palette, ax=ax,
-                     linewidth=0.7 if len(held) else 1.2, alpha=0.15 if len(held) else 1.0, legend=held.empty,
-                     hue_order=[e for e in experiments if e in set(train["experiment"])])
-        if not held.empty:
-            sns.lineplot(data=held, x="step", y="loss", hue="experiment", palette=palette, ax=ax, marker="o",
-                         linewidth=1.8, hue_order=[e for e in experiments if e in set(held["experiment"])])
-            low, high = held["loss"].min(), held["loss"].max()
-            margin = 0.15 * (high - low) + 0.02
-            ax.set_ylim(low - margin, high + margin)
+        chosen_kind = "held-out" if len(held) else "train"
+        last = (held if len(held) else part).sort_values("step").iloc[-1]
+        finals.append({"panel": panel, "experiment": experiment, "loss": last["loss"], "kind": chosen_kind,
+                       "step": int(last["step"])})
+    finals = pd.DataFrame(finals)
+    most = finals.groupby("panel")["experiment"].nunique().max()
+    fig, axes = _panel_grid(len(panels), 2, (6.5, 1.0 + 0.3 * most))
+    for ax, panel in zip(axes.flat, panels):
+        part = finals[finals["panel"] == panel].sort_values("loss")
+        colors = ["#0969da" if kind == "held-out" else "#bf8700" for kind in part["kind"]]
+        ax.scatter(part["loss"], range(len(part)), c=colors, s=40, zorder=3)
+        longest = part["step"].max()  # a run cut short is no like-for-like comparison: its label says so
+        ax.set_yticks(range(len(part)), [e if step == longest else f"{e} (step {step}, not {longest})"
+                                         for e, step in zip(part["experiment"], part["step"])], fontsize=8)
+        ax.invert_yaxis()
+        reference = part[(part["experiment"] == "fp32") & (part["step"] == longest)]
+        if len(reference):
+            ax.axvline(reference["loss"].iloc[0], color="black", linewidth=0.8, linestyle="--")
+            ax.annotate("fp32", (reference["loss"].iloc[0], len(part) - 0.6), fontsize=7, xytext=(3, 0),
+                        textcoords="offset points")
+        kinds = sorted(set(part["kind"]))
+        ax.set_xlabel("final loss (" + " / ".join("held-out, blue" if k == "held-out" else "training, amber"
+                                                  for k in kinds) + ")")
         ax.set_title(panel, fontsize=9)
-        ax.legend(fontsize=7, ncol=2)
+        ax.grid(axis="x", color="#d0d7de", linewidth=0.5)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.tight_layout()
-    caption = ("Training loss at every step and, where the run evaluated, held-out loss (bold lines with dots; the "
-               "training loss is then faint behind it), one run per technique, the same sequences for every "
-               "technique of a panel, from pretrained weights only (runs from random weights measure memory and "
-               "speed, and their loss says nothing). Devices: "
-               + ", ".join(sorted({p.split(' | ', 1)[1] for p in panels})) + ".")
+    caption = ("Each technique's loss at the end of its fine-tune from pretrained weights, one row per technique, the "
+               "same sequences for every technique of a panel: held-out loss (blue) where the run evaluated, else "
+               "the last training loss (amber); the dashed line is fp32's where it ran as long as the rest. A run that stopped earlier than the "
+               "others names its last step: its loss is not comparable with theirs. Runs from random weights are left out "
+               "(they measure memory and speed, and their loss says nothing); the loss section's table gives each "
+               "run's figures. Devices: " + ", ".join(sorted({p.split(' | ', 1)[1] for p in panels})) + ".")
     return FigureResult(name, title, caption, _png(fig))
 
 
 # --- 4. predicted vs measured -------------------------------------------------------------------
 
 def parity(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
-    name, title = "predicted-vs-measured", "Predicted against measured peak"
+    name, title = "predicted-vs-measured", "Predicted against measured peak: the error of each run"
     missing = ("No prediction matches a measured run's configuration (experiment, model, sequence length, "
                "micro-batch, accumulation, device type). `python -m harness predict --experiment E --model M "
                "--seq S --batch B --save` predicts a run's configuration; `make bench` measures it.")
@@ -308,40 +337,34 @@ def parity(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
     if matched.empty:
         return FigureResult(name, title, "", missing=missing)
     matched = matched.drop_duplicates(keys + ["method"]).sort_values(keys + ["method"])
-    matched["measured_gb"] = matched["peak_allocated"] / 1e9
-    matched["predicted_gb"] = matched["total_bytes"] / 1e9
+    matched["error_pct"] = (matched["total_bytes"] / matched["peak_allocated"] - 1) * 100
     matched["evidence"] = np.where(matched["device_type"] == "cuda", "GPU (allocator)", "CPU (tracked bytes)")
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    sns.scatterplot(data=matched, x="predicted_gb", y="measured_gb", hue="method", style="evidence", s=70, ax=ax,
-                    hue_order=sorted(matched["method"].unique()), style_order=sorted(matched["evidence"].unique()))
-    low = min(matched["predicted_gb"].min(), matched["measured_gb"].min()) * 0.8
-    high = max(matched["predicted_gb"].max(), matched["measured_gb"].max()) * 1.2
-    grid = np.geomspace(low, high, 50)
-    ax.plot(grid, grid, color="black", linewidth=0.8)
-    ax.fill_between(grid, grid * 0.97, grid * 1.03, color="grey", alpha=0.25, label="±3%")
-    for _, row in matched.drop_duplicates(keys).iterrows():  # one label per configuration
-        ax.annotate(f"{row['experiment']} @ {row['model']}", (row["predicted_gb"], row["measured_gb"]), fontsize=7,
-                    xytext=(5, -10), textcoords="offset points")
-    plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
-    for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_formatter(plain)
-        axis.set_minor_formatter(plain)
-        axis.set_tick_params(which="minor", labelsize=7)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    for axis in (ax.xaxis, ax.yaxis):  # set_*scale resets the formatters
-        axis.set_major_formatter(plain)
-        axis.set_minor_formatter(plain)
-    ax.set_xlabel("predicted peak, GB (1e9 bytes)")
-    ax.set_ylabel("measured peak, GB (1e9 bytes)")
-    ax.legend(fontsize=8)
+    matched["run"] = [f"{r.experiment} @ {r.model}, {r.seq_len} x {r.micro_batch}"
+                      + (f" x {r.grad_accum}" if r.grad_accum and r.grad_accum > 1 else "")
+                      + (f", {r.world_size} ranks" if r.world_size and r.world_size > 1 else "")
+                      + ("" if r.device_type == "cuda" else " (CPU)") for r in matched.itertuples()]
+    order = list(dict.fromkeys(matched.sort_values(["device_type", "model", "experiment"], ascending=[False, True, True])
+                               ["run"]))
+    # one row per run, its error read off a shared axis: no label sits on another
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.24 * len(order)))
+    ax.axvspan(-3, 3, color="grey", alpha=0.25, label="±3%")
+    ax.axvline(0, color="black", linewidth=0.8)
+    sns.stripplot(data=matched, x="error_pct", y="run", hue="method", order=order,
+                  hue_order=sorted(matched["method"].unique()), size=7, jitter=False, dodge=False, ax=ax)
+    ax.set_xlabel("prediction error, % of the measured peak ((predicted - measured) / measured)")
+    ax.set_ylabel("")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.grid(axis="x", color="#d0d7de", linewidth=0.5)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    within = (abs(matched["predicted_gb"] / matched["measured_gb"] - 1) <= 0.03).sum()
+    within = (matched["error_pct"].abs() <= 3).sum()
     devices = sorted(matched["device_name"].unique())
-    caption = (f"Each point pairs a measured run with the prediction of the same configuration; {within} of "
-               f"{len(matched)} pairs fall inside the ±3% band. Devices: {', '.join(devices)}. GPU points compare "
-               "with torch's peak allocated; CPU points with tracked tensor bytes, labelled CPU (a prediction of the "
-               "CPU code path, not a GPU check).")
+    caption = (f"Each row is one measured run (experiment @ model, sequence x micro-batch), each point the error of "
+               f"a prediction of the same configuration against it; {within} of {len(matched)} predictions fall "
+               f"inside the ±3% band. Devices: {', '.join(devices)}. GPU rows compare with torch's peak allocated "
+               "from the run's record (results/<device>/); rows marked (CPU) with tracked tensor bytes (a prediction "
+               "of the CPU code path, not a GPU check). Predictions: `python -m harness predict --claims`; "
+               "measurements: `make bench`.")
     return FigureResult(name, title, caption, _png(fig))
 
 
@@ -354,9 +377,11 @@ def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
     name, title = "fits-in-budget", "Which technique fits which card"
     gpu_budget = runs[(runs["device_type"] == "cuda") & runs["budget_gb"].notna() & runs["status"].isin(["ok", "oom"])]
     cells = []
-    for _, run in gpu_budget.iterrows():
+    for _, run in gpu_budget.sort_values("status", key=lambda status: status != "ok", kind="stable").iterrows():
         fits = run["status"] == "ok"
         peak = f"\n{run['peak_allocated'] / 1e9:.1f} meas." if fits and pd.notna(run["peak_allocated"]) else "\nmeasured"
+        if run["seq_len"] != 512 or run["micro_batch"] != 1:  # the predicted cells are at 512 x 1: say when not
+            peak += f"\n{int(run['seq_len']):,} x {int(run['micro_batch'])}"
         cells.append({"model": run["model"], "experiment": run["experiment"], "card": float(run["budget_gb"]),
                       "state": f"{'fits' if fits else 'OOM'} (measured)", "priority": 0,
                       "label": ("fits" if fits else "OOM") + peak})
@@ -364,6 +389,10 @@ def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
         chosen = predictions[(predictions["seq_len"] == 512) & (predictions["micro_batch"] == 1)
                              & (predictions["device_type"] == "cuda") & predictions["total_bytes"].notna()]
         chosen = chosen.sort_values(["method"], ascending=False, kind="stable")  # simulated before analytic
+        # the registry's techniques, plain and checkpointed: every other experiment has its own table
+        # ("Every technique at 7B"), and forty rows in one panel cannot be read
+        core = set(TECHNIQUES) | {f"{name}-gc" for name in TECHNIQUES}
+        chosen = chosen[chosen["experiment"].isin(core)]
         for _, p in chosen.drop_duplicates(["model", "experiment"]).iterrows():
             for card in CARDS_GB:
                 fits = p["total_bytes"] <= budget_cap_bytes(card, "cuda")
@@ -376,7 +405,9 @@ def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
             "`python -m harness predict --claims` predicts."))
     frame = pd.DataFrame(cells).sort_values("priority", kind="stable").drop_duplicates(["model", "experiment", "card"])
     models = sorted(frame["model"].unique())
-    fig, axes = plt.subplots(1, len(models), figsize=(3.0 * len(models) + 1, 4.2), squeeze=False)
+    most_rows = frame.groupby("model")["experiment"].nunique().max()
+    fig, axes = plt.subplots(1, len(models), figsize=(3.0 * len(models) + 1, max(4.2, 0.32 * most_rows + 1.6)),
+                             squeeze=False)
     colors = {2: "#1a9850", 1: "#a6d96a", -1: "#fdae61", -2: "#d73027"}
     cmap = matplotlib.colors.ListedColormap([colors[k] for k in sorted(colors)])
     norm = matplotlib.colors.BoundaryNorm([-2.5, -1.5, 0, 1.5, 2.5], cmap.N)
@@ -392,7 +423,7 @@ def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
                     annot_kws={"fontsize": 6}, linewidths=0.5, linecolor="white")
         ax.set_title(model, fontsize=9)
         ax.set_xlabel("card, GB (1e9 bytes)")
-        ax.set_xticklabels([f"{c:g}" for c in grid.columns])
+        ax.set_xticklabels([f"{c:g}" if c == int(c) else f"{c:.1f}" for c in grid.columns])
         ax.set_ylabel("")
     fig.tight_layout()
     measured = frame[frame["state"].str.endswith("(measured)")]
@@ -408,7 +439,7 @@ def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
 # --- 5b. peak against sequence length, with the cards ----------------------------------------------
 
 def memory_vs_sequence(results: Results) -> FigureResult:
-    name, title = "memory-vs-sequence", "Peak memory against sequence length at 7B, with the cards"
+    name, title = "memory-vs-sequence", "Peak memory against sequence length, with the cards"
     table = results.fits
     if not table or not table.get("curves"):
         return FigureResult(name, title, "", missing=(
@@ -424,6 +455,7 @@ def memory_vs_sequence(results: Results) -> FigureResult:
     ax.set_yscale("log", base=2)
     seqs = sorted(curves["seq_len"].unique())
     ax.set_xticks(seqs, [f"{s:,}" for s in seqs])
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:,.0f}"))
     for card, sizes in table["cards"].items():
         ax.axhline(sizes["cap_bytes"] / 2**30, color="#57606a", linewidth=0.8, linestyle=":")
         ax.annotate(f"{card} GB card", (seqs[0], sizes["cap_bytes"] / 2**30), fontsize=7, color="#57606a",
@@ -431,8 +463,10 @@ def memory_vs_sequence(results: Results) -> FigureResult:
     ax.set_xlabel("sequence length (tokens, micro-batch 1)")
     ax.set_ylabel("predicted peak, GiB (log scale)")
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.tight_layout()
     model = curves["model"].iloc[0]
+    ax.set_title(f"{model}: predicted peak of one step (analytic)", fontsize=10)
+    title = f"Peak memory against sequence length ({model}), with the cards"
+    fig.tight_layout()
     caption = (f"{model}: the analytic peak of one training step at micro-batch 1 per technique, without (solid) "
                "and with (dashed) gradient checkpointing, against the memory each card leaves to tensors (dotted: "
                "the card as sold, in GiB, less the CUDA-context allowance). A technique fits a card up to where its "
@@ -462,19 +496,24 @@ def accumulation(results: Results, runs: pd.DataFrame) -> FigureResult:
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     notes = []
     if not series.empty:
-        series = series.assign(peak_gb=series["peak_allocated"] / 1e9)
-        sns.lineplot(data=series, x="grad_accum", y="peak_gb", hue="group", marker="o", ax=axes[0],
+        # each line against its own k = 1 run: a GPU's GB and a CPU's tracked MB read on one axis
+        series = series[series["group"].isin(series.loc[series["grad_accum"] == 1, "group"])]
+        first = series[series["grad_accum"] == 1].set_index("group")["peak_allocated"]
+        series = series.assign(extra_pct=(series["peak_allocated"] / series["group"].map(first) - 1) * 100)
+        sns.lineplot(data=series, x="grad_accum", y="extra_pct", hue="group", marker="o", ax=axes[0],
                      hue_order=sorted(series["group"].unique()))
         axes[0].set_xscale("log", base=2)
         ks = sorted(series["grad_accum"].unique())
         axes[0].set_xticks(ks, [str(int(k)) for k in ks])
-        axes[0].set_ylim(0, series["peak_gb"].max() * 1.15)
+        top = max(2.0, series["extra_pct"].abs().max() * 1.5)
+        axes[0].set_ylim(-top, top)
         axes[0].set_xlabel("accumulation steps k (fixed micro-batch)")
-        axes[0].set_ylabel("peak GB (1e9 bytes)")
+        axes[0].set_ylabel("peak over the k = 1 run's, %")
+        axes[0].set_title("extra memory of accumulating (each line: its model, shape and device)", fontsize=9)
         axes[0].legend(fontsize=7)
         notes.append("left: peak memory of the same micro-batch at k = "
                      + ", ".join(str(int(k)) for k in sorted(series["grad_accum"].unique()))
-                     + " on " + ", ".join(sorted(series["device"].unique())))
+                     + " on " + ", ".join(sorted(series["device"].unique())) + ", as a percentage of the k = 1 run's")
     else:
         axes[0].text(0.5, 0.5, "no runs at several k:\n`make bench`", ha="center", va="center")
         axes[0].set_axis_off()
@@ -492,6 +531,7 @@ def accumulation(results: Results, runs: pd.DataFrame) -> FigureResult:
         axes[1].legend(fontsize=7)
         axes[1].set_xlabel("k micro-batches vs one batch of k x m")
         axes[1].set_ylabel("max relative gradient difference")
+        axes[1].set_title(f"{probe.get('model')}: accumulated against one large batch", fontsize=9)
         notes.append(f"right: the accumulation probe on {probe.get('device')} ({probe.get('model')}, fp32), "
                      "against fp32's machine epsilon")
     else:
@@ -524,7 +564,9 @@ def quantization_error(results: Results) -> FigureResult:
     ax.axvline(best["clip_ratio"], color="grey", linewidth=0.8)
     ax.set_yscale("log")
     ax.set_xlabel("clip threshold / max|w|")
-    ax.set_ylabel("relative RMSE")
+    ax.set_ylabel("relative RMSE (error / RMS of the weights)")
+    weights_of = (probe.get("weights") or {}).get("source", "?")
+    ax.set_title(f"weights of {weights_of}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     weights = probe.get("weights") or {}
@@ -561,6 +603,8 @@ def optimisation_ladder(runs: pd.DataFrame, predictions: pd.DataFrame) -> Figure
                 label="ours, measured", zorder=6)
     ax.set_xticks(range(len(drawn)), drawn["label"], rotation=20, ha="right", fontsize=9)
     ax.set_ylabel("peak GiB (2^30 bytes)")
+    ax.set_title(f"{ladder.MODEL}, micro-batch {ladder.MICRO_BATCH} x {ladder.SEQ_LEN:,} tokens: bars predicted, "
+                 "dots as marked", fontsize=9)
     ax.grid(axis="x", visible=False)
     ax.legend(fontsize=8, ncol=2, loc="upper right")
     fig.tight_layout()
@@ -571,11 +615,39 @@ def optimisation_ladder(runs: pd.DataFrame, predictions: pd.DataFrame) -> Figure
     return FigureResult(name, title, caption, _png(fig))
 
 
+# What each figure is (measured, predicted or both) and the commands that make its inputs again; the
+# report itself is `python -m harness report`.
+PROVENANCE = {
+    "memory-breakdown": ("measured (GPU records) and predicted (analytic, simulated)",
+                         "`make bench` on a CUDA machine; `python -m harness predict --claims`"),
+    "throughput-vs-memory": ("measured (GPU records)", "`make bench` on a CUDA machine"),
+    "loss-curves": ("measured (records of fine-tunes on the lab's pretrained base)", "`make base`, then `make bench`"),
+    "predicted-vs-measured": ("predicted against measured (GPU and CPU records)",
+                              "`python -m harness predict --claims`; `make bench`"),
+    "fits-in-budget": ("measured under an emulated budget, and predicted",
+                       "`python -m harness run experiments/E.yaml --model M --budget-gb GB`; "
+                       "`python -m harness predict --claims`"),
+    "memory-vs-sequence": ("predicted (analytic)", "`python -m harness predict --claims`"),
+    "optimisation-ladder": ("predicted, with GPU measurements where they exist",
+                            "`python -m harness predict --claims`; `make bench` on a CUDA machine"),
+    "gradient-accumulation": ("measured (records at k = 1, 2, 4, 8) and computed (the accumulation probe)",
+                              "`make bench`; `python -m harness probes`"),
+    "quantization-error": ("computed (the quantization probe)", "`python -m harness probes`"),
+}
+
+
+def _with_provenance(figure: FigureResult) -> FigureResult:
+    what, how = PROVENANCE.get(figure.name, ("", ""))
+    if figure.png is None or not what:
+        return figure
+    return replace(figure, caption=f"{figure.caption} What it is: {what}. Reproduce: {how}.")
+
+
 def all_figures(results: Results, runs: pd.DataFrame, predictions: pd.DataFrame,
                 claims: list[Claim]) -> list[FigureResult]:
     # seaborn's contexts set rcParams of their own; STYLE goes on top of them
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9), plt.rc_context(STYLE):
-        return [
+        return [_with_provenance(figure) for figure in [
             memory_breakdown(results, runs, predictions, claims),
             throughput_vs_memory(runs),
             loss_curves(results, runs),
@@ -585,4 +657,4 @@ def all_figures(results: Results, runs: pd.DataFrame, predictions: pd.DataFrame,
             optimisation_ladder(runs, predictions),
             accumulation(results, runs),
             quantization_error(results),
-        ]
+        ]]

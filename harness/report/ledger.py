@@ -49,7 +49,21 @@ def usable_for(claim: Claim, observation: Observation | None) -> bool:
 
 
 def judge(claim: Claim, observation: Observation) -> verdicts.Verdict:
+    verdict = _judge(claim, observation)
+    if claim.standing_caveat and verdict.kind == verdicts.HOLDS:
+        verdict = verdicts.Verdict(verdicts.CAVEAT, verdict.error, verdict.reason)
+    return verdict
+
+
+def _judge(claim: Claim, observation: Observation) -> verdicts.Verdict:
     tolerance, band, figure = claim.tolerance, claim.caveat_tolerance, claim.figure_value
+    if claim.qualitative and claim.compare in ("at_least", "at_most"):
+        below = observation.value < figure
+        holds = (not below) if claim.compare == "at_least" else below
+        return verdicts.Verdict(verdicts.HOLDS if holds else verdicts.WRONG, None,
+                                "the direction holds" if holds else "the other way round")
+    if claim.unit == "sequences" and observation.value == 0:  # "only one fits" says one does
+        return verdicts.Verdict(verdicts.WRONG, None, "not even one sequence fits")
     if claim.compare == "equals":
         verdict = verdicts.judge_value(figure, observation.value, tolerance, band)
     elif claim.compare == "premise":
@@ -79,19 +93,24 @@ def basis_label(observation: Observation | None) -> str:
     """The evidence a verdict rests on, as a sentence's subject."""
     if observation is None:
         return "no evidence"
-    return {
+    label = {
         "gpu": f"the run measured on {observation.device}",
         "cpu": "a CPU run (tracked tensor bytes, not a GPU figure)",
         "simulated": "the simulation (fake-tensor trace of the real step)",
         "analytic": "the analytic formula",
         "probe": f"the probe on {observation.device} (device-independent)",
     }[observation.method]
+    if observation.extra.get("derived"):  # arithmetic on the evidence is named, never passed off as it
+        return f"a figure derived from {label} ({observation.extra['derived']})"
+    return label
 
 
 def basis_short(observation: Observation | None) -> str:
     """The same, for a table cell."""
     if observation is None:
         return "none yet"
+    if observation.method == "gpu" and observation.extra.get("derived"):
+        return f"derived from measured ({observation.device})"
     return {"gpu": f"measured ({observation.device})", "cpu": "CPU tracked bytes", "simulated": "simulated",
             "analytic": "analytic", "probe": f"probe ({observation.device})"}[observation.method]
 
@@ -124,7 +143,7 @@ def explain(claim: Claim, observation: Observation | None, verdict: verdicts.Ver
         peak = (f"peak {fmt_bytes(observation.value)}" if observation.value is not None
                 else observation.note or observation.status)
         text = (f"{basis} ({observation.source}): {peak} against the "
-                f"{fmt_bytes(capacity)} a {claim.figure_text} card leaves to the allocator; {verdict.reason}")
+                f"{fmt_bytes(capacity)} a {claim.figure_value / 1e9:g} GB card leaves to the allocator; {verdict.reason}")
     elif claim.compare == "statement":
         text = f"{basis}: {observation.note or observation.source}"
     else:  # at_most, and a value-free exceeds
@@ -132,7 +151,9 @@ def explain(claim: Claim, observation: Observation | None, verdict: verdicts.Ver
                 f"{'; ' + observation.note if observation.note else ''}) against {claim.whose} "
                 f"{claim.figure_text}: {verdict.reason}")
     if verdict.kind == verdicts.CAVEAT:
-        text += f"; caveat: {observation.caveat or claim.caveat}"
+        caveat = observation.caveat or claim.caveat
+        if caveat:  # a verdict in the caveat band alone already says so in its reason
+            text += f"; caveat: {caveat}"
     elif verdict.kind in (verdicts.OFF, verdicts.WRONG) and (claim.explain or claim.caveat) \
             and claim.compare != "premise":
         text += f": {claim.explain or claim.caveat}"

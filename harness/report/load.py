@@ -214,9 +214,11 @@ def gpu_measurement(runs: pd.DataFrame, experiment: str, model: str, seq_len: in
     """The peak a finished GPU run of the cell measured, and its device: {measured, device} (empty if none)."""
     if not len(runs):
         return {}
+    # like with like: a single step (no accumulation) on one GPU with the whole card
     measured = runs[(runs["experiment"] == experiment) & (runs["model"] == model) & (runs["seq_len"] == seq_len)
                     & (runs["micro_batch"] == micro_batch) & (runs["device_type"] == "cuda")
-                    & (runs["status"] == "ok")]
+                    & (runs["status"] == "ok") & (runs["grad_accum"].fillna(1) == 1)
+                    & (runs["world_size"].fillna(1) == 1) & runs["budget_gb"].isna()]
     if not len(measured):
         return {}
     return {"measured": measured.iloc[0]["peak_allocated"], "device": measured.iloc[0]["device_name"]}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.claims import PUBLISHED_FILE, SOURCES, load_claims, load_sources
-from harness.report import add_arguments, beyond, engines, ladder
+from harness.report import add_arguments, answer, beyond, engines, environment, glossary, ladder
 from harness.report.accuracy import TOLERANCES, prediction_errors, summary
 from harness.report.figures import FigureResult, all_figures
 from harness.report.fits import fit_tables, published_comparison
@@ -45,7 +45,7 @@ from harness.report.units import LLAMA_2_7B_PARAMETERS
 
 @dataclass(frozen=True)
 class Block:
-    kind: str           # h1 | h2 | h3 | p | table | figure | badges
+    kind: str           # h1 | h2 | h3 | p | table | figure | badges | html (the HTML page only) | md (Markdown only)
     text: str = ""
     table: Table | None = None
     figure: FigureResult | None = None
@@ -94,6 +94,51 @@ def _fits_blocks(results, runs, figures: list[FigureResult]) -> list[Block]:
         blocks.append(Block("h3", "Against published figures"))
         blocks.append(Block("table", table=compared))
     return blocks + drawn
+
+
+ANSWER_MODEL, ANSWER_CARD = "llama-2-7b", 24  # what the picker shows first: the documents' 7B on a 24 GB card
+
+
+def _answer_blocks(results) -> list[Block]:
+    data = answer.answer_data(results)
+    blocks = [Block("h2", "What fits your card", anchor="answer")]
+    if data is None:
+        return blocks + [Block("p", "No fit table in these results: `python -m harness predict --claims` writes it.")]
+    reference = data["reference"]
+    blocks.append(Block("p", (
+        "Pick a model, a card and the sequence length you train at: the recipes that fit, fastest first. Each "
+        "figure says whether it was measured (a run on a GPU, its record named) or predicted (the lab's "
+        f"{data['method']} search, no GPU); hover a mark for where it comes from and the command that "
+        f"reproduces it. Memory: at sequence {reference[0]:,} x micro-batch {reference[1]}; the longest "
+        "sequence is at micro-batch 1. A recipe named \"+ checkpointing\" recomputes activations in the "
+        "backward pass.")))
+    blocks.append(Block("p", environment.summary_line(results)))
+    blocks.append(Block("html", answer.picker_html(data, ANSWER_MODEL, ANSWER_CARD)))
+    blocks.append(Block("h3", "Every model on every card"))
+    blocks.append(Block("table", table=answer.summary_table(data)))
+    model = ANSWER_MODEL if ANSWER_MODEL in data["models"] else data["models"][0]
+    blocks.append(Block("h3", f"{model}, recipe by recipe"))
+    blocks.append(Block("table", table=answer.model_table(data, model)))
+    return blocks
+
+
+def _glossary_blocks(terms: dict[str, str]) -> list[Block]:
+    entries = "".join(f'<dt id="{glossary.anchor(term)}">{html.escape(term)}</dt><dd>{_inline(meaning)}</dd>'
+                      for term, meaning in terms.items())
+    table = Table(["Term", "Meaning"], [[Cell(term), Cell(meaning)] for term, meaning in terms.items()])
+    return [Block("h2", "Glossary", anchor="glossary"),
+            Block("p", "Every technique name and term the report uses; in the HTML page each is linked where it "
+                       "first appears in a paragraph or a cell."),
+            Block("html", f'<dl class="glossary">{entries}</dl>'), Block("md", table=table)]
+
+
+def _environment_blocks(results) -> list[Block]:
+    table = environment.environment_table(results)
+    if table is None:
+        return []
+    blocks = [Block("h3", "Measured and predicted with"), Block("table", table=table)]
+    text = environment.environment_text(results)
+    return blocks + ([Block("p", text)] if text else [])
 
 
 def _gpus_blocks(results) -> list[Block]:
@@ -147,7 +192,8 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], dict[str, int]]:
+def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], dict[str, int], dict[str, str]]:
+    """The page's blocks, its figures, the verdict counts and the glossary its HTML links to."""
     results = load_results(results_dir)
     claims = load_claims()
     ledger = build_ledger(results, claims)
@@ -159,6 +205,8 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
     cpu_runs = len(runs) - gpu_runs
 
     blocks = [Block("h1", "Fine-tuning under limited VRAM: what the memory arithmetic gets right")]
+    blocks += _answer_blocks(results)
+    blocks += _environment_blocks(results)
     blocks.append(Block("p", (
         f"Rendered from `{results_dir}`: {_count(len(runs), 'run record')} ({gpu_runs} on a GPU, {cpu_runs} on a CPU), "
         f"{_count(len(predictions), 'memory prediction')}, {_count(len(results.probes), 'probe')} "
@@ -266,6 +314,21 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
                             "No GPU micro-benchmark file: `make microbench` on a CUDA machine writes "
                             "results/microbench/<device>.json."))
 
+    terms = glossary.glossary(results)
+    blocks += _glossary_blocks(terms)
+    blocks.append(Block("h2", "Environment and provenance", anchor="provenance"))
+    provenance = provenance_tables(results)
+    if not provenance:
+        blocks.append(Block("p", "Nothing recorded yet."))
+    for title, table in provenance:
+        blocks.append(Block("h3", title))
+        blocks.append(Block("table", table=table))
+    if results.folded:
+        blocks.append(Block("p", f"{results.folded} older record(s) of a configuration that a newer record "
+                                 "measures again were folded: every table and figure shows the newest one."))
+    if results.skipped:
+        blocks.append(Block("h3", "Files not read"))
+        blocks.append(Block("table", table=Table(["File and reason"], [[Cell(s)] for s in results.skipped])))
     blocks.append(Block("h2", "Appendix: the lab checking itself on a CPU", anchor="cpu"))
     blocks.append(Block("p", (
         "Runs and micro-benchmarks on a CPU say nothing about a GPU's memory or speed. They are how the lab "
@@ -289,20 +352,7 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
     blocks.append(_table_or(microbench_table(cpu_benchmarks) if cpu_benchmarks else None,
                             "No CPU micro-benchmark file: `make microbench` writes results/microbench/cpu.json."))
 
-    blocks.append(Block("h2", "Environment and provenance", anchor="provenance"))
-    provenance = provenance_tables(results)
-    if not provenance:
-        blocks.append(Block("p", "Nothing recorded yet."))
-    for title, table in provenance:
-        blocks.append(Block("h3", title))
-        blocks.append(Block("table", table=table))
-    if results.folded:
-        blocks.append(Block("p", f"{results.folded} older record(s) of a configuration that a newer record "
-                                 "measures again were folded: every table and figure shows the newest one."))
-    if results.skipped:
-        blocks.append(Block("h3", "Files not read"))
-        blocks.append(Block("table", table=Table(["File and reason"], [[Cell(s)] for s in results.skipped])))
-    return blocks, figures, counts
+    return blocks, figures, counts, terms
 
 
 def _ladder_blocks(runs, predictions, figures: list[FigureResult]) -> list[Block]:
@@ -391,7 +441,7 @@ def to_markdown(blocks: list[Block]) -> str:
             parts.append("#" * int(block.kind[1]) + " " + block.text)
         elif block.kind in ("p", "badges"):
             parts.append(block.text)
-        elif block.kind == "table":
+        elif block.kind in ("table", "md"):
             parts.append(_md_table(block.table))
         elif block.kind == "figure":
             figure = block.figure
@@ -441,16 +491,24 @@ figure img { max-width: 100%; border: 1px solid #d0d7de; }
 figcaption { color: #57606a; font-size: 13px; margin-top: 6px; max-width: 1100px; }
 p.missing { background: #f6f8fa; border-left: 4px solid #bf8700; padding: 8px 12px; }
 code { background: #f6f8fa; padding: 1px 4px; border-radius: 4px; font-size: 13px; }
+.picker { border: 2px solid #0969da; border-radius: 8px; padding: 12px 16px; margin: 8px 0 16px; }
+.picker label { margin-right: 18px; font-weight: 600; }
+.picker select { font-size: 15px; padding: 2px 4px; }
+dl.glossary dt { font-weight: 600; margin-top: 6px; } dl.glossary dd { margin-left: 24px; }
+dl.glossary dt:target { background: #fff8c5; }
+a.term { color: inherit; text-decoration: underline dotted #57606a; }
+.mark { font-size: 11px; padding: 0 5px; border-radius: 8px; margin-left: 4px; cursor: help; }
+.mark.measured { background: #dafbe1; } .mark.predicted { background: #ddf4ff; }
 """
 
 
-def _inline(text: str) -> str:
-    """Escape, then turn `code` spans into <code>."""
+def _inline(text: str, link=None) -> str:
+    """Escape, then turn `code` spans into <code>; `link` (glossary.linker) links terms outside them."""
     pieces = html.escape(text).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(pieces))
+    return "".join(f"<code>{p}</code>" if i % 2 else (link(p) if link else p) for i, p in enumerate(pieces))
 
 
-def _html_table(table: Table) -> str:
+def _html_table(table: Table, link=None) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
     body = []
     for row in table.rows:
@@ -458,11 +516,11 @@ def _html_table(table: Table) -> str:
         for index, cell in enumerate(row):
             classes = " ".join(c for c in (cell.css, "num" if index in table.numeric else "") if c)
             attribute = f' class="{classes}"' if classes else ""
-            detail = f'<div class="detail">{_inline(cell.detail)}</div>' if cell.detail else ""
-            cells.append(f"<td{attribute}>{_inline(cell.text)}{detail}</td>")
+            detail = f'<div class="detail">{_inline(cell.detail, link)}</div>' if cell.detail else ""
+            cells.append(f"<td{attribute}>{_inline(cell.text, link)}{detail}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     css = f' class="{table.css}"' if table.css else ""
-    note = f'<p class="note">{_inline(table.note)}</p>' if table.note else ""
+    note = f'<p class="note">{_inline(table.note, link)}</p>' if table.note else ""
     return f"<table{css}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{note}"
 
 
@@ -472,7 +530,8 @@ def _badges(counts: dict[str, int]) -> str:
     return f'<div class="badges">{"".join(spans)}</div>'
 
 
-def to_html(blocks: list[Block], counts: dict[str, int]) -> str:
+def to_html(blocks: list[Block], counts: dict[str, int], terms: dict[str, str] | None = None) -> str:
+    link = glossary.linker(terms) if terms else None
     title = next(b.text for b in blocks if b.kind == "h1")
     nav = "".join(f'<a href="#{b.anchor}">{html.escape(b.text)}</a>' for b in blocks if b.kind == "h2" and b.anchor)
     body = []
@@ -483,11 +542,13 @@ def to_html(blocks: list[Block], counts: dict[str, int]) -> str:
         elif block.kind in ("h2", "h3"):
             body.append(f"<{block.kind}{anchor}>{html.escape(block.text)}</{block.kind}>")
         elif block.kind == "p":
-            body.append(f"<p>{_inline(block.text)}</p>")
+            body.append(f"<p>{_inline(block.text, link)}</p>")
         elif block.kind == "badges":
             body.append(_badges(counts))
+        elif block.kind == "html":
+            body.append(block.text)
         elif block.kind == "table":
-            body.append(_html_table(block.table))
+            body.append(_html_table(block.table, link))
         elif block.kind == "figure":
             figure = block.figure
             if figure.png is None:
@@ -509,7 +570,7 @@ def to_html(blocks: list[Block], counts: dict[str, int]) -> str:
 
 def render(results_dir: str | Path = "results", out_dir: str | Path = "reports") -> Rendered:
     results_dir, out_dir = Path(results_dir), Path(out_dir)
-    blocks, figures, counts = build_blocks(results_dir)
+    blocks, figures, counts, terms = build_blocks(results_dir)
     figure_dir = out_dir / "figures"
     figure_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -522,7 +583,7 @@ def render(results_dir: str | Path = "results", out_dir: str | Path = "reports")
         stale.unlink()
     markdown, page = out_dir / "index.md", out_dir / "index.html"
     markdown.write_text(to_markdown(blocks), encoding="utf-8")
-    page.write_text(to_html(blocks, counts), encoding="utf-8")
+    page.write_text(to_html(blocks, counts, terms), encoding="utf-8")
     return Rendered(markdown, page, written, sum(f.png is not None for f in figures), counts)
 
 

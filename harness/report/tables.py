@@ -92,7 +92,9 @@ def _predicted_cell(claim, analytic: Observation | None, simulated: Observation 
     if not found:
         return Cell("-", "no prediction for this configuration")
     texts = {name: _observation_text(claim, obs) for name, obs in found}
-    source = found[0][1].source
+    files = [f for _, obs in found for f in obs.extra.get("files", ()) if f]
+    source = found[0][1].source + (f"; {', '.join(files)}; `python -m harness predict "
+                                   "--claims` makes them again" if files else "")
     values = [obs.value for _, obs in found]
     if len(found) == 2 and None not in values and abs(values[0] - values[1]) <= PREDICTIONS_AGREE * abs(values[1]):
         return Cell(texts["simulated"], f"analytic {texts['analytic']}, simulated {texts['simulated']}; {source}")
@@ -106,9 +108,15 @@ def _measured_cell(row: LedgerRow) -> Cell:
     if claim.evidence["quantity"] in PROBE_QUANTITIES:
         return Cell("no probe file yet", f"needs {claim.needs}")
     gpu, cpu = row.gpu, row.cpu
-    if gpu is not None and gpu.value is not None:
+    if gpu is not None and (gpu.value is not None or gpu.holds is not None):
         text = _observation_text(claim, gpu)
-        return Cell(f"{text} on {gpu.device}", gpu.source + (f"; {gpu.note}" if gpu.note else ""))
+        files = gpu.extra.get("files")
+        where = (f"; record {', '.join(f for f in files if f)}; `make bench` on a CUDA machine "
+                 "measures it again") if files else ""
+        if gpu.extra.get("derived"):  # arithmetic on a measurement is not itself measured
+            return Cell(f"{text} derived from a run on {gpu.device}",
+                        f"derived: {gpu.extra['derived']}; {gpu.source}{where}")
+        return Cell(f"{text} on {gpu.device}", gpu.source + (f"; {gpu.note}" if gpu.note else "") + where)
     parts = []
     if gpu is not None:  # an OOM or failed run on a GPU
         parts.append(Cell(f"{gpu.status} on {gpu.device}", f"{gpu.source}; {gpu.note}"))

@@ -1,0 +1,270 @@
+"""The report's first screen: for a model and a card, the recipes that fit, with the memory the card
+must hold, the longest sequence and the speed, each figure marked measured or predicted.
+
+Built from the fit table (results/fits/, predicted by the analytic search) and the CUDA run records.
+A fit row may carry the predicted figures `device_bytes` (what the card must hold, the caching
+allocator included), `margin_bytes`, `tokens_per_s`, `step_time_s` and `cost_usd`; where a row has
+them they are shown, and where it does not, the tensor peak at the reference shape
+(`reference_peak_bytes`) and the tokens/s a GPU run measured stand in, each saying which it is.
+The same data drive the static tables (Markdown and HTML) and the HTML picker, which reads them as
+JSON embedded in the page: no server, nothing fetched.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+
+from harness.report.load import Results, _get
+from harness.report.tables import Cell, Table
+from harness.report.units import fmt_bytes
+
+SEQUENCE_CHOICES = (512, 1024, 2048, 4096, 8192, 16384, 32768)  # the picker's "at least this long" options
+
+
+def recipe_name(experiment: str, checkpointing: bool) -> str:
+    return f"{experiment} + checkpointing" if checkpointing else experiment
+
+
+def _lab_experiment(experiment: str, checkpointing: bool) -> str:
+    """The experiment file that runs the fit row's technique (the lab names checkpointed ones `<name>-gc`)."""
+    return f"{experiment}-gc" if checkpointing else experiment
+
+
+def _single_gpu_runs(results: Results, model: str, experiment: str) -> list[dict]:
+    """Finished or OOM CUDA records of one model and experiment: one GPU, no accumulation, the whole card."""
+    found = []
+    for record in results.records:
+        config = record.get("config") or {}
+        if (record.get("model"), record.get("experiment")) != (model, experiment):
+            continue
+        if _get(record, "environment", "device_type") != "cuda" or record.get("status") not in ("ok", "oom"):
+            continue
+        if (config.get("grad_accum") or 1) != 1 or (config.get("world_size") or 1) != 1:
+            continue
+        if _get(record, "budget", "budget_gb") is not None:
+            continue
+        found.append(record)
+    return sorted(found, key=lambda r: (r.get("status") != "ok", r.get("_file", "")))
+
+
+def _shape(record: dict) -> str:
+    config = record.get("config") or {}
+    return f"sequence {config.get('seq_len'):,} x micro-batch {config.get('micro_batch')}"
+
+
+def _rerun(record: dict) -> str:
+    config = record.get("config") or {}
+    return (f"`make bench` on a CUDA machine reruns the matrix cell {record['experiment']} @ {record['model']}, "
+            f"{config.get('seq_len')} x {config.get('micro_batch')}")
+
+
+def _memory(row: dict, runs: list[dict], reference: tuple[int, int], card_gb: int, model: str) -> dict:
+    """The memory the card must hold: measured at the reference shape where a GPU run exists, else predicted."""
+    solve = (f"`python -m harness predict --model {model} --experiment {row['experiment']} "
+             f"{'--checkpointing ' if row['gradient_checkpointing'] else ''}--card {card_gb} --solve seq_len`")
+    at_reference = [r for r in runs if ((r.get("config") or {}).get("seq_len"),
+                                        (r.get("config") or {}).get("micro_batch")) == tuple(reference)]
+    for record in at_reference:
+        memory = record.get("memory") or {}
+        if record.get("status") == "ok" and memory.get("peak_reserved"):
+            device = _get(record, "environment", "device_name")
+            return {"bytes": memory["peak_reserved"], "kind": "measured", "short": f"reserved, {device}, {record['_file']}",
+                    "what": f"reserved by torch's caching allocator at {_shape(record)}, measured on {device} "
+                            f"({record['_file']})",
+                    "how": _rerun(record)}
+    if row.get("device_bytes") is not None:
+        return {"bytes": row["device_bytes"], "kind": "predicted", "short": "card must hold, allocator included",
+                "what": "the card must hold this, the caching allocator included (predicted)"
+                        + (f"; margin left {fmt_bytes(row['margin_bytes'])}" if row.get("margin_bytes") is not None
+                           else ""),
+                "how": solve}
+    return {"bytes": row.get("reference_peak_bytes"), "kind": "predicted", "short": "tensor peak, analytic",
+            "what": f"tensor peak at sequence {reference[0]:,} x micro-batch {reference[1]} (analytic prediction); "
+                    "the caching allocator and the CUDA context add to it",
+            "how": solve}
+
+
+def _speed(row: dict, runs: list[dict], model: str, experiment: str) -> dict | None:
+    """Tokens per second: predicted where the fit row has it, else what a GPU run measured (any shape, said)."""
+    if row.get("tokens_per_s") is not None:
+        extra = []
+        if row.get("step_time_s") is not None:
+            extra.append(f"{row['step_time_s']:.3g} s a step")
+        if row.get("cost_usd") is not None:
+            extra.append(f"${row['cost_usd']:.3g}")
+        return {"tokens_per_s": row["tokens_per_s"], "kind": "predicted", "short": "predicted for this card",
+                "what": "predicted for this card" + (f" ({', '.join(extra)})" if extra else ""),
+                "how": f"`python -m harness predict --model {model} --experiment {experiment}`"}
+    for record in runs:
+        speed = _get(record, "throughput", "tokens_per_s")
+        if record.get("status") == "ok" and speed:
+            device = _get(record, "environment", "device_name")
+            return {"tokens_per_s": speed, "kind": "measured",
+                    "short": f"{device}, {_shape(record)}, {record['_file']}",
+                    "what": f"measured on {device} at {_shape(record)} ({record['_file']}); another card runs at "
+                            "another speed",
+                    "how": _rerun(record)}
+    return None
+
+
+def answer_data(results: Results) -> dict | None:
+    """{cards, models, reference, rows: [{model, card_gb, recipe, fits, max_seq_len, ...}]} or None."""
+    table = results.fits
+    if not table:
+        return None
+    reference = tuple(table.get("reference_shape") or (512, 1))
+    rows = []
+    for row in table["rows"]:
+        model, checkpointing = row["model"], bool(row["gradient_checkpointing"])
+        experiment = _lab_experiment(row["experiment"], checkpointing)
+        runs = _single_gpu_runs(results, model, experiment)
+        rows.append({
+            "model": model, "card_gb": int(row["card_gb"]),
+            "recipe": recipe_name(row["experiment"], checkpointing), "experiment": experiment,
+            "fits": row["max_seq_len"] > 0, "max_seq_len": row["max_seq_len"],
+            "limited_by": row.get("seq_len_limited_by"), "max_micro_batch": row.get("max_micro_batch"),
+            "memory": _memory(row, runs, reference, int(row["card_gb"]), model),
+            "speed": _speed(row, runs, model, experiment),
+        })
+    return {"cards": sorted(int(gb) for gb in table["cards"]), "models": list(dict.fromkeys(r["model"] for r in rows)),
+            "reference": list(reference), "micro_batch_seq_len": table.get("micro_batch_seq_len"),
+            "method": table.get("method"), "rows": rows}
+
+
+def _seq_words(entry: dict, unit: str = "", context: str = " (the model's context length)") -> str:
+    text = f"{entry['max_seq_len']:,}{unit}"
+    return text + context if entry["limited_by"] == "context" else text
+
+
+def _fastest(entries: list[dict]) -> dict | None:
+    timed = [e for e in entries if e["speed"]]
+    return max(timed, key=lambda e: e["speed"]["tokens_per_s"]) if timed else None
+
+
+def summary_table(data: dict) -> Table:
+    """Models as rows, card classes as columns: how many recipes fit, the longest sequence and the fastest."""
+    lines = []
+    for model in data["models"]:
+        line = [Cell(model)]
+        for card in data["cards"]:
+            entries = [e for e in data["rows"] if e["model"] == model and e["card_gb"] == card]
+            fitting = [e for e in entries if e["fits"]]
+            if not fitting:
+                line.append(Cell("nothing fits", f"none of the {len(entries)} recipes at micro-batch 1 (predicted)",
+                                 css="status-oom"))
+                continue
+            longest = max(fitting, key=lambda e: e["max_seq_len"])
+            detail = f"longest: {longest['recipe']}, {_seq_words(longest, ' tokens')} (predicted)"
+            fastest = _fastest(fitting)
+            if fastest:
+                detail += (f"; fastest: {fastest['recipe']}, {fastest['speed']['tokens_per_s']:,.0f} tokens/s "
+                           f"({fastest['speed']['kind']})")
+            line.append(Cell(f"{len(fitting)} of {len(entries)} recipes", detail))
+        lines.append(line)
+    columns = ["Model"] + [f"{card} GB card" for card in data["cards"]]
+    return Table(columns, lines, css="answer")
+
+
+def model_table(data: dict, model: str) -> Table:
+    """One model, recipe by recipe: the longest sequence on each card, the memory, the speed."""
+    recipes = list(dict.fromkeys(e["recipe"] for e in data["rows"] if e["model"] == model))
+    lines = []
+    for recipe in recipes:
+        entries = {e["card_gb"]: e for e in data["rows"] if e["model"] == model and e["recipe"] == recipe}
+        first = next(iter(entries.values()))
+        memory, speed = first["memory"], first["speed"]
+        line = [Cell(recipe),
+                Cell(f"{fmt_bytes(memory['bytes'])} {memory['kind']}", memory["short"])
+                if memory["bytes"] is not None else Cell("-", "no peak in the fit table's row"),
+                Cell(f"{speed['tokens_per_s']:,.0f} {speed['kind']}", speed["short"])
+                if speed else Cell("-", "no GPU run of this recipe and model")]
+        for card in data["cards"]:
+            entry = entries[card]
+            line.append(Cell(_seq_words(entry, context=" (context)")) if entry["fits"]
+                        else Cell("does not fit", css="status-oom"))
+        lines.append(line)
+    reference = data["reference"]
+    columns = ["Recipe", f"Memory at {reference[0]:,} x {reference[1]}", "Tokens/s"] + [
+        f"{card} GB: longest sequence" for card in data["cards"]]
+    note = ("Measured memory: what torch's caching allocator reserved on the device named, its record beside; "
+            "`make bench` on a CUDA machine runs the cell again. Predicted memory: the analytic tensor peak "
+            "(the allocator's caching and the CUDA context add to it); `python -m harness predict --model "
+            f"{model} --experiment E [--checkpointing] --card GB --solve seq_len` confirms one cell by simulation. Longest "
+            f"sequence: at micro-batch 1, predicted by the {data['method']} search for each card; (context): the "
+            "model's context length is reached before the card is full. Tokens/s: "
+            "measured on the device named (another card runs at another speed) unless marked predicted.")
+    return Table(columns, lines, css="fits", numeric=set(range(3, 3 + len(data["cards"]))), note=note)
+
+
+# --- the HTML picker ---------------------------------------------------------------------------
+
+PICKER_SCRIPT = r"""
+(function () {
+  const data = JSON.parse(document.getElementById('answer-data').textContent);
+  const pick = id => document.getElementById(id);
+  const gb = b => (b === null || b === undefined) ? '\u2013' : (b / 1e9).toFixed(2) + ' GB';
+  const esc = t => String(t).replace(/[&<>"]/g, c => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'}[c]));
+  const article = card => (String(card)[0] === '8' || card === 18 || card === 11 ? 'an ' : 'a ');
+  const mark = (kind, what, how) =>
+    ' <span class="mark ' + kind + '" title="' + esc(what + ' \u2014 reproduce: ' + how.replace(/`/g, '')) + '">' +
+    kind + '</span>';
+  function show() {
+    const model = pick('pick-model').value, card = Number(pick('pick-card').value), seq = Number(pick('pick-seq').value);
+    const rows = data.rows.filter(r => r.model === model && r.card_gb === card);
+    const fit = rows.filter(r => r.fits && r.max_seq_len >= seq);
+    fit.sort((a, b) => ((b.speed ? b.speed.tokens_per_s : 0) - (a.speed ? a.speed.tokens_per_s : 0))
+                       || (b.max_seq_len - a.max_seq_len));
+    const out = pick('pick-answer');
+    if (!fit.length) {
+      out.innerHTML = '<p class="verdict-none">Nothing fits ' + esc(model) + ' on ' + article(card) + card + ' GB card at ' +
+        seq.toLocaleString('en-US') + ' tokens (predicted). Try a shorter sequence, a larger card, or ' +
+        '<a href="#gpus">several GPUs</a>.</p>';
+      return;
+    }
+    let body = '';
+    for (const r of fit) {
+      const speed = r.speed ? Math.round(r.speed.tokens_per_s).toLocaleString('en-US') +
+        mark(r.speed.kind, r.speed.what, r.speed.how) : '\u2013';
+      const longest = r.max_seq_len.toLocaleString('en-US') + (r.limited_by === 'context' ? ' (model context)' : '');
+      const term = document.getElementById('g-' + r.experiment) ? '#g-' + r.experiment : null;
+      const name = term ? '<a class="term" href="' + term + '">' + esc(r.recipe) + '</a>' : esc(r.recipe);
+      body += '<tr><td class="recipe">' + name + '</td><td class="num">' + gb(r.memory.bytes) +
+        mark(r.memory.kind, r.memory.what, r.memory.how) + '</td><td class="num">' + longest +
+        mark('predicted', 'longest sequence at micro-batch 1, ' + data.method + ' search', r.memory.how) +
+        '</td><td class="num">' + speed + '</td></tr>';
+    }
+    const left = rows.filter(r => !fit.includes(r)).map(r => esc(r.recipe) + ' (' + gb(r.memory.bytes) + ' ' +
+      r.memory.kind + ' at ' + data.reference[0] + ' x ' + data.reference[1] + ')');
+    out.innerHTML = '<p class="verdict-some">' + fit.length + ' of ' + rows.length + ' recipes fit ' + esc(model) +
+      ' on ' + article(card) + card + ' GB card at ' + seq.toLocaleString('en-US') + ' tokens or more:</p>' +
+      '<table class="picked"><thead><tr><th>Recipe</th><th>Memory at ' + data.reference[0] + ' x ' +
+      data.reference[1] + '</th><th>Longest sequence</th><th>Tokens/s</th></tr></thead><tbody>' + body +
+      '</tbody></table>' + (left.length ? '<p class="detail">Do not fit: ' + left.join(', ') + '.</p>' : '');
+  }
+  for (const id of ['pick-model', 'pick-card', 'pick-seq']) pick(id).addEventListener('change', show);
+  show();
+})();
+"""
+
+
+def _options(values, chosen, label=str) -> str:
+    return "".join(f'<option value="{html.escape(str(v))}"{" selected" if v == chosen else ""}>'
+                   f"{html.escape(label(v))}</option>" for v in values)
+
+
+def picker_html(data: dict, model: str | None = None, card: int | None = None) -> str:
+    """The picker: three <select>s, the answer below them, the data as JSON in the page."""
+    model = model if model in data["models"] else data["models"][0]
+    card = card if card in data["cards"] else data["cards"][0]
+    payload = json.dumps(data, sort_keys=True, separators=(",", ":")).replace("</", "<\\/")
+    return (
+        '<div class="picker"><label>Model <select id="pick-model">' + _options(data["models"], model) +
+        '</select></label> <label>Card <select id="pick-card">' +
+        _options(data["cards"], card, lambda gb: f"{gb} GB") +
+        '</select></label> <label>Sequence of at least <select id="pick-seq">' +
+        _options(SEQUENCE_CHOICES, SEQUENCE_CHOICES[0], lambda n: f"{n:,} tokens") +
+        '</select></label><div id="pick-answer"><p>The answer needs JavaScript; the tables below give the same '
+        'figures.</p></div></div>'
+        f'<script type="application/json" id="answer-data">{payload}</script>'
+        f"<script>{PICKER_SCRIPT}</script>")

@@ -1,0 +1,118 @@
+"""The glossary: every technique name and term the report uses, and the links to it where it appears.
+
+Technique names take their meaning from the lab's own registry (harness.techniques, whose summaries
+the runs carry), experiment names from the descriptions their run records carry; the terms the
+report itself coins (its columns and marks) are defined here, once.
+"""
+
+from __future__ import annotations
+
+import re
+
+from harness.measure.budget import CUDA_CONTEXT_ALLOWANCE
+from harness.report.load import Results
+from harness.techniques import TECHNIQUES
+
+# What transformers' Trainer runs for `bf16=True` on a model loaded in fp32: autocast to bf16 around
+# fp32 weights (transformers/training_args.py, `bf16`: "Whether to use bf16 (mixed) precision").
+TRAINER_BF16 = "what transformers' Trainer runs for `bf16=True` on a model loaded in fp32"
+
+TERMS: dict[str, str] = {
+    "+ checkpointing": "gradient (activation) checkpointing: the forward pass keeps only each layer's input and "
+                       "the backward pass recomputes the rest, trading compute for activation memory",
+    "(context)": "the longest sequence is the model's own context length: the card would hold a longer one",
+    "measured": "read on a GPU by torch's allocator during a real run; the device and the record file are named",
+    "predicted": "computed without a GPU: by the analytic formula (bytes per parameter x parameter counts plus "
+                 "activations) or by the simulation (one real training step traced under fake tensors)",
+    "derived": "computed from a measured figure by arithmetic the report shows (a scaling, a count x bytes): "
+               "never itself a measurement",
+    "analytic": "the lab's formula: parameter counts x bytes per parameter for weights, gradients and optimizer "
+                "state, plus activations per token",
+    "simulated": "one real training step of the lab run under torch's fake tensors at full size: every "
+                 "allocation counted, no memory used",
+    "peak allocated": "the most bytes torch's tensors held at once (torch.cuda.max_memory_allocated)",
+    "reserved": "the bytes torch's caching allocator took from the card (torch.cuda.max_memory_reserved): "
+                "allocated plus the cache it keeps for reuse and its rounding",
+    "device-used": "the card's memory in use as NVML reports it: reserved plus the CUDA context and any other "
+                   "process",
+    "tracked bytes": "on a CPU, the bytes of every live tensor the lab's tracker counted in the step: how the lab "
+                     "checks its accounting without a GPU, never a GPU figure",
+    "CUDA-context allowance": f"{CUDA_CONTEXT_ALLOWANCE / 2**30:g} GiB of each card left to the CUDA context and "
+                              "kernels, which tensors cannot use",
+    "GB / GiB": "GB is 1e9 bytes, GiB 2^30 bytes; a card sold as \"24 GB\" holds 24 GiB",
+    "micro-batch": "the sequences one forward and backward pass takes at once",
+    "gradient accumulation": "k micro-batches' gradients summed before one optimizer step: the batch the "
+                             "optimizer sees grows k times, the memory of a step hardly at all",
+    "tokens/s": "tokens trained per second over the timed steps of a run (sequence x micro-batch x accumulation "
+                "per step)",
+    "MFU": "model FLOPs utilisation: the FLOPs the model's step needs per token x tokens/s, over the card's "
+           "peak FLOPs per second (harness/measure/throughput.py)",
+}
+
+
+def technique_terms() -> dict[str, str]:
+    """The registry's techniques, in its own words."""
+    terms = {name: technique.summary for name, technique in TECHNIQUES.items() if technique.summary}
+    if "bf16-mixed" in terms:
+        terms["bf16-mixed"] += f"; {TRAINER_BF16}"
+    if "bf16-pure" in terms:
+        terms["bf16-pure"] += "; no fp32 copy of anything, so small updates can round away"
+    return terms
+
+
+def experiment_terms(results: Results) -> dict[str, str]:
+    """Experiment names the runs used, each with the description its record carries."""
+    terms: dict[str, str] = {}
+    for record in sorted(results.records, key=lambda r: r.get("_file", "")):
+        name, description = record.get("experiment"), (record.get("config") or {}).get("description")
+        if name and description and name not in TECHNIQUES:
+            terms.setdefault(name, description)
+    return dict(sorted(terms.items()))
+
+
+def adapter_targets(results: Results) -> dict[str, str]:
+    """For each adapter experiment the runs used: the rank and the layers its adapters sit on, as
+    its records say (the documents leave this open; the lab's choice moves every LoRA figure)."""
+    found: dict[str, str] = {}
+    for record in sorted(results.records, key=lambda r: r.get("_file", "")):
+        lora = (record.get("config") or {}).get("lora") or {}
+        name = record.get("experiment")
+        if name and lora.get("target_modules") and name not in found:
+            found[name] = (f"adapters of rank {lora.get('r')} on {', '.join(lora['target_modules'])} "
+                           f"({len(lora['target_modules'])} projections of every layer)")
+    return found
+
+
+def glossary(results: Results) -> dict[str, str]:
+    terms = {**technique_terms(), **experiment_terms(results)}
+    for name, targets in adapter_targets(results).items():
+        if name in terms:
+            terms[name] += f"; {targets}"
+    return {**terms, **TERMS}
+
+
+def anchor(term: str) -> str:
+    return "g-" + re.sub(r"[^a-z0-9]+", "-", term.lower()).strip("-")
+
+
+def linker(terms: dict[str, str]):
+    """A function that links the first mention of each glossary term in a piece of escaped HTML text;
+    a name counts only whole (lora is not linked inside qlora or lora-gc)."""
+    names = sorted((t for t in terms if len(t) > 2), key=len, reverse=True)
+    if not names:
+        return lambda text: text
+    pattern = re.compile(r"(?<![\w/.-])(" + "|".join(re.escape(n) for n in names) + r")(?![\w-])")
+
+    def link(text: str) -> str:
+        seen: set[str] = set()
+
+        def one(match: re.Match) -> str:
+            name = match.group(1)
+            if name in seen:
+                return name
+            seen.add(name)
+            return f'<a class="term" href="#{anchor(name)}">{name}</a>'
+
+        return pattern.sub(one, text)
+
+    return link
