@@ -17,10 +17,16 @@ from harness.imports import source_files
 PREDICTOR_MODULES = source_files(__name__)
 
 
+ALLOCATORS = ("default", "expandable_segments")  # PYTORCH_CUDA_ALLOC_CONF's expandable_segments off or on
+
+
 def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
-            device_type: str = "cuda", overrides: dict | None = None) -> schema.Prediction:
+            device_type: str = "cuda", overrides: dict | None = None, allocator: str = "default") -> schema.Prediction:
     """One prediction for an experiment file at a model, sequence length and micro-batch (and
-    any other experiment fields in `overrides`)."""
+    any other experiment fields in `overrides`); on CUDA with the reserved and device bytes of the
+    caching allocator set as `allocator` says."""
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"allocator: expected one of {', '.join(ALLOCATORS)}, got {allocator!r}")
     from harness.step.models import resolve_source
 
     config = resolve(experiment, {**(overrides or {}), "model": model, "seq_len": seq_len, "micro_batch": batch,
@@ -32,10 +38,16 @@ def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
         from harness.predict.analytic import predict as analytic_predict
 
         result = analytic_predict(source.config, technique, cfg, seq_len, batch, device_type)
+        if device_type == "cuda":
+            from harness.predict.device_memory import analytic_reserved_bytes, device_bytes
+
+            reserved = analytic_reserved_bytes(result["total_bytes"], allocator)
+            result.update(reserved_bytes=reserved, device_bytes=device_bytes(reserved, technique), allocator=allocator)
     else:
         from harness.predict.simulate import simulate_step
 
-        result = simulate_step(source, technique, cfg, seq_len, batch, device_type)
+        result = simulate_step(source, technique, cfg, seq_len, batch, device_type,
+                               expandable_segments=allocator == "expandable_segments")
     result["seconds"] = time.perf_counter() - started
     return schema.from_dict({
         "kind": schema.Prediction.KIND, "method": method, "experiment": config.name, "model": model,

@@ -20,8 +20,10 @@ What a fake step cannot do, and how it is handled:
   tokens (see models.SequentialExperts); dynamic loss scaling (which reads a value to
   skip steps) is left out, its state being a few bytes; transformers' packed-sequence
   check reads position ids, and is answered as a real run answers it (not packed).
-- the allocator: a traced step knows tensor bytes, not the caching allocator's rounding
-  and fragmentation; `reserved` on a GPU is higher than these peaks by those.
+- the allocator: a traced step knows tensor bytes; the caching allocator's rounding, pools and
+  fragmentation are predicted by replaying every storage the tracker saw born and freed, in order,
+  through harness.predict.allocator (`reserved_bytes`), beside the cuBLAS workspaces the tracker
+  cannot see (allocator_events).
 - compiled code (torch.compile, torchao's optimizer step) runs eager under the tracker, so a
   compiled step is predicted as the eager one (torchao's eager step makes fp32 copies of each
   tensor's moments that its compiled kernel does not: the simulation's optimizer-step
@@ -39,6 +41,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from harness.blocks.optimizers import OPTIMIZERS
+from harness.predict import allocator as caching_allocator
+from harness.predict.device_memory import CUBLAS_WORKSPACE_BYTES, WORKSPACE_PHASES, device_bytes
 from harness.measure.memory import TensorTracker, fsdp2_tracking, label_gradients, label_model, tracker_phase
 from harness.step import sharding
 from harness.step.models import ModelSource
@@ -291,8 +295,32 @@ def fake_step(technique: Technique, cfg, device_type: str, tracker: TensorTracke
         yield mesh
 
 
+def allocator_events(tracker: TensorTracker, device_type: str) -> list[tuple[int, object]]:
+    """Every device storage the tracker saw, as the caching allocator sees it: (+bytes, key) when it is
+    born and (-1, key) when it dies, in the order they happened (one counter orders both).
+
+    On CUDA, cuBLAS takes a workspace from the caching allocator for each (handle, stream) the first time
+    it multiplies there (aten/src/ATen/cuda/CublasHandlePool.cpp, getCurrentCUDABlasHandle and
+    getCUDABlasLtWorkspace), which no tensor stands for: one on the first forward's thread and one on
+    autograd's backward thread, born where the tracker's forward and backward phases first allocate."""
+    timed = []
+    for index, record in enumerate(tracker.history):
+        if record.host:
+            continue
+        timed.append((record.born, record.nbytes, index))
+        if record.died is not None:
+            timed.append((record.died, -1, index))
+    if device_type == "cuda":
+        for phase in WORKSPACE_PHASES:
+            first = next((r.born for r in tracker.history if r.phase == phase and not r.host), None)
+            if first is not None:
+                timed.append((first - 0.5, CUBLAS_WORKSPACE_BYTES, f"cublas workspace ({phase})"))
+    timed.sort(key=lambda event: event[0])
+    return [(nbytes, key) for _, nbytes, key in timed]
+
+
 def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, micro_batch: int,
-                  device_type: str = "cuda", steps: int = 2) -> dict:
+                  device_type: str = "cuda", steps: int = 2, expandable_segments: bool = False) -> dict:
     """Peak and per-category bytes of a training step at full size, without memory.
 
     Runs `steps` steps (the first creates the optimizer state) and measures the last, as the
@@ -320,7 +348,14 @@ def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, 
                        saved_tensors=saved_tensors)
         if cfg.cpu_offload and device_type == "cuda":  # a CPU's step has one memory: nothing to offload to
             load_peak = tracker.move_to_host(OFFLOADED, measured_from, loaded)
+    allocator = caching_allocator.replay(allocator_events(tracker, device_type), expandable_segments=expandable_segments)
+    reserved = {"reserved_bytes": allocator.peak_reserved,
+                "allocator": "expandable_segments" if expandable_segments else "default",
+                "extra": {"allocator_allocated_bytes": allocator.peak_allocated}}
+    if device_type == "cuda":
+        reserved["device_bytes"] = device_bytes(allocator.peak_reserved, technique)
     return {
+        **reserved,
         "method": "simulated",
         "total_bytes": max(tracker.peak, load_peak),
         "categories": tracker.breakdown_at_peak(),

@@ -1,0 +1,141 @@
+"""What the card must hold, predicted against measured: allocated, reserved and device bytes per GPU run.
+
+For every finished CUDA run (status ok) with a prediction of its configuration, one row: the predicted
+allocated peak (`total_bytes`), reserved bytes (the caching allocator model, harness.predict.allocator,
+or the analytic method's calibrated ratio) and device bytes (reserved plus the context and kernels,
+harness.predict.device_memory) beside the record's peak_allocated, peak_reserved and peak_device_used;
+and the error the old rule made (allocated + the 0.5 GiB allowance of harness.measure.budget, as the
+device's use). A row whose run belongs to the subset the device constants were calibrated on says so:
+the targets are judged on the others.
+
+Reads only results (run records and predictions); `python -m harness.report.reserved RESULTS PREDICTIONS`
+prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from harness.measure.budget import CUDA_CONTEXT_ALLOWANCE
+
+TARGETS = {"reserved": 0.05, "device": 0.03}  # within 5% of peak_reserved, 3% of peak_device_used
+TARGET_SHARE = 0.90
+# The runs the outside-allocator constants (and the analytic reserved ratio) were calibrated on
+# (harness.predict.device_memory): TinyLlama-1.1B's.
+CALIBRATION_MODELS = ("tinyllama-1.1b",)
+MATCH_KEYS = ("experiment", "model", "seq_len", "micro_batch", "grad_accum", "gradient_checkpointing")
+
+
+def _error(predicted, measured) -> float | None:
+    return None if predicted is None or not measured else predicted / measured - 1
+
+
+def _run_key(record: dict) -> tuple:
+    config = record.get("config") or {}
+    return (config.get("name", record.get("experiment")), record.get("model"), config.get("seq_len"),
+            config.get("micro_batch"), config.get("grad_accum", 1), config.get("gradient_checkpointing", False))
+
+
+def _prediction_key(prediction: dict) -> tuple:
+    return tuple(prediction.get(key) for key in MATCH_KEYS)
+
+
+def check_rows(records: list[dict], predictions: list[dict]) -> list[dict]:
+    """One row per ok CUDA run with a CUDA prediction of its configuration (simulated preferred)."""
+    by_key: dict[tuple, dict] = {}
+    for prediction in predictions:
+        if prediction.get("device_type") != "cuda" or prediction.get("reserved_bytes") is None:
+            continue
+        key = _prediction_key(prediction)
+        if key not in by_key or (prediction.get("method") == "simulated" != by_key[key].get("method")):
+            by_key[key] = prediction
+    rows = []
+    for record in records:
+        memory = record.get("memory") or {}
+        if record.get("status") != "ok" or memory.get("source") != "cuda" or not memory.get("peak_reserved"):
+            continue
+        prediction = by_key.get(_run_key(record))
+        if prediction is None:
+            continue
+        measured = {"allocated": memory["peak_allocated"], "reserved": memory["peak_reserved"],
+                    "device": memory.get("peak_device_used")}
+        predicted = {"allocated": prediction["total_bytes"], "reserved": prediction["reserved_bytes"],
+                     "device": prediction.get("device_bytes")}
+        old_rule = measured["allocated"] + CUDA_CONTEXT_ALLOWANCE
+        rows.append({
+            "run": record.get("file") or f"{record.get('experiment')}@{record.get('model')}",
+            "experiment": _run_key(record)[0], "model": record.get("model"),
+            "seq_len": _run_key(record)[2], "micro_batch": _run_key(record)[3],
+            "method": prediction.get("method"), "allocator": prediction.get("allocator"),
+            "calibration": record.get("model") in CALIBRATION_MODELS,
+            **{f"predicted_{k}": v for k, v in predicted.items()}, **{f"measured_{k}": v for k, v in measured.items()},
+            **{f"{k}_error": _error(predicted[k], measured[k]) for k in measured},
+            "old_rule_bytes": old_rule, "old_rule_device_error": _error(old_rule, measured["device"]),
+        })
+    return rows
+
+
+def summary(rows: list[dict]) -> dict:
+    """Share of rows within each target, on the check rows (not calibration) and on all."""
+    result = {}
+    for subset, chosen in (("check", [r for r in rows if not r["calibration"]]), ("all", rows)):
+        entry = {"rows": len(chosen)}
+        for what, tolerance in TARGETS.items():
+            errors = [r[f"{what}_error"] for r in chosen if r[f"{what}_error"] is not None]
+            entry[f"{what}_within"] = sum(abs(e) <= tolerance for e in errors)
+            entry[f"{what}_share"] = entry[f"{what}_within"] / len(errors) if errors else None
+            entry[f"{what}_median_abs_error"] = statistics.median(abs(e) for e in errors) if errors else None
+        old = [r["old_rule_device_error"] for r in chosen if r["old_rule_device_error"] is not None]
+        entry["old_rule_device_within"] = sum(abs(e) <= TARGETS["device"] for e in old)
+        entry["old_rule_median_device_error"] = statistics.median(old) if old else None
+        entry["meets_target"] = all((entry[f"{what}_share"] or 0) >= TARGET_SHARE for what in TARGETS)
+        result[subset] = entry
+    return result
+
+
+def markdown(rows: list[dict]) -> str:
+    gib = 2**30
+
+    def cell(value, percent=False):
+        if value is None:
+            return ""
+        return f"{value * 100:+.1f}%" if percent else f"{value / gib:.2f}"
+    head = ("| run | method | calibration | alloc pred | alloc meas | reserved pred | reserved meas | err "
+            "| device pred | device meas | err | old rule (alloc+0.5 GiB) err |")
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['method']} | {'yes' if r['calibration'] else ''} "
+                     f"| {cell(r['predicted_allocated'])} | {cell(r['measured_allocated'])} "
+                     f"| {cell(r['predicted_reserved'])} | {cell(r['measured_reserved'])} | {cell(r['reserved_error'], True)} "
+                     f"| {cell(r['predicted_device'])} | {cell(r['measured_device'])} | {cell(r['device_error'], True)} "
+                     f"| {cell(r['old_rule_device_error'], True)} |")
+    return "\n".join(lines)
+
+
+def _read_json(folder: Path, pattern: str) -> list[dict]:
+    found = []
+    for path in sorted(folder.rglob(pattern)):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            found.append({**data, "file": path.name})
+    return found
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2:
+        raise SystemExit("usage: python -m harness.report.reserved RUN_RECORDS_DIR PREDICTIONS_DIR")
+    records = [r for r in _read_json(Path(argv[0]), "*.json") if r.get("status")]
+    predictions = [p for p in _read_json(Path(argv[1]), "*.json") if p.get("kind") == "prediction"]
+    rows = check_rows(records, predictions)
+    print(markdown(rows))
+    print(json.dumps(summary(rows), indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
