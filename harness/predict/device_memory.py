@@ -40,12 +40,13 @@ CUBLAS_WORKSPACE_BYTES = 32 * MiB
 WORKSPACE_PHASES = ("forward", "backward")
 
 
-def outside_allocator_bytes(technique) -> int:
-    """The context and the kernels a step of this technique loads (see the constants' sources)."""
-    half = technique.weights in ("bf16", "fp16") or technique.autocast in ("bf16", "fp16") or (
+def outside_allocator_bytes(technique=None) -> int:
+    """The context and the kernels a step of this technique loads (see the constants' sources); without
+    a technique, those of a half-precision step."""
+    half = technique is None or technique.weights in ("bf16", "fp16") or technique.autocast in ("bf16", "fp16") or (
         technique.quantization != "none")
     kernels = KERNEL_MODULE_BYTES["half" if half else "fp32"]
-    if technique.quantization == "int8":
+    if technique is not None and technique.quantization == "int8":
         kernels += INT8_KERNEL_BYTES
     return CUDA_CONTEXT_BYTES + kernels
 

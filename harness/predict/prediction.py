@@ -58,10 +58,10 @@ def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
         "device_type": device_type}, f"<prediction of {config.name}>")
 
 
-def fits(total_bytes: int, budget_gb: float, device_type: str = "cuda") -> bool:
-    """Whether a predicted peak fits what an N GB card leaves to the allocator."""
-    from harness.measure.budget import budget_cap_bytes
+def fits(prediction: schema.Prediction, card_gb: float) -> bool:
+    """Whether a predicted step fits a card of this nominal size (harness.measure.budget.card_bytes): its
+    device bytes where predicted (CUDA), else its tensor bytes (a CPU has no allocator or context)."""
+    from harness.measure.budget import card_bytes
 
-    return total_bytes <= budget_cap_bytes(budget_gb, device_type)
-
-
+    held = prediction.device_bytes if prediction.device_bytes is not None else prediction.total_bytes
+    return held <= card_bytes(card_gb)

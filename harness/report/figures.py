@@ -20,7 +20,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from harness.claims import Claim  # noqa: E402
-from harness.measure.budget import budget_cap_bytes  # noqa: E402
+from harness.measure.budget import CARD_BYTES, budget_cap_bytes, card_bytes  # noqa: E402
 from harness.report.load import CATEGORIES, Results  # noqa: E402
 from harness.report.units import CATEGORY_WORDS, DOCUMENTS_MODEL  # noqa: E402
 
@@ -350,6 +350,12 @@ def parity(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
 FIT_CODES = {"fits (measured)": 2, "fits (predicted)": 1, "OOM (predicted)": -1, "OOM (measured)": -2}
 
 
+def _card_gb(card: float) -> float:
+    """A card's nominal size from its bytes (harness.measure.budget's convention)."""
+    named = [gb for gb, size in CARD_BYTES.items() if size == card]
+    return float(named[0]) if named else card / 2**30
+
+
 def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
     name, title = "fits-in-budget", "Which technique fits which card"
     gpu_budget = runs[(runs["device_type"] == "cuda") & runs["budget_gb"].notna() & runs["status"].isin(["ok", "oom"])]
@@ -357,7 +363,7 @@ def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
     for _, run in gpu_budget.iterrows():
         fits = run["status"] == "ok"
         peak = f"\n{run['peak_allocated'] / 1e9:.1f} meas." if fits and pd.notna(run["peak_allocated"]) else "\nmeasured"
-        cells.append({"model": run["model"], "experiment": run["experiment"], "card": float(run["budget_gb"]),
+        cells.append({"model": run["model"], "experiment": run["experiment"], "card": _card_gb(run["budget_card_bytes"]),
                       "state": f"{'fits' if fits else 'OOM'} (measured)", "priority": 0,
                       "label": ("fits" if fits else "OOM") + peak})
     if not predictions.empty:
@@ -366,7 +372,9 @@ def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
         chosen = chosen.sort_values(["method"], ascending=False, kind="stable")  # simulated before analytic
         for _, p in chosen.drop_duplicates(["model", "experiment"]).iterrows():
             for card in CARDS_GB:
-                fits = p["total_bytes"] <= budget_cap_bytes(card, "cuda")
+                # the predicted device bytes against the card (older predictions: tensor bytes against its cap)
+                fits = (p["device_bytes"] <= card_bytes(card) if pd.notna(p.get("device_bytes"))
+                        else p["total_bytes"] <= budget_cap_bytes(card, "cuda"))
                 cells.append({"model": p["model"], "experiment": p["experiment"], "card": float(card),
                               "state": f"{'fits' if fits else 'OOM'} (predicted)", "priority": 1,
                               "label": f"{'fits' if fits else 'OOM'}\n{p['total_bytes'] / 1e9:.1f} {p['method'][:3]}."})

@@ -164,7 +164,8 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
         f"{_count(len(predictions), 'memory prediction')}, {_count(len(results.probes), 'probe')} "
         f"({', '.join(sorted(results.probes)) or 'none'}), {_count(len(results.microbench), 'micro-benchmark file')}. "
         "Sources checked: " + "; ".join(f"{key} = \"{title}\"" for key, title in SOURCES.items()) + ". "
-        f"GB means 1e9 bytes and GiB 2^30 bytes throughout; \"7B\" is Llama-2-7B, {LLAMA_2_7B_PARAMETERS:,} "
+        f"GB means 1e9 bytes and GiB 2^30 bytes throughout, except a card's size, named as sold: a \"24 GB card\" "
+        f"holds 24 GiB (the H200, its measured 139.8 GiB); \"7B\" is Llama-2-7B, {LLAMA_2_7B_PARAMETERS:,} "
         "parameters.")))
     if gpu_runs == 0:
         blocks.append(Block("p", (
