@@ -104,3 +104,29 @@ def test_replay_reports_peaks_and_where_a_capped_run_ran_out():
     assert (free_run.peak_allocated, free_run.peak_reserved, free_run.oom) == (28 * MiB, 42 * MiB, None)
     capped = replay(events, cap_bytes=40 * MiB)
     assert capped.oom is not None and capped.oom.requested == 22 * MiB
+
+
+def test_a_simulated_cuda_step_predicts_reserved_and_device_bytes_from_its_own_allocations():
+    from conftest import EXPERIMENTS
+
+    from harness.predict.device_memory import CUBLAS_WORKSPACE_BYTES, outside_allocator_bytes
+    from harness.predict.prediction import predict
+    from harness.techniques import TECHNIQUES
+
+    default = predict(EXPERIMENTS / "lora.yaml", "tiny-llama", 128, 2, "simulated", "cuda")
+    expandable = predict(EXPERIMENTS / "lora.yaml", "tiny-llama", 128, 2, "simulated", "cuda",
+                         allocator="expandable_segments")
+    allocated = default.extra["allocator_allocated_bytes"]
+    # the allocator's blocks hold every tensor (rounded) and the two cuBLAS workspaces
+    assert allocated >= default.total_bytes + 2 * CUBLAS_WORKSPACE_BYTES
+    assert default.reserved_bytes >= allocated and default.allocator == "default"
+    assert default.device_bytes == default.reserved_bytes + outside_allocator_bytes(TECHNIQUES["lora"])
+    # expandable segments map whole pages: a multiple of 2 MiB
+    assert expandable.allocator == "expandable_segments" and expandable.reserved_bytes % (2 * MiB) == 0
+    assert expandable.reserved_bytes >= expandable.extra["allocator_allocated_bytes"]
+    # the analytic method: its peak and workspaces times the calibrated ratio
+    analytic = predict(EXPERIMENTS / "lora.yaml", "tiny-llama", 128, 2, "analytic", "cuda")
+    assert analytic.device_bytes > analytic.reserved_bytes > analytic.total_bytes
+    # a CPU step has no caching allocator and no device bytes
+    cpu = predict(EXPERIMENTS / "lora.yaml", "tiny-llama", 128, 2, "simulated", "cpu")
+    assert cpu.device_bytes is None

@@ -351,7 +351,7 @@ def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, 
     allocator = caching_allocator.replay(allocator_events(tracker, device_type), expandable_segments=expandable_segments)
     reserved = {"reserved_bytes": allocator.peak_reserved,
                 "allocator": "expandable_segments" if expandable_segments else "default",
-                "extra": {"allocator_allocated_bytes": allocator.peak_allocated}}
+                "allocator_allocated_bytes": allocator.peak_allocated}  # kept in the prediction's extra
     if device_type == "cuda":
         reserved["device_bytes"] = device_bytes(allocator.peak_reserved, technique)
     return {
