@@ -130,3 +130,11 @@ def test_a_simulated_cuda_step_predicts_reserved_and_device_bytes_from_its_own_a
     # a CPU step has no caching allocator and no device bytes
     cpu = predict(EXPERIMENTS / "lora.yaml", "tiny-llama", 128, 2, "simulated", "cpu")
     assert cpu.device_bytes is None
+
+
+def test_empty_cache_returns_wholly_free_segments_and_keeps_split_ones():
+    events = [(12 * MiB, "a"), (6 * MiB, "b"), (6 * MiB, "c"), (-1, "a"), (-1, "b"), (None, "empty_cache"),
+              (12 * MiB, "d")]
+    run = replay(events)
+    # the 12 MiB segment went back; the 20 MiB one still holds c; d needs a new 12 MiB segment
+    assert run.peak_reserved == 32 * MiB and run.segments_allocated == 3

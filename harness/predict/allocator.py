@@ -228,6 +228,10 @@ class CachingAllocator:
                 block.size += neighbour.size
         self._insert(block)
 
+    def empty_cache(self) -> None:
+        """torch.cuda.empty_cache (emptyCache): release_cached_blocks."""
+        self._release_cached_blocks()
+
     def _release_cached_blocks(self) -> None:
         """release_cached_blocks: every free block that is a whole segment goes back to the driver
         (release_blocks). With expandable segments, the whole free pages at the end of each pool's
@@ -270,15 +274,20 @@ class Replay:
     oom: AllocatorOutOfMemory | None = None
 
 
+EMPTY_CACHE = (None, "empty_cache")  # an event: torch.cuda.empty_cache() was called here
+
+
 def replay(events, cap_bytes: int | None = None, expandable_segments: bool = False) -> Replay:
-    """Replay (+nbytes, key) allocations and (-1, key) frees in order through a CachingAllocator.
+    """Replay (+nbytes, key) allocations, (-1, key) frees and EMPTY_CACHE in order through a CachingAllocator.
 
     Zero-byte requests hold nothing (CUDACachingAllocator's allocate() hands out no block for them)."""
     allocator = CachingAllocator(cap_bytes=cap_bytes, expandable_segments=expandable_segments)
     live: dict = {}
     oom = None
     for nbytes, key in events:
-        if nbytes < 0:
+        if nbytes is None:
+            allocator.empty_cache()
+        elif nbytes < 0:
             block = live.pop(key, None)
             if block is not None:
                 allocator.free(block)

@@ -295,15 +295,39 @@ def fake_step(technique: Technique, cfg, device_type: str, tracker: TensorTracke
         yield mesh
 
 
-def allocator_events(tracker: TensorTracker, device_type: str) -> list[tuple[int, object]]:
+@contextmanager
+def _cache_emptied_by_kbit_preparation(tracker: TensorTracker, emptied_at: list[int]):
+    """peft's prepare_model_for_kbit_training empties the CUDA cache after casting the parameters that are
+    not quantized to fp32 (peft/utils/other.py: `auto_clear_cache`, on by default, calls
+    torch.cuda.empty_cache() where CUDA is available). A CPU trace never calls it: when it returns, the
+    tracker's counter is kept as the point where a CUDA run empties its cache."""
+    import peft
+
+    original = peft.prepare_model_for_kbit_training
+
+    def prepare(*args, **kwargs):
+        model = original(*args, **kwargs)
+        if kwargs.get("auto_clear_cache", True):
+            emptied_at.append(tracker.counter)
+        return model
+
+    peft.prepare_model_for_kbit_training = prepare
+    try:
+        yield
+    finally:
+        peft.prepare_model_for_kbit_training = original
+
+
+def allocator_events(tracker: TensorTracker, device_type: str, emptied_at: list[int] = ()) -> list[tuple]:
     """Every device storage the tracker saw, as the caching allocator sees it: (+bytes, key) when it is
     born and (-1, key) when it dies, in the order they happened (one counter orders both).
 
     On CUDA, cuBLAS takes a workspace from the caching allocator for each (handle, stream) the first time
     it multiplies there (aten/src/ATen/cuda/CublasHandlePool.cpp, getCurrentCUDABlasHandle and
     getCUDABlasLtWorkspace), which no tensor stands for: one on the first forward's thread and one on
-    autograd's backward thread, born where the tracker's forward and backward phases first allocate."""
-    timed = []
+    autograd's backward thread, born where the tracker's forward and backward phases first allocate.
+    `emptied_at`: tracker counters after which torch.cuda.empty_cache() ran (allocator.EMPTY_CACHE)."""
+    timed = [(counter + 0.5, *caching_allocator.EMPTY_CACHE) for counter in emptied_at] if device_type == "cuda" else []
     for index, record in enumerate(tracker.history):
         if record.host:
             continue
@@ -329,7 +353,9 @@ def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, 
     started = time.perf_counter()
     tracker = TensorTracker()
     device = torch.device("cpu")
-    with fake_step(technique, cfg, device_type, tracker) as mesh, tracker:
+    emptied_at: list[int] = []
+    with (fake_step(technique, cfg, device_type, tracker) as mesh, tracker,
+          _cache_emptied_by_kbit_preparation(tracker, emptied_at)):
         model, optimizer, _ = build_training(source, technique, cfg, device, optimizer_device=device_type, mesh=mesh)
         load_peak, loaded = tracker.peak, tracker.counter
         saved_tensors = _offloading(model, cfg, tracker)
@@ -348,7 +374,8 @@ def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, 
                        saved_tensors=saved_tensors)
         if cfg.cpu_offload and device_type == "cuda":  # a CPU's step has one memory: nothing to offload to
             load_peak = tracker.move_to_host(OFFLOADED, measured_from, loaded)
-    allocator = caching_allocator.replay(allocator_events(tracker, device_type), expandable_segments=expandable_segments)
+    allocator = caching_allocator.replay(allocator_events(tracker, device_type, emptied_at),
+                                         expandable_segments=expandable_segments)
     reserved = {"reserved_bytes": allocator.peak_reserved,
                 "allocator": "expandable_segments" if expandable_segments else "default",
                 "allocator_allocated_bytes": allocator.peak_allocated}  # kept in the prediction's extra
