@@ -36,3 +36,21 @@ def test_rows_compare_each_run_with_its_prediction_and_the_old_rule():
     assert result["check"]["rows"] == 1 and result["check"]["reserved_within"] == 1
     assert result["check"]["device_within"] == 0 and not result["check"]["meets_target"]
     assert result["all"]["device_within"] == 1
+
+
+def test_a_budget_run_that_ran_out_is_compared_with_the_replay_under_its_cap():
+    from harness.report.reserved import oom_rows
+
+    record = {**_record("llama-3.1-8b", None, None, None, status="oom"), "file": "x.json",
+              "budget": {"cap_bytes": 23 * GiB},
+              "error": {"message": "CUDA out of memory. Tried to allocate 3.64 GiB. ... Of the allocated memory "
+                                   "19.74 GiB is allocated by PyTorch, and 1.09 GiB is reserved by PyTorch but unallocated."}}
+    prediction = {**_prediction("llama-3.1-8b", "simulated", 1, 1, 1), "budget_replay": {
+        "cap_bytes": 23 * GiB, "peak_reserved": 22 * GiB, "retries": 2,
+        "oom": {"requested": 3 * GiB, "allocated": 19 * GiB, "reserved": 21 * GiB}}}
+    (row,) = oom_rows([record], [prediction])
+    assert row["predicted_oom"] and row["predicted_unusable"] == 2 * GiB
+    assert row["measured_requested"] == int(3.64 * GiB) and row["measured_unusable"] == int(1.09 * GiB)
+    # a replay under another cap is not compared
+    other = {**prediction, "budget_replay": {**prediction["budget_replay"], "cap_bytes": 24 * GiB}}
+    assert oom_rows([record], [other]) == []

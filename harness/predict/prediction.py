@@ -21,10 +21,13 @@ ALLOCATORS = ("default", "expandable_segments")  # PYTORCH_CUDA_ALLOC_CONF's exp
 
 
 def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
-            device_type: str = "cuda", overrides: dict | None = None, allocator: str = "default") -> schema.Prediction:
+            device_type: str = "cuda", overrides: dict | None = None, allocator: str = "default",
+            cap_bytes: int | None = None) -> schema.Prediction:
     """One prediction for an experiment file at a model, sequence length and micro-batch (and
     any other experiment fields in `overrides`); on CUDA with the reserved and device bytes of the
-    caching allocator set as `allocator` says."""
+    caching allocator set as `allocator` says. `cap_bytes`: the simulation also replays the allocator
+    under this cap (a budget run's recorded cap; else the experiment's budget_gb gives it), in the
+    prediction's `budget_replay`."""
     if allocator not in ALLOCATORS:
         raise ValueError(f"allocator: expected one of {', '.join(ALLOCATORS)}, got {allocator!r}")
     from harness.step.models import resolve_source
@@ -47,7 +50,7 @@ def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
         from harness.predict.simulate import simulate_step
 
         result = simulate_step(source, technique, cfg, seq_len, batch, device_type,
-                               expandable_segments=allocator == "expandable_segments")
+                               expandable_segments=allocator == "expandable_segments", cap_bytes=cap_bytes)
     result["seconds"] = time.perf_counter() - started
     return schema.from_dict({
         "kind": schema.Prediction.KIND, "method": method, "experiment": config.name, "model": model,

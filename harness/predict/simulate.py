@@ -344,7 +344,8 @@ def allocator_events(tracker: TensorTracker, device_type: str, emptied_at: list[
 
 
 def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, micro_batch: int,
-                  device_type: str = "cuda", steps: int = 2, expandable_segments: bool = False) -> dict:
+                  device_type: str = "cuda", steps: int = 2, expandable_segments: bool = False,
+                  cap_bytes: int | None = None) -> dict:
     """Peak and per-category bytes of a training step at full size, without memory.
 
     Runs `steps` steps (the first creates the optimizer state) and measures the last, as the
@@ -381,6 +382,18 @@ def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, 
                 "allocator_allocated_bytes": allocator.peak_allocated}  # kept in the prediction's extra
     if device_type == "cuda":
         reserved["device_bytes"] = device_bytes(allocator.peak_reserved, technique)
+        if cap_bytes or cfg.budget_gb:
+            # the same step under an allocator cap (given, or the budget's): the allocator frees its cache
+            # and retries before it runs out (DeviceCachingAllocator::malloc)
+            from harness.measure.budget import budget_cap_bytes
+
+            cap = cap_bytes or budget_cap_bytes(cfg.budget_gb, "cuda", technique)
+            capped = caching_allocator.replay(allocator_events(tracker, device_type, emptied_at), cap_bytes=cap,
+                                              expandable_segments=expandable_segments)
+            reserved["budget_replay"] = {"cap_bytes": cap, "peak_reserved": capped.peak_reserved,
+                                         "retries": capped.retries, "oom": capped.oom and {
+                                             "requested": capped.oom.requested, "allocated": capped.oom.allocated,
+                                             "reserved": capped.oom.reserved}}
     return {
         **reserved,
         "method": "simulated",

@@ -14,6 +14,7 @@ prints the table.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -64,17 +65,62 @@ def check_rows(records: list[dict], predictions: list[dict]) -> list[dict]:
                     "device": memory.get("peak_device_used")}
         predicted = {"allocated": prediction["total_bytes"], "reserved": prediction["reserved_bytes"],
                      "device": prediction.get("device_bytes")}
+        # a budget run is capped: its allocator freed its cache and retried where the cap was reached, so it
+        # is compared with the replay under the same cap, where the prediction has one
+        capped = prediction.get("budget_replay") or {}
+        under_cap = bool(capped) and capped.get("cap_bytes") == (record.get("budget") or {}).get("cap_bytes")
+        if under_cap and not capped.get("oom"):
+            outside = (predicted["device"] or 0) - predicted["reserved"]
+            predicted["reserved"] = capped["peak_reserved"]
+            predicted["device"] = capped["peak_reserved"] + outside if predicted["device"] is not None else None
         old_rule = measured["allocated"] + OLD_RULE_ALLOWANCE
         rows.append({
             "run": record.get("file") or f"{record.get('experiment')}@{record.get('model')}",
             "experiment": _run_key(record)[0], "model": record.get("model"),
             "seq_len": _run_key(record)[2], "micro_batch": _run_key(record)[3],
-            "method": prediction.get("method"), "allocator": prediction.get("allocator"),
+            "method": prediction.get("method"), "allocator": prediction.get("allocator"), "under_cap": under_cap,
             "calibration": record.get("model") in CALIBRATION_MODELS,
             **{f"predicted_{k}": v for k, v in predicted.items()}, **{f"measured_{k}": v for k, v in measured.items()},
             **{f"{k}_error": _error(predicted[k], measured[k]) for k in measured},
             "old_rule_bytes": old_rule, "old_rule_device_error": _error(old_rule, measured["device"]),
         })
+    return rows
+
+
+_OOM_FIGURES = {"requested": r"Tried to allocate ([0-9.]+) (GiB|MiB)",
+                "allocated": r"([0-9.]+) (GiB|MiB) is allocated by PyTorch",
+                "unusable": r"([0-9.]+) (GiB|MiB) is reserved by PyTorch but unallocated"}
+
+
+def _oom_figures(message: str) -> dict[str, int | None]:
+    """The figures torch's OutOfMemoryError states (rounded to 0.01 GiB by torch's format_size)."""
+    found = {}
+    for name, pattern in _OOM_FIGURES.items():
+        match = re.search(pattern, message or "")
+        found[name] = None if match is None else int(float(match[1]) * (2**30 if match[2] == "GiB" else 2**20))
+    return found
+
+
+def oom_rows(records: list[dict], predictions: list[dict]) -> list[dict]:
+    """Budget runs that ran out of memory beside the allocator replayed under the same cap: whether it runs
+    out too, and the request it fails on, what was allocated and what was reserved but unusable."""
+    by_key = {_prediction_key(p): p for p in predictions if p.get("budget_replay")}
+    rows = []
+    for record in records:
+        budget = record.get("budget") or {}
+        prediction = by_key.get(_run_key(record))
+        if record.get("status") != "oom" or prediction is None or not budget.get("cap_bytes"):
+            continue
+        replay = prediction["budget_replay"]
+        if replay.get("cap_bytes") != budget["cap_bytes"]:
+            continue
+        measured = _oom_figures((record.get("error") or {}).get("message", ""))
+        oom = replay.get("oom")
+        predicted = {"requested": oom and oom["requested"], "allocated": oom and oom["allocated"],
+                     "unusable": oom and oom["reserved"] - oom["allocated"]}
+        rows.append({"run": record.get("file"), "cap_bytes": budget["cap_bytes"], "predicted_oom": bool(oom),
+                     **{f"predicted_{k}": v for k, v in predicted.items()},
+                     **{f"measured_{k}": v for k, v in measured.items()}})
     return rows
 
 
@@ -107,7 +153,7 @@ def markdown(rows: list[dict]) -> str:
             "| device pred | device meas | err | old rule (alloc+0.5 GiB) err |")
     lines = [head, "|" + "---|" * 12]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['method']} | {'yes' if r['calibration'] else ''} "
+        lines.append(f"| {r['run']}{' (under its cap)' if r['under_cap'] else ''} | {r['method']} | {'yes' if r['calibration'] else ''} "
                      f"| {cell(r['predicted_allocated'])} | {cell(r['measured_allocated'])} "
                      f"| {cell(r['predicted_reserved'])} | {cell(r['measured_reserved'])} | {cell(r['reserved_error'], True)} "
                      f"| {cell(r['predicted_device'])} | {cell(r['measured_device'])} | {cell(r['device_error'], True)} "
@@ -135,6 +181,11 @@ def main(argv: list[str]) -> None:
     rows = check_rows(records, predictions)
     print(markdown(rows))
     print(json.dumps(summary(rows), indent=1))
+    for row in oom_rows(records, predictions):
+        print(f"{row['run']}: under a cap of {row['cap_bytes'] / 2**30:.2f} GiB the replay "
+              f"{'runs out' if row['predicted_oom'] else 'does not run out'} of memory; "
+              + ", ".join(f"{k} predicted {(row['predicted_' + k] or 0) / 2**30:.2f} GiB, measured "
+                          f"{(row['measured_' + k] or 0) / 2**30:.2f} GiB" for k in _OOM_FIGURES))
 
 
 if __name__ == "__main__":
