@@ -138,3 +138,12 @@ def test_empty_cache_returns_wholly_free_segments_and_keeps_split_ones():
     run = replay(events)
     # the 12 MiB segment went back; the 20 MiB one still holds c; d needs a new 12 MiB segment
     assert run.peak_reserved == 32 * MiB and run.segments_allocated == 3
+
+
+def test_a_run_under_another_allocator_setting_is_another_measurement():
+    from harness.env import fingerprint
+
+    environment = {"device_name": "NVIDIA H200", "versions": {"torch": "2.11.0"}}
+    expandable = {**environment, "cuda_alloc_conf": "expandable_segments:True"}
+    assert fingerprint(environment) != fingerprint(expandable)
+    assert fingerprint(environment) == fingerprint(dict(environment))
