@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from harness.measure.budget import card_bytes
+from harness.measure.budget import card_bytes, card_cap_bytes
 
 if TYPE_CHECKING:
     from harness.config import ResolvedConfig
@@ -111,6 +111,8 @@ def setup(experiment: Path, model: str, overrides: dict | None = None, device_ty
     def device(seq_len: int, micro_batch: int) -> int:
         from harness.predict.device_memory import analytic_reserved_bytes, device_bytes
 
+        if device_type != "cuda":  # a CPU step: its tensors are what it holds
+            return peak(seq_len, micro_batch)
         return device_bytes(analytic_reserved_bytes(peak(seq_len, micro_batch)), technique)
     return Setup(config, getattr(source.config, "max_position_embeddings", None), peak, device)
 
@@ -147,7 +149,7 @@ def solve(experiment: Path, model: str, card_gb: float, axis: str, *, seq_len: i
     decided = found
     if simulate:
         decided = _confirm_by_simulation(experiment, model, shape, overrides or {}, device_type, cap, limit,
-                                         found, analytic)
+                                         found, analytic, card_cap_bytes(card_gb, config.technique))
         result["simulated"] = _answer_dict(decided, axis, context, limit)
     result.update({"method": "simulated" if simulate else "analytic", f"max_{axis}": decided.value,
                    **{k: v for k, v in result["simulated" if simulate else "analytic"].items() if k != "value"},
@@ -158,12 +160,25 @@ def solve(experiment: Path, model: str, card_gb: float, axis: str, *, seq_len: i
 
 
 def _confirm_by_simulation(experiment, model, shape, overrides, device_type, cap, limit, analytic_answer,
-                           analytic) -> Answer:
+                           analytic, allocator_cap: int) -> Answer:
+    """The simulated boundary. A card is a cap: where the allocator cannot have a new segment it frees its
+    cached ones and tries again (harness.predict.allocator), so a step fits when the allocator replayed
+    under the card's cap for it (the card less what lives outside the allocator) does not run out; its
+    device bytes are then that replay's reserved peak and what lives outside (more than the card where
+    it runs out)."""
     from harness.predict.prediction import predict
 
     def simulated(n: int) -> int:
         seq, batch = shape(n)
-        return predict(experiment, model, seq, batch, "simulated", device_type, overrides).device_bytes
+        prediction = predict(experiment, model, seq, batch, "simulated", device_type, overrides,
+                             cap_bytes=allocator_cap)
+        if prediction.device_bytes is None:  # a CPU step: its tensors are what it holds
+            return prediction.total_bytes
+        outside = prediction.device_bytes - prediction.reserved_bytes
+        capped = prediction.extra["budget_replay"]
+        if capped["oom"]:
+            return max(prediction.device_bytes, cap + 1)
+        return capped["peak_reserved"] + outside
 
     first_guess = max(analytic_answer.value, 1)
     memo = {first_guess: simulated(first_guess)}
