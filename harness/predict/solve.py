@@ -279,7 +279,8 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda"):
                                  "margin_bytes": None if longest.peak_bytes is None else cap - longest.peak_bytes,
                                  "micro_batch_device_bytes": largest.peak_bytes})
                 if model == CURVE_MODEL:
-                    curves += [{**common, "seq_len": seq, "total_bytes": found.peak(seq, 1)}
+                    curves += [{**common, "seq_len": seq, "total_bytes": found.peak(seq, 1),
+                                "device_bytes": found.device(seq, 1)}
                                for seq in CURVE_SEQ_LENS if seq <= (found.context or seq)]
     cases = []
     for case, (model, name, overrides) in COMPARED_CASES.items():

@@ -399,14 +399,14 @@ def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
         sns.heatmap(codes, ax=ax, cmap=cmap, norm=norm, cbar=False, annot=labels.to_numpy(), fmt="",
                     annot_kws={"fontsize": 6}, linewidths=0.5, linecolor="white")
         ax.set_title(model, fontsize=9)
-        ax.set_xlabel("card, GB (1e9 bytes)")
+        ax.set_xlabel("card, GB as sold (24: 24 GiB)")
         ax.set_xticklabels([f"{c:g}" for c in grid.columns])
         ax.set_ylabel("")
     fig.tight_layout()
     measured = frame[frame["state"].str.endswith("(measured)")]
     caption = ("For each technique and card size: \"measured\" cells are runs under an emulated budget on a GPU "
-               "(torch's allocator capped at the card less a CUDA-context allowance); \"predicted\" cells compare "
-               "the simulated (else analytic) peak at sequence 512, micro-batch 1 with the same cap; cells give the peak "
+               "(torch's allocator capped at the card less what lives outside it); \"predicted\" cells compare "
+               "the simulated (else analytic) device bytes at sequence 512, micro-batch 1 with the card; cells give the peak "
                "in GB (sim. = simulated, ana. = analytic, meas. = measured). "
                + (f"{len(measured)} measured cells." if len(measured) else "No measured cells: no budget-emulated "
                   "GPU run is recorded yet.") + " CPU budget runs are in the run table, not here.")
@@ -422,7 +422,9 @@ def memory_vs_sequence(results: Results) -> FigureResult:
         return FigureResult(name, title, "", missing=(
             "No fit table: `python -m harness predict --claims` writes results/fits/."))
     curves = pd.DataFrame(table["curves"])
-    curves["GiB"] = curves["total_bytes"] / 2**30
+    # the predicted device bytes where the table has them (the card must hold them), else tensor bytes
+    held = curves["device_bytes"] if "device_bytes" in curves else curves["total_bytes"]
+    curves["GiB"] = held.fillna(curves["total_bytes"]) / 2**30
     curves["checkpointing"] = curves["gradient_checkpointing"].map({False: "no", True: "yes"})
     order = sorted(curves["experiment"].unique(), key=_technique_key)
     fig, ax = plt.subplots(figsize=(10, 5.2))
@@ -437,13 +439,14 @@ def memory_vs_sequence(results: Results) -> FigureResult:
         ax.annotate(f"{card} GB card", (seqs[0], sizes["cap_bytes"] / 2**30), fontsize=7, color="#57606a",
                     xytext=(2, 2), textcoords="offset points")
     ax.set_xlabel("sequence length (tokens, micro-batch 1)")
-    ax.set_ylabel("predicted peak, GiB (log scale)")
+    ax.set_ylabel("predicted device bytes, GiB (log scale)")
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     model = curves["model"].iloc[0]
-    caption = (f"{model}: the analytic peak of one training step at micro-batch 1 per technique, without (solid) "
-               "and with (dashed) gradient checkpointing, against the memory each card leaves to tensors (dotted: "
-               "the card as sold, in GiB, less the CUDA-context allowance). A technique fits a card up to where its "
+    caption = (f"{model}: the predicted device bytes of one training step at micro-batch 1 per technique (the "
+               "analytic peak, the caching allocator's reserve and the CUDA context and kernels), without (solid) "
+               "and with (dashed) gradient checkpointing, against each card (dotted: the card as sold, in GiB). "
+               "A technique fits a card up to where its "
                "line crosses the card's. Predicted, not measured; `python -m harness predict --solve seq_len` "
                "checks any one crossing by simulation.")
     return FigureResult(name, title, caption, _png(fig))

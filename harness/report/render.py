@@ -80,10 +80,11 @@ def _fits_blocks(results, runs, figures: list[FigureResult]) -> list[Block]:
         "gradient checkpointing, and below it the largest micro-batch at sequence "
         f"{table['micro_batch_seq_len']:,} (without / with). \"-\": does not fit even at 1 (shaded). "
         "Cards are named as sold, and a card sold as \"24 GB\" holds 24 GiB (2^30 bytes); the H200's \"141 GB\" "
-        "holds 139.8 GiB as measured by the lab. The tensors may use the card less a CUDA-context allowance of "
-        "0.5 GiB. \"(context)\": the model's context length is reached before the card is full. "
-        f"Predicted ({table['method']} search, {table['device_type']} code path; peaks exclude the caching "
-        "allocator's rounding and fragmentation, so leave a margin); `python -m harness predict --model M "
+        "holds 139.8 GiB as measured by the lab. A step fits where its predicted device bytes fit the card: the "
+        "caching allocator's reserved segments, the CUDA context and the kernels. \"(context)\": the model's "
+        "context length is reached before the card is full. "
+        f"Predicted ({table['method']} search, {table['device_type']} code path; the analytic reserve is a "
+        "calibrated ratio over the tensors' peak); `python -m harness predict --model M "
         "--experiment E --card GB --solve seq_len` confirms one answer by simulation. The peak column is at "
         "sequence 512, micro-batch 1 (predicted; with a GPU measurement where one exists).")))
     for model, fit_table in fit_tables(table, runs):
