@@ -16,6 +16,7 @@ from pathlib import Path
 
 from harness.claims import PUBLISHED_FILE, SOURCES, load_claims, load_sources
 from harness.report import add_arguments, beyond, engines, ladder
+from harness.report import reserved
 from harness.report.accuracy import TOLERANCES, prediction_errors, summary
 from harness.report.figures import FigureResult, all_figures
 from harness.report.fits import fit_tables, published_comparison
@@ -226,6 +227,15 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
     else:
         blocks.append(Block("p", "No GPU run with a prediction of its configuration in these results: "
                                  "`make gpu-evidence` on a CUDA machine, then `python -m harness predict --claims`."))
+
+    blocks.append(Block("h2", "What the card holds: reserved and device bytes", anchor="reserved"))
+    held = reserved.check_rows(results.records, results.predictions)
+    if held:
+        blocks.append(Block("p", reserved.text(held)))
+        blocks.append(Block("table", table=reserved.table(held)))
+    else:
+        blocks.append(Block("p", "No GPU run with a prediction of its reserved and device bytes in these results: "
+                                 "`python -m harness predict --claims` predicts them."))
 
     blocks.append(Block("h2", "Figures", anchor="figures"))
     for figure in figures:

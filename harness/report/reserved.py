@@ -75,7 +75,7 @@ def check_rows(records: list[dict], predictions: list[dict]) -> list[dict]:
             predicted["device"] = capped["peak_reserved"] + outside if predicted["device"] is not None else None
         old_rule = measured["allocated"] + OLD_RULE_ALLOWANCE
         rows.append({
-            "run": record.get("file") or f"{record.get('experiment')}@{record.get('model')}",
+            "run": record.get("file") or record.get("_file") or f"{record.get('experiment')}@{record.get('model')}",
             "experiment": _run_key(record)[0], "model": record.get("model"),
             "seq_len": _run_key(record)[2], "micro_batch": _run_key(record)[3],
             "method": prediction.get("method"), "allocator": prediction.get("allocator"), "under_cap": under_cap,
@@ -159,6 +159,40 @@ def markdown(rows: list[dict]) -> str:
                      f"| {cell(r['predicted_device'])} | {cell(r['measured_device'])} | {cell(r['device_error'], True)} "
                      f"| {cell(r['old_rule_device_error'], True)} |")
     return "\n".join(lines)
+
+
+def table(rows: list[dict]):
+    """The rows as the report's table (harness.report.tables.Table)."""
+    from harness.report.tables import Cell, Table
+
+    def gib(value) -> Cell:
+        return Cell("" if value is None else f"{value / 2**30:.2f}")
+
+    def percent(value) -> Cell:
+        return Cell("" if value is None else f"{value * 100:+.1f}%")
+    lines = [[Cell(r["run"], ("calibration run; " if r["calibration"] else "")
+                   + (f"{r['method']}" + (", under its cap" if r["under_cap"] else ""))),
+              gib(r["predicted_allocated"]), gib(r["measured_allocated"]),
+              gib(r["predicted_reserved"]), gib(r["measured_reserved"]), percent(r["reserved_error"]),
+              gib(r["predicted_device"]), gib(r["measured_device"]), percent(r["device_error"]),
+              percent(r["old_rule_device_error"])] for r in rows]
+    return Table(["run", "allocated, predicted (GiB)", "measured", "reserved, predicted", "measured", "error",
+                  "device, predicted", "measured (NVML)", "error", "old rule's error (allocated + 0.5 GiB)"],
+                 lines, numeric=set(range(1, 10)),
+                 note=("Predicted: the simulation's tensor peak, the caching allocator replayed over its step "
+                       "(reserved) and the CUDA context and kernels beside it (device); analytic where the step "
+                       "cannot be simulated. Calibration runs: the TinyLlama runs the device constants were fitted on."))
+
+
+def text(rows: list[dict]) -> str:
+    """One sentence of where the predictions stand against the targets."""
+    result = summary(rows)["check"]
+    if not result["rows"]:
+        return "No run outside the calibration subset has a prediction with reserved bytes."
+    return (f"Outside the calibration subset ({result['rows']} runs): reserved within 5% of the allocator's peak "
+            f"for {result['reserved_within']}, device bytes within 3% of NVML's device-used for "
+            f"{result['device_within']} (target: 90% each); the old rule (allocated + 0.5 GiB) is within 3% "
+            f"for {result['old_rule_device_within']}, its median error {result['old_rule_median_device_error'] * 100:+.1f}%.")
 
 
 def _read_json(folder: Path, pattern: str) -> list[dict]:
