@@ -147,3 +147,27 @@ def test_a_run_under_another_allocator_setting_is_another_measurement():
     expandable = {**environment, "cuda_alloc_conf": "expandable_segments:True"}
     assert fingerprint(environment) != fingerprint(expandable)
     assert fingerprint(environment) == fingerprint(dict(environment))
+
+
+@pytest.mark.slow
+def test_the_replay_under_the_h200_runs_cap_runs_out_where_it_did_and_as_it_did():
+    """Llama-3.1-8B QLoRA r32 with checkpointing at 7,627 tokens, run on an H200 with the allocator capped
+    (results/nvidia-h200/qlora-r32-gc__llama-3.1-8b__54c353b44c8a.json): torch ran out asking for 3.64 GiB
+    with 19.74 GiB allocated and 1.09 GiB reserved but unallocated."""
+    import json
+
+    from conftest import EXPERIMENTS, ROOT
+
+    from harness.predict.prediction import predict
+
+    record = json.loads((ROOT / "results/nvidia-h200/qlora-r32-gc__llama-3.1-8b__54c353b44c8a.json").read_text())
+    assert record["status"] == "oom"
+    cap = record["budget"]["cap_bytes"]
+    prediction = predict(EXPERIMENTS / "qlora-r32-gc.yaml", "llama-3.1-8b", 7627, 1, "simulated", cap_bytes=cap)
+    oom = prediction.extra["budget_replay"]["oom"]
+    assert oom is not None and abs(oom["requested"] / (3.64 * 2**30) - 1) < 0.01
+    assert abs(oom["allocated"] / (19.74 * 2**30) - 1) < 0.01
+    assert abs((oom["reserved"] - oom["allocated"]) - 1.09 * 2**30) < 0.1 * 2**30
+    # the same configuration at 5,789 tokens trained under that cap
+    fits = predict(EXPERIMENTS / "qlora-r32-gc.yaml", "llama-3.1-8b", 5789, 1, "simulated", cap_bytes=cap)
+    assert fits.extra["budget_replay"]["oom"] is None
