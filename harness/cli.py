@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", help="model source: a preset, a config.json, a local folder or a hub id")
     run.add_argument("--out", type=Path, default=Path("results"), help="folder for the record (default: results)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    run.add_argument("--budget-gb", type=like_field("budget_gb", float), help="emulate a card with this many GB (1e9 bytes)")
+    run.add_argument("--budget-gb", type=like_field("budget_gb", float), help="emulate a card of this size as sold, in GB (24: 24 GiB; see harness.measure.budget)")
     run.add_argument("--engine", choices=ENGINE_NAMES, help="the training loop: harness (the lab's own, default), "
                      "trainer (transformers' Trainer) or trl-sft (TRL's SFTTrainer)")
     run.add_argument("--nproc", type=like_field("world_size"), help="ranks that train together (the experiment's "

@@ -664,10 +664,16 @@ def experiment_of(config: dict) -> Experiment:
 
 
 def resolved_config(name: str, experiment: Experiment) -> dict:
-    """Everything that determines a run, with the technique's blocks spelled out."""
+    """Everything that determines a run, with the technique's blocks spelled out; a budgeted one also says
+    its card's bytes (harness.measure.budget.card_bytes), so that a run measured when `budget_gb` meant
+    another number of bytes is another configuration."""
     config = dataclasses.asdict(experiment)
     config.update(dataclasses.asdict(resolve_technique(experiment)))
     config["name"] = name
+    if experiment.budget_gb is not None:
+        from harness.measure.budget import card_bytes
+
+        config["budget_card_bytes"] = card_bytes(experiment.budget_gb)
     return config
 
 

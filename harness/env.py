@@ -241,6 +241,9 @@ def run_environment(device) -> dict:
         props = torch.cuda.get_device_properties(device)
         environment.update(device_total_bytes=props.total_memory, cuda=torch.version.cuda,
                            capability=f"{props.major}.{props.minor}", driver=driver_version())
+        if os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):
+            # the caching allocator's settings (expandable_segments:True...): they change reserved bytes
+            environment["cuda_alloc_conf"] = os.environ["PYTORCH_CUDA_ALLOC_CONF"]
     else:
         environment["cpu"] = cpu_features()
     environment["device_name"] = device_name(device.type)
@@ -256,4 +259,6 @@ def fingerprint(environment: dict) -> str:
     keys = {"device": environment.get("device_name"), "versions": environment.get("versions")}
     if environment.get("cpu"):  # the same CPU with bf16 emulated (a lowered capability) measures otherwise
         keys["cpu"] = environment["cpu"]
+    if environment.get("cuda_alloc_conf"):  # another allocator setting reserves otherwise
+        keys["cuda_alloc_conf"] = environment["cuda_alloc_conf"]
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]

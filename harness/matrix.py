@@ -50,7 +50,7 @@ class MatrixBlock:
     # Ranks that train each cell together (the experiments' world_size): one GPU each on CUDA, gloo
     # processes on a CPU.
     world_sizes: list[int | None] = field(default_factory=lambda: [None])
-    # Only on a card with at least this much memory (GB, 1e9 bytes).
+    # Only on a card with at least this much memory (GB as sold, harness.measure.budget).
     min_device_gb: float | None = None
     # On CUDA, only where this many GPUs are: a cell of world size N needs N of them.
     min_devices: int | None = None

@@ -201,6 +201,11 @@ class Prediction:
     seconds: float | None = None
     host_bytes: int | None = None  # host memory the step uses beside the device's (offloaded activations)
     world_size: int = 1  # ranks the step is sharded over: the bytes are one rank's
+    # What the card must hold (CUDA): the caching allocator's peak reserved bytes (harness.predict.allocator)
+    # and those plus what lives outside it (harness.predict.device_memory); None in older predictions.
+    reserved_bytes: int | None = None
+    device_bytes: int | None = None
+    allocator: str | None = None  # the allocator setting predicted: default | expandable_segments
     extra: dict = field(default_factory=dict)
 
 

@@ -13,7 +13,7 @@ from conftest import EXPERIMENTS, QUICK, ROOT, run_dict
 
 from harness.config import ConfigError, experiment_files
 from harness.matrix import expand, load_matrix
-from harness.measure.budget import CUDA_CONTEXT_ALLOWANCE, budget_cap_bytes
+from harness.measure.budget import budget_cap_bytes, card_bytes
 from harness.techniques import TECHNIQUES
 
 pytestmark = pytest.mark.slow  # real training steps in subprocesses; `make test-fast` skips them
@@ -93,9 +93,13 @@ def test_repeats_get_their_own_records(tmp_path):
 
 
 def test_budget_arithmetic():
-    assert budget_cap_bytes(16, "cuda") == 16 * 10**9 - CUDA_CONTEXT_ALLOWANCE
-    assert budget_cap_bytes(24, "cuda") - budget_cap_bytes(16, "cuda") == 8 * 10**9
-    assert budget_cap_bytes(16, "cpu") == 16 * 10**9  # no CUDA context on a CPU
+    from harness.predict.device_memory import outside_allocator_bytes
+
+    # a card's GB is its size as sold: binary, 24 GiB for a "24 GB" card; the H200 its measured bytes
+    assert card_bytes(24) == 24 * 2**30 and card_bytes(141) == 150_109_880_320 and card_bytes(0.5) == 2**29
+    assert budget_cap_bytes(16, "cuda") == 16 * 2**30 - outside_allocator_bytes()
+    assert budget_cap_bytes(24, "cuda") - budget_cap_bytes(16, "cuda") == 8 * 2**30
+    assert budget_cap_bytes(16, "cpu") == 16 * 2**30  # no CUDA context on a CPU
     assert budget_cap_bytes(0.1, "cuda") == 0
 
 

@@ -83,13 +83,13 @@ def test_nf4_weights_are_a_quarter_of_bf16_plus_the_quantization_constants():
 
 
 def test_an_oom_is_a_record_and_the_caller_goes_on(tmp_path):
-    """On CPU the memory cap is enforced on tracked tensor bytes: 40 MB holds the model, not a step."""
+    """On CPU the memory cap is enforced on tracked tensor bytes: 0.04 GiB holds the model, not a step."""
     config = prepare(EXPERIMENTS / "qlora.yaml", {**QUICK, "seq_len": 256, "budget_gb": 0.04})
     path, record = run_dict(config, tmp_path)
     assert record["status"] == "oom", record.get("error")
     error = record["error"]
     assert error["phase"] in ("forward", "backward") and error["step"] == 0
-    assert error["memory_reached_bytes"] > record["budget"]["cap_bytes"] == 40_000_000
+    assert error["memory_reached_bytes"] > record["budget"]["cap_bytes"] == int(0.04 * 2**30)
     assert json.loads(path.read_text())["status"] == "oom"
     # the next run is unaffected
     _, after = run_dict(prepare(EXPERIMENTS / "lora.yaml", QUICK), tmp_path)

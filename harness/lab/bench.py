@@ -409,7 +409,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", help="run every block on this model source instead")
     parser.add_argument("--experiments", nargs="+", metavar="NAME", help="run only these experiments")
     parser.add_argument("--budget-gb", type=like_field("budget_gb", float),
-                        help="emulate a card of this many GB in every run")
+                        help="emulate a card of this size as sold, in GB (24: 24 GiB), in every run")
     parser.add_argument("--seq-len", type=like_field("seq_len"), help="use this sequence length in every run")
     parser.add_argument("--engine", choices=ENGINE_NAMES, help="run every block in this training loop "
                         "(harness: the lab's own, trainer: transformers' Trainer, trl-sft: TRL's SFTTrainer)")

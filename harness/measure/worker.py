@@ -27,7 +27,7 @@ from harness.config import ResolvedConfig
 from harness.engines import ENGINES, EngineRun
 from harness.engines.arguments import NotMapped
 from harness.measure import ranks
-from harness.measure.budget import CUDA_CONTEXT_ALLOWANCE, budget_cap_bytes
+from harness.measure.budget import budget_cap_bytes, card_bytes
 from harness.measure.memory import CudaMeter, TensorTracker
 from harness.measure.session import Session
 from harness.measure.throughput import mfu, step_time_stats
@@ -121,7 +121,7 @@ def run(config: dict, record_path: str | Path) -> schema.RunRecord:
         record.environment = environment = env.run_environment(device)
         record.fingerprint = env.fingerprint(environment)
         torch.manual_seed(cfg.seed)
-        cap = budget_cap_bytes(cfg.budget_gb, device.type) if cfg.budget_gb else None
+        cap = budget_cap_bytes(cfg.budget_gb, device.type, technique) if cfg.budget_gb else None
         record.budget = _apply_budget(cfg.budget_gb, cap, device, technique)
 
         source = resolve_source(cfg.model, cfg.trust_remote_code, device.type, run_code=True)
@@ -204,11 +204,12 @@ def run(config: dict, record_path: str | Path) -> schema.RunRecord:
 def _apply_budget(budget_gb, cap, device: torch.device, technique: Technique) -> dict | None:
     if cap is None:
         return None
-    budget = {"budget_gb": budget_gb, "cap_bytes": cap}
+    budget = {"budget_gb": budget_gb, "card_bytes": card_bytes(budget_gb), "cap_bytes": cap}
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(cap / total, 1.0), device)
-        budget["context_allowance_bytes"] = CUDA_CONTEXT_ALLOWANCE
+        # the card less what lives outside the allocator (harness.predict.device_memory)
+        budget["outside_allocator_bytes"] = budget["card_bytes"] - cap
         budget["enforced_by"] = "torch.cuda.set_per_process_memory_fraction"
         if OPTIMIZERS[technique.optimizer].paged:
             budget["note"] = ("paged optimizer state lives in CUDA unified memory outside the torch "

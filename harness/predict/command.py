@@ -21,7 +21,7 @@ from harness.env import HALF_DTYPES
 from harness.architectures import UnsupportedArchitecture
 from harness.arguments import like_field
 from harness.config import experiment_files, prepare
-from harness.predict.prediction import PREDICTOR_MODULES, fits, predict
+from harness.predict.prediction import ALLOCATORS, PREDICTOR_MODULES, fits, predict
 from harness.schema import CATEGORIES
 from harness.techniques import NotSimulated
 
@@ -75,8 +75,12 @@ def describe(prediction: schema.Prediction, budget_gb: float | None) -> str:
         lines.append(f"  {name:<16} {value / 2**30:9.3f} GiB {value / 1e9:9.3f} GB")
     total = prediction.total_bytes
     lines.append(f"  {'peak':<16} {total / 2**30:9.3f} GiB {total / 1e9:9.3f} GB")
+    for name, value in (("reserved", prediction.reserved_bytes), ("device", prediction.device_bytes)):
+        if value is not None:
+            lines.append(f"  {name:<16} {value / 2**30:9.3f} GiB {value / 1e9:9.3f} GB"
+                         + (f"  (allocator: {prediction.allocator})" if name == "reserved" else ""))
     if budget_gb:
-        verdict = "fits" if fits(total, budget_gb) else "does not fit"
+        verdict = "fits" if fits(prediction, budget_gb) else "does not fit"
         lines.append(f"  a {budget_gb:g} GB card: {verdict}")
     return "\n".join(lines)
 
@@ -119,7 +123,8 @@ def main(args) -> int:
                     results.append(saved)
                     continue
             try:
-                prediction = predict(experiment, model, seq, batch, method, device_type, {**overrides, **ranks})
+                prediction = predict(experiment, model, seq, batch, method, device_type, {**overrides, **ranks},
+                                     allocator=args.allocator)
             except (UnsupportedArchitecture, NotSimulated) as error:
                 if len(methods) == 1:
                     raise
@@ -134,7 +139,7 @@ def main(args) -> int:
         _write_fit_table(Path(args.out), experiments_dir, args.force)
         _write_gpu_table(Path(args.out), experiments_dir, args.force)
     if args.json:
-        out = [{**schema.to_dict(r), "fits": fits(r.total_bytes, args.budget_gb) if args.budget_gb else None}
+        out = [{**schema.to_dict(r), "fits": fits(r, args.budget_gb) if args.budget_gb else None}
                for r in results]
         json.dump(out[0] if len(out) == 1 else out, sys.stdout, indent=1)
         print()
@@ -193,7 +198,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seq", type=like_field("seq_len"), default=512, help="sequence length (default 512)")
     parser.add_argument("--batch", type=like_field("micro_batch"), default=1, help="micro-batch size (default 1)")
     parser.add_argument("--budget-gb", type=like_field("budget_gb", float),
-                        help="say whether the step fits a card of this many GB")
+                        help="say whether the step fits a card of this size as sold, in GB (24: 24 GiB; 141: H200)")
     parser.add_argument("--world-size", type=like_field("world_size"),
                         help="ranks the step is sharded over (an experiment with sharding): one rank's bytes")
     parser.add_argument("--checkpointing", action="store_true",
@@ -204,6 +209,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--card", type=like_field("budget_gb", float),
                         help="with --solve: the card's size as sold, in GB (24: a 24 GB card, 24 GiB; 141: H200)")
     parser.add_argument("--method", choices=["analytic", "simulated", "both"], default="both")
+    parser.add_argument("--allocator", choices=list(ALLOCATORS), default="default",
+                        help="the CUDA caching allocator's setting whose reserved and device bytes are predicted: "
+                             "default, or expandable_segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                         help="the device whose code path is predicted (default cuda)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (a list for several)")

@@ -17,10 +17,19 @@ from harness.imports import source_files
 PREDICTOR_MODULES = source_files(__name__)
 
 
+ALLOCATORS = ("default", "expandable_segments")  # PYTORCH_CUDA_ALLOC_CONF's expandable_segments off or on
+
+
 def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
-            device_type: str = "cuda", overrides: dict | None = None) -> schema.Prediction:
+            device_type: str = "cuda", overrides: dict | None = None, allocator: str = "default",
+            cap_bytes: int | None = None) -> schema.Prediction:
     """One prediction for an experiment file at a model, sequence length and micro-batch (and
-    any other experiment fields in `overrides`)."""
+    any other experiment fields in `overrides`); on CUDA with the reserved and device bytes of the
+    caching allocator set as `allocator` says. `cap_bytes`: the simulation also replays the allocator
+    under this cap (a budget run's recorded cap; else the experiment's budget_gb gives it), in the
+    prediction's `budget_replay`."""
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"allocator: expected one of {', '.join(ALLOCATORS)}, got {allocator!r}")
     from harness.step.models import resolve_source
 
     config = resolve(experiment, {**(overrides or {}), "model": model, "seq_len": seq_len, "micro_batch": batch,
@@ -32,10 +41,16 @@ def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
         from harness.predict.analytic import predict as analytic_predict
 
         result = analytic_predict(source.config, technique, cfg, seq_len, batch, device_type)
+        if device_type == "cuda":
+            from harness.predict.device_memory import analytic_reserved_bytes, device_bytes
+
+            reserved = analytic_reserved_bytes(result["total_bytes"], allocator)
+            result.update(reserved_bytes=reserved, device_bytes=device_bytes(reserved, technique), allocator=allocator)
     else:
         from harness.predict.simulate import simulate_step
 
-        result = simulate_step(source, technique, cfg, seq_len, batch, device_type)
+        result = simulate_step(source, technique, cfg, seq_len, batch, device_type,
+                               expandable_segments=allocator == "expandable_segments", cap_bytes=cap_bytes)
     result["seconds"] = time.perf_counter() - started
     return schema.from_dict({
         "kind": schema.Prediction.KIND, "method": method, "experiment": config.name, "model": model,
@@ -46,10 +61,10 @@ def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
         "device_type": device_type}, f"<prediction of {config.name}>")
 
 
-def fits(total_bytes: int, budget_gb: float, device_type: str = "cuda") -> bool:
-    """Whether a predicted peak fits what an N GB card leaves to the allocator."""
-    from harness.measure.budget import budget_cap_bytes
+def fits(prediction: schema.Prediction, card_gb: float) -> bool:
+    """Whether a predicted step fits a card of this nominal size (harness.measure.budget.card_bytes): its
+    device bytes where predicted (CUDA), else its tensor bytes (a CPU has no allocator or context)."""
+    from harness.measure.budget import card_bytes
 
-    return total_bytes <= budget_cap_bytes(budget_gb, device_type)
-
-
+    held = prediction.device_bytes if prediction.device_bytes is not None else prediction.total_bytes
+    return held <= card_bytes(card_gb)

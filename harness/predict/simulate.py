@@ -20,8 +20,10 @@ What a fake step cannot do, and how it is handled:
   tokens (see models.SequentialExperts); dynamic loss scaling (which reads a value to
   skip steps) is left out, its state being a few bytes; transformers' packed-sequence
   check reads position ids, and is answered as a real run answers it (not packed).
-- the allocator: a traced step knows tensor bytes, not the caching allocator's rounding
-  and fragmentation; `reserved` on a GPU is higher than these peaks by those.
+- the allocator: a traced step knows tensor bytes; the caching allocator's rounding, pools and
+  fragmentation are predicted by replaying every storage the tracker saw born and freed, in order,
+  through harness.predict.allocator (`reserved_bytes`), beside the cuBLAS workspaces the tracker
+  cannot see (allocator_events).
 - compiled code (torch.compile, torchao's optimizer step) runs eager under the tracker, so a
   compiled step is predicted as the eager one (torchao's eager step makes fp32 copies of each
   tensor's moments that its compiled kernel does not: the simulation's optimizer-step
@@ -39,6 +41,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from harness.blocks.optimizers import OPTIMIZERS
+from harness.predict import allocator as caching_allocator
+from harness.predict.device_memory import CUBLAS_WORKSPACE_BYTES, WORKSPACE_PHASES, device_bytes
 from harness.measure.memory import TensorTracker, fsdp2_tracking, label_gradients, label_model, tracker_phase
 from harness.step import sharding
 from harness.step.models import ModelSource
@@ -303,8 +307,57 @@ def fake_step(technique: Technique, cfg, device_type: str, tracker: TensorTracke
         yield mesh
 
 
+@contextmanager
+def _cache_emptied_by_kbit_preparation(tracker: TensorTracker, emptied_at: list[int]):
+    """peft's prepare_model_for_kbit_training empties the CUDA cache after casting the parameters that are
+    not quantized to fp32 (peft/utils/other.py: `auto_clear_cache`, on by default, calls
+    torch.cuda.empty_cache() where CUDA is available). A CPU trace never calls it: when it returns, the
+    tracker's counter is kept as the point where a CUDA run empties its cache."""
+    import peft
+
+    original = peft.prepare_model_for_kbit_training
+
+    def prepare(*args, **kwargs):
+        model = original(*args, **kwargs)
+        if kwargs.get("auto_clear_cache", True):
+            emptied_at.append(tracker.counter)
+        return model
+
+    peft.prepare_model_for_kbit_training = prepare
+    try:
+        yield
+    finally:
+        peft.prepare_model_for_kbit_training = original
+
+
+def allocator_events(tracker: TensorTracker, device_type: str, emptied_at: list[int] = ()) -> list[tuple]:
+    """Every device storage the tracker saw, as the caching allocator sees it: (+bytes, key) when it is
+    born and (-1, key) when it dies, in the order they happened (one counter orders both).
+
+    On CUDA, cuBLAS takes a workspace from the caching allocator for each (handle, stream) the first time
+    it multiplies there (aten/src/ATen/cuda/CublasHandlePool.cpp, getCurrentCUDABlasHandle and
+    getCUDABlasLtWorkspace), which no tensor stands for: one on the first forward's thread and one on
+    autograd's backward thread, born where the tracker's forward and backward phases first allocate.
+    `emptied_at`: tracker counters after which torch.cuda.empty_cache() ran (allocator.EMPTY_CACHE)."""
+    timed = [(counter + 0.5, *caching_allocator.EMPTY_CACHE) for counter in emptied_at] if device_type == "cuda" else []
+    for index, record in enumerate(tracker.history):
+        if record.host:
+            continue
+        timed.append((record.born, record.nbytes, index))
+        if record.died is not None:
+            timed.append((record.died, -1, index))
+    if device_type == "cuda":
+        for phase in WORKSPACE_PHASES:
+            first = next((r.born for r in tracker.history if r.phase == phase and not r.host), None)
+            if first is not None:
+                timed.append((first - 0.5, CUBLAS_WORKSPACE_BYTES, f"cublas workspace ({phase})"))
+    timed.sort(key=lambda event: event[0])
+    return [(nbytes, key) for _, nbytes, key in timed]
+
+
 def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, micro_batch: int,
-                  device_type: str = "cuda", steps: int = 2) -> dict:
+                  device_type: str = "cuda", steps: int = 2, expandable_segments: bool = False,
+                  cap_bytes: int | None = None) -> dict:
     """Peak and per-category bytes of a training step at full size, without memory.
 
     Runs `steps` steps (the first creates the optimizer state) and measures the last, as the
@@ -313,7 +366,9 @@ def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, 
     started = time.perf_counter()
     tracker = TensorTracker()
     device = torch.device("cpu")
-    with fake_step(technique, cfg, device_type, tracker) as mesh, tracker:
+    emptied_at: list[int] = []
+    with (fake_step(technique, cfg, device_type, tracker) as mesh, tracker,
+          _cache_emptied_by_kbit_preparation(tracker, emptied_at)):
         model, optimizer, _ = build_training(source, technique, cfg, device, optimizer_device=device_type, mesh=mesh)
         load_peak, loaded = tracker.peak, tracker.counter
         saved_tensors = _offloading(model, cfg, tracker)
@@ -332,7 +387,27 @@ def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, 
                        saved_tensors=saved_tensors)
         if cfg.cpu_offload and device_type == "cuda":  # a CPU's step has one memory: nothing to offload to
             load_peak = tracker.move_to_host(OFFLOADED, measured_from, loaded)
+    allocator = caching_allocator.replay(allocator_events(tracker, device_type, emptied_at),
+                                         expandable_segments=expandable_segments)
+    reserved = {"reserved_bytes": allocator.peak_reserved,
+                "allocator": "expandable_segments" if expandable_segments else "default",
+                "allocator_allocated_bytes": allocator.peak_allocated}  # kept in the prediction's extra
+    if device_type == "cuda":
+        reserved["device_bytes"] = device_bytes(allocator.peak_reserved, technique)
+        if cap_bytes or cfg.budget_gb:
+            # the same step under an allocator cap (given, or the budget's): the allocator frees its cache
+            # and retries before it runs out (DeviceCachingAllocator::malloc)
+            from harness.measure.budget import budget_cap_bytes
+
+            cap = cap_bytes or budget_cap_bytes(cfg.budget_gb, "cuda", technique)
+            capped = caching_allocator.replay(allocator_events(tracker, device_type, emptied_at), cap_bytes=cap,
+                                              expandable_segments=expandable_segments)
+            reserved["budget_replay"] = {"cap_bytes": cap, "peak_reserved": capped.peak_reserved,
+                                         "retries": capped.retries, "oom": capped.oom and {
+                                             "requested": capped.oom.requested, "allocated": capped.oom.allocated,
+                                             "reserved": capped.oom.reserved}}
     return {
+        **reserved,
         "method": "simulated",
         "total_bytes": max(tracker.peak, load_peak),
         "categories": tracker.breakdown_at_peak(),

@@ -1,7 +1,12 @@
 """`harness predict --solve seq_len|micro_batch`: the longest sequence, or the largest
 micro-batch, whose training step fits a card.
 
-The analytic peak is searched first (instant, and non-decreasing in both axes): doubling
+A step fits when its predicted device bytes do not exceed the card's bytes: the caching allocator's
+reserved bytes and what lives outside the allocator (the CUDA context, the kernels loaded), see
+harness.predict.device_memory. The analytic method's reserved bytes are its peak times a calibrated
+ratio (device_memory.ANALYTIC_RESERVED_RATIO); the simulation's replay the allocator over the step.
+
+The analytic device bytes are searched first (instant, and non-decreasing in both axes): doubling
 until the step no longer fits, then bisection. The simulation (the runner's own step under
 fake tensors) then checks the answer and its neighbour one up; where it disagrees, the
 analytic curve shifted by the simulation's offset gives the next guess, and a gallop and a
@@ -28,9 +33,9 @@ MICRO_BATCH_LIMIT = 1 << 16
 
 @dataclass
 class Answer:
-    """The largest value of the axis that fits (0: not even 1 fits) and the peaks around it."""
+    """The largest value of the axis that fits (0: not even 1 fits) and the device bytes around it."""
     value: int
-    peak_bytes: int | None        # at value (None when value is 0)
+    peak_bytes: int | None        # predicted device bytes at value (None when value is 0)
     next_peak_bytes: int | None   # at value + 1 (None when the search stopped at its limit)
     limited_by: str               # "card", "context" (the model's max_position_embeddings) or "search limit"
     evaluations: int = 0
@@ -80,10 +85,12 @@ def largest_fitting(peak: Callable[[int], int], cap: int, limit: int, start: int
 
 @dataclass
 class Setup:
-    """An experiment at a model, resolved once: its analytic peak at any (sequence, micro-batch)."""
+    """An experiment at a model, resolved once: its analytic peak (tensor bytes) and device bytes at any
+    (sequence, micro-batch)."""
     config: ResolvedConfig
     context: int | None   # the model's max_position_embeddings
     peak: Callable[[int, int], int]
+    device: Callable[[int, int], int]
 
 
 def setup(experiment: Path, model: str, overrides: dict | None = None, device_type: str = "cuda") -> Setup:
@@ -101,7 +108,13 @@ def setup(experiment: Path, model: str, overrides: dict | None = None, device_ty
             memo[seq_len, micro_batch] = analytic_predict(source.config, technique, cfg, seq_len, micro_batch,
                                                           device_type)["total_bytes"]
         return memo[seq_len, micro_batch]
-    return Setup(config, getattr(source.config, "max_position_embeddings", None), peak)
+    def device(seq_len: int, micro_batch: int) -> int:
+        from harness.predict.device_memory import analytic_reserved_bytes, device_bytes
+
+        if device_type != "cuda":  # a CPU step: its tensors are what it holds
+            return peak(seq_len, micro_batch)
+        return device_bytes(analytic_reserved_bytes(peak(seq_len, micro_batch)), technique)
+    return Setup(config, getattr(source.config, "max_position_embeddings", None), peak, device)
 
 
 def _limit(axis: str, context: int | None) -> int:
@@ -117,13 +130,13 @@ def solve(experiment: Path, model: str, card_gb: float, axis: str, *, seq_len: i
     found_setup = setup(experiment, model, overrides, device_type)
     config, context = found_setup.config, found_setup.context
     limit = _limit(axis, context)
-    cap = card_cap_bytes(card_gb)
+    cap = card_bytes(card_gb)  # what the predicted device bytes must fit
 
     def shape(n: int) -> tuple[int, int]:
         return (n, micro_batch) if axis == "seq_len" else (seq_len, n)
 
     def analytic(n: int) -> int:
-        return found_setup.peak(*shape(n))
+        return found_setup.device(*shape(n))
 
     found = largest_fitting(analytic, cap, limit)
     result = {
@@ -136,21 +149,36 @@ def solve(experiment: Path, model: str, card_gb: float, axis: str, *, seq_len: i
     decided = found
     if simulate:
         decided = _confirm_by_simulation(experiment, model, shape, overrides or {}, device_type, cap, limit,
-                                         found, analytic)
+                                         found, analytic, card_cap_bytes(card_gb, config.technique))
         result["simulated"] = _answer_dict(decided, axis, context, limit)
     result.update({"method": "simulated" if simulate else "analytic", f"max_{axis}": decided.value,
                    **{k: v for k, v in result["simulated" if simulate else "analytic"].items() if k != "value"},
+                   "device_bytes": decided.peak_bytes,
+                   "margin_bytes": None if decided.peak_bytes is None else cap - decided.peak_bytes,
                    "seconds": time.perf_counter() - started})
     return result
 
 
 def _confirm_by_simulation(experiment, model, shape, overrides, device_type, cap, limit, analytic_answer,
-                           analytic) -> Answer:
+                           analytic, allocator_cap: int) -> Answer:
+    """The simulated boundary. A card is a cap: where the allocator cannot have a new segment it frees its
+    cached ones and tries again (harness.predict.allocator), so a step fits when the allocator replayed
+    under the card's cap for it (the card less what lives outside the allocator) does not run out; its
+    device bytes are then that replay's reserved peak and what lives outside (more than the card where
+    it runs out)."""
     from harness.predict.prediction import predict
 
     def simulated(n: int) -> int:
         seq, batch = shape(n)
-        return predict(experiment, model, seq, batch, "simulated", device_type, overrides).total_bytes
+        prediction = predict(experiment, model, seq, batch, "simulated", device_type, overrides,
+                             cap_bytes=allocator_cap)
+        if prediction.device_bytes is None:  # a CPU step: its tensors are what it holds
+            return prediction.total_bytes
+        outside = prediction.device_bytes - prediction.reserved_bytes
+        capped = prediction.extra["budget_replay"]
+        if capped["oom"]:
+            return max(prediction.device_bytes, cap + 1)
+        return capped["peak_reserved"] + outside
 
     first_guess = max(analytic_answer.value, 1)
     memo = {first_guess: simulated(first_guess)}
@@ -178,13 +206,13 @@ def describe(result: dict) -> str:
     fixed = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in result["fixed"].items())
     what = "longest sequence" if axis == "seq_len" else "largest micro-batch"
     head = (f"{result['experiment']} @ {result['model']}{' (gradient checkpointing)' if result['gradient_checkpointing'] else ''}"
-            f" on a {result['card_gb']:g} GB card ({result['card_bytes'] / 2**30:.1f} GiB, "
-            f"{result['cap_bytes'] / 2**30:.1f} GiB left to tensors after the CUDA context):")
+            f" on a {result['card_gb']:g} GB card ({result['card_bytes'] / 2**30:.1f} GiB; predicted device bytes: "
+            f"the allocator's reserved segments, the CUDA context and kernels):")
     if value == 0:
-        return (f"{head}\n  does not fit even at 1 {unit[:-1]} ({fixed}): peak "
+        return (f"{head}\n  does not fit even at 1 {unit[:-1]} ({fixed}): device "
                 f"{result['next_peak_bytes'] / 2**30:.2f} GiB ({result['method']})")
-    lines = [head, f"  {what} that fits, at {fixed}: {value:,} {unit} (peak {result['peak_bytes'] / 2**30:.2f} GiB, "
-                   f"{result['method']})"]
+    lines = [head, f"  {what} that fits, at {fixed}: {value:,} {unit} (device {result['peak_bytes'] / 2**30:.2f} GiB, "
+                   f"{result['margin_bytes'] / 2**30:.2f} GiB to spare, {result['method']})"]
     if result["next_peak_bytes"] is not None:
         lines.append(f"  {value + 1:,} {unit}: {result['next_peak_bytes'] / 2**30:.2f} GiB, does not fit")
     elif result["limited_by"] == "context":
@@ -238,27 +266,33 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda"):
                               device_type)
                 common = {"experiment": name, "model": model, "gradient_checkpointing": checkpointing}
                 for card_gb in FIT_CARDS:
-                    cap = card_cap_bytes(card_gb)
-                    longest = largest_fitting(lambda n: found.peak(n, 1), cap, _limit("seq_len", found.context))
-                    largest = largest_fitting(lambda n: found.peak(FIT_MICRO_BATCH_SEQ_LEN, n), cap, MICRO_BATCH_LIMIT)
+                    cap = card_bytes(card_gb)
+                    longest = largest_fitting(lambda n: found.device(n, 1), cap, _limit("seq_len", found.context))
+                    largest = largest_fitting(lambda n: found.device(FIT_MICRO_BATCH_SEQ_LEN, n), cap,
+                                              MICRO_BATCH_LIMIT)
+                    # device_bytes and margin_bytes: at the longest sequence's answer (micro-batch 1)
                     rows.append({**common, "card_gb": card_gb, "reference_peak_bytes": found.peak(*REFERENCE_SHAPE),
                                  "max_seq_len": longest.value,
                                  "seq_len_limited_by": _answer_dict(longest, "seq_len", found.context,
                                                                     _limit("seq_len", found.context))["limited_by"],
-                                 "max_micro_batch": largest.value})
+                                 "max_micro_batch": largest.value, "device_bytes": longest.peak_bytes,
+                                 "margin_bytes": None if longest.peak_bytes is None else cap - longest.peak_bytes,
+                                 "micro_batch_device_bytes": largest.peak_bytes})
                 if model == CURVE_MODEL:
-                    curves += [{**common, "seq_len": seq, "total_bytes": found.peak(seq, 1)}
+                    curves += [{**common, "seq_len": seq, "total_bytes": found.peak(seq, 1),
+                                "device_bytes": found.device(seq, 1)}
                                for seq in CURVE_SEQ_LENS if seq <= (found.context or seq)]
     cases = []
     for case, (model, name, overrides) in COMPARED_CASES.items():
         found = setup(experiments_dir / f"{name}.yaml", model, overrides, device_type)
-        cases += [{"case": case, "experiment": name, "model": model, "card_gb": card_gb,
-                   "max_seq_len": largest_fitting(lambda n: found.peak(n, 1), card_cap_bytes(card_gb),
-                                                  _limit("seq_len", found.context)).value}
-                  for card_gb in FIT_CARDS]
+        for card_gb in FIT_CARDS:
+            answer = largest_fitting(lambda n: found.device(n, 1), card_bytes(card_gb), _limit("seq_len", found.context))
+            cases.append({"case": case, "experiment": name, "model": model, "card_gb": card_gb,
+                          "max_seq_len": answer.value, "device_bytes": answer.peak_bytes,
+                          "margin_bytes": None if answer.peak_bytes is None else card_bytes(card_gb) - answer.peak_bytes})
     return schema.FitTable(
         method="analytic", device_type=device_type, cases=cases,
-        cards={str(gb): {"card_bytes": card_bytes(gb), "cap_bytes": card_cap_bytes(gb)} for gb in FIT_CARDS},
+        cards={str(gb): {"card_bytes": card_bytes(gb), "cap_bytes": card_bytes(gb)} for gb in FIT_CARDS},
         micro_batch_seq_len=FIT_MICRO_BATCH_SEQ_LEN, reference_shape=list(REFERENCE_SHAPE), rows=rows, curves=curves,
         versions=env.software_versions(), predictor=fit_table_predictor(),
         seconds=time.perf_counter() - started)

@@ -20,7 +20,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from harness.claims import Claim  # noqa: E402
-from harness.measure.budget import budget_cap_bytes  # noqa: E402
+from harness.measure.budget import CARD_BYTES, budget_cap_bytes, card_bytes  # noqa: E402
 from harness.report.load import CATEGORIES, Results  # noqa: E402
 from harness.report.units import CATEGORY_WORDS, DOCUMENTS_MODEL  # noqa: E402
 from harness.techniques import TECHNIQUES  # noqa: E402
@@ -373,6 +373,12 @@ def parity(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
 FIT_CODES = {"fits (measured)": 2, "fits (predicted)": 1, "OOM (predicted)": -1, "OOM (measured)": -2}
 
 
+def _card_gb(card: float) -> float:
+    """A card's nominal size from its bytes (harness.measure.budget's convention)."""
+    named = [gb for gb, size in CARD_BYTES.items() if size == card]
+    return float(named[0]) if named else card / 2**30
+
+
 def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
     name, title = "fits-in-budget", "Which technique fits which card"
     gpu_budget = runs[(runs["device_type"] == "cuda") & runs["budget_gb"].notna() & runs["status"].isin(["ok", "oom"])]
@@ -382,7 +388,8 @@ def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
         peak = f"\n{run['peak_allocated'] / 1e9:.1f} meas." if fits and pd.notna(run["peak_allocated"]) else "\nmeasured"
         if run["seq_len"] != 512 or run["micro_batch"] != 1:  # the predicted cells are at 512 x 1: say when not
             peak += f"\n{int(run['seq_len']):,} x {int(run['micro_batch'])}"
-        cells.append({"model": run["model"], "experiment": run["experiment"], "card": float(run["budget_gb"]),
+        cells.append({"model": run["model"], "experiment": run["experiment"],
+                      "card": _card_gb(run["budget_card_bytes"]),
                       "state": f"{'fits' if fits else 'OOM'} (measured)", "priority": 0,
                       "label": ("fits" if fits else "OOM") + peak})
     if not predictions.empty:
@@ -395,7 +402,9 @@ def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
         chosen = chosen[chosen["experiment"].isin(core)]
         for _, p in chosen.drop_duplicates(["model", "experiment"]).iterrows():
             for card in CARDS_GB:
-                fits = p["total_bytes"] <= budget_cap_bytes(card, "cuda")
+                # the predicted device bytes against the card (older predictions: tensor bytes against its cap)
+                fits = (p["device_bytes"] <= card_bytes(card) if pd.notna(p.get("device_bytes"))
+                        else p["total_bytes"] <= budget_cap_bytes(card, "cuda"))
                 cells.append({"model": p["model"], "experiment": p["experiment"], "card": float(card),
                               "state": f"{'fits' if fits else 'OOM'} (predicted)", "priority": 1,
                               "label": f"{'fits' if fits else 'OOM'}\n{p['total_bytes'] / 1e9:.1f} {p['method'][:3]}."})
@@ -422,14 +431,14 @@ def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
         sns.heatmap(codes, ax=ax, cmap=cmap, norm=norm, cbar=False, annot=labels.to_numpy(), fmt="",
                     annot_kws={"fontsize": 6}, linewidths=0.5, linecolor="white")
         ax.set_title(model, fontsize=9)
-        ax.set_xlabel("card, GB (1e9 bytes)")
+        ax.set_xlabel("card, GB as sold (24: 24 GiB)")
         ax.set_xticklabels([f"{c:g}" if c == int(c) else f"{c:.1f}" for c in grid.columns])
         ax.set_ylabel("")
     fig.tight_layout()
     measured = frame[frame["state"].str.endswith("(measured)")]
     caption = ("For each technique and card size: \"measured\" cells are runs under an emulated budget on a GPU "
-               "(torch's allocator capped at the card less a CUDA-context allowance); \"predicted\" cells compare "
-               "the simulated (else analytic) peak at sequence 512, micro-batch 1 with the same cap; cells give the peak "
+               "(torch's allocator capped at the card less what lives outside it); \"predicted\" cells compare "
+               "the simulated (else analytic) device bytes at sequence 512, micro-batch 1 with the card; cells give the peak "
                "in GB (sim. = simulated, ana. = analytic, meas. = measured). "
                + (f"{len(measured)} measured cells." if len(measured) else "No measured cells: no budget-emulated "
                   "GPU run is recorded yet.") + " CPU budget runs are in the run table, not here.")
@@ -445,7 +454,9 @@ def memory_vs_sequence(results: Results) -> FigureResult:
         return FigureResult(name, title, "", missing=(
             "No fit table: `python -m harness predict --claims` writes results/fits/."))
     curves = pd.DataFrame(table["curves"])
-    curves["GiB"] = curves["total_bytes"] / 2**30
+    # the predicted device bytes where the table has them (the card must hold them), else tensor bytes
+    held = curves["device_bytes"] if "device_bytes" in curves else curves["total_bytes"]
+    curves["GiB"] = held.fillna(curves["total_bytes"]) / 2**30
     curves["checkpointing"] = curves["gradient_checkpointing"].map({False: "no", True: "yes"})
     order = sorted(curves["experiment"].unique(), key=_technique_key)
     fig, ax = plt.subplots(figsize=(10, 5.2))
@@ -461,15 +472,16 @@ def memory_vs_sequence(results: Results) -> FigureResult:
         ax.annotate(f"{card} GB card", (seqs[0], sizes["cap_bytes"] / 2**30), fontsize=7, color="#57606a",
                     xytext=(2, 2), textcoords="offset points")
     ax.set_xlabel("sequence length (tokens, micro-batch 1)")
-    ax.set_ylabel("predicted peak, GiB (log scale)")
+    ax.set_ylabel("predicted device bytes, GiB (log scale)")
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1))
     model = curves["model"].iloc[0]
-    ax.set_title(f"{model}: predicted peak of one step (analytic)", fontsize=10)
+    ax.set_title(f"{model}: predicted device bytes of one step (analytic)", fontsize=10)
     title = f"Peak memory against sequence length ({model}), with the cards"
     fig.tight_layout()
-    caption = (f"{model}: the analytic peak of one training step at micro-batch 1 per technique, without (solid) "
-               "and with (dashed) gradient checkpointing, against the memory each card leaves to tensors (dotted: "
-               "the card as sold, in GiB, less the CUDA-context allowance). A technique fits a card up to where its "
+    caption = (f"{model}: the predicted device bytes of one training step at micro-batch 1 per technique (the "
+               "analytic peak, the caching allocator's reserve and the CUDA context and kernels), without (solid) "
+               "and with (dashed) gradient checkpointing, against each card (dotted: the card as sold, in GiB). "
+               "A technique fits a card up to where its "
                "line crosses the card's. Predicted, not measured; `python -m harness predict --solve seq_len` "
                "checks any one crossing by simulation.")
     return FigureResult(name, title, caption, _png(fig))

@@ -97,7 +97,7 @@ def _measured_under_budget(runs: pd.DataFrame, case: dict, card_bytes: int) -> C
     if not len(runs) or "experiment" not in case:
         return Cell("-")
     chosen = runs[(runs["device_type"] == "cuda") & (runs["experiment"] == case["experiment"])
-                  & (runs["model"] == case["model"]) & (runs["budget_gb"] * 1e9).round().eq(card_bytes)]
+                  & (runs["model"] == case["model"]) & runs["budget_card_bytes"].eq(card_bytes)]
     if not len(chosen):
         return Cell("-", "no GPU run under this budget yet")
     parts = []

@@ -136,6 +136,22 @@ def device_label(record: dict) -> str:
     return name if is_gpu_record(record) else f"{name}, tracked tensor bytes"
 
 
+def budget_card_bytes(record: dict) -> int | None:
+    """The card a budget run emulated, in bytes. A record says so (`budget.card_bytes`); one written when
+    `budget_gb` counted 1e9 bytes and the cap left a 0.5 GiB allowance says its cap and that allowance."""
+    budget = record.get("budget") or {}
+    if budget.get("card_bytes") is not None:
+        return budget["card_bytes"]
+    if budget.get("cap_bytes") is not None and budget.get("context_allowance_bytes") is not None:
+        return budget["cap_bytes"] + budget["context_allowance_bytes"]
+    budget_gb = budget.get("budget_gb", (record.get("config") or {}).get("budget_gb"))
+    if budget_gb is None:
+        return None
+    from harness.measure.budget import card_bytes
+
+    return card_bytes(budget_gb)
+
+
 def run_row(record: dict) -> dict:
     config = record.get("config") or {}
     memory = record.get("memory") or {}
@@ -151,6 +167,7 @@ def run_row(record: dict) -> dict:
         "grad_accum": config.get("grad_accum"), "gradient_checkpointing": config.get("gradient_checkpointing"),
         "world_size": config.get("world_size", 1), "steps": config.get("steps"),
         "budget_gb": _get(record, "budget", "budget_gb", default=config.get("budget_gb")),
+        "budget_card_bytes": budget_card_bytes(record),
         "status": record.get("status"),
         "peak_allocated": memory.get("peak_allocated"), "peak_reserved": memory.get("peak_reserved"),
         "peak_device_used": memory.get("peak_device_used"),
@@ -188,7 +205,8 @@ def runs_frame(results: Results, engines: bool = False) -> pd.DataFrame:
 def prediction_row(prediction: dict) -> dict:
     row = {key: prediction.get(key) for key in ("method", "experiment", "model", "seq_len", "micro_batch",
                                                    "grad_accum", "gradient_checkpointing", "device_type",
-                                                   "total_bytes", "seconds", "host_bytes")}
+                                                   "total_bytes", "seconds", "host_bytes", "reserved_bytes",
+                                                   "device_bytes", "allocator")}
     row["world_size"] = prediction.get("world_size", 1)  # one rank unless sharded
     row["file"] = prediction.get("_file")
     row["parameters_total"] = _get(prediction, "parameters", "total")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.claims import PUBLISHED_FILE, SOURCES, load_claims, load_sources
-from harness.report import add_arguments, answer, beyond, engines, environment, glossary, ladder
+from harness.report import add_arguments, answer, beyond, engines, environment, glossary, ladder, reserved
 from harness.report.accuracy import TOLERANCES, prediction_errors, summary
 from harness.report.figures import FigureResult, all_figures
 from harness.report.fits import fit_tables, published_comparison
@@ -80,10 +80,11 @@ def _fits_blocks(results, runs, figures: list[FigureResult]) -> list[Block]:
         "gradient checkpointing, and below it the largest micro-batch at sequence "
         f"{table['micro_batch_seq_len']:,} (without / with). \"-\": does not fit even at 1 (shaded). "
         "Cards are named as sold, and a card sold as \"24 GB\" holds 24 GiB (2^30 bytes); the H200's \"141 GB\" "
-        "holds 139.8 GiB as measured by the lab. The tensors may use the card less a CUDA-context allowance of "
-        "0.5 GiB. \"(context)\": the model's context length is reached before the card is full. "
-        f"Predicted ({table['method']} search, {table['device_type']} code path; peaks exclude the caching "
-        "allocator's rounding and fragmentation, so leave a margin); `python -m harness predict --model M "
+        "holds 139.8 GiB as measured by the lab. A step fits where its predicted device bytes fit the card: the "
+        "caching allocator's reserved segments, the CUDA context and the kernels. \"(context)\": the model's "
+        "context length is reached before the card is full. "
+        f"Predicted ({table['method']} search, {table['device_type']} code path; the analytic reserve is a "
+        "calibrated ratio over the tensors' peak); `python -m harness predict --model M "
         "--experiment E --card GB --solve seq_len` confirms one answer by simulation. The peak column is at "
         "sequence 512, micro-batch 1 (predicted; with a GPU measurement where one exists).")))
     for model, fit_table in fit_tables(table, runs):
@@ -212,7 +213,8 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
         f"{_count(len(predictions), 'memory prediction')}, {_count(len(results.probes), 'probe')} "
         f"({', '.join(sorted(results.probes)) or 'none'}), {_count(len(results.microbench), 'micro-benchmark file')}. "
         "Sources checked: " + "; ".join(f"{key} = \"{title}\"" for key, title in SOURCES.items()) + ". "
-        f"GB means 1e9 bytes and GiB 2^30 bytes throughout; \"7B\" is Llama-2-7B, {LLAMA_2_7B_PARAMETERS:,} "
+        f"GB means 1e9 bytes and GiB 2^30 bytes throughout, except a card's size, named as sold: a \"24 GB card\" "
+        f"holds 24 GiB (the H200, its measured 139.8 GiB); \"7B\" is Llama-2-7B, {LLAMA_2_7B_PARAMETERS:,} "
         "parameters.")))
     if gpu_runs == 0:
         blocks.append(Block("p", (
@@ -272,6 +274,15 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
     else:
         blocks.append(Block("p", "No GPU run with a prediction of its configuration in these results: "
                                  "`make gpu-evidence` on a CUDA machine, then `python -m harness predict --claims`."))
+
+    blocks.append(Block("h2", "What the card holds: reserved and device bytes", anchor="reserved"))
+    held = reserved.check_rows(results.records, results.predictions)
+    if held:
+        blocks.append(Block("p", reserved.text(held)))
+        blocks.append(Block("table", table=reserved.table(held)))
+    else:
+        blocks.append(Block("p", "No GPU run with a prediction of its reserved and device bytes in these results: "
+                                 "`python -m harness predict --claims` predicts them."))
 
     blocks.append(Block("h2", "Figures", anchor="figures"))
     for figure in figures:
