@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from harness.measure.budget import CUDA_CONTEXT_ALLOWANCE
+from harness.predict.device_memory import CUDA_CONTEXT_BYTES
 from harness.report.load import Results
 from harness.techniques import TECHNIQUES
 
@@ -37,8 +37,9 @@ TERMS: dict[str, str] = {
                    "process",
     "tracked bytes": "on a CPU, the bytes of every live tensor the lab's tracker counted in the step: how the lab "
                      "checks its accounting without a GPU, never a GPU figure",
-    "CUDA-context allowance": f"{CUDA_CONTEXT_ALLOWANCE / 2**30:g} GiB of each card left to the CUDA context and "
-                              "kernels, which tensors cannot use",
+    "outside the allocator": f"what a card holds beside the caching allocator's segments: the CUDA context "
+                             f"({CUDA_CONTEXT_BYTES / 2**30:.2f} GiB on the H200) and the kernels CUDA loads on "
+                             "first use; predicted device bytes are the reserved bytes plus these",
     "GB / GiB": "GB is 1e9 bytes, GiB 2^30 bytes; a card sold as \"24 GB\" holds 24 GiB",
     "micro-batch": "the sequences one forward and backward pass takes at once",
     "gradient accumulation": "k micro-batches' gradients summed before one optimizer step: the batch the "
