@@ -201,6 +201,9 @@ class Prediction:
     seconds: float | None = None
     host_bytes: int | None = None  # host memory the step uses beside the device's (offloaded activations)
     world_size: int = 1  # ranks the step is sharded over: the bytes are one rank's
+    # Predicted speed on one card (harness.predict.speed): gpu, method (kernels | analytic), tokens_per_s,
+    # step_time_s and its terms; None where no card was asked for.
+    speed: dict | None = None
     extra: dict = field(default_factory=dict)
 
 

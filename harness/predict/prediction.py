@@ -18,9 +18,11 @@ PREDICTOR_MODULES = source_files(__name__)
 
 
 def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
-            device_type: str = "cuda", overrides: dict | None = None) -> schema.Prediction:
+            device_type: str = "cuda", overrides: dict | None = None, gpu: str | None = None) -> schema.Prediction:
     """One prediction for an experiment file at a model, sequence length and micro-batch (and
-    any other experiment fields in `overrides`)."""
+    any other experiment fields in `overrides`). gpu: a card of harness.cards, whose step time and
+    tokens per second the prediction also gives (harness.predict.speed: from the simulated step's
+    kernels; the analytic method's from FLOPs alone)."""
     from harness.step.models import resolve_source
 
     config = resolve(experiment, {**(overrides or {}), "model": model, "seq_len": seq_len, "micro_batch": batch,
@@ -32,10 +34,20 @@ def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
         from harness.predict.analytic import predict as analytic_predict
 
         result = analytic_predict(source.config, technique, cfg, seq_len, batch, device_type)
+        if gpu:
+            from harness.predict.speed import analytic_speed
+
+            result["speed"] = analytic_speed(source.config, technique, seq_len, batch, cfg.grad_accum, gpu)
     else:
+        from harness.predict.kernels import KernelRecorder
         from harness.predict.simulate import simulate_step
 
-        result = simulate_step(source, technique, cfg, seq_len, batch, device_type)
+        recorder = KernelRecorder() if gpu else None
+        result = simulate_step(source, technique, cfg, seq_len, batch, device_type, recorder=recorder)
+        if gpu:
+            from harness.predict.speed import kernel_speed
+
+            result["speed"] = kernel_speed(recorder.kernels, seq_len * batch * cfg.grad_accum, gpu)
     result["seconds"] = time.perf_counter() - started
     return schema.from_dict({
         "kind": schema.Prediction.KIND, "method": method, "experiment": config.name, "model": model,
