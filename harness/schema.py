@@ -43,6 +43,7 @@ MEASURED = ("ok", "oom")
 # Folders of results/ that hold something other than run records.
 ATTEMPTS_FOLDER = "attempts"  # attempts that measured nothing, kept beside a cell's measurement
 PREDICTIONS_FOLDER, PROBES_FOLDER, BASE_FOLDER = "predictions", "probes", "base"
+SPEED_FOLDER = "speed"  # under PREDICTIONS_FOLDER: <device slug>/<run record file>, each run's predicted speed
 MICROBENCH_FOLDER, LOGS_FOLDER, LOCKS_FOLDER = "microbench", "logs", ".locks"
 FITS_FOLDER = "fits"  # what fits each card, predicted (harness.predict.solve)
 JOBS_FOLDER = ".jobs"  # cluster jobs submitted per cell, and submitit's own files (harness.lab.launcher)

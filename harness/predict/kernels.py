@@ -42,9 +42,10 @@ CPU_ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu.default: "forw
 class Kernel:
     op: str
     flops: int          # matrix-product and attention FLOPs (0 for the rest)
-    bytes: int          # bytes of the tensors it reads and writes
+    bytes: int          # bytes of the tensors it reads, and writes (an input it mutates counts twice)
     dtype: str          # the dtype of its first tensor input (what a matrix product computes in)
     phase: str
+    fp32_elements: int = 0  # its first tensor argument's elements, in fp32 units (what an optimizer step updates)
 
 
 def _tensors(tree) -> list[torch.Tensor]:
@@ -61,6 +62,34 @@ def _bytes(tensors: list[torch.Tensor]) -> int:
     return total
 
 
+def _mutated_bytes(func, args, kwargs) -> int:
+    """Bytes of the arguments the op writes in place (its schema's `Tensor(a!)`): written after being read."""
+    total = 0
+    for i, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            value = args[i] if i < len(args) else kwargs.get(argument.name)
+            total += _bytes(_tensors(value))
+    return total
+
+
+def _fp32_elements(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() // 4 for t in tensors)
+
+
+def _gemm_4bit(args, phase: str) -> list[Kernel]:
+    """bitsandbytes' 4-bit matmul as CUDA runs it in training (more than one token): the weight dequantized to
+    the input's dtype, then a matrix product (bitsandbytes.autograd._functions.MatMul4Bit.forward); the CPU
+    trace calls the fused CPU op instead."""
+    A, B, shape_b = args[0], args[1], args[2]
+    out_features, in_features = shape_b
+    weight = out_features * in_features * A.element_size()
+    rows = A.numel() // A.shape[-1]
+    dtype = _DTYPE_NAMES.get(A.dtype, str(A.dtype))
+    return [Kernel("bitsandbytes::dequantize_4bit", 0, _bytes([B, args[3]]) + weight, dtype, phase),
+            Kernel("aten::mm", 2 * rows * out_features * in_features,
+                   A.numel() * A.element_size() + weight + rows * out_features * A.element_size(), dtype, phase)]
+
+
 def _flops(func, args, kwargs, out) -> int:
     packet = func._overloadpacket
     if packet in flop_registry:
@@ -73,6 +102,7 @@ def _flops(func, args, kwargs, out) -> int:
     return 0
 
 
+GEMM_4BIT = "bitsandbytes::gemm_4bit"  # an op of bitsandbytes' library, where it is loaded
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8",
                 torch.uint8: "int8"}
 
@@ -93,9 +123,13 @@ class KernelRecorder(TorchDispatchMode):
                 and not getattr(func, "is_view", False)):
             inputs = _tensors((args, kwargs))
             outputs = _tensors(out)
-            if inputs or outputs:
+            if func.name() == GEMM_4BIT:
+                self.kernels += _gemm_4bit(args, self.phase)
+            elif inputs or outputs:
                 first = (inputs or outputs)[0]
+                leading = _tensors(args[0]) if args else []
                 self.kernels.append(Kernel(str(func.name()), _flops(func, args, kwargs, out),
-                                           _bytes(inputs + outputs), _DTYPE_NAMES.get(first.dtype, str(first.dtype)),
-                                           self.phase))
+                                           _bytes(inputs + outputs) + _mutated_bytes(func, args, kwargs),
+                                           _DTYPE_NAMES.get(first.dtype, str(first.dtype)), self.phase,
+                                           _fp32_elements(leading)))
         return out

@@ -20,11 +20,9 @@ from harness import env, schema
 from harness.cards import card_in_device_name
 from harness.predict.prediction import PREDICTOR_MODULES
 
-SPEED_FOLDER = Path(schema.PREDICTIONS_FOLDER) / "speed"
-
 
 def speed_prediction_path(out: Path, record_path: Path) -> Path:
-    return Path(out) / SPEED_FOLDER / record_path.parent.name / record_path.name
+    return Path(out) / schema.PREDICTIONS_FOLDER / schema.SPEED_FOLDER / record_path.parent.name / record_path.name
 
 
 def measured_cuda_runs(results: Path) -> list[tuple[Path, dict, str]]:

@@ -84,6 +84,7 @@ class Setup:
     config: ResolvedConfig
     context: int | None   # the model's max_position_embeddings
     peak: Callable[[int, int], int]
+    model_config: object = None  # transformers' config of the model
 
 
 def setup(experiment: Path, model: str, overrides: dict | None = None, device_type: str = "cuda") -> Setup:
@@ -101,7 +102,7 @@ def setup(experiment: Path, model: str, overrides: dict | None = None, device_ty
             memo[seq_len, micro_batch] = analytic_predict(source.config, technique, cfg, seq_len, micro_batch,
                                                           device_type)["total_bytes"]
         return memo[seq_len, micro_batch]
-    return Setup(config, getattr(source.config, "max_position_embeddings", None), peak)
+    return Setup(config, getattr(source.config, "max_position_embeddings", None), peak, source.config)
 
 
 def _limit(axis: str, context: int | None) -> int:
@@ -210,8 +211,32 @@ REFERENCE_SHAPE = (512, 1)  # the documents' configuration: the peak the table s
 COMPARED_CASES = {
     "llama-3.1-8b qlora r32 + checkpointing": ("llama-3.1-8b", "qlora-r32-gc", {}),
 }
+FIT_TOKENS = 100e6  # the fine-tune whose GPU-hours and price (cost_usd) each row gives
 CURVE_MODEL = "mistral-7b"  # a 7B model with a 32k context: peak against sequence length
 CURVE_SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+def fit_row_speed(found: Setup, card_gb: float, max_micro_batch: int, max_seq_len: int) -> dict:
+    """A fit row's speed on the card of its size (harness.cards.CARD_OF_SIZE, named once in the
+    table's `cards`) at the fastest shape the row
+    allows (sequence FIT_MICRO_BATCH_SEQ_LEN at its largest micro-batch; else its longest sequence at
+    micro-batch 1), and the time and price of fine-tuning FIT_TOKENS at the card's catalogue price. The
+    analytic fallback (harness.predict.speed.analytic_speed: matmul FLOPs at the measured throughput, no
+    host or memory-bound kernels), as the rest of the table is analytic: an upper bound on tokens/s."""
+    from harness.cards import CARD_OF_SIZE, card
+    from harness.predict.speed import analytic_speed, fine_tune_cost
+
+    gpu = CARD_OF_SIZE[card_gb]
+    shape = ((FIT_MICRO_BATCH_SEQ_LEN, max_micro_batch) if max_micro_batch else
+             (max_seq_len, 1) if max_seq_len else None)
+    if shape is None:
+        return {"speed_shape": None, "tokens_per_s": None, "step_time_s": None, "hours_per_100m_tokens": None,
+                "cost_usd": None}
+    cfg = found.config.experiment
+    speed = analytic_speed(found.model_config, found.config.technique, shape[0], shape[1], cfg.grad_accum, gpu)
+    cost = fine_tune_cost(speed["tokens_per_s"], FIT_TOKENS, card(gpu).price_per_hour)
+    return {"speed_shape": list(shape), "speed_method": speed["method"], "tokens_per_s": speed["tokens_per_s"],
+            "step_time_s": speed["step_time_s"], "hours_per_100m_tokens": cost["hours"], "cost_usd": cost["cost_usd"]}
 
 
 def fit_table_predictor() -> str:
@@ -226,6 +251,7 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda"):
     """Every (model, technique, checkpointing, card) answer, by the analytic search (instant;
     `predict --solve` confirms any one of them by simulation)."""
     from harness import env, schema
+    from harness.cards import CARD_OF_SIZE, CARDS
     from harness.techniques import TECHNIQUES
 
     started = time.perf_counter()
@@ -245,7 +271,8 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda"):
                                  "max_seq_len": longest.value,
                                  "seq_len_limited_by": _answer_dict(longest, "seq_len", found.context,
                                                                     _limit("seq_len", found.context))["limited_by"],
-                                 "max_micro_batch": largest.value})
+                                 "max_micro_batch": largest.value,
+                                 **fit_row_speed(found, card_gb, largest.value, longest.value)})
                 if model == CURVE_MODEL:
                     curves += [{**common, "seq_len": seq, "total_bytes": found.peak(seq, 1)}
                                for seq in CURVE_SEQ_LENS if seq <= (found.context or seq)]
@@ -258,7 +285,9 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda"):
                   for card_gb in FIT_CARDS]
     return schema.FitTable(
         method="analytic", device_type=device_type, cases=cases,
-        cards={str(gb): {"card_bytes": card_bytes(gb), "cap_bytes": card_cap_bytes(gb)} for gb in FIT_CARDS},
+        cards={str(gb): {"card_bytes": card_bytes(gb), "cap_bytes": card_cap_bytes(gb), "gpu": CARD_OF_SIZE[gb],
+                         "price_per_hour": CARDS[CARD_OF_SIZE[gb]].price_per_hour, "tokens": FIT_TOKENS}
+               for gb in FIT_CARDS},
         micro_batch_seq_len=FIT_MICRO_BATCH_SEQ_LEN, reference_shape=list(REFERENCE_SHAPE), rows=rows, curves=curves,
         versions=env.software_versions(), predictor=fit_table_predictor(),
         seconds=time.perf_counter() - started)

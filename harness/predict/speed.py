@@ -5,12 +5,14 @@ The kernels come from the runner's step under fake tensors (harness.predict.kern
   measured for a bf16 matmul of that many FLOPs (`bench_linear_forward[*-bf16]` in
   results/microbench/nvidia-h200.json: 46, 185 and 369 GFLOP, interpolated on log FLOPs, held flat
   outside), or by its bytes where those take longer;
-- every other kernel (elementwise, norms, casts, dropout, the optimizer's step, (de)quantization) by the
+- the optimizer's step (torch's fused AdamW, bitsandbytes' 8-bit AdamW) by the parameters it updates, at
+  the time per parameter of `bench_optimizer_step[torch-adamw]` and `[adamw8bit]`;
+- every other kernel (elementwise, norms, casts, dropout, other optimizers, (de)quantization) by the
   bytes it reads and writes (a mutated input counts twice) at the bandwidth of `bench_copy` (a bf16
   copy of an 11008 x 4096 weight: 2 x 90 MB moved);
 - a host cost per kernel: the time Python, the module calls and the dispatcher take to launch it. It
   is `bench_lora_forward_backward` at its fewest tokens (launch-bound): the time the LoRA-wrapped layer
-  takes over the bare one, divided by the kernels the adapter adds (counted by running the same peft
+  takes over the bare one (fastest rounds), divided by the kernels the adapter adds (counted by running the same peft
   layer under the recorder).
 The host issues kernels one after another; the GPU runs each once it is issued and the previous one is
 done (a queue). The step takes until both are done: a step of small shapes is the host's, a large
@@ -39,6 +41,11 @@ from harness.cards import CARDS, Card, card
 MICROBENCH = Path(__file__).resolve().parents[2] / "results" / "microbench" / "nvidia-h200.json"
 CALIBRATION_CARD = "H200"  # the device MICROBENCH was measured on (its records' extra_info.device)
 MATMUL_DTYPES = ("bf16", "fp16", "fp32", "int8")
+# Optimizer kernels the lab times in bench_optimizer_step (fp32 parameters of an MLP's three matrices):
+# costed per parameter they update (bf16 parameters at half an fp32 one's time), not by bytes. The
+# paged 8-bit AdamW runs the same kernel as the 8-bit one.
+OPTIMIZER_BENCHMARKS = {"aten::_fused_adamw_": "bench_optimizer_step[torch-adamw]",
+                        "bitsandbytes::optimizer_update_8bit_blockwise": "bench_optimizer_step[adamw8bit]"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,8 @@ class Calibration:
     bandwidth: float                                 # achieved bytes/s
     host_seconds_per_kernel: float
     source: str
+    # seconds per fp32 parameter of each optimizer kernel the lab benchmarks, by op name
+    optimizer_seconds_per_parameter: tuple[tuple[str, float], ...] = ()
 
     def matmul_rate(self, flops: float) -> float:
         points = self.matmul_points
@@ -90,12 +99,21 @@ def calibration(path: Path = MICROBENCH) -> Calibration:
     rows, columns = copy["extra_info"]["shape"]["weight"]
     copied = 2 * rows * columns * 2  # a bf16 weight read and written
     bandwidth = copied / copy["stats"]["median"]
+    optimizer = []
+    for op, name in OPTIMIZER_BENCHMARKS.items():
+        (bench,) = _named(benchmarks, name, path)
+        optimizer.append((op, bench["stats"]["median"] / bench["extra_info"]["shape"]["parameters"]))
     return Calibration(tuple(sorted(points)), bandwidth, _host_seconds_per_kernel(benchmarks, path),
-                       f"{path.name}: bench_linear_forward[*-bf16], bench_copy, bench_lora_forward_backward")
+                       f"{path.name}: bench_linear_forward[*-bf16], bench_copy, bench_lora_forward_backward, "
+                       + ", ".join(OPTIMIZER_BENCHMARKS.values()), tuple(optimizer))
 
 
 def _host_seconds_per_kernel(benchmarks: list[dict], path: Path) -> float:
-    """(LoRA layer - bare layer) / (kernels the adapter adds), at the benchmark's fewest tokens, mean over ranks."""
+    """(LoRA layer - bare layer) / (kernels the adapter adds), at the benchmark's fewest tokens, mean over ranks.
+
+    The fastest round of each (`min`), not the median: a launch cost is what a round takes without
+    interference from other work on the host (the rank-8 layer at 512 tokens has 5 rounds, one of them
+    twice the others)."""
     lora = _named(benchmarks, "bench_lora_forward_backward[", path)
     fewest = min(b["extra_info"]["shape"]["tokens"] for b in lora)
     at_fewest = {b["extra_info"]["shape"]["rank"]: b for b in lora if b["extra_info"]["shape"]["tokens"] == fewest}
@@ -109,7 +127,7 @@ def _host_seconds_per_kernel(benchmarks: list[dict], path: Path) -> float:
         info = bench["extra_info"]
         added = len(lora_layer_kernels(shape["tokens"], shape["in_features"], shape["out_features"], rank,
                                        info["lora_dropout"])) - bare_kernels
-        estimates.append((bench["stats"]["median"] - bare["stats"]["median"]) / added)
+        estimates.append((bench["stats"]["min"] - bare["stats"]["min"]) / added)
     return sum(estimates) / len(estimates)
 
 
@@ -165,9 +183,13 @@ def step_time(kernels: list, gpu: str, calib: Calibration | None = None) -> dict
     host = device = 0.0
     terms = {"matmul_s": 0.0, "memory_s": 0.0, "optimizer_s": 0.0}
     flops = moved = 0
+    per_parameter = dict(calib.optimizer_seconds_per_parameter)
     for kernel in kernels:
         seconds_by_bytes = kernel.bytes / bandwidth
-        if kernel.flops:
+        if kernel.op in per_parameter:
+            seconds = per_parameter[kernel.op] * kernel.fp32_elements * reference.bandwidth / target.bandwidth
+            terms["optimizer_s"] += seconds
+        elif kernel.flops:
             seconds = max(kernel.flops / _rate(kernel, target, reference, calib), seconds_by_bytes)
             terms["matmul_s"] += seconds
         else:
@@ -189,7 +211,8 @@ def kernel_speed(kernels: list, tokens_per_step: int, gpu: str, calib: Calibrati
     return {"gpu": gpu, "method": "kernels", "tokens_per_step": tokens_per_step,
             "tokens_per_s": tokens_per_step / timed["step_time_s"], **timed,
             "calibration": {"source": calib.source, "matmul_points": [list(p) for p in calib.matmul_points],
-                            "bandwidth": calib.bandwidth, "host_seconds_per_kernel": calib.host_seconds_per_kernel}}
+                            "bandwidth": calib.bandwidth, "host_seconds_per_kernel": calib.host_seconds_per_kernel,
+                            "optimizer_seconds_per_parameter": dict(calib.optimizer_seconds_per_parameter)}}
 
 
 def analytic_speed(config, technique, seq_len: int, micro_batch: int, grad_accum: int, gpu: str,
