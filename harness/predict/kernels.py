@@ -127,7 +127,7 @@ class KernelRecorder(TorchDispatchMode):
                 self.kernels += _gemm_4bit(args, self.phase)
             elif inputs or outputs:
                 first = (inputs or outputs)[0]
-                leading = _tensors(args[0]) if args else []
+                leading = next((found for found in map(_tensors, args) if found), [])  # its first tensor argument
                 self.kernels.append(Kernel(str(func.name()), _flops(func, args, kwargs, out),
                                            _bytes(inputs + outputs) + _mutated_bytes(func, args, kwargs),
                                            _DTYPE_NAMES.get(first.dtype, str(first.dtype)), self.phase,

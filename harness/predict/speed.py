@@ -225,7 +225,7 @@ def analytic_speed(config, technique, seq_len: int, micro_batch: int, grad_accum
 
     calib = calib or calibration()
     target, reference = card(gpu), CARDS[CALIBRATION_CARD]
-    dtype = technique.autocast or technique.weights
+    dtype = technique.autocast if technique.autocast != "none" else technique.weights
     dtype = dtype if dtype in MATMUL_DTYPES else "fp32"
     tokens = seq_len * micro_batch * grad_accum
     full_backward = technique.adapter in (None, "none")
