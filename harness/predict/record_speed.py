@@ -4,8 +4,9 @@ model against (harness.report.speed).
 For each run record whose status is ok and whose device is a card of harness.cards, the run's own
 configuration (its record's `config`, the device aside) is simulated with the kernel recorder on,
 and the prediction, with its `speed`, is written to results/predictions/speed/<device slug>/<record
-file name>. Where the simulation cannot run the step (harness.techniques.NotSimulated: Liger's
-kernels, ...) the analytic fallback answers, labelled `analytic`. `harness predict --speed-of-runs`
+file name>. A step with Liger's kernels is costed as the eager one (its memory figures are then the
+eager step's too: this prediction is for speed); where the simulation cannot run the step at all
+(harness.techniques.NotSimulated) the analytic fallback answers, labelled `analytic`. `harness predict --speed-of-runs`
 runs this.
 """
 
@@ -45,7 +46,7 @@ def predict_run(record: dict, gpu: str) -> schema.Prediction:
     from harness.config import experiment_of, resolve_technique
     from harness.predict.simulate import simulate_step
     from harness.predict.kernels import KernelRecorder
-    from harness.predict.speed import analytic_speed, kernel_speed
+    from harness.predict.speed import LIGER_NOTE, analytic_speed, kernel_speed, without_liger
     from harness.step.models import resolve_source
     from harness.techniques import NotSimulated
 
@@ -55,7 +56,10 @@ def predict_run(record: dict, gpu: str) -> schema.Prediction:
     seq_len, batch = cfg.seq_len, cfg.micro_batch
     started = time.perf_counter()
     recorder = KernelRecorder()
+    notes = []
     try:
+        if without_liger(cfg) is not None:
+            cfg, notes = without_liger(cfg), [LIGER_NOTE]
         result = simulate_step(source, technique, cfg, seq_len, batch, "cuda", recorder=recorder)
         result["speed"] = kernel_speed(recorder.kernels, seq_len * batch * cfg.grad_accum, gpu)
     except NotSimulated as error:
@@ -65,7 +69,9 @@ def predict_run(record: dict, gpu: str) -> schema.Prediction:
         result["speed"] = {**analytic_speed(source.config, technique, seq_len, batch, cfg.grad_accum, gpu),
                            "why": str(error)}
     if cfg.compile:
-        result["speed"]["note"] = "compiled step costed as the eager one"
+        notes.append("compiled step costed as the eager one")
+    if notes:
+        result["speed"]["note"] = "; ".join(notes)
     result["seconds"] = time.perf_counter() - started
     return schema.from_dict({
         "kind": schema.Prediction.KIND, "experiment": record["config"].get("name", record["experiment"]),

@@ -22,9 +22,10 @@ Other cards: the matmul curve is scaled by the card's peak for the kernel's dtyp
 peak, the bandwidth by the ratio of data-sheet bandwidths (harness.cards); the host cost stays (it
 is the host's). A card without bf16 tensor cores (T4) runs bf16 products at its fp32 rate.
 
-What it leaves out: torch.compile's and Liger's fused kernels (a compiled step is costed as the eager
-one; Liger is not simulated: `analytic_speed` answers, labelled), communication of sharded steps,
-activation offloading's copies, and the CUDA allocator's own calls.
+What it leaves out: torch.compile's and Liger's fused kernels (a compiled step, and a step with Liger's
+kernels, are costed as the eager one: `without_liger`), communication of sharded steps, activation
+offloading's copies, and the CUDA allocator's own calls. Where the step cannot be simulated at all,
+`analytic_speed` answers, labelled.
 """
 
 from __future__ import annotations
@@ -236,6 +237,17 @@ def analytic_speed(config, technique, seq_len: int, micro_batch: int, grad_accum
     seconds = flops / rate
     return {"gpu": gpu, "method": "analytic", "tokens_per_step": tokens, "tokens_per_s": tokens / seconds,
             "step_time_s": seconds, "flops": flops, "matmul_s": seconds}
+
+
+def without_liger(cfg):
+    """The experiment with Liger's kernels off, whose eager step the speed model costs in their place (Liger's
+    Triton kernels do not run on fake tensors); None where Liger is not what stops the simulation."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, liger_kernels=False) if getattr(cfg, "liger_kernels", False) else None
+
+
+LIGER_NOTE = "Liger's fused kernels costed as the eager ops they replace (they do not run on fake tensors)"
 
 
 def fine_tune_cost(tokens_per_s: float, tokens: float, price_per_hour: float | None) -> dict:
