@@ -93,3 +93,12 @@ def test_the_fit_table_grows_with_the_card_and_with_checkpointing():
     assert [c for c in FIT_CARDS if rows["llama-2-7b", "fp32", True, c]["max_seq_len"]] == [141]
     assert rows["llama-2-7b", "qlora", True, 16]["max_seq_len"] > 0
     assert {c["case"] for c in table.cases} and all(c["max_seq_len"] > 0 for c in table.cases if c["card_gb"] >= 24)
+    # each row's speed on the card its size names, at sequence 2,048 and its largest micro-batch
+    for (model, experiment, checkpointing, card), row in rows.items():
+        if row["max_micro_batch"]:
+            assert row["speed_shape"] == [2048, row["max_micro_batch"]]
+            assert row["step_time_s"] * row["tokens_per_s"] == pytest.approx(2048 * row["max_micro_batch"])
+            price = table.cards[str(card)]["price_per_hour"]
+            assert row["cost_usd"] == pytest.approx(row["hours_per_100m_tokens"] * price)
+    assert {gb: entry["gpu"] for gb, entry in table.cards.items()} == {
+        "16": "T4", "24": "RTX 4090", "40": "A100", "80": "H100", "141": "H200"}
