@@ -14,7 +14,8 @@ from harness.predict.kernels import Kernel, KernelRecorder
 from harness.predict.speed import Calibration, calibration, fine_tune_cost, step_time
 
 CALIBRATION = Calibration(((1e9, 100e12), (1e12, 500e12)), bandwidth=1e12, host_seconds_per_kernel=10e-6,
-                          source="test", optimizer_seconds_per_parameter=(("aten::_fused_adamw_", 1e-11),))
+                          source="test", optimizer_seconds_per_parameter=(
+                              ("aten::_fused_adamw_", 1e-11), ("bitsandbytes::optimizer_update_8bit_blockwise", 3e-11)))
 
 
 def test_a_device_name_finds_its_card_longest_name_first():
@@ -173,3 +174,30 @@ def test_the_report_compares_each_gpu_run_with_its_speed_prediction(tmp_path):
     summary = speed_summary(rows)
     assert summary["large"] == {"runs": 1, "predicted": 1, "within": 1, "share": 1.0} and summary["target_met"]
     assert "-7%" in speed_table(rows).rows[0][-1].text
+
+
+def test_the_analytic_fallback_adds_the_optimizer_step_and_dequantization():
+    from harness.config import resolve
+    from harness.predict.analytic import predict as analytic_predict
+    from harness.predict.speed import analytic_speed
+    from harness.step.models import resolve_source
+
+    source = resolve_source("tiny-llama")
+    answers = {}
+    for name in ("bf16-pure", "qlora-gc"):
+        resolved = resolve(EXPERIMENTS / f"{name}.yaml", {"model": "tiny-llama", "seq_len": 64, "micro_batch": 2,
+                                                           "device": "cpu"})
+        cfg, technique = resolved.experiment, resolved.technique
+        parameters = analytic_predict(source.config, technique, cfg, 64, 2, "cuda")["parameters"]
+        answers[name] = (analytic_speed(source.config, technique, 64, 2, 1, "H200", CALIBRATION, parameters,
+                                        cfg.gradient_checkpointing), parameters)
+    full, parameters = answers["bf16-pure"]
+    assert full["optimizer_s"] == pytest.approx(1e-11 * parameters["trainable"] / 2)  # bf16: half an fp32 one
+    assert full["memory_s"] == 0
+    quantized, parameters = answers["qlora-gc"]
+    # NF4: half a byte read, two written, per weight, in the forward, its recomputation and the backward
+    assert quantized["memory_s"] == pytest.approx(3 * parameters["quantized"] * 2.5 / 1e12)
+    assert quantized["step_time_s"] == pytest.approx(quantized["matmul_s"] + quantized["memory_s"]
+                                                     + quantized["optimizer_s"])
+    assert quantized["optimizer_s"] == pytest.approx(3e-11 * parameters["trainable"])  # fp32 adapters, 8-bit AdamW
+    assert "note" not in quantized

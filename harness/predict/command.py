@@ -91,9 +91,9 @@ def describe_speed(speed: dict) -> str:
     """The speed lines: tokens/s, step time and its terms, and the time and price of the fine-tune."""
     terms = ", ".join(f"{name[:-2]} {speed[name] * 1e3:,.1f} ms" for name in ("host_s", "matmul_s", "memory_s",
                                                                             "optimizer_s") if name in speed)
+    how = f"{speed['bound']}-bound" if "bound" in speed else "no host cost: a lower bound on the step"
     line = (f"  on {speed['gpu']} ({speed['method']}): {speed['tokens_per_s']:,.0f} tokens/s, step "
-            f"{speed['step_time_s'] * 1e3:,.1f} ms" + (f" ({terms}; {speed['bound']}-bound)" if "bound" in speed else
-                                                      " (matmul FLOPs only: a lower bound on the step)"))
+            f"{speed['step_time_s'] * 1e3:,.1f} ms ({terms}; {how})")
     cost = speed.get("fine_tune")
     if cost:
         price = (f", ${cost['cost_usd']:,.2f} at ${cost['price_per_hour']:.2f}/GPU-hour"

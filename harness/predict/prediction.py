@@ -37,7 +37,9 @@ def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
         if gpu:
             from harness.predict.speed import analytic_speed
 
-            result["speed"] = analytic_speed(source.config, technique, seq_len, batch, cfg.grad_accum, gpu)
+            result["speed"] = analytic_speed(source.config, technique, seq_len, batch, cfg.grad_accum, gpu,
+                                             parameters=result["parameters"],
+                                             gradient_checkpointing=cfg.gradient_checkpointing)
     else:
         from harness.predict.kernels import KernelRecorder
         from harness.predict.simulate import simulate_step

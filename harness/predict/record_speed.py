@@ -66,7 +66,9 @@ def predict_run(record: dict, gpu: str) -> schema.Prediction:
         from harness.predict.analytic import predict as analytic_predict
 
         result = analytic_predict(source.config, technique, cfg, seq_len, batch, "cuda")
-        result["speed"] = {**analytic_speed(source.config, technique, seq_len, batch, cfg.grad_accum, gpu),
+        result["speed"] = {**analytic_speed(source.config, technique, seq_len, batch, cfg.grad_accum, gpu,
+                                            parameters=result["parameters"],
+                                            gradient_checkpointing=cfg.gradient_checkpointing),
                            "why": str(error)}
     if cfg.compile:
         notes.append("compiled step costed as the eager one")

@@ -85,6 +85,7 @@ class Setup:
     context: int | None   # the model's max_position_embeddings
     peak: Callable[[int, int], int]
     model_config: object = None  # transformers' config of the model
+    parameters: dict | None = None  # total, trainable and quantized (the analytic prediction's)
 
 
 def setup(experiment: Path, model: str, overrides: dict | None = None, device_type: str = "cuda") -> Setup:
@@ -102,7 +103,8 @@ def setup(experiment: Path, model: str, overrides: dict | None = None, device_ty
             memo[seq_len, micro_batch] = analytic_predict(source.config, technique, cfg, seq_len, micro_batch,
                                                           device_type)["total_bytes"]
         return memo[seq_len, micro_batch]
-    return Setup(config, getattr(source.config, "max_position_embeddings", None), peak, source.config)
+    parameters = analytic_predict(source.config, technique, cfg, *REFERENCE_SHAPE, device_type)["parameters"]
+    return Setup(config, getattr(source.config, "max_position_embeddings", None), peak, source.config, parameters)
 
 
 def _limit(axis: str, context: int | None) -> int:
@@ -221,8 +223,9 @@ def fit_row_speed(found: Setup, card_gb: float, max_micro_batch: int, max_seq_le
     table's `cards`) at the fastest shape the row
     allows (sequence FIT_MICRO_BATCH_SEQ_LEN at its largest micro-batch; else its longest sequence at
     micro-batch 1), and the time and price of fine-tuning FIT_TOKENS at the card's catalogue price. The
-    analytic fallback (harness.predict.speed.analytic_speed: matmul FLOPs at the measured throughput, no
-    host or memory-bound kernels), as the rest of the table is analytic: an upper bound on tokens/s."""
+    analytic fallback (harness.predict.speed.analytic_speed: matmul FLOPs at the measured throughput, the
+    optimizer step, dequantization; no host cost or other memory-bound kernels), as the rest of the table
+    is analytic: an upper bound on tokens/s."""
     from harness.cards import CARD_OF_SIZE, card
     from harness.predict.speed import analytic_speed, fine_tune_cost
 
@@ -233,7 +236,8 @@ def fit_row_speed(found: Setup, card_gb: float, max_micro_batch: int, max_seq_le
         return {"speed_shape": None, "tokens_per_s": None, "step_time_s": None, "hours_per_100m_tokens": None,
                 "cost_usd": None}
     cfg = found.config.experiment
-    speed = analytic_speed(found.model_config, found.config.technique, shape[0], shape[1], cfg.grad_accum, gpu)
+    speed = analytic_speed(found.model_config, found.config.technique, shape[0], shape[1], cfg.grad_accum, gpu,
+                           parameters=found.parameters, gradient_checkpointing=cfg.gradient_checkpointing)
     cost = fine_tune_cost(speed["tokens_per_s"], FIT_TOKENS, card(gpu).price_per_hour)
     return {"speed_shape": list(shape), "speed_method": speed["method"], "tokens_per_s": speed["tokens_per_s"],
             "step_time_s": speed["step_time_s"], "hours_per_100m_tokens": cost["hours"], "cost_usd": cost["cost_usd"]}

@@ -219,12 +219,24 @@ def kernel_speed(kernels: list, tokens_per_step: int, gpu: str, calib: Calibrati
                             "optimizer_seconds_per_parameter": dict(calib.optimizer_seconds_per_parameter)}}
 
 
+# The lab's optimizers whose step the optimizer benchmarks time (the kernel each runs on CUDA); the analytic
+# fallback costs the others as torch's fused AdamW, and says so.
+OPTIMIZER_KERNELS = {"adamw": "aten::_fused_adamw_", "loraplus": "aten::_fused_adamw_",
+                     "adamw8bit": "bitsandbytes::optimizer_update_8bit_blockwise",
+                     "paged_adamw8bit": "bitsandbytes::optimizer_update_8bit_blockwise"}
+TRAINABLE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
 def analytic_speed(config, technique, seq_len: int, micro_batch: int, grad_accum: int, gpu: str,
-                   calib: Calibration | None = None) -> dict:
-    """The analytic fallback, for what the simulation cannot run: the step's matmul FLOPs (PaLM's
-    accounting, harness.measure.throughput.model_flops_per_token) at the measured matmul throughput of one
-    layer-sized product (tokens x hidden x MLP width), scaled to the card. No host cost, no memory-bound
-    kernels: a lower bound on the step time of a large shape."""
+                   calib: Calibration | None = None, parameters: dict | None = None,
+                   gradient_checkpointing: bool = False) -> dict:
+    """The analytic fallback, for what is not simulated (the fit table, `--method analytic`): the step's
+    matmul FLOPs (PaLM's accounting, harness.measure.throughput.model_flops_per_token; a checkpointed step
+    runs its forward twice) at the measured matmul throughput of one layer-sized product (tokens x hidden x
+    MLP width); given the analytic prediction's `parameters`, the optimizer step (trainable parameters at
+    the optimizer benchmark's time per parameter) and, for a quantized base, its weights dequantized once
+    per pass (4- or 8-bit read, 16-bit written, at the copy bandwidth). All scaled to the card. No host
+    cost and no other memory-bound kernel: a lower bound on the step time."""
     from harness.measure.throughput import model_flops_per_token
 
     calib = calib or calibration()
@@ -233,13 +245,33 @@ def analytic_speed(config, technique, seq_len: int, micro_batch: int, grad_accum
     dtype = dtype if dtype in MATMUL_DTYPES else "fp32"
     tokens = seq_len * micro_batch * grad_accum
     full_backward = technique.adapter in (None, "none")
-    flops = model_flops_per_token(config, seq_len, full_backward) * tokens
+    per_token = model_flops_per_token(config, seq_len, full_backward)
+    if gradient_checkpointing:  # the forward again in backward
+        per_token += model_flops_per_token(config, seq_len, False) / 2
+    flops = per_token * tokens
     layer_flops = 2 * seq_len * micro_batch * config.hidden_size * getattr(config, "intermediate_size",
                                                                              4 * config.hidden_size)
     rate = calib.matmul_rate(layer_flops) * (target.peak(dtype) or target.fp32) / reference.bf16
-    seconds = flops / rate
+    terms = {"matmul_s": flops / rate, "optimizer_s": 0.0, "memory_s": 0.0}
+    notes = []
+    if parameters:
+        per_parameter = dict(calib.optimizer_seconds_per_parameter)
+        kernel = OPTIMIZER_KERNELS.get(technique.optimizer)
+        if kernel is None:
+            kernel = "aten::_fused_adamw_"
+            notes.append(f"optimizer {technique.optimizer} costed as torch's fused AdamW")
+        trainable_bytes = 4 if technique.adapter not in (None, "none") else TRAINABLE_BYTES.get(technique.weights, 4)
+        terms["optimizer_s"] = (per_parameter[kernel] * parameters.get("trainable", 0) * trainable_bytes / 4
+                                * reference.bandwidth / target.bandwidth)
+        quantized = parameters.get("quantized", 0)
+        if quantized:
+            bits = {"nf4": 4, "int8": 8}.get(technique.quantization, 8)
+            passes = 2 * grad_accum + (grad_accum if gradient_checkpointing else 0)
+            bandwidth = calib.bandwidth * target.bandwidth / reference.bandwidth
+            terms["memory_s"] = passes * quantized * (bits / 8 + 2) / bandwidth
+    seconds = sum(terms.values())
     return {"gpu": gpu, "method": "analytic", "tokens_per_step": tokens, "tokens_per_s": tokens / seconds,
-            "step_time_s": seconds, "flops": flops, "matmul_s": seconds}
+            "step_time_s": seconds, "flops": flops, **terms, **({"note": "; ".join(notes)} if notes else {})}
 
 
 def without_liger(cfg):
