@@ -201,3 +201,21 @@ def test_the_analytic_fallback_adds_the_optimizer_step_and_dequantization():
                                                      + quantized["optimizer_s"])
     assert quantized["optimizer_s"] == pytest.approx(3e-11 * parameters["trainable"])  # fp32 adapters, 8-bit AdamW
     assert "note" not in quantized
+
+
+def test_the_command_line_gives_speed_and_cost_and_refuses_a_bad_price():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    command = [sys.executable, "-m", "harness", "predict", "--model", "tiny-llama", "--experiment", "lora",
+               "--seq", "64", "--batch", "2", "--method", "analytic", "--gpu", "RTX 4090", "--tokens", "1e6",
+               "--price", "0.5", "--json"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    speed = json.loads(done.stdout)["speed"]
+    assert speed["gpu"] == "RTX 4090" and speed["fine_tune"]["tokens"] == 1e6
+    assert speed["fine_tune"]["cost_usd"] == pytest.approx(1e6 / speed["tokens_per_s"] / 3600 * 0.5)
+    refused = subprocess.run(command[:-2] + ["-1", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--price: must be a positive number" in refused.stderr

@@ -241,6 +241,18 @@ def _solve(args, experiments_dir: Path, overrides: dict) -> int:
     return 0
 
 
+def _positive(value: str) -> float:
+    import argparse
+
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not number > 0 or math.isinf(number):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value!r}")
+    return number
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--model", help="a preset, a config.json, a local model folder or a hub id")
     parser.add_argument("--experiment", help="an experiment name (experiments/NAME.yaml) or a YAML path")
@@ -269,9 +281,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--gpu", choices=list(CARDS),
                         help="also predict the step's time and tokens/s on this card (harness.cards); with --solve, "
                              "the card of --card's size unless given")
-    parser.add_argument("--tokens", type=float, default=DEFAULT_TOKENS,
+    parser.add_argument("--tokens", type=_positive, default=DEFAULT_TOKENS,
                         help="with --gpu: the GPU-hours and price of fine-tuning this many tokens (default 100e6)")
-    parser.add_argument("--price", type=float,
+    parser.add_argument("--price", type=_positive,
                         help="with --gpu: USD per GPU-hour (default: the card's price in harness.cards)")
     parser.add_argument("--speed-of-runs", action="store_true",
                         help="predict the speed of every measured CUDA run in --results on its own card, into "
