@@ -219,3 +219,24 @@ def test_the_command_line_gives_speed_and_cost_and_refuses_a_bad_price():
     assert speed["fine_tune"]["cost_usd"] == pytest.approx(1e6 / speed["tokens_per_s"] / 3600 * 0.5)
     refused = subprocess.run(command[:-2] + ["-1", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--price: must be a positive number" in refused.stderr
+
+
+def test_a_throughput_ratio_calls_a_difference_only_beyond_the_step_times_spread():
+    from harness.report.evidence import throughput_ratio
+    from harness.report.load import Results
+
+    def run(experiment, tokens_per_s, fastest, slowest):
+        return {"status": "ok", "experiment": experiment, "model": "m", "_file": f"gpu/{experiment}.json",
+                "config": {"seq_len": 512, "micro_batch": 1}, "memory": {"source": "cuda"},
+                "environment": {"device_name": "NVIDIA H200"},
+                "throughput": {"tokens_per_step": 512, "tokens_per_s": tokens_per_s,
+                               "step_time_s": {"min": 512 / fastest, "max": 512 / slowest}}}
+
+    spec = {"experiment": "lora", "over": "bf16-mixed", "model": "m", "seq_len": 512, "micro_batch": 1}
+    close = Results(Path("."), records=[run("lora", 1000, 1100, 900), run("bf16-mixed", 1050, 1150, 950)])
+    observation = throughput_ratio(close, spec, "gpu")
+    assert observation.value == pytest.approx(1000 / 1050)
+    assert observation.extra["spread"] == pytest.approx([900 / 1150, 1100 / 950])
+    assert "within that spread, no difference shown" in observation.note
+    apart = Results(Path("."), records=[run("lora", 500, 520, 480), run("bf16-mixed", 1050, 1150, 950)])
+    assert "a difference beyond that spread" in throughput_ratio(apart, spec, "gpu").note
