@@ -671,7 +671,7 @@ def resolved_config(name: str, experiment: Experiment) -> dict:
     config.update(dataclasses.asdict(resolve_technique(experiment)))
     config["name"] = name
     if experiment.budget_gb is not None:
-        from harness.measure.budget import card_bytes
+        from harness.cards import card_bytes
 
         config["budget_card_bytes"] = card_bytes(experiment.budget_gb)
     return config

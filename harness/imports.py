@@ -20,7 +20,7 @@ LAYERS = ("facts", "blocks and records", "step", "experiment files", "engines", 
           "command line")
 _MEMBERS = {
     "facts": ("harness.errors", "harness.imports", "harness.env", "harness.presets", "harness.architectures",
-              "harness.model_files", "harness.claims"),
+              "harness.model_files", "harness.claims", "harness.cards", "harness.device_memory"),
     # What the lab knows of each building block, their names in Trainer's arguments, and the record format
     # (a configuration's identity leaves out each optimizer setting at its default).
     "blocks and records": ("harness.blocks.", "harness.techniques", "harness.engines.arguments", "harness.schema"),

@@ -43,6 +43,7 @@ MEASURED = ("ok", "oom")
 # Folders of results/ that hold something other than run records.
 ATTEMPTS_FOLDER = "attempts"  # attempts that measured nothing, kept beside a cell's measurement
 PREDICTIONS_FOLDER, PROBES_FOLDER, BASE_FOLDER = "predictions", "probes", "base"
+SPEED_FOLDER = "speed"  # under PREDICTIONS_FOLDER: <device slug>/<run record file>, each run's predicted speed
 MICROBENCH_FOLDER, LOGS_FOLDER, LOCKS_FOLDER = "microbench", "logs", ".locks"
 FITS_FOLDER = "fits"  # what fits each card, predicted (harness.predict.solve)
 JOBS_FOLDER = ".jobs"  # cluster jobs submitted per cell, and submitit's own files (harness.lab.launcher)
@@ -202,10 +203,13 @@ class Prediction:
     host_bytes: int | None = None  # host memory the step uses beside the device's (offloaded activations)
     world_size: int = 1  # ranks the step is sharded over: the bytes are one rank's
     # What the card must hold (CUDA): the caching allocator's peak reserved bytes (harness.predict.allocator)
-    # and those plus what lives outside it (harness.predict.device_memory); None in older predictions.
+    # and those plus what lives outside it (harness.device_memory); None in older predictions.
     reserved_bytes: int | None = None
     device_bytes: int | None = None
     allocator: str | None = None  # the allocator setting predicted: default | expandable_segments
+    # Predicted speed on one card (harness.predict.speed): gpu, method (kernels | analytic), tokens_per_s,
+    # step_time_s and its terms; None where no card was asked for.
+    speed: dict | None = None
     extra: dict = field(default_factory=dict)
 
 

@@ -109,7 +109,7 @@ def test_replay_reports_peaks_and_where_a_capped_run_ran_out():
 def test_a_simulated_cuda_step_predicts_reserved_and_device_bytes_from_its_own_allocations():
     from conftest import EXPERIMENTS
 
-    from harness.predict.device_memory import CUBLAS_WORKSPACE_BYTES, outside_allocator_bytes
+    from harness.device_memory import CUBLAS_WORKSPACE_BYTES, outside_allocator_bytes
     from harness.predict.prediction import predict
     from harness.techniques import TECHNIQUES
 

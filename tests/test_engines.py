@@ -197,7 +197,8 @@ def test_the_optimizers_beyond_the_documents_map_to_trainers_own(tmp_path, name,
 
 def test_make_bench_runs_the_base_techniques_in_both_loops_on_the_same_cells(tmp_path):
     matrix = load_matrix(EXPERIMENTS / "matrix.yaml")
-    for device, models in (("cpu", {"tiny-llama"}), ("cuda", {"tinyllama-1.1b"})):
+    # on a GPU, also the main techniques at 7B, 2048-4096 x 2 (speed where the GPU sets the step time)
+    for device, models in (("cpu", {"tiny-llama"}), ("cuda", {"tinyllama-1.1b", "llama-2-7b"})):
         planned, _ = expand(matrix, device, EXPERIMENTS, tmp_path, device_gb=80)
         trainer = [r for r in planned if r.config["engine"] == "trainer"]
         assert trainer and {r.config["model"] for r in trainer} == models

@@ -288,7 +288,8 @@ def test_render_carries_every_claim_and_figure(rendered):
     assert headings == ["## What fits your card", "## What fits my card", "## How many GPUs", "## Verdicts at a glance", "## The claims ledger",
                         "## Other projects' published figures", "## The optimisation ladder",
                         "## Every technique at 7B, sequence 2,048", "## Predicted against measured on the GPU",
-                        "## What the card holds: reserved and device bytes", "## Figures", "## Loss on a pretrained base", "## Our loop against Trainer",
+                        "## What the card holds: reserved and device bytes",
+                        "## Predicted against measured speed on the GPU", "## Figures", "## Loss on a pretrained base", "## Our loop against Trainer",
                         "## Runs on a GPU",
                         "## Micro-benchmarks on a GPU", "## Glossary", "## Environment and provenance",
                         "## Appendix: the lab checking itself on a CPU"]

@@ -8,7 +8,8 @@ import sys
 import pytest
 from conftest import EXPERIMENTS, ROOT
 
-from harness.measure.budget import card_bytes, card_cap_bytes
+from harness.cards import card_bytes
+from harness.measure.budget import card_cap_bytes
 from harness.predict.prediction import predict
 from harness.predict.solve import FIT_CARDS, FIT_MODELS, fit_table, largest_fitting, solve
 from harness.techniques import TECHNIQUES
@@ -113,3 +114,12 @@ def test_the_fit_table_grows_with_the_card_and_with_checkpointing():
     # 5,789 tokens trained, 7,627 ran out of memory
     (case,) = [c for c in table.cases if c["experiment"] == "qlora-r32-gc" and c["card_gb"] == 24]
     assert 5789 <= case["max_seq_len"] < 7627 and case["device_bytes"] + case["margin_bytes"] == card_bytes(24)
+    # each row's speed on the card its size names, at sequence 2,048 and its largest micro-batch
+    for (model, experiment, checkpointing, card), row in rows.items():
+        if row["max_micro_batch"]:
+            assert row["speed_shape"] == [2048, row["max_micro_batch"]]
+            assert row["step_time_s"] * row["tokens_per_s"] == pytest.approx(2048 * row["max_micro_batch"])
+            price = table.cards[str(card)]["price_per_hour"]
+            assert row["cost_usd"] == pytest.approx(row["hours_per_100m_tokens"] * price)
+    assert {gb: entry["gpu"] for gb, entry in table.cards.items()} == {
+        "16": "T4", "24": "RTX 4090", "40": "A100", "80": "H100", "141": "H200"}

@@ -5,19 +5,9 @@ from __future__ import annotations
 import statistics
 
 from harness.architectures import ARCHITECTURES
+from harness.cards import CARDS, card_in_device_name
 
-# Dense peak tensor throughput in FLOP/s from the vendors' data sheets, by compute dtype.
-# fp32 matmuls run as TF32 only where allowed; we count them at the fp32 (non-tensor) peak.
-PEAK_FLOPS = {
-    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
-    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12},
-    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
-    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
-    "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 30e12},
-    "RTX 4090": {"bf16": 165e12, "fp16": 165e12, "fp32": 83e12},
-    "RTX 3090": {"bf16": 71e12, "fp16": 71e12, "fp32": 36e12},
-    "T4": {"fp16": 65e12, "fp32": 8.1e12},
-}
+# A card's dense peak FLOP/s by compute dtype comes from the lab's one card catalogue (harness.cards).
 
 
 def step_time_stats(times: list[float]) -> dict:
@@ -57,10 +47,9 @@ def model_flops_per_token(config, seq_len: int, full_backward: bool) -> float:
 
 
 def peak_flops(device_name: str, compute_dtype: str) -> float | None:
-    for key, table in PEAK_FLOPS.items():  # ordered: "H100 PCIe" before "H100"
-        if key in device_name:
-            return table.get(compute_dtype)
-    return None
+    """fp32 matmuls run as TF32 only where allowed; they are counted at the fp32 (non-tensor) peak."""
+    name = card_in_device_name(device_name)
+    return CARDS[name].peak(compute_dtype) if name else None
 
 
 def mfu(config, seq_len: int, tokens_per_s: float, full_backward: bool, device_name: str,

@@ -27,7 +27,8 @@ from harness.config import ResolvedConfig
 from harness.engines import ENGINES, EngineRun
 from harness.engines.arguments import NotMapped
 from harness.measure import ranks
-from harness.measure.budget import budget_cap_bytes, card_bytes
+from harness.cards import card_bytes
+from harness.measure.budget import budget_cap_bytes
 from harness.measure.memory import CudaMeter, TensorTracker
 from harness.measure.session import Session
 from harness.measure.throughput import mfu, step_time_stats
@@ -208,7 +209,7 @@ def _apply_budget(budget_gb, cap, device: torch.device, technique: Technique) ->
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(cap / total, 1.0), device)
-        # the card less what lives outside the allocator (harness.predict.device_memory)
+        # the card less what lives outside the allocator (harness.device_memory)
         budget["outside_allocator_bytes"] = budget["card_bytes"] - cap
         budget["enforced_by"] = "torch.cuda.set_per_process_memory_fraction"
         if OPTIMIZERS[technique.optimizer].paged:

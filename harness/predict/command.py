@@ -19,11 +19,15 @@ from pathlib import Path
 from harness import env, schema
 from harness.env import HALF_DTYPES
 from harness.architectures import UnsupportedArchitecture
+from harness.cards import CARD_OF_SIZE, CARDS
 from harness.arguments import like_field
 from harness.config import experiment_files, prepare
 from harness.predict.prediction import ALLOCATORS, PREDICTOR_MODULES, fits, predict
 from harness.schema import CATEGORIES
 from harness.techniques import NotSimulated
+
+
+DEFAULT_TOKENS = 100e6  # the fine-tune whose time and price a speed prediction gives
 
 
 def matrix_configurations(experiments_dir: Path) -> list[tuple[str, str, int, int, str, int]]:
@@ -82,7 +86,35 @@ def describe(prediction: schema.Prediction, budget_gb: float | None) -> str:
     if budget_gb:
         verdict = "fits" if fits(prediction, budget_gb) else "does not fit"
         lines.append(f"  a {budget_gb:g} GB card: {verdict}")
+    if prediction.speed:
+        lines.append(describe_speed(prediction.speed))
     return "\n".join(lines)
+
+
+def describe_speed(speed: dict) -> str:
+    """The speed lines: tokens/s, step time and its terms, and the time and price of the fine-tune."""
+    terms = ", ".join(f"{name[:-2]} {speed[name] * 1e3:,.1f} ms" for name in ("host_s", "matmul_s", "memory_s",
+                                                                            "optimizer_s") if name in speed)
+    how = f"{speed['bound']}-bound" if "bound" in speed else "no host cost: a lower bound on the step"
+    line = (f"  on {speed['gpu']} ({speed['method']}): {speed['tokens_per_s']:,.0f} tokens/s, step "
+            f"{speed['step_time_s'] * 1e3:,.1f} ms ({terms}; {how})")
+    cost = speed.get("fine_tune")
+    if cost:
+        price = (f", ${cost['cost_usd']:,.2f} at ${cost['price_per_hour']:.2f}/GPU-hour"
+                 if cost["cost_usd"] is not None else " (no price for this card: --price)")
+        line += f"\n  {cost['tokens'] / 1e6:,.0f}M tokens: {cost['hours']:,.1f} GPU-hours{price}"
+    return line
+
+
+def with_cost(speed: dict | None, tokens: float, price: float | None) -> dict | None:
+    """speed with the time and price of fine-tuning `tokens` (price: the card's catalogue price if None)."""
+    if not speed:
+        return speed
+    from harness.cards import card
+    from harness.predict.speed import fine_tune_cost
+
+    price = price if price is not None else card(speed["gpu"]).price_per_hour
+    return {**speed, "fine_tune": fine_tune_cost(speed["tokens_per_s"], tokens, price)}
 
 
 def _experiment_file(name_or_path: str, experiments_dir: Path) -> Path:
@@ -100,6 +132,12 @@ def main(args) -> int:
         raise SystemExit("predict: --checkpointing is not saved (--save, --claims); use an experiment with "
                          "gradient_checkpointing: true, such as qlora-gc")
     overrides = {"gradient_checkpointing": True} if args.checkpointing else {}
+    if args.speed_of_runs:
+        from harness.predict.record_speed import predict_runs
+
+        written = predict_runs(Path(args.results), Path(args.out), args.force)
+        print(f"speed predictions: {len(written)} written under {Path(args.out)}")
+        return 0
     if args.solve:
         return _solve(args, experiments_dir, {**overrides, **({"world_size": args.world_size} if args.world_size else {})})
     if args.claims:
@@ -124,7 +162,9 @@ def main(args) -> int:
                     continue
             try:
                 prediction = predict(experiment, model, seq, batch, method, device_type, {**overrides, **ranks},
-                                     allocator=args.allocator)
+                                     allocator=args.allocator, gpu=args.gpu)
+                if prediction.speed:
+                    prediction.speed = with_cost(prediction.speed, args.tokens, args.price)
             except (UnsupportedArchitecture, NotSimulated) as error:
                 if len(methods) == 1:
                     raise
@@ -184,12 +224,37 @@ def _solve(args, experiments_dir: Path, overrides: dict) -> int:
     result = solve(_experiment_file(args.experiment, experiments_dir), args.model, args.card, args.solve,
                    seq_len=args.seq, micro_batch=args.batch, overrides=overrides, device_type=args.device,
                    simulate=args.method != "analytic")
+    gpu = args.gpu or CARD_OF_SIZE.get(args.card)
+    if gpu and result[f"max_{args.solve}"]:
+        seq, batch = ((result["max_seq_len"], args.batch) if args.solve == "seq_len" else
+                      (args.seq, result["max_micro_batch"]))
+        method = "analytic" if args.method == "analytic" else "simulated"
+        speed = predict(_experiment_file(args.experiment, experiments_dir), args.model, seq, batch, method,
+                        args.device, overrides, gpu=gpu).speed
+        result["speed"] = with_cost({**speed, "seq_len": seq, "micro_batch": batch}, args.tokens, args.price)
+        result.update(tokens_per_s=speed["tokens_per_s"], step_time_s=speed["step_time_s"],
+                      cost_usd=result["speed"]["fine_tune"]["cost_usd"])
     if args.json:
         json.dump(result, sys.stdout, indent=1)
         print()
     else:
         print(describe_answer(result))
+        if result.get("speed"):
+            print(f"  at seq {result['speed']['seq_len']:,} x batch {result['speed']['micro_batch']}:")
+            print(describe_speed(result["speed"]))
     return 0
+
+
+def _positive(value: str) -> float:
+    import argparse
+
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not number > 0 or math.isinf(number):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value!r}")
+    return number
 
 
 def add_arguments(parser) -> None:
@@ -220,6 +285,17 @@ def add_arguments(parser) -> None:
                         help="predict every configuration the report uses: the claims ledger's and the "
                              "default matrix's (skips saved ones)")
     parser.add_argument("--force", action="store_true", help="with --claims: predict again even if saved")
+    parser.add_argument("--gpu", choices=list(CARDS),
+                        help="also predict the step's time and tokens/s on this card (harness.cards); with --solve, "
+                             "the card of --card's size unless given")
+    parser.add_argument("--tokens", type=_positive, default=DEFAULT_TOKENS,
+                        help="with --gpu: the GPU-hours and price of fine-tuning this many tokens (default 100e6)")
+    parser.add_argument("--price", type=_positive,
+                        help="with --gpu: USD per GPU-hour (default: the card's price in harness.cards)")
+    parser.add_argument("--speed-of-runs", action="store_true",
+                        help="predict the speed of every measured CUDA run in --results on its own card, into "
+                             "--out/predictions/speed/ (what the report checks the speed model against)")
+    parser.add_argument("--results", default="results", help="with --speed-of-runs: the run records' folder")
     parser.add_argument("--out", default="results", help="results folder (default: results)")
     parser.add_argument("--experiments-dir", default="experiments")
 

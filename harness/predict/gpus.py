@@ -15,7 +15,8 @@ import math
 import time
 from pathlib import Path
 
-from harness.measure.budget import card_bytes, card_cap_bytes
+from harness.cards import card_bytes
+from harness.measure.budget import card_cap_bytes
 
 GPU_MODELS = ("mistral-7b", "llama-2-13b", "llama-3-70b", "mixtral-8x7b")
 GPU_CARDS = (24, 40, 80, 141)

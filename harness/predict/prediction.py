@@ -22,12 +22,14 @@ ALLOCATORS = ("default", "expandable_segments")  # PYTORCH_CUDA_ALLOC_CONF's exp
 
 def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
             device_type: str = "cuda", overrides: dict | None = None, allocator: str = "default",
-            cap_bytes: int | None = None) -> schema.Prediction:
+            cap_bytes: int | None = None, gpu: str | None = None) -> schema.Prediction:
     """One prediction for an experiment file at a model, sequence length and micro-batch (and
     any other experiment fields in `overrides`); on CUDA with the reserved and device bytes of the
     caching allocator set as `allocator` says. `cap_bytes`: the simulation also replays the allocator
     under this cap (a budget run's recorded cap; else the experiment's budget_gb gives it), in the
-    prediction's `budget_replay`."""
+    prediction's `budget_replay`. gpu: a card of harness.cards, whose step time and tokens per second
+    the prediction also gives (harness.predict.speed: from the simulated step's kernels; the analytic
+    method's from FLOPs alone)."""
     if allocator not in ALLOCATORS:
         raise ValueError(f"allocator: expected one of {', '.join(ALLOCATORS)}, got {allocator!r}")
     from harness.step.models import resolve_source
@@ -42,15 +44,28 @@ def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
 
         result = analytic_predict(source.config, technique, cfg, seq_len, batch, device_type)
         if device_type == "cuda":
-            from harness.predict.device_memory import analytic_reserved_bytes, device_bytes
+            from harness.device_memory import analytic_reserved_bytes, device_bytes
 
             reserved = analytic_reserved_bytes(result["total_bytes"], allocator)
             result.update(reserved_bytes=reserved, device_bytes=device_bytes(reserved, technique), allocator=allocator)
+        if gpu:
+            from harness.predict.speed import analytic_speed
+
+            result["speed"] = analytic_speed(source.config, technique, seq_len, batch, cfg.grad_accum, gpu,
+                                             parameters=result["parameters"],
+                                             gradient_checkpointing=cfg.gradient_checkpointing)
     else:
+        from harness.predict.kernels import KernelRecorder
         from harness.predict.simulate import simulate_step
 
+        recorder = KernelRecorder() if gpu else None
         result = simulate_step(source, technique, cfg, seq_len, batch, device_type,
-                               expandable_segments=allocator == "expandable_segments", cap_bytes=cap_bytes)
+                               expandable_segments=allocator == "expandable_segments", cap_bytes=cap_bytes,
+                               recorder=recorder)
+        if gpu:
+            from harness.predict.speed import kernel_speed
+
+            result["speed"] = kernel_speed(recorder.kernels, seq_len * batch * cfg.grad_accum, gpu)
     result["seconds"] = time.perf_counter() - started
     return schema.from_dict({
         "kind": schema.Prediction.KIND, "method": method, "experiment": config.name, "model": model,
@@ -64,7 +79,7 @@ def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
 def fits(prediction: schema.Prediction, card_gb: float) -> bool:
     """Whether a predicted step fits a card of this nominal size (harness.measure.budget.card_bytes): its
     device bytes where predicted (CUDA), else its tensor bytes (a CPU has no allocator or context)."""
-    from harness.measure.budget import card_bytes
+    from harness.cards import card_bytes
 
     held = prediction.device_bytes if prediction.device_bytes is not None else prediction.total_bytes
     return held <= card_bytes(card_gb)

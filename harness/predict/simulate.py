@@ -42,7 +42,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from harness.blocks.optimizers import OPTIMIZERS
 from harness.predict import allocator as caching_allocator
-from harness.predict.device_memory import CUBLAS_WORKSPACE_BYTES, WORKSPACE_PHASES, device_bytes
+from harness.device_memory import CUBLAS_WORKSPACE_BYTES, WORKSPACE_PHASES, device_bytes
 from harness.measure.memory import TensorTracker, fsdp2_tracking, label_gradients, label_model, tracker_phase
 from harness.step import sharding
 from harness.step.models import ModelSource
@@ -355,20 +355,27 @@ def allocator_events(tracker: TensorTracker, device_type: str, emptied_at: list[
     return [(nbytes, key) for _, nbytes, key in timed]
 
 
+def _phase(tracker: TensorTracker, recorder, name: str):
+    if recorder is not None:
+        recorder.phase = name
+    return tracker_phase(tracker, name)
+
+
 def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, micro_batch: int,
                   device_type: str = "cuda", steps: int = 2, expandable_segments: bool = False,
-                  cap_bytes: int | None = None) -> dict:
+                  cap_bytes: int | None = None, recorder=None) -> dict:
     """Peak and per-category bytes of a training step at full size, without memory.
 
     Runs `steps` steps (the first creates the optimizer state) and measures the last, as the
     runner's tracked step does. device_type picks what the builders pick for that device.
+    recorder: a harness.predict.kernels.KernelRecorder that records the last step's kernels.
     """
     started = time.perf_counter()
     tracker = TensorTracker()
     device = torch.device("cpu")
     emptied_at: list[int] = []
     with (fake_step(technique, cfg, device_type, tracker) as mesh, tracker,
-          _cache_emptied_by_kbit_preparation(tracker, emptied_at)):
+          _cache_emptied_by_kbit_preparation(tracker, emptied_at), (recorder or nullcontext())):
         model, optimizer, _ = build_training(source, technique, cfg, device, optimizer_device=device_type, mesh=mesh)
         load_peak, loaded = tracker.peak, tracker.counter
         saved_tensors = _offloading(model, cfg, tracker)
@@ -381,10 +388,14 @@ def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, 
                 label_model(tracker, model, optimizer)
                 tracker.reset_peak()
                 measured_from = tracker.counter
+            if recorder is not None:
+                recorder.recording = last
             train_step(model, optimizer, micro_batches, technique.autocast, None, progress,
-                       lambda name: tracker_phase(tracker, name),
+                       lambda name: _phase(tracker, recorder, name),
                        after_backward=(lambda: label_gradients(tracker, model)) if last else None,
                        saved_tensors=saved_tensors)
+        if recorder is not None:
+            recorder.recording = False
         if cfg.cpu_offload and device_type == "cuda":  # a CPU's step has one memory: nothing to offload to
             load_peak = tracker.move_to_host(OFFLOADED, measured_from, loaded)
     allocator = caching_allocator.replay(allocator_events(tracker, device_type, emptied_at),

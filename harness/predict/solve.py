@@ -3,7 +3,7 @@ micro-batch, whose training step fits a card.
 
 A step fits when its predicted device bytes do not exceed the card's bytes: the caching allocator's
 reserved bytes and what lives outside the allocator (the CUDA context, the kernels loaded), see
-harness.predict.device_memory. The analytic method's reserved bytes are its peak times a calibrated
+harness.device_memory. The analytic method's reserved bytes are its peak times a calibrated
 ratio (device_memory.ANALYTIC_RESERVED_RATIO); the simulation's replay the allocator over the step.
 
 The analytic device bytes are searched first (instant, and non-decreasing in both axes): doubling
@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from harness.measure.budget import card_bytes, card_cap_bytes
+from harness.cards import card_bytes
+from harness.measure.budget import card_cap_bytes
 
 if TYPE_CHECKING:
     from harness.config import ResolvedConfig
@@ -91,6 +92,8 @@ class Setup:
     context: int | None   # the model's max_position_embeddings
     peak: Callable[[int, int], int]
     device: Callable[[int, int], int]
+    model_config: object = None  # transformers' config of the model
+    parameters: dict | None = None  # total, trainable and quantized (the analytic prediction's)
 
 
 def setup(experiment: Path, model: str, overrides: dict | None = None, device_type: str = "cuda") -> Setup:
@@ -109,12 +112,13 @@ def setup(experiment: Path, model: str, overrides: dict | None = None, device_ty
                                                           device_type)["total_bytes"]
         return memo[seq_len, micro_batch]
     def device(seq_len: int, micro_batch: int) -> int:
-        from harness.predict.device_memory import analytic_reserved_bytes, device_bytes
+        from harness.device_memory import analytic_reserved_bytes, device_bytes
 
         if device_type != "cuda":  # a CPU step: its tensors are what it holds
             return peak(seq_len, micro_batch)
         return device_bytes(analytic_reserved_bytes(peak(seq_len, micro_batch)), technique)
-    return Setup(config, getattr(source.config, "max_position_embeddings", None), peak, device)
+    parameters = analytic_predict(source.config, technique, cfg, *REFERENCE_SHAPE, device_type)["parameters"]
+    return Setup(config, getattr(source.config, "max_position_embeddings", None), peak, device, source.config, parameters)
 
 
 def _limit(axis: str, context: int | None) -> int:
@@ -238,8 +242,34 @@ REFERENCE_SHAPE = (512, 1)  # the documents' configuration: the peak the table s
 COMPARED_CASES = {
     "llama-3.1-8b qlora r32 + checkpointing": ("llama-3.1-8b", "qlora-r32-gc", {}),
 }
+FIT_TOKENS = 100e6  # the fine-tune whose GPU-hours and price (cost_usd) each row gives
 CURVE_MODEL = "mistral-7b"  # a 7B model with a 32k context: peak against sequence length
 CURVE_SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+def fit_row_speed(found: Setup, card_gb: float, max_micro_batch: int, max_seq_len: int) -> dict:
+    """A fit row's speed on the card of its size (harness.cards.CARD_OF_SIZE, named once in the
+    table's `cards`) at the fastest shape the row
+    allows (sequence FIT_MICRO_BATCH_SEQ_LEN at its largest micro-batch; else its longest sequence at
+    micro-batch 1), and the time and price of fine-tuning FIT_TOKENS at the card's catalogue price. The
+    analytic fallback (harness.predict.speed.analytic_speed: matmul FLOPs at the measured throughput, the
+    optimizer step, dequantization; no host cost or other memory-bound kernels), as the rest of the table
+    is analytic: an upper bound on tokens/s."""
+    from harness.cards import CARD_OF_SIZE, card
+    from harness.predict.speed import analytic_speed, fine_tune_cost
+
+    gpu = CARD_OF_SIZE[card_gb]
+    shape = ((FIT_MICRO_BATCH_SEQ_LEN, max_micro_batch) if max_micro_batch else
+             (max_seq_len, 1) if max_seq_len else None)
+    if shape is None:
+        return {"speed_shape": None, "tokens_per_s": None, "step_time_s": None, "hours_per_100m_tokens": None,
+                "cost_usd": None}
+    cfg = found.config.experiment
+    speed = analytic_speed(found.model_config, found.config.technique, shape[0], shape[1], cfg.grad_accum, gpu,
+                           parameters=found.parameters, gradient_checkpointing=cfg.gradient_checkpointing)
+    cost = fine_tune_cost(speed["tokens_per_s"], FIT_TOKENS, card(gpu).price_per_hour)
+    return {"speed_shape": list(shape), "speed_method": speed["method"], "tokens_per_s": speed["tokens_per_s"],
+            "step_time_s": speed["step_time_s"], "hours_per_100m_tokens": cost["hours"], "cost_usd": cost["cost_usd"]}
 
 
 def fit_table_predictor() -> str:
@@ -254,6 +284,7 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda"):
     """Every (model, technique, checkpointing, card) answer, by the analytic search (instant;
     `predict --solve` confirms any one of them by simulation)."""
     from harness import env, schema
+    from harness.cards import CARD_OF_SIZE, CARDS
     from harness.techniques import TECHNIQUES
 
     started = time.perf_counter()
@@ -277,7 +308,8 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda"):
                                                                     _limit("seq_len", found.context))["limited_by"],
                                  "max_micro_batch": largest.value, "device_bytes": longest.peak_bytes,
                                  "margin_bytes": None if longest.peak_bytes is None else cap - longest.peak_bytes,
-                                 "micro_batch_device_bytes": largest.peak_bytes})
+                                 "micro_batch_device_bytes": largest.peak_bytes,
+                                 **fit_row_speed(found, card_gb, largest.value, longest.value)})
                 if model == CURVE_MODEL:
                     curves += [{**common, "seq_len": seq, "total_bytes": found.peak(seq, 1),
                                 "device_bytes": found.device(seq, 1)}
@@ -292,7 +324,9 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda"):
                           "margin_bytes": None if answer.peak_bytes is None else card_bytes(card_gb) - answer.peak_bytes})
     return schema.FitTable(
         method="analytic", device_type=device_type, cases=cases,
-        cards={str(gb): {"card_bytes": card_bytes(gb), "cap_bytes": card_bytes(gb)} for gb in FIT_CARDS},
+        cards={str(gb): {"card_bytes": card_bytes(gb), "cap_bytes": card_bytes(gb), "gpu": CARD_OF_SIZE[gb],
+                         "price_per_hour": CARDS[CARD_OF_SIZE[gb]].price_per_hour, "tokens": FIT_TOKENS}
+               for gb in FIT_CARDS},
         micro_batch_seq_len=FIT_MICRO_BATCH_SEQ_LEN, reference_shape=list(REFERENCE_SHAPE), rows=rows, curves=curves,
         versions=env.software_versions(), predictor=fit_table_predictor(),
         seconds=time.perf_counter() - started)

@@ -431,8 +431,32 @@ def tokens_per_second(results: Results, spec: dict, method: str) -> Observation 
                            lambda r: _get(r, "throughput", "tokens_per_s"))
 
 
+def _tokens_per_second_range(results: Results, spec: dict, experiment: str) -> tuple[float, float] | None:
+    """Tokens/s of the slowest and the fastest timed step of the GPU run tokens_per_second reads."""
+    for record in select_records(results, spec, "gpu", experiment):
+        throughput = record.get("throughput") or {}
+        if record.get("status") != "ok" or throughput.get("tokens_per_s") is None:
+            continue
+        times, tokens = throughput.get("step_time_s") or {}, throughput.get("tokens_per_step")
+        return (tokens / times["max"], tokens / times["min"]) if tokens and times.get("min") else None
+    return None
+
+
 def throughput_ratio(results: Results, spec: dict, method: str) -> Observation | None:
-    return _ratio(results, {**spec, "of": "tokens_per_s"}, method, tokens_per_second)
+    """The ratio of two runs' tokens/s, with the range their slowest and fastest steps allow: a difference is
+    called only where that range leaves out 1."""
+    observation = _ratio(results, {**spec, "of": "tokens_per_s"}, method, tokens_per_second)
+    if observation is None or method != "gpu":
+        return observation
+    ranges = [_tokens_per_second_range(results, spec, name) for name in (_experiments(spec)[0], spec["over"])]
+    if None in ranges:
+        return observation
+    (ours_slow, ours_fast), (over_slow, over_fast) = ranges
+    low, high = ours_slow / over_fast, ours_fast / over_slow
+    spread = (f"{low:.2f}-{high:.2f} from the runs' slowest and fastest steps: "
+              + ("within that spread, no difference shown" if low <= 1 <= high else "a difference beyond that spread"))
+    return replace(observation, note="; ".join(filter(None, (observation.note, spread))),
+                   extra={**observation.extra, "spread": [low, high]})
 
 
 def max_micro_batch(results: Results, spec: dict, method: str) -> Observation | None:

@@ -20,7 +20,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from harness.claims import Claim  # noqa: E402
-from harness.measure.budget import CARD_BYTES, budget_cap_bytes, card_bytes  # noqa: E402
+from harness.cards import CARD_BYTES, card_bytes  # noqa: E402
+from harness.measure.budget import budget_cap_bytes  # noqa: E402
 from harness.report.load import CATEGORIES, Results  # noqa: E402
 from harness.report.units import CATEGORY_WORDS, DOCUMENTS_MODEL  # noqa: E402
 from harness.techniques import TECHNIQUES  # noqa: E402

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from harness.predict.device_memory import CUDA_CONTEXT_BYTES
+from harness.device_memory import CUDA_CONTEXT_BYTES
 from harness.report.load import Results
 from harness.techniques import TECHNIQUES
 

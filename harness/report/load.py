@@ -29,6 +29,8 @@ class Results:
     # compared with the lab's (harness.report.engines) and kept out of every other table and figure.
     engine_records: list[dict] = field(default_factory=list)
     predictions: list[dict] = field(default_factory=list)
+    # Speed predicted for each measured run, by its record's file (harness predict --speed-of-runs).
+    speed_predictions: dict[str, dict] = field(default_factory=dict)
     probes: dict[str, dict] = field(default_factory=dict)
     microbench: list[dict] = field(default_factory=list)  # {"file", "device", "data"}
     bases: list[dict] = field(default_factory=list)  # pretraining records of the lab's own base models
@@ -85,6 +87,11 @@ def load_results(root: str | Path) -> Results:
         prediction = _read(path, "prediction", results.skipped, root)
         if prediction is not None:
             results.predictions.append(prediction)
+    speed_folder = root / schema.PREDICTIONS_FOLDER / schema.SPEED_FOLDER
+    for path in sorted(speed_folder.glob("*/*.json")):  # <device slug>/<record file>
+        prediction = _read(path, "prediction", results.skipped, root)
+        if prediction is not None:
+            results.speed_predictions[str(path.relative_to(speed_folder))] = prediction
     for path in sorted((root / schema.PROBES_FOLDER).glob("*.json")):
         probe = _read(path, "probe", results.skipped, root)
         if probe is not None:
@@ -147,7 +154,7 @@ def budget_card_bytes(record: dict) -> int | None:
     budget_gb = budget.get("budget_gb", (record.get("config") or {}).get("budget_gb"))
     if budget_gb is None:
         return None
-    from harness.measure.budget import card_bytes
+    from harness.cards import card_bytes
 
     return card_bytes(budget_gb)
 

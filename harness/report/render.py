@@ -21,6 +21,7 @@ from harness.report.figures import FigureResult, all_figures
 from harness.report.fits import fit_tables, published_comparison
 from harness.report.gpus import gpu_count_tables, peer_table
 from harness.report.ledger import build_ledger
+from harness.report.speed import speed_rows, speed_table, speed_text
 from harness.report.load import load_results, predictions_frame, runs_frame
 from harness.report.loss import loss_parity
 from harness.report.tables import (
@@ -283,6 +284,14 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
     else:
         blocks.append(Block("p", "No GPU run with a prediction of its reserved and device bytes in these results: "
                                  "`python -m harness predict --claims` predicts them."))
+    blocks.append(Block("h2", "Predicted against measured speed on the GPU", anchor="speed"))
+    speed = speed_rows(results)
+    if speed:
+        blocks.append(Block("p", speed_text(speed)))
+        blocks.append(Block("table", table=speed_table(speed)))
+    else:
+        blocks.append(Block("p", "No GPU run in these results: `make gpu-evidence` on a CUDA machine, then "
+                                 "`python -m harness predict --speed-of-runs`."))
 
     blocks.append(Block("h2", "Figures", anchor="figures"))
     for figure in figures:

@@ -3,7 +3,7 @@
 For every finished CUDA run (status ok) with a prediction of its configuration, one row: the predicted
 allocated peak (`total_bytes`), reserved bytes (the caching allocator model, harness.predict.allocator,
 or the analytic method's calibrated ratio) and device bytes (reserved plus the context and kernels,
-harness.predict.device_memory) beside the record's peak_allocated, peak_reserved and peak_device_used;
+harness.device_memory) beside the record's peak_allocated, peak_reserved and peak_device_used;
 and the error the old rule made (allocated + a 0.5 GiB allowance, as the device's use). A row whose run belongs to the subset the device constants were calibrated on says so:
 the targets are judged on the others.
 
@@ -25,7 +25,7 @@ OLD_RULE_ALLOWANCE = 512 * 2**20
 TARGETS = {"reserved": 0.05, "device": 0.03}  # within 5% of peak_reserved, 3% of peak_device_used
 TARGET_SHARE = 0.90
 # The runs the outside-allocator constants (and the analytic reserved ratio) were calibrated on
-# (harness.predict.device_memory): TinyLlama-1.1B's.
+# (harness.device_memory): TinyLlama-1.1B's.
 CALIBRATION_MODELS = ("tinyllama-1.1b",)
 MATCH_KEYS = ("experiment", "model", "seq_len", "micro_batch", "grad_accum", "gradient_checkpointing")
 

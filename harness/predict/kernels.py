@@ -1,0 +1,135 @@
+"""The kernels of a training step, enumerated: the runner's own step under fake tensors, every aten op
+it dispatches recorded with the FLOPs its matrix products do and the bytes it reads and writes.
+
+`KernelRecorder` is a `TorchDispatchMode` entered inside the simulation's `FakeTensorMode`
+(harness.predict.simulate.fake_step): it sees each op before the fake mode runs it, so the ops are
+those the step itself dispatches, at full size, without memory or a GPU. FLOPs come from torch's own
+formulas (`torch.utils.flop_counter.flop_registry`, what `FlopCounterMode` counts); the CPU's
+flash-attention op, which a CUDA step would not call but a CPU trace does, is counted with the same
+formulas as CUDA's flash attention. Bytes are the sizes of the op's tensor inputs and outputs.
+
+What is not a kernel is left out: views and metadata ops (no data moves), and allocations without a
+fill (`empty`). What a fake trace cannot show: the CUDA code path's own choices where they differ from
+the CPU's (fused kernels torch picks by device), and custom ops without a CPU form run as their
+decomposition; harness.predict.speed says how each kind is costed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+
+aten = torch.ops.aten
+
+# Ops that launch nothing: they make a new view or read metadata, or allocate without writing
+# (`prim::` ops, such as the device a tensor is on, are left out the same way).
+NO_KERNEL = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default,
+             aten.detach.default, aten.alias.default, aten.lift_fresh.default,
+             aten._local_scalar_dense.default, aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default,
+             aten.sym_storage_offset.default, aten.is_same_size.default, aten.set_.source_Storage_storage_offset,
+             aten._unsafe_view.default}
+# The CPU's flash attention: a CUDA step runs flash (or memory-efficient) attention instead, whose
+# FLOPs torch's registry counts with these formulas.
+CPU_ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu.default: "forward",
+                 aten._scaled_dot_product_flash_attention_for_cpu_backward.default: "backward"}
+
+
+@dataclass
+class Kernel:
+    op: str
+    flops: int          # matrix-product and attention FLOPs (0 for the rest)
+    bytes: int          # bytes of the tensors it reads, and writes (an input it mutates counts twice)
+    dtype: str          # the dtype of its first tensor input (what a matrix product computes in)
+    phase: str
+    fp32_elements: int = 0  # its first tensor argument's elements, in fp32 units (what an optimizer step updates)
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    return [leaf for leaf in tree_flatten(tree)[0] if isinstance(leaf, torch.Tensor)]
+
+
+def _bytes(tensors: list[torch.Tensor]) -> int:
+    seen, total = set(), 0
+    for tensor in tensors:
+        key = id(tensor)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _mutated_bytes(func, args, kwargs) -> int:
+    """Bytes of the arguments the op writes in place (its schema's `Tensor(a!)`): written after being read."""
+    total = 0
+    for i, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            value = args[i] if i < len(args) else kwargs.get(argument.name)
+            total += _bytes(_tensors(value))
+    return total
+
+
+def _fp32_elements(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() // 4 for t in tensors)
+
+
+def _gemm_4bit(args, phase: str) -> list[Kernel]:
+    """bitsandbytes' 4-bit matmul as CUDA runs it in training (more than one token): the weight dequantized to
+    the input's dtype, then a matrix product (bitsandbytes.autograd._functions.MatMul4Bit.forward); the CPU
+    trace calls the fused CPU op instead."""
+    A, B, shape_b = args[0], args[1], args[2]
+    out_features, in_features = shape_b
+    weight = out_features * in_features * A.element_size()
+    rows = A.numel() // A.shape[-1]
+    dtype = _DTYPE_NAMES.get(A.dtype, str(A.dtype))
+    return [Kernel("bitsandbytes::dequantize_4bit", 0, _bytes([B, args[3]]) + weight, dtype, phase),
+            Kernel("aten::mm", 2 * rows * out_features * in_features,
+                   A.numel() * A.element_size() + weight + rows * out_features * A.element_size(), dtype, phase)]
+
+
+def _flops(func, args, kwargs, out) -> int:
+    packet = func._overloadpacket
+    if packet in flop_registry:
+        return int(flop_registry[packet](*args, **kwargs, out_val=out))
+    if func in CPU_ATTENTION:
+        query, key, value = args[:3] if CPU_ATTENTION[func] == "forward" else args[1:4]
+        if CPU_ATTENTION[func] == "forward":
+            return int(sdpa_flop_count(query.shape, key.shape, value.shape))
+        return int(sdpa_backward_flop_count(args[0].shape, query.shape, key.shape, value.shape))
+    return 0
+
+
+GEMM_4BIT = "bitsandbytes::gemm_4bit"  # an op of bitsandbytes' library, where it is loaded
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8",
+                torch.uint8: "int8"}
+
+
+class KernelRecorder(TorchDispatchMode):
+    """Records each aten op dispatched while `recording` is true, as a Kernel, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels: list[Kernel] = []
+        self.recording = False
+        self.phase = "step"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if (self.recording and func.namespace != "prim" and func not in NO_KERNEL
+                and not getattr(func, "is_view", False)):
+            inputs = _tensors((args, kwargs))
+            outputs = _tensors(out)
+            if func.name() == GEMM_4BIT:
+                self.kernels += _gemm_4bit(args, self.phase)
+            elif inputs or outputs:
+                first = (inputs or outputs)[0]
+                leading = next((found for found in map(_tensors, args) if found), [])  # its first tensor argument
+                self.kernels.append(Kernel(str(func.name()), _flops(func, args, kwargs, out),
+                                           _bytes(inputs + outputs) + _mutated_bytes(func, args, kwargs),
+                                           _DTYPE_NAMES.get(first.dtype, str(first.dtype)), self.phase,
+                                           _fp32_elements(leading)))
+        return out

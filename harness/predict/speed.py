@@ -1,0 +1,292 @@
+"""Predicted speed: a training step's time and tokens per second on a card, from the step's own kernels.
+
+The kernels come from the runner's step under fake tensors (harness.predict.kernels). Each is costed
+(each benchmark's fastest round, STATISTIC, standing for its kernel):
+- a matrix product or attention by its FLOPs (torch's flop_counter formulas) at the throughput the lab
+  measured for a bf16 matmul of that many FLOPs (`bench_linear_forward[*-bf16]` in
+  results/microbench/nvidia-h200.json: 46, 185 and 369 GFLOP, interpolated on log FLOPs, held flat
+  outside), or by its bytes where those take longer;
+- the optimizer's step (torch's fused AdamW, bitsandbytes' 8-bit AdamW) by the parameters it updates, at
+  the time per parameter of `bench_optimizer_step[torch-adamw]` and `[adamw8bit]`;
+- every other kernel (elementwise, norms, casts, dropout, other optimizers, (de)quantization) by the
+  bytes it reads and writes (a mutated input counts twice) at the bandwidth of `bench_copy` (a bf16
+  copy of an 11008 x 4096 weight: 2 x 90 MB moved);
+- a host cost per kernel: the time Python, the module calls and the dispatcher take to launch it. It
+  is `bench_lora_forward_backward` at its fewest tokens (launch-bound): the time the LoRA-wrapped layer
+  takes over the bare one, divided by the kernels the adapter adds (counted by running the same peft
+  layer under the recorder).
+The host issues kernels one after another; the GPU runs each once it is issued and the previous one is
+done (a queue). The step takes until both are done: a step of small shapes is the host's, a large
+one the GPU's, as on a GPU.
+
+Other cards: the matmul curve is scaled by the card's peak for the kernel's dtype over the H200's bf16
+peak, the bandwidth by the ratio of data-sheet bandwidths (harness.cards); the host cost stays (it
+is the host's). A card without bf16 tensor cores (T4) runs bf16 products at its fp32 rate.
+
+What it leaves out: torch.compile's and Liger's fused kernels (a compiled step, and a step with Liger's
+kernels, are costed as the eager one: `without_liger`), communication of sharded steps, activation
+offloading's copies, and the CUDA allocator's own calls. Where the step cannot be simulated at all,
+`analytic_speed` answers, labelled.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.cards import CARDS, Card, card
+
+MICROBENCH = Path(__file__).resolve().parents[2] / "results" / "microbench" / "nvidia-h200.json"
+CALIBRATION_CARD = "H200"  # the device MICROBENCH was measured on (its records' extra_info.device)
+MATMUL_DTYPES = ("bf16", "fp16", "fp32", "int8")
+# Which round of each benchmark stands for a kernel's time: the fastest. The lab's micro-benchmarks time a
+# call and its synchronisation from Python on a host shared with other work (each records the load
+# average), so slower rounds carry the host's interference, not the kernel's; the rank-8 LoRA layer at
+# 512 tokens has 5 rounds, one of them twice the others. (With the medians, the check against the H200
+# runs gives fewer predictions within 15 %; the report's table says how many with this choice.)
+STATISTIC = "min"
+# Optimizer kernels the lab times in bench_optimizer_step (fp32 parameters of an MLP's three matrices):
+# costed per parameter they update (bf16 parameters at half an fp32 one's time), not by bytes. The
+# paged 8-bit AdamW runs the same kernel as the 8-bit one.
+OPTIMIZER_BENCHMARKS = {"aten::_fused_adamw_": "bench_optimizer_step[torch-adamw]",
+                        "bitsandbytes::optimizer_update_8bit_blockwise": "bench_optimizer_step[adamw8bit]"}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the lab measured on CALIBRATION_CARD, from MICROBENCH."""
+    matmul_points: tuple[tuple[float, float], ...]  # (FLOPs, achieved FLOP/s), ascending
+    bandwidth: float                                 # achieved bytes/s
+    host_seconds_per_kernel: float
+    source: str
+    # seconds per fp32 parameter of each optimizer kernel the lab benchmarks, by op name
+    optimizer_seconds_per_parameter: tuple[tuple[str, float], ...] = ()
+
+    def matmul_rate(self, flops: float) -> float:
+        points = self.matmul_points
+        if flops <= points[0][0]:
+            return points[0][1]
+        if flops >= points[-1][0]:
+            return points[-1][1]
+        i = bisect.bisect_left([p[0] for p in points], flops)
+        (f0, r0), (f1, r1) = points[i - 1], points[i]
+        share = (math.log(flops) - math.log(f0)) / (math.log(f1) - math.log(f0))
+        return r0 + share * (r1 - r0)
+
+
+def _benchmarks(path: Path) -> list[dict]:
+    try:
+        return json.loads(path.read_text())["benchmarks"]
+    except (OSError, ValueError, KeyError) as error:
+        raise SystemExit(f"{path}: cannot read the micro-benchmarks ({error})") from None
+
+
+def _named(benchmarks: list[dict], prefix: str, path: Path) -> list[dict]:
+    found = [b for b in benchmarks if b["name"].startswith(prefix)]
+    if not found:
+        raise SystemExit(f"{path}: no {prefix}* benchmark")
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def calibration(path: Path = MICROBENCH) -> Calibration:
+    benchmarks = _benchmarks(path)
+    points = []
+    for bench in _named(benchmarks, "bench_linear_forward[", path):
+        info = bench["extra_info"]
+        if info.get("layer") != "bf16":
+            continue
+        shape = info["shape"]
+        flops = 2 * shape["tokens"] * shape["in_features"] * shape["out_features"]
+        points.append((flops, flops / bench["stats"][STATISTIC]))
+    (copy,) = _named(benchmarks, "bench_copy", path)
+    rows, columns = copy["extra_info"]["shape"]["weight"]
+    copied = 2 * rows * columns * 2  # a bf16 weight read and written
+    bandwidth = copied / copy["stats"][STATISTIC]
+    optimizer = []
+    for op, name in OPTIMIZER_BENCHMARKS.items():
+        (bench,) = _named(benchmarks, name, path)
+        optimizer.append((op, bench["stats"][STATISTIC] / bench["extra_info"]["shape"]["parameters"]))
+    return Calibration(tuple(sorted(points)), bandwidth, _host_seconds_per_kernel(benchmarks, path),
+                       f"{path.name}: bench_linear_forward[*-bf16], bench_copy, bench_lora_forward_backward, "
+                       + ", ".join(OPTIMIZER_BENCHMARKS.values()), tuple(optimizer))
+
+
+def _host_seconds_per_kernel(benchmarks: list[dict], path: Path) -> float:
+    """(LoRA layer - bare layer) / (kernels the adapter adds), at the benchmark's fewest tokens, mean over ranks."""
+    lora = _named(benchmarks, "bench_lora_forward_backward[", path)
+    fewest = min(b["extra_info"]["shape"]["tokens"] for b in lora)
+    at_fewest = {b["extra_info"]["shape"]["rank"]: b for b in lora if b["extra_info"]["shape"]["tokens"] == fewest}
+    if 0 not in at_fewest or len(at_fewest) < 2:
+        raise SystemExit(f"{path}: bench_lora_forward_backward needs the bare layer and a rank at {fewest} tokens")
+    bare = at_fewest.pop(0)
+    shape = bare["extra_info"]["shape"]
+    bare_kernels = len(lora_layer_kernels(shape["tokens"], shape["in_features"], shape["out_features"], 0, 0.0))
+    estimates = []
+    for rank, bench in at_fewest.items():
+        info = bench["extra_info"]
+        added = len(lora_layer_kernels(shape["tokens"], shape["in_features"], shape["out_features"], rank,
+                                       info["lora_dropout"])) - bare_kernels
+        estimates.append((bench["stats"][STATISTIC] - bare["stats"][STATISTIC]) / added)
+    return sum(estimates) / len(estimates)
+
+
+def lora_layer_kernels(tokens: int, in_features: int, out_features: int, rank: int, dropout: float) -> list:
+    """The kernels of bench_lora_forward_backward's pass (a frozen bf16 linear layer, with a peft LoRA
+    adapter of `rank` unless 0, under bf16 autocast, forward and backward), on fake tensors."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch import nn
+
+    from harness.predict.kernels import KernelRecorder
+    from harness.predict.simulate import _cuda_dropout, _swappable_fake_tensors
+
+    class OneLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up_proj = nn.Linear(in_features, out_features, bias=False)
+
+        def forward(self, x):
+            return self.up_proj(x)
+
+    recorder = KernelRecorder()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with _cuda_dropout("cuda"), mode, _swappable_fake_tensors(mode):  # dropout as CUDA runs it
+        module = OneLinear().to(torch.bfloat16).requires_grad_(False)
+        if rank:
+            module = get_peft_model(module, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout,
+                                                       target_modules=["up_proj"]))
+        x = torch.randn(tokens, in_features, dtype=torch.bfloat16, requires_grad=True)
+        grad_out = torch.randn(tokens, out_features, dtype=torch.bfloat16)
+        with recorder:
+            recorder.recording = True
+            x.grad = None
+            module.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = module(x)
+            out.backward(grad_out)
+    return recorder.kernels
+
+
+def _rate(kernel, target: Card, reference: Card, calib: Calibration) -> float:
+    dtype = kernel.dtype if kernel.dtype in MATMUL_DTYPES else "fp32"
+    peak = target.peak(dtype) or target.fp32  # bf16 without bf16 tensor cores: the fp32 rate
+    return calib.matmul_rate(kernel.flops) * peak / reference.bf16
+
+
+def step_time(kernels: list, gpu: str, calib: Calibration | None = None) -> dict:
+    """The step time of `kernels` on card `gpu` and its terms, in seconds."""
+    calib = calib or calibration()
+    target, reference = card(gpu), CARDS[CALIBRATION_CARD]
+    bandwidth = calib.bandwidth * target.bandwidth / reference.bandwidth
+    host = device = 0.0
+    terms = {"matmul_s": 0.0, "memory_s": 0.0, "optimizer_s": 0.0}
+    flops = moved = 0
+    per_parameter = dict(calib.optimizer_seconds_per_parameter)
+    for kernel in kernels:
+        seconds_by_bytes = kernel.bytes / bandwidth
+        if kernel.op in per_parameter:
+            seconds = per_parameter[kernel.op] * kernel.fp32_elements * reference.bandwidth / target.bandwidth
+            terms["optimizer_s"] += seconds
+        elif kernel.flops:
+            seconds = max(kernel.flops / _rate(kernel, target, reference, calib), seconds_by_bytes)
+            terms["matmul_s"] += seconds
+        else:
+            seconds = seconds_by_bytes
+            terms["optimizer_s" if kernel.phase == "optimizer" else "memory_s"] += seconds
+        flops += kernel.flops
+        moved += kernel.bytes
+        host += calib.host_seconds_per_kernel
+        device = max(device, host) + seconds
+    total = max(host, device)
+    return {"step_time_s": total, "kernels": len(kernels), "flops": flops, "bytes": moved,
+            "host_s": host, "device_busy_s": sum(terms.values()), **terms,
+            "bound": "host" if host >= sum(terms.values()) else "device"}
+
+
+def kernel_speed(kernels: list, tokens_per_step: int, gpu: str, calib: Calibration | None = None) -> dict:
+    calib = calib or calibration()
+    timed = step_time(kernels, gpu, calib)
+    return {"gpu": gpu, "method": "kernels", "tokens_per_step": tokens_per_step,
+            "tokens_per_s": tokens_per_step / timed["step_time_s"], **timed,
+            "calibration": {"source": calib.source, "matmul_points": [list(p) for p in calib.matmul_points],
+                            "bandwidth": calib.bandwidth, "host_seconds_per_kernel": calib.host_seconds_per_kernel,
+                            "optimizer_seconds_per_parameter": dict(calib.optimizer_seconds_per_parameter)}}
+
+
+# The lab's optimizers whose step the optimizer benchmarks time (the kernel each runs on CUDA); the analytic
+# fallback costs the others as torch's fused AdamW, and says so.
+OPTIMIZER_KERNELS = {"adamw": "aten::_fused_adamw_", "loraplus": "aten::_fused_adamw_",
+                     "adamw8bit": "bitsandbytes::optimizer_update_8bit_blockwise",
+                     "paged_adamw8bit": "bitsandbytes::optimizer_update_8bit_blockwise"}
+TRAINABLE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def analytic_speed(config, technique, seq_len: int, micro_batch: int, grad_accum: int, gpu: str,
+                   calib: Calibration | None = None, parameters: dict | None = None,
+                   gradient_checkpointing: bool = False) -> dict:
+    """The analytic fallback, for what is not simulated (the fit table, `--method analytic`): the step's
+    matmul FLOPs (PaLM's accounting, harness.measure.throughput.model_flops_per_token; a checkpointed step
+    runs its forward twice) at the measured matmul throughput of one layer-sized product (tokens x hidden x
+    MLP width); given the analytic prediction's `parameters`, the optimizer step (trainable parameters at
+    the optimizer benchmark's time per parameter) and, for a quantized base, its weights dequantized once
+    per pass (4- or 8-bit read, 16-bit written, at the copy bandwidth). All scaled to the card. No host
+    cost and no other memory-bound kernel: a lower bound on the step time."""
+    from harness.measure.throughput import model_flops_per_token
+
+    calib = calib or calibration()
+    target, reference = card(gpu), CARDS[CALIBRATION_CARD]
+    dtype = technique.autocast if technique.autocast != "none" else technique.weights
+    dtype = dtype if dtype in MATMUL_DTYPES else "fp32"
+    tokens = seq_len * micro_batch * grad_accum
+    full_backward = technique.adapter in (None, "none")
+    per_token = model_flops_per_token(config, seq_len, full_backward)
+    if gradient_checkpointing:  # the forward again in backward
+        per_token += model_flops_per_token(config, seq_len, False) / 2
+    flops = per_token * tokens
+    layer_flops = 2 * seq_len * micro_batch * config.hidden_size * getattr(config, "intermediate_size",
+                                                                             4 * config.hidden_size)
+    rate = calib.matmul_rate(layer_flops) * (target.peak(dtype) or target.fp32) / reference.bf16
+    terms = {"matmul_s": flops / rate, "optimizer_s": 0.0, "memory_s": 0.0}
+    notes = []
+    if parameters:
+        per_parameter = dict(calib.optimizer_seconds_per_parameter)
+        kernel = OPTIMIZER_KERNELS.get(technique.optimizer)
+        if kernel is None:
+            kernel = "aten::_fused_adamw_"
+            notes.append(f"optimizer {technique.optimizer} costed as torch's fused AdamW")
+        trainable_bytes = 4 if technique.adapter not in (None, "none") else TRAINABLE_BYTES.get(technique.weights, 4)
+        terms["optimizer_s"] = (per_parameter[kernel] * parameters.get("trainable", 0) * trainable_bytes / 4
+                                * reference.bandwidth / target.bandwidth)
+        quantized = parameters.get("quantized", 0)
+        if quantized:
+            bits = {"nf4": 4, "int8": 8}.get(technique.quantization, 8)
+            passes = 2 * grad_accum + (grad_accum if gradient_checkpointing else 0)
+            bandwidth = calib.bandwidth * target.bandwidth / reference.bandwidth
+            terms["memory_s"] = passes * quantized * (bits / 8 + 2) / bandwidth
+    seconds = sum(terms.values())
+    return {"gpu": gpu, "method": "analytic", "tokens_per_step": tokens, "tokens_per_s": tokens / seconds,
+            "step_time_s": seconds, "flops": flops, **terms, **({"note": "; ".join(notes)} if notes else {})}
+
+
+def without_liger(cfg):
+    """The experiment with Liger's kernels off, whose eager step the speed model costs in their place (Liger's
+    Triton kernels do not run on fake tensors); None where Liger is not what stops the simulation."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, liger_kernels=False) if getattr(cfg, "liger_kernels", False) else None
+
+
+LIGER_NOTE = "Liger's fused kernels costed as the eager ops they replace (they do not run on fake tensors)"
+
+
+def fine_tune_cost(tokens_per_s: float, tokens: float, price_per_hour: float | None) -> dict:
+    """Hours and USD to train `tokens` at `tokens_per_s` on one GPU at `price_per_hour`."""
+    hours = tokens / tokens_per_s / 3600
+    return {"tokens": tokens, "hours": hours, "price_per_hour": price_per_hour,
+            "cost_usd": None if price_per_hour is None else hours * price_per_hour}

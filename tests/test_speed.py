@@ -1,0 +1,242 @@
+"""Predicted speed: the kernel recorder, the cost model, the card catalogue, the report's check."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import EXPERIMENTS
+
+from harness import schema
+from harness.cards import CARD_OF_SIZE, CARDS, UnknownCard, card, card_in_device_name
+from harness.measure.throughput import peak_flops
+from harness.predict.kernels import Kernel, KernelRecorder
+from harness.predict.speed import Calibration, calibration, fine_tune_cost, step_time
+
+CALIBRATION = Calibration(((1e9, 100e12), (1e12, 500e12)), bandwidth=1e12, host_seconds_per_kernel=10e-6,
+                          source="test", optimizer_seconds_per_parameter=(
+                              ("aten::_fused_adamw_", 1e-11), ("bitsandbytes::optimizer_update_8bit_blockwise", 3e-11)))
+
+
+def test_a_device_name_finds_its_card_longest_name_first():
+    assert card_in_device_name("NVIDIA H100 PCIe") == "H100 PCIe"
+    assert card_in_device_name("NVIDIA H100 80GB HBM3") == "H100"
+    assert card_in_device_name("NVIDIA H200") == "H200"
+    assert peak_flops("NVIDIA H200", "bf16") == CARDS["H200"].bf16 == 989e12  # MFU reads the same table
+    assert peak_flops("Tesla T4", "bf16") is None  # no bf16 tensor cores
+    with pytest.raises(UnknownCard, match="unknown GPU 'B9000'"):
+        card("B9000")
+    assert all(name in CARDS for name in CARD_OF_SIZE.values())
+
+
+def test_the_recorder_counts_torch_s_flops_and_bytes_and_skips_views():
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    recorder = KernelRecorder()
+    recorder.recording = True
+    with recorder:
+        product = a @ b
+        product.t().contiguous()  # a view (no kernel), then a copy (a kernel)
+        product.add_(1.0)         # in place: read and written
+    ops = [k.op for k in recorder.kernels]
+    assert ops == ["aten::mm", "aten::clone", "aten::add_.Tensor"]
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        a @ b
+    assert recorder.kernels[0].flops == counter.get_total_flops() == 2 * 64 * 32 * 16
+    assert recorder.kernels[0].bytes == 4 * (64 * 32 + 32 * 16 + 64 * 16)
+    assert recorder.kernels[2].bytes == 2 * 4 * 64 * 16  # read once and written once (its output is itself)
+
+
+def test_the_cpu_flash_attention_is_counted_as_cuda_s_attention():
+    q = k = v = torch.randn(1, 2, 8, 4, requires_grad=True)
+    recorder = KernelRecorder()
+    recorder.recording = True
+    with recorder:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+    attention = [r for r in recorder.kernels if "flash_attention" in r.op]
+    assert [r.flops > 0 for r in attention] == [True, True]
+    assert attention[0].flops == torch.utils.flop_counter.sdpa_flop_count(q.shape, k.shape, v.shape)
+
+
+def test_small_kernels_are_the_host_s_and_a_large_product_the_gpu_s():
+    tiny = [Kernel("aten::add.Tensor", 0, 1000, "bf16", "forward")] * 100
+    timed = step_time(tiny, "H200", CALIBRATION)
+    assert timed["bound"] == "host" and timed["step_time_s"] == pytest.approx(100 * 10e-6 + 1000 / 1e12)
+    big = [Kernel("aten::mm", int(1e13), 0, "bf16", "forward")]
+    timed = step_time(big, "H200", CALIBRATION)
+    assert timed["step_time_s"] == pytest.approx(10e-6 + 1e13 / 500e12)
+    # another card: the measured rate scaled by the ratio of data-sheet peaks
+    on_a100 = step_time(big, "A100", CALIBRATION)["matmul_s"]
+    assert on_a100 == pytest.approx(1e13 / (500e12 * 312 / 989))
+    optimizer = [Kernel("aten::_fused_adamw_", 0, 0, "fp32", "optimizer", fp32_elements=10**9)]
+    assert step_time(optimizer, "H200", CALIBRATION)["optimizer_s"] == pytest.approx(1e-2)
+
+
+def test_the_calibration_reads_the_lab_s_h200_microbenchmarks():
+    measured = calibration()
+    rates = [rate for _, rate in measured.matmul_points]
+    assert len(rates) == 3 and rates == sorted(rates) and rates[-1] < CARDS["H200"].bf16
+    assert 0.3 * CARDS["H200"].bandwidth < measured.bandwidth < CARDS["H200"].bandwidth
+    assert 1e-6 < measured.host_seconds_per_kernel < 1e-4
+    assert measured.matmul_rate(1.0) == rates[0] and measured.matmul_rate(1e15) == rates[-1]
+
+
+def test_the_host_cost_is_the_adapter_s_time_over_the_kernels_it_adds(tmp_path):
+    from harness.predict.speed import lora_layer_kernels
+
+    def bench(rank, seconds):
+        return {"name": f"bench_lora_forward_backward[t8-r{rank}]", "stats": {"min": seconds, "median": 3 * seconds},
+                "extra_info": {"shape": {"tokens": 8, "in_features": 16, "out_features": 32, "rank": rank},
+                               "lora_dropout": 0.05}}
+
+    data = {"benchmarks": [
+        bench(0, 1e-4), bench(8, 5e-4),
+        {"name": "bench_linear_forward[t8-bf16]", "stats": {"min": 1e-5, "median": 2e-5},
+         "extra_info": {"layer": "bf16", "shape": {"tokens": 8, "in_features": 16, "out_features": 32}}},
+        {"name": "bench_copy", "stats": {"min": 1e-5, "median": 2e-5}, "extra_info": {"shape": {"weight": [32, 16]}}},
+        {"name": "bench_optimizer_step[torch-adamw]", "stats": {"min": 1e-3, "median": 2e-3},
+         "extra_info": {"shape": {"parameters": 1000}}},
+        {"name": "bench_optimizer_step[adamw8bit]", "stats": {"min": 2e-3, "median": 3e-3},
+         "extra_info": {"shape": {"parameters": 1000}}}]}
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps(data))
+    added = len(lora_layer_kernels(8, 16, 32, 8, 0.05)) - len(lora_layer_kernels(8, 16, 32, 0, 0.0))
+    assert added > 5  # dropout, two small products, scaling, the sum, and their backward
+    measured = calibration(path)
+    assert measured.host_seconds_per_kernel == pytest.approx(4e-4 / added)
+    assert dict(measured.optimizer_seconds_per_parameter)["aten::_fused_adamw_"] == pytest.approx(1e-6)
+
+
+def test_fine_tune_cost():
+    cost = fine_tune_cost(10_000, 100e6, 2.0)
+    assert cost["hours"] == pytest.approx(100e6 / 10_000 / 3600) and cost["cost_usd"] == pytest.approx(
+        2 * cost["hours"])
+    assert fine_tune_cost(10_000, 1e6, None)["cost_usd"] is None
+
+
+def test_a_simulated_step_gives_its_speed_from_its_own_kernels():
+    from harness.predict.prediction import predict
+
+    prediction = predict(EXPERIMENTS / "lora.yaml", "tiny-llama", 64, 2, "simulated", gpu="H100")
+    speed = prediction.speed
+    assert speed["method"] == "kernels" and speed["gpu"] == "H100"
+    assert speed["kernels"] > 100 and speed["flops"] > 0
+    assert speed["tokens_per_s"] == pytest.approx(64 * 2 / speed["step_time_s"])
+    assert speed["step_time_s"] >= max(speed["host_s"], speed["device_busy_s"])
+    analytic = predict(EXPERIMENTS / "lora.yaml", "tiny-llama", 64, 2, "analytic", gpu="H100").speed
+    assert analytic["method"] == "analytic" and analytic["step_time_s"] < speed["step_time_s"]
+    # a saved prediction without a speed still reads (older records)
+    data = schema.to_dict(prediction)
+    del data["speed"]
+    assert schema.from_dict(data).speed is None
+
+
+def test_fit_rows_carry_tokens_per_s_step_time_and_cost():
+    from harness.predict.solve import fit_row_speed, setup
+
+    found = setup(EXPERIMENTS / "qlora-gc.yaml", "tiny-llama")
+    row = fit_row_speed(found, 24, 4, 1024)
+    assert row["speed_shape"] == [2048, 4] and row["speed_method"] == "analytic"
+    assert row["step_time_s"] == pytest.approx(2048 * 4 / row["tokens_per_s"])
+    assert row["cost_usd"] == pytest.approx(row["hours_per_100m_tokens"] * CARDS[CARD_OF_SIZE[24]].price_per_hour)
+    assert fit_row_speed(found, 24, 0, 0)["tokens_per_s"] is None
+
+
+def test_the_report_compares_each_gpu_run_with_its_speed_prediction(tmp_path):
+    from harness.report.load import load_results
+    from harness.report.speed import speed_rows, speed_summary, speed_table
+
+    times = {"median": 0.1, "mean": 0.1, "min": 0.09, "max": 0.12, "stdev": 0.01, "all": [0.09, 0.1, 0.12]}
+    record = {"status": "ok", "experiment": "lora", "model": "m", "kind": "run", "schema_version": 1,
+              "config": {"model": "m", "seq_len": 1024, "micro_batch": 2, "grad_accum": 1},
+              "throughput": {"tokens_per_step": 2048, "tokens_per_s": 20480.0, "step_time_s": times}}
+    source = Path(__file__).parent / "fixtures" / "report-results"
+    run = source / "fixture-gpu" / "bf16-pure__llama-2-7b__fixture00002.json"  # an ok run
+    data = json.loads(run.read_text())
+    data.update({k: v for k, v in record.items() if k not in ("config", "throughput", "environment")})
+    data["throughput"].update(record["throughput"])
+    data["config"].update(record["config"])
+    data["environment"]["device_name"] = "NVIDIA H200"
+    (tmp_path / "nvidia-h200").mkdir()
+    (tmp_path / "nvidia-h200" / run.name).write_text(json.dumps(data))
+    speed_dir = tmp_path / schema.PREDICTIONS_FOLDER / schema.SPEED_FOLDER / "nvidia-h200"
+    speed_dir.mkdir(parents=True)
+    prediction = {"kind": "prediction", "method": "simulated", "experiment": "lora", "model": "m", "seq_len": 1024,
+                  "micro_batch": 2, "grad_accum": 1, "gradient_checkpointing": False, "technique": {},
+                  "device_type": "cuda", "total_bytes": 1, "categories": {}, "persistent": {},
+                  "speed": {"gpu": "H200", "method": "kernels", "tokens_per_s": 19000.0, "bound": "device"}}
+    (speed_dir / run.name).write_text(json.dumps(prediction))
+    results = load_results(tmp_path)
+    assert not results.skipped, results.skipped
+    rows = speed_rows(results)
+    assert len(rows) == 1
+    assert rows[0].error == pytest.approx(19000 / 20480 - 1)
+    assert rows[0].within_spread is True  # 2048 / 0.12 = 17,067 <= 19,000 <= 2048 / 0.09
+    summary = speed_summary(rows)
+    assert summary["large"] == {"runs": 1, "predicted": 1, "within": 1, "share": 1.0} and summary["target_met"]
+    assert "-7%" in speed_table(rows).rows[0][-1].text
+
+
+def test_the_analytic_fallback_adds_the_optimizer_step_and_dequantization():
+    from harness.config import resolve
+    from harness.predict.analytic import predict as analytic_predict
+    from harness.predict.speed import analytic_speed
+    from harness.step.models import resolve_source
+
+    source = resolve_source("tiny-llama")
+    answers = {}
+    for name in ("bf16-pure", "qlora-gc"):
+        resolved = resolve(EXPERIMENTS / f"{name}.yaml", {"model": "tiny-llama", "seq_len": 64, "micro_batch": 2,
+                                                           "device": "cpu"})
+        cfg, technique = resolved.experiment, resolved.technique
+        parameters = analytic_predict(source.config, technique, cfg, 64, 2, "cuda")["parameters"]
+        answers[name] = (analytic_speed(source.config, technique, 64, 2, 1, "H200", CALIBRATION, parameters,
+                                        cfg.gradient_checkpointing), parameters)
+    full, parameters = answers["bf16-pure"]
+    assert full["optimizer_s"] == pytest.approx(1e-11 * parameters["trainable"] / 2)  # bf16: half an fp32 one
+    assert full["memory_s"] == 0
+    quantized, parameters = answers["qlora-gc"]
+    # NF4: half a byte read, two written, per weight, in the forward, its recomputation and the backward
+    assert quantized["memory_s"] == pytest.approx(3 * parameters["quantized"] * 2.5 / 1e12)
+    assert quantized["step_time_s"] == pytest.approx(quantized["matmul_s"] + quantized["memory_s"]
+                                                     + quantized["optimizer_s"])
+    assert quantized["optimizer_s"] == pytest.approx(3e-11 * parameters["trainable"])  # fp32 adapters, 8-bit AdamW
+    assert "note" not in quantized
+
+
+def test_the_command_line_gives_speed_and_cost_and_refuses_a_bad_price():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    command = [sys.executable, "-m", "harness", "predict", "--model", "tiny-llama", "--experiment", "lora",
+               "--seq", "64", "--batch", "2", "--method", "analytic", "--gpu", "RTX 4090", "--tokens", "1e6",
+               "--price", "0.5", "--json"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    speed = json.loads(done.stdout)["speed"]
+    assert speed["gpu"] == "RTX 4090" and speed["fine_tune"]["tokens"] == 1e6
+    assert speed["fine_tune"]["cost_usd"] == pytest.approx(1e6 / speed["tokens_per_s"] / 3600 * 0.5)
+    refused = subprocess.run(command[:-2] + ["-1", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--price: must be a positive number" in refused.stderr
+
+
+def test_a_throughput_ratio_calls_a_difference_only_beyond_the_step_times_spread():
+    from harness.report.evidence import throughput_ratio
+    from harness.report.load import Results
+
+    def run(experiment, tokens_per_s, fastest, slowest):
+        return {"status": "ok", "experiment": experiment, "model": "m", "_file": f"gpu/{experiment}.json",
+                "config": {"seq_len": 512, "micro_batch": 1}, "memory": {"source": "cuda"},
+                "environment": {"device_name": "NVIDIA H200"},
+                "throughput": {"tokens_per_step": 512, "tokens_per_s": tokens_per_s,
+                               "step_time_s": {"min": 512 / fastest, "max": 512 / slowest}}}
+
+    spec = {"experiment": "lora", "over": "bf16-mixed", "model": "m", "seq_len": 512, "micro_batch": 1}
+    close = Results(Path("."), records=[run("lora", 1000, 1100, 900), run("bf16-mixed", 1050, 1150, 950)])
+    observation = throughput_ratio(close, spec, "gpu")
+    assert observation.value == pytest.approx(1000 / 1050)
+    assert observation.extra["spread"] == pytest.approx([900 / 1150, 1100 / 950])
+    assert "within that spread, no difference shown" in observation.note
+    apart = Results(Path("."), records=[run("lora", 500, 520, 480), run("bf16-mixed", 1050, 1150, 950)])
+    assert "a difference beyond that spread" in throughput_ratio(apart, spec, "gpu").note
