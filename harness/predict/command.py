@@ -178,6 +178,10 @@ def main(args) -> int:
     if args.claims:
         _write_fit_table(Path(args.out), experiments_dir, args.force)
         _write_gpu_table(Path(args.out), experiments_dir, args.force)
+        from harness.predict.record_speed import predict_runs  # what the report's speed check compares
+
+        written = predict_runs(Path(args.results), Path(args.out), args.force)
+        print(f"speed predictions of the GPU runs: {len(written)} written under {Path(args.out)}", file=sys.stderr)
     if args.json:
         out = [{**schema.to_dict(r), "fits": fits(r, args.budget_gb) if args.budget_gb else None}
                for r in results]
@@ -295,7 +299,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--speed-of-runs", action="store_true",
                         help="predict the speed of every measured CUDA run in --results on its own card, into "
                              "--out/predictions/speed/ (what the report checks the speed model against)")
-    parser.add_argument("--results", default="results", help="with --speed-of-runs: the run records' folder")
+    parser.add_argument("--results", default="results",
+                        help="with --speed-of-runs or --claims: the run records' folder")
     parser.add_argument("--out", default="results", help="results folder (default: results)")
     parser.add_argument("--experiments-dir", default="experiments")
 
