@@ -696,3 +696,20 @@ def test_gradients_take_their_parameters_type_in_every_full_fine_tune():
     row = build_row(_claim("G-dtype"), Results(root=Path("."), records=records))
     assert row.verdict.kind == verdicts.WRONG and "bf16-mixed 0.500" in row.why
     assert build_row(_claim("G-dtype"), Results(root=Path("."), records=records[:2])).gpu is None  # all three needed
+
+
+def test_the_first_screen_says_what_trainers_bf16_holds_from_the_gpu_run_itself(tmp_path):
+    """Trainer's `bf16=True` (bf16-mixed) at 7B: the figure is the run's own device-used, judged against the card."""
+    from harness.report.answer import trainer_default_line
+
+    def run(used: int) -> dict:
+        return {"model": "llama-2-7b", "experiment": "bf16-mixed", "status": "ok", "_file": "gpu/bf16-mixed.json",
+                "config": {"seq_len": 512, "micro_batch": 1}, "environment": {"device_type": "cuda",
+                                                                               "device_name": "NVIDIA H200"},
+                "memory": {"peak_reserved": used - 2**30, "peak_device_used": used}}
+
+    too_big = trainer_default_line(Results(tmp_path, records=[run(121_000_000_000)]), "llama-2-7b")
+    assert "121.00 GB" in too_big and "more than an 80 GB card holds" in too_big and "gpu/bf16-mixed.json" in too_big
+    fits = trainer_default_line(Results(tmp_path, records=[run(70 * 2**30)]), "llama-2-7b")
+    assert "within an 80 GB card" in fits
+    assert trainer_default_line(Results(tmp_path, records=[]), "llama-2-7b") is None

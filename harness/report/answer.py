@@ -15,6 +15,7 @@ from __future__ import annotations
 import html
 import json
 
+from harness.cards import card_bytes
 from harness.report.load import Results, _get
 from harness.report.tables import Cell, Table
 from harness.report.units import fmt_bytes
@@ -59,6 +60,28 @@ def _rerun(record: dict) -> str:
             f"{config.get('seq_len')} x {config.get('micro_batch')}")
 
 
+def _held(memory: dict) -> tuple[int | None, str]:
+    """What a GPU run's card held: NVML's device-used (the context included), else the allocator's reserved."""
+    if memory.get("peak_device_used"):
+        return memory["peak_device_used"], "device-used (NVML)"
+    return memory.get("peak_reserved"), "reserved by torch's caching allocator"
+
+
+def trainer_default_line(results: Results, model: str, card_gb: int = 80) -> str | None:
+    """What Trainer's `bf16=True` runs (bf16-mixed) held at `model` on a GPU, against a card of `card_gb`."""
+    for record in _single_gpu_runs(results, model, "bf16-mixed"):
+        held, what = _held(record.get("memory") or {})
+        if record.get("status") != "ok" or not held:
+            continue
+        device = _get(record, "environment", "device_name")
+        card = f"{'an' if str(card_gb).startswith('8') else 'a'} {card_gb} GB card"
+        return (f"What transformers' Trainer runs for `bf16=True` on a model loaded in fp32 is bf16-mixed (fp32 "
+                f"weights, gradients and AdamW states; bf16 only in the matrix products): at {model}, {_shape(record)}, "
+                f"it held {fmt_bytes(held)}, {what}, on {device} ({record['_file']}): "
+                + (f"within {card}." if held <= card_bytes(card_gb) else f"more than {card} holds."))
+    return None
+
+
 def _memory(row: dict, runs: list[dict], reference: tuple[int, int], card_gb: int, model: str) -> dict:
     """The memory the card must hold: measured at the reference shape where a GPU run exists, else predicted."""
     solve = (f"`python -m harness predict --model {model} --experiment {row['experiment']} "
@@ -67,11 +90,11 @@ def _memory(row: dict, runs: list[dict], reference: tuple[int, int], card_gb: in
                                         (r.get("config") or {}).get("micro_batch")) == tuple(reference)]
     for record in at_reference:
         memory = record.get("memory") or {}
-        if record.get("status") == "ok" and memory.get("peak_reserved"):
+        held, what = _held(memory)
+        if record.get("status") == "ok" and held:
             device = _get(record, "environment", "device_name")
-            return {"bytes": memory["peak_reserved"], "kind": "measured", "short": f"reserved, {device}, {record['_file']}",
-                    "what": f"reserved by torch's caching allocator at {_shape(record)}, measured on {device} "
-                            f"({record['_file']})",
+            return {"bytes": held, "kind": "measured", "short": f"{what}, {device}, {record['_file']}",
+                    "what": f"{what} at {_shape(record)}, measured on {device} ({record['_file']})",
                     "how": _rerun(record)}
     if row.get("device_bytes") is not None:
         return {"bytes": row["device_bytes"], "kind": "predicted", "short": "card must hold, allocator included",

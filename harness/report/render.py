@@ -114,6 +114,8 @@ def _answer_blocks(results) -> list[Block]:
         f"reproduces it. Memory: at sequence {reference[0]:,} x micro-batch {reference[1]}; the longest "
         "sequence is at micro-batch 1. A recipe named \"+ checkpointing\" recomputes activations in the "
         "backward pass.")))
+    if trainer_default := answer.trainer_default_line(results, ANSWER_MODEL):
+        blocks.append(Block("p", trainer_default))
     blocks.append(Block("p", environment.summary_line(results)))
     blocks.append(Block("html", answer.picker_html(data, ANSWER_MODEL, ANSWER_CARD)))
     blocks.append(Block("h3", "Every model on every card"))
