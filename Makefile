@@ -44,17 +44,17 @@ bench-full: $(SETUP)
 	$(PY) -m harness report || status=1; \
 	exit $$status
 
-# The GPU evidence pass: the `evidence` plan of experiments/matrix.yaml, most valuable cell
-# first, each in its own process, none started past TIME_BUDGET; then the CUDA
-# micro-benchmarks (MICROBENCH= leaves them out) and the report, all in one archive to bring
-# back. Running it again resumes with the cells still missing.
+# The GPU evidence pass: the `boundary` plan of experiments/matrix.yaml (the fit table's answers
+# measured on emulated cards), then the `evidence` plan, most valuable cell first, each cell in its own
+# process, none started past TIME_BUDGET; then the CUDA micro-benchmarks (MICROBENCH= leaves them out)
+# and the report, all in one archive to bring back. Running it again resumes with the cells still missing.
 #   make gpu-evidence PY=python3 TIME_BUDGET=8m ARCHIVE=/somewhere/evidence.tar.gz
 #   make gpu-evidence DRY_RUN=1 CARD_GB=141     # the plan with estimated times, on any machine
 TIME_BUDGET ?= 11m
 CARD_GB ?= 80
 MICROBENCH ?= 1
 ARCHIVE ?= gpu-evidence.tar.gz
-EVIDENCE := $(PY) -m harness bench --plan evidence --time-budget $(TIME_BUDGET)
+EVIDENCE := $(PY) -m harness bench --plan boundary,evidence --time-budget $(TIME_BUDGET)
 gpu-evidence: $(SETUP)
 ifdef DRY_RUN
 	$(EVIDENCE) --device cuda --device-gb $(CARD_GB) --dry-run

@@ -336,11 +336,15 @@ def main(args) -> int:
     devices = args.devices or ((env.gpu_count() or None) if args.launcher == "local" else None)
 
     def plan():
-        planned, skipped = expand(
-            matrix, device_type, experiments_dir, out_dir, plan=args.plan, models=args.model and [args.model],
-            experiments=args.experiments, budgets_gb=args.budget_gb and [args.budget_gb],
-            seq_lens=args.seq_len and [args.seq_len], engines=args.engine and [args.engine], repeat=args.repeat,
-            device_gb=device_gb, devices=devices, emulated=env.emulated_dtypes(device_type))
+        planned, skipped = [], []
+        for name in (args.plan.split(",") if args.plan else [None]):  # several plans: one after the other
+            runs, notes = expand(
+                matrix, device_type, experiments_dir, out_dir, plan=name, models=args.model and [args.model],
+                experiments=args.experiments, budgets_gb=args.budget_gb and [args.budget_gb],
+                seq_lens=args.seq_len and [args.seq_len], engines=args.engine and [args.engine], repeat=args.repeat,
+                device_gb=device_gb, devices=devices, emulated=env.emulated_dtypes(device_type))
+            planned += [run for run in runs if run.path not in {done.path for done in planned}]
+            skipped += notes
         if budget_s is not None or args.dry_run:  # a run's default time limit estimates it as it starts
             estimate_runs(planned, device_type)
         if budget_s is not None and device_type == "cuda":
@@ -423,8 +427,8 @@ def add_arguments(parser) -> None:
                         "devices (CPU cores on a CPU)")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the planned runs with their estimated GPU time and stop")
-    parser.add_argument("--plan", help="a plan of the matrix file (default: the device type's, cpu or cuda); "
-                        "e.g. evidence: the claims-first GPU pass")
+    parser.add_argument("--plan", help="a plan of the matrix file (default: the device type's, cpu or cuda), or "
+                        "several, comma-separated, run one after the other; e.g. boundary,evidence: the GPU pass")
     parser.add_argument("--time-budget", metavar="DURATION", type=parse_duration,
                         help="start no run whose estimated time exceeds what is left (e.g. 11m, 600s)")
     parser.add_argument("--device-gb", type=positive(float),
