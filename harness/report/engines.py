@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from harness import schema
 from harness.blocks.optimizers import OPTIMIZERS
-from harness.report.load import LAB_ENGINE, engine_of
+from harness.report.load import LAB_ENGINE, _get, engine_of
 from harness.report.tables import Cell, Table
 from harness.report.units import CATEGORY_WORDS
 
@@ -98,14 +98,6 @@ class EngineComparison:
 def pair_key(record: dict) -> str:
     config = {k: v for k, v in (record.get("config") or {}).items() if k not in ENGINE_FIELDS}
     return schema.configuration_key({**record, "config": config}, record.get("_slug") or "")
-
-
-def _get(record: dict, *keys):
-    for key in keys:
-        if not isinstance(record, dict) or record.get(key) is None:
-            return None
-        record = record[key]
-    return record
 
 
 def _ratio(ours, theirs) -> float | None:

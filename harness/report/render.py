@@ -21,9 +21,9 @@ from harness.report.figures import FigureResult, all_figures
 from harness.report.fits import fit_tables, published_comparison
 from harness.report.gpus import gpu_count_tables, peer_table
 from harness.report.ledger import build_ledger
-from harness.report.speed import speed_rows, speed_table, speed_text
 from harness.report.load import load_results, predictions_frame, runs_frame
 from harness.report.loss import loss_parity
+from harness.report.speed import speed_rows, speed_table, speed_text
 from harness.report.tables import (
     VERDICT_CLASSES,
     Cell,

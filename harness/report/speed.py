@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from harness.report.load import _get
 from harness.report.tables import Cell, Table
 
 SPEED_TOLERANCE = 0.15
@@ -45,14 +46,6 @@ class SpeedRow:
         if self.predicted is None or self.slowest is None:
             return None
         return self.slowest <= self.predicted <= self.fastest
-
-
-def _get(record: dict, *keys):
-    for key in keys:
-        if not isinstance(record, dict) or record.get(key) is None:
-            return None
-        record = record[key]
-    return record
 
 
 def speed_rows(results) -> list[SpeedRow]:
