@@ -68,8 +68,8 @@ SEVEN_B_LAYERS = 4
 
 
 def _at_full_depth(name: str) -> bool:
-    optimizer = load_experiment(EXPERIMENTS / f"{name}.yaml")[1].optimizer
-    return name in KNOWN_GAPS or OPTIMIZERS[optimizer].package == "torchao"
+    technique = resolve_technique(load_experiment(EXPERIMENTS / f"{name}.yaml")[1])
+    return name in KNOWN_GAPS or OPTIMIZERS[technique.optimizer].package == "torchao"
 
 
 @pytest.fixture(scope="module")
