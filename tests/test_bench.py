@@ -198,7 +198,7 @@ def test_one_worker_per_cell_and_it_dies_with_its_parent(tmp_path):
     from harness.lab.runner import WORKER_NAME, CellBusy, cell_lock
 
     matrix = _write_matrix(tmp_path, [{"experiments": ["lora"], "models": ["tiny-llama"],
-                                       "set": {**QUICK, "steps": 200}}])
+                                       "set": {**QUICK, "steps": 400}}])
     out = tmp_path / "results"
     process = _bench(matrix, out, start_new_session=True)
     deadline = time.time() + 120

@@ -97,7 +97,7 @@ def test_an_oom_is_a_record_and_the_caller_goes_on(tmp_path):
 
 
 def test_a_process_that_dies_leaves_a_failed_record(tmp_path):
-    config = prepare(EXPERIMENTS / "fp32.yaml", QUICK)
+    config = prepare(EXPERIMENTS / "fp32.yaml", {**QUICK, "steps": 400})  # a run that cannot end in time
     path, record = run_dict(config, tmp_path, timeout_s=0.5)
     assert record["status"] == "failed" and record["error"]["type"] == "ProcessDied"
     assert "signal 9" in record["error"]["message"]

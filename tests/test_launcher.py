@@ -257,7 +257,7 @@ def test_a_job_killed_mid_run_is_a_failed_record_with_its_log_and_is_submitted_a
     from harness.lab.runner import WORKER_NAME
 
     matrix = _write_matrix(tmp_path, [{"experiments": ["lora"], "models": ["tiny-llama"],
-                                       "set": {**QUICK, "steps": 400}}])
+                                       "set": {**QUICK, "steps": 800}}])
     out = tmp_path / "results"
     code, output = _output(matrix, out, "--launcher", LOCAL, "--time-limit", "10m")
     assert code == 0 and "1 jobs submitted" in output, output

@@ -77,7 +77,7 @@ def test_no_rank_outlives_its_cell(tmp_path, how):
     torchrun and every rank under it."""
     import psutil
 
-    config = prepare(EXPERIMENTS / "fsdp2.yaml", {**TWO_RANKS, "steps": 500})
+    config = prepare(EXPERIMENTS / "fsdp2.yaml", {**TWO_RANKS, "steps": 5000})  # far longer than its time limit
     seen, done = [], threading.Event()
 
     def watch():  # the ranks, once both are running; then torchrun itself, if it is the one to kill
