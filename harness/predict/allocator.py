@@ -49,6 +49,7 @@ ROUND_LARGE = 2 << 20           # kRoundLarge
 # Note [Expandable Segments]: "we use 2MiB pages for our small pool and 20MiB pages for our large pool".
 EXPANDABLE_PAGE = {True: SMALL_BUFFER, False: LARGE_BUFFER}
 
+# PYTORCH_CUDA_ALLOC_CONF's expandable_segments off or on: the settings a prediction can be asked for
 SETTINGS = ("default", "expandable_segments")
 
 

@@ -2,8 +2,11 @@
 
 For each model, way of training (GPU_ROWS) and sequence length, the analytic per-rank peak
 (harness.predict.analytic.sharded_candidates) is searched over world sizes 1, 2, 4, ... 64 for every
-card; the simulation (the sharded step under torch's fake process group) checks the answers for the
-80 GB card at the shorter sequence, where torch's own FSDPMemTracker, run on the same fake step, stands
+card; a rank fits when its predicted device bytes (the caching allocator's reserved bytes and what lives
+outside it, harness.device_memory) fit the card as sold (harness.cards.card_bytes), as in the fit table.
+NCCL's own buffers are not among the bytes outside the allocator that the lab has measured. The
+simulation (the sharded step under torch's fake process group) checks the answers for the 80 GB card at
+the shorter sequence, where torch's own FSDPMemTracker, run on the same fake step, stands
 beside it. Beside each full fine-tuning answer stand ZeRO-3 at the same world size, as the lab predicts
 it, and DeepSpeed's own estimate (`estimate_zero3_model_states_mem_needs`: model states and the largest
 layer, no activations), where DeepSpeed is installed.
@@ -16,7 +19,6 @@ import time
 from pathlib import Path
 
 from harness.cards import card_bytes
-from harness.measure.budget import card_cap_bytes
 
 GPU_MODELS = ("mistral-7b", "llama-2-13b", "llama-3-70b", "mixtral-8x7b")
 GPU_CARDS = (24, 40, 80, 141)
@@ -42,13 +44,16 @@ def _peak(experiment: Path, model: str, seq_len: int, world_size: int, overrides
     return predict(experiment, model, seq_len, 1, method, "cuda", {**overrides, "world_size": world_size})
 
 
-def smallest_world_size(experiment: Path, model: str, seq_len: int, overrides: dict, cap: int,
+def smallest_world_size(experiment: Path, model: str, seq_len: int, overrides: dict, card_gb: float,
                         sizes: tuple[int, ...]) -> tuple[int | None, dict]:
-    """The smallest of `sizes` whose analytic peak fits `cap` (None: none does), and the predictions seen."""
+    """The smallest of `sizes` whose analytic per-rank step fits a card of `card_gb` (None: none does), and
+    the predictions seen."""
+    from harness.predict.prediction import fits
+
     seen = {}
     for size in sizes:
         seen[size] = _peak(experiment, model, seq_len, size, overrides)
-        if seen[size].total_bytes <= cap:
+        if fits(seen[size], card_gb):
             return size, seen
     return None, seen
 
@@ -119,12 +124,12 @@ def gpu_count_table(experiments_dir: Path, simulate: bool = True):
                               "context": context} for gb in GPU_CARDS]
                     continue
                 for card_gb in GPU_CARDS:
-                    size, seen = smallest_world_size(experiment, model, seq_len, overrides, card_cap_bytes(card_gb),
-                                                     sizes)
+                    size, seen = smallest_world_size(experiment, model, seq_len, overrides, card_gb, sizes)
                     answer = seen[size] if size else seen[max(seen)]
                     row = {**common, "card_gb": card_gb, "world_size": size,
                            "limited_by": None if size else ("not sharded" if not sharded else "world sizes"),
-                           "analytic_bytes": answer.total_bytes, "categories": answer.categories,
+                           "analytic_bytes": answer.total_bytes, "device_bytes": answer.device_bytes,
+                           "categories": answer.categories,
                            "host_bytes": answer.host_bytes, "at_world_size": answer.world_size}
                     if size and name in FULL_ROWS:
                         # ZeRO-3 at the same world size: the lab's terms, and DeepSpeed's own estimate
@@ -142,7 +147,7 @@ def gpu_count_table(experiments_dir: Path, simulate: bool = True):
                     rows.append(row)
     return schema.GpuCountTable(
         method="analytic", device_type="cuda", world_sizes=list(WORLD_SIZES),
-        cards={str(gb): {"card_bytes": card_bytes(gb), "cap_bytes": card_cap_bytes(gb)} for gb in GPU_CARDS},
+        cards={str(gb): {"card_bytes": card_bytes(gb), "cap_bytes": card_bytes(gb)} for gb in GPU_CARDS},
         rows=rows, versions=env.software_versions(), predictor=gpu_table_predictor(),
         seconds=time.perf_counter() - started)
 

@@ -11,13 +11,11 @@ from pathlib import Path
 from harness import env, schema
 from harness.config import resolve
 from harness.imports import source_files
+from harness.predict.allocator import SETTINGS as ALLOCATORS
 
 # The source files whose code decides a prediction (this module's and every harness module it imports):
 # a saved prediction made by other code is made again.
 PREDICTOR_MODULES = source_files(__name__)
-
-
-ALLOCATORS = ("default", "expandable_segments")  # PYTORCH_CUDA_ALLOC_CONF's expandable_segments off or on
 
 
 def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,

@@ -31,6 +31,8 @@ def _answer_cell(row: pd.Series, largest: int) -> Cell:
         return Cell(f"> {largest}", f"at {largest}: {fmt_bytes(row['analytic_bytes'])} per rank", css="status-oom")
     size = int(row["world_size"])
     detail = f"{fmt_bytes(row['analytic_bytes'])} per rank: " + _breakdown(row["categories"], row["host_bytes"])
+    if not pd.isna(row.get("device_bytes", float("nan"))):  # tables written before device bytes lack it
+        detail = f"on the card {fmt_bytes(row['device_bytes'])} per rank; tensors {detail}"
     if not pd.isna(row.get("simulated_bytes", float("nan"))):
         detail += f"; simulated {fmt_bytes(row['simulated_bytes'])}"
     return Cell(f"{size} GPU{'' if size == 1 else 's'}", detail)

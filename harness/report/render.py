@@ -154,8 +154,11 @@ def _gpus_blocks(results) -> list[Block]:
     blocks.append(Block("p", (
         "Past one card: for each model and way of training, the smallest number of GPUs of one size whose ranks "
         f"each fit, sharded with FSDP2 (searched over {', '.join(map(str, table['world_sizes']))}), at micro-batch 1 "
-        "per rank with activation checkpointing. Under each answer: one rank's predicted peak and what it holds; "
-        "\"host\" is what offloading keeps in host memory for that rank, which no answer checks against a machine's RAM (a 70B model offloaded to one GPU needs about 1 TB of it). Predicted (analytic "
+        "per rank with activation checkpointing. A rank fits when what its card must hold (its tensors' peak, the "
+        "caching allocator's reserve and what lives outside it, as in the fit table) fits the card as sold; NCCL's "
+        "own buffers are not counted. Under each answer: that figure and one rank's tensors by what they hold; "
+        "\"host\" is what offloading keeps in host memory for that rank, which no answer checks against a "
+        "machine's RAM (a 70B model offloaded to one GPU needs about 1 TB of it). Predicted (analytic "
         "per-rank terms; the 80 GB answers at the shorter sequence also by simulation: the sharded step traced "
         "under torch's fake process group, one rank standing for all). `python -m harness predict --model M "
         "--experiment fsdp2 --world-size N` predicts any other cell.")))
