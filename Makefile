@@ -80,8 +80,10 @@ report: $(SETUP)
 report-check: $(SETUP)
 	$(PY) -m harness.report.browser reports/index.html
 
+# One worker per core (at most 4), each taking whole test files so that a file's fixtures are made once;
+# serial where pytest-xdist is missing (PY=python3 without it).
 test: $(SETUP) chromium
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $$($(PY) -c "import xdist" 2>/dev/null && echo "-n auto --maxprocesses=4 --dist loadfile")
 
 # The tests not marked slow (no real training step in a subprocess): a minute or two
 test-fast: $(SETUP)

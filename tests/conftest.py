@@ -1,3 +1,4 @@
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -13,8 +14,20 @@ QUICK = {"seq_len": 32, "micro_batch": 2, "warmup_steps": 1, "steps": 2, "device
 
 
 def pytest_configure(config):
-    # Tokenizers and token caches go to a fresh folder: tests never rely on a user's cache.
-    os.environ.setdefault("HARNESS_CACHE", tempfile.mkdtemp(prefix="harness-cache-"))
+    # Tokenizers and token caches go to a fresh folder: tests never rely on a user's cache. Each parallel
+    # worker (pytest-xdist: `make test` runs one per core) has its own, so that no cache file is written by
+    # two processes at once.
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        os.environ["HARNESS_CACHE"] = tempfile.mkdtemp(prefix=f"harness-cache-{worker}-")
+    else:
+        os.environ.setdefault("HARNESS_CACHE", tempfile.mkdtemp(prefix="harness-cache-"))
+
+
+def _session_folder(tmp_path_factory) -> Path:
+    """A folder every parallel worker of this test session shares (the session's own without workers)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture(scope="session")
@@ -33,8 +46,26 @@ def run_dict(config: dict, out, **options) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="session")
 def quick_records(tmp_path_factory) -> dict:
-    """Every experiment file run once on tiny-llama with the QUICK workload: {name: (path, record)}."""
+    """Every experiment file run once on tiny-llama with the QUICK workload: {name: (path, record)}.
+
+    Run once for the whole session, however many parallel workers ask: each file's run is made by the
+    first worker to take its lock and read back by the others. Workers with an odd number take the
+    files from the end, so that two workers share the runs instead of waiting on each other."""
+    from filelock import FileLock
+
     from harness.config import experiment_files, prepare
 
-    out = tmp_path_factory.mktemp("results")
-    return {path.stem: run_dict(prepare(path, QUICK), out) for path in experiment_files(EXPERIMENTS)}
+    shared = _session_folder(tmp_path_factory) / "quick-records"
+    shared.mkdir(exist_ok=True)
+    files = experiment_files(EXPERIMENTS)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    records = {}
+    for path in files[::-1] if int(worker.removeprefix("gw")) % 2 else files:
+        done = shared / f"{path.stem}.json"
+        with FileLock(shared / f"{path.stem}.lock"):
+            if not done.exists():
+                record_path, record = run_dict(prepare(path, QUICK), shared / "results")
+                done.write_text(json.dumps({"path": str(record_path), "record": record}))
+        saved = json.loads(done.read_text())
+        records[path.stem] = (Path(saved["path"]), saved["record"])
+    return {path.stem: records[path.stem] for path in files}

@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -43,7 +44,8 @@ WORKER_ENVIRONMENT = {"TOKENIZERS_PARALLELISM": "false"}
 # the worker then records the run `skipped` with the reason).
 PRELOADED_MODULES = ("harness.measure.worker", "peft", "bitsandbytes")
 WORKER_MODULE = "harness.measure.worker"
-# torchrun's rendezvous port on a cell's first node (a multi-node cell's nodes meet there).
+# torchrun's rendezvous port on a multi-node cell's first node (its nodes meet there); a one-node cell
+# takes a free port (_free_local_port).
 RENDEZVOUS_PORT = 29500
 
 
@@ -185,6 +187,16 @@ class Rendezvous:
     port: int = RENDEZVOUS_PORT
 
 
+def _free_local_port() -> int:
+    """A port free on this machine now, for a one-node cell's rendezvous: two cells measured at once on
+    one machine (two benches, or a test suite's parallel workers) must not meet at the same store. The
+    port is released before torchrun binds it; another process taking it in between fails the cell,
+    which is recorded as failed and measured again on the next run."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
 def worker_command(config: dict, config_arg: str, attempt_path: Path,
                    rendezvous: Rendezvous | None = None) -> list[str]:
     """The command of a worker in a new interpreter: `python -m harness.measure.worker CONFIG RECORD`.
@@ -197,7 +209,8 @@ def worker_command(config: dict, config_arg: str, attempt_path: Path,
     size = world_size(config)
     if size == 1:
         return [sys.executable, *module]
-    rendezvous = rendezvous or Rendezvous(host="localhost", nodes=1, job_id=uuid.uuid4().hex[:12])
+    rendezvous = rendezvous or Rendezvous(host="localhost", nodes=1, job_id=uuid.uuid4().hex[:12],
+                                          port=_free_local_port())
     if size % rendezvous.nodes:
         raise ValueError(f"world_size {size} does not split evenly over {rendezvous.nodes} nodes")
     return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={rendezvous.nodes}",
