@@ -599,6 +599,8 @@ def test_the_glossary_defines_every_technique_and_experiment_run_and_the_page_li
     assert "Trainer" in terms["bf16-mixed"] and "reserved" in terms and "(context)" in terms
     lora = next(r for r in results.records if r["experiment"] == "lora" and (r["config"].get("lora") or {}))
     assert ", ".join(lora["config"]["lora"]["target_modules"]) in terms["lora"]  # the layers the adapters sit on
+    assert "attention's and the MLP's" in terms["lora"]  # not attention's alone, as the documents have it
+    assert "adapters" not in terms["fp32"]  # every record carries LoRA settings; a full fine-tune uses none
     link = linker(terms)
     linked = link("qlora-gc beats lora, not qlora")
     assert linked.count('class="term"') == 3 and f'href="#{anchor("qlora-gc")}">qlora-gc<' in linked
