@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from harness.claims import load_claims
+from harness.claims import COUNTED_READING, load_claims
 from harness.report import verdicts
 from harness.report.evidence import QUANTITIES
 from harness.report.ledger import build_ledger, build_row
 from harness.report.load import CATEGORIES, Results, is_gpu_record, load_results
 from harness.report.units import GB, GIB, LLAMA_2_7B_PARAMETERS, fmt_bytes
+
+COUNTED = COUNTED_READING.format(count=7.0)  # the reading that scales ours to the documents' 7e9 parameters
 
 FIXTURE = Path(__file__).parent / "fixtures" / "report-results"
 CLAIM_IDS = ["W-fp32", "W-over16", "G-fp32", "G-dtype", "O-adam", "T-fp32", "T-half", "W-half", "F-bf16", "F-range", "F-fp16",
@@ -182,9 +184,11 @@ def test_evidence_prefers_gpu_then_simulated_then_analytic():
     assert row.basis.method == "simulated" and row.gpu.status == "oom"
     results.records.append(_record("cuda"))
     row = build_row(claim, results)
-    # the documents count 7B as 7e9 parameters: ours is judged scaled to that count, its own figure kept
-    assert row.basis.method == "gpu" and row.basis.value == pytest.approx(26.9e9 * 7e9 / LLAMA_2_7B_PARAMETERS)
-    assert "from ours, 26.90 GB" in row.basis.note and "TEST GPU" in row.why
+    # the documents count 7B as 7e9 parameters: ours is judged as measured, and scaled to that count beside it
+    assert row.basis.method == "gpu" and row.basis.value == pytest.approx(26.9e9) and "TEST GPU" in row.why
+    (_, scaled), = row.readings
+    assert scaled.basis.value == pytest.approx(26.9e9 * 7e9 / LLAMA_2_7B_PARAMETERS)
+    assert "from ours, 26.90 GB" in scaled.basis.note
 
 
 def test_cpu_records_count_for_device_independent_claims_and_are_labelled():
@@ -214,11 +218,14 @@ def test_int8_claims_are_judged_on_their_own_premise_with_the_real_counterparts_
     results = Results(root=Path("."), records=[{**_record("cuda"), "parameters": {"total": LLAMA_2_7B_PARAMETERS}},
                                                {**_record("cuda", experiment="int8-lora", weights=7.5e9)}])
     row = build_row(_claim("Q-int8-pg"), results)
-    assert row.basis.value == pytest.approx(14e9)  # 2 B per parameter, the documents' 7e9 parameters
+    assert row.basis.value == pytest.approx(2 * LLAMA_2_7B_PARAMETERS)  # 2 B per parameter of Llama-2-7B
     assert row.verdict.kind == verdicts.PREMISE and "int8 gradients" in row.why
     assert "LLM.int8" in row.also and "whole training step" in row.also
-    t4 = build_row(_claim("Q-int8-t4"), results)  # 28 GB is not "close to" 16 GB
-    assert t4.verdict.kind == verdicts.OFF and t4.verdict.error == pytest.approx(16 / 28 - 1)
+    (_, scaled), = row.readings  # on the documents' 7e9 parameters: exactly their 14 GB
+    assert scaled.basis.value == pytest.approx(14e9) and scaled.verdict.kind == verdicts.PREMISE
+    t4 = build_row(_claim("Q-int8-t4"), results)  # 27 GB is not "close to" 16 GB
+    assert t4.verdict.kind == verdicts.OFF and t4.verdict.error == pytest.approx(16e9 / (4 * LLAMA_2_7B_PARAMETERS) - 1)
+    assert dict(t4.readings)[COUNTED].verdict.error == pytest.approx(16 / 28 - 1)
 
 
 def test_another_reading_is_judged_beside_the_claims_own():
@@ -613,6 +620,9 @@ def test_a_figure_scaled_or_multiplied_from_a_measurement_is_called_derived_neve
 
     results = Results(root=Path("."), records=[{**_record("cuda"), "parameters": {"total": LLAMA_2_7B_PARAMETERS}}])
     rows = [build_row(_claim(claim_id), results) for claim_id in ("W-fp32", "Q-int8-pg")]
+    measured = rows[0]  # W-fp32's own verdict rests on the measurement itself; its scaling is the reading beside
+    assert not measured.basis.extra.get("derived") and "The run measured on TEST GPU gives 26.90 GB" in measured.why
+    rows[0] = dict(measured.readings)[COUNTED]
     for row in rows:
         assert "derived from the run measured on TEST GPU" in row.why and row.basis.extra["derived"]
     scaled, counted = (row.basis.extra["derived"] for row in rows)
@@ -716,3 +726,39 @@ def test_the_first_screen_says_what_trainers_bf16_holds_from_the_gpu_run_itself(
     fits = trainer_default_line(Results(tmp_path, records=[run(70 * 2**30)]), "llama-2-7b")
     assert "within an 80 GB card" in fits
     assert trainer_default_line(Results(tmp_path, records=[]), "llama-2-7b") is None
+
+
+# --- the documents' 7e9 parameters, and the claims added last ----------------------------------------------
+
+def test_every_row_that_counts_7e9_parameters_is_judged_on_our_own_figure_with_the_scaled_one_beside():
+    counted = [claim for claim in load_claims() if claim.parameters_counted]
+    assert {c.id for c in counted} == {"W-fp32", "W-over16", "G-fp32", "O-adam", "T-fp32", "T-half", "W-half",
+                                       "Q-int8-pg", "Q-int8-all", "Q-int8-t4"}
+    for claim in counted:
+        specs = [claim.evidence, *claim.context, *(r.evidence for label, r in claim.readings if label != COUNTED)]
+        assert not any("parameters_counted" in spec for spec in specs), claim.id  # our own figure, unscaled
+        scaled = dict(claim.readings)[COUNTED]
+        assert scaled.evidence["parameters_counted"] == 7e9 and scaled.compare == claim.compare
+        assert (scaled.tolerance, scaled.caveat_tolerance) == (claim.tolerance, claim.caveat_tolerance)
+    weights = 4 * LLAMA_2_7B_PARAMETERS  # what Llama-2-7B's fp32 weights measure: 26.95 GB
+    results = Results(root=Path("."), records=[_record("cuda", weights=weights)])
+    row = build_row(_claim("W-fp32"), results)
+    assert row.verdict.kind == verdicts.CAVEAT and row.verdict.error == pytest.approx(28e9 / weights - 1)  # +3.9%
+    assert row.basis.value == weights and not row.basis.extra.get("derived")
+    scaled = dict(row.readings)[COUNTED]
+    assert scaled.verdict.kind == verdicts.HOLDS and scaled.basis.value == pytest.approx(28e9)
+    assert "derived" in scaled.why
+    over = build_row(_claim("W-over16"), results)  # the excess over the card is arithmetic on the measurement
+    assert over.basis.value == pytest.approx(weights - 16e9) and "less the 16 GB of the card" in over.basis.extra["derived"]
+    assert over.verdict.kind == verdicts.CAVEAT and dict(over.readings)[COUNTED].verdict.kind == verdicts.HOLDS
+
+
+def test_the_glance_paragraph_says_which_verdicts_the_rounding_alone_changes():
+    from harness.report.render import _counted_blocks
+
+    results = Results(root=Path("."), records=[_record("cuda", weights=4 * LLAMA_2_7B_PARAMETERS)])
+    ledger = [build_row(_claim(claim_id), results) for claim_id in ("W-fp32", "L-frac")]
+    (block,) = _counted_blocks(ledger)
+    assert block.text.startswith("1 row (W-fp32) count")
+    assert "judged on our own figure" in block.text and "W-fp32 from holds with caveat to holds" in block.text
+

@@ -238,10 +238,13 @@ def excess_peak(results: Results, spec: dict, method: str) -> Observation | None
 
 
 def _minus(observation: Observation | None, amount: float) -> Observation | None:
+    """What is left over `amount` (a card's bytes): arithmetic on the evidence, named as such."""
     if observation is None or observation.value is None:
         return observation
-    return Observation(observation.value - amount, observation.method, observation.source, observation.device,
-                       note=observation.note)
+    arithmetic = f"{fmt_bytes(observation.value)} less the {amount / 1e9:g} GB of the card"
+    derived = observation.extra.get("derived")
+    return replace(observation, value=observation.value - amount,
+                   extra={**observation.extra, "derived": f"{derived}, then {arithmetic}" if derived else arithmetic})
 
 
 def trainable_fraction(results: Results, spec: dict, method: str) -> Observation | None:
