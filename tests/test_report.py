@@ -25,10 +25,10 @@ from harness.report.units import GB, GIB, LLAMA_2_7B_PARAMETERS, fmt_bytes
 COUNTED = COUNTED_READING.format(count=7.0)  # the reading that scales ours to the documents' 7e9 parameters
 
 FIXTURE = Path(__file__).parent / "fixtures" / "report-results"
-CLAIM_IDS = ["W-fp32", "W-over16", "G-fp32", "G-dtype", "O-adam", "T-fp32", "T-half", "W-half", "F-bf16", "F-range", "F-fp16",
-             "Q-int8-pg", "Q-int8-all", "Q-int8-t4", "Q-levels", "L-frac", "L-4x", "L-speed", "L-footprint", "F-speed",
-             "L-16gb", "A-5gb",
-             "Q-nf4", "Q-more", "P-paged", "GA-mem", "GA-eq", "M-16gb", "X-65gb", "GA-one"]
+CLAIM_IDS = ["W-fp32", "W-over16", "W-t4", "G-fp32", "G-dtype", "O-adam", "T-fp32", "T-half", "W-half", "F-bf16",
+             "F-range", "F-fp16", "F-fp8", "Q-int8-pg", "Q-int8-all", "Q-int8-t4", "Q-levels", "Q-balance", "L-frac",
+             "L-4x", "L-speed", "L-footprint", "F-speed", "L-16gb", "A-5gb",
+             "Q-nf4", "Q-more", "P-paged", "GA-mem", "GA-eq", "M-16gb", "X-65gb", "B-common", "GA-one"]
 FIGURES_IN_FIXTURE = 9
 
 
@@ -762,3 +762,68 @@ def test_the_glance_paragraph_says_which_verdicts_the_rounding_alone_changes():
     assert block.text.startswith("1 row (W-fp32) count")
     assert "judged on our own figure" in block.text and "W-fp32 from holds with caveat to holds" in block.text
 
+
+def test_the_t4_runs_out_of_memory_on_loading_from_the_load_phase_against_the_card():
+    fp32 = _record("cuda", weights=4 * LLAMA_2_7B_PARAMETERS)
+    fp32["memory"]["phases"] = {"load": {"peak_allocated": 4 * LLAMA_2_7B_PARAMETERS}}
+    row = build_row(_claim("W-t4"), Results(root=Path("."), records=[fp32]))
+    assert row.verdict.kind == verdicts.HOLDS and "its load phase" in row.why and "16 GB card leaves" in row.why
+    fp32["memory"]["phases"]["load"]["peak_allocated"] = 14e9  # under the 15.7 GB a 16 GB card leaves: it loads
+    row = build_row(_claim("W-t4"), Results(root=Path("."), records=[fp32]))
+    assert row.verdict.kind == verdicts.WRONG  # judged on the load, not the step's 108 GB peak
+
+
+def test_fp8_is_judged_on_the_bytes_the_lab_stores_per_value_and_says_what_it_does_not_test():
+    n = 5_048_576
+    fp8 = _record("cpu", experiment="ao-adamw-fp8", model="tiny-llama", weights=2 * n)
+    fp8["parameters"] = {"total": n, "trainable": n}
+    fp8["memory"]["persistent"]["optimizer_state"] = 2 * n + 2 * n / 256 * 4  # two 1 B moments + a scale per 256
+    row = build_row(_claim("F-fp8"), Results(root=Path("."), records=[fp8]))
+    assert row.basis.method == "cpu" and row.basis.value == pytest.approx(1 + 4 / 256)
+    assert row.verdict.kind == verdicts.CAVEAT and "not tested" in row.why  # only the moments are fp8
+    fp8["memory"]["persistent"]["optimizer_state"] = 4 * n  # 2 B a value: a 16-bit format, not fp8
+    assert build_row(_claim("F-fp8"), Results(root=Path("."), records=[fp8])).verdict.kind == verdicts.OFF
+
+
+def _base_run(experiment: str, loss: float) -> dict:
+    return {"status": "ok", "experiment": experiment, "model": "base", "random_init": False,
+            "_file": f"cpu/{experiment}__base.json", "loss": {"eval_final": loss},
+            "config": {"technique": experiment, "seq_len": 256, "micro_batch": 4, "grad_accum": 1, "steps": 100},
+            "environment": {"device_type": "cpu", "device_name": "CPU"}}
+
+
+def test_quantizations_balance_weighs_measured_memory_against_the_loss_on_the_pretrained_base():
+    memory = [_record("cuda", experiment=name, weights=w) for name, w in
+              (("lora", 13.6e9), ("qlora", 4.0e9), ("int8-lora", 7.5e9))]
+    for record in memory:
+        record["_file"] = f"cuda/{record['experiment']}.json"
+
+    def judged(qlora_loss: float):
+        base = [_base_run("lora", 5.35), _base_run("qlora", qlora_loss), _base_run("int8-lora", 5.35)]
+        return build_row(_claim("Q-balance"), Results(root=Path("."), records=memory + base))
+
+    even = judged(5.351)  # memory saved, no accuracy lost beyond the tolerance: the balance did not show
+    assert even.basis.method == "gpu" and even.verdict.kind == verdicts.CAVEAT and "did not show" in even.why
+    assert "qlora's peak is 0.29x lora's" in even.why and "%" not in even.verdict.label
+    costly = judged(5.6)  # +4.7% over LoRA, beyond QLoRA's +3%: both sides of the balance measured
+    assert costly.verdict.kind == verdicts.HOLDS and "+4.67%" in costly.why
+    memory[1]["memory"]["peak_allocated"] = 60e9  # quantizing saved no memory
+    assert judged(5.351).verdict.kind == verdicts.WRONG
+
+
+def test_common_batch_sizes_against_the_most_any_recipe_holds_on_each_card():
+    def row(experiment, card, checkpointing, batch, model="llama-2-7b"):
+        return {"model": model, "experiment": experiment, "card_gb": card, "gradient_checkpointing": checkpointing,
+                "max_micro_batch": batch, "max_seq_len": 4096}
+
+    fits = {"micro_batch_seq_len": 2048, "rows": [
+        row("fp32", 16, False, 0), row("int8-lora", 16, True, 3), row("qlora", 16, True, 5),
+        row("qlora", 16, True, 64, model="tinyllama-1.1b"),  # another model's rows never count
+        row("qlora", 24, True, 9), row("lora", 80, True, 48), row("qlora", 80, True, 39)]}
+    result = build_row(_claim("B-common"), Results(root=Path("."), fits=fits))
+    assert result.basis.value == 5 and "qlora @ llama-2-7b" in result.why and "with checkpointing" in result.why
+    assert result.verdict.kind == verdicts.CAVEAT and "practice" in result.why  # commonness is not measured
+    readings = dict(result.readings)
+    assert readings["on a 24 GB card"].verdict.kind == verdicts.CAVEAT
+    eighty = readings["on an 80 GB card"]
+    assert eighty.basis.value == 48 and eighty.verdict.kind == verdicts.WRONG and "64 and 128" in eighty.why
