@@ -194,9 +194,10 @@ def _category_value(data: dict | None, spec: dict, prediction: bool) -> float | 
 
 
 def as_counted(observation: Observation | None, spec: dict) -> Observation | None:
-    """Where a claim counts "7B" as 7e9 parameters (`parameters_counted`), our Llama-2-7B figure
-    (6,738,415,616 parameters) is scaled to that count, so that the verdict judges the
-    arithmetic rather than the rounding; the note keeps our own figure."""
+    """Where a spec counts "7B" as 7e9 parameters (`parameters_counted`: the reading harness/claims.py
+    adds beside such a claim, never the claim's own evidence), our Llama-2-7B figure (6,738,415,616
+    parameters) is scaled to that count, so that the reading judges the documents' arithmetic alone;
+    the note keeps our own figure."""
     counted = spec.get("parameters_counted")
     if counted is None or observation is None or observation.value is None:
         return observation
