@@ -751,6 +751,8 @@ def test_every_row_that_counts_7e9_parameters_is_judged_on_our_own_figure_with_t
     over = build_row(_claim("W-over16"), results)  # the excess over the card is arithmetic on the measurement
     assert over.basis.value == pytest.approx(weights - 16e9) and "less the 16 GB of the card" in over.basis.extra["derived"]
     assert over.verdict.kind == verdicts.CAVEAT and dict(over.readings)[COUNTED].verdict.kind == verdicts.HOLDS
+    total = build_row(_claim("T-fp32"), results)  # what is missing on a 16 GB card: the peak less the card
+    assert f"missing on a 16 GB card: {fmt_bytes(4 * weights - 16e9)} (derived from gpu)" in total.also
 
 
 def test_the_glance_paragraph_says_which_verdicts_the_rounding_alone_changes():
