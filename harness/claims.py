@@ -49,6 +49,9 @@ class Claim:
     qualitative: bool = False
     # The claim's caveat stands whatever the figure (it holds only in a case most runs are not in).
     standing_caveat: bool = False
+    # Where the documents count "7B" as this many parameters: the claim is judged on our own figure for
+    # the real model, and a reading beside it on ours scaled to this count (their arithmetic alone).
+    parameters_counted: float | None = None
 
     @property
     def tolerance_text(self) -> str:
@@ -73,9 +76,14 @@ class Claim:
         return f"{value:.0%}" if self.unit == "fraction" else f"{value:g}"
 
 
+# The label of the reading a claim's `parameters_counted` adds (see `counted_reading`).
+COUNTED_READING = "their arithmetic alone: ours scaled to the {count:g}e9 parameters they count"
+
+
 def parse_claim(entry: dict, sources: dict = SOURCES, whose: str = "the documents'") -> Claim:
     """One claims.yaml entry; a reading overrides the claim's figure, comparison and evidence."""
     figure = entry["figure"]
+    readings = [*(entry.get("readings") or ()), *counted_reading(entry)]
     if entry["compare"] not in COMPARISONS:
         raise ValueError(f"claim {entry['id']}: compare must be one of {COMPARISONS}, not {entry['compare']!r}")
     unknown = set(entry["sources"]) - set(sources)
@@ -91,9 +99,25 @@ def parse_claim(entry: dict, sources: dict = SOURCES, whose: str = "the document
         context=tuple(entry.get("context") or ()), published=entry.get("published"),
         quote=entry.get("quote"), premise=entry.get("premise"), metric=entry.get("metric"), whose=whose,
         qualitative=bool(entry.get("qualitative", False)), standing_caveat=bool(entry.get("standing_caveat", False)),
+        parameters_counted=None if entry.get("parameters_counted") is None else float(entry["parameters_counted"]),
         readings=tuple((reading["label"], parse_claim({**_own_fields(entry), **reading}, sources, whose))
-                       for reading in entry.get("readings") or ()),
+                       for reading in readings),
     )
+
+
+def counted_reading(entry: dict) -> list[dict]:
+    """Where the documents count "7B" as `parameters_counted` parameters, the reading that judges their
+    arithmetic alone: the claim itself (figure, comparison, tolerances, caveats) with its evidence scaled
+    to that count (harness/report/evidence.py, `as_counted`). The claim's own verdict rests on our
+    unscaled figure for the real model, so the rounding counts against them there and only there."""
+    count = entry.get("parameters_counted")
+    if count is None:
+        return []
+    keep = ("figure", "compare", "tolerance", "caveat_tolerance", "caveat", "explain", "premise", "standing_caveat",
+            "qualitative", "cpu_ok")
+    return [{**{key: entry[key] for key in keep if key in entry},
+             "label": COUNTED_READING.format(count=float(count) / 1e9),
+             "evidence": {**entry["evidence"], "parameters_counted": float(count)}}]
 
 
 def _own_fields(entry: dict) -> dict:

@@ -15,18 +15,20 @@ from pathlib import Path
 
 import pytest
 
-from harness.claims import load_claims
+from harness.claims import COUNTED_READING, load_claims
 from harness.report import verdicts
 from harness.report.evidence import QUANTITIES
 from harness.report.ledger import build_ledger, build_row
 from harness.report.load import CATEGORIES, Results, is_gpu_record, load_results
 from harness.report.units import GB, GIB, LLAMA_2_7B_PARAMETERS, fmt_bytes
 
+COUNTED = COUNTED_READING.format(count=7.0)  # the reading that scales ours to the documents' 7e9 parameters
+
 FIXTURE = Path(__file__).parent / "fixtures" / "report-results"
-CLAIM_IDS = ["W-fp32", "W-over16", "G-fp32", "G-dtype", "O-adam", "T-fp32", "T-half", "W-half", "F-bf16", "F-range", "F-fp16",
-             "Q-int8-pg", "Q-int8-all", "Q-int8-t4", "Q-levels", "L-frac", "L-4x", "L-speed", "L-footprint", "F-speed",
-             "L-16gb", "A-5gb",
-             "Q-nf4", "Q-more", "P-paged", "GA-mem", "GA-eq", "M-16gb", "X-65gb", "GA-one"]
+CLAIM_IDS = ["W-fp32", "W-over16", "W-t4", "G-fp32", "G-dtype", "O-adam", "T-fp32", "T-half", "W-half", "F-bf16",
+             "F-range", "F-fp16", "F-fp8", "Q-int8-pg", "Q-int8-all", "Q-int8-t4", "Q-levels", "Q-balance", "L-frac",
+             "L-4x", "L-speed", "L-footprint", "F-speed", "L-16gb", "A-5gb",
+             "Q-nf4", "Q-more", "P-paged", "GA-mem", "GA-eq", "M-16gb", "X-65gb", "B-common", "GA-one"]
 FIGURES_IN_FIXTURE = 9
 
 
@@ -182,9 +184,11 @@ def test_evidence_prefers_gpu_then_simulated_then_analytic():
     assert row.basis.method == "simulated" and row.gpu.status == "oom"
     results.records.append(_record("cuda"))
     row = build_row(claim, results)
-    # the documents count 7B as 7e9 parameters: ours is judged scaled to that count, its own figure kept
-    assert row.basis.method == "gpu" and row.basis.value == pytest.approx(26.9e9 * 7e9 / LLAMA_2_7B_PARAMETERS)
-    assert "from ours, 26.90 GB" in row.basis.note and "TEST GPU" in row.why
+    # the documents count 7B as 7e9 parameters: ours is judged as measured, and scaled to that count beside it
+    assert row.basis.method == "gpu" and row.basis.value == pytest.approx(26.9e9) and "TEST GPU" in row.why
+    (_, scaled), = row.readings
+    assert scaled.basis.value == pytest.approx(26.9e9 * 7e9 / LLAMA_2_7B_PARAMETERS)
+    assert "from ours, 26.90 GB" in scaled.basis.note
 
 
 def test_cpu_records_count_for_device_independent_claims_and_are_labelled():
@@ -214,11 +218,14 @@ def test_int8_claims_are_judged_on_their_own_premise_with_the_real_counterparts_
     results = Results(root=Path("."), records=[{**_record("cuda"), "parameters": {"total": LLAMA_2_7B_PARAMETERS}},
                                                {**_record("cuda", experiment="int8-lora", weights=7.5e9)}])
     row = build_row(_claim("Q-int8-pg"), results)
-    assert row.basis.value == pytest.approx(14e9)  # 2 B per parameter, the documents' 7e9 parameters
+    assert row.basis.value == pytest.approx(2 * LLAMA_2_7B_PARAMETERS)  # 2 B per parameter of Llama-2-7B
     assert row.verdict.kind == verdicts.PREMISE and "int8 gradients" in row.why
     assert "LLM.int8" in row.also and "whole training step" in row.also
-    t4 = build_row(_claim("Q-int8-t4"), results)  # 28 GB is not "close to" 16 GB
-    assert t4.verdict.kind == verdicts.OFF and t4.verdict.error == pytest.approx(16 / 28 - 1)
+    (_, scaled), = row.readings  # on the documents' 7e9 parameters: exactly their 14 GB
+    assert scaled.basis.value == pytest.approx(14e9) and scaled.verdict.kind == verdicts.PREMISE
+    t4 = build_row(_claim("Q-int8-t4"), results)  # 27 GB is not "close to" 16 GB
+    assert t4.verdict.kind == verdicts.OFF and t4.verdict.error == pytest.approx(16e9 / (4 * LLAMA_2_7B_PARAMETERS) - 1)
+    assert dict(t4.readings)[COUNTED].verdict.error == pytest.approx(16 / 28 - 1)
 
 
 def test_another_reading_is_judged_beside_the_claims_own():
@@ -599,6 +606,8 @@ def test_the_glossary_defines_every_technique_and_experiment_run_and_the_page_li
     assert "Trainer" in terms["bf16-mixed"] and "reserved" in terms and "(context)" in terms
     lora = next(r for r in results.records if r["experiment"] == "lora" and (r["config"].get("lora") or {}))
     assert ", ".join(lora["config"]["lora"]["target_modules"]) in terms["lora"]  # the layers the adapters sit on
+    assert "attention's and the MLP's" in terms["lora"]  # not attention's alone, as the documents have it
+    assert "adapters" not in terms["fp32"]  # every record carries LoRA settings; a full fine-tune uses none
     link = linker(terms)
     linked = link("qlora-gc beats lora, not qlora")
     assert linked.count('class="term"') == 3 and f'href="#{anchor("qlora-gc")}">qlora-gc<' in linked
@@ -611,6 +620,9 @@ def test_a_figure_scaled_or_multiplied_from_a_measurement_is_called_derived_neve
 
     results = Results(root=Path("."), records=[{**_record("cuda"), "parameters": {"total": LLAMA_2_7B_PARAMETERS}}])
     rows = [build_row(_claim(claim_id), results) for claim_id in ("W-fp32", "Q-int8-pg")]
+    measured = rows[0]  # W-fp32's own verdict rests on the measurement itself; its scaling is the reading beside
+    assert not measured.basis.extra.get("derived") and "The run measured on TEST GPU gives 26.90 GB" in measured.why
+    rows[0] = dict(measured.readings)[COUNTED]
     for row in rows:
         assert "derived from the run measured on TEST GPU" in row.why and row.basis.extra["derived"]
     scaled, counted = (row.basis.extra["derived"] for row in rows)
@@ -714,3 +726,106 @@ def test_the_first_screen_says_what_trainers_bf16_holds_from_the_gpu_run_itself(
     fits = trainer_default_line(Results(tmp_path, records=[run(70 * 2**30)]), "llama-2-7b")
     assert "within an 80 GB card" in fits
     assert trainer_default_line(Results(tmp_path, records=[]), "llama-2-7b") is None
+
+
+# --- the documents' 7e9 parameters, and the claims added last ----------------------------------------------
+
+def test_every_row_that_counts_7e9_parameters_is_judged_on_our_own_figure_with_the_scaled_one_beside():
+    counted = [claim for claim in load_claims() if claim.parameters_counted]
+    assert {c.id for c in counted} == {"W-fp32", "W-over16", "G-fp32", "O-adam", "T-fp32", "T-half", "W-half",
+                                       "Q-int8-pg", "Q-int8-all", "Q-int8-t4"}
+    for claim in counted:
+        specs = [claim.evidence, *claim.context, *(r.evidence for label, r in claim.readings if label != COUNTED)]
+        assert not any("parameters_counted" in spec for spec in specs), claim.id  # our own figure, unscaled
+        scaled = dict(claim.readings)[COUNTED]
+        assert scaled.evidence["parameters_counted"] == 7e9 and scaled.compare == claim.compare
+        assert (scaled.tolerance, scaled.caveat_tolerance) == (claim.tolerance, claim.caveat_tolerance)
+    weights = 4 * LLAMA_2_7B_PARAMETERS  # what Llama-2-7B's fp32 weights measure: 26.95 GB
+    results = Results(root=Path("."), records=[_record("cuda", weights=weights)])
+    row = build_row(_claim("W-fp32"), results)
+    assert row.verdict.kind == verdicts.CAVEAT and row.verdict.error == pytest.approx(28e9 / weights - 1)  # +3.9%
+    assert row.basis.value == weights and not row.basis.extra.get("derived")
+    scaled = dict(row.readings)[COUNTED]
+    assert scaled.verdict.kind == verdicts.HOLDS and scaled.basis.value == pytest.approx(28e9)
+    assert "derived" in scaled.why
+    over = build_row(_claim("W-over16"), results)  # the excess over the card is arithmetic on the measurement
+    assert over.basis.value == pytest.approx(weights - 16e9) and "less the 16 GB of the card" in over.basis.extra["derived"]
+    assert over.verdict.kind == verdicts.CAVEAT and dict(over.readings)[COUNTED].verdict.kind == verdicts.HOLDS
+    total = build_row(_claim("T-fp32"), results)  # what is missing on a 16 GB card: the peak less the card
+    assert f"missing on a 16 GB card: {fmt_bytes(4 * weights - 16e9)} (derived from gpu)" in total.also
+
+
+def test_the_glance_paragraph_says_which_verdicts_the_rounding_alone_changes():
+    from harness.report.render import _counted_blocks
+
+    results = Results(root=Path("."), records=[_record("cuda", weights=4 * LLAMA_2_7B_PARAMETERS)])
+    ledger = [build_row(_claim(claim_id), results) for claim_id in ("W-fp32", "L-frac")]
+    (block,) = _counted_blocks(ledger)
+    assert block.text.startswith("1 row (W-fp32) count")
+    assert "judged on our own figure" in block.text and "W-fp32 from holds with caveat to holds" in block.text
+
+
+def test_the_t4_runs_out_of_memory_on_loading_from_the_load_phase_against_the_card():
+    fp32 = _record("cuda", weights=4 * LLAMA_2_7B_PARAMETERS)
+    fp32["memory"]["phases"] = {"load": {"peak_allocated": 4 * LLAMA_2_7B_PARAMETERS}}
+    row = build_row(_claim("W-t4"), Results(root=Path("."), records=[fp32]))
+    assert row.verdict.kind == verdicts.HOLDS and "its load phase" in row.why and "16 GB card leaves" in row.why
+    fp32["memory"]["phases"]["load"]["peak_allocated"] = 14e9  # under the 15.7 GB a 16 GB card leaves: it loads
+    row = build_row(_claim("W-t4"), Results(root=Path("."), records=[fp32]))
+    assert row.verdict.kind == verdicts.WRONG  # judged on the load, not the step's 108 GB peak
+
+
+def test_fp8_is_judged_on_the_bytes_the_lab_stores_per_value_and_says_what_it_does_not_test():
+    n = 5_048_576
+    fp8 = _record("cpu", experiment="ao-adamw-fp8", model="tiny-llama", weights=2 * n)
+    fp8["parameters"] = {"total": n, "trainable": n}
+    fp8["memory"]["persistent"]["optimizer_state"] = 2 * n + 2 * n / 256 * 4  # two 1 B moments + a scale per 256
+    row = build_row(_claim("F-fp8"), Results(root=Path("."), records=[fp8]))
+    assert row.basis.method == "cpu" and row.basis.value == pytest.approx(1 + 4 / 256)
+    assert row.verdict.kind == verdicts.CAVEAT and "not tested" in row.why  # only the moments are fp8
+    fp8["memory"]["persistent"]["optimizer_state"] = 4 * n  # 2 B a value: a 16-bit format, not fp8
+    assert build_row(_claim("F-fp8"), Results(root=Path("."), records=[fp8])).verdict.kind == verdicts.OFF
+
+
+def _base_run(experiment: str, loss: float) -> dict:
+    return {"status": "ok", "experiment": experiment, "model": "base", "random_init": False,
+            "_file": f"cpu/{experiment}__base.json", "loss": {"eval_final": loss},
+            "config": {"technique": experiment, "seq_len": 256, "micro_batch": 4, "grad_accum": 1, "steps": 100},
+            "environment": {"device_type": "cpu", "device_name": "CPU"}}
+
+
+def test_quantizations_balance_weighs_measured_memory_against_the_loss_on_the_pretrained_base():
+    memory = [_record("cuda", experiment=name, weights=w) for name, w in
+              (("lora", 13.6e9), ("qlora", 4.0e9), ("int8-lora", 7.5e9))]
+    for record in memory:
+        record["_file"] = f"cuda/{record['experiment']}.json"
+
+    def judged(qlora_loss: float):
+        base = [_base_run("lora", 5.35), _base_run("qlora", qlora_loss), _base_run("int8-lora", 5.35)]
+        return build_row(_claim("Q-balance"), Results(root=Path("."), records=memory + base))
+
+    even = judged(5.351)  # memory saved, no accuracy lost beyond the tolerance: the balance did not show
+    assert even.basis.method == "gpu" and even.verdict.kind == verdicts.CAVEAT and "did not show" in even.why
+    assert "qlora's peak is 0.29x lora's" in even.why and "%" not in even.verdict.label
+    costly = judged(5.6)  # +4.7% over LoRA, beyond QLoRA's +3%: both sides of the balance measured
+    assert costly.verdict.kind == verdicts.HOLDS and "+4.67%" in costly.why
+    memory[1]["memory"]["peak_allocated"] = 60e9  # quantizing saved no memory
+    assert judged(5.351).verdict.kind == verdicts.WRONG
+
+
+def test_common_batch_sizes_against_the_most_any_recipe_holds_on_each_card():
+    def row(experiment, card, checkpointing, batch, model="llama-2-7b"):
+        return {"model": model, "experiment": experiment, "card_gb": card, "gradient_checkpointing": checkpointing,
+                "max_micro_batch": batch, "max_seq_len": 4096}
+
+    fits = {"micro_batch_seq_len": 2048, "rows": [
+        row("fp32", 16, False, 0), row("int8-lora", 16, True, 3), row("qlora", 16, True, 5),
+        row("qlora", 16, True, 64, model="tinyllama-1.1b"),  # another model's rows never count
+        row("qlora", 24, True, 9), row("lora", 80, True, 48), row("qlora", 80, True, 39)]}
+    result = build_row(_claim("B-common"), Results(root=Path("."), fits=fits))
+    assert result.basis.value == 5 and "qlora @ llama-2-7b" in result.why and "with checkpointing" in result.why
+    assert result.verdict.kind == verdicts.CAVEAT and "practice" in result.why  # commonness is not measured
+    readings = dict(result.readings)
+    assert readings["on a 24 GB card"].verdict.kind == verdicts.CAVEAT
+    eighty = readings["on an 80 GB card"]
+    assert eighty.basis.value == 48 and eighty.verdict.kind == verdicts.WRONG and "64 and 128" in eighty.why

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 
 from harness.measure.budget import budget_cap_bytes
 from harness.report.load import Results, _get, device_label, is_gpu_record
+from harness.report.loss import loss_parity
+from harness.report.verdicts import HOLDS
 from harness.report.units import LLAMA_2_7B_PARAMETERS, fmt_bytes, fmt_value
 
 PREDICTION_METHODS = ("analytic", "simulated")
@@ -192,9 +194,10 @@ def _category_value(data: dict | None, spec: dict, prediction: bool) -> float | 
 
 
 def as_counted(observation: Observation | None, spec: dict) -> Observation | None:
-    """Where a claim counts "7B" as 7e9 parameters (`parameters_counted`), our Llama-2-7B figure
-    (6,738,415,616 parameters) is scaled to that count, so that the verdict judges the
-    arithmetic rather than the rounding; the note keeps our own figure."""
+    """Where a spec counts "7B" as 7e9 parameters (`parameters_counted`: the reading harness/claims.py
+    adds beside such a claim, never the claim's own evidence), our Llama-2-7B figure (6,738,415,616
+    parameters) is scaled to that count, so that the reading judges the documents' arithmetic alone;
+    the note keeps our own figure."""
     counted = spec.get("parameters_counted")
     if counted is None or observation is None or observation.value is None:
         return observation
@@ -237,11 +240,25 @@ def excess_peak(results: Results, spec: dict, method: str) -> Observation | None
     return _minus(peak(results, spec, method), spec["budget_bytes"])
 
 
+def phase_peak(results: Results, spec: dict, method: str) -> Observation | None:
+    """The peak of one phase of the step (`phase`: load, forward, backward, optimizer): a record's
+    allocator peak in that phase, a simulated prediction's traced one (the analytic method has none)."""
+    phase = spec["phase"]
+    observation = _per_experiment(results, spec, method, lambda p, _: _get(p, "phase_peaks", phase),
+                                  lambda r: _get(r, "memory", "phases", phase, "peak_allocated"))
+    if observation is not None and observation.value is not None:
+        observation = replace(observation, source=f"{observation.source}, its {phase} phase")
+    return as_counted(observation, spec)
+
+
 def _minus(observation: Observation | None, amount: float) -> Observation | None:
+    """What is left over `amount` (a card's bytes): arithmetic on the evidence, named as such."""
     if observation is None or observation.value is None:
         return observation
-    return Observation(observation.value - amount, observation.method, observation.source, observation.device,
-                       note=observation.note)
+    arithmetic = f"{fmt_bytes(observation.value)} less the {amount / 1e9:g} GB of the card"
+    derived = observation.extra.get("derived")
+    return replace(observation, value=observation.value - amount,
+                   extra={**observation.extra, "derived": f"{derived}, then {arithmetic}" if derived else arithmetic})
 
 
 def trainable_fraction(results: Results, spec: dict, method: str) -> Observation | None:
@@ -318,6 +335,12 @@ def trainable_bytes(results: Results, spec: dict, method: str) -> Observation | 
 
 def state_over_half_adapter(results: Results, spec: dict, method: str) -> Observation | None:
     """Optimizer state over the trainable parameters held in 16 bits (2 B each)."""
+    return _per_trainable(results, spec, method, lambda gradients, state, n: state / (2 * n))
+
+
+def moment_bytes(results: Results, spec: dict, method: str) -> Observation | None:
+    """Bytes per stored value of AdamW's two moments, their quantization scales included: the optimizer
+    state over twice the trained parameters (what one value of a low-precision format costs in a run)."""
     return _per_trainable(results, spec, method, lambda gradients, state, n: state / (2 * n))
 
 
@@ -460,19 +483,26 @@ def throughput_ratio(results: Results, spec: dict, method: str) -> Observation |
 
 
 def max_micro_batch(results: Results, spec: dict, method: str) -> Observation | None:
-    """The largest micro-batch that fits a card (the fit table's analytic search, at its sequence length)."""
+    """The largest micro-batch that fits a card (the fit table's analytic search, at its sequence length):
+    of the spec's experiment, or of every recipe the table has for the model where it names none;
+    `checkpointing` true, false, or "any" (with or without)."""
     if method != "analytic" or not results.fits:
         return None
-    table = results.fits
-    for row in table["rows"]:
-        if (row["model"], row["experiment"], int(row["card_gb"]), bool(row["gradient_checkpointing"])) == (
-                spec["model"], spec["experiment"], int(spec["card_gb"]), bool(spec.get("checkpointing"))):
-            checkpointing = "with" if row["gradient_checkpointing"] else "without"
-            return Observation(float(row["max_micro_batch"]), method,
-                               f"{row['experiment']} @ {row['model']}, seq {table['micro_batch_seq_len']:,}, "
-                               f"{checkpointing} checkpointing, {row['card_gb']} GB card",
-                               note=f"longest sequence at micro-batch 1: {row['max_seq_len']:,}")
-    return None
+    table, names, checkpointing = results.fits, _experiments(spec), spec.get("checkpointing")
+    rows = [row for row in table["rows"]
+            if row["model"] == spec["model"] and int(row["card_gb"]) == int(spec["card_gb"])
+            and (not names or row["experiment"] in names)
+            and (checkpointing == "any" or bool(row["gradient_checkpointing"]) == bool(checkpointing))]
+    if not rows:
+        return None
+    row = max(rows, key=lambda r: r["max_micro_batch"])  # the first of the table's order among equals
+    with_or_without = "with" if row["gradient_checkpointing"] else "without"
+    source = (f"{row['experiment']} @ {row['model']}, seq {table['micro_batch_seq_len']:,}, {with_or_without} "
+              f"checkpointing, {row['card_gb']} GB card")
+    if len(rows) > 1:
+        source += f"; the most of the fit table's {len(rows)} recipes at this model and card"
+    return Observation(float(row["max_micro_batch"]), method, source,
+                       note=f"longest sequence at micro-batch 1: {row['max_seq_len']:,}")
 
 
 def accumulation_extra(results: Results, spec: dict, method: str) -> Observation | None:
@@ -536,6 +566,46 @@ def paged_state(results: Results, spec: dict, method: str) -> Observation | None
             return Observation(outside, method, _describe_record(record), device_label(record), note=note,
                                holds=outside >= spec.get("threshold", 0.5))
     return None
+
+
+def quantization_balance(results: Results, spec: dict, method: str) -> Observation | None:
+    """Memory against accuracy, for each quantized experiment against its unquantized `over`: the peak
+    ratio at the spec's model and shape (from `method`'s evidence), and the held-out loss of the same
+    pair fine-tuned on the lab's pretrained base (records, loss.py; loss is never predicted). True where
+    quantizing saves memory; the caveat says what the loss shows of the accuracy it costs."""
+    memory, losses, files = [], [], ()
+    for experiment in _experiments(spec):
+        ratio = peak_ratio(results, {**spec, "experiment": experiment}, method)
+        if ratio is None or ratio.value is None:
+            return None  # every quantized experiment's memory, or no answer
+        memory.append((experiment, ratio))
+        files += ratio.extra.get("files", ())
+        losses += [c for c in loss_parity(results.records) if c.record.get("experiment") == experiment
+                   and c.reference is not None and c.reference.get("experiment") == spec["over"]]
+    holds = all(ratio.value < 1 for _, ratio in memory)
+    where = "measured" if method == "gpu" else method
+    parts = [f"{experiment}'s peak is {ratio.value:.2f}x {spec['over']}'s at {spec['model']} ({where})"
+             for experiment, ratio in memory]
+    parts += [f"{c.record.get('experiment')}'s held-out loss on the lab's pretrained base is {c.loss:.4f} against "
+              f"{spec['over']}'s {c.reference_loss:.4f} ({c.verdict.error:+.2%}, tolerance +{c.rule.tolerance:.0%}; "
+              f"{device_label(c.record) if is_gpu_record(c.record) else 'a CPU run'})" for c in losses]
+    files += tuple(c.record.get("_file") for c in losses) + tuple(c.reference.get("_file") for c in losses)
+    if not losses:
+        caveat = (f"the accuracy side is not measured: no fine-tune of the lab's pretrained base compares "
+                  f"{', '.join(_experiments(spec))} with {spec['over']}")
+    elif all(c.verdict.kind == HOLDS for c in losses):
+        caveat = ("the accuracy cost did not show: fine-tuning the lab's small pretrained base, the quantized "
+                  "runs' held-out loss is within their tolerance of the unquantized run's, so the memory came "
+                  "at no cost the lab could measure; its base is far smaller than 7B, the scale at which "
+                  "LLM.int8's authors found the outlier features that plain 8-bit rounding loses (arXiv "
+                  "2208.07339); the balance the lab does show is inside one format, clipping against rounding "
+                  "(Q-levels)")
+    else:
+        caveat = None  # both sides measured: memory saved, accuracy lost beyond the tolerance
+    first = memory[0][1]
+    return Observation(None, method, "; ".join(ratio.source for _, ratio in memory), first.device,
+                       note="; ".join(parts), holds=holds, caveat=caveat,
+                       extra={"files": tuple(dict.fromkeys(f for f in files if f))})
 
 
 # --- probes -------------------------------------------------------------------------------------
@@ -646,6 +716,7 @@ QUANTITIES = {
     "accumulation_extra": accumulation_extra, "paged_state": paged_state, "premise_bytes": premise_bytes,
     "nf4_weight_bits": nf4_weight_bits, "peak_ratio": peak_ratio, "throughput_ratio": throughput_ratio,
     "max_micro_batch": max_micro_batch, "category_ratio": category_ratio, "adapter_file_ratio": adapter_file_ratio,
+    "phase_peak": phase_peak, "moment_bytes": moment_bytes, "quantization_balance": quantization_balance,
     "format_bits": format_bits, "format_counts": format_counts, "format_range": format_range,
     "quantization_tradeoff": quantization_tradeoff, "accumulation_error": accumulation_error,
 }

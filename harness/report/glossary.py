@@ -71,16 +71,29 @@ def experiment_terms(results: Results) -> dict[str, str]:
     return dict(sorted(terms.items()))
 
 
+# The projections of a Llama-style decoder layer, by the block they belong to.
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
 def adapter_targets(results: Results) -> dict[str, str]:
     """For each adapter experiment the runs used: the rank and the layers its adapters sit on, as
-    its records say (the documents leave this open; the lab's choice moves every LoRA figure)."""
+    its records say (the documents leave this open; the lab's choice moves every LoRA figure). Every
+    record carries the LoRA settings; only a run with an adapter uses them."""
     found: dict[str, str] = {}
     for record in sorted(results.records, key=lambda r: r.get("_file", "")):
-        lora = (record.get("config") or {}).get("lora") or {}
+        config = record.get("config") or {}
+        lora = config.get("lora") or {}
         name = record.get("experiment")
-        if name and lora.get("target_modules") and name not in found:
-            found[name] = (f"adapters of rank {lora.get('r')} on {', '.join(lora['target_modules'])} "
-                           f"({len(lora['target_modules'])} projections of every layer)")
+        if config.get("adapter") in (None, "none") or not name or not lora.get("target_modules") or name in found:
+            continue
+        targets = lora["target_modules"]
+        blocks = [block for block, names in (("attention", ATTENTION_PROJECTIONS), ("MLP", MLP_PROJECTIONS))
+                  if any(target in names for target in targets)]
+        which = (": attention's and the MLP's, where the documents speak of those of attention"
+                 if blocks == ["attention", "MLP"] else "")
+        found[name] = (f"adapters of rank {lora.get('r')} on {', '.join(targets)} "
+                       f"({len(targets)} projections of every layer{which})")
     return found
 
 

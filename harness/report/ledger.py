@@ -162,7 +162,8 @@ def explain(claim: Claim, observation: Observation | None, verdict: verdicts.Ver
 
 def also(claim: Claim, context: tuple[tuple[str, Observation], ...]) -> str:
     """The context figures, beside the reason: "label: figure (method); ..."."""
-    return "; ".join(f"{label}: {_ours(claim, obs)} ({obs.method})" for label, obs in context)
+    return "; ".join(f"{label}: {_ours(claim, obs)} ({'derived from ' if obs.extra.get('derived') else ''}"
+                     f"{obs.method})" for label, obs in context)
 
 
 def _context(claim: Claim, results: Results, order: list[str]) -> tuple[tuple[str, Observation], ...]:

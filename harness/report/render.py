@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.claims import PUBLISHED_FILE, SOURCES, load_claims, load_sources
+from harness.claims import COUNTED_READING, PUBLISHED_FILE, SOURCES, load_claims, load_sources
 from harness.report import add_arguments, answer, beyond, engines, environment, glossary, ladder, reserved
 from harness.report.accuracy import TOLERANCES, prediction_errors, summary
 from harness.report.figures import FigureResult, all_figures
@@ -190,6 +190,33 @@ def _cpu_text(on_cpu) -> str:
     return text
 
 
+def _counted_blocks(ledger) -> list[Block]:
+    """What the rows that count "7B" as 7e9 parameters are judged on, and what the rounding alone does
+    to their verdicts (from the rows themselves, so the sentence stays true of the table below it)."""
+    rows = [row for row in ledger if row.claim.parameters_counted]
+    if not rows:
+        return []
+    counted = rows[0].claim.parameters_counted
+    label = COUNTED_READING.format(count=counted / 1e9)
+    changes: dict[tuple[str, str], list[str]] = {}  # (ours, scaled) verdicts -> the rows
+    kept = []
+    for row in rows:
+        scaled = dict(row.readings).get(label)
+        if scaled is not None and scaled.verdict.label != row.verdict.label:
+            changes.setdefault((row.verdict.label, scaled.verdict.label), []).append(row.claim.id)
+        else:
+            kept.append(row.claim.id)
+    changed = [f"{', '.join(ids)} from {ours} to {scaled}" for (ours, scaled), ids in changes.items()]
+    text = (f"{_count(len(rows), 'row')} ({', '.join(row.claim.id for row in rows)}) count \"7B\" as "
+            f"{counted / 1e9:g}e9 parameters; Llama-2-7B has {LLAMA_2_7B_PARAMETERS:,} "
+            f"({1 - LLAMA_2_7B_PARAMETERS / counted:.1%} fewer). Each is judged on our own figure for Llama-2-7B, "
+            f"so the rounding counts against the documents' figure; beside each verdict, the other reading "
+            f"(\"{label}\") scales ours x{counted / LLAMA_2_7B_PARAMETERS:.3f} to judge their arithmetic alone. ")
+    text += ("Scaled, the verdict goes " + "; ".join(changed) + (f"; {', '.join(kept)} keep theirs" if kept else "")
+             + "." if changed else "Scaled, none of these verdicts changes.")
+    return [Block("p", text)]
+
+
 def _table_or(table: Table | None, missing: str) -> Block:
     """A table, or the sentence that says what produces it."""
     return Block("table", table=table) if table is not None else Block("p", missing)
@@ -232,15 +259,7 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
 
     blocks.append(Block("h2", "Verdicts at a glance", anchor="verdicts"))
     blocks.append(Block("badges", ", ".join(f"{kind}: {n}" for kind, n in counts.items() if n)))
-    rounded = [claim.id for claim in claims if claim.evidence.get("parameters_counted")]
-    if rounded:
-        counted = claims[[c.id for c in claims].index(rounded[0])].evidence["parameters_counted"]
-        blocks.append(Block("p", (
-            f"{_count(len(rounded), 'row')} ({', '.join(rounded)}) count \"7B\" as {counted / 1e9:g}e9 parameters; "
-            f"Llama-2-7B has {LLAMA_2_7B_PARAMETERS:,} ({1 - LLAMA_2_7B_PARAMETERS / counted:.1%} fewer). Those rows "
-            f"judge the documents' arithmetic against ours scaled to {counted / 1e9:g}e9 parameters "
-            f"(x{counted / LLAMA_2_7B_PARAMETERS:.3f}) in every column; the measured column's sub-line gives our "
-            "own figure. That rounding is the whole difference between their figures and ours.")))
+    blocks += _counted_blocks(ledger)
     blocks.append(Block("table", table=glance_table(ledger)))
 
     blocks.append(Block("h2", "The claims ledger", anchor="ledger"))

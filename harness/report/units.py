@@ -61,6 +61,7 @@ FORMATTERS = {
     "fraction": lambda v: fmt_percent(v, 2),
     "bits_per_parameter": lambda v: "-" if v is None else f"{v:.2f} bits/parameter",
     "bytes_per_parameter": lambda v: "-" if v is None else f"{v:.1f} B/parameter",
+    "bytes_per_value": lambda v: "-" if v is None else f"{v:.3f} B/value",
     "relative_error": fmt_sci,
     "count": fmt_count,
     "bits": lambda v: "-" if v is None else f"{v:g} bits",
@@ -76,7 +77,7 @@ UNIT_WORDS = {
     "bytes": "memory", "fraction": "a share", "bits_per_parameter": "bits per parameter",
     "bytes_per_parameter": "bytes per parameter", "relative_error": "a relative error", "count": "a count",
     "bits": "bits", "bits_per_weight": "bits per quantized weight", "ratio": "a ratio",
-    "tokens_per_s": "a speed", "sequences": "sequences per micro-batch",
+    "tokens_per_s": "a speed", "sequences": "sequences per micro-batch", "bytes_per_value": "bytes per stored value",
 }
 
 
