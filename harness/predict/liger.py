@@ -18,8 +18,8 @@ autograd Functions' Python code, traced here from Liger-Kernel 0.8.2 (commit ead
   scales them in place and hands them on. No logits are held past a chunk. The weight gradient is
   accumulated in place (torch.addmm into grad_weight) where the product is 16-bit on a CUDA GPU of compute
   capability 8 or more, as Liger does since PR #1239 (an fp32 grad_weight, 0.8.1) and PR #1454 (merged
-  2026-09-10: a grad_weight of the product's dtype); 0.8.2 and earlier hold the product and an fp32 copy of
-  it (V x H, 6 bytes each) per chunk for the latter. The GPU records do not name the Liger version that
+  2026-09-10: a grad_weight of the product's dtype); 0.8.2 and earlier make, for the latter, the V x H product
+  and an fp32 copy of it per chunk (torch.mm(...).float()). The GPU records do not name the Liger version that
   ran; the in-place path is modelled (a bf16 3B rung's forward, measured, holds neither copy).
 - transformers/monkey_patch.py, apply_liger_kernel_to_llama(model=...): module-level apply_rotary_pos_emb
   replaced; the model's forward replaced by model/llama.py's lce_forward (the loss through the fused
@@ -83,7 +83,7 @@ class SiLUMulFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad.contiguous()
+        grad = grad.contiguous()  # ensure_contiguous: the kernel reads dc row by row
         a, b = ctx.saved_tensors
         return a, b  # the kernel writes da and db into a and b
 
