@@ -72,7 +72,7 @@ BLOCKS: dict[str, Block] = {
         "Liger's Triton kernels: RMSNorm, SwiGLU, RoPE and the fused linear cross-entropy (no logits held)",
         _both({"use_liger_kernel": True}),
         cuda_only="Liger's kernels are Triton kernels, which run on GPUs",
-        not_simulated="Liger's Triton kernels do not run on fake tensors", package="liger_kernel"),
+        package="liger_kernel"),  # simulated by stand-ins for its autograd Functions (harness.predict.liger)
     "compile": Block(
         "torch.compile on the model (inductor)", _both({"torch_compile": True}),
         cuda_only="inductor's CPU kernels say nothing of a GPU's memory or speed, and compiling the step alone "

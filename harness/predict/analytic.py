@@ -349,6 +349,33 @@ def _mlp(flow: _Flow, tokens: int, shape: Shape, x_bytes: int, targets: set[str]
     return saved, input_saved
 
 
+def recompute_held_bytes(flow: _Flow, shape: Shape, tokens: int, targets: set[str]) -> int:
+    """What a recomputed layer holds beside its saved tensors at its widest moment, the forward of its last
+    linear (down; GPT-2's c_proj), where every other tensor the layer saves exists already: the gradient of
+    the layer's output (handed down by the layer above, waiting for this layer's backward), the MLP's input
+    (its argument until the MLP returns) and down's input where nothing saves them, down's output, and for
+    an adapted down peft's own copies, its input cast to fp32 (x.to(lora_A.weight.dtype), a copy unless fp32)
+    and dropout's fp32 output, alive until lora_A has read them (peft LoRA Linear.forward). Traced: a 3B
+    LoRA step with Liger's kernels peaks there, its logits gone. Mixture-of-experts layers are left out."""
+    if shape.experts:
+        return 0
+    family, hidden, inter, r = shape.family, shape.hidden, shape.intermediate, flow.residual
+    quantized = flow.quantization != "none"
+    roles = ((("gate_up", 2 * inter),) if family.fused_gate_up else (("gate", inter), ("up", inter))
+             if family.gated_mlp else (("up", inter),))
+    g_out, mlp_in = 0, False
+    for role, width in roles:
+        g_out, _, uses_input = _linear(flow, r, tokens, hidden, width, family.name(role) in targets, quantized)
+        mlp_in |= uses_input
+    adapted = family.name("down") in targets
+    d_out, _, d_in = _linear(flow, g_out, tokens, inter, hidden, adapted, quantized)
+    held = r * tokens * hidden + (0 if mlp_in else r * tokens * hidden) + (0 if d_in else g_out * tokens * inter)
+    held += d_out * tokens * hidden
+    if adapted and flow.lora:
+        held += (0 if g_out == 4 else 4 * tokens * inter) + (4 * tokens * inter if flow.dropout else 0)
+    return held
+
+
 def layer_saved_bytes(flow: _Flow, shape: Shape, tokens: int, seq_len: int, targets: set[str]) -> int:
     """Bytes one decoder layer saves for backward (no checkpointing)."""
     quantized = flow.quantization != "none"
@@ -486,8 +513,10 @@ def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gr
     # transients never meet.
     kept = shape.layers * (layer_input + (attention_kept_bytes(flow, shape, tokens) if selective else 0))
     layers, recompute = (kept, per_layer) if gradient_checkpointing else (shape.layers * per_layer, 0)
+    # A recomputed layer's widest moment: its saved tensors and what its last linear's forward holds.
+    recompute_peak = recompute + recompute_held_bytes(flow, shape, tokens, targets) if gradient_checkpointing else 0
     if not offloading:
-        return {"saved": layers + head, "transient": max(loss_backward, recompute - head), "host": 0,
+        return {"saved": layers + head, "transient": max(loss_backward, recompute_peak - head), "host": 0,
                 "layer": recompute or per_layer, "head": head}
     # TRL's offloading: every saved tensor of 1 KB or more goes to host memory, but parameters and
     # what lm_head saves (it is run outside the offloading); checkpointing's kept inputs are
@@ -500,7 +529,7 @@ def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gr
     # saves after its copy; the simulation does (at 7B, seq 2048: twice the host bytes and 3.5 GB
     # more on the GPU than this), this counts each tensor once: checkpointed is what is predicted.
     return {"saved": lm_head + loss, "host": layers + final_norm + loss,
-            "transient": max(loss_backward, recompute + (layer_input if gradient_checkpointing else 0)),
+            "transient": max(loss_backward, recompute_peak + (layer_input if gradient_checkpointing else 0)),
             "layer": recompute or per_layer, "head": lm_head + loss}
 
 

@@ -27,7 +27,9 @@ What a fake step cannot do, and how it is handled:
 - compiled code (torch.compile, torchao's optimizer step) runs eager under the tracker, so a
   compiled step is predicted as the eager one (torchao's eager step makes fp32 copies of each
   tensor's moments that its compiled kernel does not: the simulation's optimizer-step
-  transient is an upper bound there). Liger's Triton kernels do not run at all (NOT_SIMULATED).
+  transient is an upper bound there).
+- Liger's Triton kernels cannot run on fake tensors: autograd Functions that allocate and save what Liger's
+  do take their place, patched in as Liger patches the model (harness.predict.liger, _liger).
 - offloading: TRL's own OffloadActivations runs, as if the CPU were an accelerator (_offloading).
 """
 
@@ -293,6 +295,21 @@ def _sharded_over(cfg, tracker: TensorTracker | None):
 
 
 @contextmanager
+def _liger():
+    """harness.predict.liger's stand-ins where the runner applies Liger's kernels (models.apply_liger)."""
+    from harness.predict.liger import liger_stand_ins
+    from harness.step import models
+
+    original = models.apply_liger
+    with liger_stand_ins() as apply:
+        models.apply_liger = apply
+        try:
+            yield
+        finally:
+            models.apply_liger = original
+
+
+@contextmanager
 def fake_step(technique: Technique, cfg, device_type: str, tracker: TensorTracker | None = None):
     """Fake tensors, with everything above that a step of `device_type` needs to run on them (a sharded
     experiment's fake process group too, whose mesh it yields; None otherwise). `tracker`: the one that
@@ -302,7 +319,7 @@ def fake_step(technique: Technique, cfg, device_type: str, tracker: TensorTracke
         raise NotSimulated("not simulated (" + "; ".join(blocked) + "); the analytic method predicts it")
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with (_sharded_over(cfg, tracker) as mesh, _real_code_books(technique), _unpacked_sequences(),
-          _cuda_dropout(device_type), _cuda_attention(device_type), _cuda_int8_matmul(device_type), mode,
+          _cuda_dropout(device_type), _cuda_attention(device_type), _cuda_int8_matmul(device_type), _liger(), mode,
           _swappable_fake_tensors(mode)):
         yield mesh
 

@@ -276,7 +276,8 @@ def analytic_speed(config, technique, seq_len: int, micro_batch: int, grad_accum
 
 def without_liger(cfg):
     """The experiment with Liger's kernels off, whose eager step the speed model costs in their place (Liger's
-    Triton kernels do not run on fake tensors); None where Liger is not what stops the simulation."""
+    Triton kernels do not run on fake tensors: the simulation's stand-ins for them hold their memory but do
+    none of their work, so they have no kernels to cost); None without Liger."""
     import dataclasses
 
     return dataclasses.replace(cfg, liger_kernels=False) if getattr(cfg, "liger_kernels", False) else None

@@ -51,8 +51,8 @@ def technique_table(rows: pd.DataFrame) -> Table:
         lines.append([Cell(row["experiment"]), Cell(f"{row['predicted'] / GIB:.1f}", detail),
                       Cell(f"{CATEGORY_WORDS[biggest]} {row[biggest] / GIB:.1f}"), Cell(host), measured])
     note = (f"{MODEL}, micro-batch {MICRO_BATCH} x {SEQ_LEN:,} tokens, on the CUDA code path; peaks in GiB (2^30 "
-            "bytes), smallest first. Predicted: simulated where the step could be traced (Liger's Triton kernels "
-            "cannot: analytic), both methods when they agree within 1%. Host: host memory the offloaded "
-            "activations take, beside the GPU's. torch.compile is predicted as the eager step.")
+            "bytes), smallest first. Predicted: simulated where a simulation is saved (Liger's Triton kernels by "
+            "stand-ins for their autograd Functions), both methods when they agree within 1%. Host: host memory "
+            "the offloaded activations take, beside the GPU's. torch.compile is predicted as the eager step.")
     return Table(["Experiment", "Predicted GiB", "Largest part", "Host GiB", "Measured GiB"], lines, note=note,
                  css="beyond", numeric={1, 3, 4})

@@ -362,12 +362,17 @@ def prepare_for_training(model: nn.Module, technique: Technique, lora, gradient_
     if adapter is not None:
         model = adapter.wrap(model, lora)
     if liger_kernels:
-        import liger_kernel  # noqa: F401  (missing: the run is skipped, saying so)
-        from transformers.integrations.liger import apply_liger_kernel
-
-        # What Trainer's use_liger_kernel runs, on the same (peft-wrapped) model.
-        apply_liger_kernel(model, {})
+        apply_liger(model)
     return model
+
+
+def apply_liger(model: nn.Module) -> None:
+    """What Trainer's use_liger_kernel runs, on the same (peft-wrapped) model. The simulation swaps in
+    harness.predict.liger's stand-ins here (Liger's Triton kernels do not run on fake tensors)."""
+    import liger_kernel  # noqa: F401  (missing: the run is skipped, saying so)
+    from transformers.integrations.liger import apply_liger_kernel
+
+    apply_liger_kernel(model, {})
 
 
 def parameter_counts(model: nn.Module) -> dict:
