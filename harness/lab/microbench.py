@@ -46,11 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     timing = QUICK if args.quick or args.size == "tiny" else []
     command = [sys.executable, "-m", "pytest", str(BENCHMARKS), "-q", f"--benchmark-json={partial}",
                *timing, *pytest_args]
+    # pytest-benchmark measures nothing inside a pytest-xdist worker (it reads PYTEST_XDIST_WORKER), so a
+    # run started from one (the test suite under `make test`) must not hand those variables on.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_XDIST_")}
     try:
-        code = subprocess.run(command, env={**os.environ, "MICROBENCH_SIZE": args.size}).returncode
+        code = subprocess.run(command, env={**env, "MICROBENCH_SIZE": args.size}).returncode
         if code != 0:
             print(f"micro-benchmarks failed (pytest exit status {code}); nothing saved", file=sys.stderr)
             return code
+        if not partial.exists():
+            print("micro-benchmarks ran but pytest-benchmark wrote no JSON (disabled?); nothing saved", file=sys.stderr)
+            return 1
         data = load(partial)
         path = args.out / output_name(data)
         os.replace(partial, path)
