@@ -26,12 +26,13 @@ from harness import schema
 from harness.architectures import ARCHITECTURES, DEFAULT_TARGETS, lora_targets
 from harness.blocks.adapters import ADAPTERS
 from harness.blocks.optimizers import OPTIMIZERS, optimizer_settings
+from harness.blocks.quantizations import QUANTIZATIONS
 from harness.blocks.training import blocks_on
 from harness.env import resolve_device
 from harness.errors import ConfigError
 from harness.model_files import read_model_config
 from harness.step.checkpoint import BASE_SOURCE, base_identity
-from harness.techniques import QUANTIZATIONS, TECHNIQUES, Technique
+from harness.techniques import TECHNIQUES, Technique
 
 # The training loops a run can be measured in (harness.engines registers each).
 EngineName = Literal["harness", "trainer", "trl-sft"]
