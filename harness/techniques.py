@@ -29,6 +29,11 @@ class Technique:
     optimizer: str        # a key of harness.blocks.optimizers.OPTIMIZERS
     summary: str = ""
 
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype its matrix products run in: its autocast's, else its weights'."""
+        return self.autocast if self.autocast != "none" else self.weights
+
 
 TECHNIQUES: dict[str, Technique] = {
     "fp32": Technique("fp32", "none", False, "none", False, "none", "adamw",

@@ -22,8 +22,9 @@ def experiments_dir() -> Path:
     return EXPERIMENTS
 
 
-def run_dict(config: dict, out, **options) -> tuple[Path, dict]:
-    """Run a config in its own process; the record as the JSON object on disk."""
+def run_dict(config, out, **options) -> tuple[Path, dict]:
+    """Run a resolved config (harness.config.ResolvedConfig) in its own process; the record as the JSON object on
+    disk."""
     from harness import schema
     from harness.lab.runner import run_config
 
@@ -34,7 +35,15 @@ def run_dict(config: dict, out, **options) -> tuple[Path, dict]:
 @pytest.fixture(scope="session")
 def quick_records(tmp_path_factory) -> dict:
     """Every experiment file run once on tiny-llama with the QUICK workload: {name: (path, record)}."""
-    from harness.config import experiment_files, prepare
+    from harness.config import experiment_files, resolve
 
     out = tmp_path_factory.mktemp("results")
-    return {path.stem: run_dict(prepare(path, QUICK), out) for path in experiment_files(EXPERIMENTS)}
+    return {path.stem: run_dict(resolve(path, QUICK), out) for path in experiment_files(EXPERIMENTS)}
+
+
+def altered(config, **fields):
+    """A resolved config (harness.config.ResolvedConfig) with experiment fields changed past validation, as in a
+    hand-edited one: its hash stays the validated one's."""
+    import dataclasses
+
+    return dataclasses.replace(config, experiment=dataclasses.replace(config.experiment, **fields))

@@ -19,7 +19,7 @@ from harness.blocks.parts import BuiltForTrainer, LossRule, Setting, Unmapped
 from harness.blocks.precisions import PRECISIONS
 from harness.blocks.quantizations import QUANTIZATIONS
 from harness.blocks.training import BLOCKS, SHARDINGS, TRAINER_ENGINES
-from harness.config import Experiment, OptimSettings, load_experiment, prepare, resolve_technique
+from harness.config import Experiment, OptimSettings, load_experiment, resolve, resolve_technique
 from harness.predict.analytic import shape_of, trainable_tensors
 from harness.predict.prediction import predict
 from harness.presets import preset_config
@@ -166,7 +166,7 @@ def test_a_sharded_experiment_is_refused_with_its_optimizers_own_reason(tmp_path
 def test_the_optimizers_added_as_one_descriptor_and_one_file_run_as_their_formula_says(tmp_path, name):
     """torch's SGD with momentum and Adafactor: a real CPU run keeps the optimizer state the formula counts,
     to the byte (Adafactor, which fake tensors cannot step, is predicted by the formula alone)."""
-    _, record = run_dict(prepare(EXPERIMENTS / f"{name}.yaml", QUICK), tmp_path)
+    _, record = run_dict(resolve(EXPERIMENTS / f"{name}.yaml", QUICK), tmp_path)
     assert record["status"] == "ok", record.get("error")
     analytic = predict(EXPERIMENTS / f"{name}.yaml", "tiny-llama", QUICK["seq_len"], QUICK["micro_batch"], "analytic",
                        "cpu")
