@@ -23,11 +23,11 @@ def _overrides(args) -> dict:
 
 def cmd_run(args) -> int:
     from harness import schema
-    from harness.config import prepare
+    from harness.config import resolve
     from harness.lab.bench import default_timeout
     from harness.lab.runner import CellBusy, check_ranks, run_config, summary_line
 
-    config = prepare(args.experiment, _overrides(args))
+    config = resolve(args.experiment, _overrides(args))
     check_ranks(config, args.experiment, "--nproc" if args.nproc else "world_size", args.force_ranks)
     try:
         path, record = run_config(config, args.out, timeout_s=args.timeout or default_timeout(config))
@@ -82,7 +82,7 @@ def cmd_report(args) -> int:
 
 def cmd_validate(args) -> int:
     """Every file is checked and every bad one reported; exit status 2 if any is bad."""
-    from harness.config import prepare
+    from harness.config import resolve
 
     if not args.files and not args.folder.is_dir():
         raise ConfigError(args.folder, "--folder", "no such folder")
@@ -90,12 +90,12 @@ def cmd_validate(args) -> int:
     bad = 0
     for path in paths:
         try:
-            config = prepare(path)
+            config = resolve(path)
         except ConfigError as error:
             print(f"error: {error}", file=sys.stderr)
             bad += 1
             continue
-        print(f"{path}: ok ({config['name']}: technique {config['technique']}, model {config['model']})")
+        print(f"{path}: ok ({config.name}: technique {config.experiment.technique}, model {config.experiment.model})")
     if bad:
         print(f"{bad} of {len(paths)} experiment files are not valid", file=sys.stderr)
     return EXIT_BAD_CONFIG if bad else 0

@@ -26,12 +26,13 @@ from harness import schema
 from harness.architectures import ARCHITECTURES, DEFAULT_TARGETS, lora_targets
 from harness.blocks.adapters import ADAPTERS
 from harness.blocks.optimizers import OPTIMIZERS, optimizer_settings
+from harness.blocks.quantizations import QUANTIZATIONS
 from harness.blocks.training import blocks_on
 from harness.env import resolve_device
 from harness.errors import ConfigError
 from harness.model_files import read_model_config
 from harness.step.checkpoint import BASE_SOURCE, base_identity
-from harness.techniques import QUANTIZATIONS, TECHNIQUES, Technique
+from harness.techniques import TECHNIQUES, Technique
 
 # The training loops a run can be measured in (harness.engines registers each).
 EngineName = Literal["harness", "trainer", "trl-sft"]
@@ -680,23 +681,29 @@ def resolved_config(name: str, experiment: Experiment) -> dict:
 @dataclass(frozen=True)
 class ResolvedConfig:
     """An experiment as it runs, typed: its file's fields on the real device with the technique's blocks
-    spelled out, the technique, its name, which pretrained base it fine-tunes and its hash. Between
-    processes and in every record it is its dict form (`as_dict`), which `from_dict` reads back."""
+    spelled out, the technique, its name, which pretrained base it fine-tunes and its hash; once a run of it
+    starts, that run's id. It goes so from the experiment file to the worker; between processes and in every
+    record it is its dict form (`as_dict`), which `from_dict` reads back."""
     name: str
     experiment: Experiment
     technique: Technique
     config_hash: str
     base_checkpoint: str | None = None
+    run_id: str | None = None  # the attempt's id (harness.lab.runner), which its record carries
 
     def as_dict(self) -> dict:
-        return {**_hashed_fields(self.name, self.experiment, self.base_checkpoint), "config_hash": self.config_hash}
+        return {**_hashed_fields(self.name, self.experiment, self.base_checkpoint), "config_hash": self.config_hash,
+                **({"run_id": self.run_id} if self.run_id is not None else {})}
 
     @classmethod
     def from_dict(cls, config: dict) -> ResolvedConfig:
         experiment = experiment_of(config)
         return cls(config["name"], experiment, resolve_technique(experiment), config["config_hash"],
-                   config.get("base_checkpoint"))
+                   config.get("base_checkpoint"), config.get("run_id"))
 
+    def run(self, run_id: str) -> ResolvedConfig:
+        """The same configuration as one attempt's."""
+        return dataclasses.replace(self, run_id=run_id)
 
 def resolve(path: str | Path, overrides: dict | None = None) -> ResolvedConfig:
     """Validate an experiment file and resolve it: its technique's blocks, the real device (the hash names

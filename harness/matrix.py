@@ -17,6 +17,7 @@ from harness import env, schema
 from harness.config import (
     MATRIX_FILE,
     ConfigError,
+    ResolvedConfig,
     build_dataclass,
     experiment_files,
     read_yaml,
@@ -70,7 +71,7 @@ LAUNCHER_BLOCK = "launcher"
 
 @dataclass
 class PlannedRun:
-    config: dict  # the resolved configuration's dict form (harness.config.ResolvedConfig), as the worker gets it
+    config: ResolvedConfig  # as the worker gets it (in its dict form, between processes)
     repeat: int
     path: Path
     note: str
@@ -78,11 +79,6 @@ class PlannedRun:
     # Why this cell runs shorter than its block says (`if_emulated.set`), or is not run here (`left_to`).
     shortened: str | None = None
     left_to: str | None = None
-
-
-def compute_dtype(config: dict) -> str:
-    """The dtype a resolved configuration's matrix products run in: its autocast's, else its weights'."""
-    return config["autocast"] if config["autocast"] != "none" else config["weights"]
 
 
 def load_matrix(path: str | Path) -> Matrix:
@@ -151,28 +147,29 @@ def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Pat
             if device_type == "cuda" and devices is not None and world_size > devices:
                 skipped.append(f"{name} @ {model} at world size {world_size}: this machine has {devices} GPUs")
                 continue
-            cells.append((name, model, overrides, resolved.as_dict()))
+            cells.append((name, model, overrides, resolved))
         rule = block.if_emulated
         # a rule for the whole block (a comparison, like with like) holds for every cell once one is emulated
-        whole_block = rule is not None and rule.whole_block and any(compute_dtype(c) in emulated for *_, c in cells)
+        whole_block = rule is not None and rule.whole_block and any(c.technique.compute_dtype in emulated
+                                                                    for *_, c in cells)
         for name, model, overrides, config in cells:
             shortened = left_to = None
-            if rule is not None and (whole_block or compute_dtype(config) in emulated):
+            if rule is not None and (whole_block or config.technique.compute_dtype in emulated):
                 if rule.skip:
                     left_to = rule.why
                 else:  # the rule's fields replace the block's; the command line's still stand over both
                     shortened = rule.why
                     chosen = {key: overrides[key] for key, given in (("seq_len", seq_lens), ("budget_gb", budgets_gb),
                                                                      ("engine", engines)) if given}
-                    config = resolve(available[name], {**overrides, **rule.set, **chosen}).as_dict()
+                    config = resolve(available[name], {**overrides, **rule.set, **chosen})
             for index in range(repeat):
-                path = schema.record_path(out_dir, device_slug, name, model, config["config_hash"], index)
+                path = schema.record_path(out_dir, device_slug, name, model, config.config_hash, index)
                 planned.setdefault(path, PlannedRun(config, index, path, block.note, shortened=shortened,
                                                     left_to=left_to))
     return list(planned.values()), skipped
 
 
-def _resolve_cell(path: Path, overrides: dict, block: MatrixBlock, matrix_path: Path, where: str):
+def _resolve_cell(path: Path, overrides: dict, block: MatrixBlock, matrix_path: Path, where: str) -> ResolvedConfig:
     """The cell's resolved configuration; a bad value the block's `set:` gave is the matrix file's fault, not
     the experiment file's, and is said so."""
     try:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from harness.blocks.optimizers import OPTIMIZERS
+from harness.blocks.quantizations import QUANTIZATIONS
 from harness.blocks.training import BLOCKS, blocks_on
 
 
@@ -22,11 +23,16 @@ class Technique:
     weights: str          # dtype of the materialised model: fp32 | bf16 | fp16
     autocast: str         # none | bf16 | fp16
     loss_scaling: bool    # dynamic loss scaling (needed with fp16 autocast)
-    quantization: str     # none | int8 | nf4 (frozen base, bitsandbytes)
+    quantization: str     # a key of harness.blocks.quantizations.QUANTIZATIONS (frozen base, bitsandbytes)
     double_quant: bool    # nf4 only: quantize the quantization constants too
     adapter: str          # a key of harness.blocks.adapters.ADAPTERS (peft)
     optimizer: str        # a key of harness.blocks.optimizers.OPTIMIZERS
     summary: str = ""
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype its matrix products run in: its autocast's, else its weights'."""
+        return self.autocast if self.autocast != "none" else self.weights
 
 
 TECHNIQUES: dict[str, Technique] = {
@@ -48,19 +54,13 @@ TECHNIQUES: dict[str, Technique] = {
                        "frozen NF4 base with double quantization, bf16 compute, LoRA, paged 8-bit AdamW"),
 }
 
-QUANTIZATIONS = ("none", "int8", "nf4")
-
-
 # -- what blocks combine with, and where they run -------------------------------------------
 
 # What a sharded experiment cannot be combined with (checked when the file is read): field -> why an
 # experiment and its technique trip it, or None where they do not.
 SHARDING_EXCLUDES: dict[str, Callable] = {
-    "quantization": lambda e, t: (
-        "bitsandbytes' packed weights keep their quantization state on the parameter object, which FSDP2's "
-        "DTensor shards do not carry (FSDP-QLoRA stored NF4 in a 16-bit quant_storage under FSDP1, which torch "
-        "has deprecated); LoRA on a sharded 16-bit base is the sharded adapter run") if t.quantization != "none"
-    else None,
+    # each quantization says why it cannot
+    "quantization": lambda e, t: QUANTIZATIONS[t.quantization].not_sharded if t.quantization != "none" else None,
     "optimizer": lambda e, t: OPTIMIZERS[t.optimizer].not_sharded,  # each optimizer says why it cannot
     # each training block says why it cannot
     **{name: (lambda e, t, name=name: BLOCKS[name].not_sharded if getattr(e, name) else None)

@@ -35,8 +35,9 @@ def experiments_dir() -> Path:
     return EXPERIMENTS
 
 
-def run_dict(config: dict, out, **options) -> tuple[Path, dict]:
-    """Run a config in its own process; the record as the JSON object on disk."""
+def run_dict(config, out, **options) -> tuple[Path, dict]:
+    """Run a resolved config (harness.config.ResolvedConfig) in its own process; the record as the JSON object on
+    disk."""
     from harness import schema
     from harness.lab.runner import run_config
 
@@ -53,7 +54,7 @@ def quick_records(tmp_path_factory) -> dict:
     files from the end, so that two workers share the runs instead of waiting on each other."""
     from filelock import FileLock
 
-    from harness.config import experiment_files, prepare
+    from harness.config import experiment_files, resolve
 
     shared = _session_folder(tmp_path_factory) / "quick-records"
     shared.mkdir(exist_ok=True)
@@ -64,8 +65,16 @@ def quick_records(tmp_path_factory) -> dict:
         done = shared / f"{path.stem}.json"
         with FileLock(shared / f"{path.stem}.lock"):
             if not done.exists():
-                record_path, record = run_dict(prepare(path, QUICK), shared / "results")
+                record_path, record = run_dict(resolve(path, QUICK), shared / "results")
                 done.write_text(json.dumps({"path": str(record_path), "record": record}))
         saved = json.loads(done.read_text())
         records[path.stem] = (Path(saved["path"]), saved["record"])
     return {path.stem: records[path.stem] for path in files}
+
+
+def altered(config, **fields):
+    """A resolved config (harness.config.ResolvedConfig) with experiment fields changed past validation, as in a
+    hand-edited one: its hash stays the validated one's."""
+    import dataclasses
+
+    return dataclasses.replace(config, experiment=dataclasses.replace(config.experiment, **fields))

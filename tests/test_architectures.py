@@ -9,7 +9,7 @@ import pytest
 from conftest import EXPERIMENTS, QUICK, ROOT, run_dict
 
 from harness.architectures import ARCHITECTURES, lora_targets
-from harness.config import ConfigError, TargetsWarning, prepare
+from harness.config import ConfigError, TargetsWarning, prepare, resolve
 from harness.predict.prediction import predict
 from harness.step.models import resolve_source
 
@@ -133,7 +133,7 @@ def test_a_family_the_formula_does_not_describe_is_one_sentence_and_still_simula
 
 @pytest.mark.slow
 def test_a_run_of_phi3_adapts_its_fused_projections(configs, tmp_path):
-    config = prepare(EXPERIMENTS / "qlora.yaml", {**QUICK, "model": str(configs["phi3"])})
+    config = resolve(EXPERIMENTS / "qlora.yaml", {**QUICK, "model": str(configs["phi3"])})
     _, record = run_dict(config, tmp_path)
     assert record["status"] == "ok", record.get("error")
     analytic = predict(EXPERIMENTS / "qlora.yaml", str(configs["phi3"]), 64, 2, "analytic")
@@ -145,7 +145,7 @@ def test_a_run_of_phi3_adapts_its_fused_projections(configs, tmp_path):
 def test_a_run_of_a_gpt_style_family_adapts_every_linear_layer(configs, tmp_path, family, experiment):
     """GPT-2's Conv1D layers quantized and adapted, both of its c_proj layers included; NeoX's
     linear layers with biases. The traced step is the real one."""
-    config = prepare(EXPERIMENTS / f"{experiment}.yaml", {**QUICK, "model": str(configs[family])})
+    config = resolve(EXPERIMENTS / f"{experiment}.yaml", {**QUICK, "model": str(configs[family])})
     _, record = run_dict(config, tmp_path)
     assert record["status"] == "ok", record.get("error")
     path, model, seq, batch = EXPERIMENTS / f"{experiment}.yaml", str(configs[family]), QUICK["seq_len"], 2

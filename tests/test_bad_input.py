@@ -12,7 +12,7 @@ import pytest
 from conftest import EXPERIMENTS
 
 from harness.cli import build_parser
-from harness.config import ConfigError, prepare
+from harness.config import ConfigError, ResolvedConfig, prepare, resolve
 
 BAD_FLAGS = [
     (["bench", "--budget-gb", "0"], "--budget-gb: must be a positive number of GB"),
@@ -275,7 +275,7 @@ def test_a_model_folders_own_code_runs_only_in_a_real_run_that_asked_for_it(tmp_
         "from transformers import LlamaConfig\n\nclass EvilConfig(LlamaConfig):\n    model_type = 'evilnet'\n")
     experiment = tmp_path / "coded.yaml"
     experiment.write_text(f"technique: lora\nmodel: {tmp_path / 'coded'}\ntrust_remote_code: true\n")
-    config = prepare(experiment)  # validate: read as data
+    config = resolve(experiment)  # validate: read as data
     planned = [PlannedRun(config, 0, tmp_path / "x.json", "")]
     estimate_runs(planned, "cpu")  # bench --dry-run
     assert planned[0].estimate is None
@@ -329,19 +329,19 @@ def test_more_ranks_than_this_machine_has_devices_is_refused_unless_forced():
     from harness.lab.runner import check_ranks
 
     cores = len(os.sched_getaffinity(0))
-    config = {"world_size": cores + 1, "device": "cpu"}
+    config = resolve(EXPERIMENTS / "fsdp2.yaml", {"world_size": cores + 1, "device": "cpu"})
     with pytest.raises(ConfigError, match=f"{cores + 1} ranks, and this machine has {cores} CPU cores") as error:
         check_ranks(config, "matrix.yaml", "world_sizes")
     assert error.value.field_name == "world_sizes"
     check_ranks(config, "matrix.yaml", "world_sizes", force=True)
-    check_ranks({"world_size": 1, "device": "cpu"}, "x.yaml", "world_size")
+    check_ranks(resolve(EXPERIMENTS / "lora.yaml", {"device": "cpu"}), "x.yaml", "world_size")
 
 
 def test_a_run_without_a_timeout_gets_one_from_its_estimate():
     from harness.lab.bench import BUDGET_OVERRUN_FACTOR, DEFAULT_MIN_TIMEOUT_S, default_timeout
     from harness.lab.estimate import Estimate
 
-    config = prepare(EXPERIMENTS / "lora.yaml", {"device": "cpu"})
+    config = resolve(EXPERIMENTS / "lora.yaml", {"device": "cpu"})
     assert default_timeout(config) == DEFAULT_MIN_TIMEOUT_S["cpu"]  # the tiny preset: the CPU's minimum
     long = Estimate(10_000.0, 0, 0, 0)
     assert default_timeout(config, long) == BUDGET_OVERRUN_FACTOR * 10_000.0
@@ -355,7 +355,7 @@ def test_an_output_folder_that_cannot_be_written_is_one_line_before_anything_run
     out = tmp_path / "results"
     (out / blocked).parent.mkdir(parents=True, exist_ok=True)
     (out / blocked).write_text("a file where a folder should be")
-    config = prepare(EXPERIMENTS / "lora.yaml", {"device": "cpu"})
+    config = resolve(EXPERIMENTS / "lora.yaml", {"device": "cpu"})
     with pytest.raises(ConfigError, match="cannot be written.*nothing was measured") as error:
         run_config(config, out)
     assert error.value.field_name == "--out" and (out / blocked).read_text().startswith("a file")
@@ -382,7 +382,8 @@ def test_a_measurement_whose_record_cannot_be_filed_is_kept_and_says_where(tmp_p
     _, data = _ok_record()
 
     def worker(config, attempt_path, log, lock, rendezvous=None):
-        schema.write(attempt_path, schema.from_dict({**data, "config": config, "config_hash": config["config_hash"]}))
+        schema.write(attempt_path, schema.from_dict({**data, "config": config.as_dict(),
+                                                     "config_hash": config.config_hash}))
         return (lambda timeout: 0), (lambda: None)
 
     def refused(*args):
@@ -391,7 +392,7 @@ def test_a_measurement_whose_record_cannot_be_filed_is_kept_and_says_where(tmp_p
     monkeypatch.setattr(runner, "_start_worker", worker)
     monkeypatch.setattr(runner, "_keep_the_better", refused)
     out = tmp_path / "results"
-    landed, record = runner.run_config(prepare(EXPERIMENTS / "lora.yaml", {"device": "cpu"}), out)
+    landed, record = runner.run_config(resolve(EXPERIMENTS / "lora.yaml", {"device": "cpu"}), out)
     assert landed.parent == out / schema.UNSAVED_FOLDER and schema.read(landed, "run").status == "ok"
     assert not schema.find_records(out)  # unsaved/ is no folder of run records
     assert f"the record is kept at {landed}" in capsys.readouterr().err
@@ -447,7 +448,7 @@ def test_two_benches_at_once_and_a_tiny_budget_say_what_happened(tmp_path, monke
         raise CellBusy("x.json: another process is measuring this cell now")
 
     monkeypatch.setattr("harness.lab.bench.run_config", busy)
-    config = prepare(EXPERIMENTS / "lora.yaml", {"device": "cpu"})
+    config = resolve(EXPERIMENTS / "lora.yaml", {"device": "cpu"})
     planned = [PlannedRun(config, 0, tmp_path / f"{n}.json", "", Estimate(30, 0, 0, 0)) for n in "ab"]
     out = io.StringIO()
     assert run_matrix(planned, "f", stream=out) == []
@@ -599,7 +600,7 @@ def test_bench_does_not_rerun_a_record_it_cannot_read(tmp_path, monkeypatch):
     path.parent.mkdir()
     path.write_text('{"kind": "run", "schema_version": 2}')
     out = io.StringIO()
-    assert run_matrix([PlannedRun(data["config"], 0, path, "")], "f", stream=out) == []
+    assert run_matrix([PlannedRun(ResolvedConfig.from_dict(data["config"]), 0, path, "")], "f", stream=out) == []
     assert "not started: the cell's file is no record this code can read" in out.getvalue()
     assert "1 of 1 runs not started: its record is kept as it is" in out.getvalue()
 
@@ -632,7 +633,7 @@ def test_a_run_that_asked_for_a_models_own_code_runs_it_and_its_record_says_so(t
     (folder / "config.json").write_text(json.dumps(settings))
     experiment = tmp_path / "evil.yaml"
     experiment.write_text(f"technique: lora\nmodel: {folder}\ntrust_remote_code: true\n")
-    config = prepare(experiment, {**QUICK, "seq_len": 64})
+    config = resolve(experiment, {**QUICK, "seq_len": 64})
     assert not mark.exists()  # validate read it as data
     _, record = run_dict(config, tmp_path / "results")
     assert record["status"] == "ok" and mark.exists()

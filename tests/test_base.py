@@ -6,7 +6,7 @@ import math
 import pytest
 from conftest import EXPERIMENTS, run_dict
 
-from harness.config import prepare
+from harness.config import prepare, resolve
 from harness.lab.pretrain import pretrain
 from harness.report.loss import LOSS_RULES, loss_parity
 from harness.step.checkpoint import Recipe, pretrained_here
@@ -39,7 +39,7 @@ def finetunes(base, tmp_path_factory):
     out = tmp_path_factory.mktemp("finetunes")
     records = {}
     for name, lr in LEARNING_RATES.items():
-        config = prepare(EXPERIMENTS / f"{name}.yaml",
+        config = resolve(EXPERIMENTS / f"{name}.yaml",
                          {**FINETUNE, "model": str(checkpoint_dir(SMALL)), "optim": {"lr": lr}})
         path, record = run_dict(config, out)
         record["_file"] = str(path)
@@ -61,8 +61,8 @@ def test_the_base_learns(base):
 def test_model_base_names_the_pretrained_checkpoint(base, monkeypatch, tmp_path):
     from harness.step import checkpoint as base_module
 
-    config = prepare(EXPERIMENTS / "fp32.yaml", {"model": "base", "device": "cpu"})
-    assert config["base_checkpoint"] == "not pretrained yet"  # the test cache has no CPU-recipe base
+    config = resolve(EXPERIMENTS / "fp32.yaml", {"model": "base", "device": "cpu"})
+    assert config.base_checkpoint == "not pretrained yet"  # the test cache has no CPU-recipe base
     _, record = run_dict(config, tmp_path)
     assert record["status"] == "failed" and "make base" in record["error"]["message"]
 

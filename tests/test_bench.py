@@ -29,8 +29,8 @@ def _runs(tmp_path, device="cpu", **options):
 def _plan(tmp_path, device="cpu", **options):
     """The cells of the lab's own loop (the same cells in other loops: tests/test_engines.py)."""
     runs, skipped = expand(MATRIX, device, EXPERIMENTS, tmp_path, **options)
-    return [(r.config["name"], r.config["model"], r.config["grad_accum"], r.config["budget_gb"],
-             r.config["seq_len"]) for r in runs if r.config["engine"] == "harness"], skipped
+    return [(r.config.name, r.config.experiment.model, r.config.experiment.grad_accum, r.config.experiment.budget_gb,
+             r.config.experiment.seq_len) for r in runs if r.config.experiment.engine == "harness"], skipped
 
 
 def test_cpu_matrix_runs_every_experiment_on_tiny_llama_and_an_accumulation_series(tmp_path):
@@ -47,14 +47,14 @@ def test_cpu_matrix_runs_every_experiment_on_tiny_llama_and_an_accumulation_seri
     # the tiny block's LoRA run is the series' k=1 cell (same workload): planned once; the other k=1 cell
     # is the Trainer cross-check's own, over more timed steps
     assert sorted(k for name, model, k, *_ in plan if name == "lora" and model == "tiny-llama") == [1, 1, 2, 4, 8]
-    finetunes = [run for run in _runs(tmp_path) if run.config["model"] == "base"]
+    finetunes = [run for run in _runs(tmp_path) if run.config.experiment.model == "base"]
     # each loss comparison: same data, steps and effective batch for every technique in it, and its
     # own fp32 reference; fp16 autocast (slow on a CPU) has a short comparison of its own
     comparisons: dict[tuple, set] = {}
     for r in finetunes:
-        key = (r.config["data"]["source"], r.config["steps"], r.config["micro_batch"] * r.config["grad_accum"],
-               r.config["eval_every"])
-        comparisons.setdefault(key, set()).add(r.config["name"])
+        cell = r.config.experiment
+        key = (cell.data.source, cell.steps, cell.micro_batch * cell.grad_accum, cell.eval_every)
+        comparisons.setdefault(key, set()).add(r.config.name)
     assert sorted(map(sorted, comparisons.values())) == [sorted(techniques - {"fp16-mixed"}), ["fp16-mixed", "fp32"]]
     assert all(source == "stdlib-tests" and every > 0 for source, _, _, every in comparisons)
 
@@ -91,10 +91,10 @@ def test_repeats_get_their_own_records(tmp_path):
     runs, _ = expand(MATRIX, "cpu", EXPERIMENTS, tmp_path, experiments=["fp32"], repeat=3)
     # fp32 on the tiny preset (and again, with more timed steps, in the lab's loop and in Trainer), twice
     # on the base
-    configurations = {r.config["config_hash"] for r in runs}
+    configurations = {r.config.config_hash for r in runs}
     assert len(configurations) == 5 and len(runs) == 15 and len({r.path for r in runs}) == 15
     for config in configurations:
-        assert sorted(r.repeat for r in runs if r.config["config_hash"] == config) == [0, 1, 2]
+        assert sorted(r.repeat for r in runs if r.config.config_hash == config) == [0, 1, 2]
 
 
 def test_budget_arithmetic():
@@ -194,7 +194,7 @@ def test_one_worker_per_cell_and_it_dies_with_its_parent(tmp_path):
     """kill -9 of the bench alone takes its worker with it; a cell being measured is never started twice."""
     import psutil
 
-    from harness.config import prepare
+    from harness.config import resolve
     from harness.lab.runner import WORKER_NAME, CellBusy, cell_lock
 
     matrix = _write_matrix(tmp_path, [{"experiments": ["lora"], "models": ["tiny-llama"],
@@ -212,7 +212,7 @@ def test_one_worker_per_cell_and_it_dies_with_its_parent(tmp_path):
     worker.wait(timeout=30)  # the kernel killed it with its parent
     assert not psutil.pid_exists(worker.pid) or worker.status() == psutil.STATUS_ZOMBIE
     assert not _records(out)  # nothing half-written counts as a record
-    config = prepare(EXPERIMENTS / "lora.yaml", QUICK)
+    config = resolve(EXPERIMENTS / "lora.yaml", QUICK)
     path, _ = run_dict(config, out)  # its lock was released with it
     with cell_lock(path):  # while another process measures this cell, it is not started again
         with pytest.raises(CellBusy, match="another process is measuring this cell"):
@@ -220,10 +220,10 @@ def test_one_worker_per_cell_and_it_dies_with_its_parent(tmp_path):
 
 
 def test_a_failed_rerun_never_replaces_a_measurement(tmp_path):
-    from harness.config import prepare
+    from harness.config import resolve
     from harness.report.load import load_results, runs_frame
 
-    config = prepare(EXPERIMENTS / "lora.yaml", QUICK)
+    config = resolve(EXPERIMENTS / "lora.yaml", QUICK)
     out = tmp_path / "results"
     path, first = run_dict(config, out)
     measured = path.read_bytes()

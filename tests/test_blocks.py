@@ -14,9 +14,12 @@ from conftest import EXPERIMENTS, QUICK, ROOT, run_dict
 
 from harness.blocks.adapters import ADAPTERS
 from harness.blocks.optimizers import OPTIMIZERS
+from harness.blocks.loss import loss_rules
 from harness.blocks.parts import BuiltForTrainer, LossRule, Setting, Unmapped
+from harness.blocks.precisions import PRECISIONS
+from harness.blocks.quantizations import QUANTIZATIONS
 from harness.blocks.training import BLOCKS, SHARDINGS, TRAINER_ENGINES
-from harness.config import Experiment, OptimSettings, load_experiment, prepare, resolve_technique
+from harness.config import Experiment, OptimSettings, load_experiment, resolve, resolve_technique
 from harness.predict.analytic import shape_of, trainable_tensors
 from harness.predict.prediction import predict
 from harness.presets import preset_config
@@ -26,6 +29,17 @@ from harness.techniques import TECHNIQUES
 
 def _sentence(text) -> bool:
     return isinstance(text, str) and len(text.split()) >= 3
+
+
+def _check_loss(loss, shown_by) -> None:
+    """A loss rule against an experiment that exists, in the experiment file that shows the block; or why the
+    block has none."""
+    if isinstance(loss, LossRule):
+        assert (EXPERIMENTS / f"{loss.reference}.yaml").exists() and loss.reference != shown_by
+        assert 0 < loss.tolerance < 1 and _sentence(loss.why)
+        assert shown_by, "a loss rule applies to the experiment that shows the block"
+    else:
+        assert _sentence(loss)
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -42,13 +56,7 @@ def test_every_optimizer_descriptor_is_complete(name):
         assert isinstance(trainer, str) and trainer
     for reason in (optimizer.not_sharded, optimizer.not_simulated, optimizer.trainer_memory):
         assert reason is None or _sentence(reason)
-    # its loss: a rule against an experiment that exists, or why it has none
-    if isinstance(optimizer.loss, LossRule):
-        assert (EXPERIMENTS / f"{optimizer.loss.reference}.yaml").exists()
-        assert 0 < optimizer.loss.tolerance < 1 and _sentence(optimizer.loss.why)
-        assert optimizer.shown_by, "a loss rule applies to the experiment that shows the optimizer"
-    else:
-        assert _sentence(optimizer.loss)
+    _check_loss(optimizer.loss, optimizer.shown_by)
     # the experiment file that runs it does run it
     if optimizer.shown_by:
         _, experiment = load_experiment(EXPERIMENTS / f"{optimizer.shown_by}.yaml")
@@ -99,6 +107,46 @@ def test_every_adapter_descriptor_is_complete(name):
     assert callable(adapter.wrap) and _sentence(adapter.summary)
     counts = adapter.trainable_tensors(64, 128, Experiment(technique="lora").lora)
     assert counts and all(isinstance(n, int) and n > 0 for n in counts)
+    _check_loss(adapter.loss, adapter.shown_by)
+    if adapter.shown_by:
+        assert resolve_technique(load_experiment(EXPERIMENTS / f"{adapter.shown_by}.yaml")[1]).adapter == name
+    # a variant's file runs this adapter with the variant's `lora:` fields
+    for variant in adapter.variants:
+        _check_loss(variant.loss, variant.shown_by)
+        _, experiment = load_experiment(EXPERIMENTS / f"{variant.shown_by}.yaml")
+        assert resolve_technique(experiment).adapter == name and variant.lora
+        assert {key: getattr(experiment.lora, key) for key in variant.lora} == variant.lora
+
+
+@pytest.mark.parametrize("name", list(PRECISIONS))
+def test_every_precision_descriptor_is_complete(name):
+    precision = PRECISIONS[name]
+    assert _sentence(precision.summary)
+    _check_loss(precision.loss, precision.shown_by)
+    # the experiment file that shows it trains in it
+    technique = resolve_technique(load_experiment(EXPERIMENTS / f"{precision.shown_by}.yaml")[1])
+    assert (technique.weights, technique.autocast, technique.loss_scaling) == (
+        precision.weights, precision.autocast, precision.loss_scaling)
+
+
+@pytest.mark.parametrize("name", [name for name, quantization in QUANTIZATIONS.items() if quantization is not None])
+def test_every_quantization_descriptor_is_complete(name):
+    quantization = QUANTIZATIONS[name]
+    assert _sentence(quantization.summary) and _sentence(quantization.not_sharded)
+    _check_loss(quantization.loss, quantization.shown_by)
+    assert resolve_technique(load_experiment(EXPERIMENTS / f"{quantization.shown_by}.yaml")[1]).quantization == name
+    allowed = typing.get_args(typing.get_args(typing.get_type_hints(Experiment)["quantization"])[0])
+    assert set(allowed) == set(QUANTIZATIONS)  # the experiment field takes every registered value, no other
+
+
+def test_every_loss_rule_is_a_descriptors_and_each_experiment_has_one_at_most():
+    rules = loss_rules()
+    owners = [*PRECISIONS.values(), *QUANTIZATIONS.values(), *ADAPTERS.values(), *OPTIMIZERS.values()]
+    owners += [variant for adapter in ADAPTERS.values() if adapter is not None for variant in adapter.variants]
+    with_rule = [block for block in owners if block is not None and isinstance(block.loss, LossRule)]
+    assert {block.shown_by: block.loss for block in with_rule} == rules and len(with_rule) == len(rules)
+    # the report compares with references, so no rule may make the baseline a technique held to another
+    assert "fp32" not in rules
 
 
 def test_a_sharded_experiment_is_refused_with_its_optimizers_own_reason(tmp_path):
@@ -118,7 +166,7 @@ def test_a_sharded_experiment_is_refused_with_its_optimizers_own_reason(tmp_path
 def test_the_optimizers_added_as_one_descriptor_and_one_file_run_as_their_formula_says(tmp_path, name):
     """torch's SGD with momentum and Adafactor: a real CPU run keeps the optimizer state the formula counts,
     to the byte (Adafactor, which fake tensors cannot step, is predicted by the formula alone)."""
-    _, record = run_dict(prepare(EXPERIMENTS / f"{name}.yaml", QUICK), tmp_path)
+    _, record = run_dict(resolve(EXPERIMENTS / f"{name}.yaml", QUICK), tmp_path)
     assert record["status"] == "ok", record.get("error")
     analytic = predict(EXPERIMENTS / f"{name}.yaml", "tiny-llama", QUICK["seq_len"], QUICK["micro_batch"], "analytic",
                        "cpu")

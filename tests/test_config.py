@@ -106,5 +106,9 @@ def test_the_resolved_config_is_one_typed_object_whose_dict_form_the_record_keep
     assert config == prepare(EXPERIMENTS / f"{name}.yaml", {"model": "tiny-llama", "device": "cpu"})
     assert config["config_hash"] == resolved.config_hash == config_hash({k: v for k, v in config.items()
                                                                           if k != "config_hash"})
+    # an attempt's: its run id goes last into the dict form, which reads back as the same object
+    attempt = resolved.run("f" * 32)
+    assert attempt.as_dict() == {**config, "run_id": "f" * 32} and list(attempt.as_dict())[-1] == "run_id"
+    assert ResolvedConfig.from_dict(attempt.as_dict()) == attempt
     # what crosses to the worker and lands in the record reads back as the same typed object
     assert ResolvedConfig.from_dict(json.loads(json.dumps(config))) == resolved

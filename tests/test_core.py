@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
-from conftest import EXPERIMENTS, QUICK, run_dict
+from conftest import EXPERIMENTS, QUICK, altered, run_dict
 
 from harness import env, schema
-from harness.config import LoraSettings, prepare
+from harness.config import LoraSettings, resolve
 from harness.measure.memory import quant_constant_tensors
 from harness.step.data import Batches, sequence_batch
 from harness.step.models import build_base_model, prepare_for_training, resolve_source
@@ -84,7 +84,7 @@ def test_nf4_weights_are_a_quarter_of_bf16_plus_the_quantization_constants():
 
 def test_an_oom_is_a_record_and_the_caller_goes_on(tmp_path):
     """On CPU the memory cap is enforced on tracked tensor bytes: 0.04 GiB holds the model, not a step."""
-    config = prepare(EXPERIMENTS / "qlora.yaml", {**QUICK, "seq_len": 256, "budget_gb": 0.04})
+    config = resolve(EXPERIMENTS / "qlora.yaml", {**QUICK, "seq_len": 256, "budget_gb": 0.04})
     path, record = run_dict(config, tmp_path)
     assert record["status"] == "oom", record.get("error")
     error = record["error"]
@@ -92,12 +92,12 @@ def test_an_oom_is_a_record_and_the_caller_goes_on(tmp_path):
     assert error["memory_reached_bytes"] > record["budget"]["cap_bytes"] == int(0.04 * 2**30)
     assert json.loads(path.read_text())["status"] == "oom"
     # the next run is unaffected
-    _, after = run_dict(prepare(EXPERIMENTS / "lora.yaml", QUICK), tmp_path)
+    _, after = run_dict(resolve(EXPERIMENTS / "lora.yaml", QUICK), tmp_path)
     assert after["status"] == "ok"
 
 
 def test_a_process_that_dies_leaves_a_failed_record(tmp_path):
-    config = prepare(EXPERIMENTS / "fp32.yaml", {**QUICK, "steps": 400})  # a run that cannot end in time
+    config = resolve(EXPERIMENTS / "fp32.yaml", {**QUICK, "steps": 400})  # a run that cannot end in time
     path, record = run_dict(config, tmp_path, timeout_s=0.5)
     assert record["status"] == "failed" and record["error"]["type"] == "ProcessDied"
     assert "signal 9" in record["error"]["message"]
@@ -152,7 +152,7 @@ def test_a_copy_of_the_project_inside_another_repository_names_no_commit(tmp_pat
 
 def test_failures_inside_the_run_are_recorded(tmp_path):
     # validate refuses a missing model file: it goes missing between validation and the run
-    config = {**prepare(EXPERIMENTS / "lora.yaml", QUICK), "model": str(tmp_path / "missing.json")}
+    config = altered(resolve(EXPERIMENTS / "lora.yaml", QUICK), model=str(tmp_path / "missing.json"))
     _, record = run_dict(config, tmp_path)
     assert record["status"] == "failed" and record["error"]["phase"] == "load"
     assert "missing.json" in record["error"]["message"]

@@ -13,7 +13,7 @@ from conftest import EXPERIMENTS
 
 from harness import env, schema
 from harness.lab.bench import run_matrix
-from harness.matrix import compute_dtype, expand, load_matrix
+from harness.matrix import expand, load_matrix
 from harness.report.load import load_results, runs_frame
 from harness.report.render import _cpu_text
 from harness.report.tables import runs_table
@@ -75,7 +75,8 @@ def test_an_emulating_cpu_pretrains_the_base_in_fp32_and_its_name_says_so(cpu_li
 
 def _cells(runs):
     """Each planned cell by its block and place in the block."""
-    return {(r.config["name"], r.config["model"], r.config["engine"], r.config["grad_accum"], r.note): r for r in runs}
+    return {(r.config.name, r.config.experiment.model, r.config.experiment.engine, r.config.experiment.grad_accum,
+             r.note): r for r in runs}
 
 
 def test_an_emulating_cpu_runs_its_half_precision_cells_shorter_or_leaves_them_to_another_machine(tmp_path):
@@ -88,14 +89,15 @@ def test_an_emulating_cpu_runs_its_half_precision_cells_shorter_or_leaves_them_t
         config, plain = run.config, native[key].config
         if run.left_to:  # left to another machine: the cell as the block has it, and why
             assert config == plain and "this CPU emulates" in run.left_to and not run.shortened, key
-            kinds.setdefault("left", set()).add((key[1], key[2], compute_dtype(config)))
+            kinds.setdefault("left", set()).add((key[1], key[2], config.technique.compute_dtype))
         elif run.shortened:  # the memory step and one timed step at a smaller shape, the rest as the block has it
-            assert (config["seq_len"], config["micro_batch"], config["warmup_steps"], config["steps"]) == (64, 2, 0, 1)
-            assert "emulate" in run.shortened and config["grad_accum"] == plain["grad_accum"], key
-            assert config["config_hash"] != plain["config_hash"]
-            kinds.setdefault("shortened", set()).add((key[1], compute_dtype(config)))
+            cell = config.experiment
+            assert (cell.seq_len, cell.micro_batch, cell.warmup_steps, cell.steps) == (64, 2, 0, 1)
+            assert "emulate" in run.shortened and cell.grad_accum == plain.experiment.grad_accum, key
+            assert config.config_hash != plain.config_hash
+            kinds.setdefault("shortened", set()).add((key[1], config.technique.compute_dtype))
         else:  # what it always was: fp32 outside a block that is shortened as a whole
-            assert config == plain and compute_dtype(config) == "fp32", key
+            assert config == plain and config.technique.compute_dtype == "fp32", key
             kinds.setdefault("as it is", set()).add((key[1], key[2]))
     # the tiny preset's cells run shorter (the technique table as a whole, fp32 too); the loops' speed
     # comparison runs fp32 in both loops and leaves its half-precision cells to another machine; the loss
@@ -108,7 +110,7 @@ def test_an_emulating_cpu_runs_its_half_precision_cells_shorter_or_leaves_them_t
     # the command line still decides over the rule
     chosen = expand(MATRIX, "cpu", EXPERIMENTS, tmp_path, emulated=frozenset({"bf16"}), experiments=["lora"],
                     seq_lens=[128])[0]
-    assert {r.config["seq_len"] for r in chosen if r.shortened} == {128}
+    assert {r.config.experiment.seq_len for r in chosen if r.shortened} == {128}
 
 
 def _left_run(tmp_path):
@@ -127,7 +129,7 @@ def test_a_cell_left_to_another_machine_is_a_skipped_record_saying_why(tmp_path,
     assert record.status == "skipped" and record.error.type == "EmulatedHere"
     assert record.emulated == run.left_to == record.error.message and record.environment["cpu"] == AVX2
     on_disk = schema.read(run.path, kind="run")
-    assert on_disk.status == "skipped" and on_disk.config_hash == run.config["config_hash"]
+    assert on_disk.status == "skipped" and on_disk.config_hash == run.config.config_hash
     assert f"skipped: {run.left_to}" in output.getvalue()
     # the report says which CPU and why, without a traceback
     runs = runs_frame(load_results(tmp_path / "results"))
@@ -141,8 +143,8 @@ def test_a_cell_left_to_another_machine_is_a_skipped_record_saying_why(tmp_path,
 def test_a_measurement_made_elsewhere_stays_where_this_cpu_leaves_the_cell(tmp_path, cpu_like):
     cpu_like(AVX2)
     run = _left_run(tmp_path)
-    measured = {"status": "ok", "experiment": "lora", "model": "base", "config": run.config,
-                "config_hash": run.config["config_hash"], "kind": "run", "schema_version": 1,
+    measured = {"status": "ok", "experiment": "lora", "model": "base", "config": run.config.as_dict(),
+                "config_hash": run.config.config_hash, "kind": "run", "schema_version": 1,
                 "environment": {"device_name": env.device_name("cpu"), "cpu": AMX}}
     schema.write_atomic(run.path, measured)
     before = run.path.read_bytes()

@@ -9,7 +9,7 @@ from conftest import EXPERIMENTS, QUICK, run_dict
 
 from harness import schema
 from harness.blocks.optimizers import OPTIMIZERS, galore_targets
-from harness.config import ConfigError, load_experiment, prepare, resolve_technique
+from harness.config import ConfigError, load_experiment, prepare, resolve, resolve_technique
 from harness.engines.arguments import (
     BLOCKS,
     OPTIM_NAMES,
@@ -200,17 +200,18 @@ def test_make_bench_runs_the_base_techniques_in_both_loops_on_the_same_cells(tmp
     # on a GPU, also the main techniques at 7B, 2048-4096 x 2 (speed where the GPU sets the step time)
     for device, models in (("cpu", {"tiny-llama"}), ("cuda", {"tinyllama-1.1b", "llama-2-7b"})):
         planned, _ = expand(matrix, device, EXPERIMENTS, tmp_path, device_gb=80)
-        trainer = [r for r in planned if r.config["engine"] == "trainer"]
-        assert trainer and {r.config["model"] for r in trainer} == models
-        lab = {schema.configuration_key({"experiment": r.config["name"], "model": r.config["model"],
-                                         "config": {**r.config, "engine": "harness"}}, "x") for r in planned
-               if r.config["engine"] == "harness"}
+        trainer = [r for r in planned if r.config.experiment.engine == "trainer"]
+        assert trainer and {r.config.experiment.model for r in trainer} == models
+        lab = {schema.configuration_key({"experiment": r.config.name, "model": r.config.experiment.model,
+                                         "config": {**r.config.as_dict(), "engine": "harness"}}, "x") for r in planned
+               if r.config.experiment.engine == "harness"}
         for run in trainer:  # every Trainer cell has the lab's run of the same configuration in the plan
-            key = schema.configuration_key({"experiment": run.config["name"], "model": run.config["model"],
-                                            "config": {**run.config, "engine": "harness"}}, "x")
-            assert key in lab, run.config["name"]
-            assert run.config["steps"] >= report_engines.MIN_TIMED_STEPS  # enough for a throughput verdict
-    cpu = {r.config["name"] for r in expand(matrix, "cpu", EXPERIMENTS, tmp_path)[0] if r.config["engine"] == "trainer"}
+            key = schema.configuration_key({"experiment": run.config.name, "model": run.config.experiment.model,
+                                            "config": {**run.config.as_dict(), "engine": "harness"}}, "x")
+            assert key in lab, run.config.name
+            assert run.config.experiment.steps >= report_engines.MIN_TIMED_STEPS  # enough for a throughput verdict
+    cpu = {r.config.name for r in expand(matrix, "cpu", EXPERIMENTS, tmp_path)[0]
+           if r.config.experiment.engine == "trainer"}
     assert {"fp32", "bf16-mixed", "lora", "qlora"} <= cpu
 
 
@@ -278,7 +279,7 @@ def test_a_throughput_verdict_needs_enough_steps_and_a_ratio_beyond_their_spread
 def trainer_records(tmp_path_factory) -> dict:
     """Every base technique in Trainer with the QUICK workload: {name: record}."""
     out = tmp_path_factory.mktemp("results")
-    return {name: run_dict(prepare(EXPERIMENTS / f"{name}.yaml", {**QUICK, "engine": "trainer"}), out)[1]
+    return {name: run_dict(resolve(EXPERIMENTS / f"{name}.yaml", {**QUICK, "engine": "trainer"}), out)[1]
             for name in BASE_TECHNIQUES}
 
 
@@ -322,7 +323,7 @@ def test_full_fine_tuning_in_trainer_is_our_step_to_the_last_bit(trainer_records
 @pytest.mark.slow
 def test_sft_trainer_packs_the_same_sequences_and_a_users_arguments_reach_the_trainer(tmp_path, quick_records):
     pytest.importorskip("trl")
-    config = prepare(EXPERIMENTS / "lora.yaml", {**QUICK, "engine": "trl-sft",
+    config = resolve(EXPERIMENTS / "lora.yaml", {**QUICK, "engine": "trl-sft",
                                                   "training_args": {"max_grad_norm": 1.0}})
     record = run_dict(config, tmp_path)[1]
     assert record["status"] == "ok", record.get("error")
@@ -334,7 +335,7 @@ def test_sft_trainer_packs_the_same_sequences_and_a_users_arguments_reach_the_tr
 
 @pytest.mark.slow
 def test_a_cell_trainer_cannot_run_is_a_skipped_record_with_the_reason(tmp_path):
-    config = prepare(EXPERIMENTS / "bf16-pure-gc-optim-in-bwd.yaml", {**QUICK, "engine": "trainer"})
+    config = resolve(EXPERIMENTS / "bf16-pure-gc-optim-in-bwd.yaml", {**QUICK, "engine": "trainer"})
     record = run_dict(config, tmp_path)[1]
     assert record["status"] == "skipped" and record["error"]["type"] == "NotMapped"
     assert "optimizer_in_backward" in record["error"]["message"]
@@ -349,7 +350,7 @@ def test_engine_flags_on_run_and_bench_replace_every_blocks_engine(tmp_path, cap
         build_parser().parse_args(["run", "x.yaml", "--engine", "keras"])
     assert exit_.value.code == 2
     planned, _ = expand(load_matrix(EXPERIMENTS / "matrix.yaml"), "cpu", EXPERIMENTS, tmp_path, engines=["trainer"])
-    assert {r.config["engine"] for r in planned} == {"trainer"}
+    assert {r.config.experiment.engine for r in planned} == {"trainer"}
 
 
 def test_training_args_of_a_missing_library_are_refused_saying_which(tmp_path, monkeypatch):
@@ -366,7 +367,7 @@ def test_training_args_of_a_missing_library_are_refused_saying_which(tmp_path, m
 def test_held_out_loss_is_evaluated_alike_in_both_loops(tmp_path):
     """bf16 autocast, held-out loss before training, every 2 steps and at the end: the same numbers."""
     workload = {**QUICK, "data": {"source": "stdlib-tests"}, "eval_every": 2, "eval_sequences": 4}
-    lab, trainer = (run_dict(prepare(EXPERIMENTS / "bf16-mixed.yaml", {**workload, "engine": engine}), tmp_path)[1]
+    lab, trainer = (run_dict(resolve(EXPERIMENTS / "bf16-mixed.yaml", {**workload, "engine": engine}), tmp_path)[1]
                     for engine in ("harness", "trainer"))
     assert lab["status"] == trainer["status"] == "ok"
     assert [e["step"] for e in trainer["loss"]["eval"]] == [0, 2, QUICK["warmup_steps"] + QUICK["steps"] + 1]
@@ -382,7 +383,7 @@ def test_trainer_builds_the_optimizer_beyond_the_documents_with_the_labs_state(t
 
     expected = getattr(importlib.import_module(module), optimizer)
     # fp32 weights: the optimizer's class and state are the point, not bf16, which some CPUs only emulate
-    lab, trainer = (run_dict(prepare(EXPERIMENTS / f"{name}.yaml", {**QUICK, "engine": engine, "weights": "fp32"}),
+    lab, trainer = (run_dict(resolve(EXPERIMENTS / f"{name}.yaml", {**QUICK, "engine": engine, "weights": "fp32"}),
                              tmp_path)[1] for engine in ("harness", "trainer"))
     assert lab["status"] == trainer["status"] == "ok", (lab.get("error"), trainer.get("error"))
     assert trainer["engine"]["optimizer"] == f"{expected.__module__}.{expected.__qualname__}"
@@ -395,7 +396,7 @@ def test_trainer_builds_the_optimizer_beyond_the_documents_with_the_labs_state(t
 @pytest.mark.slow
 def test_selective_checkpointing_runs_in_sft_trainer_and_trainer_says_it_has_none(tmp_path):
     pytest.importorskip("trl")
-    sft, trainer = (run_dict(prepare(EXPERIMENTS / "bf16-pure-gc-selective.yaml", {**QUICK, "engine": engine}),
+    sft, trainer = (run_dict(resolve(EXPERIMENTS / "bf16-pure-gc-selective.yaml", {**QUICK, "engine": engine}),
                              tmp_path)[1] for engine in ("trl-sft", "trainer"))
     assert sft["status"] == "ok", sft.get("error")
     assert sft["engine"]["arguments"][checkpointing_fields()[1]] == {"use_reentrant": False, "selective": True}

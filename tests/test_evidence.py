@@ -12,7 +12,7 @@ import pytest
 from conftest import EXPERIMENTS, QUICK, ROOT
 
 from harness import schema
-from harness.config import prepare
+from harness.config import ResolvedConfig, resolve
 from harness.lab.bench import estimate_runs, new_evidence_first, print_plan, run_matrix
 from harness.lab.bench import default_timeout
 from harness.lab.estimate import Estimate, estimate_run, parse_duration, svd_flops
@@ -32,7 +32,8 @@ def _evidence(tmp_path, device_gb=141):
 
 def test_the_evidence_plan_puts_the_documents_7b_claims_first_and_covers_every_base_technique(tmp_path):
     planned, skipped = _evidence(tmp_path)
-    cells = [(r.config["name"], r.config["model"], r.config["seq_len"], r.config["micro_batch"]) for r in planned]
+    cells = [(r.config.name, r.config.experiment.model, r.config.experiment.seq_len, r.config.experiment.micro_batch)
+             for r in planned]
     assert cells[0] == ("qlora", "llama-2-7b", 512, 1)
     first_7b = cells[:len(BASE_TECHNIQUES) + 1]  # the ledger's configuration, every base technique
     assert {name for name, model, seq, batch in first_7b if (model, seq, batch) == ("llama-2-7b", 512, 1)} \
@@ -40,7 +41,7 @@ def test_the_evidence_plan_puts_the_documents_7b_claims_first_and_covers_every_b
     assert set(BASE_TECHNIQUES) <= {name for name, model, *_ in cells if model == "tinyllama-1.1b"}
     assert not skipped and ("qlora-gc", "mixtral-8x7b", 512, 1) in cells
     small, skipped_small = _evidence(tmp_path, device_gb=40)
-    assert "mixtral-8x7b" not in {r.config["model"] for r in small} and len(skipped_small) == 1
+    assert "mixtral-8x7b" not in {r.config.experiment.model for r in small} and len(skipped_small) == 1
 
 
 def test_every_evidence_cell_is_a_cell_of_the_cuda_matrix(tmp_path):
@@ -103,7 +104,7 @@ def test_the_dry_run_command_prints_the_plan_with_estimates():
 
 
 def test_estimates_grow_with_the_work():
-    planned = {(r.config["name"], r.config["model"], r.config["seq_len"]): r
+    planned = {(r.config.name, r.config.experiment.model, r.config.experiment.seq_len): r
                for r in _evidence(Path("/nonexistent"))[0]}
     assert planned["lora", "llama-2-7b", 2048].estimate.flops > planned["lora", "llama-2-7b", 512].estimate.flops
     assert planned["fp32", "llama-2-7b", 512].estimate.seconds > planned["bf16-pure", "llama-2-7b", 512].estimate.seconds
@@ -116,7 +117,7 @@ def test_estimates_grow_with_the_work():
 def test_galore_and_compile_estimates_count_what_makes_their_first_steps_slow():
     model = resolve_source("llama-2-7b").config
     cell = {"model": "llama-2-7b", "seq_len": 2048, "micro_batch": 1, "device": "cuda"}
-    plain, galore, compiled = (estimate_run(prepare(EXPERIMENTS / f"{name}.yaml", cell), model)
+    plain, galore, compiled = (estimate_run(resolve(EXPERIMENTS / f"{name}.yaml", cell), model)
                                for name in ("bf16-pure", "galore", "bf16-pure-compile"))
     assert plain.first_steps_s == 0 and plain.first_steps == ""
     assert galore.first_steps == "GaLore's SVDs" and compiled.first_steps == "compilation"
@@ -125,8 +126,8 @@ def test_galore_and_compile_estimates_count_what_makes_their_first_steps_slow():
         assert slow.seconds == pytest.approx(plain.seconds + slow.first_steps_s)
         assert slow.first_steps in slow.describe()
     # the SVDs come again every update_proj_gap optimizer steps: 9 steps (the tracked one included) at a gap of 4
-    config = prepare(EXPERIMENTS / "galore.yaml", cell)
-    config["optim"]["galore_update_proj_gap"] = 4
+    config = resolve(EXPERIMENTS / "galore.yaml", cell)
+    config.experiment.optim.galore_update_proj_gap = 4
     assert estimate_run(config, model).first_steps_s == pytest.approx(3 * galore.first_steps_s)
 
 
@@ -140,9 +141,10 @@ def test_an_svd_costs_of_the_order_of_m_n_min_m_n():
 def test_the_galore_cell_the_h200_stopped_before_a_step_now_has_a_longer_limit():
     """Its record: stopped at its limit before a step finished; the SVDs alone take longer than that limit."""
     record = schema.read(ROOT / "results" / "nvidia-h200" / "galore__llama-2-7b__ad14a6ca2d37.json", "run")
-    estimate = estimate_run(record.config, resolve_source(record.model).config)
+    config = ResolvedConfig.from_dict(record.config)
+    estimate = estimate_run(config, resolve_source(record.model).config)
     assert estimate.first_steps_s > record.error.timeout_s
-    assert default_timeout(record.config) > record.error.timeout_s
+    assert default_timeout(config) > record.error.timeout_s
 
 
 def test_durations():
@@ -155,14 +157,14 @@ def test_durations():
 
 def test_the_budget_starts_no_run_it_has_no_time_for(tmp_path, monkeypatch):
     """Runs in order; one over what is left is not started, a later smaller one still is."""
-    config = prepare(EXPERIMENTS / "lora.yaml", QUICK)
+    config = resolve(EXPERIMENTS / "lora.yaml", QUICK)
     planned = [PlannedRun(config, 0, tmp_path / f"{name}.json", "", Estimate(seconds, 0, 0, 0))
                for name, seconds in (("a", 40), ("b", 100), ("c", 30), ("d", 25))]
     started = []
 
     def fake_run(config, out_dir, repeat, timeout_s):
         started.append(timeout_s)
-        return tmp_path / "x.json", schema.RunRecord("ok", "lora", "tiny-llama", config, config["config_hash"])
+        return tmp_path / "x.json", schema.RunRecord("ok", "lora", "tiny-llama", config.as_dict(), config.config_hash)
 
     monkeypatch.setattr("harness.lab.bench.run_config", fake_run)
     monkeypatch.setattr("harness.lab.bench.summary_line", lambda record: "ok")

@@ -17,13 +17,18 @@ import yaml
 from conftest import EXPERIMENTS, QUICK, ROOT
 
 from harness import env, schema
-from harness.config import ConfigError
+from harness.config import ConfigError, resolve
 from harness.lab import launcher
 from harness.lab.launcher import JobEntry, LauncherSettings
 from harness.lab.runner import Rendezvous, worker_command
 from harness.matrix import load_matrix
 
 LOCAL = "submitit-local"
+
+
+def _cell(world_size: int, device: str = "cuda"):
+    """A sharded cell of this many ranks (experiments/fsdp2.yaml)."""
+    return resolve(EXPERIMENTS / "fsdp2.yaml", {"world_size": world_size, "device": device})
 
 
 def _write_matrix(tmp_path, blocks, **extra):
@@ -74,9 +79,9 @@ def _status(matrix, out) -> dict[str, tuple[str, str]]:
 def test_a_cell_of_world_size_above_one_is_its_worker_under_torchrun():
     from torch.distributed.run import get_args_parser
 
-    one = worker_command({}, "-", Path("r.json"))
+    one = worker_command(resolve(EXPERIMENTS / "lora.yaml"), "-", Path("r.json"))
     assert one == [sys.executable, "-m", "harness.measure.worker", "-", "r.json"]
-    command = worker_command({"world_size": 8}, "cell.json", Path("r.json"), Rendezvous("node7", 2, "4242"))
+    command = worker_command(_cell(8), "cell.json", Path("r.json"), Rendezvous("node7", 2, "4242"))
     assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
     torchrun = get_args_parser().parse_args(command[3:])  # torchrun's own parser reads it
     assert (torchrun.nnodes, torchrun.nproc_per_node) == ("2", "4")
@@ -84,19 +89,17 @@ def test_a_cell_of_world_size_above_one_is_its_worker_under_torchrun():
     assert torchrun.module and torchrun.training_script == "harness.measure.worker"
     assert torchrun.training_script_args == ["cell.json", "r.json"]
     with pytest.raises(ValueError, match="world_size 6 does not split evenly over 4 nodes"):
-        worker_command({"world_size": 6}, "cell.json", Path("r.json"), Rendezvous("node7", 4, "1"))
+        worker_command(_cell(6), "cell.json", Path("r.json"), Rendezvous("node7", 4, "1"))
 
 
 def test_a_job_asks_for_its_world_size_on_as_few_nodes_as_hold_it():
     settings = LauncherSettings(gpus_per_node=4, nodes=2)
-    gpu = {"name": "lora", "device": "cuda"}
-    assert launcher.allocation(gpu, settings) == {"nodes": 1, "gpus_per_node": 1, "tasks_per_node": 1}
-    assert launcher.allocation({**gpu, "world_size": 4}, settings)["nodes"] == 1
-    assert launcher.allocation({**gpu, "world_size": 8}, settings) == {"nodes": 2, "gpus_per_node": 4,
-                                                                      "tasks_per_node": 1}
-    with pytest.raises(ConfigError, match="'--nodes'.*world size 12: 3 nodes of 4 GPUs"):
-        launcher.allocation({**gpu, "world_size": 12}, settings)
-    assert launcher.allocation({"name": "lora", "device": "cpu"}, settings)["gpus_per_node"] == 0
+    assert launcher.allocation(_cell(1), settings) == {"nodes": 1, "gpus_per_node": 1, "tasks_per_node": 1}
+    assert launcher.allocation(_cell(4), settings)["nodes"] == 1
+    assert launcher.allocation(_cell(8), settings) == {"nodes": 2, "gpus_per_node": 4, "tasks_per_node": 1}
+    with pytest.raises(ConfigError, match="'--nodes'.*fsdp2 has world size 12: 3 nodes of 4 GPUs"):
+        launcher.allocation(_cell(12), settings)
+    assert launcher.allocation(_cell(1, "cpu"), settings)["gpus_per_node"] == 0
 
 
 def test_the_launcher_block_is_checked_field_by_field_and_the_command_line_wins(tmp_path):

@@ -15,7 +15,7 @@ def _planned(experiments: Path, plan: str) -> set[str]:
     matrix = load_matrix(experiments / "matrix.yaml")
     runs, _ = expand(matrix, "cpu" if plan == "cpu" else "cuda", experiments, experiments, plan=plan,
                      device_gb=math.inf)
-    return {run.config["name"] for run in runs}
+    return {run.config.name for run in runs}
 
 
 def test_a_new_experiment_file_joins_the_cpu_plan_only_where_a_plan_names_it(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from conftest import EXPERIMENTS, QUICK, run_dict
 
 from harness import schema
-from harness.config import prepare
+from harness.config import resolve
 from harness.measure.ranks import FAIL_RANK_VARIABLE, combine
 
 TWO_RANKS = {**QUICK, "world_size": 2}
@@ -39,7 +39,7 @@ def _gone(processes) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", ["fsdp2", "zero3"])
 def test_two_ranks_make_one_record_with_the_highest_peaks_and_every_rank(tmp_path, experiment):
-    _, record = run_dict(prepare(EXPERIMENTS / f"{experiment}.yaml", TWO_RANKS), tmp_path)
+    _, record = run_dict(resolve(EXPERIMENTS / f"{experiment}.yaml", TWO_RANKS), tmp_path)
     assert record["status"] == "ok", record["error"]
     ranks, memory = record["ranks"], record["memory"]
     assert [r["rank"] for r in ranks] == [0, 1]
@@ -62,7 +62,7 @@ def test_two_ranks_make_one_record_with_the_highest_peaks_and_every_rank(tmp_pat
 @pytest.mark.slow
 def test_a_rank_that_raises_fails_the_cell_naming_it_and_no_rank_is_left(tmp_path, monkeypatch):
     monkeypatch.setenv(FAIL_RANK_VARIABLE, "1")
-    path, record = run_dict(prepare(EXPERIMENTS / "fsdp2.yaml", TWO_RANKS), tmp_path)
+    path, record = run_dict(resolve(EXPERIMENTS / "fsdp2.yaml", TWO_RANKS), tmp_path)
     assert record["status"] == "failed"
     assert record["error"]["type"] == "InjectedFailure" and record["error"]["rank"] == 1
     assert schema.read(path).error.rank == 1
@@ -77,7 +77,7 @@ def test_no_rank_outlives_its_cell(tmp_path, how):
     torchrun and every rank under it."""
     import psutil
 
-    config = prepare(EXPERIMENTS / "fsdp2.yaml", {**TWO_RANKS, "steps": 5000})  # far longer than its time limit
+    config = resolve(EXPERIMENTS / "fsdp2.yaml", {**TWO_RANKS, "steps": 5000})  # far longer than its time limit
     seen, done = [], threading.Event()
 
     def watch():  # the ranks, once both are running; then torchrun itself, if it is the one to kill
@@ -150,7 +150,7 @@ def test_world_sizes_expand_to_cells_and_gpus_bound_them_on_cuda(tmp_path):
 
     def sizes(device_type, devices):
         planned, skipped = expand(matrix, device_type, EXPERIMENTS, tmp_path, devices=devices)
-        return sorted(run.config["world_size"] for run in planned), skipped
+        return sorted(run.config.experiment.world_size for run in planned), skipped
 
     assert sizes("cpu", None)[0] == [1, 2, 4]  # gloo processes, however many cores
     assert sizes("cuda", None)[0] == [1, 2, 4]  # a cluster's jobs get the GPUs they ask for

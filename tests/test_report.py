@@ -442,7 +442,7 @@ def test_the_ladder_stands_each_rung_beside_torchtunes_and_every_rung_is_a_cuda_
     assert rows["theirs_gib"].dropna().round(1).tolist() == [60.0, 24.9, 23.1, 21.8, 17.6, 8.5, 4.6]
     assert rows["experiment"].notna().all()  # every rung is a step of the lab's, torchtune's figure or not
     cells, _ = expand(load_matrix(experiments_dir / "matrix.yaml"), "cuda", experiments_dir, tmp_path, device_gb=141)
-    cells = {(c.config["name"], c.config["model"], c.config["seq_len"], c.config["micro_batch"]) for c in cells}
+    cells = {(c.config.name, c.config.experiment.model, c.config.experiment.seq_len, c.config.experiment.micro_batch) for c in cells}
     for experiment in rows["experiment"].dropna():
         assert (experiment, ladder.MODEL, ladder.SEQ_LEN, ladder.MICRO_BATCH) in cells
     # a rung that raises the peak is named

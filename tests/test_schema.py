@@ -146,7 +146,8 @@ def test_a_new_adapter_and_optimizer_are_one_registry_entry_each(monkeypatch, tm
     from harness.blocks.parts import Unmapped
 
     half_rank = adapters.Adapter(wrap=lambda model, settings: model,
-                                 trainable_tensors=lambda n_in, n_out, settings: [settings.r * n_in])
+                                 trainable_tensors=lambda n_in, n_out, settings: [settings.r * n_in],
+                                 summary="LoRA's A matrices only", loss="not compared", shown_by=None)
     monkeypatch.setitem(adapters.ADAPTERS, "a-only", half_rank)
     my_sgd = optimizers.Optimizer(build=lambda params, settings, device_type, model=None: None,
                                   state_bytes=lambda sizes, param_bytes, shape, settings, device_type: (0, 0),

@@ -190,9 +190,9 @@ def test_simulated_rank_matches_two_real_cpu_ranks_within_3_percent(tmp_path, ex
     """The sharded step under the fake process group against the same step on two gloo ranks (tracked bytes)."""
     from conftest import QUICK, run_dict
 
-    from harness.config import prepare
+    from harness.config import resolve
 
-    _, record = run_dict(prepare(EXPERIMENTS / f"{experiment}.yaml", {**QUICK, "world_size": 2}), tmp_path)
+    _, record = run_dict(resolve(EXPERIMENTS / f"{experiment}.yaml", {**QUICK, "world_size": 2}), tmp_path)
     assert record["status"] == "ok", record["error"]
     simulated = schema.to_dict(predict_record(EXPERIMENTS / f"{experiment}.yaml", "tiny-llama", QUICK["seq_len"],
                                               QUICK["micro_batch"], "simulated", "cpu", {"world_size": 2}))

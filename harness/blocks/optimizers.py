@@ -13,10 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from harness.blocks.parts import BuiltForTrainer, LossRule, NotMapped, Refusal, Setting, Unmapped
-
-# The loss comparison's reference: fp32 full fine-tuning (harness.report.loss).
-BASELINE = "fp32"
+from harness.blocks.parts import BASELINE, BuiltForTrainer, LossRule, NotMapped, Refusal, Setting, Unmapped
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,10 @@ class BuiltForTrainer:
     reason: str
 
 
+# The loss comparison's reference: fp32 full fine-tuning (harness.report.loss).
+BASELINE = "fp32"
+
+
 @dataclass(frozen=True)
 class LossRule:
     """The final held-out loss a technique must reach: within `tolerance` of a reference experiment's."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from harness import env, schema
 from harness.arguments import like_field, positive
-from harness.config import ENGINE_NAMES, MATRIX_FILE, ConfigError
+from harness.config import ENGINE_NAMES, MATRIX_FILE, ConfigError, ResolvedConfig
 from harness.lab import launcher
 from harness.lab.estimate import estimate_run, parse_duration
 from harness.lab.runner import (
@@ -108,7 +108,7 @@ def estimate_runs(planned: list[PlannedRun], device_type: str) -> None:
 
     configs: dict[str, object] = {}
     for run in planned:
-        model = run.config["model"]
+        model = run.config.experiment.model
         if model not in configs:
             if model == BASE_SOURCE:  # the shape of the recipe's preset, pretrained or not
                 configs[model] = preset_config(recipe_for(device_type).preset)
@@ -125,9 +125,9 @@ def estimate_runs(planned: list[PlannedRun], device_type: str) -> None:
         run.estimate = estimate_run(run.config, configs[model]) if configs[model] is not None else None
 
 
-def default_timeout(config: dict, estimate=None) -> float:
+def default_timeout(config: ResolvedConfig, estimate=None) -> float:
     """A run's time limit where none is given: a multiple of its estimate, at least the device's minimum."""
-    device_type = env.resolve_device(config["device"])
+    device_type = env.resolve_device(config.experiment.device)
     if estimate is None:
         planned = [PlannedRun(config, 0, Path(), "")]
         estimate_runs(planned, device_type)
@@ -138,11 +138,11 @@ def default_timeout(config: dict, estimate=None) -> float:
 
 
 def _label(index: int, total: int, run: PlannedRun) -> str:
-    config = run.config
-    return (f"[{index}/{total}] {config['name']} @ {config['model']} seq {config['seq_len']}"
-            f" x{config['micro_batch']}x{config['grad_accum']}"
-            + (f" budget {config['budget_gb']:g} GB" if config["budget_gb"] else "")
-            + (f" in {config['engine']}" if config.get("engine", "harness") != "harness" else "")
+    cell = run.config.experiment
+    return (f"[{index}/{total}] {run.config.name} @ {cell.model} seq {cell.seq_len}"
+            f" x{cell.micro_batch}x{cell.grad_accum}"
+            + (f" budget {cell.budget_gb:g} GB" if cell.budget_gb else "")
+            + (f" in {cell.engine}" if cell.engine != "harness" else "")
             + (f" repeat {run.repeat}" if run.repeat else ""))
 
 
@@ -184,10 +184,10 @@ def leave_to_another_machine(run: PlannedRun, environment: dict) -> schema.RunRe
         return kept
     if run.path.exists() and schema.read(run.path, kind="run").status in schema.MEASURED:
         return "the measurement made elsewhere stays"
-    config = {**run.config, "run_id": uuid.uuid4().hex}
+    config = run.config.run(uuid.uuid4().hex)
     record = schema.RunRecord(
-        status="skipped", experiment=config["name"], model=config["model"], config=config,
-        config_hash=config["config_hash"], finished_at=env.now(), environment=environment,
+        status="skipped", experiment=config.name, model=config.experiment.model, config=config.as_dict(),
+        config_hash=config.config_hash, finished_at=env.now(), environment=environment,
         fingerprint=env.fingerprint(environment), emulated=run.left_to,
         error=schema.RunError("EmulatedHere", run.left_to))
     keep_record(run.path, record)
@@ -248,7 +248,7 @@ def run_matrix(planned: list[PlannedRun], fingerprint: str, *, force: bool = Fal
             # a run that overruns its estimate badly is stopped (and recorded) rather than eat the budget
             limit = min(left, max(BUDGET_OVERRUN_FACTOR * run.estimate.seconds, BUDGET_MIN_TIMEOUT_S))
             run_timeout = min(run_timeout, limit)
-        polluted = other_gpu_users() if run.config["device"] == "cuda" else None
+        polluted = other_gpu_users() if run.config.experiment.device == "cuda" else None
         if polluted and not allow_shared_gpu:
             raise SystemExit(f"refusing to measure on a shared GPU: {polluted} "
                              "(--allow-shared-gpu records it anyway, marked)")
@@ -379,7 +379,7 @@ def main(args) -> int:
     if args.launcher != "local":  # one job per cell; the base model is pretrained on the cluster, by hand
         return launcher.launch([run for run in planned if not run.left_to], args.launcher, settings, out_dir, force=args.force, timeout_s=args.timeout,
                                wait=args.wait)
-    if (any(run.config["model"] == BASE_SOURCE and not run.left_to for run in planned)
+    if (any(run.config.experiment.model == BASE_SOURCE and not run.left_to for run in planned)
             and base_checkpoint_path(device_type) is None):
         # Runs on the lab's own base need it pretrained first (once; cached).
         print("pretraining the base model the loss comparison fine-tunes (once) ...", flush=True)

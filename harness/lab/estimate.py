@@ -22,8 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.config import ResolvedConfig
-from harness.matrix import compute_dtype
+from harness.config import Experiment, ResolvedConfig
 from harness.measure.throughput import model_flops_per_token
 from harness.predict.analytic import shape_of
 
@@ -63,11 +62,9 @@ class Estimate:
                 f"{self.flops:.2g} FLOPs)")
 
 
-def estimate_run(config: dict, model_config) -> Estimate:
-    """Estimated wall time of one resolved experiment config (its dict form, as a planned run carries it) on a
-    GPU (model_config: its transformers config)."""
-    resolved = ResolvedConfig.from_dict(config)
-    run, technique = resolved.experiment, resolved.technique
+def estimate_run(config: ResolvedConfig, model_config) -> Estimate:
+    """Estimated wall time of one resolved experiment on a GPU (model_config: its transformers config)."""
+    run, technique = config.experiment, config.technique
     parameters = shape_of(model_config).parameters()["total"]
     build_s = BUILD_SECONDS_PER_BILLION[technique.quantization] * parameters / 1e9
     tokens = run.seq_len * run.micro_batch * run.grad_accum
@@ -79,29 +76,29 @@ def estimate_run(config: dict, model_config) -> Estimate:
     if run.eval_every:  # held-out forwards: a third of a step's FLOPs per sequence
         evaluations = run.steps // run.eval_every + 2
         flops += per_token / 3 * run.seq_len * run.eval_sequences * evaluations
-    steps_s = flops / (SUSTAINED_FLOPS[compute_dtype(config)] * QUANTIZED_SPEED[technique.quantization])
+    steps_s = flops / (SUSTAINED_FLOPS[technique.compute_dtype] * QUANTIZED_SPEED[technique.quantization])
     first = first_steps(config, model_config)
     first_s = sum(first.values())
     return Estimate(START_SECONDS + build_s + steps_s + first_s, build_s, steps_s, flops, first_s,
                     " and ".join(first))
 
 
-def first_steps(config: dict, model_config) -> dict[str, float]:
+def first_steps(config: ResolvedConfig, model_config) -> dict[str, float]:
     """Seconds the first steps take beyond their FLOPs, by cause: {words: seconds} (empty for most runs)."""
     first = {}
-    if config["optimizer"] == "galore_adamw":
-        first["GaLore's SVDs"] = galore_svd_seconds(config, model_config)
-    if config["compile"]:
+    if config.technique.optimizer == "galore_adamw":
+        first["GaLore's SVDs"] = galore_svd_seconds(config.experiment, model_config)
+    if config.experiment.compile:
         first["compilation"] = COMPILE_START_SECONDS + COMPILE_SECONDS_PER_LAYER * shape_of(model_config).layers
     return first
 
 
-def galore_svd_seconds(config: dict, model_config) -> float:
+def galore_svd_seconds(experiment: Experiment, model_config) -> float:
     """galore-torch's projector takes a full SVD (torch.linalg.svd, in fp32) of each projected weight's
     gradient at its first step and every `galore_update_proj_gap` steps; the lab projects every decoder
     linear layer. The tracked step steps the optimizer too."""
-    optimizer_steps = config["warmup_steps"] + config["steps"] + 1
-    rounds = -(-optimizer_steps // config["optim"]["galore_update_proj_gap"])
+    optimizer_steps = experiment.warmup_steps + experiment.steps + 1
+    rounds = -(-optimizer_steps // experiment.optim.galore_update_proj_gap)
     flops = sum(count * svd_flops(n_in, n_out) for n_in, n_out, count in shape_of(model_config).linears().values())
     return rounds * flops / SVD_FLOPS
 

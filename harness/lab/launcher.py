@@ -32,7 +32,7 @@ from pathlib import Path
 
 from harness import env, schema
 from harness.arguments import positive
-from harness.config import ConfigError, build_dataclass, read_yaml
+from harness.config import ConfigError, ResolvedConfig, build_dataclass, read_yaml
 from harness.lab.estimate import parse_duration
 from harness.lab.runner import (
     LOG_TAIL_CHARS,
@@ -95,7 +95,7 @@ class JobEntry:
     folder: str       # submitit's folder of the job (%j stands for its id)
     record: str       # where the submitting machine expects the cell's record
     submitted_at: str
-    config: dict
+    config: dict      # the cell's resolved configuration in its dict form, as the job got it
     repeat: int = 0
 
 
@@ -113,15 +113,15 @@ def load_settings(matrix_path: Path, overrides: dict) -> LauncherSettings:
     return settings
 
 
-def allocation(config: dict, settings: LauncherSettings) -> dict:
+def allocation(config: ResolvedConfig, settings: LauncherSettings) -> dict:
     """submitit's resources for one cell: its world size's GPUs, on as few nodes as hold them."""
     size = world_size(config)
-    if config["device"] != "cuda":
+    if config.experiment.device != "cuda":
         return {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 1}
     per_node = settings.gpus_per_node
     nodes = math.ceil(size / per_node)
     if nodes > settings.nodes:
-        raise ConfigError("harness bench", "--nodes", f"{config['name']} has world size {size}: {nodes} nodes of "
+        raise ConfigError("harness bench", "--nodes", f"{config.name} has world size {size}: {nodes} nodes of "
                           f"{per_node} GPUs, more than the {settings.nodes} allowed")
     return {"nodes": nodes, "gpus_per_node": min(size, per_node), "tasks_per_node": 1}
 
@@ -142,9 +142,11 @@ def check_shared_filesystem(out_dir: Path) -> None:
 
 
 def measure_cell(config: dict, out_dir: str, repeat: int, timeout_s: float | None, run_id: str) -> dict:
-    """The body of one cell's job, on its node: the cell measured as the local launcher measures it."""
+    """The body of one cell's job, on its node: the cell (the dict form it crossed to the node in) measured as
+    the local launcher measures it."""
     import submitit
 
+    config = ResolvedConfig.from_dict(config)
     job = submitit.JobEnvironment()
     rendezvous = None
     if world_size(config) > 1:
@@ -158,9 +160,9 @@ def measure_cell(config: dict, out_dir: str, repeat: int, timeout_s: float | Non
     return {"record": str(path), "status": record.status}
 
 
-def _other_node(config: dict, rendezvous: Rendezvous) -> dict:
+def _other_node(config: ResolvedConfig, rendezvous: Rendezvous) -> dict:
     with tempfile.TemporaryDirectory() as folder:
-        config_file = schema.write_atomic(Path(folder) / "config.json", config)
+        config_file = schema.write_atomic(Path(folder) / "config.json", config.as_dict())
         command = worker_command(config, str(config_file), Path(folder) / "record.json", rendezvous)
         return {"returncode": subprocess.run(command).returncode}
 
@@ -277,7 +279,7 @@ def _failed_record(entry: JobEntry, detail: str) -> schema.RunRecord:
 
     paths = JobPaths(entry.folder, entry.job_id, 0)
     log = "".join(p.read_text(errors="replace") for p in (paths.stdout, paths.stderr) if p.exists())
-    config = {**entry.config, "run_id": entry.run_id}
+    config = {**entry.config, "run_id": entry.run_id}  # the dict form the job got, as its record would keep it
     reason = detail.strip().splitlines()[-1] if detail.strip() else "no reason given"
     how = f"{entry.launcher} job {entry.job_id} ended without a record ({reason})"
     return schema.RunRecord(status="failed", experiment=config["name"], model=config["model"], config=config,
@@ -331,17 +333,19 @@ def launch(planned: list[PlannedRun], launcher: str, settings: LauncherSettings,
         if not force and (record := current_record(run, out_dir, versions)) is not None:
             print(f"{label}: done before, skipped ({record.status})", file=stream, flush=True)
             continue
-        if run.config["model"] == BASE_SOURCE and base_checkpoint_path(run.config["device"]) is None:
+        cell = run.config.experiment
+        if cell.model == BASE_SOURCE and base_checkpoint_path(cell.device) is None:
             print(f"{label}: not submitted: the base model is not pretrained yet "
-                  f"(`harness base --device {run.config['device']}` on a node of the cluster)", file=stream)
+                  f"(`harness base --device {cell.device}` on a node of the cluster)", file=stream)
             continue
         executor = executor or make_executor(launcher, out_dir, settings)
         executor.update_parameters(name=f"harness-{run.path.stem}"[:100], **allocations[run.path])
         run_id = uuid.uuid4().hex
-        job = executor.submit(measure_cell, run.config, str(out_dir.resolve()), run.repeat, limit, run_id)
+        config = run.config.as_dict()
+        job = executor.submit(measure_cell, config, str(out_dir.resolve()), run.repeat, limit, run_id)
         entry = JobEntry(launcher=launcher, job_id=str(job.job_id), run_id=run_id,
                          folder=str(executor.folder), record=str(run.path.resolve()), submitted_at=env.now(),
-                         config=run.config, repeat=run.repeat)
+                         config=config, repeat=run.repeat)
         schema.write_atomic(entry_path(out_dir, run.path), dataclasses.asdict(entry))
         entries[run.path] = entry
         submitted.append(entry)

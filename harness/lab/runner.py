@@ -34,6 +34,7 @@ from multiprocessing import reduction
 from pathlib import Path
 
 from harness import env, schema
+from harness.config import ResolvedConfig
 
 LOG_TAIL_CHARS = 4000
 ATTEMPT_SUFFIX = schema.ATTEMPT_SUFFIX
@@ -158,12 +159,12 @@ def _forkserver():
     return context
 
 
-def world_size(config: dict) -> int:
-    """How many processes measure a cell together (1 unless its configuration says more)."""
-    return int(config.get("world_size") or 1)
+def world_size(config: ResolvedConfig) -> int:
+    """How many processes measure a cell together."""
+    return config.experiment.world_size
 
 
-def check_ranks(config: dict, path, field_name: str, force: bool = False) -> None:
+def check_ranks(config: ResolvedConfig, path, field_name: str, force: bool = False) -> None:
     """A cell of N ranks starts N processes: at most one per device here (a GPU each; on a CPU, a core
     each), unless forced. ConfigError names the field that asked for them."""
     from harness.config import ConfigError
@@ -171,7 +172,7 @@ def check_ranks(config: dict, path, field_name: str, force: bool = False) -> Non
     size = world_size(config)
     if size == 1 or force:
         return
-    cuda = env.resolve_device(config["device"]) == "cuda"
+    cuda = env.resolve_device(config.experiment.device) == "cuda"
     have = env.gpu_count() if cuda else len(os.sched_getaffinity(0))
     if size > have:
         raise ConfigError(path, field_name, f"{size} ranks, and this machine has {have} "
@@ -197,7 +198,7 @@ def _free_local_port() -> int:
         return probe.getsockname()[1]
 
 
-def worker_command(config: dict, config_arg: str, attempt_path: Path,
+def worker_command(config: ResolvedConfig, config_arg: str, attempt_path: Path,
                    rendezvous: Rendezvous | None = None) -> list[str]:
     """The command of a worker in a new interpreter: `python -m harness.measure.worker CONFIG RECORD`.
 
@@ -223,11 +224,11 @@ def _config_file(attempt_path: Path) -> Path:
     return schema.beside_attempt(attempt_path, "config")
 
 
-def _rank_files(attempt_path: Path, config: dict) -> list[Path]:
+def _rank_files(attempt_path: Path, config: ResolvedConfig) -> list[Path]:
     return [schema.rank_record_path(attempt_path, rank) for rank in range(world_size(config))]
 
 
-def _settle_ranks(attempt_path: Path, config: dict) -> None:
+def _settle_ranks(attempt_path: Path, config: ResolvedConfig) -> None:
     """Where no rank wrote the cell's record, the record of the rank that ended first without `ok` becomes
     the attempt (the others may have failed only because it did: a peer gone mid-collective); the other
     ranks' go."""
@@ -238,13 +239,14 @@ def _settle_ranks(attempt_path: Path, config: dict) -> None:
         leftover.unlink(missing_ok=True)
 
 
-def _start_worker(config: dict, attempt_path: Path, log, lock: int, rendezvous: Rendezvous | None = None):
-    """Start the worker process; returns a function that waits for it (None: timed out) and one
-    that kills it."""
-    if env.resolve_device(config["device"]) == "cpu" and world_size(config) == 1:
+def _start_worker(config: ResolvedConfig, attempt_path: Path, log, lock: int,
+                  rendezvous: Rendezvous | None = None):
+    """Start the worker process, which gets the configuration's dict form; returns a function that waits for
+    it (None: timed out) and one that kills it."""
+    if env.resolve_device(config.experiment.device) == "cpu" and world_size(config) == 1:
         lifeline, held = os.pipe()  # `held` stays here: its end of file tells the worker this process is gone
         process = _forkserver().Process(target=_forked_worker, args=(
-            config, str(attempt_path), log.name, _Descriptor(lock), _Descriptor(lifeline)))
+            config.as_dict(), str(attempt_path), log.name, _Descriptor(lock), _Descriptor(lifeline)))
         process.start()
         os.close(lifeline)
 
@@ -262,12 +264,12 @@ def _start_worker(config: dict, attempt_path: Path, log, lock: int, rendezvous: 
     child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **WORKER_ENVIRONMENT}
     config_file = None
     if world_size(config) > 1:
-        config_file = schema.write_atomic(_config_file(attempt_path), config)
+        config_file = schema.write_atomic(_config_file(attempt_path), config.as_dict())
     command = worker_command(config, str(config_file or "-"), attempt_path, rendezvous)
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=child_env,
                                pass_fds=(lock,), preexec_fn=_die_with_parent(os.getpid()))
     if config_file is None:
-        process.stdin.write(json.dumps(config).encode())
+        process.stdin.write(json.dumps(config.as_dict()).encode())
     process.stdin.close()
 
     def wait(timeout):
@@ -295,13 +297,13 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
-def cell_path(config: dict, out_dir: str | Path, repeat: int = 0) -> Path:
+def cell_path(config: ResolvedConfig, out_dir: str | Path, repeat: int = 0) -> Path:
     """Where this machine's record of a cell goes."""
-    return schema.record_path(out_dir, env.device_slug(env.device_name(config["device"])), config["name"],
-                              config["model"], config["config_hash"], repeat)
+    return schema.record_path(out_dir, env.device_slug(env.device_name(config.experiment.device)), config.name,
+                              config.experiment.model, config.config_hash, repeat)
 
 
-def run_config(config: dict, out_dir: str | Path = "results", repeat: int = 0,
+def run_config(config: ResolvedConfig, out_dir: str | Path = "results", repeat: int = 0,
                timeout_s: float | None = None, run_id: str | None = None,
                rendezvous: Rendezvous | None = None) -> tuple[Path, schema.RunRecord]:
     """Run a resolved config in a child process; returns (where its record went, the record).
@@ -317,7 +319,7 @@ def run_config(config: dict, out_dir: str | Path = "results", repeat: int = 0,
     log_path.parent.mkdir(parents=True, exist_ok=True)
     run_id = run_id or uuid.uuid4().hex
     attempt_path = path.with_name(f".{path.stem}.{run_id[:12]}{ATTEMPT_SUFFIX}")
-    config = {**config, "run_id": run_id}
+    config = config.run(run_id)
     with cell_lock(path) as lock, open(log_path, "w") as log:
         wait = kill = None
         try:
@@ -442,7 +444,7 @@ def _keep_the_better(path: Path, attempt_path: Path, record: schema.RunRecord) -
     return path
 
 
-def _lost_record(config: dict, returncode: int, log_path: Path, timeout_s: float | None) -> schema.RunRecord:
+def _lost_record(config: ResolvedConfig, returncode: int, log_path: Path, timeout_s: float | None) -> schema.RunRecord:
     """The record of a process that ended without writing its own."""
     tail = log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:] if log_path.exists() else ""
     if returncode < 0:
@@ -451,8 +453,8 @@ def _lost_record(config: dict, returncode: int, log_path: Path, timeout_s: float
             how += " (a time limit, or the host ran out of memory)"
     else:
         how = f"the run's process exited with status {returncode} without writing a record"
-    return schema.RunRecord(status="failed", experiment=config["name"], model=config["model"], config=config,
-                            config_hash=config["config_hash"], finished_at=env.now(),
+    return schema.RunRecord(status="failed", experiment=config.name, model=config.experiment.model,
+                            config=config.as_dict(), config_hash=config.config_hash, finished_at=env.now(),
                             error=schema.RunError("ProcessDied", how, returncode=returncode, timeout_s=timeout_s,
                                                   log_tail=tail))
 
@@ -466,7 +468,8 @@ def summary_line(record: schema.RunRecord) -> str:
         return (f"{name}: ok, peak {record.memory.peak_allocated / 2**30:.3f} GiB ({record.memory.source}), "
                 f"{record.throughput.tokens_per_s:.0f} tokens/s, final loss {record.loss.final:.4f}")
     error = record.error or schema.RunError("?", "")
-    name += f" (rank {error.rank} of {world_size(record.config)})" if error.rank is not None else ""
+    ranks = record.config.get("world_size") or 1  # a record made before world_size existed ran on one
+    name += f" (rank {error.rank} of {ranks})" if error.rank is not None else ""
     if record.status == "oom":
         reached = error.memory_reached_bytes
         reached_text = f", reached {reached / 2**30:.3f} GiB" if reached else ""

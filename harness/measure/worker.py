@@ -158,7 +158,6 @@ def run(config: dict, record_path: str | Path) -> schema.RunRecord:
         tokens_per_step = cfg.micro_batch * cfg.seq_len * cfg.grad_accum
         stats = step_time_stats(times)
         tokens_per_s = tokens_per_step / stats["median"]
-        compute_dtype = technique.autocast if technique.autocast != "none" else technique.weights
         record.memory = _memory_section(device, tracker, cuda_meter, context_bytes if cuda_meter else None)
         if held_out is not None:  # after the peaks are read: evaluation never counts in them
             session.evaluate_held_out(session.steps_in_all)
@@ -167,7 +166,7 @@ def run(config: dict, record_path: str | Path) -> schema.RunRecord:
             load_seconds=session.load_seconds, timed_steps=len(times), warmup_steps=cfg.warmup_steps,
             timing_includes_tracking=on_cpu and cap is not None,
             mfu=mfu(source.config, cfg.seq_len, tokens_per_s, technique.adapter == "none",
-                    environment["device_name"], compute_dtype) if device.type == "cuda" else None)
+                    environment["device_name"], technique.compute_dtype) if device.type == "cuda" else None)
         record.adapter_bytes_on_disk = _adapter_bytes(model)
         record.status = "ok"
     except torch.OutOfMemoryError as error:

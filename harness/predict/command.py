@@ -21,7 +21,7 @@ from harness.env import HALF_DTYPES
 from harness.architectures import UnsupportedArchitecture
 from harness.cards import CARD_OF_SIZE, CARDS
 from harness.arguments import like_field
-from harness.config import experiment_files, prepare
+from harness.config import experiment_files, resolve
 from harness.predict.prediction import ALLOCATORS, PREDICTOR_MODULES, fits, predict
 from harness.schema import CATEGORIES
 from harness.techniques import NotSimulated
@@ -42,7 +42,7 @@ def matrix_configurations(experiments_dir: Path) -> list[tuple[str, str, int, in
     from harness.step.checkpoint import BASE_SOURCE
 
     matrix = load_matrix(experiments_dir / MATRIX_FILE)
-    own_accumulation = {path.stem: prepare(path)["grad_accum"] for path in experiment_files(experiments_dir)}
+    own_accumulation = {path.stem: resolve(path).experiment.grad_accum for path in experiment_files(experiments_dir)}
     cells = []
     for plan in matrix:
         device_type = "cpu" if plan == "cpu" else "cuda"
@@ -50,9 +50,9 @@ def matrix_configurations(experiments_dir: Path) -> list[tuple[str, str, int, in
         for emulated in ((frozenset(), frozenset(HALF_DTYPES)) if device_type == "cpu" else (frozenset(),)):
             runs, _ = expand(matrix, device_type, experiments_dir, experiments_dir, plan=plan, device_gb=math.inf,
                              emulated=emulated)
-            cells += [(c["name"], c["model"], c["seq_len"], c["micro_batch"], device_type, c["world_size"])
-                      for c in (run.config for run in runs if not run.left_to)
-                      if c["model"] != BASE_SOURCE and c["grad_accum"] == own_accumulation[c["name"]]]
+            cells += [(name, e.model, e.seq_len, e.micro_batch, device_type, e.world_size)
+                      for name, e in ((run.config.name, run.config.experiment) for run in runs if not run.left_to)
+                      if e.model != BASE_SOURCE and e.grad_accum == own_accumulation[name]]
     return list(dict.fromkeys(cells))
 
 

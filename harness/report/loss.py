@@ -11,27 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.blocks.optimizers import BASELINE, OPTIMIZERS
-from harness.blocks.parts import LossRule
+from harness.blocks.loss import loss_rules
+from harness.blocks.parts import BASELINE, LossRule
 from harness.report.verdicts import HOLDS, OFF, UNCHECKED, Verdict, relative_error
 
-# Each technique against the run it should match: precision changes against fp32 full fine-tuning,
-# quantized bases against LoRA on the unquantized base (the adapter is the same); each optimizer
-# against its reference, in the experiment that shows it, as its descriptor says.
-LOSS_RULES = {
-    "bf16-mixed": LossRule(BASELINE, 0.01, "fp32 master weights and optimizer: only the matmuls round to bf16"),
-    "fp16-mixed": LossRule(BASELINE, 0.01, "fp32 master weights; loss scaling keeps small fp16 gradients"),
-    "bf16-pure": LossRule(BASELINE, 0.03, "bf16 weights round away updates below 2^-8 of a weight, so some "
-                                          "learning is lost"),
-    "lora": LossRule(BASELINE, 0.05, "a rank-r update can only approximate full fine-tuning"),
-    "int8-lora": LossRule("lora", 0.01, "LLM.int8 keeps outlier features in 16 bits: near-lossless"),
-    "qlora": LossRule("lora", 0.03, "NF4 rounding of the frozen base; the QLoRA paper reports 16-bit parity"),
-    "dora": LossRule("lora", 0.01, "LoRA's update split into a direction and a learned magnitude, which the DoRA "
-                                   "paper reports to match or beat LoRA at the same rank"),
-    "pissa": LossRule("lora", 0.01, "LoRA started from the weights' principal singular vectors, which the PiSSA "
-                                    "paper reports to converge faster than LoRA"),
-    **{o.shown_by: o.loss for o in OPTIMIZERS.values() if isinstance(o.loss, LossRule)},
-}
+# Each technique against the run it should match, as the descriptor of the block it changes says
+# (harness.blocks): precision changes against fp32 full fine-tuning, quantized bases against LoRA on the
+# unquantized base (the adapter is the same), adapter variants against LoRA, each optimizer against its
+# reference, each in the experiment that shows it.
+LOSS_RULES = loss_rules()
 COMPARISON_KEYS = ("model", "base_checkpoint", "device", "data", "steps", "warmup_steps", "seq_len", "eval_every",
                    "eval_sequences", "seed")
 
