@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow  # real training steps in subprocesses; `make test
 
 EXPECTED = {
     "bench_copy", "bench_nf4_quantize", "bench_nf4_dequantize", "bench_int8_quantize", "bench_int8_dequantize",
-    *(f"bench_linear_forward[t16-{kind}]" for kind in ("bf16", "nf4", "int8")),
+    *(f"bench_linear_forward[t16-{kind}]" for kind in ("bf16", "nf4", "int8", "fp32")),
     *(f"bench_linear_forward_backward[t16-{kind}]" for kind in ("bf16", "nf4", "int8", "bf16-trainable")),
     *(f"bench_optimizer_step[{name}]" for name in ("torch-adamw", "adamw8bit", "paged-adamw8bit")),
     *(f"bench_lora_forward_backward[t16-{rank}]" for rank in ("bare", "r8", "r64")),

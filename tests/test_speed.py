@@ -67,6 +67,12 @@ def test_small_kernels_are_the_host_s_and_a_large_product_the_gpu_s():
     # another card: the measured rate scaled by the ratio of data-sheet peaks
     on_a100 = step_time(big, "A100", CALIBRATION)["matmul_s"]
     assert on_a100 == pytest.approx(1e13 / (500e12 * 312 / 989))
+    # an fp32 product computes 989/67 times longer at its peak than in bf16: its share of peak is read on the
+    # bf16 curve that many FLOPs further, so it is higher than a bf16 product's of the same FLOPs
+    fp32 = [Kernel("aten::mm", int(1e10), 0, "fp32", "forward")]
+    share = CALIBRATION.matmul_rate(1e10 * 989 / 67) / 989e12
+    assert step_time(fp32, "H200", CALIBRATION)["matmul_s"] == pytest.approx(1e10 / (share * 67e12))
+    assert share > CALIBRATION.matmul_rate(1e10) / 989e12
     optimizer = [Kernel("aten::_fused_adamw_", 0, 0, "fp32", "optimizer", fp32_elements=10**9)]
     assert step_time(optimizer, "H200", CALIBRATION)["optimizer_s"] == pytest.approx(1e-2)
 
@@ -96,7 +102,9 @@ def test_the_host_cost_is_the_adapter_s_time_over_the_kernels_it_adds(tmp_path):
         {"name": "bench_optimizer_step[torch-adamw]", "stats": {"min": 1e-3, "median": 2e-3},
          "extra_info": {"shape": {"parameters": 1000}}},
         {"name": "bench_optimizer_step[adamw8bit]", "stats": {"min": 2e-3, "median": 3e-3},
-         "extra_info": {"shape": {"parameters": 1000}}}]}
+         "extra_info": {"shape": {"parameters": 1000}}},
+        {"name": "bench_nf4_dequantize", "stats": {"min": 1e-6, "median": 2e-6},
+         "extra_info": {"shape": {"weight": [32, 64]}, "dtype": "bf16"}}]}
     path = tmp_path / "gpu.json"
     path.write_text(json.dumps(data))
     added = len(lora_layer_kernels(8, 16, 32, 8, 0.05)) - len(lora_layer_kernels(8, 16, 32, 0, 0.0))
@@ -104,6 +112,26 @@ def test_the_host_cost_is_the_adapter_s_time_over_the_kernels_it_adds(tmp_path):
     measured = calibration(path)
     assert measured.host_seconds_per_kernel == pytest.approx(4e-4 / added)
     assert dict(measured.optimizer_seconds_per_parameter)["aten::_fused_adamw_"] == pytest.approx(1e-6)
+    # torchao's compiled 8-bit step at bitsandbytes' 8-bit kernel's time per parameter (no benchmark of its own)
+    assert dict(measured.optimizer_seconds_per_parameter)["torchao::single_param_adam[OptimState8bit]"] == \
+        pytest.approx(2e-6)
+    # NF4 dequantization at its own benchmark's bandwidth: 2048 codes (1,024 bytes), 32 fp32 absmax, 4,096 bytes out
+    assert dict(measured.kernel_bandwidths)["bitsandbytes::dequantize_4bit"] == pytest.approx((1024 + 128 + 4096) / 1e-6)
+    # the calibration carries its file's digest: a prediction from another file is stale
+    from harness.predict.speed import calibration_digest, is_current
+
+    assert measured.digest == calibration_digest(path) != calibration_digest()
+    assert is_current({"calibration": {"digest": measured.digest}}, path)
+    assert not is_current({"calibration": {"digest": calibration_digest()}}, path)
+    assert is_current(None, path)  # a prediction without speed
+    # once the lab times torchao's own compiled step, that time stands for it
+    data["benchmarks"].append({"name": "bench_optimizer_step[ao-adamw8bit]", "stats": {"min": 5e-3, "median": 6e-3},
+                               "extra_info": {"shape": {"parameters": 1000}}})
+    path.write_text(json.dumps(data))
+    measured = calibration(path)
+    assert dict(measured.optimizer_seconds_per_parameter)["torchao::single_param_adam[OptimState8bit]"] == \
+        pytest.approx(5e-6)
+    assert "bench_optimizer_step[ao-adamw8bit]" in measured.source
 
 
 def test_fine_tune_cost():
@@ -240,3 +268,31 @@ def test_a_throughput_ratio_calls_a_difference_only_beyond_the_step_times_spread
     assert "within that spread, no difference shown" in observation.note
     apart = Results(Path("."), records=[run("lora", 500, 520, 480), run("bf16-mixed", 1050, 1150, 950)])
     assert "a difference beyond that spread" in throughput_ratio(apart, spec, "gpu").note
+
+
+def test_torchao_s_compiled_step_is_one_kernel_a_parameter():
+    pytest.importorskip("torchao")
+    from torchao.optim import AdamW8bit
+
+    import torchao.optim.adam
+
+    from harness.predict.kernels import TORCHAO_STEP
+
+    original = torchao.optim.adam.single_param_adam
+    weight = torch.nn.Parameter(torch.randn(1024, 4))  # torchao quantizes states of 4,096 elements or more
+    optimizer = AdamW8bit([weight], lr=torch.tensor(1e-3))
+    weight.grad = torch.randn_like(weight)
+    recorder = KernelRecorder()
+    with torch.compiler.set_stance("force_eager"), recorder:  # as the simulation runs compiled code
+        optimizer.step()  # creates the states
+        recorder.recording = True
+        optimizer.step()
+    # the step counter's increment (a CPU scalar, torchao's `state["step"] += 1`), then the fused step, not the
+    # eager step's dozens of ops
+    assert [k.op for k in recorder.kernels] == ["aten::add_.Tensor", f"{TORCHAO_STEP}[OptimState8bit]"]
+    kernel = recorder.kernels[-1]
+    assert kernel.fp32_elements == 4096
+    weight_bytes, codes = 4 * 4096, 2 * 4096  # fp32 weight; both moments' 8-bit codes
+    # read: weight, gradient, codes; written: weight and codes (the blocks' scales and the code books are small)
+    assert 2 * (weight_bytes + codes) + weight_bytes <= kernel.bytes < 2 * (weight_bytes + codes) + 2 * weight_bytes
+    assert torchao.optim.adam.single_param_adam is original  # unwrapped again on leaving

@@ -23,6 +23,7 @@ from harness.cards import CARD_OF_SIZE, CARDS
 from harness.arguments import like_field
 from harness.config import experiment_files, resolve
 from harness.predict.prediction import ALLOCATORS, PREDICTOR_MODULES, fits, predict
+from harness.predict.speed import is_current
 from harness.schema import CATEGORIES
 from harness.techniques import NotSimulated
 
@@ -157,7 +158,7 @@ def main(args) -> int:
                                           world_size or 1)
             if args.claims and not args.force and path.exists():
                 saved = schema.read(path, kind="prediction")
-                if saved.predictor == predictor:
+                if saved.predictor == predictor and is_current(saved.speed):
                     results.append(saved)
                     continue
             try:

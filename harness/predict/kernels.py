@@ -8,6 +8,11 @@ formulas (`torch.utils.flop_counter.flop_registry`, what `FlopCounterMode` count
 flash-attention op, which a CUDA step would not call but a CPU trace does, is counted with the same
 formulas as CUDA's flash attention. Bytes are the sizes of the op's tensor inputs and outputs.
 
+torchao's low-bit AdamW compiles its per-parameter step (torchao.optim.adam: `torch.compile(single_param_adam,
+fullgraph=True)`), which the simulation runs eager: its dozens of eager ops are recorded as the one fused
+kernel Inductor makes of them (TORCHAO_STEP), reading its tensors once and writing the parameter and the
+states.
+
 What is not a kernel is left out: views and metadata ops (no data moves), and allocations without a
 fill (`empty`). What a fake trace cannot show: the CUDA code path's own choices where they differ from
 the CPU's (fused kernels torch picks by device), and custom ops without a CPU form run as their
@@ -16,6 +21,7 @@ decomposition; harness.predict.speed says how each kind is costed.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +113,33 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "f
                 torch.uint8: "int8"}
 
 
+TORCHAO_STEP = "torchao::single_param_adam"  # [its states' class], e.g. [OptimState8bit]
+TORCHAO_MODULE = "torchao.optim.adam"
+
+
+def _plain_tensors(tree) -> list[torch.Tensor]:
+    """The plain tensors of `tree`, a tensor subclass (torchao's quantized states) by the tensors it holds."""
+    found = []
+    for tensor in _tensors(tree):
+        if hasattr(tensor, "__tensor_flatten__") and type(tensor) is not torch.Tensor and not isinstance(
+                tensor, torch._subclasses.fake_tensor.FakeTensor):
+            names, _ = tensor.__tensor_flatten__()
+            found += _plain_tensors([getattr(tensor, name) for name in names])
+        else:
+            found.append(tensor)
+    return found
+
+
+def _torchao_step_kernel(args, phase: str) -> Kernel:
+    """torchao's compiled single_param_adam(p, grad, step, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, ...) as one
+    kernel: every tensor read once; the parameter and the states written once."""
+    written = _plain_tensors([args[0], args[3], args[4], args[5]])
+    read = _plain_tensors(list(args[:7]))
+    dtype = _DTYPE_NAMES.get(args[0].dtype, str(args[0].dtype))
+    return Kernel(f"{TORCHAO_STEP}[{type(args[3]).__name__}]", 0, _bytes(read) + _bytes(written), dtype, phase,
+                  _fp32_elements([args[0]]))
+
+
 class KernelRecorder(TorchDispatchMode):
     """Records each aten op dispatched while `recording` is true, as a Kernel, in order."""
 
@@ -115,11 +148,40 @@ class KernelRecorder(TorchDispatchMode):
         self.kernels: list[Kernel] = []
         self.recording = False
         self.phase = "step"
+        self._fused = 0          # inside a fused region (its ops are one kernel, recorded on leaving it)
+        self._unpatch = None
+
+    def _fuse_torchao_step(self):
+        """Wrap torchao's per-parameter step, once it is imported, so its eager ops record as one kernel."""
+        module = sys.modules.get(TORCHAO_MODULE)
+        if self._unpatch is not None or module is None or not hasattr(module, "single_param_adam"):
+            return
+        original = module.single_param_adam
+
+        def fused(*args, **kwargs):
+            self._fused += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._fused -= 1
+                if self.recording and not self._fused:
+                    self.kernels.append(_torchao_step_kernel(args, self.phase))
+
+        module.single_param_adam = fused
+        self._unpatch = lambda: setattr(module, "single_param_adam", original)
+
+    def __exit__(self, *exc):
+        if self._unpatch is not None:
+            self._unpatch()
+            self._unpatch = None
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if (self.recording and func.namespace != "prim" and func not in NO_KERNEL
+        if self.recording and self._unpatch is None:
+            self._fuse_torchao_step()
+        if (self.recording and not self._fused and func.namespace != "prim" and func not in NO_KERNEL
                 and not getattr(func, "is_view", False)):
             inputs = _tensors((args, kwargs))
             outputs = _tensors(out)

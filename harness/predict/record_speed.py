@@ -85,14 +85,18 @@ def predict_run(record: dict, gpu: str) -> schema.Prediction:
 
 
 def predict_runs(results: Path, out: Path, force: bool = False) -> list[Path]:
-    """Write the speed prediction of every measured CUDA run (skipping those already made by this code)."""
+    """Write the speed prediction of every measured CUDA run (skipping those already made by this code from
+    the micro-benchmark file as it is now)."""
+    from harness.predict.speed import is_current
+
     written = []
     predictor = env.code_digest(PREDICTOR_MODULES)
     for path, record, gpu in measured_cuda_runs(results):
         target = speed_prediction_path(out, path)
         if not force and target.exists():
             try:
-                if schema.read(target, kind="prediction").predictor == predictor:
+                saved = schema.read(target, kind="prediction")
+                if saved.predictor == predictor and is_current(saved.speed):
                     continue
             except schema.RecordError:
                 pass

@@ -273,11 +273,15 @@ def fit_row_speed(found: Setup, card_gb: float, max_micro_batch: int, max_seq_le
 
 
 def fit_table_predictor() -> str:
-    """The digest of the code a fit table comes from: the predictor's and this module's choices."""
+    """The digest of what a fit table comes from: the predictor's and this module's choices, and the
+    micro-benchmarks its speed column is calibrated from (harness.predict.speed.calibration_digest)."""
+    import hashlib
+
     from harness import env
     from harness.imports import source_files
+    from harness.predict.speed import calibration_digest
 
-    return env.code_digest(source_files(__name__))
+    return hashlib.sha256(f"{env.code_digest(source_files(__name__))} {calibration_digest()}".encode()).hexdigest()[:12]
 
 
 def fit_table(experiments_dir: Path, device_type: str = "cuda"):

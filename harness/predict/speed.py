@@ -5,26 +5,35 @@ The kernels come from the runner's step under fake tensors (harness.predict.kern
 - a matrix product or attention by its FLOPs (torch's flop_counter formulas) at the throughput the lab
   measured for a bf16 matmul of that many FLOPs (`bench_linear_forward[*-bf16]` in
   results/microbench/nvidia-h200.json: 46, 185 and 369 GFLOP, interpolated on log FLOPs, held flat
-  outside), or by its bytes where those take longer;
-- the optimizer's step (torch's fused AdamW, bitsandbytes' 8-bit AdamW) by the parameters it updates, at
-  the time per parameter of `bench_optimizer_step[torch-adamw]` and `[adamw8bit]`;
-- every other kernel (elementwise, norms, casts, dropout, other optimizers, (de)quantization) by the
-  bytes it reads and writes (a mutated input counts twice) at the bandwidth of `bench_copy` (a bf16
-  copy of an 11008 x 4096 weight: 2 x 90 MB moved);
+  outside), or by its bytes where those take longer. A product in another dtype or on another card
+  reads the curve's share of peak where a bf16 product on the H200 computes as long at peak
+  (`product_rate`): fp32 (no TF32, torch's default) at the H200's 67 TFLOP/s reaches the share of a bf16
+  product 15 times larger;
+- the optimizer's step (torch's fused AdamW, bitsandbytes' 8-bit AdamW, torchao's compiled 8-bit
+  AdamW as the latter) by the parameters it updates, at the time per parameter of
+  `bench_optimizer_step[torch-adamw]` and `[adamw8bit]`;
+- bitsandbytes' NF4 dequantization by its bytes at the bandwidth `bench_nf4_dequantize` achieves;
+- every other kernel (elementwise, norms, casts, dropout, other optimizers, int8 (de)quantization) by
+  the bytes it reads and writes (a mutated input counts twice) at the bandwidth of `bench_copy` (a
+  bf16 copy of an 11008 x 4096 weight: 2 x 90 MB moved);
 - a host cost per kernel: the time Python, the module calls and the dispatcher take to launch it. It
   is `bench_lora_forward_backward` at its fewest tokens (launch-bound): the time the LoRA-wrapped layer
   takes over the bare one, divided by the kernels the adapter adds (counted by running the same peft
   layer under the recorder).
+Each prediction carries the digest of the micro-benchmark file (`calibration.digest`): one calibrated
+from another file is made again (`is_current`).
+
 The host issues kernels one after another; the GPU runs each once it is issued and the previous one is
 done (a queue). The step takes until both are done: a step of small shapes is the host's, a large
 one the GPU's, as on a GPU.
 
-Other cards: the matmul curve is scaled by the card's peak for the kernel's dtype over the H200's bf16
-peak, the bandwidth by the ratio of data-sheet bandwidths (harness.cards); the host cost stays (it
+Other cards: the matmul curve's share of peak (read as `product_rate` says) times the card's peak for
+the kernel's dtype, the bandwidth by the ratio of data-sheet bandwidths (harness.cards); the host cost stays (it
 is the host's). A card without bf16 tensor cores (T4) runs bf16 products at its fp32 rate.
 
 What it leaves out: torch.compile's and Liger's fused kernels (a compiled step, and a step with Liger's
-kernels, are costed as the eager one: `without_liger`), communication of sharded steps, activation
+kernels, are costed as the eager one: `without_liger`; torchao's compiled optimizer step is the
+exception, harness.predict.kernels.TORCHAO_STEP), communication of sharded steps, activation
 offloading's copies, and the CUDA allocator's own calls. Where the step cannot be simulated at all,
 `analytic_speed` answers, labelled.
 """
@@ -33,6 +42,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -52,8 +62,21 @@ STATISTIC = "min"
 # Optimizer kernels the lab times in bench_optimizer_step (fp32 parameters of an MLP's three matrices):
 # costed per parameter they update (bf16 parameters at half an fp32 one's time), not by bytes. The
 # paged 8-bit AdamW runs the same kernel as the 8-bit one.
-OPTIMIZER_BENCHMARKS = {"aten::_fused_adamw_": "bench_optimizer_step[torch-adamw]",
-                        "bitsandbytes::optimizer_update_8bit_blockwise": "bench_optimizer_step[adamw8bit]"}
+# torchao's 8-bit AdamW runs, per parameter, torch.compile's fusion of torchao.optim.adam.single_param_adam
+# (harness.predict.kernels.TORCHAO_STEP), timed by bench_optimizer_step[ao-adamw8bit] where the file has it;
+# until then as the same algorithm in bitsandbytes' 8-bit blockwise kernel (both moments in blocks of 256
+# dynamic 8-bit codes, updated in one pass over the parameter), at that kernel's measured time per
+# parameter. A torchao step with other states (4-bit, fp8) is costed by the bytes its fused kernel moves.
+# Each op: the benchmarks that time it, the first the file has standing for it.
+OPTIMIZER_BENCHMARKS = {"aten::_fused_adamw_": ("bench_optimizer_step[torch-adamw]",),
+                        "bitsandbytes::optimizer_update_8bit_blockwise": ("bench_optimizer_step[adamw8bit]",),
+                        "torchao::single_param_adam[OptimState8bit]": ("bench_optimizer_step[ao-adamw8bit]",
+                                                                       "bench_optimizer_step[adamw8bit]")}
+# Kernels costed by their bytes at the bandwidth their own benchmark achieves rather than the copy's:
+# bitsandbytes' NF4 dequantization (bench_nf4_dequantize: the 4-bit codes and their absmax read, the bf16
+# weight written) reaches less than half a copy's bandwidth on the H200.
+DEQUANTIZE_BENCHMARKS = {"bitsandbytes::dequantize_4bit": "bench_nf4_dequantize"}
+NF4_BLOCK = 64  # bitsandbytes' default blocksize for 4-bit weights (bitsandbytes.functional.quantize_4bit)
 
 
 @dataclass(frozen=True)
@@ -65,6 +88,9 @@ class Calibration:
     source: str
     # seconds per fp32 parameter of each optimizer kernel the lab benchmarks, by op name
     optimizer_seconds_per_parameter: tuple[tuple[str, float], ...] = ()
+    # achieved bytes/s of kernels with their own benchmark (DEQUANTIZE_BENCHMARKS), by op name
+    kernel_bandwidths: tuple[tuple[str, float], ...] = ()
+    digest: str = ""  # of the micro-benchmark file: a prediction calibrated from another file is stale
 
     def matmul_rate(self, flops: float) -> float:
         points = self.matmul_points
@@ -76,6 +102,23 @@ class Calibration:
         (f0, r0), (f1, r1) = points[i - 1], points[i]
         share = (math.log(flops) - math.log(f0)) / (math.log(f1) - math.log(f0))
         return r0 + share * (r1 - r0)
+
+
+def calibration_digest(path: Path = MICROBENCH) -> str:
+    """The digest of the micro-benchmark file the speed model is calibrated from (the code digest does not
+    cover it): a saved speed prediction carrying another is made again."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    except OSError:
+        return ""
+
+
+def is_current(speed: dict | None, path: Path = MICROBENCH) -> bool:
+    """Whether a saved prediction's speed (None: it has none) was calibrated from the file as it is now; the
+    analytic fallback's is calibrated from it too."""
+    if not speed:
+        return True
+    return (speed.get("calibration") or {}).get("digest") == calibration_digest(path)
 
 
 def _benchmarks(path: Path) -> list[dict]:
@@ -92,8 +135,13 @@ def _named(benchmarks: list[dict], prefix: str, path: Path) -> list[dict]:
     return found
 
 
-@functools.lru_cache(maxsize=None)
 def calibration(path: Path = MICROBENCH) -> Calibration:
+    """The calibration from the micro-benchmark file as it is now (cached by its digest)."""
+    return _calibration(path, calibration_digest(path))
+
+
+@functools.lru_cache(maxsize=None)
+def _calibration(path: Path, digest: str) -> Calibration:
     benchmarks = _benchmarks(path)
     points = []
     for bench in _named(benchmarks, "bench_linear_forward[", path):
@@ -108,12 +156,25 @@ def calibration(path: Path = MICROBENCH) -> Calibration:
     copied = 2 * rows * columns * 2  # a bf16 weight read and written
     bandwidth = copied / copy["stats"][STATISTIC]
     optimizer = []
-    for op, name in OPTIMIZER_BENCHMARKS.items():
+    used = []
+    for op, names in OPTIMIZER_BENCHMARKS.items():
+        name = next((n for n in names if any(b["name"].startswith(n) for b in benchmarks)), names[-1])
         (bench,) = _named(benchmarks, name, path)
+        used.append(name)
         optimizer.append((op, bench["stats"][STATISTIC] / bench["extra_info"]["shape"]["parameters"]))
+    bandwidths = []
+    for op, name in DEQUANTIZE_BENCHMARKS.items():
+        (bench,) = _named(benchmarks, name, path)
+        rows, columns = bench["extra_info"]["shape"]["weight"]
+        elements = rows * columns
+        # the packed codes (two a byte) and one fp32 absmax a block read, the bf16 weight written: the bytes
+        # harness.predict.kernels counts for a 4-bit dequantization
+        moved = elements // 2 + elements // NF4_BLOCK * 4 + elements * 2
+        bandwidths.append((op, moved / bench["stats"][STATISTIC]))
+    names = dict.fromkeys(["bench_linear_forward[*-bf16]", "bench_copy", "bench_lora_forward_backward",
+                           *used, *DEQUANTIZE_BENCHMARKS.values()])
     return Calibration(tuple(sorted(points)), bandwidth, _host_seconds_per_kernel(benchmarks, path),
-                       f"{path.name}: bench_linear_forward[*-bf16], bench_copy, bench_lora_forward_backward, "
-                       + ", ".join(OPTIMIZER_BENCHMARKS.values()), tuple(optimizer))
+                       f"{path.name}: " + ", ".join(names), tuple(optimizer), tuple(bandwidths), digest)
 
 
 def _host_seconds_per_kernel(benchmarks: list[dict], path: Path) -> float:
@@ -173,10 +234,18 @@ def lora_layer_kernels(tokens: int, in_features: int, out_features: int, rank: i
     return recorder.kernels
 
 
-def _rate(kernel, target: Card, reference: Card, calib: Calibration) -> float:
-    dtype = kernel.dtype if kernel.dtype in MATMUL_DTYPES else "fp32"
+def product_rate(flops: float, dtype: str, target: Card, reference: Card, calib: Calibration) -> float:
+    """The achieved FLOP/s of a product on `target`: the measured bf16 curve's share of the H200's bf16 peak,
+    read where a bf16 product on the H200 would compute as long at peak as this one does at its own peak,
+    times its own peak. A product's share of peak grows with how long it computes against the fixed costs
+    (launch, fill and drain of its tiles, its reads): an fp32 product (no TF32: torch's default,
+    torch.backends.cuda.matmul.allow_tf32 False, which the lab leaves) computes 15 times longer at the H200's
+    67 TFLOP/s than the same shape in bf16, so its share is the one of a bf16 product 15 times larger. The
+    lab measures no fp32 product: this is the mechanism's reading of the bf16 curve, not an fp32 measurement."""
+    dtype = dtype if dtype in MATMUL_DTYPES else "fp32"
     peak = target.peak(dtype) or target.fp32  # bf16 without bf16 tensor cores: the fp32 rate
-    return calib.matmul_rate(kernel.flops) * peak / reference.bf16
+    equivalent = flops * reference.bf16 / peak
+    return calib.matmul_rate(equivalent) * peak / reference.bf16
 
 
 def step_time(kernels: list, gpu: str, calib: Calibration | None = None) -> dict:
@@ -188,13 +257,14 @@ def step_time(kernels: list, gpu: str, calib: Calibration | None = None) -> dict
     terms = {"matmul_s": 0.0, "memory_s": 0.0, "optimizer_s": 0.0}
     flops = moved = 0
     per_parameter = dict(calib.optimizer_seconds_per_parameter)
+    own_bandwidth = {op: rate * target.bandwidth / reference.bandwidth for op, rate in calib.kernel_bandwidths}
     for kernel in kernels:
-        seconds_by_bytes = kernel.bytes / bandwidth
+        seconds_by_bytes = kernel.bytes / own_bandwidth.get(kernel.op, bandwidth)
         if kernel.op in per_parameter:
             seconds = per_parameter[kernel.op] * kernel.fp32_elements * reference.bandwidth / target.bandwidth
             terms["optimizer_s"] += seconds
         elif kernel.flops:
-            seconds = max(kernel.flops / _rate(kernel, target, reference, calib), seconds_by_bytes)
+            seconds = max(kernel.flops / product_rate(kernel.flops, kernel.dtype, target, reference, calib), seconds_by_bytes)
             terms["matmul_s"] += seconds
         else:
             seconds = seconds_by_bytes
@@ -216,14 +286,16 @@ def kernel_speed(kernels: list, tokens_per_step: int, gpu: str, calib: Calibrati
             "tokens_per_s": tokens_per_step / timed["step_time_s"], **timed,
             "calibration": {"source": calib.source, "matmul_points": [list(p) for p in calib.matmul_points],
                             "bandwidth": calib.bandwidth, "host_seconds_per_kernel": calib.host_seconds_per_kernel,
-                            "optimizer_seconds_per_parameter": dict(calib.optimizer_seconds_per_parameter)}}
+                            "optimizer_seconds_per_parameter": dict(calib.optimizer_seconds_per_parameter),
+                            "kernel_bandwidths": dict(calib.kernel_bandwidths), "digest": calib.digest}}
 
 
 # The lab's optimizers whose step the optimizer benchmarks time (the kernel each runs on CUDA); the analytic
 # fallback costs the others as torch's fused AdamW, and says so.
 OPTIMIZER_KERNELS = {"adamw": "aten::_fused_adamw_", "loraplus": "aten::_fused_adamw_",
                      "adamw8bit": "bitsandbytes::optimizer_update_8bit_blockwise",
-                     "paged_adamw8bit": "bitsandbytes::optimizer_update_8bit_blockwise"}
+                     "paged_adamw8bit": "bitsandbytes::optimizer_update_8bit_blockwise",
+                     "ao_adamw8bit": "torchao::single_param_adam[OptimState8bit]"}
 TRAINABLE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -235,7 +307,8 @@ def analytic_speed(config, technique, seq_len: int, micro_batch: int, grad_accum
     runs its forward twice) at the measured matmul throughput of one layer-sized product (tokens x hidden x
     MLP width); given the analytic prediction's `parameters`, the optimizer step (trainable parameters at
     the optimizer benchmark's time per parameter) and, for a quantized base, its weights dequantized once
-    per pass (4- or 8-bit read, 16-bit written, at the copy bandwidth). All scaled to the card. No host
+    per pass (4- or 8-bit read, 16-bit written, at the bandwidth of its dequantization's benchmark where
+    the lab has one, NF4's, else the copy's). All scaled to the card. No host
     cost and no other memory-bound kernel: a lower bound on the step time."""
     from harness.measure.throughput import model_flops_per_token
 
@@ -251,7 +324,7 @@ def analytic_speed(config, technique, seq_len: int, micro_batch: int, grad_accum
     flops = per_token * tokens
     layer_flops = 2 * seq_len * micro_batch * config.hidden_size * getattr(config, "intermediate_size",
                                                                              4 * config.hidden_size)
-    rate = calib.matmul_rate(layer_flops) * (target.peak(dtype) or target.fp32) / reference.bf16
+    rate = product_rate(layer_flops, dtype, target, reference, calib)
     terms = {"matmul_s": flops / rate, "optimizer_s": 0.0, "memory_s": 0.0}
     notes = []
     if parameters:
@@ -267,11 +340,15 @@ def analytic_speed(config, technique, seq_len: int, micro_batch: int, grad_accum
         if quantized:
             bits = {"nf4": 4, "int8": 8}.get(technique.quantization, 8)
             passes = 2 * grad_accum + (grad_accum if gradient_checkpointing else 0)
-            bandwidth = calib.bandwidth * target.bandwidth / reference.bandwidth
+            dequantize = {"nf4": "bitsandbytes::dequantize_4bit"}.get(technique.quantization)
+            bandwidth = (dict(calib.kernel_bandwidths).get(dequantize, calib.bandwidth)
+                         * target.bandwidth / reference.bandwidth)
             terms["memory_s"] = passes * quantized * (bits / 8 + 2) / bandwidth
     seconds = sum(terms.values())
     return {"gpu": gpu, "method": "analytic", "tokens_per_step": tokens, "tokens_per_s": tokens / seconds,
-            "step_time_s": seconds, "flops": flops, **terms, **({"note": "; ".join(notes)} if notes else {})}
+            "step_time_s": seconds, "flops": flops, **terms, "calibration": {"source": calib.source,
+                                                                             "digest": calib.digest},
+            **({"note": "; ".join(notes)} if notes else {})}
 
 
 def without_liger(cfg):
