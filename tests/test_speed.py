@@ -77,6 +77,29 @@ def test_small_kernels_are_the_host_s_and_a_large_product_the_gpu_s():
     assert step_time(optimizer, "H200", CALIBRATION)["optimizer_s"] == pytest.approx(1e-2)
 
 
+def test_llm_int8_is_traced_as_cuda_runs_it_and_its_outlier_check_makes_the_host_wait():
+    from harness.predict.kernels import HOST_WAIT, INT8_FORWARD_CALL
+    from harness.predict.speed import int8_forward_kernels
+
+    kernels = int8_forward_kernels(512, 4096, 11008)
+    ops = [k.op for k in kernels]
+    # MatMul8bitLt's CUDA path: cast to fp16, the outlier check and its wait, quantization, the int8 product,
+    # its dequantization; not CPU's dequantized weight times the input
+    assert ops[0] == INT8_FORWARD_CALL and HOST_WAIT in ops and "aten::mm" not in ops
+    assert ops.index("aten::any") < ops.index(HOST_WAIT) < ops.index("bitsandbytes::int8_linear_matmul")
+    (product,) = [k for k in kernels if k.flops]
+    assert product.dtype == "int8" and product.flops == 2 * 512 * 4096 * 11008
+    # the host waits: a kernel issued after the wait starts when the GPU is done, not when the host was
+    long = Kernel("aten::mm", int(1e13), 0, "bf16", "forward")
+    short = Kernel("aten::add.Tensor", 0, 1000, "bf16", "forward")
+    waiting = step_time([long, Kernel(HOST_WAIT, 0, 0, "", "forward"), short], "H200", CALIBRATION)
+    free = step_time([long, short], "H200", CALIBRATION)
+    assert waiting["host_s"] == pytest.approx(free["step_time_s"] - 1000 / 1e12 + 10e-6, rel=1e-6)
+    assert waiting["host_s"] > free["host_s"] and waiting["kernels"] == 2 and waiting["host_waits"] == 1
+    # the calibration's host time of an int8 forward is charged once a call
+    assert dict(calibration().call_host_seconds)[INT8_FORWARD_CALL] > 0
+
+
 def test_the_calibration_reads_the_lab_s_h200_microbenchmarks():
     measured = calibration()
     rates = [rate for _, rate in measured.matmul_points]
@@ -104,7 +127,9 @@ def test_the_host_cost_is_the_adapter_s_time_over_the_kernels_it_adds(tmp_path):
         {"name": "bench_optimizer_step[adamw8bit]", "stats": {"min": 2e-3, "median": 3e-3},
          "extra_info": {"shape": {"parameters": 1000}}},
         {"name": "bench_nf4_dequantize", "stats": {"min": 1e-6, "median": 2e-6},
-         "extra_info": {"shape": {"weight": [32, 64]}, "dtype": "bf16"}}]}
+         "extra_info": {"shape": {"weight": [32, 64]}, "dtype": "bf16"}},
+        {"name": "bench_linear_forward[t8-int8]", "stats": {"min": 1e-3, "median": 2e-3},
+         "extra_info": {"layer": "int8", "shape": {"tokens": 8, "in_features": 16, "out_features": 32}}}]}
     path = tmp_path / "gpu.json"
     path.write_text(json.dumps(data))
     added = len(lora_layer_kernels(8, 16, 32, 8, 0.05)) - len(lora_layer_kernels(8, 16, 32, 0, 0.0))
@@ -117,6 +142,14 @@ def test_the_host_cost_is_the_adapter_s_time_over_the_kernels_it_adds(tmp_path):
         pytest.approx(2e-6)
     # NF4 dequantization at its own benchmark's bandwidth: 2048 codes (1,024 bytes), 32 fp32 absmax, 4,096 bytes out
     assert dict(measured.kernel_bandwidths)["bitsandbytes::dequantize_4bit"] == pytest.approx((1024 + 128 + 4096) / 1e-6)
+    # an LLM.int8 forward's host time beyond its kernels' launches: the int8 layer's time at its fewest tokens
+    # less the kernels the trace records for it at the host cost of one
+    from harness.predict.kernels import INT8_FORWARD_CALL, MARKS
+    from harness.predict.speed import int8_forward_kernels
+
+    launched = [k for k in int8_forward_kernels(8, 16, 32) if k.op not in MARKS]
+    assert dict(measured.call_host_seconds)[INT8_FORWARD_CALL] == pytest.approx(
+        1e-3 - len(launched) * measured.host_seconds_per_kernel)
     # the calibration carries its file's digest: a prediction from another file is stale
     from harness.predict.speed import calibration_digest, is_current
 

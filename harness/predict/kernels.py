@@ -97,6 +97,8 @@ def _gemm_4bit(args, phase: str) -> list[Kernel]:
 
 
 def _flops(func, args, kwargs, out) -> int:
+    if func.name() == INT8_MATMUL:  # A (rows x k) times B (n x k) transposed
+        return 2 * (args[0].numel() // args[0].shape[-1]) * args[0].shape[-1] * args[1].shape[0]
     packet = func._overloadpacket
     if packet in flop_registry:
         return int(flop_registry[packet](*args, **kwargs, out_val=out))
@@ -109,6 +111,26 @@ def _flops(func, args, kwargs, out) -> int:
 
 
 GEMM_4BIT = "bitsandbytes::gemm_4bit"  # an op of bitsandbytes' library, where it is loaded
+# LLM.int8's product (int8 x int8 into int32; harness.predict.simulate traces CUDA's path to it)
+INT8_MATMUL = "bitsandbytes::int8_linear_matmul"
+# Not kernels, marks in the recorded sequence (no bytes, no FLOPs; harness.predict.speed costs them):
+# the host waits here until the GPU has run every kernel issued before (a value read back, such as
+# `if tensor.any():`), so it cannot run ahead of the GPU past this point;
+HOST_WAIT = "host waits for the GPU"
+# the Python work of one LLM.int8 forward (bitsandbytes' MatMul8bitLt.forward and its custom ops' dispatch),
+# beyond the launches of the kernels it records.
+INT8_FORWARD_CALL = "LLM.int8 forward call"
+MARKS = (HOST_WAIT, INT8_FORWARD_CALL)
+
+
+def mark(op: str, why: str = "") -> None:
+    """Put the mark `op` (one of MARKS) into every recorder active. Fake tensors have no values and a traced
+    step runs no library's own host code, so a stand-in for that code says where these happen."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    for mode in _get_current_dispatch_mode_stack():
+        if isinstance(mode, KernelRecorder) and mode.recording:
+            mode.kernels.append(Kernel(op, 0, 0, why, mode.phase))
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8",
                 torch.uint8: "int8"}
 

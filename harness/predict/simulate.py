@@ -11,7 +11,7 @@ What a fake step cannot do, and how it is handled:
   carry the same quantization state (see models._quantize_linear); its code books are
   built with real computation on first use, so they are warmed outside the fake mode.
 - kernels that differ by device: dropout's mask, fp32 grouped-query attention (math backend
-  on CUDA) and LLM.int8's output dtype are traced as CUDA runs them (see the _cuda_* hooks);
+  on CUDA) and LLM.int8's matmul are traced as CUDA runs them (see the _cuda_* hooks);
   the int8 kernel's outlier columns depend on values and are left out. Autocast is CPU
   autocast (the fake tensors are CPU tensors): CUDA's autocast also runs layer_norm and pow in
   fp32, which this leaves out (a small GPT-2 on an H200: 7% under its tracked peak with
@@ -161,15 +161,51 @@ def _cuda_attention(device_type: str):
         functional.scaled_dot_product_attention = original
 
 
+class _Int8MatmulAsOnCuda(torch.autograd.Function):
+    """bitsandbytes' MatMul8bitLt forward (bitsandbytes.autograd._functions, 0.50) as CUDA runs it for a frozen
+    int8 base: the input cast to fp16, its outlier check (`outliers.any()`, which makes the host wait for the
+    GPU), the row-wise int8 quantization, the int8 product into int32 and its dequantization to fp16, then to
+    the input's dtype; the backward is MatMul8bitLt's own. On CPU bitsandbytes runs MatMul8bitFp instead (the
+    weight dequantized to the input's dtype, then F.linear), a different set of kernels and transients. The
+    outlier columns depend on values, which fake tensors lack: none are taken (on a real model a few columns
+    add a small 16-bit product)."""
+
+    @staticmethod
+    def forward(ctx, A, B, out, bias, state):
+        from harness.predict.kernels import HOST_WAIT, INT8_FORWARD_CALL, mark
+
+        mark(INT8_FORWARD_CALL)
+        ops = torch.ops.bitsandbytes
+        input_shape = A.shape
+        A = A.reshape(-1, A.shape[-1])
+        A16 = A.to(torch.float16)
+        if state.threshold > 0.0:
+            (A16.abs() >= state.threshold).any()
+            mark(HOST_WAIT, "LLM.int8's outlier check")
+        CA, SCA, _ = ops.int8_vectorwise_quant.default(A16)
+        output = ops.int8_mm_dequant.default(ops.int8_linear_matmul.default(CA, state.CB), SCA, state.SCB,
+                                             dtype=torch.float16).to(A.dtype)
+        if bias is not None:
+            output = output.add_(bias)
+        ctx.is_empty = False
+        ctx.state, ctx.grad_shape, ctx.dtype_A = state, input_shape, A.dtype
+        ctx.dtype_bias = None if bias is None else bias.dtype
+        ctx.tensors = (None, torch.empty(0, dtype=A.dtype), A)  # no outlier columns taken (subA)
+        ctx.tensor_states = (None, None)
+        return output.reshape(*input_shape[:-1], state.CB.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        from bitsandbytes.autograd._functions import MatMul8bitLt
+
+        return MatMul8bitLt.backward(ctx, grad_output)
+
+
 @contextmanager
 def _cuda_int8_matmul(device_type: str):
-    """LLM.int8's matmul as CUDA runs it: its output in the input's dtype, autocast or not.
-
-    On CUDA bitsandbytes runs MatMul8bitLt, whose int8 kernel returns the input's dtype (fp32
-    after k-bit preparation's fp32 norms) and has no autocast rule; on CPU it dequantizes and
-    calls F.linear, which autocast turns to 16 bits. Both save the input for backward. The
-    CUDA kernel's outlier columns (threshold 6.0) depend on values, which fake tensors lack.
-    """
+    """LLM.int8's matmul as CUDA runs it (_Int8MatmulAsOnCuda): int8 kernels, its output in the input's dtype
+    (fp32 after k-bit preparation's fp32 norms), with no autocast rule; on CPU bitsandbytes dequantizes and
+    calls F.linear, which autocast turns to 16 bits. Both save the input for backward."""
     if device_type != "cuda":
         yield
         return
@@ -178,8 +214,13 @@ def _cuda_int8_matmul(device_type: str):
     original = bnb.matmul
 
     def matmul(A, B, out=None, state=None, threshold=0.0, bias=None):
+        if state is None or state.CB is None or state.has_fp16_weights:
+            with torch.autocast(A.device.type, enabled=False):
+                return original(A, B, out, state, threshold, bias)
+        if threshold > 0.0:
+            state.threshold = threshold
         with torch.autocast(A.device.type, enabled=False):
-            return original(A, B, out, state, threshold, bias)
+            return _Int8MatmulAsOnCuda.apply(A, B, out, bias, state)
 
     bnb.matmul = matmul
     try:

@@ -19,7 +19,10 @@ The kernels come from the runner's step under fake tensors (harness.predict.kern
 - a host cost per kernel: the time Python, the module calls and the dispatcher take to launch it. It
   is `bench_lora_forward_backward` at its fewest tokens (launch-bound): the time the LoRA-wrapped layer
   takes over the bare one, divided by the kernels the adapter adds (counted by running the same peft
-  layer under the recorder).
+  layer under the recorder). An LLM.int8 forward adds the host time bitsandbytes' Python takes beyond its
+  kernels' launches: `bench_linear_forward[*-int8]` at its fewest tokens (launch-bound), less its kernels at
+  that cost each; its outlier check reads a value back, so the host waits for the GPU there (a mark in
+  the trace, harness.predict.kernels.HOST_WAIT).
 Each prediction carries the digest of the micro-benchmark file (`calibration.digest`): one calibrated
 from another file is made again (`is_current`).
 
@@ -90,6 +93,8 @@ class Calibration:
     optimizer_seconds_per_parameter: tuple[tuple[str, float], ...] = ()
     # achieved bytes/s of kernels with their own benchmark (DEQUANTIZE_BENCHMARKS), by op name
     kernel_bandwidths: tuple[tuple[str, float], ...] = ()
+    # host seconds of each call marked in a trace (harness.predict.kernels.MARKS) beyond its kernels' launches
+    call_host_seconds: tuple[tuple[str, float], ...] = ()
     digest: str = ""  # of the micro-benchmark file: a prediction calibrated from another file is stale
 
     def matmul_rate(self, flops: float) -> float:
@@ -173,8 +178,14 @@ def _calibration(path: Path, digest: str) -> Calibration:
         bandwidths.append((op, moved / bench["stats"][STATISTIC]))
     names = dict.fromkeys(["bench_linear_forward[*-bf16]", "bench_copy", "bench_lora_forward_backward",
                            *used, *DEQUANTIZE_BENCHMARKS.values()])
-    return Calibration(tuple(sorted(points)), bandwidth, _host_seconds_per_kernel(benchmarks, path),
-                       f"{path.name}: " + ", ".join(names), tuple(optimizer), tuple(bandwidths), digest)
+    from harness.predict.kernels import INT8_FORWARD_CALL
+
+    host_per_kernel = _host_seconds_per_kernel(benchmarks, path)
+    int8_call = _int8_call_host_seconds(benchmarks, path, host_per_kernel)
+    names = dict.fromkeys([*names, "bench_linear_forward[*-int8]"])
+    return Calibration(tuple(sorted(points)), bandwidth, host_per_kernel,
+                       f"{path.name}: " + ", ".join(names), tuple(optimizer), tuple(bandwidths),
+                       ((INT8_FORWARD_CALL, int8_call),), digest)
 
 
 def _host_seconds_per_kernel(benchmarks: list[dict], path: Path) -> float:
@@ -194,6 +205,48 @@ def _host_seconds_per_kernel(benchmarks: list[dict], path: Path) -> float:
                                        info["lora_dropout"])) - bare_kernels
         estimates.append((bench["stats"][STATISTIC] - bare["stats"][STATISTIC]) / added)
     return sum(estimates) / len(estimates)
+
+
+def _int8_call_host_seconds(benchmarks: list[dict], path: Path, host_per_kernel: float) -> float:
+    """The host's time in one LLM.int8 forward beyond launching its kernels: bench_linear_forward[*-int8] (a
+    Linear8bitLt up-projection, threshold 6.0) at its fewest tokens, less the kernels the trace records for
+    that forward (int8_forward_kernels) at the host cost of a kernel. At the fewest tokens the layer is the
+    host's: on the H200 eight times the tokens add 64% to its time, where a bf16 layer's time grows 5.8 times.
+    bitsandbytes' custom ops dispatch through Python, and MatMul8bitLt logs a warning each call that its
+    input is not fp16, which the host pays on every layer."""
+    from harness.predict.kernels import MARKS
+
+    int8 = [b for b in _named(benchmarks, "bench_linear_forward[", path) if b["name"].endswith("-int8]")]
+    if not int8:
+        raise SystemExit(f"{path}: no bench_linear_forward[*-int8]")
+    fewest = min(int8, key=lambda b: b["extra_info"]["shape"]["tokens"])
+    shape = fewest["extra_info"]["shape"]
+    launched = [k for k in int8_forward_kernels(shape["tokens"], shape["in_features"], shape["out_features"])
+                if k.op not in MARKS]
+    return max(0.0, fewest["stats"][STATISTIC] - len(launched) * host_per_kernel)
+
+
+def int8_forward_kernels(tokens: int, in_features: int, out_features: int) -> list:
+    """The kernels of bench_linear_forward's int8 layer (a bf16 input through LLM.int8 at threshold 6.0, no
+    gradient) as the simulation traces CUDA's path (harness.predict.simulate._Int8MatmulAsOnCuda)."""
+    import torch
+    from bitsandbytes.autograd._functions import MatmulLtState
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from harness.predict.kernels import KernelRecorder
+    from harness.predict.simulate import _Int8MatmulAsOnCuda
+
+    recorder = KernelRecorder()
+    with FakeTensorMode():
+        state = MatmulLtState()
+        state.threshold, state.has_fp16_weights = 6.0, False
+        state.CB = torch.empty(out_features, in_features, dtype=torch.int8)
+        state.SCB = torch.empty(out_features, dtype=torch.float32)
+        x = torch.empty(tokens, in_features, dtype=torch.bfloat16)
+        with recorder, torch.no_grad():
+            recorder.recording = True
+            _Int8MatmulAsOnCuda.apply(x, state.CB, None, None, state)
+    return recorder.kernels
 
 
 def lora_layer_kernels(tokens: int, in_features: int, out_features: int, rank: int, dropout: float) -> list:
@@ -250,6 +303,8 @@ def product_rate(flops: float, dtype: str, target: Card, reference: Card, calib:
 
 def step_time(kernels: list, gpu: str, calib: Calibration | None = None) -> dict:
     """The step time of `kernels` on card `gpu` and its terms, in seconds."""
+    from harness.predict.kernels import HOST_WAIT, MARKS
+
     calib = calib or calibration()
     target, reference = card(gpu), CARDS[CALIBRATION_CARD]
     bandwidth = calib.bandwidth * target.bandwidth / reference.bandwidth
@@ -257,8 +312,14 @@ def step_time(kernels: list, gpu: str, calib: Calibration | None = None) -> dict
     terms = {"matmul_s": 0.0, "memory_s": 0.0, "optimizer_s": 0.0}
     flops = moved = 0
     per_parameter = dict(calib.optimizer_seconds_per_parameter)
+    call_seconds = dict(calib.call_host_seconds)
     own_bandwidth = {op: rate * target.bandwidth / reference.bandwidth for op, rate in calib.kernel_bandwidths}
     for kernel in kernels:
+        if kernel.op == HOST_WAIT:  # launches nothing: the host resumes once the GPU is done
+            host = max(host, device)
+        if kernel.op in MARKS:
+            host += call_seconds.get(kernel.op, 0.0)
+            continue
         seconds_by_bytes = kernel.bytes / own_bandwidth.get(kernel.op, bandwidth)
         if kernel.op in per_parameter:
             seconds = per_parameter[kernel.op] * kernel.fp32_elements * reference.bandwidth / target.bandwidth
@@ -274,7 +335,8 @@ def step_time(kernels: list, gpu: str, calib: Calibration | None = None) -> dict
         host += calib.host_seconds_per_kernel
         device = max(device, host) + seconds
     total = max(host, device)
-    return {"step_time_s": total, "kernels": len(kernels), "flops": flops, "bytes": moved,
+    marks = [kernel.op for kernel in kernels if kernel.op in MARKS]
+    return {"step_time_s": total, "kernels": len(kernels) - len(marks), "host_waits": marks.count(HOST_WAIT), "flops": flops, "bytes": moved,
             "host_s": host, "device_busy_s": sum(terms.values()), **terms,
             "bound": "host" if host >= sum(terms.values()) else "device"}
 
@@ -287,7 +349,8 @@ def kernel_speed(kernels: list, tokens_per_step: int, gpu: str, calib: Calibrati
             "calibration": {"source": calib.source, "matmul_points": [list(p) for p in calib.matmul_points],
                             "bandwidth": calib.bandwidth, "host_seconds_per_kernel": calib.host_seconds_per_kernel,
                             "optimizer_seconds_per_parameter": dict(calib.optimizer_seconds_per_parameter),
-                            "kernel_bandwidths": dict(calib.kernel_bandwidths), "digest": calib.digest}}
+                            "kernel_bandwidths": dict(calib.kernel_bandwidths),
+                            "call_host_seconds": dict(calib.call_host_seconds), "digest": calib.digest}}
 
 
 # The lab's optimizers whose step the optimizer benchmarks time (the kernel each runs on CUDA); the analytic
