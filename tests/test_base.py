@@ -69,7 +69,7 @@ def test_model_base_names_the_pretrained_checkpoint(base, monkeypatch, tmp_path)
     monkeypatch.setitem(base_module.RECIPES, "cpu", SMALL)  # now the small base is "the" CPU base
     pretrained = prepare(EXPERIMENTS / "fp32.yaml", {"model": "base", "device": "cpu"})
     assert pretrained["base_checkpoint"].startswith(base_module.recipe_id(SMALL) + "@")
-    assert pretrained["config_hash"] != config["config_hash"]
+    assert pretrained["config_hash"] != config.config_hash
 
     # The same weights pretrained on another machine (another time, another environment in the
     # pretraining record) are the same base: every fine-tune keeps its configuration hash.
