@@ -102,7 +102,7 @@ class Experiment:
     weights: Literal["fp32", "bf16", "fp16"] | None = None
     autocast: Literal["none", "bf16", "fp16"] | None = None
     loss_scaling: bool | None = None
-    quantization: Literal["none", "int8", "nf4"] | None = None
+    quantization: str | None = None  # a key of harness.blocks.quantizations.QUANTIZATIONS
     double_quant: bool | None = None
     adapter: str | None = None  # a key of harness.blocks.adapters.ADAPTERS
     optimizer: str | None = None
@@ -403,6 +403,9 @@ def _check_semantics(experiment: Experiment, path: Path) -> None:
     if experiment.adapter is not None and experiment.adapter not in ADAPTERS:
         raise ConfigError(path, "adapter", f"unknown adapter {experiment.adapter!r}; "
                           f"registered: {', '.join(ADAPTERS)}")
+    if experiment.quantization is not None and experiment.quantization not in QUANTIZATIONS:
+        raise ConfigError(path, "quantization", f"unknown quantization {experiment.quantization!r}; "
+                          f"registered: {', '.join(QUANTIZATIONS)}")
     if experiment.optimizer is not None and experiment.optimizer not in OPTIMIZERS:
         raise ConfigError(path, "optimizer", f"unknown optimizer {experiment.optimizer!r}; "
                           f"registered: {', '.join(sorted(OPTIMIZERS))}")
@@ -415,9 +418,11 @@ def _check_semantics(experiment: Experiment, path: Path) -> None:
         raise ConfigError(path, "loss_scaling", "fp16 autocast needs loss scaling (set loss_scaling: true)")
     if technique.quantization != "none" and technique.adapter == "none":
         raise ConfigError(path, "adapter", "a quantized base cannot be fully fine-tuned; use an adapter (lora)")
-    if technique.double_quant and technique.quantization != "nf4":
-        raise ConfigError(path, "double_quant", f"double quantization is NF4's (quantization: nf4), "
-                          f"not {technique.quantization}'s")
+    quantization = QUANTIZATIONS[technique.quantization]
+    if technique.double_quant and not (quantization and quantization.takes_double_quant):
+        takes = " or ".join(f"{name.upper()}'s (quantization: {name})" for name, q in QUANTIZATIONS.items()
+                            if q and q.takes_double_quant)
+        raise ConfigError(path, "double_quant", f"double quantization is {takes}, not {technique.quantization}'s")
     if technique.loss_scaling and technique.weights == "fp16":
         raise ConfigError(path, "loss_scaling", "loss scaling unscales fp32 gradients: it needs fp32 master "
                           "weights (weights: fp32), not fp16 ones")

@@ -12,6 +12,8 @@ are used for every CUDA card, the only one measured; another driver or torch loa
 
 from __future__ import annotations
 
+from harness.blocks.quantizations import QUANTIZATIONS
+
 MiB = 2**20
 
 # The context: `memory.device_used_before_load` (NVML, before the model is loaded) is 648,347,648 B in
@@ -26,9 +28,7 @@ KERNEL_MODULE_BYTES = {
     "half": 800_653_312,   # bf16/fp16 weights or autocast: every bf16 TinyLlama record (763.6 MiB)
     "fp32": 783_876_096,   # fp32 weights, no autocast: fp32__tinyllama-1.1b__5a47a4d40542.json (747.6 MiB)
 }
-# bitsandbytes' LLM.int8 kernels, beyond the half-precision ones: int8-lora__tinyllama-1.1b__36356b7b325b.json
-# (867,762,176 B) less the half figure.
-INT8_KERNEL_BYTES = 67_108_864
+# A quantized base's own kernels beyond these: harness.blocks.quantizations (kernel_bytes).
 
 # cuBLAS's workspace per (handle, stream), taken from the caching allocator (it counts as allocated and
 # reserved): 4096 KiB x 8 = 32 MiB on compute capability 9.0 and later (aten/src/ATen/cuda/CublasHandlePool.cpp,
@@ -46,8 +46,9 @@ def outside_allocator_bytes(technique=None) -> int:
     half = technique is None or technique.weights in ("bf16", "fp16") or technique.autocast in ("bf16", "fp16") or (
         technique.quantization != "none")
     kernels = KERNEL_MODULE_BYTES["half" if half else "fp32"]
-    if technique is not None and technique.quantization == "int8":
-        kernels += INT8_KERNEL_BYTES
+    quantization = QUANTIZATIONS[technique.quantization] if technique is not None else None
+    if quantization is not None:
+        kernels += quantization.kernel_bytes
     return CUDA_CONTEXT_BYTES + kernels
 
 

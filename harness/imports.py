@@ -20,10 +20,12 @@ LAYERS = ("facts", "blocks and records", "step", "experiment files", "engines", 
           "command line")
 _MEMBERS = {
     "facts": ("harness.errors", "harness.imports", "harness.env", "harness.presets", "harness.architectures",
-              "harness.model_files", "harness.claims", "harness.cards", "harness.device_memory"),
+              "harness.model_files", "harness.claims", "harness.cards"),
     # What the lab knows of each building block, their names in Trainer's arguments, and the record format
     # (a configuration's identity leaves out each optimizer setting at its default).
-    "blocks and records": ("harness.blocks.", "harness.techniques", "harness.engines.arguments", "harness.schema"),
+    # What a card holds beside the tensors asks the quantization's descriptor for its kernels.
+    "blocks and records": ("harness.blocks.", "harness.techniques", "harness.engines.arguments", "harness.schema",
+                           "harness.device_memory"),
     # What builds and runs a step knows no experiment file: it is handed the resolved experiment.
     "step": ("harness.step.",),
     "experiment files": ("harness.config", "harness.arguments", "harness.matrix"),

@@ -73,6 +73,14 @@ def test_every_optimizer_descriptor_is_complete(name):
     fields = {f.name for f in dataclasses.fields(Experiment)}
     for refusal in optimizer.refusals:
         assert refusal.field in fields and callable(refusal.applies) and _sentence(refusal.why)
+    # its step kernel is one the optimizer benchmarks time (harness.predict.speed reads them)
+    if optimizer.step_kernel:
+        from harness.predict.speed import OPTIMIZER_BENCHMARKS
+
+        assert optimizer.step_kernel in OPTIMIZER_BENCHMARKS
+    if optimizer.first_steps:
+        words, seconds = optimizer.first_steps
+        assert isinstance(words, str) and words and callable(seconds)
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -134,9 +142,38 @@ def test_every_quantization_descriptor_is_complete(name):
     quantization = QUANTIZATIONS[name]
     assert _sentence(quantization.summary) and _sentence(quantization.not_sharded)
     _check_loss(quantization.loss, quantization.shown_by)
-    assert resolve_technique(load_experiment(EXPERIMENTS / f"{quantization.shown_by}.yaml")[1]).quantization == name
-    allowed = typing.get_args(typing.get_args(typing.get_type_hints(Experiment)["quantization"])[0])
-    assert set(allowed) == set(QUANTIZATIONS)  # the experiment field takes every registered value, no other
+    _, experiment = load_experiment(EXPERIMENTS / f"{quantization.shown_by}.yaml")
+    technique = resolve_technique(experiment)
+    assert technique.quantization == name
+    assert quantization.bits in (4, 8) and quantization.kernel_bytes >= 0
+    assert quantization.build_seconds_per_billion > 0 and 0 < quantization.speed_share <= 1
+    assert quantization.prediction_miss is None or _sentence(quantization.prediction_miss)
+    # its storage: fewer bytes than the 16-bit weights, by its bits, and constants beside them
+    linears = list(shape_of(preset_config("tiny-llama")).linears().values())
+    weights = sum(n_in * n_out * count for n_in, n_out, count in linears)
+    for double_quant in (False, True) if quantization.takes_double_quant else (False,):
+        stored, constants = quantization.storage(linears, double_quant)
+        assert stored == weights * quantization.bits // 8 and 0 < constants < stored
+    # transformers' config for bitsandbytes asks for those bits
+    config = quantization.bnb_config(technique, None)
+    assert (config.load_in_4bit, config.load_in_8bit) == (quantization.bits == 4, quantization.bits == 8)
+    # a dequantization kernel is costed by the benchmark of its own that the speed model reads
+    if quantization.dequantize_kernel:
+        from harness.predict.speed import DEQUANTIZE_BENCHMARKS
+
+        assert quantization.dequantize_kernel in DEQUANTIZE_BENCHMARKS
+
+
+def test_the_quantization_field_takes_every_registered_quantization_and_no_other(tmp_path):
+    from harness.errors import ConfigError
+
+    path = tmp_path / "mine.yaml"
+    for name in QUANTIZATIONS:
+        path.write_text(f"technique: lora\nquantization: {name}\n")
+        assert resolve_technique(load_experiment(path)[1]).quantization == name
+    path.write_text("technique: lora\nquantization: int4\n")
+    with pytest.raises(ConfigError, match="unknown quantization 'int4'; registered: " + ", ".join(QUANTIZATIONS)):
+        load_experiment(path)
 
 
 def test_every_loss_rule_is_a_descriptors_and_each_experiment_has_one_at_most():

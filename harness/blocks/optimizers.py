@@ -49,6 +49,12 @@ class Optimizer:
     trainer_memory: str | None = None
     # What its quantization computes with real values (code books), called before a simulation's fake mode.
     before_fake: Callable | None = None
+    # The CUDA kernel its step runs, which the lab's optimizer benchmarks time (harness.predict.speed costs its
+    # step by it); None: no benchmark times it, and the speed model costs it as torch's fused AdamW, saying so.
+    step_kernel: str | None = None
+    # What makes its first steps slow beyond their FLOPs, for a GPU-time estimate (harness.lab.estimate):
+    # (words, (experiment, linears) -> seconds), `linears` the model's (n_in, n_out, count) per linear role.
+    first_steps: tuple[str, Callable] | None = None
 
 
 # -- AdamW, torch's -----------------------------------------------------------------------------
@@ -151,6 +157,30 @@ def _decoder_linear_weights(model) -> list:
             if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in names]
 
 
+# Sustained FP32 FLOP/s of a GPU's SVD (cuSOLVER), an assumption for an H100/H200-class card: about 1.5% of
+# their FP32 peak (67 TFLOP/s on both data sheets), since half of an SVD's bidiagonalisation is
+# matrix-vector products bound by memory bandwidth (3.35 to 4.8 TB/s: 4 bytes read per 2 FLOPs give at
+# most 1.7 to 2.4 TFLOP/s for that half) and its iterations are partly sequential. An order of magnitude.
+SVD_FLOPS = 1e12
+
+
+def svd_flops(m: int, n: int) -> float:
+    """FLOPs of a thin SVD (singular values and both sets of vectors) of an m x n matrix: Golub and Van
+    Loan's work count for the R-SVD, 6 m n^2 + 20 n^3 with m >= n (Matrix Computations, their table of
+    SVD algorithms' work), of the order m n min(m, n): between 6 and 26 times it."""
+    m, n = max(m, n), min(m, n)
+    return 6 * m * n ** 2 + 20 * n ** 3
+
+
+def galore_svd_seconds(experiment, linears) -> float:
+    """galore-torch's projector takes a full SVD (torch.linalg.svd, in fp32) of each projected weight's
+    gradient at its first step and every `galore_update_proj_gap` steps; the lab projects every decoder
+    linear layer. The tracked step steps the optimizer too."""
+    optimizer_steps = experiment.warmup_steps + experiment.steps + 1
+    rounds = -(-optimizer_steps // experiment.optim.galore_update_proj_gap)
+    return rounds * sum(count * svd_flops(n_in, n_out) for n_in, n_out, count in linears) / SVD_FLOPS
+
+
 def galore_bytes(sizes, param_bytes, shape, settings, device_type="cuda") -> tuple[int, int]:
     """GaLore (galore-torch's GaLoreAdamW, proj_type std) over full fine-tuning, whose trainable
     tensors have `sizes` elements: (optimizer state, the largest transient of its step).
@@ -224,12 +254,13 @@ def _torchao_code_books():
 
 
 def _torchao_optimizer(name: str, code: float, block: int, book: int, trainer, summary: str, loss,
-                       shown_by: str) -> Optimizer:
+                       shown_by: str, step_kernel: str | None = None) -> Optimizer:
     """One of torchao's low-bit AdamWs (`name` in torchao.optim), its states as _torchao_bytes counts them."""
     return Optimizer(_torchao(name), _torchao_bytes(code, block, book), trainer, summary,
                      not_sharded="sharded parameters are DTensors, which AdamW steps shard by shard, while torchao's "
                                  "blockwise quantized states expect whole tensors",
-                     loss=loss, shown_by=shown_by, package="torchao", before_fake=_torchao_code_books)
+                     loss=loss, shown_by=shown_by, package="torchao", before_fake=_torchao_code_books,
+                     step_kernel=step_kernel)
 
 
 # -- SGD with momentum and Adafactor, torch's ------------------------------------------------------
@@ -284,10 +315,15 @@ _ITEM = ("its step reads each parameter's norm as a Python number (.item()), whi
 
 # -- the registry -------------------------------------------------------------------------------
 
+# The kernels of the steps the lab's optimizer benchmarks time (harness.lab.microbench).
+_FUSED_ADAMW = "aten::_fused_adamw_"
+_BNB_8BIT_STEP = "bitsandbytes::optimizer_update_8bit_blockwise"
+
 OPTIMIZERS: dict[str, Optimizer] = {
     "adamw": Optimizer(
         _adamw, adamw_bytes, {"cuda": "adamw_torch_fused", "cpu": "adamw_torch"}, "torch's AdamW (fused on CUDA)",
-        not_sharded=None, loss="the reference every other optimizer is compared with", shown_by=BASELINE),
+        not_sharded=None, loss="the reference every other optimizer is compared with", shown_by=BASELINE,
+        step_kernel=_FUSED_ADAMW),
     "loraplus": Optimizer(
         _loraplus, adamw_bytes,
         BuiltForTrainer("TrainingArguments has no LoRA+: peft's create_loraplus_optimizer goes to Trainer's "
@@ -304,17 +340,19 @@ OPTIMIZERS: dict[str, Optimizer] = {
                           "lora)"),
                   Refusal("optimizer_in_backward", lambda e, t: e.optimizer_in_backward,
                           "LoRA+ groups the adapters of the whole model into one optimizer; stepping each parameter "
-                          "on its own is not LoRA+"))),
+                          "on its own is not LoRA+")),
+        step_kernel=_FUSED_ADAMW),
     "adamw8bit": Optimizer(
         _bnb("AdamW8bit"), _adamw8bit_bytes, "adamw_bnb_8bit", "bitsandbytes' blockwise 8-bit AdamW",
         not_sharded=_BNB_NOT_SHARDED,
         loss=LossRule(BASELINE, 0.01, "block-wise 8-bit Adam states are reported to match 32-bit Adam"),
-        shown_by="adamw8bit", package="bitsandbytes", trainer_memory=_BNB_IN_TRAINER),
+        shown_by="adamw8bit", package="bitsandbytes", trainer_memory=_BNB_IN_TRAINER, step_kernel=_BNB_8BIT_STEP),
     "paged_adamw8bit": Optimizer(
         _bnb("PagedAdamW8bit"), _adamw8bit_bytes, "paged_adamw_8bit",
         "bitsandbytes' 8-bit AdamW with its state in CUDA unified memory (QLoRA's)", not_sharded=_BNB_NOT_SHARDED,
         loss="its arithmetic is adamw8bit's; qlora, which runs it, is held to its NF4 base's rule",
-        shown_by="qlora", package="bitsandbytes", paged=True, trainer_memory=_BNB_IN_TRAINER),
+        shown_by="qlora", package="bitsandbytes", paged=True, trainer_memory=_BNB_IN_TRAINER,
+        step_kernel=_BNB_8BIT_STEP),
     "paged_adamw": Optimizer(
         _bnb("PagedAdamW"), _fp32_adamw_bytes, "paged_adamw_32bit",
         "bitsandbytes' 32-bit AdamW with its state in CUDA unified memory", not_sharded=_BNB_NOT_SHARDED,
@@ -335,13 +373,14 @@ OPTIMIZERS: dict[str, Optimizer] = {
         refusals=(Refusal("optimizer", lambda e, t: t.adapter != "none",
                           "GaLore projects the gradients of full weight matrices: it is a full fine-tuning "
                           "optimizer (adapter: none)"),),
-        trainer_arguments=_galore_arguments, trainer_decay_groups=False),
+        trainer_arguments=_galore_arguments, trainer_decay_groups=False,
+        first_steps=("GaLore's SVDs", galore_svd_seconds)),
     "ao_adamw8bit": _torchao_optimizer(
         "AdamW8bit", 1.0, 256, 256,
         # Trainer builds torchao's AdamW8bit with block_size 256, torchao's own default (the lab's).
         "adamw_torch_8bit", "torchao's AdamW with both moments in 8-bit codes, blocks of 256",
         LossRule("bf16-pure", 0.01, "block-wise 8-bit moments, as bitsandbytes' 8-bit AdamW (same bf16 weights)"),
-        "ao-adamw8bit"),
+        "ao-adamw8bit", step_kernel="torchao::single_param_adam[OptimState8bit]"),
     "ao_adamw4bit": _torchao_optimizer(
         "AdamW4bit", 0.5, 128, 16,
         Unmapped("Trainer's adamw_torch_4bit builds torchao's AdamW4bit with block_size 256, where torchao's own "

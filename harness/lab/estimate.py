@@ -22,23 +22,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.config import Experiment, ResolvedConfig
+from harness.blocks.optimizers import OPTIMIZERS
+from harness.blocks.quantizations import QUANTIZATIONS
+from harness.config import ResolvedConfig
 from harness.measure.throughput import model_flops_per_token
 from harness.predict.analytic import shape_of
 
 START_SECONDS = 20.0
-BUILD_SECONDS_PER_BILLION = {"none": 1.0, "int8": 1.5, "nf4": 1.5}
+# Seconds to build a billion parameters of an unquantized base. A quantized base's build, and the share of
+# the sustained throughput left to its products, are its descriptor's (harness.blocks.quantizations).
+BUILD_SECONDS_PER_BILLION = 1.0
 # Sustained FLOP/s by compute dtype (about a third of an H100's dense peak; fp32 without TF32).
 SUSTAINED_FLOPS = {"bf16": 300e12, "fp16": 300e12, "fp32": 40e12}
-# Share of that throughput left when bitsandbytes dequantizes every base weight in every matmul.
-QUANTIZED_SPEED = {"none": 1.0, "int8": 0.25, "nf4": 0.5}
 TRACKED_STEP_COST = 4  # the tracked step, in ordinary steps
 CHECKPOINTING_FLOPS = 4 / 3  # one more forward in a forward + backward of three forwards
-# Sustained FP32 FLOP/s of a GPU's SVD (cuSOLVER), an assumption for an H100/H200-class card: about 1.5% of
-# their FP32 peak (67 TFLOP/s on both data sheets), since half of an SVD's bidiagonalisation is
-# matrix-vector products bound by memory bandwidth (3.35 to 4.8 TB/s: 4 bytes read per 2 FLOPs give at
-# most 1.7 to 2.4 TFLOP/s for that half) and its iterations are partly sequential. An order of magnitude.
-SVD_FLOPS = 1e12
 # torch.compile before the first step: Dynamo traces and Inductor generates and compiles kernels for
 # the forward and the backward of every decoder layer (a whole-model compile reuses no layer's code), so
 # a fixed start (Inductor's compile workers, Triton's JIT) and a share per layer. An assumption on the
@@ -66,7 +63,9 @@ def estimate_run(config: ResolvedConfig, model_config) -> Estimate:
     """Estimated wall time of one resolved experiment on a GPU (model_config: its transformers config)."""
     run, technique = config.experiment, config.technique
     parameters = shape_of(model_config).parameters()["total"]
-    build_s = BUILD_SECONDS_PER_BILLION[technique.quantization] * parameters / 1e9
+    quantization = QUANTIZATIONS[technique.quantization]
+    per_billion = quantization.build_seconds_per_billion if quantization else BUILD_SECONDS_PER_BILLION
+    build_s = per_billion * parameters / 1e9
     tokens = run.seq_len * run.micro_batch * run.grad_accum
     per_token = model_flops_per_token(model_config, run.seq_len, technique.adapter == "none")
     if run.gradient_checkpointing:
@@ -76,7 +75,8 @@ def estimate_run(config: ResolvedConfig, model_config) -> Estimate:
     if run.eval_every:  # held-out forwards: a third of a step's FLOPs per sequence
         evaluations = run.steps // run.eval_every + 2
         flops += per_token / 3 * run.seq_len * run.eval_sequences * evaluations
-    steps_s = flops / (SUSTAINED_FLOPS[technique.compute_dtype] * QUANTIZED_SPEED[technique.quantization])
+    share = quantization.speed_share if quantization else 1.0
+    steps_s = flops / (SUSTAINED_FLOPS[technique.compute_dtype] * share)
     first = first_steps(config, model_config)
     first_s = sum(first.values())
     return Estimate(START_SECONDS + build_s + steps_s + first_s, build_s, steps_s, flops, first_s,
@@ -86,29 +86,13 @@ def estimate_run(config: ResolvedConfig, model_config) -> Estimate:
 def first_steps(config: ResolvedConfig, model_config) -> dict[str, float]:
     """Seconds the first steps take beyond their FLOPs, by cause: {words: seconds} (empty for most runs)."""
     first = {}
-    if config.technique.optimizer == "galore_adamw":
-        first["GaLore's SVDs"] = galore_svd_seconds(config.experiment, model_config)
+    optimizer_first = OPTIMIZERS[config.technique.optimizer].first_steps  # GaLore's SVDs
+    if optimizer_first:
+        words, seconds = optimizer_first
+        first[words] = seconds(config.experiment, list(shape_of(model_config).linears().values()))
     if config.experiment.compile:
         first["compilation"] = COMPILE_START_SECONDS + COMPILE_SECONDS_PER_LAYER * shape_of(model_config).layers
     return first
-
-
-def galore_svd_seconds(experiment: Experiment, model_config) -> float:
-    """galore-torch's projector takes a full SVD (torch.linalg.svd, in fp32) of each projected weight's
-    gradient at its first step and every `galore_update_proj_gap` steps; the lab projects every decoder
-    linear layer. The tracked step steps the optimizer too."""
-    optimizer_steps = experiment.warmup_steps + experiment.steps + 1
-    rounds = -(-optimizer_steps // experiment.optim.galore_update_proj_gap)
-    flops = sum(count * svd_flops(n_in, n_out) for n_in, n_out, count in shape_of(model_config).linears().values())
-    return rounds * flops / SVD_FLOPS
-
-
-def svd_flops(m: int, n: int) -> float:
-    """FLOPs of a thin SVD (singular values and both sets of vectors) of an m x n matrix: Golub and Van
-    Loan's work count for the R-SVD, 6 m n^2 + 20 n^3 with m >= n (Matrix Computations, their table of
-    SVD algorithms' work), of the order m n min(m, n): between 6 and 26 times it."""
-    m, n = max(m, n), min(m, n)
-    return 6 * m * n ** 2 + 20 * n ** 3
 
 
 def parse_duration(text: str) -> float:

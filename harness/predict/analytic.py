@@ -28,13 +28,10 @@ from dataclasses import dataclass
 from harness.architectures import ARCHITECTURES, Architecture, architecture_of, lora_targets
 from harness.blocks.adapters import ADAPTERS
 from harness.blocks.optimizers import OPTIMIZERS
+from harness.blocks.quantizations import QUANTIZATIONS
 from harness.schema import CATEGORIES, PERSISTENT
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-NF4_BLOCK = 64            # bitsandbytes' 4-bit block size (QLoRA paper §3)
-NESTED_BLOCK = 256        # double quantization: 8-bit absmax constants in blocks of 256
-NF4_CODE_BYTES = 16 * 4   # the 16-entry NF4 code book, fp32, per weight tensor
-NESTED_CODE_BYTES = 256 * 4 + 4  # 8-bit dynamic code book and offset, per weight tensor
 # transformers' activations (ACT2FN) written in Python: the intermediate-sized tensors their ops
 # save (traced). Any other, one torch op, saves one: its input (GELU, SiLU) or its output (ReLU).
 ACTIVATION_SAVED = {"gelu_new": 4, "gelu_fast": 7, "gelu_python": 3, "gelu_python_tanh": 4, "gelu_accurate": 4,
@@ -162,30 +159,19 @@ def weight_bytes(shape: Shape, technique, lora) -> tuple[int, int]:
         return params["total"] * BYTES[technique.weights], 0
     adapters = 4 * sum(adapter_tensors(shape, technique, lora))  # peft keeps adapters in fp32
     rest = params["total"] - params["linear"]
-    if technique.quantization == "none":
+    quantization = QUANTIZATIONS[technique.quantization]
+    if quantization is None:
         return params["linear"] * BYTES[technique.weights] + rest * BYTES[technique.weights] + adapters, 0
     # peft's prepare_model_for_kbit_training casts every parameter that is not quantized
     # (embeddings, norms, lm_head, router, biases) to fp32. bitsandbytes' Linear4bit then casts
     # its own bias to the compute dtype in its first forward, for good (GPT-2's and NeoX's biases;
     # Linear8bitLt casts its bias to its input's dtype, fp32 but for o's 16-bit input: left out).
     rest_bytes = rest * 4
-    if technique.quantization == "nf4":
+    if quantization.casts_bias:
         biases = sum(n_out * count for role, (_, n_out, count) in shape.linears().items() if role in shape.biased)
         rest_bytes -= (4 - BYTES[technique.weights]) * biases
-    if technique.quantization == "int8":
-        # LLM.int8: one int8 per weight, one fp32 scale per output row (SCB).
-        rows = sum(n_out * count for _, n_out, count in shape.linears().values())
-        return params["linear"] + rest_bytes + adapters, 4 * rows
-    packed = params["linear"] // 2
-    constants = 0
-    for n_in, n_out, count in shape.linears().values():
-        blocks = math.ceil(n_in * n_out / NF4_BLOCK)
-        if technique.double_quant:  # 8-bit absmax per block, fp32 scale per 256 of them
-            per_tensor = blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + NF4_CODE_BYTES + NESTED_CODE_BYTES
-        else:
-            per_tensor = 4 * blocks + NF4_CODE_BYTES
-        constants += per_tensor * count
-    return packed + rest_bytes + adapters, constants
+    quantized, constants = quantization.storage(list(shape.linears().values()), technique.double_quant)
+    return quantized + rest_bytes + adapters, constants
 
 
 def trainable_tensors(shape: Shape, technique, lora) -> list[int]:
@@ -213,7 +199,8 @@ class _Flow:
     residual: int     # the residual stream (fp32 when the embeddings are fp32)
     autocast: bool    # torch.autocast to a 16-bit dtype
     weights: int      # dtype of the unquantized linear weights
-    quantization: str
+    quantized: bool   # a bitsandbytes base (harness.blocks.quantizations)
+    saves_input: bool  # its linear layers keep their input for backward (else only their packed weight)
     lora: bool
     dora: bool        # LoRA's weight-decomposed variant (peft use_dora)
     dropout: bool
@@ -227,8 +214,9 @@ class _Flow:
 def _flow(technique, lora, device_type: str, liger: bool = False) -> _Flow:
     weights = BYTES[technique.weights]
     kbit = technique.quantization != "none"
+    saves_input = kbit and QUANTIZATIONS[technique.quantization].saves_input
     return _Flow(residual=4 if (kbit or weights == 4) else weights, autocast=technique.autocast != "none",
-                 weights=weights, quantization=technique.quantization, lora=technique.adapter != "none",
+                 weights=weights, quantized=kbit, saves_input=saves_input, lora=technique.adapter != "none",
                  dora=technique.adapter != "none" and getattr(lora, "use_dora", False),
                  dropout=lora.dropout > 0, rank=lora.r, mask_bytes=1 if device_type == "cuda" else 4,
                  full=technique.adapter == "none", cuda=device_type == "cuda", liger=liger)
@@ -242,7 +230,7 @@ def _linear(flow: _Flow, x_bytes: int, tokens: int, n_in: int, n_out: int, adapt
     and v read the same normalised input): its storage counts once.
     """
     saved, input_saved = 0, False
-    if quantized and flow.quantization == "nf4":
+    if quantized and not flow.saves_input:
         # bitsandbytes MatMul4Bit saves only the packed weight; Linear4bit casts the input to
         # the compute dtype (a temporary) and its output back to the input's dtype.
         out = x_bytes
@@ -360,7 +348,7 @@ def recompute_held_bytes(flow: _Flow, shape: Shape, tokens: int, targets: set[st
     if shape.experts:
         return 0
     family, hidden, inter, r = shape.family, shape.hidden, shape.intermediate, flow.residual
-    quantized = flow.quantization != "none"
+    quantized = flow.quantized
     roles = ((("gate_up", 2 * inter),) if family.fused_gate_up else (("gate", inter), ("up", inter))
              if family.gated_mlp else (("up", inter),))
     g_out, mlp_in = 0, False
@@ -378,7 +366,7 @@ def recompute_held_bytes(flow: _Flow, shape: Shape, tokens: int, targets: set[st
 
 def layer_saved_bytes(flow: _Flow, shape: Shape, tokens: int, seq_len: int, targets: set[str]) -> int:
     """Bytes one decoder layer saves for backward (no checkpointing)."""
-    quantized = flow.quantization != "none"
+    quantized = flow.quantized
     h, r = shape.hidden, flow.residual
     family = shape.family
     norms = 4 if family.sandwich_norms else 2
@@ -486,7 +474,7 @@ def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gr
     # its weight is fp32 (full precision, or upcast by k-bit preparation), a 16-bit copy of it.
     if flow.autocast:
         lm_head = 2 * tokens * shape.hidden
-        if flow.weights == 4 or flow.quantization != "none":
+        if flow.weights == 4 or flow.quantized:
             lm_head += 2 * shape.vocab * shape.hidden
     else:
         lm_head = flow.residual * tokens * shape.hidden

@@ -43,6 +43,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from harness.blocks.optimizers import OPTIMIZERS
+from harness.blocks.quantizations import QUANTIZATIONS
 from harness.predict import allocator as caching_allocator
 from harness.device_memory import CUBLAS_WORKSPACE_BYTES, WORKSPACE_PHASES, device_bytes
 from harness.measure.memory import TensorTracker, fsdp2_tracking, label_gradients, label_model, tracker_phase
@@ -63,11 +64,11 @@ def _real_code_books(technique: Technique):
     before_fake = OPTIMIZERS[technique.optimizer].before_fake
     if before_fake:
         before_fake()
+    quantization = QUANTIZATIONS[technique.quantization]
+    if quantization is not None and quantization.before_fake:
+        quantization.before_fake(technique)
     import bitsandbytes as bnb
 
-    if technique.quantization == "nf4":
-        bnb.functional.quantize_4bit(torch.randn(64, 64, dtype=torch.bfloat16), quant_type="nf4",
-                                     compress_statistics=technique.double_quant)
     original = bnb.functional.create_dynamic_map
 
     def create_dynamic_map(*args, **kwargs):

@@ -51,6 +51,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.blocks.optimizers import OPTIMIZERS
+from harness.blocks.quantizations import NF4_BLOCK, QUANTIZATIONS
 from harness.cards import CARDS, Card, card
 
 MICROBENCH = Path(__file__).resolve().parents[2] / "results" / "microbench" / "nvidia-h200.json"
@@ -79,7 +81,6 @@ OPTIMIZER_BENCHMARKS = {"aten::_fused_adamw_": ("bench_optimizer_step[torch-adam
 # bitsandbytes' NF4 dequantization (bench_nf4_dequantize: the 4-bit codes and their absmax read, the bf16
 # weight written) reaches less than half a copy's bandwidth on the H200.
 DEQUANTIZE_BENCHMARKS = {"bitsandbytes::dequantize_4bit": "bench_nf4_dequantize"}
-NF4_BLOCK = 64  # bitsandbytes' default blocksize for 4-bit weights (bitsandbytes.functional.quantize_4bit)
 
 
 @dataclass(frozen=True)
@@ -353,12 +354,6 @@ def kernel_speed(kernels: list, tokens_per_step: int, gpu: str, calib: Calibrati
                             "call_host_seconds": dict(calib.call_host_seconds), "digest": calib.digest}}
 
 
-# The lab's optimizers whose step the optimizer benchmarks time (the kernel each runs on CUDA); the analytic
-# fallback costs the others as torch's fused AdamW, and says so.
-OPTIMIZER_KERNELS = {"adamw": "aten::_fused_adamw_", "loraplus": "aten::_fused_adamw_",
-                     "adamw8bit": "bitsandbytes::optimizer_update_8bit_blockwise",
-                     "paged_adamw8bit": "bitsandbytes::optimizer_update_8bit_blockwise",
-                     "ao_adamw8bit": "torchao::single_param_adam[OptimState8bit]"}
 TRAINABLE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -392,18 +387,20 @@ def analytic_speed(config, technique, seq_len: int, micro_batch: int, grad_accum
     notes = []
     if parameters:
         per_parameter = dict(calib.optimizer_seconds_per_parameter)
-        kernel = OPTIMIZER_KERNELS.get(technique.optimizer)
+        # The kernel the optimizer benchmarks time for it (its descriptor's); others as torch's fused AdamW.
+        kernel = OPTIMIZERS[technique.optimizer].step_kernel
         if kernel is None:
-            kernel = "aten::_fused_adamw_"
+            kernel = OPTIMIZERS["adamw"].step_kernel
             notes.append(f"optimizer {technique.optimizer} costed as torch's fused AdamW")
         trainable_bytes = 4 if technique.adapter not in (None, "none") else TRAINABLE_BYTES.get(technique.weights, 4)
         terms["optimizer_s"] = (per_parameter[kernel] * parameters.get("trainable", 0) * trainable_bytes / 4
                                 * reference.bandwidth / target.bandwidth)
         quantized = parameters.get("quantized", 0)
         if quantized:
-            bits = {"nf4": 4, "int8": 8}.get(technique.quantization, 8)
+            quantization = QUANTIZATIONS[technique.quantization]
+            bits = quantization.bits
             passes = 2 * grad_accum + (grad_accum if gradient_checkpointing else 0)
-            dequantize = {"nf4": "bitsandbytes::dequantize_4bit"}.get(technique.quantization)
+            dequantize = quantization.dequantize_kernel
             bandwidth = (dict(calib.kernel_bandwidths).get(dequantize, calib.bandwidth)
                          * target.bandwidth / reference.bandwidth)
             terms["memory_s"] = passes * quantized * (bits / 8 + 2) / bandwidth

@@ -1,41 +1,29 @@
 """How close the memory predictions come to what a GPU measured, per run and per memory category.
 
 The predictors must pass this check: the simulation within 3% and the analytic formula within
-10% of the allocator's peak (torch.cuda.max_memory_allocated). A run outside gets the reason
-found for it (RESIDUALS), or is flagged as unexplained. Beside the allocator's peak, each row
-shows what no tensor-counting predictor sees: the allocator's cache (reserved - allocated),
+10% of the allocator's peak (torch.cuda.max_memory_allocated). A run outside gets the reason its
+building blocks' descriptors give (harness.blocks), or is flagged as unexplained. Beside the allocator's
+peak, each row shows what no tensor-counting predictor sees: the allocator's cache (reserved - allocated),
 the CUDA context (NVML device-used before loading) and the whole device's use.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
 
 import pandas as pd
 
+from harness.blocks.quantizations import QUANTIZATIONS
 from harness.report.load import CATEGORIES
 
 TOLERANCES = {"simulated": 0.03, "analytic": 0.10}
 PREDICTION_KEYS = ["experiment", "model", "seq_len", "micro_batch", "grad_accum", "world_size"]
 
 
-@dataclass(frozen=True)
-class Residual:
-    applies: Callable[[pd.Series], bool]
-    reason: str
-
-
-# Why a run's prediction is outside its tolerance, where the cause is known.
-RESIDUALS = [
-    Residual(lambda run: run["quantization"] == "int8",
-             "LLM.int8 on CUDA also keeps, for backward, the input columns that hold an outlier (|x| >= 6, "
-             "its threshold) in full precision; which columns do depends on the values, which neither "
-             "predictor has (fake tensors carry none). Random-init weights put outliers into the wide "
-             "down_proj input of the larger model; pretrained weights concentrate them in a few feature "
-             "dimensions. The gap sits in the activations, as the category table shows."),
-]
+def known_misses(run) -> list[str]:
+    """Why a run's prediction can miss its measurement, as its building blocks' descriptors say."""
+    quantization = QUANTIZATIONS.get(run.get("quantization"))
+    return [quantization.prediction_miss] if quantization and quantization.prediction_miss else []
 
 
 def _error(predicted, measured) -> float | None:
@@ -68,7 +56,7 @@ def prediction_errors(runs: pd.DataFrame, predictions: pd.DataFrame, device_type
                 row[f"{method}_{category}"] = value
         outside = [method for method, tolerance in TOLERANCES.items()
                    if row[f"{method}_error"] is not None and abs(row[f"{method}_error"]) > tolerance]
-        reasons = [residual.reason for residual in RESIDUALS if outside and residual.applies(run)]
+        reasons = known_misses(run) if outside else []
         row["outside"] = outside
         row["reason"] = " ".join(reasons) if reasons else ("not explained yet" if outside else "")
         rows.append(row)

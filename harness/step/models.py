@@ -25,6 +25,7 @@ from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
 from harness.architectures import attention_implementation
 from harness.blocks.adapters import ADAPTERS
+from harness.blocks.quantizations import QUANTIZATIONS
 from harness.errors import ConfigError
 from harness.model_files import read_model_config
 from harness.presets import PRESETS, preset_config
@@ -219,15 +220,8 @@ def _unfuse_experts(model: nn.Module) -> int:
 
 
 def _bnb_config(technique: Technique):
-    from transformers import BitsAndBytesConfig
-
-    if technique.quantization == "nf4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_use_double_quant=technique.double_quant,
-                                  bnb_4bit_compute_dtype=DTYPES[technique.weights])
-    if technique.quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
-    return None
+    quantization = QUANTIZATIONS[technique.quantization]
+    return quantization.bnb_config(technique, DTYPES[technique.weights]) if quantization is not None else None
 
 
 def _quantize_linear(module, device: torch.device, dtype: torch.dtype, std: float) -> None:
