@@ -80,14 +80,16 @@ report: $(SETUP)
 report-check: $(SETUP)
 	$(PY) -m harness.report.browser reports/index.html
 
-# One worker per core (at most 4), each taking whole test files so that a file's fixtures are made once;
-# serial where pytest-xdist is missing (PY=python3 without it).
+# One worker per core (at most 4), each taking whole test files so that a file's fixtures are made once, in
+# the order tests/conftest.py gives them (the longest first); serial where pytest-xdist is missing
+# (PY=python3 without it).
+PARALLEL = $$($(PY) -c "import xdist" 2>/dev/null && echo "-n auto --maxprocesses=4 --dist loadfile --no-loadscope-reorder")
 test: $(SETUP) chromium
-	$(PY) -m pytest -q $$($(PY) -c "import xdist" 2>/dev/null && echo "-n auto --maxprocesses=4 --dist loadfile")
+	$(PY) -m pytest -q $(PARALLEL)
 
 # The tests not marked slow (no real training step in a subprocess): a minute or two
 test-fast: $(SETUP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" $(PARALLEL)
 
 # The report's browser test needs Chromium: installed where possible (root with apt-get), else skipped.
 chromium:

@@ -9,6 +9,7 @@ from pathlib import Path
 from harness.architectures import UnsupportedArchitecture
 from harness.arguments import like_field, positive
 from harness.config import ENGINE_NAMES, EXIT_BAD_CONFIG, ConfigError, experiment_files
+from harness.engines import engine_help
 from harness.lab.bench import add_arguments as add_bench_arguments
 from harness.lab.pretrain import add_arguments as add_base_arguments
 from harness.predict.command import add_arguments as add_predict_arguments
@@ -124,8 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=Path("results"), help="folder for the record (default: results)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"])
     run.add_argument("--budget-gb", type=like_field("budget_gb", float), help="emulate a card of this size as sold, in GB (24: 24 GiB; see harness.measure.budget)")
-    run.add_argument("--engine", choices=ENGINE_NAMES, help="the training loop: harness (the lab's own, default), "
-                     "trainer (transformers' Trainer) or trl-sft (TRL's SFTTrainer)")
+    run.add_argument("--engine", choices=ENGINE_NAMES, help=f"the training loop (default harness): {engine_help()}")
     run.add_argument("--nproc", type=like_field("world_size"), help="ranks that train together (the experiment's "
                      "world_size; above 1 under torchrun, each rank measured, rank 0 writes the record)")
     run.add_argument("--timeout", type=positive(float), help="seconds before the run is killed and recorded as failed "

@@ -154,9 +154,21 @@ def test_every_quantization_descriptor_is_complete(name):
     for double_quant in (False, True) if quantization.takes_double_quant else (False,):
         stored, constants = quantization.storage(linears, double_quant)
         assert stored == weights * quantization.bits // 8 and 0 < constants < stored
-    # transformers' config for bitsandbytes asks for those bits
+    # transformers' config for bitsandbytes asks for those bits, and puts the layer the descriptor quantizes into
     config = quantization.bnb_config(technique, None)
     assert (config.load_in_4bit, config.load_in_8bit) == (quantization.bits == 4, quantization.bits == 8)
+    import bitsandbytes as bnb
+    import torch
+
+    from harness.step.models import build_base_model, quantized_layers, resolve_source
+
+    model = build_base_model(resolve_source("tiny-llama"), technique, torch.device("cpu"), seed=0)
+    layers = [m for m in model.modules() if isinstance(m, getattr(bnb.nn, quantization.layer))]
+    assert len(layers) == sum(count for _, _, count in linears)
+    assert quantized_layers()[getattr(bnb.nn, quantization.layer)] is quantization
+    # quantized by the descriptor: no 16-bit weight is left in the layer
+    assert all(layer.weight.dtype in (torch.int8, torch.uint8) for layer in layers)
+    assert quantization.package in (ROOT / "pyproject.toml").read_text()
     # a dequantization kernel is costed by the benchmark of its own that the speed model reads
     if quantization.dequantize_kernel:
         from harness.predict.speed import DEQUANTIZE_BENCHMARKS
@@ -255,5 +267,14 @@ def test_without_the_package_a_descriptor_names_a_run_is_skipped_saying_what_nee
 
     assert OPTIONAL_PACKAGES["torchao"] == "optimizer ao_adamw8bit, optimizer ao_adamw4bit, optimizer ao_adamw_fp8"
     assert OPTIONAL_PACKAGES["deepspeed"] == "sharding zero2, sharding zero3"
-    packages = {o.package for o in OPTIMIZERS.values()} | {b.package for b in [*BLOCKS.values(), *SHARDINGS.values()]}
+    assert OPTIONAL_PACKAGES["bitsandbytes"] == ("optimizer adamw8bit, optimizer paged_adamw8bit, optimizer paged_adamw, "
+                                                 "quantization int8, quantization nf4")
+    assert OPTIONAL_PACKAGES["trl"].endswith("engine trl-sft")
+    assert OPTIONAL_PACKAGES["datasets"] == "local text files and hub datasets as data"
+    from harness.config import ENGINE_NAMES
+    from harness.engines import ENGINES
+
+    assert set(ENGINES) == set(ENGINE_NAMES)  # the experiment field takes every engine there is
+    packages = {d.package for d in [*OPTIMIZERS.values(), *BLOCKS.values(), *SHARDINGS.values(), *ENGINES.values(),
+                                    *filter(None, QUANTIZATIONS.values())]}
     assert packages - {None} <= set(OPTIONAL_PACKAGES)

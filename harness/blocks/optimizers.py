@@ -318,6 +318,8 @@ _ITEM = ("its step reads each parameter's norm as a Python number (.item()), whi
 # The kernels of the steps the lab's optimizer benchmarks time (harness.lab.microbench).
 _FUSED_ADAMW = "aten::_fused_adamw_"
 _BNB_8BIT_STEP = "bitsandbytes::optimizer_update_8bit_blockwise"
+# The kernel an optimizer's step is costed by where no benchmark times its own (`step_kernel` None).
+UNTIMED_STEP_KERNEL = _FUSED_ADAMW
 
 OPTIMIZERS: dict[str, Optimizer] = {
     "adamw": Optimizer(

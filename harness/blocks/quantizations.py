@@ -32,6 +32,11 @@ class Quantization:
     storage: Callable
     # (technique, compute dtype) -> transformers' BitsAndBytesConfig for it.
     bnb_config: Callable
+    layer: str      # the bitsandbytes.nn linear layer transformers puts in the model for it
+    # (layer, weight, device, fake) -> None: quantize a freshly initialised 16-bit weight into the layer. A
+    # simulation's weight is fake (fake=True): bitsandbytes' parameter classes cannot wrap fake tensors, so its
+    # quantize function runs directly and the result is kept where the layer's forward reads it.
+    quantize: Callable
     # Its matmul keeps its input for backward (LLM.int8's MatMul8bitLt); else only the packed weight (MatMul4Bit).
     saves_input: bool
     # Its layer casts its own bias to the compute dtype in its first forward, for good (Linear4bit).
@@ -53,6 +58,7 @@ class Quantization:
     prediction_miss: str | None = None
     # What it computes with real values (a code book), called before a simulation's fake mode: (technique) -> None.
     before_fake: Callable | None = None
+    package: str = "bitsandbytes"  # the module it imports that a machine may lack: without it a run is skipped
 
 
 # -- LLM.int8 ---------------------------------------------------------------------------------------
@@ -68,6 +74,18 @@ def _int8_config(technique, compute_dtype):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=INT8_THRESHOLD)
+
+
+def _int8_quantize(layer, weight, device, fake: bool) -> None:
+    import bitsandbytes as bnb
+    from torch import nn
+
+    if fake:
+        codes, scales, _ = bnb.functional.int8_vectorwise_quant(weight.half())
+        layer.weight = nn.Parameter(codes, requires_grad=False)
+        layer.weight.CB, layer.weight.SCB = codes, scales
+    else:
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)._quantize(device)
 
 
 # -- NF4 ----------------------------------------------------------------------------------------------
@@ -95,6 +113,23 @@ def _nf4_config(technique, compute_dtype):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
+def _nf4_quantize(layer, weight, device, fake: bool) -> None:
+    import bitsandbytes as bnb
+    import torch
+    from torch import nn
+
+    if fake:
+        packed, state = bnb.functional.quantize_4bit(
+            weight, compress_statistics=layer.weight.compress_statistics, quant_type=layer.weight.quant_type,
+            quant_storage=torch.uint8)
+        layer.weight = nn.Parameter(packed, requires_grad=False)
+        layer.weight.quant_state = state
+    else:
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=layer.weight.quant_type,
+                                         compress_statistics=layer.weight.compress_statistics,
+                                         quant_storage=torch.uint8, module=layer)._quantize(device)
+
+
 def _nf4_code_book(technique) -> None:
     """bitsandbytes caches the 4-bit code book after one real quantization (it reads values with .tolist())."""
     import bitsandbytes as bnb
@@ -113,6 +148,7 @@ QUANTIZATIONS: dict[str, Quantization | None] = {
     "none": None,  # the base in the technique's `weights:` dtype
     "int8": Quantization(
         "bitsandbytes' LLM.int8: int8 weights, outlier features in 16 bits", 8, _int8_storage, _int8_config,
+        layer="Linear8bitLt", quantize=_int8_quantize,
         saves_input=True, casts_bias=False, takes_double_quant=False, dequantize_kernel=None,
         # int8-lora__tinyllama-1.1b__36356b7b325b.json's kernels outside the allocator (867,762,176 B) less the
         # half-precision figure of harness.device_memory.KERNEL_MODULE_BYTES: CALIBRATED on that record.
@@ -127,7 +163,8 @@ QUANTIZATIONS: dict[str, Quantization | None] = {
             "dimensions. The gap sits in the activations, as the category table shows.")),
     "nf4": Quantization(
         "bitsandbytes' 4-bit NormalFloat weights in blocks of 64 (double_quant: its scales quantized too)", 4,
-        _nf4_storage, _nf4_config, saves_input=False, casts_bias=True, takes_double_quant=True,
+        _nf4_storage, _nf4_config, layer="Linear4bit", quantize=_nf4_quantize, saves_input=False, casts_bias=True,
+        takes_double_quant=True,
         dequantize_kernel="bitsandbytes::dequantize_4bit", kernel_bytes=0,
         build_seconds_per_billion=1.5, speed_share=0.5, not_sharded=_BNB_NOT_SHARDED,
         loss=LossRule("lora", 0.03, "NF4 rounding of the frozen base; the QLoRA paper reports 16-bit parity"),

@@ -45,4 +45,20 @@ def _trl_sft(run: EngineRun) -> dict:
     return train(run)
 
 
-ENGINES: dict[str, Callable[[EngineRun], dict]] = {"harness": _lab, "trainer": _trainer, "trl-sft": _trl_sft}
+@dataclass(frozen=True)
+class Engine:
+    train: Callable[[EngineRun], dict]
+    summary: str
+    package: str | None = None  # the module it imports that a machine may lack: without it a run is skipped
+
+
+ENGINES: dict[str, Engine] = {
+    "harness": Engine(_lab, "the lab's own loop (harness.step.train)"),
+    "trainer": Engine(_trainer, "transformers' Trainer, TrainingArguments mapped from the experiment"),
+    "trl-sft": Engine(_trl_sft, "TRL's SFTTrainer on the same model and sequences, packing on", package="trl"),
+}
+
+
+def engine_help() -> str:
+    """Each engine and what it is, for a command line's help."""
+    return "; ".join(f"{name}: {engine.summary}" for name, engine in ENGINES.items())

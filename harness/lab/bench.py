@@ -22,6 +22,7 @@ from harness import env, schema
 from harness.arguments import like_field, positive
 from harness.config import ENGINE_NAMES, MATRIX_FILE, ConfigError, ResolvedConfig
 from harness.lab import launcher
+from harness.engines import engine_help
 from harness.lab.estimate import estimate_run, parse_duration
 from harness.lab.runner import (
     CellBusy,
@@ -415,8 +416,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--budget-gb", type=like_field("budget_gb", float),
                         help="emulate a card of this size as sold, in GB (24: 24 GiB), in every run")
     parser.add_argument("--seq-len", type=like_field("seq_len"), help="use this sequence length in every run")
-    parser.add_argument("--engine", choices=ENGINE_NAMES, help="run every block in this training loop "
-                        "(harness: the lab's own, trainer: transformers' Trainer, trl-sft: TRL's SFTTrainer)")
+    parser.add_argument("--engine", choices=ENGINE_NAMES, help=f"run every block in this training loop: {engine_help()}")
     parser.add_argument("--repeat", type=positive(int), default=1, help="run each configuration N times")
     parser.add_argument("--force", action="store_true", help="rerun even where a current record exists")
     parser.add_argument("--allow-shared-gpu", action="store_true",

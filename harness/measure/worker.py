@@ -22,6 +22,7 @@ import torch
 
 from harness import env, schema
 from harness.blocks.optimizers import OPTIMIZERS
+from harness.blocks.quantizations import QUANTIZATIONS
 from harness.blocks.training import BLOCKS, SHARDINGS
 from harness.config import ResolvedConfig
 from harness.engines import ENGINES, EngineRun
@@ -32,32 +33,30 @@ from harness.measure.budget import budget_cap_bytes
 from harness.measure.memory import CudaMeter, TensorTracker
 from harness.measure.session import Session
 from harness.measure.throughput import mfu, step_time_stats
-from harness.step.data import load_batches
+from harness.step.data import DATA_PACKAGE, load_batches
 from harness.step.models import parameter_counts, resolve_source
 from harness.step.sharding import rank_and_world
 from harness.step.train import Progress
 from harness.techniques import Technique, cuda_only
 
 
-def _packages_of_blocks() -> dict[str, str]:
-    """Each package an optimizer or a training block imports, as its descriptor names it, with what needs it."""
+def _optional_packages() -> dict[str, str]:
+    """Each package a building block, an engine or a data source imports that a machine may lack, as its
+    descriptor names it, with what needs it: its absence makes the run `skipped` (with the reason), never
+    a failure."""
+    users = [*((f"optimizer {name}", optimizer) for name, optimizer in OPTIMIZERS.items()),
+             *((f"quantization {name}", quantization) for name, quantization in QUANTIZATIONS.items() if quantization),
+             *BLOCKS.items(), *((f"sharding {way}", block) for way, block in SHARDINGS.items()),
+             *((f"engine {name}", engine) for name, engine in ENGINES.items())]
     needed: dict[str, list[str]] = {}
-    for name, optimizer in OPTIMIZERS.items():
-        if optimizer.package:
-            needed.setdefault(optimizer.package, []).append(f"optimizer {name}")
-    for name, block in [*BLOCKS.items(), *((f"sharding {way}", block) for way, block in SHARDINGS.items())]:
-        if block.package:
-            needed.setdefault(block.package, []).append(name)
-    return {package: ", ".join(users) for package, users in needed.items()}
+    for user, descriptor in users:
+        if descriptor.package:
+            needed.setdefault(descriptor.package, []).append(user)
+    needed.setdefault(DATA_PACKAGE, []).append("local text files and hub datasets as data")
+    return {package: ", ".join(names) for package, names in needed.items()}
 
 
-# Packages a technique or data source may need that a machine may lack: their absence makes
-# the run `skipped` (with the reason), never a failure.
-OPTIONAL_PACKAGES = {
-    **_packages_of_blocks(),
-    "bitsandbytes": "int8/NF4 quantization and 8-bit optimizers",
-    "datasets": "local text files and hub datasets as data",
-    "trl": "the trl-sft engine (TRL's SFTTrainer), activation offloading and selective checkpointing"}
+OPTIONAL_PACKAGES = _optional_packages()
 
 
 class NotOnThisDevice(Exception):
@@ -145,7 +144,7 @@ def run(config: dict, record_path: str | Path) -> schema.RunRecord:
             context_bytes = session.cuda_meter.device_used()
         engine = EngineRun(cfg, technique, source, batches, tokenizer, device, session)
         try:
-            record.engine = ENGINES[cfg.engine](engine)
+            record.engine = ENGINES[cfg.engine].train(engine)
             record.sharded_by = ranks.sharded_by(cfg, technique, source.config)
         finally:
             session.close()

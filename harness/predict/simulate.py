@@ -8,8 +8,8 @@ would hold and labels them by category, exactly as in a real run's tracked step.
 What a fake step cannot do, and how it is handled:
 - bitsandbytes' parameter classes cannot wrap a fake tensor: under fake tensors its
   quantize functions run directly and the packed weights stay plain parameters that
-  carry the same quantization state (see models._quantize_linear); its code books are
-  built with real computation on first use, so they are warmed outside the fake mode.
+  carry the same quantization state (each Quantization's `quantize`, harness.blocks.quantizations);
+  its code books are built with real computation on first use, so they are warmed outside the fake mode.
 - kernels that differ by device: dropout's mask, fp32 grouped-query attention (math backend
   on CUDA) and LLM.int8's matmul are traced as CUDA runs them (see the _cuda_* hooks);
   the int8 kernel's outlier columns depend on values and are left out. Autocast is CPU

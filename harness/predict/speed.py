@@ -51,7 +51,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.blocks.optimizers import OPTIMIZERS
+from harness.blocks.optimizers import OPTIMIZERS, UNTIMED_STEP_KERNEL
 from harness.blocks.quantizations import NF4_BLOCK, QUANTIZATIONS
 from harness.cards import CARDS, Card, card
 
@@ -390,7 +390,7 @@ def analytic_speed(config, technique, seq_len: int, micro_batch: int, grad_accum
         # The kernel the optimizer benchmarks time for it (its descriptor's); others as torch's fused AdamW.
         kernel = OPTIMIZERS[technique.optimizer].step_kernel
         if kernel is None:
-            kernel = OPTIMIZERS["adamw"].step_kernel
+            kernel = UNTIMED_STEP_KERNEL
             notes.append(f"optimizer {technique.optimizer} costed as torch's fused AdamW")
         trainable_bytes = 4 if technique.adapter not in (None, "none") else TRAINABLE_BYTES.get(technique.weights, 4)
         terms["optimizer_s"] = (per_parameter[kernel] * parameters.get("trainable", 0) * trainable_bytes / 4

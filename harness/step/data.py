@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import os
 import sysconfig
 from pathlib import Path
@@ -27,6 +28,8 @@ from harness.env import cache_dir
 # base model is pretrained on the library modules and fine-tuned on the test modules, two
 # different kinds of code. Each part has a held-out "eval" split: every 10th document.
 STDLIB_PARTS = {"stdlib": None, "stdlib-lib": False, "stdlib-tests": True}
+# What reads any other source (a local text file or folder, a hub dataset); a machine may lack it.
+DATA_PACKAGE = "datasets"
 EVAL_EVERY_NTH_DOCUMENT = 10
 
 
@@ -68,7 +71,7 @@ def corpus_texts(source: str, max_bytes: int, text_field: str = "text", split: s
         if STDLIB_PARTS[source] is not None and split not in ("train", "eval"):
             raise ValueError(f"data source {source}: split must be 'train' or 'eval', not {split!r}")
         return _stdlib_texts(max_bytes, STDLIB_PARTS[source], split)
-    import datasets
+    datasets = importlib.import_module(DATA_PACKAGE)
 
     path = Path(source)
     if path.exists():

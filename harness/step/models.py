@@ -224,50 +224,32 @@ def _bnb_config(technique: Technique):
     return quantization.bnb_config(technique, DTYPES[technique.weights]) if quantization is not None else None
 
 
-def _quantize_linear(module, device: torch.device, dtype: torch.dtype, std: float) -> None:
-    """Initialise one bitsandbytes linear layer in `dtype` and let bitsandbytes quantize it."""
-    import bitsandbytes as bnb
-
+def _quantize_linear(module, quantization, device: torch.device, dtype: torch.dtype, std: float) -> None:
+    """Initialise one bitsandbytes linear layer in `dtype` and let its quantization quantize it."""
     weight = torch.empty(module.out_features, module.in_features, dtype=dtype, device=device).normal_(0.0, std)
-    if is_fake(weight):
-        # A simulation (harness.predict.simulate): bitsandbytes' parameter classes cannot wrap fake
-        # tensors, so its quantize function runs directly and the result is kept the way
-        # the layer's forward reads it (quant_state, or CB/SCB, on the weight).
-        if isinstance(module, bnb.nn.Linear4bit):
-            packed, state = bnb.functional.quantize_4bit(
-                weight, compress_statistics=module.weight.compress_statistics,
-                quant_type=module.weight.quant_type, quant_storage=torch.uint8)
-            module.weight = nn.Parameter(packed, requires_grad=False)
-            module.weight.quant_state = state
-        else:
-            codes, scales, _ = bnb.functional.int8_vectorwise_quant(weight.half())
-            module.weight = nn.Parameter(codes, requires_grad=False)
-            module.weight.CB, module.weight.SCB = codes, scales
-    elif isinstance(module, bnb.nn.Linear4bit):
-        module.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=module.weight.quant_type,
-                                          compress_statistics=module.weight.compress_statistics,
-                                          quant_storage=torch.uint8, module=module)._quantize(device)
-    else:
-        module.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)._quantize(device)
+    quantization.quantize(module, weight, device, fake=is_fake(weight))
     if module.bias is not None:
         module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=dtype, device=device))
 
 
-def quantized_linear_types() -> tuple[type, ...]:
-    """bitsandbytes' 4-bit and 8-bit linear layers; none where nothing has imported it (then no
-    model has one), which spares a full fine-tune its import (seconds: it compiles kernels)."""
+def quantized_layers() -> dict[type, object]:
+    """bitsandbytes' linear layer of each quantization, with its descriptor; none where nothing has imported
+    bitsandbytes (then no model has one), which spares a full fine-tune its import (seconds: it compiles kernels)."""
     bnb = sys.modules.get("bitsandbytes")
-    return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt) if bnb is not None else ()
+    if bnb is None:
+        return {}
+    return {getattr(bnb.nn, q.layer): q for q in QUANTIZATIONS.values() if q is not None}
 
 
 def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype, seed: int) -> None:
     """Give every meta tensor real storage on `device`, one module at a time."""
     torch.manual_seed(seed)
     std = getattr(model.config, "initializer_range", 0.02)
-    quantized = quantized_linear_types()
+    quantized = quantized_layers()
     for module in model.modules():
-        if isinstance(module, quantized):
-            _quantize_linear(module, device, dtype, std)
+        quantization = next((q for layer, q in quantized.items() if isinstance(module, layer)), None)
+        if quantization is not None:
+            _quantize_linear(module, quantization, device, dtype, std)
             continue
         own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
         if not any(t.is_meta for t in own):

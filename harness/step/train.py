@@ -19,7 +19,7 @@ from harness.step.models import (
     build_base_model,
     materialize_model,
     prepare_for_training,
-    quantized_linear_types,
+    quantized_layers,
 )
 
 
@@ -164,7 +164,7 @@ def evaluate(model, sequences: torch.Tensor, autocast: str, micro_batch: int) ->
     # time a Linear4bit runs in eval mode, and the new layout stays for the rest of training
     # (it also fails on widths that are not a multiple of 32). The layer has no dropout, so
     # leaving it in training mode changes nothing else.
-    linear_4bit = quantized_linear_types()[:1]
+    linear_4bit = tuple(layer for layer, quantization in quantized_layers().items() if quantization.bits == 4)
     for module in model.modules():
         if isinstance(module, linear_4bit):
             module.train()
