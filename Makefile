@@ -87,7 +87,7 @@ PARALLEL = $$($(PY) -c "import xdist" 2>/dev/null && echo "-n auto --maxprocesse
 test: $(SETUP) chromium
 	$(PY) -m pytest -q $(PARALLEL)
 
-# The tests not marked slow (no real training step in a subprocess): a minute or two
+# The tests not marked slow (no real training step in a subprocess), one worker per core: about two minutes
 test-fast: $(SETUP)
 	$(PY) -m pytest -q -m "not slow" $(PARALLEL)
 

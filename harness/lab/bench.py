@@ -21,8 +21,8 @@ from pathlib import Path
 from harness import env, schema
 from harness.arguments import like_field, positive
 from harness.config import ENGINE_NAMES, MATRIX_FILE, ConfigError, ResolvedConfig
-from harness.lab import launcher
 from harness.engines import engine_help
+from harness.lab import launcher
 from harness.lab.estimate import estimate_run, parse_duration
 from harness.lab.runner import (
     CellBusy,
