@@ -85,13 +85,13 @@ def estimate_run(config: ResolvedConfig, model_config) -> Estimate:
 
 def first_steps(config: ResolvedConfig, model_config) -> dict[str, float]:
     """Seconds the first steps take beyond their FLOPs, by cause: {words: seconds} (empty for most runs)."""
-    first = {}
+    first, shape = {}, shape_of(model_config)
     optimizer_first = OPTIMIZERS[config.technique.optimizer].first_steps  # GaLore's SVDs
     if optimizer_first:
         words, seconds = optimizer_first
-        first[words] = seconds(config.experiment, list(shape_of(model_config).linears().values()))
+        first[words] = seconds(config.experiment, list(shape.linears().values()))
     if config.experiment.compile:
-        first["compilation"] = COMPILE_START_SECONDS + COMPILE_SECONDS_PER_LAYER * shape_of(model_config).layers
+        first["compilation"] = COMPILE_START_SECONDS + COMPILE_SECONDS_PER_LAYER * shape.layers
     return first
 
 
