@@ -16,6 +16,9 @@ Sources, the vendors' data sheets:
 - RTX 4090, RTX 3090: NVIDIA Ada GPU architecture white paper, appendix table (RTX 4090, fp16/bf16 with
   fp32 accumulate), NVIDIA Ampere GA102 GPU architecture white paper (RTX 3090).
 - T4: NVIDIA T4 Tensor Core GPU data sheet (no bf16 tensor cores: bf16 is None).
+The host link is each data sheet's PCIe rate, one direction (half the bidirectional figure they print): Gen5
+x16 (H200, H100): 64 GB/s; Gen4 x16 (A100, L40S, L4, RTX 4090, RTX 3090): 32 GB/s; Gen3 x16 (T4): 16 GB/s.
+A pinned copy achieves somewhat less than the rate the link is sold at.
 
 Prices, USD per GPU-hour on demand (the user sets their own with `harness predict --price`):
 - A100, H100, H200: the low end of the "specialty cloud" on-demand range in Mercatus' cloud GPU pricing
@@ -40,6 +43,7 @@ class Card:
     int8: float                 # dense OP/s
     bandwidth: float            # memory bandwidth, bytes/s
     price_per_hour: float | None  # USD per GPU-hour (sources above)
+    host_link: float            # PCIe bytes/s one way between host and card (activation offloading's copies)
 
     def peak(self, compute_dtype: str) -> float | None:
         return {"bf16": self.bf16, "fp16": self.fp16, "fp32": self.fp32, "int8": self.int8}.get(compute_dtype)
@@ -47,15 +51,15 @@ class Card:
 
 # Ordered: a device name is matched against the keys in this order ("H100 PCIe" before "H100").
 CARDS = {
-    "H200": Card(141, 989e12, 989e12, 67e12, 1979e12, 4.8e12, 3.50),
-    "H100 PCIe": Card(80, 756e12, 756e12, 51e12, 1513e12, 2.0e12, None),
-    "H100": Card(80, 989e12, 989e12, 67e12, 1979e12, 3.35e12, 2.50),
-    "A100": Card(40, 312e12, 312e12, 19.5e12, 624e12, 1.555e12, 1.10),
-    "L40S": Card(48, 362e12, 362e12, 91.6e12, 733e12, 0.864e12, 0.26),
-    "L4": Card(24, 121e12, 121e12, 30.3e12, 242.5e12, 0.3e12, None),
-    "RTX 4090": Card(24, 165.2e12, 165.2e12, 82.6e12, 660.6e12, 1.008e12, 0.34),
-    "RTX 3090": Card(24, 71e12, 71e12, 35.6e12, 284e12, 0.936e12, None),
-    "T4": Card(16, None, 65e12, 8.1e12, 130e12, 0.32e12, 0.07),
+    "H200": Card(141, 989e12, 989e12, 67e12, 1979e12, 4.8e12, 3.50, 64e9),
+    "H100 PCIe": Card(80, 756e12, 756e12, 51e12, 1513e12, 2.0e12, None, 64e9),
+    "H100": Card(80, 989e12, 989e12, 67e12, 1979e12, 3.35e12, 2.50, 64e9),
+    "A100": Card(40, 312e12, 312e12, 19.5e12, 624e12, 1.555e12, 1.10, 32e9),
+    "L40S": Card(48, 362e12, 362e12, 91.6e12, 733e12, 0.864e12, 0.26, 32e9),
+    "L4": Card(24, 121e12, 121e12, 30.3e12, 242.5e12, 0.3e12, None, 32e9),
+    "RTX 4090": Card(24, 165.2e12, 165.2e12, 82.6e12, 660.6e12, 1.008e12, 0.34, 32e9),
+    "RTX 3090": Card(24, 71e12, 71e12, 35.6e12, 284e12, 0.936e12, None, 32e9),
+    "T4": Card(16, None, 65e12, 8.1e12, 130e12, 0.32e12, 0.07, 16e9),
 }
 
 # The card the fit table (harness.predict.solve.FIT_CARDS) shows each size's speed and price for:

@@ -18,7 +18,10 @@ import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
-PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "tokenizers", "accelerate")
+# The libraries a record names the versions of: the stack, and the extras whose code a technique runs (Liger's
+# kernels changed what they hold between releases: harness.predict.liger). None: not installed.
+PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "tokenizers", "accelerate", "trl",
+            "torchao", "liger-kernel", "deepspeed")
 PACKAGE_ROOT = Path(__file__).resolve().parent
 
 

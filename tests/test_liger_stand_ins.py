@@ -90,3 +90,37 @@ def test_a_family_without_liger_s_llama_patch_is_not_simulated():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16))
     with liger.liger_stand_ins() as apply, pytest.raises(NotSimulated, match="gpt2"):
         apply(model)
+
+
+def test_the_stand_ins_record_the_triton_kernels_they_stand_for():
+    """Liger's kernels do not run on fake tensors; the speed model costs what the stand-ins record for them:
+    each by the tensors it reads and writes, the fused cross-entropy's weight gradient by its FLOPs."""
+    from harness.predict.kernels import HOST_WAIT, KernelRecorder
+
+    x = torch.randn(2, 8, 16, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.ones(16, dtype=torch.bfloat16, requires_grad=True)
+    recorder = KernelRecorder()
+    recorder.recording = True
+    with recorder:
+        liger.RMSNormFunction.apply(x, w).sum().backward()
+    by_op = {k.op: k for k in recorder.kernels}
+    rows = 2 * 8
+    assert by_op["liger::rms_norm_forward"].bytes == 2 * (rows * 16 + 16 + rows * 16) + 4 * rows
+    # backward: dY, X, W and the scales read; dX (in place of dY) and one fp32 partial row per SM written
+    assert by_op["liger::rms_norm_backward"].bytes == 2 * (3 * rows * 16 + 16) + 4 * rows + 4 * liger.SM_COUNT * 16
+
+    tokens, hidden, vocab = 256, 16, 1024  # chunks of 4 rows
+    x = torch.randn(tokens, hidden, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(vocab, hidden, dtype=torch.bfloat16, requires_grad=True)
+    target = torch.randint(0, vocab, (tokens,))
+    recorder = KernelRecorder()
+    recorder.recording = True
+    with recorder:
+        liger.FusedLinearCrossEntropyFunction.apply(x, weight, target).backward()
+    ops = [k.op for k in recorder.kernels]
+    chunks = tokens // 4
+    assert ops.count("liger::cross_entropy") == chunks and ops.count(HOST_WAIT) == 2
+    assert ops.index(HOST_WAIT) < ops.index("liger::cross_entropy")  # the targets are counted first
+    products = [k for k in recorder.kernels if k.flops]
+    # per chunk: its logits, the input's gradient and the weight's (accumulated in place): 3 products
+    assert len(products) == 3 * chunks and sum(k.flops for k in products) == 3 * 2 * tokens * hidden * vocab

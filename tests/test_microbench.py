@@ -19,6 +19,7 @@ EXPECTED = {
     *(f"bench_linear_forward_backward[t16-{kind}]" for kind in ("bf16", "nf4", "int8", "bf16-trainable")),
     *(f"bench_optimizer_step[{name}]" for name in ("torch-adamw", "adamw8bit", "paged-adamw8bit")),
     *(f"bench_lora_forward_backward[t16-{rank}]" for rank in ("bare", "r8", "r64")),
+    "bench_host_per_kernel[bare]", "bench_host_per_kernel[lora]",
 }
 BASELINES = {
     "quantize": "bench_copy",
@@ -26,6 +27,7 @@ BASELINES = {
     "matmul-forward-backward-t16": "bench_linear_forward_backward[t16-bf16]",
     "optimizer-step": "bench_optimizer_step[torch-adamw]",
     "lora-forward-backward-t16": "bench_lora_forward_backward[t16-bare]",
+    "host-per-kernel": "bench_host_per_kernel[bare]",
 }
 
 
@@ -45,6 +47,8 @@ def test_microbenchmarks_run_at_tiny_sizes_and_give_ratios(tmp_path):
         assert info["device"] == device and info["size"] == "tiny" and info["shape"], name
         assert info["group"] == bench["group"] and info["baseline"] == (BASELINES[info["group"]] == name)
         assert bench["stats"]["rounds"] >= 1 and bench["stats"]["median"] > 0
+    for form in ("bare", "lora"):  # each pass counts the kernels it launches, on its own device
+        assert benchmarks[f"bench_host_per_kernel[{form}]"]["extra_info"]["kernels"] > 100
     paged = benchmarks["bench_optimizer_step[paged-adamw8bit]"]["extra_info"]
     assert paged["paged"] == (device != "cpu")
 

@@ -213,8 +213,9 @@ class _Flow:
 
 def _flow(technique, lora, device_type: str, liger: bool = False) -> _Flow:
     weights = BYTES[technique.weights]
-    kbit = technique.quantization != "none"
-    saves_input = kbit and QUANTIZATIONS[technique.quantization].saves_input
+    quantization = QUANTIZATIONS[technique.quantization]
+    kbit = quantization is not None
+    saves_input = kbit and quantization.saves_input
     return _Flow(residual=4 if (kbit or weights == 4) else weights, autocast=technique.autocast != "none",
                  weights=weights, quantized=kbit, saves_input=saves_input, lora=technique.adapter != "none",
                  dora=technique.adapter != "none" and getattr(lora, "use_dora", False),
@@ -676,7 +677,7 @@ def predict(config, technique, cfg, seq_len: int, batch: int, device_type: str =
         "categories": categories,
         "persistent": persistent,
         "parameters": {"total": params["total"], "trainable": sum(sizes),
-                       "quantized": params["linear"] if technique.quantization != "none" else 0},
+                       "quantized": params["linear"] if QUANTIZATIONS[technique.quantization] else 0},
         "peak_at": peak_at,
         "host_bytes": host_bytes,
         "device_type": device_type,

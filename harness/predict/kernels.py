@@ -22,6 +22,7 @@ decomposition; harness.predict.speed says how each kind is costed.
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -121,16 +122,52 @@ HOST_WAIT = "host waits for the GPU"
 # beyond the launches of the kernels it records.
 INT8_FORWARD_CALL = "LLM.int8 forward call"
 MARKS = (HOST_WAIT, INT8_FORWARD_CALL)
+# Copies over the host link (activation offloading's: harness.predict.simulate._offloading), each by the bytes
+# it moves once; harness.predict.speed runs them on the offloading's side stream.
+TO_HOST, FROM_HOST = "copy to host", "copy from host"
+LINK_COPIES = (TO_HOST, FROM_HOST)
+
+
+def _record(make) -> None:
+    """Append `make(phase)` to every recorder active (outside a fused region)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    for mode in _get_current_dispatch_mode_stack():
+        if isinstance(mode, KernelRecorder) and mode.recording and not mode._fused:
+            mode.kernels.append(make(mode.phase))
 
 
 def mark(op: str, why: str = "") -> None:
     """Put the mark `op` (one of MARKS) into every recorder active. Fake tensors have no values and a traced
     step runs no library's own host code, so a stand-in for that code says where these happen."""
+    _record(lambda phase: Kernel(op, 0, 0, why, phase))
+
+
+@contextmanager
+def over_host_link(direction: str, copy_op):
+    """While open, every recorder active records `copy_op` (the aten op that copies a tensor between device
+    and host) as a copy over the host link in `direction` (TO_HOST or FROM_HOST), by its source's bytes."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
-    for mode in _get_current_dispatch_mode_stack():
-        if isinstance(mode, KernelRecorder) and mode.recording:
-            mode.kernels.append(Kernel(op, 0, 0, why, mode.phase))
+    recorders = [mode for mode in _get_current_dispatch_mode_stack() if isinstance(mode, KernelRecorder)]
+    for recorder in recorders:
+        recorder.link = (direction, copy_op)
+    try:
+        yield
+    finally:
+        for recorder in recorders:
+            recorder.link = None
+
+
+def launch(op: str, read: list[torch.Tensor], written: list[torch.Tensor], flops: int = 0) -> None:
+    """Record a kernel a stand-in stands for without running it (a Triton kernel of Liger's, which does not
+    run on fake tensors): it reads `read` and writes `written` (a tensor in both, written in place, counts
+    twice), and computes in the first one's dtype."""
+    first = (read or written)[0]
+    dtype = _DTYPE_NAMES.get(first.dtype, str(first.dtype))
+    _record(lambda phase: Kernel(op, flops, _bytes(read) + _bytes(written), dtype, phase))
+
+
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8",
                 torch.uint8: "int8"}
 
@@ -171,6 +208,7 @@ class KernelRecorder(TorchDispatchMode):
         self.recording = False
         self.phase = "step"
         self._fused = 0          # inside a fused region (its ops are one kernel, recorded on leaving it)
+        self.link = None         # (direction, the aten op that copies over the host link): over_host_link
         self._unpatch = None
 
     def _fuse_torchao_step(self):
@@ -207,7 +245,11 @@ class KernelRecorder(TorchDispatchMode):
                 and not getattr(func, "is_view", False)):
             inputs = _tensors((args, kwargs))
             outputs = _tensors(out)
-            if func.name() == GEMM_4BIT:
+            if self.link is not None and func == self.link[1]:
+                source = args[1] if func == aten.copy_.default else args[0]
+                self.kernels.append(Kernel(self.link[0], 0, _bytes([source]),
+                                           _DTYPE_NAMES.get(source.dtype, str(source.dtype)), self.phase))
+            elif func.name() == GEMM_4BIT:
                 self.kernels += _gemm_4bit(args, self.phase)
             elif inputs or outputs:
                 first = (inputs or outputs)[0]

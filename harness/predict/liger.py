@@ -19,8 +19,12 @@ autograd Functions' Python code, traced here from Liger-Kernel 0.8.2 (commit ead
   accumulated in place (torch.addmm into grad_weight) where the product is 16-bit on a CUDA GPU of compute
   capability 8 or more, as Liger does since PR #1239 (an fp32 grad_weight, 0.8.1) and PR #1454 (merged
   2026-09-10: a grad_weight of the product's dtype); 0.8.2 and earlier make, for the latter, the V x H product
-  and an fp32 copy of it per chunk (torch.mm(...).float()). The GPU records do not name the Liger version that
-  ran; the in-place path is modelled (a bf16 3B rung's forward, measured, holds neither copy).
+  and an fp32 copy of it per chunk (torch.mm(...).float()). The GPU records made so far do not name the Liger
+  version that ran (records name it since: harness.env.PACKAGES); the in-place path is modelled (a bf16 3B
+  rung's forward, measured, holds neither copy).
+For the speed model each stand-in also records the Triton kernels it stands for (harness.predict.kernels.launch:
+by the tensors each reads and writes), the fused cross-entropy's in-place weight-gradient product by its FLOPs,
+and the values the function reads back (the targets' count, the output gradient compared with 1) as waits.
 - transformers/monkey_patch.py, apply_liger_kernel_to_llama(model=...): module-level apply_rotary_pos_emb
   replaced; the model's forward replaced by model/llama.py's lce_forward (the loss through the fused
   function on lm_head's weight: lm_head's own forward never runs); every RMSNorm's and MLP's forward
@@ -37,6 +41,7 @@ from types import MethodType
 
 import torch
 
+from harness.predict.kernels import HOST_WAIT, launch, mark
 from harness.techniques import NotSimulated
 
 # The model types whose Liger patch is apply_liger_kernel_to_llama's set (RMSNorm, SwiGLU, RoPE, fused linear
@@ -58,6 +63,7 @@ class RMSNormFunction(torch.autograd.Function):
         rows = x.view(-1, shape[-1])
         y = torch.empty_like(rows)
         rstd = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
+        launch("liger::rms_norm_forward", [rows, weight], [y, rstd])
         ctx.save_for_backward(rows, weight, rstd)
         ctx.in_place = in_place
         return y.view(shape)
@@ -65,10 +71,11 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()  # ensure_contiguous
-        rows, weight, _ = ctx.saved_tensors
+        rows, weight, rstd = ctx.saved_tensors
         grad_rows = grad.view(-1, rows.shape[-1])
         partial = torch.empty((SM_COUNT, rows.shape[-1]), dtype=torch.float32, device=weight.device)
         grad_x = grad_rows if ctx.in_place else torch.zeros_like(grad_rows)
+        launch("liger::rms_norm_backward", [grad_rows, rows, weight, rstd], [grad_x, partial])
         return grad_x.view(grad.shape), partial.sum(dim=0).to(weight.dtype), None
 
 
@@ -79,12 +86,15 @@ class SiLUMulFunction(torch.autograd.Function):
     def forward(ctx, a, b):
         a, b = a.contiguous(), b.contiguous()
         ctx.save_for_backward(a, b)
-        return torch.empty_like(a)
+        c = torch.empty_like(a)
+        launch("liger::swiglu_forward", [a, b], [c])
+        return c
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()  # ensure_contiguous: the kernel reads dc row by row
         a, b = ctx.saved_tensors
+        launch("liger::swiglu_backward", [grad, a, b], [a, b])
         return a, b  # the kernel writes da and db into a and b
 
 
@@ -96,11 +106,13 @@ class RopeFunction(torch.autograd.Function):
         q, k = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
         cos, sin = cos.contiguous(), sin.contiguous()
         ctx.save_for_backward(cos, sin)
+        launch("liger::rope_forward", [q, k, cos, sin], [q, k])
         return q.transpose(1, 2), k.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_q, grad_k):
         grad_q, grad_k = grad_q.transpose(1, 2).contiguous(), grad_k.transpose(1, 2).contiguous()
+        launch("liger::rope_backward", [grad_q, grad_k, *ctx.saved_tensors], [grad_q, grad_k])
         return grad_q.transpose(1, 2), grad_k.transpose(1, 2), None, None
 
 
@@ -121,16 +133,24 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         grad_x = torch.zeros_like(x)
         grad_weight = torch.zeros_like(weight) if x.requires_grad and weight.requires_grad else None
         loss_rows = torch.zeros(rows, dtype=torch.float32, device=x.device)
-        _ = target != -100  # the target mask, whose sum the kernel divides by
+        mask = target != -100  # the target mask, whose sum the kernel divides by
+        launch("aten::sum", [mask], [])  # target_mask.sum().item(): read back before the chunks
+        mark(HOST_WAIT, "Liger's fused linear cross-entropy counts the targets")
         for start in range(0, rows, chunk):
             x_chunk = x[start:start + chunk]
             logits = (x_chunk @ weight.t()).contiguous()  # overwritten with its own gradient by the kernel
+            # liger_cross_entropy_kernel: each row's logits read, its loss and the logits' gradient written
+            launch("liger::cross_entropy", [logits, target[start:start + chunk]],
+                   [logits, loss_rows[start:start + chunk]])
             if x.requires_grad:
                 grad_x[start:start + chunk] = logits @ weight
             if grad_weight is not None:
                 if logits.dtype in LOW_PRECISION and grad_weight.dtype in (torch.float32, logits.dtype):
                     # torch.addmm(grad_weight, logits.t(), x_chunk, out=grad_weight): only the chunk's cast
-                    x_chunk.to(logits.dtype)
+                    cast = x_chunk.to(logits.dtype)
+                    launch("aten::addmm", [grad_weight, logits, cast], [grad_weight],
+                           flops=2 * logits.shape[0] * logits.shape[1] * cast.shape[1])
+                    del cast
                 else:
                     grad_weight += torch.mm(logits.t(), x_chunk).float()
             del logits
@@ -141,7 +161,11 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_x, grad_weight = ctx.saved_tensors  # scaled in place by grad_output where it is not 1
+        grad_x, grad_weight = ctx.saved_tensors
+        # torch.equal(grad_output, 1.0) reads a value back; where it is not 1 (the lab's loss over k > 1
+        # micro-batches) element_mul_kernel scales both in place, a pass over bytes that a step's products
+        # dwarf (at 7B and 2,048 tokens, 0.3 GB against 86 TFLOP), left out.
+        mark(HOST_WAIT, "Liger's fused linear cross-entropy compares its output's gradient with 1")
         return grad_x, grad_weight, None
 
 

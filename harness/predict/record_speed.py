@@ -4,8 +4,10 @@ model against (harness.report.speed).
 For each run record whose status is ok and whose device is a card of harness.cards, the run's own
 configuration (its record's `config`, the device aside) is simulated with the kernel recorder on,
 and the prediction, with its `speed`, is written to results/predictions/speed/<device slug>/<record
-file name>. A step with Liger's kernels is costed as the eager one (its memory figures are then the
-eager step's too: this prediction is for speed); where the simulation cannot run the step at all
+file name>. A step with Liger's kernels runs the simulation's stand-ins for them, which record the Triton
+kernels they stand for (harness.predict.liger); a family whose Liger patch has no stand-in is costed as its
+eager step (its memory figures are then the eager step's too: this prediction is for speed), labelled
+`LIGER_NOTE`. Where the simulation cannot run the step at all
 (harness.techniques.NotSimulated) the analytic fallback answers, labelled `analytic`. `harness predict --speed-of-runs`
 runs this.
 """
@@ -58,9 +60,14 @@ def predict_run(record: dict, gpu: str) -> schema.Prediction:
     recorder = KernelRecorder()
     notes = []
     try:
-        if without_liger(cfg) is not None:
-            cfg, notes = without_liger(cfg), [LIGER_NOTE]
-        result = simulate_step(source, technique, cfg, seq_len, batch, "cuda", recorder=recorder)
+        try:
+            result = simulate_step(source, technique, cfg, seq_len, batch, "cuda", recorder=recorder)
+        except NotSimulated:
+            if without_liger(cfg) is None:
+                raise
+            # a family whose Liger patch the simulation does not stand in for: its eager step, labelled
+            cfg, notes, recorder = without_liger(cfg), [LIGER_NOTE], KernelRecorder()
+            result = simulate_step(source, technique, cfg, seq_len, batch, "cuda", recorder=recorder)
         result["speed"] = kernel_speed(recorder.kernels, seq_len * batch * cfg.grad_accum, gpu)
     except NotSimulated as error:
         from harness.predict.analytic import predict as analytic_predict

@@ -45,6 +45,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from harness.blocks.optimizers import OPTIMIZERS
 from harness.blocks.quantizations import QUANTIZATIONS
 from harness.predict import allocator as caching_allocator
+from harness.predict.kernels import FROM_HOST, TO_HOST, over_host_link
 from harness.device_memory import CUBLAS_WORKSPACE_BYTES, WORKSPACE_PHASES, device_bytes
 from harness.measure.memory import TensorTracker, fsdp2_tracking, label_gradients, label_model, tracker_phase
 from harness.step import sharding
@@ -260,6 +261,8 @@ def _offloading(model, cfg, tracker: TensorTracker):
     copied again but kept on the device (log_softmax's output, which nll_loss saves too); and a
     tensor still stashed when backward asks for it is handed back from the device, nothing coming
     back from the host, the stash being emptied after the first backward node that unpacks one.
+    The kernel recorder sees the copies to and from the host as copies over the host link (TO_HOST,
+    FROM_HOST), which the speed model runs on the side stream.
     """
     if not cfg.activation_offloading:
         return None
@@ -279,7 +282,7 @@ def _offloading(model, cfg, tracker: TensorTracker):
         storage = tensor.untyped_storage()
         if any(kept.untyped_storage() is storage for kept in stash.values()):
             return (tensor,)  # kept on the device
-        with tracker.copying_to_host():
+        with tracker.copying_to_host(), over_host_link(TO_HOST, torch.ops.aten.copy_.default):
             key = pack(tensor)
         if context.tracker[key][1]:  # offloaded
             for old in [old for old in stash if old <= key - stash_size]:
@@ -296,7 +299,10 @@ def _offloading(model, cfg, tracker: TensorTracker):
             torch._C._current_autograd_node().register_hook(lambda outputs, inputs: stash.clear())
         if key in stash:
             return stash[key]
-        return tensor.clone() if tracker.on_host(tensor) else tensor
+        if not tracker.on_host(tensor):
+            return tensor
+        with over_host_link(FROM_HOST, torch.ops.aten.clone.default):
+            return tensor.clone()
 
     context.pack_hook, context.unpack_hook = pack_to_host, unpack_to_device
     context.device_module = _CpuAsAccelerator()

@@ -30,15 +30,27 @@ The host issues kernels one after another; the GPU runs each once it is issued a
 done (a queue). The step takes until both are done: a step of small shapes is the host's, a large
 one the GPU's, as on a GPU.
 
+Activation offloading's copies (TRL's OffloadActivations with streams, trl/models/activation_offloading.py)
+run on a third queue, its side stream, one copy at a time in both directions, at the card's host-link rate
+(harness.cards: the data sheet's PCIe rate, so a lower bound on a copy's time). A copy to the host starts
+once the compute stream has done the work issued before it (`s1.wait_stream(s0)`); a copy back starts when
+backward asks for the tensor, and the compute stream waits for it (`s0.wait_stream(s1)`). So a large copy
+late in the forward (the loss's saved fp32 log-probabilities) delays the first copy back in backward. Left
+out: the compute stream's wait for a copy five saves later (TRL's forward stash), which binds only where the
+link is slower than five saves' compute.
+
 Other cards: the matmul curve's share of peak (read as `product_rate` says) times the card's peak for
 the kernel's dtype, the bandwidth by the ratio of data-sheet bandwidths (harness.cards); the host cost stays (it
 is the host's). A card without bf16 tensor cores (T4) runs bf16 products at its fp32 rate.
 
-What it leaves out: torch.compile's and Liger's fused kernels (a compiled step, and a step with Liger's
-kernels, are costed as the eager one: `without_liger`; torchao's compiled optimizer step is the
-exception, harness.predict.kernels.TORCHAO_STEP), communication of sharded steps, activation
-offloading's copies, and the CUDA allocator's own calls. Where the step cannot be simulated at all,
-`analytic_speed` answers, labelled.
+Liger's Triton kernels are in the trace as the simulation's stand-ins for them record them (harness.predict.liger:
+each by the tensors it reads and writes, the fused cross-entropy's products by their FLOPs); a family without
+stand-ins is costed as its eager step (`without_liger`).
+
+What it leaves out: torch.compile's fused kernels (a compiled step is costed as the eager one; torchao's
+compiled optimizer step is the exception, harness.predict.kernels.TORCHAO_STEP), communication of sharded
+steps, and the CUDA allocator's own calls. Where the step cannot be
+simulated at all, `analytic_speed` answers, labelled.
 """
 
 from __future__ import annotations
@@ -304,13 +316,14 @@ def product_rate(flops: float, dtype: str, target: Card, reference: Card, calib:
 
 def step_time(kernels: list, gpu: str, calib: Calibration | None = None) -> dict:
     """The step time of `kernels` on card `gpu` and its terms, in seconds."""
-    from harness.predict.kernels import HOST_WAIT, MARKS
+    from harness.predict.kernels import FROM_HOST, HOST_WAIT, LINK_COPIES, MARKS
 
     calib = calib or calibration()
     target, reference = card(gpu), CARDS[CALIBRATION_CARD]
     bandwidth = calib.bandwidth * target.bandwidth / reference.bandwidth
-    host = device = 0.0
+    host = device = link = 0.0
     terms = {"matmul_s": 0.0, "memory_s": 0.0, "optimizer_s": 0.0}
+    link_s = 0.0
     flops = moved = 0
     per_parameter = dict(calib.optimizer_seconds_per_parameter)
     call_seconds = dict(calib.call_host_seconds)
@@ -320,6 +333,17 @@ def step_time(kernels: list, gpu: str, calib: Calibration | None = None) -> dict
             host = max(host, device)
         if kernel.op in MARKS:
             host += call_seconds.get(kernel.op, 0.0)
+            continue
+        if kernel.op in LINK_COPIES:  # on the offloading's side stream (see the module's docstring)
+            host += calib.host_seconds_per_kernel
+            seconds = kernel.bytes / target.host_link
+            link_s += seconds
+            if kernel.op == FROM_HOST:  # issued at once; the compute stream waits for it
+                link = max(link, host) + seconds
+                device = max(device, link)
+            else:  # after the compute stream's work issued so far
+                link = max(link, host, device) + seconds
+            moved += kernel.bytes
             continue
         seconds_by_bytes = kernel.bytes / own_bandwidth.get(kernel.op, bandwidth)
         if kernel.op in per_parameter:
@@ -335,11 +359,12 @@ def step_time(kernels: list, gpu: str, calib: Calibration | None = None) -> dict
         moved += kernel.bytes
         host += calib.host_seconds_per_kernel
         device = max(device, host) + seconds
-    total = max(host, device)
+    total = max(host, device, link)
     marks = [kernel.op for kernel in kernels if kernel.op in MARKS]
     return {"step_time_s": total, "kernels": len(kernels) - len(marks), "host_waits": marks.count(HOST_WAIT), "flops": flops, "bytes": moved,
-            "host_s": host, "device_busy_s": sum(terms.values()), **terms,
-            "bound": "host" if host >= sum(terms.values()) else "device"}
+            "host_s": host, "device_busy_s": sum(terms.values()), **terms, "host_link_s": link_s,
+            "bound": ("host link" if link > max(host, device) else
+                      "host" if host >= sum(terms.values()) else "device")}
 
 
 def kernel_speed(kernels: list, tokens_per_step: int, gpu: str, calib: Calibration | None = None) -> dict:
@@ -412,15 +437,16 @@ def analytic_speed(config, technique, seq_len: int, micro_batch: int, grad_accum
 
 
 def without_liger(cfg):
-    """The experiment with Liger's kernels off, whose eager step the speed model costs in their place (Liger's
-    Triton kernels do not run on fake tensors: the simulation's stand-ins for them hold their memory but do
-    none of their work, so they have no kernels to cost); None without Liger."""
+    """The experiment with Liger's kernels off, whose eager step the speed model costs in their place where the
+    simulation has no stand-ins for a family's Liger patch (harness.predict.liger.SUPPORTED); None without
+    Liger."""
     import dataclasses
 
     return dataclasses.replace(cfg, liger_kernels=False) if getattr(cfg, "liger_kernels", False) else None
 
 
-LIGER_NOTE = "Liger's fused kernels costed as the eager ops they replace (they do not run on fake tensors)"
+LIGER_NOTE = ("Liger's fused kernels costed as the eager ops they replace (the simulation stands in for them in "
+              "Llama models only)")
 
 
 def fine_tune_cost(tokens_per_s: float, tokens: float, price_per_hour: float | None) -> dict:

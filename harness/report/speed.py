@@ -34,7 +34,7 @@ class SpeedRow:
     spread: float | None        # stdev / median of the step times
     predicted: float | None
     method: str | None          # kernels | analytic
-    bound: str | None           # host | device (kernels only)
+    bound: str | None           # host | device | host link (kernels only)
     note: str = ""
 
     @property
@@ -102,7 +102,9 @@ def speed_text(rows: list[SpeedRow]) -> str:
 
     return (f"Speed predicted from each run's own kernels (the runner's step under fake tensors; each kernel "
             f"costed by its FLOPs against the lab's measured matmul throughput or by its bytes against measured "
-            f"bandwidth, with a host launch cost per kernel from the lab's micro-benchmarks), against the tokens/s "
+            f"bandwidth, with a host launch cost per kernel from the lab's micro-benchmarks; Liger's fused kernels as "
+            f"the simulation's stand-ins record them; activation offloading's copies on their own stream at the "
+            f"card's PCIe rate), against the tokens/s "
             f"the run measured: {part(large, f'>= {LARGE_STEP_TOKENS:,}-token')} (target: "
             f"{TARGET_SHARE:.0%}: {'met' if summary['target_met'] else 'not met'}); "
             f"{part(small, 'smaller')}. No constant is fitted to these runs.")
