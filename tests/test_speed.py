@@ -184,19 +184,17 @@ def test_offloading_s_copies_run_on_the_side_stream_and_backward_waits_for_them_
 
 
 def test_a_simulated_offloading_step_records_its_copies_over_the_host_link():
-    from harness.predict.kernels import FROM_HOST, TO_HOST
+    from harness.config import resolve
+    from harness.predict.kernels import FROM_HOST, TO_HOST, KernelRecorder
     from harness.predict.prediction import predict
+    from harness.predict.simulate import simulate_step
+    from harness.step.models import resolve_source
 
     path = EXPERIMENTS / "bf16-pure-gc-optim-in-bwd-offload.yaml"
     offloaded = predict(path, "tiny-llama", 64, 2, "simulated", gpu="H200")
     kept = predict(path, "tiny-llama", 64, 2, "simulated", gpu="H200", overrides={"activation_offloading": False})
     assert kept.speed["host_link_s"] == 0 and offloaded.speed["host_link_s"] > 0
     # the bytes it moves out are the host memory the prediction counts; those brought back at most as many
-    from harness.predict.kernels import KernelRecorder
-    from harness.predict.simulate import simulate_step
-    from harness.config import resolve
-    from harness.step.models import resolve_source
-
     config = resolve(path, {"model": "tiny-llama", "seq_len": 64, "micro_batch": 2, "device": "cpu"})
     recorder = KernelRecorder()
     result = simulate_step(resolve_source("tiny-llama", False, "cuda"), config.technique, config.experiment, 64, 2,
