@@ -106,6 +106,38 @@ def test_replay_reports_peaks_and_where_a_capped_run_ran_out():
     assert capped.oom is not None and capped.oom.requested == 22 * MiB
 
 
+def test_each_stream_has_its_own_segments_and_all_go_back_when_the_cache_is_released():
+    allocator = CachingAllocator(cap_bytes=44 * MiB)
+    allocator.free(allocator.malloc(12 * MiB))          # the compute stream's free 12 MiB segment
+    side = allocator.malloc(12 * MiB, stream=1)         # not handed to the side stream: a segment of its own
+    assert side.segment != 1 and allocator.reserved == 24 * MiB
+    allocator.free(side)
+    again = allocator.malloc(4 * MiB, stream=1)         # the side stream's freed block is its own to reuse
+    assert again.segment == side.segment and allocator.reserved == 24 * MiB
+    allocator.free(again)
+    allocator.malloc(40 * MiB)                          # past the cap: both streams' free segments go back
+    assert allocator.retries == 1 and allocator.reserved == 40 * MiB
+    # in a replay an allocation may name its stream
+    events = [(12 * MiB, "a"), (-1, "a"), (12 * MiB, "b", 1), (12 * MiB, "c", 0)]
+    assert replay(events).peak_reserved == 24 * MiB and replay([e[:2] for e in events]).peak_reserved == 24 * MiB
+    assert replay([(12 * MiB, "a"), (-1, "a"), (12 * MiB, "b")]).peak_reserved == 12 * MiB
+
+
+def test_storages_made_on_a_side_stream_reach_the_allocator_on_it():
+    import torch
+
+    from harness.measure.memory import TensorTracker
+    from harness.predict.simulate import allocator_events
+
+    tracker = TensorTracker()
+    with tracker:
+        torch.empty(3 * MiB, dtype=torch.uint8)
+        with tracker.on_side_stream():
+            torch.empty(5 * MiB, dtype=torch.uint8)
+    allocations = [event for event in allocator_events(tracker, "cuda") if event[0] and event[0] > 0]
+    assert [(nbytes, stream) for nbytes, _, stream in allocations] == [(3 * MiB, 0), (5 * MiB, 1)]
+
+
 def test_a_simulated_cuda_step_predicts_reserved_and_device_bytes_from_its_own_allocations():
     from conftest import EXPERIMENTS
 

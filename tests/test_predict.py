@@ -193,3 +193,58 @@ def test_offloading_moves_checkpointed_inputs_to_host_memory_in_both_predictions
     assert kept["total_bytes"] - offloaded["simulated"]["total_bytes"] > 0.5 * inputs
     assert offloaded["analytic"]["host_bytes"] == pytest.approx(host, rel=0.03)
     assert offloaded["analytic"]["total_bytes"] == pytest.approx(offloaded["simulated"]["total_bytes"], rel=0.03)
+
+
+def test_a_fused_region_holds_only_what_it_leaves_alive():
+    import torch
+
+    from harness.measure.memory import TensorTracker
+
+    tracker = TensorTracker()
+    with tracker:
+        before = torch.empty(1000, dtype=torch.uint8)
+        with tracker.fused():
+            temporary = torch.empty(5000, dtype=torch.uint8)
+            left = torch.empty(300, dtype=torch.uint8) + temporary[:300]
+            del temporary
+        assert tracker.current == 1300 and tracker.peak == 1300
+        assert [record.nbytes for record in tracker.history] == [1000, 300]
+    del before, left
+
+
+def test_torchao_s_compiled_step_holds_its_buffers_on_cuda_and_the_eager_step_its_temporaries_on_cpu():
+    """torchao.optim.AdamW8bit on one bf16 parameter with quantized states (at least 4,096 elements):
+    counted as CUDA runs the compiled step, only the buffers Inductor's code allocates are added; on CPU
+    the lab counts the eager step, each dequantized state a tensor."""
+    from types import SimpleNamespace
+
+    import torch
+    import torchao.optim
+
+    from harness.measure.memory import TensorTracker
+    from harness.predict.simulate import _compiled_torchao_step
+
+    n = 4096 * 8
+    parameter = torch.nn.Parameter(torch.randn(n, dtype=torch.bfloat16))
+    optimizer = torchao.optim.AdamW8bit([parameter], lr=1e-3)
+    parameter.grad = torch.randn(n, dtype=torch.bfloat16)
+    with TensorTracker():  # makes the states (eager: torch.compile does not run under a tracker)
+        optimizer.step()
+    technique = SimpleNamespace(optimizer="ao_adamw8bit")
+    peaks = {}
+    for device_type in ("cuda", "cpu"):
+        tracker = TensorTracker()
+        with _compiled_torchao_step(technique, tracker, device_type), tracker:
+            tracker.track([parameter, parameter.grad, *optimizer.state[parameter].values()])
+            before = tracker.current
+            optimizer.step()
+        peaks[device_type] = tracker.peak - before
+        assert tracker.current == before
+    buffers = OPTIMIZERS["ao_adamw8bit"].step_buffers(n)
+    assert buffers == 2 * (4 * n + 4 * n // 256)  # each moment's new values in fp32 and its block scales
+    assert peaks["cuda"] == buffers
+    assert peaks["cpu"] > buffers  # the eager step: the parameter, gradient and both moments in fp32 at once
+    # the formula's step transient is the same buffers, for the largest tensor with quantized states
+    state_bytes = OPTIMIZERS["ao_adamw8bit"].state_bytes
+    assert state_bytes([n, 2 * n, 1000], 2, device_type="cuda")[1] == OPTIMIZERS["ao_adamw8bit"].step_buffers(2 * n)
+    assert state_bytes([n, 1000], 2, device_type="cpu")[1] == 0 and state_bytes([1000], 2)[1] == 0

@@ -183,12 +183,18 @@ def test_offloading_s_copies_run_on_the_side_stream_and_backward_waits_for_them_
     assert timed["step_time_s"] == pytest.approx(10e-6 + 0.02 + 0.05 + 0.01 + 0.02, rel=1e-6)
 
 
-def test_a_simulated_offloading_step_records_its_copies_over_the_host_link():
+def test_a_simulated_offloading_step_records_its_copies_over_the_host_link(monkeypatch):
     from harness.config import resolve
+    from harness.predict import allocator
     from harness.predict.kernels import FROM_HOST, TO_HOST, KernelRecorder
     from harness.predict.prediction import predict
     from harness.predict.simulate import simulate_step
     from harness.step.models import resolve_source
+
+    replayed = []
+    replay = allocator.replay
+    monkeypatch.setattr(allocator, "replay", lambda events, **options: replay(replayed.append(events) or events,
+                                                                             **options))
 
     path = EXPERIMENTS / "bf16-pure-gc-optim-in-bwd-offload.yaml"
     offloaded = predict(path, "tiny-llama", 64, 2, "simulated", gpu="H200")
@@ -202,6 +208,9 @@ def test_a_simulated_offloading_step_records_its_copies_over_the_host_link():
     out = sum(k.bytes for k in recorder.kernels if k.op == TO_HOST)
     back = sum(k.bytes for k in recorder.kernels if k.op == FROM_HOST)
     assert out == result["host_bytes"] and 0 < back <= out
+    # what comes back is allocated on TRL's side stream, in the allocator's segments of that stream (in
+    # each of the two steps simulated; the recorder keeps the last one's kernels)
+    assert sum(event[0] for event in replayed[-1] if len(event) == 3 and event[2] == 1) == 2 * back
     assert offloaded.speed["host_link_s"] == pytest.approx((out + back) / CARDS["H200"].host_link)
 
 

@@ -55,6 +55,10 @@ class Optimizer:
     # What makes its first steps slow beyond their FLOPs, for a GPU-time estimate (harness.lab.estimate):
     # (words, (experiment, linears) -> seconds), `linears` the model's (n_in, n_out, count) per linear role.
     first_steps: tuple[str, Callable] | None = None
+    # A step torch.compile runs (torchao's): the bytes the compiled code for one parameter of n elements with
+    # quantized states allocates besides the tensors it is given, on CUDA (harness.predict.simulate); None:
+    # its step is not compiled.
+    step_buffers: Callable[[int], int] | None = None
 
 
 # -- AdamW, torch's -----------------------------------------------------------------------------
@@ -235,13 +239,17 @@ def _torchao(name: str):
     return build
 
 
-def _torchao_bytes(code: float, block: int, book: int):
+def _torchao_bytes(code: float, block: int, book: int, step_buffers: Callable[[int], int]):
     """torchao's low-bit AdamW: per moment, `code` bytes per element, an fp32 scale per block of `block` and
     a code book of `book` fp32 entries, and an fp32 step per tensor; tensors under 4,096 elements or not a
-    whole number of blocks keep plain states in the parameter's dtype."""
+    whole number of blocks keep plain states in the parameter's dtype. The step's transient on CUDA: the
+    compiled step's buffers for the largest tensor with quantized states (on a CPU the lab counts the eager
+    step, whose transient is not modelled here)."""
     def state_bytes(sizes, param_bytes, shape=None, settings=None, device_type="cuda") -> tuple[int, int]:
-        return sum(4 + 2 * (int(code * n) + 4 * (n // block) + 4 * book if n >= 4096 and n % block == 0
-                            else param_bytes * n) for n in sizes), 0
+        quantized = [n for n in sizes if n >= 4096 and n % block == 0]
+        state = sum(4 + 2 * (int(code * n) + 4 * (n // block) + 4 * book if n >= 4096 and n % block == 0
+                             else param_bytes * n) for n in sizes)
+        return state, step_buffers(max(quantized)) if device_type == "cuda" and quantized else 0
     return state_bytes
 
 
@@ -253,14 +261,22 @@ def _torchao_code_books():
         books.get_qmap_signed(), books.get_qmap_unsigned()
 
 
+def _torchao_step_buffers(per_element: float, block: int):
+    """torchao steps each parameter with torch.compile(single_param_adam, fullgraph=True). Inductor's code
+    for it (torch 2.13, TORCH_LOGS=output_code) writes each quantized moment's new values to buffers before
+    quantizing them, since a block's scale needs the block's largest value first: `per_element` bytes per
+    element and an fp32 scale per block, for each of the two moments."""
+    return lambda n: 2 * (int(per_element * n) + 4 * (n // block))
+
+
 def _torchao_optimizer(name: str, code: float, block: int, book: int, trainer, summary: str, loss,
-                       shown_by: str, step_kernel: str | None = None) -> Optimizer:
+                       shown_by: str, step_buffers: Callable[[int], int], step_kernel: str | None = None) -> Optimizer:
     """One of torchao's low-bit AdamWs (`name` in torchao.optim), its states as _torchao_bytes counts them."""
-    return Optimizer(_torchao(name), _torchao_bytes(code, block, book), trainer, summary,
+    return Optimizer(_torchao(name), _torchao_bytes(code, block, book, step_buffers), trainer, summary,
                      not_sharded="sharded parameters are DTensors, which AdamW steps shard by shard, while torchao's "
                                  "blockwise quantized states expect whole tensors",
                      loss=loss, shown_by=shown_by, package="torchao", before_fake=_torchao_code_books,
-                     step_kernel=step_kernel)
+                     step_kernel=step_kernel, step_buffers=step_buffers)
 
 
 # -- SGD with momentum and Adafactor, torch's ------------------------------------------------------
@@ -382,7 +398,8 @@ OPTIMIZERS: dict[str, Optimizer] = {
         # Trainer builds torchao's AdamW8bit with block_size 256, torchao's own default (the lab's).
         "adamw_torch_8bit", "torchao's AdamW with both moments in 8-bit codes, blocks of 256",
         LossRule("bf16-pure", 0.01, "block-wise 8-bit moments, as bitsandbytes' 8-bit AdamW (same bf16 weights)"),
-        "ao-adamw8bit", step_kernel="torchao::single_param_adam[OptimState8bit]"),
+        "ao-adamw8bit", _torchao_step_buffers(4, 256),  # the new moment in fp32
+        step_kernel="torchao::single_param_adam[OptimState8bit]"),
     "ao_adamw4bit": _torchao_optimizer(
         "AdamW4bit", 0.5, 128, 16,
         Unmapped("Trainer's adamw_torch_4bit builds torchao's AdamW4bit with block_size 256, where torchao's own "
@@ -391,14 +408,15 @@ OPTIMIZERS: dict[str, Optimizer] = {
         "torchao's AdamW with both moments in 4-bit codes, blocks of 128",
         LossRule("bf16-pure", 0.02, "4-bit moments in blocks of 128: coarser than 8-bit, and without the "
                                     "rank-1 normalisation of the 4-bit optimizers paper"),
-        "ao-adamw4bit"),
+        # the new moment in fp32, its code book index in int64, its packed 4-bit codes
+        "ao-adamw4bit", _torchao_step_buffers(4 + 8 + 0.5, 128)),
     "ao_adamw_fp8": _torchao_optimizer(
         "AdamWFp8", 1.0, 256, 0,
         Unmapped("transformers has no `optim` for torchao's AdamWFp8 (OptimizerNames: adamw_torch_4bit and "
                  "adamw_torch_8bit only)"),
         "torchao's AdamW with both moments in fp8 (e4m3), a scale per block of 256",
         LossRule("bf16-pure", 0.01, "fp8 (e4m3) moments with a scale per block of 256"),
-        "ao-adamw-fp8"),
+        "ao-adamw-fp8", _torchao_step_buffers(0, 256)),  # quantized as it is computed: only the scales
     "sgd_momentum": Optimizer(
         _sgd, _sgd_bytes, "sgd", "torch's SGD with momentum: one buffer per parameter, no second moment",
         not_sharded=None,

@@ -35,6 +35,7 @@ class _Storage:
     category: str | None = None
     host: bool = False   # host memory a GPU step uses (offloaded activations): not device memory
     labelled_by_context: bool = False  # a buffer's label (labelling): an explicit track() replaces it
+    stream: int = 0      # the CUDA stream it was allocated on: 0 the compute stream, 1 a side stream
 
 
 # What a host copy is made with inside `copying_to_host` (TRL's offloading: torch.empty_like on the
@@ -57,6 +58,7 @@ class TensorTracker(TorchDispatchMode):
         self.device_type = device_type
         self.host_current = self.host_peak = 0
         self._copying_to_host = 0
+        self._stream = 0
         self._context_category: str | None = None
         self._in_collective = False
         self.storages = WeakIdKeyDictionary()
@@ -96,7 +98,7 @@ class TensorTracker(TorchDispatchMode):
         host = host or (self.device_type == "cuda" and storage.device.type == "cpu")
         by_context = category is None and self._context_category is not None
         record = _Storage(storage.nbytes(), self.counter, self.phase, category=category or self._context_category,
-                          host=host, labelled_by_context=by_context)
+                          host=host, labelled_by_context=by_context, stream=self._stream)
         self.storages[storage] = record
         self.history.append(record)
         weakref.finalize(storage, self._release, record)
@@ -180,6 +182,32 @@ class TensorTracker(TorchDispatchMode):
             yield
         finally:
             self._copying_to_host -= 1
+
+    @contextmanager
+    def on_side_stream(self):
+        """Storages born here are allocated on a side stream (a simulated `torch.cuda.stream(s1)` block):
+        the caching allocator keeps their blocks apart from the compute stream's."""
+        outer, self._stream = self._stream, 1
+        try:
+            yield
+        finally:
+            self._stream = outer
+
+    @contextmanager
+    def fused(self):
+        """Ops that run as one compiled kernel: the storages they make and free in between never hold device
+        memory (the kernel keeps those values in registers); those still alive at the end count as made then."""
+        start, before = len(self.history), (self.current, self.peak, self.peak_at, dict(self.phase_peaks))
+        try:
+            yield
+        finally:
+            kept = [record for record in self.history[start:] if record.died is None]
+            self.history[start:] = kept
+            self.current, self.peak, self.peak_at, self.phase_peaks = before
+            self.current += sum(record.nbytes for record in kept if not record.host)
+            self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, 0), self.current)
+            if self.current > self.peak:
+                self.peak, self.peak_at = self.current, self.counter
 
     def on_host(self, tensor) -> bool:
         record = self.storages.get(tensor.untyped_storage()) if self._counts(tensor) else None

@@ -11,7 +11,9 @@ only when it is wholly free and an allocation could not be had otherwise. This m
 - `get_allocation_size`: a new segment is kSmallBuffer (2 MiB) for a small request, kLargeBuffer
   (20 MiB) for one under kMinLargeAlloc (10 MiB), else the request rounded up to kRoundLarge (2 MiB);
 - `get_free_block`: the best fit, the smallest free block of the pool at least as large (ties: the
-  lowest address: BlockComparatorSize orders by stream, size, then address);
+  lowest address: BlockComparatorSize orders by stream, size, then address), and of the request's
+  stream: a block made for one stream is never handed to another, so each stream has its own
+  segments (`get_free_block` fails when the block found is another stream's);
 - `should_split`: a block is split when what remains is >= 512 B (small pool, or expandable
   segments) or > 1 MiB (large pool); otherwise the whole block is handed out (and counted allocated);
 - `free_block` / `try_merge_blocks`: a freed block merges with free neighbours of its segment;
@@ -29,8 +31,11 @@ a request no free block fits maps the pages it lacks past the segment's free tai
 `release_cached_blocks` unmaps the whole free pages at the segment's end (those inside it stay mapped
 here; see _release_cached_blocks).
 
-Left out: streams (one stream: blocks are per stream in torch), CUDA graphs' private pools,
-max_split_size, roundup_power2_divisions and garbage_collection_threshold (all unset by default).
+Streams: an allocation names the stream it was made on (0, the compute stream, unless the simulation
+saw it made under a side stream: TRL's activation offloading brings tensors back on its own). Left out:
+`record_stream`, which holds a freed block until the other stream's work recorded on it is done (how
+long depends on how far the host runs ahead of the GPU: here it is free at once), CUDA graphs' private
+pools, max_split_size, roundup_power2_divisions and garbage_collection_threshold (all unset by default).
 """
 
 from __future__ import annotations
@@ -87,9 +92,14 @@ class Block:
     prev: Block | None = None
     next: Block | None = None
     segment: int = 0
+    stream: int = 0
+
+    @property
+    def pool(self) -> tuple[int, bool]:
+        return (self.stream, self.small)
 
     def key(self) -> tuple[int, int, int]:
-        # BlockComparatorSize: size, then address (one stream here).
+        # BlockComparatorSize: stream (one sorted list per stream here), size, then address.
         return (self.size, self.address, id(self))
 
 
@@ -104,88 +114,91 @@ class CachingAllocator:
     peak_reserved: int = 0
     segments_allocated: int = 0           # cudaMalloc calls (num_device_alloc)
     retries: int = 0                      # num_alloc_retries: release_cached_blocks then alloc again
-    _free: dict = field(default_factory=lambda: {True: [], False: []})   # pool -> sorted keys
-    _blocks: dict = field(default_factory=dict)                          # id -> Block, free ones
+    _free: dict = field(default_factory=dict)     # (stream, small) -> sorted keys of its free blocks
+    _blocks: dict = field(default_factory=dict)   # id -> Block, free ones
     _next_address: itertools.count = field(default_factory=lambda: itertools.count(1))
-    _tails: dict = field(default_factory=dict)    # expandable: pool -> last mapped block of its segment
+    _tails: dict = field(default_factory=dict)    # expandable: (stream, small) -> last mapped block of its segment
 
     # -- pools -----------------------------------------------------------------------
     def _insert(self, block: Block) -> None:
-        bisect.insort(self._free[block.small], block.key())
+        bisect.insort(self._free.setdefault(block.pool, []), block.key())
         self._blocks[id(block)] = block
 
     def _remove(self, block: Block) -> None:
-        keys = self._free[block.small]
+        keys = self._free[block.pool]
         keys.pop(bisect.bisect_left(keys, block.key()))
         del self._blocks[id(block)]
 
-    def _best_fit(self, size: int, small: bool) -> Block | None:
-        """get_free_block: lower_bound of the request in the pool ordered by (size, address)."""
-        keys = self._free[small]
+    def _best_fit(self, size: int, pool: tuple[int, bool]) -> Block | None:
+        """get_free_block: lower_bound of the request in its stream's pool ordered by (size, address)."""
+        keys = self._free.get(pool, [])
         at = bisect.bisect_left(keys, (size, -1, -1))
         if at == len(keys):
             return None
         block = self._blocks[keys[at][2]]
-        if self.expandable_segments and block is self._tails.get(small) and at + 1 < len(keys):
+        if self.expandable_segments and block is self._tails.get(pool) and at + 1 < len(keys):
             # the free tail can grow without bound: a mapped block that fits is taken before it
             block = self._blocks[keys[at + 1][2]]
         return block
 
     # -- malloc ----------------------------------------------------------------------
-    def malloc(self, nbytes: int) -> Block:
+    def malloc(self, nbytes: int, stream: int = 0) -> Block:
         size = round_size(nbytes)
-        small = size <= SMALL_SIZE
-        block = self._best_fit(size, small)
+        pool = (stream, size <= SMALL_SIZE)
+        block = self._best_fit(size, pool)
         if block is not None:
             self._remove(block)
         else:
-            block = self._new_block(size, small)
+            block = self._new_block(size, pool)
         return self._hand_out(block, size)
 
-    def _new_block(self, size: int, small: bool) -> Block:
+    def _new_block(self, size: int, pool: tuple[int, bool]) -> Block:
         """alloc_block, then release_cached_blocks and alloc_block again, else out of memory."""
-        grow = self._growth(size, small)
+        grow = self._growth(size, pool)
         if not self._fits(grow):
             self._release_cached_blocks()
             self.retries += 1
-            grow = self._growth(size, small)
+            grow = self._growth(size, pool)
             if not self._fits(grow):
                 raise AllocatorOutOfMemory(grow, self.allocated,
                                            self.reserved, self.cap_bytes)
         if self.expandable_segments:
-            return self._map_pages(grow, small)
+            return self._map_pages(grow, pool)
         self.reserved += grow
         self.peak_reserved = max(self.peak_reserved, self.reserved)
         self.segments_allocated += 1
-        return Block(next(self._next_address) << 48, grow, small, segment=self.segments_allocated)
+        stream, small = pool
+        return Block(next(self._next_address) << 48, grow, small, segment=self.segments_allocated, stream=stream)
 
-    def _growth(self, size: int, small: bool) -> int:
+    def _growth(self, size: int, pool: tuple[int, bool]) -> int:
         """Bytes a new segment (or, expandable, the pages mapped past the free tail) must add."""
         if not self.expandable_segments:
             return allocation_size(size)
-        tail = self._tails.get(small)
+        tail = self._tails.get(pool)
         free_tail = tail.size if tail is not None and not tail.allocated else 0
-        page = EXPANDABLE_PAGE[small]
+        page = EXPANDABLE_PAGE[pool[1]]
         return page * -(-(size - free_tail) // page)
 
     def _fits(self, grow: int) -> bool:
         """alloc_block's check under set_per_process_memory_fraction: total_allocated_memory + size."""
         return self.cap_bytes is None or self.reserved + grow <= self.cap_bytes
 
-    def _map_pages(self, grow: int, small: bool) -> Block:
-        """try_allocate_expandable_block: the segment's free tail grown by `grow` bytes of pages."""
+    def _map_pages(self, grow: int, pool: tuple[int, bool]) -> Block:
+        """try_allocate_expandable_block: the segment's free tail grown by `grow` bytes of pages (one
+        expandable segment per stream and pool)."""
         self.reserved += grow
         self.peak_reserved = max(self.peak_reserved, self.reserved)
-        tail = self._tails.get(small)
+        tail = self._tails.get(pool)
         if tail is not None and not tail.allocated:
             self._remove(tail)
             tail.size += grow
             return tail
         address = (tail.address + tail.size) if tail is not None else (next(self._next_address) << 48)
-        block = Block(address, grow, small, prev=tail, segment=0)
+        stream, small = pool
+        block = Block(address, grow, small, prev=tail, segment=0, stream=stream)
         if tail is not None:
             tail.next = block
-        self._tails[small] = block
+        self._tails[pool] = block
         return block
 
     def _hand_out(self, block: Block, size: int) -> Block:
@@ -194,12 +207,12 @@ class CachingAllocator:
         split = remaining >= MIN_BLOCK_SIZE if (block.small or self.expandable_segments) else remaining > SMALL_SIZE
         if split:
             rest = Block(block.address + size, remaining, block.small, prev=block, next=block.next,
-                         segment=block.segment)
+                         segment=block.segment, stream=block.stream)
             if block.next is not None:
                 block.next.prev = rest
             block.next, block.size = rest, size
-            if self._tails.get(block.small) is block:
-                self._tails[block.small] = rest
+            if self._tails.get(block.pool) is block:
+                self._tails[block.pool] = rest
             self._insert(rest)
         block.allocated = True
         self.allocated += block.size
@@ -224,8 +237,8 @@ class CachingAllocator:
                     block.next = neighbour.next
                     if block.next is not None:
                         block.next.prev = block
-                    if self._tails.get(block.small) is neighbour:
-                        self._tails[block.small] = block
+                    if self._tails.get(block.pool) is neighbour:
+                        self._tails[block.pool] = block
                 block.size += neighbour.size
         self._insert(block)
 
@@ -238,12 +251,12 @@ class CachingAllocator:
         (release_blocks). With expandable segments, the whole free pages at the end of each pool's
         segment are unmapped (unmap_block); free pages inside the segment stay mapped here (torch
         unmaps those too and maps them again at the lowest address that fits: not modelled)."""
-        for small in (True, False):
+        for pool in sorted(set(self._free) | set(self._tails)):
             if self.expandable_segments:
-                tail = self._tails.get(small)
+                tail = self._tails.get(pool)
                 if tail is None or tail.allocated:
                     continue
-                page = EXPANDABLE_PAGE[small]
+                page = EXPANDABLE_PAGE[pool[1]]
                 start = -(-tail.address // page) * page
                 unmapped = tail.address + tail.size - start
                 if unmapped <= 0:
@@ -254,11 +267,11 @@ class CachingAllocator:
                 if tail.size:
                     self._insert(tail)
                 else:
-                    self._tails[small] = tail.prev
+                    self._tails[pool] = tail.prev
                     if tail.prev is not None:
                         tail.prev.next = None
                 continue
-            for key in list(self._free[small]):
+            for key in list(self._free.get(pool, [])):
                 block = self._blocks[key[2]]
                 if block.prev is None and block.next is None:
                     self._remove(block)
@@ -279,13 +292,14 @@ EMPTY_CACHE = (None, "empty_cache")  # an event: torch.cuda.empty_cache() was ca
 
 
 def replay(events, cap_bytes: int | None = None, expandable_segments: bool = False) -> Replay:
-    """Replay (+nbytes, key) allocations, (-1, key) frees and EMPTY_CACHE in order through a CachingAllocator.
+    """Replay (+nbytes, key[, stream]) allocations, (-1, key) frees and EMPTY_CACHE in order through a
+    CachingAllocator (an allocation's stream is 0, the compute stream, unless it names another).
 
     Zero-byte requests hold nothing (CUDACachingAllocator's allocate() hands out no block for them)."""
     allocator = CachingAllocator(cap_bytes=cap_bytes, expandable_segments=expandable_segments)
     live: dict = {}
     oom = None
-    for nbytes, key in events:
+    for nbytes, key, *stream in events:
         if nbytes is None:
             allocator.empty_cache()
         elif nbytes < 0:
@@ -294,7 +308,7 @@ def replay(events, cap_bytes: int | None = None, expandable_segments: bool = Fal
                 allocator.free(block)
         elif nbytes > 0:
             try:
-                live[key] = allocator.malloc(nbytes)
+                live[key] = allocator.malloc(nbytes, *stream)
             except AllocatorOutOfMemory as error:
                 oom = error
                 break

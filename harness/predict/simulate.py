@@ -24,10 +24,9 @@ What a fake step cannot do, and how it is handled:
   fragmentation are predicted by replaying every storage the tracker saw born and freed, in order,
   through harness.predict.allocator (`reserved_bytes`), beside the cuBLAS workspaces the tracker
   cannot see (allocator_events).
-- compiled code (torch.compile, torchao's optimizer step) runs eager under the tracker, so a
-  compiled step is predicted as the eager one (torchao's eager step makes fp32 copies of each
-  tensor's moments that its compiled kernel does not: the simulation's optimizer-step
-  transient is an upper bound there).
+- compiled code (torch.compile) runs eager under the tracker, so a compiled step is predicted as
+  the eager one; torchao's compiled optimizer step is counted on CUDA as the one kernel it is, with
+  the buffers its compiled code allocates (_compiled_torchao_step).
 - Liger's Triton kernels cannot run on fake tensors: autograd Functions that allocate and save what Liger's
   do take their place, patched in as Liger patches the model (harness.predict.liger, _liger).
 - offloading: TRL's own OffloadActivations runs, as if the CPU were an accelerator (_offloading).
@@ -35,17 +34,19 @@ What a fake step cannot do, and how it is handled:
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import time
 from contextlib import contextmanager, nullcontext
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from harness.blocks.optimizers import OPTIMIZERS
 from harness.blocks.quantizations import QUANTIZATIONS
 from harness.predict import allocator as caching_allocator
-from harness.predict.kernels import FROM_HOST, TO_HOST, over_host_link
+from harness.predict.kernels import FROM_HOST, TO_HOST, TORCHAO_MODULE, over_host_link
 from harness.device_memory import CUBLAS_WORKSPACE_BYTES, WORKSPACE_PHASES, device_bytes
 from harness.measure.memory import TensorTracker, fsdp2_tracking, label_gradients, label_model, tracker_phase
 from harness.step import sharding
@@ -260,7 +261,9 @@ def _offloading(model, cfg, tracker: TensorTracker):
     its forward stash until their copies are done; a storage saved again while stashed is not
     copied again but kept on the device (log_softmax's output, which nll_loss saves too); and a
     tensor still stashed when backward asks for it is handed back from the device, nothing coming
-    back from the host, the stash being emptied after the first backward node that unpacks one.
+    back from the host, the stash being emptied after the first backward node that unpacks one. A
+    tensor brought back is allocated on TRL's side stream (`with self.device_module.stream(self.s1)`),
+    so the caching allocator gives it blocks of that stream's own segments.
     The kernel recorder sees the copies to and from the host as copies over the host link (TO_HOST,
     FROM_HOST), which the speed model runs on the side stream.
     """
@@ -301,7 +304,7 @@ def _offloading(model, cfg, tracker: TensorTracker):
             return stash[key]
         if not tracker.on_host(tensor):
             return tensor
-        with over_host_link(FROM_HOST, torch.ops.aten.clone.default):
+        with over_host_link(FROM_HOST, torch.ops.aten.clone.default), tracker.on_side_stream():
             return tensor.clone()
 
     context.pack_hook, context.unpack_hook = pack_to_host, unpack_to_device
@@ -373,6 +376,36 @@ def fake_step(technique: Technique, cfg, device_type: str, tracker: TensorTracke
 
 
 @contextmanager
+def _compiled_torchao_step(technique: Technique, tracker: TensorTracker, device_type: str):
+    """torchao's low-bit AdamW steps each parameter with `torch.compile(single_param_adam, fullgraph=True)`
+    (torchao/optim/adam.py). A dispatch mode cannot be compiled, so the trace runs it eager, where each
+    dequantized state and each intermediate is a tensor. On CUDA the compiled code holds only the buffers it
+    allocates (the optimizer's `step_buffers`, for a parameter whose states are quantized): the tracker
+    counts the eager call as one fused kernel (TensorTracker.fused) with those buffers alive through it. On
+    CPU the lab's figure is the tracked eager step itself, which this leaves as it is."""
+    step_buffers = OPTIMIZERS[technique.optimizer].step_buffers
+    if device_type != "cuda" or step_buffers is None:
+        yield
+        return
+    module = importlib.import_module(TORCHAO_MODULE)
+    original = module.single_param_adam
+
+    def fused(p, grad, step, exp_avg, *args, **kwargs):
+        quantized = is_traceable_wrapper_subclass(exp_avg)
+        buffers = torch.empty(step_buffers(p.numel()) if quantized else 0, dtype=torch.uint8, device=p.device)
+        with tracker.fused():
+            result = original(p, grad, step, exp_avg, *args, **kwargs)
+        del buffers
+        return result
+
+    module.single_param_adam = fused
+    try:
+        yield
+    finally:
+        module.single_param_adam = original
+
+
+@contextmanager
 def _cache_emptied_by_kbit_preparation(tracker: TensorTracker, emptied_at: list[int]):
     """peft's prepare_model_for_kbit_training empties the CUDA cache after casting the parameters that are
     not quantized to fp32 (peft/utils/other.py: `auto_clear_cache`, on by default, calls
@@ -396,8 +429,8 @@ def _cache_emptied_by_kbit_preparation(tracker: TensorTracker, emptied_at: list[
 
 
 def allocator_events(tracker: TensorTracker, device_type: str, emptied_at: list[int] = ()) -> list[tuple]:
-    """Every device storage the tracker saw, as the caching allocator sees it: (+bytes, key) when it is
-    born and (-1, key) when it dies, in the order they happened (one counter orders both).
+    """Every device storage the tracker saw, as the caching allocator sees it: (+bytes, key, stream) when
+    it is born and (-1, key) when it dies, in the order they happened (one counter orders both).
 
     On CUDA, cuBLAS takes a workspace from the caching allocator for each (handle, stream) the first time
     it multiplies there (aten/src/ATen/cuda/CublasHandlePool.cpp, getCurrentCUDABlasHandle and
@@ -408,7 +441,7 @@ def allocator_events(tracker: TensorTracker, device_type: str, emptied_at: list[
     for index, record in enumerate(tracker.history):
         if record.host:
             continue
-        timed.append((record.born, record.nbytes, index))
+        timed.append((record.born, record.nbytes, index, record.stream))
         if record.died is not None:
             timed.append((record.died, -1, index))
     if device_type == "cuda":
@@ -417,7 +450,7 @@ def allocator_events(tracker: TensorTracker, device_type: str, emptied_at: list[
             if first is not None:
                 timed.append((first - 0.5, CUBLAS_WORKSPACE_BYTES, f"cublas workspace ({phase})"))
     timed.sort(key=lambda event: event[0])
-    return [(nbytes, key) for _, nbytes, key in timed]
+    return [event[1:] for event in timed]
 
 
 def _phase(tracker: TensorTracker, recorder, name: str):
@@ -440,7 +473,8 @@ def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, 
     device = torch.device("cpu")
     emptied_at: list[int] = []
     with (fake_step(technique, cfg, device_type, tracker) as mesh, tracker,
-          _cache_emptied_by_kbit_preparation(tracker, emptied_at), (recorder or nullcontext())):
+          _cache_emptied_by_kbit_preparation(tracker, emptied_at),
+          _compiled_torchao_step(technique, tracker, device_type), (recorder or nullcontext())):
         model, optimizer, _ = build_training(source, technique, cfg, device, optimizer_device=device_type, mesh=mesh)
         load_peak, loaded = tracker.peak, tracker.counter
         saved_tensors = _offloading(model, cfg, tracker)
