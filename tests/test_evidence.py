@@ -187,20 +187,22 @@ def test_a_missing_optional_package_makes_a_skipped_record_not_a_failure(tmp_pat
         "sys.meta_path = [Without if f is PathFinder else f for f in sys.meta_path]\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hide), str(ROOT)])}
     out = tmp_path / "results"
-    small = tmp_path / "experiments"  # each experiment at a small shape: what is tested is the package, not the step
-    small.mkdir()
-    for name, expected in (("qlora", "skipped"), ("adamw8bit", "skipped"), ("lora", "ok")):
-        (small / f"{name}.yaml").write_text(f"include: {EXPERIMENTS / (name + '.yaml')}\n"
-                                            "seq_len: 64\nmicro_batch: 2\nwarmup_steps: 0\nsteps: 1\n")
-        command = [sys.executable, "-m", "harness", "run", str(small / f"{name}.yaml"), "--out", str(out),
-                   "--device", "cpu"]
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
-        record = json.loads(Path(done.stdout.split("record: ")[1].strip()).read_text())
-        assert record["status"] == expected, record.get("error")
-        if expected == "skipped":
-            assert record["error"]["package"] == "bitsandbytes" and "not installed" in record["error"]["message"]
-            assert f"{name} @ tiny-llama: skipped: bitsandbytes is not installed" in done.stdout
+    expected = {"qlora": "skipped", "adamw8bit": "skipped", "lora": "ok"}
+    # one bench of the three at a small shape (what is tested is the package, not the step)
+    matrix = tmp_path / "matrix.yaml"
+    matrix.write_text(json.dumps({"cpu": [{"experiments": list(expected), "models": ["tiny-llama"],
+                                           "set": {"seq_len": 64, "micro_batch": 2, "warmup_steps": 0, "steps": 1}}],
+                                  "cuda": []}))
+    command = [sys.executable, "-m", "harness", "bench", "--matrix", str(matrix), "--out", str(out),
+               "--experiments-dir", str(EXPERIMENTS), "--device", "cpu"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    records = {r["experiment"]: r for r in map(json.loads, map(Path.read_text, schema.find_records(out)))}
+    assert {name: record["status"] for name, record in records.items()} == expected, done.stdout
+    for name in ("qlora", "adamw8bit"):
+        error = records[name]["error"]
+        assert error["package"] == "bitsandbytes" and "not installed" in error["message"]
+        assert f"{name} @ tiny-llama: skipped: bitsandbytes is not installed" in done.stdout
     assert "skipped" in schema.FINISHED and "skipped" not in schema.MEASURED  # rerun once it is installed
 
 

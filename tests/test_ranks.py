@@ -39,7 +39,7 @@ def _gone(processes) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", ["fsdp2", "zero3"])
 def test_two_ranks_make_one_record_with_the_highest_peaks_and_every_rank(tmp_path, experiment):
-    _, record = run_dict(resolve(EXPERIMENTS / f"{experiment}.yaml", TWO_RANKS), tmp_path)
+    path, record = run_dict(resolve(EXPERIMENTS / f"{experiment}.yaml", TWO_RANKS), tmp_path)
     assert record["status"] == "ok", record["error"]
     ranks, memory = record["ranks"], record["memory"]
     assert [r["rank"] for r in ranks] == [0, 1]
@@ -50,6 +50,10 @@ def test_two_ranks_make_one_record_with_the_highest_peaks_and_every_rank(tmp_pat
     per_rank = QUICK["seq_len"] * QUICK["micro_batch"]
     assert record["throughput"]["tokens_per_step"] == 2 * per_rank  # global: both ranks' tokens
     assert record["sharded_by"]["library"] == ("deepspeed" if experiment == "zero3" else "torch")
+    if experiment == "zero3":  # DeepSpeed's collectives on gloo: its shared-memory op neither compiled nor loaded
+        assert record["sharded_by"]["collectives"].startswith("gloo")
+        log = (tmp_path / schema.LOGS_FOLDER / path.parent.name / (path.stem + ".log")).read_text()
+        assert "Setting accelerator to CPU" in log and "shm_comm" not in log, log
     # each rank holds half the weights: fp32 shards (FSDP2), bf16 partitions (ZeRO-3)
     total = record["parameters"]["total"]
     weight_bytes = 2 if experiment == "zero3" else 4

@@ -65,15 +65,34 @@ def join(cfg, device: torch.device) -> None:
         # what torchrun would say to one rank (DeepSpeed reads it, whoever made the process group)
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         dist.init_process_group(sharding.BACKENDS[device.type], store=dist.HashStore(), rank=0, world_size=1)
+    if zero.is_zero(cfg) and device.type == "cpu":
+        deepspeed_on_gloo()
     sharding.join_ranks(device)
     if os.environ.get(FAIL_RANK_VARIABLE) == str(rank):
         raise InjectedFailure(f"rank {rank} fails on purpose ({FAIL_RANK_VARIABLE})")
 
 
-def sharded_by(cfg, technique, model_config) -> dict | None:
+def deepspeed_on_gloo() -> None:
+    """DeepSpeed's collectives between CPU ranks through gloo, as DeepSpeed itself falls back where its
+    shared-memory all-reduce is not compatible. Its CPU accelerator compiles that op
+    (`deepspeed_shm_comm`, with g++ and ninja) the first time a process joins: over a minute on 2 cores, once per
+    machine and user. The lab's CPU ranks measure what each rank holds, which does not depend on how fast
+    a host's ranks reduce; marked not compatible, the op is neither built nor needed (nor is a compiler)."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False  # the dict deepspeed.comm reads, probed once
+
+
+def sharded_by(cfg, technique, model_config, device_type: str) -> dict | None:
     """Which library sharded the run, and how (the record's `sharded_by`)."""
     if zero.is_zero(cfg):
-        return zero.description(technique, cfg, model_config.hidden_size)
+        described = zero.description(technique, cfg, model_config.hidden_size)
+        if device_type == "cpu":
+            described["collectives"] = "gloo (DeepSpeed's shared-memory all-reduce for CPU ranks left out)"
+        return described
     if cfg.sharding == "fsdp2":
         return {"library": "torch", "version": torch.__version__,
                 "method": "FSDP2: torch.distributed.fsdp.fully_shard per decoder layer, then the root"}

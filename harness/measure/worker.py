@@ -145,7 +145,7 @@ def run(config: dict, record_path: str | Path) -> schema.RunRecord:
         engine = EngineRun(cfg, technique, source, batches, tokenizer, device, session)
         try:
             record.engine = ENGINES[cfg.engine].train(engine)
-            record.sharded_by = ranks.sharded_by(cfg, technique, source.config)
+            record.sharded_by = ranks.sharded_by(cfg, technique, source.config, device.type)
         finally:
             session.close()
             tracker = session.tracker  # what an oom reached

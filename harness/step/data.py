@@ -37,14 +37,27 @@ def _is_test_module(path: Path) -> bool:
     return any(part in ("test", "tests", "idle_test") or part.startswith("test_") for part in path.parts)
 
 
+_INSTALLED_PACKAGES = ("site-packages", "dist-packages")  # beside the standard library, not part of it
+
+
+def _stdlib_modules(root: Path) -> list[Path]:
+    """The standard library's .py files under `root`, relative to it, in path order (as sorting the
+    paths orders them: part by part). Folders of installed packages are not entered (a walk into
+    them would be most of a run's start on an interpreter that holds many)."""
+    found = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in _INSTALLED_PACKAGES]
+        relative = Path(folder).relative_to(root)
+        found += [relative / name for name in files if name.endswith(".py")]
+    return sorted(found)
+
+
 @functools.lru_cache(maxsize=4)  # a run reads its split twice (tokenizer, then tokens)
 def _stdlib_texts(max_bytes: int, part: bool | None = None, split: str = "train") -> list[str]:
     root = Path(sysconfig.get_paths()["stdlib"])
     texts, total, index = [], 0, -1
-    for path in sorted(root.rglob("*.py")):
-        relative = path.relative_to(root)
-        if "site-packages" in relative.parts or "dist-packages" in relative.parts:
-            continue
+    for relative in _stdlib_modules(root):
+        path = root / relative
         if part is not None:
             if _is_test_module(relative) != part:
                 continue
