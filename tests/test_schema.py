@@ -112,6 +112,28 @@ def test_two_records_of_one_configuration_fold_into_the_newest(tmp_path):
     kept = [r for r in results.records if r["experiment"] == data["experiment"] and r["model"] == data["model"]
             and r["config"].get("run_id") in ("x", data["config"].get("run_id"))]
     assert [r["_file"] for r in kept] == [str(original.parent / "twin.json")]  # the newest speaks
+    assert [r["_file"] for r in results.folded_records] == [str(original)]  # the older kept aside
+
+
+def test_a_run_is_compared_with_the_reference_on_its_own_base_even_one_folded_away():
+    """The recipe pretrained on two CPUs gives two bases; the newest bf16-pure run is on the second, and a
+    run on the first compares with the first's bf16-pure run (folded in the other tables), never across."""
+    from harness.report.loss import loss_parity
+
+    def run(experiment, base, loss, file):
+        config = {"technique": experiment, "model": "base", "device": "cpu", "data": {"source": "stdlib-tests"},
+                  "steps": 30, "seq_len": 128, "micro_batch": 8, "grad_accum": 1, "base_checkpoint": base}
+        return {"experiment": experiment, "status": "ok", "_file": file, "random_init": False, "config": config,
+                "loss": {"eval_final": loss}}
+
+    shown = [run("bf16-pure", "tiny@new", 5.0, "new-bf16"), run("ao-adamw8bit", "tiny@old", 5.3, "old-ao"),
+             run("ao-adamw4bit", "tiny@new", 5.01, "new-ao4")]
+    folded = [run("bf16-pure", "tiny@old", 5.29, "old-bf16")]
+    verdicts = {c.record["_file"]: c for c in loss_parity(shown, folded)}
+    assert verdicts["old-ao"].reference["_file"] == "old-bf16" and verdicts["old-ao"].verdict.kind == "holds"
+    assert verdicts["new-ao4"].reference["_file"] == "new-bf16"  # a shown run first
+    alone = {c.record["_file"]: c for c in loss_parity(shown)}
+    assert alone["old-ao"].reference is None  # across bases there is no comparison
 
 
 def test_a_record_written_and_read_is_the_same_typed_record(tmp_path):

@@ -580,7 +580,8 @@ def quantization_balance(results: Results, spec: dict, method: str) -> Observati
             return None  # every quantized experiment's memory, or no answer
         memory.append((experiment, ratio))
         files += ratio.extra.get("files", ())
-        losses += [c for c in loss_parity(results.records) if c.record.get("experiment") == experiment
+        losses += [c for c in loss_parity(results.records, results.folded_records)
+                   if c.record.get("experiment") == experiment
                    and c.reference is not None and c.reference.get("experiment") == spec["over"]]
     holds = all(ratio.value < 1 for _, ratio in memory)
     where = "measured" if method == "gpu" else method

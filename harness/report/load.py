@@ -3,8 +3,9 @@
 Records are read through harness.schema (kind and version checked); nothing is imported
 from the code that produced them. A file that cannot be read is listed in `Results.skipped`
 with the reason, never fatal. Where one configuration has several records (a base model
-pretrained again, bit-identical, on another machine; a rerun under a new commit), the
-newest speaks for it and `Results.folded` counts the others.
+pretrained again, on another machine; a rerun under a new commit), the newest speaks for it,
+`Results.folded` counts the others and `Results.folded_records` keeps them: a folded run on the
+same base is still the reference of a loss comparison (harness.report.loss).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Results:
     attempts: dict[str, int] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     folded: int = 0  # older records of a configuration that a newer record of it replaced
+    folded_records: list[dict] = field(default_factory=list)  # those records (lab's loop only)
 
 
 def _read(path: Path, kind: str, skipped: list[str], root: Path) -> dict | None:
@@ -64,6 +66,7 @@ def load_results(root: str | Path) -> Results:
     if not root.is_dir():
         return results
     newest: dict[str, dict] = {}
+    folded: list[dict] = []
     for path in schema.find_records(root):
         record = _read(path, "run", results.skipped, root)
         if record is None:
@@ -74,8 +77,11 @@ def load_results(root: str | Path) -> Results:
         if kept is not None:  # one configuration measured twice: the newest record speaks for it
             results.folded += 1
             if (kept.get("finished_at") or "") > (record.get("finished_at") or ""):
+                folded.append(record)
                 continue
+            folded.append(kept)
         newest[key] = record
+    results.folded_records = [r for r in folded if engine_of(r) == LAB_ENGINE]
     results.records = [r for r in newest.values() if engine_of(r) == LAB_ENGINE]
     results.engine_records = [r for r in newest.values() if engine_of(r) != LAB_ENGINE]
     for path in sorted((root / schema.ATTEMPTS_FOLDER).glob("*/*.json")):  # <slug>/<record stem>.<id>.json

@@ -65,13 +65,16 @@ def judge_loss(loss: float, reference_loss: float, rule: LossRule) -> Verdict:
     return Verdict(OFF, error, f"more than +{rule.tolerance:.0%} above {rule.reference}")
 
 
-def loss_parity(records: list[dict]) -> list[LossComparison]:
-    """One comparison per comparable run except the baselines, in a fixed order."""
+def loss_parity(records: list[dict], folded: list[dict] = ()) -> list[LossComparison]:
+    """One comparison per comparable run except the baselines, in a fixed order. `folded`: records a newer
+    record of their configuration replaced (harness.report.load), which stand as references where no shown
+    run does: a reference must share the run's base, data and steps, and a base pretrained again on another
+    machine is another base, whose newest runs may be only some of the cells."""
     runs = sorted((r for r in records if comparable(r)), key=lambda r: r.get("_file") or "")
     references: dict[tuple, dict] = {}
-    for record in runs:  # reference runs: no gradient checkpointing (it changes no arithmetic), first file
-        config = record.get("config") or {}
-        if not config.get("gradient_checkpointing"):
+    for record in runs + sorted((r for r in folded if comparable(r)), key=lambda r: r.get("_file") or ""):
+        config = record.get("config") or {}  # references: no gradient checkpointing (it changes no arithmetic),
+        if not config.get("gradient_checkpointing"):  # a shown run first, then the first file
             references.setdefault((comparison_key(record), record.get("experiment")), record)
     comparisons = []
     for record in runs:

@@ -332,7 +332,7 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
         "technique on the same batches for the same steps, and compares final held-out losses.")))
     if results.bases:
         blocks.append(Block("table", table=base_table(results)))
-    comparisons = loss_parity(results.records)
+    comparisons = loss_parity(results.records, results.folded_records)
     if comparisons:
         blocks.append(Block("table", table=loss_parity_table(comparisons)))
     else:

@@ -358,7 +358,10 @@ def loss_parity_table(comparisons: list[LossComparison]) -> Table:
         ])
     note = ("Final held-out loss (mean next-token cross-entropy, nats) after the same optimizer steps on the "
             "same batches. Difference and ratio against the reference run of the same comparison; the "
-            "tolerance is the largest allowed relative excess over it.")
+            "tolerance is the largest allowed relative excess over it. The model's sub-line names the base (its "
+            "recipe @ its weights): the recipe pretrained on another CPU gives other weights, so a run is compared "
+            "with the reference run on its own base, even where a newer run of that reference's configuration "
+            "on the other base is the one the other tables show.")
     return Table(["Model", "Device", "Experiment", "Held-out loss", "Reference", "Difference", "Ratio",
                   "Tolerance", "Verdict", "Why this tolerance"], rows, note, css="loss", numeric={3, 5, 6, 7})
 
