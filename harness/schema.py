@@ -252,6 +252,16 @@ class BaseRecord:
     weights_digest: str | None = None  # sha256 of the saved weights: the base's portable identity
     extra: dict = field(default_factory=dict)
 
+    @property
+    def identity(self) -> str:
+        return base_identity(self.recipe_id, self.weights_digest)
+
+
+def base_identity(recipe_id: str, weights_digest: str | None) -> str:
+    """A pretrained base's portable name: its recipe, and the digest of its weights (the same recipe
+    pretrained on another CPU gives other weights, so another base; bit-identical ones are one)."""
+    return f"{recipe_id}@{weights_digest}"
+
 
 @dataclass
 class FitTable:
@@ -493,8 +503,10 @@ def gpu_table_path(out_dir: str | Path, device_type: str = "cuda") -> Path:
     return Path(out_dir) / FITS_FOLDER / f"how-many-gpus__{device_type}.json"
 
 
-def base_record_path(out_dir: str | Path, device_slug: str, recipe_id: str) -> Path:
-    return Path(out_dir) / BASE_FOLDER / f"{device_slug}__{recipe_id}.json"
+def base_record_path(out_dir: str | Path, device_slug: str, identity: str) -> Path:
+    """Where a base's pretraining record goes: one file per base (base_identity), so that the same
+    recipe pretrained on two machines into other weights keeps both records."""
+    return Path(out_dir) / BASE_FOLDER / f"{device_slug}__{identity}.json"
 
 
 def beside_attempt(attempt: Path, what: str) -> Path:

@@ -247,8 +247,9 @@ def _torchao_bytes(code: float, block: int, book: int, step_buffers: Callable[[i
     step, whose transient is not modelled here)."""
     def state_bytes(sizes, param_bytes, shape=None, settings=None, device_type="cuda") -> tuple[int, int]:
         quantized = [n for n in sizes if n >= 4096 and n % block == 0]
-        state = sum(4 + 2 * (int(code * n) + 4 * (n // block) + 4 * book if n >= 4096 and n % block == 0
-                             else param_bytes * n) for n in sizes)
+        plain = sum(sizes) - sum(quantized)
+        state = 4 * len(sizes) + 2 * (sum(int(code * n) + 4 * (n // block) + 4 * book for n in quantized)
+                                      + param_bytes * plain)
         return state, step_buffers(max(quantized)) if device_type == "cuda" and quantized else 0
     return state_bytes
 

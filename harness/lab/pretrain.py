@@ -99,7 +99,7 @@ def pretrain(recipe: Recipe, device_type: str, results_dir: str | Path = "result
     schema.write(staging / PRETRAINING_FILE, record)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(staging, folder)
-    schema.write(schema.base_record_path(results_dir, env.device_slug(environment["device_name"]), record.recipe_id),
+    schema.write(schema.base_record_path(results_dir, env.device_slug(environment["device_name"]), record.identity),
                  record)
     return record
 

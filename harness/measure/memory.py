@@ -196,7 +196,8 @@ class TensorTracker(TorchDispatchMode):
     @contextmanager
     def fused(self):
         """Ops that run as one compiled kernel: the storages they make and free in between never hold device
-        memory (the kernel keeps those values in registers); those still alive at the end count as made then."""
+        memory (the kernel keeps those values in registers) and leave the history; those still alive at the end
+        join the live bytes and the peaks there, and keep in the history the moment each was made."""
         start, before = len(self.history), (self.current, self.peak, self.peak_at, dict(self.phase_peaks))
         try:
             yield

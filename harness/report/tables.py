@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from harness import schema
 from harness.report import verdicts
 from harness.report.evidence import PROBE_QUANTITIES, Observation
 from harness.report.ledger import LedgerRow, basis_short
@@ -326,7 +327,8 @@ def base_table(results: Results) -> Table:
         recipe = base.get("recipe") or {}
         held_out = base.get("held_out") or []
         device = (base.get("environment") or {}).get("device_name") or base.get("device_type", "?")
-        rows.append([Cell(str(base.get("recipe_id")), f"preset {recipe.get('preset')}"),
+        identity = schema.base_identity(base.get("recipe_id"), base.get("weights_digest"))
+        rows.append([Cell(identity, f"preset {recipe.get('preset')}"),
                      Cell(str(device)),
                      Cell(_num(base.get("parameters"), 0)), Cell(_num(base.get("tokens_trained"), 0)),
                      Cell(_num(held_out[0]["loss"] if held_out else None, 3)),

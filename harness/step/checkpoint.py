@@ -20,6 +20,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from harness import schema
 from harness.env import cache_dir
 from harness.presets import PRESETS
 
@@ -119,7 +120,7 @@ def base_identity(device_type: str) -> str | None:
 def checkpoint_identity(folder: Path) -> str:
     """A pretrained checkpoint's portable name: its recipe id and the digest of its weights."""
     record = json.loads((folder / PRETRAINING_FILE).read_text())
-    return f"{folder.name}@{record.get('weights_digest') or weights_digest(folder)}"
+    return schema.base_identity(folder.name, record.get("weights_digest") or weights_digest(folder))
 
 
 def resolve_base(device_type: str) -> Path:
