@@ -72,9 +72,10 @@ def loss_parity(records: list[dict], folded: list[dict] = ()) -> list[LossCompar
     machine is another base, whose newest runs may be only some of the cells."""
     runs = sorted((r for r in records if comparable(r)), key=lambda r: r.get("_file") or "")
     references: dict[tuple, dict] = {}
+    # reference runs: no gradient checkpointing (it changes no arithmetic); a shown run first, then the first file
     for record in runs + sorted((r for r in folded if comparable(r)), key=lambda r: r.get("_file") or ""):
-        config = record.get("config") or {}  # references: no gradient checkpointing (it changes no arithmetic),
-        if not config.get("gradient_checkpointing"):  # a shown run first, then the first file
+        config = record.get("config") or {}
+        if not config.get("gradient_checkpointing"):
             references.setdefault((comparison_key(record), record.get("experiment")), record)
     comparisons = []
     for record in runs:
