@@ -11,6 +11,7 @@ from conftest import EXPERIMENTS, QUICK, run_dict
 
 from harness import schema
 from harness.config import resolve
+from harness.lab.runner import cell_log_path
 from harness.measure.ranks import FAIL_RANK_VARIABLE, combine
 
 TWO_RANKS = {**QUICK, "world_size": 2}
@@ -52,7 +53,7 @@ def test_two_ranks_make_one_record_with_the_highest_peaks_and_every_rank(tmp_pat
     assert record["sharded_by"]["library"] == ("deepspeed" if experiment == "zero3" else "torch")
     if experiment == "zero3":  # DeepSpeed's collectives on gloo: its shared-memory op neither compiled nor loaded
         assert record["sharded_by"]["collectives"].startswith("gloo")
-        log = (tmp_path / schema.LOGS_FOLDER / path.parent.name / (path.stem + ".log")).read_text()
+        log = cell_log_path(tmp_path, path).read_text()
         assert "Setting accelerator to CPU" in log and "shm_comm" not in log, log
     # each rank holds half the weights: fp32 shards (FSDP2), bf16 partitions (ZeRO-3)
     total = record["parameters"]["total"]

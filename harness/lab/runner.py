@@ -303,6 +303,11 @@ def cell_path(config: ResolvedConfig, out_dir: str | Path, repeat: int = 0) -> P
                               config.experiment.model, config.config_hash, repeat)
 
 
+def cell_log_path(out_dir: Path, record_path: Path) -> Path:
+    """Where a cell's worker writes its output: beside the records, under logs/<device>/."""
+    return out_dir / schema.LOGS_FOLDER / record_path.parent.name / (record_path.stem + ".log")
+
+
 def run_config(config: ResolvedConfig, out_dir: str | Path = "results", repeat: int = 0,
                timeout_s: float | None = None, run_id: str | None = None,
                rendezvous: Rendezvous | None = None) -> tuple[Path, schema.RunRecord]:
@@ -315,12 +320,12 @@ def run_config(config: ResolvedConfig, out_dir: str | Path = "results", repeat: 
     out_dir = Path(out_dir)
     path = cell_path(config, out_dir, repeat)
     check_writable(out_dir, path)
-    log_path = out_dir / schema.LOGS_FOLDER / path.parent.name / (path.stem + ".log")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_file = cell_log_path(out_dir, path)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
     run_id = run_id or uuid.uuid4().hex
     attempt_path = path.with_name(f".{path.stem}.{run_id[:12]}{ATTEMPT_SUFFIX}")
     config = config.run(run_id)
-    with cell_lock(path) as lock, open(log_path, "w") as log:
+    with cell_lock(path) as lock, open(log_file, "w") as log:
         wait = kill = None
         try:
             wait, kill = _start_worker(config, attempt_path, log, lock, rendezvous)
@@ -340,7 +345,7 @@ def run_config(config: ResolvedConfig, out_dir: str | Path = "results", repeat: 
         record = _read_or_none(attempt_path)
         try:
             if record is None or record.config.get("run_id") != run_id:
-                record = _lost_record(config, returncode, log_path, timeout_s)
+                record = _lost_record(config, returncode, log_file, timeout_s)
                 schema.write(attempt_path, record)
             landed = _keep_the_better(path, attempt_path, record)
         except OSError as error:  # the folder was writable when the run started: keep what it measured elsewhere
