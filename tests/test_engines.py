@@ -250,6 +250,28 @@ def test_the_report_pairs_each_loop_with_ours_and_says_why_they_differ(tmp_path)
     assert table.rows[0][3].text == "1.200" and table.rows[0][4].text == "0.80" and "CPU" in table.rows[0][1].text
 
 
+def test_a_loop_is_paired_with_our_run_on_its_own_machine_shown_or_folded(tmp_path):
+    """One cell measured on two CPUs: the newer run (one machine) is shown, the older folded; Trainer on the
+    older machine is divided by our run there, never by the other processor's; on a third machine, by none."""
+    folder = tmp_path / "cpu"
+    folder.mkdir()
+    runs = (("harness", "CPU (X)", "AVX512", 1000.0, "2026-01-02"), ("harness", "CPU (Y)", "AVX2", 100.0, "2026-01-01"),
+            ("trainer", "CPU (Y)", "AVX2", 90.0, "2026-01-01"), ("trainer", "CPU (Z)", "AVX2", 10.0, "2026-01-01"))
+    for index, (engine, device, capability, speed, finished) in enumerate(runs):
+        record = {**_record(engine, 1000, speed, 5.0, 900), "finished_at": finished,
+                  "environment": {"device_type": "cpu", "device_name": device, "cpu": {"capability": capability}}}
+        if device == "CPU (Z)":
+            record["config_hash"] += "z"
+        (folder / f"lora-{index}.json").write_text(json.dumps(record))
+    results = load_results(tmp_path)
+    assert [r["environment"]["device_name"] for r in results.records] == ["CPU (X)"]  # Y's run of the cell is folded
+    [comparison] = report_engines.engine_comparisons(results)
+    assert comparison.reference["environment"]["device_name"] == "CPU (Y)"
+    assert math.isclose(comparison.tokens_ratio, 0.9)  # not 90 / 1000
+    [alone] = report_engines.unpaired(results)
+    assert "CPU (Z), AVX2" in alone and "cpu/lora-3.json" in alone
+
+
 @pytest.mark.parametrize("engine, ratio, timed_steps, spread, words, shaded", [
     # 3 timed steps of a narrow spread: Trainer "1.27x faster" is no verdict
     ("trainer", 1.27, 3, 0.01, "3 timed steps, too few for a verdict", False),

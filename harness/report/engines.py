@@ -1,8 +1,8 @@
 """Our loop against Trainer: each run in another training loop beside the lab's run of the same cell.
 
 A run in transformers' Trainer or TRL's SFTTrainer (harness.engines) is paired with the lab's own
-run of the same configuration on the same device (every field equal but the engine and its
-training_args): the ratio of their peaks and of their tokens/s, and the difference of their final
+run of the same configuration on the same machine (every field equal but the engine and its
+training_args; the device and, on a CPU, its instruction set: `load.machine`), shown or folded: the ratio of their peaks and of their tokens/s, and the difference of their final
 losses (the same sequences in the same order, so a loop that computes the same step gives the same
 loss). A peak more than 3% apart, or a throughput more than 10% apart, says why: the memory category
 that differs at the peak, the runs' own step-time spread, and what is known of the loop (REASONS).
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from harness import schema
 from harness.blocks.optimizers import OPTIMIZERS
-from harness.report.load import LAB_ENGINE, _get, engine_of
+from harness.report.load import LAB_ENGINE, _get, engine_of, machine
 from harness.report.tables import Cell, Table
 from harness.report.units import CATEGORY_WORDS
 
@@ -95,9 +95,19 @@ class EngineComparison:
                 and abs(math.log(self.tokens_ratio)) > self.throughput_noise)
 
 
-def pair_key(record: dict) -> str:
+def pair_key(record: dict) -> tuple:
     config = {k: v for k, v in (record.get("config") or {}).items() if k not in ENGINE_FIELDS}
-    return schema.configuration_key({**record, "config": config}, record.get("_slug") or "")
+    return schema.configuration_key({**record, "config": config}, record.get("_slug") or ""), machine(record)
+
+
+def _lab_runs(results) -> dict[tuple, dict]:
+    """The lab's finished runs by pair key; a shown run before a folded one (a newer run of its configuration
+    on another machine, whose Trainer run may be older)."""
+    lab: dict[tuple, dict] = {}
+    for record in results.records + results.folded_records:
+        if record.get("status") == "ok" and engine_of(record) == LAB_ENGINE:
+            lab.setdefault(pair_key(record), record)
+    return lab
 
 
 def _ratio(ours, theirs) -> float | None:
@@ -110,7 +120,7 @@ def _difference(ours, theirs) -> float | None:
 
 def engine_comparisons(results) -> list[EngineComparison]:
     """One comparison per finished run in another loop that has the lab's run of its cell, in file order."""
-    lab = {pair_key(r): r for r in results.records if r.get("status") == "ok" and engine_of(r) == LAB_ENGINE}
+    lab = _lab_runs(results)
     comparisons = []
     for record in sorted(results.engine_records, key=lambda r: r.get("_file") or ""):
         reference = lab.get(pair_key(record))
@@ -133,6 +143,15 @@ def not_run(results) -> list[str]:
     """Runs in another loop that measured nothing (skipped: the loop cannot express the cell), with why."""
     return [f"{r.get('experiment')} in {engine_of(r)}: {_get(r, 'error', 'message') or r.get('status')}"
             for r in sorted(results.engine_records, key=lambda r: r.get("_file") or "") if r.get("status") != "ok"]
+
+
+def unpaired(results) -> list[str]:
+    """Finished runs in another loop without the lab's run of their cell on their machine, each with its machine."""
+    lab = _lab_runs(results)
+    return [f"{r.get('experiment')} in {engine_of(r)} on {', '.join(str(part) for part in machine(r) if part)} "
+            f"({r.get('_file')})"
+            for r in sorted(results.engine_records, key=lambda r: r.get("_file") or "")
+            if r.get("status") == "ok" and pair_key(r) not in lab]
 
 
 def _spread(record: dict) -> float | None:
@@ -204,12 +223,12 @@ def engine_table(comparisons: list[EngineComparison]) -> Table:
             Cell(why(c)),
         ])
     note = (f"Each row: a run in another training loop over the lab's own run of the same cell (same model, "
-            f"technique, shape, steps, batches, device). Peak: peak tracked or allocated bytes, theirs over ours; "
-            f"tokens/s: median over the timed steps after warm-up, theirs over ours; loss: final training loss, "
-            f"theirs minus ours (nats). Shaded: more than {MEMORY_TOLERANCE:.0%} apart in memory, or more than "
-            f"{THROUGHPUT_TOLERANCE:.0%} in throughput beyond the spread of the step times (of at least "
-            f"{MIN_TIMED_STEPS} timed steps each). CPU rows are CPU figures (tracked tensor bytes, a "
-            f"shared processor's speed), not a GPU's.")
+            f"technique, shape, steps, batches, device; on a CPU the same processor and instruction set). Peak: "
+            f"peak tracked or allocated bytes, theirs over ours; tokens/s: median over the timed steps after "
+            f"warm-up, theirs over ours; loss: final training loss, theirs minus ours (nats). Shaded: more than "
+            f"{MEMORY_TOLERANCE:.0%} apart in memory, or more than {THROUGHPUT_TOLERANCE:.0%} in throughput beyond "
+            f"the spread of the step times (of at least {MIN_TIMED_STEPS} timed steps each). CPU rows are CPU "
+            f"figures (tracked tensor bytes, a shared processor's speed), not a GPU's.")
     return Table(["Experiment", "Device", "Engine", "Peak ratio", "Tokens/s ratio", "Loss difference", "Why"],
                  rows, note, css="engines", numeric={3, 4, 5})
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from harness.measure.budget import budget_cap_bytes
-from harness.report.load import Results, _get, device_label, is_gpu_record
+from harness.report.load import Results, _get, device_label, is_gpu_record, machine
 from harness.report.loss import loss_parity
 from harness.report.verdicts import HOLDS
 from harness.report.units import LLAMA_2_7B_PARAMETERS, fmt_bytes, fmt_value
@@ -111,10 +111,10 @@ def select_records(results: Results, spec: dict, method: str, experiment: str) -
 
 def _configuration(record: dict) -> tuple:
     """What two records must share for one to be divided by the other: model, shape, accumulation,
-    ranks, budget and device (checkpointing belongs to the experiments compared)."""
+    ranks, budget and machine (checkpointing belongs to the experiments compared)."""
     config = record.get("config") or {}
     return (record.get("model"), config.get("seq_len"), config.get("micro_batch"), config.get("grad_accum") or 1,
-            config.get("world_size") or 1, _get(record, "budget", "budget_gb"), device_label(record))
+            config.get("world_size") or 1, _get(record, "budget", "budget_gb"), machine(record))
 
 
 def _oom_observation(record: dict, method: str) -> Observation:

@@ -5,7 +5,9 @@ from the code that produced them. A file that cannot be read is listed in `Resul
 with the reason, never fatal. Where one configuration has several records (a base model
 pretrained again, on another machine; a rerun under a new commit), the newest speaks for it,
 `Results.folded` counts the others and `Results.folded_records` keeps them: a folded run on the
-same base is still the reference of a loss comparison (harness.report.loss).
+same base is still the reference of a loss comparison (harness.report.loss), and a folded run on the
+same machine the reference of a run in another loop (harness.report.engines), whose records are kept one
+per machine.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ def load_results(root: str | Path) -> Results:
             continue
         record["_slug"] = path.parent.name
         key = schema.configuration_key(record, path.parent.name)
+        if engine_of(record) != LAB_ENGINE:  # kept one per machine: each is divided by the lab's run on its own
+            key += json.dumps(machine(record))
         kept = newest.get(key)
         if kept is not None:  # one configuration measured twice: the newest record speaks for it
             results.folded += 1
@@ -142,6 +146,13 @@ def is_gpu_record(record: dict) -> bool:
     device_type = (_get(record, "environment", "device_type") or _get(record, "memory", "source")
                    or _get(record, "config", "device"))
     return device_type == "cuda"
+
+
+def machine(record: dict) -> tuple:
+    """What two runs' speeds must share to be divided: the device, and on a CPU the instruction set its
+    kernels ran with (one processor under AVX2 emulates bf16, the same under AVX-512 may not)."""
+    return (_get(record, "environment", "device_name") or record.get("_slug"),
+            None if is_gpu_record(record) else _get(record, "environment", "cpu", "capability"))
 
 
 def device_label(record: dict) -> str:

@@ -445,6 +445,11 @@ def _engine_blocks(results) -> list[Block]:
         blocks.append(Block("table", table=engines.engine_table(cpu)))
     elif not gpu:
         blocks.append(Block("p", "No CPU run in another loop either: `make bench` runs the cross-check block."))
+    alone = engines.unpaired(results)
+    if alone:
+        blocks.append(Block("p", "Not compared, for want of the lab's run of the same cell on the same machine (a "
+                                 "speed is divided only by one measured on the same processor and instruction set): "
+                                 + "; ".join(alone) + "."))
     skipped = engines.not_run(results)
     if skipped:
         blocks.append(Block("p", "Not run in another loop (the record says why): " + "; ".join(skipped) + "."))
