@@ -134,8 +134,10 @@ def test_storages_made_on_a_side_stream_reach_the_allocator_on_it():
         torch.empty(3 * MiB, dtype=torch.uint8)
         with tracker.on_side_stream():
             torch.empty(5 * MiB, dtype=torch.uint8)
-    allocations = [event for event in allocator_events(tracker, "cuda") if event[0] and event[0] > 0]
-    assert [(nbytes, stream) for nbytes, _, stream in allocations] == [(3 * MiB, 0), (5 * MiB, 1)]
+    for device_type, streams in (("cuda", [0, 1]), ("cpu", [0, 0])):  # a CPU has one stream
+        allocations = [event for event in allocator_events(tracker, device_type) if event[0] and event[0] > 0]
+        assert [(nbytes, stream) for nbytes, _, stream in allocations] == [
+            (3 * MiB, streams[0]), (5 * MiB, streams[1])]
 
 
 def test_a_simulated_cuda_step_predicts_reserved_and_device_bytes_from_its_own_allocations():

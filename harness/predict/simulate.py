@@ -436,15 +436,17 @@ def allocator_events(tracker: TensorTracker, device_type: str, emptied_at: list[
     it multiplies there (aten/src/ATen/cuda/CublasHandlePool.cpp, getCurrentCUDABlasHandle and
     getCUDABlasLtWorkspace), which no tensor stands for: one on the first forward's thread and one on
     autograd's backward thread, born where the tracker's forward and backward phases first allocate.
-    `emptied_at`: tracker counters after which torch.cuda.empty_cache() ran (allocator.EMPTY_CACHE)."""
-    timed = [(counter + 0.5, *caching_allocator.EMPTY_CACHE) for counter in emptied_at] if device_type == "cuda" else []
+    `emptied_at`: tracker counters after which torch.cuda.empty_cache() ran (allocator.EMPTY_CACHE).
+    A storage born on a side stream keeps that stream on CUDA only: a CPU has one."""
+    cuda = device_type == "cuda"
+    timed = [(counter + 0.5, *caching_allocator.EMPTY_CACHE) for counter in emptied_at] if cuda else []
     for index, record in enumerate(tracker.history):
         if record.host:
             continue
-        timed.append((record.born, record.nbytes, index, record.stream))
+        timed.append((record.born, record.nbytes, index, record.stream if cuda else 0))
         if record.died is not None:
             timed.append((record.died, -1, index))
-    if device_type == "cuda":
+    if cuda:
         for phase in WORKSPACE_PHASES:
             first = next((r.born for r in tracker.history if r.phase == phase and not r.host), None)
             if first is not None:
