@@ -134,6 +134,16 @@ def test_a_run_is_compared_with_the_reference_on_its_own_base_even_one_folded_aw
     assert verdicts["new-ao4"].reference["_file"] == "new-bf16"  # a shown run first
     alone = {c.record["_file"]: c for c in loss_parity(shown)}
     assert alone["old-ao"].reference is None  # across bases there is no comparison
+    # the figure draws the same comparisons: a panel per base, each with its own reference
+    from harness.report.figures import final_losses, loss_panels
+    from harness.report.load import Results
+
+    results = Results(root=Path("."), records=shown, folded_records=folded)
+    panels = {runs["bf16-pure"]["config"]["base_checkpoint"]: ({e: r["_file"] for e, r in runs.items()}, references)
+              for runs, references in loss_panels(results).values()}
+    assert panels == {"tiny@old": ({"ao-adamw8bit": "old-ao", "bf16-pure": "old-bf16"}, {"bf16-pure"}),
+                      "tiny@new": ({"ao-adamw4bit": "new-ao4", "bf16-pure": "new-bf16"}, {"bf16-pure"})}
+    assert final_losses(results).png
 
 
 def test_a_record_written_and_read_is_the_same_typed_record(tmp_path):

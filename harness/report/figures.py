@@ -22,7 +22,8 @@ import seaborn as sns  # noqa: E402
 from harness.claims import Claim  # noqa: E402
 from harness.cards import CARD_BYTES, card_bytes  # noqa: E402
 from harness.measure.budget import budget_cap_bytes  # noqa: E402
-from harness.report.load import CATEGORIES, Results  # noqa: E402
+from harness.report.load import CATEGORIES, Results, machine  # noqa: E402
+from harness.report.loss import LOSS_RULES, comparison_key, eval_final, loss_parity  # noqa: E402
 from harness.report.units import CATEGORY_WORDS, DOCUMENTS_MODEL  # noqa: E402
 from harness.techniques import TECHNIQUES  # noqa: E402
 
@@ -255,66 +256,62 @@ def throughput_vs_memory(runs: pd.DataFrame) -> FigureResult:
 
 # --- 3. loss curves -----------------------------------------------------------------------------
 
-def loss_curves(results: Results, runs: pd.DataFrame) -> FigureResult:
+def loss_panels(results: Results) -> dict[tuple, tuple[dict[str, dict], set[str]]]:
+    """The loss table's comparisons by comparison (one base, data, steps and shape): {comparison key:
+    ({experiment: its record}, the experiments others are judged against)}, each compared run with the
+    reference it is judged against (harness.report.loss), shown or folded."""
+    panels: dict[tuple, tuple[dict[str, dict], set[str]]] = {}
+    for comparison in loss_parity(results.records, results.folded_records):
+        runs, references = panels.setdefault(comparison_key(comparison.record), ({}, set()))
+        runs.setdefault(comparison.record["experiment"], comparison.record)
+        if comparison.reference is not None:
+            runs.setdefault(comparison.reference["experiment"], comparison.reference)
+            references.add(comparison.reference["experiment"])
+    return panels
+
+
+def final_losses(results: Results) -> FigureResult:
+    """The loss table drawn: a panel per comparison (loss_panels), each run's final held-out loss."""
     name, title = "loss-curves", "Final loss from pretrained weights, per technique on the same data"
-    chosen = representative_runs(runs)
-    by_file = {r["_file"]: r for r in results.records}
-    lines = []
-    # A run from random weights says only that training runs: its loss is no comparison.
-    for _, run in chosen[~chosen["random_init"].astype(bool)].iterrows():
-        record = by_file.get(run["file"]) or {}
-        losses = (record.get("loss") or {}).get("per_step") or []
-        for step, value in enumerate(losses):
-            lines.append({"panel": f"{run['model']} | {run['device']}", "experiment": run["experiment"],
-                          "step": step, "loss": value, "kind": "train", "random_init": bool(run["random_init"])})
-        for point in (record.get("loss") or {}).get("eval") or []:
-            lines.append({"panel": f"{run['model']} | {run['device']}", "experiment": run["experiment"],
-                          "step": point["step"], "loss": point["loss"], "kind": "held-out",
-                          "random_init": bool(run["random_init"])})
-    if not lines:
+    panels = loss_panels(results)
+    if not panels:
         return FigureResult(name, title, "", missing=(
-            "No finished run from pretrained weights: `make bench` fine-tunes the lab's pretrained base."))
-    frame = pd.DataFrame(lines)
-    panels = sorted(frame["panel"].unique())
-    # One row per technique, its last held-out loss (else its last training loss), named on the axis: a
-    # legend of a dozen colours over a dozen crossing lines cannot be read.
-    finals = []
-    for (panel, experiment), part in frame.groupby(["panel", "experiment"], sort=False):
-        held = part[part["kind"] == "held-out"]
-        chosen_kind = "held-out" if len(held) else "train"
-        last = (held if len(held) else part).sort_values("step").iloc[-1]
-        finals.append({"panel": panel, "experiment": experiment, "loss": last["loss"], "kind": chosen_kind,
-                       "step": int(last["step"])})
-    finals = pd.DataFrame(finals)
-    most = finals.groupby("panel")["experiment"].nunique().max()
-    fig, axes = _panel_grid(len(panels), 2, (6.5, 1.0 + 0.3 * most))
-    for ax, panel in zip(axes.flat, panels):
-        part = finals[finals["panel"] == panel].sort_values("loss")
-        colors = ["#0969da" if kind == "held-out" else "#bf8700" for kind in part["kind"]]
-        ax.scatter(part["loss"], range(len(part)), c=colors, s=40, zorder=3)
-        longest = part["step"].max()  # a run cut short is no like-for-like comparison: its label says so
-        ax.set_yticks(range(len(part)), [e if step == longest else f"{e} (step {step}, not {longest})"
-                                         for e, step in zip(part["experiment"], part["step"])], fontsize=8)
+            "No finished fine-tune from pretrained weights with a held-out loss: `make base`, then `make bench`."))
+    most = max(len(runs) for runs, _ in panels.values())
+    fig, axes = _panel_grid(len(panels), 2, (6.5, 1.2 + 0.3 * most))
+    devices = set()
+    for ax, (runs, references) in zip(axes.flat, panels.values()):
+        ordered = sorted(runs.items(), key=lambda item: eval_final(item[1]))
+        losses = [eval_final(record) for _, record in ordered]
+        judged_against = [experiment in references for experiment, _ in ordered]
+        ax.scatter(losses, range(len(ordered)), s=40, zorder=3,
+                   c=["black" if reference else "#0969da" for reference in judged_against])
+        ax.set_yticks(range(len(ordered)), [f"{experiment} (reference)" if reference else experiment
+                                            for (experiment, _), reference in zip(ordered, judged_against)],
+                      fontsize=8)
         ax.invert_yaxis()
-        reference = part[(part["experiment"] == "fp32") & (part["step"] == longest)]
-        if len(reference):
-            ax.axvline(reference["loss"].iloc[0], color="black", linewidth=0.8, linestyle="--")
-            ax.annotate("fp32", (reference["loss"].iloc[0], len(part) - 0.6), fontsize=7, xytext=(3, 0),
-                        textcoords="offset points")
-        kinds = sorted(set(part["kind"]))
-        ax.set_xlabel("final loss (" + " / ".join("held-out, blue" if k == "held-out" else "training, amber"
-                                                  for k in kinds) + ")")
-        ax.set_title(panel, fontsize=9)
+        # at least 1% of the loss across: the tolerances are 1% to 5%, and a difference of 1e-5 drawn
+        # across the whole panel would look like one
+        middle, half = (min(losses) + max(losses)) / 2, max(max(losses) - min(losses), 0.01 * max(losses)) * 0.55
+        ax.set_xlim(middle - half, middle + half)
+        ax.ticklabel_format(axis="x", useOffset=False)
+        ax.set_xlabel("final held-out loss (nats)")
+        config = ordered[0][1].get("config") or {}
+        accumulated = f", {config.get('grad_accum')} accumulated" if (config.get("grad_accum") or 1) > 1 else ""
+        ax.set_title(f"{config.get('base_checkpoint') or ordered[0][1].get('model')}\n{config.get('steps')} steps of "
+                     f"{config.get('micro_batch')} x {config.get('seq_len')} tokens{accumulated}", fontsize=9)
         ax.grid(axis="x", color="#d0d7de", linewidth=0.5)
+        devices |= {str(machine(record)[0]) for _, record in ordered}
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.tight_layout()
-    caption = ("Each technique's loss at the end of its fine-tune from pretrained weights, one row per technique, the "
-               "same sequences for every technique of a panel: held-out loss (blue) where the run evaluated, else "
-               "the last training loss (amber); the dashed line is fp32's where it ran as long as the rest. A run that stopped earlier than the "
-               "others names its last step: its loss is not comparable with theirs. Runs from random weights are left out "
-               "(they measure memory and speed, and their loss says nothing); the loss section's table gives each "
-               "run's figures. Devices: " + ", ".join(sorted({p.split(' | ', 1)[1] for p in panels})) + ".")
+    caption = ("Each technique's held-out loss at the end of its fine-tune from pretrained weights, one panel per "
+               "comparison of the loss section's table: the same base (its recipe @ its weights: a recipe "
+               "pretrained on another processor is another base), sequences, steps and batch. Blue: a technique; "
+               "black: a run the others of its panel are judged against (fp32, bf16-pure or LoRA, as the table "
+               "says), kept even where a newer run of its configuration on another base is the one the other "
+               "tables show. Runs from random weights are left out (they measure memory and speed, and their "
+               "loss says nothing). Devices: " + "; ".join(sorted(devices)) + ".")
     return FigureResult(name, title, caption, _png(fig))
 
 
@@ -663,7 +660,7 @@ def all_figures(results: Results, runs: pd.DataFrame, predictions: pd.DataFrame,
         return [_with_provenance(figure) for figure in [
             memory_breakdown(results, runs, predictions, claims),
             throughput_vs_memory(runs),
-            loss_curves(results, runs),
+            final_losses(results),
             parity(runs, predictions),
             fits_grid(runs, predictions),
             memory_vs_sequence(results),
