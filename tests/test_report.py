@@ -545,11 +545,26 @@ def test_the_first_screen_shows_a_fit_rows_predicted_device_bytes_and_speed_once
     fits = json.loads(json.dumps(results.fits))
     row = next(r for r in fits["rows"] if (r["model"], r["experiment"], r["gradient_checkpointing"], r["card_gb"])
                == ("llama-2-7b", "lora", True, 24))
-    row.update(device_bytes=16.5e9, margin_bytes=8.0e9, tokens_per_s=2_100.0, step_time_s=0.24, cost_usd=0.002)
-    entry = next(e for e in answer_data(Results(root=FIXTURE, records=results.records, fits=fits))["rows"]
+    row.update(reference_device_bytes=14.0e9, device_bytes=16.5e9, margin_bytes=8.0e9, tokens_per_s=2_100.0,
+               step_time_s=0.24, cost_usd=0.002, speed_shape=[2048, 1])
+    fits["cards"]["24"]["gpu"] = "RTX 4090"
+    data = answer_data(Results(root=FIXTURE, records=results.records, fits=fits))
+    entry = next(e for e in data["rows"]
                  if (e["model"], e["card_gb"], e["recipe"]) == ("llama-2-7b", 24, "lora + checkpointing"))
-    assert entry["memory"]["bytes"] == 16.5e9 and "allocator included" in entry["memory"]["what"]
+    # the memory column is at the reference shape (512 x 1); what the card holds at the longest sequence is
+    # the longest sequence's own detail, never shown under "memory at 512 x 1"
+    assert entry["memory"]["bytes"] == 14.0e9 and "at sequence 512 x micro-batch 1" in entry["memory"]["what"]
+    assert "16.50 GB" in entry["longest_what"] and "8.00 GB (7.45 GiB) left" in entry["longest_what"]
+    # a predicted speed names the GPU and the shape it is predicted for
     assert entry["speed"]["tokens_per_s"] == 2_100.0 and entry["speed"]["kind"] == "predicted"
+    assert entry["speed"]["short"] == "predicted on an RTX 4090 at 2,048 x 1"
+    from harness.report.answer import model_table
+
+    table = model_table(data, "llama-2-7b")
+    assert "24 GB card (RTX 4090): longest sequence" in table.columns
+    line = next(row for row in table.rows if row[0].text == "lora + checkpointing")
+    assert "2,100 tokens/s predicted on an RTX 4090 at 2,048 x 1" in line[table.columns.index(
+        "24 GB card (RTX 4090): longest sequence")].detail
 
 
 def test_the_environment_on_top_flags_predictions_made_with_other_library_versions():

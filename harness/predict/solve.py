@@ -307,6 +307,7 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda"):
                                               MICRO_BATCH_LIMIT)
                     # device_bytes and margin_bytes: at the longest sequence's answer (micro-batch 1)
                     rows.append({**common, "card_gb": card_gb, "reference_peak_bytes": found.peak(*REFERENCE_SHAPE),
+                                 "reference_device_bytes": found.device(*REFERENCE_SHAPE),
                                  "max_seq_len": longest.value,
                                  "seq_len_limited_by": _answer_dict(longest, "seq_len", found.context,
                                                                     _limit("seq_len", found.context))["limited_by"],

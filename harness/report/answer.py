@@ -96,11 +96,11 @@ def _memory(row: dict, runs: list[dict], reference: tuple[int, int], card_gb: in
             return {"bytes": held, "kind": "measured", "short": f"{what}, {device}, {record['_file']}",
                     "what": f"{what} at {_shape(record)}, measured on {device} ({record['_file']})",
                     "how": _rerun(record)}
-    if row.get("device_bytes") is not None:
-        return {"bytes": row["device_bytes"], "kind": "predicted", "short": "card must hold, allocator included",
-                "what": "the card must hold this, the caching allocator included (predicted)"
-                        + (f"; margin left {fmt_bytes(row['margin_bytes'])}" if row.get("margin_bytes") is not None
-                           else ""),
+    if row.get("reference_device_bytes") is not None:
+        return {"bytes": row["reference_device_bytes"], "kind": "predicted",
+                "short": "card must hold, allocator and context included, analytic",
+                "what": f"the card must hold this at sequence {reference[0]:,} x micro-batch {reference[1]}, the "
+                        "caching allocator and the CUDA context included (analytic prediction)",
                 "how": solve}
     return {"bytes": row.get("reference_peak_bytes"), "kind": "predicted", "short": "tensor peak, analytic",
             "what": f"tensor peak at sequence {reference[0]:,} x micro-batch {reference[1]} (analytic prediction); "
@@ -108,17 +108,41 @@ def _memory(row: dict, runs: list[dict], reference: tuple[int, int], card_gb: in
             "how": solve}
 
 
-def _speed(row: dict, runs: list[dict], model: str, experiment: str) -> dict | None:
-    """Tokens per second: predicted where the fit row has it, else what a GPU run measured (any shape, said)."""
+def _article(name: str) -> str:
+    """"an" before a name said with a vowel sound first (an RTX 4090, an H100, an A100), else "a" (a T4)."""
+    return "an" if name[:1].upper() in "AEFHILMNORSX8" else "a"
+
+
+def _longest_what(row: dict, method: str | None) -> str:
+    """How the longest sequence was found, and what the card holds there (the margin it leaves)."""
+    what = f"longest sequence at micro-batch 1, {method or 'analytic'} search"
+    if row.get("device_bytes") is not None and row["max_seq_len"] > 0:
+        what += f"; the card holds {fmt_bytes(row['device_bytes'])} there, the allocator and the context included"
+        if row.get("margin_bytes") is not None:
+            what += f", {fmt_bytes(row['margin_bytes'])} left"
+    return what
+
+
+def _speed(row: dict, runs: list[dict], model: str, experiment: str, gpu: str | None) -> dict | None:
+    """Tokens per second: predicted where the fit row has it (on the GPU the fit table takes for the card, at the
+    row's speed shape), else what a GPU run measured (any shape, said)."""
     if row.get("tokens_per_s") is not None:
+        shape = row.get("speed_shape")
+        on = " ".join(part for part in (f"on {_article(gpu)} {gpu}" if gpu else "",
+                                        f"at {shape[0]:,} x {shape[1]}" if shape else "") if part)
         extra = []
         if row.get("step_time_s") is not None:
             extra.append(f"{row['step_time_s']:.3g} s a step")
         if row.get("cost_usd") is not None:
             extra.append(f"${row['cost_usd']:.3g}")
-        return {"tokens_per_s": row["tokens_per_s"], "kind": "predicted", "short": "predicted for this card",
-                "what": "predicted for this card" + (f" ({', '.join(extra)})" if extra else ""),
+        return {"tokens_per_s": row["tokens_per_s"], "kind": "predicted", "short": f"predicted {on}".strip(),
+                "what": f"predicted {on}".strip() + (f" ({', '.join(extra)})" if extra else ""),
                 "how": f"`python -m harness predict --model {model} --experiment {experiment}`"}
+    return _measured_speed(runs)
+
+
+def _measured_speed(runs: list[dict]) -> dict | None:
+    """What the first finished GPU run of a recipe measured, its device and shape said."""
     for record in runs:
         speed = _get(record, "throughput", "tokens_per_s")
         if record.get("status") == "ok" and speed:
@@ -137,6 +161,7 @@ def answer_data(results: Results) -> dict | None:
     if not table:
         return None
     reference = tuple(table.get("reference_shape") or (512, 1))
+    gpus = {int(gb): card.get("gpu") for gb, card in table["cards"].items()}  # the GPU a card's speed is predicted on
     rows = []
     for row in table["rows"]:
         model, checkpointing = row["model"], bool(row["gradient_checkpointing"])
@@ -146,11 +171,14 @@ def answer_data(results: Results) -> dict | None:
             "model": model, "card_gb": int(row["card_gb"]),
             "recipe": recipe_name(row["experiment"], checkpointing), "experiment": experiment,
             "fits": row["max_seq_len"] > 0, "max_seq_len": row["max_seq_len"],
+            "longest_what": _longest_what(row, table.get("method")),
             "limited_by": row.get("seq_len_limited_by"), "max_micro_batch": row.get("max_micro_batch"),
             "memory": _memory(row, runs, reference, int(row["card_gb"]), model),
-            "speed": _speed(row, runs, model, experiment),
+            "speed": _speed(row, runs, model, experiment, gpus.get(int(row["card_gb"]))),
+            "measured_speed": _measured_speed(runs),
         })
-    return {"cards": sorted(int(gb) for gb in table["cards"]), "models": list(dict.fromkeys(r["model"] for r in rows)),
+    return {"cards": sorted(int(gb) for gb in table["cards"]), "gpus": gpus,
+            "models": list(dict.fromkeys(r["model"] for r in rows)),
             "reference": list(reference), "micro_batch_seq_len": table.get("micro_batch_seq_len"),
             "method": table.get("method"), "rows": rows}
 
@@ -182,11 +210,16 @@ def summary_table(data: dict) -> Table:
             fastest = _fastest(fitting)
             if fastest:
                 detail += (f"; fastest: {fastest['recipe']}, {fastest['speed']['tokens_per_s']:,.0f} tokens/s "
-                           f"({fastest['speed']['kind']})")
+                           f"({fastest['speed']['short'] if fastest['speed']['kind'] == 'predicted' else 'measured'})")
             line.append(Cell(f"{len(fitting)} of {len(entries)} recipes", detail))
         lines.append(line)
-    columns = ["Model"] + [f"{card} GB card" for card in data["cards"]]
+    columns = ["Model"] + [_card_heading(data, card) for card in data["cards"]]
     return Table(columns, lines, css="answer")
+
+
+def _card_heading(data: dict, card: int) -> str:
+    gpu = (data.get("gpus") or {}).get(card)
+    return f"{card} GB card" + (f" ({gpu})" if gpu else "")
 
 
 def model_table(data: dict, model: str) -> Table:
@@ -196,27 +229,31 @@ def model_table(data: dict, model: str) -> Table:
     for recipe in recipes:
         entries = {e["card_gb"]: e for e in data["rows"] if e["model"] == model and e["recipe"] == recipe}
         first = next(iter(entries.values()))
-        memory, speed = first["memory"], first["speed"]
+        memory, measured = first["memory"], first["measured_speed"]
         line = [Cell(recipe),
                 Cell(f"{fmt_bytes(memory['bytes'])} {memory['kind']}", memory["short"])
                 if memory["bytes"] is not None else Cell("-", "no peak in the fit table's row"),
-                Cell(f"{speed['tokens_per_s']:,.0f} {speed['kind']}", speed["short"])
-                if speed else Cell("-", "no GPU run of this recipe and model")]
+                Cell(f"{measured['tokens_per_s']:,.0f}", measured["short"])
+                if measured else Cell("-", "no GPU run of this recipe and model")]
         for card in data["cards"]:
             entry = entries[card]
-            line.append(Cell(_seq_words(entry, context=" (context)")) if entry["fits"]
+            speed = entry["speed"]
+            line.append(Cell(_seq_words(entry, context=" (context)"),
+                             f"{speed['tokens_per_s']:,.0f} tokens/s {speed['short']}"
+                             if speed and speed["kind"] == "predicted" else "") if entry["fits"]
                         else Cell("does not fit", css="status-oom"))
         lines.append(line)
     reference = data["reference"]
-    columns = ["Recipe", f"Memory at {reference[0]:,} x {reference[1]}", "Tokens/s"] + [
-        f"{card} GB: longest sequence" for card in data["cards"]]
+    columns = ["Recipe", f"Memory at {reference[0]:,} x {reference[1]}", "Tokens/s measured"] + [
+        f"{_card_heading(data, card)}: longest sequence" for card in data["cards"]]
     note = ("Measured memory: what torch's caching allocator reserved on the device named, its record beside; "
             "`make bench` on a CUDA machine runs the cell again. Predicted memory: the analytic tensor peak "
             "(the allocator's caching and the CUDA context add to it); `python -m harness predict --model "
             f"{model} --experiment E [--checkpointing] --card GB --solve seq_len` confirms one cell by simulation. Longest "
             f"sequence: at micro-batch 1, predicted by the {data['method']} search for each card; (context): the "
-            "model's context length is reached before the card is full. Tokens/s: "
-            "measured on the device named (another card runs at another speed) unless marked predicted.")
+            "model's context length is reached before the card is full. Tokens/s measured: on the device and at the "
+            "shape named (another card runs at another speed); under each card, the tokens/s predicted for the GPU "
+            "its heading names, at the shape named.")
     return Table(columns, lines, css="fits", numeric=set(range(3, 3 + len(data["cards"]))), note=note)
 
 
@@ -254,7 +291,7 @@ PICKER_SCRIPT = r"""
       const name = term ? '<a class="term" href="' + term + '">' + esc(r.recipe) + '</a>' : esc(r.recipe);
       body += '<tr><td class="recipe">' + name + '</td><td class="num">' + gb(r.memory.bytes) +
         mark(r.memory.kind, r.memory.what, r.memory.how) + '</td><td class="num">' + longest +
-        mark('predicted', 'longest sequence at micro-batch 1, ' + data.method + ' search', r.memory.how) +
+        mark('predicted', r.longest_what, r.memory.how) +
         '</td><td class="num">' + speed + '</td></tr>';
     }
     const left = rows.filter(r => !fit.includes(r)).map(r => esc(r.recipe) + ' (' + gb(r.memory.bytes) + ' ' +
