@@ -274,8 +274,7 @@ class FitTable:
     device_type: str            # the code path predicted
     cards: dict[str, dict]      # nominal GB -> {"card_bytes", "cap_bytes"}
     micro_batch_seq_len: int    # the sequence length the micro-batch answers are for
-    reference_shape: list[int]  # (sequence length, micro-batch) of each row's reference_peak_bytes and
-    #                             reference_device_bytes (the tensor peak, and what the card must hold, there)
+    reference_shape: list[int]  # (sequence length, micro-batch) of each row's reference_peak_bytes
     rows: list[dict]            # experiment, model, gradient_checkpointing, card_gb, max_seq_len, ...
     curves: list[dict]          # experiment, model, gradient_checkpointing, seq_len, total_bytes
     cases: list[dict]           # case (a named configuration), experiment, model, card_gb, max_seq_len

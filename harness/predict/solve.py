@@ -306,6 +306,7 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda"):
                     largest = largest_fitting(lambda n: found.device(FIT_MICRO_BATCH_SEQ_LEN, n), cap,
                                               MICRO_BATCH_LIMIT)
                     # device_bytes and margin_bytes: at the longest sequence's answer (micro-batch 1)
+                    # at the reference shape: the tensor peak, and what the card must hold (allocator, context)
                     rows.append({**common, "card_gb": card_gb, "reference_peak_bytes": found.peak(*REFERENCE_SHAPE),
                                  "reference_device_bytes": found.device(*REFERENCE_SHAPE),
                                  "max_seq_len": longest.value,
