@@ -299,7 +299,8 @@ PICKER_SCRIPT = r"""
     out.innerHTML = '<p class="verdict-some">' + fit.length + ' of ' + rows.length + ' recipes fit ' + esc(model) +
       ' on ' + article(card) + card + ' GB card at ' + seq.toLocaleString('en-US') + ' tokens or more:</p>' +
       '<table class="picked"><thead><tr><th>Recipe</th><th>Memory at ' + data.reference[0] + ' x ' +
-      data.reference[1] + '</th><th>Longest sequence</th><th>Tokens/s</th></tr></thead><tbody>' + body +
+      data.reference[1] + '</th><th>Longest sequence</th><th>Tokens/s' +
+      (data.gpus && data.gpus[card] ? ' (' + esc(data.gpus[card]) + ')' : '') + '</th></tr></thead><tbody>' + body +
       '</tbody></table>' + (left.length ? '<p class="detail">Do not fit: ' + left.join(', ') + '.</p>' : '');
   }
   for (const id of ['pick-model', 'pick-card', 'pick-seq']) pick(id).addEventListener('change', show);
