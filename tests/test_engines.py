@@ -255,8 +255,10 @@ def test_a_loop_is_paired_with_our_run_on_its_own_machine_shown_or_folded(tmp_pa
     older machine is divided by our run there, never by the other processor's; on a third machine, by none."""
     folder = tmp_path / "cpu"
     folder.mkdir()
-    runs = (("harness", "CPU (X)", "AVX512", 1000.0, "2026-01-02"), ("harness", "CPU (Y)", "AVX2", 100.0, "2026-01-01"),
-            ("trainer", "CPU (Y)", "AVX2", 90.0, "2026-01-01"), ("trainer", "CPU (Z)", "AVX2", 10.0, "2026-01-01"))
+    runs = (("harness", "CPU (X)", "AVX512", 1000.0, "2026-01-02"),
+            ("harness", "CPU (Y)", "AVX2", 100.0, "2026-01-01"),
+            ("trainer", "CPU (Y)", "AVX2", 90.0, "2026-01-01"),
+            ("trainer", "CPU (Z)", "AVX2", 10.0, "2026-01-01"))
     for index, (engine, device, capability, speed, finished) in enumerate(runs):
         record = {**_record(engine, 1000, speed, 5.0, 900), "finished_at": finished,
                   "environment": {"device_type": "cpu", "device_name": device, "cpu": {"capability": capability}}}

@@ -2,7 +2,8 @@
 
 A run in transformers' Trainer or TRL's SFTTrainer (harness.engines) is paired with the lab's own
 run of the same configuration on the same machine (every field equal but the engine and its
-training_args; the device and, on a CPU, its instruction set: `load.machine`), shown or folded: the ratio of their peaks and of their tokens/s, and the difference of their final
+training_args; the device and, on a CPU, its instruction set: `load.machine`), shown or folded: the
+ratio of their peaks and of their tokens/s, and the difference of their final
 losses (the same sequences in the same order, so a loop that computes the same step gives the same
 loss). A peak more than 3% apart, or a throughput more than 10% apart, says why: the memory category
 that differs at the peak, the runs' own step-time spread, and what is known of the loop (REASONS).
