@@ -248,3 +248,30 @@ def test_torchao_s_compiled_step_holds_its_buffers_on_cuda_and_the_eager_step_it
     state_bytes = OPTIMIZERS["ao_adamw8bit"].state_bytes
     assert state_bytes([n, 2 * n, 1000], 2, device_type="cuda")[1] == OPTIMIZERS["ao_adamw8bit"].step_buffers(2 * n)
     assert state_bytes([n, 1000], 2, device_type="cpu")[1] == 0 and state_bytes([1000], 2)[1] == 0
+
+
+def test_a_cuda_trace_casts_as_cuda_autocast_does_in_forward_and_in_recomputation():
+    """ATen's autocast_mode.h: CUDA autocast runs layer_norm, pow, exp (...) in fp32 and a sum or a softmax of
+    16-bit values into fp32, where CPU autocast, which the trace runs, keeps them 16-bit; the functions are
+    replaced for the trace and given back after it, and checkpointing's recomputation casts alike."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    from harness.predict.simulate import _cuda_autocast
+
+    x = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
+    norm = torch.nn.LayerNorm(8).bfloat16()
+    originals = (torch.pow, torch.Tensor.pow, torch.Tensor.__pow__, F.layer_norm, torch.Tensor.sum)
+    with _cuda_autocast("cuda"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert [t.dtype for t in (norm(x), torch.pow(x, 3.0), x ** 2, x.sum(), F.softmax(x, -1), x.exp())] == [
+                torch.float32] * 6
+            assert F.silu(x).dtype == torch.bfloat16 and F.softmax(x, -1, dtype=torch.bfloat16).dtype == torch.bfloat16
+            out = checkpoint(lambda t: norm(t) * 2, x, use_reentrant=False)
+        assert torch.pow(x, 3.0).dtype == torch.bfloat16  # outside autocast, nothing is cast
+        out.sum().backward()  # the recomputed layer_norm is fp32 again, as checkpointing checks
+    assert x.grad is not None and (torch.pow, torch.Tensor.pow, torch.Tensor.__pow__, F.layer_norm,
+                                   torch.Tensor.sum) == originals
+    with _cuda_autocast("cpu"), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.layer_norm(x, (8,)).dtype == torch.bfloat16  # a CPU step keeps CPU autocast's own rules

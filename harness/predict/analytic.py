@@ -13,10 +13,9 @@ size, V vocabulary, E experts, k experts per token. Bytes: fp32 4, bf16/fp16 2, 
 
 The model's own dropout is taken to be off (the lab sets it to 0 in the random-init models it
 builds, harness.step.models; a pretrained GPT-2 keeps its config's 0.1, whose masks are not
-counted here). Autocast follows the simulation, which traces torch's CPU autocast: on CUDA,
-autocast also runs layer_norm and pow (GPT-2's GELU) in fp32, which the rules below leave out
-(on an H200 both predictions of a small GPT-2 were 7% under its tracked peak with bf16-mixed,
-12-13% with LoRA; GPT-NeoX's and Gemma 2's within 2.3%).
+counted here). Autocast is the device's: on the CUDA path CUDA autocast's, which runs layer_norm
+and pow (GPT-2's GELU) in fp32 where CPU autocast keeps 16 bits (_layer_norm_in_fp32, _activation;
+the simulation casts the same ops, harness.predict.simulate._cuda_autocast).
 """
 
 from __future__ import annotations
@@ -36,6 +35,9 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # save (traced). Any other, one torch op, saves one: its input (GELU, SiLU) or its output (ReLU).
 ACTIVATION_SAVED = {"gelu_new": 4, "gelu_fast": 7, "gelu_python": 3, "gelu_python_tanh": 4, "gelu_accurate": 4,
                     "quick_gelu": 2}
+# Those of them whose Python code calls torch.pow (transformers/activations.py: NewGELUActivation, GELUTanh's
+# Python form, AccurateGELUActivation), which CUDA autocast runs in fp32 (harness.predict.simulate._cuda_autocast).
+ACTIVATION_POW = frozenset(("gelu_new", "gelu_python_tanh", "gelu_accurate"))
 ATTENTION_ROLES = ("q", "k", "v", "qkv", "o")
 
 
@@ -55,6 +57,7 @@ class Shape:
     positions: int = 0        # rows of a learned position embedding (GPT-2's wpe); 0: rotary
     biased: frozenset = frozenset()  # roles of the linear layers with a bias (family.linear_bias)
     activation_saved: int = 1  # intermediate-sized tensors the MLP's activation saves (ACTIVATION_SAVED)
+    activation_pow: bool = False  # the activation calls torch.pow (ACTIVATION_POW)
     parallel_residual: bool = False  # attention and MLP read the same input (NeoX's use_parallel_residual)
     attn_softcap: bool = False   # tanh soft-capping of the attention scores (Gemma 2)
     final_softcap: bool = False  # tanh soft-capping of the logits (Gemma 2)
@@ -130,7 +133,7 @@ def shape_of(config) -> Shape:
                  experts_per_token=getattr(config, "num_experts_per_tok", 0) or 0,
                  tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)), model_type=config.model_type,
                  positions=config.max_position_embeddings if family.learned_positions else 0, biased=biased,
-                 activation_saved=ACTIVATION_SAVED.get(activation, 1),
+                 activation_saved=ACTIVATION_SAVED.get(activation, 1), activation_pow=activation in ACTIVATION_POW,
                  parallel_residual=family.parallel_residual and bool(getattr(config, "use_parallel_residual", True)),
                  attn_softcap=family.logit_softcapping and getattr(config, "attn_logit_softcapping", None) is not None,
                  final_softcap=family.logit_softcapping and getattr(config, "final_logit_softcapping", None) is not None)
@@ -305,13 +308,37 @@ def _layer_norm_stats(flow: _Flow, tokens: int) -> int:
     return 2 * (4 if flow.cuda else flow.residual) * tokens
 
 
+def _layer_norm_in_fp32(flow: _Flow, family: Architecture) -> bool:
+    """CUDA autocast runs layer_norm in fp32 (ATen's autocast_mode.h, AT_FORALL_FP32): a 16-bit input is cast
+    to an fp32 copy, which the norm saves, and its output is fp32. CPU autocast leaves it in the input's dtype."""
+    return family.layer_norm and flow.cuda and flow.autocast
+
+
+def _norm_output(flow: _Flow, family: Architecture) -> int:
+    """Bytes per element of a pre-norm's output, the input of the linear layers after it: the residual's dtype
+    (RMSNorm casts back to it), fp32 for LayerNorm under CUDA autocast."""
+    return 4 if _layer_norm_in_fp32(flow, family) else flow.residual
+
+
 def _norms(flow: _Flow, tokens: int, hidden: int, family: Architecture, count: int, inputs: int) -> int:
     """`count` norms over the hidden size that read `inputs` distinct tensors (NeoX's parallel
-    residual: two norms, one input): LayerNorm saves that input itself, RMSNorm an fp32 copy
-    of its own (harness.architectures has no RMSNorm family with a parallel residual)."""
+    residual: two norms, one input): LayerNorm saves that input itself (under CUDA autocast each norm
+    its own fp32 copy of a 16-bit input), RMSNorm an fp32 copy of its own (harness.architectures has no
+    RMSNorm family with a parallel residual)."""
     if family.layer_norm:
-        return count * _layer_norm_stats(flow, tokens) + inputs * flow.residual * tokens * hidden
+        copied = _layer_norm_in_fp32(flow, family) and flow.residual != 4
+        return count * _layer_norm_stats(flow, tokens) + (count if copied else inputs) * (
+            4 if copied else flow.residual) * tokens * hidden
     return count * _rms_norm(flow, tokens, hidden, family)
+
+
+def _activation(flow: _Flow, shape: Shape, g_out: int) -> tuple[int, int]:
+    """(bytes the MLP's activation saves per intermediate element, bytes per element of its output). Under
+    CUDA autocast a GELU written with torch.pow computes in fp32 from pow on: pow saves an fp32 copy of its
+    16-bit input, the tanh and 1 + tanh are fp32, x/2 stays 16-bit, and the output is fp32."""
+    if shape.activation_pow and flow.cuda and flow.autocast and g_out != 4:
+        return 4 + 4 + 4 + g_out, 4
+    return shape.activation_saved * g_out, g_out
 
 
 def _mlp(flow: _Flow, tokens: int, shape: Shape, x_bytes: int, targets: set[str], quantized: bool) -> tuple[int, bool]:
@@ -328,13 +355,16 @@ def _mlp(flow: _Flow, tokens: int, shape: Shape, x_bytes: int, targets: set[str]
         saved += extra
         input_saved |= uses_input
     # The activation saves its input (SiLU, GELU: one torch op) or more (a Python GELU: GPT-2's
-    # gelu_new keeps its input, the tanh, x/2 and 1 + tanh; ACTIVATION_SAVED). A gate's product
-    # saves the activation's output and up's output (halves of one tensor where fused: the same bytes).
-    # Liger's SwiGLU saves the gate's and up's outputs only and recomputes the activation in backward.
-    saved += (2 if flow.liger and family.gated_mlp else shape.activation_saved + (2 if family.gated_mlp else 0)
-              ) * g_out * tokens * inter
-    _, d_saved, d_in = _linear(flow, g_out, tokens, inter, hidden, family.name("down") in targets, quantized)
-    saved += d_saved + (g_out * tokens * inter if d_in else 0)  # down's input: act(g) * u, or act(u)
+    # gelu_new keeps its input, the tanh, x/2 and 1 + tanh; ACTIVATION_SAVED; _activation). A gate's
+    # product saves the activation's output and up's output (halves of one tensor where fused: the same
+    # bytes). Liger's SwiGLU saves the gate's and up's outputs only and recomputes the activation in backward.
+    act_saved, act_out = _activation(flow, shape, g_out)
+    if flow.liger and family.gated_mlp:
+        saved += 2 * g_out * tokens * inter
+    else:
+        saved += (act_saved + (act_out + g_out if family.gated_mlp else 0)) * tokens * inter
+    _, d_saved, d_in = _linear(flow, act_out, tokens, inter, hidden, family.name("down") in targets, quantized)
+    saved += d_saved + (act_out * tokens * inter if d_in else 0)  # down's input: act(g) * u, or act(u)
     return saved, input_saved
 
 
@@ -352,16 +382,20 @@ def recompute_held_bytes(flow: _Flow, shape: Shape, tokens: int, targets: set[st
     quantized = flow.quantized
     roles = ((("gate_up", 2 * inter),) if family.fused_gate_up else (("gate", inter), ("up", inter))
              if family.gated_mlp else (("up", inter),))
+    normalised = _norm_output(flow, family)
     g_out, mlp_in = 0, False
     for role, width in roles:
-        g_out, _, uses_input = _linear(flow, r, tokens, hidden, width, family.name(role) in targets, quantized)
+        g_out, _, uses_input = _linear(flow, normalised, tokens, hidden, width, family.name(role) in targets,
+                                       quantized)
         mlp_in |= uses_input
+    act_out = _activation(flow, shape, g_out)[1]
     adapted = family.name("down") in targets
-    d_out, _, d_in = _linear(flow, g_out, tokens, inter, hidden, adapted, quantized)
-    held = r * tokens * hidden + (0 if mlp_in else r * tokens * hidden) + (0 if d_in else g_out * tokens * inter)
+    d_out, _, d_in = _linear(flow, act_out, tokens, inter, hidden, adapted, quantized)
+    held = r * tokens * hidden + (0 if mlp_in else normalised * tokens * hidden) + (
+        0 if d_in else act_out * tokens * inter)
     held += d_out * tokens * hidden
     if adapted and flow.lora:
-        held += (0 if g_out == 4 else 4 * tokens * inter) + (4 * tokens * inter if flow.dropout else 0)
+        held += (0 if act_out == 4 else 4 * tokens * inter) + (4 * tokens * inter if flow.dropout else 0)
     return held
 
 
@@ -373,16 +407,18 @@ def layer_saved_bytes(flow: _Flow, shape: Shape, tokens: int, seq_len: int, targ
     norms = 4 if family.sandwich_norms else 2
     # NeoX's parallel residual: both pre-norms read the layer's input, saved once.
     saved = _norms(flow, tokens, h, family, norms, 1 if shape.parallel_residual else norms)
-    # Attention: q, k, v (or one fused projection, split) read the normalised input (dtype r).
+    normalised = _norm_output(flow, family)
+    # Attention: q, k, v (or one fused projection, split) read the normalised input.
     widths = {"q": shape.q_dim, "k": shape.kv_dim, "v": shape.kv_dim, "qkv": shape.q_dim + 2 * shape.kv_dim}
     shared_input = False
     outs = []
     for role in ("qkv",) if family.fused_qkv else ("q", "k", "v"):
-        out, extra, uses_input = _linear(flow, r, tokens, h, widths[role], family.name(role) in targets, quantized)
+        out, extra, uses_input = _linear(flow, normalised, tokens, h, widths[role], family.name(role) in targets,
+                                         quantized)
         saved += extra
         shared_input |= uses_input
         outs.append(out)
-    saved += r * tokens * h if shared_input else 0
+    saved += normalised * tokens * h if shared_input else 0
     outs = outs * 3 if family.fused_qkv else outs
     if family.qk_norm:
         # An RMSNorm over each head of q and of k: its fp32 input and per-head scale.
@@ -429,8 +465,8 @@ def layer_saved_bytes(flow: _Flow, shape: Shape, tokens: int, seq_len: int, targ
     _, o_saved, o_in = _linear(flow, attn_out, tokens, shape.q_dim, h, family.name("o") in targets, quantized)
     saved += o_saved + (attn_out * tokens * shape.q_dim if o_in and o_input_copied else 0)
     if not shape.experts:
-        mlp_saved, mlp_in = _mlp(flow, tokens, shape, r, targets, quantized)
-        return saved + mlp_saved + (r * tokens * h if mlp_in else 0)
+        mlp_saved, mlp_in = _mlp(flow, tokens, shape, normalised, targets, quantized)
+        return saved + mlp_saved + (normalised * tokens * h if mlp_in else 0)
     # MoE: the router (not quantized, not adapted) reads the normalised input; every expert
     # gathers its share of tokens (balanced routing: T k / E each) and runs a SwiGLU MLP.
     router_out, router_saved, router_in = _linear(flow, r, tokens, h, shape.experts, False, False)

@@ -13,9 +13,8 @@ What a fake step cannot do, and how it is handled:
 - kernels that differ by device: dropout's mask, fp32 grouped-query attention (math backend
   on CUDA) and LLM.int8's matmul are traced as CUDA runs them (see the _cuda_* hooks);
   the int8 kernel's outlier columns depend on values and are left out. Autocast is CPU
-  autocast (the fake tensors are CPU tensors): CUDA's autocast also runs layer_norm and pow in
-  fp32, which this leaves out (a small GPT-2 on an H200: 7% under its tracked peak with
-  bf16-mixed, 13% with LoRA).
+  autocast (the fake tensors are CPU tensors), with CUDA autocast's own casts added where the two
+  differ (_cuda_autocast: layer_norm, pow, exp, sum, softmax and the rest of its fp32 lists).
 - values: MoE routing is data-dependent, so experts get a perfectly balanced share of
   tokens (see models.SequentialExperts); dynamic loss scaling (which reads a value to
   skip steps) is left out, its state being a few bytes; transformers' packed-sequence
@@ -131,6 +130,81 @@ def _cuda_dropout(device_type: str):
         yield
     finally:
         functional.dropout = original
+
+
+# CUDA autocast's casts where they differ from CPU autocast's, which the trace runs (its fake tensors are CPU
+# tensors), by the name the op is called with in Python; from PyTorch's aten/src/ATen/autocast_mode.h (as
+# installed with torch 2.13: torch/include/ATen/autocast_mode.h). CPU autocast keeps the norms, pow, exp, log,
+# rsqrt, softplus, softmax, log_softmax, sum, cumsum and logsumexp in a bf16 input's dtype (checked on torch
+# 2.13); it runs prod and the losses in fp32 too, where casting first changes nothing.
+# AT_FORALL_FP32: a 16-bit floating input is cast to fp32 first (the upsample ops left out: no LLM calls them).
+CUDA_AUTOCAST_FP32 = frozenset((
+    "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt", "sinh",
+    "tan", "pow", "__pow__", "__rpow__", "softplus", "layer_norm", "rms_norm", "group_norm", "frobenius_norm",
+    "nuclear_norm", "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss", "nll_loss",
+    "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss", "margin_ranking_loss",
+    "multilabel_margin_loss", "soft_margin_loss", "triplet_margin_loss", "multi_margin_loss",
+    "binary_cross_entropy_with_logits", "dist", "pdist", "cdist", "renorm", "logsumexp"))
+# AT_FORALL_FP32_SET_OPT_DTYPE, and norm (AT_FORALL_DIFFERENT_REDISPATCH_SIGNATURE's fp32_append_dtype): run
+# with dtype=float32 where no dtype is given and the first tensor is a floating one, so the output is fp32.
+CUDA_AUTOCAST_FP32_DTYPE = frozenset(("prod", "softmax", "log_softmax", "cumprod", "cumsum", "linalg_vector_norm",
+                                      "vector_norm", "linalg_matrix_norm", "matrix_norm", "sum", "norm"))
+# AT_FORALL_LOWER_PRECISION_FP's ops that CPU autocast leaves in fp32: cast to autocast's 16-bit dtype.
+CUDA_AUTOCAST_LOWER = frozenset(("addmv", "addr", "mv"))
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _as_cuda_autocast(name: str, function):
+    """`function` (torch's, a Tensor method's or torch.nn.functional's `name`) given, while (CPU) autocast is on,
+    the inputs or the dtype CUDA autocast gives it."""
+
+    def cast(*args, **kwargs):
+        if torch.is_autocast_enabled("cpu"):
+            if name in CUDA_AUTOCAST_FP32:
+                args, kwargs = _cast_floating((args, kwargs), _HALF, torch.float32)
+            elif name in CUDA_AUTOCAST_LOWER:
+                args, kwargs = _cast_floating((args, kwargs), (torch.float32,), torch.get_autocast_dtype("cpu"))
+            elif kwargs.get("dtype") is None and not any(isinstance(arg, torch.dtype) for arg in args):
+                first = next((arg for arg in args if isinstance(arg, torch.Tensor)), None)
+                if first is not None and first.is_floating_point() and first.dtype != torch.float64:
+                    kwargs = {**kwargs, "dtype": torch.float32}
+        return function(*args, **kwargs)
+
+    return cast
+
+
+def _cast_floating(tree, dtypes: tuple, to: torch.dtype):
+    return torch.utils._pytree.tree_map_only(
+        torch.Tensor, lambda t: t.to(to) if t.is_floating_point() and t.dtype in dtypes else t, tree)
+
+
+@contextmanager
+def _cuda_autocast(device_type: str):
+    """CUDA autocast's casts in a CUDA step traced under CPU autocast: each op of CUDA_AUTOCAST_FP32,
+    CUDA_AUTOCAST_FP32_DTYPE and CUDA_AUTOCAST_LOWER, wherever Python calls it (torch.*, a Tensor method,
+    torch.nn.functional.*, torch.linalg.*), runs as CUDA autocast runs it. The functions themselves are
+    replaced, not intercepted by a torch function mode, which the autograd engine does not carry into
+    backward, where checkpointing recomputes a layer (and must make the tensors its forward made). A bf16
+    step's LayerNorm (GPT-2, NeoX) then saves an fp32 copy of its input and returns fp32, GPT-2's GELU
+    (torch.pow) computes in fp32, and a sum or a softmax of 16-bit values returns fp32."""
+    if device_type != "cuda":
+        yield
+        return
+    restore = []
+    for name in CUDA_AUTOCAST_FP32 | CUDA_AUTOCAST_FP32_DTYPE | CUDA_AUTOCAST_LOWER:
+        for owner in (torch, torch.Tensor, torch.nn.functional, torch.linalg):
+            function = getattr(owner, name, None)
+            if callable(function):
+                restore.append((owner, name, owner.__dict__.get(name)))
+                setattr(owner, name, _as_cuda_autocast(name, function))
+    try:
+        yield
+    finally:
+        for owner, name, original in reversed(restore):
+            if original is None:
+                delattr(owner, name)  # a method torch.Tensor inherits from its C base
+            else:
+                setattr(owner, name, original)
 
 
 @contextmanager
@@ -370,8 +444,8 @@ def fake_step(technique: Technique, cfg, device_type: str, tracker: TensorTracke
         raise NotSimulated("not simulated (" + "; ".join(blocked) + "); the analytic method predicts it")
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with (_sharded_over(cfg, tracker) as mesh, _real_code_books(technique), _unpacked_sequences(),
-          _cuda_dropout(device_type), _cuda_attention(device_type), _cuda_int8_matmul(device_type), _liger(), mode,
-          _swappable_fake_tensors(mode)):
+          _cuda_dropout(device_type), _cuda_attention(device_type), _cuda_int8_matmul(device_type),
+          _cuda_autocast(device_type), _liger(), mode, _swappable_fake_tensors(mode)):
         yield mesh
 
 
