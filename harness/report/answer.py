@@ -246,9 +246,10 @@ def model_table(data: dict, model: str) -> Table:
     reference = data["reference"]
     columns = ["Recipe", f"Memory at {reference[0]:,} x {reference[1]}", "Tokens/s measured"] + [
         f"{_card_heading(data, card)}: longest sequence" for card in data["cards"]]
-    note = ("Measured memory: what torch's caching allocator reserved on the device named, its record beside; "
-            "`make bench` on a CUDA machine runs the cell again. Predicted memory: the analytic tensor peak "
-            "(the allocator's caching and the CUDA context add to it); `python -m harness predict --model "
+    note = ("Measured memory: what the card held on the device named (NVML's device-used, else what torch's caching "
+            "allocator reserved), its record beside; `make bench` on a CUDA machine runs the cell again. Predicted "
+            "memory: what the card must hold there (analytic: the tensors, the caching allocator and the CUDA "
+            "context), or where a fit table lacks it the analytic tensor peak; `python -m harness predict --model "
             f"{model} --experiment E [--checkpointing] --card GB --solve seq_len` confirms one cell by simulation. Longest "
             f"sequence: at micro-batch 1, predicted by the {data['method']} search for each card; (context): the "
             "model's context length is reached before the card is full. Tokens/s measured: on the device and at the "
