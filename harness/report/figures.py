@@ -23,7 +23,7 @@ from harness.claims import Claim  # noqa: E402
 from harness.cards import CARD_BYTES, card_bytes  # noqa: E402
 from harness.measure.budget import budget_cap_bytes  # noqa: E402
 from harness.report.load import CATEGORIES, Results, machine  # noqa: E402
-from harness.report.loss import LOSS_RULES, comparison_key, eval_final, loss_parity  # noqa: E402
+from harness.report.loss import comparison_key, eval_final, loss_parity  # noqa: E402
 from harness.report.units import CATEGORY_WORDS, DOCUMENTS_MODEL  # noqa: E402
 from harness.techniques import TECHNIQUES  # noqa: E402
 
