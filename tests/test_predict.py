@@ -52,18 +52,17 @@ def test_simulated_peak_matches_the_real_cpu_run_within_2_percent(quick_records,
                                                                   rel=0.02, abs=4096), category
 
 
-# A gap the formula has not closed: LLM.int8 under gradient checkpointing keeps, in the traced
-# forward, about one int8 weight's worth of bytes per layer that the formula does not count
-# (7B: simulated 10.2 GB, analytic 8.75 GB). Strict: the day the formula counts it, this fails.
-KNOWN_GAPS = {"int8-lora-gc": "LLM.int8 under checkpointing keeps tensors the formula does not count yet"}
+# Gaps the formula has not closed, each a strict xfail: the day the formula counts it, the test fails. None
+# today (LLM.int8 under checkpointing was one: harness.predict.analytic.int8_inputs_held closed it).
+KNOWN_GAPS: dict[str, str] = {}
 
 # Llama-2-7B's widths (hidden, MLP, heads, vocabulary) with 4 of its 32 decoder layers: the formula and
 # the simulation count each layer alike, so a few layers check every term of the step at 7B's sizes,
 # with each layer still most of the weights, in an eighth of the simulation's time. Where the two
 # differ by a term that does not grow with the layers, the step is judged at 7B's own depth, where the
 # tolerance was set: torchao's optimizer steps eagerly in the simulation, making fp32 copies of the
-# largest tensor's moments that its compiled step (the formula's) does not; the known gap above is a
-# per-layer one, seen whole over 32.
+# largest tensor's moments that its compiled step (the formula's) does not; a known gap above would be
+# seen whole over 32.
 SEVEN_B_LAYERS = 4
 
 

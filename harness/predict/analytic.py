@@ -399,6 +399,23 @@ def recompute_held_bytes(flow: _Flow, shape: Shape, tokens: int, targets: set[st
     return held
 
 
+def int8_inputs_held(flow: _Flow, shape: Shape, tokens: int) -> int:
+    """What one checkpointed decoder layer of an LLM.int8 base keeps through the forward: bitsandbytes'
+    MatMul8bitLt holds its input for backward as an attribute of its context (`ctx.tensors = (CAt, subA, A)`,
+    bitsandbytes.autograd._functions), not through save_for_backward, so non-reentrant checkpointing's
+    saved-tensor hooks never see it and it stays alive as without checkpointing: the normalised input q, k
+    and v read (one tensor), attention's output o reads, the MLP's normalised input, and down's input.
+    Mixture-of-experts layers are left out."""
+    if not (flow.quantized and flow.saves_input) or shape.experts:
+        return 0
+    family, hidden, inter = shape.family, shape.hidden, shape.intermediate
+    normalised = _norm_output(flow, family)
+    out, _, _ = _linear(flow, normalised, tokens, hidden, inter, False, True)
+    attn_out = 2 if flow.autocast else max(out, flow.residual)
+    act_out = _activation(flow, shape, out)[1]
+    return tokens * (2 * normalised * hidden + attn_out * shape.q_dim + act_out * inter)
+
+
 def layer_saved_bytes(flow: _Flow, shape: Shape, tokens: int, seq_len: int, targets: set[str]) -> int:
     """Bytes one decoder layer saves for backward (no checkpointing)."""
     quantized = flow.quantized
@@ -532,17 +549,34 @@ def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gr
     head = final_norm + lm_head + loss
     if flow.dora:  # at the last adapted layer, on top of nearly every saved activation
         loss_backward = max(loss_backward, _dora_transient(shape, targets) - head)
+    # At the forward's end, the loss's log_softmax writing its output, two tensors beside what is saved:
+    # the logits and their fp32 upcast (no copy where they are fp32 already). Liger never makes them.
+    logits = 0 if flow.liger else (2 if flow.autocast else flow.residual)
+    at_loss = tokens * shape.vocab * (logits + (4 if logits not in (0, 4) else 0))
+    # Under checkpointing, autocast's cache: it keeps the 16-bit copy it makes of every fp32 leaf that
+    # requires grad (trained fp32 weights, peft's fp32 adapters) until the autocast region, the whole
+    # forward and loss, exits (cached_cast, ATen's autocast_mode.cpp). Without checkpointing the layers
+    # save those copies anyway (counted in their saved bytes); with it nothing else holds them.
+    cached = 0
+    if gradient_checkpointing and flow.autocast:
+        if flow.lora:
+            cached = 2 * sum(adapter_tensors(shape, technique, lora))
+        elif flow.weights == 4:
+            params = shape.parameters()
+            cached = 2 * (params["linear"] + params["router"])  # lm_head's copy is in the head already
     layer_input = flow.residual * tokens * shape.hidden
-    # Non-reentrant checkpointing keeps each layer's input (and, selective, attention's outputs);
+    # Non-reentrant checkpointing keeps each layer's input (and, selective, attention's outputs; over an
+    # LLM.int8 base, what its linears hold outside the hooks: int8_inputs_held);
     # backward recomputes one layer at a time after the head's backward is done, so the two
     # transients never meet.
-    kept = shape.layers * (layer_input + (attention_kept_bytes(flow, shape, tokens) if selective else 0))
+    kept = shape.layers * (layer_input + (attention_kept_bytes(flow, shape, tokens) if selective else 0)
+                           + int8_inputs_held(flow, shape, tokens))
     layers, recompute = (kept, per_layer) if gradient_checkpointing else (shape.layers * per_layer, 0)
     # A recomputed layer's widest moment: its saved tensors and what its last linear's forward holds.
     recompute_peak = recompute + recompute_held_bytes(flow, shape, tokens, targets) if gradient_checkpointing else 0
     if not offloading:
         return {"saved": layers + head, "transient": max(loss_backward, recompute_peak - head), "host": 0,
-                "layer": recompute or per_layer, "head": head}
+                "layer": recompute or per_layer, "head": head, "forward_end": layers + head + cached + at_loss}
     # TRL's offloading: every saved tensor of 1 KB or more goes to host memory, but parameters and
     # what lm_head saves (it is run outside the offloading); checkpointing's kept inputs are
     # saved tensors too. Its streams keep the device tensors of the last five saves alive until
@@ -555,7 +589,7 @@ def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gr
     # more on the GPU than this), this counts each tensor once: checkpointed is what is predicted.
     return {"saved": lm_head + loss, "host": layers + final_norm + loss,
             "transient": max(loss_backward, recompute_peak + (layer_input if gradient_checkpointing else 0)),
-            "layer": recompute or per_layer, "head": lm_head + loss}
+            "layer": recompute or per_layer, "head": lm_head + loss, "forward_end": lm_head + loss + cached + at_loss}
 
 
 # -- sharded over ranks ---------------------------------------------------------------
@@ -616,6 +650,7 @@ def sharded_candidates(shape: Shape, technique, cfg, persistent: dict, activatio
         gathered_root, gathered_layer = units.root * compute, units.layer * compute
         reduced_layer = units.layer_trainable * reduce
         unsharded_grads = units.layer_trainable * compute
+        fp32_gradients = 0
         offloaded = ("weights", "gradients", "optimizer_state") if cfg.cpu_offload else ()
     else:
         stage3 = cfg.sharding == "zero3"
@@ -628,7 +663,7 @@ def sharded_candidates(shape: Shape, technique, cfg, persistent: dict, activatio
         gathered_layer = 2 * units.layer if stage3 else 0
         reduced_layer = 2 * min(bucket, trainable)
         unsharded_grads = 2 * units.layer_trainable
-        step_transient += math.ceil(4 * trainable / n)  # the fp32 copy of this rank's gradient partition
+        fp32_gradients = math.ceil(4 * trainable / n)  # the step's fp32 copy of this rank's gradient partition
         # ZeRO-Offload: each reduced gradient partition goes to the host, where the optimizer steps
         offloaded = ((("weights",) if stage3 else ()) + ("gradients", "optimizer_state")) if cfg.cpu_offload else ()
     host = sum(shards[k] for k in offloaded)
@@ -644,7 +679,8 @@ def sharded_candidates(shape: Shape, technique, cfg, persistent: dict, activatio
                            "all_gather": gathered_root + in_flight * gathered_layer, "reduce_scatter": reduced_layer},
         "backward end": {**device, "activations": activations["layer"] + unsharded_grads,
                          "all_gather": gathered_root + in_flight * gathered_layer, "reduce_scatter": reduced_layer},
-        "optimizer step": {**device, "activations": 0 if cfg.cpu_offload else math.ceil(step_transient / n)
+        "optimizer step": {**device, "gradients": device["gradients"] + (0 if cfg.cpu_offload else fp32_gradients),
+                           "activations": 0 if cfg.cpu_offload else math.ceil(step_transient / n)
                            if cfg.sharding == "fsdp2" else step_transient},
     }
     return candidates, device, host + activations["host"]
@@ -657,9 +693,11 @@ def predict(config, technique, cfg, seq_len: int, batch: int, device_type: str =
     experiment (harness.config.Experiment): its adapter, optimizer, accumulation, checkpointing,
     offloading and kernel settings.
 
-    Two candidate peaks: the start of the last micro-batch's backward (weights, optimizer
+    Three candidate peaks: the start of the last micro-batch's backward (weights, optimizer
     state, earlier micro-batches' gradients, saved activations, the loss's gradient
-    buffers) and the optimizer step (weights, gradients, optimizer state). With the step
+    buffers), the optimizer step (weights, gradients, optimizer state) and the end of its
+    forward (the saved activations, the logits, and under checkpointing autocast's cache of
+    16-bit weight copies, which nothing else keeps then). With the step
     in backward there is no optimizer step: each gradient is freed once its parameter has
     stepped, so at most one is in flight beside the activations (tied embeddings: that one's
     gradient waits for the embedding's own use, last in backward).
@@ -685,13 +723,17 @@ def predict(config, technique, cfg, seq_len: int, batch: int, device_type: str =
     # At the last micro-batch's backward start, gradients are alive only if earlier micro-batches left theirs.
     backward_start = {**persistent, "gradients": gradients if grad_accum > 1 else 0,
                       "activations": activations["saved"] + activations["transient"]}
-    candidates = {"backward start": backward_start, "optimizer step": {**persistent, "activations": step_transient}}
+    # The forward's end: the same, the loss being computed (binds under checkpointing with autocast's cache).
+    forward_end = {**backward_start, "activations": activations["forward_end"]}
+    candidates = {"backward start": backward_start, "optimizer step": {**persistent, "activations": step_transient},
+                  "forward end": forward_end}
     tied_buffers = 2
     if optimizer_in_backward:
         # No optimizer step and no gradient kept: at backward start none is in flight yet, and
         # later each lives only until its parameter's hook has stepped.
         persistent["gradients"] = 0
-        candidates = {"backward start": {**backward_start, "gradients": 0}}
+        candidates = {"backward start": {**backward_start, "gradients": 0},
+                      "forward end": {**forward_end, "gradients": 0}}
         tied_buffers = 3  # the output layer's gradient waits, outside .grad, for the embedding's own
     if shape.tied_embeddings and technique.adapter == "none":
         # Tied input and output embeddings, trained: the output layer's gradient is in .grad when
