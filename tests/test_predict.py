@@ -274,3 +274,25 @@ def test_a_cuda_trace_casts_as_cuda_autocast_does_in_forward_and_in_recomputatio
                                    torch.Tensor.sum) == originals
     with _cuda_autocast("cpu"), torch.autocast("cpu", dtype=torch.bfloat16):
         assert F.layer_norm(x, (8,)).dtype == torch.bfloat16  # a CPU step keeps CPU autocast's own rules
+
+
+def test_the_claims_pass_predicts_every_gpu_runs_own_configuration(tmp_path):
+    """A GPU run of a shape or model no plan names (an evidence pass's) is predicted too, so the report's check
+    has both predictions beside every run; a CPU run, a run at another accumulation than its experiment's (its
+    prediction would be named alike) and a run of no experiment file are not."""
+    from harness.predict.command import record_configurations
+
+    def write(name, experiment, device_type, grad_accum=1, status="ok"):
+        path = tmp_path / "some-gpu" / f"{name}.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"experiment": experiment, "model": "qwen2.5-7b", "status": status,
+                                    "environment": {"device_type": device_type},
+                                    "config": {"seq_len": 2048, "micro_batch": 1, "grad_accum": grad_accum}}))
+
+    write("a", "qlora-gc", "cuda")
+    write("b", "qlora-gc", "cuda", status="oom")
+    write("c", "qlora-gc", "cpu")
+    write("d", "lora", "cuda", grad_accum=4)
+    write("e", "no-such-experiment", "cuda")
+    (tmp_path / "some-gpu" / "broken.json").write_text("{")
+    assert record_configurations(tmp_path, EXPERIMENTS) == [("qlora-gc", "qwen2.5-7b", 2048, 1, "cuda", 1)] * 2

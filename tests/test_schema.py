@@ -115,6 +115,23 @@ def test_two_records_of_one_configuration_fold_into_the_newest(tmp_path):
     assert [r["_file"] for r in results.folded_records] == [str(original)]  # the older kept aside
 
 
+def test_one_measurement_under_two_experiment_names_folds_into_the_newest(tmp_path):
+    """lora-ga4 is lora at accumulation 4: a run of each measures one configuration, shown once; a run that
+    differs in a setting is another measurement."""
+    root = tmp_path / "results"
+    shutil.copytree(FIXTURE, root)
+    original = _a_run_record().relative_to(FIXTURE)
+    data = json.loads((root / original).read_text())
+    renamed = {**data, "experiment": "renamed", "config": {**data["config"], "name": "renamed"},
+               "finished_at": "2099-01-01T00:00:00+00:00"}
+    (root / original.parent / "renamed.json").write_text(json.dumps(renamed))
+    other = {**renamed, "config": {**renamed["config"], "seed": 12345}}
+    (root / original.parent / "other.json").write_text(json.dumps(other))
+    results = load_results(root)
+    files = {r["_file"] for r in results.records}
+    assert results.folded == 1 and str(original) not in files
+    assert {str(original.parent / "renamed.json"), str(original.parent / "other.json")} <= files
+
 def test_a_run_is_compared_with_the_reference_on_its_own_base_even_one_folded_away():
     """The recipe pretrained on two CPUs gives two bases; the newest bf16-pure run is on the second, and a
     run on the first compares with the first's bf16-pure run (folded in the other tables), never across."""

@@ -65,11 +65,36 @@ def claim_configurations() -> list[tuple[str, str, int, int, str, int]]:
     return [(name, model, seq, batch, "cuda", 1) for name, model, seq, batch in evidence_configurations(claims)]
 
 
-def report_configurations(experiments_dir: Path) -> list[tuple[str, str, int, int, str, int]]:
+def record_configurations(results_dir: Path, experiments_dir: Path) -> list[tuple[str, str, int, int, str, int]]:
+    """The configuration of every run measured on a GPU under `results_dir` (<device>/*.json), one rank, at its
+    experiment's own accumulation (a prediction is named without it), whatever plan ran it: the evidence passes
+    run shapes and models no plan of the matrix names."""
+    cells = []
+    for path in sorted(results_dir.glob("*/*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # the report lists what it cannot read
+        if not isinstance(record, dict) or not record.get("experiment"):
+            continue
+        config = record.get("config") or {}
+        experiment = experiments_dir / f"{record['experiment']}.yaml"
+        if ((record.get("environment") or {}).get("device_type") != "cuda" or record.get("status") not in ("ok", "oom")
+                or not experiment.exists() or (config.get("world_size") or 1) != 1):
+            continue
+        if (config.get("grad_accum") or 1) != resolve(experiment).experiment.grad_accum:
+            continue
+        cells.append((experiment.stem, record["model"], config["seq_len"], config["micro_batch"], "cuda", 1))
+    return cells
+
+
+def report_configurations(experiments_dir: Path, results_dir: Path | None = None) -> list[tuple[str, str, int, int,
+                                                                                             str, int]]:
     """What the report compares: (experiment, model, seq_len, batch, code path, world size). First the ledgers'
-    configurations, then every cell of the matrix's plans (harness.lab.bench), so each measured
-    run has both predictions beside it."""
-    return list(dict.fromkeys(claim_configurations() + matrix_configurations(experiments_dir)))
+    configurations, then every cell of the matrix's plans (harness.lab.bench), then what the GPU runs under
+    `results_dir` measured, so each measured run has both predictions beside it."""
+    measured = record_configurations(results_dir, experiments_dir) if results_dir else []
+    return list(dict.fromkeys(claim_configurations() + matrix_configurations(experiments_dir) + measured))
 
 
 def describe(prediction: schema.Prediction, budget_gb: float | None) -> str:
@@ -143,7 +168,8 @@ def main(args) -> int:
         return _solve(args, experiments_dir, {**overrides, **({"world_size": args.world_size} if args.world_size else {})})
     if args.claims:
         jobs = [(experiments_dir / f"{name}.yaml", model, seq, batch, device_type, world_size)
-                for name, model, seq, batch, device_type, world_size in report_configurations(experiments_dir)]
+                for name, model, seq, batch, device_type, world_size in report_configurations(
+                    experiments_dir, Path(args.results))]
     else:
         if not args.model or not args.experiment:
             raise SystemExit("predict: --model and --experiment are required (or --claims)")

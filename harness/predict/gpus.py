@@ -129,7 +129,7 @@ def gpu_count_table(experiments_dir: Path, simulate: bool = True):
                     row = {**common, "card_gb": card_gb, "world_size": size,
                            "limited_by": None if size else ("not sharded" if not sharded else "world sizes"),
                            "analytic_bytes": answer.total_bytes, "device_bytes": answer.device_bytes,
-                           "categories": answer.categories,
+                           "categories": answer.categories, "peak_at": answer.peak_at,
                            "host_bytes": answer.host_bytes, "at_world_size": answer.world_size}
                     if size and name in FULL_ROWS:
                         # ZeRO-3 at the same world size: the lab's terms, and DeepSpeed's own estimate

@@ -123,22 +123,35 @@ def _longest_what(row: dict, method: str | None) -> str:
     return what
 
 
-def _speed(row: dict, runs: list[dict], model: str, experiment: str, gpu: str | None) -> dict | None:
+def _speed(row: dict, runs: list[dict], model: str, experiment: str, card: dict) -> dict | None:
     """Tokens per second: predicted where the fit row has it (on the GPU the fit table takes for the card, at the
-    row's speed shape), else what a GPU run measured (any shape, said)."""
+    row's speed shape), else what a GPU run measured (any shape, said). The fit table's analytic speed times the
+    matrix products alone (harness.predict.speed.analytic_speed): an upper bound, said so (`bound`), and so are
+    the hours and dollars derived from it lower bounds."""
     if row.get("tokens_per_s") is not None:
-        shape = row.get("speed_shape")
+        gpu, shape = card.get("gpu"), row.get("speed_shape")
+        bound = row.get("speed_method", "analytic") == "analytic"
         on = " ".join(part for part in (f"on {_article(gpu)} {gpu}" if gpu else "",
                                         f"at {shape[0]:,} x {shape[1]}" if shape else "") if part)
+        label = ("upper bound (matrix products alone) " if bound else "predicted ") + on
         extra = []
         if row.get("step_time_s") is not None:
-            extra.append(f"{row['step_time_s']:.3g} s a step")
-        if row.get("cost_usd") is not None:
-            extra.append(f"${row['cost_usd']:.3g}")
-        return {"tokens_per_s": row["tokens_per_s"], "kind": "predicted", "short": f"predicted {on}".strip(),
-                "what": f"predicted {on}".strip() + (f" ({', '.join(extra)})" if extra else ""),
-                "how": f"`python -m harness predict --model {model} --experiment {experiment}`"}
+            extra.append(f"{'at least ' if bound else ''}{row['step_time_s']:.3g} s a step")
+        if row.get("hours_per_100m_tokens") is not None:
+            extra.append(f"{'at least ' if bound else ''}{row['hours_per_100m_tokens']:.3g} GPU-hours"
+                         + (f" and ${row['cost_usd']:.3g} at ${card['price_per_hour']:g} an hour"
+                            if row.get("cost_usd") is not None and card.get("price_per_hour") else "")
+                         + " for 100M tokens")
+        return {"tokens_per_s": row["tokens_per_s"], "kind": "predicted", "bound": bound, "short": label.strip(),
+                "what": label.strip() + (f" ({'; '.join(extra)})" if extra else ""),
+                "how": f"`python -m harness predict --model {model} --experiment {experiment} --gpu {gpu}` (the "
+                       "kernel model, tighter than this bound)"}
     return _measured_speed(runs)
+
+
+def speed_text(speed: dict) -> str:
+    """Tokens per second as a cell shows it: "<=" before an upper bound."""
+    return f"{'≤ ' if speed.get('bound') else ''}{speed['tokens_per_s']:,.0f}"
 
 
 def _measured_speed(runs: list[dict]) -> dict | None:
@@ -161,7 +174,7 @@ def answer_data(results: Results) -> dict | None:
     if not table:
         return None
     reference = tuple(table.get("reference_shape") or (512, 1))
-    gpus = {int(gb): card.get("gpu") for gb, card in table["cards"].items()}  # the GPU a card's speed is predicted on
+    cards = {int(gb): card for gb, card in table["cards"].items()}  # the GPU a card's speed is predicted on, its price
     rows = []
     for row in table["rows"]:
         model, checkpointing = row["model"], bool(row["gradient_checkpointing"])
@@ -174,10 +187,10 @@ def answer_data(results: Results) -> dict | None:
             "longest_what": _longest_what(row, table.get("method")),
             "limited_by": row.get("seq_len_limited_by"), "max_micro_batch": row.get("max_micro_batch"),
             "memory": _memory(row, runs, reference, int(row["card_gb"]), model),
-            "speed": _speed(row, runs, model, experiment, gpus.get(int(row["card_gb"]))),
+            "speed": _speed(row, runs, model, experiment, cards.get(int(row["card_gb"]), {})),
             "measured_speed": _measured_speed(runs),
         })
-    return {"cards": sorted(int(gb) for gb in table["cards"]), "gpus": gpus,
+    return {"cards": sorted(cards), "gpus": {gb: card.get("gpu") for gb, card in cards.items()},
             "models": list(dict.fromkeys(r["model"] for r in rows)),
             "reference": list(reference), "micro_batch_seq_len": table.get("micro_batch_seq_len"),
             "method": table.get("method"), "rows": rows}
@@ -188,13 +201,10 @@ def _seq_words(entry: dict, unit: str = "", context: str = " (the model's contex
     return text + context if entry["limited_by"] == "context" else text
 
 
-def _fastest(entries: list[dict]) -> dict | None:
-    timed = [e for e in entries if e["speed"]]
-    return max(timed, key=lambda e: e["speed"]["tokens_per_s"]) if timed else None
-
-
 def summary_table(data: dict) -> Table:
-    """Models as rows, card classes as columns: how many recipes fit, the longest sequence and the fastest."""
+    """Models as rows, card classes as columns: how many recipes fit and the longest sequence. No "fastest": the
+    fit table's speeds are upper bounds, which rank recipes by their matrix products alone (LoRA's fewer FLOPs
+    first, where its adapters' kernels make it slower on a GPU)."""
     lines = []
     for model in data["models"]:
         line = [Cell(model)]
@@ -207,10 +217,6 @@ def summary_table(data: dict) -> Table:
                 continue
             longest = max(fitting, key=lambda e: e["max_seq_len"])
             detail = f"longest: {longest['recipe']}, {_seq_words(longest, ' tokens')} (predicted)"
-            fastest = _fastest(fitting)
-            if fastest:
-                detail += (f"; fastest: {fastest['recipe']}, {fastest['speed']['tokens_per_s']:,.0f} tokens/s "
-                           f"({fastest['speed']['short'] if fastest['speed']['kind'] == 'predicted' else 'measured'})")
             line.append(Cell(f"{len(fitting)} of {len(entries)} recipes", detail))
         lines.append(line)
     columns = ["Model"] + [_card_heading(data, card) for card in data["cards"]]
@@ -239,7 +245,7 @@ def model_table(data: dict, model: str) -> Table:
             entry = entries[card]
             speed = entry["speed"]
             line.append(Cell(_seq_words(entry, context=" (context)"),
-                             f"{speed['tokens_per_s']:,.0f} tokens/s {speed['short']}"
+                             f"{speed_text(speed)} tokens/s, {speed['short']}"
                              if speed and speed["kind"] == "predicted" else "") if entry["fits"]
                         else Cell("does not fit", css="status-oom"))
         lines.append(line)
@@ -253,8 +259,10 @@ def model_table(data: dict, model: str) -> Table:
             f"{model} --experiment E [--checkpointing] --card GB --solve seq_len` confirms one cell by simulation. Longest "
             f"sequence: at micro-batch 1, predicted by the {data['method']} search for each card; (context): the "
             "model's context length is reached before the card is full. Tokens/s measured: on the device and at the "
-            "shape named (another card runs at another speed); under each card, the tokens/s predicted for the GPU "
-            "its heading names, at the shape named.")
+            "shape named (another card runs at another speed); under each card, an upper bound on the tokens/s of the "
+            "GPU its heading names, at the shape named (matrix products alone). A T4 has no bf16 tensor cores "
+            "(harness/cards.py): its bounds for bf16 recipes take its fp32 rate, and fp16-mixed is the recipe its "
+            "tensor cores run.")
     return Table(columns, lines, css="fits", numeric=set(range(3, 3 + len(data["cards"]))), note=note)
 
 
@@ -274,8 +282,7 @@ PICKER_SCRIPT = r"""
     const model = pick('pick-model').value, card = Number(pick('pick-card').value), seq = Number(pick('pick-seq').value);
     const rows = data.rows.filter(r => r.model === model && r.card_gb === card);
     const fit = rows.filter(r => r.fits && r.max_seq_len >= seq);
-    fit.sort((a, b) => ((b.speed ? b.speed.tokens_per_s : 0) - (a.speed ? a.speed.tokens_per_s : 0))
-                       || (b.max_seq_len - a.max_seq_len));
+    fit.sort((a, b) => (b.max_seq_len - a.max_seq_len) || ((a.memory.bytes || 0) - (b.memory.bytes || 0)));
     const out = pick('pick-answer');
     if (!fit.length) {
       out.innerHTML = '<p class="verdict-none">Nothing fits ' + esc(model) + ' on ' + article(card) + card + ' GB card at ' +
@@ -285,7 +292,7 @@ PICKER_SCRIPT = r"""
     }
     let body = '';
     for (const r of fit) {
-      const speed = r.speed ? Math.round(r.speed.tokens_per_s).toLocaleString('en-US') +
+      const speed = r.speed ? (r.speed.bound ? '\u2264 ' : '') + Math.round(r.speed.tokens_per_s).toLocaleString('en-US') +
         mark(r.speed.kind, r.speed.what, r.speed.how) : '\u2013';
       const longest = r.max_seq_len.toLocaleString('en-US') + (r.limited_by === 'context' ? ' (model context)' : '');
       const term = document.getElementById('g-' + r.experiment) ? '#g-' + r.experiment : null;
@@ -300,7 +307,7 @@ PICKER_SCRIPT = r"""
     out.innerHTML = '<p class="verdict-some">' + fit.length + ' of ' + rows.length + ' recipes fit ' + esc(model) +
       ' on ' + article(card) + card + ' GB card at ' + seq.toLocaleString('en-US') + ' tokens or more:</p>' +
       '<table class="picked"><thead><tr><th>Recipe</th><th>Memory at ' + data.reference[0] + ' x ' +
-      data.reference[1] + '</th><th>Longest sequence</th><th>Tokens/s' +
+      data.reference[1] + '</th><th>Longest sequence</th><th>Tokens/s, upper bound' +
       (data.gpus && data.gpus[card] ? ' (' + esc(data.gpus[card]) + ')' : '') + '</th></tr></thead><tbody>' + body +
       '</tbody></table>' + (left.length ? '<p class="detail">Do not fit: ' + left.join(', ') + '.</p>' : '');
   }

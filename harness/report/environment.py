@@ -88,8 +88,14 @@ def summary_line(results: Results) -> str:
         for key, count in sorted(measured.items(), key=lambda item: -item[1]):
             device, driver, cuda, *versions = key
             devices.append(f"{device} (driver {driver}, CUDA {cuda}; "
-                           + ", ".join(f"{name} {v}" for name, v in zip(LIBRARIES, versions)) + f"; {count} runs)")
+                           + ", ".join(f"{name} {v}" for name, v in zip(LIBRARIES, versions))
+                           + f"; {count} runs, the lab's loop and Trainer's)")
         parts.append("Measured on " + "; ".join(devices))
+        unrecorded = sum(1 for r in results.records + results.engine_records
+                         if is_gpu_record(r) and not r.get("environment"))
+        if unrecorded:
+            parts[-1] += (f", and {unrecorded} more GPU run{'s' if unrecorded > 1 else ''} that stopped before "
+                          "recording its environment")
     else:
         parts.append("Nothing measured on a GPU")
     if predicted:

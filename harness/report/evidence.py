@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from harness.cards import card_bytes
 from harness.measure.budget import budget_cap_bytes
 from harness.report.load import Results, _get, device_label, is_gpu_record, machine
 from harness.report.loss import loss_parity
@@ -126,7 +127,19 @@ def _oom_observation(record: dict, method: str) -> Observation:
     if reached:
         note += f" (reached {fmt_bytes(reached)})"
     return Observation(None, method, _describe_record(record), device_label(record), record.get("status"), note,
-                       capacity=_get(record, "budget", "cap_bytes"))
+                       capacity=_get(record, "budget", "cap_bytes"), extra=_cap_rule(record))
+
+
+def _cap_rule(record: dict) -> dict:
+    """How a budget run's allocator cap was set, as its record says (runs of older code took a card's GB as 1e9
+    bytes, less a fixed allowance for the context), for a sentence that names the cap it really had."""
+    budget = record.get("budget") or {}
+    if not budget.get("cap_bytes") or not budget.get("budget_gb"):
+        return {}
+    rule = f"{fmt_bytes(budget['budget_gb'] * 1e9)}"
+    if budget.get("context_allowance_bytes"):
+        rule += f" less a {fmt_bytes(budget['context_allowance_bytes'])} allowance for the context"
+    return {"capacity_rule": rule}
 
 
 def _per_experiment(results: Results, spec: dict, method: str, from_prediction, from_record,
@@ -155,7 +168,7 @@ def _per_experiment(results: Results, spec: dict, method: str, from_prediction, 
                     found.append(Observation(value, method, _describe_record(record), device_label(record),
                                              capacity=_get(record, "budget", "cap_bytes"),
                                              extra={"configuration": _configuration(record),
-                                                    "files": (record.get("_file"),)}))
+                                                    "files": (record.get("_file"),), **_cap_rule(record)}))
                     if record.get("model") == spec.get("model"):
                         own_model.append(found[-1])
                     break
@@ -221,7 +234,7 @@ categories_sum = category
 
 def excess(results: Results, spec: dict, method: str) -> Observation | None:
     observation = category(results, spec, method)
-    return _minus(observation, spec["budget_bytes"])
+    return _minus(observation, spec["card_gb"])
 
 
 def _peak_of_record(record: dict) -> float | None:
@@ -237,7 +250,7 @@ min_peak = peak  # over several experiments `_per_experiment` keeps the smallest
 
 
 def excess_peak(results: Results, spec: dict, method: str) -> Observation | None:
-    return _minus(peak(results, spec, method), spec["budget_bytes"])
+    return _minus(peak(results, spec, method), spec["card_gb"])
 
 
 def phase_peak(results: Results, spec: dict, method: str) -> Observation | None:
@@ -251,11 +264,13 @@ def phase_peak(results: Results, spec: dict, method: str) -> Observation | None:
     return as_counted(observation, spec)
 
 
-def _minus(observation: Observation | None, amount: float) -> Observation | None:
-    """What is left over `amount` (a card's bytes): arithmetic on the evidence, named as such."""
+def _minus(observation: Observation | None, card_gb: float) -> Observation | None:
+    """What is left over a card of `card_gb` as sold (the lab's one convention, harness.cards.card_bytes: a
+    "16 GB" card holds 16 GiB): arithmetic on the evidence, named as such."""
     if observation is None or observation.value is None:
         return observation
-    arithmetic = f"{fmt_bytes(observation.value)} less the {amount / 1e9:g} GB of the card"
+    amount = card_bytes(card_gb)
+    arithmetic = f"{fmt_bytes(observation.value)} less the {fmt_bytes(amount)} a {card_gb:g} GB card holds"
     derived = observation.extra.get("derived")
     return replace(observation, value=observation.value - amount,
                    extra={**observation.extra, "derived": f"{derived}, then {arithmetic}" if derived else arithmetic})

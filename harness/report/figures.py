@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, replace
+from pathlib import PurePosixPath
 
 import matplotlib
 
@@ -25,6 +26,7 @@ from harness.measure.budget import budget_cap_bytes  # noqa: E402
 from harness.report.load import CATEGORIES, Results, machine  # noqa: E402
 from harness.report.loss import comparison_key, eval_final, loss_parity  # noqa: E402
 from harness.report.units import CATEGORY_WORDS, DOCUMENTS_MODEL  # noqa: E402
+from harness.schema import SHARDING_BUFFERS  # noqa: E402
 from harness.techniques import TECHNIQUES  # noqa: E402
 
 CARDS_GB = (16, 24, 40, 80)
@@ -68,6 +70,59 @@ def _experiment_palette(frame: pd.DataFrame) -> tuple[list[str], dict]:
     return experiments, dict(zip(experiments, sns.color_palette("tab20", len(experiments))))
 
 
+MODEL_FILE_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def _model_name(model) -> str:
+    """A model's name for a title: a model given as a file (heldout/gemma-2-2b.json) is named by the file's
+    stem. Only a label that is a path loses its suffix: "llama-3.1-8b" is a name, not a file ending in .1-8b."""
+    model = str(model)
+    if "/" not in model and not model.endswith(MODEL_FILE_SUFFIXES):
+        return model
+    path = PurePosixPath(model)
+    return path.stem if path.suffix in MODEL_FILE_SUFFIXES else path.name
+
+
+def _spread_labels(ax, texts, obstacles=()):
+    """Annotations (offset in points from their point) moved so that none sits on another or on a point:
+    each tries its point's right, then its left, a line lower or higher each time, and takes the first
+    place inside the panel that is free; where none is, the first free place outside it. Call it once the
+    figure's layout is final: the boxes are measured in pixels."""
+    renderer = ax.figure.canvas.get_renderer()
+    panel = ax.get_window_extent(renderer)
+    to_points = 72 / ax.figure.dpi
+    taken = list(obstacles)
+    for text in sorted(texts, key=lambda t: -ax.transData.transform(t.xy)[1]):  # the highest point first
+        text.set_verticalalignment("bottom")
+        line = text.get_window_extent(renderer).height * to_points
+        chosen = None
+        for step in (0, -1, 1, -2, 2, -3, 3):
+            for align, dx in (("left", 3), ("right", -3)):  # left-aligned text sits right of its point
+                text.set_horizontalalignment(align)
+                text.xyann = (dx, (2 if step >= 0 else -2) + step * line)
+                box = text.get_window_extent(renderer)
+                if any(box.overlaps(other) for other in taken):
+                    continue
+                if panel.x0 <= box.x0 and box.x1 <= panel.x1 and panel.y0 <= box.y0 and box.y1 <= panel.y1:
+                    chosen = (align, text.xyann)
+                    break
+                chosen = chosen or (align, text.xyann)
+            else:
+                continue
+            break
+        if chosen:
+            text.set_horizontalalignment(chosen[0])
+            text.xyann = chosen[1]
+        taken.append(text.get_window_extent(renderer))
+
+
+def _point_boxes(ax, xs, ys, radius_px: float = 4.0) -> list:
+    """The pixel boxes of scatter points, for labels to keep off."""
+    points = ax.transData.transform(np.column_stack([xs, ys]))
+    return [matplotlib.transforms.Bbox([[x - radius_px, y - radius_px], [x + radius_px, y + radius_px]])
+            for x, y in points]
+
+
 def _gpu_label(row) -> str:
     return str(row["device_name"]) if row["device_type"] == "cuda" else "CPU (tracked bytes)"
 
@@ -100,26 +155,80 @@ def _claim_markers(claims: list[Claim]) -> list[dict]:
     return markers
 
 
+def _tick_style(count: int) -> tuple[float, int]:
+    """The font size and turn of a panel's technique names: names side by side overlap once a panel is
+    crowded, so they turn further, then stand upright and smaller."""
+    if count > 30:
+        return 7.5, 90
+    return (8, 50) if count > 12 else (9, 25)
+
+
+def _unsharded_buffers_zero(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs on one rank with their sharding buffers at zero where the record leaves them out: records
+    written before those categories existed say nothing of them, and an unsharded run has none
+    (harness.schema). Without this every older run counts as incomplete and its shape loses its bars."""
+    runs = runs.copy()
+    if runs.empty:
+        return runs
+    single = runs["world_size"].fillna(1) <= 1
+    for buffer in SHARDING_BUFFERS:
+        runs.loc[single, f"peak_{buffer}"] = runs.loc[single, f"peak_{buffer}"].fillna(0)
+    return runs
+
+
+def _claim_labels(ax, labelled: list[tuple[float, str]], fontsize: float = 8) -> None:
+    """The claims' labels in the panel's right margin, each at its marker's height (GB), pushed apart by
+    a line where two would meet: inside the panel a label sits on the bars."""
+    bottom, top = ax.get_ylim()
+    renderer = ax.figure.canvas.get_renderer()
+    # one line of text as a fraction of the panel's height, measured once the layout is final
+    gap = fontsize * 1.25 * ax.figure.dpi / 72 / ax.get_window_extent(renderer).height
+    previous = -np.inf
+    for value, text in sorted(labelled):
+        at = (value - bottom) / (top - bottom)
+        y = max(at, previous + gap)
+        previous = y
+        ax.annotate(text, xy=(1.0, at), xycoords="axes fraction", xytext=(1.008, y), textcoords="axes fraction",
+                    va="center", ha="left", fontsize=fontsize, annotation_clip=False,
+                    arrowprops=None if y == at else {"arrowstyle": "-", "linewidth": 0.5, "color": "grey"})
+
+
+def measured_breakdowns(runs: pd.DataFrame) -> pd.DataFrame:
+    """The finished GPU runs with every category at the peak, one per (model, experiment, device, shape):
+    unbudgeted and k = 1 first. A shape's runs are all kept (not only each model's usual shape), so a panel
+    at any shape shows every technique measured there."""
+    done = runs[(runs["status"] == "ok") & runs["peak_allocated"].notna() & (runs["device_type"] == "cuda")]
+    done = _unsharded_buffers_zero(done)
+    done = done[done[[f"peak_{c}" for c in CATEGORIES]].notna().all(axis=1)].copy()
+    if done.empty:
+        return done.assign(device=[], shape=[])
+    done["device"] = done.apply(_gpu_label, axis=1)
+    done["shape"] = [(int(seq), int(batch)) for seq, batch in zip(done["seq_len"], done["micro_batch"])]
+    done = done.assign(budgeted=done["budget_gb"].notna()).sort_values(["budgeted", "grad_accum", "file"],
+                                                                        kind="stable")
+    return done.drop_duplicates(["model", "experiment", "device", "shape"]).reset_index(drop=True)
+
+
+def breakdown_shapes(measured: pd.DataFrame) -> dict[str, tuple[int, int]]:
+    """Each measured model's panel shape, (sequence, micro-batch): the one with the most measured techniques
+    (ties: the smaller shape), so that most of its bars are measurements rather than predictions."""
+    techniques: dict[str, dict[tuple[int, int], set]] = {}
+    for model, shape, experiment in zip(measured["model"], measured["shape"], measured["experiment"]):
+        techniques.setdefault(model, {}).setdefault(shape, set()).add(experiment)
+    return {model: min(found, key=lambda shape: (-len(found[shape]), shape)) for model, found in techniques.items()}
+
+
 def memory_breakdown(results: Results, runs: pd.DataFrame, predictions: pd.DataFrame,
                      claims: list[Claim]) -> FigureResult:
     name, title = "memory-breakdown", "Memory at the peak, by category"
     bars = []
-    measured = representative_runs(runs)
-    measured = measured[measured["device_type"] == "cuda"] if len(measured) else measured
-    # One shape per model: the one most of its GPU runs measured (ties: the shortest), else the shortest
-    # predicted sequence and smallest batch; one panel compares like with like.
-    complete = [r for _, r in measured.iterrows() if not any(pd.isna(r[f"peak_{c}"]) for c in CATEGORIES)]
-    counted: dict[str, dict[tuple, int]] = {}
-    for r in complete:
-        shape = (int(r["seq_len"]), int(r["micro_batch"]))
-        counted.setdefault(r["model"], {})[shape] = counted.get(r["model"], {}).get(shape, 0) + 1
-    shapes = {model: min(found, key=lambda shape: (-found[shape], shape)) for model, found in counted.items()}
-    for r in complete:
-        if shapes[r["model"]] != (int(r["seq_len"]), int(r["micro_batch"])):
+    measured = measured_breakdowns(runs)
+    shapes = breakdown_shapes(measured)
+    for _, r in measured.iterrows():
+        if shapes[r["model"]] != r["shape"]:
             continue
         bars.append({"model": r["model"], "experiment": r["experiment"], "source": f"measured: {r['device']}",
-                     "shape": f"seq {int(r['seq_len'])} x {int(r['micro_batch'])}",
-                     **{c: r[f"peak_{c}"] for c in CATEGORIES}})
+                     "shape": f"seq {r['shape'][0]} x {r['shape'][1]}", **{c: r[f"peak_{c}"] for c in CATEGORIES}})
     cuda = predictions[(predictions["device_type"] == "cuda") & predictions["total_bytes"].notna()]
     for model, of_model in cuda.sort_values(["seq_len", "micro_batch"]).groupby("model", sort=False):
         shape = shapes.get(model, (of_model["seq_len"].iloc[0], of_model["micro_batch"].iloc[0]))
@@ -136,8 +245,16 @@ def memory_breakdown(results: Results, runs: pd.DataFrame, predictions: pd.DataF
     models = sorted(frame["model"].unique(), key=lambda m: (m != DOCUMENTS_MODEL, m))  # the documents' 7B first
     sources = sorted(frame["source"].unique(), key=lambda s: ({"analytic": 0, "simulated": 1}.get(s, 2), s))
     markers = _claim_markers(claims)
-    fig, axes = plt.subplots(len(models), 1, figsize=(12, 3.3 * len(models)), squeeze=False)
+    counts = [frame.loc[frame["model"] == model, "experiment"].nunique() for model in models]
+    # a panel's height is its bars' and its names' (the longest name, turned): a panel of a few short names
+    # takes less room than one of fifty long ones, and every name keeps the slot it needs across
+    names = [max(len(e) for e in frame.loc[frame["model"] == model, "experiment"].unique()) for model in models]
+    heights = [2.1 + _tick_style(count)[0] / 72 * 0.6 * longest * np.sin(np.radians(_tick_style(count)[1])) + 0.4
+               for count, longest in zip(counts, names)]
+    fig, axes = plt.subplots(len(models), 1, figsize=(max(12, 0.22 * max(counts)), sum(heights) + 0.6),
+                             squeeze=False, layout="constrained")
     hatches = ["", "//", "..", "xx", "\\\\"]
+    labelled: dict[str, list[tuple[float, str]]] = {}
     for ax, model in zip(axes[:, 0], models):
         part = frame[frame["model"] == model]
         experiments = sorted(part["experiment"].unique(), key=_technique_key)
@@ -156,40 +273,48 @@ def memory_breakdown(results: Results, runs: pd.DataFrame, predictions: pd.DataF
         ax.grid(axis="x", visible=False)
         tops = [part[list(CATEGORIES)].sum(axis=1).max()] + [m["value"] for m in markers if m["model"] == model]
         ax.set_ylim(0, max(tops) / 1e9 * 1.12)
+        labelled[model] = []  # (GB, text): written in the margin once the layout is final
         for marker in markers:
             if marker["model"] != model:
                 continue
             if marker["line"]:
                 ax.axhline(marker["value"] / 1e9, color="black", linestyle="--", linewidth=1)
-                ax.annotate(marker["label"], (len(experiments) - 0.5, marker["value"] / 1e9), ha="right",
-                            va="bottom", fontsize=8)
+                labelled[model].append((marker["value"] / 1e9, f"- - {marker['label']}"))
                 continue
-            for experiment in marker["experiments"]:
-                if experiment in experiments:
-                    ax.plot(experiments.index(experiment), marker["value"] / 1e9, marker="D", color="black",
-                            markersize=6, zorder=5)
-                    ax.annotate(marker["label"], (experiments.index(experiment), marker["value"] / 1e9),
-                                xytext=(6, 2), textcoords="offset points", fontsize=8)
+            drawn = [experiment for experiment in marker["experiments"] if experiment in experiments]
+            for experiment in drawn:
+                ax.plot(experiments.index(experiment), marker["value"] / 1e9, marker="D", color="black",
+                        markersize=6, zorder=5)
+            if drawn:
+                labelled[model].append((marker["value"] / 1e9, f"\u25c6 {marker['label']}, at {', '.join(drawn)}"))
         shapes = ", ".join(sorted(part["shape"].unique()))
-        ax.set_title(f"{model} ({shapes})", fontsize=10, loc="left")
-        crowded = len(experiments) > 12  # long names side by side overlap unless turned further
-        ax.set_xticks(range(len(experiments)), experiments, fontsize=8 if crowded else 9,
-                      rotation=50 if crowded else 25, ha="right", rotation_mode="anchor")
+        ax.set_title(f"{_model_name(model)} ({shapes})", fontsize=10, loc="left")
+        fontsize, rotation = _tick_style(len(experiments))
+        upright = rotation == 90
+        ax.set_xticks(range(len(experiments)), experiments, fontsize=fontsize, rotation=rotation,
+                      ha="center" if upright else "right", rotation_mode="default" if upright else "anchor")
         ax.set_ylabel("GB (1e9 bytes)")
         ax.set_xlim(-0.6, len(experiments) - 0.4)
     handles = [plt.Rectangle((0, 0), 1, 1, color=CATEGORY_COLORS[c]) for c in CATEGORIES]
     handles += [plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="grey", hatch=hatches[i % len(hatches)])
                 for i in range(len(sources))]
-    handles += [plt.Line2D([], [], marker="D", color="black", linestyle="")]
-    labels = [CATEGORY_WORDS[c] for c in CATEGORIES] + [f"bars: {s}" for s in sources] + ["the documents' figure"]
-    fig.legend(handles, labels, loc="upper center", ncol=5, fontsize=8, bbox_to_anchor=(0.5, 1.0 + 0.18 / len(models)))
-    fig.tight_layout()
+    handles += [plt.Line2D([], [], marker="D", color="black", linestyle=""),
+                plt.Line2D([], [], color="black", linestyle="--", linewidth=1)]
+    labels = ([CATEGORY_WORDS[c] for c in CATEGORIES] + [f"bars: {s}" for s in sources]
+              + ["the documents' figure for a run", "the documents' bound (fits, at least)"])
+    fig.legend(handles, labels, loc="outside upper center", ncol=5, fontsize=8)
+    # the claims' labels go beside the panels rather than on the bars, placed once the layout has been made
+    # (the layout is made again on saving, with room for them)
+    fig.draw_without_rendering()
+    for ax, model in zip(axes[:, 0], models):
+        _claim_labels(ax, labelled[model])
     devices = sorted({s.split(": ", 1)[1] for s in sources if s.startswith("measured: ")})
     caption = ("What is alive at the peak of one training step, stacked by category, per technique and model. "
                "Analytic and simulated bars are predictions of the CUDA code path (no GPU used); "
                + (f"measured bars: {', '.join(devices)}. " if devices else "no measured bars. ")
-               + "Each panel is at one shape, the measured one where a GPU run exists. Black diamonds and dashed "
-               "lines are the documents' figures, named by claim ID. GB = 1e9 bytes.")
+               + "Each panel is at one shape: the one with the most measured GPU runs (ties: the smaller), so "
+               "most bars are measured, else the smallest predicted. Black diamonds and dashed lines are the "
+               "documents' figures, named by claim ID in the margin. GB = 1e9 bytes.")
     return FigureResult(name, title, caption, _png(fig))
 
 
@@ -206,6 +331,13 @@ def _pareto(points: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(front)
 
 
+def _shape_words(run) -> str:
+    """A run's shape as the caption says it: sequence x micro-batch, and its accumulation where more than 1."""
+    accumulated = int(run["grad_accum"]) if pd.notna(run["grad_accum"]) else 1
+    return (f"{int(run['seq_len']):,} x {int(run['micro_batch'])}"
+            + (f", {accumulated} accumulated" if accumulated > 1 else ""))
+
+
 def throughput_vs_memory(runs: pd.DataFrame) -> FigureResult:
     name, title = "throughput-vs-memory", "Throughput against peak memory"
     done = representative_runs(runs)  # one run per technique at each model's usual shape
@@ -214,8 +346,12 @@ def throughput_vs_memory(runs: pd.DataFrame) -> FigureResult:
     if done.empty:
         return FigureResult(name, title, "", missing=(
             "No finished GPU runs with throughput: `make bench` on a GPU produces them."))
+    # like with like: a panel's runs share model, device, sequence, micro-batch and accumulation (k micro-batches
+    # a step does k times the tokens of one; its tokens/s and peak sit apart from k = 1's)
+    accumulated = done["grad_accum"].fillna(1).astype(int)
     done["panel"] = (done["model"] + " | " + done["device"] + ", seq " + done["seq_len"].astype(int).astype(str)
-                     + " x " + done["micro_batch"].astype(int).astype(str))
+                     + " x " + done["micro_batch"].astype(int).astype(str)
+                     + np.where(accumulated > 1, ", " + accumulated.astype(str) + " accumulated", ""))
     done["peak_gb"] = done["peak_allocated"] / 1e9
     # a panel of one run compares nothing: those runs are named in the caption instead
     counts = done.groupby("panel")["experiment"].nunique()
@@ -227,6 +363,7 @@ def throughput_vs_memory(runs: pd.DataFrame) -> FigureResult:
     panels = sorted(done["panel"].unique(), key=lambda p: (not p.startswith(DOCUMENTS_MODEL + " "), p))
     fig, axes = _panel_grid(len(panels), 3, (4.6, 3.6))
     experiments, palette = _experiment_palette(done)
+    labels = {}  # panel: its runs' labels, moved off each other once the layout is final
     for ax, panel in zip(axes.flat, panels):
         part = done[done["panel"] == panel]
         sns.scatterplot(data=part, x="peak_gb", y="tokens_per_s", hue="experiment", palette=palette,
@@ -234,23 +371,27 @@ def throughput_vs_memory(runs: pd.DataFrame) -> FigureResult:
                         legend=False)
         front = _pareto(part)
         ax.plot(front["peak_gb"], front["tokens_per_s"], color="grey", linestyle=":", linewidth=1)
-        for _, row in part.iterrows():
-            ax.annotate(row["experiment"], (row["peak_gb"], row["tokens_per_s"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+        labels[panel] = [ax.annotate(row["experiment"], (row["peak_gb"], row["tokens_per_s"]), fontsize=7,
+                                     xytext=(3, 3), textcoords="offset points") for _, row in part.iterrows()]
         model, device = panel.split(" | ", 1)
-        ax.set_title(f"{model}\n{device}", fontsize=9)
+        ax.set_title(f"{_model_name(model)}\n{device}", fontsize=9)
         ax.set_xlabel("peak GB (1e9 bytes), allocated")
         ax.set_ylabel("tokens/s")
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.tight_layout()
+    for ax, panel in zip(axes.flat, panels):
+        part = done[done["panel"] == panel]
+        _spread_labels(ax, labels[panel], _point_boxes(ax, part["peak_gb"], part["tokens_per_s"]))
     devices = sorted(done["device"].unique())
     caption = ("Each technique's tokens per second (median step) against its peak memory on a GPU, one run per "
-               "technique at each model's usual shape; the dotted line joins the runs no other run beats on both. "
-               "Devices: " + ", ".join(devices) + "."
-               + ("" if alone.empty else " Alone at their shape, so not drawn: " + "; ".join(
-                   f"{r['experiment']} @ {r['model']}, {r['tokens_per_s']:,.0f} tokens/s at {r['peak_gb']:.1f} GB"
-                   for _, r in alone.iterrows()) + "."))
+               "technique at each model's usual shape; a panel's runs share model, device, sequence length, "
+               "micro-batch and gradient accumulation (named in the title where more than 1). The dotted line "
+               "joins the runs no other run beats on both. Devices: " + ", ".join(devices) + "."
+               + ("" if alone.empty else " Alone at their shape (sequence, micro-batch, accumulation), so not "
+                  "drawn: " + "; ".join(
+                   f"{r['experiment']} @ {_model_name(r['model'])}, {_shape_words(r)}, {r['tokens_per_s']:,.0f} "
+                   f"tokens/s at {r['peak_gb']:.1f} GB" for _, r in alone.iterrows()) + "."))
     return FigureResult(name, title, caption, _png(fig))
 
 
@@ -337,7 +478,7 @@ def parity(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
     matched = matched.drop_duplicates(keys + ["method"]).sort_values(keys + ["method"])
     matched["error_pct"] = (matched["total_bytes"] / matched["peak_allocated"] - 1) * 100
     matched["evidence"] = np.where(matched["device_type"] == "cuda", "GPU (allocator)", "CPU (tracked bytes)")
-    matched["run"] = [f"{r.experiment} @ {r.model}, {r.seq_len} x {r.micro_batch}"
+    matched["run"] = [f"{r.experiment} @ {_model_name(r.model)}, {r.seq_len} x {r.micro_batch}"
                       + (f" x {r.grad_accum}" if r.grad_accum and r.grad_accum > 1 else "")
                       + (f", {r.world_size} ranks" if r.world_size and r.world_size > 1 else "")
                       + ("" if r.device_type == "cuda" else " (CPU)") for r in matched.itertuples()]
@@ -377,6 +518,23 @@ def _card_gb(card: float) -> float:
     return float(named[0]) if named else card / 2**30
 
 
+FIT_SHAPE = (512, 1)  # the predicted cells' sequence length and micro-batch
+NOT_PREDICTED = f"not\npredicted\nat {FIT_SHAPE[0]} x {FIT_SHAPE[1]}"
+
+
+def _mark_unpredicted(ax, codes: pd.DataFrame) -> None:
+    """Grey, hatched cells where the grid has nothing: a technique drawn for its measured cell alone (a
+    run under a budget at its own shape) has no prediction at FIT_SHAPE for the other cards, and a blank
+    cell would read as a missing figure rather than one never made. (seaborn writes no text in an empty
+    cell, so the words are written here.)"""
+    ax.grid(False)
+    for row, column in zip(*np.where(codes.isna().to_numpy())):
+        ax.add_patch(plt.Rectangle((column, row), 1, 1, facecolor="#eaeef2", edgecolor="#afb8c1", hatch="///",
+                                   linewidth=0, zorder=0))
+        ax.text(column + 0.5, row + 0.5, NOT_PREDICTED, ha="center", va="center", fontsize=6.5, color="#57606a",
+                bbox={"facecolor": "#eaeef2", "edgecolor": "none", "pad": 1})
+
+
 def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
     name, title = "fits-in-budget", "Which technique fits which card"
     gpu_budget = runs[(runs["device_type"] == "cuda") & runs["budget_gb"].notna() & runs["status"].isin(["ok", "oom"])]
@@ -384,14 +542,14 @@ def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
     for _, run in gpu_budget.sort_values("status", key=lambda status: status != "ok", kind="stable").iterrows():
         fits = run["status"] == "ok"
         peak = f"\n{run['peak_allocated'] / 1e9:.1f} meas." if fits and pd.notna(run["peak_allocated"]) else "\nmeasured"
-        if run["seq_len"] != 512 or run["micro_batch"] != 1:  # the predicted cells are at 512 x 1: say when not
+        if (run["seq_len"], run["micro_batch"]) != FIT_SHAPE:  # the predicted cells are at FIT_SHAPE: say when not
             peak += f"\n{int(run['seq_len']):,} x {int(run['micro_batch'])}"
         cells.append({"model": run["model"], "experiment": run["experiment"],
                       "card": _card_gb(run["budget_card_bytes"]),
                       "state": f"{'fits' if fits else 'OOM'} (measured)", "priority": 0,
                       "label": ("fits" if fits else "OOM") + peak})
     if not predictions.empty:
-        chosen = predictions[(predictions["seq_len"] == 512) & (predictions["micro_batch"] == 1)
+        chosen = predictions[(predictions["seq_len"] == FIT_SHAPE[0]) & (predictions["micro_batch"] == FIT_SHAPE[1])
                              & (predictions["device_type"] == "cuda") & predictions["total_bytes"].notna()]
         chosen = chosen.sort_values(["method"], ascending=False, kind="stable")  # simulated before analytic
         # the registry's techniques, plain and checkpointed: every other experiment has its own table
@@ -413,11 +571,13 @@ def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
     frame = pd.DataFrame(cells).sort_values("priority", kind="stable").drop_duplicates(["model", "experiment", "card"])
     models = sorted(frame["model"].unique())
     most_rows = frame.groupby("model")["experiment"].nunique().max()
-    fig, axes = plt.subplots(1, len(models), figsize=(3.0 * len(models) + 1, max(4.2, 0.32 * most_rows + 1.6)),
+    # wide enough for the row labels to lie flat beside each panel
+    fig, axes = plt.subplots(1, len(models), figsize=(3.5 * len(models) + 1, max(4.2, 0.32 * most_rows + 1.6)),
                              squeeze=False)
     colors = {2: "#1a9850", 1: "#a6d96a", -1: "#fdae61", -2: "#d73027"}
     cmap = matplotlib.colors.ListedColormap([colors[k] for k in sorted(colors)])
     norm = matplotlib.colors.BoundaryNorm([-2.5, -1.5, 0, 1.5, 2.5], cmap.N)
+    unpredicted = 0  # cells with neither a measurement nor a prediction
     for ax, model in zip(axes[0], models):
         part = frame[frame["model"] == model]
         grid = part.pivot(index="experiment", columns="card", values="state")
@@ -427,23 +587,52 @@ def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
                                                                                           columns=grid.columns)
         labels = labels.fillna("")
         sns.heatmap(codes, ax=ax, cmap=cmap, norm=norm, cbar=False, annot=labels.to_numpy(), fmt="",
-                    annot_kws={"fontsize": 6}, linewidths=0.5, linecolor="white")
-        ax.set_title(model, fontsize=9)
+                    # a fifth card (a budget run's own) narrows the cells: the words shrink to stay inside
+                    annot_kws={"fontsize": 6.5 if len(grid.columns) <= len(CARDS_GB) else 6}, linewidths=0.5,
+                    linecolor="white")
+        _mark_unpredicted(ax, codes)
+        unpredicted += int(codes.isna().to_numpy().sum())
+        ax.set_title(_model_name(model), fontsize=10)
         ax.set_xlabel("card, GB as sold (24: 24 GiB)")
         ax.set_xticklabels([f"{c:g}" if c == int(c) else f"{c:.1f}" for c in grid.columns])
+        # seaborn turns tick labels upright when it finds them crowded; a technique's name is read across
+        ax.tick_params(axis="y", labelrotation=0, labelsize=9)
+        ax.tick_params(axis="x", labelrotation=0)
         ax.set_ylabel("")
     fig.tight_layout()
     measured = frame[frame["state"].str.endswith("(measured)")]
     caption = ("For each technique and card size: \"measured\" cells are runs under an emulated budget on a GPU "
                "(torch's allocator capped at the card less what lives outside it); \"predicted\" cells compare "
-               "the simulated (else analytic) device bytes at sequence 512, micro-batch 1 with the card; cells give the peak "
+               f"the simulated (else analytic) device bytes at sequence {FIT_SHAPE[0]}, micro-batch {FIT_SHAPE[1]} with "
+               "the card; cells give the peak "
                "in GB (sim. = simulated, ana. = analytic, meas. = measured). "
+               + (f"Grey hatched cells: no prediction at {FIT_SHAPE[0]} x {FIT_SHAPE[1]} (a technique shown for "
+                  "its budget run at another shape). " if unpredicted else "")
                + (f"{len(measured)} measured cells." if len(measured) else "No measured cells: no budget-emulated "
                   "GPU run is recorded yet.") + " CPU budget runs are in the run table, not here.")
     return FigureResult(name, title, caption, _png(fig))
 
 
 # --- 5b. peak against sequence length, with the cards ----------------------------------------------
+
+SAME = " = "  # joins the names of techniques whose lines are one
+
+
+def _merge_identical_series(curves: pd.DataFrame) -> pd.DataFrame:
+    """Techniques predicted the same bytes at every point, renamed to one line and one legend entry
+    ("bf16-mixed = fp16-mixed"): drawn apart, the later line hides the earlier, and the legend names a
+    colour no one can find."""
+    groups: dict[tuple, list[str]] = {}
+    for experiment, rows in curves.groupby("experiment"):
+        points = rows.sort_values(["checkpointing", "seq_len"])
+        signature = tuple(zip(points["checkpointing"], points["seq_len"], (points["GiB"] * 2**30).round()))
+        groups.setdefault(signature, []).append(experiment)
+    names = {}
+    for members in groups.values():
+        members = sorted(members, key=_technique_key)
+        names.update({member: SAME.join(members) for member in members})
+    return curves.assign(experiment=curves["experiment"].map(names))
+
 
 def memory_vs_sequence(results: Results) -> FigureResult:
     name, title = "memory-vs-sequence", "Peak memory against sequence length, with the cards"
@@ -456,7 +645,8 @@ def memory_vs_sequence(results: Results) -> FigureResult:
     held = curves["device_bytes"] if "device_bytes" in curves else curves["total_bytes"]
     curves["GiB"] = held.fillna(curves["total_bytes"]) / 2**30
     curves["checkpointing"] = curves["gradient_checkpointing"].map({False: "no", True: "yes"})
-    order = sorted(curves["experiment"].unique(), key=_technique_key)
+    curves = _merge_identical_series(curves)
+    order = sorted(curves["experiment"].unique(), key=lambda label: _technique_key(label.split(SAME)[0]))
     fig, ax = plt.subplots(figsize=(10, 5.2))
     sns.lineplot(curves, x="seq_len", y="GiB", hue="experiment", hue_order=order, style="checkpointing",
                  style_order=["no", "yes"], markers=True, dashes={"no": "", "yes": (4, 2)}, ax=ax)
@@ -465,22 +655,34 @@ def memory_vs_sequence(results: Results) -> FigureResult:
     seqs = sorted(curves["seq_len"].unique())
     ax.set_xticks(seqs, [f"{s:,}" for s in seqs])
     ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:,.0f}"))
-    for card, sizes in table["cards"].items():
+    for sizes in table["cards"].values():
         ax.axhline(sizes["cap_bytes"] / 2**30, color="#57606a", linewidth=0.8, linestyle=":")
-        ax.annotate(f"{card} GB card", (seqs[0], sizes["cap_bytes"] / 2**30), fontsize=7, color="#57606a",
-                    xytext=(2, 2), textcoords="offset points")
     ax.set_xlabel("sequence length (tokens, micro-batch 1)")
     ax.set_ylabel("predicted device bytes, GiB (log scale)")
-    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1))
+    # the cards named on a right-hand axis at their lines' heights: a name inside the panel sits on the points
+    cards = ax.twinx()
+    cards.set_yscale("log", base=2)
+    cards.set_ylim(ax.get_ylim())
+    cards.set_yticks([sizes["cap_bytes"] / 2**30 for sizes in table["cards"].values()],
+                     [f"{card} GB card" for card in table["cards"]], fontsize=8, color="#57606a")
+    cards.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    cards.grid(False)
+    cards.set_ylabel("card as sold (dotted), GiB as at left", color="#57606a")
     model = curves["model"].iloc[0]
-    ax.set_title(f"{model}: predicted device bytes of one step (analytic)", fontsize=10)
-    title = f"Peak memory against sequence length ({model}), with the cards"
+    ax.set_title(f"{_model_name(model)}: predicted device bytes of one step (analytic)", fontsize=10)
+    title = f"Peak memory against sequence length ({_model_name(model)}), with the cards"
     fig.tight_layout()
+    # the legend beside the cards' names, which are only measured once the layout is final
+    renderer = fig.canvas.get_renderer()
+    panel = ax.get_window_extent(renderer)
+    beside = (cards.get_tightbbox(renderer).x1 - panel.x0) / panel.width
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(beside + 0.01, 1), fontsize=7, ncol=2)
     caption = (f"{model}: the predicted device bytes of one training step at micro-batch 1 per technique (the "
                "analytic peak, the caching allocator's reserve and the CUDA context and kernels), without (solid) "
                "and with (dashed) gradient checkpointing, against each card (dotted: the card as sold, in GiB). "
-               "A technique fits a card up to where its "
-               "line crosses the card's. Predicted, not measured; `python -m harness predict --solve seq_len` "
+               + "".join(f"{' and '.join(label.split(SAME))} are predicted the same at every length and share "
+                         f"a line (\"{label}\"). " for label in order if SAME in label)
+               + "A technique fits a card up to where its line crosses the card's. Predicted, not measured; `python -m harness predict --solve seq_len` "
                "checks any one crossing by simulation.")
     return FigureResult(name, title, caption, _png(fig))
 
@@ -493,7 +695,7 @@ def accumulation(results: Results, runs: pd.DataFrame) -> FigureResult:
     series = pd.DataFrame()
     if not done.empty:
         done["device"] = done.apply(_gpu_label, axis=1)
-        done["group"] = (done["experiment"] + " @ " + done["model"] + ", seq " + done["seq_len"].astype(str)
+        done["group"] = (done["experiment"] + " @ " + done["model"].map(_model_name) + ", seq " + done["seq_len"].astype(str)
                          + " x " + done["micro_batch"].astype(str) + " | " + done["device"])
         counts = done.groupby("group")["grad_accum"].nunique()
         series = done[done["group"].isin(counts[counts >= 2].index)]

@@ -1,4 +1,4 @@
-"""The report's first answer: what fits my card, at which sequence length and micro-batch.
+"""The fit table in full: what fits each card, at which sequence length and micro-batch.
 
 Read from the fit table `harness predict --claims` writes (results/fits/, a prediction: the
 analytic search, which `harness predict --solve` confirms by simulation for any one cell).
@@ -50,7 +50,7 @@ def fit_tables(table: dict, runs: pd.DataFrame) -> list[tuple[str, Table]]:
                                  css="" if fits else "status-oom"))
             lines.append(line)
         seq_len, micro_batch = table["reference_shape"]
-        columns = ["Technique", f"Peak at {seq_len} x {micro_batch}"] + [
+        columns = ["Technique", f"Tensor peak at {seq_len} x {micro_batch}, predicted"] + [
             f"{card} GB card ({gib(table['cards'][str(card)]['card_bytes']):.1f} GiB)" for card in cards]
         out.append((model, Table(columns, lines, css="fits", numeric=set(range(2, 2 + len(cards))))))
     return out
@@ -65,7 +65,8 @@ def _peak_cell(plain: pd.DataFrame, checkpointed: pd.DataFrame, runs: pd.DataFra
                     & (runs["status"] == "ok") & (runs["grad_accum"] == 1) & runs["budget_gb"].isna()]
     if len(measured):
         run = measured.iloc[0]
-        detail += f"; measured {fmt_bytes(run['peak_allocated'])} on {run['device_name']}"
+        detail += (f"; measured, torch's peak allocated (the same tensor peak): {fmt_bytes(run['peak_allocated'])} "
+                   f"on {run['device_name']} ({run['file']})")
     return Cell(f"{fmt_bytes(predicted)}", detail)
 
 
@@ -87,9 +88,10 @@ def published_comparison(table: dict, runs: pd.DataFrame) -> Table | None:
         return None
     return Table(["Case", "Card", "Published longest sequence", "Ours (predicted)", "Ours / published",
                   "Measured under the card's budget"], lines, numeric={2, 3, 4},
-                 note="The predicted answer is the analytic search for the allocator's peak; the caching "
-                      "allocator's rounding and fragmentation come on top, so an answer at the edge can still "
-                      "fail on the card, as a measured OOM here shows.")
+                 note="Ours: the longest sequence whose predicted device bytes (the tensors' peak, the caching "
+                      "allocator's reserve over it and the CUDA context) fit the card, by the analytic search. "
+                      "Measured: GPU runs of the case with the allocator capped at the card's budget, each "
+                      "sequence tried, fitting or not.")
 
 
 def _measured_under_budget(runs: pd.DataFrame, case: dict, card_bytes: int) -> Cell:

@@ -8,7 +8,9 @@ report itself coins (its columns and marks) are defined here, once.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
+from harness.config import ConfigError, load_experiment
 from harness.device_memory import CUDA_CONTEXT_BYTES
 from harness.report.load import Results
 from harness.techniques import TECHNIQUES
@@ -46,8 +48,19 @@ TERMS: dict[str, str] = {
                              "optimizer sees grows k times, the memory of a step hardly at all",
     "tokens/s": "tokens trained per second over the timed steps of a run (sequence x micro-batch x accumulation "
                 "per step)",
+    "host-bound": "a step whose time is the host's: Python, the modules' calls and the dispatcher issue its "
+                  "kernels more slowly than the GPU runs them (small shapes, many small kernels)",
+    "device-bound": "a step whose time is the GPU's: its kernels take longer than the host takes to issue them",
+    "calibration run": "a GPU run whose figures set the device constants of the reserved and device-bytes "
+                       "predictions (harness/device_memory.py); the check counts the others apart",
+    "untracked": "torch's peak allocated less the tracked step's peak of live tensor bytes: the allocator's "
+                 "rounding and what libraries allocate outside tensors (cuBLAS workspaces)",
+    "FSDPMemTracker": "torch's own memory tracker for FSDP2 (torch.distributed._tools), run on the lab's sharded "
+                      "step to check its per-rank figures",
     "MFU": "model FLOPs utilisation: the FLOPs the model's step needs per token x tokens/s, over the card's "
-           "peak FLOPs per second (harness/measure/throughput.py)",
+           "data-sheet peak FLOPs per second for the dtype its matrix products run in (harness/measure/throughput.py; "
+           "fp32 without TF32 has a peak 15 times below bf16's on an H200, so an fp32 run's MFU can be high while "
+           "it runs 3 times slower than bf16)",
 }
 
 
@@ -61,13 +74,30 @@ def technique_terms() -> dict[str, str]:
     return terms
 
 
+# The lab's experiment files: where a name the report shows without a run (a prediction's, a fit-table recipe's)
+# finds its description.
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
+
+
 def experiment_terms(results: Results) -> dict[str, str]:
-    """Experiment names the runs used, each with the description its record carries."""
+    """Experiment names the report shows, each with the description its record carries, or, for one only
+    predicted (the fit table's and the predictions' experiments), its experiment file's."""
     terms: dict[str, str] = {}
     for record in sorted(results.records, key=lambda r: r.get("_file", "")):
         name, description = record.get("experiment"), (record.get("config") or {}).get("description")
         if name and description and name not in TECHNIQUES:
             terms.setdefault(name, description)
+    predicted = {p.get("experiment") for p in results.predictions}
+    for row in (results.fits or {}).get("rows", []):
+        predicted.add(f"{row['experiment']}-gc" if row.get("gradient_checkpointing") else row["experiment"])
+    for name in sorted(n for n in predicted if n and n not in terms and n not in TECHNIQUES):
+        path = EXPERIMENTS_DIR / f"{name}.yaml"
+        try:
+            description = load_experiment(path)[1].description if path.exists() else ""
+        except ConfigError:
+            description = ""  # `harness validate` names what is wrong with it; the glossary goes without
+        if description:
+            terms[name] = description
     return dict(sorted(terms.items()))
 
 

@@ -30,7 +30,9 @@ def _answer_cell(row: pd.Series, largest: int) -> Cell:
     if row["limited_by"] == "world sizes":
         return Cell(f"> {largest}", f"at {largest}: {fmt_bytes(row['analytic_bytes'])} per rank", css="status-oom")
     size = int(row["world_size"])
-    detail = f"{fmt_bytes(row['analytic_bytes'])} per rank: " + _breakdown(row["categories"], row["host_bytes"])
+    # each answer's breakdown is at its own peak, which may lie in another moment of the step than its neighbour's
+    at = f" at {row['peak_at']}" if isinstance(row.get("peak_at"), str) else ""
+    detail = f"{fmt_bytes(row['analytic_bytes'])} per rank{at}: " + _breakdown(row["categories"], row["host_bytes"])
     if not pd.isna(row.get("device_bytes", float("nan"))):  # tables written before device bytes lack it
         detail = f"on the card {fmt_bytes(row['device_bytes'])} per rank; tensors {detail}"
     if not pd.isna(row.get("simulated_bytes", float("nan"))):

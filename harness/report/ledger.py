@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from harness.cards import card_bytes
 from harness.claims import Claim, load_claims
 from harness.measure.budget import budget_cap_bytes
 from harness.report import verdicts
@@ -139,11 +140,16 @@ def explain(claim: Claim, observation: Observation | None, verdict: verdicts.Ver
         text = (f"{basis} gives {_ours(claim, observation)} ({observation.source}); {claim.whose} "
                 f"{claim.figure_text} is {verdict.error * 100:+.1f}% from it, {verdict.reason}")
     elif claim.compare in ("fits", "does_not_fit"):
-        capacity = observation.capacity or budget_cap_bytes(claim.figure_value / 1e9, "cuda")
+        card_gb = claim.figure_value / 1e9
+        capacity = observation.capacity or budget_cap_bytes(card_gb, "cuda")
         peak = (f"peak {fmt_bytes(observation.value)}" if observation.value is not None
                 else observation.note or observation.status)
-        text = (f"{basis} ({observation.source}): {peak} against the "
-                f"{fmt_bytes(capacity)} a {claim.figure_value / 1e9:g} GB card leaves to the allocator; {verdict.reason}")
+        rule = observation.extra.get("capacity_rule")
+        room = (f"the {fmt_bytes(capacity)} cap its run had for a {card_gb:g} GB card ({rule}; as the lab now "
+                f"counts the card, {fmt_bytes(card_bytes(card_gb))}, it leaves "
+                f"{fmt_bytes(budget_cap_bytes(card_gb, 'cuda'))})" if rule else
+                f"the {fmt_bytes(capacity)} a {card_gb:g} GB card leaves to the allocator")
+        text = f"{basis} ({observation.source}): {peak} against {room}; {verdict.reason}"
     elif claim.compare == "statement":
         text = f"{basis}: {observation.note or observation.source}"
     else:  # at_most, and a value-free exceeds

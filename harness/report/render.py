@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from harness.claims import COUNTED_READING, PUBLISHED_FILE, SOURCES, load_claims, load_sources
@@ -21,7 +21,7 @@ from harness.report.figures import FigureResult, all_figures
 from harness.report.fits import fit_tables, published_comparison
 from harness.report.gpus import gpu_count_tables, peer_table
 from harness.report.ledger import build_ledger
-from harness.report.load import load_results, predictions_frame, runs_frame
+from harness.report.load import is_gpu_record, load_results, predictions_frame, runs_frame
 from harness.report.loss import loss_parity
 from harness.report.speed import speed_rows, speed_table, speed_text
 from harness.report.tables import (
@@ -70,7 +70,7 @@ SECTION_FIGURES = DECISION_FIGURES + ("optimisation-ladder",)  # shown in their 
 
 
 def _fits_blocks(results, runs, figures: list[FigureResult]) -> list[Block]:
-    blocks = [Block("h2", "What fits my card", anchor="fits")]
+    blocks = [Block("h2", "The fit table in full: sequence and micro-batch on each card", anchor="fits")]
     table = results.fits
     drawn = [Block("figure", figure=f) for f in figures if f.name in DECISION_FIGURES]
     if not table:
@@ -86,8 +86,9 @@ def _fits_blocks(results, runs, figures: list[FigureResult]) -> list[Block]:
         "context length is reached before the card is full. "
         f"Predicted ({table['method']} search, {table['device_type']} code path; the analytic reserve is a "
         "calibrated ratio over the tensors' peak); `python -m harness predict --model M "
-        "--experiment E --card GB --solve seq_len` confirms one answer by simulation. The peak column is at "
-        "sequence 512, micro-batch 1 (predicted; with a GPU measurement where one exists).")))
+        "--experiment E --card GB --solve seq_len` confirms one answer by simulation. The peak column is the "
+        "tensors' peak at sequence 512, micro-batch 1 (predicted; beside it torch's peak allocated where a GPU "
+        "run measured it), not what the card must hold: the first section's memory column is that.")))
     for model, fit_table in fit_tables(table, runs):
         blocks.append(Block("h3", model))
         blocks.append(Block("table", table=fit_table))
@@ -108,12 +109,18 @@ def _answer_blocks(results) -> list[Block]:
         return blocks + [Block("p", "No fit table in these results: `python -m harness predict --claims` writes it.")]
     reference = data["reference"]
     blocks.append(Block("p", (
-        "Pick a model, a card and the sequence length you train at: the recipes that fit, fastest first. Each "
+        "Pick a model, a card and the sequence length you train at: the recipes that fit, the longest sequence "
+        "first. Each "
         "figure says whether it was measured (a run on a GPU, its record named) or predicted (the lab's "
         f"{data['method']} search, no GPU); hover a mark for where it comes from and the command that "
         f"reproduces it. Memory: at sequence {reference[0]:,} x micro-batch {reference[1]}; the longest "
         "sequence is at micro-batch 1. A recipe named \"+ checkpointing\" recomputes activations in the "
-        "backward pass.")))
+        "backward pass. Tokens/s here is an upper bound: the fit table times the matrix products alone (their "
+        "FLOPs at the matmul rate the lab measured, scaled to each card), leaving out the memory-bound kernels "
+        "and the host, which the kernel model of the speed section costs; the GPU-hours and dollars of 100M "
+        "tokens beside it (the card's price per hour, harness/cards.py) are lower bounds for the same reason. "
+        "Memory and speed were measured on random weights; LLM.int8 (int8-lora) keeps, for backward, the input "
+        "columns holding an outlier, which depend on the values, so on pretrained weights it may hold more.")))
     if trainer_default := answer.trainer_default_line(results, ANSWER_MODEL):
         blocks.append(Block("p", trainer_default))
     blocks.append(Block("p", environment.summary_line(results)))
@@ -237,12 +244,15 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
     counts = verdict_counts(ledger)
     gpu_runs = int((runs["device_type"] == "cuda").sum()) if len(runs) else 0
     cpu_runs = len(runs) - gpu_runs
+    other_loops = results.engine_records
+    other_gpu = sum(1 for record in other_loops if is_gpu_record(record))
 
     blocks = [Block("h1", "Fine-tuning under limited VRAM: what the memory arithmetic gets right")]
     blocks += _answer_blocks(results)
     blocks += _environment_blocks(results)
     blocks.append(Block("p", (
-        f"Rendered from `{results_dir}`: {_count(len(runs), 'run record')} ({gpu_runs} on a GPU, {cpu_runs} on a CPU), "
+        f"Rendered from `{results_dir}`: {_count(len(runs), 'run record')} of the lab's loop ({gpu_runs} on a GPU, "
+        f"{cpu_runs} on a CPU) and {len(other_loops)} of other loops ({other_gpu} on a GPU), "
         f"{_count(len(predictions), 'memory prediction')}, {_count(len(results.probes), 'probe')} "
         f"({', '.join(sorted(results.probes)) or 'none'}), {_count(len(results.microbench), 'micro-benchmark file')}. "
         "Sources checked: " + "; ".join(f"{key} = \"{title}\"" for key, title in SOURCES.items()) + ". "
@@ -442,7 +452,9 @@ def _engine_blocks(results) -> list[Block]:
                                  "the cross-check block."))
     if cpu:
         blocks.append(Block("h3", "On a CPU"))
-        blocks.append(Block("table", table=engines.engine_table(cpu)))
+        table = engines.engine_table(cpu)
+        # the GPU table above carries the same footnote: once is enough
+        blocks.append(Block("table", table=replace(table, note="") if gpu else table))
     elif not gpu:
         blocks.append(Block("p", "No CPU run in another loop either: `make bench` runs the cross-check block."))
     alone = engines.unpaired(results)
@@ -462,8 +474,8 @@ def _accuracy_text(errors, measured: str = "GPU run", how: str = "") -> str:
         parts.append(f"{method}: {stats['within']} of {stats['runs']} runs within ±{TOLERANCES[method]:.0%} "
                      f"(median error {stats['median']:.1%}, largest {stats['max']:.1%})")
     devices = ", ".join(sorted(set(errors["device_name"])))
-    return (f"Every finished {measured} ({devices}){how} beside the predictions of its configuration, made "
-            "without a GPU: " + "; ".join(parts) + ".")
+    return (f"{_count(len(errors), 'finished ' + measured)} ({devices}){how}, each beside the predictions of its "
+            "configuration, made without a GPU: " + "; ".join(parts) + ".")
 
 
 # --- Markdown -----------------------------------------------------------------------------------

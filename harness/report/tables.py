@@ -230,7 +230,8 @@ def runs_table(runs: pd.DataFrame) -> Table:
         rows.append([
             Cell(str(run["model"]), "random init" if run["random_init"] is True else ""),
             # A cell may be run with several step counts (the cross-check of loops times more steps).
-            Cell(str(run["experiment"]), "" if _missing(run["steps"]) else f"{run['steps']:.0f} timed steps"),
+            Cell(str(run["experiment"]), "" if _missing(run["steps"]) or run["status"] not in ("ok", "oom") else
+                 f"{run['steps']:.0f} timed step{'' if run['steps'] == 1 else 's'}"),
             Cell("CPU" if cpu else str(run["device_name"]),
                  "; ".join(t for t in ("tracked bytes", cpu_capability(run)) if t) if cpu else ""),
             Cell(_num(run["seq_len"], 0)),
@@ -247,7 +248,8 @@ def runs_table(runs: pd.DataFrame) -> Table:
     note = ("Memory in GB (1e9 bytes). On CUDA: peak allocated and reserved from torch's allocator, "
             "device-used from NVML (includes the CUDA context). CPU rows: peak tracked tensor bytes, "
             "not a GPU figure; reserved and device-used do not exist there. OOM rows show the memory "
-            "reached (≥) where known. Tokens/s: median step time after warm-up.")
+            "reached (≥) where known. Tokens/s: median step time after warm-up. MFU: against the card's peak for "
+            "the dtype the products run in (glossary).")
     return Table(["Model", "Experiment", "Device", "Seq", "Micro-batch x accum.", "Budget GB", "Status",
                   "Peak alloc. GB", "Reserved GB", "Device-used GB", "Tokens/s", "MFU %", "Final loss",
                   "Trainable %"], rows, note, css="runs", numeric={3, 5, 7, 8, 9, 10, 11, 12, 13})
@@ -269,7 +271,11 @@ def accuracy_table(errors: pd.DataFrame) -> Table:
         rows.append([
             Cell(str(run["model"])), Cell(str(run["experiment"])),
             Cell(f"{run['seq_len']} x {run['micro_batch']} x {run['grad_accum']}"), Cell(str(run["device_name"])),
-            Cell(fmt_gb(run["peak_allocated"])), Cell(fmt_gb(untracked)), Cell(fmt_gb(cache)),
+            Cell(fmt_gb(run["peak_allocated"])),
+            Cell(fmt_gb(untracked), "the tracker counted more than torch allocated: it runs compiled code eagerly "
+                 "(TensorTracker's force_eager stance), counting intermediates the compiled step never allocates; "
+                 "its breakdown overstates" if not _missing(untracked) and untracked < 0 else ""),
+            Cell(fmt_gb(cache)),
             Cell(fmt_gb(run["device_used_before_load"])), Cell(fmt_gb(run["peak_device_used"])),
             Cell(fmt_gb(run["simulated_total"]), _signed_percent(run["simulated_error"]) + " %",
                  "off" if "simulated" in run["outside"] else ""),
@@ -284,7 +290,8 @@ def accuracy_table(errors: pd.DataFrame) -> Table:
             "blocks). Context: NVML device-used before the model was built (CUDA context, kernels). Device "
             "used: NVML's peak for the whole GPU, what a card must hold. Predictions with their error against "
             "allocated; tolerance ±3% simulated, ±10% analytic. MFU: model FLOPs utilisation of the timed "
-            "steps at the card's dense peak for the compute dtype.")
+            "steps at the card's dense peak for the dtype its products run in (an fp32 run's against fp32's "
+            "peak, 15 times below bf16's on an H200: a high fp32 MFU is not a fast run).")
     return Table(["Model", "Experiment", "Seq x micro-batch x accum.", "Device", "Allocated", "Untracked",
                   "Cache", "Context", "Device used", "Simulated", "Analytic", "MFU %", "Outside tolerance: why"],
                  rows, note, css="accuracy", numeric={4, 5, 6, 7, 8, 9, 10, 11})
@@ -350,6 +357,8 @@ def loss_parity_table(comparisons: list[LossComparison]) -> Table:
             Cell(str(record.get("model")), str(config.get("base_checkpoint") or "")),
             Cell(str(device)),
             Cell(str(record.get("experiment"))),
+            # the comparison's steps and shape: one reference's loss differs from another's by them (6 or 30 steps)
+            Cell(_num(config.get("steps"), 0), f"sequence {config.get('seq_len')} x micro-batch {config.get('micro_batch')}"),
             Cell(_num(comparison.loss, 4)),
             Cell(rule.reference if rule else "", _num(comparison.reference_loss, 4)),
             Cell("" if comparison.difference is None else f"{round(comparison.difference, 4) + 0.0:+.4f}"),
@@ -364,8 +373,8 @@ def loss_parity_table(comparisons: list[LossComparison]) -> Table:
             "recipe @ its weights): the recipe pretrained on another CPU gives other weights, so a run is compared "
             "with the reference run on its own base, even where a newer run of that reference's configuration "
             "on the other base is the one the other tables show.")
-    return Table(["Model", "Device", "Experiment", "Held-out loss", "Reference", "Difference", "Ratio",
-                  "Tolerance", "Verdict", "Why this tolerance"], rows, note, css="loss", numeric={3, 5, 6, 7})
+    return Table(["Model", "Device", "Experiment", "Steps", "Held-out loss", "Reference", "Difference", "Ratio",
+                  "Tolerance", "Verdict", "Why this tolerance"], rows, note, css="loss", numeric={3, 4, 6, 7, 8})
 
 
 def predictions_table(predictions: pd.DataFrame) -> Table:
@@ -426,9 +435,11 @@ def provenance_tables(results: Results) -> list[tuple[str, Table]]:
     devices: dict[tuple, int] = {}
     software: dict[tuple, int] = {}
     commits: dict[tuple, int] = {}
+    unrecorded = "not recorded"  # a record of a run stopped or skipped before its environment was read
     for record in results.records:
         environment = record.get("environment") or {}
-        key = (environment.get("device_name") or record.get("_slug"), environment.get("device_type") or "",
+        key = (environment.get("device_name") or record.get("_slug"),
+               environment.get("device_type") or (unrecorded if not environment else ""),
                str(environment.get("driver") or ""), str(environment.get("cuda") or ""),
                environment.get("platform") or "")
         devices[key] = devices.get(key, 0) + 1
@@ -436,7 +447,8 @@ def provenance_tables(results: Results) -> list[tuple[str, Table]]:
         vkey = tuple((name, str(versions.get(name))) for name in sorted(versions))
         software[vkey] = software.get(vkey, 0) + 1
         git = environment.get("git") or {}
-        ckey = (str(git.get("commit")), str(git.get("dirty")), git.get("code_digest") or "",
+        ckey = (str(git["commit"]) if git.get("commit") else unrecorded,
+                "" if git.get("dirty") is None else str(git["dirty"]), git.get("code_digest") or "",
                 git.get("files_commit") or "", git.get("note") or "")
         commits[ckey] = commits.get(ckey, 0) + 1
     tables = []
@@ -448,7 +460,8 @@ def provenance_tables(results: Results) -> list[tuple[str, Table]]:
     if software:
         tables.append(("Software of the runs", Table(
             ["Versions", "Runs"],
-            [[Cell(", ".join(f"{name} {version}" for name, version in k)), Cell(str(n))]
+            [[Cell(", ".join(f"{name} {'not installed' if version == 'None' else version}" for name, version in k)
+                   or unrecorded), Cell(str(n))]
              for k, n in sorted(software.items())], numeric={1})))
     if commits:
         tables.append(("Code of the runs", Table(
