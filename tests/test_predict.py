@@ -296,3 +296,9 @@ def test_the_claims_pass_predicts_every_gpu_runs_own_configuration(tmp_path):
     write("e", "no-such-experiment", "cuda")
     (tmp_path / "some-gpu" / "broken.json").write_text("{")
     assert record_configurations(tmp_path, EXPERIMENTS) == [("qlora-gc", "qwen2.5-7b", 2048, 1, "cuda", 1)] * 2
+    # a budget run's prediction replays the allocator under the cap it ran with
+    from harness.predict.command import record_caps
+
+    capped = json.loads((tmp_path / "some-gpu" / "a.json").read_text())
+    (tmp_path / "some-gpu" / "a.json").write_text(json.dumps({**capped, "budget": {"cap_bytes": 123}}))
+    assert record_caps(tmp_path) == {("qlora-gc", "qwen2.5-7b", 2048, 1): 123}

@@ -54,3 +54,11 @@ def test_a_budget_run_that_ran_out_is_compared_with_the_replay_under_its_cap():
     # a replay under another cap is not compared
     other = {**prediction, "budget_replay": {**prediction["budget_replay"], "cap_bytes": 24 * GiB}}
     assert oom_rows([record], [other]) == []
+    # the report's sentence: the run, its cap, and each figure predicted beside measured
+    from harness.report.reserved import oom_sentence
+
+    sentence = oom_sentence(row)
+    assert sentence.startswith("x.json ran out of memory under its cap of 23.00 GiB") and "runs out:" in sentence
+    assert "unusable predicted 2.00 GiB, measured 1.09 GiB" in sentence
+    fits = {**prediction, "budget_replay": {**prediction["budget_replay"], "oom": None}}
+    assert "does not run out." in oom_sentence(oom_rows([record], [fits])[0])

@@ -88,6 +88,22 @@ def record_configurations(results_dir: Path, experiments_dir: Path) -> list[tupl
     return cells
 
 
+def record_caps(results_dir: Path) -> dict[tuple, int]:
+    """The allocator cap of each budget run among them, by its configuration: its prediction replays the caching
+    allocator under the same cap (`budget_replay`), which the report compares its reserved bytes with."""
+    caps = {}
+    for path in sorted(results_dir.glob("*/*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        cap = (record.get("budget") or {}).get("cap_bytes") if isinstance(record, dict) else None
+        if cap and record.get("experiment"):
+            config = record.get("config") or {}
+            caps[(record["experiment"], record.get("model"), config.get("seq_len"), config.get("micro_batch"))] = cap
+    return caps
+
+
 def report_configurations(experiments_dir: Path, results_dir: Path | None = None) -> list[tuple[str, str, int, int,
                                                                                              str, int]]:
     """What the report compares: (experiment, model, seq_len, batch, code path, world size). First the ledgers'
@@ -177,19 +193,23 @@ def main(args) -> int:
                  args.world_size or None)]
     results = []
     predictor = env.code_digest(PREDICTOR_MODULES)  # the code that would predict now
+    caps = record_caps(Path(args.results)) if args.claims else {}
     for experiment, model, seq, batch, device_type, world_size in jobs:
         ranks = {"world_size": world_size} if world_size else {}  # None: the experiment's own
+        cap = caps.get((experiment.stem, model, seq, batch)) if device_type == "cuda" and (world_size or 1) == 1 else None
         for method in methods:
             path = schema.prediction_path(args.out, experiment.stem, model, seq, batch, device_type, method,
                                           world_size or 1)
             if args.claims and not args.force and path.exists():
                 saved = schema.read(path, kind="prediction")
-                if saved.predictor == predictor and is_current(saved.speed):
+                replayed = method != "simulated" or cap is None or (
+                    (saved.extra.get("budget_replay") or {}).get("cap_bytes") == cap)
+                if saved.predictor == predictor and is_current(saved.speed) and replayed:
                     results.append(saved)
                     continue
             try:
                 prediction = predict(experiment, model, seq, batch, method, device_type, {**overrides, **ranks},
-                                     allocator=args.allocator, gpu=args.gpu)
+                                     allocator=args.allocator, cap_bytes=cap, gpu=args.gpu)
                 if prediction.speed:
                     prediction.speed = with_cost(prediction.speed, args.tokens, args.price)
             except (UnsupportedArchitecture, NotSimulated) as error:

@@ -318,6 +318,7 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
     else:
         blocks.append(Block("p", "No GPU run with a prediction of its reserved and device bytes in these results: "
                                  "`python -m harness predict --claims` predicts them."))
+    blocks += [Block("p", reserved.oom_sentence(row)) for row in reserved.oom_rows(results.records, results.predictions)]
     blocks.append(Block("h2", "Predicted against measured speed on the GPU", anchor="speed"))
     speed = speed_rows(results)
     if speed:

@@ -118,7 +118,8 @@ def oom_rows(records: list[dict], predictions: list[dict]) -> list[dict]:
         oom = replay.get("oom")
         predicted = {"requested": oom and oom["requested"], "allocated": oom and oom["allocated"],
                      "unusable": oom and oom["reserved"] - oom["allocated"]}
-        rows.append({"run": record.get("file"), "cap_bytes": budget["cap_bytes"], "predicted_oom": bool(oom),
+        rows.append({"run": record.get("file") or record.get("_file"), "cap_bytes": budget["cap_bytes"],
+                     "predicted_oom": bool(oom),
                      **{f"predicted_{k}": v for k, v in predicted.items()},
                      **{f"measured_{k}": v for k, v in measured.items()}})
     return rows
@@ -216,10 +217,16 @@ def main(argv: list[str]) -> None:
     print(markdown(rows))
     print(json.dumps(summary(rows), indent=1))
     for row in oom_rows(records, predictions):
-        print(f"{row['run']}: under a cap of {row['cap_bytes'] / 2**30:.2f} GiB the replay "
-              f"{'runs out' if row['predicted_oom'] else 'does not run out'} of memory; "
-              + ", ".join(f"{k} predicted {(row['predicted_' + k] or 0) / 2**30:.2f} GiB, measured "
-                          f"{(row['measured_' + k] or 0) / 2**30:.2f} GiB" for k in _OOM_FIGURES))
+        print(oom_sentence(row))
+
+
+def oom_sentence(row: dict) -> str:
+    """A budget run that ran out of memory against the allocator replayed under its cap, in one sentence."""
+    return (f"{row['run']} ran out of memory under its cap of {row['cap_bytes'] / 2**30:.2f} GiB; the simulated step, "
+            f"the caching allocator replayed under the same cap, {'runs out' if row['predicted_oom'] else 'does not run out'}"
+            + ("" if not row["predicted_oom"] else ": " + ", ".join(
+                f"{k} predicted {(row['predicted_' + k] or 0) / 2**30:.2f} GiB, measured "
+                f"{(row['measured_' + k] or 0) / 2**30:.2f} GiB" for k in _OOM_FIGURES)) + ".")
 
 
 if __name__ == "__main__":
