@@ -144,8 +144,8 @@ def _speed(row: dict, runs: list[dict], model: str, experiment: str, card: dict)
                          + " for 100M tokens")
         return {"tokens_per_s": row["tokens_per_s"], "kind": "predicted", "bound": bound, "short": label.strip(),
                 "what": label.strip() + (f" ({'; '.join(extra)})" if extra else ""),
-                "how": f"`python -m harness predict --model {model} --experiment {experiment} --gpu {gpu}` (the "
-                       "kernel model, tighter than this bound)"}
+                "how": f"`python -m harness predict --model {model} --experiment {experiment}"
+                       + (f" --gpu '{gpu}'` (the kernel model, tighter than this bound)" if gpu else "`")}
     return _measured_speed(runs)
 
 

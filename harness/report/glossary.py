@@ -60,7 +60,7 @@ TERMS: dict[str, str] = {
     "MFU": "model FLOPs utilisation: the FLOPs the model's step needs per token x tokens/s, over the card's "
            "data-sheet peak FLOPs per second for the dtype its matrix products run in (harness/measure/throughput.py; "
            "fp32 without TF32 has a peak 15 times below bf16's on an H200, so an fp32 run's MFU can be high while "
-           "it runs 3 times slower than bf16)",
+           "it runs about 3 times slower than bf16, as the lab's 7B runs on the H200 did)",
 }
 
 
