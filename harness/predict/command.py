@@ -65,22 +65,30 @@ def claim_configurations() -> list[tuple[str, str, int, int, str, int]]:
     return [(name, model, seq, batch, "cuda", 1) for name, model, seq, batch in evidence_configurations(claims)]
 
 
-def record_configurations(results_dir: Path, experiments_dir: Path) -> list[tuple[str, str, int, int, str, int]]:
-    """The configuration of every run measured on a GPU under `results_dir` (<device>/*.json), one rank, at its
-    experiment's own accumulation (a prediction is named without it), whatever plan ran it: the evidence passes
-    run shapes and models no plan of the matrix names."""
-    cells = []
-    for path in sorted(results_dir.glob("*/*.json")):
+def _gpu_records(results_dir: Path) -> list[dict]:
+    """The run records under `results_dir` (schema.find_records: no predictions, fits or attempts) of a GPU."""
+    found = []
+    for path in schema.find_records(results_dir):
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # the report lists what it cannot read
-        if not isinstance(record, dict) or not record.get("experiment"):
-            continue
+        if isinstance(record, dict) and record.get("experiment") and (
+                (record.get("environment") or {}).get("device_type") == "cuda"):
+            found.append(record)
+    return found
+
+
+def record_configurations(results_dir: Path, experiments_dir: Path,
+                          records: list[dict] | None = None) -> list[tuple[str, str, int, int, str, int]]:
+    """The configuration of every run measured on a GPU under `results_dir` (<device>/*.json), one rank, at its
+    experiment's own accumulation (a prediction is named without it), whatever plan ran it: the evidence passes
+    run shapes and models no plan of the matrix names."""
+    cells = []
+    for record in _gpu_records(results_dir) if records is None else records:
         config = record.get("config") or {}
         experiment = experiments_dir / f"{record['experiment']}.yaml"
-        if ((record.get("environment") or {}).get("device_type") != "cuda" or record.get("status") not in ("ok", "oom")
-                or not experiment.exists() or (config.get("world_size") or 1) != 1):
+        if record.get("status") not in ("ok", "oom") or not experiment.exists() or (config.get("world_size") or 1) != 1:
             continue
         if (config.get("grad_accum") or 1) != resolve(experiment).experiment.grad_accum:
             continue
@@ -88,28 +96,24 @@ def record_configurations(results_dir: Path, experiments_dir: Path) -> list[tupl
     return cells
 
 
-def record_caps(results_dir: Path) -> dict[tuple, int]:
+def record_caps(results_dir: Path, records: list[dict] | None = None) -> dict[tuple, int]:
     """The allocator cap of each budget run among them, by its configuration: its prediction replays the caching
     allocator under the same cap (`budget_replay`), which the report compares its reserved bytes with."""
     caps = {}
-    for path in sorted(results_dir.glob("*/*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        cap = (record.get("budget") or {}).get("cap_bytes") if isinstance(record, dict) else None
-        if cap and record.get("experiment"):
+    for record in _gpu_records(results_dir) if records is None else records:
+        cap = (record.get("budget") or {}).get("cap_bytes")
+        if cap:
             config = record.get("config") or {}
             caps[(record["experiment"], record.get("model"), config.get("seq_len"), config.get("micro_batch"))] = cap
     return caps
 
 
-def report_configurations(experiments_dir: Path, results_dir: Path | None = None) -> list[tuple[str, str, int, int,
-                                                                                             str, int]]:
+def report_configurations(experiments_dir: Path, results_dir: Path | None = None,
+                          records: list[dict] | None = None) -> list[tuple[str, str, int, int, str, int]]:
     """What the report compares: (experiment, model, seq_len, batch, code path, world size). First the ledgers'
     configurations, then every cell of the matrix's plans (harness.lab.bench), then what the GPU runs under
     `results_dir` measured, so each measured run has both predictions beside it."""
-    measured = record_configurations(results_dir, experiments_dir) if results_dir else []
+    measured = record_configurations(results_dir, experiments_dir, records) if results_dir else []
     return list(dict.fromkeys(claim_configurations() + matrix_configurations(experiments_dir) + measured))
 
 
@@ -182,10 +186,11 @@ def main(args) -> int:
         return 0
     if args.solve:
         return _solve(args, experiments_dir, {**overrides, **({"world_size": args.world_size} if args.world_size else {})})
+    gpu_records = _gpu_records(Path(args.results)) if args.claims else []  # read once, for both uses below
     if args.claims:
         jobs = [(experiments_dir / f"{name}.yaml", model, seq, batch, device_type, world_size)
                 for name, model, seq, batch, device_type, world_size in report_configurations(
-                    experiments_dir, Path(args.results))]
+                    experiments_dir, Path(args.results), gpu_records)]
     else:
         if not args.model or not args.experiment:
             raise SystemExit("predict: --model and --experiment are required (or --claims)")
@@ -193,7 +198,7 @@ def main(args) -> int:
                  args.world_size or None)]
     results = []
     predictor = env.code_digest(PREDICTOR_MODULES)  # the code that would predict now
-    caps = record_caps(Path(args.results)) if args.claims else {}
+    caps = record_caps(Path(args.results), gpu_records) if args.claims else {}
     for experiment, model, seq, batch, device_type, world_size in jobs:
         ranks = {"world_size": world_size} if world_size else {}  # None: the experiment's own
         cap = caps.get((experiment.stem, model, seq, batch)) if device_type == "cuda" and (world_size or 1) == 1 else None

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from harness.cards import card_bytes
 from harness.measure.budget import budget_cap_bytes
-from harness.report.load import Results, _get, device_label, is_gpu_record, machine
+from harness.report.load import Results, _get, budget_card_bytes, device_label, is_gpu_record, machine
 from harness.report.loss import loss_parity
 from harness.report.verdicts import HOLDS
 from harness.report.units import LLAMA_2_7B_PARAMETERS, fmt_bytes, fmt_value
@@ -134,9 +134,10 @@ def _cap_rule(record: dict) -> dict:
     """How a budget run's allocator cap was set, as its record says (runs of older code took a card's GB as 1e9
     bytes, less a fixed allowance for the context), for a sentence that names the cap it really had."""
     budget = record.get("budget") or {}
-    if not budget.get("cap_bytes") or not budget.get("budget_gb"):
-        return {}
-    rule = f"{fmt_bytes(budget['budget_gb'] * 1e9)}"
+    card = budget_card_bytes(record)
+    if not budget.get("cap_bytes") or budget.get("card_bytes") is not None or card is None:
+        return {}  # no cap, or one set by today's convention, which the ledger's own sentence states
+    rule = fmt_bytes(card)
     if budget.get("context_allowance_bytes"):
         rule += f" less a {fmt_bytes(budget['context_allowance_bytes'])} allowance for the context"
     return {"capacity_rule": rule}
