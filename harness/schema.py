@@ -548,7 +548,9 @@ ADDED_LATER = {("lora", "use_dora"): False, ("lora", "use_rslora"): False, ("lor
                **{(None, name): False for name in TRAINING_BLOCKS}}
 # Config keys that differ between two records of the same configuration: which attempt, which
 # hash (computed from the rest), which copy of the same pretrained base.
-_VOLATILE_CONFIG_KEYS = ("run_id", "config_hash", "base_checkpoint", "description", "summary")
+# what a record's config says that does not decide what is measured: ids, prose, and the experiment file's name
+# (lora-ga4 is lora at accumulation 4: one measurement under two names, as harness.config.config_hash has it)
+_VOLATILE_CONFIG_KEYS = ("run_id", "config_hash", "base_checkpoint", "description", "summary", "name")
 
 
 def canonical_config(config: dict) -> dict:
@@ -562,9 +564,8 @@ def canonical_config(config: dict) -> dict:
 
 
 def configuration_key(record: dict, device_slug: str) -> str:
-    """Two run records (as JSON objects) of one configuration on one device share this key;
-    the report keeps the newest."""
+    """Two run records (as JSON objects) of one configuration on one device share this key, whatever
+    experiment file named it; the report keeps the newest."""
     config = {k: v for k, v in canonical_config(record.get("config") or {}).items()
               if k not in _VOLATILE_CONFIG_KEYS}
-    return json.dumps([device_slug, record.get("experiment"), record.get("model"), config], sort_keys=True,
-                      default=str)
+    return json.dumps([device_slug, record.get("model"), config], sort_keys=True, default=str)

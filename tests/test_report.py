@@ -546,7 +546,7 @@ def test_the_first_screen_shows_a_fit_rows_predicted_device_bytes_and_speed_once
     row = next(r for r in fits["rows"] if (r["model"], r["experiment"], r["gradient_checkpointing"], r["card_gb"])
                == ("llama-2-7b", "lora", True, 24))
     row.update(reference_device_bytes=14.0e9, device_bytes=16.5e9, margin_bytes=8.0e9, tokens_per_s=2_100.0,
-               step_time_s=0.24, cost_usd=0.002, speed_shape=[2048, 1])
+               step_time_s=0.24, cost_usd=0.002, speed_shape=[2048, 1], device_bytes_at={"512": 14.0e9, "1024": 14.6e9})
     fits["cards"]["24"]["gpu"] = "RTX 4090"
     data = answer_data(Results(root=FIXTURE, records=results.records, fits=fits))
     entry = next(e for e in data["rows"]
@@ -555,6 +555,9 @@ def test_the_first_screen_shows_a_fit_rows_predicted_device_bytes_and_speed_once
     # the longest sequence's own detail, never shown under "memory at 512 x 1"
     assert entry["memory"]["bytes"] == 14.0e9 and "at sequence 512 x micro-batch 1" in entry["memory"]["what"]
     assert "16.50 GB" in entry["longest_what"] and "8.00 GB (7.45 GiB) left" in entry["longest_what"]
+    # the picker's memory at each length up to the longest: predicted, and measured only where a run was
+    assert entry["memory_at"] == {"512": 14.0e9, "1024": 14.6e9} and entry["measured_at"] == {}
+    assert data["seq_choices"][0] == 512 and data["seq_choices"][-1] <= max(e["max_seq_len"] for e in data["rows"])
     # a predicted speed names the GPU and the shape it is predicted for
     assert entry["speed"]["tokens_per_s"] == 2_100.0 and entry["speed"]["kind"] == "predicted"
     # the fit table's analytic speed times the matrix products alone: an upper bound, and said to be one
@@ -607,10 +610,18 @@ def test_the_picker_answers_a_model_and_a_card_in_headless_chromium(rendered):
               text: document.getElementById('pick-answer').innerText};
     })()"""
     shown = evaluate_in_page(rendered[0].html, choose, binary)
-    expected = {e["recipe"] for e in answer_data(load_results(FIXTURE))["rows"]
-                if e["model"] == "llama-2-7b" and e["card_gb"] == 24 and e["fits"] and e["max_seq_len"] >= 1024}
-    assert expected and set(shown["recipes"]) == expected
+    rows = [e for e in answer_data(load_results(FIXTURE))["rows"]
+            if e["model"] == "llama-2-7b" and e["card_gb"] == 24 and e["fits"] and e["max_seq_len"] >= 1024]
+    assert rows and set(shown["recipes"]) == {e["recipe"] for e in rows}
     assert "on a 24 GB card at 1,024 tokens" in shown["text"] and "measured" in shown["text"]
+    # the memory at the length picked (micro-batch 1), as the fit table predicts it there
+    assert "Memory at 1,024 x 1" in shown["text"]
+    assert all(f"{e['memory_at']['1024'] / 1e9:.2f} GB" in shown["text"] for e in rows)
+    # at 512, the run the fixture has of qlora at 512 x 1 gives its measured bytes
+    shown = evaluate_in_page(rendered[0].html, choose.replace("'1024'", "'512'"), binary)
+    qlora = next(e for e in rows if e["recipe"] == "qlora")
+    measured = qlora["measured_at"]["512"]
+    assert measured["kind"] == "measured" and f"{measured['bytes'] / 1e9:.2f} GB" in shown["text"]
 
 
 def test_the_glossary_defines_every_technique_and_experiment_run_and_the_page_links_to_it(rendered):

@@ -395,3 +395,63 @@ def test_torchao_s_compiled_step_is_one_kernel_a_parameter():
     # read: weight, gradient, codes; written: weight and codes (the blocks' scales and the code books are small)
     assert 2 * (weight_bytes + codes) + weight_bytes <= kernel.bytes < 2 * (weight_bytes + codes) + 2 * weight_bytes
     assert torchao.optim.adam.single_param_adam is original  # unwrapped again on leaving
+
+
+def test_a_4bit_layer_is_traced_as_cuda_runs_it_dequantizing_in_forward_what_cpu_s_fused_op_does_not():
+    import bitsandbytes as bnb
+
+    from harness.measure.memory import TensorTracker
+    from harness.predict.simulate import _cuda_matmul_4bit
+
+    torch.manual_seed(0)
+    weight = (torch.randn(256, 128) * 0.02).to(torch.bfloat16)
+    layer = bnb.nn.Linear4bit(128, 256, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
+                              quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True,
+                                     module=layer)._quantize("cpu")
+    x = torch.randn(8, 128, dtype=torch.bfloat16, requires_grad=True)
+    traced = {}
+    for device_type in ("cpu", "cuda"):
+        tracker, recorder = TensorTracker(), KernelRecorder()
+        recorder.recording = True
+        with _cuda_matmul_4bit(device_type), tracker, recorder:
+            out = layer(x)
+            forward_peak = tracker.peak
+            out.backward(torch.ones_like(out))
+        traced[device_type] = ([k.op for k in recorder.kernels], forward_peak, out.detach(), x.grad)
+        x.grad = None
+    cpu_ops, cpu_peak, cpu_out, cpu_grad = traced["cpu"]
+    cuda_ops, cuda_peak, cuda_out, cuda_grad = traced["cuda"]
+    cuda_kernels = recorder.kernels  # the last one traced
+    # the same numbers (up to the CPU kernel's own rounding): only the path differs
+    torch.testing.assert_close(cuda_out, cpu_out)
+    torch.testing.assert_close(cuda_grad, cpu_grad)
+    assert cpu_ops[0] == "bitsandbytes::gemm_4bit" and "bitsandbytes::gemm_4bit" not in cuda_ops
+    # CUDA's forward: the nested absmax dequantized and its offset added, the weight dequantized, the product
+    dequantize = ["bitsandbytes::dequantize_blockwise", "aten::add.Tensor", "bitsandbytes::dequantize_4bit", "aten::mm"]
+    assert cuda_ops[:4] == dequantize
+    (product,) = [k for k in cuda_kernels[:4] if k.flops]
+    assert product.flops == 2 * 8 * 128 * 256
+    # and the bf16 weight it dequantizes is held in forward, with the fp32 absmax, where CPU's op holds neither
+    assert cuda_peak - cpu_peak >= weight.numel() * 2 + weight.numel() // 64 * 4
+
+
+def test_bitsandbytes_optimizers_make_the_host_wait_after_each_parameter_on_cuda():
+    from harness.config import resolve
+    from harness.predict.kernels import HOST_WAIT
+    from harness.predict.simulate import simulate_step
+    from harness.step.models import resolve_source
+
+    waits = {}
+    for name in ("qlora", "lora"):  # paged 8-bit AdamW; torch's AdamW
+        config = resolve(EXPERIMENTS / f"{name}.yaml", {"model": "tiny-llama", "seq_len": 32, "micro_batch": 1,
+                                                         "device": "cpu"})
+        recorder = KernelRecorder()
+        simulate_step(resolve_source("tiny-llama", False, "cuda"), config.technique, config.experiment, 32, 1,
+                      "cuda", recorder=recorder)
+        optimizer = [k.op for k in recorder.kernels if k.phase == "optimizer"]
+        updates = sum(op.startswith("bitsandbytes::optimizer_update_") for op in optimizer)  # 8- or 32-bit
+        waits[name] = (optimizer.count(HOST_WAIT), updates)
+    # Optimizer8bit.step's sync_gpu after each parameter, and a paged optimizer's once more at the end
+    assert waits["qlora"][0] == waits["qlora"][1] + 1 > 1
+    assert waits["lora"][0] == 0

@@ -83,20 +83,6 @@ def _fp32_elements(tensors: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() // 4 for t in tensors)
 
 
-def _gemm_4bit(args, phase: str) -> list[Kernel]:
-    """bitsandbytes' 4-bit matmul as CUDA runs it in training (more than one token): the weight dequantized to
-    the input's dtype, then a matrix product (bitsandbytes.autograd._functions.MatMul4Bit.forward); the CPU
-    trace calls the fused CPU op instead."""
-    A, B, shape_b = args[0], args[1], args[2]
-    out_features, in_features = shape_b
-    weight = out_features * in_features * A.element_size()
-    rows = A.numel() // A.shape[-1]
-    dtype = _DTYPE_NAMES.get(A.dtype, str(A.dtype))
-    return [Kernel("bitsandbytes::dequantize_4bit", 0, _bytes([B, args[3]]) + weight, dtype, phase),
-            Kernel("aten::mm", 2 * rows * out_features * in_features,
-                   A.numel() * A.element_size() + weight + rows * out_features * A.element_size(), dtype, phase)]
-
-
 def _flops(func, args, kwargs, out) -> int:
     if func.name() == INT8_MATMUL:  # A (rows x k) times B (n x k) transposed
         return 2 * (args[0].numel() // args[0].shape[-1]) * args[0].shape[-1] * args[1].shape[0]
@@ -111,7 +97,6 @@ def _flops(func, args, kwargs, out) -> int:
     return 0
 
 
-GEMM_4BIT = "bitsandbytes::gemm_4bit"  # an op of bitsandbytes' library, where it is loaded
 # LLM.int8's product (int8 x int8 into int32; harness.predict.simulate traces CUDA's path to it)
 INT8_MATMUL = "bitsandbytes::int8_linear_matmul"
 # Not kernels, marks in the recorded sequence (no bytes, no FLOPs; harness.predict.speed costs them):
@@ -249,8 +234,6 @@ class KernelRecorder(TorchDispatchMode):
                 source = args[1] if func == aten.copy_.default else args[0]
                 self.kernels.append(Kernel(self.link[0], 0, _bytes([source]),
                                            _DTYPE_NAMES.get(source.dtype, str(source.dtype)), self.phase))
-            elif func.name() == GEMM_4BIT:
-                self.kernels += _gemm_4bit(args, self.phase)
             elif inputs or outputs:
                 first = (inputs or outputs)[0]
                 leading = next((found for found in map(_tensors, args) if found), [])  # its first tensor argument

@@ -306,6 +306,104 @@ def _cuda_int8_matmul(device_type: str):
         bnb.matmul = original
 
 
+def _dequantize_and_multiply(A, B, quant_state, bias):
+    """bitsandbytes' 4-bit product as CUDA computes it in training: `_dequant_linear_fallback`
+    (bitsandbytes/backends/cuda/ops.py, 0.50), the path its `gemm_4bit` takes past 1,536 rows on every CUDA card,
+    past 512 for a weight of 4M elements or more, and past 48 on sm90 (H100, H200; `_gemm_4bit_use_custom_cuda`);
+    at fewer rows other architectures may pick its fused kernel, which this stands in for too. A nested
+    quantization's 8-bit absmax is dequantized to fp32 and its offset added (both held to the end, as there),
+    the weight dequantized to the input's dtype, then F.linear. The CPU's gemm_4bit is one fused op that
+    allocates neither the absmax nor the weight."""
+    ops = torch.ops.bitsandbytes
+    absmax = quant_state.absmax
+    if quant_state.nested:
+        state2 = quant_state.state2
+        absmax_dq = ops.dequantize_blockwise.default(absmax, state2.absmax, state2.code, state2.blocksize,
+                                                     torch.float32)
+        absmax = absmax_dq + quant_state.offset
+    weight = ops.dequantize_4bit.default(B.view(-1, 1), absmax, quant_state.blocksize, quant_state.quant_type,
+                                         quant_state.shape, A.dtype)
+    return torch.nn.functional.linear(A, weight, bias)
+
+
+class _MatMul4BitAsOnCuda(torch.autograd.Function):
+    """bitsandbytes' MatMul4Bit (bitsandbytes.autograd._functions, 0.50) with CUDA's forward
+    (_dequantize_and_multiply); it saves what MatMul4Bit saves and its backward is MatMul4Bit's own (the weight
+    dequantized again, then the input's gradient)."""
+
+    @staticmethod
+    def forward(ctx, A, B, out, bias, quant_state):
+        output = _dequantize_and_multiply(A, B, quant_state, bias)
+        ctx.is_empty = False
+        ctx.state = quant_state
+        ctx.dtype_A, ctx.dtype_B, ctx.dtype_bias = A.dtype, B.dtype, None if bias is None else bias.dtype
+        ctx.tensors = (None, B.view(-1, 1) if any(ctx.needs_input_grad[:2]) else None)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        from bitsandbytes.autograd._functions import MatMul4Bit
+
+        return MatMul4Bit.backward(ctx, grad_output)
+
+
+@contextmanager
+def _cuda_matmul_4bit(device_type: str):
+    """bitsandbytes' 4-bit matmul as CUDA runs it (_MatMul4BitAsOnCuda; without a gradient, its forward alone):
+    the kernels a CUDA step launches and the absmax and weight it dequantizes in forward, which the CPU's fused
+    op does not allocate."""
+    if device_type != "cuda":
+        yield
+        return
+    import bitsandbytes as bnb
+
+    original = bnb.matmul_4bit
+
+    def matmul_4bit(A, B, quant_state, out=None, bias=None):
+        if (quant_state is None or len(quant_state.shape) != 2 or A.shape[-1] != quant_state.shape[1]
+                or out is not None or A.numel() == 0):
+            return original(A, B, quant_state, out, bias)  # its own checks, edge cases and older layouts
+        if torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad)):
+            return _MatMul4BitAsOnCuda.apply(A, B, out, bias, quant_state)
+        return _dequantize_and_multiply(A, B, quant_state, bias)
+
+    bnb.matmul_4bit = matmul_4bit
+    try:
+        yield
+    finally:
+        bnb.matmul_4bit = original
+
+
+BNB_OPTIMIZER_MODULE = "bitsandbytes.optim.optimizer"
+
+
+@contextmanager
+def _cuda_optimizer_sync(device_type: str):
+    """bitsandbytes' 8-bit and paged optimizers synchronize after each parameter they step: Optimizer8bit.step
+    calls `sync_gpu(p)` after every `update_step` (bitsandbytes/optim/optimizer.py, 0.50), which is
+    torch.cuda.synchronize() for a CUDA tensor and nothing for the trace's CPU ones. So the host waits for the
+    GPU there (a HOST_WAIT mark for the kernel recorder): the optimizer's launches cannot run ahead of its
+    kernels, and a step in backward (optimizer_in_backward) cannot queue the backward's next kernels while the
+    GPU computes."""
+    if device_type != "cuda":
+        yield
+        return
+    from harness.predict.kernels import HOST_WAIT, mark
+
+    module = importlib.import_module(BNB_OPTIMIZER_MODULE)
+    original = module.sync_gpu
+
+    def sync_gpu(tensor):
+        mark(HOST_WAIT, "bitsandbytes' optimizer synchronizes after each parameter")
+        return original(tensor)
+
+    module.sync_gpu = sync_gpu
+    try:
+        yield
+    finally:
+        module.sync_gpu = original
+
+
 @contextmanager
 def _unpacked_sequences():
     """transformers checks position ids for packed sequences by reading their values; with
@@ -445,7 +543,8 @@ def fake_step(technique: Technique, cfg, device_type: str, tracker: TensorTracke
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with (_sharded_over(cfg, tracker) as mesh, _real_code_books(technique), _unpacked_sequences(),
           _cuda_dropout(device_type), _cuda_attention(device_type), _cuda_int8_matmul(device_type),
-          _cuda_autocast(device_type), _liger(), mode, _swappable_fake_tensors(mode)):
+          _cuda_matmul_4bit(device_type), _cuda_optimizer_sync(device_type), _cuda_autocast(device_type),
+          _liger(), mode, _swappable_fake_tensors(mode)):
         yield mesh
 
 

@@ -244,7 +244,9 @@ COMPARED_CASES = {
 }
 FIT_TOKENS = 100e6  # the fine-tune whose GPU-hours and price (cost_usd) each row gives
 CURVE_MODEL = "mistral-7b"  # a 7B model with a 32k context: peak against sequence length
-CURVE_SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
+# the sequence lengths of the curves, and of each row's device bytes at micro-batch 1 up to its longest sequence
+# (`device_bytes_at`: what the report's picker shows for the length a reader picks)
+CURVE_SEQ_LENS = tuple(512 * 2**i for i in range(9))  # 512 to 131,072 (Llama 3.1's context)
 
 
 def fit_row_speed(found: Setup, card_gb: float, max_micro_batch: int, max_seq_len: int) -> dict:
@@ -315,6 +317,8 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda"):
                                  "max_micro_batch": largest.value, "device_bytes": longest.peak_bytes,
                                  "margin_bytes": None if longest.peak_bytes is None else cap - longest.peak_bytes,
                                  "micro_batch_device_bytes": largest.peak_bytes,
+                                 "device_bytes_at": {str(seq): found.device(seq, 1) for seq in CURVE_SEQ_LENS
+                                                     if seq <= longest.value},
                                  **fit_row_speed(found, card_gb, largest.value, longest.value)})
                 if model == CURVE_MODEL:
                     curves += [{**common, "seq_len": seq, "total_bytes": found.peak(seq, 1),

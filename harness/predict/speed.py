@@ -22,7 +22,8 @@ The kernels come from the runner's step under fake tensors (harness.predict.kern
   layer under the recorder). An LLM.int8 forward adds the host time bitsandbytes' Python takes beyond its
   kernels' launches: `bench_linear_forward[*-int8]` at its fewest tokens (launch-bound), less its kernels at
   that cost each; its outlier check reads a value back, so the host waits for the GPU there (a mark in
-  the trace, harness.predict.kernels.HOST_WAIT).
+  the trace, harness.predict.kernels.HOST_WAIT). bitsandbytes' 8-bit and paged optimizers wait so after
+  each parameter they step (harness.predict.simulate._cuda_optimizer_sync).
 Each prediction carries the digest of the micro-benchmark file (`calibration.digest`): one calibrated
 from another file is made again (`is_current`).
 
@@ -186,7 +187,7 @@ def _calibration(path: Path, digest: str) -> Calibration:
         rows, columns = bench["extra_info"]["shape"]["weight"]
         elements = rows * columns
         # the packed codes (two a byte) and one fp32 absmax a block read, the bf16 weight written: the bytes
-        # harness.predict.kernels counts for a 4-bit dequantization
+        # the kernel recorder counts for bitsandbytes::dequantize_4bit (its tensors in and out)
         moved = elements // 2 + elements // NF4_BLOCK * 4 + elements * 2
         bandwidths.append((op, moved / bench["stats"][STATISTIC]))
     names = dict.fromkeys(["bench_linear_forward[*-bf16]", "bench_copy", "bench_lora_forward_backward",

@@ -3,7 +3,8 @@ must hold, the longest sequence and the speed, each figure marked measured or pr
 
 Built from the fit table (results/fits/, predicted by the analytic search) and the CUDA run records.
 A fit row may carry the predicted figures `device_bytes` (what the card must hold, the caching
-allocator included), `margin_bytes`, `tokens_per_s`, `step_time_s` and `cost_usd`; where a row has
+allocator included), `margin_bytes`, `device_bytes_at` (the same at each sequence length up to the longest, which
+the picker shows for the length picked), `tokens_per_s`, `step_time_s` and `cost_usd`; where a row has
 them they are shown, and where it does not, the tensor peak at the reference shape
 (`reference_peak_bytes`) and the tokens/s a GPU run measured stand in, each saying which it is.
 The same data drive the static tables (Markdown and HTML) and the HTML picker, which reads them as
@@ -20,7 +21,7 @@ from harness.report.load import Results, _get
 from harness.report.tables import Cell, Table
 from harness.report.units import fmt_bytes
 
-SEQUENCE_CHOICES = (512, 1024, 2048, 4096, 8192, 16384, 32768)  # the picker's "at least this long" options
+SHORTEST_CHOICE = 512  # the picker's first "at least this long" option; it doubles up to the table's longest answer
 
 
 def recipe_name(experiment: str, checkpointing: bool) -> str:
@@ -82,20 +83,30 @@ def trainer_default_line(results: Results, model: str, card_gb: int = 80) -> str
     return None
 
 
-def _memory(row: dict, runs: list[dict], reference: tuple[int, int], card_gb: int, model: str) -> dict:
-    """The memory the card must hold: measured at the reference shape where a GPU run exists, else predicted."""
-    solve = (f"`python -m harness predict --model {model} --experiment {row['experiment']} "
-             f"{'--checkpointing ' if row['gradient_checkpointing'] else ''}--card {card_gb} --solve seq_len`")
-    at_reference = [r for r in runs if ((r.get("config") or {}).get("seq_len"),
-                                        (r.get("config") or {}).get("micro_batch")) == tuple(reference)]
-    for record in at_reference:
-        memory = record.get("memory") or {}
-        held, what = _held(memory)
-        if record.get("status") == "ok" and held:
+def _solve_command(row: dict, card_gb: int, model: str) -> str:
+    return (f"`python -m harness predict --model {model} --experiment {row['experiment']} "
+            f"{'--checkpointing ' if row['gradient_checkpointing'] else ''}--card {card_gb} --solve seq_len`")
+
+
+def _measured_memory(runs: list[dict], shape: tuple[int, int]) -> dict | None:
+    """What the card held in the first finished GPU run at `shape` (sequence, micro-batch), or None."""
+    for record in runs:
+        config = record.get("config") or {}
+        held, what = _held(record.get("memory") or {})
+        if (config.get("seq_len"), config.get("micro_batch")) == tuple(shape) and record.get("status") == "ok" and held:
             device = _get(record, "environment", "device_name")
             return {"bytes": held, "kind": "measured", "short": f"{what}, {device}, {record['_file']}",
                     "what": f"{what} at {_shape(record)}, measured on {device} ({record['_file']})",
                     "how": _rerun(record)}
+    return None
+
+
+def _memory(row: dict, runs: list[dict], reference: tuple[int, int], card_gb: int, model: str) -> dict:
+    """The memory the card must hold: measured at the reference shape where a GPU run exists, else predicted."""
+    measured = _measured_memory(runs, reference)
+    if measured:
+        return measured
+    solve = _solve_command(row, card_gb, model)
     if row.get("reference_device_bytes") is not None:
         return {"bytes": row["reference_device_bytes"], "kind": "predicted",
                 "short": "card must hold, allocator and context included, analytic",
@@ -187,11 +198,18 @@ def answer_data(results: Results) -> dict | None:
             "longest_what": _longest_what(row, table.get("method")),
             "limited_by": row.get("seq_len_limited_by"), "max_micro_batch": row.get("max_micro_batch"),
             "memory": _memory(row, runs, reference, int(row["card_gb"]), model),
+            # at each sequence length up to the longest, micro-batch 1: predicted, and measured where a run was
+            "memory_at": row.get("device_bytes_at") or {},
+            "measured_at": {seq: found for seq in row.get("device_bytes_at") or {}
+                            if (found := _measured_memory(runs, (int(seq), 1)))},
+            "solve": _solve_command(row, int(row["card_gb"]), model),
             "speed": _speed(row, runs, model, experiment, cards.get(int(row["card_gb"]), {})),
             "measured_speed": _measured_speed(runs),
         })
+    longest = max((r["max_seq_len"] for r in rows), default=SHORTEST_CHOICE)
     return {"cards": sorted(cards), "gpus": {gb: card.get("gpu") for gb, card in cards.items()},
             "models": list(dict.fromkeys(r["model"] for r in rows)),
+            "seq_choices": [SHORTEST_CHOICE * 2**i for i in range(max(longest // SHORTEST_CHOICE, 1).bit_length())],
             "reference": list(reference), "micro_batch_seq_len": table.get("micro_batch_seq_len"),
             "method": table.get("method"), "rows": rows}
 
@@ -282,7 +300,8 @@ PICKER_SCRIPT = r"""
     const model = pick('pick-model').value, card = Number(pick('pick-card').value), seq = Number(pick('pick-seq').value);
     const rows = data.rows.filter(r => r.model === model && r.card_gb === card);
     const fit = rows.filter(r => r.fits && r.max_seq_len >= seq);
-    fit.sort((a, b) => (b.max_seq_len - a.max_seq_len) || ((a.memory.bytes || 0) - (b.memory.bytes || 0)));
+    fit.sort((a, b) => (b.max_seq_len - a.max_seq_len) || ((a.memory_at[seq] || a.memory.bytes || 0) -
+                                                            (b.memory_at[seq] || b.memory.bytes || 0)));
     const out = pick('pick-answer');
     if (!fit.length) {
       out.innerHTML = '<p class="verdict-none">Nothing fits ' + esc(model) + ' on ' + article(card) + card + ' GB card at ' +
@@ -290,6 +309,14 @@ PICKER_SCRIPT = r"""
         '<a href="#gpus">several GPUs</a>.</p>';
       return;
     }
+    // the memory at the picked length, micro-batch 1: measured where a run was, else predicted; a table without
+    // it gives the reference shape's
+    const at = r => r.measured_at[seq] || (r.memory_at[seq] === undefined ? null : {
+      bytes: r.memory_at[seq], kind: 'predicted', how: r.solve,
+      what: 'the card must hold this at sequence ' + seq.toLocaleString('en-US') + ' x micro-batch 1, the caching ' +
+            'allocator and the CUDA context included (analytic prediction)'});
+    const atSeq = fit.every(r => at(r));
+    const memory = r => (atSeq ? at(r) : r.memory);
     let body = '';
     for (const r of fit) {
       const speed = r.speed ? (r.speed.bound ? '\u2264 ' : '') + Math.round(r.speed.tokens_per_s).toLocaleString('en-US') +
@@ -297,17 +324,20 @@ PICKER_SCRIPT = r"""
       const longest = r.max_seq_len.toLocaleString('en-US') + (r.limited_by === 'context' ? ' (model context)' : '');
       const term = document.getElementById('g-' + r.experiment) ? '#g-' + r.experiment : null;
       const name = term ? '<a class="term" href="' + term + '">' + esc(r.recipe) + '</a>' : esc(r.recipe);
-      body += '<tr><td class="recipe">' + name + '</td><td class="num">' + gb(r.memory.bytes) +
-        mark(r.memory.kind, r.memory.what, r.memory.how) + '</td><td class="num">' + longest +
-        mark('predicted', r.longest_what, r.memory.how) +
+      body += '<tr><td class="recipe">' + name + '</td><td class="num">' + gb(memory(r).bytes) +
+        mark(memory(r).kind, memory(r).what, memory(r).how) + '</td><td class="num">' + longest +
+        mark('predicted', r.longest_what, r.solve) +
         '</td><td class="num">' + speed + '</td></tr>';
     }
-    const left = rows.filter(r => !fit.includes(r)).map(r => esc(r.recipe) + ' (' + gb(r.memory.bytes) + ' ' +
-      r.memory.kind + ' at ' + data.reference[0] + ' x ' + data.reference[1] + ')');
+    // a recipe that fits a shorter length says how long; one that fits none, what it needs at the reference shape
+    const left = rows.filter(r => !fit.includes(r)).map(r => esc(r.recipe) + ' (' + (r.fits ?
+      'up to ' + r.max_seq_len.toLocaleString('en-US') + ' tokens, predicted' :
+      gb(r.memory.bytes) + ' ' + r.memory.kind + ' at ' + data.reference[0] + ' x ' + data.reference[1]) + ')');
     out.innerHTML = '<p class="verdict-some">' + fit.length + ' of ' + rows.length + ' recipes fit ' + esc(model) +
       ' on ' + article(card) + card + ' GB card at ' + seq.toLocaleString('en-US') + ' tokens or more:</p>' +
-      '<table class="picked"><thead><tr><th>Recipe</th><th>Memory at ' + data.reference[0] + ' x ' +
-      data.reference[1] + '</th><th>Longest sequence</th><th>Tokens/s, upper bound' +
+      '<table class="picked"><thead><tr><th>Recipe</th><th>Memory at ' +
+      (atSeq ? seq.toLocaleString('en-US') + ' x 1' : data.reference[0] + ' x ' + data.reference[1]) +
+      '</th><th>Longest sequence</th><th>Tokens/s, upper bound' +
       (data.gpus && data.gpus[card] ? ' (' + esc(data.gpus[card]) + ')' : '') + '</th></tr></thead><tbody>' + body +
       '</tbody></table>' + (left.length ? '<p class="detail">Do not fit: ' + left.join(', ') + '.</p>' : '');
   }
@@ -332,7 +362,7 @@ def picker_html(data: dict, model: str | None = None, card: int | None = None) -
         '</select></label> <label>Card <select id="pick-card">' +
         _options(data["cards"], card, lambda gb: f"{gb} GB") +
         '</select></label> <label>Sequence of at least <select id="pick-seq">' +
-        _options(SEQUENCE_CHOICES, SEQUENCE_CHOICES[0], lambda n: f"{n:,} tokens") +
+        _options(data["seq_choices"], data["seq_choices"][0], lambda n: f"{n:,} tokens") +
         '</select></label><div id="pick-answer"><p>The answer needs JavaScript; the tables below give the same '
         'figures.</p></div></div>'
         f'<script type="application/json" id="answer-data">{payload}</script>'

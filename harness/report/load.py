@@ -62,14 +62,6 @@ def _read(path: Path, kind: str, skipped: list[str], root: Path) -> dict | None:
     return data
 
 
-def _measurement_key(record: dict, device_slug: str) -> str:
-    """What two records of one measurement share: their configuration on one device, whatever experiment file named
-    it (lora-ga4 is lora at accumulation 4: one measurement under two names). The name does not decide what is
-    measured, as harness.config.config_hash says; the newest record of a measurement speaks for it."""
-    config = {k: v for k, v in (record.get("config") or {}).items() if k != "name"}
-    return schema.configuration_key({**record, "experiment": None, "config": config}, device_slug)
-
-
 def load_results(root: str | Path) -> Results:
     root = Path(root)
     results = Results(root=root)
@@ -82,7 +74,7 @@ def load_results(root: str | Path) -> Results:
         if record is None:
             continue
         record["_slug"] = path.parent.name
-        key = _measurement_key(record, path.parent.name)
+        key = schema.configuration_key(record, path.parent.name)
         if engine_of(record) != LAB_ENGINE:  # kept one per machine: each is divided by the lab's run on its own
             key += json.dumps(machine(record))
         kept = newest.get(key)

@@ -110,17 +110,17 @@ def _answer_blocks(results) -> list[Block]:
     reference = data["reference"]
     blocks.append(Block("p", (
         "Pick a model, a card and the sequence length you train at: the recipes that fit, the longest sequence "
-        "first. Each "
-        "figure says whether it was measured (a run on a GPU, its record named) or predicted (the lab's "
+        "first. Each figure says whether it was measured (a run on a GPU, its record named) or predicted (the lab's "
         f"{data['method']} search, no GPU); hover a mark for where it comes from and the command that "
-        f"reproduces it. Memory: at sequence {reference[0]:,} x micro-batch {reference[1]}; the longest "
-        "sequence is at micro-batch 1. A recipe named \"+ checkpointing\" recomputes activations in the "
-        "backward pass. Tokens/s here is an upper bound: the fit table times the matrix products alone (their "
-        "FLOPs at the matmul rate the lab measured, scaled to each card), leaving out the memory-bound kernels "
-        "and the host, which the kernel model of the speed section costs; the GPU-hours and dollars of 100M "
-        "tokens beside it (the card's price per hour, harness/cards.py) are lower bounds for the same reason. "
-        "Memory and speed were measured on random weights; LLM.int8 (int8-lora) keeps, for backward, the input "
-        "columns holding an outlier, which depend on the values, so on pretrained weights it may hold more.")))
+        "reproduces it. Memory: in the picker at the length picked and micro-batch 1, in the tables below at "
+        f"sequence {reference[0]:,} x micro-batch {reference[1]}; the longest sequence is at micro-batch 1. A "
+        "recipe named \"+ checkpointing\" recomputes activations in the backward pass. Tokens/s here is an "
+        "upper bound: the fit table times the matrix products alone (their FLOPs at the matmul rate the lab "
+        "measured, scaled to each card), leaving out the memory-bound kernels and the host, which the kernel model "
+        "of the speed section costs; the GPU-hours and dollars of 100M tokens beside it (the card's price per "
+        "hour, harness/cards.py) are lower bounds for the same reason. Memory and speed were measured on random "
+        "weights; LLM.int8 (int8-lora) keeps, for backward, the input columns holding an outlier, which depend on "
+        "the values, so on pretrained weights it may hold more.")))
     if trainer_default := answer.trainer_default_line(results, ANSWER_MODEL):
         blocks.append(Block("p", trainer_default))
     blocks.append(Block("p", environment.summary_line(results)))
