@@ -125,7 +125,7 @@ def test_the_host_cost_is_the_adapter_s_time_over_the_kernels_it_adds(tmp_path):
         {"name": "bench_optimizer_step[torch-adamw]", "stats": {"min": 1e-3, "median": 2e-3},
          "extra_info": {"shape": {"parameters": 1000}}},
         {"name": "bench_optimizer_step[adamw8bit]", "stats": {"min": 2e-3, "median": 3e-3},
-         "extra_info": {"shape": {"parameters": 1000}}},
+         "extra_info": {"shape": {"parameters": 1000, "tensors": [[10, 100]]}}},
         {"name": "bench_nf4_dequantize", "stats": {"min": 1e-6, "median": 2e-6},
          "extra_info": {"shape": {"weight": [32, 64]}, "dtype": "bf16"}},
         {"name": "bench_linear_forward[t8-int8]", "stats": {"min": 1e-3, "median": 2e-3},
@@ -137,6 +137,12 @@ def test_the_host_cost_is_the_adapter_s_time_over_the_kernels_it_adds(tmp_path):
     measured = calibration(path)
     assert measured.host_seconds_per_kernel == pytest.approx(4e-4 / added)
     assert dict(measured.optimizer_seconds_per_parameter)["aten::_fused_adamw_"] == pytest.approx(1e-6)
+    # of the 8-bit kernel's time, what its bytes do not take at the copy's bandwidth is per-element work: 1,000
+    # fp32 parameters (under bitsandbytes' 4,096, so two fp32 states) read and written with their states, and
+    # their gradients read, is 28,000 bytes; the copy moved 2,048 bytes in 1e-5 s
+    shares = dict(measured.optimizer_element_shares)
+    assert shares["bitsandbytes::optimizer_update_8bit_blockwise"] == pytest.approx(1 - 28_000 / (2_048 / 1e-5) / 2e-3)
+    assert "aten::_fused_adamw_" not in shares  # its benchmark names no tensors: all of its time scales with bytes
     # torchao's compiled 8-bit step at bitsandbytes' 8-bit kernel's time per parameter (no benchmark of its own)
     assert dict(measured.optimizer_seconds_per_parameter)["torchao::single_param_adam[OptimState8bit]"] == \
         pytest.approx(2e-6)
@@ -455,3 +461,18 @@ def test_bitsandbytes_optimizers_make_the_host_wait_after_each_parameter_on_cuda
     # Optimizer8bit.step's sync_gpu after each parameter, and a paged optimizer's once more at the end
     assert waits["qlora"][0] == waits["qlora"][1] + 1 > 1
     assert waits["lora"][0] == 0
+
+
+def test_an_8bit_optimizer_s_per_element_work_does_not_halve_for_a_bf16_parameter():
+    from harness.predict.speed import optimizer_seconds
+
+    shares = dict(calibration().optimizer_element_shares)
+    # on the H200, torch's fused AdamW moves its bytes at about a copy's rate: its time scales with them
+    assert shares["aten::_fused_adamw_"] < 0.1
+    # bitsandbytes' blockwise 8-bit kernel takes several times what its bytes take at that rate
+    assert shares["bitsandbytes::optimizer_update_8bit_blockwise"] > 0.5
+    fp32 = Kernel("op", 0, 0, "fp32", "optimizer", fp32_elements=1000)
+    bf16 = Kernel("op", 0, 0, "bf16", "optimizer", fp32_elements=500)  # 1,000 bf16 elements
+    assert optimizer_seconds(fp32, 1e-9, 0.8) == pytest.approx(1e-6)  # the benchmark's own case, whatever the share
+    assert optimizer_seconds(bf16, 1e-9, 0.0) == pytest.approx(0.5e-6)  # bytes alone: half an fp32 parameter's
+    assert optimizer_seconds(bf16, 1e-9, 0.8) == pytest.approx((0.8 * 1000 + 0.2 * 500) * 1e-9)

@@ -11,7 +11,8 @@ The kernels come from the runner's step under fake tensors (harness.predict.kern
   product 15 times larger;
 - the optimizer's step (torch's fused AdamW, bitsandbytes' 8-bit AdamW, torchao's compiled 8-bit
   AdamW as the latter) by the parameters it updates, at the time per parameter of
-  `bench_optimizer_step[torch-adamw]` and `[adamw8bit]`;
+  `bench_optimizer_step[torch-adamw]` and `[adamw8bit]`: what the benchmark's bytes take at the copy's
+  bandwidth scales with a parameter's bytes, the rest (per-element work) with its elements;
 - bitsandbytes' NF4 dequantization by its bytes at the bandwidth `bench_nf4_dequantize` achieves;
 - every other kernel (elementwise, norms, casts, dropout, other optimizers, int8 (de)quantization) by
   the bytes it reads and writes (a mutated input counts twice) at the bandwidth of `bench_copy` (a
@@ -78,8 +79,12 @@ MATMUL_DTYPES = ("bf16", "fp16", "fp32", "int8")
 # runs gives fewer predictions within 15 %; the report's table says how many with this choice.)
 STATISTIC = "min"
 # Optimizer kernels the lab times in bench_optimizer_step (fp32 parameters of an MLP's three matrices):
-# costed per parameter they update (bf16 parameters at half an fp32 one's time), not by bytes. The
-# paged 8-bit AdamW runs the same kernel as the 8-bit one.
+# costed per parameter they update. Of a benchmark's time, the share its bytes take at a copy's bandwidth
+# scales with the bytes (a bf16 parameter, half an fp32 one's) and the rest with the elements (`element_share`:
+# the per-element work beyond moving the bytes, which a bf16 parameter needs as much of): torch's fused AdamW
+# moves its bytes at the copy's rate (share 0), bitsandbytes' blockwise 8-bit kernel at about a sixth of it on
+# the H200 (its dynamic 8-bit codes are computed element by element). The paged 8-bit AdamW runs the same
+# kernel as the 8-bit one.
 # torchao's 8-bit AdamW runs, per parameter, torch.compile's fusion of torchao.optim.adam.single_param_adam
 # (harness.predict.kernels.TORCHAO_STEP), timed by bench_optimizer_step[ao-adamw8bit] where the file has it;
 # until then as the same algorithm in bitsandbytes' 8-bit blockwise kernel (both moments in blocks of 256
@@ -90,6 +95,10 @@ OPTIMIZER_BENCHMARKS = {"aten::_fused_adamw_": ("bench_optimizer_step[torch-adam
                         "bitsandbytes::optimizer_update_8bit_blockwise": ("bench_optimizer_step[adamw8bit]",),
                         "torchao::single_param_adam[OptimState8bit]": ("bench_optimizer_step[ao-adamw8bit]",
                                                                        "bench_optimizer_step[adamw8bit]")}
+# The optimizer (harness.blocks.optimizers) each benchmark steps: its state bytes give the bytes a step moves.
+BENCHED_OPTIMIZERS = {"bench_optimizer_step[torch-adamw]": "adamw", "bench_optimizer_step[adamw8bit]": "adamw8bit",
+                      "bench_optimizer_step[ao-adamw8bit]": "ao_adamw8bit"}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
 # Kernels costed by their bytes at the bandwidth their own benchmark achieves rather than the copy's:
 # bitsandbytes' NF4 dequantization (bench_nf4_dequantize: the 4-bit codes and their absmax read, the bf16
 # weight written) reaches less than half a copy's bandwidth on the H200.
@@ -105,6 +114,9 @@ class Calibration:
     source: str
     # seconds per fp32 parameter of each optimizer kernel the lab benchmarks, by op name
     optimizer_seconds_per_parameter: tuple[tuple[str, float], ...] = ()
+    # the share of that time that is per-element work beyond moving the step's bytes, by op name (0 where none is
+    # given: all of it scales with the bytes); an op timed by another kernel's benchmark has none
+    optimizer_element_shares: tuple[tuple[str, float], ...] = ()
     # achieved bytes/s of kernels with their own benchmark (DEQUANTIZE_BENCHMARKS), by op name
     kernel_bandwidths: tuple[tuple[str, float], ...] = ()
     # host seconds of each call marked in a trace (harness.predict.kernels.MARKS) beyond its kernels' launches
@@ -175,12 +187,17 @@ def _calibration(path: Path, digest: str) -> Calibration:
     copied = 2 * rows * columns * 2  # a bf16 weight read and written
     bandwidth = copied / copy["stats"][STATISTIC]
     optimizer = []
+    shares = []
     used = []
     for op, names in OPTIMIZER_BENCHMARKS.items():
         name = next((n for n in names if any(b["name"].startswith(n) for b in benchmarks)), names[-1])
         (bench,) = _named(benchmarks, name, path)
         used.append(name)
         optimizer.append((op, bench["stats"][STATISTIC] / bench["extra_info"]["shape"]["parameters"]))
+        tensors = bench["extra_info"]["shape"].get("tensors")
+        if name == names[0] and tensors:  # its own kernel's benchmark, whose tensors say the bytes it moved
+            moved = _optimizer_step_bytes(BENCHED_OPTIMIZERS[name], [math.prod(t) for t in tensors])
+            shares.append((op, max(0.0, 1 - moved / bandwidth / bench["stats"][STATISTIC])))
     bandwidths = []
     for op, name in DEQUANTIZE_BENCHMARKS.items():
         (bench,) = _named(benchmarks, name, path)
@@ -198,8 +215,22 @@ def _calibration(path: Path, digest: str) -> Calibration:
     int8_call = _int8_call_host_seconds(benchmarks, path, host_per_kernel)
     names = dict.fromkeys([*names, "bench_linear_forward[*-int8]"])
     return Calibration(tuple(sorted(points)), bandwidth, host_per_kernel,
-                       f"{path.name}: " + ", ".join(names), tuple(optimizer), tuple(bandwidths),
+                       f"{path.name}: " + ", ".join(names), tuple(optimizer), tuple(shares), tuple(bandwidths),
                        ((INT8_FORWARD_CALL, int8_call),), digest)
+
+
+def _optimizer_step_bytes(optimizer: str, sizes: list[int]) -> int:
+    """The bytes one step of `optimizer` moves over fp32 parameters of `sizes` elements (a benchmark's): each
+    parameter read and written, its gradient read, its states (the registry's state bytes) read and written."""
+    states, _ = OPTIMIZERS[optimizer].state_bytes(sizes, 4)
+    return sum(3 * 4 * n for n in sizes) + 2 * states
+
+
+def optimizer_seconds(kernel, per_parameter: float, element_share: float) -> float:
+    """A benchmarked optimizer kernel's seconds on the calibration card: its benchmark's time per fp32 parameter,
+    the share that moves bytes scaled by the kernel's bytes (its fp32 units) and the rest by its elements."""
+    elements = kernel.fp32_elements * 4 // DTYPE_BYTES.get(kernel.dtype, 4)
+    return per_parameter * (element_share * elements + (1 - element_share) * kernel.fp32_elements)
 
 
 def _host_seconds_per_kernel(benchmarks: list[dict], path: Path) -> float:
@@ -327,6 +358,7 @@ def step_time(kernels: list, gpu: str, calib: Calibration | None = None) -> dict
     link_s = 0.0
     flops = moved = 0
     per_parameter = dict(calib.optimizer_seconds_per_parameter)
+    element_shares = dict(calib.optimizer_element_shares)
     call_seconds = dict(calib.call_host_seconds)
     own_bandwidth = {op: rate * target.bandwidth / reference.bandwidth for op, rate in calib.kernel_bandwidths}
     for kernel in kernels:
@@ -348,7 +380,8 @@ def step_time(kernels: list, gpu: str, calib: Calibration | None = None) -> dict
             continue
         seconds_by_bytes = kernel.bytes / own_bandwidth.get(kernel.op, bandwidth)
         if kernel.op in per_parameter:
-            seconds = per_parameter[kernel.op] * kernel.fp32_elements * reference.bandwidth / target.bandwidth
+            seconds = (optimizer_seconds(kernel, per_parameter[kernel.op], element_shares.get(kernel.op, 0.0))
+                       * reference.bandwidth / target.bandwidth)
             terms["optimizer_s"] += seconds
         elif kernel.flops:
             seconds = max(kernel.flops / product_rate(kernel.flops, kernel.dtype, target, reference, calib), seconds_by_bytes)
@@ -376,6 +409,7 @@ def kernel_speed(kernels: list, tokens_per_step: int, gpu: str, calib: Calibrati
             "calibration": {"source": calib.source, "matmul_points": [list(p) for p in calib.matmul_points],
                             "bandwidth": calib.bandwidth, "host_seconds_per_kernel": calib.host_seconds_per_kernel,
                             "optimizer_seconds_per_parameter": dict(calib.optimizer_seconds_per_parameter),
+                            "optimizer_element_shares": dict(calib.optimizer_element_shares),
                             "kernel_bandwidths": dict(calib.kernel_bandwidths),
                             "call_host_seconds": dict(calib.call_host_seconds), "digest": calib.digest}}
 
@@ -419,8 +453,9 @@ def analytic_speed(config, technique, seq_len: int, micro_batch: int, grad_accum
             kernel = UNTIMED_STEP_KERNEL
             notes.append(f"optimizer {technique.optimizer} costed as torch's fused AdamW")
         trainable_bytes = 4 if technique.adapter not in (None, "none") else TRAINABLE_BYTES.get(technique.weights, 4)
-        terms["optimizer_s"] = (per_parameter[kernel] * parameters.get("trainable", 0) * trainable_bytes / 4
-                                * reference.bandwidth / target.bandwidth)
+        share = dict(calib.optimizer_element_shares).get(kernel, 0.0)  # as optimizer_seconds has it
+        terms["optimizer_s"] = (per_parameter[kernel] * parameters.get("trainable", 0)
+                                * (share + (1 - share) * trainable_bytes / 4) * reference.bandwidth / target.bandwidth)
         quantized = parameters.get("quantized", 0)
         if quantized:
             quantization = QUANTIZATIONS[technique.quantization]
