@@ -300,8 +300,6 @@ PICKER_SCRIPT = r"""
     const model = pick('pick-model').value, card = Number(pick('pick-card').value), seq = Number(pick('pick-seq').value);
     const rows = data.rows.filter(r => r.model === model && r.card_gb === card);
     const fit = rows.filter(r => r.fits && r.max_seq_len >= seq);
-    fit.sort((a, b) => (b.max_seq_len - a.max_seq_len) || ((a.memory_at[seq] || a.memory.bytes || 0) -
-                                                            (b.memory_at[seq] || b.memory.bytes || 0)));
     const out = pick('pick-answer');
     if (!fit.length) {
       out.innerHTML = '<p class="verdict-none">Nothing fits ' + esc(model) + ' on ' + article(card) + card + ' GB card at ' +
@@ -317,6 +315,8 @@ PICKER_SCRIPT = r"""
             'allocator and the CUDA context included (analytic prediction)'});
     const atSeq = fit.every(r => at(r));
     const memory = r => (atSeq ? at(r) : r.memory);
+    // the longest sequence first, then the least memory, as the column shows it
+    fit.sort((a, b) => (b.max_seq_len - a.max_seq_len) || ((memory(a).bytes || 0) - (memory(b).bytes || 0)));
     let body = '';
     for (const r of fit) {
       const speed = r.speed ? (r.speed.bound ? '\u2264 ' : '') + Math.round(r.speed.tokens_per_s).toLocaleString('en-US') +
