@@ -59,7 +59,7 @@ def test_the_formula_follows_the_traced_step_of_each_family(configs, family, exp
     simulated = predict(path, str(configs[family]), 512, 1, "simulated")
     for category in ("weights", "gradients", "optimizer_state"):  # the same layers, norms, biases, adapters
         assert analytic.persistent[category] == pytest.approx(simulated.persistent[category], rel=0.01), category
-    assert analytic.total_bytes == pytest.approx(simulated.total_bytes, rel=0.10)
+    assert analytic.total_bytes == pytest.approx(simulated.total_bytes, rel=0.03)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
@@ -210,3 +210,32 @@ def test_a_run_of_a_gpt_style_family_adapts_every_linear_layer(configs, tmp_path
     assert record["parameters"]["trainable"] == analytic.parameters["trainable"]  # every linear layer, 4 a layer
     simulated = predict(path, model, seq, batch, "simulated", "cpu")
     assert simulated.total_bytes == pytest.approx(record["memory"]["tracked_step_peak"], rel=0.02)
+
+
+@pytest.mark.parametrize("family, spread", [("llama", 0.1), ("gpt2", 0.2)])
+def test_llm_int8_keeps_the_outlier_columns_random_weights_give_by_both_methods(tmp_path, family, spread):
+    """On CUDA, bitsandbytes keeps the columns of an int8 linear's input that hold a value past its threshold
+    (subA, with their indices) on its autograd context. At a weight spread of 0.1 (s^2 h = 2.56; Llama-2-7B's
+    is 1.64) the MLP's product has them in most columns (GPT-2's ungated GELU needs more): the formula's added
+    bytes are the trace's, and a step on trained weights adds none (GPT-2: c_proj names attention's output
+    and the MLP's down alike)."""
+    settings = dict(FAMILIES["gpt2"]) if family == "gpt2" else dict(SMALL, model_type="llama")
+    path = tmp_path / f"{family}-wide-init.json"
+    path.write_text(json.dumps({**settings, "initializer_range": spread}))
+    experiment = EXPERIMENTS / "int8-lora.yaml"
+    added = {}
+    for method in ("analytic", "simulated"):
+        random, trained = (predict(experiment, str(path), 128, 4, method, "cuda", random_weights=weights)
+                           for weights in (True, False))
+        added[method] = random.total_bytes - trained.total_bytes
+    assert added["analytic"] > 0.02 * trained.total_bytes
+    assert added["analytic"] == pytest.approx(added["simulated"], rel=0.05)
+    # a fit answer sizes trained weights
+    from harness.predict.solve import setup
+
+    on_trained = predict(experiment, str(path), 128, 4, "analytic", "cuda", random_weights=False).total_bytes
+    assert setup(experiment, str(path)).peak(128, 4) == on_trained
+    # on the CPU bitsandbytes takes no column apart
+    cpu = [predict(experiment, str(path), 128, 4, "simulated", "cpu", random_weights=weights).total_bytes
+           for weights in (True, False)]
+    assert cpu[0] == cpu[1]

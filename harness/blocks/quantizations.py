@@ -157,10 +157,10 @@ QUANTIZATIONS: dict[str, Quantization | None] = {
         loss=LossRule("lora", 0.01, "LLM.int8 keeps outlier features in 16 bits: near-lossless"), shown_by="int8-lora",
         prediction_miss=(
             "LLM.int8 on CUDA also keeps, for backward, the input columns that hold an outlier (|x| >= 6, "
-            "its threshold) in full precision; which columns do depends on the values, which neither "
-            "predictor has (fake tensors carry none). Random-init weights put outliers into the wide "
-            "down_proj input of the larger model; pretrained weights concentrate them in a few feature "
-            "dimensions. The gap sits in the activations, as the category table shows.")),
+            "its threshold), which depend on the values: the predictions take the count random weights give "
+            "(harness/predict/outliers.py: most of the MLP's product at 7B), the rows taken as independent, "
+            "which gives the most. Trained weights put outliers in a few feature dimensions; the fit answers, "
+            "made for them, count none.")),
     "nf4": Quantization(
         "bitsandbytes' 4-bit NormalFloat weights in blocks of 64 (double_quant: its scales quantized too)", 4,
         _nf4_storage, _nf4_config, layer="Linear4bit", quantize=_nf4_quantize, saves_input=False, casts_bias=True,

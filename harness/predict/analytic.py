@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from harness.architectures import ARCHITECTURES, Architecture, architecture_of, lora_targets
 from harness.blocks.adapters import ADAPTERS
 from harness.blocks.optimizers import OPTIMIZERS
-from harness.blocks.quantizations import QUANTIZATIONS
+from harness.blocks.quantizations import INT8_THRESHOLD, QUANTIZATIONS
+from harness.predict import outliers
 from harness.schema import CATEGORIES, PERSISTENT
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -61,6 +62,8 @@ class Shape:
     parallel_residual: bool = False  # attention and MLP read the same input (NeoX's use_parallel_residual)
     attn_softcap: bool = False   # tanh soft-capping of the attention scores (Gemma 2)
     final_softcap: bool = False  # tanh soft-capping of the logits (Gemma 2)
+    activation: str = "silu"  # the MLP's activation, by transformers' name (the config's)
+    init_std: float = 0.02    # the spread of the weights the lab draws when nothing is downloaded (initializer_range)
 
     @property
     def family(self) -> Architecture:
@@ -136,7 +139,8 @@ def shape_of(config) -> Shape:
                  activation_saved=ACTIVATION_SAVED.get(activation, 1), activation_pow=activation in ACTIVATION_POW,
                  parallel_residual=family.parallel_residual and bool(getattr(config, "use_parallel_residual", True)),
                  attn_softcap=family.logit_softcapping and getattr(config, "attn_logit_softcapping", None) is not None,
-                 final_softcap=family.logit_softcapping and getattr(config, "final_logit_softcapping", None) is not None)
+                 final_softcap=family.logit_softcapping and getattr(config, "final_logit_softcapping", None) is not None,
+                 activation=activation or "silu", init_std=getattr(config, "initializer_range", 0.02))
 
 
 def adapter_tensors(shape: Shape, technique, lora) -> list[int]:
@@ -212,9 +216,10 @@ class _Flow:
     full: bool        # full fine-tuning: weight gradients are needed
     cuda: bool        # the CUDA code path (kernels whose saved tensors differ from the CPU's)
     liger: bool = False  # Liger's kernels (RMSNorm, SwiGLU, fused linear cross-entropy)
+    random_weights: bool = False  # the lab's random init, not trained weights (LLM.int8's outlier columns)
 
 
-def _flow(technique, lora, device_type: str, liger: bool = False) -> _Flow:
+def _flow(technique, lora, device_type: str, liger: bool = False, random_weights: bool = False) -> _Flow:
     weights = BYTES[technique.weights]
     quantization = QUANTIZATIONS[technique.quantization]
     kbit = quantization is not None
@@ -223,7 +228,8 @@ def _flow(technique, lora, device_type: str, liger: bool = False) -> _Flow:
                  weights=weights, quantized=kbit, saves_input=saves_input, lora=technique.adapter != "none",
                  dora=technique.adapter != "none" and getattr(lora, "use_dora", False),
                  dropout=lora.dropout > 0, rank=lora.r, mask_bytes=1 if device_type == "cuda" else 4,
-                 full=technique.adapter == "none", cuda=device_type == "cuda", liger=liger)
+                 full=technique.adapter == "none", cuda=device_type == "cuda", liger=liger,
+                 random_weights=random_weights)
 
 
 def _linear(flow: _Flow, x_bytes: int, tokens: int, n_in: int, n_out: int, adapted: bool,
@@ -259,12 +265,14 @@ def _linear(flow: _Flow, x_bytes: int, tokens: int, n_in: int, n_out: int, adapt
         out, input_saved = flow.weights, flow.full
     if adapted and flow.lora:
         # peft: x.to(fp32) -> dropout -> lora_A -> lora_B. Dropout saves its mask; lora_A saves
-        # its (autocast: 16-bit copy of the) input; lora_B saves lora_A's r-wide output.
+        # its (autocast: 16-bit copy of the) input; lora_B saves lora_A's r-wide output. The layer's
+        # own input is what lora_A saves only where nothing copied it: an fp32 input without autocast
+        # (under autocast a 16-bit input went to fp32 and back, a copy of each layer's own).
         lora_in = 2 if flow.autocast else 4
         saved += lora_in * tokens * flow.rank
         if flow.dropout:
             saved += flow.mask_bytes * tokens * n_in + lora_in * tokens * n_in
-        elif lora_in != x_bytes:
+        elif lora_in != x_bytes or flow.autocast:
             saved += lora_in * tokens * n_in
         else:
             input_saved = True
@@ -277,10 +285,11 @@ def _dora_saved(flow: _Flow, base_out: int, tokens: int, n_in: int, n_out: int, 
     """peft's DoRA (DoraLinearVariant, DoraLinearLayer.forward): the magnitude over the weight's
     norm scales the base output and the LoRA output, and the products save both (T x out).
     With dropout the base output is computed again on the dropped fp32 input, against the
-    weight dequantized and cast to fp32; autocast saves 16-bit copies of both for backward."""
+    weight dequantized and cast to fp32: that product saves the weight (autocast: its 16-bit copy)
+    for the input's gradient, and not the input, the weight needing none."""
     saved = tokens * n_out * (base_out + lora_out)
     if flow.dropout:
-        saved += (2 * n_out * n_in + 2 * tokens * n_in) if flow.autocast else 4 * n_out * n_in
+        saved += (2 if flow.autocast else 4) * n_out * n_in
     return saved
 
 
@@ -399,6 +408,16 @@ def recompute_held_bytes(flow: _Flow, shape: Shape, tokens: int, targets: set[st
     return held
 
 
+def _int8_input_bytes(flow: _Flow, shape: Shape, tokens: int) -> dict[str, int]:
+    """Bytes per element of what an LLM.int8 base's linears read, by kind (harness.predict.outliers): the
+    normalised input, attention's output and the MLP's product."""
+    normalised = _norm_output(flow, shape.family)
+    out, _, _ = _linear(flow, normalised, tokens, shape.hidden, shape.intermediate, False, True)
+    attn_out = 2 if flow.autocast else max(out, flow.residual)
+    return {outliers.NORMALISED: normalised, outliers.ATTENTION: attn_out,
+            outliers.MLP_PRODUCT: _activation(flow, shape, out)[1]}
+
+
 def int8_inputs_held(flow: _Flow, shape: Shape, tokens: int) -> int:
     """What one checkpointed decoder layer of an LLM.int8 base keeps through the forward: bitsandbytes'
     MatMul8bitLt holds its input for backward as an attribute of its context (`ctx.tensors = (CAt, subA, A)`,
@@ -408,12 +427,18 @@ def int8_inputs_held(flow: _Flow, shape: Shape, tokens: int) -> int:
     Mixture-of-experts layers are left out."""
     if not (flow.quantized and flow.saves_input) or shape.experts:
         return 0
-    family, hidden, inter = shape.family, shape.hidden, shape.intermediate
-    normalised = _norm_output(flow, family)
-    out, _, _ = _linear(flow, normalised, tokens, hidden, inter, False, True)
-    attn_out = 2 if flow.autocast else max(out, flow.residual)
-    act_out = _activation(flow, shape, out)[1]
-    return tokens * (2 * normalised * hidden + attn_out * shape.q_dim + act_out * inter)
+    read = _int8_input_bytes(flow, shape, tokens)
+    return tokens * (2 * read[outliers.NORMALISED] * shape.hidden + read[outliers.ATTENTION] * shape.q_dim
+                     + read[outliers.MLP_PRODUCT] * shape.intermediate)
+
+
+def int8_outliers_held(flow: _Flow, shape: Shape, tokens: int) -> int:
+    """What one decoder layer of an LLM.int8 base keeps of its inputs' outlier columns on CUDA, held like
+    its inputs (int8_inputs_held), with or without checkpointing: on random weights their expected count
+    (harness.predict.outliers); trained weights' few are not counted. Mixture-of-experts layers are left out."""
+    if not (flow.quantized and flow.saves_input and flow.cuda and flow.random_weights) or shape.experts:
+        return 0
+    return outliers.held_bytes(shape, tokens, _int8_input_bytes(flow, shape, tokens), INT8_THRESHOLD)
 
 
 def layer_saved_bytes(flow: _Flow, shape: Shape, tokens: int, seq_len: int, targets: set[str]) -> int:
@@ -514,15 +539,16 @@ def attention_kept_bytes(flow: _Flow, shape: Shape, tokens: int) -> int:
 
 def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gradient_checkpointing: bool,
                      device_type: str = "cuda", selective: bool = False, offloading: bool = False,
-                     liger: bool = False) -> dict[str, int]:
+                     liger: bool = False, random_weights: bool = False) -> dict[str, int]:
     """Activations saved by one micro-batch's forward ("saved", on the device; "host" where they are
     offloaded), the largest transient on top of them in its backward, and what one decoder layer's
     forward saves ("layer": recomputed in backward under checkpointing) and what the output head and
     the loss save on the device ("head", freed once backward has passed them)."""
-    flow = _flow(technique, lora, device_type, liger)
+    flow = _flow(technique, lora, device_type, liger, random_weights)
     targets = _lora_targets(shape, lora) if flow.lora else set()
     tokens = batch * seq_len
-    per_layer = layer_saved_bytes(flow, shape, tokens, seq_len, targets)
+    held_outliers = int8_outliers_held(flow, shape, tokens)
+    per_layer = layer_saved_bytes(flow, shape, tokens, seq_len, targets) + held_outliers
     final_norm = _norms(flow, tokens, shape.hidden, shape.family, 1, 1)
     # lm_head is never quantized nor adapted. Under autocast it saves a 16-bit input and, if
     # its weight is fp32 (full precision, or upcast by k-bit preparation), a 16-bit copy of it.
@@ -570,7 +596,7 @@ def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gr
     # backward recomputes one layer at a time after the head's backward is done, so the two
     # transients never meet.
     kept = shape.layers * (layer_input + (attention_kept_bytes(flow, shape, tokens) if selective else 0)
-                           + int8_inputs_held(flow, shape, tokens))
+                           + int8_inputs_held(flow, shape, tokens) + held_outliers)
     layers, recompute = (kept, per_layer) if gradient_checkpointing else (shape.layers * per_layer, 0)
     # A recomputed layer's widest moment: its saved tensors and what its last linear's forward holds.
     recompute_peak = recompute + recompute_held_bytes(flow, shape, tokens, targets) if gradient_checkpointing else 0
@@ -688,10 +714,12 @@ def sharded_candidates(shape: Shape, technique, cfg, persistent: dict, activatio
 
 # -- the step -------------------------------------------------------------------------
 
-def predict(config, technique, cfg, seq_len: int, batch: int, device_type: str = "cuda") -> dict:
+def predict(config, technique, cfg, seq_len: int, batch: int, device_type: str = "cuda",
+            random_weights: bool = False) -> dict:
     """Peak bytes of one training step and what is alive at the peak, by category; `cfg` is the
     experiment (harness.config.Experiment): its adapter, optimizer, accumulation, checkpointing,
-    offloading and kernel settings.
+    offloading and kernel settings. random_weights: the step runs on the lab's random init, not on
+    trained weights (where values matter: LLM.int8's outlier columns).
 
     Three candidate peaks: the start of the last micro-batch's backward (weights, optimizer
     state, earlier micro-batches' gradients, saved activations, the loss's gradient
@@ -716,7 +744,8 @@ def predict(config, technique, cfg, seq_len: int, batch: int, device_type: str =
     computed = dataclasses.replace(technique, weights=technique.autocast) if (
         cfg.sharding != "none" and technique.autocast != "none") else technique
     activations = activation_bytes(shape, computed, lora, seq_len, batch, cfg.gradient_checkpointing, device_type,
-                                   cfg.selective_checkpointing, cfg.activation_offloading, cfg.liger_kernels)
+                                   cfg.selective_checkpointing, cfg.activation_offloading, cfg.liger_kernels,
+                                   random_weights)
     # Every category of the record is reported; one without a term here is 0.
     persistent = {**dict.fromkeys(PERSISTENT, 0), "weights": weights, "quant_constants": constants,
                   "gradients": gradients, "optimizer_state": optimizer_state}

@@ -20,14 +20,16 @@ PREDICTOR_MODULES = source_files(__name__)
 
 def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
             device_type: str = "cuda", overrides: dict | None = None, allocator: str = "default",
-            cap_bytes: int | None = None, gpu: str | None = None) -> schema.Prediction:
+            cap_bytes: int | None = None, gpu: str | None = None,
+            random_weights: bool | None = None) -> schema.Prediction:
     """One prediction for an experiment file at a model, sequence length and micro-batch (and
     any other experiment fields in `overrides`); on CUDA with the reserved and device bytes of the
     caching allocator set as `allocator` says. `cap_bytes`: the simulation also replays the allocator
     under this cap (a budget run's recorded cap; else the experiment's budget_gb gives it), in the
     prediction's `budget_replay`. gpu: a card of harness.cards, whose step time and tokens per second
     the prediction also gives (harness.predict.speed: from the simulated step's kernels; the analytic
-    method's from FLOPs alone)."""
+    method's from FLOPs alone). random_weights: the step runs on random weights, not trained ones (None: as
+    a run of this model does, harness.step.models.ModelSource.random_init)."""
     if allocator not in ALLOCATORS:
         raise ValueError(f"allocator: expected one of {', '.join(ALLOCATORS)}, got {allocator!r}")
     from harness.step.models import resolve_source
@@ -36,11 +38,12 @@ def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
                                   "device": "cpu"})
     cfg, technique = config.experiment, config.technique
     source = resolve_source(model, cfg.trust_remote_code, device_type)
+    random_weights = source.random_init if random_weights is None else random_weights
     started = time.perf_counter()
     if method == "analytic":
         from harness.predict.analytic import predict as analytic_predict
 
-        result = analytic_predict(source.config, technique, cfg, seq_len, batch, device_type)
+        result = analytic_predict(source.config, technique, cfg, seq_len, batch, device_type, random_weights)
         if device_type == "cuda":
             from harness.device_memory import analytic_reserved_bytes, device_bytes
 
@@ -59,7 +62,7 @@ def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
         recorder = KernelRecorder() if gpu else None
         result = simulate_step(source, technique, cfg, seq_len, batch, device_type,
                                expandable_segments=allocator == "expandable_segments", cap_bytes=cap_bytes,
-                               recorder=recorder)
+                               recorder=recorder, random_weights=random_weights)
         if gpu:
             from harness.predict.speed import kernel_speed
 

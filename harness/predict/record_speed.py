@@ -61,18 +61,20 @@ def predict_run(record: dict, gpu: str) -> schema.Prediction:
     notes = []
     try:
         try:
-            result = simulate_step(source, technique, cfg, seq_len, batch, "cuda", recorder=recorder)
+            result = simulate_step(source, technique, cfg, seq_len, batch, "cuda", recorder=recorder,
+                                   random_weights=source.random_init)
         except NotSimulated:
             if without_liger(cfg) is None:
                 raise
             # a family whose Liger patch the simulation does not stand in for: its eager step, labelled
             cfg, notes, recorder = without_liger(cfg), [LIGER_NOTE], KernelRecorder()
-            result = simulate_step(source, technique, cfg, seq_len, batch, "cuda", recorder=recorder)
+            result = simulate_step(source, technique, cfg, seq_len, batch, "cuda", recorder=recorder,
+                                   random_weights=source.random_init)
         result["speed"] = kernel_speed(recorder.kernels, seq_len * batch * cfg.grad_accum, gpu)
     except NotSimulated as error:
         from harness.predict.analytic import predict as analytic_predict
 
-        result = analytic_predict(source.config, technique, cfg, seq_len, batch, "cuda")
+        result = analytic_predict(source.config, technique, cfg, seq_len, batch, "cuda", source.random_init)
         result["speed"] = {**analytic_speed(source.config, technique, seq_len, batch, cfg.grad_accum, gpu,
                                             parameters=result["parameters"],
                                             gradient_checkpointing=cfg.gradient_checkpointing),

@@ -12,7 +12,8 @@ What a fake step cannot do, and how it is handled:
   its code books are built with real computation on first use, so they are warmed outside the fake mode.
 - kernels that differ by device: dropout's mask, fp32 grouped-query attention (math backend
   on CUDA) and LLM.int8's matmul are traced as CUDA runs them (see the _cuda_* hooks);
-  the int8 kernel's outlier columns depend on values and are left out. Autocast is CPU
+  the int8 kernel's outlier columns depend on values: on random weights their expected count is
+  taken (harness.predict.outliers, _outlier_shares), on trained weights none. Autocast is CPU
   autocast (the fake tensors are CPU tensors), with CUDA autocast's own casts added where the two
   differ (_cuda_autocast: layer_norm, pow, exp, sum, softmax and the rest of its fp32 lists).
 - values: MoE routing is data-dependent, so experts get a perfectly balanced share of
@@ -45,13 +46,25 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from harness.blocks.optimizers import OPTIMIZERS
 from harness.blocks.quantizations import QUANTIZATIONS
 from harness.predict import allocator as caching_allocator
+from harness.predict import outliers
 from harness.predict.kernels import FROM_HOST, TO_HOST, TORCHAO_MODULE, over_host_link
 from harness.device_memory import CUBLAS_WORKSPACE_BYTES, WORKSPACE_PHASES, device_bytes
 from harness.measure.memory import TensorTracker, fsdp2_tracking, label_gradients, label_model, tracker_phase
 from harness.step import sharding
-from harness.step.models import ModelSource
+from harness.step.models import ModelSource, quantized_layers
 from harness.step.train import Progress, build_training, train_step
 from harness.techniques import NotSimulated, Technique, not_simulated
+
+
+@contextmanager
+def _replaced(owner, name: str, replacement):
+    """`owner.<name>` is `replacement` inside the block and its own again after it, whatever happens."""
+    original = getattr(owner, name)
+    setattr(owner, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
 
 
 @contextmanager
@@ -76,11 +89,8 @@ def _real_code_books(technique: Technique):
         with unset_fake_temporarily():
             return original(*args, **kwargs)
 
-    bnb.functional.create_dynamic_map = create_dynamic_map
-    try:
+    with _replaced(bnb.functional, "create_dynamic_map", create_dynamic_map):
         yield
-    finally:
-        bnb.functional.create_dynamic_map = original
 
 
 @contextmanager
@@ -99,11 +109,8 @@ def _swappable_fake_tensors(mode: FakeTensorMode):
             del memo[key]
         return original(first, second)
 
-    torch.utils.swap_tensors = swap
-    try:
+    with _replaced(torch.utils, "swap_tensors", swap):
         yield
-    finally:
-        torch.utils.swap_tensors = original
 
 
 @contextmanager
@@ -118,18 +125,14 @@ def _cuda_dropout(device_type: str):
         yield
         return
     functional = torch.nn.functional
-    original = functional.dropout
 
     def dropout(input, p=0.5, training=True, inplace=False):
         if not training or p == 0:
             return input
         return torch.ops.aten.native_dropout(input, p, True)[0]
 
-    functional.dropout = dropout
-    try:
+    with _replaced(functional, "dropout", dropout):
         yield
-    finally:
-        functional.dropout = original
 
 
 # CUDA autocast's casts where they differ from CPU autocast's, which the trace runs (its fake tensors are CPU
@@ -231,11 +234,8 @@ def _cuda_attention(device_type: str):
         return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                         scale=scale, enable_gqa=enable_gqa)
 
-    functional.scaled_dot_product_attention = attention
-    try:
+    with _replaced(functional, "scaled_dot_product_attention", attention):
         yield
-    finally:
-        functional.scaled_dot_product_attention = original
 
 
 class _Int8MatmulAsOnCuda(torch.autograd.Function):
@@ -243,9 +243,12 @@ class _Int8MatmulAsOnCuda(torch.autograd.Function):
     int8 base: the input cast to fp16, its outlier check (`outliers.any()`, which makes the host wait for the
     GPU), the row-wise int8 quantization, the int8 product into int32 and its dequantization to fp16, then to
     the input's dtype; the backward is MatMul8bitLt's own. On CPU bitsandbytes runs MatMul8bitFp instead (the
-    weight dequantized to the input's dtype, then F.linear), a different set of kernels and transients. The
-    outlier columns depend on values, which fake tensors lack: none are taken (on a real model a few columns
-    add a small 16-bit product)."""
+    weight dequantized to the input's dtype, then F.linear), a different set of kernels and transients.
+    The outlier columns depend on values, which fake tensors lack: a layer's state carries the share of its
+    input's values past the threshold (`outlier_share`, set by _outlier_shares on random weights), whose
+    expected columns are taken as CUDA takes them (`argwhere`, another wait; the columns zeroed in the int8
+    input; int8_mixed_scaled_mm's 16-bit product of them, added to the output) and kept with their indices
+    for backward (subA, idx); without a share none are."""
 
     @staticmethod
     def forward(ctx, A, B, out, bias, state):
@@ -256,19 +259,34 @@ class _Int8MatmulAsOnCuda(torch.autograd.Function):
         input_shape = A.shape
         A = A.reshape(-1, A.shape[-1])
         A16 = A.to(torch.float16)
+        taken = 0
         if state.threshold > 0.0:
-            (A16.abs() >= state.threshold).any()
+            found = A16.abs() >= state.threshold
+            found.any()
             mark(HOST_WAIT, "LLM.int8's outlier check")
+            taken = outliers.columns(A.shape[0], A.shape[1], getattr(state, "outlier_share", 0.0))
+            if taken:
+                found.any(dim=0)
+                mark(HOST_WAIT, "LLM.int8's outlier columns (argwhere)")
+        idx = torch.empty(taken, dtype=torch.int64, device=A.device)
         CA, SCA, _ = ops.int8_vectorwise_quant.default(A16)
+        subA, subB = torch.empty(0, dtype=A.dtype, device=A.device), None
+        if taken:
+            CA[:, idx] = 0
+            subA = A[:, idx]
+            subB = ops.int8_vectorwise_dequant.default(state.CB[:, idx].contiguous(), state.SCB).to(A.dtype).t()
         output = ops.int8_mm_dequant.default(ops.int8_linear_matmul.default(CA, state.CB), SCA, state.SCB,
                                              dtype=torch.float16).to(A.dtype)
+        if subB is not None:
+            output = output.addmm(subA, subB)
         if bias is not None:
             output = output.add_(bias)
+        state.idx = idx
         ctx.is_empty = False
         ctx.state, ctx.grad_shape, ctx.dtype_A = state, input_shape, A.dtype
         ctx.dtype_bias = None if bias is None else bias.dtype
-        ctx.tensors = (None, torch.empty(0, dtype=A.dtype), A)  # no outlier columns taken (subA)
-        ctx.tensor_states = (None, None)
+        ctx.tensors = (None, subA, A)
+        ctx.tensor_states = (None, idx)
         return output.reshape(*input_shape[:-1], state.CB.shape[0])
 
     @staticmethod
@@ -299,11 +317,8 @@ def _cuda_int8_matmul(device_type: str):
         with torch.autocast(A.device.type, enabled=False):
             return _Int8MatmulAsOnCuda.apply(A, B, out, bias, state)
 
-    bnb.matmul = matmul
-    try:
+    with _replaced(bnb, "matmul", matmul):
         yield
-    finally:
-        bnb.matmul = original
 
 
 def _dequantize_and_multiply(A, B, quant_state, bias):
@@ -367,11 +382,8 @@ def _cuda_matmul_4bit(device_type: str):
             return _MatMul4BitAsOnCuda.apply(A, B, out, bias, quant_state)
         return _dequantize_and_multiply(A, B, quant_state, bias)
 
-    bnb.matmul_4bit = matmul_4bit
-    try:
+    with _replaced(bnb, "matmul_4bit", matmul_4bit):
         yield
-    finally:
-        bnb.matmul_4bit = original
 
 
 BNB_OPTIMIZER_MODULE = "bitsandbytes.optim.optimizer"
@@ -397,11 +409,8 @@ def _cuda_optimizer_sync(device_type: str):
         mark(HOST_WAIT, "bitsandbytes' optimizer synchronizes after each parameter")
         return original(tensor)
 
-    module.sync_gpu = sync_gpu
-    try:
+    with _replaced(module, "sync_gpu", sync_gpu):
         yield
-    finally:
-        module.sync_gpu = original
 
 
 @contextmanager
@@ -413,12 +422,8 @@ def _unpacked_sequences():
     """
     from transformers import masking_utils
 
-    original = masking_utils.find_packed_sequence_indices
-    masking_utils.find_packed_sequence_indices = lambda position_ids: None
-    try:
+    with _replaced(masking_utils, "find_packed_sequence_indices", lambda position_ids: None):
         yield
-    finally:
-        masking_utils.find_packed_sequence_indices = original
 
 
 def _offloading(model, cfg, tracker: TensorTracker):
@@ -443,12 +448,8 @@ def _offloading(model, cfg, tracker: TensorTracker):
         return None
     from trl.models.activation_offloading import get_act_offloading_ctx_manager
 
-    accelerator = torch.accelerator.current_accelerator
-    torch.accelerator.current_accelerator = lambda *args, **kwargs: torch.device("cpu")
-    try:
+    with _replaced(torch.accelerator, "current_accelerator", lambda *args, **kwargs: torch.device("cpu")):
         context = get_act_offloading_ctx_manager(model, use_pin_memory=False, use_streams=False)
-    finally:
-        torch.accelerator.current_accelerator = accelerator
     pack, unpack = context.pack_hook, context.unpack_hook
     stash = {}  # the streams' forward stash: tensor id -> the device tensor kept alive
     stash_size = inspect.signature(type(context).__init__).parameters["max_fwd_stash_size"].default
@@ -523,13 +524,9 @@ def _liger():
     from harness.predict.liger import liger_stand_ins
     from harness.step import models
 
-    original = models.apply_liger
     with liger_stand_ins() as apply:
-        models.apply_liger = apply
-        try:
+        with _replaced(models, "apply_liger", apply):
             yield
-        finally:
-            models.apply_liger = original
 
 
 @contextmanager
@@ -571,11 +568,8 @@ def _compiled_torchao_step(technique: Technique, tracker: TensorTracker, device_
         del buffers
         return result
 
-    module.single_param_adam = fused
-    try:
+    with _replaced(module, "single_param_adam", fused):
         yield
-    finally:
-        module.single_param_adam = original
 
 
 @contextmanager
@@ -594,11 +588,8 @@ def _cache_emptied_by_kbit_preparation(tracker: TensorTracker, emptied_at: list[
             emptied_at.append(tracker.counter)
         return model
 
-    peft.prepare_model_for_kbit_training = prepare
-    try:
+    with _replaced(peft, "prepare_model_for_kbit_training", prepare):
         yield
-    finally:
-        peft.prepare_model_for_kbit_training = original
 
 
 def allocator_events(tracker: TensorTracker, device_type: str, emptied_at: list[int] = ()) -> list[tuple]:
@@ -628,6 +619,30 @@ def allocator_events(tracker: TensorTracker, device_type: str, emptied_at: list[
     return [event[1:] for event in timed]
 
 
+def _outlier_shares(model, source: ModelSource, device_type: str, random_weights: bool) -> None:
+    """Give each LLM.int8 layer's state the share of its input's values past its threshold on the lab's
+    random weights (harness.predict.outliers), which _Int8MatmulAsOnCuda turns into outlier columns. Only
+    CUDA takes columns apart; trained weights get none (their outliers sit in a few feature dimensions),
+    and so does a family harness.architectures does not describe (its layers' roles are unknown)."""
+    if device_type != "cuda" or not random_weights:
+        return
+    kinds = tuple(layer for layer, quantization in quantized_layers().items() if quantization.saves_input)
+    layers = [(name, module) for name, module in model.named_modules() if kinds and isinstance(module, kinds)]
+    if not layers:
+        return
+    from harness.architectures import UnsupportedArchitecture
+    from harness.predict.analytic import shape_of
+
+    try:
+        shape = shape_of(source.config)
+    except UnsupportedArchitecture:
+        return
+    for name, module in layers:
+        own = [part for part in name.split(".") if part != "base_layer"][-1]  # peft's wrapper keeps the name
+        kind = outliers.INPUT_KIND[outliers.role_of(own, module.in_features, shape)]
+        module.state.outlier_share = outliers.value_share(kind, shape, module.state.threshold)
+
+
 def _phase(tracker: TensorTracker, recorder, name: str):
     if recorder is not None:
         recorder.phase = name
@@ -636,12 +651,13 @@ def _phase(tracker: TensorTracker, recorder, name: str):
 
 def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, micro_batch: int,
                   device_type: str = "cuda", steps: int = 2, expandable_segments: bool = False,
-                  cap_bytes: int | None = None, recorder=None) -> dict:
+                  cap_bytes: int | None = None, recorder=None, random_weights: bool | None = None) -> dict:
     """Peak and per-category bytes of a training step at full size, without memory.
 
     Runs `steps` steps (the first creates the optimizer state) and measures the last, as the
     runner's tracked step does. device_type picks what the builders pick for that device.
     recorder: a harness.predict.kernels.KernelRecorder that records the last step's kernels.
+    random_weights: the step runs on random weights, not trained ones (None: as a run of the source does).
     """
     started = time.perf_counter()
     tracker = TensorTracker()
@@ -651,6 +667,7 @@ def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, 
           _cache_emptied_by_kbit_preparation(tracker, emptied_at),
           _compiled_torchao_step(technique, tracker, device_type), (recorder or nullcontext())):
         model, optimizer, _ = build_training(source, technique, cfg, device, optimizer_device=device_type, mesh=mesh)
+        _outlier_shares(model, source, device_type, source.random_init if random_weights is None else random_weights)
         load_peak, loaded = tracker.peak, tracker.counter
         saved_tensors = _offloading(model, cfg, tracker)
         progress = Progress()

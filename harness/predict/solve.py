@@ -11,6 +11,10 @@ until the step no longer fits, then bisection. The simulation (the runner's own 
 fake tensors) then checks the answer and its neighbour one up; where it disagrees, the
 analytic curve shifted by the simulation's offset gives the next guess, and a gallop and a
 bisection on simulations settle the boundary. The answer names the method that decided it.
+
+An answer sizes a step on trained weights, what a fine-tune starts from (RANDOM_WEIGHTS): where values
+change the bytes (LLM.int8's outlier columns, harness.predict.outliers) the lab's random-init runs hold
+more than it counts.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ if TYPE_CHECKING:
     from harness.config import ResolvedConfig
 
 AXES = ("seq_len", "micro_batch")
+RANDOM_WEIGHTS = False  # see the module's text
 # Past a model's context a longer sequence means position scaling, not this step: the search
 # stops there and says so. A micro-batch has no such limit; this one only bounds the search.
 MICRO_BATCH_LIMIT = 1 << 16
@@ -109,7 +114,7 @@ def setup(experiment: Path, model: str, overrides: dict | None = None, device_ty
     def peak(seq_len: int, micro_batch: int) -> int:
         if (seq_len, micro_batch) not in memo:
             memo[seq_len, micro_batch] = analytic_predict(source.config, technique, cfg, seq_len, micro_batch,
-                                                          device_type)["total_bytes"]
+                                                          device_type, RANDOM_WEIGHTS)["total_bytes"]
         return memo[seq_len, micro_batch]
     def device(seq_len: int, micro_batch: int) -> int:
         from harness.device_memory import analytic_reserved_bytes, device_bytes
@@ -175,7 +180,7 @@ def _confirm_by_simulation(experiment, model, shape, overrides, device_type, cap
     def simulated(n: int) -> int:
         seq, batch = shape(n)
         prediction = predict(experiment, model, seq, batch, "simulated", device_type, overrides,
-                             cap_bytes=allocator_cap)
+                             cap_bytes=allocator_cap, random_weights=RANDOM_WEIGHTS)
         if prediction.device_bytes is None:  # a CPU step: its tensors are what it holds
             return prediction.total_bytes
         outside = prediction.device_bytes - prediction.reserved_bytes

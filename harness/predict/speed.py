@@ -414,9 +414,6 @@ def kernel_speed(kernels: list, tokens_per_step: int, gpu: str, calib: Calibrati
                             "call_host_seconds": dict(calib.call_host_seconds), "digest": calib.digest}}
 
 
-TRAINABLE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-
-
 def analytic_speed(config, technique, seq_len: int, micro_batch: int, grad_accum: int, gpu: str,
                    calib: Calibration | None = None, parameters: dict | None = None,
                    gradient_checkpointing: bool = False) -> dict:
@@ -429,6 +426,7 @@ def analytic_speed(config, technique, seq_len: int, micro_batch: int, grad_accum
     the lab has one, NF4's, else the copy's). All scaled to the card. No host
     cost and no other memory-bound kernel: a lower bound on the step time."""
     from harness.measure.throughput import model_flops_per_token
+    from harness.predict.analytic import trainable_dtype_bytes
 
     calib = calib or calibration()
     target, reference = card(gpu), CARDS[CALIBRATION_CARD]
@@ -452,7 +450,7 @@ def analytic_speed(config, technique, seq_len: int, micro_batch: int, grad_accum
         if kernel is None:
             kernel = UNTIMED_STEP_KERNEL
             notes.append(f"optimizer {technique.optimizer} costed as torch's fused AdamW")
-        trainable_bytes = 4 if technique.adapter not in (None, "none") else TRAINABLE_BYTES.get(technique.weights, 4)
+        trainable_bytes = trainable_dtype_bytes(technique)
         share = dict(calib.optimizer_element_shares).get(kernel, 0.0)  # as optimizer_seconds has it
         terms["optimizer_s"] = (per_parameter[kernel] * parameters.get("trainable", 0)
                                 * (share + (1 - share) * trainable_bytes / 4) * reference.bandwidth / target.bandwidth)

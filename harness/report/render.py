@@ -119,8 +119,10 @@ def _answer_blocks(results) -> list[Block]:
         "measured, scaled to each card), leaving out the memory-bound kernels and the host, which the kernel model "
         "of the speed section costs; the GPU-hours and dollars of 100M tokens beside it (the card's price per "
         "hour, harness/cards.py) are lower bounds for the same reason. Memory and speed were measured on random "
-        "weights; LLM.int8 (int8-lora) keeps, for backward, the input columns holding an outlier, which depend on "
-        "the values, so on pretrained weights it may hold more.")))
+        "weights. Values change the bytes in one place: LLM.int8 (int8-lora) keeps, for backward, the input "
+        "columns holding an outlier, which random weights put in most of the MLP's product at 7B and trained "
+        "weights in a few feature dimensions; the fit answers size trained weights, so a measured int8 run "
+        "holds more than they say.")))
     if trainer_default := answer.trainer_default_line(results, ANSWER_MODEL):
         blocks.append(Block("p", trainer_default))
     blocks.append(Block("p", environment.summary_line(results)))
