@@ -3,11 +3,12 @@ its predicted reserved bytes plus these (torch-free: predictions, the fit table 
 
 Outside the allocator live the CUDA context (created before any tensor) and the kernels CUDA loads
 lazily on first use (CUDA_MODULE_LOADING=LAZY, the default since CUDA 12.2): torch's own, cuBLAS's
-and cuDNN's, bitsandbytes', Triton's. Neither is visible to torch.cuda.memory_reserved; NVML sees both.
+and cuDNN's, bitsandbytes', Triton's; and CUDA unified memory a library takes itself (bitsandbytes' paged
+optimizer state), in the UVM driver's batches. None is visible to torch.cuda.memory_reserved; NVML sees all.
 
-The figures below are the lab's measurements on one device and software stack: an NVIDIA H200,
-driver 580.159.04, CUDA 13.0, torch 2.11.0, bitsandbytes 0.50.2 (results/nvidia-h200/*.json). They
-are used for every CUDA card, the only one measured; another driver or torch loads other kernels.
+The context's and the kernels' figures below are the lab's measurements on one device and software stack:
+an NVIDIA H200, driver 580.159.04, CUDA 13.0, torch 2.11.0, bitsandbytes 0.50.2 (results/nvidia-h200/*.json).
+They are used for every CUDA card, the only one measured; another driver or torch loads other kernels.
 """
 
 from __future__ import annotations
@@ -52,9 +53,26 @@ def outside_allocator_bytes(technique=None) -> int:
     return CUDA_CONTEXT_BYTES + kernels
 
 
-def device_bytes(reserved_bytes: int, technique) -> int:
-    """What the card must hold: the allocator's reserved segments and what lives outside them."""
-    return reserved_bytes + outside_allocator_bytes(technique)
+# CUDA unified memory resident on the GPU (bitsandbytes' paged optimizer state) is not the allocator's: the
+# UVM driver backs it with root chunks of 2 MiB (UVM_CHUNK_SIZE_MAX), split for smaller pages, which it takes
+# from the GPU's physical allocator in batches of 1 << uvm_perf_pma_batch_nonpinned_order, default 6, keeping
+# the rest of a batch for later (NVIDIA open-gpu-kernel-modules, kernel-open/nvidia-uvm/uvm_pmm_gpu.c).
+UVM_ROOT_CHUNK_BYTES = 2 * MiB
+UVM_BATCH_ROOT_CHUNKS = 1 << 6
+
+
+def unified_memory_bytes(resident_bytes: int) -> int:
+    """The device memory UVM takes for `resident_bytes` of unified memory on the GPU: whole batches."""
+    if resident_bytes <= 0:
+        return 0
+    chunks = -(-resident_bytes // UVM_ROOT_CHUNK_BYTES)
+    return -(-chunks // UVM_BATCH_ROOT_CHUNKS) * UVM_BATCH_ROOT_CHUNKS * UVM_ROOT_CHUNK_BYTES
+
+
+def device_bytes(reserved_bytes: int, technique, unified_bytes: int = 0) -> int:
+    """What the card must hold: the allocator's reserved segments and what lives outside them, `unified_bytes`
+    of unified memory (tensors the allocator never saw) among them."""
+    return reserved_bytes + outside_allocator_bytes(technique) + unified_memory_bytes(unified_bytes)
 
 
 # The analytic method knows a step's peak tensor bytes, not its sequence of allocations, so it cannot
@@ -67,9 +85,17 @@ ANALYTIC_RESERVED_RATIO = 1.0452
 EXPANDABLE_LARGE_PAGE, EXPANDABLE_SMALL_PAGE = 20 * MiB, 2 * MiB
 
 
-def analytic_reserved_bytes(total_bytes: int, allocator: str = "default") -> int:
-    """Reserved bytes from an analytic peak (see ANALYTIC_RESERVED_RATIO)."""
-    allocated = total_bytes + len(WORKSPACE_PHASES) * CUBLAS_WORKSPACE_BYTES
+def analytic_device(prediction: dict, technique, allocator: str = "default") -> tuple[int, int]:
+    """(reserved, device) bytes of an analytic prediction (harness.predict.analytic.predict's dict)."""
+    unified = prediction.get("unified_bytes", 0)
+    reserved = analytic_reserved_bytes(prediction["total_bytes"], allocator, unified)
+    return reserved, device_bytes(reserved, technique, unified)
+
+
+def analytic_reserved_bytes(total_bytes: int, allocator: str = "default", unified_bytes: int = 0) -> int:
+    """Reserved bytes from an analytic peak (see ANALYTIC_RESERVED_RATIO), less the `unified_bytes` of it
+    that live in unified memory."""
+    allocated = total_bytes - unified_bytes + len(WORKSPACE_PHASES) * CUBLAS_WORKSPACE_BYTES
     if allocator == "expandable_segments":
         return -(-allocated // EXPANDABLE_LARGE_PAGE) * EXPANDABLE_LARGE_PAGE + EXPANDABLE_SMALL_PAGE
     return int(allocated * ANALYTIC_RESERVED_RATIO)

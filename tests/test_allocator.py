@@ -205,3 +205,37 @@ def test_the_replay_under_the_h200_runs_cap_runs_out_where_it_did_and_as_it_did(
     # the same configuration at 5,789 tokens trained under that cap
     fits = predict(EXPERIMENTS / "qlora-r32-gc.yaml", "llama-3.1-8b", 5789, 1, "simulated", cap_bytes=cap)
     assert fits.extra["budget_replay"]["oom"] is None
+
+
+def test_a_paged_optimizers_large_states_live_in_unified_memory_outside_the_allocator(tmp_path):
+    """bitsandbytes' paged 8-bit AdamW keeps the two uint8 states of a parameter of 1e5 elements or more in CUDA
+    unified memory: the traced step counts them as tensors (as a GPU's tracked step does), the allocator's
+    replay leaves them out, and the card holds them in the UVM driver's batches of 64 root chunks of 2 MiB
+    (on the H200, 7B QLoRA's 32 to 49 MiB of such state took 128 MiB beyond TinyLlama's, which has none, and
+    Llama-3.1-8B r32's 156 MiB took 256). The formula names the same bytes."""
+    import json
+
+    from conftest import EXPERIMENTS
+
+    from harness.device_memory import outside_allocator_bytes, unified_memory_bytes
+    from harness.predict.prediction import predict
+    from harness.techniques import TECHNIQUES
+
+    assert [unified_memory_bytes(n) for n in (0, 1, 128 * MiB, 128 * MiB + 1)] == [0, 128 * MiB, 128 * MiB, 256 * MiB]
+    config = tmp_path / "wide-mlp.json"  # LoRA r16 of an 8,192-wide MLP: 131,072 elements per gate/up B, down A
+    config.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 8192,
+                                  "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+                                  "vocab_size": 256, "max_position_embeddings": 128, "tie_word_embeddings": False}))
+    path = EXPERIMENTS / "qlora.yaml"
+    paged, plain = (predict(path, str(config), 64, 1, "simulated", "cuda", overrides=overrides)
+                    for overrides in (None, {"optimizer": "adamw8bit"}))
+    states = 2 * 3 * 2 * 131_072  # two layers, three adapter tensors each, two uint8 states
+    assert paged.extra["unified_bytes"] == states and plain.extra["unified_bytes"] == 0
+    assert paged.total_bytes == plain.total_bytes  # the same tensors
+    assert plain.extra["allocator_allocated_bytes"] - paged.extra["allocator_allocated_bytes"] >= states
+    technique = TECHNIQUES["qlora"]
+    assert paged.device_bytes == paged.reserved_bytes + outside_allocator_bytes(technique) + 128 * MiB
+    analytic = predict(path, str(config), 64, 1, "analytic", "cuda")
+    assert analytic.extra["unified_bytes"] == states
+    cpu = predict(path, str(config), 64, 1, "analytic", "cpu")
+    assert cpu.extra["unified_bytes"] == 0

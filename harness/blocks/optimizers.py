@@ -36,7 +36,9 @@ class Optimizer:
     package: str | None = None   # the module it imports that a machine may lack: without it a run is skipped
     settings: tuple[Setting, ...] = ()    # its own fields of the `optim:` block
     refusals: tuple[Refusal, ...] = ()    # experiments it cannot be part of (checked when the file is read)
-    paged: bool = False      # its state lives in CUDA unified memory, outside torch's allocator
+    # Bytes per element of the state it keeps in CUDA unified memory, outside torch's allocator, for a
+    # parameter of PAGED_MIN_ELEMENTS or more (bitsandbytes' paged optimizers); 0: none.
+    paged_state_bytes: int = 0
     # Trainer's further arguments for it: (experiment, model config) -> (arguments, notes of where Trainer's
     # step still differs).
     trainer_arguments: Callable | None = None
@@ -59,6 +61,20 @@ class Optimizer:
     # quantized states allocates besides the tensors it is given, on CUDA (harness.predict.simulate); None:
     # its step is not compiled.
     step_buffers: Callable[[int], int] | None = None
+
+    @property
+    def paged(self) -> bool:
+        return self.paged_state_bytes > 0
+
+    def paged_bytes(self, sizes) -> int:
+        """Bytes of its state in CUDA unified memory for trainable tensors of `sizes` elements."""
+        return self.paged_state_bytes * sum(n for n in sizes if n >= PAGED_MIN_ELEMENTS)
+
+
+# bitsandbytes' paged optimizers take a state buffer from CUDA unified memory (functional.get_paged:
+# cudaMallocManaged) only for a parameter of this many elements or more, smaller ones from torch
+# (optim/optimizer.py, Optimizer8bit.get_state_buffer, 0.50: `p.numel() < 1e5`).
+PAGED_MIN_ELEMENTS = 100_000
 
 
 # -- AdamW, torch's -----------------------------------------------------------------------------
@@ -370,12 +386,13 @@ OPTIMIZERS: dict[str, Optimizer] = {
         _bnb("PagedAdamW8bit"), _adamw8bit_bytes, "paged_adamw_8bit",
         "bitsandbytes' 8-bit AdamW with its state in CUDA unified memory (QLoRA's)", not_sharded=_BNB_NOT_SHARDED,
         loss="its arithmetic is adamw8bit's; qlora, which runs it, is held to its NF4 base's rule",
-        shown_by="qlora", package="bitsandbytes", paged=True, trainer_memory=_BNB_IN_TRAINER,
-        step_kernel=_BNB_8BIT_STEP),
+        shown_by="qlora", package="bitsandbytes", trainer_memory=_BNB_IN_TRAINER, step_kernel=_BNB_8BIT_STEP,
+        paged_state_bytes=2),  # its two states, uint8
     "paged_adamw": Optimizer(
         _bnb("PagedAdamW"), _fp32_adamw_bytes, "paged_adamw_32bit",
         "bitsandbytes' 32-bit AdamW with its state in CUDA unified memory", not_sharded=_BNB_NOT_SHARDED,
-        loss="no experiment runs it alone", shown_by=None, package="bitsandbytes", paged=True),
+        loss="no experiment runs it alone", shown_by=None, package="bitsandbytes",
+        paged_state_bytes=8),  # two fp32 states
     "galore_adamw": Optimizer(
         _galore, galore_bytes, "galore_adamw",
         "GaLore: AdamW moments of the decoder's linear weights in a low-rank projection of their gradients",

@@ -36,6 +36,7 @@ class _Storage:
     host: bool = False   # host memory a GPU step uses (offloaded activations): not device memory
     labelled_by_context: bool = False  # a buffer's label (labelling): an explicit track() replaces it
     stream: int = 0      # the CUDA stream it was allocated on: 0 the compute stream, 1 a side stream
+    unified: bool = False  # device memory taken from CUDA unified memory, not from the caching allocator
 
 
 # What a host copy is made with inside `copying_to_host` (TRL's offloading: torch.empty_like on the
@@ -209,6 +210,15 @@ class TensorTracker(TorchDispatchMode):
             self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, 0), self.current)
             if self.current > self.peak:
                 self.peak, self.peak_at = self.current, self.counter
+
+    def mark_unified(self, tensor) -> None:
+        """A tensor whose memory on the GPU is CUDA unified memory (a simulated paged buffer): a tensor like
+        any other here, which the caching allocator never holds."""
+        self.storages[tensor.untyped_storage()].unified = True
+
+    def unified_bytes(self) -> int:
+        """Bytes of the live tensors in unified memory."""
+        return sum(record.nbytes for record in self.history if record.unified and record.died is None)
 
     def on_host(self, tensor) -> bool:
         record = self.storages.get(tensor.untyped_storage()) if self._counts(tensor) else None

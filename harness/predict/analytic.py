@@ -787,5 +787,7 @@ def predict(config, technique, cfg, seq_len: int, batch: int, device_type: str =
                        "quantized": params["linear"] if QUANTIZATIONS[technique.quantization] else 0},
         "peak_at": peak_at,
         "host_bytes": host_bytes,
+        # of the optimizer state, what a paged optimizer keeps in CUDA unified memory (harness.device_memory)
+        "unified_bytes": OPTIMIZERS[technique.optimizer].paged_bytes(sizes) if device_type == "cuda" else 0,
         "device_type": device_type,
     }

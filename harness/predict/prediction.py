@@ -45,10 +45,10 @@ def predict(experiment: Path, model: str, seq_len: int, batch: int, method: str,
 
         result = analytic_predict(source.config, technique, cfg, seq_len, batch, device_type, random_weights)
         if device_type == "cuda":
-            from harness.device_memory import analytic_reserved_bytes, device_bytes
+            from harness.device_memory import analytic_device
 
-            reserved = analytic_reserved_bytes(result["total_bytes"], allocator)
-            result.update(reserved_bytes=reserved, device_bytes=device_bytes(reserved, technique), allocator=allocator)
+            reserved, device = analytic_device(result, technique, allocator)
+            result.update(reserved_bytes=reserved, device_bytes=device, allocator=allocator)
         if gpu:
             from harness.predict.speed import analytic_speed
 

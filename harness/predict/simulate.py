@@ -43,7 +43,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from harness.blocks.optimizers import OPTIMIZERS
+from harness.blocks.optimizers import OPTIMIZERS, PAGED_MIN_ELEMENTS
 from harness.blocks.quantizations import QUANTIZATIONS
 from harness.predict import allocator as caching_allocator
 from harness.predict import outliers
@@ -592,6 +592,28 @@ def _cache_emptied_by_kbit_preparation(tracker: TensorTracker, emptied_at: list[
         yield
 
 
+@contextmanager
+def _paged_state(technique: Technique, tracker: TensorTracker, device_type: str):
+    """bitsandbytes' paged optimizers take a state buffer of a large parameter from CUDA unified memory
+    (Optimizer8bit.get_state_buffer: functional.get_paged, cudaMallocManaged; PAGED_MIN_ELEMENTS), which the
+    caching allocator never holds; for a CPU parameter, as every fake one is, they take a plain tensor. On
+    CUDA each buffer CUDA would page is marked so (TensorTracker.mark_unified): counted as a tensor, as the
+    GPU's tracked step counts it, left out of the allocator's replay, held in the UVM driver's batches."""
+    if device_type != "cuda" or not OPTIMIZERS[technique.optimizer].paged:
+        yield
+        return
+    from bitsandbytes.optim.optimizer import Optimizer8bit
+
+    def get_state_buffer(self, p, dtype=torch.float32):
+        buffer = torch.zeros_like(p, dtype=dtype)  # the managed buffer's stand-in, or the plain state CUDA makes
+        if self.is_paged and p.numel() >= PAGED_MIN_ELEMENTS:
+            tracker.mark_unified(buffer)
+        return buffer
+
+    with _replaced(Optimizer8bit, "get_state_buffer", get_state_buffer):
+        yield
+
+
 def allocator_events(tracker: TensorTracker, device_type: str, emptied_at: list[int] = ()) -> list[tuple]:
     """Every device storage the tracker saw, as the caching allocator sees it: (+bytes, key, stream) when
     it is born and (-1, key) when it dies, in the order they happened (one counter orders both).
@@ -601,11 +623,12 @@ def allocator_events(tracker: TensorTracker, device_type: str, emptied_at: list[
     getCUDABlasLtWorkspace), which no tensor stands for: one on the first forward's thread and one on
     autograd's backward thread, born where the tracker's forward and backward phases first allocate.
     `emptied_at`: tracker counters after which torch.cuda.empty_cache() ran (allocator.EMPTY_CACHE).
-    A storage born on a side stream keeps that stream on CUDA only: a CPU has one."""
+    A storage born on a side stream keeps that stream on CUDA only: a CPU has one. Host memory and unified
+    memory (_paged_state) are not the allocator's."""
     cuda = device_type == "cuda"
     timed = [(counter + 0.5, *caching_allocator.EMPTY_CACHE) for counter in emptied_at] if cuda else []
     for index, record in enumerate(tracker.history):
-        if record.host:
+        if record.host or record.unified:
             continue
         timed.append((record.born, record.nbytes, index, record.stream if cuda else 0))
         if record.died is not None:
@@ -665,7 +688,8 @@ def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, 
     emptied_at: list[int] = []
     with (fake_step(technique, cfg, device_type, tracker) as mesh, tracker,
           _cache_emptied_by_kbit_preparation(tracker, emptied_at),
-          _compiled_torchao_step(technique, tracker, device_type), (recorder or nullcontext())):
+          _compiled_torchao_step(technique, tracker, device_type), _paged_state(technique, tracker, device_type),
+          (recorder or nullcontext())):
         model, optimizer, _ = build_training(source, technique, cfg, device, optimizer_device=device_type, mesh=mesh)
         _outlier_shares(model, source, device_type, source.random_init if random_weights is None else random_weights)
         load_peak, loaded = tracker.peak, tracker.counter
@@ -695,7 +719,8 @@ def simulate_step(source: ModelSource, technique: Technique, cfg, seq_len: int, 
                 "allocator": "expandable_segments" if expandable_segments else "default",
                 "allocator_allocated_bytes": allocator.peak_allocated}  # kept in the prediction's extra
     if device_type == "cuda":
-        reserved["device_bytes"] = device_bytes(allocator.peak_reserved, technique)
+        reserved["unified_bytes"] = tracker.unified_bytes()
+        reserved["device_bytes"] = device_bytes(allocator.peak_reserved, technique, reserved["unified_bytes"])
         if cap_bytes or cfg.budget_gb:
             # the same step under an allocator cap (given, or the budget's): the allocator frees its cache
             # and retries before it runs out (DeviceCachingAllocator::malloc)

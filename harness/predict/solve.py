@@ -109,19 +109,21 @@ def setup(experiment: Path, model: str, overrides: dict | None = None, device_ty
     config = resolve(experiment, {**(overrides or {}), "model": model, "device": "cpu"})
     cfg, technique = config.experiment, config.technique
     source = resolve_source(model, cfg.trust_remote_code, device_type)
-    memo: dict[tuple[int, int], int] = {}
+    memo: dict[tuple[int, int], dict] = {}
 
-    def peak(seq_len: int, micro_batch: int) -> int:
+    def predicted(seq_len: int, micro_batch: int) -> dict:
         if (seq_len, micro_batch) not in memo:
             memo[seq_len, micro_batch] = analytic_predict(source.config, technique, cfg, seq_len, micro_batch,
-                                                          device_type, RANDOM_WEIGHTS)["total_bytes"]
+                                                          device_type, RANDOM_WEIGHTS)
         return memo[seq_len, micro_batch]
+    def peak(seq_len: int, micro_batch: int) -> int:
+        return predicted(seq_len, micro_batch)["total_bytes"]
     def device(seq_len: int, micro_batch: int) -> int:
-        from harness.device_memory import analytic_reserved_bytes, device_bytes
+        from harness.device_memory import analytic_device
 
         if device_type != "cuda":  # a CPU step: its tensors are what it holds
             return peak(seq_len, micro_batch)
-        return device_bytes(analytic_reserved_bytes(peak(seq_len, micro_batch)), technique)
+        return analytic_device(predicted(seq_len, micro_batch), technique)[1]
     parameters = analytic_predict(source.config, technique, cfg, *REFERENCE_SHAPE, device_type)["parameters"]
     return Setup(config, getattr(source.config, "max_position_embeddings", None), peak, device, source.config, parameters)
 
