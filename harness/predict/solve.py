@@ -218,7 +218,7 @@ def describe(result: dict) -> str:
     what = "longest sequence" if axis == "seq_len" else "largest micro-batch"
     head = (f"{result['experiment']} @ {result['model']}{' (gradient checkpointing)' if result['gradient_checkpointing'] else ''}"
             f" on a {result['card_gb']:g} GB card ({result['card_bytes'] / 2**30:.1f} GiB; predicted device bytes: "
-            f"the allocator's reserved segments, the CUDA context and kernels):")
+            f"the allocator's reserved segments, the CUDA context, kernels and unified memory):")
     if value == 0:
         return (f"{head}\n  does not fit even at 1 {unit[:-1]} ({fixed}): device "
                 f"{result['next_peak_bytes'] / 2**30:.2f} GiB ({result['method']})")

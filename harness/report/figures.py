@@ -678,8 +678,8 @@ def memory_vs_sequence(results: Results) -> FigureResult:
     beside = (cards.get_tightbbox(renderer).x1 - panel.x0) / panel.width
     sns.move_legend(ax, "upper left", bbox_to_anchor=(beside + 0.01, 1), fontsize=7, ncol=2)
     caption = (f"{model}: the predicted device bytes of one training step at micro-batch 1 per technique (the "
-               "analytic peak, the caching allocator's reserve and the CUDA context and kernels), without (solid) "
-               "and with (dashed) gradient checkpointing, against each card (dotted: the card as sold, in GiB). "
+               "analytic peak, the caching allocator's reserve, the CUDA context, kernels and unified memory), without "
+               "(solid) and with (dashed) gradient checkpointing, against each card (dotted: the card as sold, in GiB). "
                + "".join(f"{' and '.join(label.split(SAME))} are predicted the same at every length and share "
                          f"a line (\"{label}\"). " for label in order if SAME in label)
                + "A technique fits a card up to where its line crosses the card's. Predicted, not measured; `python -m harness predict --solve seq_len` "

@@ -181,7 +181,7 @@ def table(rows: list[dict]):
                   "device, predicted", "measured (NVML)", "error", "old rule's error (allocated + 0.5 GiB)"],
                  lines, numeric=set(range(1, 10)),
                  note=("Predicted: the simulation's tensor peak, the caching allocator replayed over its step "
-                       "(reserved) and the CUDA context and kernels beside it (device); analytic where the step "
+                       "(reserved) and the CUDA context, kernels and unified memory beside it (device); analytic where the step "
                        "cannot be simulated. Calibration runs: the TinyLlama runs the device constants were fitted on."))
 
 
