@@ -595,8 +595,9 @@ def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gr
     # LLM.int8 base, what its linears hold outside the hooks: int8_inputs_held);
     # backward recomputes one layer at a time after the head's backward is done, so the two
     # transients never meet.
-    kept = shape.layers * (layer_input + (attention_kept_bytes(flow, shape, tokens) if selective else 0)
-                           + int8_inputs_held(flow, shape, tokens) + held_outliers)
+    # bitsandbytes' context keeps, outside saved_tensors_hooks, what no offloading moves to the host
+    int8_held = shape.layers * (int8_inputs_held(flow, shape, tokens) + held_outliers)
+    kept = shape.layers * (layer_input + (attention_kept_bytes(flow, shape, tokens) if selective else 0)) + int8_held
     layers, recompute = (kept, per_layer) if gradient_checkpointing else (shape.layers * per_layer, 0)
     # A recomputed layer's widest moment: its saved tensors and what its last linear's forward holds.
     recompute_peak = recompute + recompute_held_bytes(flow, shape, tokens, targets) if gradient_checkpointing else 0
@@ -613,7 +614,8 @@ def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gr
     # Without checkpointing TRL also copies a tensor again each time it is saved more than five
     # saves after its copy; the simulation does (at 7B, seq 2048: twice the host bytes and 3.5 GB
     # more on the GPU than this), this counts each tensor once: checkpointed is what is predicted.
-    return {"saved": lm_head + loss, "host": layers + final_norm + loss,
+    # An LLM.int8 base's inputs and outlier columns stay on the device (int8_held).
+    return {"saved": lm_head + loss + int8_held, "host": layers - int8_held + final_norm + loss,
             "transient": max(loss_backward, recompute_peak + (layer_input if gradient_checkpointing else 0)),
             "layer": recompute or per_layer, "head": lm_head + loss, "forward_end": lm_head + loss + cached + at_loss}
 
