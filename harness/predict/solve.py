@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from harness.cards import card_bytes
+from harness.device_memory import unified_memory_bytes
 from harness.measure.budget import card_cap_bytes
 
 if TYPE_CHECKING:
@@ -99,6 +100,7 @@ class Setup:
     device: Callable[[int, int], int]
     model_config: object = None  # transformers' config of the model
     parameters: dict | None = None  # total, trainable and quantized (the analytic prediction's)
+    unified_bytes: int = 0  # a paged optimizer's state in CUDA unified memory (harness.device_memory)
 
 
 def setup(experiment: Path, model: str, overrides: dict | None = None, device_type: str = "cuda") -> Setup:
@@ -124,8 +126,9 @@ def setup(experiment: Path, model: str, overrides: dict | None = None, device_ty
         if device_type != "cuda":  # a CPU step: its tensors are what it holds
             return peak(seq_len, micro_batch)
         return analytic_device(predicted(seq_len, micro_batch), technique)[1]
-    parameters = analytic_predict(source.config, technique, cfg, *REFERENCE_SHAPE, device_type)["parameters"]
-    return Setup(config, getattr(source.config, "max_position_embeddings", None), peak, device, source.config, parameters)
+    reference = analytic_predict(source.config, technique, cfg, *REFERENCE_SHAPE, device_type)
+    return Setup(config, getattr(source.config, "max_position_embeddings", None), peak, device, source.config,
+                 reference["parameters"], reference["unified_bytes"])
 
 
 def _limit(axis: str, context: int | None) -> int:
@@ -159,8 +162,9 @@ def solve(experiment: Path, model: str, card_gb: float, axis: str, *, seq_len: i
     }
     decided = found
     if simulate:
+        allocator_cap = card_cap_bytes(card_gb, config.technique) - unified_memory_bytes(found_setup.unified_bytes)
         decided = _confirm_by_simulation(experiment, model, shape, overrides or {}, device_type, cap, limit,
-                                         found, analytic, card_cap_bytes(card_gb, config.technique))
+                                         found, analytic, allocator_cap)
         result["simulated"] = _answer_dict(decided, axis, context, limit)
     result.update({"method": "simulated" if simulate else "analytic", f"max_{axis}": decided.value,
                    **{k: v for k, v in result["simulated" if simulate else "analytic"].items() if k != "value"},
@@ -174,9 +178,9 @@ def _confirm_by_simulation(experiment, model, shape, overrides, device_type, cap
                            analytic, allocator_cap: int) -> Answer:
     """The simulated boundary. A card is a cap: where the allocator cannot have a new segment it frees its
     cached ones and tries again (harness.predict.allocator), so a step fits when the allocator replayed
-    under the card's cap for it (the card less what lives outside the allocator) does not run out; its
-    device bytes are then that replay's reserved peak and what lives outside (more than the card where
-    it runs out)."""
+    under the card's cap for it (the card less what lives outside the allocator, a paged optimizer's unified
+    memory too) does not run out; its device bytes are then that replay's reserved peak and what lives
+    outside (more than the card where it runs out)."""
     from harness.predict.prediction import predict
 
     def simulated(n: int) -> int:
