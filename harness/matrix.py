@@ -9,6 +9,7 @@ validated configurations and the record path each lands in. `harness bench` runs
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,10 @@ class MatrixBlock:
     seq_lens: list[int | None] = field(default_factory=lambda: [None])
     grad_accums: list[int | None] = field(default_factory=lambda: [None])
     budgets_gb: list[float | None] = field(default_factory=lambda: [None])
+    # Instead of `seq_lens`: sequence lengths as multiples of the fit answer, the longest sequence whose predicted
+    # device bytes fit the budget's card at the cell's micro-batch (harness.predict.solve.longest_sequence, the fit
+    # table's analytic search), worked out when the plan is expanded, so the probes follow the current predictor.
+    fit_multiples: list[float] = field(default_factory=list)
     # Training loops (harness.engines) each cell runs in: the same configuration in each, measured alike.
     engines: list[str | None] = field(default_factory=lambda: [None])
     # Ranks that train each cell together (the experiments' world_size): one GPU each on CUDA, gloo
@@ -133,21 +138,30 @@ def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Pat
         if experiments:  # keep only the chosen experiments of each block
             names = [name for name in names if name in experiments]
         cells = []
-        for name, model, seq, accum, budget, engine, ranks in itertools.product(
-                names, models or block.models, seq_lens or block.seq_lens, block.grad_accums,
+        for name, model, given_seq, accum, budget, engine, ranks in itertools.product(
+                names, models or block.models, seq_lens or [None], block.grad_accums,
                 budgets_gb or block.budgets_gb, engines or block.engines, block.world_sizes):
             overrides = {**block.set, "model": model, "device": device_type}
-            for key, value in (("seq_len", seq), ("grad_accum", accum), ("budget_gb", budget), ("engine", engine),
+            for key, value in (("grad_accum", accum), ("budget_gb", budget), ("engine", engine),
                                ("world_size", ranks)):
                 if value is not None:
                     overrides[key] = value
-            resolved = _resolve_cell(available[name], overrides, block, experiments_dir / MATRIX_FILE,
-                                     f"{plan}[{number}]")
-            world_size = resolved.experiment.world_size
-            if device_type == "cuda" and devices is not None and world_size > devices:
-                skipped.append(f"{name} @ {model} at world size {world_size}: this machine has {devices} GPUs")
-                continue
-            cells.append((name, model, overrides, resolved))
+            where = f"{plan}[{number}]"
+            if given_seq is not None or not block.fit_multiples:
+                sequences = [given_seq] if given_seq is not None else block.seq_lens
+            else:
+                sequences, why_not = _around_fit(available[name], overrides, block, device_type,
+                                                 experiments_dir / MATRIX_FILE, where)
+                if why_not:
+                    skipped.append(f"{block.note or name} ({name} @ {model}): {why_not}")
+            for seq in sequences:
+                cell = {**overrides, "seq_len": seq} if seq is not None else overrides
+                resolved = _resolve_cell(available[name], cell, block, experiments_dir / MATRIX_FILE, where)
+                world_size = resolved.experiment.world_size
+                if device_type == "cuda" and devices is not None and world_size > devices:
+                    skipped.append(f"{name} @ {model} at world size {world_size}: this machine has {devices} GPUs")
+                    continue
+                cells.append((name, model, cell, resolved))
         rule = block.if_emulated
         # a rule for the whole block (a comparison, like with like) holds for every cell once one is emulated
         whole_block = rule is not None and rule.whole_block and any(c.technique.compute_dtype in emulated
@@ -167,6 +181,31 @@ def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Pat
                 planned.setdefault(path, PlannedRun(config, index, path, block.note, shortened=shortened,
                                                     left_to=left_to))
     return list(planned.values()), skipped
+
+
+def _around_fit(path: Path, overrides: dict, block: MatrixBlock, device_type: str, matrix_path: Path,
+                where: str) -> tuple[list[int], str | None]:
+    """A cell's sequence lengths as its block's `fit_multiples` of the fit answer on its budget's card, or none
+    and why (nothing fits; the model's context, not the card, ends the answer)."""
+    if block.seq_lens != [None]:
+        raise ConfigError(matrix_path, f"{where}.fit_multiples", "give seq_lens or fit_multiples, not both")
+    if any(not isinstance(m, (int, float)) or m <= 0 for m in block.fit_multiples):
+        raise ConfigError(matrix_path, f"{where}.fit_multiples",
+                          f"expected positive numbers (multiples of the fit answer), got {block.fit_multiples}")
+    card_gb = overrides.get("budget_gb")
+    if card_gb is None:
+        raise ConfigError(matrix_path, f"{where}.fit_multiples", "needs budgets_gb: the card whose answer it multiplies")
+    from harness.predict.solve import longest_sequence, setup
+
+    micro_batch = _resolve_cell(path, overrides, block, matrix_path, where).experiment.micro_batch
+    fields = {key: value for key, value in overrides.items() if key not in ("model", "device", "budget_gb")}
+    answer = longest_sequence(setup(path, overrides["model"], fields, device_type), card_gb, micro_batch)
+    if answer.value == 0:
+        return [], f"nothing fits a {card_gb:g} GB card at micro-batch {micro_batch} by the fit answer"
+    if answer.limited_by != "card":
+        return [], f"the fit answer is the model's context ({answer.value:,} tokens), not the card's limit"
+    # floored: a probe a fraction above the answer that runs out bounds the answer's shortfall by that fraction
+    return sorted({max(1, math.floor(answer.value * multiple)) for multiple in block.fit_multiples}), None
 
 
 def _resolve_cell(path: Path, overrides: dict, block: MatrixBlock, matrix_path: Path, where: str) -> ResolvedConfig:

@@ -6,6 +6,7 @@ import math
 import shutil
 from pathlib import Path
 
+import pytest
 from conftest import EXPERIMENTS
 
 from harness.matrix import expand, load_matrix
@@ -25,3 +26,53 @@ def test_a_new_experiment_file_joins_the_cpu_plan_only_where_a_plan_names_it(tmp
     (experiments / "my-new-technique.yaml").write_text("include: bf16-pure.yaml\ndescription: a new file\n")
     assert _planned(experiments, "cpu") == cpu  # make bench on a CPU runs what it ran
     assert _planned(experiments, "cuda") == cuda | {"my-new-technique"}  # the cuda plan's blocks say `all`
+
+
+def _boundary_matrix(tmp_path, block: str) -> tuple[Path, dict]:
+    experiments = tmp_path / "experiments"
+    shutil.copytree(EXPERIMENTS, experiments)
+    text = (experiments / "matrix.yaml").read_text()
+    (experiments / "matrix.yaml").write_text(text + f"probe:\n{block}")
+    return experiments, load_matrix(experiments / "matrix.yaml")
+
+
+def test_the_boundary_plan_probes_the_fit_answer_of_the_predictor_as_it_is():
+    from harness.cards import card_bytes
+    from harness.predict.solve import setup
+
+    runs, skipped = expand(load_matrix(EXPERIMENTS / "matrix.yaml"), "cuda", EXPERIMENTS, EXPERIMENTS,
+                           plan="boundary", device_gb=math.inf)
+    assert not skipped
+    probes: dict[tuple, list[int]] = {}
+    for run in runs:
+        cfg = run.config.experiment
+        probes.setdefault((run.config.name, cfg.model, cfg.budget_gb), []).append(cfg.seq_len)
+    assert len(probes) >= 6  # the six configurations, each with its answer and a probe above it
+    for (name, model, card_gb), (answer, above) in probes.items():
+        found = setup(EXPERIMENTS / f"{name}.yaml", model)
+        # the answer is the longest sequence whose predicted device bytes fit the card as sold
+        assert found.device(answer, 1) <= card_bytes(card_gb) < found.device(answer + 1, 1), (name, model)
+        assert above == math.floor(answer * 1.03)
+
+
+def test_fit_multiples_need_a_budget_and_no_sequence_lengths_of_their_own(tmp_path):
+    from harness.config import ConfigError
+
+    block = "  - experiments: [lora]\n    models: [mistral-7b]\n    fit_multiples: [1.0, 1.03]\n"
+    experiments, matrix = _boundary_matrix(tmp_path, block)
+    with pytest.raises(ConfigError, match=r"probe\[0\]\.fit_multiples.*needs budgets_gb"):
+        expand(matrix, "cuda", experiments, experiments, plan="probe")
+    experiments, matrix = _boundary_matrix(tmp_path / "both", block + "    budgets_gb: [24]\n    seq_lens: [512]\n")
+    with pytest.raises(ConfigError, match="give seq_lens or fit_multiples, not both"):
+        expand(matrix, "cuda", experiments, experiments, plan="probe")
+
+
+def test_a_fit_answer_the_context_ends_has_no_boundary_to_probe(tmp_path):
+    experiments, matrix = _boundary_matrix(
+        tmp_path, "  - experiments: [lora]\n    models: [tinyllama-1.1b]\n    fit_multiples: [1.0, 1.03]\n"
+                  "    budgets_gb: [80]\n")
+    runs, skipped = expand(matrix, "cuda", experiments, experiments, plan="probe")
+    assert runs == [] and "the model's context (2,048 tokens)" in skipped[0]
+    # a sequence given on the command line stands over the block's multiples
+    runs, _ = expand(matrix, "cuda", experiments, experiments, plan="probe", seq_lens=[256])
+    assert [run.config.experiment.seq_len for run in runs] == [256]

@@ -302,6 +302,16 @@ def test_the_claims_pass_predicts_every_gpu_runs_own_configuration(tmp_path):
     capped = json.loads((tmp_path / "some-gpu" / "a.json").read_text())
     (tmp_path / "some-gpu" / "a.json").write_text(json.dumps({**capped, "budget": {"cap_bytes": 123}}))
     assert record_caps(tmp_path) == {("qlora-gc", "qwen2.5-7b", 2048, 1): 123}
+    # a matrix cell run under a budget (the boundary's probes) is predicted under the cap it will run under
+    from harness.config import resolve
+    from harness.measure.budget import budget_cap_bytes
+    from harness.predict.command import matrix_caps
+
+    caps = matrix_caps(EXPERIMENTS)
+    probes = {key: cap for key, cap in caps.items() if key[:2] == ("qlora-r32-gc", "llama-3.1-8b")}
+    assert len(probes) >= 2  # the answer and the probe above it, and the evidence plan's 7,627 tokens
+    technique = resolve(EXPERIMENTS / "qlora-r32-gc.yaml").technique
+    assert set(probes.values()) == {budget_cap_bytes(24, "cuda", technique)}
 
 
 @pytest.mark.parametrize("experiment", ["lora", "dora"])

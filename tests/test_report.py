@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from harness.claims import COUNTED_READING, load_claims
@@ -325,7 +326,7 @@ def test_the_report_opens_with_what_fits_each_card(rendered):
     fits = markdown.split("## The fit table in full: sequence and micro-batch on each card")[1].split("## How many GPUs")[0]
     table = json.loads((FIXTURE / "fits" / "what-fits__cuda.json").read_text())
     models = list(dict.fromkeys(row["model"] for row in table["rows"]))
-    assert [line[4:] for line in fits.splitlines() if line.startswith("### ")] == models + ["Against published figures"]
+    assert [line[4:] for line in fits.splitlines() if line.startswith("### ")] == models + ["Against published figures", "The boundary on emulated cards"]
     # every answer of the table is in a cell: the 7B QLoRA row on a 24 GB card, without / with checkpointing
     answers = {(r["experiment"], r["gradient_checkpointing"], r["card_gb"]): r for r in table["rows"]
                if r["model"] == "llama-2-7b"}
@@ -1026,3 +1027,42 @@ def test_lines_that_coincide_are_one_line_named_for_both_and_the_cards_are_named
     assert not ax.texts  # the cards' names are the right-hand axis's ticks, never on the points
     assert [label.get_text() for label in cards_axis.get_yticklabels()] == ["16 GB card", "24 GB card"]
     assert "GiB" in cards_axis.get_ylabel() and "GiB" in ax.get_ylabel() and "tokens" in ax.get_xlabel()
+
+
+def test_the_boundary_table_judges_each_fit_answer_by_the_runs_under_its_card():
+    from harness.measure.budget import budget_cap_bytes
+    from harness.report.fits import boundary_table, boundary_verdict
+    from harness.techniques import Technique
+
+    assert boundary_verdict(1000, [1000], [1030])[0].startswith("holds")
+    assert boundary_verdict(1000, [900], [1000])[0].startswith("over-promises")  # the answer itself ran out
+    assert boundary_verdict(1000, [1031], [1200])[0].startswith("more than 3% short")
+    assert boundary_verdict(1000, [1000], [1031])[0].startswith("consistent, not yet bracketed")  # 1,031 > +3%
+    assert boundary_verdict(1000, [], [])[0].startswith("consistent")
+    assert boundary_verdict(None, [1000], [])[0] == "no fit answer to judge"
+    gib24 = 24 * 2**30
+    table = {"cards": {"24": {"card_bytes": gib24}},
+             "rows": [{"experiment": "qlora", "gradient_checkpointing": True, "model": "m", "card_gb": 24,
+                       "max_seq_len": 1000}], "cases": []}
+    run = {"device_type": "cuda", "budget_card_bytes": gib24, "micro_batch": 1, "grad_accum": 1, "model": "m",
+           "experiment": "qlora-gc", "device_name": "GPU", "budget_gb": 24.0}
+    runs = pd.DataFrame([{**run, "seq_len": 1000, "status": "ok", "file": "a.json"},
+                         {**run, "seq_len": 1030, "status": "oom", "file": "b.json"},
+                         {**run, "seq_len": 512, "status": "ok", "file": "c.json", "micro_batch": 4},  # not judged
+                         {**run, "seq_len": 990, "status": "ok", "file": "d.json", "budget_card_bytes": 24e9}])
+    technique = {"weights": "bf16", "autocast": "bf16", "loss_scaling": False, "quantization": "nf4",
+                 "double_quant": True, "adapter": "lora", "optimizer": "paged_adamw8bit"}
+    cap = budget_cap_bytes(24, "cuda", Technique(**technique))
+    simulated = {"method": "simulated", "experiment": "qlora-gc", "model": "m", "seq_len": 1000, "micro_batch": 1,
+                 "technique": technique, "_file": "predictions/p.json",
+                 "budget_replay": {"cap_bytes": cap, "peak_reserved": cap - 2**30, "retries": 0, "oom": None}}
+    other_card = {**simulated, "budget_replay": {**simulated["budget_replay"], "cap_bytes": cap - 1}}
+    lines = boundary_table(table, runs, [other_card]).rows
+    assert len(lines) == 2  # the 24 GiB card judged, the 24e9-byte one shown without an answer
+    judged = next(line for line in lines if line[1].text == "24 GB")
+    assert [cell.text for cell in judged[2:6]] == ["1,000", "-", "1,000", "1,030"]  # not simulated under its cap
+    assert judged[6].text.startswith("holds") and "a.json, b.json" in judged[6].detail
+    # a simulated probe under the card's own cap shows beside it, and without a GPU run its configuration is listed
+    lines = boundary_table(table, runs.iloc[:0], [simulated]).rows
+    assert [(line[3].text, line[6].text) for line in lines] == [("fits", "not yet measured")]
+    assert "predictions/p.json" in lines[0][3].detail

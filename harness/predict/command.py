@@ -108,6 +108,26 @@ def record_caps(results_dir: Path, records: list[dict] | None = None) -> dict[tu
     return caps
 
 
+def matrix_caps(experiments_dir: Path) -> dict[tuple, int]:
+    """The allocator cap of each one-GPU CUDA cell of the matrix's plans run under a budget (the boundary's
+    probes), by its configuration: its simulated prediction replays the allocator under the cap it will run
+    under (`budget_replay`), so whether the step fits the emulated card is predicted before a GPU measures it."""
+    from harness.config import MATRIX_FILE
+    from harness.matrix import expand, load_matrix
+    from harness.measure.budget import budget_cap_bytes
+
+    matrix = load_matrix(experiments_dir / MATRIX_FILE)
+    caps = {}
+    for plan in (name for name in matrix if name != "cpu"):
+        runs, _ = expand(matrix, "cuda", experiments_dir, experiments_dir, plan=plan, device_gb=math.inf)
+        for run in runs:
+            cfg = run.config.experiment
+            if cfg.budget_gb and cfg.world_size == 1:
+                caps[(run.config.name, cfg.model, cfg.seq_len, cfg.micro_batch)] = budget_cap_bytes(
+                    cfg.budget_gb, "cuda", run.config.technique)
+    return caps
+
+
 def report_configurations(experiments_dir: Path, results_dir: Path | None = None,
                           records: list[dict] | None = None) -> list[tuple[str, str, int, int, str, int]]:
     """What the report compares: (experiment, model, seq_len, batch, code path, world size). First the ledgers'
@@ -198,7 +218,8 @@ def main(args) -> int:
                  args.world_size or None)]
     results = []
     predictor = env.code_digest(PREDICTOR_MODULES)  # the code that would predict now
-    caps = record_caps(Path(args.results), gpu_records) if args.claims else {}
+    # a budget run's recorded cap stands over the cap a matrix cell of the same configuration would run under
+    caps = {**matrix_caps(experiments_dir), **record_caps(Path(args.results), gpu_records)} if args.claims else {}
     for experiment, model, seq, batch, device_type, world_size in jobs:
         ranks = {"world_size": world_size} if world_size else {}  # None: the experiment's own
         cap = caps.get((experiment.stem, model, seq, batch)) if device_type == "cuda" and (world_size or 1) == 1 else None

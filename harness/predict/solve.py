@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from harness.cards import card_bytes
-from harness.device_memory import unified_memory_bytes
 from harness.measure.budget import card_cap_bytes
 
 if TYPE_CHECKING:
@@ -135,6 +134,11 @@ def _limit(axis: str, context: int | None) -> int:
     return (context or MICRO_BATCH_LIMIT) if axis == "seq_len" else MICRO_BATCH_LIMIT
 
 
+def longest_sequence(found: Setup, card_gb: float, micro_batch: int = 1) -> Answer:
+    """The fit answer: the longest sequence whose analytic device bytes fit a card as sold (harness.cards)."""
+    return largest_fitting(lambda n: found.device(n, micro_batch), card_bytes(card_gb), _limit("seq_len", found.context))
+
+
 def solve(experiment: Path, model: str, card_gb: float, axis: str, *, seq_len: int = 512, micro_batch: int = 1,
           overrides: dict | None = None, device_type: str = "cuda", simulate: bool = True) -> dict:
     """Solve one axis for an experiment file and a model on a card; the other axis stays fixed."""
@@ -162,7 +166,7 @@ def solve(experiment: Path, model: str, card_gb: float, axis: str, *, seq_len: i
     }
     decided = found
     if simulate:
-        allocator_cap = card_cap_bytes(card_gb, config.technique) - unified_memory_bytes(found_setup.unified_bytes)
+        allocator_cap = card_cap_bytes(card_gb, config.technique, found_setup.unified_bytes)
         decided = _confirm_by_simulation(experiment, model, shape, overrides or {}, device_type, cap, limit,
                                          found, analytic, allocator_cap)
         result["simulated"] = _answer_dict(decided, axis, context, limit)
@@ -244,7 +248,7 @@ def describe(result: dict) -> str:
 # The report's decision table: cards as sold, the models people fine-tune on them, every
 # registered technique, with and without gradient checkpointing (a column, not a technique).
 FIT_CARDS = (16, 24, 40, 80, 141)
-FIT_MODELS = ("tinyllama-1.1b", "phi-3-mini", "llama-2-7b", "mistral-7b", "qwen2.5-7b", "llama-3.1-8b",
+FIT_MODELS = ("tinyllama-1.1b", "llama-3.2-3b", "phi-3-mini", "llama-2-7b", "mistral-7b", "qwen2.5-7b", "llama-3.1-8b",
               "mixtral-8x7b")
 FIT_MICRO_BATCH_SEQ_LEN = 2048
 REFERENCE_SHAPE = (512, 1)  # the documents' configuration: the peak the table shows beside the answers
@@ -315,7 +319,7 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda"):
                 common = {"experiment": name, "model": model, "gradient_checkpointing": checkpointing}
                 for card_gb in FIT_CARDS:
                     cap = card_bytes(card_gb)
-                    longest = largest_fitting(lambda n: found.device(n, 1), cap, _limit("seq_len", found.context))
+                    longest = longest_sequence(found, card_gb)
                     largest = largest_fitting(lambda n: found.device(FIT_MICRO_BATCH_SEQ_LEN, n), cap,
                                               MICRO_BATCH_LIMIT)
                     # device_bytes and margin_bytes: at the longest sequence's answer (micro-batch 1)
@@ -339,7 +343,7 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda"):
     for case, (model, name, overrides) in COMPARED_CASES.items():
         found = setup(experiments_dir / f"{name}.yaml", model, overrides, device_type)
         for card_gb in FIT_CARDS:
-            answer = largest_fitting(lambda n: found.device(n, 1), card_bytes(card_gb), _limit("seq_len", found.context))
+            answer = longest_sequence(found, card_gb)
             cases.append({"case": case, "experiment": name, "model": model, "card_gb": card_gb,
                           "max_seq_len": answer.value, "device_bytes": answer.peak_bytes,
                           "margin_bytes": None if answer.peak_bytes is None else card_bytes(card_gb) - answer.peak_bytes})

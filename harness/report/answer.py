@@ -28,7 +28,7 @@ def recipe_name(experiment: str, checkpointing: bool) -> str:
     return f"{experiment} + checkpointing" if checkpointing else experiment
 
 
-def _lab_experiment(experiment: str, checkpointing: bool) -> str:
+def lab_experiment(experiment: str, checkpointing: bool) -> str:
     """The experiment file that runs the fit row's technique (the lab names checkpointed ones `<name>-gc`)."""
     return f"{experiment}-gc" if checkpointing else experiment
 
@@ -189,7 +189,7 @@ def answer_data(results: Results) -> dict | None:
     rows = []
     for row in table["rows"]:
         model, checkpointing = row["model"], bool(row["gradient_checkpointing"])
-        experiment = _lab_experiment(row["experiment"], checkpointing)
+        experiment = lab_experiment(row["experiment"], checkpointing)
         runs = _single_gpu_runs(results, model, experiment)
         rows.append({
             "model": model, "card_gb": int(row["card_gb"]),

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import pandas as pd
 
+from harness.measure.budget import budget_cap_bytes
+from harness.report.answer import lab_experiment
 from harness.report.tables import Cell, Table
 from harness.report.units import fmt_bytes, gib
+from harness.techniques import Technique
 
 # Published "longest sequence that fits" figures of other projects, by the name of the case
 # `harness predict --claims` answers (harness.predict.solve.COMPARED_CASES): (source, {card GB: tokens}).
@@ -110,3 +113,103 @@ def _measured_under_budget(runs: pd.DataFrame, case: dict, card_bytes: int) -> C
         else:
             parts.append(f"{int(run['seq_len']):,}: {run['status']} in {run['error_phase']}")
     return Cell("; ".join(parts), str(chosen.iloc[0]["device_name"]))
+
+
+# The boundary's criterion: a fit answer never over-promises and lies within this fraction below the longest
+# sequence that really trains on the emulated card (the boundary plan probes the answer and this much above it).
+BOUNDARY_SHORTFALL = 0.03
+
+
+def boundary_table(table: dict, runs: pd.DataFrame, predictions: list[dict] = ()) -> Table | None:
+    """Every fit answer a GPU run under its emulated card (micro-batch 1), or a simulation replaying the
+    allocator under that card's cap at the answer, has checked: the longest sequence that trained, the
+    shortest that ran out, and whether the answer over-promises or lies within BOUNDARY_SHORTFALL below the
+    boundary."""
+    capped = runs[(runs["device_type"] == "cuda") & runs["budget_card_bytes"].notna() & (runs["micro_batch"] == 1)
+                  & (runs["grad_accum"] == 1) & runs["status"].isin(["ok", "oom"])] if len(runs) else runs
+    # a card by its bytes: a budget run's record gives the card it emulated in bytes (older ones in GB of 1e9 B)
+    card_of = {spec["card_bytes"]: int(gb) for gb, spec in table["cards"].items()}
+    answers = {(lab_experiment(row["experiment"], row["gradient_checkpointing"]), row["model"], row["card_gb"]):
+               row["max_seq_len"] for row in table["rows"]}
+    answers.update({(case["experiment"], case["model"], case["card_gb"]): case["max_seq_len"]
+                    for case in table["cases"]})
+    # by the card emulated: a card of the fit table by its size, another by its bytes
+    measured = {(experiment, model, card_of.get(int(card_bytes), int(card_bytes))): group
+                for (experiment, model, card_bytes), group in capped.groupby(
+                    ["experiment", "model", "budget_card_bytes"])} if len(capped) else {}
+    simulated = {}
+    for prediction in predictions:
+        replay = prediction.get("budget_replay")
+        if prediction.get("method") != "simulated" or not replay or prediction.get("micro_batch") != 1:
+            continue
+        for gb in table["cards"]:
+            key = (prediction["experiment"], prediction["model"], int(gb))
+            if (answers.get(key) == prediction["seq_len"] and replay["cap_bytes"]
+                    == budget_cap_bytes(int(gb), "cuda", Technique(**prediction["technique"]))):
+                simulated[key] = prediction
+    lines = []
+    for experiment, model, card in sorted(set(measured) | set(simulated), key=str):
+        group = measured.get((experiment, model, card))
+        trained = [] if group is None else sorted(int(n) for n in group.loc[group["status"] == "ok", "seq_len"])
+        ran_out = [] if group is None else sorted(int(n) for n in group.loc[group["status"] == "oom", "seq_len"])
+        answer = answers.get((experiment, model, card))
+        fit_card = card in card_of.values()
+        verdict, css = boundary_verdict(answer, trained, ran_out) if group is not None else (
+            "not yet measured", "")
+        where = "no GPU run yet" if group is None else (
+            f"{', '.join(sorted(set(group['device_name'].astype(str))))}; "
+            f"{', '.join(group.sort_values('seq_len')['file'])}")
+        lines.append([Cell(f"{experiment} @ {model}"),
+                      Cell(f"{card} GB" if fit_card else f"{gib(card):.2f} GiB",
+                           "emulated" if fit_card else "emulated; not a card of the fit table"),
+                      Cell("-" if answer is None else f"{answer:,}", "no fit answer for this configuration"
+                           if answer is None else "predicted, the analytic search"),
+                      _simulated_cell(simulated.get((experiment, model, card))),
+                      Cell(f"{trained[-1]:,}" if trained else "-", ", ".join(f"{n:,}" for n in trained) or "none"),
+                      Cell(f"{ran_out[0]:,}" if ran_out else "-", ", ".join(f"{n:,}" for n in ran_out) or "none"),
+                      Cell(verdict, where, css=css)])
+    if not lines:
+        return None
+    return Table(["Configuration", "Card", "Fit answer (predicted)", "Simulated at the answer",
+                  "Longest that trained", "Shortest that ran out", "The answer, measured"], lines,
+                 numeric={2, 4, 5},
+                 note="Measured: GPU runs at micro-batch 1 with the allocator capped at the card less what lives "
+                      "outside it (an emulated card), each sequence tried a record, fitting or not; the fit answer "
+                      "is the fit table's for that card. The boundary lies between the longest sequence that "
+                      "trained and the shortest that ran out. The aim: the answer never over-promises and lies "
+                      f"within {BOUNDARY_SHORTFALL:.0%} below the boundary. Simulated: the step at the answer "
+                      "traced (fake tensors) and the caching allocator replayed under the same cap, freeing its "
+                      "cache and retrying as torch does, before a GPU runs it. `make gpu-evidence` probes each "
+                      f"answer and {BOUNDARY_SHORTFALL:.0%} above it (the `boundary` plan of "
+                      "experiments/matrix.yaml); `python -m harness predict --claims` simulates them.")
+
+
+def _simulated_cell(prediction: dict | None) -> Cell:
+    if prediction is None:
+        return Cell("-", "not simulated under the card's cap")
+    replay = prediction["budget_replay"]
+    file = prediction.get("_file", "")
+    if replay["oom"]:
+        oom = replay["oom"]
+        return Cell("runs out", f"asks {gib(oom['requested']):.2f} GiB with {gib(oom['allocated']):.2f} GiB "
+                                f"allocated under a {gib(replay['cap_bytes']):.2f} GiB cap; {file}", css="status-oom")
+    return Cell("fits", f"{gib(replay['peak_reserved']):.2f} GiB reserved under a {gib(replay['cap_bytes']):.2f} "
+                        f"GiB cap; {file}")
+
+
+def boundary_verdict(answer: int | None, trained: list[int], ran_out: list[int]) -> tuple[str, str]:
+    """What the runs under an emulated card say of its fit answer, and the cell's shading."""
+    if answer is None:
+        return "no fit answer to judge", ""
+    if any(n <= answer for n in ran_out):
+        return f"over-promises: {min(ran_out):,} tokens ran out", "wrong"
+    longest = max(trained, default=None)
+    if longest is not None and longest > answer * (1 + BOUNDARY_SHORTFALL):
+        return f"more than {BOUNDARY_SHORTFALL:.0%} short: {longest:,} tokens trained", "off"
+    shortest_out = min(ran_out, default=None)
+    if longest is not None and longest >= answer and shortest_out is not None and (
+            shortest_out <= answer * (1 + BOUNDARY_SHORTFALL)):
+        return f"holds: within {BOUNDARY_SHORTFALL:.0%} below the boundary", "holds"
+    low = f"{longest:,} trained" if longest is not None else "nothing trained yet"
+    high = f"{shortest_out:,} ran out" if shortest_out is not None else "nothing ran out yet"
+    return f"consistent, not yet bracketed within {BOUNDARY_SHORTFALL:.0%} ({low}, {high})", ""

@@ -18,7 +18,7 @@ from harness.claims import COUNTED_READING, PUBLISHED_FILE, SOURCES, load_claims
 from harness.report import add_arguments, answer, beyond, engines, environment, glossary, ladder, reserved
 from harness.report.accuracy import TOLERANCES, prediction_errors, summary
 from harness.report.figures import FigureResult, all_figures
-from harness.report.fits import fit_tables, published_comparison
+from harness.report.fits import boundary_table, fit_tables, published_comparison
 from harness.report.gpus import gpu_count_tables, peer_table
 from harness.report.ledger import build_ledger
 from harness.report.load import is_gpu_record, load_results, predictions_frame, runs_frame
@@ -96,6 +96,10 @@ def _fits_blocks(results, runs, figures: list[FigureResult]) -> list[Block]:
     if compared is not None:
         blocks.append(Block("h3", "Against published figures"))
         blocks.append(Block("table", table=compared))
+    boundary = boundary_table(table, runs, results.predictions)
+    if boundary is not None:
+        blocks.append(Block("h3", "The boundary on emulated cards"))
+        blocks.append(Block("table", table=boundary))
     return blocks + drawn
 
 
