@@ -141,6 +141,26 @@ def test_the_formula_counts_what_gemma2_soft_capping_adds_to_the_traced_step(con
     assert added["analytic"] == pytest.approx(added["simulated"], rel=0.02) and added["analytic"] > 0
 
 
+@pytest.mark.parametrize("family", ["mistral", "phi3"])
+@pytest.mark.parametrize("experiment", ["bf16-pure", "lora-gc"])
+def test_the_formula_counts_what_a_sliding_window_mask_adds_to_the_traced_step(tmp_path, family, experiment):
+    """Once the keys reach a sliding window transformers passes SDPA a [batch, 1, s, s] mask: SDPA saves it as
+    a bias in q's dtype and k and v come repeated to every head; under checkpointing the bool mask itself is
+    kept to the end of backward. The formula's bytes for it are the trace's (below the window, nothing)."""
+    paths = {}
+    for window in (None, 256):
+        paths[window] = tmp_path / f"{family}-{window}.json"
+        paths[window].write_text(json.dumps(dict(SMALL, model_type=family, sliding_window=window)))
+    path = EXPERIMENTS / f"{experiment}.yaml"
+    added = {method: predict(path, str(paths[256]), 512, 1, method, "cuda").total_bytes
+             - predict(path, str(paths[None]), 512, 1, method, "cuda").total_bytes
+             for method in ("analytic", "simulated")}
+    assert added["analytic"] == pytest.approx(added["simulated"], rel=0.05) and added["analytic"] >= 512 * 512
+    below = {method: predict(path, str(paths[256]), 128, 1, method, "cuda").total_bytes
+             - predict(path, str(paths[None]), 128, 1, method, "cuda").total_bytes for method in ("analytic", "simulated")}
+    assert below == {"analytic": 0, "simulated": 0}
+
+
 def test_lora_adapts_every_linear_layer_of_each_family_unless_told_otherwise():
     from harness.config import LoraSettings
 

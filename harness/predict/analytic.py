@@ -64,6 +64,8 @@ class Shape:
     final_softcap: bool = False  # tanh soft-capping of the logits (Gemma 2)
     activation: str = "silu"  # the MLP's activation, by transformers' name (the config's)
     init_std: float = 0.02    # the spread of the weights the lab draws when nothing is downloaded (initializer_range)
+    sliding_window: int = 0   # the keys a sliding-window layer attends to (the config's sliding_window); 0: none
+    sliding_layers: int = 0   # decoder layers with that window, in a family whose attention is SDPA
 
     @property
     def family(self) -> Architecture:
@@ -76,6 +78,12 @@ class Shape:
     @property
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
+
+    def masked_layers(self, seq_len: int) -> int:
+        """Decoder layers whose SDPA call gets an explicit mask at this length: transformers builds a
+        sliding-window mask once the keys reach the window, where SDPA's is_causal no longer says it
+        (masking_utils._ignore_causal_mask_sdpa); below the window the mask is None."""
+        return self.sliding_layers if self.sliding_window and seq_len >= self.sliding_window else 0
 
     def linears(self) -> dict[str, tuple[int, int, int]]:
         """(in, out, count in the whole model) of every decoder linear layer, by role (q, k, v or
@@ -126,6 +134,13 @@ def shape_of(config) -> Shape:
     activation = next((a for a in (getattr(config, name, None) for name in
                                    ("hidden_activation", "hidden_act", "activation_function")) if a), None)
     biased = frozenset(family.roles()) if family.linear_bias else frozenset()
+    # Sliding-window layers: every layer where the config names a window and no layer types (Mistral), else
+    # those layer_types calls sliding (Qwen2 with use_sliding_window leaves sliding_window None without it).
+    # Eager attention (Gemma 2) is costed with its scores, mask or not.
+    window = getattr(config, "sliding_window", None) or 0
+    layer_types = getattr(config, "layer_types", None)
+    sliding_layers = 0 if not window or family.eager_attention else (
+        sum(kind == "sliding_attention" for kind in layer_types) if layer_types else config.num_hidden_layers)
     if not getattr(config, "attention_bias", True):  # NeoX: attention_bias false leaves the MLP's biases
         biased -= frozenset(ATTENTION_ROLES)
     return Shape(vocab=config.vocab_size, hidden=hidden, intermediate=intermediate,
@@ -140,7 +155,8 @@ def shape_of(config) -> Shape:
                  parallel_residual=family.parallel_residual and bool(getattr(config, "use_parallel_residual", True)),
                  attn_softcap=family.logit_softcapping and getattr(config, "attn_logit_softcapping", None) is not None,
                  final_softcap=family.logit_softcapping and getattr(config, "final_logit_softcapping", None) is not None,
-                 activation=activation or "silu", init_std=getattr(config, "initializer_range", 0.02))
+                 activation=activation or "silu", init_std=getattr(config, "initializer_range", 0.02),
+                 sliding_window=window, sliding_layers=sliding_layers)
 
 
 def adapter_tensors(shape: Shape, technique, lora) -> list[int]:
@@ -441,8 +457,10 @@ def int8_outliers_held(flow: _Flow, shape: Shape, tokens: int) -> int:
     return outliers.held_bytes(shape, tokens, _int8_input_bytes(flow, shape, tokens), INT8_THRESHOLD)
 
 
-def layer_saved_bytes(flow: _Flow, shape: Shape, tokens: int, seq_len: int, targets: set[str]) -> int:
-    """Bytes one decoder layer saves for backward (no checkpointing)."""
+def layer_saved_bytes(flow: _Flow, shape: Shape, tokens: int, seq_len: int, targets: set[str],
+                      masked: bool = False) -> int:
+    """Bytes one decoder layer saves for backward (no checkpointing); `masked`: its SDPA call gets an explicit
+    mask (Shape.masked_layers)."""
     quantized = flow.quantized
     h, r = shape.hidden, flow.residual
     family = shape.family
@@ -487,7 +505,7 @@ def layer_saved_bytes(flow: _Flow, shape: Shape, tokens: int, seq_len: int, targ
         saved += tokens * shape.q_dim * (q_bytes + k_bytes + v_bytes)
         saved += scores * ((q_bytes if shape.attn_softcap else 0) + 4 + (0 if q_bytes == 4 else q_bytes))
         o_input_copied = True
-    elif _math_backend(flow, shape, q_bytes):
+    elif _math_backend(flow, shape, q_bytes, masked):
         # fp32 with grouped-query attention: CUDA's flash kernel takes only 16-bit inputs and
         # its memory-efficient kernel refuses enable_gqa, so the math backend runs. Its two
         # matmuls save the scaled q, k and v repeated to every head, and the s x s softmax.
@@ -495,9 +513,15 @@ def layer_saved_bytes(flow: _Flow, shape: Shape, tokens: int, seq_len: int, targ
     else:
         # SDPA (flash / memory-efficient kernels, no s^2 term) saves q, k, v, its output and
         # the per-head log-sum-exp; GQA runs natively (no repeated k/v) when there is no mask.
-        saved += tokens * (shape.q_dim * q_bytes + shape.kv_dim * (k_bytes + v_bytes) + shape.q_dim * attn_out)
-        saved += 4 * tokens * shape.heads
-        if family.whole_qkv_saved and v_bytes == outs[2]:
+        # With a mask transformers repeats k and v to every head itself (a copy each: sdpa_attention's
+        # use_gqa_in_sdpa, repeat_kv), and SDPA turns the bool mask into a [batch, 1, s, s] bias in q's dtype
+        # (convert_boolean_attn_mask), which the memory-efficient kernel it then runs saves; the kernel's
+        # padding of that bias to 8 columns (s not a multiple of 8) is left out, a few MB at 7B.
+        repeated = masked and shape.kv_heads < shape.heads
+        kv_width = shape.q_dim if repeated else shape.kv_dim
+        saved += tokens * (shape.q_dim * q_bytes + kv_width * (k_bytes + v_bytes) + shape.q_dim * attn_out)
+        saved += 4 * tokens * shape.heads + (q_bytes * tokens * seq_len if masked else 0)
+        if family.whole_qkv_saved and v_bytes == outs[2] and not repeated:
             # v, not cast, is a view of the fused projection's output: attention keeps all of it.
             saved += tokens * (shape.q_dim + shape.kv_dim) * v_bytes
         # NeoX's q and k come out of the rotary's cat head-major, and so does SDPA's output.
@@ -521,10 +545,11 @@ def layer_saved_bytes(flow: _Flow, shape: Shape, tokens: int, seq_len: int, targ
     return saved
 
 
-def _math_backend(flow: _Flow, shape: Shape, q_bytes: int) -> bool:
+def _math_backend(flow: _Flow, shape: Shape, q_bytes: int, masked: bool = False) -> bool:
     """fp32 grouped-query attention on CUDA: the flash kernel takes only 16-bit inputs and the
-    memory-efficient one refuses enable_gqa, so SDPA runs its math backend."""
-    return flow.cuda and not flow.autocast and q_bytes == 4 and shape.kv_heads < shape.heads
+    memory-efficient one refuses enable_gqa, so SDPA runs its math backend. Under a mask k and v come
+    repeated (no enable_gqa), which the memory-efficient kernel takes."""
+    return flow.cuda and not flow.autocast and q_bytes == 4 and shape.kv_heads < shape.heads and not masked
 
 
 def attention_kept_bytes(flow: _Flow, shape: Shape, tokens: int) -> int:
@@ -549,6 +574,15 @@ def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gr
     tokens = batch * seq_len
     held_outliers = int8_outliers_held(flow, shape, tokens)
     per_layer = layer_saved_bytes(flow, shape, tokens, seq_len, targets) + held_outliers
+    # Layers whose attention gets a sliding-window mask save its bias and repeated k and v (layer_saved_bytes);
+    # the widest of them is the one a recompute holds. Under checkpointing the bool mask itself, one
+    # [batch, 1, s, s] tensor all layers read, is an input every checkpoint keeps until backward is done;
+    # without it the mask is gone when the model's forward returns.
+    masked = shape.masked_layers(seq_len)
+    per_masked = layer_saved_bytes(flow, shape, tokens, seq_len, targets, masked=True) + held_outliers \
+        if masked else per_layer
+    all_layers = (shape.layers - masked) * per_layer + masked * per_masked
+    mask_kept = tokens * seq_len if masked and gradient_checkpointing else 0
     final_norm = _norms(flow, tokens, shape.hidden, shape.family, 1, 1)
     # lm_head is never quantized nor adapted. Under autocast it saves a 16-bit input and, if
     # its weight is fp32 (full precision, or upcast by k-bit preparation), a 16-bit copy of it.
@@ -598,12 +632,13 @@ def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gr
     # bitsandbytes' context keeps, outside saved_tensors_hooks, what no offloading moves to the host
     int8_held = shape.layers * (int8_inputs_held(flow, shape, tokens) + held_outliers)
     kept = shape.layers * (layer_input + (attention_kept_bytes(flow, shape, tokens) if selective else 0)) + int8_held
-    layers, recompute = (kept, per_layer) if gradient_checkpointing else (shape.layers * per_layer, 0)
+    kept += mask_kept
+    layers, recompute = (kept, per_masked) if gradient_checkpointing else (all_layers, 0)
     # A recomputed layer's widest moment: its saved tensors and what its last linear's forward holds.
     recompute_peak = recompute + recompute_held_bytes(flow, shape, tokens, targets) if gradient_checkpointing else 0
     if not offloading:
         return {"saved": layers + head, "transient": max(loss_backward, recompute_peak - head), "host": 0,
-                "layer": recompute or per_layer, "head": head, "forward_end": layers + head + cached + at_loss}
+                "layer": recompute or per_masked, "head": head, "forward_end": layers + head + cached + at_loss}
     # TRL's offloading: every saved tensor of 1 KB or more goes to host memory, but parameters and
     # what lm_head saves (it is run outside the offloading); checkpointing's kept inputs are
     # saved tensors too. Its streams keep the device tensors of the last five saves alive until
@@ -614,10 +649,13 @@ def activation_bytes(shape: Shape, technique, lora, seq_len: int, batch: int, gr
     # Without checkpointing TRL also copies a tensor again each time it is saved more than five
     # saves after its copy; the simulation does (at 7B, seq 2048: twice the host bytes and 3.5 GB
     # more on the GPU than this), this counts each tensor once: checkpointed is what is predicted.
-    # An LLM.int8 base's inputs and outlier columns stay on the device (int8_held).
-    return {"saved": lm_head + loss + int8_held, "host": layers - int8_held + final_norm + loss,
+    # An LLM.int8 base's inputs and outlier columns stay on the device (int8_held), and so does the bool mask
+    # the checkpoints keep (mask_kept): not a saved tensor.
+    device_kept = int8_held + mask_kept
+    return {"saved": lm_head + loss + device_kept, "host": layers - device_kept + final_norm + loss,
             "transient": max(loss_backward, recompute_peak + (layer_input if gradient_checkpointing else 0)),
-            "layer": recompute or per_layer, "head": lm_head + loss, "forward_end": lm_head + loss + cached + at_loss}
+            "layer": recompute or per_masked, "head": lm_head + loss,
+            "forward_end": lm_head + loss + device_kept + cached + at_loss}
 
 
 # -- sharded over ranks ---------------------------------------------------------------
