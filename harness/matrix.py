@@ -12,7 +12,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from harness import env, schema
 from harness.config import (
@@ -106,12 +106,15 @@ def load_matrix(path: str | Path) -> Matrix:
 def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Path, *, plan: str | None = None,
            models=None, experiments=None, budgets_gb=None, seq_lens=None, engines=None, repeat: int = 1,
            device_gb: float | None = None, devices: int | None = None,
-           emulated: frozenset[str] = frozenset()) -> tuple[list[PlannedRun], list[str]]:
+           emulated: frozenset[str] = frozenset(),
+           fit_answer: Callable | None = None) -> tuple[list[PlannedRun], list[str]]:
     """The runs of a plan (default: the device type's own), in order, with command-line replacements applied.
 
     devices: the GPUs a cell can have (None: as many as it asks for, as on a cluster).
     emulated: the dtypes this device only emulates (harness.env.emulated_dtypes): a block's `if_emulated`
     decides what becomes of its cells computing in one of them.
+    fit_answer: the predictor's fit answer (harness.predict.solve.fit_answer), which a block's `fit_multiples`
+    multiply; the predictor is a layer above this module, so its callers hand it in.
     Returns the runs (duplicates removed) and the notes of blocks skipped on this device.
     """
     plan = plan or device_type
@@ -151,7 +154,7 @@ def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Pat
                 sequences = [given_seq] if given_seq is not None else block.seq_lens
             else:
                 sequences, why_not = _around_fit(available[name], overrides, block, device_type,
-                                                 experiments_dir / MATRIX_FILE, where)
+                                                 experiments_dir / MATRIX_FILE, where, fit_answer)
                 if why_not:
                     skipped.append(f"{block.note or name} ({name} @ {model}): {why_not}")
             for seq in sequences:
@@ -184,7 +187,7 @@ def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Pat
 
 
 def _around_fit(path: Path, overrides: dict, block: MatrixBlock, device_type: str, matrix_path: Path,
-                where: str) -> tuple[list[int], str | None]:
+                where: str, fit_answer: Callable | None) -> tuple[list[int], str | None]:
     """A cell's sequence lengths as its block's `fit_multiples` of the fit answer on its budget's card, or none
     and why (nothing fits; the model's context, not the card, ends the answer)."""
     if block.seq_lens != [None]:
@@ -195,11 +198,12 @@ def _around_fit(path: Path, overrides: dict, block: MatrixBlock, device_type: st
     card_gb = overrides.get("budget_gb")
     if card_gb is None:
         raise ConfigError(matrix_path, f"{where}.fit_multiples", "needs budgets_gb: the card whose answer it multiplies")
-    from harness.predict.solve import longest_sequence, setup
-
+    if fit_answer is None:
+        raise ValueError(f"{matrix_path}: {where} multiplies the fit answer (fit_multiples): expand it with "
+                         "fit_answer=harness.predict.solve.fit_answer")
     micro_batch = _resolve_cell(path, overrides, block, matrix_path, where).experiment.micro_batch
     fields = {key: value for key, value in overrides.items() if key not in ("model", "device", "budget_gb")}
-    answer = longest_sequence(setup(path, overrides["model"], fields, device_type), card_gb, micro_batch)
+    answer = fit_answer(path, overrides["model"], fields, device_type, card_gb, micro_batch)
     if answer.value == 0:
         return [], f"nothing fits a {card_gb:g} GB card at micro-batch {micro_batch} by the fit answer"
     if answer.limited_by != "card":

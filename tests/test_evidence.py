@@ -100,7 +100,7 @@ def test_the_dry_run_command_prints_the_plan_with_estimates():
     # the boundary's cells first (on emulated cards), the first of them started (with its estimate); a later
     # cell, of the evidence plan, not
     assert re.search(r"\[1/\d+\] \S+ @ \S+ seq \d+ x1x1 budget \d+ GB: ~", text), text
-    assert re.search(r"bf16-adamw8bit @ llama-2-7b seq 512 x1x1: +\d+ s  NOT STARTED", text), text
+    assert re.search(r"qlora-gc @ mixtral-8x7b seq 512 x1x1: +\d+ s  NOT STARTED", text), text
     assert "would not start within the budget" in text
 
 

@@ -10,6 +10,7 @@ import pytest
 from conftest import EXPERIMENTS
 
 from harness.matrix import expand, load_matrix
+from harness.predict.solve import fit_answer
 
 
 def _planned(experiments: Path, plan: str) -> set[str]:
@@ -41,7 +42,7 @@ def test_the_boundary_plan_probes_the_fit_answer_of_the_predictor_as_it_is():
     from harness.predict.solve import setup
 
     runs, skipped = expand(load_matrix(EXPERIMENTS / "matrix.yaml"), "cuda", EXPERIMENTS, EXPERIMENTS,
-                           plan="boundary", device_gb=math.inf)
+                           plan="boundary", device_gb=math.inf, fit_answer=fit_answer)
     assert not skipped
     probes: dict[tuple, list[int]] = {}
     for run in runs:
@@ -61,18 +62,18 @@ def test_fit_multiples_need_a_budget_and_no_sequence_lengths_of_their_own(tmp_pa
     block = "  - experiments: [lora]\n    models: [mistral-7b]\n    fit_multiples: [1.0, 1.03]\n"
     experiments, matrix = _boundary_matrix(tmp_path, block)
     with pytest.raises(ConfigError, match=r"probe\[0\]\.fit_multiples.*needs budgets_gb"):
-        expand(matrix, "cuda", experiments, experiments, plan="probe")
+        expand(matrix, "cuda", experiments, experiments, plan="probe", fit_answer=fit_answer)
     experiments, matrix = _boundary_matrix(tmp_path / "both", block + "    budgets_gb: [24]\n    seq_lens: [512]\n")
     with pytest.raises(ConfigError, match="give seq_lens or fit_multiples, not both"):
-        expand(matrix, "cuda", experiments, experiments, plan="probe")
+        expand(matrix, "cuda", experiments, experiments, plan="probe", fit_answer=fit_answer)
 
 
 def test_a_fit_answer_the_context_ends_has_no_boundary_to_probe(tmp_path):
     experiments, matrix = _boundary_matrix(
         tmp_path, "  - experiments: [lora]\n    models: [tinyllama-1.1b]\n    fit_multiples: [1.0, 1.03]\n"
                   "    budgets_gb: [80]\n")
-    runs, skipped = expand(matrix, "cuda", experiments, experiments, plan="probe")
+    runs, skipped = expand(matrix, "cuda", experiments, experiments, plan="probe", fit_answer=fit_answer)
     assert runs == [] and "the model's context (2,048 tokens)" in skipped[0]
     # a sequence given on the command line stands over the block's multiples
-    runs, _ = expand(matrix, "cuda", experiments, experiments, plan="probe", seq_lens=[256])
+    runs, _ = expand(matrix, "cuda", experiments, experiments, plan="probe", seq_lens=[256], fit_answer=fit_answer)
     assert [run.config.experiment.seq_len for run in runs] == [256]

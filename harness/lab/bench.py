@@ -35,6 +35,7 @@ from harness.lab.runner import (
     why_kept,
 )
 from harness.matrix import PlannedRun, expand, load_matrix
+from harness.predict.solve import fit_answer
 from harness.step.checkpoint import BASE_SOURCE, base_checkpoint_path
 
 # Memory held on the GPU by others beyond this means a polluted peak (a bare context is less).
@@ -343,7 +344,7 @@ def main(args) -> int:
                 matrix, device_type, experiments_dir, out_dir, plan=name, models=args.model and [args.model],
                 experiments=args.experiments, budgets_gb=args.budget_gb and [args.budget_gb],
                 seq_lens=args.seq_len and [args.seq_len], engines=args.engine and [args.engine], repeat=args.repeat,
-                device_gb=device_gb, devices=devices, emulated=env.emulated_dtypes(device_type))
+                device_gb=device_gb, devices=devices, emulated=env.emulated_dtypes(device_type), fit_answer=fit_answer)
             planned += [run for run in runs if run.path not in {done.path for done in planned}]
             skipped += notes
         if budget_s is not None or args.dry_run:  # a run's default time limit estimates it as it starts

@@ -40,6 +40,7 @@ def matrix_configurations(experiments_dir: Path) -> list[tuple[str, str, int, in
     """
     from harness.config import MATRIX_FILE
     from harness.matrix import expand, load_matrix
+    from harness.predict.solve import fit_answer
     from harness.step.checkpoint import BASE_SOURCE
 
     matrix = load_matrix(experiments_dir / MATRIX_FILE)
@@ -50,7 +51,7 @@ def matrix_configurations(experiments_dir: Path) -> list[tuple[str, str, int, in
         # a CPU plan runs some cells otherwise where bf16 and fp16 are emulated: both CPUs' cells are predicted
         for emulated in ((frozenset(), frozenset(HALF_DTYPES)) if device_type == "cpu" else (frozenset(),)):
             runs, _ = expand(matrix, device_type, experiments_dir, experiments_dir, plan=plan, device_gb=math.inf,
-                             emulated=emulated)
+                             emulated=emulated, fit_answer=fit_answer)
             cells += [(name, e.model, e.seq_len, e.micro_batch, device_type, e.world_size)
                       for name, e in ((run.config.name, run.config.experiment) for run in runs if not run.left_to)
                       if e.model != BASE_SOURCE and e.grad_accum == own_accumulation[name]]
@@ -115,11 +116,13 @@ def matrix_caps(experiments_dir: Path) -> dict[tuple, int]:
     from harness.config import MATRIX_FILE
     from harness.matrix import expand, load_matrix
     from harness.measure.budget import budget_cap_bytes
+    from harness.predict.solve import fit_answer
 
     matrix = load_matrix(experiments_dir / MATRIX_FILE)
     caps = {}
     for plan in (name for name in matrix if name != "cpu"):
-        runs, _ = expand(matrix, "cuda", experiments_dir, experiments_dir, plan=plan, device_gb=math.inf)
+        runs, _ = expand(matrix, "cuda", experiments_dir, experiments_dir, plan=plan, device_gb=math.inf,
+                         fit_answer=fit_answer)
         for run in runs:
             cfg = run.config.experiment
             if cfg.budget_gb and cfg.world_size == 1:

@@ -139,6 +139,12 @@ def longest_sequence(found: Setup, card_gb: float, micro_batch: int = 1) -> Answ
     return largest_fitting(lambda n: found.device(n, micro_batch), card_bytes(card_gb), _limit("seq_len", found.context))
 
 
+def fit_answer(experiment: Path, model: str, overrides: dict, device_type: str, card_gb: float,
+               micro_batch: int) -> Answer:
+    """The fit answer for an experiment file with these fields at a model (harness.matrix's fit_multiples)."""
+    return longest_sequence(setup(experiment, model, overrides, device_type), card_gb, micro_batch)
+
+
 def solve(experiment: Path, model: str, card_gb: float, axis: str, *, seq_len: int = 512, micro_batch: int = 1,
           overrides: dict | None = None, device_type: str = "cuda", simulate: bool = True) -> dict:
     """Solve one axis for an experiment file and a model on a card; the other axis stays fixed."""
