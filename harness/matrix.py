@@ -47,9 +47,10 @@ class MatrixBlock:
     seq_lens: list[int | None] = field(default_factory=lambda: [None])
     grad_accums: list[int | None] = field(default_factory=lambda: [None])
     budgets_gb: list[float | None] = field(default_factory=lambda: [None])
-    # Instead of `seq_lens`: sequence lengths as multiples of the fit answer, the longest sequence whose predicted
-    # device bytes fit the budget's card at the cell's micro-batch (harness.predict.solve.longest_sequence, the fit
-    # table's analytic search), worked out when the plan is expanded, so the probes follow the current predictor.
+    # Instead of `seq_lens`: sequence lengths as multiples of the fit answer, the fit table's longest sequence on
+    # the budget's card at the cell's micro-batch (harness.predict.fit_table.fit_answer: confirmed by simulation
+    # where a current confirmation exists, else the analytic search), worked out when the plan is expanded, so the
+    # probes follow the current predictor.
     fit_multiples: list[float] = field(default_factory=list)
     # Training loops (harness.engines) each cell runs in: the same configuration in each, measured alike.
     engines: list[str | None] = field(default_factory=lambda: [None])
@@ -113,7 +114,7 @@ def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Pat
     devices: the GPUs a cell can have (None: as many as it asks for, as on a cluster).
     emulated: the dtypes this device only emulates (harness.env.emulated_dtypes): a block's `if_emulated`
     decides what becomes of its cells computing in one of them.
-    fit_answer: the predictor's fit answer (harness.predict.solve.fit_answer), which a block's `fit_multiples`
+    fit_answer: the predictor's fit answer (harness.predict.fit_table.fit_answer), which a block's `fit_multiples`
     multiply; the predictor is a layer above this module, so its callers hand it in.
     Returns the runs (duplicates removed) and the notes of blocks skipped on this device.
     """
@@ -200,7 +201,7 @@ def _around_fit(path: Path, overrides: dict, block: MatrixBlock, device_type: st
         raise ConfigError(matrix_path, f"{where}.fit_multiples", "needs budgets_gb: the card whose answer it multiplies")
     if fit_answer is None:
         raise ValueError(f"{matrix_path}: {where} multiplies the fit answer (fit_multiples): expand it with "
-                         "fit_answer=harness.predict.solve.fit_answer")
+                         "fit_answer=harness.predict.fit_table.fit_answer")
     micro_batch = _resolve_cell(path, overrides, block, matrix_path, where).experiment.micro_batch
     fields = {key: value for key, value in overrides.items() if key not in ("model", "device", "budget_gb")}
     answer = fit_answer(path, overrides["model"], fields, device_type, card_gb, micro_batch)

@@ -16,7 +16,8 @@ from harness.blocks.optimizers import svd_flops
 from harness.config import ResolvedConfig, resolve
 from harness.lab.bench import estimate_runs, new_evidence_first, print_plan, run_matrix
 from harness.lab.bench import default_timeout
-from harness.lab.estimate import Estimate, estimate_run, parse_duration
+from harness.arguments import parse_duration
+from harness.lab.estimate import Estimate, estimate_run
 from harness.step.models import resolve_source
 from harness.matrix import PlannedRun, expand, load_matrix
 

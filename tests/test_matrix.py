@@ -10,7 +10,7 @@ import pytest
 from conftest import EXPERIMENTS
 
 from harness.matrix import expand, load_matrix
-from harness.predict.solve import fit_answer
+from harness.predict.fit_table import fit_answer
 
 
 def _planned(experiments: Path, plan: str) -> set[str]:

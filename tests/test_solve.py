@@ -11,7 +11,8 @@ from conftest import EXPERIMENTS, ROOT
 from harness.cards import card_bytes
 from harness.measure.budget import card_cap_bytes
 from harness.predict.prediction import predict
-from harness.predict.solve import FIT_CARDS, FIT_MODELS, fit_table, largest_fitting, solve
+from harness.predict.fit_table import FIT_CARDS, FIT_MODELS, fit_table
+from harness.predict.solve import largest_fitting, solve
 from harness.techniques import TECHNIQUES
 
 

@@ -16,14 +16,15 @@ import sys
 import time
 import uuid
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 from harness import env, schema
-from harness.arguments import like_field, positive
+from harness.arguments import like_field, parse_duration, positive
 from harness.config import ENGINE_NAMES, MATRIX_FILE, ConfigError, ResolvedConfig
 from harness.engines import engine_help
 from harness.lab import launcher
-from harness.lab.estimate import estimate_run, parse_duration
+from harness.lab.estimate import estimate_run
 from harness.lab.runner import (
     CellBusy,
     cell_leftovers,
@@ -35,7 +36,7 @@ from harness.lab.runner import (
     why_kept,
 )
 from harness.matrix import PlannedRun, expand, load_matrix
-from harness.predict.solve import fit_answer
+from harness.predict.fit_table import fit_answer
 from harness.step.checkpoint import BASE_SOURCE, base_checkpoint_path
 
 # Memory held on the GPU by others beyond this means a polluted peak (a bare context is less).
@@ -344,7 +345,8 @@ def main(args) -> int:
                 matrix, device_type, experiments_dir, out_dir, plan=name, models=args.model and [args.model],
                 experiments=args.experiments, budgets_gb=args.budget_gb and [args.budget_gb],
                 seq_lens=args.seq_len and [args.seq_len], engines=args.engine and [args.engine], repeat=args.repeat,
-                device_gb=device_gb, devices=devices, emulated=env.emulated_dtypes(device_type), fit_answer=fit_answer)
+                device_gb=device_gb, devices=devices, emulated=env.emulated_dtypes(device_type),
+                fit_answer=partial(fit_answer, out_dir=out_dir))
             planned += [run for run in runs if run.path not in {done.path for done in planned}]
             skipped += notes
         if budget_s is not None or args.dry_run:  # a run's default time limit estimates it as it starts

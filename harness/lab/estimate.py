@@ -93,26 +93,3 @@ def first_steps(config: ResolvedConfig, model_config) -> dict[str, float]:
     if config.experiment.compile:
         first["compilation"] = COMPILE_START_SECONDS + COMPILE_SECONDS_PER_LAYER * shape.layers
     return first
-
-
-def parse_duration(text: str) -> float:
-    """Seconds (positive) from '11m', '90s', '1h', '1m30s' or a plain number of seconds."""
-    units = {"h": 3600, "m": 60, "s": 1}
-    value = str(text).strip().lower()
-    total, number = 0.0, ""
-    for char in value:
-        if char.isdigit() or char == ".":
-            number += char
-        elif char in units and number:
-            total += float(number) * units[char]
-            number = ""
-        else:
-            number = "bad"
-            break
-    try:
-        total += float(number) if number else 0.0
-    except ValueError:
-        total = 0.0
-    if total <= 0:
-        raise ValueError(f"not a duration: {text!r} (examples: 11m, 90s, 1m30s, 600)")
-    return total

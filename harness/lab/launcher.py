@@ -31,9 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import env, schema
-from harness.arguments import positive
+from harness.arguments import parse_duration, positive
 from harness.config import ConfigError, ResolvedConfig, build_dataclass, read_yaml
-from harness.lab.estimate import parse_duration
 from harness.lab.runner import (
     LOG_TAIL_CHARS,
     CellBusy,

@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import math
 import sys
+from functools import partial
 from pathlib import Path
 
 from harness import env, schema
 from harness.env import HALF_DTYPES
 from harness.architectures import UnsupportedArchitecture
 from harness.cards import CARD_OF_SIZE, CARDS
-from harness.arguments import like_field
+from harness.arguments import like_field, parse_duration
 from harness.config import experiment_files, resolve
 from harness.predict.prediction import ALLOCATORS, PREDICTOR_MODULES, fits, predict
 from harness.predict.speed import is_current
@@ -31,30 +32,43 @@ from harness.techniques import NotSimulated
 DEFAULT_TOKENS = 100e6  # the fine-tune whose time and price a speed prediction gives
 
 
-def matrix_configurations(experiments_dir: Path) -> list[tuple[str, str, int, int, str, int]]:
+def expand_plans(experiments_dir: Path, results_dir: Path | None = None) -> dict[tuple, list]:
+    """Every plan's runs, by (plan, code path, dtypes emulated), on a card large enough for every block and as
+    many GPUs as each asks for (harness.matrix.expand; the fit answers its blocks multiply confirmed by simulation
+    where `results_dir` holds a current confirmation). A CPU plan runs some cells otherwise where bf16 and fp16
+    are emulated: both CPUs' expansions are there."""
+    from harness.config import MATRIX_FILE
+    from harness.matrix import expand, load_matrix
+    from harness.predict.fit_table import fit_answer
+
+    matrix = load_matrix(experiments_dir / MATRIX_FILE)
+    answer = partial(fit_answer, out_dir=results_dir)
+    expanded = {}
+    for plan in matrix:
+        device_type = "cpu" if plan == "cpu" else "cuda"
+        for emulated in ((frozenset(), frozenset(HALF_DTYPES)) if device_type == "cpu" else (frozenset(),)):
+            expanded[plan, device_type, emulated] = expand(matrix, device_type, experiments_dir, experiments_dir,
+                                                           plan=plan, device_gb=math.inf, emulated=emulated,
+                                                           fit_answer=answer)[0]
+    return expanded
+
+
+def matrix_configurations(experiments_dir: Path, expanded: dict[tuple, list] | None = None
+                          ) -> list[tuple[str, str, int, int, str, int]]:
     """Every (experiment, model, seq_len, micro-batch, code path, world size) the matrix's plans measure
-    (harness.matrix.expand, on a card large enough for every block and as many GPUs as each asks for).
+    (expand_plans: given, or expanded here).
 
     The lab's pretrained base (its shape is a preset's) and the accumulation series (one
     micro-batch's memory, predicted at the experiment's own accumulation) are left out.
     """
-    from harness.config import MATRIX_FILE
-    from harness.matrix import expand, load_matrix
-    from harness.predict.solve import fit_answer
     from harness.step.checkpoint import BASE_SOURCE
 
-    matrix = load_matrix(experiments_dir / MATRIX_FILE)
     own_accumulation = {path.stem: resolve(path).experiment.grad_accum for path in experiment_files(experiments_dir)}
     cells = []
-    for plan in matrix:
-        device_type = "cpu" if plan == "cpu" else "cuda"
-        # a CPU plan runs some cells otherwise where bf16 and fp16 are emulated: both CPUs' cells are predicted
-        for emulated in ((frozenset(), frozenset(HALF_DTYPES)) if device_type == "cpu" else (frozenset(),)):
-            runs, _ = expand(matrix, device_type, experiments_dir, experiments_dir, plan=plan, device_gb=math.inf,
-                             emulated=emulated, fit_answer=fit_answer)
-            cells += [(name, e.model, e.seq_len, e.micro_batch, device_type, e.world_size)
-                      for name, e in ((run.config.name, run.config.experiment) for run in runs if not run.left_to)
-                      if e.model != BASE_SOURCE and e.grad_accum == own_accumulation[name]]
+    for (_, device_type, _), runs in (expanded or expand_plans(experiments_dir)).items():
+        cells += [(name, e.model, e.seq_len, e.micro_batch, device_type, e.world_size)
+                  for name, e in ((run.config.name, run.config.experiment) for run in runs if not run.left_to)
+                  if e.model != BASE_SOURCE and e.grad_accum == own_accumulation[name]]
     return list(dict.fromkeys(cells))
 
 
@@ -109,21 +123,16 @@ def record_caps(results_dir: Path, records: list[dict] | None = None) -> dict[tu
     return caps
 
 
-def matrix_caps(experiments_dir: Path) -> dict[tuple, int]:
+def matrix_caps(experiments_dir: Path, expanded: dict[tuple, list] | None = None) -> dict[tuple, int]:
     """The allocator cap of each one-GPU CUDA cell of the matrix's plans run under a budget (the boundary's
     probes), by its configuration: its simulated prediction replays the allocator under the cap it will run
-    under (`budget_replay`), so whether the step fits the emulated card is predicted before a GPU measures it."""
-    from harness.config import MATRIX_FILE
-    from harness.matrix import expand, load_matrix
+    under (`budget_replay`), so whether the step fits the emulated card is predicted before a GPU measures it.
+    expanded: expand_plans's (expanded here if not given)."""
     from harness.measure.budget import budget_cap_bytes
-    from harness.predict.solve import fit_answer
 
-    matrix = load_matrix(experiments_dir / MATRIX_FILE)
     caps = {}
-    for plan in (name for name in matrix if name != "cpu"):
-        runs, _ = expand(matrix, "cuda", experiments_dir, experiments_dir, plan=plan, device_gb=math.inf,
-                         fit_answer=fit_answer)
-        for run in runs:
+    for (_, device_type, _), runs in (expanded or expand_plans(experiments_dir)).items():
+        for run in runs if device_type == "cuda" else ():
             cfg = run.config.experiment
             if cfg.budget_gb and cfg.world_size == 1:
                 caps[(run.config.name, cfg.model, cfg.seq_len, cfg.micro_batch)] = budget_cap_bytes(
@@ -132,12 +141,13 @@ def matrix_caps(experiments_dir: Path) -> dict[tuple, int]:
 
 
 def report_configurations(experiments_dir: Path, results_dir: Path | None = None,
-                          records: list[dict] | None = None) -> list[tuple[str, str, int, int, str, int]]:
+                          records: list[dict] | None = None, expanded: dict[tuple, list] | None = None
+                          ) -> list[tuple[str, str, int, int, str, int]]:
     """What the report compares: (experiment, model, seq_len, batch, code path, world size). First the ledgers'
     configurations, then every cell of the matrix's plans (harness.lab.bench), then what the GPU runs under
-    `results_dir` measured, so each measured run has both predictions beside it."""
+    `results_dir` measured, so each measured run has both predictions beside it. expanded: expand_plans's."""
     measured = record_configurations(results_dir, experiments_dir, records) if results_dir else []
-    return list(dict.fromkeys(claim_configurations() + matrix_configurations(experiments_dir) + measured))
+    return list(dict.fromkeys(claim_configurations() + matrix_configurations(experiments_dir, expanded) + measured))
 
 
 def describe(prediction: schema.Prediction, budget_gb: float | None) -> str:
@@ -207,13 +217,24 @@ def main(args) -> int:
         written = predict_runs(Path(args.results), Path(args.out), args.force)
         print(f"speed predictions: {len(written)} written under {Path(args.out)}")
         return 0
+    if args.confirm_fits:
+        from harness.predict.fit_table import confirm_fits
+
+        counts = confirm_fits(experiments_dir, Path(args.out), args.jobs, args.time_budget)
+        print(f"fit answers confirmed by simulation under {Path(args.out)}: {counts['searched']} searched, "
+              f"{counts['failed']} failed, {counts['late']} left for a later run")
+        _write_fit_table(Path(args.out), experiments_dir, args.force)
+        return 1 if counts["failed"] else 0
     if args.solve:
         return _solve(args, experiments_dir, {**overrides, **({"world_size": args.world_size} if args.world_size else {})})
-    gpu_records = _gpu_records(Path(args.results)) if args.claims else []  # read once, for both uses below
+    # read and expanded once, for both uses below (the fit answers the boundary multiplies: confirmed ones where
+    # --out holds them, as the fit table it writes)
+    gpu_records = _gpu_records(Path(args.results)) if args.claims else []
+    expanded = expand_plans(experiments_dir, Path(args.out)) if args.claims else {}
     if args.claims:
         jobs = [(experiments_dir / f"{name}.yaml", model, seq, batch, device_type, world_size)
                 for name, model, seq, batch, device_type, world_size in report_configurations(
-                    experiments_dir, Path(args.results), gpu_records)]
+                    experiments_dir, Path(args.results), gpu_records, expanded)]
     else:
         if not args.model or not args.experiment:
             raise SystemExit("predict: --model and --experiment are required (or --claims)")
@@ -222,7 +243,7 @@ def main(args) -> int:
     results = []
     predictor = env.code_digest(PREDICTOR_MODULES)  # the code that would predict now
     # a budget run's recorded cap stands over the cap a matrix cell of the same configuration would run under
-    caps = {**matrix_caps(experiments_dir), **record_caps(Path(args.results), gpu_records)} if args.claims else {}
+    caps = {**matrix_caps(experiments_dir, expanded), **record_caps(Path(args.results), gpu_records)} if args.claims else {}
     for experiment, model, seq, batch, device_type, world_size in jobs:
         ranks = {"world_size": world_size} if world_size else {}  # None: the experiment's own
         cap = caps.get((experiment.stem, model, seq, batch)) if device_type == "cuda" and (world_size or 1) == 1 else None
@@ -267,11 +288,11 @@ def main(args) -> int:
 
 
 def _write_fit_table(out: Path, experiments_dir: Path, force: bool) -> None:
-    """The report's "what fits my card" table (harness.predict.solve)."""
-    from harness.predict.solve import fit_table, fit_table_predictor
+    """The report's "what fits my card" table (harness.predict.fit_table)."""
+    from harness.predict.fit_table import fit_table, fit_table_predictor
 
-    _write_table(schema.fit_table_path(out), "fit_table", fit_table_predictor, lambda: fit_table(experiments_dir),
-                 "what fits each card", force)
+    _write_table(schema.fit_table_path(out), "fit_table", lambda: fit_table_predictor(out),
+                 lambda: fit_table(experiments_dir, out_dir=out), "what fits each card", force)
 
 
 def _write_gpu_table(out: Path, experiments_dir: Path, force: bool) -> None:
@@ -351,6 +372,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--solve", choices=["seq_len", "micro_batch"],
                         help="the longest sequence (at --batch) or the largest micro-batch (at --seq) that fits "
                              "--card: analytic search, confirmed by simulation unless --method analytic")
+    parser.add_argument("--confirm-fits", action="store_true",
+                        help="simulate the fit table's card-limited longest sequences at their answers, and search "
+                             "below those that run out (harness.predict.confirm; resumes where it stopped; about "
+                             "half a minute of a CPU per simulated 7B step), then make the fit table again")
+    parser.add_argument("--jobs", type=like_field("world_size"), default=1,
+                        help="with --confirm-fits: processes that search at once (default 1)")
+    parser.add_argument("--time-budget", metavar="DURATION", type=parse_duration,
+                        help="with --confirm-fits: start no search after this long (90s, 11m, 2h)")
     parser.add_argument("--card", type=like_field("budget_gb", float),
                         help="with --solve: the card's size as sold, in GB (24: a 24 GB card, 24 GiB; 141: H200)")
     parser.add_argument("--method", choices=["analytic", "simulated", "both"], default="both")

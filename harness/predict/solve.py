@@ -35,6 +35,7 @@ RANDOM_WEIGHTS = False  # see the module's text
 # Past a model's context a longer sequence means position scaling, not this step: the search
 # stops there and says so. A micro-batch has no such limit; this one only bounds the search.
 MICRO_BATCH_LIMIT = 1 << 16
+REFERENCE_SHAPE = (512, 1)  # the documents' configuration: the peak the table shows beside the answers
 
 
 @dataclass
@@ -139,12 +140,6 @@ def longest_sequence(found: Setup, card_gb: float, micro_batch: int = 1) -> Answ
     return largest_fitting(lambda n: found.device(n, micro_batch), card_bytes(card_gb), _limit("seq_len", found.context))
 
 
-def fit_answer(experiment: Path, model: str, overrides: dict, device_type: str, card_gb: float,
-               micro_batch: int) -> Answer:
-    """The fit answer for an experiment file with these fields at a model (harness.matrix's fit_multiples)."""
-    return longest_sequence(setup(experiment, model, overrides, device_type), card_gb, micro_batch)
-
-
 def solve(experiment: Path, model: str, card_gb: float, axis: str, *, seq_len: int = 512, micro_batch: int = 1,
           overrides: dict | None = None, device_type: str = "cuda", simulate: bool = True) -> dict:
     """Solve one axis for an experiment file and a model on a card; the other axis stays fixed."""
@@ -184,26 +179,45 @@ def solve(experiment: Path, model: str, card_gb: float, axis: str, *, seq_len: i
     return result
 
 
-def _confirm_by_simulation(experiment, model, shape, overrides, device_type, cap, limit, analytic_answer,
-                           analytic, allocator_cap: int) -> Answer:
-    """The simulated boundary. A card is a cap: where the allocator cannot have a new segment it frees its
-    cached ones and tries again (harness.predict.allocator), so a step fits when the allocator replayed
-    under the card's cap for it (the card less what lives outside the allocator, a paged optimizer's unified
-    memory too) does not run out; its device bytes are then that replay's reserved peak and what lives
-    outside (more than the card where it runs out)."""
+@dataclass
+class Simulated:
+    """A step simulated under a card's cap: the device bytes it holds (more than the card where it runs
+    out) and, where it runs out, about what it would have needed there (the allocator's reserved bytes when
+    the request failed, the request, and what lives outside the allocator)."""
+    fits: bool
+    device_bytes: int
+    needed_bytes: int
+
+
+def simulate_under_card(experiment: Path, model: str, seq_len: int, micro_batch: int, overrides: dict,
+                        device_type: str, cap: int, allocator_cap: int) -> Simulated:
+    """The simulated step (harness.predict.prediction, the runner's own step under fake tensors) with its
+    caching allocator replayed under the card's cap for it (the card less what lives outside the allocator,
+    a paged optimizer's unified memory too): where the allocator cannot have a new segment it frees its
+    cached ones and tries again (harness.predict.allocator), and runs out only after that."""
     from harness.predict.prediction import predict
 
+    prediction = predict(experiment, model, seq_len, micro_batch, "simulated", device_type, overrides,
+                         cap_bytes=allocator_cap, random_weights=RANDOM_WEIGHTS)
+    if prediction.device_bytes is None:  # a CPU step: its tensors are what it holds
+        held = prediction.total_bytes
+        return Simulated(held <= cap, held, held)
+    outside = prediction.device_bytes - prediction.reserved_bytes
+    capped = prediction.extra["budget_replay"]
+    if capped["oom"]:
+        needed = capped["oom"]["reserved"] + capped["oom"]["requested"] + outside
+        return Simulated(False, max(prediction.device_bytes, cap + 1), max(needed, cap + 1))
+    held = capped["peak_reserved"] + outside
+    return Simulated(held <= cap, held, held)
+
+
+def _confirm_by_simulation(experiment, model, shape, overrides, device_type, cap, limit, analytic_answer,
+                           analytic, allocator_cap: int) -> Answer:
+    """The simulated boundary: a step fits when simulate_under_card says so; its device bytes are then that
+    replay's reserved peak and what lives outside (more than the card where it runs out)."""
     def simulated(n: int) -> int:
-        seq, batch = shape(n)
-        prediction = predict(experiment, model, seq, batch, "simulated", device_type, overrides,
-                             cap_bytes=allocator_cap, random_weights=RANDOM_WEIGHTS)
-        if prediction.device_bytes is None:  # a CPU step: its tensors are what it holds
-            return prediction.total_bytes
-        outside = prediction.device_bytes - prediction.reserved_bytes
-        capped = prediction.extra["budget_replay"]
-        if capped["oom"]:
-            return max(prediction.device_bytes, cap + 1)
-        return capped["peak_reserved"] + outside
+        return simulate_under_card(experiment, model, *shape(n), overrides, device_type, cap,
+                                   allocator_cap).device_bytes
 
     first_guess = max(analytic_answer.value, 1)
     memo = {first_guess: simulated(first_guess)}
@@ -215,6 +229,11 @@ def _confirm_by_simulation(experiment, model, shape, overrides, device_type, cap
                              start=guess)
     answer.evaluations = len(memo)
     return answer
+
+
+def sequence_limited_by(answer: Answer, found: Setup) -> str:
+    """What ends a longest-sequence answer: "card", "context" (the model's) or "search limit"."""
+    return _answer_dict(answer, "seq_len", found.context, _limit("seq_len", found.context))["limited_by"]
 
 
 def _answer_dict(answer: Answer, axis: str, context: int | None, limit: int) -> dict:
@@ -249,115 +268,3 @@ def describe(result: dict) -> str:
         lines.append(f"  analytic formula: {analytic['value']:,} {unit}; "
                      f"{result['simulated']['evaluations']} simulated steps, {result['seconds']:.0f} s")
     return "\n".join(lines)
-
-
-# The report's decision table: cards as sold, the models people fine-tune on them, every
-# registered technique, with and without gradient checkpointing (a column, not a technique).
-FIT_CARDS = (16, 24, 40, 80, 141)
-FIT_MODELS = ("tinyllama-1.1b", "llama-3.2-3b", "phi-3-mini", "llama-2-7b", "mistral-7b", "qwen2.5-7b", "llama-3.1-8b",
-              "mixtral-8x7b")
-FIT_MICRO_BATCH_SEQ_LEN = 2048
-REFERENCE_SHAPE = (512, 1)  # the documents' configuration: the peak the table shows beside the answers
-# Configurations other projects publish "longest sequence per card" figures for (the report
-# holds their figures under the same names): answered for every card of the table.
-COMPARED_CASES = {
-    "llama-3.1-8b qlora r32 + checkpointing": ("llama-3.1-8b", "qlora-r32-gc", {}),
-}
-FIT_TOKENS = 100e6  # the fine-tune whose GPU-hours and price (cost_usd) each row gives
-CURVE_MODEL = "mistral-7b"  # a 7B model with a 32k context: peak against sequence length
-# the sequence lengths of the curves, and of each row's device bytes at micro-batch 1 up to its longest sequence
-# (`device_bytes_at`: what the report's picker shows for the length a reader picks)
-CURVE_SEQ_LENS = tuple(512 * 2**i for i in range(9))  # 512 to 131,072 (Llama 3.1's context)
-
-
-def fit_row_speed(found: Setup, card_gb: float, max_micro_batch: int, max_seq_len: int) -> dict:
-    """A fit row's speed on the card of its size (harness.cards.CARD_OF_SIZE, named once in the
-    table's `cards`) at the fastest shape the row
-    allows (sequence FIT_MICRO_BATCH_SEQ_LEN at its largest micro-batch; else its longest sequence at
-    micro-batch 1), and the time and price of fine-tuning FIT_TOKENS at the card's catalogue price. The
-    analytic fallback (harness.predict.speed.analytic_speed: matmul FLOPs at the measured throughput, the
-    optimizer step, dequantization; no host cost or other memory-bound kernels), as the rest of the table
-    is analytic: an upper bound on tokens/s."""
-    from harness.cards import CARD_OF_SIZE, card
-    from harness.predict.speed import analytic_speed, fine_tune_cost
-
-    gpu = CARD_OF_SIZE[card_gb]
-    shape = ((FIT_MICRO_BATCH_SEQ_LEN, max_micro_batch) if max_micro_batch else
-             (max_seq_len, 1) if max_seq_len else None)
-    if shape is None:
-        return {"speed_shape": None, "tokens_per_s": None, "step_time_s": None, "hours_per_100m_tokens": None,
-                "cost_usd": None}
-    cfg = found.config.experiment
-    speed = analytic_speed(found.model_config, found.config.technique, shape[0], shape[1], cfg.grad_accum, gpu,
-                           parameters=found.parameters, gradient_checkpointing=cfg.gradient_checkpointing)
-    cost = fine_tune_cost(speed["tokens_per_s"], FIT_TOKENS, card(gpu).price_per_hour)
-    return {"speed_shape": list(shape), "speed_method": speed["method"], "tokens_per_s": speed["tokens_per_s"],
-            "step_time_s": speed["step_time_s"], "hours_per_100m_tokens": cost["hours"], "cost_usd": cost["cost_usd"]}
-
-
-def fit_table_predictor() -> str:
-    """The digest of what a fit table comes from: the predictor's and this module's choices, and the
-    micro-benchmarks its speed column is calibrated from (harness.predict.speed.calibration_digest)."""
-    import hashlib
-
-    from harness import env
-    from harness.imports import source_files
-    from harness.predict.speed import calibration_digest
-
-    return hashlib.sha256(f"{env.code_digest(source_files(__name__))} {calibration_digest()}".encode()).hexdigest()[:12]
-
-
-def fit_table(experiments_dir: Path, device_type: str = "cuda"):
-    """Every (model, technique, checkpointing, card) answer, by the analytic search (instant;
-    `predict --solve` confirms any one of them by simulation)."""
-    from harness import env, schema
-    from harness.cards import CARD_OF_SIZE, CARDS
-    from harness.techniques import TECHNIQUES
-
-    started = time.perf_counter()
-    experiments = [name for name in TECHNIQUES if (experiments_dir / f"{name}.yaml").exists()]
-    rows, curves = [], []
-    for model in FIT_MODELS:
-        for name in experiments:
-            for checkpointing in (False, True):
-                found = setup(experiments_dir / f"{name}.yaml", model, {"gradient_checkpointing": checkpointing},
-                              device_type)
-                common = {"experiment": name, "model": model, "gradient_checkpointing": checkpointing}
-                for card_gb in FIT_CARDS:
-                    cap = card_bytes(card_gb)
-                    longest = longest_sequence(found, card_gb)
-                    largest = largest_fitting(lambda n: found.device(FIT_MICRO_BATCH_SEQ_LEN, n), cap,
-                                              MICRO_BATCH_LIMIT)
-                    # device_bytes and margin_bytes: at the longest sequence's answer (micro-batch 1)
-                    # at the reference shape: the tensor peak, and what the card must hold (allocator, context)
-                    rows.append({**common, "card_gb": card_gb, "reference_peak_bytes": found.peak(*REFERENCE_SHAPE),
-                                 "reference_device_bytes": found.device(*REFERENCE_SHAPE),
-                                 "max_seq_len": longest.value,
-                                 "seq_len_limited_by": _answer_dict(longest, "seq_len", found.context,
-                                                                    _limit("seq_len", found.context))["limited_by"],
-                                 "max_micro_batch": largest.value, "device_bytes": longest.peak_bytes,
-                                 "margin_bytes": None if longest.peak_bytes is None else cap - longest.peak_bytes,
-                                 "micro_batch_device_bytes": largest.peak_bytes,
-                                 "device_bytes_at": {str(seq): found.device(seq, 1) for seq in CURVE_SEQ_LENS
-                                                     if seq <= longest.value},
-                                 **fit_row_speed(found, card_gb, largest.value, longest.value)})
-                if model == CURVE_MODEL:
-                    curves += [{**common, "seq_len": seq, "total_bytes": found.peak(seq, 1),
-                                "device_bytes": found.device(seq, 1)}
-                               for seq in CURVE_SEQ_LENS if seq <= (found.context or seq)]
-    cases = []
-    for case, (model, name, overrides) in COMPARED_CASES.items():
-        found = setup(experiments_dir / f"{name}.yaml", model, overrides, device_type)
-        for card_gb in FIT_CARDS:
-            answer = longest_sequence(found, card_gb)
-            cases.append({"case": case, "experiment": name, "model": model, "card_gb": card_gb,
-                          "max_seq_len": answer.value, "device_bytes": answer.peak_bytes,
-                          "margin_bytes": None if answer.peak_bytes is None else card_bytes(card_gb) - answer.peak_bytes})
-    return schema.FitTable(
-        method="analytic", device_type=device_type, cases=cases,
-        cards={str(gb): {"card_bytes": card_bytes(gb), "cap_bytes": card_bytes(gb), "gpu": CARD_OF_SIZE[gb],
-                         "price_per_hour": CARDS[CARD_OF_SIZE[gb]].price_per_hour, "tokens": FIT_TOKENS}
-               for gb in FIT_CARDS},
-        micro_batch_seq_len=FIT_MICRO_BATCH_SEQ_LEN, reference_shape=list(REFERENCE_SHAPE), rows=rows, curves=curves,
-        versions=env.software_versions(), predictor=fit_table_predictor(),
-        seconds=time.perf_counter() - started)

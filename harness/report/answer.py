@@ -1,7 +1,8 @@
 """The report's first screen: for a model and a card, the recipes that fit, with the memory the card
 must hold, the longest sequence and the speed, each figure marked measured or predicted.
 
-Built from the fit table (results/fits/, predicted by the analytic search) and the CUDA run records.
+Built from the fit table (results/fits/, predicted: the analytic search, its longest sequences confirmed by
+simulation where a row says so) and the CUDA run records.
 A fit row may carry the predicted figures `device_bytes` (what the card must hold, the caching
 allocator included), `margin_bytes`, `device_bytes_at` (the same at each sequence length up to the longest, which
 the picker shows for the length picked), `tokens_per_s`, `step_time_s` and `cost_usd`; where a row has
@@ -124,14 +125,38 @@ def _article(name: str) -> str:
     return "an" if name[:1].upper() in "AEFHILMNORSX8" else "a"
 
 
-def _longest_what(row: dict, method: str | None) -> str:
+def search_words(method: str | None) -> str:
+    """A fit table's method (harness.predict.fit_table: "analytic", or "analytic+simulated" where longest
+    sequences are confirmed by simulation) as words."""
+    if method and method.endswith("+simulated"):
+        return ("analytic search, its longest sequences confirmed by simulation, the caching allocator replayed "
+                "under each card's cap")
+    return f"{method or 'analytic'} search"
+
+
+def _longest_what(row: dict) -> str:
     """How the longest sequence was found, and what the card holds there (the margin it leaves)."""
-    what = f"longest sequence at micro-batch 1, {method or 'analytic'} search"
+    what = f"longest sequence at micro-batch 1, {seq_method(row)}"
     if row.get("device_bytes") is not None and row["max_seq_len"] > 0:
         what += f"; the card holds {fmt_bytes(row['device_bytes'])} there, the allocator and the context included"
         if row.get("margin_bytes") is not None:
             what += f", {fmt_bytes(row['margin_bytes'])} left"
     return what
+
+
+def seq_method(row: dict) -> str:
+    """Which method answered a fit row's longest sequence (harness.predict.confirm), in words."""
+    analytic, fails_at = row.get("analytic_max_seq_len"), row.get("simulated_fails_at")
+    if row.get("seq_len_method") == "simulated":
+        said = "confirmed by simulation (the step traced, its caching allocator replayed under the card's cap)"
+        if fails_at is not None:
+            said += f"; the formula said {analytic:,}, the simulation runs out at {fails_at:,}"
+        return said
+    if fails_at is not None:
+        return (f"analytic search; the simulation runs out at {fails_at:,} and found no shorter length that fits "
+                "in its steps")
+    return "analytic search" + (", not yet confirmed by simulation" if row.get("seq_len_limited_by") == "card"
+                                and row["max_seq_len"] > 0 else "")
 
 
 def _speed(row: dict, runs: list[dict], model: str, experiment: str, card: dict) -> dict | None:
@@ -195,7 +220,7 @@ def answer_data(results: Results) -> dict | None:
             "model": model, "card_gb": int(row["card_gb"]),
             "recipe": recipe_name(row["experiment"], checkpointing), "experiment": experiment,
             "fits": row["max_seq_len"] > 0, "max_seq_len": row["max_seq_len"],
-            "longest_what": _longest_what(row, table.get("method")),
+            "longest_what": _longest_what(row),
             "limited_by": row.get("seq_len_limited_by"), "max_micro_batch": row.get("max_micro_batch"),
             "memory": _memory(row, runs, reference, int(row["card_gb"]), model),
             # at each sequence length up to the longest, micro-batch 1: predicted, and measured where a run was
@@ -275,7 +300,7 @@ def model_table(data: dict, model: str) -> Table:
             "memory: what the card must hold there (analytic: the tensors, the caching allocator and the CUDA "
             "context), or where a fit table lacks it the analytic tensor peak; `python -m harness predict --model "
             f"{model} --experiment E [--checkpointing] --card GB --solve seq_len` confirms one cell by simulation. Longest "
-            f"sequence: at micro-batch 1, predicted by the {data['method']} search for each card; (context): the "
+            f"sequence: at micro-batch 1, predicted by the {search_words(data['method'])} for each card; (context): the "
             "model's context length is reached before the card is full. Tokens/s measured: on the device and at the "
             "shape named (another card runs at another speed); under each card, an upper bound on the tokens/s of the "
             "GPU its heading names, at the shape named (matrix products alone). A T4 has no bf16 tensor cores "

@@ -11,13 +11,13 @@ from __future__ import annotations
 import pandas as pd
 
 from harness.measure.budget import budget_cap_bytes
-from harness.report.answer import lab_experiment
+from harness.report.answer import lab_experiment, seq_method
 from harness.report.tables import Cell, Table
 from harness.report.units import fmt_bytes, gib
 from harness.techniques import Technique
 
 # Published "longest sequence that fits" figures of other projects, by the name of the case
-# `harness predict --claims` answers (harness.predict.solve.COMPARED_CASES): (source, {card GB: tokens}).
+# `harness predict --claims` answers (harness.predict.fit_table.COMPARED_CASES): (source, {card GB: tokens}).
 PUBLISHED_MAX_SEQ_LEN = {
     "llama-3.1-8b qlora r32 + checkpointing": (
         "Unsloth's context-length table, its Hugging Face + Flash Attention 2 column", {24: 5_789, 40: 12_264,
@@ -25,11 +25,23 @@ PUBLISHED_MAX_SEQ_LEN = {
 }
 
 
+SIMULATED_MARK = "†"  # a longest sequence confirmed by simulation (harness.predict.confirm); unmarked: analytic
+
+
 def _seq_text(row: pd.Series) -> str:
     if row["max_seq_len"] == 0:
         return "-"
     text = f"{row['max_seq_len']:,}"
+    if row.get("seq_len_method") == "simulated":
+        text += SIMULATED_MARK
     return text + " (context)" if row["seq_len_limited_by"] == "context" else text
+
+
+def confirmed_counts(table: dict) -> tuple[int, int]:
+    """(answers confirmed by simulation, card-limited answers): how much of the fit table the simulation holds."""
+    limited = [row for row in table["rows"] if row["seq_len_limited_by"] == "card" and
+               (row.get("analytic_max_seq_len") or row["max_seq_len"]) > 0]
+    return sum(row.get("seq_len_method") == "simulated" for row in limited), len(limited)
 
 
 def fit_tables(table: dict, runs: pd.DataFrame) -> list[tuple[str, Table]]:
@@ -84,7 +96,8 @@ def published_comparison(table: dict, runs: pd.DataFrame) -> Table | None:
             if row is None:
                 continue
             predicted = row["max_seq_len"]
-            lines.append([Cell(case), Cell(f"{card} GB"), Cell(f"{tokens:,}", source), Cell(f"{predicted:,}"),
+            lines.append([Cell(case), Cell(f"{card} GB"), Cell(f"{tokens:,}", source),
+                          Cell(f"{predicted:,}", f"predicted: {seq_method(row)}"),
                           Cell(f"{predicted / tokens:.2f}"),
                           _measured_under_budget(runs, row, table["cards"][str(card)]["card_bytes"])])
     if not lines:
@@ -92,7 +105,8 @@ def published_comparison(table: dict, runs: pd.DataFrame) -> Table | None:
     return Table(["Case", "Card", "Published longest sequence", "Ours (predicted)", "Ours / published",
                   "Measured under the card's budget"], lines, numeric={2, 3, 4},
                  note="Ours: the longest sequence whose predicted device bytes (the tensors' peak, the caching "
-                      "allocator's reserve over it and the CUDA context) fit the card, by the analytic search. "
+                      "allocator's reserve over it and the CUDA context) fit the card: the fit table's answer, "
+                      "by the analytic search or confirmed by simulation (each says which). "
                       "Measured: GPU runs of the case with the allocator capped at the card's budget, each "
                       "sequence tried, fitting or not.")
 
@@ -129,10 +143,10 @@ def boundary_table(table: dict, runs: pd.DataFrame, predictions: list[dict] = ()
                   & (runs["grad_accum"] == 1) & runs["status"].isin(["ok", "oom"])] if len(runs) else runs
     # a card by its bytes: a budget run's record gives the card it emulated in bytes (older ones in GB of 1e9 B)
     card_of = {spec["card_bytes"]: int(gb) for gb, spec in table["cards"].items()}
-    answers = {(lab_experiment(row["experiment"], row["gradient_checkpointing"]), row["model"], row["card_gb"]):
-               row["max_seq_len"] for row in table["rows"]}
-    answers.update({(case["experiment"], case["model"], case["card_gb"]): case["max_seq_len"]
-                    for case in table["cases"]})
+    rows = {(lab_experiment(row["experiment"], row["gradient_checkpointing"]), row["model"], row["card_gb"]): row
+            for row in table["rows"]}
+    rows.update({(case["experiment"], case["model"], case["card_gb"]): case for case in table["cases"]})
+    answers = {key: row["max_seq_len"] for key, row in rows.items()}
     # by the card emulated: a card of the fit table by its size, another by its bytes
     measured = {(experiment, model, card_of.get(int(card_bytes), int(card_bytes))): group
                 for (experiment, model, card_bytes), group in capped.groupby(
@@ -163,7 +177,7 @@ def boundary_table(table: dict, runs: pd.DataFrame, predictions: list[dict] = ()
                       Cell(f"{card} GB" if fit_card else f"{gib(card):.2f} GiB",
                            "emulated" if fit_card else "emulated; not a card of the fit table"),
                       Cell("-" if answer is None else f"{answer:,}", "no fit answer for this configuration"
-                           if answer is None else "predicted, the analytic search"),
+                           if answer is None else f"predicted: {seq_method(rows[experiment, model, card])}"),
                       _simulated_cell(simulated.get((experiment, model, card))),
                       Cell(f"{trained[-1]:,}" if trained else "-", ", ".join(f"{n:,}" for n in trained) or "none"),
                       Cell(f"{ran_out[0]:,}" if ran_out else "-", ", ".join(f"{n:,}" for n in ran_out) or "none"),

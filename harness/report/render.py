@@ -18,7 +18,8 @@ from harness.claims import COUNTED_READING, PUBLISHED_FILE, SOURCES, load_claims
 from harness.report import add_arguments, answer, beyond, engines, environment, glossary, ladder, reserved
 from harness.report.accuracy import TOLERANCES, prediction_errors, summary
 from harness.report.figures import FigureResult, all_figures
-from harness.report.fits import boundary_table, fit_tables, published_comparison
+from harness.report.fits import (SIMULATED_MARK, boundary_table, confirmed_counts, fit_tables,
+                                 published_comparison)
 from harness.report.gpus import gpu_count_tables, peer_table
 from harness.report.ledger import build_ledger
 from harness.report.load import is_gpu_record, load_results, predictions_frame, runs_frame
@@ -76,6 +77,7 @@ def _fits_blocks(results, runs, figures: list[FigureResult]) -> list[Block]:
     if not table:
         return blocks + [Block("p", "No fit table in these results: `python -m harness predict --claims` "
                                     "writes it.")] + drawn
+    confirmed, limited = confirmed_counts(table)
     blocks.append(Block("p", (
         "For each model, technique and card: the longest sequence that fits at micro-batch 1, without / with "
         "gradient checkpointing, and below it the largest micro-batch at sequence "
@@ -84,9 +86,12 @@ def _fits_blocks(results, runs, figures: list[FigureResult]) -> list[Block]:
         "holds 139.8 GiB as measured by the lab. A step fits where its predicted device bytes fit the card: the "
         "caching allocator's reserved segments, the CUDA context and the kernels. \"(context)\": the model's "
         "context length is reached before the card is full. "
-        f"Predicted ({table['method']} search, {table['device_type']} code path; the analytic reserve is a "
-        "calibrated ratio over the tensors' peak); `python -m harness predict --model M "
-        "--experiment E --card GB --solve seq_len` confirms one answer by simulation. The peak column is the "
+        f"Predicted ({table['device_type']} code path) by the analytic search, whose reserve is a calibrated "
+        "ratio over the tensors' peak; a longest sequence marked " + SIMULATED_MARK + " is confirmed by "
+        "simulation (the step traced and its caching allocator replayed under the card's cap, which "
+        "fragmentation can fill before the tensors do; where the analytic answer ran out, the longest length "
+        f"simulated to fit, within 1% of one that ran out): {confirmed} of the {limited} answers the card limits "
+        "(`python -m harness predict --confirm-fits` confirms the rest, and `--solve seq_len` any one). The peak column is the "
         "tensors' peak at sequence 512, micro-batch 1 (predicted; beside it torch's peak allocated where a GPU "
         "run measured it), not what the card must hold: the first section's memory column is that.")))
     for model, fit_table in fit_tables(table, runs):
@@ -115,7 +120,7 @@ def _answer_blocks(results) -> list[Block]:
     blocks.append(Block("p", (
         "Pick a model, a card and the sequence length you train at: the recipes that fit, the longest sequence "
         "first. Each figure says whether it was measured (a run on a GPU, its record named) or predicted (the lab's "
-        f"{data['method']} search, no GPU); hover a mark for where it comes from and the command that "
+        f"{answer.search_words(data['method'])}, no GPU); hover a mark for where it comes from and the command that "
         "reproduces it. Memory: in the picker at the length picked and micro-batch 1, in the tables below at "
         f"sequence {reference[0]:,} x micro-batch {reference[1]}; the longest sequence is at micro-batch 1. A "
         "recipe named \"+ checkpointing\" recomputes activations in the backward pass. Tokens/s here is an "

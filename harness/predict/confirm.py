@@ -1,0 +1,195 @@
+"""The fit table's longest sequences confirmed by simulation (`harness predict --confirm-fits`).
+
+The fit table (harness.predict.fit_table) searches the analytic device bytes (harness.predict.solve):
+instant, but its reserved bytes are the tensor peak times one ratio, and the caching allocator can waste
+more than that where a long step's large blocks fragment its segments (a second step's forward carving
+the first step's cached logit-sized segments; checkpoints pinned in segments of transients). The
+simulation replays the allocator over the step's own allocations under the card's cap, freeing and
+retrying as torch does: the better answer at the edge, at about half a minute of a CPU per step of a 7B
+model. So each card-limited answer is simulated at the analytic answer:
+
+- where the step fits, the analytic answer stands, confirmed (it may lie below the simulated boundary:
+  no length above it is searched, an answer that holds is what is asked for);
+- where it runs out, the analytic curve moved by what the simulated step needed beyond it gives a
+  shorter guess, simulated in turn, and then bisection, until the longest length simulated to fit and
+  the shortest simulated to run out are within TOLERANCE of each other (at most MAX_SIMULATIONS steps;
+  a search that ends wider keeps the longest length simulated to fit, below the boundary).
+
+Each answer is one file under results/fits/confirmed/, stamped with the digest of the predictor's code:
+the search resumes where it stopped, and a confirmation made by other predictor code is not used. The fit
+table takes the confirmed answers that are current and says, row by row, which method answered.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from harness.cards import card_bytes
+from harness.measure.budget import card_cap_bytes
+from harness.predict.solve import Answer, Setup, largest_fitting, longest_sequence, setup, simulate_under_card
+
+CONFIRMED_FOLDER = Path("fits") / "confirmed"
+# The search stops once the longest length simulated to fit is within 1% of the shortest simulated to run out:
+# well inside the 3% the boundary's GPU probes bracket (experiments/matrix.yaml, `boundary`).
+TOLERANCE = 0.01
+MAX_SIMULATIONS = 10
+SHORTEST = 2  # the shortest sequence an experiment may ask for (harness.config: one token predicts nothing)
+# Fields of a configuration that do not change one step's memory at a given shape: the search varies the
+# shape, and a run's length, its card and its names are not the step's (harness.config.config_hash).
+RUN_CONTROL_FIELDS = ("seq_len", "micro_batch", "steps", "warmup_steps", "budget_gb", "budget_card_bytes",
+                      "name", "description", "summary", "config_hash", "run_id", "base_checkpoint")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One answer to confirm: an experiment file (with these fields) at a model on a card, at micro-batch 1."""
+    experiment: Path
+    model: str
+    overrides: dict
+    card_gb: float
+    micro_batch: int = 1
+
+
+def step_fingerprint(found: Setup) -> str:
+    """What decides a step's memory in a resolved configuration, whatever its file is named: qlora with
+    gradient checkpointing set and qlora-gc are one step."""
+    from harness.config import config_hash
+
+    config = {k: v for k, v in found.config.as_dict().items() if k not in RUN_CONTROL_FIELDS}
+    return config_hash(config)[:12]
+
+
+def confirmation_path(out_dir: Path, found: Setup, model: str, card_gb: float, micro_batch: int) -> Path:
+    return (Path(out_dir) / CONFIRMED_FOLDER /
+            f"{model.replace('/', '_')}__{card_gb:g}gb__b{micro_batch}__{step_fingerprint(found)}.json")
+
+
+@cache
+def predictor_digest() -> str:
+    """The code a simulated step comes from (harness.predict.prediction's), which stamps each confirmation: read
+    once a process, as its code is loaded once (a file edited while a search runs does not restamp it)."""
+    from harness import env
+    from harness.predict.prediction import PREDICTOR_MODULES
+
+    return env.code_digest(PREDICTOR_MODULES)
+
+
+def read_confirmation(path: Path, predictor: str, analytic_value: int) -> dict | None:
+    """A confirmation that still applies: made by this predictor code from the same analytic answer; None if
+    there is none (a file that cannot be read is said so and searched again)."""
+    if not path.exists():
+        return None
+    try:
+        confirmation = json.loads(path.read_text())
+        current = (confirmation["predictor"] == predictor
+                   and confirmation["analytic_max_seq_len"] == analytic_value)
+        missing = [key for key in ("max_seq_len", "fails_at", "resolved", "device_bytes", "probes")
+                   if key not in confirmation]
+        if missing:
+            raise KeyError(", ".join(missing))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        print(f"{path}: not a fit confirmation ({type(error).__name__}: {error}); it is searched again", flush=True)
+        return None
+    return confirmation if current else None
+
+
+def search(target: Target, device_type: str = "cuda", found: Setup | None = None) -> dict | None:
+    """The confirmed answer of one target (see the module's text), or None where the analytic answer is not the
+    card's (the model's context, or nothing fits)."""
+    started = time.perf_counter()
+    found = found or setup(target.experiment, target.model, target.overrides, device_type)
+    analytic = longest_sequence(found, target.card_gb, target.micro_batch)
+    if analytic.limited_by != "card" or analytic.value == 0:
+        return None
+    cap = card_bytes(target.card_gb)
+    allocator_cap = card_cap_bytes(target.card_gb, found.config.technique, found.unified_bytes)
+
+    def analytic_device(n: int) -> int:
+        return found.device(n, target.micro_batch)
+
+    probes, fits, fails, n, drop = [], 0, None, analytic.value, 0
+    while len(probes) < MAX_SIMULATIONS:
+        step = simulate_under_card(target.experiment, target.model, n, target.micro_batch, target.overrides,
+                                   device_type, cap, allocator_cap)
+        probes.append({"seq_len": n, "fits": step.fits, "device_bytes": step.device_bytes,
+                       "needed_bytes": step.needed_bytes, "analytic_device_bytes": analytic_device(n)})
+        if step.fits:
+            fits = max(fits, n)
+        else:
+            fails = n if fails is None else min(fails, n)
+        if fails is None or (fits and fails - fits <= max(1, math.floor(TOLERANCE * fails))):
+            break
+        if fits:
+            n = (fits + fails) // 2
+            continue
+        if n <= SHORTEST:
+            break  # not even the shortest sequence fits
+        # the analytic curve moved up by what this step needed beyond it: about where the simulated boundary is;
+        # at least TOLERANCE below the step that ran out, so that a guess that fits closes the search, and twice
+        # as far below as the last guess went where that one ran out too (a failed request sees only part of
+        # what the step lacks); never below half of it, as a bisection from the shortest sequence would go
+        excess = step.needed_bytes - analytic_device(n)
+        guess = largest_fitting(analytic_device, cap - excess, fails - 1).value
+        guess = max(SHORTEST, fails // 2, min(guess, math.floor(fails * (1 - TOLERANCE)), fails - 2 * drop))
+        drop, n = fails - guess, guess
+    held = {p["seq_len"]: p["device_bytes"] for p in probes}
+    return {"experiment": found.config.name, "model": target.model, "card_gb": target.card_gb,
+            "micro_batch": target.micro_batch, "gradient_checkpointing": found.config.experiment.gradient_checkpointing,
+            "step": step_fingerprint(found), "predictor": predictor_digest(),
+            "analytic_max_seq_len": analytic.value,
+            "max_seq_len": fits if fails is not None else analytic.value,
+            "fails_at": fails, "resolved": fails is None or fits > 0 or fails <= SHORTEST,
+            "device_bytes": held.get(fits if fails is not None else analytic.value),
+            "probes": probes, "seconds": time.perf_counter() - started}
+
+
+def confirmed_answer(found: Setup, model: str, card_gb: float, micro_batch: int, analytic: Answer,
+                     out_dir: Path | None, predictor: str | None = None) -> tuple[Answer, dict | None]:
+    """The answer to use: a current confirmation's where one exists under `out_dir`, else the analytic one; and
+    the confirmation (None where the analytic answer stands unconfirmed). An unresolved search (nothing found
+    to fit in MAX_SIMULATIONS steps) leaves the analytic answer, and its confirmation says so."""
+    if out_dir is None or analytic.limited_by != "card" or analytic.value == 0:
+        return analytic, None
+    confirmation = read_confirmation(confirmation_path(out_dir, found, model, card_gb, micro_batch),
+                                     predictor or predictor_digest(), analytic.value)
+    if confirmation is None or not confirmation["resolved"]:
+        return analytic, confirmation
+    failed = [p["device_bytes"] for p in confirmation["probes"] if p["seq_len"] == confirmation["fails_at"]]
+    answer = Answer(confirmation["max_seq_len"], confirmation["device_bytes"], failed[0] if failed else None,
+                    "card", len(confirmation["probes"]))
+    return answer, confirmation
+
+
+def confirm_one(target: Target, out_dir: Path, deadline: float | None) -> tuple[str, str]:
+    """Search one target unless it has no card-limited answer, a current confirmation exists or the deadline has
+    passed: (what became of it: "searched", "failed", "late" or "" for nothing to do, and a line that says so)."""
+    found = setup(target.experiment, target.model, target.overrides)
+    analytic = longest_sequence(found, target.card_gb, target.micro_batch)
+    label = f"{found.config.name}{' + checkpointing' if target.overrides.get('gradient_checkpointing') else ''} @ " \
+            f"{target.model} on {target.card_gb:g} GB"
+    if analytic.limited_by != "card" or analytic.value == 0:
+        return "", ""
+    path = confirmation_path(out_dir, found, target.model, target.card_gb, target.micro_batch)
+    if read_confirmation(path, predictor_digest(), analytic.value) is not None:
+        return "", ""
+    if deadline is not None and time.time() > deadline:
+        return "late", f"{label}: not started (time budget)"
+    try:
+        confirmation = search(target, found=found)
+    except Exception as error:  # noqa: BLE001 (one target's failure is said, and the others go on)
+        # said here, not raised: an exception crossing processes must pickle, and not every one does
+        return "failed", f"{label}: not confirmed ({type(error).__name__}: {error})"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}")
+    temporary.write_text(json.dumps(confirmation, indent=1) + "\n")
+    temporary.replace(path)  # a file is whole or absent: an interrupted search leaves nothing half-written
+    verdict = ("stands" if confirmation["fails_at"] is None else
+               f"{confirmation['max_seq_len']:,} (runs out at {confirmation['fails_at']:,})"
+               if confirmation["resolved"] else "runs out; nothing found to fit")
+    return "searched", (f"{label}: analytic {analytic.value:,} -> {verdict}, {len(confirmation['probes'])} "
+                        f"simulated steps, {confirmation['seconds']:.0f} s")

@@ -1,0 +1,164 @@
+"""The fit table's longest sequences confirmed by simulation (harness.predict.confirm, `predict --confirm-fits`)."""
+
+import json
+import math
+
+import pytest
+from conftest import EXPERIMENTS
+
+from harness.cards import card_bytes
+from harness.measure.budget import card_cap_bytes
+from harness.predict import confirm
+from harness.predict.solve import Simulated, largest_fitting, longest_sequence, setup, simulate_under_card
+from harness.report.answer import seq_method
+from harness.report.fits import SIMULATED_MARK, _seq_text, confirmed_counts
+
+# Mistral-7B QLoRA with checkpointing on a 16 GB card: an answer the card limits
+TARGET = confirm.Target(EXPERIMENTS / "qlora.yaml", "mistral-7b", {"gradient_checkpointing": True}, 16)
+
+
+def _small_llama(folder):
+    """A two-layer Llama with a 32k vocabulary and a 16k context: its logits fill a 2 GB card near 1,300 tokens."""
+    path = folder / "config.json"
+    path.write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256, "intermediate_size": 688,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 32000,
+        "max_position_embeddings": 16384, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16"}))
+    return str(path)
+
+
+def _fake_simulation(monkeypatch, fragmentation: float, seen_at_failure: float):
+    """A simulated step that needs its analytic device bytes times `fragmentation`, and that, where it runs
+    out, says it needed only `seen_at_failure` times them (a failed request sees part of the shortfall).
+    Returns the lengths simulated and the true boundary."""
+    found = setup(TARGET.experiment, TARGET.model, TARGET.overrides)
+    cap = card_bytes(TARGET.card_gb)
+    calls = []
+
+    def simulate(experiment, model, seq_len, micro_batch, overrides, device_type, card_cap, allocator_cap):
+        calls.append(seq_len)
+        need = int(found.device(seq_len, micro_batch) * fragmentation)
+        if need <= card_cap:
+            return Simulated(True, need, need)
+        return Simulated(False, need, max(int(found.device(seq_len, micro_batch) * seen_at_failure), card_cap + 1))
+    monkeypatch.setattr(confirm, "simulate_under_card", simulate)
+    boundary = largest_fitting(lambda n: int(found.device(n, 1) * fragmentation), cap, found.context).value
+    return calls, boundary
+
+
+@pytest.mark.parametrize("fragmentation, seen", [(1.03, 1.015), (1.1, 1.03), (1.02, 1.02)])
+def test_an_answer_that_runs_out_is_searched_down_to_within_the_tolerance_of_the_boundary(monkeypatch, fragmentation,
+                                                                                          seen):
+    calls, boundary = _fake_simulation(monkeypatch, fragmentation, seen)
+    result = confirm.search(TARGET)
+    analytic = result["analytic_max_seq_len"]
+    assert boundary < analytic and calls[0] == analytic
+    assert result["resolved"] and result["max_seq_len"] <= boundary < result["fails_at"] <= analytic
+    assert result["fails_at"] - result["max_seq_len"] <= math.floor(confirm.TOLERANCE * result["fails_at"])
+    assert len(calls) == len(result["probes"]) <= confirm.MAX_SIMULATIONS
+    # every probe is said as the simulation said it, and the answer's bytes are its own probe's
+    assert all(p["fits"] == (p["seq_len"] <= boundary) for p in result["probes"])
+    assert result["device_bytes"] == next(p["device_bytes"] for p in result["probes"]
+                                          if p["seq_len"] == result["max_seq_len"]) <= card_bytes(16)
+
+
+def test_far_past_the_boundary_the_search_still_ends_below_it(monkeypatch):
+    # fragmentation of a fifth, of which a failed request sees a twentieth: guesses go down twice as far each time
+    calls, boundary = _fake_simulation(monkeypatch, 1.2, 1.05)
+    result = confirm.search(TARGET)
+    assert result["resolved"] and 0 < result["max_seq_len"] <= boundary < result["fails_at"]
+    assert len(calls) <= confirm.MAX_SIMULATIONS
+
+
+def test_where_nothing_is_found_to_fit_the_search_says_so_and_never_asks_for_less_than_the_shortest(monkeypatch,
+                                                                                                  tmp_path):
+    calls, _ = _fake_simulation(monkeypatch, 5.0, 5.0)  # five times the analytic bytes: nothing fits
+    outcome, said = confirm.confirm_one(TARGET, tmp_path, None)
+    assert outcome == "searched" and "nothing found to fit" in said
+    assert min(calls) >= confirm.SHORTEST and len(calls) == confirm.MAX_SIMULATIONS
+    # the table keeps the analytic answer for it, with the confirmation that says the simulation ran out
+    found = setup(TARGET.experiment, TARGET.model, TARGET.overrides)
+    analytic = longest_sequence(found, 16)
+    answer, confirmation = confirm.confirmed_answer(found, TARGET.model, 16, 1, analytic, tmp_path)
+    assert answer == analytic and not confirmation["resolved"]
+    assert confirmation["max_seq_len"] == 0 and confirmation["fails_at"] == min(calls)
+
+
+def test_an_answer_the_simulation_holds_stands_after_one_step(monkeypatch):
+    calls, _ = _fake_simulation(monkeypatch, 1.0, 1.0)
+    result = confirm.search(TARGET)
+    assert calls == [result["analytic_max_seq_len"]] == [result["max_seq_len"]]
+    assert result["fails_at"] is None and result["resolved"]
+
+
+def test_an_answer_the_context_ends_is_not_searched(monkeypatch):
+    calls, _ = _fake_simulation(monkeypatch, 1.0, 1.0)
+    held = confirm.Target(EXPERIMENTS / "qlora.yaml", "llama-2-7b", {"gradient_checkpointing": True}, 24)
+    assert confirm.search(held) is None and calls == []  # 4,096 tokens, the model's context
+
+
+def test_the_search_on_a_real_simulation_brackets_the_boundary(tmp_path):
+    model = _small_llama(tmp_path)
+    target = confirm.Target(EXPERIMENTS / "qlora.yaml", model, {"gradient_checkpointing": True}, 2)
+    result = confirm.search(target)
+    assert result is not None and result["resolved"] and 0 < result["max_seq_len"] <= result["analytic_max_seq_len"]
+    found = setup(target.experiment, model, target.overrides)
+    cap, allocator_cap = card_bytes(2), card_cap_bytes(2, found.config.technique, found.unified_bytes)
+
+    def simulated(n):
+        return simulate_under_card(target.experiment, model, n, 1, target.overrides, "cuda", cap, allocator_cap)
+    assert simulated(result["max_seq_len"]).fits
+    if result["fails_at"] is not None:
+        assert not simulated(result["fails_at"]).fits
+        assert result["fails_at"] - result["max_seq_len"] <= max(1, math.floor(confirm.TOLERANCE * result["fails_at"]))
+
+
+def test_a_confirmation_is_kept_resumed_and_used_only_by_the_predictor_that_made_it(monkeypatch, tmp_path, capsys):
+    calls, boundary = _fake_simulation(monkeypatch, 1.03, 1.015)
+    outcome, said = confirm.confirm_one(TARGET, tmp_path, None)
+    assert outcome == "searched" and "runs out at" in said and calls
+    (path,) = (tmp_path / confirm.CONFIRMED_FOLDER).glob("*.json")
+    searched = len(calls)
+    assert confirm.confirm_one(TARGET, tmp_path, None) == ("", "") and len(calls) == searched  # resumed: not again
+    # qlora-gc.yaml is qlora with checkpointing set: the same step, the same confirmation
+    same = setup(EXPERIMENTS / "qlora-gc.yaml", TARGET.model)
+    answer, confirmation = confirm.confirmed_answer(same, TARGET.model, 16, 1, longest_sequence(same, 16), tmp_path)
+    assert answer.value == confirmation["max_seq_len"] <= boundary and answer.limited_by == "card"
+    assert answer.peak_bytes <= card_bytes(16) < answer.next_peak_bytes
+    # another predictor's confirmation, or a file that is not one, leaves the analytic answer
+    analytic = longest_sequence(same, 16)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "predictor": "0" * 12}))
+    assert confirm.confirmed_answer(same, TARGET.model, 16, 1, analytic, tmp_path) == (analytic, None)
+    path.write_text("{not json")
+    assert confirm.confirmed_answer(same, TARGET.model, 16, 1, analytic, tmp_path) == (analytic, None)
+    assert str(path) in capsys.readouterr().out
+    # past the time budget nothing starts, and it says so; a search that fails is said, not raised
+    assert confirm.confirm_one(TARGET, tmp_path, deadline=0.0)[0] == "late"
+
+    def broken(*args):
+        raise ValueError("no such kernel")
+    monkeypatch.setattr(confirm, "simulate_under_card", broken)
+    outcome, said = confirm.confirm_one(TARGET, tmp_path / "elsewhere", None)
+    assert outcome == "failed" and "ValueError: no such kernel" in said
+    assert not (tmp_path / "elsewhere" / confirm.CONFIRMED_FOLDER).exists()
+
+
+def test_the_fit_table_takes_a_current_confirmation_and_says_which_method_answered(monkeypatch, tmp_path):
+    from harness.predict.fit_table import fit_table
+
+    calls, boundary = _fake_simulation(monkeypatch, 1.03, 1.015)
+    confirm.confirm_one(TARGET, tmp_path, None)
+    table = fit_table(EXPERIMENTS, out_dir=tmp_path)
+    rows = {(r["model"], r["experiment"], r["gradient_checkpointing"], r["card_gb"]): r for r in table.rows}
+    row = rows["mistral-7b", "qlora", True, 16]
+    assert row["seq_len_method"] == "simulated" and row["max_seq_len"] <= boundary < row["analytic_max_seq_len"]
+    assert row["device_bytes"] + row["margin_bytes"] == card_bytes(16) and row["margin_bytes"] >= 0
+    assert all(int(seq) <= row["max_seq_len"] for seq in row["device_bytes_at"])
+    others = [r for key, r in rows.items() if key != ("mistral-7b", "qlora", True, 16)]
+    assert all(r["seq_len_method"] == "analytic" and r["simulated_fails_at"] is None for r in others)
+    assert table.method == "analytic+simulated" and confirmed_counts(table.__dict__)[0] == 1
+    # the report marks it and says how it was found
+    assert _seq_text(row).startswith(f"{row['max_seq_len']:,}{SIMULATED_MARK}")
+    assert f"the formula said {row['analytic_max_seq_len']:,}" in seq_method(row)
+    assert SIMULATED_MARK not in _seq_text(rows["mistral-7b", "qlora", False, 16])
