@@ -36,7 +36,8 @@ def _fake_simulation(monkeypatch, fragmentation: float, seen_at_failure: float):
     cap = card_bytes(TARGET.card_gb)
     calls = []
 
-    def simulate(experiment, model, seq_len, micro_batch, overrides, device_type, card_cap, allocator_cap):
+    def simulate(experiment, model, seq_len, micro_batch, overrides, device_type, card_cap, allocator_cap,
+                 allocator="default"):
         calls.append(seq_len)
         need = int(found.device(seq_len, micro_batch) * fragmentation)
         if need <= card_cap:
@@ -162,3 +163,58 @@ def test_the_fit_table_takes_a_current_confirmation_and_says_which_method_answer
     assert _seq_text(row).startswith(f"{row['max_seq_len']:,}{SIMULATED_MARK}")
     assert f"the formula said {row['analytic_max_seq_len']:,}" in seq_method(row)
     assert SIMULATED_MARK not in _seq_text(rows["mistral-7b", "qlora", False, 16])
+
+
+@pytest.mark.parametrize("fragmentation_before, fragmentation_now", [(1.03, 1.03), (1.03, 1.05), (1.05, 1.02)])
+def test_a_search_after_a_change_starts_from_what_the_earlier_one_found(monkeypatch, fragmentation_before,
+                                                                        fragmentation_now):
+    calls, _ = _fake_simulation(monkeypatch, fragmentation_before, 1.015)
+    before = confirm.search(TARGET)
+    calls, boundary = _fake_simulation(monkeypatch, fragmentation_now, 1.015)
+    now = confirm.search(TARGET, earlier=confirm.earlier_bracket_of(before))
+    assert calls[0] == before["max_seq_len"] and now["earlier"]["max_seq_len"] == before["max_seq_len"]
+    # the answer is found as a search from nothing would find it: within the tolerance below the boundary
+    assert now["resolved"] and now["max_seq_len"] <= boundary < now["fails_at"]
+    assert now["fails_at"] - now["max_seq_len"] <= math.floor(confirm.TOLERANCE * now["fails_at"])
+    if fragmentation_before == fragmentation_now:  # nothing moved: the earlier bracket, simulated again, settles it
+        assert calls == [before["max_seq_len"], before["fails_at"]]
+        assert (now["max_seq_len"], now["fails_at"]) == (before["max_seq_len"], before["fails_at"])
+
+
+def test_an_earlier_answer_that_still_fits_is_searched_up_to_the_analytic_answer(monkeypatch):
+    calls, _ = _fake_simulation(monkeypatch, 1.0, 1.0)  # the analytic answer holds now
+    analytic = longest_sequence(setup(TARGET.experiment, TARGET.model, TARGET.overrides), 16).value
+    earlier = {"predictor": "0" * 12, "max_seq_len": analytic - 300, "fails_at": analytic - 200}
+    result = confirm.search(TARGET, earlier=earlier)
+    assert calls == [analytic - 300, analytic - 200, analytic]
+    assert result["max_seq_len"] == analytic and result["fails_at"] is None
+
+
+def test_an_allocator_setting_is_its_own_answer(monkeypatch, tmp_path):
+    seen = []
+    calls, _ = _fake_simulation(monkeypatch, 1.0, 1.0)
+    simulate = confirm.simulate_under_card
+    monkeypatch.setattr(confirm, "simulate_under_card", lambda *args: seen.append(args[-1]) or simulate(*args))
+    expandable = confirm.Target(TARGET.experiment, TARGET.model, TARGET.overrides, 16, allocator="expandable_segments")
+    assert confirm.confirm_one(expandable, tmp_path, None)[0] == "searched" and set(seen) == {"expandable_segments"}
+    (path,) = (tmp_path / confirm.CONFIRMED_FOLDER).glob("*.json")
+    assert "__expandable_segments__" in path.name and json.loads(path.read_text())["allocator"] == "expandable_segments"
+    # the default allocator's answer is another file, searched on its own
+    assert confirm.confirm_one(TARGET, tmp_path, None)[0] == "searched" and seen[-1] == "default"
+    assert len(list((tmp_path / confirm.CONFIRMED_FOLDER).glob("*.json"))) == 2
+
+
+def test_solve_and_the_fit_table_answer_with_expandable_segments_too():
+    from harness.predict.fit_table import EXPANDABLE, fit_table
+    from harness.predict.solve import solve
+
+    default = solve(TARGET.experiment, TARGET.model, 16, "seq_len", overrides=TARGET.overrides, simulate=False)
+    expandable = solve(TARGET.experiment, TARGET.model, 16, "seq_len", overrides=TARGET.overrides, simulate=False,
+                       allocator=EXPANDABLE)
+    # the analytic reserve: a ratio over the tensors by default, whole pages with expandable segments
+    assert expandable["allocator"] == EXPANDABLE and expandable["max_seq_len"] > default["max_seq_len"]
+    row = next(r for r in fit_table(EXPERIMENTS).rows if (r["model"], r["experiment"], r["gradient_checkpointing"],
+                                                          r["card_gb"]) == ("mistral-7b", "qlora", True, 16))
+    assert row["max_seq_len"] == default["max_seq_len"]
+    assert row[EXPANDABLE]["max_seq_len"] == expandable["max_seq_len"]
+    assert row[EXPANDABLE]["seq_len_method"] == "analytic" and row[EXPANDABLE]["margin_bytes"] >= 0

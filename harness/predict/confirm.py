@@ -17,7 +17,12 @@ model. So each card-limited answer is simulated at the analytic answer:
 
 Each answer is one file under results/fits/confirmed/, stamped with the digest of the predictor's code:
 the search resumes where it stopped, and a confirmation made by other predictor code is not used. The fit
-table takes the confirmed answers that are current and says, row by row, which method answered.
+table takes the confirmed answers that are current and says, row by row, which method answered. Where the
+predictor's code changed, the search starts from what the file it replaces found (its answer and the
+length it ran out at, simulated again first): most answers move little, and two steps then settle one.
+
+A target may name the caching allocator's setting (`allocator`, harness.predict.allocator.SETTINGS): the
+analytic answer and the simulated steps are then that setting's, and its file says so in its name.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from pathlib import Path
 
 from harness.cards import card_bytes
 from harness.measure.budget import card_cap_bytes
-from harness.predict.solve import Answer, Setup, largest_fitting, longest_sequence, setup, simulate_under_card
+from harness.predict.solve import (ALLOCATOR_WORDS, Answer, Setup, largest_fitting, longest_sequence, setup,
+                                   simulate_under_card)
 
 CONFIRMED_FOLDER = Path("fits") / "confirmed"
 # The search stops once the longest length simulated to fit is within 1% of the shortest simulated to run out:
@@ -47,12 +53,14 @@ RUN_CONTROL_FIELDS = ("seq_len", "micro_batch", "steps", "warmup_steps", "budget
 
 @dataclass(frozen=True)
 class Target:
-    """One answer to confirm: an experiment file (with these fields) at a model on a card, at micro-batch 1."""
+    """One answer to confirm: an experiment file (with these fields) at a model on a card, at micro-batch 1, with
+    the caching allocator set as `allocator` says (harness.predict.allocator.SETTINGS)."""
     experiment: Path
     model: str
     overrides: dict
     card_gb: float
     micro_batch: int = 1
+    allocator: str = "default"
 
 
 def step_fingerprint(found: Setup) -> str:
@@ -65,8 +73,11 @@ def step_fingerprint(found: Setup) -> str:
 
 
 def confirmation_path(out_dir: Path, found: Setup, model: str, card_gb: float, micro_batch: int) -> Path:
+    """One file per answer; an allocator setting other than the default names itself (torch's default keeps the
+    plain name)."""
+    allocator = "" if found.allocator == "default" else f"__{found.allocator}"
     return (Path(out_dir) / CONFIRMED_FOLDER /
-            f"{model.replace('/', '_')}__{card_gb:g}gb__b{micro_batch}__{step_fingerprint(found)}.json")
+            f"{model.replace('/', '_')}__{card_gb:g}gb__b{micro_batch}{allocator}__{step_fingerprint(found)}.json")
 
 
 @cache
@@ -98,11 +109,39 @@ def read_confirmation(path: Path, predictor: str, analytic_value: int) -> dict |
     return confirmation if current else None
 
 
-def search(target: Target, device_type: str = "cuda", found: Setup | None = None) -> dict | None:
+def earlier_bracket(path: Path) -> dict | None:
+    """What an earlier search of the same answer found, whatever code made it (earlier_bracket_of); None where
+    there is no readable file to go on."""
+    try:
+        return earlier_bracket_of(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None  # nothing to go on: the search starts from the analytic answer
+
+
+def earlier_bracket_of(confirmation: dict) -> dict | None:
+    """{"predictor", "max_seq_len", "fails_at"} of a confirmation that found a length to fit, the lengths a new
+    search simulates first; None otherwise."""
+    try:
+        if confirmation["resolved"] and confirmation["max_seq_len"] > 0:
+            return {key: confirmation[key] for key in ("predictor", "max_seq_len", "fails_at")}
+    except (KeyError, TypeError):
+        pass
+    return None
+
+
+def _tolerated(fits: int, fails: int) -> bool:
+    """The longest length found to fit is close enough below the shortest found to run out."""
+    return fits > 0 and fails - fits <= max(1, math.floor(TOLERANCE * fails))
+
+
+def search(target: Target, device_type: str = "cuda", found: Setup | None = None,
+           earlier: dict | None = None) -> dict | None:
     """The confirmed answer of one target (see the module's text), or None where the analytic answer is not the
-    card's (the model's context, or nothing fits)."""
+    card's (the model's context, or nothing fits). `earlier` (earlier_bracket): an earlier search's answer and the
+    length it saw run out, simulated first where they lie below the analytic answer: after a change to the
+    predictor's code most answers move little, and two simulated steps then settle one."""
     started = time.perf_counter()
-    found = found or setup(target.experiment, target.model, target.overrides, device_type)
+    found = found or setup(target.experiment, target.model, target.overrides, device_type, target.allocator)
     analytic = longest_sequence(found, target.card_gb, target.micro_batch)
     if analytic.limited_by != "card" or analytic.value == 0:
         return None
@@ -112,17 +151,26 @@ def search(target: Target, device_type: str = "cuda", found: Setup | None = None
     def analytic_device(n: int) -> int:
         return found.device(n, target.micro_batch)
 
-    probes, fits, fails, n, drop = [], 0, None, analytic.value, 0
+    # the lengths to try before any other: an earlier answer and the length it ran out at, below the analytic one
+    earlier_lengths = (earlier["max_seq_len"], earlier["fails_at"]) if earlier else ()
+    hints = [n for n in earlier_lengths if n is not None and SHORTEST <= n < analytic.value]
+    probes, fits, fails, n, drop = [], 0, None, (hints or [analytic.value])[0], 0
     while len(probes) < MAX_SIMULATIONS:
         step = simulate_under_card(target.experiment, target.model, n, target.micro_batch, target.overrides,
-                                   device_type, cap, allocator_cap)
+                                   device_type, cap, allocator_cap, target.allocator)
         probes.append({"seq_len": n, "fits": step.fits, "device_bytes": step.device_bytes,
                        "needed_bytes": step.needed_bytes, "analytic_device_bytes": analytic_device(n)})
         if step.fits:
             fits = max(fits, n)
         else:
             fails = n if fails is None else min(fails, n)
-        if fails is None or (fits and fails - fits <= max(1, math.floor(TOLERANCE * fails))):
+        if fails is None:
+            if fits == analytic.value:
+                break  # the analytic answer holds
+            # an earlier answer holds: up to the length it ran out at, else to the analytic answer
+            n = next((hint for hint in hints if hint > fits), analytic.value)
+            continue
+        if _tolerated(fits, fails):
             break
         if fits:
             n = (fits + fails) // 2
@@ -139,12 +187,13 @@ def search(target: Target, device_type: str = "cuda", found: Setup | None = None
         drop, n = fails - guess, guess
     held = {p["seq_len"]: p["device_bytes"] for p in probes}
     return {"experiment": found.config.name, "model": target.model, "card_gb": target.card_gb,
-            "micro_batch": target.micro_batch, "gradient_checkpointing": found.config.experiment.gradient_checkpointing,
+            "micro_batch": target.micro_batch, "allocator": target.allocator,
+            "gradient_checkpointing": found.config.experiment.gradient_checkpointing,
             "step": step_fingerprint(found), "predictor": predictor_digest(),
             "analytic_max_seq_len": analytic.value,
-            "max_seq_len": fits if fails is not None else analytic.value,
-            "fails_at": fails, "resolved": fails is None or fits > 0 or fails <= SHORTEST,
-            "device_bytes": held.get(fits if fails is not None else analytic.value),
+            # every probe fits (the analytic answer holds), or the longest found to fit: 0 where none did
+            "max_seq_len": fits, "fails_at": fails, "resolved": fails is None or fits > 0 or fails <= SHORTEST,
+            "device_bytes": held.get(fits), "earlier": earlier,
             "probes": probes, "seconds": time.perf_counter() - started}
 
 
@@ -168,10 +217,10 @@ def confirmed_answer(found: Setup, model: str, card_gb: float, micro_batch: int,
 def confirm_one(target: Target, out_dir: Path, deadline: float | None) -> tuple[str, str]:
     """Search one target unless it has no card-limited answer, a current confirmation exists or the deadline has
     passed: (what became of it: "searched", "failed", "late" or "" for nothing to do, and a line that says so)."""
-    found = setup(target.experiment, target.model, target.overrides)
+    found = setup(target.experiment, target.model, target.overrides, allocator=target.allocator)
     analytic = longest_sequence(found, target.card_gb, target.micro_batch)
     label = f"{found.config.name}{' + checkpointing' if target.overrides.get('gradient_checkpointing') else ''} @ " \
-            f"{target.model} on {target.card_gb:g} GB"
+            f"{target.model} on {target.card_gb:g} GB{ALLOCATOR_WORDS.get(target.allocator, '')}"
     if analytic.limited_by != "card" or analytic.value == 0:
         return "", ""
     path = confirmation_path(out_dir, found, target.model, target.card_gb, target.micro_batch)
@@ -180,7 +229,7 @@ def confirm_one(target: Target, out_dir: Path, deadline: float | None) -> tuple[
     if deadline is not None and time.time() > deadline:
         return "late", f"{label}: not started (time budget)"
     try:
-        confirmation = search(target, found=found)
+        confirmation = search(target, found=found, earlier=earlier_bracket(path))
     except Exception as error:  # noqa: BLE001 (one target's failure is said, and the others go on)
         # said here, not raised: an exception crossing processes must pickle, and not every one does
         return "failed", f"{label}: not confirmed ({type(error).__name__}: {error})"
@@ -188,7 +237,7 @@ def confirm_one(target: Target, out_dir: Path, deadline: float | None) -> tuple[
     temporary = path.with_name(f".{path.name}")
     temporary.write_text(json.dumps(confirmation, indent=1) + "\n")
     temporary.replace(path)  # a file is whole or absent: an interrupted search leaves nothing half-written
-    verdict = ("stands" if confirmation["fails_at"] is None else
+    verdict = ("stands" if confirmation["max_seq_len"] == analytic.value else
                f"{confirmation['max_seq_len']:,} (runs out at {confirmation['fails_at']:,})"
                if confirmation["resolved"] else "runs out; nothing found to fit")
     return "searched", (f"{label}: analytic {analytic.value:,} -> {verdict}, {len(confirmation['probes'])} "

@@ -6,11 +6,16 @@ each row on the card of its size.
 The answers are the analytic search's (harness.predict.solve: instant); a longest sequence the card limits is
 the simulation's where a current confirmation of it lies under the results folder (harness.predict.confirm,
 `harness predict --confirm-fits`), and each row says which method answered.
+
+Each row also answers its longest sequence with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+(`expandable_segments`), the usual cure where the caching allocator's segments fragment: what it buys,
+answered by the same methods.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from harness.cards import card_bytes
@@ -18,6 +23,10 @@ from harness.predict.confirm import (CONFIRMED_FOLDER, Target, confirm_one, conf
                                      predictor_digest)
 from harness.predict.solve import (MICRO_BATCH_LIMIT, REFERENCE_SHAPE, Answer, Setup, largest_fitting,
                                    longest_sequence, sequence_limited_by, setup)
+
+# the caching allocator's settings each row's longest sequence is answered for (harness.predict.allocator.SETTINGS):
+# torch's default, whose answer the row gives, and this one, the row's `expandable_segments`
+EXPANDABLE = "expandable_segments"
 
 # The report's decision table: cards as sold, the models people fine-tune on them, every
 # registered technique, with and without gradient checkpointing (a column, not a technique).
@@ -100,6 +109,14 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda", out_dir: Path | 
                         # the shortest sequence the simulation saw run out of the card (None: none did)
                         "simulated_fails_at": confirmation["fails_at"] if confirmation else None}
 
+    def expandable_answer(found: Setup, model: str, card_gb: float) -> dict:
+        """The longest sequence with expandable segments, said as the row says its own."""
+        expandable = replace(found, allocator=EXPANDABLE)
+        answer, method = longest_answer(expandable, model, card_gb)
+        return {"max_seq_len": answer.value, **method, "seq_len_limited_by": sequence_limited_by(answer, expandable),
+                "device_bytes": answer.peak_bytes,
+                "margin_bytes": None if answer.peak_bytes is None else card_bytes(card_gb) - answer.peak_bytes}
+
     experiments = [name for name in TECHNIQUES if (experiments_dir / f"{name}.yaml").exists()]
     rows, curves = [], []
     for model in FIT_MODELS:
@@ -124,6 +141,7 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda", out_dir: Path | 
                                  "micro_batch_device_bytes": largest.peak_bytes,
                                  "device_bytes_at": {str(seq): found.device(seq, 1) for seq in CURVE_SEQ_LENS
                                                      if seq <= longest.value},
+                                 EXPANDABLE: expandable_answer(found, model, card_gb),
                                  **fit_row_speed(found, card_gb, largest.value, longest.value)})
                 if model == CURVE_MODEL:
                     curves += [{**common, "seq_len": seq, "total_bytes": found.peak(seq, 1),
@@ -138,7 +156,7 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda", out_dir: Path | 
             cases.append({"case": case, "experiment": name, "model": model, "card_gb": card_gb,
                           "max_seq_len": answer.value, **method, "device_bytes": answer.peak_bytes,
                           "margin_bytes": margin})
-    confirmed = any(row["seq_len_method"] == "simulated" for row in rows + cases)
+    confirmed = any(row["seq_len_method"] == "simulated" for row in rows + cases)  # the default allocator's
     return schema.FitTable(
         method=f"analytic{SIMULATED_TOO if confirmed else ''}", device_type=device_type, cases=cases,
         cards={str(gb): {"card_bytes": card_bytes(gb), "cap_bytes": card_bytes(gb), "gpu": CARD_OF_SIZE[gb],

@@ -36,6 +36,8 @@ RANDOM_WEIGHTS = False  # see the module's text
 # stops there and says so. A micro-batch has no such limit; this one only bounds the search.
 MICRO_BATCH_LIMIT = 1 << 16
 REFERENCE_SHAPE = (512, 1)  # the documents' configuration: the peak the table shows beside the answers
+# an allocator setting other than torch's default, as an answer names it
+ALLOCATOR_WORDS = {"expandable_segments": ", with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"}
 
 
 @dataclass
@@ -93,17 +95,30 @@ def largest_fitting(peak: Callable[[int], int], cap: int, limit: int, start: int
 @dataclass
 class Setup:
     """An experiment at a model, resolved once: its analytic peak (tensor bytes) and device bytes at any
-    (sequence, micro-batch)."""
+    (sequence, micro-batch), with the caching allocator set as `allocator` says (another setting of the same
+    step: dataclasses.replace, which shares the predictions made)."""
     config: ResolvedConfig
     context: int | None   # the model's max_position_embeddings
-    peak: Callable[[int, int], int]
-    device: Callable[[int, int], int]
+    predicted: Callable[[int, int], dict]  # (seq_len, micro_batch) -> the analytic prediction, memoized
+    device_type: str = "cuda"
     model_config: object = None  # transformers' config of the model
     parameters: dict | None = None  # total, trainable and quantized (the analytic prediction's)
     unified_bytes: int = 0  # a paged optimizer's state in CUDA unified memory (harness.device_memory)
+    allocator: str = "default"  # the caching allocator's setting the device bytes are for (allocator.SETTINGS)
+
+    def peak(self, seq_len: int, micro_batch: int) -> int:
+        return self.predicted(seq_len, micro_batch)["total_bytes"]
+
+    def device(self, seq_len: int, micro_batch: int) -> int:
+        from harness.device_memory import analytic_device
+
+        if self.device_type != "cuda":  # a CPU step: its tensors are what it holds
+            return self.peak(seq_len, micro_batch)
+        return analytic_device(self.predicted(seq_len, micro_batch), self.config.technique, self.allocator)[1]
 
 
-def setup(experiment: Path, model: str, overrides: dict | None = None, device_type: str = "cuda") -> Setup:
+def setup(experiment: Path, model: str, overrides: dict | None = None, device_type: str = "cuda",
+          allocator: str = "default") -> Setup:
     from harness.config import resolve
     from harness.predict.analytic import predict as analytic_predict
     from harness.step.models import resolve_source
@@ -118,17 +133,9 @@ def setup(experiment: Path, model: str, overrides: dict | None = None, device_ty
             memo[seq_len, micro_batch] = analytic_predict(source.config, technique, cfg, seq_len, micro_batch,
                                                           device_type, RANDOM_WEIGHTS)
         return memo[seq_len, micro_batch]
-    def peak(seq_len: int, micro_batch: int) -> int:
-        return predicted(seq_len, micro_batch)["total_bytes"]
-    def device(seq_len: int, micro_batch: int) -> int:
-        from harness.device_memory import analytic_device
-
-        if device_type != "cuda":  # a CPU step: its tensors are what it holds
-            return peak(seq_len, micro_batch)
-        return analytic_device(predicted(seq_len, micro_batch), technique)[1]
     reference = analytic_predict(source.config, technique, cfg, *REFERENCE_SHAPE, device_type)
-    return Setup(config, getattr(source.config, "max_position_embeddings", None), peak, device, source.config,
-                 reference["parameters"], reference["unified_bytes"])
+    return Setup(config, getattr(source.config, "max_position_embeddings", None), predicted, device_type,
+                 source.config, reference["parameters"], reference["unified_bytes"], allocator)
 
 
 def _limit(axis: str, context: int | None) -> int:
@@ -141,12 +148,14 @@ def longest_sequence(found: Setup, card_gb: float, micro_batch: int = 1) -> Answ
 
 
 def solve(experiment: Path, model: str, card_gb: float, axis: str, *, seq_len: int = 512, micro_batch: int = 1,
-          overrides: dict | None = None, device_type: str = "cuda", simulate: bool = True) -> dict:
-    """Solve one axis for an experiment file and a model on a card; the other axis stays fixed."""
+          overrides: dict | None = None, device_type: str = "cuda", simulate: bool = True,
+          allocator: str = "default") -> dict:
+    """Solve one axis for an experiment file and a model on a card, its caching allocator set as `allocator` says
+    (harness.predict.allocator.SETTINGS); the other axis stays fixed."""
     if axis not in AXES:
         raise ValueError(f"--solve: expected one of {', '.join(AXES)}, got {axis!r}")
     started = time.perf_counter()
-    found_setup = setup(experiment, model, overrides, device_type)
+    found_setup = setup(experiment, model, overrides, device_type, allocator)
     config, context = found_setup.config, found_setup.context
     limit = _limit(axis, context)
     cap = card_bytes(card_gb)  # what the predicted device bytes must fit
@@ -160,7 +169,7 @@ def solve(experiment: Path, model: str, card_gb: float, axis: str, *, seq_len: i
     found = largest_fitting(analytic, cap, limit)
     result = {
         "axis": axis, "experiment": config.name, "model": model, "card_gb": card_gb,
-        "card_bytes": card_bytes(card_gb), "cap_bytes": cap, "device_type": device_type,
+        "card_bytes": card_bytes(card_gb), "cap_bytes": cap, "device_type": device_type, "allocator": allocator,
         "gradient_checkpointing": config.experiment.gradient_checkpointing,
         "fixed": {"micro_batch": micro_batch} if axis == "seq_len" else {"seq_len": seq_len},
         "analytic": _answer_dict(found, axis, context, limit),
@@ -169,7 +178,7 @@ def solve(experiment: Path, model: str, card_gb: float, axis: str, *, seq_len: i
     if simulate:
         allocator_cap = card_cap_bytes(card_gb, config.technique, found_setup.unified_bytes)
         decided = _confirm_by_simulation(experiment, model, shape, overrides or {}, device_type, cap, limit,
-                                         found, analytic, allocator_cap)
+                                         found, analytic, allocator_cap, allocator)
         result["simulated"] = _answer_dict(decided, axis, context, limit)
     result.update({"method": "simulated" if simulate else "analytic", f"max_{axis}": decided.value,
                    **{k: v for k, v in result["simulated" if simulate else "analytic"].items() if k != "value"},
@@ -190,15 +199,15 @@ class Simulated:
 
 
 def simulate_under_card(experiment: Path, model: str, seq_len: int, micro_batch: int, overrides: dict,
-                        device_type: str, cap: int, allocator_cap: int) -> Simulated:
+                        device_type: str, cap: int, allocator_cap: int, allocator: str = "default") -> Simulated:
     """The simulated step (harness.predict.prediction, the runner's own step under fake tensors) with its
-    caching allocator replayed under the card's cap for it (the card less what lives outside the allocator,
-    a paged optimizer's unified memory too): where the allocator cannot have a new segment it frees its
-    cached ones and tries again (harness.predict.allocator), and runs out only after that."""
+    caching allocator, set as `allocator` says, replayed under the card's cap for it (the card less what lives
+    outside the allocator, a paged optimizer's unified memory too): where the allocator cannot have a new
+    segment it frees its cached ones and tries again (harness.predict.allocator), and runs out only after that."""
     from harness.predict.prediction import predict
 
     prediction = predict(experiment, model, seq_len, micro_batch, "simulated", device_type, overrides,
-                         cap_bytes=allocator_cap, random_weights=RANDOM_WEIGHTS)
+                         allocator=allocator, cap_bytes=allocator_cap, random_weights=RANDOM_WEIGHTS)
     if prediction.device_bytes is None:  # a CPU step: its tensors are what it holds
         held = prediction.total_bytes
         return Simulated(held <= cap, held, held)
@@ -212,12 +221,12 @@ def simulate_under_card(experiment: Path, model: str, seq_len: int, micro_batch:
 
 
 def _confirm_by_simulation(experiment, model, shape, overrides, device_type, cap, limit, analytic_answer,
-                           analytic, allocator_cap: int) -> Answer:
+                           analytic, allocator_cap: int, allocator: str) -> Answer:
     """The simulated boundary: a step fits when simulate_under_card says so; its device bytes are then that
     replay's reserved peak and what lives outside (more than the card where it runs out)."""
     def simulated(n: int) -> int:
         return simulate_under_card(experiment, model, *shape(n), overrides, device_type, cap,
-                                   allocator_cap).device_bytes
+                                   allocator_cap, allocator).device_bytes
 
     first_guess = max(analytic_answer.value, 1)
     memo = {first_guess: simulated(first_guess)}
@@ -251,7 +260,8 @@ def describe(result: dict) -> str:
     what = "longest sequence" if axis == "seq_len" else "largest micro-batch"
     head = (f"{result['experiment']} @ {result['model']}{' (gradient checkpointing)' if result['gradient_checkpointing'] else ''}"
             f" on a {result['card_gb']:g} GB card ({result['card_bytes'] / 2**30:.1f} GiB; predicted device bytes: "
-            f"the allocator's reserved segments, the CUDA context, kernels and unified memory):")
+            f"the allocator's reserved segments, the CUDA context, kernels and unified memory"
+            f"{ALLOCATOR_WORDS.get(result.get('allocator'), '')}):")
     if value == 0:
         return (f"{head}\n  does not fit even at 1 {unit[:-1]} ({fixed}): device "
                 f"{result['next_peak_bytes'] / 2**30:.2f} GiB ({result['method']})")
