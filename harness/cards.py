@@ -62,7 +62,7 @@ CARDS = {
     "T4": Card(16, None, 65e12, 8.1e12, 130e12, 0.32e12, 0.07, 16e9),
 }
 
-# The card the fit table (harness.predict.solve.FIT_CARDS) shows each size's speed and price for:
+# The card the fit table (harness.predict.fit_table.FIT_CARDS) shows each size's speed and price for:
 # the common rental card of that size.
 CARD_OF_SIZE = {16: "T4", 24: "RTX 4090", 40: "A100", 48: "L40S", 80: "H100", 141: "H200"}
 

@@ -243,3 +243,38 @@ def test_a_paged_optimizers_large_states_live_in_unified_memory_outside_the_allo
     assert fp32_states.extra["unified_bytes"] == 4 * states  # two fp32 states, not two uint8 ones
     cpu = predict(path, str(config), 64, 1, "analytic", "cpu")
     assert cpu.extra["unified_bytes"] == 0
+
+
+def test_expandable_segments_under_a_cap_give_back_free_pages_inside_the_segment():
+    allocator = CachingAllocator(cap_bytes=60 * MiB, expandable_segments=True)
+    first = allocator.malloc(20 * MiB)
+    allocator.malloc(20 * MiB)
+    allocator.free(first)  # a free page at the segment's start, an allocated one after it
+    # 40 reserved + 30 asked for > 60: the free page inside the segment is unmapped, then 30 MiB are mapped past the
+    # allocated block (the hole is too small for them): two pages
+    allocator.malloc(30 * MiB)
+    assert allocator.retries == 1 and allocator.reserved == 60 * MiB and allocator.allocated == 50 * MiB
+
+
+def test_expandable_segments_map_again_at_the_lowest_address_that_fits():
+    allocator = CachingAllocator(expandable_segments=True)
+    first = allocator.malloc(20 * MiB)
+    allocator.malloc(20 * MiB)
+    allocator.free(first)
+    allocator.empty_cache()
+    assert allocator.reserved == 20 * MiB
+    again = allocator.malloc(20 * MiB)  # the unmapped hole where the first block was
+    assert again.address == first.address and allocator.reserved == 40 * MiB
+
+
+def test_expandable_segments_keep_the_pieces_of_pages_at_a_free_blocks_ends_mapped():
+    allocator = CachingAllocator(expandable_segments=True)
+    small = allocator.malloc(10 * MiB)  # one 20 MiB page, its second half free
+    large = allocator.malloc(25 * MiB)  # the free half and one more page: [10, 35) of [0, 40)
+    assert allocator.reserved == 40 * MiB and large.address == small.address + 10 * MiB
+    allocator.free(small)
+    allocator.empty_cache()  # [0, 10) and [35, 40) hold no whole page
+    assert allocator.reserved == 40 * MiB
+    allocator.free(large)
+    allocator.empty_cache()
+    assert allocator.reserved == 0 and allocator.allocated == 0

@@ -218,3 +218,31 @@ def test_solve_and_the_fit_table_answer_with_expandable_segments_too():
     assert row["max_seq_len"] == default["max_seq_len"]
     assert row[EXPANDABLE]["max_seq_len"] == expandable["max_seq_len"]
     assert row[EXPANDABLE]["seq_len_method"] == "analytic" and row[EXPANDABLE]["margin_bytes"] >= 0
+
+
+def _row(model, default, expandable, *, lowered_from=None, expandable_method="simulated"):
+    return {"model": model, "experiment": "qlora", "gradient_checkpointing": True, "card_gb": 24,
+            "max_seq_len": default, "seq_len_method": "simulated", "seq_len_limited_by": "card",
+            "analytic_max_seq_len": lowered_from or default, "simulated_fails_at": default + 10 if lowered_from else None,
+            "expandable_segments": {"max_seq_len": expandable, "seq_len_method": expandable_method,
+                                    "seq_len_limited_by": "card", "analytic_max_seq_len": expandable + 100,
+                                    "simulated_fails_at": None}}
+
+
+def test_the_report_says_what_expandable_segments_buy_where_both_answers_are_simulated():
+    from harness.report.answer import _longest_what
+    from harness.report.fits import expandable_table
+
+    rows = [_row("a", 1000, 1300, lowered_from=1200), _row("b", 1000, 1050), _row("c", 1000, 990),
+            _row("d", 1000, 5000, expandable_method="analytic")]  # an analytic answer counts no fragmentation
+    table, said = expandable_table({"rows": rows})
+    assert [line[0].text for line in table.rows] == ["a"]  # 30% longer; b's 5% is not listed
+    assert table.rows[0][4].text == "1,300" + SIMULATED_MARK and table.rows[0][5].text == "+30%"
+    assert "3 of the card-limited answers" in said and "2 are longer and 1 shorter" in said
+    assert "of the 1 whose default answer fragmentation lowered" in said
+    assert "1,300 tokens" in _longest_what(rows[0]) and "expandable" not in _longest_what(rows[3])
+    assert expandable_table({"rows": [rows[3]]}) == (None, "")
+    # a card the formula fits nothing on without it: said, not set against a gain
+    nothing = {**_row("e", 0, 64), "seq_len_method": "analytic"}
+    table, said = expandable_table({"rows": rows + [nothing]})
+    assert "e qlora + checkpointing on 24 GB (64)" in said and [line[0].text for line in table.rows] == ["a"]

@@ -23,13 +23,22 @@ only when it is wholly free and an allocation could not be had otherwise. This m
   returns every wholly free segment to the driver and the allocation is tried once more -> else
   OutOfMemoryError ("Tried to allocate <segment size>").
 
-With `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` each pool has one segment whose mapped
-pages grow at its end (Note [Expandable Segments] in the same file: 2 MiB pages for the small pool,
-20 MiB pages for the large pool; `try_allocate_expandable_block` maps at the lowest place a request
-fits, normally the segment's end; `should_split` splits any remainder of >= 512 B). Modelled here:
-a request no free block fits maps the pages it lacks past the segment's free tail; under a cap,
-`release_cached_blocks` unmaps the whole free pages at the segment's end (those inside it stay mapped
-here; see _release_cached_blocks).
+With `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` each pool (and stream) has one segment: a range
+of virtual addresses (more than the card holds) whose pages are mapped as they are needed (Note
+[Expandable Segments] in the same file: 2 MiB pages for the small pool, 20 MiB pages for the large pool).
+Its blocks are free and mapped, allocated, or unmapped:
+
+- `get_free_block`: the best fit among the free mapped blocks, where a block followed by unmapped
+  addresses counts as that much larger (`expandable_size`): a block that could grow is passed over for
+  the next one up that could grow less;
+- `alloc_block`: under a cap, refused where reserved + `get_allocation_size` of the request passes it
+  (the same test as a new segment's); else `try_allocate_expandable_block`: `find_expandable_block`
+  takes the lowest unmapped block (with the free mapped block just before it) whose run of free and
+  unmapped blocks holds the request, and `map_block` maps the pages it covers (rounded up to whole
+  pages), merging with free mapped neighbours;
+- `release_cached_blocks` (`release_blocks`, `unmap_block`): every free mapped block gives back the whole
+  pages inside it, wherever it lies in the segment; the pieces of pages at its ends stay mapped and free;
+- `should_split`: any remainder of >= 512 B is split off.
 
 Streams: an allocation names the stream it was made on (0, the compute stream, unless the simulation
 saw it made under a side stream: TRL's activation offloading brings tensors back on its own). Left out:
@@ -56,6 +65,10 @@ EXPANDABLE_PAGE = {True: SMALL_BUFFER, False: LARGE_BUFFER}
 
 # PYTORCH_CUDA_ALLOC_CONF's expandable_segments off or on: the settings a prediction can be asked for
 SETTINGS = ("default", "expandable_segments")
+# An expandable segment's virtual addresses (torch reserves 1 1/8 of the card's memory): more than any cap here,
+# so a request always finds room in its pool's one segment. Segments start at multiples of it, whole pages of
+# both pools.
+EXPANDABLE_ADDRESSES = LARGE_BUFFER * SMALL_BUFFER * (1 << 10)
 
 
 def round_size(nbytes: int) -> int:
@@ -93,6 +106,7 @@ class Block:
     next: Block | None = None
     segment: int = 0
     stream: int = 0
+    mapped: bool = True  # expandable segments: whether its pages are mapped (an unmapped block is never handed out)
 
     @property
     def pool(self) -> tuple[int, bool]:
@@ -117,7 +131,7 @@ class CachingAllocator:
     _free: dict = field(default_factory=dict)     # (stream, small) -> sorted keys of its free blocks
     _blocks: dict = field(default_factory=dict)   # id -> Block, free ones
     _next_address: itertools.count = field(default_factory=lambda: itertools.count(1))
-    _tails: dict = field(default_factory=dict)    # expandable: (stream, small) -> last mapped block of its segment
+    _unmapped: dict = field(default_factory=dict)  # expandable: (stream, small) -> {id: unmapped block of its segment}
 
     # -- pools -----------------------------------------------------------------------
     def _insert(self, block: Block) -> None:
@@ -135,11 +149,11 @@ class CachingAllocator:
         at = bisect.bisect_left(keys, (size, -1, -1))
         if at == len(keys):
             return None
-        block = self._blocks[keys[at][2]]
-        if self.expandable_segments and block is self._tails.get(pool) and at + 1 < len(keys):
-            # the free tail can grow without bound: a mapped block that fits is taken before it
-            block = self._blocks[keys[at + 1][2]]
-        return block
+        if self.expandable_segments:
+            while at + 1 < len(keys) and (_expandable_size(self._blocks[keys[at + 1][2]])
+                                          < _expandable_size(self._blocks[keys[at][2]])):
+                at += 1
+        return self._blocks[keys[at][2]]
 
     # -- malloc ----------------------------------------------------------------------
     def malloc(self, nbytes: int, stream: int = 0) -> Block:
@@ -153,53 +167,108 @@ class CachingAllocator:
         return self._hand_out(block, size)
 
     def _new_block(self, size: int, pool: tuple[int, bool]) -> Block:
-        """alloc_block, then release_cached_blocks and alloc_block again, else out of memory."""
-        grow = self._growth(size, pool)
+        """alloc_block, then release_cached_blocks and alloc_block again, else out of memory. The cap's test is
+        the same with expandable segments: the segment a new one would be, whatever pages are then mapped."""
+        grow = allocation_size(size)
         if not self._fits(grow):
             self._release_cached_blocks()
             self.retries += 1
-            grow = self._growth(size, pool)
             if not self._fits(grow):
                 raise AllocatorOutOfMemory(grow, self.allocated,
                                            self.reserved, self.cap_bytes)
         if self.expandable_segments:
-            return self._map_pages(grow, pool)
+            return self._allocate_expandable(size, pool)
         self.reserved += grow
         self.peak_reserved = max(self.peak_reserved, self.reserved)
         self.segments_allocated += 1
         stream, small = pool
         return Block(next(self._next_address) << 48, grow, small, segment=self.segments_allocated, stream=stream)
 
-    def _growth(self, size: int, pool: tuple[int, bool]) -> int:
-        """Bytes a new segment (or, expandable, the pages mapped past the free tail) must add."""
-        if not self.expandable_segments:
-            return allocation_size(size)
-        tail = self._tails.get(pool)
-        free_tail = tail.size if tail is not None and not tail.allocated else 0
-        page = EXPANDABLE_PAGE[pool[1]]
-        return page * -(-(size - free_tail) // page)
-
     def _fits(self, grow: int) -> bool:
         """alloc_block's check under set_per_process_memory_fraction: total_allocated_memory + size."""
         return self.cap_bytes is None or self.reserved + grow <= self.cap_bytes
 
-    def _map_pages(self, grow: int, pool: tuple[int, bool]) -> Block:
-        """try_allocate_expandable_block: the segment's free tail grown by `grow` bytes of pages (one
-        expandable segment per stream and pool)."""
-        self.reserved += grow
-        self.peak_reserved = max(self.peak_reserved, self.reserved)
-        tail = self._tails.get(pool)
-        if tail is not None and not tail.allocated:
-            self._remove(tail)
-            tail.size += grow
-            return tail
-        address = (tail.address + tail.size) if tail is not None else (next(self._next_address) << 48)
+    # -- expandable segments ---------------------------------------------------------
+    def _allocate_expandable(self, size: int, pool: tuple[int, bool]) -> Block:
+        """try_allocate_expandable_block: a free block of at least `size` bytes, its pages mapped, taken out of
+        the pool."""
+        candidate = self._find_expandable(size, pool)
+        if not candidate.mapped:
+            candidate = self._map(candidate, min(candidate.size, size))
+        while candidate.size < size:  # free -> unmapped: map some of the unmapped block, merged with the free one
+            candidate = self._map(candidate.next, min(size - candidate.size, candidate.next.size))
+        self._remove(candidate)
+        return candidate
+
+    def _find_expandable(self, size: int, pool: tuple[int, bool]) -> Block:
+        """find_expandable_block: the lowest unmapped block (or the free mapped block just before it) that starts
+        a run of free and unmapped blocks of at least `size` bytes; the pool's segment made on first use."""
+        unmapped = self._unmapped.setdefault(pool, {})
+        for block in sorted(unmapped.values(), key=lambda b: b.address):
+            start = block.prev if block.prev is not None and not block.prev.allocated else block
+            room, walk = 0, start
+            while room < size and walk is not None and not walk.allocated:
+                room, walk = room + walk.size, walk.next
+            if room >= size:
+                return start
+        # no room left in the pool's segment (or none yet): a new one, wholly unmapped
         stream, small = pool
-        block = Block(address, grow, small, prev=tail, segment=0, stream=stream)
-        if tail is not None:
-            tail.next = block
-        self._tails[pool] = block
+        self.segments_allocated += 1
+        block = Block(next(self._next_address) * EXPANDABLE_ADDRESSES, EXPANDABLE_ADDRESSES, small,
+                      segment=self.segments_allocated, stream=stream, mapped=False)
+        unmapped[id(block)] = block
         return block
+
+    def _map(self, block: Block, nbytes: int) -> Block:
+        """map_block: the whole pages that cover the first `nbytes` of an unmapped block are mapped (the rest of
+        it stays unmapped), then merged with free mapped neighbours (try_merge_blocks) into the pool."""
+        page = EXPANDABLE_PAGE[block.small]
+        mapped = page * -(-nbytes // page)
+        del self._unmapped[block.pool][id(block)]
+        if mapped < block.size:
+            rest = Block(block.address + mapped, block.size - mapped, block.small, prev=block, next=block.next,
+                         segment=block.segment, stream=block.stream, mapped=False)
+            if block.next is not None:
+                block.next.prev = rest
+            block.next, block.size = rest, mapped
+            self._unmapped[block.pool][id(rest)] = rest
+        block.mapped = True
+        self.reserved += mapped
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+        self._merge_free_neighbours(block)
+        self._insert(block)
+        return block
+
+    def _unmap(self, block: Block) -> None:
+        """unmap_block: a free mapped block gives back the whole pages inside it; the pieces of pages before and
+        after them stay free and mapped, and the unmapped block merges with unmapped neighbours."""
+        page = EXPANDABLE_PAGE[block.small]
+        start = -(-block.address // page) * page
+        end = (block.address + block.size) // page * page
+        if end <= start:
+            return
+        self._remove(block)
+        for low, high in ((block.address, start), (end, block.address + block.size)):
+            if high > low:  # a mapped piece of a page, kept free
+                piece = Block(low, high - low, block.small, segment=block.segment, stream=block.stream)
+                if low < start:
+                    piece.prev, piece.next = block.prev, block
+                    if block.prev is not None:
+                        block.prev.next = piece
+                    block.prev = piece
+                else:
+                    piece.prev, piece.next = block, block.next
+                    if block.next is not None:
+                        block.next.prev = piece
+                    block.next = piece
+                self._insert(piece)
+        block.address, block.size, block.mapped = start, end - start, False
+        self.reserved -= end - start
+        for neighbour in (block.prev, block.next):
+            if neighbour is not None and not neighbour.mapped:
+                del self._unmapped[block.pool][id(neighbour)]
+                self._absorb(block, neighbour)
+        self._unmapped.setdefault(block.pool, {})[id(block)] = block
 
     def _hand_out(self, block: Block, size: int) -> Block:
         """alloc_found_block: split off the remainder when should_split says so."""
@@ -211,8 +280,6 @@ class CachingAllocator:
             if block.next is not None:
                 block.next.prev = rest
             block.next, block.size = rest, size
-            if self._tails.get(block.pool) is block:
-                self._tails[block.pool] = rest
             self._insert(rest)
         block.allocated = True
         self.allocated += block.size
@@ -226,21 +293,28 @@ class CachingAllocator:
             raise ValueError("block freed twice")
         block.allocated = False
         self.allocated -= block.size
-        for neighbour in (block.prev, block.next):
-            if neighbour is not None and not neighbour.allocated:
-                self._remove(neighbour)
-                if neighbour is block.prev:
-                    block.address, block.prev = neighbour.address, neighbour.prev
-                    if block.prev is not None:
-                        block.prev.next = block
-                else:
-                    block.next = neighbour.next
-                    if block.next is not None:
-                        block.next.prev = block
-                    if self._tails.get(block.pool) is neighbour:
-                        self._tails[block.pool] = block
-                block.size += neighbour.size
+        self._merge_free_neighbours(block)
         self._insert(block)
+
+    def _merge_free_neighbours(self, block: Block) -> None:
+        """try_merge_blocks with each neighbour: one free and mapped as the block is (an unmapped one is not)."""
+        for neighbour in (block.prev, block.next):
+            if neighbour is not None and not neighbour.allocated and neighbour.mapped:
+                self._remove(neighbour)
+                self._absorb(block, neighbour)
+
+    @staticmethod
+    def _absorb(block: Block, neighbour: Block) -> None:
+        """The neighbour's addresses become the block's; the neighbour leaves the segment's list."""
+        if neighbour is block.prev:
+            block.address, block.prev = neighbour.address, neighbour.prev
+            if block.prev is not None:
+                block.prev.next = block
+        else:
+            block.next = neighbour.next
+            if block.next is not None:
+                block.next.prev = block
+        block.size += neighbour.size
 
     def empty_cache(self) -> None:
         """torch.cuda.empty_cache (emptyCache): release_cached_blocks."""
@@ -248,34 +322,21 @@ class CachingAllocator:
 
     def _release_cached_blocks(self) -> None:
         """release_cached_blocks: every free block that is a whole segment goes back to the driver
-        (release_blocks). With expandable segments, the whole free pages at the end of each pool's
-        segment are unmapped (unmap_block); free pages inside the segment stay mapped here (torch
-        unmaps those too and maps them again at the lowest address that fits: not modelled)."""
-        for pool in sorted(set(self._free) | set(self._tails)):
-            if self.expandable_segments:
-                tail = self._tails.get(pool)
-                if tail is None or tail.allocated:
-                    continue
-                page = EXPANDABLE_PAGE[pool[1]]
-                start = -(-tail.address // page) * page
-                unmapped = tail.address + tail.size - start
-                if unmapped <= 0:
-                    continue
-                self._remove(tail)
-                self.reserved -= unmapped
-                tail.size -= unmapped
-                if tail.size:
-                    self._insert(tail)
-                else:
-                    self._tails[pool] = tail.prev
-                    if tail.prev is not None:
-                        tail.prev.next = None
-                continue
-            for key in list(self._free.get(pool, [])):
+        (release_blocks); with expandable segments every free block unmaps the whole pages inside it
+        (unmap_block)."""
+        for pool in sorted(self._free):
+            for key in list(self._free[pool]):
                 block = self._blocks[key[2]]
-                if block.prev is None and block.next is None:
+                if self.expandable_segments:
+                    self._unmap(block)
+                elif block.prev is None and block.next is None:
                     self._remove(block)
                     self.reserved -= block.size
+
+
+def _expandable_size(block: Block) -> int:
+    """get_free_block's expandable_size: a free block and the unmapped addresses right after it."""
+    return block.size + (block.next.size if block.next is not None and not block.next.mapped else 0)
 
 
 @dataclass

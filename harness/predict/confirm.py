@@ -30,8 +30,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
-from functools import cache
+from dataclasses import dataclass, replace
+from functools import cache, lru_cache
 from pathlib import Path
 
 from harness.cards import card_bytes
@@ -214,10 +214,18 @@ def confirmed_answer(found: Setup, model: str, card_gb: float, micro_batch: int,
     return answer, confirmation
 
 
+@lru_cache(maxsize=64)
+def _setup_of(experiment: Path, model: str, overrides: str) -> Setup:
+    """A step's setup, made once a process for all its cards and allocator settings (its analytic predictions
+    shared): most targets only need their analytic answer, to find that there is nothing to search."""
+    return setup(experiment, model, json.loads(overrides))
+
+
 def confirm_one(target: Target, out_dir: Path, deadline: float | None) -> tuple[str, str]:
     """Search one target unless it has no card-limited answer, a current confirmation exists or the deadline has
     passed: (what became of it: "searched", "failed", "late" or "" for nothing to do, and a line that says so)."""
-    found = setup(target.experiment, target.model, target.overrides, allocator=target.allocator)
+    found = replace(_setup_of(target.experiment, target.model, json.dumps(target.overrides, sort_keys=True)),
+                    allocator=target.allocator)
     analytic = longest_sequence(found, target.card_gb, target.micro_batch)
     label = f"{found.config.name}{' + checkpointing' if target.overrides.get('gradient_checkpointing') else ''} @ " \
             f"{target.model} on {target.card_gb:g} GB{ALLOCATOR_WORDS.get(target.allocator, '')}"

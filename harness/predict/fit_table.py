@@ -179,19 +179,22 @@ def fit_answer(experiment: Path, model: str, overrides: dict, device_type: str, 
 
 def confirmation_targets(experiments_dir: Path) -> list[Target]:
     """Every answer of the fit table and its compared cases, smaller cards first (the cards where people are
-    at the edge), each card's models in the table's order."""
+    at the edge), each card's models in the table's order; then the table's answers with expandable segments,
+    in the same order."""
     from harness.techniques import TECHNIQUES
 
     experiments = [experiments_dir / f"{name}.yaml" for name in TECHNIQUES
                    if (experiments_dir / f"{name}.yaml").exists()]
-    found = []
+    found, expandable = [], []
     for card_gb in FIT_CARDS:
         for model in FIT_MODELS:
-            found += [Target(path, model, {"gradient_checkpointing": gc}, card_gb)
-                      for path in experiments for gc in (False, True)]
+            rows = [Target(path, model, {"gradient_checkpointing": gc}, card_gb)
+                    for path in experiments for gc in (False, True)]
+            found += rows
+            expandable += [replace(target, allocator=EXPANDABLE) for target in rows]
         found += [Target(experiments_dir / f"{name}.yaml", model, overrides, card_gb)
                   for model, name, overrides in COMPARED_CASES.values()]
-    return found
+    return found + expandable
 
 
 def confirm_fits(experiments_dir: Path, out_dir: Path, jobs: int = 1, time_budget_s: float | None = None

@@ -22,6 +22,9 @@ from harness.report.load import Results, _get
 from harness.report.tables import Cell, Table
 from harness.report.units import fmt_bytes
 
+# a fit row's answer with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (harness.predict.fit_table.EXPANDABLE)
+EXPANDABLE = "expandable_segments"
+
 SHORTEST_CHOICE = 512  # the picker's first "at least this long" option; it doubles up to the table's longest answer
 
 
@@ -134,6 +137,15 @@ def search_words(method: str | None) -> str:
     return f"{method or 'analytic'} search"
 
 
+def expandable_answer(row) -> dict | None:
+    """A fit row's longest sequence with expandable segments where the simulation confirmed it, else None: its
+    analytic answer counts no fragmentation at all, so only a simulated one says what the setting buys."""
+    answer = row.get(EXPANDABLE)
+    if isinstance(answer, dict) and answer.get("seq_len_method") == "simulated":
+        return answer
+    return None
+
+
 def _longest_what(row: dict) -> str:
     """How the longest sequence was found, and what the card holds there (the margin it leaves)."""
     what = f"longest sequence at micro-batch 1, {seq_method(row)}"
@@ -141,6 +153,10 @@ def _longest_what(row: dict) -> str:
         what += f"; the card holds {fmt_bytes(row['device_bytes'])} there, the allocator and the context included"
         if row.get("margin_bytes") is not None:
             what += f", {fmt_bytes(row['margin_bytes'])} left"
+    expandable = expandable_answer(row)
+    if expandable is not None and row["max_seq_len"] > 0 and expandable["max_seq_len"] != row["max_seq_len"]:
+        what += (f"; with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, {expandable['max_seq_len']:,} tokens "
+                 "(confirmed by simulation)")
     return what
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pandas as pd
 
 from harness.measure.budget import budget_cap_bytes
-from harness.report.answer import lab_experiment, seq_method
+from harness.report.answer import EXPANDABLE, expandable_answer, lab_experiment, seq_method
 from harness.report.tables import Cell, Table
 from harness.report.units import fmt_bytes, gib
 from harness.techniques import Technique
@@ -26,6 +26,9 @@ PUBLISHED_MAX_SEQ_LEN = {
 
 
 SIMULATED_MARK = "†"  # a longest sequence confirmed by simulation (harness.predict.confirm); unmarked: analytic
+# what expandable segments buy: the answers they lengthen by at least this much are listed (a smaller gain is
+# within what two simulations of one step at the edge disagree by)
+EXPANDABLE_LISTED_GAIN = 0.10
 
 
 def _seq_text(row: pd.Series) -> str:
@@ -59,9 +62,11 @@ def fit_tables(table: dict, runs: pd.DataFrame) -> list[tuple[str, Table]]:
             for card in cards:
                 without, with_gc = plain.loc[card], checkpointed.loc[card]
                 fits = without["max_seq_len"] > 0 or with_gc["max_seq_len"] > 0
-                line.append(Cell(f"{_seq_text(without)} / {_seq_text(with_gc)}",
-                                 f"micro-batch at {table['micro_batch_seq_len']:,}: {without['max_micro_batch']} / "
-                                 f"{with_gc['max_micro_batch']}",
+                detail = (f"micro-batch at {table['micro_batch_seq_len']:,}: {without['max_micro_batch']} / "
+                          f"{with_gc['max_micro_batch']}")
+                if any(expandable_answer(row) for row in (without, with_gc)):
+                    detail += "; expandable segments: " + " / ".join(_expandable_text(row) for row in (without, with_gc))
+                line.append(Cell(f"{_seq_text(without)} / {_seq_text(with_gc)}", detail,
                                  css="" if fits else "status-oom"))
             lines.append(line)
         seq_len, micro_batch = table["reference_shape"]
@@ -69,6 +74,55 @@ def fit_tables(table: dict, runs: pd.DataFrame) -> list[tuple[str, Table]]:
             f"{card} GB card ({gib(table['cards'][str(card)]['card_bytes']):.1f} GiB)" for card in cards]
         out.append((model, Table(columns, lines, css="fits", numeric=set(range(2, 2 + len(cards))))))
     return out
+
+
+def _expandable_text(row: pd.Series) -> str:
+    """A fit row's answer with expandable segments, as a cell says it: simulated, the model's context, or neither."""
+    answer = row.get(EXPANDABLE)
+    if not isinstance(answer, dict) or answer["max_seq_len"] == 0:
+        return "-" if isinstance(answer, dict) else "not answered"
+    if expandable_answer(row) or answer["seq_len_limited_by"] == "context":
+        return _seq_text(pd.Series(answer))
+    return "not simulated yet"
+
+
+def expandable_table(table: dict) -> tuple[Table | None, str]:
+    """What PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True buys: the answers it lengthens by at least
+    EXPANDABLE_LISTED_GAIN, both simulated, largest gain first; and a sentence that counts them all."""
+    pairs = [(row, answer) for row in table["rows"] if (answer := expandable_answer(row))
+             and row.get("seq_len_method") == "simulated" and row["max_seq_len"] > 0]
+    if not pairs:
+        return None, ""
+    gains = sorted(((answer["max_seq_len"] / row["max_seq_len"] - 1, row, answer) for row, answer in pairs),
+                   key=lambda item: -item[0])
+    listed = [item for item in gains if item[0] >= EXPANDABLE_LISTED_GAIN]
+    lowered = [item for item in gains if item[1].get("simulated_fails_at") is not None]
+    median = sorted(gain for gain, _, _ in gains)[len(gains) // 2]
+    said = (f"With PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, {len(pairs)} of the card-limited answers are "
+            f"simulated under both settings: the median answer is {median:+.1%} longer, "
+            f"{sum(gain > 0 for gain, _, _ in gains)} are longer and {sum(gain < 0 for gain, _, _ in gains)} "
+            f"shorter; of the {len(lowered)} whose default answer fragmentation lowered below the formula's, "
+            f"{sum(gain > 0 for gain, _, _ in lowered)} are longer with it. "
+            f"Listed: those {EXPANDABLE_LISTED_GAIN:.0%} longer or more.")
+    only = [f"{row['model']} {row['experiment']}{' + checkpointing' if row['gradient_checkpointing'] else ''} on "
+            f"{row['card_gb']:g} GB ({answer['max_seq_len']:,})" for row in table["rows"]
+            if row["max_seq_len"] == 0 and (answer := expandable_answer(row)) and answer["max_seq_len"] > 0]
+    if only:
+        said += (" Where the formula fits nothing with the default allocator (its reserve a ratio over the tensors; "
+                 "not simulated), expandable segments fit, simulated: " + "; ".join(only) + ".")
+    if not listed:
+        return None, said
+    lines = [[Cell(row["model"]), Cell(row["experiment"] + (" + checkpointing" if row["gradient_checkpointing"] else "")),
+              Cell(f"{row['card_gb']:g} GB"), Cell(_seq_text(pd.Series(row))),
+              Cell(_seq_text(pd.Series(answer)), f"analytic {answer['analytic_max_seq_len']:,}"),
+              Cell(f"{gain:+.0%}")] for gain, row, answer in listed]
+    return Table(["Model", "Recipe", "Card", "Default allocator", "Expandable segments", "Gain"], lines,
+                 numeric={3, 4, 5},
+                 note="Both answers confirmed by simulation: the step traced, the caching allocator replayed "
+                      "under the card's cap with each setting (torch's default: segments given back only when "
+                      "wholly free; expandable segments: the whole free pages anywhere unmapped and mapped "
+                      "again where a request fits). Reproduce one: `python -m harness predict --solve seq_len "
+                      "--model M --experiment E --card GB --allocator expandable_segments`."), said
 
 
 def _peak_cell(plain: pd.DataFrame, checkpointed: pd.DataFrame, runs: pd.DataFrame, model: str,

@@ -18,7 +18,7 @@ from harness.claims import COUNTED_READING, PUBLISHED_FILE, SOURCES, load_claims
 from harness.report import add_arguments, answer, beyond, engines, environment, glossary, ladder, reserved
 from harness.report.accuracy import TOLERANCES, prediction_errors, summary
 from harness.report.figures import FigureResult, all_figures
-from harness.report.fits import (SIMULATED_MARK, boundary_table, confirmed_counts, fit_tables,
+from harness.report.fits import (SIMULATED_MARK, boundary_table, confirmed_counts, expandable_table, fit_tables,
                                  published_comparison)
 from harness.report.gpus import gpu_count_tables, peer_table
 from harness.report.ledger import build_ledger
@@ -97,6 +97,12 @@ def _fits_blocks(results, runs, figures: list[FigureResult]) -> list[Block]:
     for model, fit_table in fit_tables(table, runs):
         blocks.append(Block("h3", model))
         blocks.append(Block("table", table=fit_table))
+    expandable, expandable_said = expandable_table(table)
+    if expandable_said:
+        blocks.append(Block("h3", "What expandable segments buy"))
+        blocks.append(Block("p", expandable_said))
+    if expandable is not None:
+        blocks.append(Block("table", table=expandable))
     compared = published_comparison(table, runs)
     if compared is not None:
         blocks.append(Block("h3", "Against published figures"))
