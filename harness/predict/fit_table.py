@@ -73,6 +73,11 @@ def fit_row_speed(found: Setup, card_gb: float, max_micro_batch: int, max_seq_le
             "step_time_s": speed["step_time_s"], "hours_per_100m_tokens": cost["hours"], "cost_usd": cost["cost_usd"]}
 
 
+def _margin(answer: Answer, card_gb: float) -> int | None:
+    """What the card has left at an answer (None where nothing fits)."""
+    return None if answer.peak_bytes is None else card_bytes(card_gb) - answer.peak_bytes
+
+
 def fit_table_predictor(out_dir: Path | None = None) -> str:
     """The digest of what a fit table comes from: the predictor's and this module's choices, the
     micro-benchmarks its speed column is calibrated from (harness.predict.speed.calibration_digest) and the
@@ -114,8 +119,7 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda", out_dir: Path | 
         expandable = replace(found, allocator=EXPANDABLE)
         answer, method = longest_answer(expandable, model, card_gb)
         return {"max_seq_len": answer.value, **method, "seq_len_limited_by": sequence_limited_by(answer, expandable),
-                "device_bytes": answer.peak_bytes,
-                "margin_bytes": None if answer.peak_bytes is None else card_bytes(card_gb) - answer.peak_bytes}
+                "device_bytes": answer.peak_bytes, "margin_bytes": _margin(answer, card_gb)}
 
     experiments = [name for name in TECHNIQUES if (experiments_dir / f"{name}.yaml").exists()]
     rows, curves = [], []
@@ -137,7 +141,7 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda", out_dir: Path | 
                                  "max_seq_len": longest.value, **method,
                                  "seq_len_limited_by": sequence_limited_by(longest, found),
                                  "max_micro_batch": largest.value, "device_bytes": longest.peak_bytes,
-                                 "margin_bytes": None if longest.peak_bytes is None else cap - longest.peak_bytes,
+                                 "margin_bytes": _margin(longest, card_gb),
                                  "micro_batch_device_bytes": largest.peak_bytes,
                                  "device_bytes_at": {str(seq): found.device(seq, 1) for seq in CURVE_SEQ_LENS
                                                      if seq <= longest.value},
@@ -152,10 +156,9 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda", out_dir: Path | 
         found = setup(experiments_dir / f"{name}.yaml", model, overrides, device_type)
         for card_gb in FIT_CARDS:
             answer, method = longest_answer(found, model, card_gb)
-            margin = None if answer.peak_bytes is None else card_bytes(card_gb) - answer.peak_bytes
             cases.append({"case": case, "experiment": name, "model": model, "card_gb": card_gb,
                           "max_seq_len": answer.value, **method, "device_bytes": answer.peak_bytes,
-                          "margin_bytes": margin})
+                          "margin_bytes": _margin(answer, card_gb)})
     confirmed = any(row["seq_len_method"] == "simulated" for row in rows + cases)  # the default allocator's
     return schema.FitTable(
         method=f"analytic{SIMULATED_TOO if confirmed else ''}", device_type=device_type, cases=cases,
