@@ -66,6 +66,15 @@ class MatrixBlock:
     note: str = ""
     # On a CPU that only emulates a cell's compute dtype: run it shorter, or leave it to another machine.
     if_emulated: WhereEmulated | None = None
+    # The CUDA caching allocator's setting its runs train under (a name of ALLOCATOR_SETTINGS; None: torch's
+    # default), set in each worker's PYTORCH_CUDA_ALLOC_CONF; a `fit_multiples` block then multiplies the fit
+    # answer under that setting. A CPU has no such allocator: there the block is skipped.
+    allocator: str | None = None
+
+
+# What each allocator setting a block can name puts in a CUDA worker's PYTORCH_CUDA_ALLOC_CONF (the settings
+# harness.predict.allocator replays; torch.cuda.memory's documentation names the option).
+ALLOCATOR_SETTINGS = {"expandable_segments": "expandable_segments:True"}
 
 
 # A matrix file maps plan names to ordered lists of blocks. `cpu` and `cuda` are the plans
@@ -85,6 +94,25 @@ class PlannedRun:
     # Why this cell runs shorter than its block says (`if_emulated.set`), or is not run here (`left_to`).
     shortened: str | None = None
     left_to: str | None = None
+    allocator: str | None = None  # the block's allocator setting (ALLOCATOR_SETTINGS), None for torch's default
+
+
+def allocator_fingerprint(environment: dict, allocator: str | None) -> str:
+    """The fingerprint (harness.env) a cell's record has where it ran in this environment under its allocator
+    setting: a worker's record names the PYTORCH_CUDA_ALLOC_CONF it ran under, which the launching process has
+    not."""
+    setting = {} if allocator is None else {"cuda_alloc_conf": ALLOCATOR_SETTINGS[allocator]}
+    return env.fingerprint({**environment, **setting})
+
+
+def allocator_record_path(path: Path, allocator: str | None) -> Path:
+    """Where a cell's record goes under an allocator setting: beside the default setting's, the setting named
+    before the configuration's hash (the two measure one configuration, which its hash alone would file as one;
+    the hash stays last, where harness.lab.runner.why_kept reads it)."""
+    if allocator is None:
+        return path
+    head, _, tail = path.stem.rpartition("__")
+    return path.with_name(f"{head}__{allocator}__{tail}{path.suffix}")
 
 
 def load_matrix(path: str | Path) -> Matrix:
@@ -132,6 +160,13 @@ def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Pat
         if device_type == "cuda" and block.min_devices and devices is not None and devices < block.min_devices:
             skipped.append(f"{block.note or block.experiments}: needs {block.min_devices} GPUs, this machine has "
                            f"{devices}")
+            continue
+        if block.allocator is not None and block.allocator not in ALLOCATOR_SETTINGS:
+            raise ConfigError(experiments_dir / MATRIX_FILE, f"{plan}[{number}].allocator",
+                              f"unknown setting {block.allocator!r}; settings: {', '.join(ALLOCATOR_SETTINGS)}")
+        if block.allocator is not None and device_type != "cuda":
+            skipped.append(f"{block.note or block.experiments}: sets CUDA's caching allocator ({block.allocator}), "
+                           f"which a {device_type} run has none of")
             continue
         names = sorted(available) if block.experiments == "all" else block.experiments
         for name in list(names) + list(experiments or []) + block.exclude:
@@ -181,9 +216,10 @@ def expand(matrix: Matrix, device_type: str, experiments_dir: Path, out_dir: Pat
                                                                      ("engine", engines)) if given}
                     config = resolve(available[name], {**overrides, **rule.set, **chosen})
             for index in range(repeat):
-                path = schema.record_path(out_dir, device_slug, name, model, config.config_hash, index)
+                path = allocator_record_path(
+                    schema.record_path(out_dir, device_slug, name, model, config.config_hash, index), block.allocator)
                 planned.setdefault(path, PlannedRun(config, index, path, block.note, shortened=shortened,
-                                                    left_to=left_to))
+                                                    left_to=left_to, allocator=block.allocator))
     return list(planned.values()), skipped
 
 
@@ -204,7 +240,8 @@ def _around_fit(path: Path, overrides: dict, block: MatrixBlock, device_type: st
                          "fit_answer=harness.predict.fit_table.fit_answer")
     micro_batch = _resolve_cell(path, overrides, block, matrix_path, where).experiment.micro_batch
     fields = {key: value for key, value in overrides.items() if key not in ("model", "device", "budget_gb")}
-    answer = fit_answer(path, overrides["model"], fields, device_type, card_gb, micro_batch)
+    answer = fit_answer(path, overrides["model"], fields, device_type, card_gb, micro_batch,
+                        allocator=block.allocator or "default")
     if answer.value == 0:
         return [], f"nothing fits a {card_gb:g} GB card at micro-batch {micro_batch} by the fit answer"
     if answer.limited_by != "card":

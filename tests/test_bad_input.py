@@ -381,7 +381,7 @@ def test_a_measurement_whose_record_cannot_be_filed_is_kept_and_says_where(tmp_p
 
     _, data = _ok_record()
 
-    def worker(config, attempt_path, log, lock, rendezvous=None):
+    def worker(config, attempt_path, log, lock, rendezvous=None, allocator=None):
         schema.write(attempt_path, schema.from_dict({**data, "config": config.as_dict(),
                                                      "config_hash": config.config_hash}))
         return (lambda timeout: 0), (lambda: None)

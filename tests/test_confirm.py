@@ -190,6 +190,27 @@ def test_an_earlier_answer_that_still_fits_is_searched_up_to_the_analytic_answer
     assert result["max_seq_len"] == analytic and result["fails_at"] is None
 
 
+def test_a_search_out_of_steps_goes_on_from_its_bracket_at_the_next_run(monkeypatch, tmp_path):
+    calls, boundary = _fake_simulation(monkeypatch, 1.03, 1.015)
+    monkeypatch.setattr(confirm, "MAX_SIMULATIONS", 3)  # too few to come within the tolerance
+    assert confirm.confirm_one(TARGET, tmp_path, None)[0] == "searched"
+    (path,) = (tmp_path / confirm.CONFIRMED_FOLDER).glob("*.json")
+    first = json.loads(path.read_text())
+    assert confirm.unsettled(first) and first["max_seq_len"] <= boundary < first["fails_at"]
+    calls.clear()
+    assert confirm.confirm_one(TARGET, tmp_path, None)[0] == "searched"  # current, but not settled: searched on
+    second = json.loads(path.read_text())
+    assert calls[:2] == [first["max_seq_len"], first["fails_at"]] and second["earlier"]["fails_at"] == first["fails_at"]
+    assert first["max_seq_len"] <= second["max_seq_len"] <= boundary < second["fails_at"] <= first["fails_at"]
+    monkeypatch.setattr(confirm, "MAX_SIMULATIONS", 10)
+    confirm.confirm_one(TARGET, tmp_path, None)  # enough steps: the bracket closes
+    assert not confirm.unsettled(json.loads(path.read_text()))
+    calls.clear()
+    assert confirm.confirm_one(TARGET, tmp_path, None) == ("", "") and not calls  # settled: never searched again
+    # a search that found nothing to fit is no bracket to go on from
+    assert not confirm.unsettled({**first, "resolved": False, "max_seq_len": 0})
+
+
 def test_an_allocator_setting_is_its_own_answer(monkeypatch, tmp_path):
     seen = []
     calls, _ = _fake_simulation(monkeypatch, 1.0, 1.0)

@@ -164,7 +164,7 @@ def test_the_budget_starts_no_run_it_has_no_time_for(tmp_path, monkeypatch):
                for name, seconds in (("a", 40), ("b", 100), ("c", 30), ("d", 25))]
     started = []
 
-    def fake_run(config, out_dir, repeat, timeout_s):
+    def fake_run(config, out_dir, repeat, timeout_s, allocator=None):
         started.append(timeout_s)
         return tmp_path / "x.json", schema.RunRecord("ok", "lora", "tiny-llama", config.as_dict(), config.config_hash)
 
@@ -175,6 +175,39 @@ def test_the_budget_starts_no_run_it_has_no_time_for(tmp_path, monkeypatch):
     assert len(results) == 3 and len(started) == 3  # a, c, d: b (100 s) never fits in 80 s
     assert "[2/4] lora @ tiny-llama" in out.getvalue() and "not started: estimated 100 s" in out.getvalue()
     assert all(timeout <= 80 for timeout in started)  # no run may outlast the budget
+
+
+def test_a_run_under_an_allocator_setting_sets_it_for_its_worker_and_resumes_by_its_own_record(tmp_path, monkeypatch):
+    from harness import env
+    from harness.lab.bench import expected_fingerprint, is_current
+    from harness.lab.runner import cell_path, run_config, worker_environment
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")  # the user's own, for other runs
+    assert worker_environment()["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+    assert worker_environment("expandable_segments")["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    config = resolve(EXPERIMENTS / "lora.yaml", QUICK)
+    with pytest.raises(ValueError, match="CUDA's caching allocator"):  # a CPU run has none: refused before it starts
+        run_config(config, tmp_path, allocator="expandable_segments")
+    assert not any(tmp_path.iterdir())
+    # the launching process's environment has no setting; the worker's record names the one it ran under
+    launching = {"device_name": "NVIDIA H100 80GB HBM3", "versions": {"torch": "2.13.0"}}
+    worker = {**launching, "cuda_alloc_conf": "expandable_segments:True"}
+    default = PlannedRun(config, 0, cell_path(config, tmp_path), "")
+    expandable = PlannedRun(config, 0, cell_path(config, tmp_path, 0, "expandable_segments"), "",
+                            allocator="expandable_segments")
+    fingerprint = env.fingerprint(launching)
+    assert expected_fingerprint(default, fingerprint, launching) == fingerprint
+    assert expected_fingerprint(expandable, fingerprint, launching) == env.fingerprint(worker) != fingerprint
+    record = schema.RunRecord("ok", "lora", "tiny-llama", config.as_dict(), config.config_hash,
+                              environment=worker, fingerprint=env.fingerprint(worker))
+    schema.write(expandable.path, record)
+    assert is_current(expandable.path, expected_fingerprint(expandable, fingerprint, launching))
+    calls = []
+    monkeypatch.setattr("harness.lab.bench.run_config", lambda *args, **kwargs: calls.append(kwargs) or (
+        default.path, schema.RunRecord("ok", "lora", "tiny-llama", config.as_dict(), config.config_hash)))
+    monkeypatch.setattr("harness.lab.bench.summary_line", lambda record: "ok")
+    run_matrix([default, expandable], fingerprint, environment=launching, stream=io.StringIO())
+    assert [call["allocator"] for call in calls] == [None]  # the expandable run's record is current: not run again
 
 
 def test_a_missing_optional_package_makes_a_skipped_record_not_a_failure(tmp_path):

@@ -300,3 +300,25 @@ def test_a_job_killed_mid_run_is_a_failed_record_with_its_log_and_is_submitted_a
     assert _status(matrix, out)[cell] == ("failed", second["job_id"])
     assert schema.read(path, kind="run").config["run_id"] == second["run_id"]  # its own failure, gathered
     _wait_until(lambda: not _workers_of(out), timeout=60, what="no worker left")
+
+
+def test_a_cluster_cell_under_an_allocator_setting_is_done_by_its_own_record_only(tmp_path):
+    from harness.lab.runner import cell_path
+    from harness.matrix import PlannedRun
+
+    config = resolve(EXPERIMENTS / "lora.yaml", {**QUICK, "device": "cuda"})
+    versions = env.software_versions()
+    default = PlannedRun(config, 0, cell_path(config, tmp_path), "")
+    expandable = PlannedRun(config, 0, cell_path(config, tmp_path, 0, "expandable_segments"), "",
+                            allocator="expandable_segments")
+    # the job's record names the device it got and the setting its worker ran under
+    environment = {"device_name": "NVIDIA H100 80GB HBM3", "versions": versions,
+                   "cuda_alloc_conf": "expandable_segments:True"}
+    record = schema.RunRecord("ok", "lora", config.experiment.model, config.as_dict(), config.config_hash,
+                              environment=environment, fingerprint=env.fingerprint(environment))
+    schema.write(expandable.path, record)
+    assert launcher.current_record(expandable, tmp_path, versions).status == "ok"
+    assert launcher.current_record(default, tmp_path, versions) is None
+    # the same record filed as the default setting's is no current measurement of it
+    shutil.copy(expandable.path, default.path)
+    assert launcher.current_record(default, tmp_path, versions) is None

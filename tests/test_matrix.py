@@ -47,10 +47,13 @@ def test_the_boundary_plan_probes_the_fit_answer_of_the_predictor_as_it_is():
     probes: dict[tuple, list[int]] = {}
     for run in runs:
         cfg = run.config.experiment
-        probes.setdefault((run.config.name, cfg.model, cfg.budget_gb), []).append(cfg.seq_len)
-    assert len(probes) >= 6  # the six configurations, each with its answer and a probe above it
-    for (name, model, card_gb), (answer, above) in probes.items():
-        found = setup(EXPERIMENTS / f"{name}.yaml", model)
+        probes.setdefault((run.config.name, cfg.model, cfg.budget_gb, run.allocator), []).append(cfg.seq_len)
+    assert sum(allocator is None for *_, allocator in probes) >= 6  # the six configurations, each with
+    # its answer and a probe above it; and one again with expandable segments, filed apart
+    assert {allocator for *_, allocator in probes} == {None, "expandable_segments"}
+    assert all(("__expandable_segments__" in run.path.name) == (run.allocator is not None) for run in runs)
+    for (name, model, card_gb, allocator), (answer, above) in probes.items():
+        found = setup(EXPERIMENTS / f"{name}.yaml", model, allocator=allocator or "default")
         # the answer is the longest sequence whose predicted device bytes fit the card as sold
         assert found.device(answer, 1) <= card_bytes(card_gb) < found.device(answer + 1, 1), (name, model)
         assert above == math.floor(answer * 1.03)
@@ -77,3 +80,39 @@ def test_a_fit_answer_the_context_ends_has_no_boundary_to_probe(tmp_path):
     # a sequence given on the command line stands over the block's multiples
     runs, _ = expand(matrix, "cuda", experiments, experiments, plan="probe", seq_lens=[256], fit_answer=fit_answer)
     assert [run.config.experiment.seq_len for run in runs] == [256]
+
+
+def test_an_allocator_setting_is_a_cuda_blocks_and_its_fit_answer_is_the_one_with_that_setting(tmp_path):
+    from harness.config import ConfigError
+    from harness.lab.runner import cell_path
+
+    block = ("  - experiments: [lora]\n    models: [mistral-7b]\n    fit_multiples: [1.0]\n    budgets_gb: [24]\n"
+             "    allocator: expandable_segments\n")
+    experiments, matrix = _boundary_matrix(tmp_path, block + block.replace("    allocator: expandable_segments\n", ""))
+    asked = []
+
+    def answer(*args, allocator="default", **kwargs):
+        asked.append(allocator)
+        return fit_answer(*args, allocator=allocator, **kwargs)
+
+    runs, _ = expand(matrix, "cuda", experiments, experiments, plan="probe", fit_answer=answer)
+    assert asked == ["expandable_segments", "default"]
+    expandable, default = runs
+    assert (expandable.allocator, default.allocator) == ("expandable_segments", None)
+    assert expandable.config.experiment.seq_len > default.config.experiment.seq_len  # the answer the setting buys
+    # the runner files the record where the plan looks for it
+    assert cell_path(expandable.config, experiments, 0, "expandable_segments").name == expandable.path.name
+    # one configuration under two settings: two runs, two records
+    fixed = block.replace("fit_multiples: [1.0]", "seq_lens: [512]")
+    default_block = fixed.replace("    allocator: expandable_segments\n", "")
+    experiments, matrix = _boundary_matrix(tmp_path / "fixed", fixed + default_block)
+    expandable, default = expand(matrix, "cuda", experiments, experiments, plan="probe")[0]
+    assert expandable.config == default.config
+    model_part, _, hash_part = default.path.name.rpartition("__")
+    assert expandable.path == default.path.with_name(f"{model_part}__expandable_segments__{hash_part}")
+    # a CPU has no caching allocator to set: the block is left out, and says why
+    runs, skipped = expand(matrix, "cpu", experiments, experiments, plan="probe", fit_answer=answer)
+    assert [run.allocator for run in runs] == [None] and "CUDA's caching allocator" in skipped[0]
+    experiments, matrix = _boundary_matrix(tmp_path / "typo", block.replace("expandable_segments", "expandable"))
+    with pytest.raises(ConfigError, match=r"probe\[0\]\.allocator.*unknown setting 'expandable'"):
+        expand(matrix, "cuda", experiments, experiments, plan="probe", fit_answer=answer)

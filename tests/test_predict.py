@@ -302,6 +302,11 @@ def test_the_claims_pass_predicts_every_gpu_runs_own_configuration(tmp_path):
     capped = json.loads((tmp_path / "some-gpu" / "a.json").read_text())
     (tmp_path / "some-gpu" / "a.json").write_text(json.dumps({**capped, "budget": {"cap_bytes": 123}}))
     assert record_caps(tmp_path) == {("qlora-gc", "qwen2.5-7b", 2048, 1): 123}
+    # one under another allocator setting is not what a prediction's replay replays (torch's default)
+    setting = {**capped, "budget": {"cap_bytes": 123}, "environment": {**capped["environment"],
+                                                                       "cuda_alloc_conf": "expandable_segments:True"}}
+    (tmp_path / "some-gpu" / "a.json").write_text(json.dumps(setting))
+    assert record_caps(tmp_path) == {}
     # a matrix cell run under a budget (the boundary's probes) is predicted under the cap it will run under
     from harness.config import resolve
     from harness.measure.budget import budget_cap_bytes
@@ -312,6 +317,13 @@ def test_the_claims_pass_predicts_every_gpu_runs_own_configuration(tmp_path):
     assert len(probes) >= 2  # the answer and the probe above it, and the evidence plan's 7,627 tokens
     technique = resolve(EXPERIMENTS / "qlora-r32-gc.yaml").technique
     assert set(probes.values()) == {budget_cap_bytes(24, "cuda", technique)}
+    # the boundary's probes with expandable segments bracket that setting's answer: none is replayed by default
+    from harness.predict.command import expand_plans
+
+    expandable = {(run.config.name, run.config.experiment.model, run.config.experiment.seq_len)
+                  for (plan, device_type, _), runs in expand_plans(EXPERIMENTS).items() if device_type == "cuda"
+                  for run in runs if run.allocator}
+    assert expandable and not {key[:3] for key in caps} & expandable
 
 
 @pytest.mark.parametrize("experiment", ["lora", "dora"])

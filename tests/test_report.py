@@ -1066,3 +1066,27 @@ def test_the_boundary_table_judges_each_fit_answer_by_the_runs_under_its_card():
     lines = boundary_table(table, runs.iloc[:0], [simulated]).rows
     assert [(line[3].text, line[6].text) for line in lines] == [("fits", "not yet measured")]
     assert "predictions/p.json" in lines[0][3].detail
+    # runs under expandable segments are judged by the answer with that setting, simulated, in rows of their own
+    table["rows"][0]["expandable_segments"] = {"max_seq_len": 1200, "seq_len_method": "simulated",
+                                               "analytic_max_seq_len": 1250, "simulated_fails_at": 1210,
+                                               "seq_len_limited_by": "card"}
+    expandable = pd.DataFrame([{**run, "seq_len": 1200, "status": "ok", "file": "e.json",
+                                "cuda_alloc_conf": "expandable_segments:True"},
+                               {**run, "seq_len": 1236, "status": "oom", "file": "f.json",
+                                "cuda_alloc_conf": "expandable_segments:True"},
+                               {**run, "seq_len": 1100, "status": "ok", "file": "g.json",
+                                "cuda_alloc_conf": "max_split_size_mb:128"}])
+    lines = boundary_table(table, runs.iloc[:2], [], expandable).rows
+    by_name = {line[0].text: line for line in lines}
+    assert by_name["qlora-gc @ m"][6].text.startswith("holds")  # the default runs alone judge the default answer
+    judged = by_name["qlora-gc @ m, PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"]
+    assert [cell.text for cell in judged[2:6]] == ["1,200", "fits", "1,200", "1,236"]
+    assert judged[6].text.startswith("holds") and "e.json, f.json" in judged[6].detail
+    unknown = by_name["qlora-gc @ m, PYTORCH_CUDA_ALLOC_CONF=max_split_size_mb:128"]
+    assert unknown[2].text == "-" and "does not replay" in unknown[2].detail
+    assert unknown[6].text == "no fit answer to judge"
+    # an answer with the setting that is not simulated (analytic, no fragmentation counted) judges nothing
+    table["rows"][0]["expandable_segments"]["seq_len_method"] = "analytic"
+    judged = {line[0].text: line for line in boundary_table(table, runs.iloc[:0], [], expandable).rows}[
+        "qlora-gc @ m, PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"]
+    assert judged[2].text == "-" and "not simulated yet" in judged[2].detail

@@ -115,6 +115,23 @@ def test_two_records_of_one_configuration_fold_into_the_newest(tmp_path):
     assert [r["_file"] for r in results.folded_records] == [str(original)]  # the older kept aside
 
 
+def test_a_run_under_an_allocator_setting_is_its_own_and_kept_out_of_the_default_allocators_tables(tmp_path):
+    from harness.report.load import records_frame
+
+    root = tmp_path / "results"
+    shutil.copytree(FIXTURE, root)
+    original = _a_run_record().relative_to(FIXTURE)
+    data = json.loads((root / original).read_text())
+    environment = {**(data.get("environment") or {}), "cuda_alloc_conf": "expandable_segments:True"}
+    setting = {**data, "environment": environment, "finished_at": "2099-01-01T00:00:00+00:00"}
+    (root / original.parent / "expandable.json").write_text(json.dumps(setting))
+    results = load_results(root)
+    assert results.folded == 0 and str(original) in {r["_file"] for r in results.records}  # nothing replaced
+    assert [r["_file"] for r in results.allocator_records] == [str(original.parent / "expandable.json")]
+    assert "expandable.json" not in " ".join(r["_file"] for r in results.records)
+    assert list(records_frame(results.allocator_records)["cuda_alloc_conf"]) == ["expandable_segments:True"]
+
+
 def test_one_measurement_under_two_experiment_names_folds_into_the_newest(tmp_path):
     """lora-ga4 is lora at accumulation 4: a run of each measures one configuration, shown once; a run that
     differs in a setting is another measurement."""

@@ -11,6 +11,7 @@ off left no record behind.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -35,7 +36,7 @@ from harness.lab.runner import (
     summary_line,
     why_kept,
 )
-from harness.matrix import PlannedRun, expand, load_matrix
+from harness.matrix import PlannedRun, allocator_fingerprint, expand, load_matrix
 from harness.predict.fit_table import fit_answer
 from harness.step.checkpoint import BASE_SOURCE, base_checkpoint_path
 
@@ -48,6 +49,16 @@ BUDGET_MIN_TIMEOUT_S = 180
 # than this: the estimate is a GPU's, and on 2 CPU cores the slowest run of the cpu-full plan takes minutes.
 DEFAULT_MIN_TIMEOUT_S = {"cuda": BUDGET_MIN_TIMEOUT_S, "cpu": 3600.0}
 NO_ESTIMATE_TIMEOUT_S = 6 * 3600.0  # a model whose shape cannot be read before the run
+
+
+def expected_fingerprint(run: PlannedRun, fingerprint: str, environment: dict | None) -> str:
+    """The fingerprint a current record of this run has: the launching environment's (`fingerprint`), or, for a
+    run under an allocator setting, that environment's with the setting its worker records."""
+    if run.allocator is None:
+        return fingerprint
+    if environment is None:
+        raise ValueError(f"{run.path.name}: a run under an allocator setting needs the launching environment")
+    return allocator_fingerprint(environment, run.allocator)
 
 
 def is_current(path: Path, fingerprint: str) -> bool:
@@ -146,10 +157,12 @@ def _label(index: int, total: int, run: PlannedRun) -> str:
             f" x{cell.micro_batch}x{cell.grad_accum}"
             + (f" budget {cell.budget_gb:g} GB" if cell.budget_gb else "")
             + (f" in {cell.engine}" if cell.engine != "harness" else "")
+            + (f" with {run.allocator}" if run.allocator else "")
             + (f" repeat {run.repeat}" if run.repeat else ""))
 
 
-def print_plan(planned: list[PlannedRun], fingerprint: str, budget_s: float | None, stream=sys.stdout) -> list[PlannedRun]:
+def print_plan(planned: list[PlannedRun], fingerprint: str, budget_s: float | None, stream=sys.stdout,
+               environment: dict | None = None) -> list[PlannedRun]:
     """The dry run: each run with its estimate, in order; returns the runs a budget would leave out.
 
     It applies the rule the real pass applies, as if every estimate were exact.
@@ -162,7 +175,7 @@ def print_plan(planned: list[PlannedRun], fingerprint: str, budget_s: float | No
         if run.left_to:
             print(f"  {label}: not run on this CPU: {run.left_to}", file=stream)
             continue
-        if is_current(run.path, fingerprint):
+        if is_current(run.path, expected_fingerprint(run, fingerprint, environment)):
             print(f"  {label}: done before", file=stream)
             continue
         estimate = run.estimate.seconds if run.estimate else None
@@ -225,7 +238,7 @@ def run_matrix(planned: list[PlannedRun], fingerprint: str, *, force: bool = Fal
             print(f"{label}: {summary_line(left)}", file=stream, flush=True)
             results.append(left)
             continue
-        if not force and is_current(run.path, fingerprint):
+        if not force and is_current(run.path, expected_fingerprint(run, fingerprint, environment)):
             record = schema.read(run.path, kind="run")
             print(f"{label}: done before, skipped ({record.status})", file=stream, flush=True)
             results.append(record)
@@ -259,7 +272,8 @@ def run_matrix(planned: list[PlannedRun], fingerprint: str, *, force: bool = Fal
         print(f"{label}{estimate} ...", file=stream, flush=True)
         started = time.perf_counter()
         try:
-            path, record = run_config(run.config, run.path.parent.parent, run.repeat, run_timeout)
+            path, record = run_config(run.config, run.path.parent.parent, run.repeat, run_timeout,
+                                      allocator=run.allocator)
         except CellBusy as busy:
             print(f"    not started: {busy}", file=stream, flush=True)
             not_started["measured by another process now"] += 1
@@ -359,6 +373,10 @@ def main(args) -> int:
     for run in planned if args.launcher == "local" and not args.dry_run else ():
         check_ranks(run.config, matrix_path, "world_sizes", args.force_ranks)
     environment = env.current_environment(device_type)
+    if device_type == "cuda" and os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):
+        # the workers inherit a setting of the user's, and their records name it (harness.env.run_environment):
+        # so does the fingerprint a current record is known by, or every run would be measured again
+        environment["cuda_alloc_conf"] = os.environ["PYTORCH_CUDA_ALLOC_CONF"]
     fingerprint = env.fingerprint(environment)
     card = f", a {device_gb:g} GB card" if device_gb else ""
     budget = f", time budget {budget_s:.0f} s" if budget_s is not None else ""
@@ -375,7 +393,7 @@ def main(args) -> int:
     if args.status:
         return launcher.print_status(planned, out_dir)
     if args.dry_run:
-        left_out = print_plan(planned, fingerprint, budget_s)
+        left_out = print_plan(planned, fingerprint, budget_s, environment=environment)
         if left_out:
             print(f"{len(left_out)} runs would not start within the budget (a later pass resumes them)")
         return 0
@@ -396,7 +414,7 @@ def main(args) -> int:
         results = run_matrix(planned, fingerprint, force=args.force, allow_shared_gpu=args.allow_shared_gpu,
                              timeout_s=args.timeout, budget_s=budget_s, environment=environment)
     except KeyboardInterrupt:  # the run in progress was stopped and left no record: it resumes next time
-        done = sum(is_current(run.path, fingerprint) for run in planned)
+        done = sum(is_current(run.path, expected_fingerprint(run, fingerprint, environment)) for run in planned)
         print(f"\ninterrupted: {done} of {len(planned)} runs have a current record; the same command resumes",
               flush=True)
         return 130

@@ -41,9 +41,10 @@ from harness.lab.runner import (
     run_config,
     summary_line,
     worker_command,
+    worker_environment,
     world_size,
 )
-from harness.matrix import LAUNCHER_BLOCK, PlannedRun
+from harness.matrix import LAUNCHER_BLOCK, PlannedRun, allocator_fingerprint
 from harness.step.checkpoint import BASE_SOURCE, base_checkpoint_path
 
 
@@ -140,9 +141,10 @@ def check_shared_filesystem(out_dir: Path) -> None:
                           "cluster jobs need results/ on a filesystem the nodes share")
 
 
-def measure_cell(config: dict, out_dir: str, repeat: int, timeout_s: float | None, run_id: str) -> dict:
+def measure_cell(config: dict, out_dir: str, repeat: int, timeout_s: float | None, run_id: str,
+                 allocator: str | None = None) -> dict:
     """The body of one cell's job, on its node: the cell (the dict form it crossed to the node in) measured as
-    the local launcher measures it."""
+    the local launcher measures it, under its block's allocator setting (harness.matrix)."""
     import submitit
 
     config = ResolvedConfig.from_dict(config)
@@ -151,19 +153,20 @@ def measure_cell(config: dict, out_dir: str, repeat: int, timeout_s: float | Non
     if world_size(config) > 1:
         rendezvous = Rendezvous(host=job.hostnames[0], nodes=job.num_nodes, job_id=job.job_id)
         if job.global_rank > 0:  # another node of the cell: its share of the processes; node 0 records
-            return _other_node(config, rendezvous)
+            return _other_node(config, rendezvous, allocator)
     try:
-        path, record = run_config(config, out_dir, repeat, timeout_s, run_id=run_id, rendezvous=rendezvous)
+        path, record = run_config(config, out_dir, repeat, timeout_s, run_id=run_id, rendezvous=rendezvous,
+                                  allocator=allocator)
     except CellBusy as busy:  # measured by another process right now: that one writes the record
         return {"busy": str(busy)}
     return {"record": str(path), "status": record.status}
 
 
-def _other_node(config: ResolvedConfig, rendezvous: Rendezvous) -> dict:
+def _other_node(config: ResolvedConfig, rendezvous: Rendezvous, allocator: str | None = None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         config_file = schema.write_atomic(Path(folder) / "config.json", config.as_dict())
         command = worker_command(config, str(config_file), Path(folder) / "record.json", rendezvous)
-        return {"returncode": subprocess.run(command).returncode}
+        return {"returncode": subprocess.run(command, env=worker_environment(allocator)).returncode}
 
 
 def _submitit():
@@ -299,7 +302,8 @@ def current_record(run: PlannedRun, out_dir: Path, versions: dict) -> schema.Run
             continue
         # the job's own device (and, on a CPU, what it runs natively) with this software
         machine = {key: (record.environment or {}).get(key) for key in ("device_name", "cpu")}
-        if record.status in schema.MEASURED and record.fingerprint == env.fingerprint({**machine, "versions": versions}):
+        if record.status in schema.MEASURED and record.fingerprint == allocator_fingerprint(
+                {**machine, "versions": versions}, run.allocator):
             return record
     return None
 
@@ -341,7 +345,7 @@ def launch(planned: list[PlannedRun], launcher: str, settings: LauncherSettings,
         executor.update_parameters(name=f"harness-{run.path.stem}"[:100], **allocations[run.path])
         run_id = uuid.uuid4().hex
         config = run.config.as_dict()
-        job = executor.submit(measure_cell, config, str(out_dir.resolve()), run.repeat, limit, run_id)
+        job = executor.submit(measure_cell, config, str(out_dir.resolve()), run.repeat, limit, run_id, run.allocator)
         entry = JobEntry(launcher=launcher, job_id=str(job.job_id), run_id=run_id,
                          folder=str(executor.folder), record=str(run.path.resolve()), submitted_at=env.now(),
                          config=config, repeat=run.repeat)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from harness import env, schema
 from harness.config import ResolvedConfig
+from harness.matrix import ALLOCATOR_SETTINGS, allocator_record_path
 
 LOG_TAIL_CHARS = 4000
 ATTEMPT_SUFFIX = schema.ATTEMPT_SUFFIX
@@ -239,8 +240,15 @@ def _settle_ranks(attempt_path: Path, config: ResolvedConfig) -> None:
         leftover.unlink(missing_ok=True)
 
 
+def worker_environment(allocator: str | None = None) -> dict[str, str]:
+    """A CUDA worker's environment: this process's, with the allocator setting a cell asks for in place of any
+    PYTORCH_CUDA_ALLOC_CONF of its own (the worker's record says which it ran under: harness.env)."""
+    setting = {} if allocator is None else {"PYTORCH_CUDA_ALLOC_CONF": ALLOCATOR_SETTINGS[allocator]}
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **WORKER_ENVIRONMENT, **setting}
+
+
 def _start_worker(config: ResolvedConfig, attempt_path: Path, log, lock: int,
-                  rendezvous: Rendezvous | None = None):
+                  rendezvous: Rendezvous | None = None, allocator: str | None = None):
     """Start the worker process, which gets the configuration's dict form; returns a function that waits for
     it (None: timed out) and one that kills it."""
     if env.resolve_device(config.experiment.device) == "cpu" and world_size(config) == 1:
@@ -261,7 +269,7 @@ def _start_worker(config: ResolvedConfig, attempt_path: Path, log, lock: int,
     # The config goes through a pipe: nothing is left behind in /tmp by a killed run. torchrun's
     # processes do not share one standard input: theirs is a file beside the attempt (a '.tmp', so a
     # killed run's is cleaned like an interrupted write).
-    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **WORKER_ENVIRONMENT}
+    child_env = worker_environment(allocator)
     config_file = None
     if world_size(config) > 1:
         config_file = schema.write_atomic(_config_file(attempt_path), config.as_dict())
@@ -297,10 +305,11 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
-def cell_path(config: ResolvedConfig, out_dir: str | Path, repeat: int = 0) -> Path:
-    """Where this machine's record of a cell goes."""
-    return schema.record_path(out_dir, env.device_slug(env.device_name(config.experiment.device)), config.name,
-                              config.experiment.model, config.config_hash, repeat)
+def cell_path(config: ResolvedConfig, out_dir: str | Path, repeat: int = 0, allocator: str | None = None) -> Path:
+    """Where this machine's record of a cell goes (under an allocator setting: harness.matrix)."""
+    return allocator_record_path(schema.record_path(
+        out_dir, env.device_slug(env.device_name(config.experiment.device)), config.name, config.experiment.model,
+        config.config_hash, repeat), allocator)
 
 
 def cell_log_path(out_dir: Path, record_path: Path) -> Path:
@@ -310,15 +319,20 @@ def cell_log_path(out_dir: Path, record_path: Path) -> Path:
 
 def run_config(config: ResolvedConfig, out_dir: str | Path = "results", repeat: int = 0,
                timeout_s: float | None = None, run_id: str | None = None,
-               rendezvous: Rendezvous | None = None) -> tuple[Path, schema.RunRecord]:
+               rendezvous: Rendezvous | None = None, allocator: str | None = None) -> tuple[Path, schema.RunRecord]:
     """Run a resolved config in a child process; returns (where its record went, the record).
 
     That is the cell's record path, or attempts/ where the run measured nothing and the cell
     keeps an earlier measurement. Raises CellBusy if another process is running the same cell.
     `run_id` names the attempt (a cluster job's, so that the job's record can be told apart).
+    `allocator`: a CUDA caching allocator setting (harness.matrix.ALLOCATOR_SETTINGS) the worker runs under,
+    its record filed apart from the default setting's.
     """
+    if allocator is not None and env.resolve_device(config.experiment.device) != "cuda":
+        raise ValueError(f"{config.name}: the allocator setting {allocator} is CUDA's caching allocator's; "
+                         f"this cell runs on {config.experiment.device}")
     out_dir = Path(out_dir)
-    path = cell_path(config, out_dir, repeat)
+    path = cell_path(config, out_dir, repeat, allocator)
     check_writable(out_dir, path)
     log_file = cell_log_path(out_dir, path)
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -328,7 +342,7 @@ def run_config(config: ResolvedConfig, out_dir: str | Path = "results", repeat: 
     with cell_lock(path) as lock, open(log_file, "w") as log:
         wait = kill = None
         try:
-            wait, kill = _start_worker(config, attempt_path, log, lock, rendezvous)
+            wait, kill = _start_worker(config, attempt_path, log, lock, rendezvous, allocator)
             returncode = wait(timeout_s)
             if returncode is None:  # out of time
                 kill()

@@ -117,7 +117,8 @@ def record_caps(results_dir: Path, records: list[dict] | None = None) -> dict[tu
     caps = {}
     for record in _gpu_records(results_dir) if records is None else records:
         cap = (record.get("budget") or {}).get("cap_bytes")
-        if cap:
+        # a run under another allocator setting (PYTORCH_CUDA_ALLOC_CONF) is not what the replay replays
+        if cap and not (record.get("environment") or {}).get("cuda_alloc_conf"):
             config = record.get("config") or {}
             caps[(record["experiment"], record.get("model"), config.get("seq_len"), config.get("micro_batch"))] = cap
     return caps
@@ -134,7 +135,9 @@ def matrix_caps(experiments_dir: Path, expanded: dict[tuple, list] | None = None
     for (_, device_type, _), runs in (expanded or expand_plans(experiments_dir)).items():
         for run in runs if device_type == "cuda" else ():
             cfg = run.config.experiment
-            if cfg.budget_gb and cfg.world_size == 1:
+            # a cell under another allocator setting is not replayed here (a prediction replays torch's default
+            # allocator): its probes bracket the fit answer with that setting, which --confirm-fits simulated
+            if cfg.budget_gb and cfg.world_size == 1 and run.allocator is None:
                 caps[(run.config.name, cfg.model, cfg.seq_len, cfg.micro_batch)] = budget_cap_bytes(
                     cfg.budget_gb, "cuda", run.config.technique)
     return caps

@@ -13,7 +13,8 @@ model. So each card-limited answer is simulated at the analytic answer:
 - where it runs out, the analytic curve moved by what the simulated step needed beyond it gives a
   shorter guess, simulated in turn, and then bisection, until the longest length simulated to fit and
   the shortest simulated to run out are within TOLERANCE of each other (at most MAX_SIMULATIONS steps;
-  a search that ends wider keeps the longest length simulated to fit, below the boundary).
+  a search that ends wider keeps the longest length simulated to fit, below the boundary, and the next
+  run goes on from its bracket: `unsettled`).
 
 Each answer is one file under results/fits/confirmed/, stamped with the digest of the predictor's code:
 the search resumes where it stopped, and a confirmation made by other predictor code is not used. The fit
@@ -134,6 +135,14 @@ def _tolerated(fits: int, fails: int) -> bool:
     return fits > 0 and fails - fits <= max(1, math.floor(TOLERANCE * fails))
 
 
+def unsettled(confirmation: dict) -> bool:
+    """A search that found a length to fit but ran out of steps (MAX_SIMULATIONS) before it came within the
+    tolerance of one that ran out: its answer is a lower bound, and the next `--confirm-fits` goes on from its
+    bracket (far below a formula that over-promises much, halving takes more steps than one search has)."""
+    fits, fails = confirmation["max_seq_len"], confirmation["fails_at"]
+    return bool(confirmation["resolved"]) and fits > 0 and fails is not None and not _tolerated(fits, fails)
+
+
 def search(target: Target, device_type: str = "cuda", found: Setup | None = None,
            earlier: dict | None = None) -> dict | None:
     """The confirmed answer of one target (see the module's text), or None where the analytic answer is not the
@@ -232,7 +241,8 @@ def confirm_one(target: Target, out_dir: Path, deadline: float | None) -> tuple[
     if analytic.limited_by != "card" or analytic.value == 0:
         return "", ""
     path = confirmation_path(out_dir, found, target.model, target.card_gb, target.micro_batch)
-    if read_confirmation(path, predictor_digest(), analytic.value) is not None:
+    current = read_confirmation(path, predictor_digest(), analytic.value)
+    if current is not None and not unsettled(current):
         return "", ""
     if deadline is not None and time.time() > deadline:
         return "late", f"{label}: not started (time budget)"

@@ -171,11 +171,11 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda", out_dir: Path | 
 
 
 def fit_answer(experiment: Path, model: str, overrides: dict, device_type: str, card_gb: float,
-               micro_batch: int, out_dir: Path | None = None) -> Answer:
-    """The fit answer for an experiment file with these fields at a model (harness.matrix's fit_multiples): the
-    fit table's, confirmed by simulation where a current confirmation lies under `out_dir`
-    (harness.predict.confirm), else the analytic search's."""
-    found = setup(experiment, model, overrides, device_type)
+               micro_batch: int, out_dir: Path | None = None, allocator: str = "default") -> Answer:
+    """The fit answer for an experiment file with these fields at a model (harness.matrix's fit_multiples) under
+    an allocator setting: the fit table's, confirmed by simulation where a current confirmation lies under
+    `out_dir` (harness.predict.confirm), else the analytic search's."""
+    found = setup(experiment, model, overrides, device_type, allocator)
     return confirmed_answer(found, model, card_gb, micro_batch, longest_sequence(found, card_gb, micro_batch),
                             out_dir)[0]
 

@@ -188,11 +188,15 @@ def _measured_under_budget(runs: pd.DataFrame, case: dict, card_bytes: int) -> C
 BOUNDARY_SHORTFALL = 0.03
 
 
-def boundary_table(table: dict, runs: pd.DataFrame, predictions: list[dict] = ()) -> Table | None:
+def boundary_table(table: dict, runs: pd.DataFrame, predictions: list[dict] = (),
+                   allocator_runs: pd.DataFrame | None = None) -> Table | None:
     """Every fit answer a GPU run under its emulated card (micro-batch 1), or a simulation replaying the
     allocator under that card's cap at the answer, has checked: the longest sequence that trained, the
     shortest that ran out, and whether the answer over-promises or lies within BOUNDARY_SHORTFALL below the
-    boundary."""
+    boundary. allocator_runs: runs under an allocator setting of their own (`cuda_alloc_conf`), each judged by
+    the fit answer with that setting."""
+    if allocator_runs is not None and len(allocator_runs):
+        runs = pd.concat([runs, allocator_runs], ignore_index=True) if len(runs) else allocator_runs
     capped = runs[(runs["device_type"] == "cuda") & runs["budget_card_bytes"].notna() & (runs["micro_batch"] == 1)
                   & (runs["grad_accum"] == 1) & runs["status"].isin(["ok", "oom"])] if len(runs) else runs
     # a card by its bytes: a budget run's record gives the card it emulated in bytes (older ones in GB of 1e9 B)
@@ -200,39 +204,45 @@ def boundary_table(table: dict, runs: pd.DataFrame, predictions: list[dict] = ()
     rows = {(lab_experiment(row["experiment"], row["gradient_checkpointing"]), row["model"], row["card_gb"]): row
             for row in table["rows"]}
     rows.update({(case["experiment"], case["model"], case["card_gb"]): case for case in table["cases"]})
-    answers = {key: row["max_seq_len"] for key, row in rows.items()}
-    # by the card emulated: a card of the fit table by its size, another by its bytes
-    measured = {(experiment, model, card_of.get(int(card_bytes), int(card_bytes))): group
-                for (experiment, model, card_bytes), group in capped.groupby(
-                    ["experiment", "model", "budget_card_bytes"])} if len(capped) else {}
+    # by the card emulated (a card of the fit table by its size, another by its bytes) and the allocator setting
+    measured = {}
+    if len(capped):
+        settings = capped.get("cuda_alloc_conf", pd.Series(None, index=capped.index, dtype=object)).fillna("")
+        for (experiment, model, card_bytes, conf), group in capped.groupby(
+                ["experiment", "model", "budget_card_bytes", settings]):
+            measured[experiment, model, card_of.get(int(card_bytes), int(card_bytes)), conf] = group
     simulated = {}
     for prediction in predictions:
         replay = prediction.get("budget_replay")
         if prediction.get("method") != "simulated" or not replay or prediction.get("micro_batch") != 1:
             continue
         for gb in table["cards"]:
-            key = (prediction["experiment"], prediction["model"], int(gb))
-            if (answers.get(key) == prediction["seq_len"] and replay["cap_bytes"]
+            key = (prediction["experiment"], prediction["model"], int(gb), "")
+            row = rows.get(key[:3])
+            if (row is not None and row["max_seq_len"] == prediction["seq_len"] and replay["cap_bytes"]
                     == budget_cap_bytes(int(gb), "cuda", Technique(**prediction["technique"]))):
                 simulated[key] = prediction
     lines = []
-    for experiment, model, card in sorted(set(measured) | set(simulated), key=str):
-        group = measured.get((experiment, model, card))
+    for experiment, model, card, conf in sorted(set(measured) | set(simulated), key=str):
+        group = measured.get((experiment, model, card, conf))
         trained = [] if group is None else sorted(int(n) for n in group.loc[group["status"] == "ok", "seq_len"])
         ran_out = [] if group is None else sorted(int(n) for n in group.loc[group["status"] == "oom", "seq_len"])
-        answer = answers.get((experiment, model, card))
+        row, setting = rows.get((experiment, model, card)), allocator_answer_key(conf)
+        answered = _answer_with(row, setting)
+        answer = None if answered is None else answered["max_seq_len"]
         fit_card = card in card_of.values()
         verdict, css = boundary_verdict(answer, trained, ran_out) if group is not None else (
             "not yet measured", "")
         where = "no GPU run yet" if group is None else (
             f"{', '.join(sorted(set(group['device_name'].astype(str))))}; "
             f"{', '.join(group.sort_values('seq_len')['file'])}")
-        lines.append([Cell(f"{experiment} @ {model}"),
+        lines.append([Cell(f"{experiment} @ {model}" + (f", PYTORCH_CUDA_ALLOC_CONF={conf}" if conf else "")),
                       Cell(f"{card} GB" if fit_card else f"{gib(card):.2f} GiB",
                            "emulated" if fit_card else "emulated; not a card of the fit table"),
-                      Cell("-" if answer is None else f"{answer:,}", "no fit answer for this configuration"
-                           if answer is None else f"predicted: {seq_method(rows[experiment, model, card])}"),
-                      _simulated_cell(simulated.get((experiment, model, card))),
+                      Cell("-" if answer is None else f"{answer:,}", _no_answer(row, setting, conf)
+                           if answer is None else f"predicted: {seq_method(answered)}"),
+                      _simulated_cell(simulated.get((experiment, model, card, conf))) if setting is None
+                      else _confirmed_cell(answered),
                       Cell(f"{trained[-1]:,}" if trained else "-", ", ".join(f"{n:,}" for n in trained) or "none"),
                       Cell(f"{ran_out[0]:,}" if ran_out else "-", ", ".join(f"{n:,}" for n in ran_out) or "none"),
                       Cell(verdict, where, css=css)])
@@ -243,13 +253,49 @@ def boundary_table(table: dict, runs: pd.DataFrame, predictions: list[dict] = ()
                  numeric={2, 4, 5},
                  note="Measured: GPU runs at micro-batch 1 with the allocator capped at the card less what lives "
                       "outside it (an emulated card), each sequence tried a record, fitting or not; the fit answer "
-                      "is the fit table's for that card. The boundary lies between the longest sequence that "
-                      "trained and the shortest that ran out. The aim: the answer never over-promises and lies "
-                      f"within {BOUNDARY_SHORTFALL:.0%} below the boundary. Simulated: the step at the answer "
-                      "traced (fake tensors) and the caching allocator replayed under the same cap, freeing its "
-                      "cache and retrying as torch does, before a GPU runs it. `make gpu-evidence` probes each "
-                      f"answer and {BOUNDARY_SHORTFALL:.0%} above it (the `boundary` plan of "
+                      "is the fit table's for that card (with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
+                      "where a run set it, its answer with that setting, simulated). The boundary lies between "
+                      "the longest sequence that trained and the shortest that ran out. The aim: the answer never "
+                      f"over-promises and lies within {BOUNDARY_SHORTFALL:.0%} below the boundary. Simulated: the "
+                      "step at the answer traced (fake tensors) and the caching allocator replayed under the same "
+                      "cap, freeing its cache and retrying as torch does, before a GPU runs it. `make gpu-evidence` "
+                      f"probes each answer and {BOUNDARY_SHORTFALL:.0%} above it (the `boundary` plan of "
                       "experiments/matrix.yaml); `python -m harness predict --claims` simulates them.")
+
+
+def allocator_answer_key(conf: str | None) -> str | None:
+    """Which fit answer judges a run under this PYTORCH_CUDA_ALLOC_CONF: torch's default allocator's (None),
+    the answer with expandable segments (EXPANDABLE), or none ("": a setting the predictor does not replay)."""
+    options = {name.strip(): value.strip().lower() for name, _, value in
+               (part.partition(":") for part in (conf or "").split(",") if part.strip())}
+    if options.get(EXPANDABLE) == "true" and set(options) == {EXPANDABLE}:
+        return EXPANDABLE
+    return None if not options or options == {EXPANDABLE: "false"} else ""
+
+
+def _answer_with(row: dict | None, setting: str | None) -> dict | None:
+    """A fit row's answer under an allocator setting (allocator_answer_key's): the row's own for torch's default,
+    its simulated one with expandable segments, none for a setting the predictor does not replay."""
+    if row is None or setting is None:
+        return row
+    return expandable_answer(row) if setting == EXPANDABLE else None
+
+
+def _no_answer(row: dict | None, setting: str | None, conf: str) -> str:
+    if row is None:
+        return "no fit answer for this configuration"
+    if setting == EXPANDABLE:
+        return "its answer with expandable segments is not simulated yet (`python -m harness predict --confirm-fits`)"
+    return f"the predictor does not replay PYTORCH_CUDA_ALLOC_CONF={conf}"
+
+
+def _confirmed_cell(answer: dict | None) -> Cell:
+    """Under an allocator setting, the simulation at the answer is its confirmation's (harness.predict.confirm)."""
+    if answer is None:
+        return Cell("-", "not simulated under the card's cap with this setting")
+    ran_out = answer.get("simulated_fails_at")
+    return Cell("fits", "confirmed by simulation under the card's cap with this setting"
+                + (f"; runs out at {ran_out:,}" if ran_out is not None else ""))
 
 
 def _simulated_cell(prediction: dict | None) -> Cell:

@@ -31,6 +31,10 @@ class Results:
     # Runs of the same configurations in another training loop (Trainer, SFTTrainer: harness.engines),
     # compared with the lab's (harness.report.engines) and kept out of every other table and figure.
     engine_records: list[dict] = field(default_factory=list)
+    # GPU runs under a caching allocator setting of their own (PYTORCH_CUDA_ALLOC_CONF: `allocator:` in a plan),
+    # which only the boundary table reads, beside the fit answers with that setting; every other table and
+    # figure is of torch's default allocator, which the predictions replay.
+    allocator_records: list[dict] = field(default_factory=list)
     predictions: list[dict] = field(default_factory=list)
     # Speed predicted for each measured run, by its record's file (harness predict --speed-of-runs).
     speed_predictions: dict[str, dict] = field(default_factory=dict)
@@ -77,6 +81,8 @@ def load_results(root: str | Path) -> Results:
         key = schema.configuration_key(record, path.parent.name)
         if engine_of(record) != LAB_ENGINE:  # kept one per machine: each is divided by the lab's run on its own
             key += json.dumps(machine(record))
+        if allocator_setting(record):  # the same configuration under another allocator setting is another run
+            key += json.dumps(allocator_setting(record))
         kept = newest.get(key)
         if kept is not None:  # one configuration measured twice: the newest record speaks for it
             results.folded += 1
@@ -85,13 +91,15 @@ def load_results(root: str | Path) -> Results:
                 continue
             folded.append(kept)
         newest[key] = record
-    results.folded_records = [r for r in folded if engine_of(r) == LAB_ENGINE]
-    results.records = [r for r in newest.values() if engine_of(r) == LAB_ENGINE]
+    lab = [r for r in newest.values() if engine_of(r) == LAB_ENGINE]
+    results.folded_records = [r for r in folded if engine_of(r) == LAB_ENGINE and not allocator_setting(r)]
+    results.records = [r for r in lab if not allocator_setting(r)]
+    results.allocator_records = [r for r in lab if allocator_setting(r)]
     results.engine_records = [r for r in newest.values() if engine_of(r) != LAB_ENGINE]
     for path in sorted((root / schema.ATTEMPTS_FOLDER).glob("*/*.json")):  # <slug>/<record stem>.<id>.json
         key = f"{path.parent.name}/{path.name.rsplit('.', 2)[0]}.json"
         results.attempts[key] = results.attempts.get(key, 0) + 1
-    for record in results.records + results.engine_records:
+    for record in results.records + results.engine_records + results.allocator_records:
         record["_attempts"] = results.attempts.get(record["_file"], 0)
     for path in sorted((root / schema.PREDICTIONS_FOLDER).glob("*.json")):
         prediction = _read(path, "prediction", results.skipped, root)
@@ -125,6 +133,11 @@ def load_results(root: str | Path) -> Results:
         devices = sorted({str(b.get("extra_info", {}).get("device")) for b in data["benchmarks"]})
         results.microbench.append({"file": str(path.relative_to(root)), "device": ", ".join(devices), "data": data})
     return results
+
+
+def allocator_setting(record: dict) -> str | None:
+    """The PYTORCH_CUDA_ALLOC_CONF a GPU run trained under (harness.env records it), None for torch's default."""
+    return _get(record, "environment", "cuda_alloc_conf") or None
 
 
 def engine_of(record: dict) -> str:
@@ -199,6 +212,7 @@ def run_row(record: dict) -> dict:
         "tracked_step_peak": memory.get("tracked_step_peak"),
         "quantization": config.get("quantization"),
         "shared_gpu": record.get("shared_gpu"),
+        "cuda_alloc_conf": allocator_setting(record),
         "emulated": record.get("emulated"),
         "cpu_capability": _get(record, "environment", "cpu", "capability"),
         "bf16_native": _get(record, "environment", "cpu", "bf16_native"),
@@ -221,9 +235,12 @@ def run_row(record: dict) -> dict:
 
 def runs_frame(results: Results, engines: bool = False) -> pd.DataFrame:
     """The lab's own runs, one row each (engines: the runs in other training loops instead)."""
-    rows = [run_row(r) for r in (results.engine_records if engines else results.records)]
-    columns = list(run_row({}).keys())
-    return pd.DataFrame(rows, columns=columns)
+    return records_frame(results.engine_records if engines else results.records)
+
+
+def records_frame(records: list[dict]) -> pd.DataFrame:
+    """Run records, one row each (run_row's columns, also where there are none)."""
+    return pd.DataFrame([run_row(r) for r in records], columns=list(run_row({}).keys()))
 
 
 def prediction_row(prediction: dict) -> dict:

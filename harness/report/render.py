@@ -22,7 +22,7 @@ from harness.report.fits import (SIMULATED_MARK, boundary_table, confirmed_count
                                  published_comparison)
 from harness.report.gpus import gpu_count_tables, peer_table
 from harness.report.ledger import build_ledger
-from harness.report.load import is_gpu_record, load_results, predictions_frame, runs_frame
+from harness.report.load import is_gpu_record, load_results, predictions_frame, records_frame, runs_frame
 from harness.report.loss import loss_parity
 from harness.report.speed import speed_rows, speed_table, speed_text
 from harness.report.tables import (
@@ -107,7 +107,8 @@ def _fits_blocks(results, runs, figures: list[FigureResult]) -> list[Block]:
     if compared is not None:
         blocks.append(Block("h3", "Against published figures"))
         blocks.append(Block("table", table=compared))
-    boundary = boundary_table(table, runs, results.predictions)
+    # the runs under an allocator setting of their own are judged here only, by the answers with that setting
+    boundary = boundary_table(table, runs, results.predictions, records_frame(results.allocator_records))
     if boundary is not None:
         blocks.append(Block("h3", "The boundary on emulated cards"))
         blocks.append(Block("table", table=boundary))
@@ -270,7 +271,10 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
     blocks.append(Block("p", (
         f"Rendered from `{results_dir}`: {_count(len(runs), 'run record')} of the lab's loop ({gpu_runs} on a GPU, "
         f"{cpu_runs} on a CPU) and {len(other_loops)} of other loops ({other_gpu} on a GPU), "
-        f"{_count(len(predictions), 'memory prediction')}, {_count(len(results.probes), 'probe')} "
+        + (f"{len(results.allocator_records)} under a PYTORCH_CUDA_ALLOC_CONF of their own (judged in the boundary "
+           "table alone: every other table and figure is of torch's default allocator, which the predictions "
+           "replay), " if results.allocator_records else "")
+        + f"{_count(len(predictions), 'memory prediction')}, {_count(len(results.probes), 'probe')} "
         f"({', '.join(sorted(results.probes)) or 'none'}), {_count(len(results.microbench), 'micro-benchmark file')}. "
         "Sources checked: " + "; ".join(f"{key} = \"{title}\"" for key, title in SOURCES.items()) + ". "
         f"GB means 1e9 bytes and GiB 2^30 bytes throughout, except a card's size, named as sold: a \"24 GB card\" "
