@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from harness.cards import card_bytes
+from harness.matrix import ALLOCATOR_SETTINGS
 from harness.measure.budget import card_cap_bytes
 
 if TYPE_CHECKING:
@@ -36,8 +37,8 @@ RANDOM_WEIGHTS = False  # see the module's text
 # stops there and says so. A micro-batch has no such limit; this one only bounds the search.
 MICRO_BATCH_LIMIT = 1 << 16
 REFERENCE_SHAPE = (512, 1)  # the documents' configuration: the peak the table shows beside the answers
-# an allocator setting other than torch's default, as an answer names it
-ALLOCATOR_WORDS = {"expandable_segments": ", with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"}
+# an allocator setting other than torch's default, as an answer names it: the variable a run sets for it
+ALLOCATOR_WORDS = {name: f", with PYTORCH_CUDA_ALLOC_CONF={conf}" for name, conf in ALLOCATOR_SETTINGS.items()}
 
 
 @dataclass
