@@ -429,6 +429,8 @@ def test_page_loads_in_headless_chromium(rendered):
     assert check.stats["decoded"] == FIGURES_IN_FIXTURE
     assert check.stats["tables"] >= 5
     assert check.console_errors == [] and check.exceptions == []
+    assert check.stats["width"] <= check.stats["window"] == 1440  # no table pushes the page past a laptop's window
+    assert check.problems == []
     assert re.search("VRAM", check.stats["title"])
 
 

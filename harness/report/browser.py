@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The window a reader's laptop gives the page (a 1440 x 900 screen): every table and figure fits its width.
+READER_WIDTH = 1440
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chromium-headless-shell")
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -33,6 +35,8 @@ PAGE_STATS = """JSON.stringify({
   figures: document.querySelectorAll('figure').length,
   tables: document.querySelectorAll('table').length,
   height: document.documentElement.scrollHeight,
+  width: document.documentElement.scrollWidth,
+  window: document.documentElement.clientWidth,
   text: document.body ? document.body.innerText.length : 0
 })"""
 
@@ -60,6 +64,9 @@ class PageCheck:
         found = [f"console: {m}" for m in self.console_errors] + [f"exception: {m}" for m in self.exceptions]
         if self.stats.get("decoded") != self.stats.get("images"):
             found.append(f"{self.stats.get('images', 0) - self.stats.get('decoded', 0)} image(s) did not decode")
+        if self.stats.get("width", 0) > self.stats.get("window", 0):
+            # A table too wide for the window puts its figures off screen: the reader scrolls sideways.
+            found.append(f"the page is {self.stats['width']} px wide in a {self.stats['window']} px window")
         return found
 
 
@@ -147,7 +154,7 @@ def _console_text(params: dict) -> str:
 
 
 def check_page(page: str | Path, binary: str | None = None, screenshot: str | Path | None = None,
-               width: int = 1400, height: int = 4000) -> PageCheck:
+               width: int = READER_WIDTH, height: int = 4000) -> PageCheck:
     """Load a local HTML file and report what a reader's browser would: images, console errors, exceptions."""
     binary = binary or find_chromium()
     if binary is None:
@@ -181,7 +188,7 @@ def check_page(page: str | Path, binary: str | None = None, screenshot: str | Pa
         browser.close()
 
 
-def evaluate_in_page(page: str | Path, expression: str, binary: str | None = None, width: int = 1440,
+def evaluate_in_page(page: str | Path, expression: str, binary: str | None = None, width: int = READER_WIDTH,
                      height: int = 900):
     """Load a local HTML file as a reader would and return the value of a JavaScript expression
     evaluated in it (awaited if it is a promise): how a test chooses in the page's pickers and reads
@@ -212,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.report.browser", description=__doc__.splitlines()[0])
     parser.add_argument("page", type=Path, nargs="?", default=Path("reports/index.html"))
     parser.add_argument("--expect-images", type=int, help="fail unless exactly this many images decode")
-    parser.add_argument("--screenshot", type=Path, help="also save a PNG of the first 1400x4000 pixels")
+    parser.add_argument("--screenshot", type=Path, help=f"also save a PNG of the first {READER_WIDTH}x4000 pixels")
     args = parser.parse_args(argv)
     binary = find_chromium()
     if binary is None:

@@ -550,7 +550,7 @@ th, td { border: 1px solid #d0d7de; padding: 5px 8px; vertical-align: top; text-
 th { background: #f6f8fa; position: sticky; top: 0; }
 tr:nth-child(even) td { background: #fbfcfd; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-.detail { color: #57606a; font-size: 11.5px; margin-top: 2px; }
+.detail { color: #57606a; font-size: 11.5px; margin-top: 2px; white-space: normal; text-align: left; }  /* a number keeps one line and its column; its explanation wraps as prose */
 .note { color: #57606a; font-size: 13px; font-style: italic; margin-bottom: 18px; }
 td.holds, span.holds { background: #dafbe1 !important; }
 td.caveat, span.caveat { background: #fff8c5 !important; }
