@@ -1,7 +1,9 @@
-"""The fit table's longest sequences confirmed by simulation (harness.predict.confirm, `predict --confirm-fits`)."""
+"""The fit table's longest sequences and largest micro-batches confirmed by simulation (harness.predict.confirm,
+`predict --confirm-fits`)."""
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 from conftest import EXPERIMENTS
@@ -11,7 +13,7 @@ from harness.measure.budget import card_cap_bytes
 from harness.predict import confirm
 from harness.predict.solve import Simulated, largest_fitting, longest_sequence, setup, simulate_under_card
 from harness.report.answer import seq_method
-from harness.report.fits import SIMULATED_MARK, _seq_text, confirmed_counts
+from harness.report.fits import SIMULATED_MARK, _micro_batch_text, _seq_text, confirmed_counts
 
 # Mistral-7B QLoRA with checkpointing on a 16 GB card: an answer the card limits
 TARGET = confirm.Target(EXPERIMENTS / "qlora.yaml", "mistral-7b", {"gradient_checkpointing": True}, 16)
@@ -81,7 +83,7 @@ def test_where_nothing_is_found_to_fit_the_search_says_so_and_never_asks_for_les
     # the table keeps the analytic answer for it, with the confirmation that says the simulation ran out
     found = setup(TARGET.experiment, TARGET.model, TARGET.overrides)
     analytic = longest_sequence(found, 16)
-    answer, confirmation = confirm.confirmed_answer(found, TARGET.model, 16, 1, analytic, tmp_path)
+    answer, confirmation = confirm.confirmed_answer(found, TARGET, analytic, tmp_path)
     assert answer == analytic and not confirmation["resolved"]
     assert confirmation["max_seq_len"] == 0 and confirmation["fails_at"] == min(calls)
 
@@ -99,20 +101,74 @@ def test_an_answer_the_context_ends_is_not_searched(monkeypatch):
     assert confirm.search(held) is None and calls == []  # 4,096 tokens, the model's context
 
 
-def test_the_search_on_a_real_simulation_brackets_the_boundary(tmp_path):
+@pytest.mark.parametrize("seq_len", [None, 256])  # its longest sequence at micro-batch 1; its largest micro-batch at 256
+def test_the_search_on_a_real_simulation_brackets_the_boundary(tmp_path, seq_len):
     model = _small_llama(tmp_path)
-    target = confirm.Target(EXPERIMENTS / "qlora.yaml", model, {"gradient_checkpointing": True}, 2)
+    target = confirm.Target(EXPERIMENTS / "qlora.yaml", model, {"gradient_checkpointing": True}, 2, seq_len=seq_len)
     result = confirm.search(target)
-    assert result is not None and result["resolved"] and 0 < result["max_seq_len"] <= result["analytic_max_seq_len"]
+    value, analytic = f"max_{target.axis}", f"analytic_max_{target.axis}"
+    assert result is not None and result["resolved"] and 0 < result[value] <= result[analytic]
+    assert result["axis"] == target.axis
     found = setup(target.experiment, model, target.overrides)
     cap, allocator_cap = card_bytes(2), card_cap_bytes(2, found.config.technique, found.unified_bytes)
 
     def simulated(n):
-        return simulate_under_card(target.experiment, model, n, 1, target.overrides, "cuda", cap, allocator_cap)
-    assert simulated(result["max_seq_len"]).fits
+        return simulate_under_card(target.experiment, model, *target.shape(n), target.overrides, "cuda", cap,
+                                   allocator_cap)
+    assert simulated(result[value]).fits
     if result["fails_at"] is not None:
         assert not simulated(result["fails_at"]).fits
-        assert result["fails_at"] - result["max_seq_len"] <= max(1, math.floor(confirm.TOLERANCE * result["fails_at"]))
+        assert result["fails_at"] - result[value] <= max(1, math.floor(confirm.TOLERANCE * result["fails_at"]))
+
+
+def test_a_micro_batch_that_runs_out_is_searched_down_to_the_one_below_it_and_the_fit_table_takes_it(monkeypatch,
+                                                                                                     tmp_path):
+    from harness.predict.fit_table import FIT_MICRO_BATCH_SEQ_LEN, fit_table
+
+    calls, _ = _fake_simulation(monkeypatch, 1.2, 1.05)
+    found = setup(TARGET.experiment, TARGET.model, TARGET.overrides)
+    boundary = largest_fitting(lambda n: int(found.device(FIT_MICRO_BATCH_SEQ_LEN, n) * 1.2), card_bytes(16),
+                               1 << 16).value
+    target = replace(TARGET, seq_len=FIT_MICRO_BATCH_SEQ_LEN)
+    outcome, said = confirm.confirm_one(target, tmp_path, None)
+    assert outcome == "searched" and f"micro-batch at sequence {FIT_MICRO_BATCH_SEQ_LEN:,}" in said
+    assert set(calls) == {FIT_MICRO_BATCH_SEQ_LEN}  # the sequence stays; the micro-batch is searched
+    (path,) = (tmp_path / confirm.CONFIRMED_FOLDER).glob("*.json")
+    result = json.loads(path.read_text())
+    assert f"__s{FIT_MICRO_BATCH_SEQ_LEN}__" in path.name and result["axis"] == "micro_batch"
+    assert result["seq_len"] == FIT_MICRO_BATCH_SEQ_LEN and "max_seq_len" not in result
+    # a whole number: the answer is the boundary itself, with the one above it seen to run out
+    assert 0 < result["max_micro_batch"] == boundary < result["analytic_max_micro_batch"]
+    assert result["fails_at"] == boundary + 1 and result["resolved"] and not confirm.unsettled(result)
+    assert all(p["fits"] == (p["micro_batch"] <= boundary) for p in result["probes"])
+    assert confirm.confirm_one(target, tmp_path, None) == ("", "")  # resumed: not again
+    # the fit table's row takes it for its micro-batch, its longest sequence still the formula's; its speed follows
+    rows = {(r["model"], r["experiment"], r["gradient_checkpointing"], r["card_gb"]): r
+            for r in fit_table(EXPERIMENTS, out_dir=tmp_path).rows}
+    row = rows["mistral-7b", "qlora", True, 16]
+    assert row["micro_batch_method"] == "simulated" and row["max_micro_batch"] == boundary
+    assert row["analytic_max_micro_batch"] == result["analytic_max_micro_batch"]
+    assert row["simulated_micro_batch_fails_at"] == boundary + 1 and row["seq_len_method"] == "analytic"
+    assert row["micro_batch_device_bytes"] == result["device_bytes"] <= card_bytes(16)
+    assert row["speed_shape"] == [FIT_MICRO_BATCH_SEQ_LEN, boundary]
+    assert all(r["micro_batch_method"] == "analytic" for key, r in rows.items() if key != ("mistral-7b", "qlora", True, 16))
+    # the report marks it, and counts it apart from the longest sequences
+    assert _micro_batch_text(row) == f"{boundary}{SIMULATED_MARK}"
+    assert _micro_batch_text(rows["mistral-7b", "qlora", False, 16]).isdigit()
+    table = {"rows": list(rows.values())}
+    assert confirmed_counts(table, "micro_batch")[0] == 1 and confirmed_counts(table)[0] == 0
+
+
+def test_the_targets_are_the_longest_sequences_then_with_expandable_segments_then_the_micro_batches():
+    from harness.predict.fit_table import FIT_CARDS, FIT_MICRO_BATCH_SEQ_LEN, confirmation_targets
+
+    targets = confirmation_targets(EXPERIMENTS)
+    kinds = [("expandable" if t.allocator != "default" else "micro-batch" if t.seq_len else "sequence") for t in targets]
+    assert kinds == sorted(kinds, key=["sequence", "expandable", "micro-batch"].index)  # in that order, each whole
+    batches = [t for t in targets if t.seq_len]
+    assert {t.seq_len for t in batches} == {FIT_MICRO_BATCH_SEQ_LEN} and {t.allocator for t in batches} == {"default"}
+    assert [t.card_gb for t in batches] == sorted(t.card_gb for t in batches) and batches[0].card_gb == min(FIT_CARDS)
+    assert len(batches) == kinds.count("expandable")  # one micro-batch answer per row, as one expandable answer
 
 
 def test_a_confirmation_is_kept_resumed_and_used_only_by_the_predictor_that_made_it(monkeypatch, tmp_path, capsys):
@@ -124,15 +180,15 @@ def test_a_confirmation_is_kept_resumed_and_used_only_by_the_predictor_that_made
     assert confirm.confirm_one(TARGET, tmp_path, None) == ("", "") and len(calls) == searched  # resumed: not again
     # qlora-gc.yaml is qlora with checkpointing set: the same step, the same confirmation
     same = setup(EXPERIMENTS / "qlora-gc.yaml", TARGET.model)
-    answer, confirmation = confirm.confirmed_answer(same, TARGET.model, 16, 1, longest_sequence(same, 16), tmp_path)
+    answer, confirmation = confirm.confirmed_answer(same, TARGET, longest_sequence(same, 16), tmp_path)
     assert answer.value == confirmation["max_seq_len"] <= boundary and answer.limited_by == "card"
     assert answer.peak_bytes <= card_bytes(16) < answer.next_peak_bytes
     # another predictor's confirmation, or a file that is not one, leaves the analytic answer
     analytic = longest_sequence(same, 16)
     path.write_text(json.dumps({**json.loads(path.read_text()), "predictor": "0" * 12}))
-    assert confirm.confirmed_answer(same, TARGET.model, 16, 1, analytic, tmp_path) == (analytic, None)
+    assert confirm.confirmed_answer(same, TARGET, analytic, tmp_path) == (analytic, None)
     path.write_text("{not json")
-    assert confirm.confirmed_answer(same, TARGET.model, 16, 1, analytic, tmp_path) == (analytic, None)
+    assert confirm.confirmed_answer(same, TARGET, analytic, tmp_path) == (analytic, None)
     assert str(path) in capsys.readouterr().out
     # past the time budget nothing starts, and it says so; a search that fails is said, not raised
     assert confirm.confirm_one(TARGET, tmp_path, deadline=0.0)[0] == "late"

@@ -865,6 +865,24 @@ def test_common_batch_sizes_against_the_most_any_recipe_holds_on_each_card():
     assert eighty.basis.value == 48 and eighty.verdict.kind == verdicts.WRONG and "64 and 128" in eighty.why
 
 
+def test_a_micro_batch_the_simulation_confirmed_is_the_basis_and_the_formula_s_stands_beside_it():
+    def row(experiment, batch, analytic, method):
+        return {"model": "llama-2-7b", "experiment": experiment, "card_gb": 16, "gradient_checkpointing": True,
+                "max_micro_batch": batch, "analytic_max_micro_batch": analytic, "micro_batch_method": method,
+                "max_seq_len": 4096}
+
+    # the formula says 6 for qlora, the simulation 4; int8-lora's 3 is the formula's alone
+    fits = {"micro_batch_seq_len": 2048, "rows": [row("qlora", 4, 6, "simulated"), row("int8-lora", 3, 3, "analytic")]}
+    result = build_row(_claim("B-common"), Results(root=Path("."), fits=fits))
+    assert result.basis.method == "simulated" and result.basis.value == 4 and result.analytic.value == 6
+    assert "qlora @ llama-2-7b" in result.simulated.source and "qlora @ llama-2-7b" in result.analytic.source
+    assert result.why.startswith("The simulation")
+    # where the largest is unconfirmed, the formula's answer is the basis: nothing is said to be simulated
+    fits["rows"][1].update(max_micro_batch=5, analytic_max_micro_batch=7)
+    result = build_row(_claim("B-common"), Results(root=Path("."), fits=fits))
+    assert result.simulated is None and result.basis.method == "analytic" and result.basis.value == 7
+
+
 # --- figures: each panel like with like, names readable, labels clear of each other ---------------------
 
 def _gpu_run(experiment: str, model: str = "llama-2-7b", seq_len: int = 512, micro_batch: int = 1,

@@ -376,9 +376,10 @@ def add_arguments(parser) -> None:
                         help="the longest sequence (at --batch) or the largest micro-batch (at --seq) that fits "
                              "--card: analytic search, confirmed by simulation unless --method analytic")
     parser.add_argument("--confirm-fits", action="store_true",
-                        help="simulate the fit table's card-limited longest sequences at their answers, and search "
-                             "below those that run out (harness.predict.confirm; resumes where it stopped; about "
-                             "half a minute of a CPU per simulated 7B step), then make the fit table again")
+                        help="simulate the fit table's card-limited longest sequences and largest micro-batches at "
+                             "their answers, and search below those that run out (harness.predict.confirm; resumes "
+                             "where it stopped; about ten seconds of a CPU per simulated 7B step), then make the fit "
+                             "table again")
     parser.add_argument("--jobs", type=like_field("world_size"), default=1,
                         help="with --confirm-fits: processes that search at once (default 1)")
     parser.add_argument("--time-budget", metavar="DURATION", type=parse_duration,

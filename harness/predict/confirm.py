@@ -1,20 +1,23 @@
-"""The fit table's longest sequences confirmed by simulation (`harness predict --confirm-fits`).
+"""The fit table's longest sequences and largest micro-batches confirmed by simulation (`harness predict
+--confirm-fits`).
 
 The fit table (harness.predict.fit_table) searches the analytic device bytes (harness.predict.solve):
 instant, but its reserved bytes are the tensor peak times one ratio, and the caching allocator can waste
 more than that where a long step's large blocks fragment its segments (a second step's forward carving
 the first step's cached logit-sized segments; checkpoints pinned in segments of transients). The
 simulation replays the allocator over the step's own allocations under the card's cap, freeing and
-retrying as torch does: the better answer at the edge, at about half a minute of a CPU per step of a 7B
-model. So each card-limited answer is simulated at the analytic answer:
+retrying as torch does: the better answer at the edge, at about ten seconds of a CPU per step of a 7B
+model. So each card-limited answer is simulated at the analytic answer, a longest sequence (at a micro-batch)
+or a largest micro-batch (at a sequence length) alike (a target's `axis`):
 
 - where the step fits, the analytic answer stands, confirmed (it may lie below the simulated boundary:
   no length above it is searched, an answer that holds is what is asked for);
 - where it runs out, the analytic curve moved by what the simulated step needed beyond it gives a
-  shorter guess, simulated in turn, and then bisection, until the longest length simulated to fit and
-  the shortest simulated to run out are within TOLERANCE of each other (at most MAX_SIMULATIONS steps;
-  a search that ends wider keeps the longest length simulated to fit, below the boundary, and the next
-  run goes on from its bracket: `unsettled`).
+  smaller guess, simulated in turn, and then bisection, until the largest value simulated to fit and
+  the smallest simulated to run out are within TOLERANCE of each other (at most MAX_SIMULATIONS steps;
+  a search that ends wider keeps the largest value simulated to fit, below the boundary, and the next
+  run goes on from its bracket: `unsettled`). A micro-batch is a small whole number: its bracket closes
+  only at neighbours.
 
 Each answer is one file under results/fits/confirmed/, stamped with the digest of the predictor's code:
 the search resumes where it stopped, and a confirmation made by other predictor code is not used. The fit
@@ -37,8 +40,8 @@ from pathlib import Path
 
 from harness.cards import card_bytes
 from harness.measure.budget import card_cap_bytes
-from harness.predict.solve import (ALLOCATOR_WORDS, Answer, Setup, largest_fitting, longest_sequence, setup,
-                                   simulate_under_card)
+from harness.predict.solve import (ALLOCATOR_WORDS, Answer, Setup, largest_fitting, largest_micro_batch,
+                                   longest_sequence, setup, simulate_under_card)
 
 CONFIRMED_FOLDER = Path("fits") / "confirmed"
 # The search stops once the longest length simulated to fit is within 1% of the shortest simulated to run out:
@@ -46,6 +49,7 @@ CONFIRMED_FOLDER = Path("fits") / "confirmed"
 TOLERANCE = 0.01
 MAX_SIMULATIONS = 10
 SHORTEST = 2  # the shortest sequence an experiment may ask for (harness.config: one token predicts nothing)
+SMALLEST = {"seq_len": SHORTEST, "micro_batch": 1}  # the least each axis may ask for
 # Fields of a configuration that do not change one step's memory at a given shape: the search varies the
 # shape, and a run's length, its card and its names are not the step's (harness.config.config_hash).
 RUN_CONTROL_FIELDS = ("seq_len", "micro_batch", "steps", "warmup_steps", "budget_gb", "budget_card_bytes",
@@ -54,14 +58,43 @@ RUN_CONTROL_FIELDS = ("seq_len", "micro_batch", "steps", "warmup_steps", "budget
 
 @dataclass(frozen=True)
 class Target:
-    """One answer to confirm: an experiment file (with these fields) at a model on a card, at micro-batch 1, with
-    the caching allocator set as `allocator` says (harness.predict.allocator.SETTINGS)."""
+    """One answer to confirm: an experiment file (with these fields) at a model on a card, with the caching allocator
+    set as `allocator` says (harness.predict.allocator.SETTINGS): its longest sequence at `micro_batch`, or, where
+    `seq_len` is given, its largest micro-batch at that length (`micro_batch` is then the answer, not a field)."""
     experiment: Path
     model: str
     overrides: dict
     card_gb: float
     micro_batch: int = 1
     allocator: str = "default"
+    seq_len: int | None = None
+
+    @property
+    def axis(self) -> str:
+        return "seq_len" if self.seq_len is None else "micro_batch"
+
+    def shape(self, n: int) -> tuple[int, int]:
+        """(sequence length, micro-batch) with the searched axis at n."""
+        return (n, self.micro_batch) if self.seq_len is None else (self.seq_len, n)
+
+    def analytic(self, found: Setup) -> Answer:
+        """The analytic search's answer on the target's axis (harness.predict.solve)."""
+        if self.seq_len is None:
+            return longest_sequence(found, self.card_gb, self.micro_batch)
+        return largest_micro_batch(found, self.card_gb, self.seq_len)
+
+    def label(self, name: str) -> str:
+        """The target as a line of --confirm-fits says it."""
+        checkpointing = " + checkpointing" if self.overrides.get("gradient_checkpointing") else ""
+        what = "" if self.seq_len is None else f", micro-batch at sequence {self.seq_len:,}"
+        return (f"{name}{checkpointing} @ {self.model} on {self.card_gb:g} GB{what}"
+                f"{ALLOCATOR_WORDS.get(self.allocator, '')}")
+
+
+def _keys(axis: str) -> tuple[str, str]:
+    """A confirmation's keys for its answer and the analytic one: a longest sequence's files keep the names they
+    have always had (max_seq_len, analytic_max_seq_len); a micro-batch's say max_micro_batch."""
+    return f"max_{axis}", f"analytic_max_{axis}"
 
 
 def step_fingerprint(found: Setup) -> str:
@@ -73,12 +106,14 @@ def step_fingerprint(found: Setup) -> str:
     return config_hash(config)[:12]
 
 
-def confirmation_path(out_dir: Path, found: Setup, model: str, card_gb: float, micro_batch: int) -> Path:
-    """One file per answer; an allocator setting other than the default names itself (torch's default keeps the
-    plain name)."""
+def confirmation_path(out_dir: Path, found: Setup, target: Target) -> Path:
+    """One file per answer, named by what stays fixed: `b1` a longest sequence at micro-batch 1, `s2048` a largest
+    micro-batch at 2,048 tokens; an allocator setting other than the default names itself (torch's default keeps
+    the plain name)."""
     allocator = "" if found.allocator == "default" else f"__{found.allocator}"
-    return (Path(out_dir) / CONFIRMED_FOLDER /
-            f"{model.replace('/', '_')}__{card_gb:g}gb__b{micro_batch}{allocator}__{step_fingerprint(found)}.json")
+    fixed = f"b{target.micro_batch}" if target.seq_len is None else f"s{target.seq_len}"
+    return (Path(out_dir) / CONFIRMED_FOLDER / f"{target.model.replace('/', '_')}__{target.card_gb:g}gb__{fixed}"
+                                               f"{allocator}__{step_fingerprint(found)}.json")
 
 
 @cache
@@ -91,16 +126,17 @@ def predictor_digest() -> str:
     return env.code_digest(PREDICTOR_MODULES)
 
 
-def read_confirmation(path: Path, predictor: str, analytic_value: int) -> dict | None:
+def read_confirmation(path: Path, predictor: str, analytic_value: int, axis: str = "seq_len") -> dict | None:
     """A confirmation that still applies: made by this predictor code from the same analytic answer; None if
     there is none (a file that cannot be read is said so and searched again)."""
     if not path.exists():
         return None
+    value, analytic = _keys(axis)
     try:
         confirmation = json.loads(path.read_text())
         current = (confirmation["predictor"] == predictor
-                   and confirmation["analytic_max_seq_len"] == analytic_value)
-        missing = [key for key in ("max_seq_len", "fails_at", "resolved", "device_bytes", "probes")
+                   and confirmation[analytic] == analytic_value)
+        missing = [key for key in (value, "fails_at", "resolved", "device_bytes", "probes")
                    if key not in confirmation]
         if missing:
             raise KeyError(", ".join(missing))
@@ -120,12 +156,13 @@ def earlier_bracket(path: Path) -> dict | None:
 
 
 def earlier_bracket_of(confirmation: dict) -> dict | None:
-    """{"predictor", "max_seq_len", "fails_at"} of a confirmation that found a length to fit, the lengths a new
-    search simulates first; None otherwise."""
+    """{"predictor", "max_seq_len" (or "max_micro_batch"), "fails_at"} of a confirmation that found a value to
+    fit, the values a new search simulates first; None otherwise."""
     try:
-        if confirmation["resolved"] and confirmation["max_seq_len"] > 0:
-            return {key: confirmation[key] for key in ("predictor", "max_seq_len", "fails_at")}
-    except (KeyError, TypeError):
+        value = _keys(confirmation.get("axis", "seq_len"))[0]
+        if confirmation["resolved"] and confirmation[value] > 0:
+            return {key: confirmation[key] for key in ("predictor", value, "fails_at")}
+    except (KeyError, TypeError, AttributeError):
         pass
     return None
 
@@ -136,10 +173,10 @@ def _tolerated(fits: int, fails: int) -> bool:
 
 
 def unsettled(confirmation: dict) -> bool:
-    """A search that found a length to fit but ran out of steps (MAX_SIMULATIONS) before it came within the
+    """A search that found a value to fit but ran out of steps (MAX_SIMULATIONS) before it came within the
     tolerance of one that ran out: its answer is a lower bound, and the next `--confirm-fits` goes on from its
     bracket (far below a formula that over-promises much, halving takes more steps than one search has)."""
-    fits, fails = confirmation["max_seq_len"], confirmation["fails_at"]
+    fits, fails = confirmation[_keys(confirmation.get("axis", "seq_len"))[0]], confirmation["fails_at"]
     return bool(confirmation["resolved"]) and fits > 0 and fails is not None and not _tolerated(fits, fails)
 
 
@@ -147,27 +184,29 @@ def search(target: Target, device_type: str = "cuda", found: Setup | None = None
            earlier: dict | None = None) -> dict | None:
     """The confirmed answer of one target (see the module's text), or None where the analytic answer is not the
     card's (the model's context, or nothing fits). `earlier` (earlier_bracket): an earlier search's answer and the
-    length it saw run out, simulated first where they lie below the analytic answer: after a change to the
+    value it saw run out, simulated first where they lie below the analytic answer: after a change to the
     predictor's code most answers move little, and two simulated steps then settle one."""
     started = time.perf_counter()
     found = found or setup(target.experiment, target.model, target.overrides, device_type, target.allocator)
-    analytic = longest_sequence(found, target.card_gb, target.micro_batch)
+    analytic = target.analytic(found)
     if analytic.limited_by != "card" or analytic.value == 0:
         return None
+    axis, smallest = target.axis, SMALLEST[target.axis]
+    value_key, analytic_key = _keys(axis)
     cap = card_bytes(target.card_gb)
     allocator_cap = card_cap_bytes(target.card_gb, found.config.technique, found.unified_bytes)
 
     def analytic_device(n: int) -> int:
-        return found.device(n, target.micro_batch)
+        return found.device(*target.shape(n))
 
-    # the lengths to try before any other: an earlier answer and the length it ran out at, below the analytic one
-    earlier_lengths = (earlier["max_seq_len"], earlier["fails_at"]) if earlier else ()
-    hints = [n for n in earlier_lengths if n is not None and SHORTEST <= n < analytic.value]
+    # the values to try before any other: an earlier answer and the value it ran out at, below the analytic one
+    earlier_values = (earlier[value_key], earlier["fails_at"]) if earlier else ()
+    hints = [n for n in earlier_values if n is not None and smallest <= n < analytic.value]
     probes, fits, fails, n, drop = [], 0, None, (hints or [analytic.value])[0], 0
     while len(probes) < MAX_SIMULATIONS:
-        step = simulate_under_card(target.experiment, target.model, n, target.micro_batch, target.overrides,
+        step = simulate_under_card(target.experiment, target.model, *target.shape(n), target.overrides,
                                    device_type, cap, allocator_cap, target.allocator)
-        probes.append({"seq_len": n, "fits": step.fits, "device_bytes": step.device_bytes,
+        probes.append({axis: n, "fits": step.fits, "device_bytes": step.device_bytes,
                        "needed_bytes": step.needed_bytes, "analytic_device_bytes": analytic_device(n)})
         if step.fits:
             fits = max(fits, n)
@@ -176,7 +215,7 @@ def search(target: Target, device_type: str = "cuda", found: Setup | None = None
         if fails is None:
             if fits == analytic.value:
                 break  # the analytic answer holds
-            # an earlier answer holds: up to the length it ran out at, else to the analytic answer
+            # an earlier answer holds: up to the value it ran out at, else to the analytic answer
             n = next((hint for hint in hints if hint > fits), analytic.value)
             continue
         if _tolerated(fits, fails):
@@ -184,42 +223,45 @@ def search(target: Target, device_type: str = "cuda", found: Setup | None = None
         if fits:
             n = (fits + fails) // 2
             continue
-        if n <= SHORTEST:
-            break  # not even the shortest sequence fits
+        if n <= smallest:
+            break  # not even the smallest value fits
         # the analytic curve moved up by what this step needed beyond it: about where the simulated boundary is;
         # at least TOLERANCE below the step that ran out, so that a guess that fits closes the search, and twice
         # as far below as the last guess went where that one ran out too (a failed request sees only part of
-        # what the step lacks); never below half of it, as a bisection from the shortest sequence would go
+        # what the step lacks); never below half of it, as a bisection from the smallest value would go
         excess = step.needed_bytes - analytic_device(n)
         guess = largest_fitting(analytic_device, cap - excess, fails - 1).value
-        guess = max(SHORTEST, fails // 2, min(guess, math.floor(fails * (1 - TOLERANCE)), fails - 2 * drop))
+        guess = max(smallest, fails // 2, min(guess, math.floor(fails * (1 - TOLERANCE)), fails - 2 * drop))
         drop, n = fails - guess, guess
-    held = {p["seq_len"]: p["device_bytes"] for p in probes}
-    return {"experiment": found.config.name, "model": target.model, "card_gb": target.card_gb,
-            "micro_batch": target.micro_batch, "allocator": target.allocator,
+    held = {p[axis]: p["device_bytes"] for p in probes}
+    fixed = {"micro_batch": target.micro_batch} if axis == "seq_len" else {"seq_len": target.seq_len}
+    return {"experiment": found.config.name, "model": target.model, "card_gb": target.card_gb, "axis": axis,
+            **fixed, "allocator": target.allocator,
             "gradient_checkpointing": found.config.experiment.gradient_checkpointing,
             "step": step_fingerprint(found), "predictor": predictor_digest(),
-            "analytic_max_seq_len": analytic.value,
-            # every probe fits (the analytic answer holds), or the longest found to fit: 0 where none did
-            "max_seq_len": fits, "fails_at": fails, "resolved": fails is None or fits > 0 or fails <= SHORTEST,
+            analytic_key: analytic.value,
+            # every probe fits (the analytic answer holds), or the largest found to fit: 0 where none did
+            value_key: fits, "fails_at": fails, "resolved": fails is None or fits > 0 or fails <= smallest,
             "device_bytes": held.get(fits), "earlier": earlier,
             "probes": probes, "seconds": time.perf_counter() - started}
 
 
-def confirmed_answer(found: Setup, model: str, card_gb: float, micro_batch: int, analytic: Answer,
-                     out_dir: Path | None, predictor: str | None = None) -> tuple[Answer, dict | None]:
+def confirmed_answer(found: Setup, target: Target, analytic: Answer, out_dir: Path | None,
+                     predictor: str | None = None) -> tuple[Answer, dict | None]:
     """The answer to use: a current confirmation's where one exists under `out_dir`, else the analytic one; and
     the confirmation (None where the analytic answer stands unconfirmed). An unresolved search (nothing found
     to fit in MAX_SIMULATIONS steps) leaves the analytic answer, and its confirmation says so."""
     if out_dir is None or analytic.limited_by != "card" or analytic.value == 0:
         return analytic, None
-    confirmation = read_confirmation(confirmation_path(out_dir, found, model, card_gb, micro_batch),
-                                     predictor or predictor_digest(), analytic.value)
+    axis = target.axis
+    confirmation = read_confirmation(confirmation_path(out_dir, found, target), predictor or predictor_digest(),
+                                     analytic.value, axis)
     if confirmation is None or not confirmation["resolved"]:
         return analytic, confirmation
-    failed = [p["device_bytes"] for p in confirmation["probes"] if p["seq_len"] == confirmation["fails_at"]]
-    answer = Answer(confirmation["max_seq_len"], confirmation["device_bytes"], failed[0] if failed else None,
-                    "card", len(confirmation["probes"]))
+    value = confirmation[_keys(axis)[0]]
+    failed = [p["device_bytes"] for p in confirmation["probes"] if p[axis] == confirmation["fails_at"]]
+    answer = Answer(value, confirmation["device_bytes"], failed[0] if failed else None, "card",
+                    len(confirmation["probes"]))
     return answer, confirmation
 
 
@@ -235,13 +277,12 @@ def confirm_one(target: Target, out_dir: Path, deadline: float | None) -> tuple[
     passed: (what became of it: "searched", "failed", "late" or "" for nothing to do, and a line that says so)."""
     found = replace(_setup_of(target.experiment, target.model, json.dumps(target.overrides, sort_keys=True)),
                     allocator=target.allocator)
-    analytic = longest_sequence(found, target.card_gb, target.micro_batch)
-    label = f"{found.config.name}{' + checkpointing' if target.overrides.get('gradient_checkpointing') else ''} @ " \
-            f"{target.model} on {target.card_gb:g} GB{ALLOCATOR_WORDS.get(target.allocator, '')}"
+    analytic = target.analytic(found)
+    label = target.label(found.config.name)
     if analytic.limited_by != "card" or analytic.value == 0:
         return "", ""
-    path = confirmation_path(out_dir, found, target.model, target.card_gb, target.micro_batch)
-    current = read_confirmation(path, predictor_digest(), analytic.value)
+    path = confirmation_path(out_dir, found, target)
+    current = read_confirmation(path, predictor_digest(), analytic.value, target.axis)
     if current is not None and not unsettled(current):
         return "", ""
     if deadline is not None and time.time() > deadline:
@@ -255,8 +296,9 @@ def confirm_one(target: Target, out_dir: Path, deadline: float | None) -> tuple[
     temporary = path.with_name(f".{path.name}")
     temporary.write_text(json.dumps(confirmation, indent=1) + "\n")
     temporary.replace(path)  # a file is whole or absent: an interrupted search leaves nothing half-written
-    verdict = ("stands" if confirmation["max_seq_len"] == analytic.value else
-               f"{confirmation['max_seq_len']:,} (runs out at {confirmation['fails_at']:,})"
+    value = confirmation[_keys(target.axis)[0]]
+    verdict = ("stands" if value == analytic.value else
+               f"{value:,} (runs out at {confirmation['fails_at']:,})"
                if confirmation["resolved"] else "runs out; nothing found to fit")
     return "searched", (f"{label}: analytic {analytic.value:,} -> {verdict}, {len(confirmation['probes'])} "
                         f"simulated steps, {confirmation['seconds']:.0f} s")

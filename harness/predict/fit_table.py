@@ -3,9 +3,9 @@ models people fine-tune on them and every registered technique, with and without
 longest sequence at micro-batch 1 and the largest micro-batch at one length, with the speed and price of
 each row on the card of its size.
 
-The answers are the analytic search's (harness.predict.solve: instant); a longest sequence the card limits is
-the simulation's where a current confirmation of it lies under the results folder (harness.predict.confirm,
-`harness predict --confirm-fits`), and each row says which method answered.
+The answers are the analytic search's (harness.predict.solve: instant); a longest sequence or a largest
+micro-batch the card limits is the simulation's where a current confirmation of it lies under the results folder
+(harness.predict.confirm, `harness predict --confirm-fits`), and each row says which method answered each.
 
 Each row also answers its longest sequence with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 (`expandable_segments`), the usual cure where the caching allocator's segments fragment: what it buys,
@@ -21,8 +21,8 @@ from pathlib import Path
 from harness.cards import card_bytes
 from harness.predict.confirm import (CONFIRMED_FOLDER, Target, confirm_one, confirmed_answer,
                                      predictor_digest)
-from harness.predict.solve import (MICRO_BATCH_LIMIT, REFERENCE_SHAPE, Answer, Setup, largest_fitting,
-                                   longest_sequence, sequence_limited_by, setup)
+from harness.predict.solve import (REFERENCE_SHAPE, Answer, Setup, largest_micro_batch, longest_sequence,
+                                   sequence_limited_by, setup)
 
 # the caching allocator's settings each row's longest sequence is answered for (harness.predict.allocator.SETTINGS):
 # torch's default, whose answer the row gives, and this one, the row's `expandable_segments`
@@ -95,9 +95,9 @@ def fit_table_predictor(out_dir: Path | None = None) -> str:
 
 
 def fit_table(experiments_dir: Path, device_type: str = "cuda", out_dir: Path | None = None):
-    """Every (model, technique, checkpointing, card) answer: the longest sequence confirmed by simulation where
-    a current confirmation lies under `out_dir` (harness.predict.confirm; `seq_len_method` says which), else
-    by the analytic search (instant); the largest micro-batch by the analytic search."""
+    """Every (model, technique, checkpointing, card) answer: the longest sequence and the largest micro-batch,
+    each confirmed by simulation where a current confirmation lies under `out_dir` (harness.predict.confirm;
+    `seq_len_method` and `micro_batch_method` say which), else by the analytic search (instant)."""
     from harness import env, schema
     from harness.cards import CARD_OF_SIZE, CARDS
     from harness.techniques import TECHNIQUES
@@ -105,47 +105,55 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda", out_dir: Path | 
     started = time.perf_counter()
     predictor = predictor_digest()
 
-    def longest_answer(found: Setup, model: str, card_gb: float) -> tuple[Answer, dict]:
-        analytic = longest_sequence(found, card_gb)
-        answer, confirmation = confirmed_answer(found, model, card_gb, 1, analytic, out_dir, predictor)
-        confirmed = confirmation is not None and confirmation["resolved"]
-        return answer, {"seq_len_method": "simulated" if confirmed else "analytic",
-                        "analytic_max_seq_len": analytic.value,
+    def confirmed(found: Setup, target: Target) -> tuple[Answer, dict | None, Answer]:
+        analytic = target.analytic(found)
+        answer, confirmation = confirmed_answer(found, target, analytic, out_dir, predictor)
+        return answer, confirmation, analytic
+
+    def longest_answer(found: Setup, target: Target) -> tuple[Answer, dict]:
+        answer, confirmation, analytic = confirmed(found, target)
+        return answer, {"seq_len_method": _method(confirmation), "analytic_max_seq_len": analytic.value,
                         # the shortest sequence the simulation saw run out of the card (None: none did)
                         "simulated_fails_at": confirmation["fails_at"] if confirmation else None}
 
-    def expandable_answer(found: Setup, model: str, card_gb: float) -> dict:
+    def largest_answer(found: Setup, target: Target) -> tuple[Answer, dict]:
+        answer, confirmation, analytic = confirmed(found, replace(target, seq_len=FIT_MICRO_BATCH_SEQ_LEN))
+        return answer, {"micro_batch_method": _method(confirmation), "analytic_max_micro_batch": analytic.value,
+                        # the smallest micro-batch the simulation saw run out of the card (None: none did)
+                        "simulated_micro_batch_fails_at": confirmation["fails_at"] if confirmation else None}
+
+    def expandable_answer(found: Setup, target: Target) -> dict:
         """The longest sequence with expandable segments, said as the row says its own."""
         expandable = replace(found, allocator=EXPANDABLE)
-        answer, method = longest_answer(expandable, model, card_gb)
+        answer, method = longest_answer(expandable, replace(target, allocator=EXPANDABLE))
         return {"max_seq_len": answer.value, **method, "seq_len_limited_by": sequence_limited_by(answer, expandable),
-                "device_bytes": answer.peak_bytes, "margin_bytes": _margin(answer, card_gb)}
+                "device_bytes": answer.peak_bytes, "margin_bytes": _margin(answer, target.card_gb)}
 
     experiments = [name for name in TECHNIQUES if (experiments_dir / f"{name}.yaml").exists()]
     rows, curves = [], []
     for model in FIT_MODELS:
         for name in experiments:
             for checkpointing in (False, True):
-                found = setup(experiments_dir / f"{name}.yaml", model, {"gradient_checkpointing": checkpointing},
-                              device_type)
+                overrides = {"gradient_checkpointing": checkpointing}
+                found = setup(experiments_dir / f"{name}.yaml", model, overrides, device_type)
                 common = {"experiment": name, "model": model, "gradient_checkpointing": checkpointing}
                 for card_gb in FIT_CARDS:
-                    cap = card_bytes(card_gb)
-                    longest, method = longest_answer(found, model, card_gb)
-                    largest = largest_fitting(lambda n: found.device(FIT_MICRO_BATCH_SEQ_LEN, n), cap,
-                                              MICRO_BATCH_LIMIT)
+                    target = Target(experiments_dir / f"{name}.yaml", model, overrides, card_gb)
+                    longest, method = longest_answer(found, target)
+                    largest, micro_batch_method = largest_answer(found, target)
                     # device_bytes and margin_bytes: at the longest sequence's answer (micro-batch 1)
                     # at the reference shape: the tensor peak, and what the card must hold (allocator, context)
                     rows.append({**common, "card_gb": card_gb, "reference_peak_bytes": found.peak(*REFERENCE_SHAPE),
                                  "reference_device_bytes": found.device(*REFERENCE_SHAPE),
                                  "max_seq_len": longest.value, **method,
                                  "seq_len_limited_by": sequence_limited_by(longest, found),
-                                 "max_micro_batch": largest.value, "device_bytes": longest.peak_bytes,
+                                 "max_micro_batch": largest.value, **micro_batch_method,
+                                 "device_bytes": longest.peak_bytes,
                                  "margin_bytes": _margin(longest, card_gb),
                                  "micro_batch_device_bytes": largest.peak_bytes,
                                  "device_bytes_at": {str(seq): found.device(seq, 1) for seq in CURVE_SEQ_LENS
                                                      if seq <= longest.value},
-                                 EXPANDABLE: expandable_answer(found, model, card_gb),
+                                 EXPANDABLE: expandable_answer(found, target),
                                  **fit_row_speed(found, card_gb, largest.value, longest.value)})
                 if model == CURVE_MODEL:
                     curves += [{**common, "seq_len": seq, "total_bytes": found.peak(seq, 1),
@@ -155,13 +163,14 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda", out_dir: Path | 
     for case, (model, name, overrides) in COMPARED_CASES.items():
         found = setup(experiments_dir / f"{name}.yaml", model, overrides, device_type)
         for card_gb in FIT_CARDS:
-            answer, method = longest_answer(found, model, card_gb)
+            answer, method = longest_answer(found, Target(experiments_dir / f"{name}.yaml", model, overrides, card_gb))
             cases.append({"case": case, "experiment": name, "model": model, "card_gb": card_gb,
                           "max_seq_len": answer.value, **method, "device_bytes": answer.peak_bytes,
                           "margin_bytes": _margin(answer, card_gb)})
-    confirmed = any(row["seq_len_method"] == "simulated" for row in rows + cases)  # the default allocator's
+    simulated = any("simulated" in (row["seq_len_method"], row.get("micro_batch_method"))
+                    for row in rows + cases)  # the default allocator's
     return schema.FitTable(
-        method=f"analytic{SIMULATED_TOO if confirmed else ''}", device_type=device_type, cases=cases,
+        method=f"analytic{SIMULATED_TOO if simulated else ''}", device_type=device_type, cases=cases,
         cards={str(gb): {"card_bytes": card_bytes(gb), "cap_bytes": card_bytes(gb), "gpu": CARD_OF_SIZE[gb],
                          "price_per_hour": CARDS[CARD_OF_SIZE[gb]].price_per_hour, "tokens": FIT_TOKENS}
                for gb in FIT_CARDS},
@@ -170,34 +179,40 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda", out_dir: Path | 
         seconds=time.perf_counter() - started)
 
 
+def _method(confirmation: dict | None) -> str:
+    """Which method answered: "simulated" where a resolved confirmation holds the answer, else "analytic"."""
+    return "simulated" if confirmation is not None and confirmation["resolved"] else "analytic"
+
+
 def fit_answer(experiment: Path, model: str, overrides: dict, device_type: str, card_gb: float,
                micro_batch: int, out_dir: Path | None = None, allocator: str = "default") -> Answer:
-    """The fit answer for an experiment file with these fields at a model (harness.matrix's fit_multiples) under
-    an allocator setting: the fit table's, confirmed by simulation where a current confirmation lies under
-    `out_dir` (harness.predict.confirm), else the analytic search's."""
+    """The fit answer (a longest sequence) for an experiment file with these fields at a model (harness.matrix's
+    fit_multiples) under an allocator setting: the fit table's, confirmed by simulation where a current
+    confirmation lies under `out_dir` (harness.predict.confirm), else the analytic search's."""
     found = setup(experiment, model, overrides, device_type, allocator)
-    return confirmed_answer(found, model, card_gb, micro_batch, longest_sequence(found, card_gb, micro_batch),
-                            out_dir)[0]
+    target = Target(experiment, model, overrides, card_gb, micro_batch, allocator)
+    return confirmed_answer(found, target, longest_sequence(found, card_gb, micro_batch), out_dir)[0]
 
 
 def confirmation_targets(experiments_dir: Path) -> list[Target]:
-    """Every answer of the fit table and its compared cases, smaller cards first (the cards where people are
-    at the edge), each card's models in the table's order; then the table's answers with expandable segments,
-    in the same order."""
+    """Every longest sequence of the fit table and its compared cases, smaller cards first (the cards where people
+    are at the edge), each card's models in the table's order; then the table's longest sequences with expandable
+    segments, then its largest micro-batches, in the same order."""
     from harness.techniques import TECHNIQUES
 
     experiments = [experiments_dir / f"{name}.yaml" for name in TECHNIQUES
                    if (experiments_dir / f"{name}.yaml").exists()]
-    found, expandable = [], []
+    found, expandable, micro_batches = [], [], []
     for card_gb in FIT_CARDS:
         for model in FIT_MODELS:
             rows = [Target(path, model, {"gradient_checkpointing": gc}, card_gb)
                     for path in experiments for gc in (False, True)]
             found += rows
             expandable += [replace(target, allocator=EXPANDABLE) for target in rows]
+            micro_batches += [replace(target, seq_len=FIT_MICRO_BATCH_SEQ_LEN) for target in rows]
         found += [Target(experiments_dir / f"{name}.yaml", model, overrides, card_gb)
                   for model, name, overrides in COMPARED_CASES.values()]
-    return found + expandable
+    return found + expandable + micro_batches
 
 
 def confirm_fits(experiments_dir: Path, out_dir: Path, jobs: int = 1, time_budget_s: float | None = None

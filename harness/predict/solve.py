@@ -148,6 +148,12 @@ def longest_sequence(found: Setup, card_gb: float, micro_batch: int = 1) -> Answ
     return largest_fitting(lambda n: found.device(n, micro_batch), card_bytes(card_gb), _limit("seq_len", found.context))
 
 
+def largest_micro_batch(found: Setup, card_gb: float, seq_len: int) -> Answer:
+    """The fit answer on the other axis: the largest micro-batch at `seq_len` whose analytic device bytes fit a
+    card as sold."""
+    return largest_fitting(lambda n: found.device(seq_len, n), card_bytes(card_gb), _limit("micro_batch", found.context))
+
+
 def solve(experiment: Path, model: str, card_gb: float, axis: str, *, seq_len: int = 512, micro_batch: int = 1,
           overrides: dict | None = None, device_type: str = "cuda", simulate: bool = True,
           allocator: str = "default") -> dict:

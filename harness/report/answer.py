@@ -129,11 +129,11 @@ def _article(name: str) -> str:
 
 
 def search_words(method: str | None) -> str:
-    """A fit table's method (harness.predict.fit_table: "analytic", or "analytic+simulated" where longest
-    sequences are confirmed by simulation) as words."""
+    """A fit table's method (harness.predict.fit_table: "analytic", or "analytic+simulated" where answers the card
+    limits are confirmed by simulation) as words."""
     if method and method.endswith("+simulated"):
-        return ("analytic search, its longest sequences confirmed by simulation, the caching allocator replayed "
-                "under each card's cap")
+        return ("analytic search, its answers at the card's limit confirmed by simulation, the caching allocator "
+                "replayed under each card's cap")
     return f"{method or 'analytic'} search"
 
 

@@ -499,10 +499,11 @@ def throughput_ratio(results: Results, spec: dict, method: str) -> Observation |
 
 
 def max_micro_batch(results: Results, spec: dict, method: str) -> Observation | None:
-    """The largest micro-batch that fits a card (the fit table's analytic search, at its sequence length):
-    of the spec's experiment, or of every recipe the table has for the model where it names none;
-    `checkpointing` true, false, or "any" (with or without)."""
-    if method != "analytic" or not results.fits:
+    """The largest micro-batch that fits a card (the fit table's, at its sequence length): "analytic", the formula's
+    answer; "simulated", the answer the simulation confirmed (the caching allocator replayed under the card's cap),
+    where it confirmed the largest. Of the spec's experiment, or of every recipe the table has for the model where
+    it names none; `checkpointing` true, false, or "any" (with or without)."""
+    if method not in PREDICTION_METHODS or not results.fits:
         return None
     table, names, checkpointing = results.fits, _experiments(spec), spec.get("checkpointing")
     rows = [row for row in table["rows"]
@@ -511,13 +512,20 @@ def max_micro_batch(results: Results, spec: dict, method: str) -> Observation | 
             and (checkpointing == "any" or bool(row["gradient_checkpointing"]) == bool(checkpointing))]
     if not rows:
         return None
-    row = max(rows, key=lambda r: r["max_micro_batch"])  # the first of the table's order among equals
+
+    def answer(row: dict) -> int:
+        # a table made before micro-batches were confirmed holds only the formula's answer
+        return row.get("analytic_max_micro_batch", row["max_micro_batch"]) if method == "analytic" else \
+            row["max_micro_batch"]
+    row = max(rows, key=answer)  # the first of the table's order among equals
+    if method == "simulated" and row.get("micro_batch_method") != "simulated":
+        return None  # the largest is the formula's alone: nothing simulated to show
     with_or_without = "with" if row["gradient_checkpointing"] else "without"
     source = (f"{row['experiment']} @ {row['model']}, seq {table['micro_batch_seq_len']:,}, {with_or_without} "
               f"checkpointing, {row['card_gb']} GB card")
     if len(rows) > 1:
         source += f"; the most of the fit table's {len(rows)} recipes at this model and card"
-    return Observation(float(row["max_micro_batch"]), method, source,
+    return Observation(float(answer(row)), method, source,
                        note=f"longest sequence at micro-batch 1: {row['max_seq_len']:,}")
 
 

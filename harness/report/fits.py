@@ -25,7 +25,7 @@ PUBLISHED_MAX_SEQ_LEN = {
 }
 
 
-SIMULATED_MARK = "†"  # a longest sequence confirmed by simulation (harness.predict.confirm); unmarked: analytic
+SIMULATED_MARK = "†"  # an answer confirmed by simulation (harness.predict.confirm); unmarked: analytic
 # what expandable segments buy: the answers they lengthen by at least this much are listed (a smaller gain is
 # within what two simulations of one step at the edge disagree by)
 EXPANDABLE_LISTED_GAIN = 0.10
@@ -40,11 +40,19 @@ def _seq_text(row: pd.Series) -> str:
     return text + " (context)" if row["seq_len_limited_by"] == "context" else text
 
 
-def confirmed_counts(table: dict) -> tuple[int, int]:
-    """(answers confirmed by simulation, card-limited answers): how much of the fit table the simulation holds."""
-    limited = [row for row in table["rows"] if row["seq_len_limited_by"] == "card" and
-               (row.get("analytic_max_seq_len") or row["max_seq_len"]) > 0]
-    return sum(row.get("seq_len_method") == "simulated" for row in limited), len(limited)
+def _micro_batch_text(row: pd.Series) -> str:
+    text = f"{row['max_micro_batch']}"
+    return text + SIMULATED_MARK if row.get("micro_batch_method") == "simulated" else text
+
+
+def confirmed_counts(table: dict, axis: str = "seq_len") -> tuple[int, int]:
+    """(answers confirmed by simulation, card-limited answers) of one axis, "seq_len" or "micro_batch": how much of
+    the fit table the simulation holds. A micro-batch has no context to end it: every one that fits is the card's."""
+    def limited(row: dict) -> bool:
+        return ((row.get(f"analytic_max_{axis}") or row[f"max_{axis}"]) > 0
+                and (axis != "seq_len" or row["seq_len_limited_by"] == "card"))
+    rows = [row for row in table["rows"] if limited(row)]
+    return sum(row.get(f"{axis}_method") == "simulated" for row in rows), len(rows)
 
 
 def fit_tables(table: dict, runs: pd.DataFrame) -> list[tuple[str, Table]]:
@@ -62,8 +70,8 @@ def fit_tables(table: dict, runs: pd.DataFrame) -> list[tuple[str, Table]]:
             for card in cards:
                 without, with_gc = plain.loc[card], checkpointed.loc[card]
                 fits = without["max_seq_len"] > 0 or with_gc["max_seq_len"] > 0
-                detail = (f"micro-batch at {table['micro_batch_seq_len']:,}: {without['max_micro_batch']} / "
-                          f"{with_gc['max_micro_batch']}")
+                detail = (f"micro-batch at {table['micro_batch_seq_len']:,}: {_micro_batch_text(without)} / "
+                          f"{_micro_batch_text(with_gc)}")
                 if any(expandable_answer(row) for row in (without, with_gc)):
                     detail += "; expandable segments: " + " / ".join(_expandable_text(row) for row in (without, with_gc))
                 line.append(Cell(f"{_seq_text(without)} / {_seq_text(with_gc)}", detail,

@@ -78,6 +78,7 @@ def _fits_blocks(results, runs, figures: list[FigureResult]) -> list[Block]:
         return blocks + [Block("p", "No fit table in these results: `python -m harness predict --claims` "
                                     "writes it.")] + drawn
     confirmed, limited = confirmed_counts(table)
+    batches_confirmed, batches_limited = confirmed_counts(table, "micro_batch")
     blocks.append(Block("p", (
         "For each model, technique and card: the longest sequence that fits at micro-batch 1, without / with "
         "gradient checkpointing, and below it the largest micro-batch at sequence "
@@ -87,11 +88,13 @@ def _fits_blocks(results, runs, figures: list[FigureResult]) -> list[Block]:
         "caching allocator's reserved segments, the CUDA context and the kernels. \"(context)\": the model's "
         "context length is reached before the card is full. "
         f"Predicted ({table['device_type']} code path) by the analytic search, whose reserve is a calibrated "
-        "ratio over the tensors' peak; a longest sequence marked " + SIMULATED_MARK + " is confirmed by "
-        "simulation (the step traced and its caching allocator replayed under the card's cap, which "
+        "ratio over the tensors' peak; a longest sequence or a micro-batch marked " + SIMULATED_MARK + " is "
+        "confirmed by simulation (the step traced and its caching allocator replayed under the card's cap, which "
         "fragmentation can fill before the tensors do; where the analytic answer ran out, the longest length "
-        f"simulated to fit, within 1% of one that ran out): {confirmed} of the {limited} answers the card limits "
-        "(`python -m harness predict --confirm-fits` confirms the rest, and `--solve seq_len` any one). The peak column is the "
+        "simulated to fit, within 1% of one that ran out, or the largest micro-batch simulated to fit, one below "
+        f"one that ran out): {confirmed} of the {limited} longest sequences the card limits and {batches_confirmed} "
+        f"of the {batches_limited} largest micro-batches (`python -m harness predict --confirm-fits` confirms the "
+        "rest, and `--solve seq_len` or `--solve micro_batch` any one). The peak column is the "
         "tensors' peak at sequence 512, micro-batch 1 (predicted; beside it torch's peak allocated where a GPU "
         "run measured it), not what the card must hold: the first section's memory column is that.")))
     for model, fit_table in fit_tables(table, runs):
