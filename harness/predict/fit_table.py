@@ -21,8 +21,7 @@ from pathlib import Path
 from harness.cards import card_bytes
 from harness.predict.confirm import (CONFIRMED_FOLDER, Target, confirm_one, confirmed_answer,
                                      predictor_digest)
-from harness.predict.solve import (REFERENCE_SHAPE, Answer, Setup, largest_micro_batch, longest_sequence,
-                                   sequence_limited_by, setup)
+from harness.predict.solve import REFERENCE_SHAPE, Answer, Setup, sequence_limited_by, setup
 
 # the caching allocator's settings each row's longest sequence is answered for (harness.predict.allocator.SETTINGS):
 # torch's default, whose answer the row gives, and this one, the row's `expandable_segments`
@@ -105,19 +104,15 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda", out_dir: Path | 
     started = time.perf_counter()
     predictor = predictor_digest()
 
-    def confirmed(found: Setup, target: Target) -> tuple[Answer, dict | None, Answer]:
-        analytic = target.analytic(found)
-        answer, confirmation = confirmed_answer(found, target, analytic, out_dir, predictor)
-        return answer, confirmation, analytic
-
     def longest_answer(found: Setup, target: Target) -> tuple[Answer, dict]:
-        answer, confirmation, analytic = confirmed(found, target)
+        answer, confirmation, analytic = _confirmed(found, target, out_dir, predictor)
         return answer, {"seq_len_method": _method(confirmation), "analytic_max_seq_len": analytic.value,
                         # the shortest sequence the simulation saw run out of the card (None: none did)
                         "simulated_fails_at": confirmation["fails_at"] if confirmation else None}
 
     def largest_answer(found: Setup, target: Target) -> tuple[Answer, dict]:
-        answer, confirmation, analytic = confirmed(found, replace(target, seq_len=FIT_MICRO_BATCH_SEQ_LEN))
+        answer, confirmation, analytic = _confirmed(found, replace(target, seq_len=FIT_MICRO_BATCH_SEQ_LEN), out_dir,
+                                                    predictor)
         return answer, {"micro_batch_method": _method(confirmation), "analytic_max_micro_batch": analytic.value,
                         # the smallest micro-batch the simulation saw run out of the card (None: none did)
                         "simulated_micro_batch_fails_at": confirmation["fails_at"] if confirmation else None}
@@ -179,6 +174,14 @@ def fit_table(experiments_dir: Path, device_type: str = "cuda", out_dir: Path | 
         seconds=time.perf_counter() - started)
 
 
+def _confirmed(found: Setup, target: Target, out_dir: Path | None, predictor: str | None = None
+               ) -> tuple[Answer, dict | None, Answer]:
+    """A target's answer (confirmed by simulation where a current confirmation lies under `out_dir`), its
+    confirmation, and the analytic answer it stands on."""
+    analytic = target.analytic(found)
+    return (*confirmed_answer(found, target, analytic, out_dir, predictor), analytic)
+
+
 def _method(confirmation: dict | None) -> str:
     """Which method answered: "simulated" where a resolved confirmation holds the answer, else "analytic"."""
     return "simulated" if confirmation is not None and confirmation["resolved"] else "analytic"
@@ -190,8 +193,7 @@ def fit_answer(experiment: Path, model: str, overrides: dict, device_type: str, 
     fit_multiples) under an allocator setting: the fit table's, confirmed by simulation where a current
     confirmation lies under `out_dir` (harness.predict.confirm), else the analytic search's."""
     found = setup(experiment, model, overrides, device_type, allocator)
-    target = Target(experiment, model, overrides, card_gb, micro_batch, allocator)
-    return confirmed_answer(found, target, longest_sequence(found, card_gb, micro_batch), out_dir)[0]
+    return _confirmed(found, Target(experiment, model, overrides, card_gb, micro_batch, allocator), out_dir)[0]
 
 
 def confirmation_targets(experiments_dir: Path) -> list[Target]:
