@@ -262,7 +262,7 @@ def test_llm_int8_keeps_the_outlier_columns_random_weights_give_by_both_methods(
     assert added["analytic"] > 0.02 * trained.total_bytes
     assert added["analytic"] == pytest.approx(added["simulated"], rel=0.05)
     # a fit answer sizes trained weights
-    from harness.predict.solve import setup
+    from harness.predict.search import setup
 
     on_trained = predict(experiment, str(path), 128, 4, "analytic", "cuda", random_weights=False).total_bytes
     assert setup(experiment, str(path)).peak(128, 4) == on_trained

@@ -11,7 +11,7 @@ from conftest import EXPERIMENTS
 from harness.cards import card_bytes
 from harness.measure.budget import card_cap_bytes
 from harness.predict import confirm
-from harness.predict.solve import Simulated, largest_fitting, longest_sequence, setup, simulate_under_card
+from harness.predict.search import Simulated, largest_fitting, longest_sequence, setup, simulate_under_card
 from harness.report.answer import seq_method
 from harness.report.fits import SIMULATED_MARK, _micro_batch_text, _seq_text, confirmed_counts
 
@@ -95,10 +95,39 @@ def test_an_answer_the_simulation_holds_stands_after_one_step(monkeypatch):
     assert result["fails_at"] is None and result["resolved"]
 
 
-def test_an_answer_the_context_ends_is_not_searched(monkeypatch):
+def test_an_answer_the_context_ends_is_not_confirmed_for_the_table_but_checked_when_asked(monkeypatch, tmp_path):
     calls, _ = _fake_simulation(monkeypatch, 1.0, 1.0)
     held = confirm.Target(EXPERIMENTS / "qlora.yaml", "llama-2-7b", {"gradient_checkpointing": True}, 24)
-    assert confirm.search(held) is None and calls == []  # 4,096 tokens, the model's context
+    assert confirm.confirm_one(held, tmp_path, None) == ("", "") and calls == []  # 4,096 tokens, the model's context
+    result = confirm.search(held)  # what `--solve` asks: the step at the context is simulated too
+    assert calls == [4096] and result["max_seq_len"] == 4096 and result["fails_at"] is None and result["resolved"]
+
+
+def test_solve_gives_the_fit_tables_answer_read_from_its_confirmation_or_searched_the_same_way(monkeypatch, tmp_path):
+    from harness.predict.solve import describe, solve
+
+    calls, _ = _fake_simulation(monkeypatch, 1.03, 1.015)
+    assert confirm.confirm_one(TARGET, tmp_path, None)[0] == "searched"
+    (path,) = (tmp_path / confirm.CONFIRMED_FOLDER).glob("*.json")
+    stored, searched = json.loads(path.read_text()), len(calls)
+    assert stored["fails_at"] is not None  # the analytic answer ran out: the answer lies below it
+
+    def solved(out_dir):
+        return solve(TARGET.experiment, TARGET.model, 16, "seq_len", overrides=TARGET.overrides, out_dir=out_dir)
+    read = solved(tmp_path)
+    assert len(calls) == searched  # read, not simulated again
+    assert read["method"] == "simulated" and read["simulated"]["read_from"] == str(path)
+    assert (read["max_seq_len"], read["simulated"]["fails_at"], read["device_bytes"]) == (
+        stored["max_seq_len"], stored["fails_at"], stored["device_bytes"])
+    assert read["analytic"]["value"] == stored["analytic_max_seq_len"] > read["max_seq_len"]
+    said = describe(read)
+    assert f"{stored['fails_at']:,} tokens: runs out of the card (simulated)" in said and str(path) in said
+    # where the table holds no confirmation, the same search runs now, to the same answer, and writes nothing
+    elsewhere = tmp_path / "elsewhere"
+    searched_now = solved(elsewhere)
+    assert len(calls) == 2 * searched and searched_now["simulated"]["read_from"] is None and not elsewhere.exists()
+    assert searched_now["max_seq_len"] == stored["max_seq_len"] and searched_now["simulated"]["fails_at"] == stored["fails_at"]
+    assert f"{len(calls) - searched} simulated steps" in describe(searched_now)
 
 
 @pytest.mark.parametrize("seq_len", [None, 256])  # its longest sequence at micro-batch 1; its largest micro-batch at 256

@@ -48,7 +48,7 @@ def test_the_lowest_layer_imports_nothing_of_the_lab_and_config_error_lives_ther
 def test_predict_lives_in_the_predict_package_below_its_command_line():
     graph = harness_imports()
     assert "harness.predict.prediction" in graph["harness.predict.command"]
-    for searcher in ("harness.predict.solve", "harness.predict.gpus", "harness.predict.confirm"):
+    for searcher in ("harness.predict.search", "harness.predict.gpus", "harness.predict.confirm"):
         assert "harness.predict.prediction" in graph[searcher] and "harness.predict.command" not in graph[searcher]
 
 

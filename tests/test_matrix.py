@@ -39,7 +39,7 @@ def _boundary_matrix(tmp_path, block: str) -> tuple[Path, dict]:
 
 def test_the_boundary_plan_probes_the_fit_answer_of_the_predictor_as_it_is():
     from harness.cards import card_bytes
-    from harness.predict.solve import setup
+    from harness.predict.search import setup
 
     runs, skipped = expand(load_matrix(EXPERIMENTS / "matrix.yaml"), "cuda", EXPERIMENTS, EXPERIMENTS,
                            plan="boundary", device_gb=math.inf, fit_answer=fit_answer)

@@ -265,7 +265,7 @@ def test_a_simulated_step_gives_its_speed_from_its_own_kernels():
 
 def test_fit_rows_carry_tokens_per_s_step_time_and_cost():
     from harness.predict.fit_table import fit_row_speed
-    from harness.predict.solve import setup
+    from harness.predict.search import setup
 
     found = setup(EXPERIMENTS / "qlora-gc.yaml", "tiny-llama")
     row = fit_row_speed(found, 24, 4, 1024)

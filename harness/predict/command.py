@@ -327,7 +327,7 @@ def _solve(args, experiments_dir: Path, overrides: dict) -> int:
         raise SystemExit("predict --solve: --model, --experiment and --card are required")
     result = solve(_experiment_file(args.experiment, experiments_dir), args.model, args.card, args.solve,
                    seq_len=args.seq, micro_batch=args.batch, overrides=overrides, device_type=args.device,
-                   simulate=args.method != "analytic", allocator=args.allocator)
+                   simulate=args.method != "analytic", allocator=args.allocator, out_dir=Path(args.out))
     gpu = args.gpu or CARD_OF_SIZE.get(args.card)
     if gpu and result[f"max_{args.solve}"]:
         seq, batch = ((result["max_seq_len"], args.batch) if args.solve == "seq_len" else

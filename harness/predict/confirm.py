@@ -1,7 +1,7 @@
 """The fit table's longest sequences and largest micro-batches confirmed by simulation (`harness predict
 --confirm-fits`).
 
-The fit table (harness.predict.fit_table) searches the analytic device bytes (harness.predict.solve):
+The fit table (harness.predict.fit_table) searches the analytic device bytes (harness.predict.search):
 instant, but its reserved bytes are the tensor peak times one ratio, and the caching allocator can waste
 more than that where a long step's large blocks fragment its segments (a second step's forward carving
 the first step's cached logit-sized segments; checkpoints pinned in segments of transients). The
@@ -40,7 +40,7 @@ from pathlib import Path
 
 from harness.cards import card_bytes
 from harness.measure.budget import card_cap_bytes
-from harness.predict.solve import (ALLOCATOR_WORDS, Answer, Setup, largest_fitting, largest_micro_batch,
+from harness.predict.search import (ALLOCATOR_WORDS, Answer, Setup, largest_fitting, largest_micro_batch, limited_by,
                                    longest_sequence, setup, simulate_under_card)
 
 CONFIRMED_FOLDER = Path("fits") / "confirmed"
@@ -78,7 +78,7 @@ class Target:
         return (n, self.micro_batch) if self.seq_len is None else (self.seq_len, n)
 
     def analytic(self, found: Setup) -> Answer:
-        """The analytic search's answer on the target's axis (harness.predict.solve)."""
+        """The analytic search's answer on the target's axis (harness.predict.search)."""
         if self.seq_len is None:
             return longest_sequence(found, self.card_gb, self.micro_batch)
         return largest_micro_batch(found, self.card_gb, self.seq_len)
@@ -182,14 +182,16 @@ def unsettled(confirmation: dict) -> bool:
 
 def search(target: Target, device_type: str = "cuda", found: Setup | None = None,
            earlier: dict | None = None) -> dict | None:
-    """The confirmed answer of one target (see the module's text), or None where the analytic answer is not the
-    card's (the model's context, or nothing fits). `earlier` (earlier_bracket): an earlier search's answer and the
-    value it saw run out, simulated first where they lie below the analytic answer: after a change to the
-    predictor's code most answers move little, and two simulated steps then settle one."""
+    """The confirmed answer of one target (see the module's text), or None where the analytic answer has nothing to
+    confirm (nothing fits, or the search stopped at its limit). An answer the model's context ends is searched
+    like one the card ends (`--solve` checks it; the fit table confirms only the card's, `confirm_one`).
+    `earlier` (earlier_bracket): an earlier search's answer and the value it saw run out, simulated first where
+    they lie below the analytic answer: after a change to the predictor's code most answers move little, and two
+    simulated steps then settle one."""
     started = time.perf_counter()
     found = found or setup(target.experiment, target.model, target.overrides, device_type, target.allocator)
     analytic = target.analytic(found)
-    if analytic.limited_by != "card" or analytic.value == 0:
+    if analytic.value == 0 or limited_by(analytic, target.axis, found.context) == "search limit":
         return None
     axis, smallest = target.axis, SMALLEST[target.axis]
     value_key, analytic_key = _keys(axis)
@@ -258,11 +260,35 @@ def confirmed_answer(found: Setup, target: Target, analytic: Answer, out_dir: Pa
                                      analytic.value, axis)
     if confirmation is None or not confirmation["resolved"]:
         return analytic, confirmation
+    return _answer_of(confirmation, analytic), confirmation
+
+
+def _answer_of(confirmation: dict, analytic: Answer) -> Answer:
+    """A resolved confirmation as an answer: its device bytes, and those of the value it saw run out (None where
+    the analytic answer stands: no value above it was simulated)."""
+    axis = confirmation.get("axis", "seq_len")
     value = confirmation[_keys(axis)[0]]
     failed = [p["device_bytes"] for p in confirmation["probes"] if p[axis] == confirmation["fails_at"]]
-    answer = Answer(value, confirmation["device_bytes"], failed[0] if failed else None, "card",
-                    len(confirmation["probes"]))
-    return answer, confirmation
+    return Answer(value, confirmation["device_bytes"], failed[0] if failed else None,
+                  analytic.limited_by if value == analytic.value else "card", len(confirmation["probes"]))
+
+
+def settle(found: Setup, target: Target, analytic: Answer, out_dir: Path | None,
+           device_type: str = "cuda") -> tuple[Answer, dict | None, Path | None]:
+    """One answer as `harness predict --solve` gives it, the fit table's where they are the same step: a current
+    confirmation under `out_dir` is read, not searched again; else the same search runs now (from that file's
+    bracket where an older one exists), and its answer is not written (`--confirm-fits` writes the table's
+    files). Returns the answer (the analytic one where the search found nothing to fit, or had nothing to
+    confirm), the confirmation, and the file it was read from (None where it was searched now)."""
+    path = None if out_dir is None else confirmation_path(out_dir, found, target)
+    if path is not None:
+        current = read_confirmation(path, predictor_digest(), analytic.value, target.axis)
+        if current is not None and not unsettled(current):
+            return _answer_of(current, analytic) if current["resolved"] else analytic, current, path
+    confirmation = search(target, device_type, found, earlier_bracket(path) if path is not None else None)
+    if confirmation is None or not confirmation["resolved"]:
+        return analytic, confirmation, None
+    return _answer_of(confirmation, analytic), confirmation, None
 
 
 @lru_cache(maxsize=64)

@@ -3,7 +3,7 @@ models people fine-tune on them and every registered technique, with and without
 longest sequence at micro-batch 1 and the largest micro-batch at one length, with the speed and price of
 each row on the card of its size.
 
-The answers are the analytic search's (harness.predict.solve: instant); a longest sequence or a largest
+The answers are the analytic search's (harness.predict.search: instant); a longest sequence or a largest
 micro-batch the card limits is the simulation's where a current confirmation of it lies under the results folder
 (harness.predict.confirm, `harness predict --confirm-fits`), and each row says which method answered each.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from harness.cards import card_bytes
 from harness.predict.confirm import (CONFIRMED_FOLDER, Target, confirm_one, confirmed_answer,
                                      predictor_digest)
-from harness.predict.solve import REFERENCE_SHAPE, Answer, Setup, sequence_limited_by, setup
+from harness.predict.search import REFERENCE_SHAPE, Answer, Setup, sequence_limited_by, setup
 
 # the caching allocator's settings each row's longest sequence is answered for (harness.predict.allocator.SETTINGS):
 # torch's default, whose answer the row gives, and this one, the row's `expandable_segments`
