@@ -52,6 +52,9 @@ class Claim:
     # Where the documents count "7B" as this many parameters: the claim is judged on our own figure for
     # the real model, and a reading beside it on ours scaled to this count (their arithmetic alone).
     parameters_counted: float | None = None
+    # What the lab's run of a published figure's configuration does not reproduce (their kernels, compile, a chunked
+    # loss): a difference beyond the tolerance is then "another setup", not a verdict on their figure.
+    setup_differs: str | None = None
 
     @property
     def tolerance_text(self) -> str:
@@ -90,8 +93,7 @@ def parse_claim(entry: dict, sources: dict = SOURCES, whose: str = "the document
     if unknown:
         raise ValueError(f"claim {entry['id']}: unknown source(s) {sorted(unknown)}")
     return Claim(
-        id=entry["id"], sources=tuple(entry["sources"]), claim=entry["claim"],
-        figure_value=None if figure.get("value") is None else float(figure["value"]),
+        id=entry["id"], sources=tuple(entry["sources"]), claim=entry["claim"], figure_value=_figure_value(figure),
         unit=figure["unit"], figure_text=figure["text"], model=entry["model"], compare=entry["compare"],
         tolerance=float(entry["tolerance"]), evidence=dict(entry["evidence"]), needs=entry["needs"],
         caveat_tolerance=None if entry.get("caveat_tolerance") is None else float(entry["caveat_tolerance"]),
@@ -100,9 +102,20 @@ def parse_claim(entry: dict, sources: dict = SOURCES, whose: str = "the document
         quote=entry.get("quote"), premise=entry.get("premise"), metric=entry.get("metric"), whose=whose,
         qualitative=bool(entry.get("qualitative", False)), standing_caveat=bool(entry.get("standing_caveat", False)),
         parameters_counted=None if entry.get("parameters_counted") is None else float(entry["parameters_counted"]),
+        setup_differs=entry.get("setup_differs"),
         readings=tuple((reading["label"], parse_claim({**_own_fields(entry), **reading}, sources, whose))
                        for reading in readings),
     )
+
+
+def _figure_value(figure: dict) -> float | None:
+    """The figure's value; a card (`card_gb: N`, a card sold as N GB) is the bytes the lab counts for it
+    (harness.cards.card_bytes, the one convention of the fit table, the budget runs and the ledger)."""
+    if figure.get("card_gb") is not None:
+        from harness.cards import card_bytes
+
+        return float(card_bytes(float(figure["card_gb"])))
+    return None if figure.get("value") is None else float(figure["value"])
 
 
 def counted_reading(entry: dict) -> list[dict]:

@@ -41,7 +41,7 @@ def test_the_evidence_plan_puts_the_documents_7b_claims_first_and_covers_every_b
     assert {name for name, model, seq, batch in first_7b if (model, seq, batch) == ("llama-2-7b", 512, 1)} \
         >= set(BASE_TECHNIQUES)
     assert set(BASE_TECHNIQUES) <= {name for name, model, *_ in cells if model == "tinyllama-1.1b"}
-    assert not skipped and ("qlora-gc", "mixtral-8x7b", 512, 1) in cells
+    assert not skipped and ("qlora", "mixtral-8x7b", 512, 1) in cells
     small, skipped_small = _evidence(tmp_path, device_gb=40)
     assert "mixtral-8x7b" not in {r.config.experiment.model for r in small} and len(skipped_small) == 1
 
@@ -101,7 +101,7 @@ def test_the_dry_run_command_prints_the_plan_with_estimates():
     # the boundary's cells first (on emulated cards), the first of them started (with its estimate); a later
     # cell, of the evidence plan, not
     assert re.search(r"\[1/\d+\] \S+ @ \S+ seq \d+ x1x1 budget \d+ GB: ~", text), text
-    assert re.search(r"qlora-gc @ mixtral-8x7b seq 512 x1x1: +\d+ s  NOT STARTED", text), text
+    assert re.search(r"qlora @ mixtral-8x7b seq 512 x1x1: +\d+ s  NOT STARTED", text), text
     assert "would not start within the budget" in text
 
 
@@ -112,7 +112,7 @@ def test_estimates_grow_with_the_work():
     assert planned["fp32", "llama-2-7b", 512].estimate.seconds > planned["bf16-pure", "llama-2-7b", 512].estimate.seconds
     assert (planned["qlora-gc", "llama-2-7b", 512].estimate.flops
             > planned["qlora", "llama-2-7b", 512].estimate.flops)  # the recomputed forward
-    mixtral = planned["qlora-gc", "mixtral-8x7b", 512].estimate
+    mixtral = planned["qlora", "mixtral-8x7b", 512].estimate
     assert mixtral.build_s > 5 * planned["qlora-gc", "llama-2-7b", 512].estimate.build_s
 
 

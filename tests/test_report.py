@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from harness.cards import card_bytes
 from harness.claims import COUNTED_READING, load_claims
 from harness.report import verdicts
 from harness.report.evidence import QUANTITIES
@@ -215,6 +216,25 @@ def test_a_record_of_another_micro_batch_is_not_evidence():
     assert row.gpu is not None and row.basis.method == "gpu" and "their 9.29 GB" in row.why
 
 
+def test_a_published_figure_of_a_setup_the_lab_does_not_run_is_not_judged_off():
+    from dataclasses import replace
+
+    from harness.claims import PUBLISHED_FILE
+
+    claim = next(c for c in load_claims(PUBLISHED_FILE) if c.id == "US-8b-qlora")  # Unsloth's kernels: 6 GB
+    assert claim.setup_differs and "Unsloth" in claim.setup_differs
+    run = _record("cuda", experiment="qlora-gc", model="llama-3.1-8b", weights=2.5e9)  # 10 GB at its peak
+    row = build_row(claim, Results(root=Path("."), records=[run]))
+    assert row.verdict.kind == verdicts.OTHER_SETUP and row.verdict.label == "another setup: -40.0% from ours"
+    assert "a setup the lab does not run" in row.why and claim.explain in row.why
+    # the same figure, were it of the lab's own setup, is off
+    plain = build_row(replace(claim, setup_differs=None), Results(root=Path("."), records=[run]))
+    assert plain.verdict.label == "off by -40.0%"
+    # within the tolerance it holds, whatever the setup
+    close = {**run, "memory": {**run["memory"], "peak_allocated": 6.2e9}}
+    assert build_row(claim, Results(root=Path("."), records=[close])).verdict.kind == verdicts.HOLDS
+
+
 def test_int8_claims_are_judged_on_their_own_premise_with_the_real_counterparts_beside():
     results = Results(root=Path("."), records=[{**_record("cuda"), "parameters": {"total": LLAMA_2_7B_PARAMETERS}},
                                                {**_record("cuda", experiment="int8-lora", weights=7.5e9)}])
@@ -225,8 +245,11 @@ def test_int8_claims_are_judged_on_their_own_premise_with_the_real_counterparts_
     (_, scaled), = row.readings  # on the documents' 7e9 parameters: exactly their 14 GB
     assert scaled.basis.value == pytest.approx(14e9) and scaled.verdict.kind == verdicts.PREMISE
     t4 = build_row(_claim("Q-int8-t4"), results)  # 27 GB is not "close to" 16 GB
-    assert t4.verdict.kind == verdicts.OFF and t4.verdict.error == pytest.approx(16e9 / (4 * LLAMA_2_7B_PARAMETERS) - 1)
-    assert dict(t4.readings)[COUNTED].verdict.error == pytest.approx(16 / 28 - 1)
+    # the card is what the lab counts for a 16 GB card (16 GiB), as everywhere else, not 16e9 bytes
+    assert _claim("Q-int8-t4").figure_value == card_bytes(16)
+    assert t4.verdict.kind == verdicts.OFF
+    assert t4.verdict.error == pytest.approx(card_bytes(16) / (4 * LLAMA_2_7B_PARAMETERS) - 1)
+    assert dict(t4.readings)[COUNTED].verdict.error == pytest.approx(card_bytes(16) / 28e9 - 1)
 
 
 def test_another_reading_is_judged_beside_the_claims_own():
@@ -242,6 +265,35 @@ def test_another_reading_is_judged_beside_the_claims_own():
     assert "640.00 MB" in row.also  # what the adapters with gradients and AdamW state take
 
 
+def test_a_reading_judged_within_another_tolerance_says_its_own():
+    from harness.report.tables import verdict_cell
+
+    qlora = {**_record("cuda", experiment="qlora", weights=3.5e9), "parameters": {"total": LLAMA_2_7B_PARAMETERS}}
+    row = build_row(_claim("Q-nf4"), Results(root=Path("."), records=[qlora]))
+    (label, reading), = row.readings
+    assert reading.claim.tolerance_text != row.claim.tolerance_text
+    cell = verdict_cell(row)
+    assert cell.detail.startswith(row.claim.tolerance_text)
+    assert f"other reading ({label}): {reading.verdict.label} ({reading.claim.tolerance_text})" in cell.detail
+    same = build_row(_claim("W-fp32"), Results(root=Path("."), records=[_record("cuda")]))
+    assert all(f"{r.verdict.label} (" not in verdict_cell(same).detail for _, r in same.readings)
+
+
+def test_the_two_lines_of_one_table_are_judged_at_the_same_settings():
+    # "Mistral 7B / QLoRA / 16GB VRAM / Mixtral 8x7B (MoE) / >=65GB VRAM": a reader takes the two lines together,
+    # so each is judged where the other is, in its verdict and in each reading (the Mixtral line adds bf16 LoRA)
+    claims = {claim.id: claim for claim in load_claims()}
+
+    def settings(claim):
+        return [(claim.evidence["experiment"], claim.evidence["seq_len"], claim.evidence["micro_batch"])]
+
+    mistral, mixtral = claims["M-16gb"], claims["X-65gb"]
+    assert settings(mistral) == settings(mixtral)
+    readings = {label: settings(reading) for label, reading in mixtral.readings}
+    for label, reading in mistral.readings:
+        assert readings[label] == settings(reading), label
+
+
 def test_claim_without_any_evidence_is_not_yet_checked():
     row = build_row(_claim("P-paged"), Results(root=Path(".")))
     assert row.verdict.kind == verdicts.UNCHECKED and "CUDA" in row.why
@@ -253,20 +305,24 @@ def test_fixture_ledger_picks_the_right_evidence():
     assert rows["T-half"].basis.method == "gpu"            # fixture GPU record of bf16-pure
     assert rows["W-fp32"].basis.method == "simulated"      # the GPU fp32 run is an OOM
     assert rows["W-fp32"].gpu.status == "oom"
-    assert rows["M-16gb"].basis.method == "gpu" and rows["M-16gb"].verdict.kind == verdicts.HOLDS
+    # the fixture's QLoRA without checkpointing ran out under the 16 GB budget; with checkpointing it fits
+    assert rows["M-16gb"].basis.method == "gpu" and rows["M-16gb"].verdict.kind == verdicts.WRONG
+    checkpointed = dict(rows["M-16gb"].readings)["with gradient checkpointing, as QLoRA is usually run, at 512 tokens"]
+    assert checkpointed.basis.method == "gpu" and checkpointed.verdict.kind == verdicts.HOLDS
     assert rows["L-4x"].basis.method == "cpu" and rows["L-4x"].verdict.label == "off by -66.7%"
     assert rows["GA-mem"].basis.method == "cpu"
-    # judged at the documents' settings (no checkpointing, 2,048 tokens), which the fixture does not predict;
-    # the most favourable setting is a reading beside it
+    # judged at M-16gb's settings (QLoRA without checkpointing, 512 tokens), which the fixture does not predict
+    # for Mixtral; with checkpointing is a reading beside it
     assert rows["X-65gb"].verdict.kind == verdicts.UNCHECKED and "--claims" in rows["X-65gb"].why
-    favourable = dict(rows["X-65gb"].readings)["the most favourable setting, QLoRA with or without checkpointing at 512 tokens"]
-    assert favourable.basis.method == "simulated" and favourable.verdict.kind == verdicts.OFF
+    checkpointed = dict(rows["X-65gb"].readings)["with gradient checkpointing, as QLoRA is usually run, at 512 tokens"]
+    assert checkpointed.basis.method == "simulated" and checkpointed.verdict.kind == verdicts.OFF
     for claim_id in ("F-bf16", "F-range", "F-fp16", "Q-levels", "GA-eq"):
         assert rows[claim_id].basis.method == "probe"
     assert rows["F-bf16"].verdict.kind == verdicts.HOLDS
     # read one way for both formats (values of each sign), fp32's "±2 billion" matches and fp16's "±65k" does not
     assert rows["F-range"].verdict.kind == verdicts.WRONG and "65,536 bit patterns over both signs" in rows["F-range"].why
     assert 'fp16 has 31,744 finite values (not "±65k"' in rows["F-range"].why
+    assert "bf16 has 32,640 per sign" in rows["F-range"].why  # per sign like the others, not over both
     assert rows["F-fp16"].verdict.kind == verdicts.CAVEAT and "65504" in rows["F-fp16"].why
     assert rows["Q-levels"].verdict.kind == verdicts.CAVEAT  # the probe swept random-init weights
 
@@ -917,11 +973,11 @@ def drawn(monkeypatch):
 
 
 def test_a_model_given_as_a_file_is_titled_by_its_stem_and_a_name_keeps_its_dots():
-    from harness.report.figures import _model_name
+    from harness.report.units import model_name
 
-    assert _model_name("heldout/gemma-2-2b.json") == "gemma-2-2b"
-    assert _model_name("configs/tiny.yaml") == "tiny"
-    assert _model_name("llama-3.1-8b") == "llama-3.1-8b" and _model_name("qwen2.5-7b") == "qwen2.5-7b"
+    assert model_name("heldout/gemma-2-2b.json") == "gemma-2-2b"
+    assert model_name("configs/tiny.yaml") == "tiny"
+    assert model_name("llama-3.1-8b") == "llama-3.1-8b" and model_name("qwen2.5-7b") == "qwen2.5-7b"
 
 
 def test_the_breakdown_panel_is_at_the_shape_with_the_most_measured_runs_old_records_included():
@@ -1029,6 +1085,67 @@ def test_fits_grid_lays_row_names_flat_and_marks_a_cell_never_predicted(drawn):
     assert [label.get_text() for label in ax.get_yticklabels()] == ["qlora-gc", "qlora-r32-gc"]
 
 
+def _int8_answer(random_weights_peak: float):
+    """The fixture's Llama-2-7B int8-LoRA rows (pretrained weights: a tensor peak of 14.7 GB at 512 x 1, fitting a
+    16 GB card at 523 tokens), a random-weights prediction of the same step and a random-init GPU run that held
+    17.58 GB there."""
+    results = load_results(FIXTURE)
+    fits = json.loads(json.dumps(results.fits))
+    for row in fits["rows"]:
+        if (row["model"], row["experiment"]) == ("llama-2-7b", "int8-lora"):
+            row.update(reference_peak_bytes=14.7e9, reference_device_bytes=16.9e9, max_seq_len=523)
+    experiment = "int8-lora"
+    run = {**_record("cuda", experiment=experiment), "random_init": True}
+    run["memory"] = {**run["memory"], "peak_device_used": 17.58e9, "peak_allocated": 15.53e9}
+    prediction = {**_prediction("analytic", experiment=experiment, total=random_weights_peak), "world_size": 1}
+    return Results(root=FIXTURE, records=[run], predictions=[prediction], fits=fits)
+
+
+def test_a_random_init_run_stands_for_a_fit_answer_only_where_the_weights_values_do_not_change_the_bytes():
+    import pandas as pd
+
+    from harness.report.answer import answer_data, random_weights_peaks
+    from harness.report.fits import fit_tables
+    from harness.report.load import run_row
+
+    def entry(results):
+        return next(e for e in answer_data(results)["rows"]
+                    if (e["model"], e["card_gb"], e["recipe"]) == ("llama-2-7b", 16, "int8-lora"))
+    # LLM.int8's outlier columns: random weights hold more than pretrained ones; the run is not the answer's step
+    differs = _int8_answer(15.33e9)
+    assert random_weights_peaks(differs) == {("llama-2-7b", "int8-lora"): 15.33e9}
+    memory = entry(differs)["memory"]
+    assert memory["kind"] == "predicted" and memory["bytes"] == 16.9e9 and entry(differs)["fits"]
+    assert "a run from random weights measured 17.58 GB" in memory["what"] and "LLM.int8" in memory["what"]
+    assert "15.33 GB" in memory["what"] and "14.70 GB" in memory["what"]
+    assert entry(differs)["measured_at"] == {}
+    runs = pd.DataFrame([{**run_row(differs.records[0]), "device_type": "cuda", "budget_gb": None,
+                          "file": "cuda/int8-lora.json"}])
+    tables = dict(fit_tables(differs.fits, runs, random_weights_peaks(differs)))
+    peak = next(line[1] for line in tables["llama-2-7b"].rows if line[0].text == "int8-lora")
+    assert "measured from random weights" in peak.detail and "the same tensor peak" not in peak.detail
+    # where the two predictions agree, the measured run is the answer's own figure
+    agrees = _int8_answer(14.7e9)
+    assert random_weights_peaks(agrees) == {} and entry(agrees)["memory"]["kind"] == "measured"
+    assert entry(agrees)["memory"]["bytes"] == 17.58e9
+
+
+def test_the_fits_figure_answers_with_the_fit_table_where_it_has_the_row(drawn):
+    import pandas as pd
+
+    from harness.report.figures import fits_grid
+    from harness.report.load import prediction_row
+
+    # the prediction (random weights) says the step does not fit 16 GB; the fit table (pretrained) says it does
+    predicted = {**prediction_row({}), "method": "simulated", "experiment": "int8-lora", "model": "llama-2-7b",
+                 "seq_len": 512, "micro_batch": 1, "device_type": "cuda", "total_bytes": 15.4e9, "device_bytes": 18e9}
+    rows = [{"model": "llama-2-7b", "experiment": "int8-lora", "gradient_checkpointing": False, "card_gb": card,
+             "max_seq_len": 523 if card == 16 else 4096, "reference_peak_bytes": 14.7e9} for card in (16, 24, 40, 80)]
+    fits_grid(pd.DataFrame(columns=["device_type", "budget_gb", "status"]), pd.DataFrame([predicted]), rows)
+    texts = [t.get_text() for t in drawn[0].axes[0].texts]
+    assert texts[0] == "fits\n14.7 ana." and not any(text.startswith("OOM") for text in texts)
+
+
 def test_lines_that_coincide_are_one_line_named_for_both_and_the_cards_are_named_off_the_data(drawn):
     from harness.report.figures import memory_vs_sequence
 
@@ -1105,8 +1222,195 @@ def test_the_boundary_table_judges_each_fit_answer_by_the_runs_under_its_card():
     unknown = by_name["qlora-gc @ m, PYTORCH_CUDA_ALLOC_CONF=max_split_size_mb:128"]
     assert unknown[2].text == "-" and "does not replay" in unknown[2].detail
     assert unknown[6].text == "no fit answer to judge"
+    # a sub-line lists the lengths only where several were tried, never the one number again
+    assert [judged[4].detail, judged[5].detail] == ["the only one", "the only one"]
+    # the runs' allocator cap is said, and a cap with more room than the card's simulated cap is flagged
+    roomy = pd.DataFrame([{**run, "seq_len": n, "status": status, "file": f"{n}.json",
+                           "budget_cap_bytes": cap + 2**29} for n, status in ((950, "ok"), (1000, "ok"), (1100, "oom"))])
+    (line,) = boundary_table(table, roomy, [simulated]).rows
+    assert line[4].detail == "trained: 950, 1,000"
+    assert f"allocator capped at {(cap + 2**29) / 2**30:.2f} GiB, 0.50 GiB more room than the" in line[6].detail
+    assert "lies above the card's" in line[6].detail
     # an answer with the setting that is not simulated (analytic, no fragmentation counted) judges nothing
     table["rows"][0]["expandable_segments"]["seq_len_method"] = "analytic"
     judged = {line[0].text: line for line in boundary_table(table, runs.iloc[:0], [], expandable).rows}[
         "qlora-gc @ m, PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"]
     assert judged[2].text == "-" and "not simulated yet" in judged[2].detail
+
+
+# --- the audit of the rendered report: budgets, stopped runs, names, counts, learning rates -----------------
+
+def _budgeted(experiment: str, budget: dict, status: str = "ok") -> dict:
+    """A GPU run's record under a memory budget, its budget section as the worker wrote it."""
+    record = _record("cuda", status=status, experiment=experiment)
+    return {**record, "budget": budget, "config": {**record["config"], "steps": 6, "budget_gb": budget["budget_gb"]},
+            "_file": f"cuda/{experiment}.json"}
+
+
+def _runs_table_rows(records: list[dict]) -> dict[str, list]:
+    """runs_table's rows by experiment."""
+    from harness.report.load import records_frame
+    from harness.report.tables import runs_table
+
+    table = runs_table(records_frame(records))
+    return {row[1].text: dict(zip(table.columns, row)) for row in table.rows}
+
+
+def test_a_budget_is_named_as_the_card_it_was_or_as_its_bytes_with_the_allocator_cap_beneath():
+    from harness.cards import card_bytes
+
+    allowance = 2**29  # the 0.5 GiB older records left the CUDA context
+    card = card_bytes(24)
+    rows = _runs_table_rows([
+        # older records: budget_gb in 1e9 bytes; a 24 GiB card written as 25.769803776, a 16e9-byte cap as 16
+        _budgeted("card", {"budget_gb": card / 1e9, "cap_bytes": card - allowance,
+                           "context_allowance_bytes": allowance}),
+        _budgeted("bytes", {"budget_gb": 16.0, "cap_bytes": int(16e9) - allowance,
+                            "context_allowance_bytes": allowance}),
+        # a newer record says its card's bytes
+        _budgeted("newer", {"budget_gb": 16, "card_bytes": card_bytes(16), "cap_bytes": card_bytes(16) - 2**30}),
+    ])
+    assert rows["card"]["Budget"].text == "24 GB card (24.00 GiB)"
+    assert rows["card"]["Budget"].detail == f"allocator cap {fmt_bytes(card - allowance)}"
+    assert rows["bytes"]["Budget"].text == "16.00 GB (14.90 GiB)"  # not a card of the lab's convention
+    assert rows["bytes"]["Budget"].detail == "allocator cap 15.46 GB (14.40 GiB)"
+    assert rows["newer"]["Budget"].text == "16 GB card (16.00 GiB)"
+    assert rows["newer"]["Budget"].detail == "allocator cap 16.11 GB (15.00 GiB)"
+
+
+def test_a_run_that_ran_out_of_memory_times_no_steps_and_says_the_step_it_ran_out_at():
+    allowance = 2**29
+    budget = {"budget_gb": 16.0, "cap_bytes": int(16e9) - allowance, "context_allowance_bytes": allowance}
+    rows = _runs_table_rows([_budgeted("finished", budget), _budgeted("ran-out", budget, status="oom")])
+    assert rows["finished"]["Experiment"].detail == "6 timed steps"
+    assert rows["ran-out"]["Experiment"].detail == ""  # it died at step 0: nothing was timed
+    assert rows["ran-out"]["Status"].text == "oom" and rows["ran-out"]["Status"].detail == "at optimizer, step 0"
+
+
+def test_a_run_whose_process_died_is_named_by_its_folders_device_and_a_preset_is_random_init(tmp_path):
+    from harness import schema
+    from harness.report.load import runs_frame
+
+    common = {"kind": "run", "schema_version": 1, "model": "llama-2-7b", "finished_at": "2026-01-01T00:00:00+00:00"}
+    schema.write_atomic(tmp_path / "gpu-slug" / "lora__llama-2-7b__a.json", {
+        **common, "status": "ok", "experiment": "lora", "config_hash": "a", "random_init": True,
+        "config": {"model": "llama-2-7b", "device": "cuda", "seq_len": 512},
+        "environment": {"device_type": "cuda", "device_name": "NVIDIA H200"}})
+    # the runner's record of a killed process: no environment, random_init never set
+    schema.write_atomic(tmp_path / "gpu-slug" / "galore__llama-2-7b__b.json", {
+        **common, "status": "failed", "experiment": "galore", "config_hash": "b", "random_init": None,
+        "config": {"model": "llama-2-7b", "device": "cuda", "seq_len": 2048},
+        "error": {"type": "ProcessDied", "message": "killed"}})
+    results = load_results(tmp_path)
+    rows = _runs_table_rows(results.records)
+    assert rows["galore"]["Device"].text == "NVIDIA H200" == rows["lora"]["Device"].text
+    assert rows["galore"]["Model"].detail == "random init" == rows["lora"]["Model"].detail
+    assert runs_frame(results)["device_name"].tolist() == ["NVIDIA H200", "NVIDIA H200"]
+
+
+def test_a_model_given_as_a_path_is_printed_by_its_name_in_every_table():
+    from harness.report.accuracy import prediction_errors
+    from harness.report.load import predictions_frame, records_frame
+    from harness.report.tables import accuracy_category_table, accuracy_table, predictions_table, runs_table
+    from harness.report.units import model_name
+
+    assert model_name("heldout/gemma-2-2b.json") == "gemma-2-2b" and model_name("models/gemma-2-2b/") == "gemma-2-2b"
+    assert model_name("llama-3.1-8b") == "llama-3.1-8b" and model_name("qwen2.5-7b") == "qwen2.5-7b"
+    path = "heldout/gemma-2-2b.json"
+    record = {**_record("cuda", model=path), "_file": "cuda/lora.json"}
+    predictions = [{**_prediction(method), "model": path} for method in ("analytic", "simulated")]
+    runs, predicted = records_frame([record]), predictions_frame(Results(root=Path("."), predictions=predictions))
+    errors = prediction_errors(runs, predicted)
+    assert len(errors) == 1
+    for table in (runs_table(runs), accuracy_table(errors), accuracy_category_table(errors),
+                  predictions_table(predicted)):
+        assert table.rows[0][0].text == "gemma-2-2b"
+
+
+def test_the_speed_table_names_a_model_given_as_a_path_and_only_another_loop_than_the_labs():
+    from dataclasses import replace
+
+    from harness.report.load import LAB_ENGINE
+    from harness.report.speed import SpeedRow, speed_table
+
+    row = SpeedRow("cuda/lora.json", "lora", "heldout/gemma-2-2b.json", None, "1024 x 2 x 1", 2048, 1000.0,
+                   None, None, None, None, None, None)
+    assert speed_table([row]).rows[0][0].detail == "gemma-2-2b, 1024 x 2 x 1"
+    assert speed_table([replace(row, engine=LAB_ENGINE)]).rows[0][0].detail == "gemma-2-2b, 1024 x 2 x 1"
+    assert speed_table([replace(row, engine="trainer")]).rows[0][0].detail == "gemma-2-2b, 1024 x 2 x 1, trainer"
+
+
+def test_the_accuracy_sentence_names_the_device_once_and_reads_as_english():
+    from harness.report.render import _accuracy_text
+
+    errors = pd.DataFrame([{"device_name": "CPU (Intel(R) Xeon(R) Processor, 2 cores)", "simulated_error": 0.0,
+                            "analytic_error": 0.01, "outside": ""}] * 2)
+    text = _accuracy_text(errors, ", measured as their peak of tracked tensor bytes")
+    assert text.startswith("2 finished runs on CPU (Intel(R) Xeon(R) Processor, 2 cores), measured as their peak "
+                           "of tracked tensor bytes, each beside the predictions")
+    assert ",," not in text and "(CPU (" not in text and " its peak" not in text
+
+
+def test_a_library_not_installed_reads_the_same_in_every_table():
+    from harness.report.environment import environment_table
+    from harness.report.tables import provenance_tables
+
+    versions = {"torch": "2.13.0", "transformers": "5.25.0", "peft": None, "bitsandbytes": "0.50.2",
+                "liger-kernel": None}
+    gpu = {**_record("cuda"), "environment": {"device_type": "cuda", "device_name": "TEST GPU", "versions": versions}}
+    prediction = {**_prediction("analytic"), "predictor": "abc", "versions": versions}
+    probe = {"_file": "probes/p.json", "device": "cpu", "versions": versions}
+    results = Results(root=Path("."), records=[gpu], predictions=[prediction], probes={"p": probe})
+    texts = [cell.text for _, table in provenance_tables(results) for row in table.rows for cell in row]
+    texts += [cell.text for row in environment_table(results).rows for cell in row]
+    assert not any("None" in text for text in texts)
+    assert sum("liger-kernel not installed" in text for text in texts) == 3  # the run, the predictions, the probe
+    assert texts.count("not installed") == 2  # peft in the environment table: measured and predicted
+
+
+def test_every_count_of_predictions_says_what_it_counts_and_the_runs_on_top_say_their_loops(tmp_path):
+    from harness.report.environment import environment_table, summary_line
+    from harness.report.render import _prediction_counts
+    from harness.report.tables import provenance_tables
+
+    versions = {"torch": "2.13.0", "transformers": "5.25.0", "peft": "0.22.0", "bitsandbytes": "0.50.2"}
+    memory = [{**_prediction("analytic"), "predictor": "abc", "versions": versions}] * 3
+    speed = {f"gpu/{n}.json": {**_prediction("simulated"), "predictor": "abc", "versions": versions} for n in range(2)}
+    fits = {"kind": "fit_table", "predictor": "def", "versions": versions}
+    environment = {"device_type": "cuda", "device_name": "TEST GPU", "driver": "1.0", "versions": versions}
+    lab = {**_record("cuda"), "environment": environment}
+    trainer = {**lab, "config": {**lab["config"], "engine": "trainer"}}
+    results = Results(root=Path("."), records=[lab], engine_records=[trainer], predictions=memory,
+                      speed_predictions=speed, fits=fits)
+    said = "3 memory predictions, 1 fit table, 2 speed predictions"
+    assert _prediction_counts(results) == said
+    assert environment_table(results).rows[-1][-1].text == said
+    provenance = dict(provenance_tables(results))
+    assert [row[0].text for row in provenance["Probes, predictions and micro-benchmarks"].rows] == [said]
+    # the count on top takes in the other loop's run and says so; the Devices table counts the lab's loop alone
+    assert "2 runs: 1 in the lab's loop, 1 in the trainer engine" in summary_line(results)
+    assert environment_table(results).rows[0][-1].text == "2 GPU runs: 1 in the lab's loop, 1 in the trainer engine"
+    devices = provenance["Devices"]
+    assert [row[-1].text for row in devices.rows] == ["1"] and "1 run record of other training loops" in devices.note
+
+
+def test_a_loss_comparison_across_learning_rates_shows_both_and_the_section_says_so():
+    from harness.report.loss import loss_parity
+    from harness.report.render import _loss_text
+    from harness.report.tables import loss_parity_table
+
+    def run(experiment: str, technique: str, lr: float, loss: float) -> dict:
+        config = {"model": "base", "technique": technique, "seq_len": 128, "micro_batch": 8, "grad_accum": 1,
+                  "steps": 30, "optim": {"lr": lr}}
+        return {"status": "ok", "random_init": False, "experiment": experiment, "model": "base", "config": config,
+                "loss": {"eval_final": loss}, "_file": f"cpu/{experiment}.json"}
+
+    comparisons = loss_parity([run("fp32", "fp32", 2e-4, 5.2), run("bf16-mixed", "bf16-mixed", 2e-4, 5.2),
+                               run("lora", "lora", 2e-3, 5.3)])
+    table = loss_parity_table(comparisons)
+    rows = {row[2].text: dict(zip(table.columns, row)) for row in table.rows}
+    assert rows["lora"]["Learning rate"].text == "0.002" and rows["lora"]["Learning rate"].detail == "fp32 at 0.0002"
+    assert rows["bf16-mixed"]["Learning rate"].text == "0.0002" and rows["bf16-mixed"]["Learning rate"].detail == ""
+    text = _loss_text(comparisons)
+    assert "as is usual for LoRA" in text and "lora at 0.002 against fp32 at 0.0002" in text
+    assert "bf16-mixed at" not in text

@@ -18,7 +18,7 @@ import html
 import json
 
 from harness.cards import card_bytes
-from harness.report.load import Results, _get
+from harness.report.load import Results, _get, random_init
 from harness.report.tables import Cell, Table
 from harness.report.units import fmt_bytes
 
@@ -26,6 +26,12 @@ from harness.report.units import fmt_bytes
 EXPANDABLE = "expandable_segments"
 
 SHORTEST_CHOICE = 512  # the picker's first "at least this long" option; it doubles up to the table's longest answer
+# The fit table sizes a fine-tune of pretrained weights (harness.predict.search, RANDOM_WEIGHTS); the lab's GPU runs
+# and its prediction files start from random weights. Where the two analytic predictions of one step differ by more
+# than this share, the weights' values change its bytes (LLM.int8's outlier columns), and a random-init run does not
+# stand for the fit answer: it is shown beside the answer's own prediction, not as it. Every other recipe's two
+# predictions agree to the byte.
+VALUES_CHANGE_BYTES = 0.005
 
 
 def recipe_name(experiment: str, checkpointing: bool) -> str:
@@ -35,6 +41,33 @@ def recipe_name(experiment: str, checkpointing: bool) -> str:
 def lab_experiment(experiment: str, checkpointing: bool) -> str:
     """The experiment file that runs the fit row's technique (the lab names checkpointed ones `<name>-gc`)."""
     return f"{experiment}-gc" if checkpointing else experiment
+
+
+def random_weights_peaks(results: Results) -> dict[tuple[str, str], int]:
+    """{(model, experiment): the analytic tensor peak at the fit table's reference shape for random weights (the
+    prediction files')} where it differs from the fit row's, for pretrained weights, by more than VALUES_CHANGE_BYTES."""
+    table = results.fits
+    if not table:
+        return {}
+    reference = tuple(table.get("reference_shape") or (512, 1))
+    random_weights = {(p.get("model"), p.get("experiment")): p.get("total_bytes") for p in results.predictions
+                      if (p.get("seq_len"), p.get("micro_batch"), p.get("device_type"), p.get("method"),
+                          p.get("world_size") or 1) == (*reference, "cuda", "analytic", 1)}
+    found = {}
+    for row in table["rows"]:
+        key = (row["model"], lab_experiment(row["experiment"], bool(row["gradient_checkpointing"])))
+        peak, pretrained = random_weights.get(key), row.get("reference_peak_bytes")
+        if peak and pretrained and abs(peak / pretrained - 1) > VALUES_CHANGE_BYTES:
+            found[key] = peak
+    return found
+
+
+def random_weights_words(random_peak: int, pretrained_peak: int) -> str:
+    """Why a random-init run does not stand for a fit answer, with the two predictions that say so."""
+    more = "more" if random_peak > pretrained_peak else "less"
+    return (f"the weights' values change this step's bytes (LLM.int8's outlier columns): from random weights it holds "
+            f"{more} than from the pretrained weights the fit answers size (tensor peak at the reference shape, "
+            f"analytic: {fmt_bytes(random_peak)} against {fmt_bytes(pretrained_peak)})")
 
 
 def _single_gpu_runs(results: Results, model: str, experiment: str) -> list[dict]:
@@ -101,21 +134,34 @@ def _measured_memory(runs: list[dict], shape: tuple[int, int]) -> dict | None:
             device = _get(record, "environment", "device_name")
             return {"bytes": held, "kind": "measured", "short": f"{what}, {device}, {record['_file']}",
                     "what": f"{what} at {_shape(record)}, measured on {device} ({record['_file']})",
-                    "how": _rerun(record)}
+                    "how": _rerun(record), "random_init": random_init(record)}
     return None
 
 
-def _memory(row: dict, runs: list[dict], reference: tuple[int, int], card_gb: int, model: str) -> dict:
-    """The memory the card must hold: measured at the reference shape where a GPU run exists, else predicted."""
+def _stands(measured: dict, random_peak: int | None) -> bool:
+    """Whether a measured memory stands for a fit answer: unless the run is random-init and the weights' values
+    change the step's bytes (`random_peak`, random_weights_peaks)."""
+    return random_peak is None or measured.get("random_init") is False
+
+
+def _memory(row: dict, runs: list[dict], reference: tuple[int, int], card_gb: int, model: str,
+            random_peak: int | None = None) -> dict:
+    """The memory the card must hold: measured at the reference shape where a GPU run exists and stands for the
+    answer, else predicted (`random_peak`: the step's random-weights tensor peak where the weights' values change
+    its bytes, random_weights_peaks; a random-init run is then said beside the prediction)."""
     measured = _measured_memory(runs, reference)
-    if measured:
+    if measured and _stands(measured, random_peak):
         return measured
     solve = _solve_command(row, card_gb, model)
     if row.get("reference_device_bytes") is not None:
-        return {"bytes": row["reference_device_bytes"], "kind": "predicted",
-                "short": "card must hold, allocator and context included, analytic",
-                "what": f"the card must hold this at sequence {reference[0]:,} x micro-batch {reference[1]}, the "
-                        "caching allocator and the CUDA context included (analytic prediction)",
+        what = (f"the card must hold this at sequence {reference[0]:,} x micro-batch {reference[1]}, the "
+                "caching allocator and the CUDA context included (analytic prediction)")
+        short = "card must hold, allocator and context included, analytic"
+        if measured:
+            what += (f"; a run from random weights measured {fmt_bytes(measured['bytes'])} ({measured['what']}), but "
+                     + random_weights_words(random_peak, row["reference_peak_bytes"]))
+            short += f", for pretrained weights (a run from random weights held {fmt_bytes(measured['bytes'])})"
+        return {"bytes": row["reference_device_bytes"], "kind": "predicted", "short": short, "what": what,
                 "how": solve}
     return {"bytes": row.get("reference_peak_bytes"), "kind": "predicted", "short": "tensor peak, analytic",
             "what": f"tensor peak at sequence {reference[0]:,} x micro-batch {reference[1]} (analytic prediction); "
@@ -195,6 +241,8 @@ def _speed(row: dict, runs: list[dict], model: str, experiment: str, card: dict)
                             if row.get("cost_usd") is not None and card.get("price_per_hour") else "")
                          + " for 100M tokens")
         return {"tokens_per_s": row["tokens_per_s"], "kind": "predicted", "bound": bound, "short": label.strip(),
+                "hours_per_100m_tokens": row.get("hours_per_100m_tokens"),
+                "cost_usd": row.get("cost_usd") if card.get("price_per_hour") else None,
                 "what": label.strip() + (f" ({'; '.join(extra)})" if extra else ""),
                 "how": f"`python -m harness predict --model {model} --experiment {experiment}"
                        + (f" --gpu '{gpu}'` (the kernel model, tighter than this bound)" if gpu else "`")}
@@ -204,6 +252,16 @@ def _speed(row: dict, runs: list[dict], model: str, experiment: str, card: dict)
 def speed_text(speed: dict) -> str:
     """Tokens per second as a cell shows it: "<=" before an upper bound."""
     return f"{'≤ ' if speed.get('bound') else ''}{speed['tokens_per_s']:,.0f}"
+
+
+def hours_text(speed: dict) -> str:
+    """The GPU-hours and dollars of 100M tokens a predicted speed gives, "≥" before those of an upper bound on the
+    speed (lower bounds, then); empty where the fit row has none."""
+    if speed.get("hours_per_100m_tokens") is None:
+        return ""
+    at_least = "≥ " if speed.get("bound") else ""
+    dollars = f", {at_least}${speed['cost_usd']:.3g}" if speed.get("cost_usd") is not None else ""
+    return f"100M tokens: {at_least}{speed['hours_per_100m_tokens']:.3g} GPU-hours{dollars}"
 
 
 def _measured_speed(runs: list[dict]) -> dict | None:
@@ -227,22 +285,25 @@ def answer_data(results: Results) -> dict | None:
         return None
     reference = tuple(table.get("reference_shape") or (512, 1))
     cards = {int(gb): card for gb, card in table["cards"].items()}  # the GPU a card's speed is predicted on, its price
+    random_peaks = random_weights_peaks(results)
     rows = []
     for row in table["rows"]:
         model, checkpointing = row["model"], bool(row["gradient_checkpointing"])
         experiment = lab_experiment(row["experiment"], checkpointing)
         runs = _single_gpu_runs(results, model, experiment)
+        random_peak = random_peaks.get((model, experiment))
         rows.append({
             "model": model, "card_gb": int(row["card_gb"]),
             "recipe": recipe_name(row["experiment"], checkpointing), "experiment": experiment,
             "fits": row["max_seq_len"] > 0, "max_seq_len": row["max_seq_len"],
             "longest_what": _longest_what(row),
             "limited_by": row.get("seq_len_limited_by"), "max_micro_batch": row.get("max_micro_batch"),
-            "memory": _memory(row, runs, reference, int(row["card_gb"]), model),
-            # at each sequence length up to the longest, micro-batch 1: predicted, and measured where a run was
+            "memory": _memory(row, runs, reference, int(row["card_gb"]), model, random_peak),
+            # at each sequence length up to the longest, micro-batch 1: predicted, and measured where a run that
+            # stands for the answer was (_stands)
             "memory_at": row.get("device_bytes_at") or {},
             "measured_at": {seq: found for seq in row.get("device_bytes_at") or {}
-                            if (found := _measured_memory(runs, (int(seq), 1)))},
+                            if (found := _measured_memory(runs, (int(seq), 1))) and _stands(found, random_peak)},
             "solve": _solve_command(row, int(row["card_gb"]), model),
             "speed": _speed(row, runs, model, experiment, cards.get(int(row["card_gb"]), {})),
             "measured_speed": _measured_speed(runs),
@@ -274,17 +335,63 @@ def summary_table(data: dict) -> Table:
                 line.append(Cell("nothing fits", f"none of the {len(entries)} recipes at micro-batch 1 (predicted)",
                                  css="status-oom"))
                 continue
-            longest = max(fitting, key=lambda e: e["max_seq_len"])
-            detail = f"longest: {longest['recipe']}, {_seq_words(longest, ' tokens')} (predicted)"
-            line.append(Cell(f"{len(fitting)} of {len(entries)} recipes", detail))
+            line.append(Cell(f"{len(fitting)} of {len(entries)} recipes", _longest_words(fitting, data["reference"])))
         lines.append(line)
     columns = ["Model"] + [_card_heading(data, card) for card in data["cards"]]
     return Table(columns, lines, css="answer")
 
 
+def _longest_words(fitting: list[dict], reference: list[int]) -> str:
+    """The recipe that reaches the longest sequence; where several reach it, how many and which of them the picker
+    lists first at that length (the least memory), never the first in the fit table's order (often the heaviest)."""
+    longest = max(e["max_seq_len"] for e in fitting)
+    tied = picker_order([e for e in fitting if e["max_seq_len"] >= longest], longest)
+    if len(tied) == 1:
+        return f"longest: {tied[0]['recipe']}, {_seq_words(tied[0], ' tokens')} (predicted)"
+    reach = "the model's context, " if all(e["limited_by"] == "context" for e in tied) else ""
+    at = f"{longest:,} x 1" if picker_memory_at_length(tied, longest) else f"{reference[0]:,} x {reference[1]}"
+    return (f"{len(tied)} recipes reach {reach}{longest:,} tokens; least memory at {at}: {tied[0]['recipe']} "
+            "(predicted)")
+
+
+def picker_memory(entry: dict, seq: int) -> dict | None:
+    """A recipe's memory at `seq` x 1 as the picker shows it (its script's `at`): measured where a run was, else
+    predicted, None where the fit table has no figure there. The keys are strings, as in the page's JSON."""
+    if entry["measured_at"].get(str(seq)):
+        return entry["measured_at"][str(seq)]
+    if str(seq) in entry["memory_at"]:
+        return {"bytes": entry["memory_at"][str(seq)], "kind": "predicted"}
+    return None
+
+
+def picker_memory_at_length(fit: list[dict], seq: int) -> bool:
+    """Whether the picker shows memory at `seq` (its script's `atSeq`): only where every recipe listed has it there,
+    else the reference shape's for all, so that one column compares like with like."""
+    return all(picker_memory(e, seq) for e in fit)
+
+
+def picker_order(fit: list[dict], seq: int) -> list[dict]:
+    """The recipes fitting at least `seq` tokens in the picker's order: the longest sequence first, then the least
+    memory as its column shows it. PICKER_SCRIPT's sort is this key in JavaScript: change both together (a test
+    compares them in a browser)."""
+    at_length = picker_memory_at_length(fit, seq)
+
+    def shown_bytes(entry: dict) -> float:
+        return (picker_memory(entry, seq) if at_length else entry["memory"])["bytes"] or 0
+
+    return sorted(fit, key=lambda e: (-e["max_seq_len"], shown_bytes(e)))
+
+
 def _card_heading(data: dict, card: int) -> str:
     gpu = (data.get("gpus") or {}).get(card)
     return f"{card} GB card" + (f" ({gpu})" if gpu else "")
+
+
+def _predicted_speed_words(speed: dict | None) -> str:
+    """A card's predicted tokens/s, what it is, and the hours and dollars of 100M tokens it gives."""
+    if not speed or speed["kind"] != "predicted":
+        return ""
+    return "; ".join(part for part in (f"{speed_text(speed)} tokens/s, {speed['short']}", hours_text(speed)) if part)
 
 
 def model_table(data: dict, model: str) -> Table:
@@ -303,9 +410,7 @@ def model_table(data: dict, model: str) -> Table:
         for card in data["cards"]:
             entry = entries[card]
             speed = entry["speed"]
-            line.append(Cell(_seq_words(entry, context=" (context)"),
-                             f"{speed_text(speed)} tokens/s, {speed['short']}"
-                             if speed and speed["kind"] == "predicted" else "") if entry["fits"]
+            line.append(Cell(_seq_words(entry, context=" (context)"), _predicted_speed_words(speed)) if entry["fits"]
                         else Cell("does not fit", css="status-oom"))
         lines.append(line)
     reference = data["reference"]
@@ -356,7 +461,8 @@ PICKER_SCRIPT = r"""
             'allocator and the CUDA context included (analytic prediction)'});
     const atSeq = fit.every(r => at(r));
     const memory = r => (atSeq ? at(r) : r.memory);
-    // the longest sequence first, then the least memory, as the column shows it
+    // the longest sequence first, then the least memory, as the column shows it; answer.picker_order is this key in
+    // Python (the summary table's longest recipe): change both together
     fit.sort((a, b) => (b.max_seq_len - a.max_seq_len) || ((memory(a).bytes || 0) - (memory(b).bytes || 0)));
     let body = '';
     for (const r of fit) {

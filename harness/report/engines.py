@@ -20,7 +20,7 @@ from harness import schema
 from harness.blocks.optimizers import OPTIMIZERS
 from harness.report.load import LAB_ENGINE, _get, engine_of, machine
 from harness.report.tables import Cell, Table
-from harness.report.units import CATEGORY_WORDS
+from harness.report.units import CATEGORY_WORDS, model_name
 
 MEMORY_TOLERANCE = 0.03
 THROUGHPUT_TOLERANCE = 0.10
@@ -211,7 +211,8 @@ def engine_table(comparisons: list[EngineComparison]) -> Table:
     for c in comparisons:
         config = c.record.get("config") or {}
         settings = config.get("training_args") or {}
-        shape = f"{config.get('model')}, {config.get('seq_len')} x {config.get('micro_batch')} x {config.get('grad_accum')}"
+        shape = (f"{model_name(config.get('model'))}, {config.get('seq_len')} x {config.get('micro_batch')} x "
+                 f"{config.get('grad_accum')}")
         rows.append([
             Cell(str(c.record.get("experiment")), shape),
             Cell(_device(c.record)),

@@ -3,36 +3,70 @@ bitsandbytes — and where the predictions came from other library versions than
 
 from __future__ import annotations
 
-from harness.report.load import Results, is_gpu_record
+from harness.report.load import LAB_ENGINE, Results, engine_of, is_gpu_record, predictions_by_kind
 from harness.report.tables import Cell, Table
+from harness.report.units import fmt_counted, fmt_counts, fmt_version
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")  # the libraries whose version moves a figure
+LAB_LOOP = "the lab's loop"
 
 
 def _versions(versions: dict | None) -> tuple[str, ...]:
-    return tuple(str((versions or {}).get(name) or "?") for name in LIBRARIES)
+    return tuple(fmt_version(versions, name) for name in LIBRARIES)
 
 
-def measurement_environments(results: Results) -> dict[tuple, int]:
-    """(device, driver, CUDA, *library versions) -> number of GPU run records."""
-    found: dict[tuple, int] = {}
+def _loop(record: dict) -> str:
+    engine = engine_of(record)
+    return LAB_LOOP if engine == LAB_ENGINE else f"the {engine} engine"
+
+
+def measurement_environments(results: Results) -> dict[tuple, dict[str, int]]:
+    """(device, driver, CUDA, *library versions) -> {training loop: number of GPU run records}."""
+    found: dict[tuple, dict[str, int]] = {}
     for record in results.records + results.engine_records:
         if not is_gpu_record(record) or not record.get("environment"):
             continue
         environment = record["environment"]
         key = (environment.get("device_name") or "?", str(environment.get("driver") or "?"),
                str(environment.get("cuda") or "?")) + _versions(environment.get("versions"))
-        found[key] = found.get(key, 0) + 1
+        loops = found.setdefault(key, {})
+        loops[_loop(record)] = loops.get(_loop(record), 0) + 1
     return found
 
 
+def runs_words(loops: dict[str, int], noun: str = "run") -> str:
+    """'44 runs: 41 in the lab's loop, 3 in the trainer engine' (the lab's loop first), so that a count that
+    takes in other loops says so, beside the tables that count the lab's loop alone."""
+    total = fmt_counted(sum(loops.values()), noun)
+    ordered = sorted(loops.items(), key=lambda item: (item[0] != LAB_LOOP, item[0]))
+    if len(ordered) == 1:
+        return f"{total}, in {ordered[0][0]}"
+    return f"{total}: " + ", ".join(f"{n} in {loop}" for loop, n in ordered)
+
+
+def _prediction_files(results: Results):
+    """(kind, file) for every file of predictions: memory predictions, the fit tables, speed predictions."""
+    for kind, files in predictions_by_kind(results).items():
+        for prediction in files:
+            yield kind, prediction
+
+
 def prediction_environments(results: Results) -> dict[tuple, dict[str, int]]:
-    """Library versions -> {predictor code digest: prediction files} (the fit tables counted too)."""
+    """Library versions -> {predictor code digest: files of predictions, of every kind}."""
     found: dict[tuple, dict[str, int]] = {}
-    for prediction in results.predictions + [t for t in (results.fits, results.gpus) if t]:
+    for _, prediction in _prediction_files(results):
         digests = found.setdefault(_versions(prediction.get("versions")), {})
         digest = str(prediction.get("predictor") or "?")
         digests[digest] = digests.get(digest, 0) + 1
+    return found
+
+
+def prediction_kinds(results: Results) -> dict[tuple, dict[str, int]]:
+    """Library versions -> {kind of prediction: files}, for counts that say what they count."""
+    found: dict[tuple, dict[str, int]] = {}
+    for kind, prediction in _prediction_files(results):
+        kinds = found.setdefault(_versions(prediction.get("versions")), {})
+        kinds[kind] = kinds.get(kind, 0) + 1
     return found
 
 
@@ -41,15 +75,16 @@ def environment_table(results: Results) -> Table | None:
     if not measured and not predicted:
         return None
     lines = []
-    for key, count in sorted(measured.items()):
+    for key, loops in sorted(measured.items()):
         device, driver, cuda, *versions = key
         lines.append([Cell("measured"), Cell(device, f"driver {driver}, CUDA {cuda}")]
-                     + [Cell(v) for v in versions] + [Cell(f"{count} GPU runs")])
+                     + [Cell(v) for v in versions] + [Cell(runs_words(loops, "GPU run"))])
+    kinds = prediction_kinds(results)
     for versions, digests in sorted(predicted.items()):
         codes = ", ".join(f"{digest} ({n})" for digest, n in sorted(digests.items(), key=lambda item: -item[1]))
         lines.append([Cell("predicted", "on a CPU, the CUDA code path"),
                       Cell("no GPU: analytic formula and fake-tensor simulation", f"predictor code {codes}")]
-                     + [Cell(v) for v in versions] + [Cell(f"{sum(digests.values())} prediction files")])
+                     + [Cell(v) for v in versions] + [Cell(fmt_counts(kinds[versions]))])
     return Table(["", "Device"] + list(LIBRARIES) + ["Files"], lines, css="environment")
 
 
@@ -85,11 +120,11 @@ def summary_line(results: Results) -> str:
     parts = []
     if measured:
         devices = []
-        for key, count in sorted(measured.items(), key=lambda item: -item[1]):
+        for key, loops in sorted(measured.items(), key=lambda item: -sum(item[1].values())):
             device, driver, cuda, *versions = key
             devices.append(f"{device} (driver {driver}, CUDA {cuda}; "
                            + ", ".join(f"{name} {v}" for name, v in zip(LIBRARIES, versions))
-                           + f"; {count} runs, the lab's loop and Trainer's)")
+                           + f"; {runs_words(loops)})")
         parts.append("Measured on " + "; ".join(devices))
         unrecorded = sum(1 for r in results.records + results.engine_records
                          if is_gpu_record(r) and not r.get("environment"))

@@ -672,7 +672,7 @@ def format_counts(results: Results, spec: dict, method: str) -> Observation | No
     note = (f"per sign, fp16 has {per_sign_16:,.0f} finite values ({'matches' if holds_16 else 'not'} \"±65k\"; "
             f"{patterns_16:,} bit patterns over both signs, and {formats['fp16']['max']:,.0f} is its largest value) and fp32 "
             f"{per_sign_32:,.0f} ({'matches' if holds_32 else 'not'} \"±2 billion\"); bf16 has "
-            f"{formats['bf16']['finite_values']:,} finite values, largest {formats['bf16']['max']:.3g}")
+            f"{formats['bf16']['finite_values'] / 2:,.0f} per sign, largest {formats['bf16']['max']:.3g}")
     return Observation(None, method, probe["_file"], probe.get("device"), note=note, holds=holds)
 
 

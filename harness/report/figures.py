@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, replace
-from pathlib import PurePosixPath
 
 import matplotlib
 
@@ -25,7 +24,7 @@ from harness.cards import CARD_BYTES, card_bytes  # noqa: E402
 from harness.measure.budget import budget_cap_bytes  # noqa: E402
 from harness.report.load import CATEGORIES, Results, machine  # noqa: E402
 from harness.report.loss import comparison_key, eval_final, loss_parity  # noqa: E402
-from harness.report.units import CATEGORY_WORDS, DOCUMENTS_MODEL  # noqa: E402
+from harness.report.units import CATEGORY_WORDS, DOCUMENTS_MODEL, model_name  # noqa: E402
 from harness.schema import SHARDING_BUFFERS  # noqa: E402
 from harness.techniques import TECHNIQUES  # noqa: E402
 
@@ -68,19 +67,6 @@ def _experiment_palette(frame: pd.DataFrame) -> tuple[list[str], dict]:
     """The frame's experiments in technique order, and one colour each (the same in every panel)."""
     experiments = sorted(frame["experiment"].unique(), key=_technique_key)
     return experiments, dict(zip(experiments, sns.color_palette("tab20", len(experiments))))
-
-
-MODEL_FILE_SUFFIXES = (".json", ".yaml", ".yml")
-
-
-def _model_name(model) -> str:
-    """A model's name for a title: a model given as a file (heldout/gemma-2-2b.json) is named by the file's
-    stem. Only a label that is a path loses its suffix: "llama-3.1-8b" is a name, not a file ending in .1-8b."""
-    model = str(model)
-    if "/" not in model and not model.endswith(MODEL_FILE_SUFFIXES):
-        return model
-    path = PurePosixPath(model)
-    return path.stem if path.suffix in MODEL_FILE_SUFFIXES else path.name
 
 
 def _spread_labels(ax, texts, obstacles=()):
@@ -288,7 +274,7 @@ def memory_breakdown(results: Results, runs: pd.DataFrame, predictions: pd.DataF
             if drawn:
                 labelled[model].append((marker["value"] / 1e9, f"\u25c6 {marker['label']}, at {', '.join(drawn)}"))
         shapes = ", ".join(sorted(part["shape"].unique()))
-        ax.set_title(f"{_model_name(model)} ({shapes})", fontsize=10, loc="left")
+        ax.set_title(f"{model_name(model)} ({shapes})", fontsize=10, loc="left")
         fontsize, rotation = _tick_style(len(experiments))
         upright = rotation == 90
         ax.set_xticks(range(len(experiments)), experiments, fontsize=fontsize, rotation=rotation,
@@ -374,7 +360,7 @@ def throughput_vs_memory(runs: pd.DataFrame) -> FigureResult:
         labels[panel] = [ax.annotate(row["experiment"], (row["peak_gb"], row["tokens_per_s"]), fontsize=7,
                                      xytext=(3, 3), textcoords="offset points") for _, row in part.iterrows()]
         model, device = panel.split(" | ", 1)
-        ax.set_title(f"{_model_name(model)}\n{device}", fontsize=9)
+        ax.set_title(f"{model_name(model)}\n{device}", fontsize=9)
         ax.set_xlabel("peak GB (1e9 bytes), allocated")
         ax.set_ylabel("tokens/s")
     for ax in list(axes.flat)[len(panels):]:
@@ -390,7 +376,7 @@ def throughput_vs_memory(runs: pd.DataFrame) -> FigureResult:
                "joins the runs no other run beats on both. Devices: " + ", ".join(devices) + "."
                + ("" if alone.empty else " Alone at their shape (sequence, micro-batch, accumulation), so not "
                   "drawn: " + "; ".join(
-                   f"{r['experiment']} @ {_model_name(r['model'])}, {_shape_words(r)}, {r['tokens_per_s']:,.0f} "
+                   f"{r['experiment']} @ {model_name(r['model'])}, {_shape_words(r)}, {r['tokens_per_s']:,.0f} "
                    f"tokens/s at {r['peak_gb']:.1f} GB" for _, r in alone.iterrows()) + "."))
     return FigureResult(name, title, caption, _png(fig))
 
@@ -478,7 +464,7 @@ def parity(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
     matched = matched.drop_duplicates(keys + ["method"]).sort_values(keys + ["method"])
     matched["error_pct"] = (matched["total_bytes"] / matched["peak_allocated"] - 1) * 100
     matched["evidence"] = np.where(matched["device_type"] == "cuda", "GPU (allocator)", "CPU (tracked bytes)")
-    matched["run"] = [f"{r.experiment} @ {_model_name(r.model)}, {r.seq_len} x {r.micro_batch}"
+    matched["run"] = [f"{r.experiment} @ {model_name(r.model)}, {r.seq_len} x {r.micro_batch}"
                       + (f" x {r.grad_accum}" if r.grad_accum and r.grad_accum > 1 else "")
                       + (f", {r.world_size} ranks" if r.world_size and r.world_size > 1 else "")
                       + ("" if r.device_type == "cuda" else " (CPU)") for r in matched.itertuples()]
@@ -535,8 +521,21 @@ def _mark_unpredicted(ax, codes: pd.DataFrame) -> None:
                 bbox={"facecolor": "#eaeef2", "edgecolor": "none", "pad": 1})
 
 
-def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
+def _fit_answers(fit_rows: list[dict] | None) -> dict[tuple[str, str, float], tuple[bool, int, str]]:
+    """{(model, experiment, card): (fits, tensor peak, the peak's method)} from the fit table: a step fits a card at
+    FIT_SHAPE where its longest sequence at micro-batch 1 reaches FIT_SHAPE's (the table's answer, confirmed by
+    simulation where it says so, for the pretrained weights a fine-tune starts from); the peak is the table's
+    tensor peak there, analytic."""
+    return {(row["model"], f"{row['experiment']}-gc" if row["gradient_checkpointing"] else row["experiment"],
+             float(row["card_gb"])): (row["max_seq_len"] >= FIT_SHAPE[0], row["reference_peak_bytes"], "analytic")
+            for row in fit_rows or ()}
+
+
+def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame, fit_rows: list[dict] | None = None) -> FigureResult:
+    """Measured budget runs, and for each technique predicted at FIT_SHAPE the fit table's answer on each card where
+    the table has the row (one answer with the tables'), else the prediction's device bytes against the card."""
     name, title = "fits-in-budget", "Which technique fits which card"
+    answers = _fit_answers(fit_rows)
     gpu_budget = runs[(runs["device_type"] == "cuda") & runs["budget_gb"].notna() & runs["status"].isin(["ok", "oom"])]
     cells = []
     for _, run in gpu_budget.sort_values("status", key=lambda status: status != "ok", kind="stable").iterrows():
@@ -558,12 +557,13 @@ def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
         chosen = chosen[chosen["experiment"].isin(core)]
         for _, p in chosen.drop_duplicates(["model", "experiment"]).iterrows():
             for card in CARDS_GB:
-                # the predicted device bytes against the card (older predictions: tensor bytes against its cap)
-                fits = (p["device_bytes"] <= card_bytes(card) if pd.notna(p.get("device_bytes"))
-                        else p["total_bytes"] <= budget_cap_bytes(card, "cuda"))
+                fits, peak, method = answers.get((p["model"], p["experiment"], float(card))) or (
+                    # the predicted device bytes against the card (older predictions: tensor bytes against its cap)
+                    p["device_bytes"] <= card_bytes(card) if pd.notna(p.get("device_bytes"))
+                    else p["total_bytes"] <= budget_cap_bytes(card, "cuda"), p["total_bytes"], p["method"])
                 cells.append({"model": p["model"], "experiment": p["experiment"], "card": float(card),
                               "state": f"{'fits' if fits else 'OOM'} (predicted)", "priority": 1,
-                              "label": f"{'fits' if fits else 'OOM'}\n{p['total_bytes'] / 1e9:.1f} {p['method'][:3]}."})
+                              "label": f"{'fits' if fits else 'OOM'}\n{peak / 1e9:.1f} {method[:3]}."})
     if not cells:
         return FigureResult(name, title, "", missing=(
             "No budget-emulated GPU runs and no predictions: `make bench BUDGET_GB=16` on a GPU measures, "
@@ -592,9 +592,10 @@ def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
                     linecolor="white")
         _mark_unpredicted(ax, codes)
         unpredicted += int(codes.isna().to_numpy().sum())
-        ax.set_title(_model_name(model), fontsize=10)
+        ax.set_title(model_name(model), fontsize=10)
         ax.set_xlabel("card, GB as sold (24: 24 GiB)")
-        ax.set_xticklabels([f"{c:g}" if c == int(c) else f"{c:.1f}" for c in grid.columns])
+        # a budget run's card of another convention (16e9 bytes, not 16 GiB) is said in GiB, not as a card sold
+        ax.set_xticklabels([f"{c:g}" if c == int(c) else f"{c:.1f}\nGiB" for c in grid.columns])
         # seaborn turns tick labels upright when it finds them crowded; a technique's name is read across
         ax.tick_params(axis="y", labelrotation=0, labelsize=9)
         ax.tick_params(axis="x", labelrotation=0)
@@ -602,10 +603,12 @@ def fits_grid(runs: pd.DataFrame, predictions: pd.DataFrame) -> FigureResult:
     fig.tight_layout()
     measured = frame[frame["state"].str.endswith("(measured)")]
     caption = ("For each technique and card size: \"measured\" cells are runs under an emulated budget on a GPU "
-               "(torch's allocator capped at the card less what lives outside it); \"predicted\" cells compare "
-               f"the simulated (else analytic) device bytes at sequence {FIT_SHAPE[0]}, micro-batch {FIT_SHAPE[1]} with "
-               "the card; cells give the peak "
-               "in GB (sim. = simulated, ana. = analytic, meas. = measured). "
+               "(torch's allocator capped at the card less what lives outside it); \"predicted\" cells are the "
+               f"fit table's answers at sequence {FIT_SHAPE[0]}, micro-batch {FIT_SHAPE[1]} (it fits where the longest "
+               "sequence that fits reaches it, confirmed by simulation where the table says so, for the pretrained "
+               "weights a fine-tune starts from), else the simulated (else analytic) device bytes against the card; "
+               "cells give the tensors' peak in GB (sim. = simulated, ana. = analytic, meas. = measured), and a column "
+               "in GiB is a budget run's card given in 1e9 bytes. "
                + (f"Grey hatched cells: no prediction at {FIT_SHAPE[0]} x {FIT_SHAPE[1]} (a technique shown for "
                   "its budget run at another shape). " if unpredicted else "")
                + (f"{len(measured)} measured cells." if len(measured) else "No measured cells: no budget-emulated "
@@ -669,8 +672,8 @@ def memory_vs_sequence(results: Results) -> FigureResult:
     cards.grid(False)
     cards.set_ylabel("card as sold (dotted), GiB as at left", color="#57606a")
     model = curves["model"].iloc[0]
-    ax.set_title(f"{_model_name(model)}: predicted device bytes of one step (analytic)", fontsize=10)
-    title = f"Peak memory against sequence length ({_model_name(model)}), with the cards"
+    ax.set_title(f"{model_name(model)}: predicted device bytes of one step (analytic)", fontsize=10)
+    title = f"Peak memory against sequence length ({model_name(model)}), with the cards"
     fig.tight_layout()
     # the legend beside the cards' names, which are only measured once the layout is final
     renderer = fig.canvas.get_renderer()
@@ -695,7 +698,7 @@ def accumulation(results: Results, runs: pd.DataFrame) -> FigureResult:
     series = pd.DataFrame()
     if not done.empty:
         done["device"] = done.apply(_gpu_label, axis=1)
-        done["group"] = (done["experiment"] + " @ " + done["model"].map(_model_name) + ", seq " + done["seq_len"].astype(str)
+        done["group"] = (done["experiment"] + " @ " + done["model"].map(model_name) + ", seq " + done["seq_len"].astype(str)
                          + " x " + done["micro_batch"].astype(str) + " | " + done["device"])
         counts = done.groupby("group")["grad_accum"].nunique()
         series = done[done["group"].isin(counts[counts >= 2].index)]
@@ -864,7 +867,7 @@ def all_figures(results: Results, runs: pd.DataFrame, predictions: pd.DataFrame,
             throughput_vs_memory(runs),
             final_losses(results),
             parity(runs, predictions),
-            fits_grid(runs, predictions),
+            fits_grid(runs, predictions, (results.fits or {}).get("rows")),
             memory_vs_sequence(results),
             optimisation_ladder(runs, predictions),
             accumulation(results, runs),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pandas as pd
 
 from harness.measure.budget import budget_cap_bytes
-from harness.report.answer import EXPANDABLE, expandable_answer, lab_experiment, seq_method
+from harness.report.answer import EXPANDABLE, expandable_answer, lab_experiment, random_weights_words, seq_method
 from harness.report.tables import Cell, Table
 from harness.report.units import fmt_bytes, gib
 from harness.techniques import Technique
@@ -55,8 +55,9 @@ def confirmed_counts(table: dict, axis: str = "seq_len") -> tuple[int, int]:
     return sum(row.get(f"{axis}_method") == "simulated" for row in rows), len(rows)
 
 
-def fit_tables(table: dict, runs: pd.DataFrame) -> list[tuple[str, Table]]:
-    """One table per model: techniques as rows, cards as columns."""
+def fit_tables(table: dict, runs: pd.DataFrame, random_peaks: dict | None = None) -> list[tuple[str, Table]]:
+    """One table per model: techniques as rows, cards as columns. `random_peaks` (answer.random_weights_peaks):
+    the steps whose bytes the weights' values change, where a random-init run is not the table's tensor peak."""
     rows = pd.DataFrame(table["rows"])
     cards = [int(gb) for gb in table["cards"]]
     out = []
@@ -66,7 +67,7 @@ def fit_tables(table: dict, runs: pd.DataFrame) -> list[tuple[str, Table]]:
             plain = of_experiment[~of_experiment["gradient_checkpointing"]].set_index("card_gb")
             checkpointed = of_experiment[of_experiment["gradient_checkpointing"]].set_index("card_gb")
             line = [Cell(experiment), _peak_cell(plain, checkpointed, runs, model, experiment,
-                                                 table["reference_shape"])]
+                                                 table["reference_shape"], (random_peaks or {}).get((model, experiment)))]
             for card in cards:
                 without, with_gc = plain.loc[card], checkpointed.loc[card]
                 fits = without["max_seq_len"] > 0 or with_gc["max_seq_len"] > 0
@@ -134,7 +135,7 @@ def expandable_table(table: dict) -> tuple[Table | None, str]:
 
 
 def _peak_cell(plain: pd.DataFrame, checkpointed: pd.DataFrame, runs: pd.DataFrame, model: str,
-               experiment: str, reference_shape: list[int]) -> Cell:
+               experiment: str, reference_shape: list[int], random_peak: int | None = None) -> Cell:
     predicted = plain["reference_peak_bytes"].iloc[0]
     detail = f"checkpointing: {fmt_bytes(checkpointed['reference_peak_bytes'].iloc[0])}"
     measured = runs[(runs["device_type"] == "cuda") & (runs["model"] == model) & (runs["experiment"] == experiment)
@@ -142,8 +143,12 @@ def _peak_cell(plain: pd.DataFrame, checkpointed: pd.DataFrame, runs: pd.DataFra
                     & (runs["status"] == "ok") & (runs["grad_accum"] == 1) & runs["budget_gb"].isna()]
     if len(measured):
         run = measured.iloc[0]
-        detail += (f"; measured, torch's peak allocated (the same tensor peak): {fmt_bytes(run['peak_allocated'])} "
-                   f"on {run['device_name']} ({run['file']})")
+        on = f"{fmt_bytes(run['peak_allocated'])} on {run['device_name']} ({run['file']})"
+        if random_peak is not None and run["random_init"] is not False:
+            detail += (f"; measured from random weights, torch's peak allocated: {on}, not this table's step: "
+                       + random_weights_words(random_peak, predicted))
+        else:
+            detail += f"; measured, torch's peak allocated (the same tensor peak): {on}"
     return Cell(f"{fmt_bytes(predicted)}", detail)
 
 
@@ -243,6 +248,7 @@ def boundary_table(table: dict, runs: pd.DataFrame, predictions: list[dict] = ()
             "not yet measured", "")
         where = "no GPU run yet" if group is None else (
             f"{', '.join(sorted(set(group['device_name'].astype(str))))}; "
+            f"{_caps_words(group, simulated.get((experiment, model, card, conf)))}"
             f"{', '.join(group.sort_values('seq_len')['file'])}")
         lines.append([Cell(f"{experiment} @ {model}" + (f", PYTORCH_CUDA_ALLOC_CONF={conf}" if conf else "")),
                       Cell(f"{card} GB" if fit_card else f"{gib(card):.2f} GiB",
@@ -251,8 +257,8 @@ def boundary_table(table: dict, runs: pd.DataFrame, predictions: list[dict] = ()
                            if answer is None else f"predicted: {seq_method(answered)}"),
                       _simulated_cell(simulated.get((experiment, model, card, conf))) if setting is None
                       else _confirmed_cell(answered),
-                      Cell(f"{trained[-1]:,}" if trained else "-", ", ".join(f"{n:,}" for n in trained) or "none"),
-                      Cell(f"{ran_out[0]:,}" if ran_out else "-", ", ".join(f"{n:,}" for n in ran_out) or "none"),
+                      Cell(f"{trained[-1]:,}" if trained else "-", _tried_words(trained, "trained")),
+                      Cell(f"{ran_out[0]:,}" if ran_out else "-", _tried_words(ran_out, "ran out")),
                       Cell(verdict, where, css=css)])
     if not lines:
         return None
@@ -304,6 +310,31 @@ def _confirmed_cell(answer: dict | None) -> Cell:
     ran_out = answer.get("simulated_fails_at")
     return Cell("fits", "confirmed by simulation under the card's cap with this setting"
                 + (f"; runs out at {ran_out:,}" if ran_out is not None else ""))
+
+
+def _tried_words(lengths: list[int], what: str) -> str:
+    """The lengths that trained (or ran out) below the one a cell shows: every one where several did."""
+    if len(lengths) > 1:
+        return f"{what}: {', '.join(f'{n:,}' for n in lengths)}"
+    return "the only one" if lengths else "none"
+
+
+def _caps_words(group: pd.DataFrame, simulated: dict | None) -> str:
+    """The allocator caps the runs had, and how they compare with the cap the simulation replays for the card:
+    runs capped higher had more room than the card now leaves, so the boundary they bracket lies above its own."""
+    caps = sorted({int(cap) for cap in group["budget_cap_bytes"].dropna()}) if "budget_cap_bytes" in group else []
+    if not caps:
+        return ""
+    words = f"allocator capped at {', '.join(f'{gib(cap):.2f}' for cap in caps)} GiB"
+    replayed = simulated["budget_replay"]["cap_bytes"] if simulated else None
+    if replayed is not None and caps[0] > replayed:
+        words += (f", {gib(caps[0] - replayed):.2f} GiB more room than the {gib(replayed):.2f} GiB the simulation "
+                  "replays for this card (the card less what lives outside the allocator): the boundary these runs "
+                  "bracket lies above the card's")
+    elif replayed is not None and caps[-1] < replayed:
+        words += (f", {gib(replayed - caps[-1]):.2f} GiB less room than the {gib(replayed):.2f} GiB the simulation "
+                  "replays for this card: the boundary these runs bracket lies below the card's")
+    return words + "; "
 
 
 def _simulated_cell(prediction: dict | None) -> Cell:

@@ -53,6 +53,9 @@ def judge(claim: Claim, observation: Observation) -> verdicts.Verdict:
     verdict = _judge(claim, observation)
     if claim.standing_caveat and verdict.kind == verdicts.HOLDS:
         verdict = verdicts.Verdict(verdicts.CAVEAT, verdict.error, verdict.reason)
+    if claim.setup_differs and verdict.kind in (verdicts.OFF, verdicts.WRONG):
+        verdict = verdicts.Verdict(verdicts.OTHER_SETUP, verdict.error,
+                                   f"{verdict.reason}, against a setup the lab does not run ({claim.setup_differs})")
     return verdict
 
 
@@ -160,7 +163,7 @@ def explain(claim: Claim, observation: Observation | None, verdict: verdicts.Ver
         caveat = observation.caveat or claim.caveat
         if caveat:  # a verdict in the caveat band alone already says so in its reason
             text += f"; caveat: {caveat}"
-    elif verdict.kind in (verdicts.OFF, verdicts.WRONG) and (claim.explain or claim.caveat) \
+    elif verdict.kind in (verdicts.OFF, verdicts.WRONG, verdicts.OTHER_SETUP) and (claim.explain or claim.caveat) \
             and claim.compare != "premise":
         text += f": {claim.explain or claim.caveat}"
     return text + "."

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness import schema
+from harness.presets import PRESETS
 from harness.schema import ADDED_LATER, CATEGORIES, PERSISTENT
 
 LAB_ENGINE = ADDED_LATER[(None, "engine")]  # the lab's own loop, the engine of every earlier record
@@ -101,6 +102,7 @@ def load_results(root: str | Path) -> Results:
         results.attempts[key] = results.attempts.get(key, 0) + 1
     for record in results.records + results.engine_records + results.allocator_records:
         record["_attempts"] = results.attempts.get(record["_file"], 0)
+    _name_unrecorded_devices(results.records + results.engine_records + results.allocator_records + folded)
     for path in sorted((root / schema.PREDICTIONS_FOLDER).glob("*.json")):
         prediction = _read(path, "prediction", results.skipped, root)
         if prediction is not None:
@@ -133,6 +135,45 @@ def load_results(root: str | Path) -> Results:
         devices = sorted({str(b.get("extra_info", {}).get("device")) for b in data["benchmarks"]})
         results.microbench.append({"file": str(path.relative_to(root)), "device": ", ".join(devices), "data": data})
     return results
+
+
+def _name_unrecorded_devices(records: list[dict]) -> None:
+    """A record without an environment (the runner's record of a process that died) is named by the device
+    the other records of its folder recorded, where they name one alone: `_device_name`."""
+    names: dict[str, set[str]] = {}
+    for record in records:
+        name = _get(record, "environment", "device_name")
+        if name:
+            names.setdefault(record.get("_slug"), set()).add(name)
+    for record in records:
+        found = names.get(record.get("_slug"), set())
+        if not _get(record, "environment", "device_name") and len(found) == 1:
+            record["_device_name"] = next(iter(found))
+
+
+def device_name(record: dict) -> str | None:
+    """The device a run measured on, as its record names it, else as its folder's other records do, else the
+    folder's slug."""
+    return _get(record, "environment", "device_name") or record.get("_device_name") or record.get("_slug")
+
+
+def random_init(record: dict) -> bool | None:
+    """Whether a run trains random weights. Its record says so once the model is built; a run that died before
+    (the runner's record of a killed process) is known by the model its configuration gave: a preset or a
+    config file has no weights to load (harness.step.models.ModelSource.random_init); anything else: None."""
+    if record.get("random_init") is not None:
+        return record["random_init"]
+    model = (record.get("config") or {}).get("model")
+    if model in PRESETS or str(model).endswith(".json"):
+        return True
+    return None
+
+
+def predictions_by_kind(results: Results) -> dict[str, list[dict]]:
+    """Every file of predictions, by what it predicts (one noun each, for counts that say what they count)."""
+    return {"memory prediction": results.predictions,
+            "fit table": [table for table in (results.fits, results.gpus) if table],
+            "speed prediction": list(results.speed_predictions.values())}
 
 
 def allocator_setting(record: dict) -> str | None:
@@ -169,7 +210,7 @@ def machine(record: dict) -> tuple:
 
 
 def device_label(record: dict) -> str:
-    name = _get(record, "environment", "device_name") or record.get("_slug", "?")
+    name = device_name(record) or "?"
     return name if is_gpu_record(record) else f"{name}, tracked tensor bytes"
 
 
@@ -196,7 +237,7 @@ def run_row(record: dict) -> dict:
     row = {
         "file": record.get("_file"), "device_slug": record.get("_slug"),
         "device_type": _get(record, "environment", "device_type") or ("cuda" if is_gpu_record(record) else "cpu"),
-        "device_name": _get(record, "environment", "device_name") or record.get("_slug"),
+        "device_name": device_name(record),
         "memory_source": memory.get("source"),
         "experiment": record.get("experiment"), "model": record.get("model"),
         "technique": config.get("technique"), "engine": engine_of(record),
@@ -204,7 +245,7 @@ def run_row(record: dict) -> dict:
         "grad_accum": config.get("grad_accum"), "gradient_checkpointing": config.get("gradient_checkpointing"),
         "world_size": config.get("world_size", 1), "steps": config.get("steps"),
         "budget_gb": _get(record, "budget", "budget_gb", default=config.get("budget_gb")),
-        "budget_card_bytes": budget_card_bytes(record),
+        "budget_card_bytes": budget_card_bytes(record), "budget_cap_bytes": _get(record, "budget", "cap_bytes"),
         "status": record.get("status"),
         "peak_allocated": memory.get("peak_allocated"), "peak_reserved": memory.get("peak_reserved"),
         "peak_device_used": memory.get("peak_device_used"),
@@ -223,8 +264,9 @@ def run_row(record: dict) -> dict:
         "trainable_pct": _get(record, "parameters", "trainable_pct"),
         "parameters_total": _get(record, "parameters", "total"),
         "parameters_trainable": _get(record, "parameters", "trainable"),
-        "random_init": record.get("random_init"),
-        "error_phase": _get(record, "error", "phase"), "error_type": _get(record, "error", "type"),
+        "random_init": random_init(record),
+        "error_phase": _get(record, "error", "phase"), "error_step": _get(record, "error", "step"),
+        "error_type": _get(record, "error", "type"),
         "error_message": _get(record, "error", "message"),
         "memory_reached": _get(record, "error", "memory_reached_bytes"),
         "commit": _get(record, "environment", "git", "commit"), "dirty": _get(record, "environment", "git", "dirty"),

@@ -41,11 +41,39 @@ class LossComparison:
     def ratio(self) -> float | None:
         return None if not self.reference_loss else self.loss / self.reference_loss
 
+    @property
+    def learning_rate(self) -> float | None:
+        return learning_rate(self.record)
+
+    @property
+    def reference_learning_rate(self) -> float | None:
+        return None if self.reference is None else learning_rate(self.reference)
+
+    @property
+    def crosses_learning_rates(self) -> bool:
+        """The run and its reference trained at different learning rates (an adapter at its own against full
+        fine-tuning): the comparison is then of recipes, not of the technique's arithmetic alone."""
+        return self.reference is not None and self.learning_rate != self.reference_learning_rate
+
 
 def comparison_key(record: dict) -> tuple:
     config = record.get("config") or {}
     effective_batch = (config.get("micro_batch") or 0) * (config.get("grad_accum") or 0)
     return tuple(repr(config.get(key)) for key in COMPARISON_KEYS) + (effective_batch,)
+
+
+def learning_rate(record: dict) -> float | None:
+    """The optimizer's learning rate, as the run's configuration gave it (not a key of the comparison: each
+    technique trains at its own)."""
+    return ((record.get("config") or {}).get("optim") or {}).get("lr")
+
+
+def crossed_learning_rates(comparisons: list[LossComparison]) -> list[str]:
+    """'lora at 0.002 against fp32 at 0.0002': each pair of experiments compared across learning rates, once."""
+    pairs = [f"{c.record.get('experiment')} at {c.learning_rate:g} against {c.rule.reference} at "
+             f"{c.reference_learning_rate:g}" for c in comparisons if c.crosses_learning_rates
+             and c.learning_rate is not None and c.reference_learning_rate is not None]
+    return list(dict.fromkeys(pairs))
 
 
 def eval_final(record: dict) -> float | None:

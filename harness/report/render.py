@@ -22,9 +22,10 @@ from harness.report.fits import (SIMULATED_MARK, boundary_table, confirmed_count
                                  published_comparison)
 from harness.report.gpus import gpu_count_tables, peer_table
 from harness.report.ledger import build_ledger
-from harness.report.load import is_gpu_record, load_results, predictions_frame, records_frame, runs_frame
-from harness.report.loss import loss_parity
-from harness.report.speed import speed_rows, speed_table, speed_text
+from harness.report.load import (is_gpu_record, load_results, predictions_by_kind, predictions_frame, records_frame,
+                                 runs_frame)
+from harness.report.loss import crossed_learning_rates, loss_parity
+from harness.report.speed import SpeedRow, speed_rows, speed_table, speed_text
 from harness.report.tables import (
     VERDICT_CLASSES,
     Cell,
@@ -42,7 +43,7 @@ from harness.report.tables import (
     runs_table,
     verdict_counts,
 )
-from harness.report.units import LLAMA_2_7B_PARAMETERS
+from harness.report.units import LLAMA_2_7B_PARAMETERS, fmt_counts, model_name
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,16 @@ class Rendered:
 # Figures shown in the report's first section, beside the answer they illustrate.
 DECISION_FIGURES = ("memory-vs-sequence",)
 SECTION_FIGURES = DECISION_FIGURES + ("optimisation-ladder",)  # shown in their own section, not under Figures
+
+
+def _values_change_bytes(results) -> str:
+    """The recipes whose bytes the weights' values change (answer.random_weights_peaks), as the fit table's
+    paragraph names them."""
+    recipes = sorted({experiment for _, experiment in answer.random_weights_peaks(results)})
+    if not recipes:
+        return ""
+    return (f" ({', '.join(recipes)}: LLM.int8's outlier columns), where a run from random weights is not the step "
+            "the table sizes and its cell says so")
 
 
 def _fits_blocks(results, runs, figures: list[FigureResult]) -> list[Block]:
@@ -96,8 +107,10 @@ def _fits_blocks(results, runs, figures: list[FigureResult]) -> list[Block]:
         f"of the {batches_limited} largest micro-batches (`python -m harness predict --confirm-fits` confirms the "
         "rest, and `--solve seq_len` or `--solve micro_batch` any one). The peak column is the "
         "tensors' peak at sequence 512, micro-batch 1 (predicted; beside it torch's peak allocated where a GPU "
-        "run measured it), not what the card must hold: the first section's memory column is that.")))
-    for model, fit_table in fit_tables(table, runs):
+        "run measured it), not what the card must hold: the first section's memory column is that. The answers "
+        "size a fine-tune of pretrained weights; the lab's GPU runs start from random weights, the same bytes "
+        "except where the weights' values change them" + _values_change_bytes(results) + ".")))
+    for model, fit_table in fit_tables(table, runs, answer.random_weights_peaks(results)):
         blocks.append(Block("h3", model))
         blocks.append(Block("table", table=fit_table))
     expandable, expandable_said = expandable_table(table)
@@ -245,6 +258,27 @@ def _counted_blocks(ledger) -> list[Block]:
     return [Block("p", text)]
 
 
+def _prediction_counts(results) -> str:
+    """'499 memory predictions, 2 fit tables, 49 speed predictions': each kind of prediction file by its name."""
+    return fmt_counts({kind: len(files) for kind, files in predictions_by_kind(results).items()}) or "no predictions"
+
+
+def _loss_text(comparisons) -> str:
+    """The loss section's opening: what is compared, and where a comparison crosses learning rates."""
+    text = ("Memory and speed are the same on random weights (but for LLM.int8's outlier columns, which the values "
+            "decide); loss is not. Runs on random-init presets keep "
+            "their loss in the records but it is not compared here (random init: memory and speed only). The "
+            "comparison fine-tunes a base model the lab pretrains itself (`make base`) on different text, every "
+            "technique on the same batches for the same steps, and compares final held-out losses. Each run trains at "
+            "its configuration's learning rate (the table's Learning rate column): adapters at their own, as is "
+            "usual for LoRA.")
+    crossed = crossed_learning_rates(comparisons)
+    if crossed:
+        text += (" Where a run and its reference trained at different learning rates the comparison is of the two "
+                 "recipes, not of the technique's arithmetic alone: " + "; ".join(crossed) + ".")
+    return text
+
+
 def _table_or(table: Table | None, missing: str) -> Block:
     """A table, or the sentence that says what produces it."""
     return Block("table", table=table) if table is not None else Block("p", missing)
@@ -277,7 +311,7 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
         + (f"{len(results.allocator_records)} under a PYTORCH_CUDA_ALLOC_CONF of their own (judged in the boundary "
            "table alone: every other table and figure is of torch's default allocator, which the predictions "
            "replay), " if results.allocator_records else "")
-        + f"{_count(len(predictions), 'memory prediction')}, {_count(len(results.probes), 'probe')} "
+        + f"{_prediction_counts(results)}, {_count(len(results.probes), 'probe')} "
         f"({', '.join(sorted(results.probes)) or 'none'}), {_count(len(results.microbench), 'micro-benchmark file')}. "
         "Sources checked: " + "; ".join(f"{key} = \"{title}\"" for key, title in SOURCES.items()) + ". "
         f"GB means 1e9 bytes and GiB 2^30 bytes throughout, except a card's size, named as sold: a \"24 GB card\" "
@@ -360,14 +394,10 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
         blocks.append(Block("figure", figure=figure))
 
     blocks.append(Block("h2", "Loss on a pretrained base", anchor="loss"))
-    blocks.append(Block("p", (
-        "Memory and speed are the same on random weights; loss is not. Runs on random-init presets keep "
-        "their loss in the records but it is not compared here (random init: memory and speed only). The "
-        "comparison fine-tunes a base model the lab pretrains itself (`make base`) on different text, every "
-        "technique on the same batches for the same steps, and compares final held-out losses.")))
+    comparisons = loss_parity(results.records, results.folded_records)
+    blocks.append(Block("p", _loss_text(comparisons)))
     if results.bases:
         blocks.append(Block("table", table=base_table(results)))
-    comparisons = loss_parity(results.records, results.folded_records)
     if comparisons:
         blocks.append(Block("table", table=loss_parity_table(comparisons)))
     else:
@@ -424,7 +454,7 @@ def build_blocks(results_dir: Path) -> tuple[list[Block], list[FigureResult], di
     blocks.append(Block("h3", "Predicted against tracked bytes on a CPU"))
     cpu_errors = prediction_errors(runs, predictions, "cpu") if len(runs) and len(predictions) else []
     if len(cpu_errors):
-        blocks.append(Block("p", _accuracy_text(cpu_errors, "CPU run", ", measured as its peak of tracked tensor bytes,")))
+        blocks.append(Block("p", _accuracy_text(cpu_errors, ", measured as their peak of tracked tensor bytes")))
     blocks.append(_table_or(predictions_table(on_cpu_path) if len(on_cpu_path) else None,
                             "No predictions of the CPU code path: `python -m harness predict --claims` writes them."))
     blocks.append(Block("h3", "Micro-benchmarks on a CPU"))
@@ -493,13 +523,15 @@ def _engine_blocks(results) -> list[Block]:
     return blocks
 
 
-def _accuracy_text(errors, measured: str = "GPU run", how: str = "") -> str:
+def _accuracy_text(errors, how: str = "") -> str:
+    """'37 finished runs on NVIDIA H200{how}, each beside ...': the device named once, as its records name it
+    (a CPU's name already says "CPU (...)"); `how` says what was measured, after a comma."""
     parts = []
     for method, stats in summary(errors).items():
         parts.append(f"{method}: {stats['within']} of {stats['runs']} runs within ±{TOLERANCES[method]:.0%} "
                      f"(median error {stats['median']:.1%}, largest {stats['max']:.1%})")
-    devices = ", ".join(sorted(set(errors["device_name"])))
-    return (f"{_count(len(errors), 'finished ' + measured)} ({devices}){how}, each beside the predictions of its "
+    devices = " and ".join(sorted(set(errors["device_name"])))
+    return (f"{_count(len(errors), 'finished run')} on {devices}{how}, each beside the predictions of its "
             "configuration, made without a GPU: " + "; ".join(parts) + ".")
 
 
@@ -572,6 +604,7 @@ table.ledger th:nth-child(7) { width: 10%; } table.ledger th:nth-child(8) { widt
 table.ledger td { overflow-wrap: anywhere; }
 table.glance td:nth-child(2) { width: 34%; }
 table.runs td { white-space: nowrap; }
+table.runs td:nth-child(2) { white-space: normal; overflow-wrap: anywhere; }  /* a long experiment name wraps */
 figure { margin: 8px 0 24px; }
 figure img { max-width: 100%; border: 1px solid #d0d7de; }
 figcaption { color: #57606a; font-size: 13px; margin-top: 6px; max-width: 1100px; }

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.report.load import _get
+from harness.report.load import LAB_ENGINE, _get
 from harness.report.tables import Cell, Table
+from harness.report.units import model_name
 
 SPEED_TOLERANCE = 0.15
 TARGET_SHARE = 0.80
@@ -118,7 +119,8 @@ def speed_table(rows: list[SpeedRow]) -> Table:
         spread = ("" if r.slowest is None else f"{r.slowest:,.0f}-{r.fastest:,.0f}"
                   + (f" (sd {r.spread:.0%})" if r.spread is not None else ""))
         body.append([
-            Cell(r.experiment, f"{r.model}, {r.shape}" + (f", {r.engine}" if r.engine and r.engine != "lab" else "")),
+            Cell(r.experiment, f"{model_name(r.model)}, {r.shape}"
+                 + (f", {r.engine}" if r.engine and r.engine != LAB_ENGINE else "")),
             Cell(f"{r.tokens_per_step:,}" if r.tokens_per_step else ""),
             Cell(f"{r.measured:,.0f}", spread),
             Cell("" if r.predicted is None else f"{r.predicted:,.0f}",

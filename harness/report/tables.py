@@ -11,13 +11,15 @@ from harness import schema
 from harness.report import verdicts
 from harness.report.evidence import PROBE_QUANTITIES, Observation
 from harness.report.ledger import LedgerRow, basis_short
-from harness.report.load import CATEGORIES, Results
+from harness.report.load import CATEGORIES, Results, device_name, predictions_by_kind
 from harness.report.loss import LossComparison
 from harness.report.microbench import format_seconds, ratios
-from harness.report.units import CATEGORY_WORDS, UNIT_WORDS, fmt_gb, fmt_value
+from harness.report.units import (CATEGORY_WORDS, UNIT_WORDS, fmt_bytes, fmt_card, fmt_counted, fmt_counts, fmt_gb,
+                                  fmt_value, fmt_version, fmt_versions, model_name)
 
 VERDICT_CLASSES = {verdicts.HOLDS: "holds", verdicts.CAVEAT: "caveat", verdicts.OFF: "off",
-                   verdicts.WRONG: "wrong", verdicts.PREMISE: "wrong", verdicts.UNCHECKED: "unchecked"}
+                   verdicts.WRONG: "wrong", verdicts.PREMISE: "wrong", verdicts.OTHER_SETUP: "unchecked",
+                   verdicts.UNCHECKED: "unchecked"}
 # Analytic and simulated predictions this close are shown as one figure.
 PREDICTIONS_AGREE = 0.01
 
@@ -57,7 +59,11 @@ def verdict_counts(ledger: list[LedgerRow]) -> dict[str, int]:
 
 def verdict_cell(row: LedgerRow) -> Cell:
     """The verdict, its tolerance, and the verdicts of the claim's other readings."""
-    others = "; ".join(f"other reading ({label}): {reading.verdict.label}" for label, reading in row.readings)
+    # a reading judged within another tolerance than the claim's says its own
+    others = "; ".join(f"other reading ({label}): {reading.verdict.label}"
+                       + (f" ({reading.claim.tolerance_text})"
+                          if reading.claim.tolerance_text != row.claim.tolerance_text else "")
+                       for label, reading in row.readings)
     detail = row.claim.tolerance_text + (f"; {others}" if others else "")
     return Cell(row.verdict.label, detail, VERDICT_CLASSES[row.verdict.kind])
 
@@ -203,10 +209,39 @@ def _status_cell(run: pd.Series) -> Cell:
     if status == "ok":
         shared = "" if _missing(run["shared_gpu"]) else f"beside another process: {run['shared_gpu']}"
         return Cell("ok", "; ".join(text for text in (shared, emulated, attempts) if text), css="status-ok")
-    detail = f"at {run['error_phase']}" if not _missing(run["error_phase"]) else ""
+    detail = _where_it_stopped(run)
     if status == "failed" and not _missing(run["error_type"]):
         detail = f"{run['error_type']} {detail}".strip()
     return Cell(str(status), "; ".join(text for text in (detail, emulated, attempts) if text), css=f"status-{status}")
+
+
+def _where_it_stopped(run: pd.Series) -> str:
+    """'at backward, step 0': the phase and the step a run that did not finish stopped in, as far as its record says."""
+    parts = [f"at {run['error_phase']}" if not _missing(run["error_phase"]) else "",
+             f"step {run['error_step']:.0f}" if not _missing(run["error_step"]) else ""]
+    return ", ".join(part for part in parts if part)
+
+
+def _timed_steps(run: pd.Series) -> str:
+    """The steps a finished run timed; a run that stopped timed none of the steps it was given (its status
+    cell says where it stopped). A cell may be run with several step counts (the cross-check of loops times more)."""
+    if run["status"] != "ok" or _missing(run["steps"]):
+        return ""
+    return f"{run['steps']:.0f} timed step{'' if run['steps'] == 1 else 's'}"
+
+
+def _budget_cell(run: pd.Series) -> Cell:
+    """A budget as what it is: a card of the lab's convention (a "24 GB card" holds 24 GiB) or, for a budget
+    counted in 1e9-byte GB, its bytes; beneath, the cap torch's allocator had on the run."""
+    if _missing(run["budget_card_bytes"]):
+        return Cell("")
+    cap = "" if _missing(run["budget_cap_bytes"]) else f"allocator cap {fmt_bytes(run['budget_cap_bytes'])}"
+    return Cell(fmt_card(run["budget_card_bytes"]), cap)
+
+
+def _is_true(value) -> bool:
+    """True, also as numpy's bool; None and NaN (not known) are not."""
+    return not _missing(value) and bool(value)
 
 
 def cpu_capability(run: pd.Series) -> str:
@@ -228,31 +263,31 @@ def runs_table(runs: pd.DataFrame) -> Table:
             peak = f"≥{fmt_gb(run['memory_reached'])}"
         loss = _num(run["final_loss"], 3)
         rows.append([
-            Cell(str(run["model"]), "random init" if run["random_init"] is True else ""),
-            # A cell may be run with several step counts (the cross-check of loops times more steps).
-            Cell(str(run["experiment"]), "" if _missing(run["steps"]) or run["status"] not in ("ok", "oom") else
-                 f"{run['steps']:.0f} timed step{'' if run['steps'] == 1 else 's'}"),
+            Cell(model_name(run["model"]), "random init" if _is_true(run["random_init"]) else ""),
+            Cell(str(run["experiment"]), _timed_steps(run)),
             Cell("CPU" if cpu else str(run["device_name"]),
                  "; ".join(t for t in ("tracked bytes", cpu_capability(run)) if t) if cpu else ""),
             Cell(_num(run["seq_len"], 0)),
             Cell(f"{_num(run['micro_batch'], 0)} x {_num(run['grad_accum'], 0)}"),
-            Cell("" if _missing(run["budget_gb"]) else f"{run['budget_gb']:g}"),
+            _budget_cell(run),
             _status_cell(run),
             Cell(peak), Cell(fmt_gb(run["peak_reserved"])), Cell(fmt_gb(run["peak_device_used"])),
             Cell(_num(run["tokens_per_s"], 0)),
             Cell("" if _missing(run["mfu"]) else f"{run['mfu'] * 100:.1f}"),
-            Cell(loss, "random init: memory and speed only" if run["random_init"] is True
+            Cell(loss, "random init: memory and speed only" if _is_true(run["random_init"])
                  else "" if _missing(run["eval_final"]) else f"held-out {run['eval_final']:.3f}"),
             Cell(_num(run["trainable_pct"], 2)),
         ])
     note = ("Memory in GB (1e9 bytes). On CUDA: peak allocated and reserved from torch's allocator, "
             "device-used from NVML (includes the CUDA context). CPU rows: peak tracked tensor bytes, "
             "not a GPU figure; reserved and device-used do not exist there. OOM rows show the memory "
-            "reached (≥) where known. Tokens/s: median step time after warm-up. MFU: against the card's peak for "
+            "reached (≥) where known. Budget: the card a run was capped to, named as sold (a \"24 GB card\" "
+            "holds 24 GiB), or a budget in bytes where it was not such a card; beneath, the cap torch's "
+            "allocator had. Tokens/s: median step time after warm-up. MFU: against the card's peak for "
             "the dtype the products run in (glossary).")
-    return Table(["Model", "Experiment", "Device", "Seq", "Micro-batch x accum.", "Budget GB", "Status",
+    return Table(["Model", "Experiment", "Device", "Seq", "Micro-batch x accum.", "Budget", "Status",
                   "Peak alloc. GB", "Reserved GB", "Device-used GB", "Tokens/s", "MFU %", "Final loss",
-                  "Trainable %"], rows, note, css="runs", numeric={3, 5, 7, 8, 9, 10, 11, 12, 13})
+                  "Trainable %"], rows, note, css="runs", numeric={3, 7, 8, 9, 10, 11, 12, 13})
 
 
 # --- predicted against measured ----------------------------------------------------------------
@@ -269,7 +304,7 @@ def accuracy_table(errors: pd.DataFrame) -> Table:
         untracked = (None if _missing(run["tracked_step_peak"])
                      else run["peak_allocated"] - run["tracked_step_peak"])
         rows.append([
-            Cell(str(run["model"])), Cell(str(run["experiment"])),
+            Cell(model_name(run["model"])), Cell(str(run["experiment"])),
             Cell(f"{run['seq_len']} x {run['micro_batch']} x {run['grad_accum']}"), Cell(str(run["device_name"])),
             Cell(fmt_gb(run["peak_allocated"])),
             Cell(fmt_gb(untracked), "the tracker counted more than torch allocated: it runs compiled code eagerly "
@@ -301,7 +336,7 @@ def accuracy_category_table(errors: pd.DataFrame) -> Table:
     """Per GPU run and memory category: bytes alive at the tracked step's peak against each prediction."""
     rows = []
     for _, run in errors.sort_values(["model", "seq_len", "experiment", "grad_accum"], kind="stable").iterrows():
-        cells = [Cell(str(run["model"])), Cell(str(run["experiment"])),
+        cells = [Cell(model_name(run["model"])), Cell(str(run["experiment"])),
                  Cell(f"{run['seq_len']} x {run['micro_batch']} x {run['grad_accum']}")]
         for category in CATEGORIES:
             measured = run[f"peak_{category}"]
@@ -354,9 +389,10 @@ def loss_parity_table(comparisons: list[LossComparison]) -> Table:
         config = record.get("config") or {}
         device = (record.get("environment") or {}).get("device_name") or config.get("device", "?")
         rows.append([
-            Cell(str(record.get("model")), str(config.get("base_checkpoint") or "")),
+            Cell(model_name(record.get("model")), str(config.get("base_checkpoint") or "")),
             Cell(str(device)),
             Cell(str(record.get("experiment"))),
+            _learning_rate_cell(comparison),
             # the comparison's steps and shape: one reference's loss differs from another's by them (6 or 30 steps)
             Cell(_num(config.get("steps"), 0), f"sequence {config.get('seq_len')} x micro-batch {config.get('micro_batch')}"),
             Cell(_num(comparison.loss, 4)),
@@ -368,13 +404,23 @@ def loss_parity_table(comparisons: list[LossComparison]) -> Table:
             Cell(rule.why if rule else ""),
         ])
     note = ("Final held-out loss (mean next-token cross-entropy, nats) after the same optimizer steps on the "
-            "same batches. Difference and ratio against the reference run of the same comparison; the "
+            "same batches, each run at its own learning rate (beneath it, the reference's where that differs). "
+            "Difference and ratio against the reference run of the same comparison; the "
             "tolerance is the largest allowed relative excess over it. The model's sub-line names the base (its "
             "recipe @ its weights): the recipe pretrained on another CPU gives other weights, so a run is compared "
             "with the reference run on its own base, even where a newer run of that reference's configuration "
             "on the other base is the one the other tables show.")
-    return Table(["Model", "Device", "Experiment", "Steps", "Held-out loss", "Reference", "Difference", "Ratio",
-                  "Tolerance", "Verdict", "Why this tolerance"], rows, note, css="loss", numeric={3, 4, 6, 7, 8})
+    return Table(["Model", "Device", "Experiment", "Learning rate", "Steps", "Held-out loss", "Reference",
+                  "Difference", "Ratio", "Tolerance", "Verdict", "Why this tolerance"], rows, note, css="loss",
+                 numeric={3, 4, 5, 7, 8, 9})
+
+
+def _learning_rate_cell(comparison: LossComparison) -> Cell:
+    """The run's learning rate, and its reference's beneath where the comparison crosses learning rates."""
+    rate = comparison.learning_rate
+    crossed = comparison.crosses_learning_rates and comparison.reference_learning_rate is not None
+    return Cell("" if rate is None else f"{rate:g}",
+                f"{comparison.rule.reference} at {comparison.reference_learning_rate:g}" if crossed else "")
 
 
 def predictions_table(predictions: pd.DataFrame) -> Table:
@@ -389,7 +435,7 @@ def predictions_table(predictions: pd.DataFrame) -> Table:
         difference = ("" if _missing(analytic) or _missing(simulated) or not simulated
                       else f"{round((analytic - simulated) / simulated * 100, 1) + 0.0:+.1f}")
         ranks = f", one of {world_size} ranks" if world_size > 1 else ""
-        rows.append([Cell(model), Cell(experiment), Cell(f"{seq} x {batch}{ranks}"), Cell(device_type),
+        rows.append([Cell(model_name(model)), Cell(experiment), Cell(f"{seq} x {batch}{ranks}"), Cell(device_type),
                      Cell(fmt_gb(analytic, 2)), Cell(fmt_gb(simulated, 2)), Cell(difference)])
     note = ("Predicted peak of one training step, GB (1e9 bytes). Analytic: bytes per parameter and a walk "
             "through one decoder layer. Simulated: the real step traced under fake tensors (no memory used).")
@@ -431,6 +477,32 @@ def microbench_table(entries: list[dict]) -> Table:
 
 # --- provenance ---------------------------------------------------------------------------------
 
+def prediction_versions(results: Results) -> dict[str, dict[str, int]]:
+    """Library versions in words -> how many files of each kind of prediction were made with them."""
+    found: dict[str, dict[str, int]] = {}
+    for kind, files in predictions_by_kind(results).items():
+        for prediction in files:
+            counts = found.setdefault(fmt_versions(prediction.get("versions")), {})
+            counts[kind] = counts.get(kind, 0) + 1
+    return found
+
+
+def _lab_loop_only(results: Results) -> str:
+    """What the provenance tables count: the lab's own loop, the runs of other loops being left to their section."""
+    left_out = []
+    if results.engine_records:
+        left_out.append(f"the {fmt_counted(len(results.engine_records), 'run record')} of other training loops "
+                        "(\"Our loop against Trainer\" compares them)")
+    if results.allocator_records:
+        left_out.append(f"the {fmt_counted(len(results.allocator_records), 'run record')} under an allocator setting "
+                        "of their own (the boundary table judges them)")
+    if not left_out:
+        return ""
+    return (f"Runs of the lab's own loop under torch's default allocator "
+            f"({fmt_counted(len(results.records), 'run record')}), here and in the two tables below; left out: "
+            + "; ".join(left_out) + ".")
+
+
 def provenance_tables(results: Results) -> list[tuple[str, Table]]:
     devices: dict[tuple, int] = {}
     software: dict[tuple, int] = {}
@@ -438,13 +510,12 @@ def provenance_tables(results: Results) -> list[tuple[str, Table]]:
     unrecorded = "not recorded"  # a record of a run stopped or skipped before its environment was read
     for record in results.records:
         environment = record.get("environment") or {}
-        key = (environment.get("device_name") or record.get("_slug"),
-               environment.get("device_type") or (unrecorded if not environment else ""),
+        key = (device_name(record), environment.get("device_type") or (unrecorded if not environment else ""),
                str(environment.get("driver") or ""), str(environment.get("cuda") or ""),
                environment.get("platform") or "")
         devices[key] = devices.get(key, 0) + 1
         versions = environment.get("versions") or {}
-        vkey = tuple((name, str(versions.get(name))) for name in sorted(versions))
+        vkey = tuple((name, fmt_version(versions, name)) for name in sorted(versions))
         software[vkey] = software.get(vkey, 0) + 1
         git = environment.get("git") or {}
         ckey = (str(git["commit"]) if git.get("commit") else unrecorded,
@@ -456,12 +527,11 @@ def provenance_tables(results: Results) -> list[tuple[str, Table]]:
         tables.append(("Devices", Table(
             ["Device", "Type", "Driver", "CUDA", "Platform", "Runs"],
             [[Cell(k[0]), Cell(k[1]), Cell(k[2]), Cell(k[3]), Cell(k[4]), Cell(str(n))]
-             for k, n in sorted(devices.items())], numeric={5})))
+             for k, n in sorted(devices.items())], note=_lab_loop_only(results), numeric={5})))
     if software:
         tables.append(("Software of the runs", Table(
             ["Versions", "Runs"],
-            [[Cell(", ".join(f"{name} {'not installed' if version == 'None' else version}" for name, version in k)
-                   or unrecorded), Cell(str(n))]
+            [[Cell(", ".join(f"{name} {version}" for name, version in k) or unrecorded), Cell(str(n))]
              for k, n in sorted(software.items())], numeric={1})))
     if commits:
         tables.append(("Code of the runs", Table(
@@ -470,16 +540,10 @@ def provenance_tables(results: Results) -> list[tuple[str, Table]]:
              for k, n in sorted(commits.items())], numeric={3})))
     other = []
     for name, probe in sorted(results.probes.items()):
-        versions = probe.get("versions") or {}
         other.append([Cell(probe["_file"]), Cell(str(probe.get("device"))), Cell(str(probe.get("created", ""))),
-                      Cell(", ".join(f"{k} {v}" for k, v in sorted(versions.items())))])
-    prediction_versions: dict[str, int] = {}
-    for prediction in results.predictions:
-        versions = prediction.get("versions") or {}
-        text = ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
-        prediction_versions[text] = prediction_versions.get(text, 0) + 1
-    for text, count in sorted(prediction_versions.items()):
-        other.append([Cell(f"{count} prediction files"), Cell("-"), Cell(""), Cell(text)])
+                      Cell(fmt_versions(probe.get("versions")))])
+    for text, counts in sorted(prediction_versions(results).items()):
+        other.append([Cell(fmt_counts(counts)), Cell("-"), Cell(""), Cell(text)])
     for entry in results.microbench:
         data = entry["data"]
         commit = data.get("commit_info") or {}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from pathlib import PurePosixPath
 
+from harness.cards import CARD_BYTES, card_bytes
 from harness.schema import CATEGORIES
 
 GB = 1e9
@@ -37,6 +39,24 @@ def fmt_gb(value: float | None, digits: int = 3) -> str:
     return f"{gb(value):.{digits}f}"
 
 
+def card_of(byte_count: float | None) -> int | None:
+    """The nominal size N of a card of the lab's convention (harness.cards.card_bytes: a card sold as N GB
+    holds N GiB, the H200 its measured bytes) that holds exactly `byte_count`, else None: a budget given in
+    1e9-byte GB is a cap, not such a card, and must not be named as one."""
+    if byte_count is None or (isinstance(byte_count, float) and math.isnan(byte_count)):
+        return None
+    candidates = [*CARD_BYTES, round(byte_count / GIB)]
+    return next((size for size in candidates if card_bytes(size) == byte_count), None)
+
+
+def fmt_card(byte_count: float | None) -> str:
+    """A budget as what it is: '24 GB card (24.00 GiB)' for a card of the lab's convention, else its bytes."""
+    size = card_of(byte_count)
+    if size is None:
+        return fmt_bytes(byte_count)
+    return f"{size} GB card ({gib(byte_count):.2f} GiB)"
+
+
 def fmt_percent(fraction: float | None, digits: int = 1, signed: bool = False) -> str:
     if fraction is None or (isinstance(fraction, float) and math.isnan(fraction)):
         return "-"
@@ -47,6 +67,46 @@ def fmt_count(value: float | None) -> str:
     if value is None:
         return "-"
     return f"{value:,.0f}"
+
+
+def fmt_counted(n: int, noun: str) -> str:
+    """'1 speed prediction', '49 speed predictions'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def fmt_counts(counts: dict[str, int]) -> str:
+    """Counts of several kinds, each saying what it counts: '499 memory predictions, 2 fit tables'."""
+    return ", ".join(fmt_counted(n, noun) for noun, n in counts.items() if n)
+
+
+# harness.env records a library it could not import as None: the report says so in words, the same everywhere.
+NOT_INSTALLED = "not installed"
+NOT_RECORDED = "?"  # a record made before the library was listed
+
+
+def fmt_version(versions: dict | None, name: str) -> str:
+    if name not in (versions or {}):
+        return NOT_RECORDED
+    return NOT_INSTALLED if versions[name] is None else str(versions[name])
+
+
+def fmt_versions(versions: dict | None) -> str:
+    """'liger-kernel not installed, peft 0.22.0': every library a record lists, by name."""
+    return ", ".join(f"{name} {fmt_version(versions, name)}" for name in sorted(versions or {}))
+
+
+# A model given as a file (heldout/gemma-2-2b.json) or a folder is named by the file's stem or the folder's name.
+MODEL_FILE_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def model_name(model) -> str:
+    """A model as the report names it. Only a label that is a path loses its suffix: "llama-3.1-8b" is a
+    name, not a file ending in .1-8b."""
+    model = str(model)
+    if "/" not in model and not model.endswith(MODEL_FILE_SUFFIXES):
+        return model
+    path = PurePosixPath(model.rstrip("/"))
+    return path.stem if path.suffix in MODEL_FILE_SUFFIXES else path.name
 
 
 def fmt_sci(value: float | None) -> str:
