@@ -810,6 +810,8 @@ def test_the_first_screen_says_what_trainers_bf16_holds_from_the_gpu_run_itself(
 
     too_big = trainer_default_line(Results(tmp_path, records=[run(121_000_000_000)]), "llama-2-7b")
     assert "121.00 GB" in too_big and "more than an 80 GB card holds" in too_big and "gpu/bf16-mixed.json" in too_big
+    # the run is the lab's loop running Trainer's recipe, and says so: Trainer's own runs are compared elsewhere
+    assert "the lab's own loop ran that recipe" in too_big and "Our loop against Trainer" in too_big
     fits = trainer_default_line(Results(tmp_path, records=[run(70 * 2**30)]), "llama-2-7b")
     assert "within an 80 GB card" in fits
     assert trainer_default_line(Results(tmp_path, records=[]), "llama-2-7b") is None
@@ -1124,6 +1126,10 @@ def test_a_random_init_run_stands_for_a_fit_answer_only_where_the_weights_values
     tables = dict(fit_tables(differs.fits, runs, random_weights_peaks(differs)))
     peak = next(line[1] for line in tables["llama-2-7b"].rows if line[0].text == "int8-lora")
     assert "measured from random weights" in peak.detail and "the same tensor peak" not in peak.detail
+    pretrained = runs.assign(random_init=False).astype({"random_init": bool})  # numpy's False, as a frame holds it
+    tables = dict(fit_tables(differs.fits, pretrained, random_weights_peaks(differs)))
+    peak = next(line[1] for line in tables["llama-2-7b"].rows if line[0].text == "int8-lora")
+    assert "the same tensor peak" in peak.detail
     # where the two predictions agree, the measured run is the answer's own figure
     agrees = _int8_answer(14.7e9)
     assert random_weights_peaks(agrees) == {} and entry(agrees)["memory"]["kind"] == "measured"
@@ -1325,6 +1331,16 @@ def test_a_model_given_as_a_path_is_printed_by_its_name_in_every_table():
     for table in (runs_table(runs), accuracy_table(errors), accuracy_category_table(errors),
                   predictions_table(predicted)):
         assert table.rows[0][0].text == "gemma-2-2b"
+
+
+def test_a_prediction_a_method_could_not_make_is_said_not_left_blank():
+    from harness.report.load import predictions_frame
+    from harness.report.tables import predictions_table
+
+    only_analytic = predictions_frame(Results(root=Path("."), predictions=[_prediction("analytic", "adafactor")]))
+    (row,) = predictions_table(only_analytic).rows
+    assert row[4].text == "107.80" and row[5].text == "-" and row[6].text == "-"
+    assert "python -m harness predict --model llama-2-7b --experiment adafactor" in row[5].detail
 
 
 def test_the_speed_table_names_a_model_given_as_a_path_and_only_another_loop_than_the_labs():

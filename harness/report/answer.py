@@ -114,9 +114,10 @@ def trainer_default_line(results: Results, model: str, card_gb: int = 80) -> str
         device = _get(record, "environment", "device_name")
         card = f"{'an' if str(card_gb).startswith('8') else 'a'} {card_gb} GB card"
         return (f"What transformers' Trainer runs for `bf16=True` on a model loaded in fp32 is bf16-mixed (fp32 "
-                f"weights, gradients and AdamW states; bf16 only in the matrix products): at {model}, {_shape(record)}, "
-                f"it held {fmt_bytes(held)}, {what}, on {device} ({record['_file']}): "
-                + (f"within {card}." if held <= card_bytes(card_gb) else f"more than {card} holds."))
+                f"weights, gradients and AdamW states; bf16 only in the matrix products): the lab's own loop ran that "
+                f"recipe at {model}, {_shape(record)}, and held {fmt_bytes(held)}, {what}, on {device} "
+                f"({record['_file']}): " + (f"within {card}" if held <= card_bytes(card_gb) else f"more than {card} holds")
+                + " (Trainer's own runs are set beside the lab's loop in \"Our loop against Trainer\").")
     return None
 
 

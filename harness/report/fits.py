@@ -144,7 +144,9 @@ def _peak_cell(plain: pd.DataFrame, checkpointed: pd.DataFrame, runs: pd.DataFra
     if len(measured):
         run = measured.iloc[0]
         on = f"{fmt_bytes(run['peak_allocated'])} on {run['device_name']} ({run['file']})"
-        if random_peak is not None and run["random_init"] is not False:
+        # a run from random weights, or one whose record does not say (numpy's bools in a frame: not `is False`)
+        from_random = pd.isna(run["random_init"]) or bool(run["random_init"])
+        if random_peak is not None and from_random:
             detail += (f"; measured from random weights, torch's peak allocated: {on}, not this table's step: "
                        + random_weights_words(random_peak, predicted))
         else:

@@ -23,7 +23,9 @@ TERMS: dict[str, str] = {
     "+ checkpointing": "gradient (activation) checkpointing: the forward pass keeps only each layer's input and "
                        "the backward pass recomputes the rest, trading compute for activation memory",
     "(context)": "the longest sequence is the model's own context length: the card would hold a longer one",
-    "measured": "read on a GPU by torch's allocator during a real run; the device and the record file are named",
+    "measured": "read on a GPU during a real run: the peaks by torch's allocator, device-used by NVML, and the "
+                "bytes of each kind (weights, activations, ...) by the lab's tracker of live tensors, at their "
+                "peak in an untimed step; the device and the record file are named",
     "predicted": "computed without a GPU: by the analytic formula (bytes per parameter x parameter counts plus "
                  "activations) or by the simulation (one real training step traced under fake tensors)",
     "derived": "computed from a measured figure by arithmetic the report shows (a scaling, a count x bytes): "

@@ -435,8 +435,12 @@ def predictions_table(predictions: pd.DataFrame) -> Table:
         difference = ("" if _missing(analytic) or _missing(simulated) or not simulated
                       else f"{round((analytic - simulated) / simulated * 100, 1) + 0.0:+.1f}")
         ranks = f", one of {world_size} ranks" if world_size > 1 else ""
+        # `predict --claims` makes both methods: a missing one is a step that method cannot take, said by predict
+        missing = Cell("-", f"not predicted: `python -m harness predict --model {model} --experiment {experiment}` "
+                            "says why")
         rows.append([Cell(model_name(model)), Cell(experiment), Cell(f"{seq} x {batch}{ranks}"), Cell(device_type),
-                     Cell(fmt_gb(analytic, 2)), Cell(fmt_gb(simulated, 2)), Cell(difference)])
+                     missing if _missing(analytic) else Cell(fmt_gb(analytic, 2)),
+                     missing if _missing(simulated) else Cell(fmt_gb(simulated, 2)), Cell(difference or "-")])
     note = ("Predicted peak of one training step, GB (1e9 bytes). Analytic: bytes per parameter and a walk "
             "through one decoder layer. Simulated: the real step traced under fake tensors (no memory used).")
     return Table(["Model", "Experiment", "Seq x batch", "Code path", "Analytic GB", "Simulated GB",
