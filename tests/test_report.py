@@ -294,6 +294,36 @@ def test_the_two_lines_of_one_table_are_judged_at_the_same_settings():
         assert readings[label] == settings(reading), label
 
 
+def test_a_card_counted_two_ways_is_a_reading_and_a_run_peak_says_which_memory_it_is():
+    from harness.measure.budget import budget_cap_bytes
+    from harness.report.tables import _measured_cell
+
+    results = Results(root=Path("."), records=[_record("cuda")])  # fp32 weights of 26.9 GB
+    row = build_row(_claim("W-over16"), results)
+    assert row.basis.value == pytest.approx(26.9e9 - card_bytes(16)) and row.verdict.kind == verdicts.OFF
+    allocator = next(reading for label, reading in row.readings if "leaves to torch's allocator" in label)
+    assert allocator.basis.value == pytest.approx(26.9e9 - budget_cap_bytes(16, "cuda"))
+    assert allocator.verdict.kind == verdicts.CAVEAT and "leaves to the allocator" in allocator.why
+    # a run's peak in the ledger is torch's peak allocated, and its cell says so
+    peak_row = build_row(_claim("T-fp32"), results)
+    assert _measured_cell(peak_row).detail.startswith("torch's peak allocated; ")
+
+
+def test_a_premise_figure_comes_only_from_a_prediction_that_counted_the_parameters():
+    analytic = _prediction("analytic")
+    simulated = {key: value for key, value in _prediction("simulated").items() if key != "parameters"}
+    row = build_row(_claim("Q-int8-pg"), Results(root=Path("."), predictions=[analytic, simulated]))
+    assert row.analytic.value == pytest.approx(2 * LLAMA_2_7B_PARAMETERS)
+    assert row.simulated is None or row.simulated.value is None  # nothing simulated: no "simulated" figure
+
+
+def test_qloras_saving_over_lora_holds_with_the_caveat_of_long_sequences():
+    qlora = _record("cuda", experiment="qlora", weights=2.5e9)
+    lora = _record("cuda", experiment="lora", weights=4.5e9)
+    row = build_row(_claim("Q-more"), Results(root=Path("."), records=[qlora, lora]))
+    assert row.verdict.kind == verdicts.CAVEAT and "long sequences with checkpointing" in row.why
+
+
 def test_claim_without_any_evidence_is_not_yet_checked():
     row = build_row(_claim("P-paged"), Results(root=Path(".")))
     assert row.verdict.kind == verdicts.UNCHECKED and "CUDA" in row.why
@@ -631,6 +661,28 @@ def test_the_first_screen_shows_a_fit_rows_predicted_device_bytes_and_speed_once
         "24 GB card (RTX 4090): longest sequence")].detail
 
 
+def test_a_t4_column_says_the_t4_holds_less_and_a_measured_memory_has_its_prediction_beside():
+    from harness.report.answer import T4_CUDA_BYTES, answer_data, model_table
+
+    results = load_results(FIXTURE)
+    fits = json.loads(json.dumps(results.fits))
+    fits["cards"]["16"]["gpu"] = "T4"
+    for row in fits["rows"]:  # a fit table with device bytes (the fixture's predates them)
+        if row["model"] == "llama-2-7b" and not row["gradient_checkpointing"]:
+            row["reference_device_bytes"] = 1.25 * row["reference_peak_bytes"]
+    data = answer_data(Results(root=FIXTURE, records=results.records, fits=fits))
+    note = model_table(data, "llama-2-7b").note
+    gib = int(T4_CUDA_BYTES / 2**30 * 100) / 100
+    assert f"offers CUDA {gib} GiB with ECC on" in note and f"`--card {gib}`" in note
+    assert card_bytes(gib) <= T4_CUDA_BYTES  # the card it names for a T4 never holds more than a T4
+    predicted = {(r["model"], r["experiment"] + (" + checkpointing" if r["gradient_checkpointing"] else ""))
+                 for r in fits["rows"] if r.get("reference_device_bytes") is not None}
+    measured = [e for e in data["rows"] if e["memory"]["kind"] == "measured"]
+    assert measured and all(("; predicted " in e["memory"]["short"]) == ((e["model"], e["recipe"]) in predicted)
+                            for e in measured)
+    assert any("; predicted " in e["memory"]["short"] for e in measured)
+
+
 def test_the_environment_on_top_flags_predictions_made_with_other_library_versions():
     from harness.report.environment import environment_text, version_mismatches
 
@@ -675,7 +727,9 @@ def test_the_picker_answers_a_model_and_a_card_in_headless_chromium(rendered):
     assert "on a 24 GB card at 1,024 tokens" in shown["text"] and "measured" in shown["text"]
     # the memory at the length picked (micro-batch 1), as the fit table predicts it there
     assert "Memory at 1,024 x 1" in shown["text"]
-    assert all(f"{e['memory_at']['1024'] / 1e9:.2f} GB" in shown["text"] for e in rows)
+    # in GB and GiB, as the tables: the card's name is in GiB
+    assert all(f"{e['memory_at']['1024'] / 1e9:.2f} GB ({e['memory_at']['1024'] / 2**30:.2f} GiB)" in shown["text"]
+               for e in rows)
     # at 512, the run the fixture has of qlora at 512 x 1 gives its measured bytes
     shown = evaluate_in_page(rendered[0].html, choose.replace("'1024'", "'512'"), binary)
     qlora = next(e for e in rows if e["recipe"] == "qlora")
@@ -777,8 +831,14 @@ def test_loras_footprint_is_smaller_on_disk_and_not_on_the_card():
     pure = _record("cuda", experiment="bf16-pure", weights=13.48e9)
     row = build_row(_claim("L-footprint"), Results(root=Path("."), records=[lora, pure]))
     assert row.verdict.kind == verdicts.WRONG and row.basis.value == pytest.approx(13.64 / 13.48)
-    (_, on_disk), = row.readings
+    readings = dict(row.readings)
+    on_disk = readings["the fine-tune's own weights on disk, the adapter file against the full model's weights"]
     assert on_disk.verdict.kind == verdicts.HOLDS and on_disk.basis.value == pytest.approx(160e6 / 13.48e9)
+    # against L-speed's baseline, fp32 master weights, it is smaller: by their dtype, which the caveat says
+    mixed = _record("cuda", experiment="bf16-mixed", weights=26.95e9)
+    row = build_row(_claim("L-footprint"), Results(root=Path("."), records=[lora, pure, mixed]))
+    against_mixed = dict(row.readings)["against bf16 mixed-precision full fine-tuning, L-speed's baseline (fp32 weights)"]
+    assert against_mixed.verdict.kind == verdicts.CAVEAT and "by their dtype" in against_mixed.why
     # a file from a run of another shape is no comparison
     lora["config"] = {**lora["config"], "micro_batch": 2}
     row = build_row(_claim("L-footprint"), Results(root=Path("."), records=[lora, pure]))
@@ -1126,6 +1186,11 @@ def test_a_random_init_run_stands_for_a_fit_answer_only_where_the_weights_values
     tables = dict(fit_tables(differs.fits, runs, random_weights_peaks(differs)))
     peak = next(line[1] for line in tables["llama-2-7b"].rows if line[0].text == "int8-lora")
     assert "measured from random weights" in peak.detail and "the same tensor peak" not in peak.detail
+    # a checkpointed run of the recipe is set beside the checkpointed peak
+    both = pd.concat([runs, runs.assign(experiment="int8-lora-gc", file="cuda/int8-lora-gc.json")], ignore_index=True)
+    peak = next(line[1] for line in dict(fit_tables(differs.fits, both, random_weights_peaks(differs)))[
+        "llama-2-7b"].rows if line[0].text == "int8-lora")
+    assert "cuda/int8-lora-gc.json" in peak.detail.split("checkpointing: ")[1]
     pretrained = runs.assign(random_init=False).astype({"random_init": bool})  # numpy's False, as a frame holds it
     tables = dict(fit_tables(differs.fits, pretrained, random_weights_peaks(differs)))
     peak = next(line[1] for line in tables["llama-2-7b"].rows if line[0].text == "int8-lora")

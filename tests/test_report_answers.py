@@ -121,7 +121,7 @@ def test_the_summary_names_the_recipe_with_the_least_memory_where_several_reach_
     assert detail.endswith("least memory at 512 x 1: lora + checkpointing (predicted)")
     # one recipe alone at the longest: named as before
     alone = summary_table(_answers([rows[0], rows[3]])).rows[0][1].detail
-    assert alone == "longest: fp32, 4,096 tokens (the model's context length) (predicted)"
+    assert alone == "longest: fp32, 4,096 tokens, the model's context length (predicted)"
 
 
 def _picked_recipes(page: Path, seq: int, binary: str) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 
 from harness.cards import card_bytes
 from harness.report.load import Results, _get, random_init
@@ -152,7 +153,11 @@ def _memory(row: dict, runs: list[dict], reference: tuple[int, int], card_gb: in
     its bytes, random_weights_peaks; a random-init run is then said beside the prediction)."""
     measured = _measured_memory(runs, reference)
     if measured and _stands(measured, random_peak):
-        return measured
+        if row.get("reference_device_bytes") is None:
+            return measured
+        # the prediction beside, so that a measured row and a predicted neighbour (the same recipe with
+        # checkpointing) are compared on one basis, not a measurement against a prediction
+        return {**measured, "short": f"{measured['short']}; predicted {fmt_bytes(row['reference_device_bytes'])}"}
     solve = _solve_command(row, card_gb, model)
     if row.get("reference_device_bytes") is not None:
         what = (f"the card must hold this at sequence {reference[0]:,} x micro-batch {reference[1]}, the "
@@ -348,7 +353,8 @@ def _longest_words(fitting: list[dict], reference: list[int]) -> str:
     longest = max(e["max_seq_len"] for e in fitting)
     tied = picker_order([e for e in fitting if e["max_seq_len"] >= longest], longest)
     if len(tied) == 1:
-        return f"longest: {tied[0]['recipe']}, {_seq_words(tied[0], ' tokens')} (predicted)"
+        longest_words = _seq_words(tied[0], " tokens", ", the model's context length")
+        return f"longest: {tied[0]['recipe']}, {longest_words} (predicted)"
     reach = "the model's context, " if all(e["limited_by"] == "context" for e in tied) else ""
     at = f"{longest:,} x 1" if picker_memory_at_length(tied, longest) else f"{reference[0]:,} x {reference[1]}"
     return (f"{len(tied)} recipes reach {reach}{longest:,} tokens; least memory at {at}: {tied[0]['recipe']} "
@@ -395,6 +401,23 @@ def _predicted_speed_words(speed: dict | None) -> str:
     return "; ".join(part for part in (f"{speed_text(speed)} tokens/s, {speed['short']}", hours_text(speed)) if part)
 
 
+# What a T4 offers CUDA with ECC on, its default: deviceQuery's "Total amount of global memory: 15110 MBytes
+# (15843721216 bytes)". The 16 GB column is a card that holds 16 GiB (harness.cards.card_bytes); the T4 names its
+# speed and price only.
+T4_CUDA_BYTES = 15_843_721_216
+
+
+def _t4_words(data: dict) -> str:
+    """Where a column's speed is a T4's: that a T4 holds less than the column's card, and the card to ask for it."""
+    columns = [card for card in data["cards"] if data.get("gpus", {}).get(card) == "T4"]
+    if not columns:
+        return ""
+    gib = math.floor(T4_CUDA_BYTES / 2**30 * 100) / 100  # rounded down: an answer for it must not over-promise
+    return (f" The {columns[0]} GB column is a card that holds {columns[0]} GiB; a T4, whose speed and price it gives, "
+            f"offers CUDA {gib} GiB with ECC on (its default; deviceQuery's 15,110 MiB), so its own answers are "
+            f"`--card {gib}`'s.")
+
+
 def model_table(data: dict, model: str) -> Table:
     """One model, recipe by recipe: the longest sequence on each card, the memory, the speed."""
     recipes = list(dict.fromkeys(e["recipe"] for e in data["rows"] if e["model"] == model))
@@ -422,12 +445,12 @@ def model_table(data: dict, model: str) -> Table:
             "memory: what the card must hold there (analytic: the tensors, the caching allocator and the CUDA "
             "context), or where a fit table lacks it the analytic tensor peak; `python -m harness predict --model "
             f"{model} --experiment E [--checkpointing] --card GB --solve seq_len` confirms one cell by simulation. Longest "
-            f"sequence: at micro-batch 1, predicted by the {search_words(data['method'])} for each card; (context): the "
+            f"sequence: at micro-batch 1, predicted by the {search_words(data['method'])}; (context): the "
             "model's context length is reached before the card is full. Tokens/s measured: on the device and at the "
             "shape named (another card runs at another speed); under each card, an upper bound on the tokens/s of the "
             "GPU its heading names, at the shape named (matrix products alone). A T4 has no bf16 tensor cores "
             "(harness/cards.py): its bounds for bf16 recipes take its fp32 rate, and fp16-mixed is the recipe its "
-            "tensor cores run.")
+            "tensor cores run." + _t4_words(data))
     return Table(columns, lines, css="fits", numeric=set(range(3, 3 + len(data["cards"]))), note=note)
 
 
@@ -437,7 +460,9 @@ PICKER_SCRIPT = r"""
 (function () {
   const data = JSON.parse(document.getElementById('answer-data').textContent);
   const pick = id => document.getElementById(id);
-  const gb = b => (b === null || b === undefined) ? '\u2013' : (b / 1e9).toFixed(2) + ' GB';
+  // GB and GiB, as every table gives bytes: a card sold as "N GB" holds N GiB, and a figure in GB alone reads as over it
+  const gb = b => (b === null || b === undefined) ? '\u2013'
+    : (b / 1e9).toFixed(2) + ' GB (' + (b / 2 ** 30).toFixed(2) + ' GiB)';
   const esc = t => String(t).replace(/[&<>"]/g, c => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'}[c]));
   const article = card => (String(card)[0] === '8' || card === 18 || card === 11 ? 'an ' : 'a ');
   const mark = (kind, what, how) =>

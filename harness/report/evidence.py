@@ -235,7 +235,7 @@ categories_sum = category
 
 def excess(results: Results, spec: dict, method: str) -> Observation | None:
     observation = category(results, spec, method)
-    return _minus(observation, spec["card_gb"])
+    return _minus(observation, spec["card_gb"], bool(spec.get("left_to_allocator")))
 
 
 def _peak_of_record(record: dict) -> float | None:
@@ -265,13 +265,19 @@ def phase_peak(results: Results, spec: dict, method: str) -> Observation | None:
     return as_counted(observation, spec)
 
 
-def _minus(observation: Observation | None, card_gb: float) -> Observation | None:
+def _minus(observation: Observation | None, card_gb: float, left_to_allocator: bool = False) -> Observation | None:
     """What is left over a card of `card_gb` as sold (the lab's one convention, harness.cards.card_bytes: a
-    "16 GB" card holds 16 GiB): arithmetic on the evidence, named as such."""
+    "16 GB" card holds 16 GiB), or over what it leaves to torch's allocator (`left_to_allocator`: less the CUDA
+    context and kernels, as the claims of fitting count it): arithmetic on the evidence, named as such."""
     if observation is None or observation.value is None:
         return observation
-    amount = card_bytes(card_gb)
-    arithmetic = f"{fmt_bytes(observation.value)} less the {fmt_bytes(amount)} a {card_gb:g} GB card holds"
+    if left_to_allocator:
+        amount = budget_cap_bytes(card_gb, "cuda")
+        arithmetic = (f"{fmt_bytes(observation.value)} less the {fmt_bytes(amount)} a {card_gb:g} GB card leaves to "
+                      "the allocator")
+    else:
+        amount = card_bytes(card_gb)
+        arithmetic = f"{fmt_bytes(observation.value)} less the {fmt_bytes(amount)} a {card_gb:g} GB card holds"
     derived = observation.extra.get("derived")
     return replace(observation, value=observation.value - amount,
                    extra={**observation.extra, "derived": f"{derived}, then {arithmetic}" if derived else arithmetic})
@@ -350,8 +356,13 @@ def trainable_bytes(results: Results, spec: dict, method: str) -> Observation | 
 
 
 def state_over_half_adapter(results: Results, spec: dict, method: str) -> Observation | None:
-    """Optimizer state over the trainable parameters held in 16 bits (2 B each)."""
-    return _per_trainable(results, spec, method, lambda gradients, state, n: state / (2 * n))
+    """Optimizer state over the trainable parameters held in 16 bits (2 B each): derived, whatever dtype the run
+    kept its adapters in (peft's are fp32)."""
+    observation = _per_trainable(results, spec, method, lambda gradients, state, n: state / (2 * n))
+    if observation is None or observation.value is None:
+        return observation
+    return replace(observation, extra={**observation.extra, "derived": (
+        f"the optimizer state's {observation.value * 2:.1f} B per parameter over a 16-bit adapter's 2 B")})
 
 
 def moment_bytes(results: Results, spec: dict, method: str) -> Observation | None:
@@ -392,9 +403,10 @@ def premise_bytes(results: Results, spec: dict, method: str) -> Observation | No
     """The documents' own arithmetic on their premise: our parameter count x the bytes per
     parameter the premise assumes (`bytes_per_parameter`), e.g. int8 weights and int8 gradients."""
     per_parameter = spec["bytes_per_parameter"]
+    # a prediction's own count only: a simulated file without one would show the analytic count as "simulated"
     observation = _per_experiment(
         results, spec, method,
-        lambda p, res: _get(_analytic_parameters(res, p), "total"),
+        lambda p, _: _get(p, "parameters", "total"),
         lambda r: _get(r, "parameters", "total"))
     if observation is None or observation.value is None:
         return observation

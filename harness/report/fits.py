@@ -67,13 +67,13 @@ def fit_tables(table: dict, runs: pd.DataFrame, random_peaks: dict | None = None
             plain = of_experiment[~of_experiment["gradient_checkpointing"]].set_index("card_gb")
             checkpointed = of_experiment[of_experiment["gradient_checkpointing"]].set_index("card_gb")
             line = [Cell(experiment), _peak_cell(plain, checkpointed, runs, model, experiment,
-                                                 table["reference_shape"], (random_peaks or {}).get((model, experiment)))]
+                                                 table["reference_shape"], random_peaks or {})]
             for card in cards:
                 without, with_gc = plain.loc[card], checkpointed.loc[card]
                 fits = without["max_seq_len"] > 0 or with_gc["max_seq_len"] > 0
                 detail = (f"micro-batch at {table['micro_batch_seq_len']:,}: {_micro_batch_text(without)} / "
                           f"{_micro_batch_text(with_gc)}")
-                if any(expandable_answer(row) for row in (without, with_gc)):
+                if any(_expandable_says_more(row) for row in (without, with_gc)):
                     detail += "; expandable segments: " + " / ".join(_expandable_text(row) for row in (without, with_gc))
                 line.append(Cell(f"{_seq_text(without)} / {_seq_text(with_gc)}", detail,
                                  css="" if fits else "status-oom"))
@@ -83,6 +83,14 @@ def fit_tables(table: dict, runs: pd.DataFrame, random_peaks: dict | None = None
             f"{card} GB card ({gib(table['cards'][str(card)]['card_bytes']):.1f} GiB)" for card in cards]
         out.append((model, Table(columns, lines, css="fits", numeric=set(range(2, 2 + len(cards))))))
     return out
+
+
+def _expandable_says_more(row: pd.Series) -> bool:
+    """Whether a fit row's answer with expandable segments tells a reader something: simulated, or the model's
+    context where the default allocator's answer is the card's."""
+    answer = row.get(EXPANDABLE)
+    return bool(expandable_answer(row)) or (isinstance(answer, dict) and answer["seq_len_limited_by"] == "context"
+                                            and answer["max_seq_len"] > 0 and row["seq_len_limited_by"] == "card")
 
 
 def _expandable_text(row: pd.Series) -> str:
@@ -135,23 +143,39 @@ def expandable_table(table: dict) -> tuple[Table | None, str]:
 
 
 def _peak_cell(plain: pd.DataFrame, checkpointed: pd.DataFrame, runs: pd.DataFrame, model: str,
-               experiment: str, reference_shape: list[int], random_peak: int | None = None) -> Cell:
+               experiment: str, reference_shape: list[int], random_peaks: dict) -> Cell:
+    """The tensors' peak at the reference shape, without and with checkpointing, each with torch's peak allocated
+    beside where a GPU run measured it (said apart where the run's random weights are not the table's step:
+    `random_peaks`, answer.random_weights_peaks)."""
     predicted = plain["reference_peak_bytes"].iloc[0]
-    detail = f"checkpointing: {fmt_bytes(checkpointed['reference_peak_bytes'].iloc[0])}"
+    without = _measured_peak_words(runs, model, experiment, reference_shape,
+                                   random_peaks.get((model, experiment)), predicted)
+    gc = lab_experiment(experiment, True)
+    with_gc = _measured_peak_words(runs, model, gc, reference_shape, random_peaks.get((model, gc)),
+                                   checkpointed["reference_peak_bytes"].iloc[0])
+    detail = "; ".join(part for part in (
+        without, f"checkpointing: {fmt_bytes(checkpointed['reference_peak_bytes'].iloc[0])}"
+                 + (f", {with_gc}" if with_gc else "")) if part)
+    return Cell(f"{fmt_bytes(predicted)}", detail)
+
+
+def _measured_peak_words(runs: pd.DataFrame, model: str, experiment: str, reference_shape: list[int],
+                         random_peak: int | None, predicted: int) -> str:
+    """Torch's peak allocated of the first finished GPU run of `experiment` at the reference shape (the whole card,
+    no accumulation), as a fit table's peak cell says it; empty where no run measured it."""
     measured = runs[(runs["device_type"] == "cuda") & (runs["model"] == model) & (runs["experiment"] == experiment)
                     & (runs["seq_len"] == reference_shape[0]) & (runs["micro_batch"] == reference_shape[1])
                     & (runs["status"] == "ok") & (runs["grad_accum"] == 1) & runs["budget_gb"].isna()]
-    if len(measured):
-        run = measured.iloc[0]
-        on = f"{fmt_bytes(run['peak_allocated'])} on {run['device_name']} ({run['file']})"
-        # a run from random weights, or one whose record does not say (numpy's bools in a frame: not `is False`)
-        from_random = pd.isna(run["random_init"]) or bool(run["random_init"])
-        if random_peak is not None and from_random:
-            detail += (f"; measured from random weights, torch's peak allocated: {on}, not this table's step: "
-                       + random_weights_words(random_peak, predicted))
-        else:
-            detail += f"; measured, torch's peak allocated (the same tensor peak): {on}"
-    return Cell(f"{fmt_bytes(predicted)}", detail)
+    if not len(measured):
+        return ""
+    run = measured.iloc[0]
+    on = f"{fmt_bytes(run['peak_allocated'])} on {run['device_name']} ({run['file']})"
+    # a run from random weights, or one whose record does not say (numpy's bools in a frame: not `is False`)
+    from_random = pd.isna(run["random_init"]) or bool(run["random_init"])
+    if random_peak is not None and from_random:
+        return (f"measured from random weights, torch's peak allocated: {on}, not this table's step: "
+                + random_weights_words(random_peak, predicted))
+    return f"measured, torch's peak allocated (the same tensor peak): {on}"
 
 
 def published_comparison(table: dict, runs: pd.DataFrame) -> Table | None:
@@ -195,7 +219,9 @@ def _measured_under_budget(runs: pd.DataFrame, case: dict, card_bytes: int) -> C
                          f"{gib(run['peak_reserved']):.2f} GiB reserved")
         else:
             parts.append(f"{int(run['seq_len']):,}: {run['status']} in {run['error_phase']}")
-    return Cell("; ".join(parts), str(chosen.iloc[0]["device_name"]))
+    caps = _caps_words(chosen, None)  # the room the runs had: the boundary table below sets it beside the card's
+    return Cell("; ".join(parts), f"{chosen.iloc[0]['device_name']}"
+                                  + (f"; {caps}the boundary table compares it with the card's" if caps else ""))
 
 
 # The boundary's criterion: a fit answer never over-promises and lies within this fraction below the longest

@@ -20,6 +20,8 @@ from harness.report.units import (CATEGORY_WORDS, UNIT_WORDS, fmt_bytes, fmt_car
 VERDICT_CLASSES = {verdicts.HOLDS: "holds", verdicts.CAVEAT: "caveat", verdicts.OFF: "off",
                    verdicts.WRONG: "wrong", verdicts.PREMISE: "wrong", verdicts.OTHER_SETUP: "unchecked",
                    verdicts.UNCHECKED: "unchecked"}
+# The ledger's quantities whose measured figure is a run's peak allocated (evidence.peak): said in the cell.
+ALLOCATED_QUANTITIES = ("peak", "min_peak", "excess_peak")
 # Analytic and simulated predictions this close are shown as one figure.
 PREDICTIONS_AGREE = 0.01
 
@@ -123,7 +125,10 @@ def _measured_cell(row: LedgerRow) -> Cell:
         if gpu.extra.get("derived"):  # arithmetic on a measurement is not itself measured
             return Cell(f"{text} derived from a run on {gpu.device}",
                         f"derived: {gpu.extra['derived']}; {gpu.source}{where}")
-        return Cell(f"{text} on {gpu.device}", gpu.source + (f"; {gpu.note}" if gpu.note else "") + where)
+        # which of a run's memories the figure is: the ledger's peaks are torch's peak allocated (the tensors), where
+        # the first section's memory is what the card held (device-used)
+        what = "torch's peak allocated; " if claim.evidence["quantity"] in ALLOCATED_QUANTITIES else ""
+        return Cell(f"{text} on {gpu.device}", what + gpu.source + (f"; {gpu.note}" if gpu.note else "") + where)
     parts = []
     if gpu is not None:  # an OOM or failed run on a GPU
         parts.append(Cell(f"{gpu.status} on {gpu.device}", f"{gpu.source}; {gpu.note}"))
