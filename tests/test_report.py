@@ -211,9 +211,17 @@ def test_a_record_of_another_micro_batch_is_not_evidence():
     one = _record("cuda", experiment="qlora-gc", weights=1e9)  # a run at 512 x 1
     row = build_row(claim, Results(root=Path("."), records=[one]))
     assert row.gpu is None and row.verdict.kind == verdicts.UNCHECKED
-    two = {**one, "config": {**one["config"], "micro_batch": 2}}
+    two = {**one, "config": {**one["config"], "micro_batch": 2}, "memory": {**one["memory"], "peak_reserved": 5e9}}
     row = build_row(claim, Results(root=Path("."), records=[one, two]))
     assert row.gpu is not None and row.basis.method == "gpu" and "their 9.29 GB" in row.why
+    # published as reserved memory, it is set against the run's reserved peak, not its allocated one
+    assert row.basis.value == 5e9 and _measured_cell_detail(row).startswith("torch's peak reserved; ")
+
+
+def _measured_cell_detail(row) -> str:
+    from harness.report.tables import _measured_cell
+
+    return _measured_cell(row).detail
 
 
 def test_a_published_figure_of_a_setup_the_lab_does_not_run_is_not_judged_off():

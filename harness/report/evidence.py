@@ -250,6 +250,13 @@ def peak(results: Results, spec: dict, method: str) -> Observation | None:
 min_peak = peak  # over several experiments `_per_experiment` keeps the smallest
 
 
+def peak_reserved(results: Results, spec: dict, method: str) -> Observation | None:
+    """The caching allocator's peak reserved bytes, for a figure published as reserved memory: a record's, or a
+    prediction's (the simulation's allocator replayed over the step; the analytic method's calibrated ratio)."""
+    return as_counted(_per_experiment(results, spec, method, lambda p, _: p.get("reserved_bytes"),
+                                      lambda r: _get(r, "memory", "peak_reserved")), spec)
+
+
 def excess_peak(results: Results, spec: dict, method: str) -> Observation | None:
     return _minus(peak(results, spec, method), spec["card_gb"])
 
@@ -745,7 +752,8 @@ def accumulation_error(results: Results, spec: dict, method: str) -> Observation
 
 QUANTITIES = {
     "category": category, "categories_sum": categories_sum, "excess": excess, "peak": peak,
-    "min_peak": min_peak, "excess_peak": excess_peak, "trainable_fraction": trainable_fraction,
+    "min_peak": min_peak, "peak_reserved": peak_reserved, "excess_peak": excess_peak,
+    "trainable_fraction": trainable_fraction,
     "bytes_per_trainable": bytes_per_trainable, "bytes_per_trainable_at_half": bytes_per_trainable_at_half,
     "gradient_dtype": gradient_dtype,
     "trainable_bytes": trainable_bytes,

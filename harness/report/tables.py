@@ -20,8 +20,10 @@ from harness.report.units import (CATEGORY_WORDS, UNIT_WORDS, fmt_bytes, fmt_car
 VERDICT_CLASSES = {verdicts.HOLDS: "holds", verdicts.CAVEAT: "caveat", verdicts.OFF: "off",
                    verdicts.WRONG: "wrong", verdicts.PREMISE: "wrong", verdicts.OTHER_SETUP: "unchecked",
                    verdicts.UNCHECKED: "unchecked"}
-# The ledger's quantities whose measured figure is a run's peak allocated (evidence.peak): said in the cell.
-ALLOCATED_QUANTITIES = ("peak", "min_peak", "excess_peak")
+# Which of a run's memories a ledger quantity's measured figure is (evidence.peak, evidence.peak_reserved): said in
+# the cell.
+RUN_MEMORY_WORDS = {"peak": "torch's peak allocated; ", "min_peak": "torch's peak allocated; ",
+                    "peak_reserved": "torch's peak reserved; "}
 # Analytic and simulated predictions this close are shown as one figure.
 PREDICTIONS_AGREE = 0.01
 
@@ -127,7 +129,7 @@ def _measured_cell(row: LedgerRow) -> Cell:
                         f"derived: {gpu.extra['derived']}; {gpu.source}{where}")
         # which of a run's memories the figure is: the ledger's peaks are torch's peak allocated (the tensors), where
         # the first section's memory is what the card held (device-used)
-        what = "torch's peak allocated; " if claim.evidence["quantity"] in ALLOCATED_QUANTITIES else ""
+        what = RUN_MEMORY_WORDS.get(claim.evidence["quantity"], "")
         return Cell(f"{text} on {gpu.device}", what + gpu.source + (f"; {gpu.note}" if gpu.note else "") + where)
     parts = []
     if gpu is not None:  # an OOM or failed run on a GPU
