@@ -25,7 +25,7 @@ from harness.report.ledger import build_ledger
 from harness.report.load import (is_gpu_record, load_results, predictions_by_kind, predictions_frame, records_frame,
                                  runs_frame)
 from harness.report.loss import crossed_learning_rates, loss_parity
-from harness.report.speed import SpeedRow, speed_rows, speed_table, speed_text
+from harness.report.speed import speed_rows, speed_table, speed_text
 from harness.report.tables import (
     VERDICT_CLASSES,
     Cell,
@@ -43,7 +43,7 @@ from harness.report.tables import (
     runs_table,
     verdict_counts,
 )
-from harness.report.units import LLAMA_2_7B_PARAMETERS, fmt_counts, model_name
+from harness.report.units import LLAMA_2_7B_PARAMETERS, fmt_counts
 
 
 @dataclass(frozen=True)
