@@ -255,17 +255,23 @@ def confirmed_answer(found: Setup, target: Target, analytic: Answer, out_dir: Pa
     to fit in MAX_SIMULATIONS steps) leaves the analytic answer, and its confirmation says so."""
     if out_dir is None or analytic.limited_by != "card" or analytic.value == 0:
         return analytic, None
-    axis = target.axis
     confirmation = read_confirmation(confirmation_path(out_dir, found, target), predictor or predictor_digest(),
-                                     analytic.value, axis)
-    if confirmation is None or not confirmation["resolved"]:
-        return analytic, confirmation
+                                     analytic.value, target.axis)
     return _answer_of(confirmation, analytic), confirmation
 
 
-def _answer_of(confirmation: dict, analytic: Answer) -> Answer:
+def _settled(path: Path, analytic: Answer, axis: str) -> dict | None:
+    """A current confirmation at `path` whose search is over (not `unsettled`): nothing to search again."""
+    current = read_confirmation(path, predictor_digest(), analytic.value, axis)
+    return current if current is not None and not unsettled(current) else None
+
+
+def _answer_of(confirmation: dict | None, analytic: Answer) -> Answer:
     """A resolved confirmation as an answer: its device bytes, and those of the value it saw run out (None where
-    the analytic answer stands: no value above it was simulated)."""
+    the analytic answer stands: no value above it was simulated); the analytic answer where there is no
+    confirmation or its search found nothing to fit."""
+    if confirmation is None or not confirmation["resolved"]:
+        return analytic
     axis = confirmation.get("axis", "seq_len")
     value = confirmation[_keys(axis)[0]]
     failed = [p["device_bytes"] for p in confirmation["probes"] if p[axis] == confirmation["fails_at"]]
@@ -281,13 +287,10 @@ def settle(found: Setup, target: Target, analytic: Answer, out_dir: Path | None,
     files). Returns the answer (the analytic one where the search found nothing to fit, or had nothing to
     confirm), the confirmation, and the file it was read from (None where it was searched now)."""
     path = None if out_dir is None else confirmation_path(out_dir, found, target)
-    if path is not None:
-        current = read_confirmation(path, predictor_digest(), analytic.value, target.axis)
-        if current is not None and not unsettled(current):
-            return _answer_of(current, analytic) if current["resolved"] else analytic, current, path
+    current = None if path is None else _settled(path, analytic, target.axis)
+    if current is not None:
+        return _answer_of(current, analytic), current, path
     confirmation = search(target, device_type, found, earlier_bracket(path) if path is not None else None)
-    if confirmation is None or not confirmation["resolved"]:
-        return analytic, confirmation, None
     return _answer_of(confirmation, analytic), confirmation, None
 
 
@@ -308,8 +311,7 @@ def confirm_one(target: Target, out_dir: Path, deadline: float | None) -> tuple[
     if analytic.limited_by != "card" or analytic.value == 0:
         return "", ""
     path = confirmation_path(out_dir, found, target)
-    current = read_confirmation(path, predictor_digest(), analytic.value, target.axis)
-    if current is not None and not unsettled(current):
+    if _settled(path, analytic, target.axis) is not None:
         return "", ""
     if deadline is not None and time.time() > deadline:
         return "late", f"{label}: not started (time budget)"

@@ -48,11 +48,10 @@ def solve(experiment: Path, model: str, card_gb: float, axis: str, *, seq_len: i
         # the confirmations under out_dir are CUDA steps': a CPU step is searched
         decided, confirmation, read_from = settle(found_setup, target, found, out_dir if device_type == "cuda" else None,
                                                   device_type)
+    # nothing to confirm, or nothing simulated to fit: `decided` is the formula's answer, said as such
     if confirmation is not None and confirmation["resolved"]:
         result["simulated"] = {**_answer_dict(decided, axis, context), "fails_at": confirmation["fails_at"],
                                "read_from": None if read_from is None else str(read_from)}
-    else:
-        decided = found  # nothing to confirm, or nothing simulated to fit: the formula's answer, said as such
     method = "simulated" if "simulated" in result else "analytic"
     result.update({"method": method, f"max_{axis}": decided.value,
                    **{k: v for k, v in result[method].items() if k not in ("value", "fails_at", "read_from")},

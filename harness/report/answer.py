@@ -140,10 +140,12 @@ def _measured_memory(runs: list[dict], shape: tuple[int, int]) -> dict | None:
     return None
 
 
-def _stands(measured: dict, random_peak: int | None) -> bool:
-    """Whether a measured memory stands for a fit answer: unless the run is random-init and the weights' values
-    change the step's bytes (`random_peak`, random_weights_peaks)."""
-    return random_peak is None or measured.get("random_init") is False
+def stands_for_answer(random_init, random_peak: int | None) -> bool:
+    """Whether a run's measurement stands for a fit answer: unless the weights' values change the step's bytes
+    (`random_peak`, random_weights_peaks) and the run is not known to start from pretrained weights (its record's
+    `random_init` False, as a bool or numpy's in a frame; None or NaN: not known)."""
+    known = random_init is not None and random_init == random_init  # NaN is not equal to itself
+    return random_peak is None or (known and not random_init)
 
 
 def _memory(row: dict, runs: list[dict], reference: tuple[int, int], card_gb: int, model: str,
@@ -152,7 +154,7 @@ def _memory(row: dict, runs: list[dict], reference: tuple[int, int], card_gb: in
     answer, else predicted (`random_peak`: the step's random-weights tensor peak where the weights' values change
     its bytes, random_weights_peaks; a random-init run is then said beside the prediction)."""
     measured = _measured_memory(runs, reference)
-    if measured and _stands(measured, random_peak):
+    if measured and stands_for_answer(measured.get("random_init"), random_peak):
         if row.get("reference_device_bytes") is None:
             return measured
         # the prediction beside, so that a measured row and a predicted neighbour (the same recipe with
@@ -309,7 +311,8 @@ def answer_data(results: Results) -> dict | None:
             # stands for the answer was (_stands)
             "memory_at": row.get("device_bytes_at") or {},
             "measured_at": {seq: found for seq in row.get("device_bytes_at") or {}
-                            if (found := _measured_memory(runs, (int(seq), 1))) and _stands(found, random_peak)},
+                            if (found := _measured_memory(runs, (int(seq), 1)))
+                            and stands_for_answer(found.get("random_init"), random_peak)},
             "solve": _solve_command(row, int(row["card_gb"]), model),
             "speed": _speed(row, runs, model, experiment, cards.get(int(row["card_gb"]), {})),
             "measured_speed": _measured_speed(runs),

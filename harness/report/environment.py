@@ -3,7 +3,7 @@ bitsandbytes — and where the predictions came from other library versions than
 
 from __future__ import annotations
 
-from harness.report.load import LAB_ENGINE, Results, engine_of, is_gpu_record, predictions_by_kind
+from harness.report.load import LAB_ENGINE, Results, count_predictions, engine_of, is_gpu_record
 from harness.report.tables import Cell, Table
 from harness.report.units import fmt_counted, fmt_counts, fmt_version
 
@@ -44,30 +44,18 @@ def runs_words(loops: dict[str, int], noun: str = "run") -> str:
     return f"{total}: " + ", ".join(f"{n} in {loop}" for loop, n in ordered)
 
 
-def _prediction_files(results: Results):
-    """(kind, file) for every file of predictions: memory predictions, the fit tables, speed predictions."""
-    for kind, files in predictions_by_kind(results).items():
-        for prediction in files:
-            yield kind, prediction
+def _versions_of(prediction: dict) -> tuple[str, ...]:
+    return _versions(prediction.get("versions"))
 
 
 def prediction_environments(results: Results) -> dict[tuple, dict[str, int]]:
     """Library versions -> {predictor code digest: files of predictions, of every kind}."""
-    found: dict[tuple, dict[str, int]] = {}
-    for _, prediction in _prediction_files(results):
-        digests = found.setdefault(_versions(prediction.get("versions")), {})
-        digest = str(prediction.get("predictor") or "?")
-        digests[digest] = digests.get(digest, 0) + 1
-    return found
+    return count_predictions(results, _versions_of, lambda _, prediction: str(prediction.get("predictor") or "?"))
 
 
 def prediction_kinds(results: Results) -> dict[tuple, dict[str, int]]:
     """Library versions -> {kind of prediction: files}, for counts that say what they count."""
-    found: dict[tuple, dict[str, int]] = {}
-    for kind, prediction in _prediction_files(results):
-        kinds = found.setdefault(_versions(prediction.get("versions")), {})
-        kinds[kind] = kinds.get(kind, 0) + 1
-    return found
+    return count_predictions(results, _versions_of)
 
 
 def environment_table(results: Results) -> Table | None:

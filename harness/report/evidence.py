@@ -278,13 +278,9 @@ def _minus(observation: Observation | None, card_gb: float, left_to_allocator: b
     context and kernels, as the claims of fitting count it): arithmetic on the evidence, named as such."""
     if observation is None or observation.value is None:
         return observation
-    if left_to_allocator:
-        amount = budget_cap_bytes(card_gb, "cuda")
-        arithmetic = (f"{fmt_bytes(observation.value)} less the {fmt_bytes(amount)} a {card_gb:g} GB card leaves to "
-                      "the allocator")
-    else:
-        amount = card_bytes(card_gb)
-        arithmetic = f"{fmt_bytes(observation.value)} less the {fmt_bytes(amount)} a {card_gb:g} GB card holds"
+    amount, what = ((budget_cap_bytes(card_gb, "cuda"), "leaves to the allocator") if left_to_allocator
+                    else (card_bytes(card_gb), "holds"))
+    arithmetic = f"{fmt_bytes(observation.value)} less the {fmt_bytes(amount)} a {card_gb:g} GB card {what}"
     derived = observation.extra.get("derived")
     return replace(observation, value=observation.value - amount,
                    extra={**observation.extra, "derived": f"{derived}, then {arithmetic}" if derived else arithmetic})

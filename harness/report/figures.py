@@ -20,11 +20,11 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from harness.claims import Claim  # noqa: E402
-from harness.cards import CARD_BYTES, card_bytes  # noqa: E402
+from harness.cards import card_bytes  # noqa: E402
 from harness.measure.budget import budget_cap_bytes  # noqa: E402
 from harness.report.load import CATEGORIES, Results, machine  # noqa: E402
 from harness.report.loss import comparison_key, eval_final, loss_parity  # noqa: E402
-from harness.report.units import CATEGORY_WORDS, DOCUMENTS_MODEL, model_name  # noqa: E402
+from harness.report.units import CATEGORY_WORDS, DOCUMENTS_MODEL, card_of, model_name  # noqa: E402
 from harness.schema import SHARDING_BUFFERS  # noqa: E402
 from harness.techniques import TECHNIQUES  # noqa: E402
 
@@ -499,9 +499,9 @@ FIT_CODES = {"fits (measured)": 2, "fits (predicted)": 1, "OOM (predicted)": -1,
 
 
 def _card_gb(card: float) -> float:
-    """A card's nominal size from its bytes (harness.measure.budget's convention)."""
-    named = [gb for gb, size in CARD_BYTES.items() if size == card]
-    return float(named[0]) if named else card / 2**30
+    """A card's nominal size from its bytes (harness.cards' convention), else its GiB."""
+    size = card_of(card)
+    return float(size) if size is not None else card / 2**30
 
 
 FIT_SHAPE = (512, 1)  # the predicted cells' sequence length and micro-batch

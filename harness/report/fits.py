@@ -11,7 +11,8 @@ from __future__ import annotations
 import pandas as pd
 
 from harness.measure.budget import budget_cap_bytes
-from harness.report.answer import EXPANDABLE, expandable_answer, lab_experiment, random_weights_words, seq_method
+from harness.report.answer import (EXPANDABLE, expandable_answer, lab_experiment, random_weights_words, seq_method,
+                                   stands_for_answer)
 from harness.report.tables import Cell, Table
 from harness.report.units import fmt_bytes, gib
 from harness.techniques import Technique
@@ -170,9 +171,7 @@ def _measured_peak_words(runs: pd.DataFrame, model: str, experiment: str, refere
         return ""
     run = measured.iloc[0]
     on = f"{fmt_bytes(run['peak_allocated'])} on {run['device_name']} ({run['file']})"
-    # a run from random weights, or one whose record does not say (numpy's bools in a frame: not `is False`)
-    from_random = pd.isna(run["random_init"]) or bool(run["random_init"])
-    if random_peak is not None and from_random:
+    if not stands_for_answer(run["random_init"], random_peak):
         return (f"measured from random weights, torch's peak allocated: {on}, not this table's step: "
                 + random_weights_words(random_peak, predicted))
     return f"measured, torch's peak allocated (the same tensor peak): {on}"
@@ -265,7 +264,7 @@ def boundary_table(table: dict, runs: pd.DataFrame, predictions: list[dict] = ()
                 simulated[key] = prediction
     lines = []
     for experiment, model, card, conf in sorted(set(measured) | set(simulated), key=str):
-        group = measured.get((experiment, model, card, conf))
+        group, probe = measured.get((experiment, model, card, conf)), simulated.get((experiment, model, card, conf))
         trained = [] if group is None else sorted(int(n) for n in group.loc[group["status"] == "ok", "seq_len"])
         ran_out = [] if group is None else sorted(int(n) for n in group.loc[group["status"] == "oom", "seq_len"])
         row, setting = rows.get((experiment, model, card)), allocator_answer_key(conf)
@@ -276,14 +275,14 @@ def boundary_table(table: dict, runs: pd.DataFrame, predictions: list[dict] = ()
             "not yet measured", "")
         where = "no GPU run yet" if group is None else (
             f"{', '.join(sorted(set(group['device_name'].astype(str))))}; "
-            f"{_caps_words(group, simulated.get((experiment, model, card, conf)))}"
+            f"{_caps_words(group, probe)}"
             f"{', '.join(group.sort_values('seq_len')['file'])}")
         lines.append([Cell(f"{experiment} @ {model}" + (f", PYTORCH_CUDA_ALLOC_CONF={conf}" if conf else "")),
                       Cell(f"{card} GB" if fit_card else f"{gib(card):.2f} GiB",
                            "emulated" if fit_card else "emulated; not a card of the fit table"),
                       Cell("-" if answer is None else f"{answer:,}", _no_answer(row, setting, conf)
                            if answer is None else f"predicted: {seq_method(answered)}"),
-                      _simulated_cell(simulated.get((experiment, model, card, conf))) if setting is None
+                      _simulated_cell(probe) if setting is None
                       else _confirmed_cell(answered),
                       Cell(f"{trained[-1]:,}" if trained else "-", _tried_words(trained, "trained")),
                       Cell(f"{ran_out[0]:,}" if ran_out else "-", _tried_words(ran_out, "ran out")),

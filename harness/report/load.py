@@ -176,6 +176,18 @@ def predictions_by_kind(results: Results) -> dict[str, list[dict]]:
             "speed prediction": list(results.speed_predictions.values())}
 
 
+def count_predictions(results: Results, group, counted=lambda kind, prediction: kind) -> dict:
+    """{group(prediction): {counted(kind, prediction): files}} over every file of predictions (predictions_by_kind):
+    by default how many of each kind, grouped as the caller groups them."""
+    found: dict = {}
+    for kind, files in predictions_by_kind(results).items():
+        for prediction in files:
+            counts = found.setdefault(group(prediction), {})
+            key = counted(kind, prediction)
+            counts[key] = counts.get(key, 0) + 1
+    return found
+
+
 def allocator_setting(record: dict) -> str | None:
     """The PYTORCH_CUDA_ALLOC_CONF a GPU run trained under (harness.env records it), None for torch's default."""
     return _get(record, "environment", "cuda_alloc_conf") or None

@@ -71,10 +71,10 @@ DECISION_FIGURES = ("memory-vs-sequence",)
 SECTION_FIGURES = DECISION_FIGURES + ("optimisation-ladder",)  # shown in their own section, not under Figures
 
 
-def _values_change_bytes(results) -> str:
+def _values_change_bytes(random_peaks: dict) -> str:
     """The recipes whose bytes the weights' values change (answer.random_weights_peaks), as the fit table's
     paragraph names them."""
-    recipes = sorted({experiment for _, experiment in answer.random_weights_peaks(results)})
+    recipes = sorted({experiment for _, experiment in random_peaks})
     if not recipes:
         return ""
     return (f" ({', '.join(recipes)}: LLM.int8's outlier columns), where a run from random weights is not the step "
@@ -89,6 +89,7 @@ def _fits_blocks(results, runs, figures: list[FigureResult]) -> list[Block]:
         return blocks + [Block("p", "No fit table in these results: `python -m harness predict --claims` "
                                     "writes it.")] + drawn
     confirmed, limited = confirmed_counts(table)
+    random_peaks = answer.random_weights_peaks(results)
     batches_confirmed, batches_limited = confirmed_counts(table, "micro_batch")
     blocks.append(Block("p", (
         "For each model, technique and card: the longest sequence that fits at micro-batch 1, without / with "
@@ -111,8 +112,8 @@ def _fits_blocks(results, runs, figures: list[FigureResult]) -> list[Block]:
         "tensors' peak at sequence 512, micro-batch 1 (predicted; beside it torch's peak allocated where a GPU "
         "run measured it), not what the card must hold: the first section's memory column is that. The answers "
         "size a fine-tune of pretrained weights; the lab's GPU runs start from random weights, the same bytes "
-        "except where the weights' values change them" + _values_change_bytes(results) + ".")))
-    for model, fit_table in fit_tables(table, runs, answer.random_weights_peaks(results)):
+        "except where the weights' values change them" + _values_change_bytes(random_peaks) + ".")))
+    for model, fit_table in fit_tables(table, runs, random_peaks):
         blocks.append(Block("h3", model))
         blocks.append(Block("table", table=fit_table))
     expandable, expandable_said = expandable_table(table)

@@ -11,7 +11,7 @@ from harness import schema
 from harness.report import verdicts
 from harness.report.evidence import PROBE_QUANTITIES, Observation
 from harness.report.ledger import LedgerRow, basis_short
-from harness.report.load import CATEGORIES, Results, device_name, predictions_by_kind
+from harness.report.load import CATEGORIES, Results, count_predictions, device_name
 from harness.report.loss import LossComparison
 from harness.report.microbench import format_seconds, ratios
 from harness.report.units import (CATEGORY_WORDS, UNIT_WORDS, fmt_bytes, fmt_card, fmt_counted, fmt_counts, fmt_gb,
@@ -490,12 +490,7 @@ def microbench_table(entries: list[dict]) -> Table:
 
 def prediction_versions(results: Results) -> dict[str, dict[str, int]]:
     """Library versions in words -> how many files of each kind of prediction were made with them."""
-    found: dict[str, dict[str, int]] = {}
-    for kind, files in predictions_by_kind(results).items():
-        for prediction in files:
-            counts = found.setdefault(fmt_versions(prediction.get("versions")), {})
-            counts[kind] = counts.get(kind, 0) + 1
-    return found
+    return count_predictions(results, lambda prediction: fmt_versions(prediction.get("versions")))
 
 
 def _lab_loop_only(results: Results) -> str:
